@@ -1,0 +1,6 @@
+//! The HTTP API of SPEC §4: the server ([`server`]), the typed client ([`client`]) used by the
+//! CLI and the node agent, and the wire types they share ([`wire`]).
+
+pub(crate) mod client;
+pub(crate) mod server;
+pub mod wire;

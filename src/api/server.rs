@@ -1,0 +1,581 @@
+//! The HTTP API (SPEC §4) on raw hyper 1.x: routing, authentication, body limits, error
+//! mapping, graceful shutdown. Only this module (and the client) knows hyper.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::TryStreamExt;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, Limited, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::Semaphore;
+
+use crate::auth;
+use crate::error::{Error, Kind, Result};
+use crate::orchestrator::Orchestrator;
+use crate::wire::{self, ErrorBody};
+
+type Body = BoxBody<Bytes, std::io::Error>;
+
+/// Slowest accepted sending of request headers; slower clients are dropped.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most connections served at once; more wait in the accept queue.
+const MAX_CONNECTIONS: usize = 4096;
+/// How long in-flight requests get to finish at shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Default and largest page of logs.
+const DEFAULT_LOG_PAGE: usize = 1000;
+
+/// Serve until `shutdown` completes, then let in-flight requests finish.
+pub(crate) async fn serve(
+    orchestrator: Orchestrator,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            permit = slots.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+            () = &mut shutdown => break,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait a little rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let orchestrator = orchestrator.clone();
+        let service = hyper::service::service_fn(move |request| {
+            let orchestrator = orchestrator.clone();
+            async move { Ok::<_, Infallible>(handle(&orchestrator, request, peer).await) }
+        });
+        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, %peer, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some requests were still running at shutdown");
+    }
+    Ok(())
+}
+
+async fn handle(
+    orchestrator: &Orchestrator,
+    request: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<Body> {
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let response = match route(orchestrator, request).await {
+        Ok(response) => response,
+        Err(error) => error_response(&error),
+    };
+    tracing::debug!(%method, %path, %peer, status = response.status().as_u16(), "request");
+    response
+}
+
+async fn route(orchestrator: &Orchestrator, request: Request<Incoming>) -> Result<Response<Body>> {
+    let path = request.uri().path().trim_end_matches('/').to_owned();
+    let segments: Vec<&str> = path.split('/').skip(1).collect();
+    let method = request.method().clone();
+    match (method.clone(), segments.as_slice()) {
+        (Method::GET, ["health"]) | (Method::GET, ["api", "v1", "health"]) => Ok(json(
+            StatusCode::OK,
+            &wire::Ok {
+                status: "ok".to_owned(),
+            },
+        )),
+        (Method::GET, ["metrics"]) => metrics(orchestrator).await,
+        (_, ["api", "v1", "nodes", rest @ ..]) => {
+            node_route(orchestrator, &method, rest, request).await
+        }
+        (_, ["api", "v1", rest @ ..]) => {
+            authorize_client(orchestrator, &request)?;
+            client_route(orchestrator, &method, rest, request).await
+        }
+        _ => Err(Error::not_found(format!(
+            "no such endpoint: {method} {path}"
+        ))),
+    }
+}
+
+async fn client_route(
+    orchestrator: &Orchestrator,
+    method: &Method,
+    path: &[&str],
+    request: Request<Incoming>,
+) -> Result<Response<Body>> {
+    match (method, path) {
+        (&Method::POST, ["deployments"]) => {
+            let created = deploy(orchestrator, request).await?;
+            Ok(json(StatusCode::ACCEPTED, &created))
+        }
+        (&Method::GET, ["deployments"]) => {
+            Ok(json(StatusCode::OK, &orchestrator.deployments().await?))
+        }
+        (&Method::GET, ["deployments", id]) => {
+            Ok(json(StatusCode::OK, &orchestrator.deployment(id).await?))
+        }
+        (&Method::DELETE, ["deployments", id]) => {
+            // Terminating can take a while (instances shutting down); answer once it started.
+            orchestrator.deployment(id).await?;
+            let status = start_terminate(orchestrator, id).await?;
+            Ok(json(
+                StatusCode::ACCEPTED,
+                &serde_json::json!({"deployment_id": id, "status": status}),
+            ))
+        }
+        (&Method::POST, ["deployments", id, "cleanup"]) => {
+            orchestrator.cleanup(id).await?;
+            Ok(json(
+                StatusCode::OK,
+                &serde_json::json!({"deployment_id": id, "status": "cleaned"}),
+            ))
+        }
+        (&Method::POST, ["cleanup", "all"]) => {
+            Ok(json(StatusCode::OK, &orchestrator.cleanup_all().await?))
+        }
+        (&Method::GET, ["deployments", id, "logs"]) => {
+            let query = Query::parse(request.uri().query())?;
+            let page = orchestrator
+                .logs(
+                    id,
+                    query.node_index(orchestrator, id).await?,
+                    query.after,
+                    query.limit,
+                )
+                .await?;
+            Ok(json(StatusCode::OK, &page))
+        }
+        (&Method::GET, ["stats"]) => Ok(json(StatusCode::OK, &orchestrator.stats().await?)),
+        _ => Err(Error::not_found(format!(
+            "no such endpoint: {method} /api/v1/{}",
+            path.join("/")
+        ))),
+    }
+}
+
+/// Start terminating in the background and answer with the state it is in.
+async fn start_terminate(orchestrator: &Orchestrator, id: &str) -> Result<String> {
+    orchestrator.begin_terminate(id).await?;
+    let this = orchestrator.clone();
+    let id_owned = id.to_owned();
+    orchestrator.spawn_tracked(async move {
+        if let Err(e) = this.finish_terminate(&id_owned).await {
+            tracing::error!(deployment_id = %id_owned, error = %e, "terminate failed");
+        }
+    });
+    Ok("terminating".to_owned())
+}
+
+async fn node_route(
+    orchestrator: &Orchestrator,
+    method: &Method,
+    path: &[&str],
+    request: Request<Incoming>,
+) -> Result<Response<Body>> {
+    if let (&Method::POST, ["register"]) = (method, path) {
+        let body: wire::RegisterRequest = read_json(orchestrator, request).await?;
+        let registered = orchestrator.register_node(&body.provision_token).await?;
+        return Ok(json(StatusCode::OK, &registered));
+    }
+    let token = auth::bearer(header(&request, AUTHORIZATION))
+        .ok_or_else(|| Error::unauthorized("missing `Authorization: Bearer <node token>` header"))?
+        .to_owned();
+    let node = orchestrator.authenticate_node(&token).await?;
+    match (method, path) {
+        (&Method::GET, ["assets"]) => {
+            let path = orchestrator.node_assets(&node);
+            let file = tokio::fs::File::open(&path)
+                .await
+                .map_err(|_| Error::not_found("this deployment's bundle is gone (cleaned up)"))?;
+            let length = file.metadata().await.map(|m| m.len()).ok();
+            let stream =
+                tokio_util::io::ReaderStream::with_capacity(file, 64 * 1024).map_ok(Frame::data);
+            let mut response = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+            response
+                .headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/gzip"));
+            if let Some(length) = length {
+                response
+                    .headers_mut()
+                    .insert(hyper::header::CONTENT_LENGTH, HeaderValue::from(length));
+            }
+            Ok(response)
+        }
+        (&Method::POST, ["heartbeat"]) => {
+            let _body: wire::HeartbeatRequest = read_json_or_empty(orchestrator, request).await?;
+            Ok(json(
+                StatusCode::OK,
+                &orchestrator.node_heartbeat(&node).await?,
+            ))
+        }
+        (&Method::POST, ["status"]) => {
+            let body: wire::StatusRequest = read_json(orchestrator, request).await?;
+            orchestrator.node_status(&node, body).await?;
+            Ok(json(
+                StatusCode::OK,
+                &wire::Ok {
+                    status: "ok".to_owned(),
+                },
+            ))
+        }
+        (&Method::POST, ["logs"]) => {
+            let body: wire::LogsRequest = read_json(orchestrator, request).await?;
+            orchestrator.node_logs(&node, body).await?;
+            Ok(json(
+                StatusCode::OK,
+                &wire::Ok {
+                    status: "ok".to_owned(),
+                },
+            ))
+        }
+        _ => Err(Error::not_found(format!(
+            "no such endpoint: {method} /api/v1/nodes/{}",
+            path.join("/")
+        ))),
+    }
+}
+
+fn authorize_client(orchestrator: &Orchestrator, request: &Request<Incoming>) -> Result<()> {
+    let Some(expected) = orchestrator.api_token_hash() else {
+        return Err(Error::unauthorized(
+            "this engine has no API token configured",
+        ));
+    };
+    let token = auth::bearer(header(request, AUTHORIZATION))
+        .ok_or_else(|| Error::unauthorized("missing `Authorization: Bearer <api token>` header"))?;
+    if auth::hashes_equal(&auth::hash_token(token), &expected) {
+        Ok(())
+    } else {
+        Err(Error::unauthorized("wrong API token"))
+    }
+}
+
+async fn deploy(
+    orchestrator: &Orchestrator,
+    request: Request<Incoming>,
+) -> Result<wire::DeploymentCreated> {
+    let content_type = header(&request, CONTENT_TYPE)
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_owned();
+    let limit = orchestrator.limits().max_bundle_upload;
+    match essence.as_str() {
+        "application/gzip" | "application/x-gzip" | "application/octet-stream" => {
+            let stream = request
+                .into_body()
+                .into_data_stream()
+                .map_err(std::io::Error::other);
+            let reader = tokio_util::io::StreamReader::new(stream);
+            orchestrator.deploy_bundle(reader).await
+        }
+        "multipart/form-data" => {
+            let boundary = multipart_boundary(&content_type)
+                .ok_or_else(|| Error::invalid_input("multipart/form-data without a boundary"))?;
+            let body = read_limited(request.into_body(), limit, "bundle upload").await?;
+            let bundle = multipart_field(&body, &boundary, "bundle")
+                .ok_or_else(|| Error::invalid_input("the multipart body has no field named `bundle`"))?;
+            orchestrator.deploy_bundle(bundle).await
+        }
+        _ => Err(unsupported_media(&format!(
+            "send the bundle as application/gzip (or multipart/form-data with a `bundle` field), not `{essence}`"
+        ))),
+    }
+}
+
+async fn read_json<T: DeserializeOwned>(
+    orchestrator: &Orchestrator,
+    request: Request<Incoming>,
+) -> Result<T> {
+    require_json(&request)?;
+    let body = read_limited(
+        request.into_body(),
+        orchestrator.limits().max_json_body,
+        "JSON body",
+    )
+    .await?;
+    parse_json(&body)
+}
+
+/// JSON, where an empty body (with or without a content type) means `{}`.
+async fn read_json_or_empty<T: DeserializeOwned + Default>(
+    orchestrator: &Orchestrator,
+    request: Request<Incoming>,
+) -> Result<T> {
+    let has_type = header(&request, CONTENT_TYPE).is_some();
+    if has_type {
+        require_json(&request)?;
+    }
+    let body = read_limited(
+        request.into_body(),
+        orchestrator.limits().max_json_body,
+        "JSON body",
+    )
+    .await?;
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    if !has_type {
+        return Err(unsupported_media(
+            "send JSON bodies with `Content-Type: application/json`",
+        ));
+    }
+    parse_json(&body)
+}
+
+fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T> {
+    serde_json::from_slice(body)
+        .map_err(|e| Error::invalid_input(format!("malformed JSON body: {e}")))
+}
+
+fn require_json(request: &Request<Incoming>) -> Result<()> {
+    let content_type = header(request, CONTENT_TYPE).unwrap_or("");
+    let essence = content_type.split(';').next().unwrap_or("").trim();
+    if essence.eq_ignore_ascii_case("application/json") {
+        Ok(())
+    } else {
+        Err(unsupported_media(&format!(
+            "send JSON bodies with `Content-Type: application/json`, not `{essence}`"
+        )))
+    }
+}
+
+async fn read_limited(body: Incoming, limit: u64, what: &str) -> Result<Bytes> {
+    let limit_usize = usize::try_from(limit).unwrap_or(usize::MAX);
+    match Limited::new(body, limit_usize).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(Error::too_large(format!(
+            "the {what} is larger than its {limit}-byte limit"
+        ))),
+        Err(e) => Err(Error::invalid_input(format!("cannot read the {what}: {e}"))),
+    }
+}
+
+fn unsupported_media(message: &str) -> Error {
+    Error::unsupported_media(message.to_owned())
+}
+
+fn header<'a>(request: &'a Request<Incoming>, name: hyper::header::HeaderName) -> Option<&'a str> {
+    request.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+fn multipart_boundary(content_type: &str) -> Option<String> {
+    content_type.split(';').skip(1).find_map(|param| {
+        let (key, value) = param.trim().split_once('=')?;
+        key.trim()
+            .eq_ignore_ascii_case("boundary")
+            .then(|| value.trim().trim_matches('"').to_owned())
+    })
+}
+
+/// The content of the part named `name` in a multipart/form-data body.
+fn multipart_field<'a>(body: &'a [u8], boundary: &str, name: &str) -> Option<&'a [u8]> {
+    let delimiter = format!("--{boundary}");
+    let delimiter = delimiter.as_bytes();
+    let mut rest = body;
+    while let Some(start) = find(rest, delimiter) {
+        rest = &rest[start + delimiter.len()..];
+        if rest.starts_with(b"--") {
+            return None;
+        }
+        let headers_end = find(rest, b"\r\n\r\n")?;
+        let headers = String::from_utf8_lossy(&rest[..headers_end]).to_ascii_lowercase();
+        let content = &rest[headers_end + 4..];
+        let end = find(content, delimiter)?;
+        let content = content[..end]
+            .strip_suffix(b"\r\n")
+            .unwrap_or(&content[..end]);
+        let wanted = format!("name=\"{}\"", name.to_ascii_lowercase());
+        if headers
+            .lines()
+            .any(|l| l.starts_with("content-disposition") && l.contains(&wanted))
+        {
+            return Some(content);
+        }
+        rest = &rest[headers_end + 4 + end..];
+    }
+    None
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+struct Query {
+    node: Option<String>,
+    after: u64,
+    limit: usize,
+}
+
+impl Query {
+    fn parse(query: Option<&str>) -> Result<Query> {
+        let mut parsed = Query {
+            node: None,
+            after: 0,
+            limit: DEFAULT_LOG_PAGE,
+        };
+        for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            match key {
+                "node" if !value.is_empty() => parsed.node = Some(value.to_owned()),
+                "after" => {
+                    parsed.after = value.parse().map_err(|_| {
+                        Error::invalid_input(format!("after: expected a number, got `{value}`"))
+                    })?
+                }
+                "limit" => {
+                    parsed.limit = value.parse().map_err(|_| {
+                        Error::invalid_input(format!("limit: expected a number, got `{value}`"))
+                    })?
+                }
+                _ => {}
+            }
+        }
+        Ok(parsed)
+    }
+
+    /// `node` as an index: a number is an index, anything else a node id of this deployment.
+    async fn node_index(
+        &self,
+        orchestrator: &Orchestrator,
+        deployment_id: &str,
+    ) -> Result<Option<u32>> {
+        let Some(node) = &self.node else {
+            return Ok(None);
+        };
+        if let Ok(index) = node.parse::<u32>() {
+            return Ok(Some(index));
+        }
+        let view = orchestrator.deployment(deployment_id).await?;
+        view.nodes
+            .iter()
+            .find(|n| &n.node_id == node)
+            .map(|n| Some(n.node_index))
+            .ok_or_else(|| {
+                Error::not_found(format!("no node `{node}` in deployment `{deployment_id}`"))
+            })
+    }
+}
+
+async fn metrics(orchestrator: &Orchestrator) -> Result<Response<Body>> {
+    let stats = orchestrator.stats().await?;
+    let mut text = String::new();
+    text.push_str("# HELP taskfly_deployments Deployments known, by state.\n# TYPE taskfly_deployments gauge\n");
+    for status in crate::state::model::DeploymentStatus::ALL {
+        let count = stats
+            .deployment_status
+            .get(status.as_str())
+            .copied()
+            .unwrap_or(0);
+        text.push_str(&format!(
+            "taskfly_deployments{{status=\"{status}\"}} {count}\n"
+        ));
+    }
+    text.push_str("# HELP taskfly_nodes Nodes of known deployments.\n# TYPE taskfly_nodes gauge\n");
+    text.push_str(&format!("taskfly_nodes {}\n", stats.total_nodes));
+    text.push_str("# HELP taskfly_uptime_seconds Seconds since the engine started.\n# TYPE taskfly_uptime_seconds counter\n");
+    text.push_str(&format!(
+        "taskfly_uptime_seconds {}\n",
+        stats.uptime_seconds
+    ));
+    let mut response = Response::new(full(text.into_bytes()));
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    Ok(response)
+}
+
+fn full(bytes: Vec<u8>) -> Body {
+    Full::new(Bytes::from(bytes))
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
+    match serde_json::to_vec(value) {
+        Ok(bytes) => {
+            let mut response = Response::new(full(bytes));
+            *response.status_mut() = status;
+            response
+                .headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            response
+        }
+        Err(e) => error_response(&Error::invalid_input(format!(
+            "cannot encode the response: {e}"
+        ))),
+    }
+}
+
+fn error_response(error: &Error) -> Response<Body> {
+    let status = match error.kind() {
+        Kind::InvalidConfig | Kind::InvalidBundle | Kind::InvalidInput => StatusCode::BAD_REQUEST,
+        Kind::NotFound => StatusCode::NOT_FOUND,
+        Kind::Conflict => StatusCode::CONFLICT,
+        Kind::Unauthorized => StatusCode::UNAUTHORIZED,
+        Kind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        Kind::UnsupportedMedia => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        Kind::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+        Kind::Provider | Kind::Store | Kind::Transport | Kind::Io => {
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
+    };
+    if status.is_server_error() {
+        tracing::error!(error = %error, "request failed");
+    }
+    let message = match error.kind() {
+        // Say what failed without internal paths; the daemon log has the cause.
+        Kind::Io | Kind::Store => error.message().to_owned(),
+        _ => error
+            .to_string()
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_owned(),
+    };
+    let body = ErrorBody {
+        error: message,
+        details: error.details().to_vec(),
+    };
+    let mut response = json(StatusCode::OK, &body);
+    *response.status_mut() = status;
+    response
+}

@@ -1,0 +1,255 @@
+//! The JSON bodies of the HTTP API (SPEC §4): the only place with serde derives for the wire.
+//!
+//! Shared by the server, the typed [`crate::Client`] and the node agent, so the three cannot
+//! drift apart. Internal types are converted to and from these explicitly.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// `{"error": "...", "details": [...]}`, the body of every error response.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// One line saying what went wrong.
+    pub error: String,
+    /// Every individual problem (validation errors), possibly empty.
+    #[serde(default)]
+    pub details: Vec<String>,
+}
+
+/// 202 answer to `POST /deployments`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeploymentCreated {
+    /// The new deployment's id.
+    pub deployment_id: String,
+    /// Its state (`pending`).
+    pub status: String,
+    /// How many nodes it will run.
+    pub nodes: u32,
+    /// Where to follow it: `/api/v1/deployments/{id}`.
+    pub status_url: String,
+}
+
+/// One node in [`DeploymentView`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeView {
+    /// `<deployment id>-<index>`.
+    pub node_id: String,
+    /// 0-based index.
+    pub node_index: u32,
+    /// State name (SPEC §3).
+    pub status: String,
+    /// Which attempt this is (1 unless retried).
+    #[serde(default = "one")]
+    pub attempt: u32,
+    /// The provider's instance id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_id: Option<String>,
+    /// The instance's address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_address: Option<String>,
+    /// RFC 3339 time of the last state change or heartbeat.
+    pub last_update: String,
+    /// Exit code of the script.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_message: Option<String>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// `GET /deployments/{id}`; also the final document of `taskfly run --output json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeploymentView {
+    /// Its id.
+    pub deployment_id: String,
+    /// State name (SPEC §3).
+    pub status: String,
+    /// `local` or `aws`.
+    pub cloud_provider: String,
+    /// `nodes.count`.
+    pub total_nodes: u32,
+    /// Nodes completed.
+    pub nodes_completed: u32,
+    /// Nodes failed with no retry left.
+    pub nodes_failed: u32,
+    /// RFC 3339.
+    pub created_at: String,
+    /// RFC 3339.
+    pub updated_at: String,
+    /// RFC 3339, once final.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completed_at: Option<String>,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_message: Option<String>,
+    /// Every node, by index. Empty in summaries (`GET /deployments`).
+    #[serde(default)]
+    pub nodes: Vec<NodeView>,
+}
+
+/// `POST /cleanup/all`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CleanupAll {
+    /// Deployments whose files were deleted.
+    pub cleaned_count: u32,
+    /// Deployments whose files could not be deleted.
+    pub failed_count: u32,
+}
+
+/// One stored log line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogLineView {
+    /// Position in the deployment's log; strictly increasing.
+    pub seq: u64,
+    /// The node that wrote it.
+    pub node_id: String,
+    /// Its index.
+    #[serde(default)]
+    pub node_index: u32,
+    /// `stdout` or `stderr`.
+    pub stream: String,
+    /// The line, without its newline; secrets masked as `***`.
+    pub line: String,
+    /// RFC 3339.
+    pub timestamp: String,
+}
+
+/// `GET /deployments/{id}/logs`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogsPage {
+    /// Lines after the cursor, oldest first.
+    pub logs: Vec<LogLineView>,
+    /// Pass as `after` to get the lines that follow.
+    pub next: u64,
+}
+
+/// `GET /stats`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Deployments known.
+    pub total_deployments: u64,
+    /// Nodes of those deployments.
+    pub total_nodes: u64,
+    /// Deployments per state name.
+    pub deployment_status: BTreeMap<String, u64>,
+    /// Seconds since the engine started.
+    pub uptime_seconds: u64,
+}
+
+/// `POST /nodes/register` request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterRequest {
+    /// The single-use token the node was provisioned with.
+    pub provision_token: String,
+}
+
+/// `POST /nodes/register` answer: everything the agent needs to run its slice.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+pub struct RegisterResponse {
+    /// Bearer token for every later node call.
+    pub auth_token: String,
+    /// The deployment.
+    pub deployment_id: String,
+    /// This node.
+    pub node_id: String,
+    /// This node's index.
+    pub node_index: u32,
+    /// The environment the script runs with (secrets included: this goes to the node only).
+    pub env: BTreeMap<String, String>,
+    /// `remote_script_to_run`, relative to the bundle root.
+    pub script: String,
+    /// `remote_dest_dir`, or none for a fresh per-node work dir.
+    pub dest_dir: Option<String>,
+    /// How often to call `/nodes/heartbeat`.
+    pub heartbeat_interval_s: u64,
+    /// `nodes.timeout` in seconds: the agent kills the script after this long.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_s: Option<u64>,
+}
+
+impl std::fmt::Debug for RegisterResponse {
+    /// Leaves out the token and the environment, which hold secrets.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegisterResponse")
+            .field("deployment_id", &self.deployment_id)
+            .field("node_id", &self.node_id)
+            .field("node_index", &self.node_index)
+            .field("script", &self.script)
+            .field("dest_dir", &self.dest_dir)
+            .field("heartbeat_interval_s", &self.heartbeat_interval_s)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `POST /nodes/heartbeat` request.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeartbeatRequest {
+    /// Free-form numbers the agent wants to report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<BTreeMap<String, serde_json::Value>>,
+}
+
+/// `POST /nodes/heartbeat` answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeartbeatResponse {
+    /// Always `ok`.
+    pub status: String,
+    /// The daemon wants the script stopped (terminate request, node no longer wanted).
+    pub shutdown: bool,
+}
+
+/// `POST /nodes/status` request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusRequest {
+    /// `downloading_assets`, `running_script`, `completed` or `failed`.
+    pub status: String,
+    /// Why, for failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// The script's exit code.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+}
+
+/// One line in [`LogsRequest`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogLineIn {
+    /// `stdout` or `stderr`.
+    pub stream: String,
+    /// The line without its newline.
+    pub line: String,
+    /// RFC 3339; the daemon's clock when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestamp: Option<String>,
+}
+
+/// `POST /nodes/logs` request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogsRequest {
+    /// Lines in the order they were written.
+    pub lines: Vec<LogLineIn>,
+}
+
+/// `{"status": "ok"}` for health and accepted node calls.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Ok {
+    /// `ok`.
+    pub status: String,
+}
+
+impl DeploymentView {
+    /// Whether the deployment has reached `completed`, `failed` or `terminated`.
+    pub fn is_final(&self) -> bool {
+        matches!(self.status.as_str(), "completed" | "failed" | "terminated")
+    }
+}

@@ -1,0 +1,94 @@
+//! Tokens: generated from the OS's randomness, stored only as SHA-256 hashes, compared in
+//! constant time.
+//!
+//! Node tokens are looked up by their hash. Timing of that lookup can at most reveal something
+//! about a hash, never about a token whose hash is not already known, so it leaks nothing usable.
+
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+
+/// Bytes of randomness in a token: 256 bits, above SPEC §4's 128-bit floor.
+const TOKEN_BYTES: usize = 32;
+
+/// A new random token, hex-encoded.
+pub(crate) fn new_token() -> Result<String> {
+    let mut bytes = [0u8; TOKEN_BYTES];
+    getrandom::fill(&mut bytes).map_err(|e| {
+        Error::io(
+            "the OS random number generator failed",
+            std::io::Error::other(e.to_string()),
+        )
+    })?;
+    Ok(hex(&bytes))
+}
+
+/// A short random id (for deployment ids): 64 bits, hex.
+pub(crate) fn new_id() -> Result<String> {
+    let mut bytes = [0u8; 8];
+    getrandom::fill(&mut bytes).map_err(|e| {
+        Error::io(
+            "the OS random number generator failed",
+            std::io::Error::other(e.to_string()),
+        )
+    })?;
+    Ok(hex(&bytes))
+}
+
+/// SHA-256 of a token, the only form in which tokens are kept.
+pub(crate) fn hash_token(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// Compares two hashes without an early exit, so timing says nothing about where they differ.
+pub(crate) fn hashes_equal(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
+}
+
+/// The token in an `Authorization: Bearer <token>` header value.
+pub(crate) fn bearer(header: Option<&str>) -> Option<&str> {
+    let value = header?.trim();
+    let (scheme, token) = value.split_once(' ')?;
+    if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() {
+        Some(token.trim())
+    } else {
+        None
+    }
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_long_random_and_distinct() {
+        let a = new_token().unwrap();
+        let b = new_token().unwrap();
+        assert_eq!(a.len(), 64);
+        assert_ne!(a, b);
+        assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
+    }
+
+    #[test]
+    fn hashes_compare() {
+        let h = hash_token("abc");
+        assert!(hashes_equal(&h, &hash_token("abc")));
+        assert!(!hashes_equal(&h, &hash_token("abd")));
+    }
+
+    #[test]
+    fn bearer_parsing() {
+        assert_eq!(bearer(Some("Bearer xyz")), Some("xyz"));
+        assert_eq!(bearer(Some("bearer  xyz ")), Some("xyz"));
+        assert_eq!(bearer(Some("Basic xyz")), None);
+        assert_eq!(bearer(Some("Bearer ")), None);
+        assert_eq!(bearer(None), None);
+    }
+}

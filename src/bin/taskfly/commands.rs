@@ -1,0 +1,515 @@
+//! One function per command. Each returns the process exit code (SPEC §5): 0 success,
+//! 1 deployment failed, 2 usage or validation error, 3 cannot reach the daemon.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use taskfly::wire::DeploymentView;
+use taskfly::{Client, Config, DeploymentConfig, Error, MetadataGenerator, Orchestrator};
+
+use crate::output::{self, Progress};
+use crate::{Cli, Command, Output};
+
+pub(crate) const EXIT_OK: u8 = 0;
+pub(crate) const EXIT_FAILED: u8 = 1;
+pub(crate) const EXIT_USAGE: u8 = 2;
+pub(crate) const EXIT_UNREACHABLE: u8 = 3;
+
+/// How often progress and followed logs are refreshed.
+const POLL: Duration = Duration::from_millis(250);
+
+pub(crate) async fn run(cli: Cli) -> u8 {
+    let format = cli.output;
+    let result = match &cli.command {
+        Command::Run { dir } => run_local(dir, format).await,
+        Command::Validate { dir } => validate(dir, format),
+        Command::Agent { work_dir } => agent(&cli, work_dir.clone()).await,
+        Command::Up { dir, wait } => up(&cli, dir, *wait).await,
+        Command::List => list(&cli).await,
+        Command::Status { id, id_flag } => match id.as_ref().or(id_flag.as_ref()) {
+            Some(id) => status(&cli, id).await,
+            None => Err(usage("status needs a deployment id: taskfly status ID")),
+        },
+        Command::Logs { id, node, follow } => logs(&cli, id, node.as_deref(), *follow).await,
+        Command::Down { id } => down(&cli, id).await,
+        Command::Cleanup { id, all } => cleanup(&cli, id.as_deref(), *all).await,
+    };
+    match result {
+        Ok(code) => code,
+        Err(failure) => {
+            failure.report(&cli);
+            failure.code
+        }
+    }
+}
+
+/// A command that could not do its job: what to print and which exit code.
+pub(crate) struct Failure {
+    code: u8,
+    message: String,
+    details: Vec<String>,
+}
+
+impl Failure {
+    fn report(&self, cli: &Cli) {
+        if cli.output == Output::Json {
+            let doc = serde_json::json!({"error": self.message, "details": self.details});
+            println!("{doc}");
+        }
+        eprintln!("error: {}", self.message);
+        for detail in &self.details {
+            eprintln!("  - {detail}");
+        }
+    }
+}
+
+fn usage(message: &str) -> Failure {
+    Failure {
+        code: EXIT_USAGE,
+        message: message.to_owned(),
+        details: Vec::new(),
+    }
+}
+
+/// Maps a library error to what the user sees, with a hint where one helps.
+fn failure(cli: Option<&Cli>, error: Error) -> Failure {
+    let code = if error.is_transport() {
+        EXIT_UNREACHABLE
+    } else if error.is_invalid_config() || error.is_invalid_bundle() || error.is_invalid_input() {
+        EXIT_USAGE
+    } else {
+        EXIT_FAILED
+    };
+    let mut message = error.message().to_owned();
+    if let Some(source) = std::error::Error::source(&error) {
+        message = format!("{message}: {source}");
+    }
+    if let Some(cli) = cli {
+        if error.is_transport() {
+            message = format!(
+                "{message}\n  start a daemon with `taskflyd` (or point --daemon / TASKFLY_DAEMON at one); \
+                 `taskfly run` needs no daemon"
+            );
+            let _ = cli;
+        } else if error.is_unauthorized() {
+            message = format!(
+                "{message}\n  the API token was read from {}",
+                token_source(cli)
+            );
+        }
+    }
+    Failure {
+        code,
+        message,
+        details: error.details().to_vec(),
+    }
+}
+
+fn daemon_url(cli: &Cli) -> String {
+    match (&cli.daemon_ip, cli.daemon_port) {
+        (Some(ip), Some(port)) => format!("http://{ip}:{port}"),
+        (Some(ip), None) => format!("http://{ip}:8080"),
+        (None, Some(port)) => format!("http://127.0.0.1:{port}"),
+        (None, None) => cli.daemon.clone(),
+    }
+}
+
+fn token_file() -> Option<PathBuf> {
+    std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".taskfly").join("api-token"))
+}
+
+fn token_source(cli: &Cli) -> String {
+    if cli.token.is_some() {
+        "--token / TASKFLY_API_TOKEN".to_owned()
+    } else {
+        match token_file() {
+            Some(path) => format!(
+                "{} (set --token or TASKFLY_API_TOKEN to use another)",
+                path.display()
+            ),
+            None => "nowhere: set --token or TASKFLY_API_TOKEN".to_owned(),
+        }
+    }
+}
+
+fn client(cli: &Cli) -> Result<Client, Failure> {
+    let token = match &cli.token {
+        Some(token) => Some(token.clone()),
+        None => token_file()
+            .and_then(|path| std::fs::read_to_string(path).ok())
+            .map(|t| t.trim().to_owned())
+            .filter(|t| !t.is_empty()),
+    };
+    Client::new(&daemon_url(cli), token).map_err(|e| failure(Some(cli), e))
+}
+
+fn exit_for(view: &DeploymentView) -> u8 {
+    if view.status == "completed" {
+        EXIT_OK
+    } else {
+        EXIT_FAILED
+    }
+}
+
+fn load_config(dir: &Path) -> Result<DeploymentConfig, Failure> {
+    DeploymentConfig::from_dir(dir).map_err(|e| failure(None, e))
+}
+
+fn validate(dir: &Path, format: Output) -> Result<u8, Failure> {
+    let config = load_config(dir)?;
+    let generator = MetadataGenerator::new(&config.nodes).map_err(|e| failure(None, e))?;
+    let deployment_id = "<deployment-id>";
+    let total = generator.total_nodes();
+    if format == Output::Json {
+        let nodes: Vec<serde_json::Value> = (0..total)
+            .map(|i| {
+                let node_id = format!("{deployment_id}-{i}");
+                let env: serde_json::Map<String, serde_json::Value> = generator
+                    .node_env(deployment_id, &node_id, i)
+                    .redacted()
+                    .into_iter()
+                    .map(|(k, v)| (k, serde_json::Value::String(v)))
+                    .collect();
+                serde_json::json!({"node_index": i, "env": env})
+            })
+            .collect();
+        let doc = serde_json::json!({
+            "valid": true,
+            "cloud_provider": config.cloud_provider.as_str(),
+            "total_nodes": total,
+            "remote_script_to_run": config.remote_script_to_run,
+            "nodes": nodes,
+        });
+        println!("{doc}");
+        return Ok(EXIT_OK);
+    }
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "taskfly.yml is valid: {total} node(s) on {}, running {}",
+        config.cloud_provider.as_str(),
+        config.remote_script_to_run
+    );
+    for i in 0..total {
+        let node_id = format!("{deployment_id}-{i}");
+        let _ = writeln!(out, "\nnode {i}:");
+        for (name, value) in generator.node_env(deployment_id, &node_id, i).redacted() {
+            let _ = writeln!(out, "  {name}={}", output::quote_for_display(&value));
+        }
+    }
+    Ok(EXIT_OK)
+}
+
+async fn run_local(dir: &Path, format: Output) -> Result<u8, Failure> {
+    // Validate before anything starts, so mistakes are reported with exit code 2.
+    load_config(dir)?;
+    let data_dir = std::env::temp_dir().join(format!(
+        "taskfly-run-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    ));
+    let result = run_local_in(dir, &data_dir, format).await;
+    let _ = std::fs::remove_dir_all(&data_dir);
+    result
+}
+
+async fn run_local_in(dir: &Path, data_dir: &Path, format: Output) -> Result<u8, Failure> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| usage(&format!("cannot open a local port for the nodes: {e}")))?;
+    let engine = Orchestrator::new(Config::new(data_dir)).map_err(|e| failure(None, e))?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn({
+        let engine = engine.clone();
+        async move {
+            engine
+                .serve(listener, async {
+                    let _ = stopped.await;
+                })
+                .await
+        }
+    });
+    let outcome = run_and_follow(&engine, dir, format).await;
+    // Ctrl-C or the end: stop every node, then the server.
+    engine.shutdown().await;
+    let _ = stop.send(());
+    let _ = server.await;
+    outcome
+}
+
+async fn run_and_follow(engine: &Orchestrator, dir: &Path, format: Output) -> Result<u8, Failure> {
+    let created = engine.deploy_dir(dir).await.map_err(|e| failure(None, e))?;
+    let id = created.deployment_id;
+    let mut progress = Progress::new(format, created.nodes);
+    let started = Instant::now();
+    let mut cursor = 0;
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    loop {
+        let page = engine
+            .logs(&id, None, cursor, 1000)
+            .await
+            .map_err(|e| failure(None, e))?;
+        cursor = page.next;
+        progress.print_logs(&page.logs);
+        let view = engine.deployment(&id).await.map_err(|e| failure(None, e))?;
+        if view.is_final() {
+            // Lines that arrived between the last page and the final state.
+            loop {
+                let page = engine
+                    .logs(&id, None, cursor, 1000)
+                    .await
+                    .map_err(|e| failure(None, e))?;
+                if page.logs.is_empty() {
+                    break;
+                }
+                cursor = page.next;
+                progress.print_logs(&page.logs);
+            }
+            progress.finish(&view, started.elapsed());
+            return Ok(exit_for(&view));
+        }
+        progress.update(&view, started.elapsed());
+        tokio::select! {
+            () = engine.changed(POLL) => {}
+            _ = &mut ctrl_c => {
+                progress.message("interrupted: terminating every node");
+                let _ = engine.terminate(&id).await;
+            }
+        }
+    }
+}
+
+async fn agent(cli: &Cli, work_dir: Option<PathBuf>) -> Result<u8, Failure> {
+    let Some(token) = cli.token.clone() else {
+        return Err(usage("agent needs --token PROVISION_TOKEN"));
+    };
+    let work_dir = work_dir.unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("taskfly-agent-{}", std::process::id()))
+    });
+    let config = taskfly::agent::AgentConfig::new(daemon_url(cli), token, work_dir);
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let on_signal = cancel.clone();
+    let signals = tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        on_signal.cancel();
+    });
+    let result = taskfly::agent::run(config, cancel).await;
+    signals.abort();
+    let report = result.map_err(|e| failure(Some(cli), e))?;
+    if cli.output == Output::Json {
+        println!(
+            "{}",
+            serde_json::json!({"node_id": report.node_id, "status": report.status, "exit_code": report.exit_code})
+        );
+    }
+    Ok(if report.status == "completed" {
+        EXIT_OK
+    } else {
+        EXIT_FAILED
+    })
+}
+
+async fn up(cli: &Cli, dir: &Path, wait: bool) -> Result<u8, Failure> {
+    let config = load_config(dir)?;
+    let project = dir.to_path_buf();
+    let patterns = config.application_files.clone();
+    let bundle = tokio::task::spawn_blocking(move || {
+        let mut bytes = Vec::new();
+        taskfly::bundle::write_client_bundle(&project, &patterns, &mut bytes).map(|_| bytes)
+    })
+    .await
+    .map_err(|e| usage(&format!("bundling failed: {e}")))?
+    .map_err(|e| failure(None, e))?;
+    let client = client(cli)?;
+    let created = client
+        .create_deployment(bundle.into())
+        .await
+        .map_err(|e| failure(Some(cli), e))?;
+    if !wait {
+        if cli.output == Output::Json {
+            println!("{}", serde_json::to_string(&created).unwrap_or_default());
+        } else {
+            println!(
+                "deployment {} accepted: {} node(s)\n  follow it: taskfly status {0}  |  taskfly logs {0} -f",
+                created.deployment_id, created.nodes
+            );
+        }
+        return Ok(EXIT_OK);
+    }
+    follow(cli, &client, &created.deployment_id, created.nodes, true).await
+}
+
+/// Follow a deployment on the daemon to its end, printing logs and progress.
+async fn follow(
+    cli: &Cli,
+    client: &Client,
+    id: &str,
+    nodes: u32,
+    with_progress: bool,
+) -> Result<u8, Failure> {
+    let mut progress = Progress::new(cli.output, nodes);
+    let started = Instant::now();
+    let mut cursor = 0;
+    loop {
+        let view = client
+            .deployment(id)
+            .await
+            .map_err(|e| failure(Some(cli), e))?;
+        loop {
+            let page = client
+                .logs(id, None, cursor, 1000)
+                .await
+                .map_err(|e| failure(Some(cli), e))?;
+            if page.logs.is_empty() {
+                break;
+            }
+            cursor = page.next;
+            progress.print_logs(&page.logs);
+        }
+        if view.is_final() {
+            progress.finish(&view, started.elapsed());
+            return Ok(exit_for(&view));
+        }
+        if with_progress {
+            progress.update(&view, started.elapsed());
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+async fn list(cli: &Cli) -> Result<u8, Failure> {
+    let all = client(cli)?
+        .deployments()
+        .await
+        .map_err(|e| failure(Some(cli), e))?;
+    if cli.output == Output::Json {
+        println!("{}", serde_json::to_string(&all).unwrap_or_default());
+    } else {
+        print!("{}", output::deployments_table(&all));
+    }
+    Ok(EXIT_OK)
+}
+
+async fn status(cli: &Cli, id: &str) -> Result<u8, Failure> {
+    let view = client(cli)?
+        .deployment(id)
+        .await
+        .map_err(|e| failure(Some(cli), e))?;
+    if cli.output == Output::Json {
+        println!("{}", serde_json::to_string(&view).unwrap_or_default());
+    } else {
+        print!("{}", output::deployment_details(&view));
+    }
+    Ok(EXIT_OK)
+}
+
+async fn logs(cli: &Cli, id: &str, node: Option<&str>, follow_logs: bool) -> Result<u8, Failure> {
+    let client = client(cli)?;
+    let mut cursor = 0;
+    let mut collected = Vec::new();
+    let color = output::use_color();
+    loop {
+        let view = if follow_logs {
+            Some(
+                client
+                    .deployment(id)
+                    .await
+                    .map_err(|e| failure(Some(cli), e))?,
+            )
+        } else {
+            None
+        };
+        loop {
+            let page = client
+                .logs(id, node, cursor, 1000)
+                .await
+                .map_err(|e| failure(Some(cli), e))?;
+            if page.logs.is_empty() {
+                break;
+            }
+            cursor = page.next;
+            if cli.output == Output::Json {
+                collected.extend(page.logs);
+            } else {
+                let mut out = std::io::stdout().lock();
+                for line in &page.logs {
+                    let _ = writeln!(out, "{}", output::log_line(line, color));
+                }
+            }
+        }
+        match view {
+            Some(view) if !view.is_final() => tokio::time::sleep(POLL).await,
+            _ => break,
+        }
+    }
+    if cli.output == Output::Json {
+        println!("{}", serde_json::json!({"logs": collected, "next": cursor}));
+    }
+    Ok(EXIT_OK)
+}
+
+async fn down(cli: &Cli, id: &str) -> Result<u8, Failure> {
+    let client = client(cli)?;
+    client
+        .terminate(id)
+        .await
+        .map_err(|e| failure(Some(cli), e))?;
+    // Wait for the nodes to be gone, so `down` returning means nothing runs any more.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let view = client
+            .deployment(id)
+            .await
+            .map_err(|e| failure(Some(cli), e))?;
+        if view.is_final() || Instant::now() > deadline {
+            if cli.output == Output::Json {
+                println!("{}", serde_json::to_string(&view).unwrap_or_default());
+            } else {
+                println!("deployment {id} {}", view.status);
+            }
+            return Ok(EXIT_OK);
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+async fn cleanup(cli: &Cli, id: Option<&str>, all: bool) -> Result<u8, Failure> {
+    let client = client(cli)?;
+    match (id, all) {
+        (_, true) => {
+            let result = client
+                .cleanup_all()
+                .await
+                .map_err(|e| failure(Some(cli), e))?;
+            if cli.output == Output::Json {
+                println!("{}", serde_json::to_string(&result).unwrap_or_default());
+            } else {
+                println!(
+                    "cleaned up {} deployment(s), {} failed",
+                    result.cleaned_count, result.failed_count
+                );
+            }
+        }
+        (Some(id), false) => {
+            client
+                .cleanup(id)
+                .await
+                .map_err(|e| failure(Some(cli), e))?;
+            if cli.output == Output::Json {
+                println!(
+                    "{}",
+                    serde_json::json!({"deployment_id": id, "status": "cleaned"})
+                );
+            } else {
+                println!("deployment {id} cleaned up");
+            }
+        }
+        (None, false) => return Err(usage("cleanup needs a deployment id, or --all")),
+    }
+    Ok(EXIT_OK)
+}

@@ -1,0 +1,152 @@
+//! `taskfly`: the command-line client, the in-process runner (`taskfly run`) and the node agent
+//! (`taskfly agent`). Parses arguments, sets up tracing, and hands off to `commands`.
+
+mod commands;
+mod output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Run a program on N machines at once, each with its own slice of the work.
+#[derive(Debug, Parser)]
+#[command(name = "taskfly", version, about, after_help = EXAMPLES)]
+pub(crate) struct Cli {
+    /// URL of the taskflyd daemon.
+    #[arg(
+        long,
+        global = true,
+        env = "TASKFLY_DAEMON",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub daemon: String,
+    /// The Go tool's spelling: the daemon's address (use with --daemon-port).
+    #[arg(long, global = true, hide = true)]
+    pub daemon_ip: Option<String>,
+    /// The Go tool's spelling: the daemon's port (use with --daemon-ip).
+    #[arg(long, global = true, hide = true)]
+    pub daemon_port: Option<u16>,
+    /// API token (default: $TASKFLY_API_TOKEN, else ~/.taskfly/api-token). For `agent`, the
+    /// node's provision token.
+    #[arg(long, global = true, env = "TASKFLY_API_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Output format.
+    #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+const EXAMPLES: &str = "Examples:
+  taskfly run examples/hello          run a deployment on local processes, no daemon needed
+  taskfly validate .                  check taskfly.yml and show each node's environment
+  taskfly up . --wait                 deploy to a running taskflyd and follow it
+  taskfly status dep-1a2b3c4d5e6f7a8b
+  taskfly logs dep-1a2b3c4d5e6f7a8b -f";
+
+/// How results are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Output {
+    /// For people.
+    Text,
+    /// Exactly one JSON document on stdout.
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Run a deployment in-process on local processes (no daemon), streaming its logs.
+    #[command(
+        after_help = "Example:\n  taskfly run examples/hello\n\nExit code: 0 if every node completed, 1 if any failed, 2 if taskfly.yml is invalid."
+    )]
+    Run {
+        /// Project folder holding taskfly.yml.
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+    },
+    /// Bundle a project and deploy it to the daemon.
+    #[command(after_help = "Example:\n  taskfly up . --wait")]
+    Up {
+        /// Project folder holding taskfly.yml.
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+        /// Follow progress until the deployment ends; exit code as `run`.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// List deployments, newest first.
+    List,
+    /// Show one deployment and its nodes.
+    #[command(after_help = "Example:\n  taskfly status dep-1a2b3c4d5e6f7a8b")]
+    Status {
+        /// Deployment id.
+        id: Option<String>,
+        /// Deployment id (the Go tool's spelling).
+        #[arg(long = "id", conflicts_with = "id")]
+        id_flag: Option<String>,
+    },
+    /// Show a deployment's logs, prefixed by node.
+    #[command(
+        after_help = "Examples:\n  taskfly logs dep-1a2b3c4d5e6f7a8b\n  taskfly logs dep-1a2b3c4d5e6f7a8b --node 3 -f"
+    )]
+    Logs {
+        /// Deployment id.
+        id: String,
+        /// Only this node (index or node id).
+        #[arg(long)]
+        node: Option<String>,
+        /// Keep following until the deployment ends.
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Terminate a deployment: every instance is terminated.
+    Down {
+        /// Deployment id.
+        id: String,
+    },
+    /// Delete the files of a finished deployment (or all of them).
+    Cleanup {
+        /// Deployment id.
+        id: Option<String>,
+        /// Every finished deployment.
+        #[arg(long, conflicts_with = "id")]
+        all: bool,
+    },
+    /// Check taskfly.yml and print the environment each node will get (secrets masked).
+    Validate {
+        /// Project folder holding taskfly.yml.
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+    },
+    /// The node agent: register with the daemon, run this node's slice, report back.
+    #[command(
+        after_help = "Example:\n  taskfly agent --daemon http://10.0.0.1:8080 --token <provision token>"
+    )]
+    Agent {
+        /// Where to extract the bundle when the deployment names no remote_dest_dir.
+        #[arg(long)]
+        work_dir: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(commands::EXIT_USAGE);
+        }
+    };
+    ExitCode::from(runtime.block_on(commands::run(cli)))
+}

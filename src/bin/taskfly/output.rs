@@ -1,0 +1,285 @@
+//! How results look: tables, log lines, and live progress (a bar on a terminal, plain
+//! timestamped lines elsewhere, nothing but the final document with `--output json`).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::{IsTerminal, Write};
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use taskfly::wire::{DeploymentView, LogLineView};
+
+use crate::Output;
+
+/// Whether to colour output: a terminal, and `NO_COLOR` unset.
+pub(crate) fn use_color() -> bool {
+    std::env::var_os("NO_COLOR").is_none() && std::io::stdout().is_terminal()
+}
+
+const COLORS: [&str; 6] = ["36", "33", "35", "32", "34", "31"];
+
+/// `[node 3] line`, the prefix coloured per node on a terminal.
+pub(crate) fn log_line(line: &LogLineView, color: bool) -> String {
+    let prefix = format!("[node {}]", line.node_index);
+    let marker = if line.stream == "stderr" { "!" } else { " " };
+    if color {
+        let code = COLORS[line.node_index as usize % COLORS.len()];
+        format!("\x1b[{code}m{prefix}\x1b[0m{marker}{}", line.line)
+    } else {
+        format!("{prefix}{marker}{}", line.line)
+    }
+}
+
+/// A value shown so that spaces, quotes and control characters are visible and unambiguous.
+pub(crate) fn quote_for_display(value: &str) -> String {
+    let plain = !value.is_empty()
+        && value
+            .chars()
+            .all(|c| c.is_alphanumeric() || "-_./:@,+=%".contains(c));
+    if plain {
+        value.to_owned()
+    } else {
+        format!("{value:?}")
+    }
+}
+
+/// `running_script 3 · completed 2` for the nodes of a deployment.
+pub(crate) fn state_counts(view: &DeploymentView) -> String {
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for node in &view.nodes {
+        *counts.entry(node.status.as_str()).or_default() += 1;
+    }
+    counts
+        .iter()
+        .map(|(state, n)| format!("{state} {n}"))
+        .collect::<Vec<_>>()
+        .join(" · ")
+}
+
+/// One progress line: `[12s] running 3/5 done (completed 3 · running_script 2)`.
+pub(crate) fn progress_line(view: &DeploymentView, elapsed: Duration) -> String {
+    format!(
+        "[{}s] {} {}/{} done ({})",
+        elapsed.as_secs(),
+        view.status,
+        view.nodes_completed + view.nodes_failed,
+        view.total_nodes,
+        state_counts(view)
+    )
+}
+
+fn output_timestamp() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+/// Live progress of one deployment.
+pub(crate) struct Progress {
+    format: Output,
+    bar: Option<ProgressBar>,
+    color: bool,
+    last_line: String,
+}
+
+impl Progress {
+    pub(crate) fn new(format: Output, total_nodes: u32) -> Progress {
+        let bar = (format == Output::Text && std::io::stderr().is_terminal()).then(|| {
+            let bar = ProgressBar::new(u64::from(total_nodes));
+            let style = ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar());
+            bar.set_style(style);
+            bar.enable_steady_tick(Duration::from_millis(120));
+            bar
+        });
+        Progress {
+            format,
+            bar,
+            color: use_color(),
+            last_line: String::new(),
+        }
+    }
+
+    /// Print log lines above the bar (text output only).
+    pub(crate) fn print_logs(&mut self, lines: &[LogLineView]) {
+        if self.format != Output::Text || lines.is_empty() {
+            return;
+        }
+        let mut text = String::new();
+        for line in lines {
+            let _ = writeln!(text, "{}", log_line(line, self.color));
+        }
+        match &self.bar {
+            Some(bar) => bar.suspend(|| print!("{text}")),
+            None => print!("{text}"),
+        }
+        let _ = std::io::stdout().flush();
+    }
+
+    pub(crate) fn message(&mut self, message: &str) {
+        if self.format == Output::Text {
+            match &self.bar {
+                Some(bar) => bar.println(message),
+                None => eprintln!("{message}"),
+            }
+        }
+    }
+
+    /// Show the current state: the bar on a terminal, a timestamped line when it changed.
+    pub(crate) fn update(&mut self, view: &DeploymentView, elapsed: Duration) {
+        if self.format != Output::Text {
+            return;
+        }
+        match &self.bar {
+            Some(bar) => {
+                bar.set_position(u64::from(view.nodes_completed + view.nodes_failed));
+                bar.set_message(format!("{} ({})", view.status, state_counts(view)));
+            }
+            None => {
+                // Plain output: a line when the deployment's state or the count of finished
+                // nodes changes, so a log file is not flooded by every node's every step.
+                let key = format!(
+                    "{} {}",
+                    view.status,
+                    view.nodes_completed + view.nodes_failed
+                );
+                if key != self.last_line {
+                    eprintln!("{} {}", output_timestamp(), progress_line(view, elapsed));
+                    self.last_line = key;
+                }
+            }
+        }
+    }
+
+    /// The final summary (text) or the final document (json).
+    pub(crate) fn finish(&mut self, view: &DeploymentView, elapsed: Duration) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+        match self.format {
+            Output::Json => println!("{}", serde_json::to_string(view).unwrap_or_default()),
+            Output::Text => {
+                print!("{}", summary(view, elapsed));
+                let _ = std::io::stdout().flush();
+            }
+        }
+    }
+}
+
+/// The end-of-run summary: the outcome, then one line per node that did not complete.
+pub(crate) fn summary(view: &DeploymentView, elapsed: Duration) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\ndeployment {} {} in {}s: {} completed, {} failed, {} total",
+        view.deployment_id,
+        view.status,
+        elapsed.as_secs(),
+        view.nodes_completed,
+        view.nodes_failed,
+        view.total_nodes
+    );
+    for node in view.nodes.iter().filter(|n| n.status != "completed") {
+        let _ = writeln!(
+            out,
+            "  node {} {}{}",
+            node.node_index,
+            node.status,
+            node.error_message
+                .as_ref()
+                .map(|m| format!(": {m}"))
+                .unwrap_or_default()
+        );
+    }
+    out
+}
+
+/// `taskfly list`.
+pub(crate) fn deployments_table(all: &[DeploymentView]) -> String {
+    if all.is_empty() {
+        return "no deployments\n".to_owned();
+    }
+    let mut rows = vec![vec![
+        "ID".to_owned(),
+        "STATUS".to_owned(),
+        "PROVIDER".to_owned(),
+        "NODES".to_owned(),
+        "DONE".to_owned(),
+        "FAILED".to_owned(),
+        "CREATED".to_owned(),
+    ]];
+    for d in all {
+        rows.push(vec![
+            d.deployment_id.clone(),
+            d.status.clone(),
+            d.cloud_provider.clone(),
+            d.total_nodes.to_string(),
+            d.nodes_completed.to_string(),
+            d.nodes_failed.to_string(),
+            d.created_at.clone(),
+        ]);
+    }
+    table(&rows)
+}
+
+/// `taskfly status ID`.
+pub(crate) fn deployment_details(view: &DeploymentView) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "deployment  {}", view.deployment_id);
+    let _ = writeln!(out, "status      {}", view.status);
+    let _ = writeln!(out, "provider    {}", view.cloud_provider);
+    let _ = writeln!(
+        out,
+        "nodes       {} total, {} completed, {} failed",
+        view.total_nodes, view.nodes_completed, view.nodes_failed
+    );
+    let _ = writeln!(out, "created     {}", view.created_at);
+    if let Some(done) = &view.completed_at {
+        let _ = writeln!(out, "finished    {done}");
+    }
+    if let Some(error) = &view.error_message {
+        let _ = writeln!(out, "error       {error}");
+    }
+    let mut rows = vec![vec![
+        "NODE".to_owned(),
+        "STATUS".to_owned(),
+        "ATTEMPT".to_owned(),
+        "EXIT".to_owned(),
+        "INSTANCE".to_owned(),
+        "LAST SEEN".to_owned(),
+        "ERROR".to_owned(),
+    ]];
+    for n in &view.nodes {
+        rows.push(vec![
+            n.node_index.to_string(),
+            n.status.clone(),
+            n.attempt.to_string(),
+            n.exit_code
+                .map(|c| c.to_string())
+                .unwrap_or_else(|| "-".to_owned()),
+            n.instance_id.clone().unwrap_or_else(|| "-".to_owned()),
+            n.last_update.clone(),
+            n.error_message.clone().unwrap_or_default(),
+        ]);
+    }
+    out.push('\n');
+    out.push_str(&table(&rows));
+    out
+}
+
+fn table(rows: &[Vec<String>]) -> String {
+    let columns = rows.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        let _ = writeln!(out, "{}", cells.join("  ").trim_end());
+    }
+    out
+}

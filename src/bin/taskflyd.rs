@@ -1,0 +1,170 @@
+//! `taskflyd`: the TaskFly daemon. Parses flags, sets up tracing and the API token, then serves
+//! the engine's HTTP API until SIGINT or SIGTERM.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use taskfly::{Config, Orchestrator};
+
+/// The TaskFly daemon: accepts deployments and runs them on their nodes.
+#[derive(Debug, Parser)]
+#[command(
+    name = "taskflyd",
+    version,
+    about,
+    after_help = "Example:\n  taskflyd --listen 0.0.0.0:8080 --advertise-url http://10.0.0.1:8080"
+)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, env = "TASKFLY_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: String,
+    /// The URL nodes call back on (default: http://<listen>).
+    #[arg(long, env = "TASKFLY_ADVERTISE_URL")]
+    advertise_url: Option<String>,
+    /// State, bundles and the API token (default: ~/.taskfly).
+    #[arg(long, env = "TASKFLY_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// A node silent for longer than this is failed (e.g. 30s, 2m).
+    #[arg(long, env = "TASKFLY_HEARTBEAT_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    heartbeat_timeout: Duration,
+    /// Log format on stderr; RUST_LOG filters (default info).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Text => subscriber.init(),
+        LogFormat::Json => subscriber.json().init(),
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("taskflyd: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("taskflyd: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: Args) -> Result<(), String> {
+    let data_dir = match args.data_dir {
+        Some(dir) => dir,
+        None => std::env::var_os("HOME")
+            .map(|home| PathBuf::from(home).join(".taskfly"))
+            .ok_or("no --data-dir given and $HOME is not set")?,
+    };
+    std::fs::create_dir_all(&data_dir)
+        .map_err(|e| format!("data dir {} is not writable: {e}", data_dir.display()))?;
+    let token = api_token(&data_dir)?;
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AddrInUse {
+                format!(
+                    "{} is already in use; stop the other process or pick another --listen address",
+                    args.listen
+                )
+            } else {
+                format!("cannot listen on {}: {e}", args.listen)
+            }
+        })?;
+    let address = listener
+        .local_addr()
+        .map_err(|e| format!("cannot read the listening address: {e}"))?;
+    let advertise = args
+        .advertise_url
+        .unwrap_or_else(|| format!("http://{address}"));
+    let config = Config::new(&data_dir)
+        .advertise_url(advertise.clone())
+        .api_token(token)
+        .heartbeat_timeout(args.heartbeat_timeout);
+    let engine = Orchestrator::new(config).map_err(|e| e.to_string())?;
+    tracing::info!(listen = %address, advertise_url = %advertise, data_dir = %data_dir.display(), "taskflyd listening");
+    let served = engine.serve(listener, shutdown_signal()).await;
+    tracing::info!("shutting down");
+    engine.shutdown().await;
+    served.map_err(|e| e.to_string())
+}
+
+/// The API token: `TASKFLY_API_TOKEN`, else `<data-dir>/api-token`, created (mode 0600) with a
+/// new random token at first start.
+fn api_token(data_dir: &Path) -> Result<String, String> {
+    if let Ok(token) = std::env::var("TASKFLY_API_TOKEN") {
+        if !token.trim().is_empty() {
+            return Ok(token.trim().to_owned());
+        }
+    }
+    let path = data_dir.join("api-token");
+    match std::fs::read_to_string(&path) {
+        Ok(token) if !token.trim().is_empty() => return Ok(token.trim().to_owned()),
+        Ok(_) => {
+            return Err(format!(
+                "{} is empty; delete it to have a new token made",
+                path.display()
+            ))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    }
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes)
+        .map_err(|e| format!("the OS random number generator failed: {e}"))?;
+    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| {
+            format!(
+                "data dir {} is not writable: cannot create {}: {e}",
+                data_dir.display(),
+                path.display()
+            )
+        })?;
+    file.write_all(format!("{token}\n").as_bytes())
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    tracing::info!(path = %path.display(), "created a new API token");
+    Ok(token)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = ctrl_c.await;
+        }
+    }
+}

@@ -1,0 +1,65 @@
+//! TaskFly runs a program on N machines at once, gives each machine its own slice of the work,
+//! watches every machine to the end, and leaves nothing running afterwards.
+//!
+//! This crate is the engine, embeddable in any tokio program; the `taskflyd` daemon and the
+//! `taskfly` CLI are thin binaries on top of it.
+//!
+//! # The parts
+//! - [`DeploymentConfig`]: a parsed and validated `taskfly.yml` (every problem reported at once).
+//! - [`MetadataGenerator`]: what each node gets — its slice of `distributed_lists`, the
+//!   `global_metadata`, the resolved `config_template`, as environment variables.
+//! - [`Orchestrator`]: the engine. Accepts a bundle, provisions nodes through a [`Provider`],
+//!   serves the node protocol and the client API over HTTP ([`Orchestrator::serve`]), tracks every
+//!   node through the state machines of [`state::model`], and terminates what it started.
+//! - [`Store`]: where deployments, nodes and logs are kept ([`MemoryStore`] built in).
+//! - [`Provider`]: where nodes run ([`LocalProvider`]: local processes).
+//! - [`Client`]: a typed client of a daemon's HTTP API; [`agent`]: the node agent.
+//!
+//! # Features
+//! - default: the engine, the in-memory store, the local provider, the HTTP API and the agent.
+//!   No AWS SDK, no CLI crates.
+//! - `cli`: the `taskfly` binary. `daemon`: the `taskflyd` binary.
+//! - `aws`: the EC2 provider. `full`: all of the above.
+//!
+//! # Example
+//! Run the project in `examples/hello` on local processes and wait for it:
+//! ```no_run
+//! # async fn demo() -> taskfly::Result<()> {
+//! use taskfly::{Config, Orchestrator};
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+//! let engine = Orchestrator::new(Config::new("/tmp/taskfly-data"))?;
+//! let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+//! let server = tokio::spawn({
+//!     let engine = engine.clone();
+//!     async move { engine.serve(listener, async { let _ = stopped.await; }).await }
+//! });
+//! let created = engine.deploy_dir("examples/hello".as_ref()).await?;
+//! let finished = engine.wait(&created.deployment_id).await?;
+//! println!("{} nodes completed", finished.nodes_completed);
+//! engine.shutdown().await;
+//! let _ = stop.send(());
+//! # let _ = server.await;
+//! # Ok(()) }
+//! ```
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+
+pub mod agent;
+mod api;
+mod auth;
+pub mod bundle;
+pub mod config;
+mod error;
+pub mod metadata;
+mod orchestrator;
+pub mod provider;
+pub mod state;
+
+pub use api::client::Client;
+pub use api::wire;
+pub use config::DeploymentConfig;
+pub use error::{BoxError, Error, Result};
+pub use metadata::MetadataGenerator;
+pub use orchestrator::{Config, Orchestrator};
+pub use provider::{InstanceConfig, InstanceInfo, InstanceState, LocalProvider, Provider};
+pub use state::{MemoryStore, Store};

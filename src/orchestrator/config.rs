@@ -1,0 +1,186 @@
+//! [`Config`]: how the engine is set up, builder-lite.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::bundle::BundleLimits;
+use crate::provider::{LocalProvider, Provider};
+use crate::state::{MemoryStore, Store};
+
+/// The engine's settings. Start from [`Config::new`] and chain the setters:
+///
+/// ```
+/// use std::time::Duration;
+/// let config = taskfly::Config::new("/tmp/taskfly-data")
+///     .advertise_url("http://127.0.0.1:8080")
+///     .heartbeat_timeout(Duration::from_secs(60));
+/// ```
+#[derive(Clone)]
+pub struct Config {
+    pub(crate) data_dir: PathBuf,
+    pub(crate) advertise_url: Option<String>,
+    pub(crate) api_token: Option<String>,
+    pub(crate) heartbeat_timeout: Duration,
+    pub(crate) heartbeat_interval: Option<Duration>,
+    pub(crate) boot_timeout: Duration,
+    pub(crate) provision_concurrency: usize,
+    pub(crate) retry_backoff: Duration,
+    pub(crate) bundle_limits: BundleLimits,
+    pub(crate) max_bundle_upload: u64,
+    pub(crate) max_json_body: u64,
+    pub(crate) store: Option<Arc<dyn Store>>,
+    pub(crate) providers: HashMap<String, Arc<dyn Provider>>,
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("data_dir", &self.data_dir)
+            .field("advertise_url", &self.advertise_url)
+            .field("api_token", &self.api_token.as_ref().map(|_| "***"))
+            .field("heartbeat_timeout", &self.heartbeat_timeout)
+            .field("heartbeat_interval", &self.effective_heartbeat_interval())
+            .field("boot_timeout", &self.boot_timeout)
+            .field("provision_concurrency", &self.provision_concurrency)
+            .field("providers", &self.providers.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Config {
+    /// Settings with every default, keeping bundles and node work directories in `data_dir`.
+    pub fn new(data_dir: impl AsRef<Path>) -> Config {
+        Config {
+            data_dir: data_dir.as_ref().to_path_buf(),
+            advertise_url: None,
+            api_token: None,
+            heartbeat_timeout: Duration::from_secs(30),
+            heartbeat_interval: None,
+            boot_timeout: Duration::from_secs(600),
+            provision_concurrency: 32,
+            retry_backoff: Duration::from_secs(1),
+            bundle_limits: BundleLimits::default(),
+            max_bundle_upload: 512 * 1024 * 1024,
+            max_json_body: 4 * 1024 * 1024,
+            store: None,
+            providers: HashMap::new(),
+        }
+    }
+
+    /// The URL nodes call back on. Without it, [`crate::Orchestrator::serve`] uses
+    /// `http://<the listener's address>`, which only suits nodes on the same machine.
+    #[must_use]
+    pub fn advertise_url(mut self, url: impl Into<String>) -> Config {
+        self.advertise_url = Some(url.into().trim_end_matches('/').to_owned());
+        self
+    }
+
+    /// The bearer token client endpoints require. Without it they refuse every request
+    /// (the engine is then driven only through the library API). Kept only as a hash.
+    #[must_use]
+    pub fn api_token(mut self, token: impl Into<String>) -> Config {
+        self.api_token = Some(token.into());
+        self
+    }
+
+    /// A node silent for longer than this is failed with "heartbeat timeout" (default 30 s).
+    #[must_use]
+    pub fn heartbeat_timeout(mut self, timeout: Duration) -> Config {
+        self.heartbeat_timeout = timeout.max(Duration::from_millis(100));
+        self
+    }
+
+    /// How often agents send heartbeats, in whole seconds (default a third of the heartbeat
+    /// timeout, at least 1 s).
+    #[must_use]
+    pub fn heartbeat_interval(mut self, interval: Duration) -> Config {
+        self.heartbeat_interval = Some(interval);
+        self
+    }
+
+    /// A provisioned node whose agent has not registered within this long is failed
+    /// (default 10 minutes: cloud instances take a while to boot).
+    #[must_use]
+    pub fn boot_timeout(mut self, timeout: Duration) -> Config {
+        self.boot_timeout = timeout;
+        self
+    }
+
+    /// At most this many provider calls to create instances at once (default 32), so a large
+    /// deployment does not trip a cloud API's rate limits.
+    #[must_use]
+    pub fn provision_concurrency(mut self, limit: usize) -> Config {
+        self.provision_concurrency = limit.max(1);
+        self
+    }
+
+    /// The first wait before a failed node is retried; doubled per attempt, at most 60 s
+    /// (default 1 s).
+    #[must_use]
+    pub fn retry_backoff(mut self, backoff: Duration) -> Config {
+        self.retry_backoff = backoff;
+        self
+    }
+
+    /// Caps on a bundle's decompressed size and entry count.
+    #[must_use]
+    pub fn bundle_limits(mut self, limits: BundleLimits) -> Config {
+        self.bundle_limits = limits;
+        self
+    }
+
+    /// Largest accepted client bundle upload, compressed (default 512 MiB).
+    #[must_use]
+    pub fn max_bundle_upload(mut self, bytes: u64) -> Config {
+        self.max_bundle_upload = bytes;
+        self
+    }
+
+    /// Largest accepted JSON request body (default 4 MiB).
+    #[must_use]
+    pub fn max_json_body(mut self, bytes: u64) -> Config {
+        self.max_json_body = bytes;
+        self
+    }
+
+    /// Where state is kept (default: a new [`MemoryStore`]).
+    #[must_use]
+    pub fn store(mut self, store: Arc<dyn Store>) -> Config {
+        self.store = Some(store);
+        self
+    }
+
+    /// Runs deployments whose `cloud_provider` is `name` on `provider`. `local` is registered
+    /// by default (a [`LocalProvider`] working in `<data_dir>/work`); this replaces it.
+    #[must_use]
+    pub fn provider(mut self, name: impl Into<String>, provider: Arc<dyn Provider>) -> Config {
+        self.providers.insert(name.into(), provider);
+        self
+    }
+
+    /// The interval agents are told, in whole seconds (the wire carries seconds): a third of
+    /// the heartbeat timeout unless set, at least 1 s.
+    pub(crate) fn effective_heartbeat_interval(&self) -> Duration {
+        let interval = self
+            .heartbeat_interval
+            .unwrap_or(self.heartbeat_timeout / 3);
+        Duration::from_secs(interval.as_secs().max(1))
+    }
+
+    pub(crate) fn take_store(&mut self) -> Arc<dyn Store> {
+        self.store
+            .take()
+            .unwrap_or_else(|| Arc::new(MemoryStore::new()) as Arc<dyn Store>)
+    }
+
+    pub(crate) fn take_providers(&mut self) -> HashMap<String, Arc<dyn Provider>> {
+        let mut providers = std::mem::take(&mut self.providers);
+        providers
+            .entry("local".to_owned())
+            .or_insert_with(|| Arc::new(LocalProvider::new(self.data_dir.join("work"))));
+        providers
+    }
+}

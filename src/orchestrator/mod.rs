@@ -1,0 +1,915 @@
+//! The engine: accepts deployments, provisions their nodes through a [`Provider`], answers the
+//! node protocol, watches every node to a final state, and tears everything down.
+//!
+//! Tasks: every background task (provisioning, retries, instance termination, the heartbeat
+//! monitor) is spawned on one [`TaskTracker`] and stops when one [`CancellationToken`] fires;
+//! [`Orchestrator::shutdown`] fires it and waits for them all.
+
+mod config;
+mod nodes;
+mod view;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::io::{AsyncRead, AsyncWriteExt};
+use tokio::sync::{watch, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::Config;
+
+use crate::auth;
+use crate::bundle;
+use crate::config::{DeploymentConfig, CONFIG_FILE_NAME};
+use crate::error::{Error, Result};
+use crate::metadata::MetadataGenerator;
+use crate::provider::{InstanceConfig, Provider};
+use crate::state::model::{Deployment, DeploymentStatus, Node, NodeStatus, NodeUpdate};
+use crate::state::{store_error, LogQuery, Store};
+use crate::wire::{CleanupAll, DeploymentView, LogsPage, Stats};
+
+/// Name of the worker bundle inside a deployment's folder.
+const WORKER_BUNDLE: &str = "worker.tar.gz";
+
+/// The TaskFly engine. Cheap to clone: clones share one engine.
+///
+/// ```no_run
+/// # async fn demo() -> taskfly::Result<()> {
+/// use taskfly::{Config, Orchestrator};
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+/// let url = format!("http://{}", listener.local_addr().unwrap());
+/// let engine = Orchestrator::new(Config::new("/tmp/taskfly").advertise_url(url))?;
+/// let server = tokio::spawn({
+///     let engine = engine.clone();
+///     async move { engine.serve(listener, std::future::pending()).await }
+/// });
+/// let created = engine.deploy_dir("examples/hello".as_ref()).await?;
+/// let done = engine.wait(&created.deployment_id).await?;
+/// println!("{}: {}", done.deployment_id, done.status);
+/// engine.shutdown().await;
+/// # server.abort();
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Orchestrator {
+    inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) config: Config,
+    pub(crate) store: Arc<dyn Store>,
+    providers: HashMap<String, Arc<dyn Provider>>,
+    /// Deployments this process has loaded: their parsed config and metadata.
+    live: Mutex<HashMap<String, Arc<Live>>>,
+    /// When each registered node was last heard from (heartbeats cost no store write).
+    pub(crate) last_seen: Mutex<HashMap<String, tokio::time::Instant>>,
+    /// Bumped whenever a deployment changes state, to wake [`Orchestrator::wait`].
+    changes: watch::Sender<u64>,
+    provision_slots: Arc<Semaphore>,
+    pub(crate) api_token_hash: Option<[u8; 32]>,
+    advertise_url: Mutex<Option<String>>,
+    tasks: TaskTracker,
+    cancel: CancellationToken,
+    started: Instant,
+}
+
+/// A deployment's parsed settings, loaded once.
+pub(crate) struct Live {
+    pub(crate) config: Arc<DeploymentConfig>,
+    pub(crate) metadata: MetadataGenerator,
+    /// Secret values to mask in logs and messages.
+    pub(crate) secrets: Vec<String>,
+    /// Fires on a terminate request: stops provisioning and retries of this deployment.
+    pub(crate) cancel: CancellationToken,
+}
+
+impl Live {
+    /// `text` with every secret value replaced by `***`.
+    pub(crate) fn mask(&self, text: &str) -> String {
+        let mut masked = text.to_owned();
+        for secret in &self.secrets {
+            if masked.contains(secret.as_str()) {
+                masked = masked.replace(secret.as_str(), "***");
+            }
+        }
+        masked
+    }
+}
+
+impl Orchestrator {
+    /// A new engine. Must be called inside a tokio runtime: it starts the heartbeat monitor.
+    pub fn new(mut config: Config) -> Result<Orchestrator> {
+        std::fs::create_dir_all(config.data_dir.join("deployments")).map_err(|e| {
+            Error::io(
+                format!(
+                    "cannot create the data directory {}; pick a writable one",
+                    config.data_dir.display()
+                ),
+                e,
+            )
+        })?;
+        let store = config.take_store();
+        let providers = config.take_providers();
+        let api_token_hash = config.api_token.as_deref().map(auth::hash_token);
+        let advertise_url = config.advertise_url.clone();
+        let (changes, _) = watch::channel(0);
+        let inner = Arc::new(Inner {
+            provision_slots: Arc::new(Semaphore::new(config.provision_concurrency)),
+            config,
+            store,
+            providers,
+            live: Mutex::new(HashMap::new()),
+            last_seen: Mutex::new(HashMap::new()),
+            changes,
+            api_token_hash,
+            advertise_url: Mutex::new(advertise_url),
+            tasks: TaskTracker::new(),
+            cancel: CancellationToken::new(),
+            started: Instant::now(),
+        });
+        let orchestrator = Orchestrator { inner };
+        orchestrator.spawn_monitor();
+        Ok(orchestrator)
+    }
+
+    pub(crate) fn inner(&self) -> &Arc<Inner> {
+        &self.inner
+    }
+
+    pub(crate) fn api_token_hash(&self) -> Option<[u8; 32]> {
+        self.inner.api_token_hash
+    }
+
+    pub(crate) fn limits(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// Run `task` on the engine's tracker, so shutdown waits for it.
+    pub(crate) fn spawn_tracked(
+        &self,
+        task: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        self.inner.tasks.spawn(task);
+    }
+
+    /// Serve the HTTP API (client and node endpoints, SPEC §4) on `listener` until `shutdown`
+    /// completes, then finish in-flight requests. If no advertise URL was configured, nodes
+    /// are told to call `http://<listener address>`.
+    pub async fn serve(
+        &self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send,
+    ) -> Result<()> {
+        let address = listener
+            .local_addr()
+            .map_err(|e| Error::io("cannot read the listener's address", e))?;
+        {
+            let mut url = lock(&self.inner.advertise_url);
+            if url.is_none() {
+                *url = Some(format!("http://{address}"));
+            }
+        }
+        crate::api::server::serve(self.clone(), listener, shutdown).await
+    }
+
+    /// Bundle the project in `dir` (its `taskfly.yml` and `application_files`) and deploy it.
+    pub async fn deploy_dir(&self, dir: &Path) -> Result<crate::wire::DeploymentCreated> {
+        let config = DeploymentConfig::from_dir(dir)?;
+        let uploads = self.inner.config.data_dir.join("uploads");
+        tokio::fs::create_dir_all(&uploads)
+            .await
+            .map_err(|e| Error::io(format!("cannot create {}", uploads.display()), e))?;
+        let path = uploads.join(format!("{}.tar.gz", auth::new_id()?));
+        let file = create_private_file(&path)?;
+        let project = dir.to_path_buf();
+        let patterns = config.application_files.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            bundle::write_client_bundle(&project, &patterns, std::io::BufWriter::new(file))
+        })
+        .await
+        .map_err(|e| Error::io("bundling failed", std::io::Error::other(e)))?;
+        let result = match written {
+            Ok(_) => match tokio::fs::File::open(&path).await {
+                Ok(file) => self.deploy_bundle(file).await,
+                Err(e) => Err(Error::io(format!("cannot read {}", path.display()), e)),
+            },
+            Err(e) => Err(e),
+        };
+        let _ = tokio::fs::remove_file(&path).await;
+        result
+    }
+
+    /// Deploy a client bundle (a gzip tar holding `taskfly.yml` and the application files),
+    /// read from `bundle`. Returns once the deployment is accepted; nodes are provisioned in
+    /// the background.
+    pub async fn deploy_bundle(
+        &self,
+        mut bundle: impl AsyncRead + Unpin + Send,
+    ) -> Result<crate::wire::DeploymentCreated> {
+        let id = format!("dep-{}", auth::new_id()?);
+        let dir = self.deployment_dir(&id);
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
+        let result = self.accept_bundle(&id, &dir, &mut bundle).await;
+        if result.is_err() {
+            let _ = tokio::fs::remove_dir_all(&dir).await;
+        }
+        result
+    }
+
+    async fn accept_bundle(
+        &self,
+        id: &str,
+        dir: &Path,
+        bundle: &mut (impl AsyncRead + Unpin + Send),
+    ) -> Result<crate::wire::DeploymentCreated> {
+        // The client bundle holds taskfly.yml, secrets included: private file, deleted once
+        // split into the worker bundle and the config.
+        let client_path = dir.join("client.tar.gz");
+        let limit = self.inner.config.max_bundle_upload;
+        {
+            let file = create_private_file(&client_path)?;
+            let mut file = tokio::fs::File::from_std(file);
+            let mut limited = tokio::io::AsyncReadExt::take(&mut *bundle, limit + 1);
+            let copied = tokio::io::copy(&mut limited, &mut file)
+                .await
+                .map_err(|e| Error::io("cannot receive the bundle", e))?;
+            if copied > limit {
+                return Err(Error::too_large(format!(
+                    "the bundle is larger than the {limit}-byte upload limit"
+                )));
+            }
+            file.flush()
+                .await
+                .map_err(|e| Error::io("cannot store the bundle", e))?;
+        }
+        let worker_path = dir.join(WORKER_BUNDLE);
+        let limits = self.inner.config.bundle_limits;
+        let (client_for_split, worker_for_split) = (client_path.clone(), worker_path.clone());
+        let (yaml, summary) = tokio::task::spawn_blocking(move || -> Result<_> {
+            let client = std::fs::File::open(&client_for_split)
+                .map_err(|e| Error::io("cannot read the stored bundle", e))?;
+            let worker = std::fs::File::create(&worker_for_split)
+                .map_err(|e| Error::io("cannot write the worker bundle", e))?;
+            let mut worker = std::io::BufWriter::new(worker);
+            let split =
+                bundle::split_client_bundle(std::io::BufReader::new(client), &mut worker, &limits)?;
+            std::io::Write::flush(&mut worker)
+                .map_err(|e| Error::io("cannot write the worker bundle", e))?;
+            Ok(split)
+        })
+        .await
+        .map_err(|e| Error::io("bundle processing failed", std::io::Error::other(e)))??;
+        let _ = tokio::fs::remove_file(&client_path).await;
+
+        let config = DeploymentConfig::from_yaml(&yaml)?;
+        if !summary
+            .files
+            .iter()
+            .any(|f| f == &config.remote_script_to_run)
+        {
+            return Err(Error::invalid_config(
+                "taskfly.yml is invalid (1 problem)",
+                vec![format!(
+                    "remote_script_to_run: `{}` is not in the bundle; add it to application_files",
+                    config.remote_script_to_run
+                )],
+            ));
+        }
+        let provider_name = config.cloud_provider.as_str();
+        if !self.inner.providers.contains_key(provider_name) {
+            return Err(Error::invalid_config(
+                "taskfly.yml is invalid (1 problem)",
+                vec![format!(
+                    "cloud_provider: `{provider_name}` is not available in this build of TaskFly{}",
+                    if provider_name == "aws" {
+                        " (build it with the `aws` feature)"
+                    } else {
+                        ""
+                    }
+                )],
+            ));
+        }
+        let metadata = MetadataGenerator::new(&config.nodes)?;
+        std::io::Write::write_all(
+            &mut create_private_file(&dir.join(CONFIG_FILE_NAME))?,
+            yaml.as_bytes(),
+        )
+        .map_err(|e| Error::io("cannot store taskfly.yml", e))?;
+
+        let now = SystemTime::now();
+        let total = config.nodes.count;
+        let deployment = Deployment {
+            id: id.to_owned(),
+            status: DeploymentStatus::Pending,
+            cloud_provider: provider_name.to_owned(),
+            total_nodes: total,
+            retries: config.nodes.retries,
+            nodes_completed: 0,
+            nodes_failed: 0,
+            nodes_terminated: 0,
+            created_at: now,
+            updated_at: now,
+            completed_at: None,
+            error_message: None,
+        };
+        let nodes: Vec<Node> = (0..total).map(|i| Node::new(id, i, now)).collect();
+        self.inner
+            .store
+            .create_deployment(deployment, nodes)
+            .await
+            .map_err(store_error)?;
+        let live = Arc::new(Live {
+            secrets: secret_values(&config),
+            config: Arc::new(config),
+            metadata,
+            cancel: self.inner.cancel.child_token(),
+        });
+        lock(&self.inner.live).insert(id.to_owned(), live.clone());
+        tracing::info!(deployment_id = %id, nodes = total, provider = provider_name, files = summary.files.len(), "deployment accepted");
+
+        let this = self.clone();
+        let deployment_id = id.to_owned();
+        self.inner.tasks.spawn(async move {
+            if let Err(e) = this.provision_all(&deployment_id, live).await {
+                tracing::error!(deployment_id = %deployment_id, error = %e, "provisioning stopped");
+            }
+        });
+        Ok(crate::wire::DeploymentCreated {
+            deployment_id: id.to_owned(),
+            status: DeploymentStatus::Pending.as_str().to_owned(),
+            nodes: total,
+            status_url: format!("/api/v1/deployments/{id}"),
+        })
+    }
+
+    /// Provision every node of a new deployment, at most `provision_concurrency` at a time.
+    async fn provision_all(&self, id: &str, live: Arc<Live>) -> Result<()> {
+        let store = &self.inner.store;
+        match store
+            .update_deployment_status(id, DeploymentStatus::Provisioning, None, SystemTime::now())
+            .await
+        {
+            Ok(_) => self.notify(),
+            Err(e) => {
+                let e = store_error(e);
+                // Terminated before provisioning began: nothing to do.
+                return if e.is_conflict() { Ok(()) } else { Err(e) };
+            }
+        }
+        let nodes = store.nodes(id).await.map_err(store_error)?;
+        let provisions = TaskTracker::new();
+        for node in nodes {
+            let permit = tokio::select! {
+                permit = self.inner.provision_slots.clone().acquire_owned() => permit,
+                () = live.cancel.cancelled() => break,
+            };
+            let Ok(permit) = permit else { break };
+            let this = self.clone();
+            let live = live.clone();
+            provisions.spawn(async move {
+                this.provision_node(&live, node).await;
+                drop(permit);
+            });
+        }
+        provisions.close();
+        provisions.wait().await;
+        Ok(())
+    }
+
+    /// Provision one node (first attempt or retry). Failures are recorded on the node.
+    async fn provision_node(&self, live: &Live, node: Node) {
+        if live.cancel.is_cancelled() {
+            return;
+        }
+        let result = self.try_provision_node(live, &node).await;
+        if let Err(e) = result {
+            let message = live.mask(&format!("provisioning failed: {e}"));
+            tracing::warn!(node_id = %node.id, error = %message, "node provisioning failed");
+            self.node_failed(&node.id, message).await;
+        }
+    }
+
+    async fn try_provision_node(&self, live: &Live, node: &Node) -> Result<()> {
+        let store = &self.inner.store;
+        let token = auth::new_token()?;
+        let now = SystemTime::now();
+        store
+            .update_node(
+                &node.id,
+                NodeUpdate::ProvisionToken {
+                    hash: auth::hash_token(&token),
+                },
+                now,
+            )
+            .await
+            .map_err(store_error)?;
+        if node.status == NodeStatus::Pending {
+            self.update_node(
+                &node.id,
+                NodeUpdate::Status {
+                    status: NodeStatus::Provisioning,
+                    exit_code: None,
+                    message: None,
+                },
+            )
+            .await?;
+        }
+        let provider = self.provider_for(&live.config)?;
+        let request = InstanceConfig {
+            deployment_id: node.deployment_id.clone(),
+            node_id: node.id.clone(),
+            node_index: node.index,
+            attempt: node.attempt,
+            daemon_url: self.advertise_url(),
+            provision_token: token,
+            deployment: live.config.clone(),
+        };
+        let info = provider.provision(request).await.map_err(|e| {
+            Error::provider(
+                format!(
+                    "{} could not start the node",
+                    live.config.cloud_provider.as_str()
+                ),
+                e,
+            )
+        })?;
+        tracing::info!(node_id = %node.id, instance_id = %info.instance_id, "node provisioned");
+        let update = NodeUpdate::Provisioned {
+            instance_id: info.instance_id.clone(),
+            ip_address: info.ip_address.clone(),
+        };
+        if let Err(e) = self.update_node(&node.id, update).await {
+            // The node was terminated (or failed) while its instance was being created:
+            // make sure the new instance does not outlive it.
+            tracing::info!(node_id = %node.id, instance_id = %info.instance_id, "instance no longer wanted; terminating it");
+            self.terminate_instance(live, &info.instance_id).await;
+            if !e.is_conflict() {
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn provider_for(&self, config: &DeploymentConfig) -> Result<Arc<dyn Provider>> {
+        let name = config.cloud_provider.as_str();
+        self.inner.providers.get(name).cloned().ok_or_else(|| {
+            Error::invalid_config(format!("no provider `{name}` in this build"), Vec::new())
+        })
+    }
+
+    async fn terminate_instance(&self, live: &Live, instance_id: &str) {
+        let Ok(provider) = self.provider_for(&live.config) else {
+            return;
+        };
+        if let Err(e) = provider.terminate(instance_id).await {
+            tracing::error!(instance_id, error = %e, "could not terminate instance");
+        }
+    }
+
+    /// Apply a node update, wake waiters when its deployment changed, and act on final states.
+    pub(crate) async fn update_node(
+        &self,
+        node_id: &str,
+        update: NodeUpdate,
+    ) -> Result<crate::state::model::Applied> {
+        let applied = self
+            .inner
+            .store
+            .update_node(node_id, update, SystemTime::now())
+            .await
+            .map_err(store_error)?;
+        if applied.node.status != applied.previous {
+            tracing::info!(
+                deployment_id = %applied.node.deployment_id,
+                node_id = %applied.node.id,
+                from = %applied.previous,
+                to = %applied.node.status,
+                "node state"
+            );
+            if applied.node.status.is_final() || applied.node.status == NodeStatus::Terminating {
+                lock(&self.inner.last_seen).remove(node_id);
+            }
+            if matches!(
+                applied.node.status,
+                NodeStatus::Completed | NodeStatus::Failed
+            ) {
+                self.after_node_ended(&applied.node);
+            }
+            self.notify();
+        }
+        if let Some(status) = applied.deployment_changed {
+            tracing::info!(deployment_id = %applied.node.deployment_id, status = %status, "deployment state");
+        }
+        Ok(applied)
+    }
+
+    /// Fail a node with `message` (agent lost, provisioning failed, ...).
+    pub(crate) async fn node_failed(&self, node_id: &str, message: String) {
+        let update = NodeUpdate::Status {
+            status: NodeStatus::Failed,
+            exit_code: None,
+            message: Some(message),
+        };
+        if let Err(e) = self.update_node(node_id, update).await {
+            if !e.is_conflict() {
+                tracing::error!(node_id, error = %e, "cannot record node failure");
+            }
+        }
+    }
+
+    /// A node completed or failed: terminate its instance and, if it may, retry it.
+    fn after_node_ended(&self, node: &Node) {
+        let this = self.clone();
+        let node = node.clone();
+        self.inner.tasks.spawn(async move {
+            let Ok(live) = this.live(&node.deployment_id).await else {
+                return;
+            };
+            if let Some(instance_id) = &node.instance_id {
+                this.terminate_instance(&live, instance_id).await;
+            }
+            if node.status == NodeStatus::Failed && node.attempt <= live.config.nodes.retries {
+                this.retry_node(&live, node).await;
+            }
+        });
+    }
+
+    async fn retry_node(&self, live: &Live, node: Node) {
+        let exponent = node.attempt.saturating_sub(1).min(6);
+        let wait =
+            (self.inner.config.retry_backoff * 2u32.pow(exponent)).min(Duration::from_secs(60));
+        tracing::info!(node_id = %node.id, attempt = node.attempt + 1, wait_ms = wait.as_millis() as u64, "retrying node");
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = live.cancel.cancelled() => return,
+        }
+        match self.update_node(&node.id, NodeUpdate::Retry).await {
+            Ok(applied) => self.provision_node(live, applied.node).await,
+            Err(e) => tracing::info!(node_id = %node.id, error = %e, "retry abandoned"),
+        }
+    }
+
+    /// The loaded settings of a deployment, reading its `taskfly.yml` again if this process
+    /// has not loaded it yet (after a restart).
+    pub(crate) async fn live(&self, id: &str) -> Result<Arc<Live>> {
+        if let Some(live) = lock(&self.inner.live).get(id) {
+            return Ok(live.clone());
+        }
+        let dir = self.deployment_dir(id);
+        let yaml = tokio::fs::read_to_string(dir.join(CONFIG_FILE_NAME))
+            .await
+            .map_err(|_| {
+                Error::not_found(format!("no files for deployment `{id}` (cleaned up?)"))
+            })?;
+        let config = DeploymentConfig::from_yaml(&yaml)?;
+        let metadata = MetadataGenerator::new(&config.nodes)?;
+        let live = Arc::new(Live {
+            secrets: secret_values(&config),
+            config: Arc::new(config),
+            metadata,
+            cancel: self.inner.cancel.child_token(),
+        });
+        let mut map = lock(&self.inner.live);
+        Ok(map.entry(id.to_owned()).or_insert(live).clone())
+    }
+
+    pub(crate) fn deployment_dir(&self, id: &str) -> PathBuf {
+        self.inner.config.data_dir.join("deployments").join(id)
+    }
+
+    pub(crate) fn worker_bundle_path(&self, id: &str) -> PathBuf {
+        self.deployment_dir(id).join(WORKER_BUNDLE)
+    }
+
+    pub(crate) fn advertise_url(&self) -> String {
+        lock(&self.inner.advertise_url)
+            .clone()
+            .unwrap_or_else(|| "http://127.0.0.1:8080".to_owned())
+    }
+
+    fn notify(&self) {
+        self.inner.changes.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// One deployment and its nodes, as `GET /deployments/{id}` shows it.
+    pub async fn deployment(&self, id: &str) -> Result<DeploymentView> {
+        let store = &self.inner.store;
+        let deployment = store
+            .deployment(id)
+            .await
+            .map_err(store_error)?
+            .ok_or_else(|| Error::not_found(format!("no deployment `{id}`")))?;
+        let nodes = store.nodes(id).await.map_err(store_error)?;
+        Ok(view::deployment(&deployment, &nodes))
+    }
+
+    /// Every deployment, newest first, without their nodes.
+    pub async fn deployments(&self) -> Result<Vec<DeploymentView>> {
+        let all = self.inner.store.deployments().await.map_err(store_error)?;
+        Ok(all.iter().map(|d| view::deployment(d, &[])).collect())
+    }
+
+    /// Wait until the deployment is final, and return it.
+    pub async fn wait(&self, id: &str) -> Result<DeploymentView> {
+        let mut changes = self.inner.changes.subscribe();
+        loop {
+            changes.borrow_and_update();
+            let view = self.deployment(id).await?;
+            if view.is_final() {
+                return Ok(view);
+            }
+            if changes.changed().await.is_err() {
+                return Err(Error::conflict("the engine shut down"));
+            }
+        }
+    }
+
+    /// Wait until anything changes in any deployment, or `timeout` passes. Lets a caller show
+    /// progress without polling in a tight loop.
+    pub async fn changed(&self, timeout: Duration) {
+        let mut changes = self.inner.changes.subscribe();
+        changes.borrow_and_update();
+        let _ = tokio::time::timeout(timeout, changes.changed()).await;
+    }
+
+    /// Terminate a deployment: every node's instance is terminated through its provider, then
+    /// the nodes and the deployment become `terminated`. Refused (conflict) once final.
+    pub async fn terminate(&self, id: &str) -> Result<()> {
+        self.begin_terminate(id).await?;
+        self.finish_terminate(id).await
+    }
+
+    /// Move the deployment to `terminating` and stop its provisioning and retries. Refused
+    /// (conflict, naming the state) once final.
+    pub(crate) async fn begin_terminate(&self, id: &str) -> Result<()> {
+        let store = &self.inner.store;
+        if let Err(e) = store
+            .update_deployment_status(id, DeploymentStatus::Terminating, None, SystemTime::now())
+            .await
+        {
+            let e = store_error(e);
+            if e.is_conflict() {
+                let current = self.deployment(id).await?;
+                return Err(Error::conflict(format!(
+                    "deployment `{id}` is already {}; nothing to terminate",
+                    current.status
+                )));
+            }
+            return Err(e);
+        }
+        self.notify();
+        tracing::info!(deployment_id = %id, "terminating deployment");
+        self.live(id).await?.cancel.cancel();
+        Ok(())
+    }
+
+    /// Terminate every node's instance, then mark nodes and deployment `terminated`.
+    pub(crate) async fn finish_terminate(&self, id: &str) -> Result<()> {
+        let store = &self.inner.store;
+        let live = self.live(id).await?;
+        let nodes = store.nodes(id).await.map_err(store_error)?;
+        let teardown = TaskTracker::new();
+        for node in nodes {
+            let this = self.clone();
+            let live = live.clone();
+            teardown.spawn(async move { this.terminate_node(&live, &node.id).await });
+        }
+        teardown.close();
+        teardown.wait().await;
+        // A deployment with no node left to terminate (all were final already).
+        let deployment = self.deployment(id).await?;
+        if deployment.status == DeploymentStatus::Terminating.as_str() {
+            store
+                .update_deployment_status(id, DeploymentStatus::Terminated, None, SystemTime::now())
+                .await
+                .map_err(store_error)?;
+            self.notify();
+        }
+        Ok(())
+    }
+
+    async fn terminate_node(&self, live: &Live, node_id: &str) {
+        let terminating = NodeUpdate::Status {
+            status: NodeStatus::Terminating,
+            exit_code: None,
+            message: None,
+        };
+        let node = match self.update_node(node_id, terminating).await {
+            Ok(applied) => applied.node,
+            // Already final: its instance was (or is being) terminated when it ended.
+            Err(_) => return,
+        };
+        if let Some(instance_id) = &node.instance_id {
+            self.terminate_instance(live, instance_id).await;
+        }
+        let terminated = NodeUpdate::Status {
+            status: NodeStatus::Terminated,
+            exit_code: None,
+            message: None,
+        };
+        if let Err(e) = self.update_node(node_id, terminated).await {
+            tracing::error!(node_id, error = %e, "cannot mark node terminated");
+        }
+    }
+
+    /// Delete a final deployment's files and forget it. Refused (conflict) while it runs.
+    pub async fn cleanup(&self, id: &str) -> Result<()> {
+        let deployment = self.deployment(id).await?;
+        if !deployment.is_final() {
+            return Err(Error::conflict(format!(
+                "deployment `{id}` is {}; terminate it first (`taskfly down {id}`) or wait until it ends",
+                deployment.status
+            )));
+        }
+        for dir in [
+            self.deployment_dir(id),
+            self.inner.config.data_dir.join("work").join(id),
+        ] {
+            match tokio::fs::remove_dir_all(&dir).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io(format!("cannot delete {}", dir.display()), e)),
+            }
+        }
+        self.inner
+            .store
+            .delete_deployment(id)
+            .await
+            .map_err(store_error)?;
+        lock(&self.inner.live).remove(id);
+        tracing::info!(deployment_id = %id, "deployment cleaned up");
+        Ok(())
+    }
+
+    /// Clean up every final deployment.
+    pub async fn cleanup_all(&self) -> Result<CleanupAll> {
+        let mut result = CleanupAll {
+            cleaned_count: 0,
+            failed_count: 0,
+        };
+        for deployment in self.inner.store.deployments().await.map_err(store_error)? {
+            if !deployment.status.is_final() {
+                continue;
+            }
+            match self.cleanup(&deployment.id).await {
+                Ok(()) => result.cleaned_count += 1,
+                Err(e) => {
+                    tracing::warn!(deployment_id = %deployment.id, error = %e, "cleanup failed");
+                    result.failed_count += 1;
+                }
+            }
+        }
+        Ok(result)
+    }
+
+    /// A page of a deployment's logs: lines after `after` (a previous page's `next`), of one
+    /// node or all, at most `limit`.
+    pub async fn logs(
+        &self,
+        id: &str,
+        node_index: Option<u32>,
+        after: u64,
+        limit: usize,
+    ) -> Result<LogsPage> {
+        let lines = self
+            .inner
+            .store
+            .logs(
+                id,
+                LogQuery {
+                    after,
+                    node_index,
+                    limit: limit.clamp(1, 10_000),
+                },
+            )
+            .await
+            .map_err(store_error)?;
+        let next = lines.last().map_or(after, |l| l.seq);
+        Ok(LogsPage {
+            logs: lines.iter().map(view::log_line).collect(),
+            next,
+        })
+    }
+
+    /// Counts for `GET /stats`.
+    pub async fn stats(&self) -> Result<Stats> {
+        let all = self.inner.store.deployments().await.map_err(store_error)?;
+        let mut deployment_status = std::collections::BTreeMap::new();
+        let mut total_nodes = 0u64;
+        for d in &all {
+            *deployment_status
+                .entry(d.status.as_str().to_owned())
+                .or_insert(0) += 1;
+            total_nodes += u64::from(d.total_nodes);
+        }
+        Ok(Stats {
+            total_deployments: all.len() as u64,
+            total_nodes,
+            deployment_status,
+            uptime_seconds: self.inner.started.elapsed().as_secs(),
+        })
+    }
+
+    /// Stop the engine: background tasks stop, providers stop what they run locally (local
+    /// processes are killed; cloud instances are left to a restarted engine), and this returns
+    /// once everything has ended.
+    pub async fn shutdown(&self) {
+        self.inner.cancel.cancel();
+        self.inner.tasks.close();
+        self.inner.tasks.wait().await;
+        for provider in self.inner.providers.values() {
+            provider.shutdown().await;
+        }
+    }
+
+    /// Watch registered nodes: fail those silent past the heartbeat timeout and those that
+    /// never registered within the boot timeout.
+    fn spawn_monitor(&self) {
+        let this = self.clone();
+        let period = (self.inner.config.heartbeat_timeout / 4).max(Duration::from_millis(50));
+        self.inner.tasks.spawn(async move {
+            let mut ticker = tokio::time::interval(period);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = ticker.tick() => this.check_silent_nodes().await,
+                    () = this.inner.cancel.cancelled() => return,
+                }
+            }
+        });
+    }
+
+    async fn check_silent_nodes(&self) {
+        let timeout = self.inner.config.heartbeat_timeout;
+        let now = tokio::time::Instant::now();
+        let silent: Vec<String> = lock(&self.inner.last_seen)
+            .iter()
+            .filter(|(_, seen)| now.duration_since(**seen) > timeout)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for node_id in silent {
+            lock(&self.inner.last_seen).remove(&node_id);
+            tracing::warn!(node_id = %node_id, "heartbeat timeout");
+            self.node_failed(&node_id, "heartbeat timeout".to_owned())
+                .await;
+        }
+        let boot_deadline = SystemTime::now().checked_sub(self.inner.config.boot_timeout);
+        let Some(boot_deadline) = boot_deadline else {
+            return;
+        };
+        let live: Vec<String> = lock(&self.inner.live).keys().cloned().collect();
+        for id in live {
+            match self.inner.store.deployment(&id).await {
+                Ok(Some(d)) if !d.status.is_final() => {}
+                _ => continue,
+            }
+            let Ok(nodes) = self.inner.store.nodes(&id).await else {
+                continue;
+            };
+            for node in nodes {
+                if node.status == NodeStatus::Booting && node.last_update < boot_deadline {
+                    let message = format!(
+                        "the node did not register within {}",
+                        humantime::format_duration(self.inner.config.boot_timeout)
+                    );
+                    self.node_failed(&node.id, message).await;
+                }
+            }
+        }
+    }
+}
+
+/// Lock a std mutex whose data stays consistent even if a holder panicked.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn secret_values(config: &DeploymentConfig) -> Vec<String> {
+    let mut values: Vec<String> = config
+        .nodes
+        .secrets
+        .values()
+        .filter(|v| !v.is_empty())
+        .cloned()
+        .collect();
+    // Longest first, so a secret that contains another is masked whole.
+    values.sort_by_key(|v| std::cmp::Reverse(v.len()));
+    values
+}
+
+fn create_private_file(path: &Path) -> Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| Error::io(format!("cannot create {}", path.display()), e))
+}

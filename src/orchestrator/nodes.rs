@@ -1,0 +1,174 @@
+//! The engine's side of the node protocol (SPEC §4, node endpoints). A node is identified by
+//! its bearer token alone, so it can only ever read and change its own deployment's data.
+
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+use super::{lock, Orchestrator};
+use crate::auth;
+use crate::error::{Error, Result};
+use crate::state::model::{is_node_final, DeploymentStatus, Node, NodeStatus, NodeUpdate};
+use crate::state::{store_error, LogStream, NewLogLine};
+use crate::wire::{HeartbeatResponse, LogsRequest, RegisterResponse, StatusRequest};
+
+/// Longest stored log line, in bytes; longer lines are cut (and marked).
+const MAX_LOG_LINE: usize = 64 * 1024;
+
+impl Orchestrator {
+    /// The node holding this auth token.
+    pub(crate) async fn authenticate_node(&self, token: &str) -> Result<Node> {
+        self.inner()
+            .store
+            .node_by_auth_token(&auth::hash_token(token))
+            .await
+            .map_err(store_error)?
+            .ok_or_else(|| Error::unauthorized("unknown node token"))
+    }
+
+    /// `POST /nodes/register`: trade the single-use provision token for an auth token and the
+    /// node's assignment.
+    pub(crate) async fn register_node(&self, provision_token: &str) -> Result<RegisterResponse> {
+        let store = &self.inner().store;
+        let node = store
+            .node_by_provision_token(&auth::hash_token(provision_token))
+            .await
+            .map_err(store_error)?
+            .ok_or_else(|| Error::unauthorized("unknown or already used provision token"))?;
+        let live = self.live(&node.deployment_id).await?;
+        let auth_token = auth::new_token()?;
+        let update = NodeUpdate::Registered {
+            auth_token_hash: auth::hash_token(&auth_token),
+        };
+        let applied = self.update_node(&node.id, update).await?;
+        lock(&self.inner().last_seen).insert(node.id.clone(), tokio::time::Instant::now());
+        let env = live
+            .metadata
+            .node_env(&node.deployment_id, &node.id, node.index)
+            .vars()
+            .iter()
+            .map(|v| (v.name.clone(), v.value.clone()))
+            .collect();
+        Ok(RegisterResponse {
+            auth_token,
+            deployment_id: node.deployment_id.clone(),
+            node_id: node.id.clone(),
+            node_index: applied.node.index,
+            env,
+            script: live.config.remote_script_to_run.clone(),
+            dest_dir: live.config.remote_dest_dir.clone(),
+            heartbeat_interval_s: self.inner().config.effective_heartbeat_interval().as_secs(),
+            timeout_s: live.config.nodes.timeout.map(|t| t.as_secs().max(1)),
+        })
+    }
+
+    /// `GET /nodes/assets`: where the node's worker bundle is (one file per deployment,
+    /// streamed to every node).
+    pub(crate) fn node_assets(&self, node: &Node) -> PathBuf {
+        self.worker_bundle_path(&node.deployment_id)
+    }
+
+    /// `POST /nodes/heartbeat`: note the node is alive; tell it whether to stop.
+    pub(crate) async fn node_heartbeat(&self, node: &Node) -> Result<HeartbeatResponse> {
+        let store = &self.inner().store;
+        let deployment = store
+            .deployment(&node.deployment_id)
+            .await
+            .map_err(store_error)?
+            .ok_or_else(|| Error::not_found("the node's deployment is gone"))?;
+        let finished = is_node_final(&deployment, node) || node.status == NodeStatus::Failed;
+        let shutdown = finished
+            || node.status == NodeStatus::Terminating
+            || matches!(
+                deployment.status,
+                DeploymentStatus::Terminating | DeploymentStatus::Terminated
+            );
+        if !finished && !shutdown {
+            // A late heartbeat never reopens a node: only live nodes are watched.
+            lock(&self.inner().last_seen).insert(node.id.clone(), tokio::time::Instant::now());
+            store
+                .touch_node(&node.id, SystemTime::now())
+                .await
+                .map_err(store_error)?;
+        }
+        Ok(HeartbeatResponse {
+            status: "ok".to_owned(),
+            shutdown,
+        })
+    }
+
+    /// `POST /nodes/status`: the agent's progress and final result.
+    pub(crate) async fn node_status(&self, node: &Node, request: StatusRequest) -> Result<()> {
+        let status: NodeStatus = request.status.parse()?;
+        if !matches!(
+            status,
+            NodeStatus::DownloadingAssets
+                | NodeStatus::RunningScript
+                | NodeStatus::Completed
+                | NodeStatus::Failed
+        ) {
+            return Err(Error::invalid_input(format!(
+                "a node may report downloading_assets, running_script, completed or failed, not {status}"
+            )));
+        }
+        let live = self.live(&node.deployment_id).await?;
+        let message = request.message.map(|m| live.mask(&m));
+        self.update_node(
+            &node.id,
+            NodeUpdate::Status {
+                status,
+                exit_code: request.exit_code,
+                message,
+            },
+        )
+        .await?;
+        if !status.is_final() {
+            lock(&self.inner().last_seen).insert(node.id.clone(), tokio::time::Instant::now());
+        }
+        Ok(())
+    }
+
+    /// `POST /nodes/logs`: store the lines, secrets masked.
+    pub(crate) async fn node_logs(&self, node: &Node, request: LogsRequest) -> Result<()> {
+        let live = self.live(&node.deployment_id).await?;
+        let now = SystemTime::now();
+        let mut lines = Vec::with_capacity(request.lines.len());
+        for (i, line) in request.lines.into_iter().enumerate() {
+            let stream = LogStream::parse(&line.stream).ok_or_else(|| {
+                Error::invalid_input(format!(
+                    "lines[{i}].stream: expected stdout or stderr, got `{}`",
+                    line.stream
+                ))
+            })?;
+            let timestamp = match &line.timestamp {
+                Some(t) => humantime::parse_rfc3339_weak(t)
+                    .map_err(|e| Error::invalid_input(format!("lines[{i}].timestamp: {e}")))?,
+                None => now,
+            };
+            let mut text = live.mask(&line.line);
+            if text.len() > MAX_LOG_LINE {
+                let mut cut = MAX_LOG_LINE;
+                while !text.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                text.truncate(cut);
+                text.push_str(" [line cut]");
+            }
+            lines.push(NewLogLine {
+                node_id: node.id.clone(),
+                node_index: node.index,
+                stream,
+                line: text,
+                timestamp,
+            });
+        }
+        if lines.is_empty() {
+            return Ok(());
+        }
+        self.inner()
+            .store
+            .append_logs(&node.deployment_id, lines)
+            .await
+            .map_err(store_error)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,448 @@
+//! Nodes as local processes: [`LocalProvider`].
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::{InstanceConfig, InstanceInfo, InstanceState, Provider};
+use crate::agent::{self, AgentConfig};
+use crate::error::{BoxError, Error};
+
+/// The address every local node reports.
+const LOCAL_ADDRESS: &str = "127.0.0.1";
+/// How long a terminated script gets between SIGTERM and SIGKILL unless configured otherwise.
+const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(10);
+
+/// Runs every node on this machine (`cloud_provider: local` without `hosts`).
+///
+/// Design: each node's agent runs *in this process*, as a tokio task executing
+/// [`crate::agent::run`], not as a `taskfly agent` child process. That keeps 200+ nodes cheap
+/// (one task each, no extra executable or process per node), and works when the library is
+/// embedded in a host program that has no `taskfly` binary at hand. The agent talks to the
+/// engine over the node API exactly as a remote agent does, so a local node behaves like any
+/// other. The user's script, however, is a real child process: it runs in a process group of
+/// its own, inside the node's own work directory `work_root/<deployment_id>/<node_index>-<attempt>`
+/// (the bundle is extracted into its `bundle/` folder unless `remote_dest_dir` is set).
+/// Terminating a node cancels its agent, which stops the script's whole process group (SIGTERM,
+/// then SIGKILL after the grace period) before it ends.
+///
+/// Instance ids are `local-<node_id>-<attempt>`. Agent failures are logged with `tracing`
+/// (node id and message); they never panic, and the engine notices the node through its status
+/// reports or the heartbeat timeout.
+///
+/// ```no_run
+/// # async fn example() {
+/// use std::time::Duration;
+/// use taskfly::LocalProvider;
+///
+/// let provider = LocalProvider::new("/var/lib/taskfly/nodes".into())
+///     .grace_period(Duration::from_secs(5));
+/// # let _ = provider;
+/// # }
+/// ```
+pub struct LocalProvider {
+    work_root: PathBuf,
+    grace_period: Duration,
+    agents: Arc<Mutex<HashMap<String, LocalAgent>>>,
+    tracker: TaskTracker,
+    /// Parent of every agent's cancellation token: cancelled by [`Provider::shutdown`] and on drop.
+    shutdown: CancellationToken,
+}
+
+/// One node's agent, as the provider tracks it.
+struct LocalAgent {
+    /// Stops the agent (and so the script).
+    cancel: CancellationToken,
+    /// Cancelled once the agent's task has ended, however it ended.
+    finished: CancellationToken,
+}
+
+impl LocalProvider {
+    /// A provider keeping every node's files under `work_root` (created as needed).
+    pub fn new(work_root: PathBuf) -> LocalProvider {
+        LocalProvider {
+            work_root,
+            grace_period: DEFAULT_GRACE_PERIOD,
+            agents: Arc::new(Mutex::new(HashMap::new())),
+            tracker: TaskTracker::new(),
+            shutdown: CancellationToken::new(),
+        }
+    }
+
+    /// Sets how long a terminated node's script gets between SIGTERM and SIGKILL (10 s by
+    /// default).
+    #[must_use]
+    pub fn grace_period(mut self, grace_period: Duration) -> LocalProvider {
+        self.grace_period = grace_period;
+        self
+    }
+
+    fn agents(&self) -> MutexGuard<'_, HashMap<String, LocalAgent>> {
+        // The map stays consistent even if a holder panicked: every update is a single call.
+        self.agents.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl fmt::Debug for LocalProvider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LocalProvider")
+            .field("work_root", &self.work_root)
+            .field("grace_period", &self.grace_period)
+            .field("agents", &self.agents().len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for LocalProvider {
+    /// Stops every agent still running, so no script outlives the provider. Their tasks finish
+    /// on the runtime; call [`Provider::shutdown`] to wait for them.
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+#[async_trait]
+impl Provider for LocalProvider {
+    /// Creates the node's work directory and starts its agent. Cancel-safe: the agent is
+    /// started in one step after the only await.
+    async fn provision(&self, config: InstanceConfig) -> Result<InstanceInfo, BoxError> {
+        if self.shutdown.is_cancelled() {
+            return Err(Error::conflict("the local provider is shutting down").into());
+        }
+        if !is_plain_name(&config.deployment_id) {
+            return Err(Error::invalid_input(format!(
+                "deployment id {:?} cannot name a directory",
+                config.deployment_id
+            ))
+            .into());
+        }
+        let instance_id = format!("local-{}-{}", config.node_id, config.attempt);
+        let work_dir = self
+            .work_root
+            .join(&config.deployment_id)
+            .join(format!("{}-{}", config.node_index, config.attempt));
+        tokio::fs::create_dir_all(&work_dir).await.map_err(|e| {
+            Error::io(
+                format!(
+                    "cannot create the node's work directory {}",
+                    work_dir.display()
+                ),
+                e,
+            )
+        })?;
+
+        let agent_config = AgentConfig::new(config.daemon_url, config.provision_token, work_dir)
+            .grace_period(self.grace_period);
+        let cancel = self.shutdown.child_token();
+        let finished = CancellationToken::new();
+        let mut agents = self.agents();
+        if agents
+            .get(&instance_id)
+            .is_some_and(|agent| !agent.finished.is_cancelled())
+        {
+            return Err(
+                Error::conflict(format!("instance {instance_id} is already running")).into(),
+            );
+        }
+        agents.insert(
+            instance_id.clone(),
+            LocalAgent {
+                cancel: cancel.clone(),
+                finished: finished.clone(),
+            },
+        );
+        // Spawned while the map is locked, so `terminate` never sees an entry without its task.
+        self.tracker.spawn(run_agent(
+            config.node_id,
+            instance_id.clone(),
+            agent_config,
+            cancel,
+            finished,
+        ));
+        drop(agents);
+        tracing::debug!(instance_id = %instance_id, "started a local node");
+        Ok(InstanceInfo {
+            instance_id,
+            ip_address: Some(LOCAL_ADDRESS.to_string()),
+            state: InstanceState::Running,
+        })
+    }
+
+    /// Cancels the node's agent and waits until it has ended, its script's process group
+    /// included. An unknown or already terminated instance is fine.
+    async fn terminate(&self, instance_id: &str) -> Result<(), BoxError> {
+        let tokens = self
+            .agents()
+            .get(instance_id)
+            .map(|agent| (agent.cancel.clone(), agent.finished.clone()));
+        let Some((cancel, finished)) = tokens else {
+            return Ok(());
+        };
+        cancel.cancel();
+        finished.cancelled().await;
+        let mut agents = self.agents();
+        if agents
+            .get(instance_id)
+            .is_some_and(|agent| agent.finished.is_cancelled())
+        {
+            agents.remove(instance_id);
+        }
+        Ok(())
+    }
+
+    /// `Running` while the agent works, `ShuttingDown` while it stops, `Terminated` once it has
+    /// ended by itself; `None` for an instance never provisioned or already terminated.
+    async fn describe(&self, instance_id: &str) -> Result<Option<InstanceInfo>, BoxError> {
+        Ok(self.agents().get(instance_id).map(|agent| {
+            let state = if agent.finished.is_cancelled() {
+                InstanceState::Terminated
+            } else if agent.cancel.is_cancelled() {
+                InstanceState::ShuttingDown
+            } else {
+                InstanceState::Running
+            };
+            InstanceInfo {
+                instance_id: instance_id.to_string(),
+                ip_address: Some(LOCAL_ADDRESS.to_string()),
+                state,
+            }
+        }))
+    }
+
+    /// Stops every agent and waits until all of them, and their scripts, have ended.
+    async fn shutdown(&self) {
+        self.shutdown.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+        self.agents().clear();
+    }
+}
+
+/// One node's agent task: runs the agent and logs how it ended; `finished` is cancelled when
+/// the task ends, even by a panic.
+async fn run_agent(
+    node_id: String,
+    instance_id: String,
+    config: AgentConfig,
+    cancel: CancellationToken,
+    finished: CancellationToken,
+) {
+    let _finished = finished.drop_guard();
+    match agent::run(config, cancel).await {
+        Ok(report) => tracing::debug!(
+            node_id = %node_id,
+            instance_id = %instance_id,
+            status = %report.status,
+            exit_code = ?report.exit_code,
+            "local node agent ended"
+        ),
+        Err(error) => tracing::warn!(
+            node_id = %node_id,
+            instance_id = %instance_id,
+            error = %error,
+            "local node agent failed"
+        ),
+    }
+}
+
+/// Whether `name` can be one directory level: not empty, no separator, not `.` or `..`.
+fn is_plain_name(name: &str) -> bool {
+    !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\\', '\0'])
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use nix::errno::Errno;
+    use nix::sys::signal::killpg;
+    use nix::unistd::Pid;
+    use tokio::time::Instant;
+
+    use super::*;
+    use crate::agent::tests::{bundle, fake_daemon, registration, Daemon};
+    use crate::config::DeploymentConfig;
+
+    fn instance(daemon_url: &str) -> InstanceConfig {
+        let deployment = DeploymentConfig::from_yaml(
+            "cloud_provider: local\napplication_files: [setup.sh]\nnodes:\n  count: 2\n",
+        )
+        .expect("a valid taskfly.yml");
+        InstanceConfig {
+            deployment_id: "dep".into(),
+            node_id: "dep-1".into(),
+            node_index: 1,
+            attempt: 1,
+            daemon_url: daemon_url.into(),
+            provision_token: "provision".into(),
+            deployment: Arc::new(deployment),
+        }
+    }
+
+    /// Polls `condition` every 20 ms for up to 20 s.
+    async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !condition() {
+            assert!(Instant::now() < deadline, "timed out waiting until {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn terminate_stops_the_agent_and_its_script() {
+        let daemon = Arc::new(Mutex::new(Daemon {
+            bundle: bundle("echo $$ > ../script.pid\necho up\nsleep 100\n"),
+            registration: Some(registration(&[])),
+            ..Daemon::default()
+        }));
+        let (url, server) = fake_daemon(daemon.clone()).await;
+        let root = tempfile::tempdir().expect("tempdir");
+        let provider =
+            LocalProvider::new(root.path().to_path_buf()).grace_period(Duration::from_millis(200));
+
+        let info = provider
+            .provision(instance(&url))
+            .await
+            .expect("provisioned");
+        assert_eq!(info.instance_id, "local-dep-1-1");
+        assert_eq!(info.ip_address.as_deref(), Some("127.0.0.1"));
+        assert_eq!(info.state, InstanceState::Running);
+        eventually("the script runs", || {
+            daemon
+                .lock()
+                .expect("lock")
+                .lines
+                .iter()
+                .any(|l| l.line == "up")
+        })
+        .await;
+        let described = provider.describe("local-dep-1-1").await.expect("describe");
+        assert_eq!(described.map(|i| i.state), Some(InstanceState::Running));
+        let work_dir = root.path().join("dep").join("1-1");
+        let pid: i32 = std::fs::read_to_string(work_dir.join("script.pid"))
+            .expect("the script ran in the node's work directory")
+            .trim()
+            .parse()
+            .expect("a pid");
+
+        provider
+            .terminate("local-dep-1-1")
+            .await
+            .expect("terminated");
+        assert_eq!(
+            provider.describe("local-dep-1-1").await.expect("describe"),
+            None
+        );
+        // The script's group is gone (zombie orphans wait for init, hence the polling).
+        eventually("the script's process group is gone", || {
+            killpg(Pid::from_raw(pid), None) == Err(Errno::ESRCH)
+        })
+        .await;
+        let statuses: Vec<String> = daemon
+            .lock()
+            .expect("lock")
+            .statuses
+            .iter()
+            .map(|s| s.status.clone())
+            .collect();
+        assert_eq!(statuses, ["downloading_assets", "running_script"]);
+        provider
+            .terminate("local-dep-1-1")
+            .await
+            .expect("idempotent");
+        provider.shutdown().await;
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn a_finished_node_is_described_as_terminated_and_shutdown_waits_for_all() {
+        let daemon = Arc::new(Mutex::new(Daemon {
+            bundle: bundle("echo done\n"),
+            registration: Some(registration(&[])),
+            ..Daemon::default()
+        }));
+        let (url, server) = fake_daemon(daemon.clone()).await;
+        let root = tempfile::tempdir().expect("tempdir");
+        let provider = LocalProvider::new(root.path().to_path_buf());
+
+        provider
+            .provision(instance(&url))
+            .await
+            .expect("provisioned");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let info = provider.describe("local-dep-1-1").await.expect("describe");
+            if info.map(|i| i.state) == Some(InstanceState::Terminated) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the first node never finished");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(daemon
+            .lock()
+            .expect("lock")
+            .statuses
+            .iter()
+            .any(|s| s.status == "completed"));
+
+        let mut second = instance(&url);
+        second.attempt = 2;
+        daemon.lock().expect("lock").bundle = bundle("echo sleeping\nsleep 100\n");
+        let id = provider
+            .provision(second)
+            .await
+            .expect("provisioned")
+            .instance_id;
+        assert_eq!(id, "local-dep-1-2");
+        eventually("the second script runs", || {
+            daemon
+                .lock()
+                .expect("lock")
+                .lines
+                .iter()
+                .any(|l| l.line == "sleeping")
+        })
+        .await;
+
+        let started = Instant::now();
+        tokio::time::timeout(Duration::from_secs(30), provider.shutdown())
+            .await
+            .expect("shutdown ends: the sleeping node is stopped");
+        assert!(started.elapsed() < Duration::from_secs(25));
+        let error = provider
+            .provision(instance(&url))
+            .await
+            .expect_err("shut down");
+        assert!(error.to_string().contains("shutting down"), "{error}");
+        server.abort();
+    }
+
+    #[test]
+    fn deployment_ids_must_be_plain_names() {
+        assert!(is_plain_name("dep-20240101-abc"));
+        for bad in ["", ".", "..", "a/b", "../x", "a\\b"] {
+            assert!(!is_plain_name(bad), "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn unknown_instances_are_fine_to_terminate_and_unknown_to_describe() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let provider = LocalProvider::new(root.path().to_path_buf());
+        provider
+            .terminate("local-nope-1")
+            .await
+            .expect("idempotent");
+        assert_eq!(
+            provider.describe("local-nope-1").await.expect("describe"),
+            None
+        );
+        provider.shutdown().await;
+    }
+}

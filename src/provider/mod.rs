@@ -1,0 +1,100 @@
+//! Where nodes run: the [`Provider`] trait and its implementations.
+//!
+//! A provider only creates and destroys instances; everything else (registration, assets, logs,
+//! status) happens between the node's agent and the engine over the node API. So a provider is
+//! small, and a node behaves the same on every provider.
+
+pub(crate) mod local;
+
+use std::fmt;
+
+use async_trait::async_trait;
+
+use crate::config::DeploymentConfig;
+use crate::error::BoxError;
+
+pub use local::LocalProvider;
+
+/// Everything a provider needs to start one node.
+#[derive(Clone)]
+pub struct InstanceConfig {
+    /// The deployment the node belongs to.
+    pub deployment_id: String,
+    /// The node's id.
+    pub node_id: String,
+    /// The node's index.
+    pub node_index: u32,
+    /// The attempt (1 unless retried), so instance names stay unique across retries.
+    pub attempt: u32,
+    /// The URL the node's agent calls back on (the engine's node API).
+    pub daemon_url: String,
+    /// Single-use token the agent registers with. A secret: never log it.
+    pub provision_token: String,
+    /// The deployment's validated `taskfly.yml`, for the provider's own settings
+    /// (`instance_config.local` / `instance_config.aws`).
+    pub deployment: std::sync::Arc<DeploymentConfig>,
+}
+
+impl fmt::Debug for InstanceConfig {
+    /// Leaves out the provision token.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InstanceConfig")
+            .field("deployment_id", &self.deployment_id)
+            .field("node_id", &self.node_id)
+            .field("node_index", &self.node_index)
+            .field("attempt", &self.attempt)
+            .field("daemon_url", &self.daemon_url)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a provider knows about an instance it created.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceInfo {
+    /// The provider's id (`i-0abc…` on EC2, `local-…` for processes).
+    pub instance_id: String,
+    /// Its address, when known.
+    pub ip_address: Option<String>,
+    /// Whether it is still there.
+    pub state: InstanceState,
+}
+
+/// The coarse life of an instance, as far as leak prevention cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InstanceState {
+    /// Being created or booting.
+    Pending,
+    /// Up.
+    Running,
+    /// Being torn down.
+    ShuttingDown,
+    /// Gone.
+    Terminated,
+}
+
+/// Creates and destroys the machines (or processes) nodes run on.
+///
+/// Implement it to run nodes somewhere new; register it with
+/// [`crate::OrchestratorBuilder::provider`] under the `cloud_provider` name it serves.
+///
+/// Cancellation: the engine awaits every call to completion, except at engine shutdown, where a
+/// pending `provision` future may be dropped. An implementation must therefore not leave an
+/// instance behind that it has not reported: create it in one step (as EC2's RunInstances
+/// does), or clean up in a drop guard. `terminate` futures are never dropped by the engine.
+#[async_trait]
+pub trait Provider: Send + Sync + 'static {
+    /// Start one node: create an instance whose agent registers at `config.daemon_url` with
+    /// `config.provision_token`. Returns once the instance exists, not once it has booted.
+    async fn provision(&self, config: InstanceConfig) -> Result<InstanceInfo, BoxError>;
+
+    /// Destroy the instance and everything running on it. Idempotent: terminating an instance
+    /// that is already gone succeeds. Returns once the instance is shutting down or gone.
+    async fn terminate(&self, instance_id: &str) -> Result<(), BoxError>;
+
+    /// What the provider knows of the instance now; `None` if it does not know it at all.
+    async fn describe(&self, instance_id: &str) -> Result<Option<InstanceInfo>, BoxError>;
+
+    /// Stop everything this provider still runs; called once when the engine shuts down.
+    /// Cloud providers leave instances alone here (a restarted daemon carries on with them).
+    async fn shutdown(&self) {}
+}

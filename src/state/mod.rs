@@ -1,0 +1,164 @@
+//! What the engine remembers: the model and its state machines ([`model`]), the [`Store`] trait,
+//! and the in-memory backend ([`MemoryStore`]).
+
+pub(crate) mod memory;
+pub mod model;
+
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+
+use crate::error::{BoxError, Error};
+pub use memory::MemoryStore;
+use model::{Applied, Deployment, DeploymentStatus, Node, NodeUpdate};
+
+/// `stdout` or `stderr`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LogStream {
+    /// The script's standard output.
+    Stdout,
+    /// The script's standard error.
+    Stderr,
+}
+
+impl LogStream {
+    /// `stdout` or `stderr`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogStream::Stdout => "stdout",
+            LogStream::Stderr => "stderr",
+        }
+    }
+
+    /// Parses `stdout` / `stderr`.
+    pub fn parse(s: &str) -> Option<LogStream> {
+        match s {
+            "stdout" => Some(LogStream::Stdout),
+            "stderr" => Some(LogStream::Stderr),
+            _ => None,
+        }
+    }
+}
+
+/// A log line to be stored; the store assigns its `seq`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewLogLine {
+    /// The node that wrote it.
+    pub node_id: String,
+    /// Its index.
+    pub node_index: u32,
+    /// Which stream.
+    pub stream: LogStream,
+    /// The line, secrets already masked.
+    pub line: String,
+    /// When the node wrote it.
+    pub timestamp: SystemTime,
+}
+
+/// A stored log line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogLine {
+    /// Position in the deployment's log, starting at 1, strictly increasing, never reused.
+    pub seq: u64,
+    /// The node that wrote it.
+    pub node_id: String,
+    /// Its index.
+    pub node_index: u32,
+    /// Which stream.
+    pub stream: LogStream,
+    /// The line.
+    pub line: String,
+    /// When the node wrote it.
+    pub timestamp: SystemTime,
+}
+
+/// Which log lines to read.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct LogQuery {
+    /// Only lines with a `seq` greater than this.
+    pub after: u64,
+    /// Only this node's lines.
+    pub node_index: Option<u32>,
+    /// At most this many lines.
+    pub limit: usize,
+}
+
+/// Where deployments, nodes and logs are kept.
+///
+/// Every state change goes through [`Store::update_node`] and
+/// [`Store::update_deployment_status`], which must apply [`model::apply_node_update`] and
+/// [`model::apply_deployment_status`] atomically (under a lock or in a transaction), so all
+/// backends enforce the same state machines. Errors are boxed; an error that is a
+/// [`crate::Error`] (a refused transition, say) reaches the caller unchanged.
+///
+/// Cancellation: the engine awaits store futures to completion; a dropped future (engine
+/// shutdown) must leave the store consistent, either with or without the change.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Insert a new deployment and its nodes.
+    async fn create_deployment(
+        &self,
+        deployment: Deployment,
+        nodes: Vec<Node>,
+    ) -> Result<(), BoxError>;
+
+    /// One deployment.
+    async fn deployment(&self, id: &str) -> Result<Option<Deployment>, BoxError>;
+
+    /// Every deployment, newest first.
+    async fn deployments(&self) -> Result<Vec<Deployment>, BoxError>;
+
+    /// One node by id.
+    async fn node(&self, node_id: &str) -> Result<Option<Node>, BoxError>;
+
+    /// The nodes of a deployment, by index.
+    async fn nodes(&self, deployment_id: &str) -> Result<Vec<Node>, BoxError>;
+
+    /// The node holding this (unused) provision token hash.
+    async fn node_by_provision_token(&self, hash: &[u8; 32]) -> Result<Option<Node>, BoxError>;
+
+    /// The node holding this auth token hash.
+    async fn node_by_auth_token(&self, hash: &[u8; 32]) -> Result<Option<Node>, BoxError>;
+
+    /// Apply `update` to a node and its deployment atomically, via [`model::apply_node_update`].
+    async fn update_node(
+        &self,
+        node_id: &str,
+        update: NodeUpdate,
+        now: SystemTime,
+    ) -> Result<Applied, BoxError>;
+
+    /// Move a deployment, via [`model::apply_deployment_status`].
+    async fn update_deployment_status(
+        &self,
+        id: &str,
+        to: DeploymentStatus,
+        message: Option<String>,
+        now: SystemTime,
+    ) -> Result<Deployment, BoxError>;
+
+    /// Record a heartbeat: the node's `last_update` becomes `now`, its state is untouched.
+    /// Cheap: backends should not write to disk for it.
+    async fn touch_node(&self, node_id: &str, now: SystemTime) -> Result<(), BoxError>;
+
+    /// Append log lines of a deployment; returns the `seq` of the last one.
+    async fn append_logs(
+        &self,
+        deployment_id: &str,
+        lines: Vec<NewLogLine>,
+    ) -> Result<u64, BoxError>;
+
+    /// Read log lines of a deployment, oldest first.
+    async fn logs(&self, deployment_id: &str, query: LogQuery) -> Result<Vec<LogLine>, BoxError>;
+
+    /// Forget a deployment, its nodes and logs. Returns whether it existed.
+    async fn delete_deployment(&self, id: &str) -> Result<bool, BoxError>;
+}
+
+/// Turns a store's boxed error into the crate's: our own errors pass through unchanged.
+pub(crate) fn store_error(error: BoxError) -> Error {
+    match error.downcast::<Error>() {
+        Ok(error) => *error,
+        Err(other) => Error::store("the state store failed", other),
+    }
+}

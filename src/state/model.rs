@@ -1,0 +1,684 @@
+//! Deployments, nodes and their state machines (SPEC §3). Pure: no I/O, no clock, no tokio.
+//!
+//! Every change of state goes through [`apply_node_update`] or [`apply_deployment_status`], so
+//! every [`crate::Store`] backend enforces the same rules: illegal transitions are refused, a final
+//! state never regresses, and whether a deployment is finished is decided from counters in O(1).
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::SystemTime;
+
+use crate::error::{Error, Result};
+
+/// Where a deployment is in its life (SPEC §3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DeploymentStatus {
+    /// Accepted, nothing provisioned yet.
+    Pending,
+    /// Nodes are being provisioned.
+    Provisioning,
+    /// At least one node is up; not every node is final.
+    Running,
+    /// Every node completed.
+    Completed,
+    /// Every node is final and at least one failed, or no node could be provisioned.
+    Failed,
+    /// A terminate request is tearing the nodes down.
+    Terminating,
+    /// Terminated on request; every instance was terminated.
+    Terminated,
+}
+
+/// Where a node is in its life (SPEC §3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum NodeStatus {
+    /// Created, not yet handed to a provider.
+    Pending,
+    /// The provider is creating its instance or process.
+    Provisioning,
+    /// The instance exists; its agent has not registered yet.
+    Booting,
+    /// The agent registered with its provision token.
+    Registering,
+    /// The agent is fetching and extracting the worker bundle.
+    DownloadingAssets,
+    /// The user's script is running.
+    RunningScript,
+    /// The script exited 0.
+    Completed,
+    /// The script failed, timed out, or the node was lost.
+    Failed,
+    /// The node's instance is being terminated on request.
+    Terminating,
+    /// The node's instance was terminated on request.
+    Terminated,
+}
+
+macro_rules! status_names {
+    ($ty:ident { $($variant:ident => $name:literal),* $(,)? }) => {
+        impl $ty {
+            /// Every value, in lifecycle order.
+            pub const ALL: &'static [$ty] = &[$($ty::$variant),*];
+
+            /// The `snake_case` name used in the API, the CLI and the store.
+            pub fn as_str(self) -> &'static str {
+                match self { $($ty::$variant => $name),* }
+            }
+        }
+
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl FromStr for $ty {
+            type Err = Error;
+
+            fn from_str(s: &str) -> Result<Self> {
+                match s {
+                    $($name => Ok($ty::$variant),)*
+                    other => Err(Error::invalid_input(format!(
+                        "unknown {} `{other}`; expected one of: {}",
+                        stringify!($ty),
+                        [$($name),*].join(", ")
+                    ))),
+                }
+            }
+        }
+    };
+}
+
+status_names!(DeploymentStatus {
+    Pending => "pending",
+    Provisioning => "provisioning",
+    Running => "running",
+    Completed => "completed",
+    Failed => "failed",
+    Terminating => "terminating",
+    Terminated => "terminated",
+});
+
+status_names!(NodeStatus {
+    Pending => "pending",
+    Provisioning => "provisioning",
+    Booting => "booting",
+    Registering => "registering",
+    DownloadingAssets => "downloading_assets",
+    RunningScript => "running_script",
+    Completed => "completed",
+    Failed => "failed",
+    Terminating => "terminating",
+    Terminated => "terminated",
+});
+
+impl DeploymentStatus {
+    /// Completed, failed or terminated: nothing will change any more.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            DeploymentStatus::Completed | DeploymentStatus::Failed | DeploymentStatus::Terminated
+        )
+    }
+
+    /// Whether SPEC §3 allows going from `self` to `to`.
+    pub fn can_become(self, to: DeploymentStatus) -> bool {
+        use DeploymentStatus::*;
+        matches!(
+            (self, to),
+            (Pending, Provisioning)
+                | (Pending, Terminating)
+                | (Provisioning, Running)
+                | (Provisioning, Failed)
+                | (Provisioning, Terminating)
+                | (Running, Completed)
+                | (Running, Failed)
+                | (Running, Terminating)
+                | (Terminating, Terminated)
+        )
+    }
+}
+
+impl NodeStatus {
+    /// Completed, failed or terminated. (A failed node with retries left is revived by the
+    /// orchestrator through [`NodeUpdate::Retry`], which the node's attempt counter allows.)
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            NodeStatus::Completed | NodeStatus::Failed | NodeStatus::Terminated
+        )
+    }
+
+    /// Whether SPEC §3 allows going from `self` to `to` (retries aside).
+    pub fn can_become(self, to: NodeStatus) -> bool {
+        use NodeStatus::*;
+        if self.is_final() {
+            return false;
+        }
+        match to {
+            // Every state before running_script may fail, and so may running_script itself.
+            Failed => true,
+            // Every non-final state may be terminated.
+            Terminating => self != Terminating,
+            Terminated => self == Terminating,
+            Completed => self == RunningScript,
+            _ => {
+                // Forward along the happy path, possibly skipping steps (an agent that is
+                // quick may report running_script before its downloading_assets arrives).
+                let order = |s: NodeStatus| match s {
+                    Pending => Some(0),
+                    Provisioning => Some(1),
+                    Booting => Some(2),
+                    Registering => Some(3),
+                    DownloadingAssets => Some(4),
+                    RunningScript => Some(5),
+                    _ => None,
+                };
+                matches!((order(self), order(to)), (Some(a), Some(b)) if b > a)
+            }
+        }
+    }
+}
+
+/// One deployment as the store keeps it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Deployment {
+    /// Unguessable id, `dep-` followed by hex.
+    pub id: String,
+    /// Current state.
+    pub status: DeploymentStatus,
+    /// `local` or `aws`.
+    pub cloud_provider: String,
+    /// `nodes.count` from taskfly.yml.
+    pub total_nodes: u32,
+    /// How many times a failed node may be started again.
+    pub retries: u32,
+    /// Nodes in `completed`.
+    pub nodes_completed: u32,
+    /// Nodes in `failed` with no retry left.
+    pub nodes_failed: u32,
+    /// Nodes in `terminated`.
+    pub nodes_terminated: u32,
+    /// When it was accepted.
+    pub created_at: SystemTime,
+    /// When anything about it last changed.
+    pub updated_at: SystemTime,
+    /// When it reached a final state.
+    pub completed_at: Option<SystemTime>,
+    /// Why it failed, if it did.
+    pub error_message: Option<String>,
+}
+
+impl Deployment {
+    /// Nodes that will not change any more.
+    pub fn nodes_final(&self) -> u32 {
+        self.nodes_completed + self.nodes_failed + self.nodes_terminated
+    }
+}
+
+/// One node as the store keeps it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Node {
+    /// `<deployment id>-<index>`.
+    pub id: String,
+    /// The deployment it belongs to.
+    pub deployment_id: String,
+    /// 0-based index, `0..total_nodes`.
+    pub index: u32,
+    /// Current state.
+    pub status: NodeStatus,
+    /// Starts at 1, incremented by every retry.
+    pub attempt: u32,
+    /// The provider's id of its instance or process, once provisioned.
+    pub instance_id: Option<String>,
+    /// The instance's address, when the provider knows it.
+    pub ip_address: Option<String>,
+    /// When its state last changed, or it last sent a heartbeat (see the store).
+    pub last_update: SystemTime,
+    /// The script's exit code, once it ended.
+    pub exit_code: Option<i32>,
+    /// Why it failed, if it did.
+    pub error_message: Option<String>,
+    /// SHA-256 of the single-use provision token, until it is used.
+    pub provision_token_hash: Option<[u8; 32]>,
+    /// SHA-256 of the agent's bearer token, once registered.
+    pub auth_token_hash: Option<[u8; 32]>,
+}
+
+impl Node {
+    /// A fresh node in `pending`.
+    pub fn new(deployment_id: &str, index: u32, now: SystemTime) -> Node {
+        Node {
+            id: format!("{deployment_id}-{index}"),
+            deployment_id: deployment_id.to_owned(),
+            index,
+            status: NodeStatus::Pending,
+            attempt: 1,
+            instance_id: None,
+            ip_address: None,
+            last_update: now,
+            exit_code: None,
+            error_message: None,
+            provision_token_hash: None,
+            auth_token_hash: None,
+        }
+    }
+}
+
+/// A change to one node. Applied by [`apply_node_update`] under the store's lock or transaction.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NodeUpdate {
+    /// Move to `status`, recording what is given.
+    Status {
+        /// The new state.
+        status: NodeStatus,
+        /// Exit code of the script, for completed and failed.
+        exit_code: Option<i32>,
+        /// Why, for failed.
+        message: Option<String>,
+    },
+    /// The provider created the instance: record it and move to `booting`.
+    Provisioned {
+        /// The provider's instance id.
+        instance_id: String,
+        /// Its address, if known.
+        ip_address: Option<String>,
+    },
+    /// Arm a new single-use provision token (before provisioning or a retry).
+    ProvisionToken {
+        /// SHA-256 of the token.
+        hash: [u8; 32],
+    },
+    /// The agent registered: consume the provision token, store the auth token, move to
+    /// `registering`.
+    Registered {
+        /// SHA-256 of the new auth token.
+        auth_token_hash: [u8; 32],
+    },
+    /// Start a failed node again (attempt + 1), back to `provisioning`.
+    Retry,
+}
+
+/// What an applied update did, so the caller can act on it (terminate an instance, wake
+/// waiters) without reading the store again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Applied {
+    /// The node after the update.
+    pub node: Node,
+    /// The state the node was in before.
+    pub previous: NodeStatus,
+    /// Set when this update made the deployment change state.
+    pub deployment_changed: Option<DeploymentStatus>,
+}
+
+/// Apply `update` to `node` of `deployment`, enforcing SPEC §3. On error nothing is changed.
+pub fn apply_node_update(
+    deployment: &mut Deployment,
+    node: &mut Node,
+    update: NodeUpdate,
+    now: SystemTime,
+) -> Result<Applied> {
+    let previous = node.status;
+    let mut next = node.clone();
+    match update {
+        NodeUpdate::Status {
+            status,
+            exit_code,
+            message,
+        } => {
+            check_node_transition(deployment, node, status)?;
+            next.status = status;
+            if exit_code.is_some() {
+                next.exit_code = exit_code;
+            }
+            if message.is_some() {
+                next.error_message = message;
+            }
+        }
+        NodeUpdate::Provisioned {
+            instance_id,
+            ip_address,
+        } => {
+            check_node_transition(deployment, node, NodeStatus::Booting)?;
+            next.status = NodeStatus::Booting;
+            next.instance_id = Some(instance_id);
+            next.ip_address = ip_address;
+        }
+        NodeUpdate::ProvisionToken { hash } => {
+            if is_node_final(deployment, node) {
+                return Err(refused(node, "arm a provision token for"));
+            }
+            next.provision_token_hash = Some(hash);
+        }
+        NodeUpdate::Registered { auth_token_hash } => {
+            if node.provision_token_hash.is_none() {
+                return Err(Error::conflict(format!(
+                    "node {} has already registered; a provision token works once",
+                    node.id
+                )));
+            }
+            check_node_transition(deployment, node, NodeStatus::Registering)?;
+            next.status = NodeStatus::Registering;
+            next.provision_token_hash = None;
+            next.auth_token_hash = Some(auth_token_hash);
+        }
+        NodeUpdate::Retry => {
+            if node.status != NodeStatus::Failed || !has_retry_left(deployment, node) {
+                return Err(refused(node, "retry"));
+            }
+            next.status = NodeStatus::Provisioning;
+            next.attempt += 1;
+            next.instance_id = None;
+            next.ip_address = None;
+            next.exit_code = None;
+            next.error_message = None;
+            next.auth_token_hash = None;
+            next.provision_token_hash = None;
+        }
+    }
+    next.last_update = now;
+
+    // Counters: a node entering a final state counts once; a failed node that may still be
+    // retried does not count until its last attempt fails.
+    let mut dep = deployment.clone();
+    if next.status != previous {
+        match next.status {
+            NodeStatus::Completed => dep.nodes_completed += 1,
+            NodeStatus::Failed if !has_retry_left(&dep, &next) => dep.nodes_failed += 1,
+            NodeStatus::Terminated => dep.nodes_terminated += 1,
+            _ => {}
+        }
+    }
+    let deployment_changed = deployment_status_after_node(&mut dep, &next, now);
+    dep.updated_at = now;
+
+    *deployment = dep;
+    *node = next.clone();
+    Ok(Applied {
+        node: next,
+        previous,
+        deployment_changed,
+    })
+}
+
+/// Whether a failed `node` may be started again.
+pub fn has_retry_left(deployment: &Deployment, node: &Node) -> bool {
+    node.attempt <= deployment.retries
+}
+
+/// Whether `node` will never change again: a final state, except a failure with a retry left
+/// (which the orchestrator either retries or, on a terminate request, terminates).
+pub fn is_node_final(deployment: &Deployment, node: &Node) -> bool {
+    node.status.is_final()
+        && !(node.status == NodeStatus::Failed && has_retry_left(deployment, node))
+}
+
+fn check_node_transition(deployment: &Deployment, node: &Node, to: NodeStatus) -> Result<()> {
+    let allowed = if node.status == NodeStatus::Failed && has_retry_left(deployment, node) {
+        to == NodeStatus::Terminating
+    } else {
+        node.status.can_become(to)
+    };
+    if allowed {
+        Ok(())
+    } else {
+        Err(Error::conflict(format!(
+            "node {} cannot go from {} to {}",
+            node.id, node.status, to
+        )))
+    }
+}
+
+fn refused(node: &Node, what: &str) -> Error {
+    Error::conflict(format!(
+        "cannot {what} node {} in state {}",
+        node.id, node.status
+    ))
+}
+
+/// The deployment's own move caused by a node update, in O(1).
+fn deployment_status_after_node(
+    deployment: &mut Deployment,
+    node: &Node,
+    now: SystemTime,
+) -> Option<DeploymentStatus> {
+    use DeploymentStatus as D;
+    let target = if deployment.nodes_final() == deployment.total_nodes {
+        match deployment.status {
+            D::Terminating => D::Terminated,
+            _ if deployment.nodes_failed > 0 => D::Failed,
+            // Terminated nodes outside a terminate request cannot happen; treat as completed
+            // only if every node completed.
+            _ if deployment.nodes_completed == deployment.total_nodes => D::Completed,
+            _ => D::Failed,
+        }
+    } else if node.status == NodeStatus::Booting && deployment.status == D::Provisioning {
+        D::Running
+    } else {
+        return None;
+    };
+    if target == deployment.status {
+        return None;
+    }
+    // Provisioning may skip straight to a final state when every node ended quickly.
+    if deployment.status == D::Provisioning && matches!(target, D::Completed) {
+        deployment.status = D::Running;
+    }
+    if !deployment.status.can_become(target) {
+        return None;
+    }
+    set_deployment_status(deployment, target, now);
+    if target == D::Failed && deployment.error_message.is_none() {
+        deployment.error_message = Some(format!(
+            "{} of {} nodes failed",
+            deployment.nodes_failed, deployment.total_nodes
+        ));
+    }
+    Some(target)
+}
+
+fn set_deployment_status(deployment: &mut Deployment, to: DeploymentStatus, now: SystemTime) {
+    deployment.status = to;
+    deployment.updated_at = now;
+    if to.is_final() {
+        deployment.completed_at = Some(now);
+    }
+}
+
+/// Move a deployment to `to` on the orchestrator's decision (provisioning started, terminate
+/// requested, nothing could be provisioned). Refused with a conflict if SPEC §3 does not allow it.
+pub fn apply_deployment_status(
+    deployment: &mut Deployment,
+    to: DeploymentStatus,
+    message: Option<String>,
+    now: SystemTime,
+) -> Result<()> {
+    if !deployment.status.can_become(to) {
+        return Err(Error::conflict(format!(
+            "deployment {} cannot go from {} to {}",
+            deployment.id, deployment.status, to
+        )));
+    }
+    set_deployment_status(deployment, to, now);
+    if message.is_some() {
+        deployment.error_message = message;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deployment(total: u32, retries: u32) -> Deployment {
+        let now = SystemTime::UNIX_EPOCH;
+        Deployment {
+            id: "dep-1".into(),
+            status: DeploymentStatus::Provisioning,
+            cloud_provider: "local".into(),
+            total_nodes: total,
+            retries,
+            nodes_completed: 0,
+            nodes_failed: 0,
+            nodes_terminated: 0,
+            created_at: now,
+            updated_at: now,
+            completed_at: None,
+            error_message: None,
+        }
+    }
+
+    fn status(s: NodeStatus) -> NodeUpdate {
+        NodeUpdate::Status {
+            status: s,
+            exit_code: None,
+            message: None,
+        }
+    }
+
+    fn run_to(d: &mut Deployment, n: &mut Node, last: NodeStatus) {
+        let now = SystemTime::UNIX_EPOCH;
+        apply_node_update(d, n, status(NodeStatus::Provisioning), now).unwrap();
+        apply_node_update(
+            d,
+            n,
+            NodeUpdate::Provisioned {
+                instance_id: "i-1".into(),
+                ip_address: None,
+            },
+            now,
+        )
+        .unwrap();
+        apply_node_update(d, n, status(NodeStatus::RunningScript), now).unwrap();
+        apply_node_update(d, n, status(last), now).unwrap();
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for s in NodeStatus::ALL {
+            assert_eq!(s.as_str().parse::<NodeStatus>().unwrap(), *s);
+        }
+        for s in DeploymentStatus::ALL {
+            assert_eq!(s.as_str().parse::<DeploymentStatus>().unwrap(), *s);
+        }
+        assert!("done".parse::<NodeStatus>().unwrap_err().is_invalid_input());
+    }
+
+    #[test]
+    fn final_node_never_regresses() {
+        let mut d = deployment(2, 0);
+        let mut n = Node::new("dep-1", 0, SystemTime::UNIX_EPOCH);
+        run_to(&mut d, &mut n, NodeStatus::Completed);
+        for to in NodeStatus::ALL {
+            let before = (d.clone(), n.clone());
+            let err =
+                apply_node_update(&mut d, &mut n, status(*to), SystemTime::now()).unwrap_err();
+            assert!(err.is_conflict(), "{to}: {err}");
+            assert_eq!(
+                (d.clone(), n.clone()),
+                before,
+                "refused update changed nothing"
+            );
+        }
+    }
+
+    #[test]
+    fn completion_is_decided_by_counters() {
+        let mut d = deployment(2, 0);
+        let mut a = Node::new("dep-1", 0, SystemTime::UNIX_EPOCH);
+        let mut b = Node::new("dep-1", 1, SystemTime::UNIX_EPOCH);
+        run_to(&mut d, &mut a, NodeStatus::Completed);
+        assert_eq!(d.status, DeploymentStatus::Running);
+        run_to(&mut d, &mut b, NodeStatus::Completed);
+        assert_eq!(d.status, DeploymentStatus::Completed);
+        assert_eq!(d.nodes_completed, 2);
+        assert!(d.completed_at.is_some());
+    }
+
+    #[test]
+    fn one_failure_fails_the_deployment() {
+        let mut d = deployment(2, 0);
+        let mut a = Node::new("dep-1", 0, SystemTime::UNIX_EPOCH);
+        let mut b = Node::new("dep-1", 1, SystemTime::UNIX_EPOCH);
+        run_to(&mut d, &mut a, NodeStatus::Failed);
+        run_to(&mut d, &mut b, NodeStatus::Completed);
+        assert_eq!(d.status, DeploymentStatus::Failed);
+        assert_eq!((d.nodes_completed, d.nodes_failed), (1, 1));
+    }
+
+    #[test]
+    fn a_failed_node_with_retries_left_is_not_final() {
+        let mut d = deployment(1, 1);
+        let mut n = Node::new("dep-1", 0, SystemTime::UNIX_EPOCH);
+        run_to(&mut d, &mut n, NodeStatus::Failed);
+        assert_eq!(d.nodes_failed, 0);
+        assert_eq!(d.status, DeploymentStatus::Running);
+        apply_node_update(&mut d, &mut n, NodeUpdate::Retry, SystemTime::now()).unwrap();
+        assert_eq!((n.status, n.attempt), (NodeStatus::Provisioning, 2));
+        apply_node_update(
+            &mut d,
+            &mut n,
+            NodeUpdate::Provisioned {
+                instance_id: "i-2".into(),
+                ip_address: None,
+            },
+            SystemTime::now(),
+        )
+        .unwrap();
+        apply_node_update(
+            &mut d,
+            &mut n,
+            status(NodeStatus::Failed),
+            SystemTime::now(),
+        )
+        .unwrap();
+        assert_eq!(d.nodes_failed, 1);
+        assert_eq!(d.status, DeploymentStatus::Failed);
+        let err = apply_node_update(&mut d, &mut n, NodeUpdate::Retry, SystemTime::now());
+        assert!(err.unwrap_err().is_conflict(), "no retry left");
+    }
+
+    #[test]
+    fn provision_token_works_once() {
+        let mut d = deployment(1, 0);
+        let mut n = Node::new("dep-1", 0, SystemTime::UNIX_EPOCH);
+        let now = SystemTime::UNIX_EPOCH;
+        apply_node_update(
+            &mut d,
+            &mut n,
+            NodeUpdate::ProvisionToken { hash: [1; 32] },
+            now,
+        )
+        .unwrap();
+        apply_node_update(&mut d, &mut n, status(NodeStatus::Provisioning), now).unwrap();
+        let registered = NodeUpdate::Registered {
+            auth_token_hash: [2; 32],
+        };
+        apply_node_update(&mut d, &mut n, registered.clone(), now).unwrap();
+        assert_eq!(n.provision_token_hash, None);
+        assert!(apply_node_update(&mut d, &mut n, registered, now)
+            .unwrap_err()
+            .is_conflict());
+    }
+
+    #[test]
+    fn terminate_request_ends_terminated() {
+        let mut d = deployment(1, 0);
+        d.status = DeploymentStatus::Running;
+        let mut n = Node::new("dep-1", 0, SystemTime::UNIX_EPOCH);
+        let now = SystemTime::UNIX_EPOCH;
+        apply_deployment_status(&mut d, DeploymentStatus::Terminating, None, now).unwrap();
+        apply_node_update(&mut d, &mut n, status(NodeStatus::Terminating), now).unwrap();
+        let applied =
+            apply_node_update(&mut d, &mut n, status(NodeStatus::Terminated), now).unwrap();
+        assert_eq!(
+            applied.deployment_changed,
+            Some(DeploymentStatus::Terminated)
+        );
+        assert!(
+            apply_deployment_status(&mut d, DeploymentStatus::Running, None, now)
+                .unwrap_err()
+                .is_conflict()
+        );
+    }
+}
