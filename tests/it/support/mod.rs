@@ -1,1 +1,162 @@
-//! Helpers shared by the integration tests.
+//! Helpers shared by the integration tests: an engine served on 127.0.0.1:0, project folders
+//! written on the fly, and process checks.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use taskfly::wire::DeploymentView;
+use taskfly::{Client, Config, Orchestrator};
+
+/// The API token every test engine uses.
+pub const API_TOKEN: &str = "test-api-token-0123456789abcdef";
+
+/// An engine serving its HTTP API on a free loopback port, with its own data dir.
+pub struct TestEngine {
+    pub engine: Orchestrator,
+    pub url: String,
+    pub data_dir: tempfile::TempDir,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<taskfly::Result<()>>>,
+}
+
+impl TestEngine {
+    /// Start an engine with default settings.
+    pub async fn start() -> TestEngine {
+        TestEngine::start_with(|config| config).await
+    }
+
+    /// Start an engine, letting the test adjust its [`Config`].
+    pub async fn start_with(adjust: impl FnOnce(Config) -> Config) -> TestEngine {
+        let data_dir = tempfile::tempdir().expect("temp dir");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("address"));
+        let config = adjust(Config::new(data_dir.path()).api_token(API_TOKEN).advertise_url(&url));
+        let engine = Orchestrator::new(config).expect("engine");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn({
+            let engine = engine.clone();
+            async move {
+                engine
+                    .serve(listener, async {
+                        let _ = stopped.await;
+                    })
+                    .await
+            }
+        });
+        TestEngine { engine, url, data_dir, stop: Some(stop), server: Some(server) }
+    }
+
+    /// A client with the API token.
+    pub fn client(&self) -> Client {
+        Client::new(&self.url, Some(API_TOKEN.to_owned())).expect("client")
+    }
+
+    /// Deploy a project folder and wait for the deployment to be final.
+    pub async fn run(&self, project: &Path) -> DeploymentView {
+        let created = self.engine.deploy_dir(project).await.expect("deploy");
+        self.engine.wait(&created.deployment_id).await.expect("wait")
+    }
+
+    /// Every log line of a deployment, in order.
+    pub async fn all_logs(&self, deployment_id: &str) -> Vec<taskfly::wire::LogLineView> {
+        let mut lines = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = self.engine.logs(deployment_id, None, after, 1000).await.expect("logs");
+            if page.logs.is_empty() {
+                return lines;
+            }
+            after = page.next;
+            lines.extend(page.logs);
+        }
+    }
+
+    /// Stop the engine (killing every local node) and its server.
+    pub async fn stop(mut self) {
+        self.engine.shutdown().await;
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server.await.expect("server task").expect("server");
+        }
+    }
+}
+
+/// A project folder: `taskfly.yml` plus files, in a temp dir.
+pub struct Project {
+    pub dir: tempfile::TempDir,
+}
+
+impl Project {
+    /// A project with this `taskfly.yml`.
+    pub fn new(taskfly_yml: &str) -> Project {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join("taskfly.yml"), taskfly_yml).expect("write taskfly.yml");
+        Project { dir }
+    }
+
+    /// Add a file (parents created) with the given mode.
+    pub fn file(self, relative: &str, contents: &str, mode: u32) -> Project {
+        use std::os::unix::fs::PermissionsExt;
+        let path = self.dir.path().join(relative);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).expect("mkdir");
+        }
+        std::fs::write(&path, contents).expect("write file");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        self
+    }
+
+    /// Add an executable `setup.sh`.
+    pub fn script(self, contents: &str) -> Project {
+        self.file("setup.sh", contents, 0o755)
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// A `taskfly.yml` for `count` local nodes running `setup.sh`, with extra `nodes:` lines.
+pub fn local_yml(count: u32, nodes_extra: &str) -> String {
+    let mut yml = format!(
+        "cloud_provider: local\napplication_files: [setup.sh]\nremote_script_to_run: setup.sh\nnodes:\n  count: {count}\n"
+    );
+    for line in nodes_extra.lines() {
+        yml.push_str("  ");
+        yml.push_str(line);
+        yml.push('\n');
+    }
+    yml
+}
+
+/// Process ids whose environment contains `marker` (read from /proc), for checking that no
+/// process of a test is left running.
+pub fn processes_with_env(marker: &str) -> Vec<u32> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else { return found };
+    for entry in entries.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let environ: PathBuf = entry.path().join("environ");
+        if let Ok(bytes) = std::fs::read(&environ) {
+            if bytes.split(|b| *b == 0).any(|var| var == marker.as_bytes()) {
+                // Zombies have no environment left; a readable one means the process lives.
+                found.push(pid);
+            }
+        }
+    }
+    found
+}
+
+/// Path of a binary built by this package.
+pub fn bin(name: &str) -> PathBuf {
+    match name {
+        "taskfly" => PathBuf::from(env!("CARGO_BIN_EXE_taskfly")),
+        "taskflyd" => PathBuf::from(env!("CARGO_BIN_EXE_taskflyd")),
+        other => panic!("no binary {other}"),
+    }
+}
