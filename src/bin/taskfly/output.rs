@@ -21,12 +21,16 @@ const COLORS: [&str; 6] = ["36", "33", "35", "32", "34", "31"];
 /// `[node 3] line`, the prefix coloured per node on a terminal.
 pub(crate) fn log_line(line: &LogLineView, color: bool) -> String {
     let prefix = format!("[node {}]", line.node_index);
-    let marker = if line.stream == "stderr" { "!" } else { " " };
     if color {
+        // The prefix coloured per node; stderr lines in red.
         let code = COLORS[line.node_index as usize % COLORS.len()];
-        format!("\x1b[{code}m{prefix}\x1b[0m{marker}{}", line.line)
+        if line.stream == "stderr" {
+            format!("\x1b[{code}m{prefix}\x1b[0m \x1b[31m{}\x1b[0m", line.line)
+        } else {
+            format!("\x1b[{code}m{prefix}\x1b[0m {}", line.line)
+        }
     } else {
-        format!("{prefix}{marker}{}", line.line)
+        format!("{prefix} {}", line.line)
     }
 }
 
