@@ -77,6 +77,19 @@ const MAX_QUOTED_CHARS: usize = 500;
 /// The name of the downloaded worker bundle inside the work directory, removed once extracted.
 const ASSETS_FILE: &str = ".taskfly-assets.tar.gz";
 
+/// Environment variable naming the daemon URL, for [`AgentConfig::from_env`].
+pub const ENV_DAEMON_URL: &str = "TASKFLY_AGENT_DAEMON_URL";
+/// Environment variable holding the provision token, for [`AgentConfig::from_env`]. An
+/// environment variable rather than an argument, so it does not show in `ps`.
+pub const ENV_PROVISION_TOKEN: &str = "TASKFLY_AGENT_PROVISION_TOKEN";
+/// Environment variable naming the work directory, for [`AgentConfig::from_env`].
+pub const ENV_WORK_DIR: &str = "TASKFLY_AGENT_WORK_DIR";
+/// Environment variable with the grace period in milliseconds, for [`AgentConfig::from_env`].
+pub const ENV_GRACE_MS: &str = "TASKFLY_AGENT_GRACE_MS";
+/// Environment variable with the instance id the agent serves: lets the local provider find
+/// its agent processes again after a restart.
+pub const ENV_INSTANCE_ID: &str = "TASKFLY_AGENT_INSTANCE_ID";
+
 /// What the agent needs to know to serve one node.
 #[derive(Clone)]
 pub struct AgentConfig {
@@ -112,6 +125,26 @@ impl AgentConfig {
     pub fn grace_period(mut self, grace_period: Duration) -> AgentConfig {
         self.grace_period = grace_period;
         self
+    }
+
+    /// The configuration an agent process was started with by the local provider
+    /// ([`crate::LocalProvider::agent_program`]): [`ENV_DAEMON_URL`], [`ENV_PROVISION_TOKEN`],
+    /// [`ENV_WORK_DIR`] and optionally [`ENV_GRACE_MS`]. `None` when the first is not set.
+    pub fn from_env() -> Result<Option<AgentConfig>> {
+        let Ok(daemon_url) = std::env::var(ENV_DAEMON_URL) else {
+            return Ok(None);
+        };
+        let missing = |name: &str| Error::invalid_input(format!("{name} is not set"));
+        let token = std::env::var(ENV_PROVISION_TOKEN).map_err(|_| missing(ENV_PROVISION_TOKEN))?;
+        let work_dir = std::env::var_os(ENV_WORK_DIR).ok_or_else(|| missing(ENV_WORK_DIR))?;
+        let mut config = AgentConfig::new(daemon_url, token, PathBuf::from(work_dir));
+        if let Ok(ms) = std::env::var(ENV_GRACE_MS) {
+            let ms: u64 = ms.parse().map_err(|_| {
+                Error::invalid_input(format!("{ENV_GRACE_MS}: expected milliseconds, got `{ms}`"))
+            })?;
+            config = config.grace_period(Duration::from_millis(ms));
+        }
+        Ok(Some(config))
     }
 }
 
@@ -150,6 +183,26 @@ impl AgentReport {
             message: None,
         }
     }
+}
+
+/// [`run`] until it ends or the process gets SIGINT or SIGTERM, which stop the script
+/// gracefully (as a terminate request does). For agent processes: `taskfly agent`, `taskflyd agent`.
+pub async fn run_until_signal(config: AgentConfig) -> Result<AgentReport> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let cancel = CancellationToken::new();
+    let mut term =
+        signal(SignalKind::terminate()).map_err(|e| Error::io("cannot listen for SIGTERM", e))?;
+    let mut interrupt =
+        signal(SignalKind::interrupt()).map_err(|e| Error::io("cannot listen for SIGINT", e))?;
+    let agent = run(config, cancel.clone());
+    tokio::pin!(agent);
+    tokio::select! {
+        report = &mut agent => return report,
+        _ = term.recv() => {}
+        _ = interrupt.recv() => {}
+    }
+    cancel.cancel();
+    agent.await
 }
 
 /// Serves one node from registration to its final report.

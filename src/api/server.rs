@@ -392,7 +392,7 @@ fn unsupported_media(message: &str) -> Error {
     Error::unsupported_media(message.to_owned())
 }
 
-fn header<'a>(request: &'a Request<Incoming>, name: hyper::header::HeaderName) -> Option<&'a str> {
+fn header(request: &Request<Incoming>, name: hyper::header::HeaderName) -> Option<&str> {
     request.headers().get(name).and_then(|v| v.to_str().ok())
 }
 

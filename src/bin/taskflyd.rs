@@ -1,7 +1,7 @@
 //! `taskflyd`: the TaskFly daemon. Parses flags, sets up tracing and the API token, then serves
 //! the engine's HTTP API until SIGINT or SIGTERM.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -33,6 +33,19 @@ struct Args {
     /// Log format on stderr; RUST_LOG filters (default info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// How long a terminated node's script gets between SIGTERM and SIGKILL.
+    #[arg(long, env = "TASKFLY_GRACE_PERIOD", default_value = "10s", value_parser = humantime::parse_duration)]
+    grace_period: Duration,
+    #[command(subcommand)]
+    command: Option<DaemonCommand>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum DaemonCommand {
+    /// Internal: the agent of a local node, started by this daemon (configured through
+    /// TASKFLY_AGENT_* environment variables).
+    #[command(hide = true)]
+    Agent,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -45,8 +58,11 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colour only for a person watching a terminal, never in a redirected log file.
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let subscriber = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     match args.log_format {
         LogFormat::Text => subscriber.init(),
@@ -62,6 +78,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(DaemonCommand::Agent) = args.command {
+        return runtime.block_on(agent());
+    }
     match runtime.block_on(serve(args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
@@ -99,16 +118,50 @@ async fn serve(args: Args) -> Result<(), String> {
     let advertise = args
         .advertise_url
         .unwrap_or_else(|| format!("http://{address}"));
+    // Local nodes' agents run as processes of their own (`taskflyd agent`), so they carry on
+    // while this daemon restarts.
+    let program =
+        std::env::current_exe().map_err(|e| format!("cannot find this program's path: {e}"))?;
+    let local = taskfly::LocalProvider::new(data_dir.join("work"))
+        .grace_period(args.grace_period)
+        .agent_program(program, ["agent"]);
     let config = Config::new(&data_dir)
         .advertise_url(advertise.clone())
         .api_token(token)
-        .heartbeat_timeout(args.heartbeat_timeout);
+        .heartbeat_timeout(args.heartbeat_timeout)
+        .provider("local", std::sync::Arc::new(local));
     let engine = Orchestrator::new(config).map_err(|e| e.to_string())?;
     tracing::info!(listen = %address, advertise_url = %advertise, data_dir = %data_dir.display(), "taskflyd listening");
     let served = engine.serve(listener, shutdown_signal()).await;
     tracing::info!("shutting down");
     engine.shutdown().await;
     served.map_err(|e| e.to_string())
+}
+
+/// `taskflyd agent`: serve one local node, as started by this daemon's local provider.
+async fn agent() -> ExitCode {
+    let config = match taskfly::agent::AgentConfig::from_env() {
+        Ok(Some(config)) => config,
+        Ok(None) => {
+            eprintln!(
+                "taskflyd agent: started without {}; it is run by taskflyd itself",
+                taskfly::agent::ENV_DAEMON_URL
+            );
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            eprintln!("taskflyd agent: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match taskfly::agent::run_until_signal(config).await {
+        Ok(report) if report.status == "completed" => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::FAILURE,
+        Err(e) => {
+            tracing::error!(error = %e, "agent failed");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// The API token: `TASKFLY_API_TOKEN`, else `<data-dir>/api-token`, created (mode 0600) with a

@@ -10,6 +10,7 @@ use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::procfs;
 use super::{InstanceConfig, InstanceInfo, InstanceState, Provider};
 use crate::agent::{self, AgentConfig};
 use crate::error::{BoxError, Error};
@@ -49,18 +50,34 @@ const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(10);
 pub struct LocalProvider {
     work_root: PathBuf,
     grace_period: Duration,
+    runner: Runner,
     agents: Arc<Mutex<HashMap<String, LocalAgent>>>,
     tracker: TaskTracker,
     /// Parent of every agent's cancellation token: cancelled by [`Provider::shutdown`] and on drop.
     shutdown: CancellationToken,
 }
 
+/// How node agents run.
+#[derive(Debug, Clone)]
+enum Runner {
+    /// A tokio task in this process.
+    Task,
+    /// A process of its own: `program args…`, configured through [`agent::AgentConfig::from_env`]'s
+    /// variables. Survives this process (a restarted engine carries on with it).
+    Process {
+        program: PathBuf,
+        args: Vec<std::ffi::OsString>,
+    },
+}
+
 /// One node's agent, as the provider tracks it.
 struct LocalAgent {
-    /// Stops the agent (and so the script).
+    /// Stops the agent (and so the script). Unused for agent processes, which get SIGTERM.
     cancel: CancellationToken,
-    /// Cancelled once the agent's task has ended, however it ended.
+    /// Cancelled once the agent's task (or process) has ended, however it ended.
     finished: CancellationToken,
+    /// The agent process, when agents run as processes.
+    pid: Option<i32>,
 }
 
 impl LocalProvider {
@@ -69,6 +86,7 @@ impl LocalProvider {
         LocalProvider {
             work_root,
             grace_period: DEFAULT_GRACE_PERIOD,
+            runner: Runner::Task,
             agents: Arc::new(Mutex::new(HashMap::new())),
             tracker: TaskTracker::new(),
             shutdown: CancellationToken::new(),
@@ -80,6 +98,25 @@ impl LocalProvider {
     #[must_use]
     pub fn grace_period(mut self, grace_period: Duration) -> LocalProvider {
         self.grace_period = grace_period;
+        self
+    }
+
+    /// Run each node's agent as a process of its own, `program args…`, instead of a task in
+    /// this process. The program must run the agent with [`agent::AgentConfig::from_env`]
+    /// (`taskfly agent` and `taskflyd agent` do). Agent processes outlive this process: a
+    /// daemon that crashes or restarts finds its nodes still running, and a restarted engine
+    /// can still terminate them (they are found again through `/proc`). Each agent's output
+    /// goes to `agent.log` in its work directory.
+    #[must_use]
+    pub fn agent_program(
+        mut self,
+        program: impl Into<PathBuf>,
+        args: impl IntoIterator<Item = impl Into<std::ffi::OsString>>,
+    ) -> LocalProvider {
+        self.runner = Runner::Process {
+            program: program.into(),
+            args: args.into_iter().map(Into::into).collect(),
+        };
         self
     }
 
@@ -137,8 +174,6 @@ impl Provider for LocalProvider {
             )
         })?;
 
-        let agent_config = AgentConfig::new(config.daemon_url, config.provision_token, work_dir)
-            .grace_period(self.grace_period);
         let cancel = self.shutdown.child_token();
         let finished = CancellationToken::new();
         let mut agents = self.agents();
@@ -150,21 +185,52 @@ impl Provider for LocalProvider {
                 Error::conflict(format!("instance {instance_id} is already running")).into(),
             );
         }
+        let pid = match &self.runner {
+            Runner::Task => {
+                let agent_config =
+                    AgentConfig::new(config.daemon_url, config.provision_token, work_dir)
+                        .grace_period(self.grace_period);
+                // Spawned while the map is locked, so `terminate` never sees an entry without
+                // its task.
+                self.tracker.spawn(run_agent(
+                    config.node_id,
+                    instance_id.clone(),
+                    agent_config,
+                    cancel.clone(),
+                    finished.clone(),
+                ));
+                None
+            }
+            Runner::Process { program, args } => {
+                let mut child = spawn_agent_process(
+                    program,
+                    args,
+                    &config,
+                    &instance_id,
+                    &work_dir,
+                    self.grace_period,
+                )?;
+                let pid = child.id().and_then(|id| i32::try_from(id).ok());
+                // Reap the process when it ends; at shutdown, leave it running (it carries on
+                // with a restarted engine) and stop waiting.
+                let (reaped, stop) = (finished.clone(), self.shutdown.clone());
+                self.tracker.spawn(async move {
+                    tokio::select! {
+                        _ = child.wait() => reaped.cancel(),
+                        () = stop.cancelled() => {}
+                    }
+                });
+                pid
+            }
+        };
         agents.insert(
             instance_id.clone(),
             LocalAgent {
-                cancel: cancel.clone(),
-                finished: finished.clone(),
+                cancel,
+                finished,
+                pid,
             },
         );
-        // Spawned while the map is locked, so `terminate` never sees an entry without its task.
-        self.tracker.spawn(run_agent(
-            config.node_id,
-            instance_id.clone(),
-            agent_config,
-            cancel,
-            finished,
-        ));
         drop(agents);
         tracing::debug!(instance_id = %instance_id, "started a local node");
         Ok(InstanceInfo {
@@ -177,6 +243,9 @@ impl Provider for LocalProvider {
     /// Cancels the node's agent and waits until it has ended, its script's process group
     /// included. An unknown or already terminated instance is fine.
     async fn terminate(&self, instance_id: &str) -> Result<(), BoxError> {
+        if let Runner::Process { .. } = self.runner {
+            return self.terminate_process(instance_id).await;
+        }
         let tokens = self
             .agents()
             .get(instance_id)
@@ -199,19 +268,31 @@ impl Provider for LocalProvider {
     /// `Running` while the agent works, `ShuttingDown` while it stops, `Terminated` once it has
     /// ended by itself; `None` for an instance never provisioned or already terminated.
     async fn describe(&self, instance_id: &str) -> Result<Option<InstanceInfo>, BoxError> {
-        Ok(self.agents().get(instance_id).map(|agent| {
-            let state = if agent.finished.is_cancelled() {
+        let tracked = self.agents().get(instance_id).map(|agent| {
+            if agent.finished.is_cancelled() {
                 InstanceState::Terminated
             } else if agent.cancel.is_cancelled() {
                 InstanceState::ShuttingDown
             } else {
                 InstanceState::Running
-            };
-            InstanceInfo {
-                instance_id: instance_id.to_string(),
-                ip_address: Some(LOCAL_ADDRESS.to_string()),
-                state,
             }
+        });
+        let state = match (tracked, &self.runner) {
+            (Some(state), _) => Some(state),
+            // An agent process started before a restart is found through /proc.
+            (None, Runner::Process { .. }) => {
+                let entry = format!("{}={instance_id}", agent::ENV_INSTANCE_ID);
+                let found = tokio::task::spawn_blocking(move || procfs::pids_with_env(&entry))
+                    .await
+                    .unwrap_or_default();
+                (!found.is_empty()).then_some(InstanceState::Running)
+            }
+            (None, Runner::Task) => None,
+        };
+        Ok(state.map(|state| InstanceInfo {
+            instance_id: instance_id.to_string(),
+            ip_address: Some(LOCAL_ADDRESS.to_string()),
+            state,
         }))
     }
 
@@ -222,6 +303,113 @@ impl Provider for LocalProvider {
         self.tracker.wait().await;
         self.agents().clear();
     }
+}
+
+impl LocalProvider {
+    /// Terminate an agent process and whatever its script left: SIGTERM to the agent (which
+    /// stops its script's group gracefully), SIGKILL after the grace period, then any process
+    /// still carrying the node's id (a script orphaned by a killed agent) is stopped too.
+    async fn terminate_process(&self, instance_id: &str) -> Result<(), BoxError> {
+        let tracked = self
+            .agents()
+            .get(instance_id)
+            .map(|agent| (agent.pid, agent.finished.clone()));
+        let agent_pids: Vec<i32> = match &tracked {
+            Some((pid, finished)) if !finished.is_cancelled() => pid.iter().copied().collect(),
+            Some(_) => Vec::new(),
+            None => {
+                let entry = format!("{}={instance_id}", agent::ENV_INSTANCE_ID);
+                tokio::task::spawn_blocking(move || procfs::pids_with_env(&entry))
+                    .await
+                    .unwrap_or_default()
+            }
+        };
+        // The agent needs the grace period for its script, and a little more to report.
+        let agent_grace = self.grace_period + Duration::from_secs(2);
+        let left = procfs::stop_groups(&agent_pids, agent_grace).await;
+        if let Some(node_id) = node_id_of(instance_id) {
+            let entry = format!("TASKFLY_NODE_ID={node_id}");
+            let orphans: Vec<i32> = tokio::task::spawn_blocking(move || {
+                let mut groups: Vec<i32> = procfs::pids_with_env(&entry)
+                    .into_iter()
+                    .filter_map(procfs::process_group)
+                    .collect();
+                groups.sort_unstable();
+                groups.dedup();
+                groups
+            })
+            .await
+            .unwrap_or_default();
+            let orphans_left = procfs::stop_groups(&orphans, self.grace_period).await;
+            if !orphans_left.is_empty() {
+                return Err(Error::conflict(format!(
+                    "processes of {instance_id} survived SIGKILL (groups {orphans_left:?})"
+                ))
+                .into());
+            }
+        }
+        if !left.is_empty() {
+            return Err(Error::conflict(format!(
+                "the agent of {instance_id} survived SIGKILL (group {left:?})"
+            ))
+            .into());
+        }
+        self.agents().remove(instance_id);
+        Ok(())
+    }
+}
+
+/// The node id inside an instance id `local-<node_id>-<attempt>`.
+fn node_id_of(instance_id: &str) -> Option<&str> {
+    let rest = instance_id.strip_prefix("local-")?;
+    let (node_id, attempt) = rest.rsplit_once('-')?;
+    attempt.parse::<u32>().ok().map(|_| node_id)
+}
+
+/// Start an agent process for one node, in a process group of its own, its output appended to
+/// `agent.log` in its work directory.
+fn spawn_agent_process(
+    program: &std::path::Path,
+    args: &[std::ffi::OsString],
+    config: &InstanceConfig,
+    instance_id: &str,
+    work_dir: &std::path::Path,
+    grace_period: Duration,
+) -> Result<tokio::process::Child, BoxError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let log_path = work_dir.join("agent.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(&log_path)
+        .map_err(|e| Error::io(format!("cannot create {}", log_path.display()), e))?;
+    let log_err = log
+        .try_clone()
+        .map_err(|e| Error::io(format!("cannot share {}", log_path.display()), e))?;
+    let mut command = tokio::process::Command::new(program);
+    command
+        .args(args)
+        .current_dir(work_dir)
+        // The daemon's own secrets stay with the daemon.
+        .env_remove("TASKFLY_API_TOKEN")
+        .env(agent::ENV_DAEMON_URL, &config.daemon_url)
+        .env(agent::ENV_PROVISION_TOKEN, &config.provision_token)
+        .env(agent::ENV_WORK_DIR, work_dir)
+        .env(agent::ENV_GRACE_MS, grace_period.as_millis().to_string())
+        .env(agent::ENV_INSTANCE_ID, instance_id)
+        .stdin(std::process::Stdio::null())
+        .stdout(log)
+        .stderr(log_err)
+        .process_group(0)
+        .kill_on_drop(false);
+    command.spawn().map_err(|e| {
+        Error::io(
+            format!("cannot start the agent program {}", program.display()),
+            e,
+        )
+        .into()
+    })
 }
 
 /// One node's agent task: runs the agent and logs how it ended; `finished` is cancelled when

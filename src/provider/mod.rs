@@ -5,6 +5,7 @@
 //! small, and a node behaves the same on every provider.
 
 pub(crate) mod local;
+mod procfs;
 
 use std::fmt;
 

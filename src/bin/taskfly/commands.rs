@@ -1,5 +1,7 @@
 //! One function per command. Each returns the process exit code (SPEC §5): 0 success,
-//! 1 deployment failed, 2 usage or validation error, 3 cannot reach the daemon.
+//! 1 deployment failed (or the daemon refused the request: unknown id, wrong state), 2 usage or
+//! validation error (a missing or wrong API token included: the invocation needs fixing),
+//! 3 cannot reach the daemon.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -48,16 +50,24 @@ pub(crate) async fn run(cli: Cli) -> u8 {
 pub(crate) struct Failure {
     code: u8,
     message: String,
+    /// What to do about it, printed on a line of its own.
+    hint: Option<String>,
     details: Vec<String>,
 }
 
 impl Failure {
     fn report(&self, cli: &Cli) {
         if cli.output == Output::Json {
-            let doc = serde_json::json!({"error": self.message, "details": self.details});
+            let mut doc = serde_json::json!({"error": self.message, "details": self.details});
+            if let Some(hint) = &self.hint {
+                doc["hint"] = serde_json::Value::String(hint.clone());
+            }
             println!("{doc}");
         }
         eprintln!("error: {}", self.message);
+        if let Some(hint) = &self.hint {
+            eprintln!("  {hint}");
+        }
         for detail in &self.details {
             eprintln!("  - {detail}");
         }
@@ -68,6 +78,7 @@ fn usage(message: &str) -> Failure {
     Failure {
         code: EXIT_USAGE,
         message: message.to_owned(),
+        hint: None,
         details: Vec::new(),
     }
 }
@@ -76,7 +87,11 @@ fn usage(message: &str) -> Failure {
 fn failure(cli: Option<&Cli>, error: Error) -> Failure {
     let code = if error.is_transport() {
         EXIT_UNREACHABLE
-    } else if error.is_invalid_config() || error.is_invalid_bundle() || error.is_invalid_input() {
+    } else if error.is_invalid_config()
+        || error.is_invalid_bundle()
+        || error.is_invalid_input()
+        || error.is_unauthorized()
+    {
         EXIT_USAGE
     } else {
         EXIT_FAILED
@@ -85,23 +100,22 @@ fn failure(cli: Option<&Cli>, error: Error) -> Failure {
     if let Some(source) = std::error::Error::source(&error) {
         message = format!("{message}: {source}");
     }
+    let mut hint = None;
     if let Some(cli) = cli {
         if error.is_transport() {
+            // One line: the URL tried (in the message) and how to get a daemon there.
             message = format!(
-                "{message}\n  start a daemon with `taskflyd` (or point --daemon / TASKFLY_DAEMON at one); \
-                 `taskfly run` needs no daemon"
+                "{message}; start a daemon with `taskflyd` (or point --daemon / TASKFLY_DAEMON \
+                 at a running one), or use `taskfly run`, which needs no daemon"
             );
-            let _ = cli;
         } else if error.is_unauthorized() {
-            message = format!(
-                "{message}\n  the API token was read from {}",
-                token_source(cli)
-            );
+            hint = Some(api_token(cli).1);
         }
     }
     Failure {
         code,
         message,
+        hint,
         details: error.details().to_vec(),
     }
 }
@@ -119,29 +133,46 @@ fn token_file() -> Option<PathBuf> {
     std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".taskfly").join("api-token"))
 }
 
-fn token_source(cli: &Cli) -> String {
-    if cli.token.is_some() {
-        "--token / TASKFLY_API_TOKEN".to_owned()
-    } else {
-        match token_file() {
-            Some(path) => format!(
-                "{} (set --token or TASKFLY_API_TOKEN to use another)",
-                path.display()
-            ),
-            None => "nowhere: set --token or TASKFLY_API_TOKEN".to_owned(),
-        }
+/// The API token to send, and a sentence saying where it came from (or where it was looked for),
+/// for when the daemon refuses it.
+fn api_token(cli: &Cli) -> (Option<String>, String) {
+    if let Some(token) = &cli.token {
+        return (
+            Some(token.clone()),
+            "the API token was taken from --token / TASKFLY_API_TOKEN; the daemon's is its \
+             TASKFLY_API_TOKEN or the file <data-dir>/api-token"
+                .to_owned(),
+        );
     }
+    let Some(path) = token_file() else {
+        return (
+            None,
+            "no API token was sent: set --token or TASKFLY_API_TOKEN ($HOME is not set, so \
+             ~/.taskfly/api-token cannot be read)"
+                .to_owned(),
+        );
+    };
+    let token = std::fs::read_to_string(&path)
+        .ok()
+        .map(|t| t.trim().to_owned())
+        .filter(|t| !t.is_empty());
+    let source = if token.is_some() {
+        format!(
+            "the API token was read from {}; set --token or TASKFLY_API_TOKEN to use another",
+            path.display()
+        )
+    } else {
+        format!(
+            "no API token was sent: set --token or TASKFLY_API_TOKEN, or copy the daemon's \
+             <data-dir>/api-token to {} (not found or empty)",
+            path.display()
+        )
+    };
+    (token, source)
 }
 
 fn client(cli: &Cli) -> Result<Client, Failure> {
-    let token = match &cli.token {
-        Some(token) => Some(token.clone()),
-        None => token_file()
-            .and_then(|path| std::fs::read_to_string(path).ok())
-            .map(|t| t.trim().to_owned())
-            .filter(|t| !t.is_empty()),
-    };
-    Client::new(&daemon_url(cli), token).map_err(|e| failure(Some(cli), e))
+    Client::new(&daemon_url(cli), api_token(cli).0).map_err(|e| failure(Some(cli), e))
 }
 
 fn exit_for(view: &DeploymentView) -> u8 {
@@ -285,22 +316,23 @@ async fn run_and_follow(engine: &Orchestrator, dir: &Path, format: Output) -> Re
 }
 
 async fn agent(cli: &Cli, work_dir: Option<PathBuf>) -> Result<u8, Failure> {
-    let Some(token) = cli.token.clone() else {
-        return Err(usage("agent needs --token PROVISION_TOKEN"));
+    // Started by a local provider: everything comes from the environment.
+    let from_env = taskfly::agent::AgentConfig::from_env().map_err(|e| failure(None, e))?;
+    let config = match from_env {
+        Some(config) => config,
+        None => {
+            let Some(token) = cli.token.clone() else {
+                return Err(usage("agent needs --token PROVISION_TOKEN"));
+            };
+            let work_dir = work_dir.unwrap_or_else(|| {
+                std::env::temp_dir().join(format!("taskfly-agent-{}", std::process::id()))
+            });
+            taskfly::agent::AgentConfig::new(daemon_url(cli), token, work_dir)
+        }
     };
-    let work_dir = work_dir.unwrap_or_else(|| {
-        std::env::temp_dir().join(format!("taskfly-agent-{}", std::process::id()))
-    });
-    let config = taskfly::agent::AgentConfig::new(daemon_url(cli), token, work_dir);
-    let cancel = tokio_util::sync::CancellationToken::new();
-    let on_signal = cancel.clone();
-    let signals = tokio::spawn(async move {
-        let _ = tokio::signal::ctrl_c().await;
-        on_signal.cancel();
-    });
-    let result = taskfly::agent::run(config, cancel).await;
-    signals.abort();
-    let report = result.map_err(|e| failure(Some(cli), e))?;
+    let report = taskfly::agent::run_until_signal(config)
+        .await
+        .map_err(|e| failure(Some(cli), e))?;
     if cli.output == Output::Json {
         println!(
             "{}",

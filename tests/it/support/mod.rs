@@ -29,9 +29,15 @@ impl TestEngine {
     /// Start an engine, letting the test adjust its [`Config`].
     pub async fn start_with(adjust: impl FnOnce(Config) -> Config) -> TestEngine {
         let data_dir = tempfile::tempdir().expect("temp dir");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("address"));
-        let config = adjust(Config::new(data_dir.path()).api_token(API_TOKEN).advertise_url(&url));
+        let config = adjust(
+            Config::new(data_dir.path())
+                .api_token(API_TOKEN)
+                .advertise_url(&url),
+        );
         let engine = Orchestrator::new(config).expect("engine");
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn({
@@ -44,7 +50,13 @@ impl TestEngine {
                     .await
             }
         });
-        TestEngine { engine, url, data_dir, stop: Some(stop), server: Some(server) }
+        TestEngine {
+            engine,
+            url,
+            data_dir,
+            stop: Some(stop),
+            server: Some(server),
+        }
     }
 
     /// A client with the API token.
@@ -55,7 +67,10 @@ impl TestEngine {
     /// Deploy a project folder and wait for the deployment to be final.
     pub async fn run(&self, project: &Path) -> DeploymentView {
         let created = self.engine.deploy_dir(project).await.expect("deploy");
-        self.engine.wait(&created.deployment_id).await.expect("wait")
+        self.engine
+            .wait(&created.deployment_id)
+            .await
+            .expect("wait")
     }
 
     /// Every log line of a deployment, in order.
@@ -63,7 +78,11 @@ impl TestEngine {
         let mut lines = Vec::new();
         let mut after = 0;
         loop {
-            let page = self.engine.logs(deployment_id, None, after, 1000).await.expect("logs");
+            let page = self
+                .engine
+                .logs(deployment_id, None, after, 1000)
+                .await
+                .expect("logs");
             if page.logs.is_empty() {
                 return lines;
             }
@@ -136,9 +155,15 @@ pub fn local_yml(count: u32, nodes_extra: &str) -> String {
 /// process of a test is left running.
 pub fn processes_with_env(marker: &str) -> Vec<u32> {
     let mut found = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else { return found };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return found;
+    };
     for entry in entries.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
             continue;
         };
         let environ: PathBuf = entry.path().join("environ");
@@ -160,3 +185,6 @@ pub fn bin(name: &str) -> PathBuf {
         other => panic!("no binary {other}"),
     }
 }
+pub mod engine_http;
+pub mod engine_provider;
+pub mod engine_util;

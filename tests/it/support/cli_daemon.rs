@@ -1,0 +1,244 @@
+//! A real `taskflyd` process on 127.0.0.1:0 for the CLI tests, with its own data dir and HOME.
+//!
+//! Its address is read from its own "taskflyd listening" log line; its stderr is drained by a
+//! thread for its whole life (so it never blocks on a full pipe) and kept for assertions. The
+//! guard stops it with SIGTERM and waits for it, so no test leaves a daemon behind.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::cli_run::{self, Ran};
+
+/// How long a daemon may take to start listening or to shut down.
+const START_LIMIT: Duration = Duration::from_secs(30);
+const STOP_LIMIT: Duration = Duration::from_secs(30);
+
+/// How the daemon logs (`--log-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// How to start a daemon.
+#[derive(Debug, Clone)]
+pub struct DaemonOptions {
+    /// `TASKFLY_API_TOKEN`; `None` leaves it unset so the daemon makes `<data-dir>/api-token`.
+    pub token: Option<String>,
+    pub log_format: LogFormat,
+    /// `RUST_LOG`.
+    pub rust_log: String,
+}
+
+impl Default for DaemonOptions {
+    fn default() -> DaemonOptions {
+        DaemonOptions {
+            token: Some(super::API_TOKEN.to_owned()),
+            log_format: LogFormat::Json,
+            rust_log: "info".to_owned(),
+        }
+    }
+}
+
+/// A running `taskflyd`.
+pub struct Daemon {
+    child: Option<Child>,
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    /// The API token the CLI must send (from the environment, or the file the daemon made).
+    pub token: String,
+    pub data_dir: tempfile::TempDir,
+    pub home: tempfile::TempDir,
+    lines: Arc<Mutex<Vec<String>>>,
+    reader: Option<JoinHandle<()>>,
+}
+
+impl Daemon {
+    /// A daemon with the test API token and JSON logs at `info`.
+    #[track_caller]
+    pub fn start() -> Daemon {
+        Daemon::start_with(DaemonOptions::default())
+    }
+
+    /// A daemon started with `options`; fails the test if it does not start listening.
+    #[track_caller]
+    pub fn start_with(options: DaemonOptions) -> Daemon {
+        let home = tempfile::tempdir().expect("temp HOME");
+        let data_dir = tempfile::tempdir().expect("temp data dir");
+        let mut command = cli_run::command("taskflyd", home.path());
+        command
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir.path())
+            .arg("--log-format")
+            .arg(match options.log_format {
+                LogFormat::Text => "text",
+                LogFormat::Json => "json",
+            })
+            .env("RUST_LOG", &options.rust_log)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some(token) = &options.token {
+            command.env("TASKFLY_API_TOKEN", token);
+        }
+        let mut child = command.spawn().expect("start taskflyd");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let (sender, received) = mpsc::channel();
+        let reader = std::thread::spawn({
+            let lines = Arc::clone(&lines);
+            move || {
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    lines.lock().expect("lines").push(line.clone());
+                    // Nobody listens once the address is known; keep draining regardless.
+                    let _ = sender.send(line);
+                }
+            }
+        });
+        let mut daemon = Daemon {
+            child: Some(child),
+            url: String::new(),
+            token: options.token.clone().unwrap_or_default(),
+            data_dir,
+            home,
+            lines,
+            reader: Some(reader),
+        };
+        let deadline = Instant::now() + START_LIMIT;
+        let address = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match received.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(address) = listening_address(&line) {
+                        break address;
+                    }
+                }
+                Err(_) => panic!(
+                    "taskflyd did not log \"taskflyd listening\" within {START_LIMIT:?}; stderr:\n{}",
+                    daemon.stderr_lines().join("\n")
+                ),
+            }
+        };
+        daemon.url = format!("http://{address}");
+        if options.token.is_none() {
+            let path = daemon.token_file();
+            let text = std::fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+            daemon.token = text.trim().to_owned();
+        }
+        daemon
+    }
+
+    /// `<data-dir>/api-token`.
+    pub fn token_file(&self) -> PathBuf {
+        self.data_dir.path().join("api-token")
+    }
+
+    /// Every stderr line so far.
+    pub fn stderr_lines(&self) -> Vec<String> {
+        self.lines.lock().expect("lines").clone()
+    }
+
+    /// `taskfly --daemon URL ARGS…` with the API token, not yet run.
+    pub fn taskfly(&self, args: &[&str]) -> Command {
+        let mut command = cli_run::command("taskfly", self.home.path());
+        command.arg("--daemon").arg(&self.url).args(args).env("TASKFLY_API_TOKEN", &self.token);
+        command
+    }
+
+    /// Runs `taskfly --daemon URL ARGS…` with the API token.
+    #[track_caller]
+    pub fn cli(&self, args: &[&str]) -> Ran {
+        cli_run::run(&mut self.taskfly(args))
+    }
+
+    /// `taskfly up DIR` (no wait): the new deployment's id.
+    #[track_caller]
+    pub fn up(&self, project: &Path) -> String {
+        let ran = cli_run::run(
+            self.taskfly(&["up", "--output", "json"]).arg(project),
+        );
+        ran.expect_success();
+        let created = ran.json();
+        created["deployment_id"].as_str().expect("deployment_id").to_owned()
+    }
+
+    /// `taskfly status ID --output json`.
+    #[track_caller]
+    pub fn status(&self, id: &str) -> serde_json::Value {
+        let ran = self.cli(&["status", id, "--output", "json"]);
+        ran.expect_success();
+        ran.json()
+    }
+
+    /// Polls `status` until `ready` holds for it (at most `limit`); returns that status.
+    #[track_caller]
+    pub fn wait_for_status(
+        &self,
+        id: &str,
+        limit: Duration,
+        what: &str,
+        ready: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        cli_run::poll(limit, Duration::from_millis(50), what, || {
+            let status = self.status(id);
+            ready(&status).then_some(status)
+        })
+    }
+
+    /// Stops the daemon (SIGTERM), waits for it, and returns its exit status and every line it
+    /// wrote to stderr.
+    #[track_caller]
+    pub fn stop(mut self) -> (ExitStatus, Vec<String>) {
+        let status = self.terminate().expect("taskflyd was running");
+        (status, self.stderr_lines())
+    }
+
+    /// SIGTERM, then wait (SIGKILL if it does not end in time); joins the stderr reader.
+    fn terminate(&mut self) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid fits i32"));
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let (sender, exited) = mpsc::channel();
+        let waiter = std::thread::spawn(move || {
+            let _ = sender.send(child.wait());
+        });
+        let status = match exited.recv_timeout(STOP_LIMIT) {
+            Ok(Ok(status)) => Some(status),
+            _ => {
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                exited.recv().ok().and_then(Result::ok)
+            }
+        };
+        let _ = waiter.join();
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+        status
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.terminate();
+    }
+}
+
+/// The `listen` address of a "taskflyd listening" line, in either log format.
+pub fn listening_address(line: &str) -> Option<String> {
+    if let Ok(json) = serde_json::from_str::<serde_json::Value>(line) {
+        let fields = json.get("fields")?;
+        if fields.get("message")?.as_str()? != "taskflyd listening" {
+            return None;
+        }
+        return fields.get("listen")?.as_str().map(str::to_owned);
+    }
+    if !line.contains("taskflyd listening") {
+        return None;
+    }
+    line.split_whitespace().find_map(|word| word.strip_prefix("listen=")).map(str::to_owned)
+}
