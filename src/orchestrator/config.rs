@@ -28,6 +28,7 @@ pub struct Config {
     pub(crate) boot_timeout: Duration,
     pub(crate) provision_concurrency: usize,
     pub(crate) retry_backoff: Duration,
+    pub(crate) retention: Option<Duration>,
     pub(crate) bundle_limits: BundleLimits,
     pub(crate) max_bundle_upload: u64,
     pub(crate) max_json_body: u64,
@@ -62,6 +63,7 @@ impl Config {
             boot_timeout: Duration::from_secs(600),
             provision_concurrency: 32,
             retry_backoff: Duration::from_secs(1),
+            retention: Some(Duration::from_secs(7 * 24 * 3600)),
             bundle_limits: BundleLimits::default(),
             max_bundle_upload: 512 * 1024 * 1024,
             max_json_body: 4 * 1024 * 1024,
@@ -122,6 +124,14 @@ impl Config {
     #[must_use]
     pub fn retry_backoff(mut self, backoff: Duration) -> Config {
         self.retry_backoff = backoff;
+        self
+    }
+
+    /// Finished deployments are forgotten (files, nodes and logs) this long after they ended
+    /// (default 7 days); `None` keeps them until cleaned up.
+    #[must_use]
+    pub fn retention(mut self, retention: Option<Duration>) -> Config {
+        self.retention = retention;
         self
     }
 

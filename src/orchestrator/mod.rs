@@ -7,6 +7,7 @@
 
 mod config;
 mod nodes;
+mod recovery;
 mod view;
 
 use std::collections::HashMap;
@@ -30,6 +31,9 @@ use crate::provider::{InstanceConfig, Provider};
 use crate::state::model::{Deployment, DeploymentStatus, Node, NodeStatus, NodeUpdate};
 use crate::state::{store_error, LogQuery, Store};
 use crate::wire::{CleanupAll, DeploymentView, LogsPage, Stats};
+
+/// How often final deployments are checked against the retention period.
+const EXPIRY_CHECK: Duration = Duration::from_secs(60);
 
 /// Name of the worker bundle inside a deployment's folder.
 const WORKER_BUNDLE: &str = "worker.tar.gz";
@@ -132,6 +136,12 @@ impl Orchestrator {
         });
         let orchestrator = Orchestrator { inner };
         orchestrator.spawn_monitor();
+        let resuming = orchestrator.clone();
+        orchestrator.spawn_tracked(async move {
+            if let Err(e) = resuming.recover().await {
+                tracing::error!(error = %e, "cannot resume deployments after a restart");
+            }
+        });
         Ok(orchestrator)
     }
 
@@ -348,7 +358,7 @@ impl Orchestrator {
     }
 
     /// Provision every node of a new deployment, at most `provision_concurrency` at a time.
-    async fn provision_all(&self, id: &str, live: Arc<Live>) -> Result<()> {
+    pub(crate) async fn provision_all(&self, id: &str, live: Arc<Live>) -> Result<()> {
         let store = &self.inner.store;
         match store
             .update_deployment_status(id, DeploymentStatus::Provisioning, None, SystemTime::now())
@@ -382,7 +392,7 @@ impl Orchestrator {
     }
 
     /// Provision one node (first attempt or retry). Failures are recorded on the node.
-    async fn provision_node(&self, live: &Live, node: Node) {
+    pub(crate) async fn provision_node(&self, live: &Live, node: Node) {
         if live.cancel.is_cancelled() {
             return;
         }
@@ -539,7 +549,7 @@ impl Orchestrator {
         });
     }
 
-    async fn retry_node(&self, live: &Live, node: Node) {
+    pub(crate) async fn retry_node(&self, live: &Live, node: Node) {
         let exponent = node.attempt.saturating_sub(1).min(6);
         let wait =
             (self.inner.config.retry_backoff * 2u32.pow(exponent)).min(Duration::from_secs(60));
@@ -835,9 +845,12 @@ impl Orchestrator {
         self.inner.tasks.spawn(async move {
             let mut ticker = tokio::time::interval(period);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut expiry = tokio::time::interval(EXPIRY_CHECK);
+            expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
                     _ = ticker.tick() => this.check_silent_nodes().await,
+                    _ = expiry.tick() => this.expire_old_deployments().await,
                     () = this.inner.cancel.cancelled() => return,
                 }
             }

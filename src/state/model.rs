@@ -339,8 +339,17 @@ pub fn apply_node_update(
             instance_id,
             ip_address,
         } => {
-            check_node_transition(deployment, node, NodeStatus::Booting)?;
-            next.status = NodeStatus::Booting;
+            // A quick agent may register before the provider's answer is recorded: keep its
+            // later state and only record the instance. A final or terminating node is
+            // refused, so the caller terminates the instance nobody wants any more.
+            let already_up = matches!(
+                node.status,
+                NodeStatus::Registering | NodeStatus::DownloadingAssets | NodeStatus::RunningScript
+            );
+            if !already_up {
+                check_node_transition(deployment, node, NodeStatus::Booting)?;
+                next.status = NodeStatus::Booting;
+            }
             next.instance_id = Some(instance_id);
             next.ip_address = ip_address;
         }
@@ -452,7 +461,15 @@ fn deployment_status_after_node(
             _ if deployment.nodes_completed == deployment.total_nodes => D::Completed,
             _ => D::Failed,
         }
-    } else if node.status == NodeStatus::Booting && deployment.status == D::Provisioning {
+    } else if deployment.status == D::Provisioning
+        && matches!(
+            node.status,
+            NodeStatus::Booting
+                | NodeStatus::Registering
+                | NodeStatus::DownloadingAssets
+                | NodeStatus::RunningScript
+        )
+    {
         D::Running
     } else {
         return None;
@@ -636,6 +653,45 @@ mod tests {
         assert_eq!(d.status, DeploymentStatus::Failed);
         let err = apply_node_update(&mut d, &mut n, NodeUpdate::Retry, SystemTime::now());
         assert!(err.unwrap_err().is_conflict(), "no retry left");
+    }
+
+    #[test]
+    fn an_instance_recorded_after_registration_keeps_the_node_state() {
+        let mut d = deployment(1, 0);
+        let mut n = Node::new("dep-1", 0, SystemTime::UNIX_EPOCH);
+        let now = SystemTime::UNIX_EPOCH;
+        apply_node_update(
+            &mut d,
+            &mut n,
+            NodeUpdate::ProvisionToken { hash: [1; 32] },
+            now,
+        )
+        .unwrap();
+        apply_node_update(&mut d, &mut n, status(NodeStatus::Provisioning), now).unwrap();
+        apply_node_update(
+            &mut d,
+            &mut n,
+            NodeUpdate::Registered {
+                auth_token_hash: [2; 32],
+            },
+            now,
+        )
+        .unwrap();
+        assert_eq!(d.status, DeploymentStatus::Running);
+        let provisioned = NodeUpdate::Provisioned {
+            instance_id: "i-9".into(),
+            ip_address: None,
+        };
+        apply_node_update(&mut d, &mut n, provisioned.clone(), now).unwrap();
+        assert_eq!(
+            (n.status, n.instance_id.as_deref()),
+            (NodeStatus::Registering, Some("i-9"))
+        );
+        apply_node_update(&mut d, &mut n, status(NodeStatus::RunningScript), now).unwrap();
+        apply_node_update(&mut d, &mut n, status(NodeStatus::Completed), now).unwrap();
+        assert!(apply_node_update(&mut d, &mut n, provisioned, now)
+            .unwrap_err()
+            .is_conflict());
     }
 
     #[test]

@@ -1145,9 +1145,10 @@ async fn secrets_reach_the_script_and_are_masked_everywhere_else() {
         1,
         &format!("secrets: {{db_password: \"{SECRET}\"}}"),
     ))
+    // The script spells the value in two pieces, so only the environment brings it whole.
     .script(
         "#!/bin/sh\n\
-         [ \"$DB_PASSWORD\" = s3cr3t-value ] && echo match\n\
+         [ \"$DB_PASSWORD\" = \"s3cr3t-\"\"value\" ] && echo match\n\
          echo \"stdout says $DB_PASSWORD\"\n\
          echo \"stderr says $DB_PASSWORD\" >&2\n\
          exit 1\n",

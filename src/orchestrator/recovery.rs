@@ -1,0 +1,109 @@
+//! Carrying on after a restart, and forgetting old deployments.
+//!
+//! With a durable [`crate::Store`], a restarted engine finds deployments that were in flight.
+//! Nodes whose agent had registered carry on by themselves (agents retry while the daemon is
+//! away and their tokens stay valid): they only need a fresh last-seen time, so the heartbeat
+//! timeout counts from the restart. Nodes caught mid-provisioning are provisioned again with a
+//! new provision token (an agent started with the old token is refused and stops); failed nodes
+//! with a retry left are retried; terminate requests are finished.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use super::{lock, Orchestrator};
+use crate::error::Result;
+use crate::state::model::{has_retry_left, DeploymentStatus, NodeStatus};
+use crate::state::store_error;
+
+impl Orchestrator {
+    /// Resume every deployment that was not final when the engine last stopped.
+    pub(crate) async fn recover(&self) -> Result<()> {
+        let store = &self.inner().store;
+        let deployments = store.deployments().await.map_err(store_error)?;
+        for deployment in deployments.into_iter().filter(|d| !d.status.is_final()) {
+            let id = deployment.id.clone();
+            tracing::info!(deployment_id = %id, status = %deployment.status, "resuming deployment after restart");
+            let live = match self.live(&id).await {
+                Ok(live) => live,
+                Err(e) => {
+                    tracing::error!(deployment_id = %id, error = %e, "cannot resume deployment");
+                    continue;
+                }
+            };
+            match deployment.status {
+                DeploymentStatus::Pending => {
+                    let this = self.clone();
+                    self.spawn_tracked(async move {
+                        if let Err(e) = this.provision_all(&id, live).await {
+                            tracing::error!(deployment_id = %id, error = %e, "provisioning stopped");
+                        }
+                    });
+                }
+                DeploymentStatus::Terminating => {
+                    live.cancel.cancel();
+                    let this = self.clone();
+                    self.spawn_tracked(async move {
+                        if let Err(e) = this.finish_terminate(&id).await {
+                            tracing::error!(deployment_id = %id, error = %e, "terminate failed");
+                        }
+                    });
+                }
+                _ => {
+                    let nodes = store.nodes(&id).await.map_err(store_error)?;
+                    for node in nodes {
+                        match node.status {
+                            NodeStatus::Pending | NodeStatus::Provisioning => {
+                                let (this, live) = (self.clone(), Arc::clone(&live));
+                                self.spawn_tracked(async move {
+                                    this.provision_node(&live, node).await
+                                });
+                            }
+                            NodeStatus::Registering
+                            | NodeStatus::DownloadingAssets
+                            | NodeStatus::RunningScript => {
+                                lock(&self.inner().last_seen)
+                                    .insert(node.id.clone(), tokio::time::Instant::now());
+                            }
+                            NodeStatus::Failed if has_retry_left(&deployment, &node) => {
+                                let (this, live) = (self.clone(), Arc::clone(&live));
+                                self.spawn_tracked(
+                                    async move { this.retry_node(&live, node).await },
+                                );
+                            }
+                            // Booting nodes are watched by the boot timeout; final ones are done.
+                            _ => {}
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Forget final deployments older than the retention period, files and all.
+    pub(crate) async fn expire_old_deployments(&self) {
+        let Some(retention) = self.inner().config.retention else {
+            return;
+        };
+        let Some(cutoff) = SystemTime::now().checked_sub(retention) else {
+            return;
+        };
+        let Ok(all) = self.inner().store.deployments().await else {
+            return;
+        };
+        for deployment in all {
+            let expired = deployment.status.is_final()
+                && deployment.completed_at.is_some_and(|done| done < cutoff);
+            if expired {
+                match self.cleanup(&deployment.id).await {
+                    Ok(()) => {
+                        tracing::info!(deployment_id = %deployment.id, "deployment past retention removed")
+                    }
+                    Err(e) => {
+                        tracing::warn!(deployment_id = %deployment.id, error = %e, "cannot remove expired deployment")
+                    }
+                }
+            }
+        }
+    }
+}
