@@ -42,6 +42,8 @@ pub(crate) enum Kind {
     UnsupportedMedia,
     /// Too many requests (failed registrations) from one address.
     RateLimited,
+    /// The daemon answered, but with an internal failure of its own (HTTP 5xx).
+    Remote,
 }
 
 /// The error type of every fallible operation in this crate.
@@ -124,6 +126,10 @@ impl Error {
         Error::new(Kind::RateLimited, message)
     }
 
+    pub(crate) fn remote(message: impl Into<String>) -> Self {
+        Error::new(Kind::Remote, message)
+    }
+
     pub(crate) fn io(message: impl Into<String>, source: std::io::Error) -> Self {
         Error::new(Kind::Io, message).with_source(source)
     }
@@ -193,6 +199,11 @@ impl Error {
     /// Too many requests; try again later.
     pub fn is_rate_limited(&self) -> bool {
         self.kind == Kind::RateLimited
+    }
+
+    /// The daemon was reached but failed internally (HTTP 5xx); its log says why.
+    pub fn is_remote(&self) -> bool {
+        self.kind == Kind::Remote
     }
 
     /// The one-line description, without details or cause.

@@ -616,7 +616,9 @@ fn status_failure(status: StatusCode, body: &[u8]) -> Failure {
         413 => Error::too_large(message),
         415 => Error::unsupported_media(message),
         429 => Error::rate_limited(message),
-        _ => Error::transport(message),
+        // Gateways in front of a daemon that is away: as good as unreachable.
+        502..=504 => Error::transport(message),
+        _ => Error::remote(message),
     };
     let transient = matches!(status.as_u16(), 429 | 502 | 503 | 504);
     Failure { error, transient }

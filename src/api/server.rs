@@ -472,6 +472,7 @@ impl Query {
     }
 
     /// `node` as an index: a number is an index, anything else a node id of this deployment.
+    /// `node` as an index of this deployment: a node index or a node id.
     async fn node_index(
         &self,
         orchestrator: &Orchestrator,
@@ -480,13 +481,10 @@ impl Query {
         let Some(node) = &self.node else {
             return Ok(None);
         };
-        if let Ok(index) = node.parse::<u32>() {
-            return Ok(Some(index));
-        }
         let view = orchestrator.deployment(deployment_id).await?;
         view.nodes
             .iter()
-            .find(|n| &n.node_id == node)
+            .find(|n| &n.node_id == node || n.node_index.to_string() == *node)
             .map(|n| Some(n.node_index))
             .ok_or_else(|| {
                 Error::not_found(format!("no node `{node}` in deployment `{deployment_id}`"))
@@ -554,7 +552,7 @@ fn error_response(error: &Error) -> Response<Body> {
         Kind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         Kind::UnsupportedMedia => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         Kind::RateLimited => StatusCode::TOO_MANY_REQUESTS,
-        Kind::Provider | Kind::Store | Kind::Transport | Kind::Io => {
+        Kind::Provider | Kind::Store | Kind::Transport | Kind::Io | Kind::Remote => {
             StatusCode::INTERNAL_SERVER_ERROR
         }
     };

@@ -504,6 +504,13 @@ async fn down(cli: &Cli, id: &str) -> Result<u8, Failure> {
             } else {
                 println!("deployment {id} {}", view.status);
             }
+            if !view.is_final() {
+                eprintln!(
+                    "error: deployment {id} is still {} after 2 minutes; check `taskfly status {id}`",
+                    view.status
+                );
+                return Ok(EXIT_FAILED);
+            }
             return Ok(EXIT_OK);
         }
         tokio::time::sleep(POLL).await;

@@ -44,9 +44,15 @@ impl Default for DaemonOptions {
     }
 }
 
+/// Set in the daemon's environment (and so inherited by any agent process it starts), to find
+/// what a test left running.
+pub const DAEMON_MARKER_VAR: &str = "CLI_TEST_DAEMON";
+
 /// A running `taskflyd`.
 pub struct Daemon {
     child: Option<Child>,
+    /// `CLI_TEST_DAEMON=<unique>`, in the environment of the daemon and its agent processes.
+    pub marker: String,
     /// `http://127.0.0.1:PORT`.
     pub url: String,
     /// The API token the CLI must send (from the environment, or the file the daemon made).
@@ -55,6 +61,8 @@ pub struct Daemon {
     pub home: tempfile::TempDir,
     lines: Arc<Mutex<Vec<String>>>,
     reader: Option<JoinHandle<()>>,
+    /// Signalled when the stderr reader has read everything.
+    reader_done: mpsc::Receiver<()>,
 }
 
 impl Daemon {
@@ -67,6 +75,7 @@ impl Daemon {
     /// A daemon started with `options`; fails the test if it does not start listening.
     #[track_caller]
     pub fn start_with(options: DaemonOptions) -> Daemon {
+        let marker = format!("{DAEMON_MARKER_VAR}={}", unique_word());
         let home = tempfile::tempdir().expect("temp HOME");
         let data_dir = tempfile::tempdir().expect("temp data dir");
         let mut command = cli_run::command("taskflyd", home.path());
@@ -79,6 +88,7 @@ impl Daemon {
                 LogFormat::Json => "json",
             })
             .env("RUST_LOG", &options.rust_log)
+            .env(DAEMON_MARKER_VAR, &marker[DAEMON_MARKER_VAR.len() + 1..])
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         if let Some(token) = &options.token {
@@ -88,6 +98,7 @@ impl Daemon {
         let stderr = child.stderr.take().expect("piped stderr");
         let lines = Arc::new(Mutex::new(Vec::new()));
         let (sender, received) = mpsc::channel();
+        let (done_sender, reader_done) = mpsc::channel();
         let reader = std::thread::spawn({
             let lines = Arc::clone(&lines);
             move || {
@@ -97,10 +108,13 @@ impl Daemon {
                     // Nobody listens once the address is known; keep draining regardless.
                     let _ = sender.send(line);
                 }
+                let _ = done_sender.send(());
             }
         });
         let mut daemon = Daemon {
             child: Some(child),
+            marker,
+            reader_done,
             url: String::new(),
             token: options.token.clone().unwrap_or_default(),
             data_dir,
@@ -146,7 +160,11 @@ impl Daemon {
     /// `taskfly --daemon URL ARGS…` with the API token, not yet run.
     pub fn taskfly(&self, args: &[&str]) -> Command {
         let mut command = cli_run::command("taskfly", self.home.path());
-        command.arg("--daemon").arg(&self.url).args(args).env("TASKFLY_API_TOKEN", &self.token);
+        command
+            .arg("--daemon")
+            .arg(&self.url)
+            .args(args)
+            .env("TASKFLY_API_TOKEN", &self.token);
         command
     }
 
@@ -159,12 +177,13 @@ impl Daemon {
     /// `taskfly up DIR` (no wait): the new deployment's id.
     #[track_caller]
     pub fn up(&self, project: &Path) -> String {
-        let ran = cli_run::run(
-            self.taskfly(&["up", "--output", "json"]).arg(project),
-        );
+        let ran = cli_run::run(self.taskfly(&["up", "--output", "json"]).arg(project));
         ran.expect_success();
         let created = ran.json();
-        created["deployment_id"].as_str().expect("deployment_id").to_owned()
+        created["deployment_id"]
+            .as_str()
+            .expect("deployment_id")
+            .to_owned()
     }
 
     /// `taskfly status ID --output json`.
@@ -215,17 +234,66 @@ impl Daemon {
             }
         };
         let _ = waiter.join();
-        if let Some(reader) = self.reader.take() {
-            let _ = reader.join();
+        // Stderr ends with the daemon, unless a process it started still holds the pipe: then
+        // the lines so far are all there is, and the reader is left to finish on its own.
+        if self.reader_done.recv_timeout(STOP_LIMIT).is_ok() {
+            if let Some(reader) = self.reader.take() {
+                let _ = reader.join();
+            }
         }
         status
+    }
+
+    /// Processes other than the daemon carrying its marker: agent processes it started.
+    pub fn other_processes(&self) -> Vec<u32> {
+        let own = self.child.as_ref().map(Child::id);
+        super::processes_with_env(&self.marker)
+            .into_iter()
+            .filter(|pid| Some(*pid) != own)
+            .collect()
     }
 }
 
 impl Drop for Daemon {
+    /// Stops the daemon, then anything of it a failed test left running (agent processes may
+    /// outlive their daemon by design): SIGTERM, which lets an agent stop its script, then
+    /// SIGKILL for whatever is still there.
     fn drop(&mut self) {
         self.terminate();
+        for signal in [
+            nix::sys::signal::Signal::SIGTERM,
+            nix::sys::signal::Signal::SIGKILL,
+        ] {
+            let left = self.other_processes();
+            if left.is_empty() {
+                return;
+            }
+            for pid in &left {
+                if let Ok(pid) = i32::try_from(*pid) {
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal);
+                }
+            }
+            let deadline = Instant::now() + STOP_LIMIT;
+            while !self.other_processes().is_empty() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
     }
+}
+
+/// A word no other test or run uses: process id, time and a counter.
+pub fn unique_word() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!(
+        "{}x{nanos}x{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// The `listen` address of a "taskflyd listening" line, in either log format.
@@ -240,5 +308,7 @@ pub fn listening_address(line: &str) -> Option<String> {
     if !line.contains("taskflyd listening") {
         return None;
     }
-    line.split_whitespace().find_map(|word| word.strip_prefix("listen=")).map(str::to_owned)
+    line.split_whitespace()
+        .find_map(|word| word.strip_prefix("listen="))
+        .map(str::to_owned)
 }

@@ -18,8 +18,7 @@ pub fn command(binary: &str, home: &Path) -> Command {
     let mut command = Command::new(super::bin(binary));
     for (name, _) in std::env::vars_os() {
         let name_text = name.to_string_lossy();
-        if name_text.starts_with("TASKFLY_") || name_text == "RUST_LOG" || name_text == "NO_COLOR"
-        {
+        if name_text.starts_with("TASKFLY_") || name_text == "RUST_LOG" || name_text == "NO_COLOR" {
             command.env_remove(&name);
         }
     }
@@ -43,14 +42,25 @@ impl Ran {
     pub fn code(&self) -> i32 {
         match self.status.code() {
             Some(code) => code,
-            None => panic!("{} died by a signal ({:?})\n{}", self.what, self.status, self.show()),
+            None => panic!(
+                "{} died by a signal ({:?})\n{}",
+                self.what,
+                self.status,
+                self.show()
+            ),
         }
     }
 
     /// Asserts the exit code, showing everything the command printed when it differs.
     #[track_caller]
     pub fn expect_code(&self, expected: i32) -> &Ran {
-        assert_eq!(self.code(), expected, "exit code of {}\n{}", self.what, self.show());
+        assert_eq!(
+            self.code(),
+            expected,
+            "exit code of {}\n{}",
+            self.what,
+            self.show()
+        );
         self
     }
 
@@ -75,7 +85,10 @@ impl Ran {
 
     /// The non-empty lines of stderr.
     pub fn stderr_lines(&self) -> Vec<&str> {
-        self.stderr.lines().filter(|l| !l.trim().is_empty()).collect()
+        self.stderr
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .collect()
     }
 
     /// Stdout and stderr, for assertion messages.
@@ -168,7 +181,11 @@ impl Running {
     /// Waits (at most `limit`) for a stdout line for which `wanted` holds; returns it. Every
     /// line read on the way is kept for [`Running::finish`].
     #[track_caller]
-    pub fn wait_for_line(&mut self, limit: Duration, wanted: impl Fn(&str) -> bool) -> String {
+    pub fn wait_for_line(
+        &mut self,
+        limit: Duration,
+        mut wanted: impl FnMut(&str) -> bool,
+    ) -> String {
         let deadline = Instant::now() + limit;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -227,7 +244,12 @@ impl Running {
         if !stdout.is_empty() {
             stdout.push('\n');
         }
-        Ran { what: self.what.clone(), status, stdout, stderr }
+        Ran {
+            what: self.what.clone(),
+            status,
+            stdout,
+            stderr,
+        }
     }
 
     fn kill(&self) {
@@ -252,8 +274,10 @@ fn describe(command: &Command) -> String {
         .file_name()
         .map(|name| name.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let args: Vec<String> =
-        command.get_args().map(|arg| arg.to_string_lossy().into_owned()).collect();
+    let args: Vec<String> = command
+        .get_args()
+        .map(|arg| arg.to_string_lossy().into_owned())
+        .collect();
     format!("`{program} {}`", args.join(" "))
 }
 

@@ -185,6 +185,8 @@ pub fn bin(name: &str) -> PathBuf {
         other => panic!("no binary {other}"),
     }
 }
+pub mod cli_daemon;
+pub mod cli_run;
 pub mod engine_http;
 pub mod engine_provider;
 pub mod engine_util;
