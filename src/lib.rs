@@ -19,6 +19,8 @@
 //! - default: the engine, the in-memory store, the local provider, the HTTP API and the agent.
 //!   No AWS SDK, no CLI crates.
 //! - `cli`: the `taskfly` binary. `daemon`: the `taskflyd` binary.
+//! - `sqlite`: `SqliteStore`, a durable [`Store`] in one SQLite file (SQLite is compiled in).
+//!   Enabled by `daemon`.
 //! - `aws`: the EC2 provider. `full`: all of the above.
 //!
 //! # Example
@@ -61,5 +63,10 @@ pub use config::DeploymentConfig;
 pub use error::{BoxError, Error, Result};
 pub use metadata::MetadataGenerator;
 pub use orchestrator::{Config, Orchestrator};
-pub use provider::{InstanceConfig, InstanceInfo, InstanceState, LocalProvider, Provider};
+pub use provider::{
+    InstanceConfig, InstanceInfo, InstanceState, LocalProvider, OwnedInstance, Provider,
+    ProviderError,
+};
+#[cfg(feature = "sqlite")]
+pub use state::SqliteStore;
 pub use state::{MemoryStore, Store};

@@ -28,6 +28,8 @@ pub struct Config {
     pub(crate) boot_timeout: Duration,
     pub(crate) provision_concurrency: usize,
     pub(crate) retry_backoff: Duration,
+    pub(crate) provision_attempts: u32,
+    pub(crate) provision_backoff: Duration,
     pub(crate) retention: Option<Duration>,
     pub(crate) bundle_limits: BundleLimits,
     pub(crate) max_bundle_upload: u64,
@@ -63,6 +65,8 @@ impl Config {
             boot_timeout: Duration::from_secs(600),
             provision_concurrency: 32,
             retry_backoff: Duration::from_secs(1),
+            provision_attempts: 5,
+            provision_backoff: Duration::from_millis(500),
             retention: Some(Duration::from_secs(7 * 24 * 3600)),
             bundle_limits: BundleLimits::default(),
             max_bundle_upload: 512 * 1024 * 1024,
@@ -124,6 +128,17 @@ impl Config {
     #[must_use]
     pub fn retry_backoff(mut self, backoff: Duration) -> Config {
         self.retry_backoff = backoff;
+        self
+    }
+
+    /// How many times a provider call creating an instance is tried when the provider says
+    /// the failure is retryable (a [`crate::ProviderError`] with `retryable`), and the first
+    /// wait between tries (doubled each time, with jitter, at most 30 s). Defaults: 5 tries,
+    /// 500 ms.
+    #[must_use]
+    pub fn provision_retries(mut self, attempts: u32, first_backoff: Duration) -> Config {
+        self.provision_attempts = attempts.max(1);
+        self.provision_backoff = first_backoff;
         self
     }
 

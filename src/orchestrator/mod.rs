@@ -141,6 +141,7 @@ impl Orchestrator {
             if let Err(e) = resuming.recover().await {
                 tracing::error!(error = %e, "cannot resume deployments after a restart");
             }
+            resuming.reconcile_orphans().await;
         });
         Ok(orchestrator)
     }
@@ -439,15 +440,9 @@ impl Orchestrator {
             provision_token: token,
             deployment: live.config.clone(),
         };
-        let info = provider.provision(request).await.map_err(|e| {
-            Error::provider(
-                format!(
-                    "{} could not start the node",
-                    live.config.cloud_provider.as_str()
-                ),
-                e,
-            )
-        })?;
+        let info = self
+            .provision_with_retries(&*provider, request, live)
+            .await?;
         tracing::info!(node_id = %node.id, instance_id = %info.instance_id, "node provisioned");
         let update = NodeUpdate::Provisioned {
             instance_id: info.instance_id.clone(),
@@ -463,6 +458,64 @@ impl Orchestrator {
             }
         }
         Ok(())
+    }
+
+    /// Ask the provider for an instance, trying again with exponential backoff and jitter
+    /// while it says the failure is retryable, up to the configured number of attempts.
+    async fn provision_with_retries(
+        &self,
+        provider: &dyn Provider,
+        request: InstanceConfig,
+        live: &Live,
+    ) -> Result<crate::provider::InstanceInfo> {
+        let attempts = self.inner.config.provision_attempts;
+        let mut backoff = self.inner.config.provision_backoff;
+        let provider_name = live.config.cloud_provider.as_str();
+        for attempt in 1..=attempts {
+            match provider.provision(request.clone()).await {
+                Ok(info) => return Ok(info),
+                Err(e) => {
+                    let retryable = e
+                        .downcast_ref::<crate::provider::ProviderError>()
+                        .is_some_and(|p| p.retryable);
+                    if !retryable || attempt == attempts {
+                        let suffix = if attempt > 1 {
+                            format!(" (after {attempt} attempts)")
+                        } else {
+                            String::new()
+                        };
+                        return Err(Error::provider(
+                            format!("{provider_name} could not start the node{suffix}"),
+                            e,
+                        ));
+                    }
+                    let wait = jitter(backoff);
+                    tracing::warn!(node_id = %request.node_id, attempt, error = %e, wait_ms = wait.as_millis() as u64, "provider call failed; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        () = live.cancel.cancelled() => {
+                            return Err(Error::conflict("the deployment is being terminated"));
+                        }
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+        Err(Error::conflict("no provisioning attempt was made"))
+    }
+
+    pub(crate) fn providers(&self) -> Vec<(String, Arc<dyn Provider>)> {
+        self.inner
+            .providers
+            .iter()
+            .map(|(name, provider)| (name.clone(), provider.clone()))
+            .collect()
+    }
+
+    /// Terminate instances that belong to no live deployment (see [`Provider::owned_instances`]);
+    /// the engine also does this at start and every minute. Returns how many it terminated.
+    pub async fn terminate_orphans(&self) -> usize {
+        self.reconcile_orphans().await
     }
 
     pub(crate) fn provider_for(&self, config: &DeploymentConfig) -> Result<Arc<dyn Provider>> {
@@ -850,7 +903,10 @@ impl Orchestrator {
             loop {
                 tokio::select! {
                     _ = ticker.tick() => this.check_silent_nodes().await,
-                    _ = expiry.tick() => this.expire_old_deployments().await,
+                    _ = expiry.tick() => {
+                        this.expire_old_deployments().await;
+                        this.reconcile_orphans().await;
+                    }
                     () = this.inner.cancel.cancelled() => return,
                 }
             }
@@ -895,6 +951,16 @@ impl Orchestrator {
             }
         }
     }
+}
+
+/// `wait` scaled by a random factor in [0.5, 1.5), so many nodes retrying at once spread out.
+fn jitter(wait: Duration) -> Duration {
+    let mut byte = [0u8; 1];
+    let factor = match getrandom::fill(&mut byte) {
+        Ok(()) => 0.5 + f64::from(byte[0]) / 256.0,
+        Err(_) => 1.0,
+    };
+    wait.mul_f64(factor)
 }
 
 /// Lock a std mutex whose data stays consistent even if a holder panicked.

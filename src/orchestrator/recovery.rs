@@ -80,6 +80,47 @@ impl Orchestrator {
         Ok(())
     }
 
+    /// Terminate every instance a provider runs for a deployment that is unknown or final:
+    /// leaked by a crash between creating an instance and recording it, or by a terminate
+    /// call that failed. Returns how many were terminated.
+    pub(crate) async fn reconcile_orphans(&self) -> usize {
+        let mut terminated = 0;
+        for (name, provider) in self.providers() {
+            let owned = match provider.owned_instances().await {
+                Ok(owned) => owned,
+                Err(e) => {
+                    tracing::warn!(provider = %name, error = %e, "cannot list instances for leak checks");
+                    continue;
+                }
+            };
+            for instance in owned {
+                if matches!(
+                    instance.state,
+                    crate::InstanceState::Terminated | crate::InstanceState::ShuttingDown
+                ) {
+                    continue;
+                }
+                let live = match self.inner().store.deployment(&instance.deployment_id).await {
+                    Ok(Some(d)) => !d.status.is_final(),
+                    Ok(None) => false,
+                    // Unsure: leave it for the next round rather than kill a live node.
+                    Err(_) => true,
+                };
+                if live {
+                    continue;
+                }
+                tracing::warn!(provider = %name, instance_id = %instance.instance_id, deployment_id = %instance.deployment_id, "terminating an instance that belongs to no live deployment");
+                match provider.terminate(&instance.instance_id).await {
+                    Ok(()) => terminated += 1,
+                    Err(e) => {
+                        tracing::error!(instance_id = %instance.instance_id, error = %e, "cannot terminate leaked instance")
+                    }
+                }
+            }
+        }
+        terminated
+    }
+
     /// Forget final deployments older than the retention period, files and all.
     pub(crate) async fn expire_old_deployments(&self) {
         let Some(retention) = self.inner().config.retention else {

@@ -76,7 +76,7 @@ pub enum InstanceState {
 /// Creates and destroys the machines (or processes) nodes run on.
 ///
 /// Implement it to run nodes somewhere new; register it with
-/// [`crate::OrchestratorBuilder::provider`] under the `cloud_provider` name it serves.
+/// [`crate::Config::provider`] under the `cloud_provider` name it serves.
 ///
 /// Cancellation: the engine awaits every call to completion, except at engine shutdown, where a
 /// pending `provision` future may be dropped. An implementation must therefore not leave an
@@ -95,7 +95,48 @@ pub trait Provider: Send + Sync + 'static {
     /// What the provider knows of the instance now; `None` if it does not know it at all.
     async fn describe(&self, instance_id: &str) -> Result<Option<InstanceInfo>, BoxError>;
 
+    /// Every instance this provider runs for TaskFly, with the deployment it was started for
+    /// (EC2: instances tagged `taskfly:deployment-id`). The engine terminates those whose
+    /// deployment is unknown or final, at start and periodically, so nothing leaks. Providers
+    /// that cannot list their instances keep the default: none.
+    async fn owned_instances(&self) -> Result<Vec<OwnedInstance>, BoxError> {
+        Ok(Vec::new())
+    }
+
     /// Stop everything this provider still runs; called once when the engine shuts down.
     /// Cloud providers leave instances alone here (a restarted daemon carries on with them).
     async fn shutdown(&self) {}
 }
+
+/// An instance found by [`Provider::owned_instances`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnedInstance {
+    /// The provider's instance id.
+    pub instance_id: String,
+    /// The deployment it was started for.
+    pub deployment_id: String,
+    /// Its state.
+    pub state: InstanceState,
+}
+
+/// A provider failure that says whether trying again may help. Providers return it (boxed)
+/// from [`Provider::provision`]; the engine retries a retryable one with exponential backoff
+/// and jitter up to [`crate::Config::provision_retries`] times, then fails the node with
+/// `code` in its message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProviderError {
+    /// The provider's own error code (`RequestLimitExceeded`, `InsufficientInstanceCapacity`, ...).
+    pub code: String,
+    /// What went wrong, for people.
+    pub message: String,
+    /// Whether the same request may succeed later (throttling, capacity).
+    pub retryable: bool,
+}
+
+impl std::fmt::Display for ProviderError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+impl std::error::Error for ProviderError {}
