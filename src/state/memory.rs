@@ -174,7 +174,11 @@ impl Store for MemoryStore {
             .nodes
             .get(node_id)
             .cloned()
-            .ok_or_else(|| Box::new(Error::not_found(format!("no node `{node_id}`"))))?;
+            // Typed as a `BoxError` so that `?` does not box the `Box<Error>` a second time,
+            // which would hide from `store_error` that this is the crate's not-found error.
+            .ok_or_else(|| -> BoxError {
+                Box::new(Error::not_found(format!("no node `{node_id}`")))
+            })?;
         let before = node.clone();
         let mut deployment = inner
             .deployments

@@ -1,8 +1,13 @@
 //! What the engine remembers: the model and its state machines ([`model`]), the [`Store`] trait,
-//! and the in-memory backend ([`MemoryStore`]).
+//! the in-memory backend ([`MemoryStore`]) and, with the `sqlite` feature, the durable one
+//! (`SqliteStore`).
 
+#[cfg(test)]
+pub(crate) mod conformance;
 pub(crate) mod memory;
 pub mod model;
+#[cfg(feature = "sqlite")]
+pub(crate) mod sqlite;
 
 use std::time::SystemTime;
 
@@ -11,6 +16,8 @@ use async_trait::async_trait;
 use crate::error::{BoxError, Error};
 pub use memory::MemoryStore;
 use model::{Applied, Deployment, DeploymentStatus, Node, NodeUpdate};
+#[cfg(feature = "sqlite")]
+pub use sqlite::SqliteStore;
 
 /// `stdout` or `stderr`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -1,0 +1,642 @@
+//! What every [`Store`] backend must do alike, written once and run against each backend: the
+//! in-memory store here, the SQLite store in its own tests.
+//!
+//! Each check uses deployment ids of its own (`conf-<check>`), so all of them can run against
+//! one store. Times are whole seconds, which every backend stores exactly.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use super::model::{Applied, Deployment, DeploymentStatus, Node, NodeStatus, NodeUpdate};
+use super::{store_error, LogLine, LogQuery, LogStream, NewLogLine, Store};
+use crate::error::{BoxError, Error};
+
+/// The log cap the store given to [`check_log_cap`] must have been built with.
+pub(crate) const LOG_CAP: usize = 4;
+
+/// Runs every shared check against `store`, which must use the default log cap.
+pub(crate) async fn check_store(store: &dyn Store) {
+    creates_and_reads(store).await;
+    refuses_illegal_transitions_and_changes_nothing(store).await;
+    counts_nodes_to_completion(store).await;
+    retries_a_failed_node(store).await;
+    provision_tokens_work_once(store).await;
+    moves_deployments(store).await;
+    heartbeats_touch_only_live_nodes(store).await;
+    pages_logs(store).await;
+    lists_newest_first(store).await;
+    deletes_everything_of_a_deployment(store).await;
+}
+
+/// Checks that a store built with a cap of [`LOG_CAP`] lines trims the oldest lines and never
+/// reuses a `seq`.
+pub(crate) async fn check_log_cap(store: &dyn Store) {
+    create(store, "conf-cap", 1, 0).await;
+    assert_eq!(append(store, "conf-cap", &[0, 0, 0]).await, 3);
+    assert_eq!(append(store, "conf-cap", &[0, 0, 0]).await, 6);
+    assert_eq!(
+        seqs(&read_logs(store, "conf-cap", 0, None, 100).await),
+        [3, 4, 5, 6]
+    );
+    assert_eq!(append(store, "conf-cap", &[0; 10]).await, 16);
+    assert_eq!(
+        seqs(&read_logs(store, "conf-cap", 0, None, 100).await),
+        [13, 14, 15, 16]
+    );
+    assert_eq!(
+        seqs(&read_logs(store, "conf-cap", 14, None, 100).await),
+        [15, 16]
+    );
+    assert_eq!(
+        append(store, "conf-cap", &[0]).await,
+        17,
+        "no seq is reused"
+    );
+}
+
+fn at(secs: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(1_700_000_000 + secs)
+}
+
+fn deployment(id: &str, total_nodes: u32, retries: u32, created_at: SystemTime) -> Deployment {
+    Deployment {
+        id: id.to_owned(),
+        status: DeploymentStatus::Pending,
+        cloud_provider: "local".to_owned(),
+        total_nodes,
+        retries,
+        nodes_completed: 0,
+        nodes_failed: 0,
+        nodes_terminated: 0,
+        created_at,
+        updated_at: created_at,
+        completed_at: None,
+        error_message: None,
+    }
+}
+
+fn nodes(id: &str, count: u32) -> Vec<Node> {
+    (0..count)
+        .map(|index| Node::new(id, index, at(0)))
+        .collect()
+}
+
+fn status(status: NodeStatus) -> NodeUpdate {
+    NodeUpdate::Status {
+        status,
+        exit_code: None,
+        message: None,
+    }
+}
+
+fn provisioned(index: u32) -> NodeUpdate {
+    NodeUpdate::Provisioned {
+        instance_id: format!("i-{index}"),
+        ip_address: Some("10.1.2.3".to_owned()),
+    }
+}
+
+fn error(error: BoxError) -> Error {
+    store_error(error)
+}
+
+/// Creates a deployment of `total` pending nodes and moves it to `provisioning`.
+async fn create(store: &dyn Store, id: &str, total: u32, retries: u32) {
+    store
+        .create_deployment(deployment(id, total, retries, at(0)), nodes(id, total))
+        .await
+        .unwrap();
+    store
+        .update_deployment_status(id, DeploymentStatus::Provisioning, None, at(1))
+        .await
+        .unwrap();
+}
+
+async fn update(store: &dyn Store, node_id: &str, update: NodeUpdate, now: SystemTime) -> Applied {
+    store
+        .update_node(node_id, update, now)
+        .await
+        .unwrap_or_else(|e| panic!("{node_id}: {}", error(e)))
+}
+
+/// Takes a node from `pending` to `last` (completed or failed) along the happy path.
+async fn run_node(store: &dyn Store, node_id: &str, index: u32, last: NodeUpdate, now: SystemTime) {
+    update(store, node_id, status(NodeStatus::Provisioning), now).await;
+    update(store, node_id, provisioned(index), now).await;
+    update(store, node_id, status(NodeStatus::RunningScript), now).await;
+    update(store, node_id, last, now).await;
+}
+
+async fn snapshot(store: &dyn Store, id: &str) -> (Deployment, Vec<Node>) {
+    (
+        store.deployment(id).await.unwrap().unwrap(),
+        store.nodes(id).await.unwrap(),
+    )
+}
+
+async fn node(store: &dyn Store, node_id: &str) -> Node {
+    store.node(node_id).await.unwrap().unwrap()
+}
+
+fn log_line(node_index: u32, n: u64) -> NewLogLine {
+    NewLogLine {
+        node_id: format!("node-{node_index}"),
+        node_index,
+        stream: if n % 2 == 0 {
+            LogStream::Stdout
+        } else {
+            LogStream::Stderr
+        },
+        line: format!("line {n} of node {node_index} with \"quotes\", $VARS and a tab\t"),
+        timestamp: at(100 + n) + Duration::from_millis(250),
+    }
+}
+
+/// Appends one line per entry of `node_indexes` and returns the last seq.
+async fn append(store: &dyn Store, id: &str, node_indexes: &[u32]) -> u64 {
+    let lines = node_indexes
+        .iter()
+        .enumerate()
+        .map(|(n, index)| log_line(*index, n as u64))
+        .collect();
+    store.append_logs(id, lines).await.unwrap()
+}
+
+async fn read_logs(
+    store: &dyn Store,
+    id: &str,
+    after: u64,
+    node_index: Option<u32>,
+    limit: usize,
+) -> Vec<LogLine> {
+    let query = LogQuery {
+        after,
+        node_index,
+        limit,
+    };
+    store.logs(id, query).await.unwrap()
+}
+
+fn seqs(lines: &[LogLine]) -> Vec<u64> {
+    lines.iter().map(|line| line.seq).collect()
+}
+
+async fn creates_and_reads(store: &dyn Store) {
+    let id = "conf-read";
+    store
+        .create_deployment(deployment(id, 3, 2, at(0)), nodes(id, 3))
+        .await
+        .unwrap();
+    let stored = store.deployment(id).await.unwrap();
+    assert_eq!(stored, Some(deployment(id, 3, 2, at(0))));
+    assert_eq!(store.nodes(id).await.unwrap(), nodes(id, 3), "by index");
+    assert_eq!(node(store, "conf-read-1").await, Node::new(id, 1, at(0)));
+
+    assert_eq!(store.node("conf-read-9").await.unwrap(), None);
+    assert_eq!(store.deployment("conf-nothing").await.unwrap(), None);
+    assert!(error(store.nodes("conf-nothing").await.unwrap_err()).is_not_found());
+
+    let again = store
+        .create_deployment(deployment(id, 1, 0, at(5)), nodes(id, 1))
+        .await;
+    assert!(error(again.unwrap_err()).is_conflict());
+    assert_eq!(
+        snapshot(store, id).await,
+        (deployment(id, 3, 2, at(0)), nodes(id, 3)),
+        "a refused create changes nothing"
+    );
+}
+
+async fn refuses_illegal_transitions_and_changes_nothing(store: &dyn Store) {
+    let id = "conf-illegal";
+    create(store, id, 2, 0).await;
+    let completed = status(NodeStatus::Completed);
+    run_node(store, "conf-illegal-0", 0, completed.clone(), at(2)).await;
+    let before = snapshot(store, id).await;
+    let mut refused: Vec<NodeUpdate> = NodeStatus::ALL.iter().map(|s| status(*s)).collect();
+    refused.extend([
+        provisioned(0),
+        NodeUpdate::Retry,
+        NodeUpdate::ProvisionToken { hash: [1; 32] },
+        NodeUpdate::Registered {
+            auth_token_hash: [2; 32],
+        },
+    ]);
+    for attempt in refused {
+        let result = store
+            .update_node("conf-illegal-0", attempt.clone(), at(3))
+            .await;
+        let e = error(result.unwrap_err());
+        assert!(e.is_conflict(), "{attempt:?}: {e}");
+        assert_eq!(
+            snapshot(store, id).await,
+            before,
+            "{attempt:?} changed nothing"
+        );
+    }
+    // A pending node cannot jump to completed either.
+    let e = error(
+        store
+            .update_node("conf-illegal-1", completed.clone(), at(3))
+            .await
+            .unwrap_err(),
+    );
+    assert!(e.is_conflict(), "{e}");
+    assert_eq!(snapshot(store, id).await, before);
+
+    let missing = store.update_node("conf-illegal-7", completed, at(3)).await;
+    let e = error(missing.unwrap_err());
+    assert!(e.is_not_found(), "{e:?}");
+}
+
+async fn counts_nodes_to_completion(store: &dyn Store) {
+    let id = "conf-count";
+    create(store, id, 3, 0).await;
+    let applied = update(
+        store,
+        "conf-count-0",
+        status(NodeStatus::Provisioning),
+        at(2),
+    )
+    .await;
+    assert_eq!(
+        (
+            applied.previous,
+            applied.node.status,
+            applied.deployment_changed
+        ),
+        (NodeStatus::Pending, NodeStatus::Provisioning, None)
+    );
+    let applied = update(store, "conf-count-0", provisioned(0), at(3)).await;
+    assert_eq!(applied.deployment_changed, Some(DeploymentStatus::Running));
+    assert_eq!(applied.node.instance_id.as_deref(), Some("i-0"));
+    assert_eq!(applied.node, node(store, "conf-count-0").await);
+    update(
+        store,
+        "conf-count-0",
+        status(NodeStatus::RunningScript),
+        at(4),
+    )
+    .await;
+    let applied = update(store, "conf-count-0", status(NodeStatus::Completed), at(5)).await;
+    assert_eq!(applied.deployment_changed, None);
+
+    run_node(
+        store,
+        "conf-count-1",
+        1,
+        status(NodeStatus::Completed),
+        at(6),
+    )
+    .await;
+    let failed = NodeUpdate::Status {
+        status: NodeStatus::Failed,
+        exit_code: Some(2),
+        message: Some("exit code 2: no such file".to_owned()),
+    };
+    run_node(store, "conf-count-2", 2, failed, at(7)).await;
+
+    let (done, nodes) = snapshot(store, id).await;
+    assert_eq!(done.status, DeploymentStatus::Failed);
+    assert_eq!(
+        (
+            done.nodes_completed,
+            done.nodes_failed,
+            done.nodes_terminated
+        ),
+        (2, 1, 0)
+    );
+    assert_eq!((done.updated_at, done.completed_at), (at(7), Some(at(7))));
+    assert_eq!(done.error_message.as_deref(), Some("1 of 3 nodes failed"));
+    assert_eq!(nodes[2].exit_code, Some(2));
+    assert_eq!(
+        nodes[2].error_message.as_deref(),
+        Some("exit code 2: no such file")
+    );
+    assert_eq!(nodes[2].last_update, at(7));
+
+    let id = "conf-done";
+    create(store, id, 2, 0).await;
+    for index in 0..2 {
+        let node_id = format!("conf-done-{index}");
+        run_node(store, &node_id, index, status(NodeStatus::Completed), at(8)).await;
+    }
+    let done = store.deployment(id).await.unwrap().unwrap();
+    assert_eq!(done.status, DeploymentStatus::Completed);
+    assert_eq!((done.nodes_completed, done.completed_at), (2, Some(at(8))));
+}
+
+async fn retries_a_failed_node(store: &dyn Store) {
+    let id = "conf-retry";
+    create(store, id, 1, 1).await;
+    run_node(store, "conf-retry-0", 0, status(NodeStatus::Failed), at(2)).await;
+    let running = store.deployment(id).await.unwrap().unwrap();
+    assert_eq!(
+        (running.status, running.nodes_failed),
+        (DeploymentStatus::Running, 0)
+    );
+
+    let applied = update(store, "conf-retry-0", NodeUpdate::Retry, at(3)).await;
+    assert_eq!(
+        (applied.node.status, applied.node.attempt),
+        (NodeStatus::Provisioning, 2)
+    );
+    assert_eq!(applied.node.instance_id, None);
+    update(store, "conf-retry-0", provisioned(0), at(4)).await;
+    update(store, "conf-retry-0", status(NodeStatus::Failed), at(5)).await;
+    let failed = store.deployment(id).await.unwrap().unwrap();
+    assert_eq!(
+        (failed.status, failed.nodes_failed),
+        (DeploymentStatus::Failed, 1)
+    );
+    let again = store
+        .update_node("conf-retry-0", NodeUpdate::Retry, at(6))
+        .await;
+    assert!(error(again.unwrap_err()).is_conflict(), "no retry left");
+}
+
+async fn provision_tokens_work_once(store: &dyn Store) {
+    let id = "conf-token";
+    let mut created = nodes(id, 2);
+    created[1].provision_token_hash = Some([0xB1; 32]);
+    store
+        .create_deployment(deployment(id, 2, 0, at(0)), created)
+        .await
+        .unwrap();
+    let found = store.node_by_provision_token(&[0xB1; 32]).await.unwrap();
+    assert_eq!(found.map(|n| n.id).as_deref(), Some("conf-token-1"));
+
+    let node_id = "conf-token-0";
+    let arm = NodeUpdate::ProvisionToken { hash: [0xA1; 32] };
+    update(store, node_id, arm, at(1)).await;
+    let found = store.node_by_provision_token(&[0xA1; 32]).await.unwrap();
+    assert_eq!(found, Some(node(store, node_id).await));
+    assert_eq!(store.node_by_auth_token(&[0xA2; 32]).await.unwrap(), None);
+
+    update(store, node_id, status(NodeStatus::Provisioning), at(2)).await;
+    update(store, node_id, provisioned(0), at(3)).await;
+    let register = NodeUpdate::Registered {
+        auth_token_hash: [0xA2; 32],
+    };
+    let applied = update(store, node_id, register.clone(), at(4)).await;
+    assert_eq!(applied.node.status, NodeStatus::Registering);
+    assert_eq!(applied.node.provision_token_hash, None);
+    assert_eq!(
+        store.node_by_provision_token(&[0xA1; 32]).await.unwrap(),
+        None
+    );
+    let found = store.node_by_auth_token(&[0xA2; 32]).await.unwrap();
+    assert_eq!(found.as_ref().map(|n| n.id.as_str()), Some(node_id));
+    assert_eq!(found.and_then(|n| n.auth_token_hash), Some([0xA2; 32]));
+
+    let before = node(store, node_id).await;
+    let twice = store.update_node(node_id, register, at(5)).await;
+    assert!(
+        error(twice.unwrap_err()).is_conflict(),
+        "a provision token works once"
+    );
+    assert_eq!(node(store, node_id).await, before);
+}
+
+async fn moves_deployments(store: &dyn Store) {
+    let id = "conf-move";
+    store
+        .create_deployment(deployment(id, 1, 0, at(0)), nodes(id, 1))
+        .await
+        .unwrap();
+    let early = store
+        .update_deployment_status(id, DeploymentStatus::Running, None, at(1))
+        .await;
+    assert!(error(early.unwrap_err()).is_conflict());
+    assert_eq!(
+        store.deployment(id).await.unwrap(),
+        Some(deployment(id, 1, 0, at(0)))
+    );
+
+    let moved = store
+        .update_deployment_status(id, DeploymentStatus::Provisioning, None, at(2))
+        .await
+        .unwrap();
+    assert_eq!(
+        (moved.status, moved.updated_at),
+        (DeploymentStatus::Provisioning, at(2))
+    );
+    let message = Some("no node could be provisioned".to_owned());
+    let failed = store
+        .update_deployment_status(id, DeploymentStatus::Failed, message.clone(), at(3))
+        .await
+        .unwrap();
+    assert_eq!(
+        (failed.completed_at, failed.error_message.clone()),
+        (Some(at(3)), message)
+    );
+    assert_eq!(store.deployment(id).await.unwrap(), Some(failed.clone()));
+    let late = store
+        .update_deployment_status(id, DeploymentStatus::Terminating, None, at(4))
+        .await;
+    assert!(
+        error(late.unwrap_err()).is_conflict(),
+        "a final deployment stays"
+    );
+    assert_eq!(store.deployment(id).await.unwrap(), Some(failed));
+
+    let missing = store
+        .update_deployment_status("conf-nothing", DeploymentStatus::Provisioning, None, at(1))
+        .await;
+    assert!(error(missing.unwrap_err()).is_not_found());
+}
+
+async fn heartbeats_touch_only_live_nodes(store: &dyn Store) {
+    let id = "conf-beat";
+    create(store, id, 2, 0).await;
+    update(
+        store,
+        "conf-beat-0",
+        status(NodeStatus::Provisioning),
+        at(2),
+    )
+    .await;
+    store.touch_node("conf-beat-0", at(50)).await.unwrap();
+    let touched = node(store, "conf-beat-0").await;
+    assert_eq!(
+        (touched.last_update, touched.status),
+        (at(50), NodeStatus::Provisioning)
+    );
+    store.touch_node("conf-beat-1", at(60)).await.unwrap();
+    let nodes = store.nodes(id).await.unwrap();
+    assert_eq!(
+        (nodes[0].last_update, nodes[1].last_update),
+        (at(50), at(60))
+    );
+
+    // An update after a heartbeat takes the update's time.
+    update(store, "conf-beat-0", provisioned(0), at(55)).await;
+    assert_eq!(node(store, "conf-beat-0").await.last_update, at(55));
+
+    update(
+        store,
+        "conf-beat-0",
+        status(NodeStatus::RunningScript),
+        at(70),
+    )
+    .await;
+    update(store, "conf-beat-0", status(NodeStatus::Completed), at(71)).await;
+    store.touch_node("conf-beat-0", at(300)).await.unwrap();
+    assert_eq!(
+        node(store, "conf-beat-0").await.last_update,
+        at(71),
+        "a final node is not touched"
+    );
+    store.touch_node("conf-beat-9", at(300)).await.unwrap();
+    assert_eq!(store.node("conf-beat-9").await.unwrap(), None);
+}
+
+async fn pages_logs(store: &dyn Store) {
+    let id = "conf-logs";
+    create(store, id, 2, 0).await;
+    assert_eq!(store.logs(id, LogQuery::default()).await.unwrap(), []);
+    assert_eq!(append(store, id, &[]).await, 0);
+    assert_eq!(append(store, id, &[0, 1, 0]).await, 3);
+    assert_eq!(append(store, id, &[1, 0]).await, 5);
+
+    let all = read_logs(store, id, 0, None, 100).await;
+    assert_eq!(seqs(&all), [1, 2, 3, 4, 5], "oldest first");
+    let expected = [(0, 0), (1, 1), (0, 2), (1, 0), (0, 1)].map(|(index, n)| {
+        let line = log_line(index, n);
+        (
+            line.node_id,
+            line.node_index,
+            line.stream,
+            line.line,
+            line.timestamp,
+        )
+    });
+    let stored: Vec<_> = all
+        .iter()
+        .map(|l| {
+            (
+                l.node_id.clone(),
+                l.node_index,
+                l.stream,
+                l.line.clone(),
+                l.timestamp,
+            )
+        })
+        .collect();
+    assert_eq!(stored, expected);
+
+    assert_eq!(seqs(&read_logs(store, id, 2, None, 2).await), [3, 4]);
+    assert_eq!(
+        seqs(&read_logs(store, id, 5, None, 10).await),
+        [] as [u64; 0]
+    );
+    assert_eq!(seqs(&read_logs(store, id, 0, Some(1), 10).await), [2, 4]);
+    assert_eq!(seqs(&read_logs(store, id, 1, Some(0), 1).await), [3]);
+    assert_eq!(
+        seqs(&read_logs(store, id, 0, None, 0).await),
+        [] as [u64; 0]
+    );
+    assert_eq!(
+        seqs(&read_logs(store, id, u64::MAX, None, 10).await),
+        [] as [u64; 0]
+    );
+
+    // Following with `after` = the last seq seen never repeats or skips a line.
+    let mut followed = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = read_logs(store, id, after, None, 2).await;
+        let Some(last) = page.last() else { break };
+        after = last.seq;
+        followed.extend(seqs(&page));
+    }
+    assert_eq!(followed, [1, 2, 3, 4, 5]);
+
+    let missing = store
+        .append_logs("conf-nothing", vec![log_line(0, 0)])
+        .await;
+    assert!(error(missing.unwrap_err()).is_not_found());
+    let missing = store.logs("conf-nothing", LogQuery::default()).await;
+    assert!(error(missing.unwrap_err()).is_not_found());
+}
+
+async fn lists_newest_first(store: &dyn Store) {
+    for (id, created) in [
+        ("conf-order-a", 10),
+        ("conf-order-b", 30),
+        ("conf-order-c", 20),
+        ("conf-order-d", 30),
+    ] {
+        store
+            .create_deployment(deployment(id, 1, 0, at(created)), nodes(id, 1))
+            .await
+            .unwrap();
+    }
+    let listed: Vec<String> = store
+        .deployments()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.id)
+        .filter(|id| id.starts_with("conf-order-"))
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            "conf-order-d",
+            "conf-order-b",
+            "conf-order-c",
+            "conf-order-a"
+        ]
+    );
+}
+
+async fn deletes_everything_of_a_deployment(store: &dyn Store) {
+    let id = "conf-delete";
+    let kept = "conf-kept";
+    let mut created = nodes(id, 2);
+    created[0].provision_token_hash = Some([0xD1; 32]);
+    created[1].auth_token_hash = Some([0xD2; 32]);
+    store
+        .create_deployment(deployment(id, 2, 0, at(0)), created)
+        .await
+        .unwrap();
+    create(store, kept, 1, 0).await;
+    append(store, id, &[0, 1]).await;
+    append(store, kept, &[0]).await;
+    store.touch_node("conf-delete-1", at(9)).await.unwrap();
+
+    assert!(store.delete_deployment(id).await.unwrap());
+    assert_eq!(store.deployment(id).await.unwrap(), None);
+    assert_eq!(store.node("conf-delete-0").await.unwrap(), None);
+    assert!(error(store.nodes(id).await.unwrap_err()).is_not_found());
+    assert_eq!(
+        store.node_by_provision_token(&[0xD1; 32]).await.unwrap(),
+        None
+    );
+    assert_eq!(store.node_by_auth_token(&[0xD2; 32]).await.unwrap(), None);
+    assert!(error(store.logs(id, LogQuery::default()).await.unwrap_err()).is_not_found());
+    assert!(!store.delete_deployment(id).await.unwrap(), "already gone");
+    assert!(!store.delete_deployment("conf-nothing").await.unwrap());
+
+    assert_eq!(store.nodes(kept).await.unwrap().len(), 1);
+    assert_eq!(seqs(&read_logs(store, kept, 0, None, 10).await), [1]);
+
+    // The id is free again, with a fresh log.
+    store
+        .create_deployment(deployment(id, 1, 0, at(20)), nodes(id, 1))
+        .await
+        .unwrap();
+    assert_eq!(store.nodes(id).await.unwrap(), nodes(id, 1));
+    assert_eq!(append(store, id, &[0]).await, 1);
+}
+
+mod tests {
+    use super::*;
+    use crate::state::MemoryStore;
+
+    #[tokio::test]
+    async fn memory_store_conforms() {
+        check_store(&MemoryStore::new()).await;
+        check_log_cap(&MemoryStore::new().max_log_lines(LOG_CAP)).await;
+    }
+}

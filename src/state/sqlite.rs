@@ -1,0 +1,1417 @@
+//! [`SqliteStore`]: deployments, nodes and logs in one SQLite file, so a daemon that restarts
+//! finds every deployment where it left it.
+//!
+//! Writes are incremental: a node update rewrites that node's row and its deployment's row, a
+//! log append inserts its lines, and nothing ever rewrites the whole state. Heartbeats are kept
+//! in memory and reach the file only coarsely. Tokens are stored only as their SHA-256 hashes.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, TransactionBehavior};
+
+use super::model::{self, Applied, Deployment, DeploymentStatus, Node, NodeStatus, NodeUpdate};
+use super::{LogLine, LogQuery, LogStream, NewLogLine, Store};
+use crate::error::{BoxError, Error};
+
+/// The schema this code reads and writes, kept in `PRAGMA user_version`.
+const SCHEMA_VERSION: i64 = 1;
+
+/// Default cap on stored log lines per deployment, as for the in-memory store.
+const DEFAULT_MAX_LOG_LINES: usize = 1_000_000;
+
+/// A heartbeat reaches the file only when it is more than this much newer than the stored time.
+const HEARTBEAT_FLUSH_MS: i64 = 60_000;
+
+/// How long a call waits for another process holding the database's write lock.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Every call uses a handful of statements; keep them all prepared.
+const STATEMENT_CACHE_CAPACITY: usize = 64;
+
+/// Schema version 1. Times are integer milliseconds since the Unix epoch; `log_seq` is the last
+/// `seq` handed out in the deployment's log, so a `seq` is never reused even after old lines
+/// are trimmed.
+const SCHEMA: &str = "
+CREATE TABLE deployments (
+    id               TEXT PRIMARY KEY NOT NULL,
+    status           TEXT NOT NULL,
+    cloud_provider   TEXT NOT NULL,
+    total_nodes      INTEGER NOT NULL,
+    retries          INTEGER NOT NULL,
+    nodes_completed  INTEGER NOT NULL,
+    nodes_failed     INTEGER NOT NULL,
+    nodes_terminated INTEGER NOT NULL,
+    created_at       INTEGER NOT NULL,
+    updated_at       INTEGER NOT NULL,
+    completed_at     INTEGER,
+    error_message    TEXT,
+    log_seq          INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX deployments_newest_first ON deployments (created_at DESC, id DESC);
+
+CREATE TABLE nodes (
+    id                   TEXT PRIMARY KEY NOT NULL,
+    deployment_id        TEXT NOT NULL REFERENCES deployments (id) ON DELETE CASCADE,
+    node_index           INTEGER NOT NULL,
+    status               TEXT NOT NULL,
+    attempt              INTEGER NOT NULL,
+    instance_id          TEXT,
+    ip_address           TEXT,
+    last_update          INTEGER NOT NULL,
+    exit_code            INTEGER,
+    error_message        TEXT,
+    provision_token_hash BLOB UNIQUE,
+    auth_token_hash      BLOB UNIQUE
+);
+CREATE INDEX nodes_by_deployment ON nodes (deployment_id, node_index);
+
+CREATE TABLE logs (
+    deployment_id TEXT NOT NULL REFERENCES deployments (id) ON DELETE CASCADE,
+    seq           INTEGER NOT NULL,
+    node_id       TEXT NOT NULL,
+    node_index    INTEGER NOT NULL,
+    stream        TEXT NOT NULL,
+    line          TEXT NOT NULL,
+    timestamp     INTEGER NOT NULL,
+    PRIMARY KEY (deployment_id, seq)
+);
+CREATE INDEX logs_by_node ON logs (deployment_id, node_index, seq);
+";
+
+/// The columns of a node, in the order [`node_from_row`] reads them.
+macro_rules! node_columns {
+    () => {
+        "id, deployment_id, node_index, status, attempt, instance_id, ip_address, last_update, \
+         exit_code, error_message, provision_token_hash, auth_token_hash"
+    };
+}
+
+/// The columns of a deployment, in the order [`deployment_from_row`] reads them.
+macro_rules! deployment_columns {
+    () => {
+        "id, status, cloud_provider, total_nodes, retries, nodes_completed, nodes_failed, \
+         nodes_terminated, created_at, updated_at, completed_at, error_message"
+    };
+}
+
+/// A [`Store`] in one SQLite file: deployments, nodes and logs survive a restart of the process.
+///
+/// The file is opened in WAL mode with `synchronous=NORMAL`: a committed change survives a
+/// crash of the process; a power loss may lose the last changes committed before it but never
+/// corrupts the file. The file is created with mode 0600 (it holds token hashes).
+///
+/// # Writes
+/// Every call is one SQLite transaction, and every change of state is computed by
+/// [`model::apply_node_update`] or [`model::apply_deployment_status`] inside it, so the state
+/// machines are the same as [`crate::MemoryStore`]'s. A node update writes that node's row and
+/// its deployment's row; nothing ever rewrites the whole state. A refused transition returns the
+/// crate's conflict [`Error`] and changes nothing.
+///
+/// # Heartbeats
+/// [`Store::touch_node`] does not write to the file: the last-seen time is kept in memory and
+/// shown as `last_update` on every node read back. It reaches the file when the node's row is
+/// next written, when a heartbeat is more than 60 s newer than the stored time, and when the
+/// store is dropped (in one transaction, on the thread that drops the last reference). After a
+/// crash, a node's `last_update` may therefore be up to a minute old.
+///
+/// # Cancellation
+/// SQLite is synchronous, so every call runs on tokio's blocking thread pool
+/// (`spawn_blocking`) and needs a tokio runtime. Dropping a call's future does not stop it: the
+/// blocking task runs to completion, and since each call is one transaction its change is then
+/// either fully applied or, if it failed, not applied at all, never half.
+///
+/// # Differences from the in-memory store
+/// Times are stored at millisecond precision, so a `SystemTime` read back is the one written,
+/// truncated to the millisecond.
+///
+/// ```no_run
+/// # fn demo() -> taskfly::Result<()> {
+/// use std::sync::Arc;
+/// use taskfly::{Config, Orchestrator, SqliteStore};
+/// let store = SqliteStore::open("/var/lib/taskfly/state.db".as_ref())?;
+/// let engine = Orchestrator::new(Config::new("/var/lib/taskfly").store(Arc::new(store)))?;
+/// # let _ = engine; Ok(()) }
+/// ```
+pub struct SqliteStore {
+    shared: Arc<Shared>,
+    max_log_lines: usize,
+}
+
+/// What the blocking tasks share with the store.
+struct Shared {
+    /// `None` for an in-memory database.
+    path: Option<PathBuf>,
+    conn: Mutex<Connection>,
+    /// Last-seen times of live nodes, newer than (or equal to) what their rows hold. An entry
+    /// exists only for a node that exists and is not final; whoever writes a node's row or
+    /// deletes it removes its entry. Lock order: `conn` first, then `heartbeats`.
+    heartbeats: Mutex<HashMap<String, Heartbeat>>,
+}
+
+struct Heartbeat {
+    deployment_id: String,
+    /// The last heartbeat's time.
+    seen: SystemTime,
+    /// The node's `last_update` as its row holds it.
+    stored_ms: i64,
+}
+
+impl fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.shared.path)
+            .field("max_log_lines", &self.max_log_lines)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SqliteStore {
+    /// Opens the database at `path`, creating it (and its parent directory) if needed.
+    ///
+    /// A new file is created with mode 0600; an existing one loses any group or other
+    /// permission bits. The schema is created on first use; a file written by a newer version
+    /// of taskfly (a higher schema version) is refused rather than misread. This blocks briefly
+    /// on file I/O.
+    pub fn open(path: &Path) -> crate::Result<SqliteStore> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            fs::create_dir_all(parent).map_err(|e| {
+                Error::io(format!("cannot create directory {}", parent.display()), e)
+            })?;
+        }
+        create_private_file(path)?;
+        let conn = Connection::open(path)
+            .map_err(|e| sqlite_error(format!("cannot open {}", path.display()), e))?;
+        SqliteStore::from_connection(conn, Some(path.to_owned()))
+    }
+
+    /// A store in a private in-memory database, lost when it is dropped: for tests, and to
+    /// exercise the SQLite code paths without a file.
+    pub fn open_in_memory() -> crate::Result<SqliteStore> {
+        let conn = Connection::open_in_memory()
+            .map_err(|e| sqlite_error("cannot open an in-memory database", e))?;
+        SqliteStore::from_connection(conn, None)
+    }
+
+    /// Keep at most this many log lines per deployment (default 1,000,000); the oldest lines
+    /// are deleted first, and their `seq` numbers are never reused.
+    #[must_use]
+    pub fn max_log_lines(mut self, lines: usize) -> Self {
+        self.max_log_lines = lines.max(1);
+        self
+    }
+
+    fn from_connection(mut conn: Connection, path: Option<PathBuf>) -> crate::Result<SqliteStore> {
+        let name = path.as_ref().map_or_else(
+            || "the in-memory database".to_owned(),
+            |p| p.display().to_string(),
+        );
+        configure(&conn).map_err(|e| sqlite_error(format!("cannot configure {name}"), e))?;
+        migrate(&mut conn, &name)?;
+        Ok(SqliteStore {
+            shared: Arc::new(Shared {
+                path,
+                conn: Mutex::new(conn),
+                heartbeats: Mutex::new(HashMap::new()),
+            }),
+            max_log_lines: DEFAULT_MAX_LOG_LINES,
+        })
+    }
+
+    /// Runs `f` with the connection on tokio's blocking pool. The task runs to completion even
+    /// if the returned future is dropped.
+    async fn run<T, F>(&self, f: F) -> Result<T, BoxError>
+    where
+        F: FnOnce(&Shared, &mut Connection) -> Result<T, BoxError> + Send + 'static,
+        T: Send + 'static,
+    {
+        let shared = Arc::clone(&self.shared);
+        tokio::task::spawn_blocking(move || {
+            let mut conn = lock(&shared.conn);
+            f(&shared, &mut conn)
+        })
+        .await
+        .map_err(|e| -> BoxError {
+            Box::new(Error::store(
+                "a state store task did not finish",
+                Box::new(e),
+            ))
+        })?
+    }
+}
+
+impl Shared {
+    fn heartbeats(&self) -> MutexGuard<'_, HashMap<String, Heartbeat>> {
+        lock(&self.heartbeats)
+    }
+
+    /// Shows the newest heartbeat of each node as its `last_update`.
+    fn overlay_heartbeats(&self, nodes: &mut [Node]) {
+        let heartbeats = self.heartbeats();
+        if heartbeats.is_empty() {
+            return;
+        }
+        for node in nodes {
+            if let Some(heartbeat) = heartbeats.get(&node.id) {
+                node.last_update = heartbeat.seen;
+            }
+        }
+    }
+}
+
+impl Drop for Shared {
+    /// Saves the heartbeat times the file does not have yet, so a clean shutdown loses none.
+    fn drop(&mut self) {
+        let heartbeats = std::mem::take(
+            self.heartbeats
+                .get_mut()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        );
+        let pending: Vec<(String, i64)> = heartbeats
+            .into_iter()
+            .map(|(node_id, heartbeat)| (node_id, heartbeat.stored_ms, to_ms(heartbeat.seen)))
+            .filter(|(_, stored_ms, seen_ms)| stored_ms != seen_ms)
+            .map(|(node_id, _, seen_ms)| (node_id, seen_ms))
+            .collect();
+        if pending.is_empty() {
+            return;
+        }
+        let conn = self
+            .conn
+            .get_mut()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let saved = conn.transaction().and_then(|tx| {
+            {
+                let mut update =
+                    tx.prepare_cached("UPDATE nodes SET last_update = ?2 WHERE id = ?1")?;
+                for (node_id, seen_ms) in &pending {
+                    update.execute(params![node_id, seen_ms])?;
+                }
+            }
+            tx.commit()
+        });
+        if let Err(error) = saved {
+            let nodes = pending.len();
+            tracing::warn!(%error, nodes, "could not save the last heartbeat times");
+        }
+    }
+}
+
+/// Locks a mutex whose data stays consistent even if a holder panicked: the heartbeat map is
+/// only ever changed by whole-entry operations, and an unfinished SQLite transaction is rolled
+/// back when its `Transaction` is dropped during the unwinding.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Creates the database file with mode 0600 before SQLite opens it (SQLite gives its `-wal` and
+/// `-shm` files the same mode), and takes group and other bits off an existing file.
+#[cfg(unix)]
+fn create_private_file(path: &Path) -> crate::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+
+    let cannot = |e| {
+        Error::io(
+            format!("cannot create {} with mode 0600", path.display()),
+            e,
+        )
+    };
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(cannot)?;
+    let mode = file.metadata().map_err(cannot)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        file.set_permissions(fs::Permissions::from_mode(mode & 0o700))
+            .map_err(cannot)?;
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn create_private_file(_path: &Path) -> crate::Result<()> {
+    Ok(())
+}
+
+fn configure(conn: &Connection) -> rusqlite::Result<()> {
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    // SQLite answers with the mode now in force: `memory` for an in-memory database, and the
+    // old mode on a file system without shared memory. Both still work, only slower.
+    let _mode: String =
+        conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "foreign_keys", true)?;
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE_CAPACITY);
+    Ok(())
+}
+
+/// Creates the schema in a new database and refuses one whose schema this code does not know.
+fn migrate(conn: &mut Connection, name: &str) -> crate::Result<()> {
+    let cannot = |e| sqlite_error(format!("cannot set up the schema of {name}"), e);
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(cannot)?;
+    let version: i64 = tx
+        .pragma_query_value(None, "user_version", |row| row.get(0))
+        .map_err(cannot)?;
+    match version {
+        0 => {
+            tx.execute_batch(SCHEMA).map_err(cannot)?;
+            tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+                .map_err(cannot)?;
+        }
+        SCHEMA_VERSION => {}
+        other => {
+            return Err(Error::store(
+                format!("cannot use {name}"),
+                Box::new(BadData(format!(
+                    "its schema version is {other}, and this taskfly knows only version \
+                     {SCHEMA_VERSION}; it was probably written by a newer taskfly"
+                ))),
+            ));
+        }
+    }
+    tx.commit().map_err(cannot)
+}
+
+fn sqlite_error(message: impl Into<String>, error: rusqlite::Error) -> Error {
+    Error::store(message, Box::new(error))
+}
+
+/// What is wrong with data read back from the database; the cause of a store [`Error`].
+#[derive(Debug)]
+struct BadData(String);
+
+impl fmt::Display for BadData {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BadData {}
+
+fn bad_data(message: String) -> BoxError {
+    Box::new(Error::store(
+        "the state database holds a value this taskfly cannot read",
+        Box::new(BadData(message)),
+    ))
+}
+
+fn unknown_deployment(id: &str) -> BoxError {
+    Box::new(Error::not_found(format!("no deployment `{id}`")))
+}
+
+fn unknown_node(id: &str) -> BoxError {
+    Box::new(Error::not_found(format!("no node `{id}`")))
+}
+
+/// Milliseconds since the Unix epoch, negative before it, saturating far out of range.
+fn to_ms(time: SystemTime) -> i64 {
+    match time.duration_since(UNIX_EPOCH) {
+        Ok(after) => i64::try_from(after.as_millis()).unwrap_or(i64::MAX),
+        Err(before) => i64::try_from(before.duration().as_millis()).map_or(i64::MIN, |ms| -ms),
+    }
+}
+
+/// The inverse of [`to_ms`]; `None` if the platform's `SystemTime` cannot hold it.
+fn from_ms(ms: i64) -> Option<SystemTime> {
+    let magnitude = Duration::from_millis(ms.unsigned_abs());
+    if ms >= 0 {
+        UNIX_EPOCH.checked_add(magnitude)
+    } else {
+        UNIX_EPOCH.checked_sub(magnitude)
+    }
+}
+
+fn column_name(row: &Row<'_>, index: usize) -> String {
+    row.as_ref()
+        .column_name(index)
+        .map_or_else(|_| format!("column {index}"), str::to_owned)
+}
+
+fn read_u32(row: &Row<'_>, index: usize) -> Result<u32, BoxError> {
+    let value: i64 = row.get(index)?;
+    u32::try_from(value).map_err(|_| {
+        bad_data(format!(
+            "{} is {value}, which is not a count",
+            column_name(row, index)
+        ))
+    })
+}
+
+fn read_u64(row: &Row<'_>, index: usize) -> Result<u64, BoxError> {
+    let value: i64 = row.get(index)?;
+    u64::try_from(value).map_err(|_| {
+        bad_data(format!(
+            "{} is {value}, which is negative",
+            column_name(row, index)
+        ))
+    })
+}
+
+fn time_from_ms(ms: i64, what: impl FnOnce() -> String) -> Result<SystemTime, BoxError> {
+    from_ms(ms).ok_or_else(|| bad_data(format!("{} is {ms}, out of range", what())))
+}
+
+fn read_time(row: &Row<'_>, index: usize) -> Result<SystemTime, BoxError> {
+    time_from_ms(row.get(index)?, || column_name(row, index))
+}
+
+fn read_optional_time(row: &Row<'_>, index: usize) -> Result<Option<SystemTime>, BoxError> {
+    let ms: Option<i64> = row.get(index)?;
+    ms.map(|ms| time_from_ms(ms, || column_name(row, index)))
+        .transpose()
+}
+
+fn read_hash(row: &Row<'_>, index: usize) -> Result<Option<[u8; 32]>, BoxError> {
+    let bytes: Option<Vec<u8>> = row.get(index)?;
+    bytes
+        .map(|bytes| {
+            <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| {
+                bad_data(format!(
+                    "{} holds {} bytes, not a 32-byte SHA-256 hash",
+                    column_name(row, index),
+                    bytes.len()
+                ))
+            })
+        })
+        .transpose()
+}
+
+fn read_status<S: std::str::FromStr<Err = Error>>(
+    row: &Row<'_>,
+    index: usize,
+) -> Result<S, BoxError> {
+    let name: String = row.get(index)?;
+    name.parse()
+        .map_err(|e: Error| bad_data(format!("{}: {e}", column_name(row, index))))
+}
+
+fn deployment_from_row(row: &Row<'_>) -> Result<Deployment, BoxError> {
+    Ok(Deployment {
+        id: row.get(0)?,
+        status: read_status(row, 1)?,
+        cloud_provider: row.get(2)?,
+        total_nodes: read_u32(row, 3)?,
+        retries: read_u32(row, 4)?,
+        nodes_completed: read_u32(row, 5)?,
+        nodes_failed: read_u32(row, 6)?,
+        nodes_terminated: read_u32(row, 7)?,
+        created_at: read_time(row, 8)?,
+        updated_at: read_time(row, 9)?,
+        completed_at: read_optional_time(row, 10)?,
+        error_message: row.get(11)?,
+    })
+}
+
+fn node_from_row(row: &Row<'_>) -> Result<Node, BoxError> {
+    let exit_code: Option<i64> = row.get(8)?;
+    let exit_code = exit_code
+        .map(|code| {
+            i32::try_from(code).map_err(|_| bad_data(format!("exit_code is {code}, out of range")))
+        })
+        .transpose()?;
+    Ok(Node {
+        id: row.get(0)?,
+        deployment_id: row.get(1)?,
+        index: read_u32(row, 2)?,
+        status: read_status(row, 3)?,
+        attempt: read_u32(row, 4)?,
+        instance_id: row.get(5)?,
+        ip_address: row.get(6)?,
+        last_update: read_time(row, 7)?,
+        exit_code,
+        error_message: row.get(9)?,
+        provision_token_hash: read_hash(row, 10)?,
+        auth_token_hash: read_hash(row, 11)?,
+    })
+}
+
+fn log_line_from_row(row: &Row<'_>) -> Result<LogLine, BoxError> {
+    let stream: String = row.get(3)?;
+    Ok(LogLine {
+        seq: read_u64(row, 0)?,
+        node_id: row.get(1)?,
+        node_index: read_u32(row, 2)?,
+        stream: LogStream::parse(&stream)
+            .ok_or_else(|| bad_data(format!("stream is `{stream}`, not stdout or stderr")))?,
+        line: row.get(4)?,
+        timestamp: read_time(row, 5)?,
+    })
+}
+
+/// Runs a query and decodes every row it returns.
+fn query_all<T>(
+    statement: &mut rusqlite::Statement<'_>,
+    params: impl rusqlite::Params,
+    decode: fn(&Row<'_>) -> Result<T, BoxError>,
+) -> Result<Vec<T>, BoxError> {
+    let mut rows = statement.query(params)?;
+    let mut decoded = Vec::new();
+    while let Some(row) = rows.next()? {
+        decoded.push(decode(row)?);
+    }
+    Ok(decoded)
+}
+
+fn select_deployment(conn: &Connection, id: &str) -> Result<Option<Deployment>, BoxError> {
+    let mut select = conn.prepare_cached(concat!(
+        "SELECT ",
+        deployment_columns!(),
+        " FROM deployments WHERE id = ?1"
+    ))?;
+    let mut rows = select.query([id])?;
+    rows.next()?.map(deployment_from_row).transpose()
+}
+
+fn deployment_exists(conn: &Connection, id: &str) -> Result<bool, BoxError> {
+    let mut select = conn.prepare_cached("SELECT 1 FROM deployments WHERE id = ?1")?;
+    Ok(select.exists([id])?)
+}
+
+/// One node, as its row holds it (without the heartbeat overlay).
+fn select_node(conn: &Connection, id: &str) -> Result<Option<Node>, BoxError> {
+    let mut select = conn.prepare_cached(concat!(
+        "SELECT ",
+        node_columns!(),
+        " FROM nodes WHERE id = ?1"
+    ))?;
+    let mut rows = select.query([id])?;
+    rows.next()?.map(node_from_row).transpose()
+}
+
+fn insert_node(tx: &Transaction<'_>, node: &Node) -> rusqlite::Result<()> {
+    let mut insert = tx.prepare_cached(concat!(
+        "INSERT INTO nodes (",
+        node_columns!(),
+        ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
+    ))?;
+    insert.execute(params![
+        node.id,
+        node.deployment_id,
+        node.index,
+        node.status.as_str(),
+        node.attempt,
+        node.instance_id,
+        node.ip_address,
+        to_ms(node.last_update),
+        node.exit_code,
+        node.error_message,
+        node.provision_token_hash.as_ref().map(|h| h.as_slice()),
+        node.auth_token_hash.as_ref().map(|h| h.as_slice()),
+    ])?;
+    Ok(())
+}
+
+/// Writes back what [`model::apply_node_update`] may change in a node. The token hash columns
+/// are written only when `before` held other hashes: setting a `UNIQUE` column rewrites its
+/// index even to the same value, which made every status update about 40% slower.
+fn write_node(tx: &Transaction<'_>, before: &Node, node: &Node) -> rusqlite::Result<()> {
+    let tokens_changed = before.provision_token_hash != node.provision_token_hash
+        || before.auth_token_hash != node.auth_token_hash;
+    if !tokens_changed {
+        let mut update = tx.prepare_cached(
+            "UPDATE nodes SET status = ?2, attempt = ?3, instance_id = ?4, ip_address = ?5, \
+             last_update = ?6, exit_code = ?7, error_message = ?8 WHERE id = ?1",
+        )?;
+        update.execute(params![
+            node.id,
+            node.status.as_str(),
+            node.attempt,
+            node.instance_id,
+            node.ip_address,
+            to_ms(node.last_update),
+            node.exit_code,
+            node.error_message,
+        ])?;
+        return Ok(());
+    }
+    let mut update = tx.prepare_cached(
+        "UPDATE nodes SET status = ?2, attempt = ?3, instance_id = ?4, ip_address = ?5, \
+         last_update = ?6, exit_code = ?7, error_message = ?8, provision_token_hash = ?9, \
+         auth_token_hash = ?10 WHERE id = ?1",
+    )?;
+    update.execute(params![
+        node.id,
+        node.status.as_str(),
+        node.attempt,
+        node.instance_id,
+        node.ip_address,
+        to_ms(node.last_update),
+        node.exit_code,
+        node.error_message,
+        node.provision_token_hash.as_ref().map(|h| h.as_slice()),
+        node.auth_token_hash.as_ref().map(|h| h.as_slice()),
+    ])?;
+    Ok(())
+}
+
+/// Writes back what the state machines may change in a deployment: its status, counters,
+/// times and message (never its id, provider, size or retries).
+fn write_deployment(tx: &Transaction<'_>, deployment: &Deployment) -> rusqlite::Result<()> {
+    let mut update = tx.prepare_cached(
+        "UPDATE deployments SET status = ?2, nodes_completed = ?3, nodes_failed = ?4, \
+         nodes_terminated = ?5, updated_at = ?6, completed_at = ?7, error_message = ?8 \
+         WHERE id = ?1",
+    )?;
+    update.execute(params![
+        deployment.id,
+        deployment.status.as_str(),
+        deployment.nodes_completed,
+        deployment.nodes_failed,
+        deployment.nodes_terminated,
+        to_ms(deployment.updated_at),
+        deployment.completed_at.map(to_ms),
+        deployment.error_message,
+    ])?;
+    Ok(())
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn create_deployment(
+        &self,
+        deployment: Deployment,
+        nodes: Vec<Node>,
+    ) -> Result<(), BoxError> {
+        self.run(move |_, conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            if deployment_exists(&tx, &deployment.id)? {
+                return Err(Box::new(Error::conflict(format!(
+                    "deployment `{}` already exists",
+                    deployment.id
+                ))));
+            }
+            tx.prepare_cached(concat!(
+                "INSERT INTO deployments (",
+                deployment_columns!(),
+                ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
+            ))?
+            .execute(params![
+                deployment.id,
+                deployment.status.as_str(),
+                deployment.cloud_provider,
+                deployment.total_nodes,
+                deployment.retries,
+                deployment.nodes_completed,
+                deployment.nodes_failed,
+                deployment.nodes_terminated,
+                to_ms(deployment.created_at),
+                to_ms(deployment.updated_at),
+                deployment.completed_at.map(to_ms),
+                deployment.error_message,
+            ])?;
+            for node in &nodes {
+                insert_node(&tx, node)?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn deployment(&self, id: &str) -> Result<Option<Deployment>, BoxError> {
+        let id = id.to_owned();
+        self.run(move |_, conn| select_deployment(conn, &id)).await
+    }
+
+    async fn deployments(&self) -> Result<Vec<Deployment>, BoxError> {
+        self.run(|_, conn| {
+            let mut select = conn.prepare_cached(concat!(
+                "SELECT ",
+                deployment_columns!(),
+                " FROM deployments ORDER BY created_at DESC, id DESC"
+            ))?;
+            query_all(&mut select, [], deployment_from_row)
+        })
+        .await
+    }
+
+    async fn node(&self, node_id: &str) -> Result<Option<Node>, BoxError> {
+        let node_id = node_id.to_owned();
+        self.run(move |shared, conn| {
+            let mut node = select_node(conn, &node_id)?;
+            shared.overlay_heartbeats(node.as_mut_slice());
+            Ok(node)
+        })
+        .await
+    }
+
+    async fn nodes(&self, deployment_id: &str) -> Result<Vec<Node>, BoxError> {
+        let deployment_id = deployment_id.to_owned();
+        self.run(move |shared, conn| {
+            // One read transaction, so the existence check and the rows agree.
+            let tx = conn.transaction()?;
+            if !deployment_exists(&tx, &deployment_id)? {
+                return Err(unknown_deployment(&deployment_id));
+            }
+            let mut nodes = {
+                let mut select = tx.prepare_cached(concat!(
+                    "SELECT ",
+                    node_columns!(),
+                    " FROM nodes WHERE deployment_id = ?1 ORDER BY node_index"
+                ))?;
+                query_all(&mut select, [&deployment_id], node_from_row)?
+            };
+            tx.commit()?;
+            shared.overlay_heartbeats(&mut nodes);
+            Ok(nodes)
+        })
+        .await
+    }
+
+    async fn node_by_provision_token(&self, hash: &[u8; 32]) -> Result<Option<Node>, BoxError> {
+        let hash = *hash;
+        self.run(move |shared, conn| {
+            let mut select = conn.prepare_cached(concat!(
+                "SELECT ",
+                node_columns!(),
+                " FROM nodes WHERE provision_token_hash = ?1"
+            ))?;
+            let mut node = select
+                .query([hash.as_slice()])?
+                .next()?
+                .map(node_from_row)
+                .transpose()?;
+            shared.overlay_heartbeats(node.as_mut_slice());
+            Ok(node)
+        })
+        .await
+    }
+
+    async fn node_by_auth_token(&self, hash: &[u8; 32]) -> Result<Option<Node>, BoxError> {
+        let hash = *hash;
+        self.run(move |shared, conn| {
+            let mut select = conn.prepare_cached(concat!(
+                "SELECT ",
+                node_columns!(),
+                " FROM nodes WHERE auth_token_hash = ?1"
+            ))?;
+            let mut node = select
+                .query([hash.as_slice()])?
+                .next()?
+                .map(node_from_row)
+                .transpose()?;
+            shared.overlay_heartbeats(node.as_mut_slice());
+            Ok(node)
+        })
+        .await
+    }
+
+    async fn update_node(
+        &self,
+        node_id: &str,
+        update: NodeUpdate,
+        now: SystemTime,
+    ) -> Result<Applied, BoxError> {
+        let node_id = node_id.to_owned();
+        self.run(move |shared, conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let mut node = select_node(&tx, &node_id)?.ok_or_else(|| unknown_node(&node_id))?;
+            let mut deployment = select_deployment(&tx, &node.deployment_id)?
+                .ok_or_else(|| unknown_deployment(&node.deployment_id))?;
+            shared.overlay_heartbeats(std::slice::from_mut(&mut node));
+            let before = node.clone();
+            // A refused transition returns here: the transaction is rolled back on drop and
+            // the heartbeat map is left as it was.
+            let applied = model::apply_node_update(&mut deployment, &mut node, update, now)?;
+            write_node(&tx, &before, &node)?;
+            write_deployment(&tx, &deployment)?;
+            tx.commit()?;
+            // The row now holds the node's newest time, and the node may be final: its next
+            // heartbeat checks the row again.
+            shared.heartbeats().remove(&node_id);
+            Ok(applied)
+        })
+        .await
+    }
+
+    async fn update_deployment_status(
+        &self,
+        id: &str,
+        to: DeploymentStatus,
+        message: Option<String>,
+        now: SystemTime,
+    ) -> Result<Deployment, BoxError> {
+        let id = id.to_owned();
+        self.run(move |_, conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let mut deployment =
+                select_deployment(&tx, &id)?.ok_or_else(|| unknown_deployment(&id))?;
+            model::apply_deployment_status(&mut deployment, to, message, now)?;
+            write_deployment(&tx, &deployment)?;
+            tx.commit()?;
+            Ok(deployment)
+        })
+        .await
+    }
+
+    async fn touch_node(&self, node_id: &str, now: SystemTime) -> Result<(), BoxError> {
+        // A node with an entry is known to exist and not to be final, so its heartbeat only
+        // updates memory, until the time is due to be saved.
+        {
+            let mut heartbeats = self.shared.heartbeats();
+            if let Some(heartbeat) = heartbeats.get_mut(node_id) {
+                if to_ms(now).saturating_sub(heartbeat.stored_ms) <= HEARTBEAT_FLUSH_MS {
+                    heartbeat.seen = now;
+                    return Ok(());
+                }
+            }
+        }
+        let node_id = node_id.to_owned();
+        self.run(move |shared, conn| {
+            let row = conn
+                .prepare_cached(
+                    "SELECT deployment_id, status, last_update FROM nodes WHERE id = ?1",
+                )?
+                .query_row([&node_id], |row| {
+                    Ok((
+                        row.get::<_, String>(0)?,
+                        row.get::<_, String>(1)?,
+                        row.get::<_, i64>(2)?,
+                    ))
+                })
+                .optional()?;
+            let live = match row {
+                None => None,
+                Some((deployment_id, status, stored_ms)) => {
+                    let status: NodeStatus = status
+                        .parse()
+                        .map_err(|e: Error| bad_data(format!("status of node `{node_id}`: {e}")))?;
+                    (!status.is_final()).then_some((deployment_id, stored_ms))
+                }
+            };
+            // Unknown and final nodes are not touched, as in the in-memory store.
+            let Some((deployment_id, mut stored_ms)) = live else {
+                shared.heartbeats().remove(&node_id);
+                return Ok(());
+            };
+            let now_ms = to_ms(now);
+            if now_ms.saturating_sub(stored_ms) > HEARTBEAT_FLUSH_MS {
+                conn.prepare_cached("UPDATE nodes SET last_update = ?2 WHERE id = ?1")?
+                    .execute(params![node_id, now_ms])?;
+                stored_ms = now_ms;
+            }
+            shared.heartbeats().insert(
+                node_id,
+                Heartbeat {
+                    deployment_id,
+                    seen: now,
+                    stored_ms,
+                },
+            );
+            Ok(())
+        })
+        .await
+    }
+
+    async fn append_logs(
+        &self,
+        deployment_id: &str,
+        lines: Vec<NewLogLine>,
+    ) -> Result<u64, BoxError> {
+        let deployment_id = deployment_id.to_owned();
+        let max_log_lines = i64::try_from(self.max_log_lines).unwrap_or(i64::MAX);
+        self.run(move |_, conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let last_seq: Option<i64> = tx
+                .prepare_cached("SELECT log_seq FROM deployments WHERE id = ?1")?
+                .query_row([&deployment_id], |row| row.get(0))
+                .optional()?;
+            let Some(mut seq) = last_seq else {
+                return Err(unknown_deployment(&deployment_id));
+            };
+            if seq < 0 {
+                return Err(bad_data(format!(
+                    "log_seq of deployment `{deployment_id}` is {seq}, which is negative"
+                )));
+            }
+            if !lines.is_empty() {
+                {
+                    let mut insert = tx.prepare_cached(
+                        "INSERT INTO logs (deployment_id, seq, node_id, node_index, stream, \
+                         line, timestamp) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    )?;
+                    for line in &lines {
+                        seq = seq.checked_add(1).ok_or_else(|| {
+                            bad_data(format!(
+                                "log_seq of deployment `{deployment_id}` is out of range"
+                            ))
+                        })?;
+                        insert.execute(params![
+                            deployment_id,
+                            seq,
+                            line.node_id,
+                            line.node_index,
+                            line.stream.as_str(),
+                            line.line,
+                            to_ms(line.timestamp),
+                        ])?;
+                    }
+                }
+                tx.prepare_cached("UPDATE deployments SET log_seq = ?2 WHERE id = ?1")?
+                    .execute(params![deployment_id, seq])?;
+                // Lines are only ever deleted from the oldest end, so the stored lines are
+                // exactly the seqs up to `seq`, and the oldest beyond the cap are below this.
+                if seq > max_log_lines {
+                    tx.prepare_cached("DELETE FROM logs WHERE deployment_id = ?1 AND seq <= ?2")?
+                        .execute(params![deployment_id, seq - max_log_lines])?;
+                }
+            }
+            tx.commit()?;
+            u64::try_from(seq).map_err(|_| bad_data(format!("log seq {seq} is negative")))
+        })
+        .await
+    }
+
+    async fn logs(&self, deployment_id: &str, query: LogQuery) -> Result<Vec<LogLine>, BoxError> {
+        let deployment_id = deployment_id.to_owned();
+        let after = i64::try_from(query.after).unwrap_or(i64::MAX);
+        let limit = i64::try_from(query.limit).unwrap_or(i64::MAX);
+        self.run(move |_, conn| {
+            let tx = conn.transaction()?;
+            if !deployment_exists(&tx, &deployment_id)? {
+                return Err(unknown_deployment(&deployment_id));
+            }
+            let lines = match query.node_index {
+                None => {
+                    let mut select = tx.prepare_cached(
+                        "SELECT seq, node_id, node_index, stream, line, timestamp FROM logs \
+                         WHERE deployment_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+                    )?;
+                    query_all(
+                        &mut select,
+                        params![deployment_id, after, limit],
+                        log_line_from_row,
+                    )?
+                }
+                Some(node_index) => {
+                    let mut select = tx.prepare_cached(
+                        "SELECT seq, node_id, node_index, stream, line, timestamp FROM logs \
+                         WHERE deployment_id = ?1 AND node_index = ?2 AND seq > ?3 \
+                         ORDER BY seq LIMIT ?4",
+                    )?;
+                    query_all(
+                        &mut select,
+                        params![deployment_id, node_index, after, limit],
+                        log_line_from_row,
+                    )?
+                }
+            };
+            tx.commit()?;
+            Ok(lines)
+        })
+        .await
+    }
+
+    async fn delete_deployment(&self, id: &str) -> Result<bool, BoxError> {
+        let id = id.to_owned();
+        self.run(move |shared, conn| {
+            // The foreign keys delete its nodes and log lines in the same statement.
+            let deleted = conn
+                .prepare_cached("DELETE FROM deployments WHERE id = ?1")?
+                .execute([&id])?;
+            if deleted > 0 {
+                shared
+                    .heartbeats()
+                    .retain(|_, heartbeat| heartbeat.deployment_id != id);
+            }
+            Ok(deleted > 0)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::conformance;
+
+    fn at(secs: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(1_700_000_000 + secs)
+    }
+
+    fn deployment(id: &str, total_nodes: u32) -> Deployment {
+        Deployment {
+            id: id.to_owned(),
+            status: DeploymentStatus::Pending,
+            cloud_provider: "local".to_owned(),
+            total_nodes,
+            retries: 0,
+            nodes_completed: 0,
+            nodes_failed: 0,
+            nodes_terminated: 0,
+            created_at: at(0),
+            updated_at: at(0),
+            completed_at: None,
+            error_message: None,
+        }
+    }
+
+    fn nodes(id: &str, count: u32) -> Vec<Node> {
+        (0..count).map(|i| Node::new(id, i, at(0))).collect()
+    }
+
+    fn status(status: NodeStatus) -> NodeUpdate {
+        NodeUpdate::Status {
+            status,
+            exit_code: None,
+            message: None,
+        }
+    }
+
+    /// The node's `last_update` as its row holds it, without the heartbeat overlay.
+    fn stored_last_update(store: &SqliteStore, node_id: &str) -> SystemTime {
+        let conn = lock(&store.shared.conn);
+        let ms: i64 = conn
+            .query_row(
+                "SELECT last_update FROM nodes WHERE id = ?1",
+                [node_id],
+                |row| row.get(0),
+            )
+            .unwrap();
+        from_ms(ms).unwrap()
+    }
+
+    #[tokio::test]
+    async fn in_memory_database_conforms() {
+        conformance::check_store(&SqliteStore::open_in_memory().unwrap()).await;
+        let capped = SqliteStore::open_in_memory()
+            .unwrap()
+            .max_log_lines(conformance::LOG_CAP);
+        conformance::check_log_cap(&capped).await;
+    }
+
+    #[tokio::test]
+    async fn file_database_conforms() {
+        let dir = tempfile::tempdir().unwrap();
+        conformance::check_store(&SqliteStore::open(&dir.path().join("a.db")).unwrap()).await;
+        let capped = SqliteStore::open(&dir.path().join("b.db"))
+            .unwrap()
+            .max_log_lines(conformance::LOG_CAP);
+        conformance::check_log_cap(&capped).await;
+    }
+
+    #[tokio::test]
+    async fn everything_survives_reopening_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state").join("taskfly.db");
+        let (deployments_before, nodes_before, logs_before) = {
+            let store = SqliteStore::open(&path).unwrap();
+            conformance::check_store(&store).await;
+            store
+                .create_deployment(deployment("dep-keep", 3), nodes("dep-keep", 3))
+                .await
+                .unwrap();
+            store
+                .update_deployment_status("dep-keep", DeploymentStatus::Provisioning, None, at(1))
+                .await
+                .unwrap();
+            let update = NodeUpdate::ProvisionToken { hash: [7; 32] };
+            store
+                .update_node("dep-keep-0", update, at(2))
+                .await
+                .unwrap();
+            for update in [
+                status(NodeStatus::Provisioning),
+                NodeUpdate::Provisioned {
+                    instance_id: "pid-1".to_owned(),
+                    ip_address: Some("127.0.0.1".to_owned()),
+                },
+                NodeUpdate::Registered {
+                    auth_token_hash: [8; 32],
+                },
+            ] {
+                store
+                    .update_node("dep-keep-0", update, at(3))
+                    .await
+                    .unwrap();
+            }
+            for update in [
+                status(NodeStatus::Provisioning),
+                status(NodeStatus::RunningScript),
+                NodeUpdate::Status {
+                    status: NodeStatus::Failed,
+                    exit_code: Some(3),
+                    message: Some("exit code 3".to_owned()),
+                },
+            ] {
+                store
+                    .update_node("dep-keep-1", update, at(4))
+                    .await
+                    .unwrap();
+            }
+            // A heartbeat newer than the row, which only the drop saves.
+            store.touch_node("dep-keep-0", at(5)).await.unwrap();
+            assert_eq!(stored_last_update(&store, "dep-keep-0"), at(3));
+            let lines = (0..5)
+                .map(|i| NewLogLine {
+                    node_id: "dep-keep-0".to_owned(),
+                    node_index: 0,
+                    stream: LogStream::Stdout,
+                    line: format!("line {i}"),
+                    timestamp: at(6) + Duration::from_millis(i),
+                })
+                .collect();
+            assert_eq!(store.append_logs("dep-keep", lines).await.unwrap(), 5);
+            let all = LogQuery {
+                limit: 100,
+                ..LogQuery::default()
+            };
+            (
+                store.deployments().await.unwrap(),
+                store.nodes("dep-keep").await.unwrap(),
+                store.logs("dep-keep", all).await.unwrap(),
+            )
+        };
+
+        let store = SqliteStore::open(&path).unwrap().max_log_lines(3);
+        assert_eq!(store.deployments().await.unwrap(), deployments_before);
+        let nodes_after = store.nodes("dep-keep").await.unwrap();
+        assert_eq!(nodes_after, nodes_before);
+        assert_eq!(
+            nodes_after[0].last_update,
+            at(5),
+            "the drop saved the heartbeat"
+        );
+        assert_eq!(nodes_after[0].auth_token_hash, Some([8; 32]));
+        assert_eq!(nodes_after[0].provision_token_hash, None);
+        assert_eq!(nodes_after[1].status, NodeStatus::Failed);
+        assert_eq!(nodes_after[1].exit_code, Some(3));
+        let keep = store.deployment("dep-keep").await.unwrap().unwrap();
+        assert_eq!(
+            (keep.status, keep.nodes_failed, keep.nodes_completed),
+            (DeploymentStatus::Running, 1, 0)
+        );
+        let found = store.node_by_auth_token(&[8; 32]).await.unwrap().unwrap();
+        assert_eq!(found.id, "dep-keep-0");
+        let all = LogQuery {
+            limit: 100,
+            ..LogQuery::default()
+        };
+        let logs_after = store.logs("dep-keep", all.clone()).await.unwrap();
+        assert_eq!(logs_after, logs_before);
+        assert_eq!(
+            logs_after.iter().map(|l| l.seq).collect::<Vec<_>>(),
+            [1, 2, 3, 4, 5]
+        );
+        // The sequence carries on where it stopped, and the smaller cap now in force trims
+        // the oldest lines.
+        let line = NewLogLine {
+            node_id: "dep-keep-0".to_owned(),
+            node_index: 0,
+            stream: LogStream::Stderr,
+            line: "after".to_owned(),
+            timestamp: at(7),
+        };
+        assert_eq!(store.append_logs("dep-keep", vec![line]).await.unwrap(), 6);
+        let seqs: Vec<u64> = store
+            .logs("dep-keep", all)
+            .await
+            .unwrap()
+            .iter()
+            .map(|l| l.seq)
+            .collect();
+        assert_eq!(seqs, [4, 5, 6]);
+    }
+
+    #[tokio::test]
+    async fn heartbeats_write_only_when_a_minute_behind() {
+        let store = SqliteStore::open_in_memory().unwrap();
+        store
+            .create_deployment(deployment("dep-hb", 1), nodes("dep-hb", 1))
+            .await
+            .unwrap();
+        store
+            .update_node("dep-hb-0", status(NodeStatus::Provisioning), at(10))
+            .await
+            .unwrap();
+        for secs in [20, 40, 70] {
+            store.touch_node("dep-hb-0", at(secs)).await.unwrap();
+            let node = store.node("dep-hb-0").await.unwrap().unwrap();
+            assert_eq!(node.last_update, at(secs));
+            assert_eq!(stored_last_update(&store, "dep-hb-0"), at(10));
+        }
+        store.touch_node("dep-hb-0", at(71)).await.unwrap();
+        assert_eq!(
+            stored_last_update(&store, "dep-hb-0"),
+            at(71),
+            "61 s behind: saved"
+        );
+        store.touch_node("dep-hb-0", at(80)).await.unwrap();
+        assert_eq!(stored_last_update(&store, "dep-hb-0"), at(71));
+        // A node update writes the row, which then holds the update's time.
+        store
+            .update_node("dep-hb-0", status(NodeStatus::Booting), at(90))
+            .await
+            .unwrap();
+        assert_eq!(stored_last_update(&store, "dep-hb-0"), at(90));
+        store.touch_node("dep-hb-0", at(95)).await.unwrap();
+        assert_eq!(store.nodes("dep-hb").await.unwrap()[0].last_update, at(95));
+        // A final node keeps its time, whatever heartbeat arrives late.
+        store
+            .update_node("dep-hb-0", status(NodeStatus::Failed), at(100))
+            .await
+            .unwrap();
+        store.touch_node("dep-hb-0", at(500)).await.unwrap();
+        assert_eq!(
+            store.node("dep-hb-0").await.unwrap().unwrap().last_update,
+            at(100)
+        );
+        assert_eq!(stored_last_update(&store, "dep-hb-0"), at(100));
+        // Deleting the deployment forgets its heartbeats.
+        assert!(store.delete_deployment("dep-hb").await.unwrap());
+        assert!(store.shared.heartbeats().is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_updates_keep_the_counters_exact() {
+        let store = Arc::new(SqliteStore::open_in_memory().unwrap());
+        let total = 40;
+        store
+            .create_deployment(deployment("dep-many", total), nodes("dep-many", total))
+            .await
+            .unwrap();
+        store
+            .update_deployment_status("dep-many", DeploymentStatus::Provisioning, None, at(1))
+            .await
+            .unwrap();
+        let mut tasks = tokio::task::JoinSet::new();
+        for index in 0..total {
+            let store = Arc::clone(&store);
+            tasks.spawn(async move {
+                let id = format!("dep-many-{index}");
+                let last = if index % 10 == 0 {
+                    NodeStatus::Failed
+                } else {
+                    NodeStatus::Completed
+                };
+                for update in [
+                    status(NodeStatus::Provisioning),
+                    NodeUpdate::Provisioned {
+                        instance_id: format!("i-{index}"),
+                        ip_address: None,
+                    },
+                    status(NodeStatus::RunningScript),
+                    status(last),
+                ] {
+                    store.update_node(&id, update, at(2)).await.unwrap();
+                    store.touch_node(&id, at(3)).await.unwrap();
+                }
+            });
+        }
+        while let Some(joined) = tasks.join_next().await {
+            joined.unwrap();
+        }
+        let done = store.deployment("dep-many").await.unwrap().unwrap();
+        assert_eq!((done.nodes_completed, done.nodes_failed), (36, 4));
+        assert_eq!(done.status, DeploymentStatus::Failed);
+        assert_eq!(done.completed_at, Some(at(2)));
+    }
+
+    #[tokio::test]
+    async fn the_file_is_private_and_its_directory_created() {
+        use std::os::unix::fs::PermissionsExt;
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a").join("b").join("state.db");
+        let store = SqliteStore::open(&path).unwrap();
+        store
+            .create_deployment(deployment("dep-mode", 1), nodes("dep-mode", 1))
+            .await
+            .unwrap();
+        for file in [path.clone(), path.with_extension("db-wal")] {
+            let mode = fs::metadata(&file).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{}", file.display());
+        }
+        drop(store);
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        let _store = SqliteStore::open(&path).unwrap();
+        let mode = fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "reopening tightens the mode");
+    }
+
+    #[tokio::test]
+    async fn a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        drop(SqliteStore::open(&path).unwrap());
+        let conn = Connection::open(&path).unwrap();
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .unwrap();
+        drop(conn);
+        let error = SqliteStore::open(&path).unwrap_err();
+        assert!(error.is_store(), "{error}");
+        assert!(error.to_string().contains("newer taskfly"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_file_that_is_not_a_database_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        fs::write(&path, vec![b'x'; 4096]).unwrap();
+        let error = SqliteStore::open(&path).unwrap_err();
+        assert!(error.is_store(), "{error}");
+    }
+
+    #[tokio::test]
+    async fn corrupt_rows_are_store_errors_not_panics() {
+        let store = SqliteStore::open_in_memory().unwrap();
+        store
+            .create_deployment(deployment("dep-bad", 2), nodes("dep-bad", 2))
+            .await
+            .unwrap();
+        {
+            let conn = lock(&store.shared.conn);
+            conn.execute(
+                "UPDATE nodes SET status = 'dancing' WHERE id = 'dep-bad-0'",
+                [],
+            )
+            .unwrap();
+            conn.execute("UPDATE nodes SET attempt = -1 WHERE id = 'dep-bad-1'", [])
+                .unwrap();
+            conn.execute(
+                "UPDATE deployments SET created_at = 'yesterday' WHERE id = 'dep-bad'",
+                [],
+            )
+            .unwrap();
+        }
+        let error = crate::state::store_error(store.node("dep-bad-0").await.unwrap_err());
+        assert!(error.is_store(), "{error}");
+        assert!(error.to_string().contains("dancing"), "{error}");
+        let error = crate::state::store_error(store.nodes("dep-bad").await.unwrap_err());
+        assert!(error.is_store(), "{error}");
+        let error = crate::state::store_error(store.deployments().await.unwrap_err());
+        assert!(error.is_store(), "{error}");
+        let error = crate::state::store_error(
+            store
+                .update_node("dep-bad-0", status(NodeStatus::Provisioning), at(1))
+                .await
+                .unwrap_err(),
+        );
+        assert!(error.is_store(), "{error}");
+    }
+
+    #[test]
+    fn times_round_trip_at_millisecond_precision() {
+        for time in [
+            UNIX_EPOCH,
+            at(0) + Duration::from_millis(123),
+            UNIX_EPOCH - Duration::from_millis(5_000),
+        ] {
+            assert_eq!(from_ms(to_ms(time)), Some(time));
+        }
+        let fine = at(0) + Duration::from_nanos(1_500_000);
+        assert_eq!(from_ms(to_ms(fine)), Some(at(0) + Duration::from_millis(1)));
+    }
+}
