@@ -16,6 +16,8 @@
 //! - Every concurrent piece (heartbeats, output readers, log shipping) is a future joined by
 //!   [`run`]; nothing is spawned and forgotten.
 
+pub mod bootstrap;
+
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
 use std::fmt;
@@ -551,11 +553,14 @@ impl Node<'_> {
     async fn ship_logs(&self, mut receiver: mpsc::Receiver<wire::LogLineIn>) {
         let mut batch = Vec::new();
         let mut flush_at: Option<Instant> = None;
+        // Lines handed to the daemon so far: numbers every batch, so a resent batch is
+        // recognised and stored once.
+        let mut sent = 0u64;
         loop {
             let next = tokio::select! {
                 line = receiver.recv() => line,
                 () = sleep_until(flush_at) => {
-                    self.send_batch(&mut batch).await;
+                    self.send_batch(&mut batch, &mut sent).await;
                     flush_at = None;
                     continue;
                 }
@@ -567,25 +572,27 @@ impl Node<'_> {
                     }
                     batch.push(line);
                     if batch.len() >= BATCH_LINES {
-                        self.send_batch(&mut batch).await;
+                        self.send_batch(&mut batch, &mut sent).await;
                         flush_at = None;
                     }
                 }
                 None => {
-                    self.send_batch(&mut batch).await;
+                    self.send_batch(&mut batch, &mut sent).await;
                     return;
                 }
             }
         }
     }
 
-    async fn send_batch(&self, batch: &mut Vec<wire::LogLineIn>) {
+    async fn send_batch(&self, batch: &mut Vec<wire::LogLineIn>, sent: &mut u64) {
         if batch.is_empty() {
             return;
         }
         let request = wire::LogsRequest {
             lines: std::mem::take(batch),
+            offset: Some(*sent),
         };
+        *sent += request.lines.len() as u64;
         if let Err(error) = self.call(self.client.send_logs(&request)).await {
             tracing::warn!(
                 node_id = %self.node_id(),

@@ -238,6 +238,10 @@ pub struct LogLineIn {
 pub struct LogsRequest {
     /// Lines in the order they were written.
     pub lines: Vec<LogLineIn>,
+    /// How many lines this agent sent before this batch (in this attempt). Lets the daemon
+    /// drop a batch resent after a connection broke, so no line is stored twice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
 }
 
 /// `{"status": "ok"}` for health and accepted node calls.

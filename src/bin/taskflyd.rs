@@ -36,6 +36,12 @@ struct Args {
     /// How long a terminated node's script gets between SIGTERM and SIGKILL.
     #[arg(long, env = "TASKFLY_GRACE_PERIOD", default_value = "10s", value_parser = humantime::parse_duration)]
     grace_period: Duration,
+    /// Finished deployments are removed this long after they ended (files, nodes, logs).
+    #[arg(long, env = "TASKFLY_RETENTION", default_value = "7days", value_parser = humantime::parse_duration)]
+    retention: Duration,
+    /// Most log lines kept per deployment; the oldest go first.
+    #[arg(long, env = "TASKFLY_MAX_LOG_LINES", default_value_t = 1_000_000)]
+    max_log_lines: usize,
     #[command(subcommand)]
     command: Option<DaemonCommand>,
 }
@@ -58,6 +64,13 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // The AWS SDK's runtime logs whole requests at trace level, and a RunInstances request
+    // carries the node's user data with its provision token: its logs stop at info.
+    #[cfg(feature = "aws")]
+    let filter = match "aws_smithy_runtime=info".parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    };
     // Colour only for a person watching a terminal, never in a redirected log file.
     let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let subscriber = tracing_subscriber::fmt()
@@ -125,11 +138,30 @@ async fn serve(args: Args) -> Result<(), String> {
     let local = taskfly::LocalProvider::new(data_dir.join("work"))
         .grace_period(args.grace_period)
         .agent_program(program, ["agent"]);
+    // Durable state: deployments, nodes (token hashes only) and logs survive a restart.
+    let state_path = data_dir.join("state.db");
+    let store = taskfly::SqliteStore::open(&state_path)
+        .map_err(|e| {
+            format!(
+                "cannot open the state database {}: {e}",
+                state_path.display()
+            )
+        })?
+        .max_log_lines(args.max_log_lines);
     let config = Config::new(&data_dir)
         .advertise_url(advertise.clone())
         .api_token(token)
         .heartbeat_timeout(args.heartbeat_timeout)
+        .retention(Some(args.retention))
+        .store(std::sync::Arc::new(store))
         .provider("local", std::sync::Arc::new(local));
+    // EC2 clients are made per deployment (each names its region and endpoint) on first use.
+    // The owner id keeps this daemon's leak checks to the instances it started itself.
+    #[cfg(feature = "aws")]
+    let config = config.provider(
+        "aws",
+        std::sync::Arc::new(taskfly::AwsProvider::new().owner(daemon_id(&data_dir)?)),
+    );
     let engine = Orchestrator::new(config).map_err(|e| e.to_string())?;
     tracing::info!(listen = %address, advertise_url = %advertise, data_dir = %data_dir.display(), "taskflyd listening");
     let served = engine.serve(listener, shutdown_signal()).await;
@@ -205,6 +237,34 @@ fn api_token(data_dir: &Path) -> Result<String, String> {
         .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     tracing::info!(path = %path.display(), "created a new API token");
     Ok(token)
+}
+
+/// This daemon's id, tagged on the EC2 instances it starts: `<data-dir>/daemon-id`, created
+/// with a new random id at first start. Not a secret; it only has to stay the same across
+/// restarts and differ from other daemons' in the same AWS account.
+#[cfg(feature = "aws")]
+fn daemon_id(data_dir: &Path) -> Result<String, String> {
+    let path = data_dir.join("daemon-id");
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_owned()),
+        Ok(_) => {
+            return Err(format!(
+                "{} is empty; delete it to have a new id made (instances tagged with the old id \
+                 are then no longer checked for leaks by this daemon)",
+                path.display()
+            ))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    }
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes)
+        .map_err(|e| format!("the OS random number generator failed: {e}"))?;
+    let id: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::write(&path, format!("{id}\n"))
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    tracing::info!(path = %path.display(), daemon_id = %id, "created this daemon's id");
+    Ok(id)
 }
 
 async fn shutdown_signal() {

@@ -159,6 +159,8 @@ impl Orchestrator {
                 stream,
                 line: text,
                 timestamp,
+                attempt: node.attempt,
+                line_no: request.offset.map(|first| first + i as u64),
             });
         }
         if lines.is_empty() {

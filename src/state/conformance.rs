@@ -25,6 +25,7 @@ pub(crate) async fn check_store(store: &dyn Store) {
     pages_logs(store).await;
     lists_newest_first(store).await;
     deletes_everything_of_a_deployment(store).await;
+    drops_resent_log_lines(store).await;
 }
 
 /// Checks that a store built with a cap of [`LOG_CAP`] lines trims the oldest lines and never
@@ -148,6 +149,8 @@ fn log_line(node_index: u32, n: u64) -> NewLogLine {
         },
         line: format!("line {n} of node {node_index} with \"quotes\", $VARS and a tab\t"),
         timestamp: at(100 + n) + Duration::from_millis(250),
+        attempt: 1,
+        line_no: None,
     }
 }
 
@@ -557,6 +560,58 @@ async fn pages_logs(store: &dyn Store) {
     assert!(error(missing.unwrap_err()).is_not_found());
     let missing = store.logs("conf-nothing", LogQuery::default()).await;
     assert!(error(missing.unwrap_err()).is_not_found());
+}
+
+async fn drops_resent_log_lines(store: &dyn Store) {
+    create(store, "dep-resend", 1, 1).await;
+    let numbered = |first: u64, count: u64, attempt: u32| -> Vec<NewLogLine> {
+        (first..first + count)
+            .map(|n| NewLogLine {
+                attempt,
+                line_no: Some(n),
+                ..log_line(0, n)
+            })
+            .map(|mut line| {
+                line.node_id = "dep-resend-0".to_owned();
+                line
+            })
+            .collect()
+    };
+    store
+        .append_logs("dep-resend", numbered(0, 3, 1))
+        .await
+        .unwrap();
+    // The same batch again (a retry after a lost answer), then one overlapping the first.
+    store
+        .append_logs("dep-resend", numbered(0, 3, 1))
+        .await
+        .unwrap();
+    let last = store
+        .append_logs("dep-resend", numbered(2, 3, 1))
+        .await
+        .unwrap();
+    assert_eq!(last, 5, "lines 0..5 stored once each");
+    // A new attempt numbers its lines from 0 again.
+    let last = store
+        .append_logs("dep-resend", numbered(0, 2, 2))
+        .await
+        .unwrap();
+    assert_eq!(last, 7);
+    let lines = read_logs(store, "dep-resend", 0, None, 100).await;
+    let texts: Vec<&str> = lines.iter().map(|l| l.line.as_str()).collect();
+    assert_eq!(
+        texts,
+        [
+            log_line(0, 0).line,
+            log_line(0, 1).line,
+            log_line(0, 2).line,
+            log_line(0, 3).line,
+            log_line(0, 4).line,
+            log_line(0, 0).line,
+            log_line(0, 1).line,
+        ]
+    );
+    assert_eq!(seqs(&lines), [1, 2, 3, 4, 5, 6, 7]);
 }
 
 async fn lists_newest_first(store: &dyn Store) {

@@ -37,6 +37,8 @@ struct Inner {
 struct DeploymentLog {
     lines: VecDeque<LogLine>,
     last_seq: u64,
+    /// Per node and attempt, the next line number expected; lower ones are duplicates.
+    next_line_no: HashMap<(String, u32), u64>,
 }
 
 impl Default for MemoryStore {
@@ -230,6 +232,16 @@ impl Store for MemoryStore {
         }
         let log = inner.logs.entry(deployment_id.to_owned()).or_default();
         for line in lines {
+            if let Some(line_no) = line.line_no {
+                let next = log
+                    .next_line_no
+                    .entry((line.node_id.clone(), line.attempt))
+                    .or_insert(0);
+                if line_no < *next {
+                    continue;
+                }
+                *next = line_no + 1;
+            }
             log.last_seq += 1;
             log.lines.push_back(LogLine {
                 seq: log.last_seq,

@@ -60,6 +60,12 @@ pub struct NewLogLine {
     pub line: String,
     /// When the node wrote it.
     pub timestamp: SystemTime,
+    /// The node's attempt that wrote it.
+    pub attempt: u32,
+    /// Its position in that attempt's output (0-based), when the agent numbers its lines.
+    /// A line whose `(node_id, attempt, line_no)` is already stored is a resent duplicate
+    /// (an agent retrying a batch the engine stored just before a crash) and is dropped.
+    pub line_no: Option<u64>,
 }
 
 /// A stored log line.
@@ -148,7 +154,8 @@ pub trait Store: Send + Sync + 'static {
     /// Cheap: backends should not write to disk for it.
     async fn touch_node(&self, node_id: &str, now: SystemTime) -> Result<(), BoxError>;
 
-    /// Append log lines of a deployment; returns the `seq` of the last one.
+    /// Append log lines of a deployment, dropping resent duplicates (see
+    /// [`NewLogLine::line_no`]); returns the `seq` of the last stored line.
     async fn append_logs(
         &self,
         deployment_id: &str,

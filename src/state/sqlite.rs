@@ -79,9 +79,13 @@ CREATE TABLE logs (
     stream        TEXT NOT NULL,
     line          TEXT NOT NULL,
     timestamp     INTEGER NOT NULL,
+    attempt       INTEGER NOT NULL,
+    line_no       INTEGER,
     PRIMARY KEY (deployment_id, seq)
 );
 CREATE INDEX logs_by_node ON logs (deployment_id, node_index, seq);
+-- A resent line (same node, attempt and line number) is ignored; NULL line numbers never clash.
+CREATE UNIQUE INDEX logs_dedup ON logs (node_id, attempt, line_no);
 ";
 
 /// The columns of a node, in the order [`node_from_row`] reads them.
@@ -939,24 +943,38 @@ impl Store for SqliteStore {
             if !lines.is_empty() {
                 {
                     let mut insert = tx.prepare_cached(
-                        "INSERT INTO logs (deployment_id, seq, node_id, node_index, stream, \
-                         line, timestamp) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                        "INSERT OR IGNORE INTO logs (deployment_id, seq, node_id, node_index, \
+                         stream, line, timestamp, attempt, line_no) \
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                     )?;
                     for line in &lines {
-                        seq = seq.checked_add(1).ok_or_else(|| {
+                        let next = seq.checked_add(1).ok_or_else(|| {
                             bad_data(format!(
                                 "log_seq of deployment `{deployment_id}` is out of range"
                             ))
                         })?;
-                        insert.execute(params![
+                        let line_no =
+                            line.line_no.map(i64::try_from).transpose().map_err(|_| {
+                                bad_data(format!(
+                                    "log line number of `{}` is out of range",
+                                    line.node_id
+                                ))
+                            })?;
+                        let inserted = insert.execute(params![
                             deployment_id,
-                            seq,
+                            next,
                             line.node_id,
                             line.node_index,
                             line.stream.as_str(),
                             line.line,
                             to_ms(line.timestamp),
+                            line.attempt,
+                            line_no,
                         ])?;
+                        // Zero rows: a resent duplicate, ignored by the unique index.
+                        if inserted == 1 {
+                            seq = next;
+                        }
                     }
                 }
                 tx.prepare_cached("UPDATE deployments SET log_seq = ?2 WHERE id = ?1")?
@@ -1161,6 +1179,8 @@ mod tests {
                     stream: LogStream::Stdout,
                     line: format!("line {i}"),
                     timestamp: at(6) + Duration::from_millis(i),
+                    attempt: 1,
+                    line_no: Some(i),
                 })
                 .collect();
             assert_eq!(store.append_logs("dep-keep", lines).await.unwrap(), 5);
@@ -1213,6 +1233,8 @@ mod tests {
             stream: LogStream::Stderr,
             line: "after".to_owned(),
             timestamp: at(7),
+            attempt: 1,
+            line_no: Some(5),
         };
         assert_eq!(store.append_logs("dep-keep", vec![line]).await.unwrap(), 6);
         let seqs: Vec<u64> = store

@@ -885,6 +885,7 @@ async fn a_node_reaches_only_its_own_deployment() {
                 line: "written by node A".to_owned(),
                 timestamp: None,
             }],
+            offset: None,
         })
         .await
         .expect("send logs");
