@@ -471,14 +471,15 @@ impl Orchestrator {
         let attempts = self.inner.config.provision_attempts;
         let mut backoff = self.inner.config.provision_backoff;
         let provider_name = live.config.cloud_provider.as_str();
-        for attempt in 1..=attempts {
+        let mut attempt = 1;
+        loop {
             match provider.provision(request.clone()).await {
                 Ok(info) => return Ok(info),
                 Err(e) => {
                     let retryable = e
                         .downcast_ref::<crate::provider::ProviderError>()
                         .is_some_and(|p| p.retryable);
-                    if !retryable || attempt == attempts {
+                    if !retryable || attempt >= attempts {
                         let suffix = if attempt > 1 {
                             format!(" (after {attempt} attempts)")
                         } else {
@@ -498,10 +499,10 @@ impl Orchestrator {
                         }
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(30));
+                    attempt += 1;
                 }
             }
         }
-        Err(Error::conflict("no provisioning attempt was made"))
     }
 
     pub(crate) fn providers(&self) -> Vec<(String, Arc<dyn Provider>)> {
