@@ -32,6 +32,9 @@ use crate::state::model::{Deployment, DeploymentStatus, Node, NodeStatus, NodeUp
 use crate::state::{store_error, LogQuery, Store};
 use crate::wire::{CleanupAll, DeploymentView, LogsPage, Stats};
 
+/// Tries of one provider terminate call before it is left for the next minute's round.
+const TERMINATE_ATTEMPTS: u32 = 3;
+
 /// How often final deployments are checked against the retention period.
 const EXPIRY_CHECK: Duration = Duration::from_secs(60);
 
@@ -526,13 +529,26 @@ impl Orchestrator {
         })
     }
 
-    async fn terminate_instance(&self, live: &Live, instance_id: &str) {
+    /// Terminate an instance, trying a few times with backoff; returns whether the provider
+    /// confirmed it is shutting down or gone.
+    async fn terminate_instance(&self, live: &Live, instance_id: &str) -> bool {
         let Ok(provider) = self.provider_for(&live.config) else {
-            return;
+            return false;
         };
-        if let Err(e) = provider.terminate(instance_id).await {
-            tracing::error!(instance_id, error = %e, "could not terminate instance");
+        let mut backoff = Duration::from_millis(500);
+        for attempt in 1..=TERMINATE_ATTEMPTS {
+            match provider.terminate(instance_id).await {
+                Ok(()) => return true,
+                Err(e) => {
+                    tracing::error!(instance_id, attempt, error = %e, "could not terminate instance");
+                    if attempt < TERMINATE_ATTEMPTS {
+                        tokio::time::sleep(jitter(backoff)).await;
+                        backoff *= 2;
+                    }
+                }
+            }
         }
+        false
     }
 
     /// Apply a node update, wake waiters when its deployment changed, and act on final states.
@@ -745,9 +761,14 @@ impl Orchestrator {
         }
         teardown.close();
         teardown.wait().await;
-        // A deployment with no node left to terminate (all were final already).
+        // Every node final but the deployment not (a race with the last node ending): close it.
+        // Nodes still terminating keep it terminating until their instances are confirmed gone.
         let deployment = self.deployment(id).await?;
-        if deployment.status == DeploymentStatus::Terminating.as_str() {
+        let all_final = deployment
+            .nodes
+            .iter()
+            .all(|n| matches!(n.status.as_str(), "completed" | "failed" | "terminated"));
+        if deployment.status == DeploymentStatus::Terminating.as_str() && all_final {
             store
                 .update_deployment_status(id, DeploymentStatus::Terminated, None, SystemTime::now())
                 .await
@@ -757,6 +778,9 @@ impl Orchestrator {
         Ok(())
     }
 
+    /// Terminate one node: `terminating`, its instance terminated, then `terminated`. A node
+    /// whose instance the provider would not confirm gone stays `terminating` (and so does its
+    /// deployment), and is tried again every minute.
     async fn terminate_node(&self, live: &Live, node_id: &str) {
         let terminating = NodeUpdate::Status {
             status: NodeStatus::Terminating,
@@ -765,11 +789,18 @@ impl Orchestrator {
         };
         let node = match self.update_node(node_id, terminating).await {
             Ok(applied) => applied.node,
-            // Already final: its instance was (or is being) terminated when it ended.
-            Err(_) => return,
+            Err(_) => match self.inner.store.node(node_id).await {
+                // An earlier try left it terminating: try its instance again.
+                Ok(Some(node)) if node.status == NodeStatus::Terminating => node,
+                // Already final: its instance was (or is being) terminated when it ended.
+                _ => return,
+            },
         };
         if let Some(instance_id) = &node.instance_id {
-            self.terminate_instance(live, instance_id).await;
+            if !self.terminate_instance(live, instance_id).await {
+                tracing::error!(node_id, instance_id = %instance_id, "instance not confirmed terminated; the node stays terminating and is tried again");
+                return;
+            }
         }
         let terminated = NodeUpdate::Status {
             status: NodeStatus::Terminated,
@@ -907,6 +938,7 @@ impl Orchestrator {
                     _ = expiry.tick() => {
                         this.expire_old_deployments().await;
                         this.reconcile_orphans().await;
+                        this.retry_stuck_terminations().await;
                     }
                     () = this.inner.cancel.cancelled() => return,
                 }

@@ -121,6 +121,25 @@ impl Orchestrator {
         terminated
     }
 
+    /// Finish terminate requests left unfinished (a provider that would not confirm an
+    /// instance gone); runs every minute.
+    pub(crate) async fn retry_stuck_terminations(&self) {
+        let Ok(all) = self.inner().store.deployments().await else {
+            return;
+        };
+        let stuck_before = SystemTime::now() - std::time::Duration::from_secs(30);
+        for deployment in all {
+            if deployment.status == DeploymentStatus::Terminating
+                && deployment.updated_at < stuck_before
+            {
+                tracing::info!(deployment_id = %deployment.id, "retrying an unfinished terminate");
+                if let Err(e) = self.finish_terminate(&deployment.id).await {
+                    tracing::warn!(deployment_id = %deployment.id, error = %e, "terminate still unfinished");
+                }
+            }
+        }
+    }
+
     /// Forget final deployments older than the retention period, files and all.
     pub(crate) async fn expire_old_deployments(&self) {
         let Some(retention) = self.inner().config.retention else {

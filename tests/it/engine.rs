@@ -1036,6 +1036,51 @@ async fn terminating_running_nodes_kills_their_scripts() {
     engine.stop().await;
 }
 
+/// A provider that starts fake instances but cannot terminate them (an unreachable cloud API).
+struct CannotTerminate(std::sync::Arc<RecordingProvider>);
+
+#[async_trait::async_trait]
+impl taskfly::Provider for CannotTerminate {
+    async fn provision(
+        &self,
+        config: taskfly::InstanceConfig,
+    ) -> Result<taskfly::InstanceInfo, taskfly::BoxError> {
+        taskfly::Provider::provision(&*self.0, config).await
+    }
+
+    async fn terminate(&self, instance_id: &str) -> Result<(), taskfly::BoxError> {
+        Err(format!("the cloud API did not answer for {instance_id}").into())
+    }
+
+    async fn describe(
+        &self,
+        instance_id: &str,
+    ) -> Result<Option<taskfly::InstanceInfo>, taskfly::BoxError> {
+        taskfly::Provider::describe(&*self.0, instance_id).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_instance_is_not_confirmed_gone_stays_terminating() {
+    let recording = RecordingProvider::new();
+    let provider = std::sync::Arc::new(CannotTerminate(recording.clone()));
+    let engine = TestEngine::start_with(|config| config.provider("local", provider)).await;
+    let project = Project::new(&local_yml(1, "")).script("#!/bin/sh\nexit 0\n");
+    let (id, _) = deploy_recorded(&engine, &recording, &project, 1).await;
+
+    engine
+        .engine
+        .terminate(&id)
+        .await
+        .expect("terminate returns");
+    let view = engine.engine.deployment(&id).await.expect("view");
+    // Never `terminated` while an instance may still run (and bill).
+    assert_eq!(view.status, "terminating", "{view:#?}");
+    assert_eq!(only_node(&view).status, "terminating");
+    assert!(!view.is_final());
+    engine.stop().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // 11. One worker bundle per deployment, streamed to every node
 // ---------------------------------------------------------------------------------------------
