@@ -206,8 +206,13 @@ async fn node_route(
     request: Request<Incoming>,
 ) -> Result<Response<Body>> {
     if let (&Method::POST, ["register"]) = (method, path) {
+        let as_shell = register_format(request.uri().query())?;
         let body: wire::RegisterRequest = read_json(orchestrator, request).await?;
         let registered = orchestrator.register_node(&body.provision_token).await?;
+        if as_shell {
+            let text = crate::agent::bootstrap::registration_env(&registered)?;
+            return Ok(plain_text(text));
+        }
         return Ok(json(StatusCode::OK, &registered));
     }
     let token = auth::bearer(header(&request, AUTHORIZATION))
@@ -252,7 +257,11 @@ async fn node_route(
             ))
         }
         (&Method::POST, ["logs"]) => {
-            let body: wire::LogsRequest = read_json(orchestrator, request).await?;
+            let body: wire::LogsRequest = if is_plain_text(&request) {
+                read_text_logs(orchestrator, request).await?
+            } else {
+                read_json(orchestrator, request).await?
+            };
             orchestrator.node_logs(&node, body).await?;
             Ok(json(
                 StatusCode::OK,
@@ -266,6 +275,99 @@ async fn node_route(
             path.join("/")
         ))),
     }
+}
+
+/// Whether `POST /nodes/register` should answer as `sh` assignments (`?format=sh`, for the
+/// bootstrap script) rather than JSON (no `format`, or `format=json`).
+fn register_format(query: Option<&str>) -> Result<bool> {
+    match query_value(query, "format") {
+        None | Some("json") => Ok(false),
+        Some("sh") => Ok(true),
+        Some(other) => Err(Error::invalid_input(format!(
+            "format: expected json or sh, got `{other}`"
+        ))),
+    }
+}
+
+/// The value of the last `name=value` pair of a query string (values are taken as they are:
+/// the node routes' values need no percent-decoding).
+fn query_value<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
+    query?
+        .split('&')
+        .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
+        .filter(|(key, _)| *key == name)
+        .map(|(_, value)| value)
+        .next_back()
+}
+
+/// Whether the request body is `text/plain`.
+fn is_plain_text(request: &Request<Incoming>) -> bool {
+    let content_type = header(request, CONTENT_TYPE).unwrap_or("");
+    let essence = content_type.split(';').next().unwrap_or("").trim();
+    essence.eq_ignore_ascii_case("text/plain")
+}
+
+/// `POST /nodes/logs?stream=stdout|stderr` with a `text/plain` body, as the bootstrap script
+/// sends its output: every line of the body is one log line of that stream.
+async fn read_text_logs(
+    orchestrator: &Orchestrator,
+    request: Request<Incoming>,
+) -> Result<wire::LogsRequest> {
+    let stream = match query_value(request.uri().query(), "stream") {
+        Some(stream @ ("stdout" | "stderr")) => stream.to_owned(),
+        Some(other) => {
+            return Err(Error::invalid_input(format!(
+                "stream: expected stdout or stderr, got `{other}`"
+            )))
+        }
+        None => {
+            return Err(Error::invalid_input(
+                "a text/plain log body needs `?stream=stdout` or `?stream=stderr`",
+            ))
+        }
+    };
+    let body = read_limited(
+        request.into_body(),
+        orchestrator.limits().max_json_body,
+        "log body",
+    )
+    .await?;
+    Ok(text_log_lines(&body, &stream))
+}
+
+/// Cuts a `text/plain` log body into lines of `stream`: each `\n` ends a line (a `\r` before
+/// it is dropped), a last line without `\n` counts too, and bytes that are not UTF-8 are
+/// replaced. The daemon's clock dates them.
+fn text_log_lines(body: &[u8], stream: &str) -> wire::LogsRequest {
+    if body.is_empty() {
+        return wire::LogsRequest {
+            lines: Vec::new(),
+            offset: None,
+        };
+    }
+    let body = body.strip_suffix(b"\n").unwrap_or(body);
+    let lines = body
+        .split(|byte| *byte == b'\n')
+        .map(|line| wire::LogLineIn {
+            stream: stream.to_owned(),
+            line: String::from_utf8_lossy(line.strip_suffix(b"\r").unwrap_or(line)).into_owned(),
+            timestamp: None,
+        })
+        .collect();
+    wire::LogsRequest {
+        lines,
+        offset: None,
+    }
+}
+
+/// A 200 answer with a `text/plain` body.
+fn plain_text(text: String) -> Response<Body> {
+    let mut response = Response::new(full(text.into_bytes()));
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
 }
 
 fn authorize_client(orchestrator: &Orchestrator, request: &Request<Incoming>) -> Result<()> {

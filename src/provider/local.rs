@@ -12,13 +12,17 @@ use tokio_util::task::TaskTracker;
 
 use super::procfs;
 use super::{InstanceConfig, InstanceInfo, InstanceState, Provider};
-use crate::agent::{self, AgentConfig};
+use crate::agent::{self, bootstrap, AgentConfig};
+use crate::config::LocalAgent as AgentKind;
 use crate::error::{BoxError, Error};
 
 /// The address every local node reports.
 const LOCAL_ADDRESS: &str = "127.0.0.1";
 /// How long a terminated script gets between SIGTERM and SIGKILL unless configured otherwise.
 const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(10);
+/// An agent process or bootstrap stopping its script needs the grace period, and a little more
+/// to report.
+const EXTRA_AGENT_GRACE: Duration = Duration::from_secs(2);
 
 /// Runs every node on this machine (`cloud_provider: local` without `hosts`).
 ///
@@ -32,6 +36,15 @@ const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(10);
 /// (the bundle is extracted into its `bundle/` folder unless `remote_dest_dir` is set).
 /// Terminating a node cancels its agent, which stops the script's whole process group (SIGTERM,
 /// then SIGKILL after the grace period) before it ends.
+///
+/// A deployment with `instance_config.local.agent: script` runs the shell bootstrap of
+/// [`crate::agent::bootstrap`] instead, as a cloud instance would: `sh bootstrap.sh` in the
+/// node's work directory (with `TMPDIR` pointing there, its own output appended to
+/// `bootstrap.log`), as a process group of its own. Terminating such a node sends SIGTERM to
+/// that group (the bootstrap then stops its script's group within the grace period), SIGKILL
+/// after the grace period, and stops any process still carrying the node's id. With agent
+/// processes ([`LocalProvider::agent_program`]) bootstraps outlive this provider as agent
+/// processes do; otherwise [`Provider::shutdown`] stops them.
 ///
 /// Instance ids are `local-<node_id>-<attempt>`. Agent failures are logged with `tracing`
 /// (node id and message); they never panic, and the engine notices the node through its status
@@ -76,8 +89,10 @@ struct LocalAgent {
     cancel: CancellationToken,
     /// Cancelled once the agent's task (or process) has ended, however it ended.
     finished: CancellationToken,
-    /// The agent process, when agents run as processes.
+    /// The agent process, when agents run as processes or the node runs the shell bootstrap.
     pid: Option<i32>,
+    /// The node runs the shell bootstrap (`agent: script`): a process, whatever the runner.
+    bootstrap: bool,
 }
 
 impl LocalProvider {
@@ -185,7 +200,38 @@ impl Provider for LocalProvider {
                 Error::conflict(format!("instance {instance_id} is already running")).into(),
             );
         }
+        let bootstrap = config.deployment.local.agent == AgentKind::Script;
         let pid = match &self.runner {
+            _ if bootstrap => {
+                let mut child =
+                    spawn_bootstrap(&config, &instance_id, &work_dir, self.grace_period)?;
+                let pid = child.id().and_then(|id| i32::try_from(id).ok());
+                // Reap the bootstrap when it ends. At shutdown, agent processes are left running
+                // (they carry on with a restarted engine), and so are bootstraps among them;
+                // otherwise the bootstrap and its script are stopped, as agent tasks are.
+                let (reaped, stop) = (finished.clone(), self.shutdown.clone());
+                let stop_at_shutdown = matches!(self.runner, Runner::Task).then(|| {
+                    (
+                        config.node_id.clone(),
+                        self.grace_period + EXTRA_AGENT_GRACE,
+                    )
+                });
+                self.tracker.spawn(async move {
+                    tokio::select! {
+                        _ = child.wait() => reaped.cancel(),
+                        () = stop.cancelled() => {
+                            if let Some((node_id, grace)) = stop_at_shutdown {
+                                if let Some(pid) = pid {
+                                    stop_bootstrap(pid, &node_id, grace).await;
+                                }
+                                let _ = child.wait().await;
+                                reaped.cancel();
+                            }
+                        }
+                    }
+                });
+                pid
+            }
             Runner::Task => {
                 let agent_config =
                     AgentConfig::new(config.daemon_url, config.provision_token, work_dir)
@@ -229,6 +275,7 @@ impl Provider for LocalProvider {
                 cancel,
                 finished,
                 pid,
+                bootstrap,
             },
         );
         drop(agents);
@@ -243,7 +290,11 @@ impl Provider for LocalProvider {
     /// Cancels the node's agent and waits until it has ended, its script's process group
     /// included. An unknown or already terminated instance is fine.
     async fn terminate(&self, instance_id: &str) -> Result<(), BoxError> {
-        if let Runner::Process { .. } = self.runner {
+        let bootstrap = self
+            .agents()
+            .get(instance_id)
+            .is_some_and(|agent| agent.bootstrap);
+        if bootstrap || matches!(self.runner, Runner::Process { .. }) {
             return self.terminate_process(instance_id).await;
         }
         let tokens = self
@@ -306,9 +357,10 @@ impl Provider for LocalProvider {
 }
 
 impl LocalProvider {
-    /// Terminate an agent process and whatever its script left: SIGTERM to the agent (which
-    /// stops its script's group gracefully), SIGKILL after the grace period, then any process
-    /// still carrying the node's id (a script orphaned by a killed agent) is stopped too.
+    /// Terminate an agent process (or a node's bootstrap) and whatever its script left: SIGTERM
+    /// to the agent (which stops its script's group gracefully), SIGKILL after the grace period,
+    /// then any process still carrying the node's id (a script orphaned by a killed agent) is
+    /// stopped too.
     async fn terminate_process(&self, instance_id: &str) -> Result<(), BoxError> {
         let tracked = self
             .agents()
@@ -324,22 +376,10 @@ impl LocalProvider {
                     .unwrap_or_default()
             }
         };
-        // The agent needs the grace period for its script, and a little more to report.
-        let agent_grace = self.grace_period + Duration::from_secs(2);
+        let agent_grace = self.grace_period + EXTRA_AGENT_GRACE;
         let left = procfs::stop_groups(&agent_pids, agent_grace).await;
         if let Some(node_id) = node_id_of(instance_id) {
-            let entry = format!("TASKFLY_NODE_ID={node_id}");
-            let orphans: Vec<i32> = tokio::task::spawn_blocking(move || {
-                let mut groups: Vec<i32> = procfs::pids_with_env(&entry)
-                    .into_iter()
-                    .filter_map(procfs::process_group)
-                    .collect();
-                groups.sort_unstable();
-                groups.dedup();
-                groups
-            })
-            .await
-            .unwrap_or_default();
+            let orphans = node_process_groups(node_id).await;
             let orphans_left = procfs::stop_groups(&orphans, self.grace_period).await;
             if !orphans_left.is_empty() {
                 return Err(Error::conflict(format!(
@@ -357,6 +397,84 @@ impl LocalProvider {
         self.agents().remove(instance_id);
         Ok(())
     }
+}
+
+/// The process groups of every live process carrying `TASKFLY_NODE_ID=<node_id>`: the node's
+/// scripts, wherever they run.
+async fn node_process_groups(node_id: &str) -> Vec<i32> {
+    let entry = format!("TASKFLY_NODE_ID={node_id}");
+    tokio::task::spawn_blocking(move || {
+        let mut groups: Vec<i32> = procfs::pids_with_env(&entry)
+            .into_iter()
+            .filter_map(procfs::process_group)
+            .collect();
+        groups.sort_unstable();
+        groups.dedup();
+        groups
+    })
+    .await
+    .unwrap_or_default()
+}
+
+/// Stops a node's bootstrap at shutdown: SIGTERM to its group, SIGKILL after `grace`, then the
+/// same to any process still carrying the node's id (a script left by a killed bootstrap).
+async fn stop_bootstrap(pgid: i32, node_id: &str, grace: Duration) {
+    let mut left = procfs::stop_groups(&[pgid], grace).await;
+    left.extend(procfs::stop_groups(&node_process_groups(node_id).await, grace).await);
+    if !left.is_empty() {
+        tracing::warn!(node_id = %node_id, groups = ?left, "processes of a node survived SIGKILL");
+    }
+}
+
+/// Start the shell bootstrap for one node: `sh bootstrap.sh` in its work directory (the script
+/// written there with mode 0600: it holds the provision token), in a process group of its own,
+/// its output appended to `bootstrap.log`.
+fn spawn_bootstrap(
+    config: &InstanceConfig,
+    instance_id: &str,
+    work_dir: &std::path::Path,
+    grace_period: Duration,
+) -> Result<tokio::process::Child, BoxError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt;
+    let script = bootstrap::bootstrap_script(&config.daemon_url, &config.provision_token)?;
+    let script_path = work_dir.join("bootstrap.sh");
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&script_path)
+        .and_then(|mut file| file.write_all(script.as_bytes()));
+    written.map_err(|e| Error::io(format!("cannot write {}", script_path.display()), e))?;
+    let log_path = work_dir.join("bootstrap.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(&log_path)
+        .map_err(|e| Error::io(format!("cannot create {}", log_path.display()), e))?;
+    let log_err = log
+        .try_clone()
+        .map_err(|e| Error::io(format!("cannot share {}", log_path.display()), e))?;
+    let mut command = tokio::process::Command::new("sh");
+    command
+        .arg(&script_path)
+        .current_dir(work_dir)
+        // The daemon's own secrets stay with the daemon (the bootstrap also drops every
+        // TASKFLY_* variable before it runs the script).
+        .env_remove("TASKFLY_API_TOKEN")
+        .env("TMPDIR", work_dir)
+        .env(agent::ENV_GRACE_MS, grace_period.as_millis().to_string())
+        .env(agent::ENV_INSTANCE_ID, instance_id)
+        .stdin(std::process::Stdio::null())
+        .stdout(log)
+        .stderr(log_err)
+        .process_group(0)
+        .kill_on_drop(false);
+    command
+        .spawn()
+        .map_err(|e| Error::io("cannot start the node bootstrap with sh", e).into())
 }
 
 /// The node id inside an instance id `local-<node_id>-<attempt>`.

@@ -1,0 +1,342 @@
+#!/bin/sh
+# TaskFly node bootstrap: the shell twin of the Rust node agent (src/agent/mod.rs). It registers
+# with the daemon, downloads and extracts the worker bundle, runs the node's script with the
+# node's environment, ships its output line by line, heartbeats, and reports how it ended.
+#
+# It needs sh, curl, tar, gzip, setsid and common utilities (see src/agent/bootstrap.rs), and
+# talks to the daemon only. Values from taskfly.yml stay data: the registration answer is a file
+# of assignments the daemon single-quoted, sourced only in subshells; nothing is ever evaled.
+# Variables are named tf_* and never exported. Rendering (src/agent/bootstrap.rs) drops comment
+# lines, blank lines and indentation, so no quoted string here may span lines.
+set -u
+
+# No variable of this script may come from, or leak to, the environment, nor any TASKFLY_*
+# one reach the node's script. The grace period a local provider may set is read first.
+set -- "${TASKFLY_AGENT_GRACE_MS:-}"
+for tf_n in $(env | sed -n 's/^\(tf_[A-Za-z0-9_]*\)=.*/\1/p; s/^\(TASKFLY_[A-Za-z0-9_]*\)=.*/\1/p'); do
+  unset "$tf_n"
+done
+case $1 in '' | *[!0-9]*) tf_grace=10 ;; *) tf_grace=$((($1 + 999) / 1000)) ;; esac
+
+tf_url=@DAEMON_URL@
+tf_ptoken=@PROVISION_TOKEN@
+tf_api=${tf_url%/}/api/v1/nodes
+tf_umask=$(umask)
+umask 077
+tf_stop='' tf_ticker='' tf_job='' tf_run='' tf_until='' tf_next=0
+tf_cr=$(printf '\r')
+
+tf_log() { printf 'taskfly bootstrap: %s\n' "$*" >&2; }
+
+# A missing curl shows as a failed registration, a missing tar or gzip as a failed extraction.
+tf_setsid=$(command -v setsid)
+
+# A fresh private work directory: the bundle goes to bundle/, private files to .taskfly/, the
+# working directory of this shell (so they are named relatively below).
+tf_n=0
+until tf_w=${TMPDIR:-/tmp}/taskfly-node.$$.$tf_n && mkdir -m 700 "$tf_w" 2>/dev/null; do
+  tf_n=$((tf_n + 1))
+  [ $tf_n -lt 99 ] || { tf_log "cannot create $tf_w"; exit 1; }
+done
+tf_w=$(cd "$tf_w" && pwd -P) && tf_p=$tf_w/.taskfly && mkdir "$tf_p" && cd "$tf_p" || exit 1
+
+# At exit: the helpers are stopped and the private files removed. The removal ignores SIGTERM,
+# which a provider sends to this whole process group as soon as the node has reported its end.
+tf_exit() {
+  trap '' TERM INT HUP
+  kill -KILL $tf_ticker $tf_job 2>/dev/null
+  rm -rf "$tf_p"
+}
+trap tf_exit EXIT
+trap 'tf_tick=1 tf_stop=${tf_stop:-term}' TERM INT HUP
+trap tf_tick=1 ALRM
+
+: >curlrc
+printf '{}' >empty
+printf '{"provision_token":"%s"}' "$tf_ptoken" >register
+
+# tf_call PATH BODY_FILE CONTENT_TYPE BUDGET_S: POSTs to the daemon, retrying failed
+# connections, 429 and 5xx for up to BUDGET_S seconds. The answer is in .taskfly/resp;
+# tf_code is its HTTP status and content type.
+tf_call() {
+  tf_delay=1 tf_spent=0
+  while :; do
+    tf_code=$(curl -sS -K curlrc --connect-timeout 10 --max-time 30 -o resp \
+      -w '%{http_code} %{content_type}' -H "Content-Type: $3" --data-binary @$2 "$tf_api/$1")
+    case $tf_code in
+      2*) return 0 ;;
+      000* | 429* | 5*) ;;
+      *) return 1 ;;
+    esac
+    [ $tf_spent -lt $4 ] && [ "$tf_stop" != term ] || return 1
+    sleep $tf_delay
+    tf_spent=$((tf_spent + tf_delay))
+    [ $tf_delay -ge 8 ] || tf_delay=$((tf_delay * 2))
+  done
+}
+
+# tf_report STATUS [EXIT_CODE [MESSAGE]]: reports a node state. The message is escaped for
+# JSON (control characters but tab dropped); one the daemon refuses (not UTF-8) is sent again
+# with its ASCII characters only.
+tf_report() {
+  tf_body="{\"status\":\"$1\""
+  [ -z "${2:-}" ] || tf_body="$tf_body,\"exit_code\":$2"
+  [ $# -lt 3 ] || tf_body="$tf_body,\"message\":\"$(printf %s "$3" | LC_ALL=C tr -d '\0-\10\12-\37' |
+    LC_ALL=C sed 's/\\/\\\\/g; s/"/\\"/g; s/	/\\t/g')\""
+  printf '%s}' "$tf_body" >body
+  tf_call status body application/json 120 && return
+  tf_ascii=$(printf %s "${3:-}" | LC_ALL=C tr -cd '\11\40-\176')
+  [ "${tf_code%% *}" != 400 ] || [ "$tf_ascii" = "${3:-}" ] ||
+    { tf_report "$1" "$2" "$tf_ascii" && return; }
+  tf_log "report $1 failed: ${tf_code%% *}"
+  return 1
+}
+
+# tf_fail MESSAGE: the node cannot run its script; reports why and ends.
+tf_fail() {
+  tf_log "$1"
+  tf_report failed '' "$1"
+  exit 1
+}
+
+# tf_ship STREAM FINAL BUDGET_S: sends the new complete lines of the script's STREAM (stdout
+# or stderr) in pieces of at most 64 KiB (a longer line is split); with FINAL=1 a last line
+# without a newline too. The offset moves only once the daemon took a piece, so nothing is
+# sent twice or skipped, and each stream keeps its order. The offset is kept in STREAM.off.
+tf_ship() {
+  read -r tf_off <$1.off
+  tf_n=0
+  while [ $tf_n -lt 32 ]; do
+    tf_n=$((tf_n + 1))
+    tail -c +$((tf_off + 1)) $1 | head -c 65536 >chunk
+    tf_size=$(($(wc -c <chunk)))
+    tf_lines=$(($(wc -l <chunk)))
+    [ $tf_size -gt 0 ] || break
+    if [ "$(tail -c 1 chunk)" = '' ] || { [ $2 = 1 ] && [ $tf_size -lt 65536 ]; } || [ $tf_size:$tf_lines = 65536:0 ]; then
+      # Complete lines, the end of the stream, or a piece of a line longer than 64 KiB.
+      mv chunk piece
+    elif [ $tf_lines -gt 0 ]; then
+      tf_size=$((tf_size - $(tail -n 1 chunk | wc -c)))
+      head -c $tf_size chunk >piece
+    else
+      break
+    fi
+    tf_call "logs?stream=$1" piece text/plain $3 || break
+    tf_off=$((tf_off + tf_size))
+    echo $tf_off >$1.off
+  done
+}
+
+# tf_watch PID: waits for PID (its status in tf_rc) while the ticker wakes it every second to
+# heartbeat, ship the script's output and watch the timeout. Returns early when the node must
+# stop (tf_stop: term for a signal, shutdown when the daemon asks, timeout).
+tf_watch() {
+  while [ -z "$tf_stop" ]; do
+    tf_tick=''
+    wait $1
+    tf_rc=$?
+    [ -n "$tf_tick" ] || return 0
+    tf_now=$(date +%s)
+    if [ $tf_now -ge $tf_next ]; then
+      tf_next=$((tf_now + tf_hb))
+      tf_call heartbeat empty application/json 0 &&
+        grep -q '"shutdown" *: *true' resp && tf_stop=shutdown
+    fi
+    [ -z "$tf_until" ] || [ $tf_now -le $tf_until ] || tf_stop=timeout
+    [ -z "$tf_run" ] || { tf_ship stdout 0 0; tf_ship stderr 0 0; }
+  done
+}
+
+# tf_kill SIGNAL: signals the script's whole group (only the script without setsid).
+tf_kill() { kill -$1 -$tf_pid 2>/dev/null || kill -$1 $tf_pid 2>/dev/null; }
+
+# tf_alive: whether a process of the script's group lives (where /proc shows zombies, they do
+# not count: orphans wait for init to reap them).
+tf_alive() {
+  kill -0 -$tf_pid 2>/dev/null || return 1
+  [ ! -r /proc/self/stat ] || cat /proc/[0-9]*/stat 2>/dev/null | grep -q ") [^ZX] [0-9]* $tf_pid "
+}
+
+# tf_terminate: SIGTERM to the script's group, SIGKILL to whatever is left of it when the
+# grace period is over (the ticker wakes the wait for the leader) or, once the leader has
+# exited, as soon as the rest of the group has ended too.
+tf_terminate() {
+  tf_kill TERM
+  tf_end=$(($(date +%s) + tf_grace))
+  while :; do
+    tf_tick=''
+    wait $tf_pid
+    tf_rc=$?
+    [ -n "$tf_tick" ] || break
+    [ $(date +%s) -lt $tf_end ] || tf_kill KILL
+  done
+  while tf_alive && [ $(date +%s) -lt $tf_end ]; do sleep 1; done
+  tf_kill KILL
+}
+
+# Registration, retried for about two minutes while the daemon cannot be reached.
+tf_call 'register?format=sh' register application/json 120
+[ -z "$tf_stop" ] || exit 0
+case $tf_code in
+  '200 text/plain'*) ;;
+  *) tf_log "cannot register at $tf_url: ${tf_code%% *} $(head -c 300 resp)"; exit 1 ;;
+esac
+tf_reg=$tf_p/reg
+mv resp reg
+
+# The control values, read by sourcing the answer in subshells: the node's variables never
+# enter this shell (nor curl's environment). Token, interval, timeout and node id are words.
+set -f
+set -- $(. "$tf_reg" && echo "$TASKFLY_AUTH_TOKEN $TASKFLY_HEARTBEAT_INTERVAL_S ${TASKFLY_TIMEOUT_S:-0} $TASKFLY_NODE_ID")
+set +f
+tf_token=${1:-} tf_hb=${2:-} tf_timeout=${3:-} tf_node=${4:-}
+tf_script=$(. "$tf_reg" && printf %sx "$TASKFLY_SCRIPT") &&
+  tf_dest=$(. "$tf_reg" && printf %sx "$TASKFLY_DEST_DIR") &&
+  case $#$tf_token$tf_hb$tf_timeout in 4*[!0-9a-f]* | [!4]*) false ;; esac ||
+  { tf_log "the registration answer is malformed"; exit 1; }
+tf_script=${tf_script%x} tf_dest=${tf_dest%x}
+printf 'header = "Authorization: Bearer %s"\n' $tf_token >curlrc
+tf_log "registered as node $tf_node"
+
+# A ticker wakes the waits every second. It ignores the signals that stop this shell, and ends
+# once this shell is gone.
+(
+  trap '' TERM INT HUP
+  while :; do
+    sleep 1
+    kill -ALRM $$ 2>/dev/null || exit 0
+  done
+) </dev/null >/dev/null 2>&1 &
+tf_ticker=$!
+
+tf_report downloading_assets || exit 1
+
+# The download, retried while the daemon cannot be reached.
+tf_tries=0
+while :; do
+  curl -sS -K curlrc --connect-timeout 10 --speed-limit 1 --speed-time 60 \
+    -o assets -w '%{http_code}' "$tf_api/assets" >code 2>err &
+  tf_job=$!
+  tf_watch $tf_job
+  [ -z "$tf_stop" ] || exit 0
+  tf_job=''
+  tf_code=$(cat code)
+  case $tf_code in 000 | 429 | 5??) [ $tf_tries -lt 24 ] || break ;; *) break ;; esac
+  sleep 5
+  tf_tries=$((tf_tries + 1))
+done
+case $tf_code in
+  2??) ;;
+  000) tf_fail "cannot download the assets: $(tail -n 1 err)" ;;
+  *) tf_fail "cannot download the assets: HTTP $tf_code" ;;
+esac
+
+# Where the bundle goes: remote_dest_dir (~/ is the home directory, a relative path is taken
+# from the work directory), else the work directory's bundle/.
+case $tf_dest in
+  '') tf_root=$tf_w/bundle ;;
+  '~') tf_root=${HOME:-$tf_w/~} ;;
+  '~/'*) tf_root=${HOME:+$HOME/${tf_dest#??}} ;;
+  /*) tf_root=$tf_dest ;;
+  *) tf_root=$tf_w/$tf_dest ;;
+esac
+tf_root=${tf_root:-$tf_w/$tf_dest}
+
+# The daemon checked every entry of the bundle when it was uploaded (no absolute path, no ..,
+# no link leading out: that is the real guard); tar without -P refuses both as well. -o: the
+# files belong to this user, whoever the archive names.
+(umask $tf_umask && mkdir -p "$tf_root" && gzip -t assets &&
+  gzip -dc assets | tar -xof - -C "$tf_root") 2>err &
+tf_job=$!
+tf_watch $tf_job
+[ -z "$tf_stop" ] || exit 0
+tf_job=''
+rm -f assets
+[ $tf_rc = 0 ] && tf_root=$(cd "$tf_root" && pwd -P) ||
+  tf_fail "cannot extract the bundle into $tf_root: $(tail -n 1 err)"
+
+case /$tf_script/ in
+  //?* | */../*) tf_fail "script path $tf_script must be relative to the bundle and stay inside it" ;;
+esac
+tf_path=$tf_root/$tf_script
+[ -e "$tf_path" ] || tf_fail "script $tf_script not found in the bundle"
+[ -f "$tf_path" ] || tf_fail "script $tf_script is not a regular file"
+
+# How to start it, as the Rust agent does: exec it when executable, else the interpreter of its
+# #! line (the rest of the line is one argument, its blanks squeezed), else sh.
+set -- sh "$tf_path"
+if [ -x "$tf_path" ]; then
+  set -- "$tf_path"
+elif IFS= read -r tf_n <"$tf_path" || [ -n "$tf_n" ]; then
+  case $tf_n in
+    '#!'*)
+      # The words of the line (without the CR of a CRLF ending): the interpreter, then the
+      # rest as one argument.
+      tf_n=${tf_n%"$tf_cr"}
+      set -f
+      set -- ${tf_n#??}
+      set +f
+      tf_n=${1:-sh}
+      [ $# = 0 ] || shift
+      set -- "$tf_n" ${1:+"$*"} "$tf_path"
+      ;;
+  esac
+fi
+
+[ -z "$tf_stop" ] || exit 0
+tf_report running_script || exit 1
+
+# The script runs in a session (so a process group) of its own, in the bundle root, with the
+# registration answer sourced there only: its exported variables are the node's environment.
+for tf_n in stdout stderr; do
+  : >$tf_n
+  echo 0 >$tf_n.off
+done
+$tf_setsid sh -c 'cd "$1" && umask $2 && . "$3" && shift 3 && exec "$@"' \
+  sh "$tf_root" $tf_umask "$tf_reg" "$@" </dev/null >stdout 2>stderr &
+tf_pid=$!
+tf_run=1
+[ $tf_timeout = 0 ] || tf_until=$(($(date +%s) + tf_timeout))
+tf_watch $tf_pid
+# How the script ended decides the report, whatever signal comes later.
+tf_how=$tf_stop
+if [ -n "$tf_how" ]; then
+  tf_log "stopping the script: $tf_how"
+  tf_terminate
+else
+  # The leader is gone; whatever it left running in its group goes too.
+  tf_kill KILL
+fi
+tf_run=''
+kill -KILL $tf_ticker
+tf_ticker=''
+# Stopped by a signal, the rest of the output gets one try; otherwise up to 30 s of retries.
+tf_budget=30
+[ "$tf_stop" != term ] || tf_budget=0
+tf_ship stdout 1 $tf_budget
+tf_ship stderr 1 $tf_budget
+
+case $tf_how in
+  term | shutdown) exit 0 ;;
+  timeout)
+    # The limit as the Rust agent writes it: 1day 2h 3m 4s.
+    tf_m=''
+    for tf_n in $((tf_timeout / 86400))days $((tf_timeout / 3600 % 24))h $((tf_timeout / 60 % 60))m $((tf_timeout % 60))s; do
+      case $tf_n in 0*) ;; 1days) tf_m="$tf_m 1day" ;; *) tf_m="$tf_m $tf_n" ;; esac
+    done
+    tf_report failed '' "timed out after ${tf_m# }"
+    exit
+    ;;
+esac
+[ $tf_rc != 0 ] || { tf_report completed 0; exit; }
+
+# The last non-blank line of stderr, trimmed and cut to 500 bytes (never inside a character).
+tf_m=$(LC_ALL=C sed -n "s/$tf_cr\$//; /[^[:space:]]/h; \${x; s/^[[:space:]]*//; s/[[:space:]]*\$//; p; }" stderr)
+[ $(printf %s "$tf_m" | wc -c) -le 500 ] ||
+  tf_m="$(printf %s "$tf_m" | head -c 500 | LC_ALL=C sed "s/$(printf '[\300-\377][\200-\277]*$')//")$(printf '\342\200\246')"
+tf_code=$tf_rc tf_n="exited with code $tf_rc"
+# A status above 128 is how sh shows a death by signal.
+if [ $tf_rc -gt 128 ] && tf_sig=$(kill -l $((tf_rc - 128)) 2>/dev/null); then
+  case $tf_sig in [A-Z]*) tf_code='' tf_n="killed by signal SIG${tf_sig#SIG}" ;; esac
+fi
+tf_report failed "$tf_code" "$tf_n${tf_m:+: $tf_m}"
