@@ -10,6 +10,30 @@ FEATURES="full"
 echo "== build (features: $FEATURES)"
 cargo build --locked --features "$FEATURES" --all-targets
 
+echo "== EC2 emulator (moto) for the aws provider's tests"
+# A Python venv of our own under .venv/, so the system's Python packages are never touched.
+if ! [ -x .venv/bin/moto_server ]; then
+  python3 -m venv .venv
+  .venv/bin/pip install --quiet --disable-pip-version-check 'moto[server]>=5.1,<6'
+fi
+moto_port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+mkdir -p target
+.venv/bin/moto_server -H 127.0.0.1 -p "$moto_port" >target/moto_server.log 2>&1 &
+moto_pid=$!
+trap 'kill "$moto_pid" 2>/dev/null || true' EXIT
+for _ in $(seq 1 100); do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$moto_port") 2>/dev/null; then break; fi
+  if ! kill -0 "$moto_pid" 2>/dev/null; then
+    echo "moto_server exited; its log:" >&2
+    cat target/moto_server.log >&2
+    exit 1
+  fi
+  sleep 0.1
+done
+export TASKFLY_TEST_EC2_ENDPOINT="http://127.0.0.1:$moto_port"
+# The aws tests fail, rather than skip, if the emulator is missing or unreachable.
+export TASKFLY_REQUIRE_EC2_EMULATOR=1
+
 echo "== tests"
 cargo test --locked --features "$FEATURES" --all-targets
 

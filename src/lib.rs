@@ -63,6 +63,8 @@ pub use config::DeploymentConfig;
 pub use error::{BoxError, Error, Result};
 pub use metadata::MetadataGenerator;
 pub use orchestrator::{Config, Orchestrator};
+#[cfg(feature = "aws")]
+pub use provider::AwsProvider;
 pub use provider::{
     InstanceConfig, InstanceInfo, InstanceState, LocalProvider, OwnedInstance, Provider,
     ProviderError,

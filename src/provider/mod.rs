@@ -4,6 +4,8 @@
 //! status) happens between the node's agent and the engine over the node API. So a provider is
 //! small, and a node behaves the same on every provider.
 
+#[cfg(feature = "aws")]
+pub(crate) mod aws;
 pub(crate) mod local;
 mod procfs;
 
@@ -14,6 +16,8 @@ use async_trait::async_trait;
 use crate::config::DeploymentConfig;
 use crate::error::BoxError;
 
+#[cfg(feature = "aws")]
+pub use aws::AwsProvider;
 pub use local::LocalProvider;
 
 /// Everything a provider needs to start one node.

@@ -1,5 +1,9 @@
 //! The integration tests: one binary, real processes, real HTTP on 127.0.0.1:0.
 
+mod agents;
+#[cfg(feature = "aws")]
+mod aws;
 mod cli;
+mod durability;
 mod engine;
 mod support;

@@ -63,6 +63,18 @@ pub struct Daemon {
     reader: Option<JoinHandle<()>>,
     /// Signalled when the stderr reader has read everything.
     reader_done: mpsc::Receiver<()>,
+    /// How the daemon was started, so [`Daemon::restart`] can start it again in the same place.
+    launch: Launch,
+}
+
+/// What a daemon is started with besides its data dir, HOME and marker.
+#[derive(Debug, Clone)]
+struct Launch {
+    options: DaemonOptions,
+    /// `--listen`: `127.0.0.1:0`, or a fixed port for a daemon that is restarted.
+    listen: String,
+    /// More flags (`--heartbeat-timeout 3s`, ...).
+    args: Vec<String>,
 }
 
 impl Daemon {
@@ -75,20 +87,66 @@ impl Daemon {
     /// A daemon started with `options`; fails the test if it does not start listening.
     #[track_caller]
     pub fn start_with(options: DaemonOptions) -> Daemon {
+        Daemon::launch(Launch {
+            options,
+            listen: "127.0.0.1:0".to_owned(),
+            args: Vec::new(),
+        })
+    }
+
+    /// A daemon listening on `127.0.0.1:port` (see [`free_port`]) with `args` added to its
+    /// command line, so it can be stopped or killed and [restarted](Daemon::restart) at the
+    /// same address, with the same data dir, HOME and marker.
+    #[track_caller]
+    pub fn start_on(port: u16, options: DaemonOptions, args: &[&str]) -> Daemon {
+        Daemon::launch(Launch {
+            options,
+            listen: format!("127.0.0.1:{port}"),
+            args: args.iter().map(|arg| (*arg).to_owned()).collect(),
+        })
+    }
+
+    #[track_caller]
+    fn launch(launch: Launch) -> Daemon {
         let marker = format!("{DAEMON_MARKER_VAR}={}", unique_word());
-        let home = tempfile::tempdir().expect("temp HOME");
-        let data_dir = tempfile::tempdir().expect("temp data dir");
-        let mut command = cli_run::command("taskflyd", home.path());
+        // Replaced by the first `spawn`.
+        let (_, reader_done) = mpsc::channel();
+        let mut daemon = Daemon {
+            child: None,
+            marker,
+            reader_done,
+            url: String::new(),
+            token: launch.options.token.clone().unwrap_or_default(),
+            data_dir: tempfile::tempdir().expect("temp data dir"),
+            home: tempfile::tempdir().expect("temp HOME"),
+            lines: Arc::new(Mutex::new(Vec::new())),
+            reader: None,
+            launch,
+        };
+        daemon.spawn();
+        daemon
+    }
+
+    /// Starts the daemon process as `self.launch` says and waits until it listens. Its stderr
+    /// lines are added to those of earlier runs.
+    #[track_caller]
+    fn spawn(&mut self) {
+        let options = &self.launch.options;
+        let mut command = cli_run::command("taskflyd", self.home.path());
         command
-            .args(["--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data_dir.path())
+            .args(["--listen", &self.launch.listen, "--data-dir"])
+            .arg(self.data_dir.path())
             .arg("--log-format")
             .arg(match options.log_format {
                 LogFormat::Text => "text",
                 LogFormat::Json => "json",
             })
+            .args(&self.launch.args)
             .env("RUST_LOG", &options.rust_log)
-            .env(DAEMON_MARKER_VAR, &marker[DAEMON_MARKER_VAR.len() + 1..])
+            .env(
+                DAEMON_MARKER_VAR,
+                &self.marker[DAEMON_MARKER_VAR.len() + 1..],
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         if let Some(token) = &options.token {
@@ -96,11 +154,10 @@ impl Daemon {
         }
         let mut child = command.spawn().expect("start taskflyd");
         let stderr = child.stderr.take().expect("piped stderr");
-        let lines = Arc::new(Mutex::new(Vec::new()));
         let (sender, received) = mpsc::channel();
         let (done_sender, reader_done) = mpsc::channel();
         let reader = std::thread::spawn({
-            let lines = Arc::clone(&lines);
+            let lines = Arc::clone(&self.lines);
             move || {
                 for line in BufReader::new(stderr).lines() {
                     let Ok(line) = line else { break };
@@ -111,17 +168,9 @@ impl Daemon {
                 let _ = done_sender.send(());
             }
         });
-        let mut daemon = Daemon {
-            child: Some(child),
-            marker,
-            reader_done,
-            url: String::new(),
-            token: options.token.clone().unwrap_or_default(),
-            data_dir,
-            home,
-            lines,
-            reader: Some(reader),
-        };
+        self.child = Some(child);
+        self.reader = Some(reader);
+        self.reader_done = reader_done;
         let deadline = Instant::now() + START_LIMIT;
         let address = loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -133,18 +182,63 @@ impl Daemon {
                 }
                 Err(_) => panic!(
                     "taskflyd did not log \"taskflyd listening\" within {START_LIMIT:?}; stderr:\n{}",
-                    daemon.stderr_lines().join("\n")
+                    self.stderr_lines().join("\n")
                 ),
             }
         };
-        daemon.url = format!("http://{address}");
+        self.url = format!("http://{address}");
         if options.token.is_none() {
-            let path = daemon.token_file();
+            let path = self.token_file();
             let text = std::fs::read_to_string(&path)
                 .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
-            daemon.token = text.trim().to_owned();
+            self.token = text.trim().to_owned();
         }
-        daemon
+    }
+
+    /// Kills the daemon with SIGKILL (a crash: no shutdown code runs) and waits for it. Agent
+    /// processes it started keep running. Returns its exit status.
+    #[track_caller]
+    pub fn kill(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("taskflyd was running");
+        child.kill().expect("SIGKILL taskflyd");
+        let status = child.wait().expect("wait for taskflyd");
+        if self.reader_done.recv_timeout(STOP_LIMIT).is_ok() {
+            if let Some(reader) = self.reader.take() {
+                let _ = reader.join();
+            }
+        }
+        status
+    }
+
+    /// Stops the daemon (SIGTERM) and waits for it, keeping the guard so it can be restarted.
+    /// Returns its exit status.
+    #[track_caller]
+    pub fn shut_down(&mut self) -> ExitStatus {
+        self.terminate().expect("taskflyd was running")
+    }
+
+    /// Starts the stopped (or killed) daemon again: same listen address, data dir, HOME,
+    /// marker and flags. Only for daemons made by [`Daemon::start_on`].
+    #[track_caller]
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop or kill the daemon first");
+        assert!(
+            !self.launch.listen.ends_with(":0"),
+            "a daemon on port 0 cannot be restarted at the same address; use Daemon::start_on"
+        );
+        self.spawn();
+    }
+
+    /// [`Daemon::restart`] with `args` instead of the flags it was started with.
+    #[track_caller]
+    pub fn restart_with(&mut self, args: &[&str]) {
+        self.launch.args = args.iter().map(|arg| (*arg).to_owned()).collect();
+        self.restart();
+    }
+
+    /// The pid of the running daemon.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// `<data-dir>/api-token`.
@@ -279,6 +373,13 @@ impl Drop for Daemon {
             }
         }
     }
+}
+
+/// A port on 127.0.0.1 where nothing listens (bound, then released), for a daemon that must
+/// come back at the same address after a restart.
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    listener.local_addr().expect("address").port()
 }
 
 /// A word no other test or run uses: process id, time and a counter.

@@ -1,0 +1,748 @@
+//! The EC2 provider (feature `aws`) against an EC2 emulator: moto's server, which
+//! `scripts/test.sh` starts and names in `TASKFLY_TEST_EC2_ENDPOINT`.
+//!
+//! The instances moto "starts" run nothing, so where a test needs its nodes to work, it reads
+//! each instance's user data back from the emulator and runs it with `sh` on this machine, as
+//! the instance would at boot. Each test keeps to a region of its own, so the leak checks of
+//! one test's engine never see another test's instances.
+//!
+//! With `TASKFLY_REQUIRE_EC2_EMULATOR=1` (the test script sets it) a missing or unreachable
+//! emulator fails these tests; without it, they say they were not run and pass.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_config::retry::RetryConfig;
+use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_sdk_ec2::config::Credentials;
+use aws_sdk_ec2::types::{Filter, InstanceStateName, ResourceType, Tag, TagSpecification};
+use taskfly::wire::DeploymentView;
+use taskfly::{
+    AwsProvider, BoxError, Config, DeploymentConfig, InstanceConfig, InstanceInfo, InstanceState,
+    Provider, ProviderError,
+};
+
+use crate::support::engine_util::{poll_until, unique_marker};
+use crate::support::{Project, TestEngine};
+
+/// How long a test waits for EC2 states to settle or nodes to finish.
+const WAIT_LIMIT: Duration = Duration::from_secs(120);
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+
+/// The emulator's endpoint, checked to accept connections; `None` when the tests should not
+/// run. Panics when the test script asked for the emulator and it is missing or unreachable.
+fn emulator(test: &str) -> Option<String> {
+    let required = std::env::var("TASKFLY_REQUIRE_EC2_EMULATOR").is_ok_and(|v| v == "1");
+    let endpoint = std::env::var("TASKFLY_TEST_EC2_ENDPOINT")
+        .ok()
+        .filter(|url| !url.trim().is_empty());
+    let Some(endpoint) = endpoint else {
+        assert!(
+            !required,
+            "TASKFLY_REQUIRE_EC2_EMULATOR=1 but TASKFLY_TEST_EC2_ENDPOINT is not set: \
+             start moto_server (scripts/test.sh does) and name it there"
+        );
+        eprintln!(
+            "{test}: NOT RUN: set TASKFLY_TEST_EC2_ENDPOINT to an EC2 emulator (moto_server) \
+             or run scripts/test.sh"
+        );
+        return None;
+    };
+    let address = endpoint
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let reachable = std::net::ToSocketAddrs::to_socket_addrs(&address)
+        .ok()
+        .and_then(|mut addresses| addresses.next())
+        .is_some_and(|socket| {
+            std::net::TcpStream::connect_timeout(&socket, Duration::from_secs(2)).is_ok()
+        });
+    assert!(
+        reachable,
+        "the EC2 emulator at {endpoint} (TASKFLY_TEST_EC2_ENDPOINT) does not accept connections"
+    );
+    Some(endpoint)
+}
+
+/// SDK settings for the emulator: fake static credentials (no credential chain, so no call to
+/// instance metadata), `region`, and one try per request so failures show quickly.
+async fn sdk_config(endpoint: &str, region: &str) -> SdkConfig {
+    aws_config::defaults(BehaviorVersion::latest())
+        .region(Region::new(region.to_owned()))
+        .endpoint_url(endpoint)
+        .credentials_provider(Credentials::new(
+            "testing",
+            "testing",
+            None,
+            None,
+            "taskfly-tests",
+        ))
+        .retry_config(RetryConfig::standard().with_max_attempts(1))
+        .load()
+        .await
+}
+
+/// A client of the emulator, to check what the provider did.
+async fn ec2(endpoint: &str, region: &str) -> aws_sdk_ec2::Client {
+    aws_sdk_ec2::Client::new(&sdk_config(endpoint, region).await)
+}
+
+/// An image id the emulator accepts in `region`.
+async fn any_image(ec2: &aws_sdk_ec2::Client) -> String {
+    let images = ec2.describe_images().send().await.expect("DescribeImages");
+    images
+        .images()
+        .iter()
+        .find_map(|image| image.image_id())
+        .expect("the emulator lists no image")
+        .to_owned()
+}
+
+/// A `taskfly.yml` for `count` EC2 nodes at the emulator, running `setup.sh`.
+fn aws_yml(count: u32, endpoint: &str, region: &str, image_id: &str) -> String {
+    format!(
+        "cloud_provider: aws\n\
+         instance_config:\n  aws:\n    region: {region}\n    image_id: {image_id}\n    \
+         instance_type: t3.micro\n    endpoint_url: {endpoint}\n    \
+         tags: {{team: data, purpose: taskfly-tests}}\n\
+         application_files: [setup.sh]\n\
+         remote_script_to_run: setup.sh\n\
+         nodes:\n  count: {count}\n  distributed_lists:\n    shard: [a, b, c]\n"
+    )
+}
+
+/// A project whose script prints its node index and shard.
+fn project(yml: &str) -> Project {
+    Project::new(yml).script("#!/bin/sh\necho \"node $TASKFLY_NODE_INDEX shard $SHARD\"\n")
+}
+
+/// Every instance tagged with `deployment_id`, as (id, state) pairs.
+async fn instances_of(
+    ec2: &aws_sdk_ec2::Client,
+    deployment_id: &str,
+) -> Vec<aws_sdk_ec2::types::Instance> {
+    let output = ec2
+        .describe_instances()
+        .filters(
+            Filter::builder()
+                .name("tag:taskfly:deployment-id")
+                .values(deployment_id)
+                .build(),
+        )
+        .send()
+        .await
+        .expect("DescribeInstances");
+    output
+        .reservations()
+        .iter()
+        .flat_map(|r| r.instances())
+        .cloned()
+        .collect()
+}
+
+fn state_of(instance: &aws_sdk_ec2::types::Instance) -> InstanceStateName {
+    instance
+        .state()
+        .and_then(|s| s.name())
+        .cloned()
+        .expect("instance state")
+}
+
+fn is_ending(state: &InstanceStateName) -> bool {
+    matches!(
+        state,
+        InstanceStateName::ShuttingDown | InstanceStateName::Terminated
+    )
+}
+
+fn tags_of(instance: &aws_sdk_ec2::types::Instance) -> BTreeMap<String, String> {
+    instance
+        .tags()
+        .iter()
+        .filter_map(|tag| Some((tag.key()?.to_owned(), tag.value()?.to_owned())))
+        .collect()
+}
+
+/// Waits (bounded) until every instance of the deployment is shutting down or terminated.
+async fn wait_all_ending(ec2: &aws_sdk_ec2::Client, deployment_id: &str, expected: usize) {
+    let deadline = tokio::time::Instant::now() + WAIT_LIMIT;
+    loop {
+        let instances = instances_of(ec2, deployment_id).await;
+        let states: Vec<InstanceStateName> = instances.iter().map(state_of).collect();
+        if states.len() == expected && states.iter().all(is_ending) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "instances of {deployment_id} still alive after {WAIT_LIMIT:?}: {states:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits until every node of the deployment has an instance recorded.
+async fn wait_instances_recorded(engine: &TestEngine, deployment_id: &str) -> DeploymentView {
+    poll_until(engine, deployment_id, "every node's instance", |view| {
+        view.nodes.iter().all(|n| n.instance_id.is_some())
+    })
+    .await
+}
+
+/// The user data of an instance, decoded.
+async fn user_data(ec2: &aws_sdk_ec2::Client, instance_id: &str) -> String {
+    let attribute = ec2
+        .describe_instance_attribute()
+        .instance_id(instance_id)
+        .attribute(aws_sdk_ec2::types::InstanceAttributeName::UserData)
+        .send()
+        .await
+        .expect("DescribeInstanceAttribute");
+    let encoded = attribute
+        .user_data()
+        .and_then(|value| value.value())
+        .expect("the instance has user data");
+    String::from_utf8(decode_base64(encoded)).expect("user data is UTF-8")
+}
+
+/// Standard base64 (with or without padding) back to bytes; panics on anything else.
+fn decode_base64(text: &str) -> Vec<u8> {
+    let value = |c: u8| -> u32 {
+        match c {
+            b'A'..=b'Z' => u32::from(c - b'A'),
+            b'a'..=b'z' => u32::from(c - b'a') + 26,
+            b'0'..=b'9' => u32::from(c - b'0') + 52,
+            b'+' => 62,
+            b'/' => 63,
+            other => panic!("not base64: {:?}", char::from(other)),
+        }
+    };
+    let symbols: Vec<u8> = text
+        .bytes()
+        .filter(|c| !c.is_ascii_whitespace() && *c != b'=')
+        .collect();
+    let mut out = Vec::with_capacity(symbols.len() * 3 / 4);
+    for chunk in symbols.chunks(4) {
+        let mut n = 0u32;
+        for (i, c) in chunk.iter().enumerate() {
+            n |= value(*c) << (18 - 6 * i);
+        }
+        let bytes = n.to_be_bytes();
+        out.extend_from_slice(&bytes[1..chunk.len()]);
+    }
+    out
+}
+
+/// Runs user data with `sh` as an instance would at boot: a child process in a fresh
+/// directory, with `TMPDIR` and `HOME` there. Killed if the test ends first.
+fn boot(script: &str, dir: &std::path::Path) -> tokio::process::Child {
+    let path = dir.join("user-data.sh");
+    std::fs::write(&path, script).expect("write user data");
+    tokio::process::Command::new("sh")
+        .arg(&path)
+        .current_dir(dir)
+        .env("TMPDIR", dir)
+        .env("HOME", dir)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run sh")
+}
+
+/// Boots every instance of the deployment from its user data; returns the processes.
+async fn boot_all(
+    ec2: &aws_sdk_ec2::Client,
+    view: &DeploymentView,
+    dir: &std::path::Path,
+) -> Vec<tokio::process::Child> {
+    let mut children = Vec::new();
+    for node in &view.nodes {
+        let instance_id = node.instance_id.as_deref().expect("instance recorded");
+        let script = user_data(ec2, instance_id).await;
+        let node_dir = dir.join(&node.node_id);
+        std::fs::create_dir_all(&node_dir).expect("node dir");
+        children.push(boot(&script, &node_dir));
+    }
+    children
+}
+
+/// Waits (bounded) for the deployment to be final.
+async fn wait_final(engine: &TestEngine, deployment_id: &str) -> DeploymentView {
+    tokio::time::timeout(WAIT_LIMIT, engine.engine.wait(deployment_id))
+        .await
+        .unwrap_or_else(|_| panic!("{deployment_id} did not end within {WAIT_LIMIT:?}"))
+        .expect("wait")
+}
+
+/// An engine whose `aws` provider is `provider`, retrying provider failures quickly.
+async fn engine_with(provider: Arc<dyn Provider>) -> TestEngine {
+    TestEngine::start_with(|config: Config| {
+        config
+            .provider("aws", provider)
+            .provision_retries(5, Duration::from_millis(1))
+    })
+    .await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_run_from_their_user_data_complete_and_leave_no_instance_running() {
+    let Some(endpoint) = emulator("three_nodes_run_from_their_user_data") else {
+        return;
+    };
+    let region = "eu-west-1";
+    let ec2 = ec2(&endpoint, region).await;
+    let image_id = any_image(&ec2).await;
+    let provider = Arc::new(AwsProvider::with_sdk_config(
+        sdk_config(&endpoint, region).await,
+    ));
+    let engine = engine_with(provider).await;
+    let project = project(&aws_yml(3, &endpoint, region, &image_id));
+
+    let created = engine
+        .engine
+        .deploy_dir(project.path())
+        .await
+        .expect("deploy");
+    let id = created.deployment_id;
+    let view = wait_instances_recorded(&engine, &id).await;
+
+    let instances = instances_of(&ec2, &id).await;
+    assert_eq!(instances.len(), 3, "one instance per node: {instances:#?}");
+    for node in &view.nodes {
+        let instance_id = node.instance_id.as_deref().expect("instance id");
+        let instance = instances
+            .iter()
+            .find(|i| i.instance_id() == Some(instance_id))
+            .unwrap_or_else(|| panic!("{instance_id} is not tagged with {id}"));
+        assert_eq!(instance.image_id(), Some(image_id.as_str()));
+        assert_eq!(
+            instance.instance_type().map(|t| t.as_str()),
+            Some("t3.micro")
+        );
+        let tags = tags_of(instance);
+        assert_eq!(
+            tags.get("Name").map(String::as_str),
+            Some(format!("taskfly-{}", node.node_id).as_str())
+        );
+        assert_eq!(
+            tags.get("taskfly:deployment-id").map(String::as_str),
+            Some(id.as_str())
+        );
+        assert_eq!(
+            tags.get("taskfly:node-id").map(String::as_str),
+            Some(node.node_id.as_str())
+        );
+        assert_eq!(tags.get("team").map(String::as_str), Some("data"));
+        assert_eq!(
+            tags.get("purpose").map(String::as_str),
+            Some("taskfly-tests")
+        );
+        let script = user_data(&ec2, instance_id).await;
+        assert!(script.starts_with("#!/bin/sh"), "{script}");
+        assert!(script.contains(&engine.url), "the daemon URL: {script}");
+    }
+
+    let boot_dir = tempfile::tempdir().expect("temp dir");
+    let mut children = boot_all(&ec2, &view, boot_dir.path()).await;
+    let done = wait_final(&engine, &id).await;
+    assert_eq!(done.status, "completed", "{done:#?}");
+    assert_eq!(done.nodes_completed, 3);
+    let logs = engine.all_logs(&id).await;
+    for (index, shard) in ["a", "b", "c"].iter().enumerate() {
+        let expected = format!("node {index} shard {shard}");
+        assert!(
+            logs.iter().any(|l| l.line == expected),
+            "no log line {expected:?}: {logs:#?}"
+        );
+    }
+    wait_all_ending(&ec2, &id, 3).await;
+    for child in &mut children {
+        let status = tokio::time::timeout(WAIT_LIMIT, child.wait())
+            .await
+            .expect("the user data script ends once its node is done")
+            .expect("wait for sh");
+        assert!(status.success(), "user data exited with {status}");
+    }
+    engine.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn down_while_nodes_boot_leaves_no_instance_running() {
+    let Some(endpoint) = emulator("down_while_nodes_boot") else {
+        return;
+    };
+    let region = "eu-west-2";
+    let ec2 = ec2(&endpoint, region).await;
+    let image_id = any_image(&ec2).await;
+    let provider = Arc::new(AwsProvider::with_sdk_config(
+        sdk_config(&endpoint, region).await,
+    ));
+    let engine = engine_with(provider).await;
+    let project = project(&aws_yml(3, &endpoint, region, &image_id));
+
+    let created = engine
+        .engine
+        .deploy_dir(project.path())
+        .await
+        .expect("deploy");
+    let id = created.deployment_id;
+    wait_instances_recorded(&engine, &id).await;
+    let running = instances_of(&ec2, &id).await;
+    assert_eq!(running.len(), 3);
+    assert!(running.iter().all(|i| !is_ending(&state_of(i))));
+
+    engine.engine.terminate(&id).await.expect("terminate");
+    let view = engine.engine.deployment(&id).await.expect("deployment");
+    assert_eq!(view.status, "terminated", "{view:#?}");
+    assert!(view.nodes.iter().all(|n| n.status == "terminated"));
+    // Terminated means EC2 already confirmed: no waiting here.
+    let states: Vec<InstanceStateName> =
+        instances_of(&ec2, &id).await.iter().map(state_of).collect();
+    assert_eq!(states.len(), 3);
+    assert!(states.iter().all(is_ending), "{states:?}");
+    engine.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_of_no_live_deployment_is_terminated_and_a_live_ones_is_not() {
+    let Some(endpoint) = emulator("an_instance_of_no_live_deployment") else {
+        return;
+    };
+    let region = "eu-west-3";
+    let ec2 = ec2(&endpoint, region).await;
+    let image_id = any_image(&ec2).await;
+    let provider = Arc::new(AwsProvider::with_sdk_config(
+        sdk_config(&endpoint, region).await,
+    ));
+    let engine = engine_with(provider).await;
+
+    let project = project(&aws_yml(1, &endpoint, region, &image_id));
+    let created = engine
+        .engine
+        .deploy_dir(project.path())
+        .await
+        .expect("deploy");
+    let live_id = created.deployment_id;
+    let view = wait_instances_recorded(&engine, &live_id).await;
+    let live_instance = view.nodes[0].instance_id.clone().expect("instance");
+
+    let ghost = ec2
+        .run_instances()
+        .image_id(&image_id)
+        .instance_type(aws_sdk_ec2::types::InstanceType::T3Micro)
+        .min_count(1)
+        .max_count(1)
+        .tag_specifications(
+            TagSpecification::builder()
+                .resource_type(ResourceType::Instance)
+                .tags(
+                    Tag::builder()
+                        .key("taskfly:deployment-id")
+                        .value("dep-ghost")
+                        .build(),
+                )
+                .build(),
+        )
+        .send()
+        .await
+        .expect("RunInstances");
+    let ghost_id = ghost.instances()[0]
+        .instance_id()
+        .expect("instance id")
+        .to_owned();
+
+    let terminated = engine.engine.terminate_orphans().await;
+    assert!(terminated >= 1, "terminated {terminated}");
+    let ghosts = instances_of(&ec2, "dep-ghost").await;
+    let ghost = ghosts
+        .iter()
+        .find(|i| i.instance_id() == Some(ghost_id.as_str()))
+        .expect("the ghost instance is still described");
+    assert!(
+        is_ending(&state_of(ghost)),
+        "the ghost is {:?}",
+        state_of(ghost)
+    );
+    let live = instances_of(&ec2, &live_id).await;
+    assert_eq!(live.len(), 1);
+    assert_eq!(live[0].instance_id(), Some(live_instance.as_str()));
+    assert!(
+        !is_ending(&state_of(&live[0])),
+        "the live deployment's instance was terminated"
+    );
+
+    engine.engine.terminate(&live_id).await.expect("terminate");
+    wait_all_ending(&ec2, &live_id, 1).await;
+    engine.stop().await;
+}
+
+/// Fails the first `failures` provision calls with `code` (retryable), then hands over to
+/// `inner`, if any; counts the calls.
+struct FailingProvider {
+    inner: Option<Arc<AwsProvider>>,
+    code: &'static str,
+    failures: u32,
+    calls: AtomicU32,
+}
+
+#[async_trait]
+impl Provider for FailingProvider {
+    async fn provision(&self, config: InstanceConfig) -> Result<InstanceInfo, BoxError> {
+        let call = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+        match &self.inner {
+            Some(inner) if call > self.failures => inner.provision(config).await,
+            _ => Err(Box::new(ProviderError {
+                code: self.code.to_owned(),
+                message: format!("call {call} refused by the test"),
+                retryable: true,
+            })),
+        }
+    }
+
+    async fn terminate(&self, instance_id: &str) -> Result<(), BoxError> {
+        match &self.inner {
+            Some(inner) => inner.terminate(instance_id).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn describe(&self, instance_id: &str) -> Result<Option<InstanceInfo>, BoxError> {
+        match &self.inner {
+            Some(inner) => inner.describe(instance_id).await,
+            None => Ok(None),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttled_provisioning_is_retried_and_the_node_completes() {
+    let Some(endpoint) = emulator("throttled_provisioning_is_retried") else {
+        return;
+    };
+    let region = "eu-central-1";
+    let ec2 = ec2(&endpoint, region).await;
+    let image_id = any_image(&ec2).await;
+    let aws = Arc::new(AwsProvider::with_sdk_config(
+        sdk_config(&endpoint, region).await,
+    ));
+    let flaky = Arc::new(FailingProvider {
+        inner: Some(aws),
+        code: "RequestLimitExceeded",
+        failures: 2,
+        calls: AtomicU32::new(0),
+    });
+    let engine = engine_with(flaky.clone()).await;
+    let project = project(&aws_yml(1, &endpoint, region, &image_id));
+
+    let created = engine
+        .engine
+        .deploy_dir(project.path())
+        .await
+        .expect("deploy");
+    let id = created.deployment_id;
+    let view = wait_instances_recorded(&engine, &id).await;
+    assert_eq!(
+        flaky.calls.load(Ordering::SeqCst),
+        3,
+        "two refusals, then the launch"
+    );
+    assert_eq!(instances_of(&ec2, &id).await.len(), 1);
+
+    let boot_dir = tempfile::tempdir().expect("temp dir");
+    let _children = boot_all(&ec2, &view, boot_dir.path()).await;
+    let done = wait_final(&engine, &id).await;
+    assert_eq!(done.status, "completed", "{done:#?}");
+    wait_all_ending(&ec2, &id, 1).await;
+    engine.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capacity_error_that_persists_fails_the_node_with_its_code_after_five_attempts() {
+    // No emulator needed: the provider never gets past the refusals.
+    let refusing = Arc::new(FailingProvider {
+        inner: None,
+        code: "InsufficientInstanceCapacity",
+        failures: u32::MAX,
+        calls: AtomicU32::new(0),
+    });
+    let engine = engine_with(refusing.clone()).await;
+    let project = project(&aws_yml(
+        1,
+        "http://127.0.0.1:9",
+        "us-east-1",
+        "ami-12c6146b",
+    ));
+    let done = engine.run(project.path()).await;
+    assert_eq!(done.status, "failed", "{done:#?}");
+    let message = done.nodes[0].error_message.clone().unwrap_or_default();
+    assert!(
+        message.contains("InsufficientInstanceCapacity") && message.contains("after 5 attempts"),
+        "{message}"
+    );
+    assert_eq!(refusing.calls.load(Ordering::SeqCst), 5);
+    engine.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_endpoint_is_a_retryable_connection_error() {
+    // No emulator needed: the endpoint is a loopback port nothing listens on.
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("address").port()
+    };
+    let endpoint = format!("http://127.0.0.1:{closed}");
+    let provider = Arc::new(AwsProvider::with_sdk_config(
+        sdk_config(&endpoint, "us-east-1").await,
+    ));
+    let engine = TestEngine::start_with(|config: Config| {
+        config
+            .provider("aws", provider)
+            .provision_retries(2, Duration::from_millis(1))
+    })
+    .await;
+    let project = project(&aws_yml(1, &endpoint, "us-east-1", "ami-12c6146b"));
+    let done = engine.run(project.path()).await;
+    assert_eq!(done.status, "failed", "{done:#?}");
+    let message = done.nodes[0].error_message.clone().unwrap_or_default();
+    assert!(
+        message.contains("ConnectionError") && message.contains("after 2 attempts"),
+        "{message}"
+    );
+    assert!(!message.contains("testing"), "no credentials: {message}");
+    engine.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_provider_finds_and_terminates_an_instance_in_another_region() {
+    let Some(endpoint) = emulator("a_restarted_provider_finds") else {
+        return;
+    };
+    let (launch_region, home_region) = ("ap-southeast-2", "ap-northeast-3");
+    let ec2_there = ec2(&endpoint, launch_region).await;
+    let image_id = any_image(&ec2_there).await;
+    let yml = aws_yml(1, &endpoint, launch_region, &image_id)
+        .replace(&format!("    endpoint_url: {endpoint}\n"), "");
+    let deployment = Arc::new(DeploymentConfig::from_yaml(&yml).expect("taskfly.yml"));
+
+    // The daemon before its restart: launches in the deployment's region.
+    let deployment_id = format!("dep-{}", unique_marker());
+    let before = AwsProvider::with_sdk_config(sdk_config(&endpoint, home_region).await);
+    let info = before
+        .provision(InstanceConfig {
+            deployment_id: deployment_id.clone(),
+            node_id: format!("{deployment_id}-0"),
+            node_index: 0,
+            attempt: 1,
+            daemon_url: "http://127.0.0.1:9".to_owned(),
+            provision_token: "00112233445566778899aabbccddeeff".to_owned(),
+            deployment,
+        })
+        .await
+        .expect("provision");
+    assert!(info.instance_id.starts_with("i-"), "{info:?}");
+
+    // After it: a new provider that never saw the instance, whose own region is another one.
+    let after = AwsProvider::with_sdk_config(sdk_config(&endpoint, home_region).await);
+    let described = after
+        .describe(&info.instance_id)
+        .await
+        .expect("describe")
+        .expect("found in the deployment's region");
+    assert!(
+        matches!(
+            described.state,
+            InstanceState::Pending | InstanceState::Running
+        ),
+        "{described:?}"
+    );
+    after.terminate(&info.instance_id).await.expect("terminate");
+    wait_all_ending(&ec2_there, &deployment_id, 1).await;
+    // Terminating again is fine.
+    after
+        .terminate(&info.instance_id)
+        .await
+        .expect("terminate again");
+    assert!(
+        after
+            .owned_instances()
+            .await
+            .expect("owned instances")
+            .iter()
+            .all(|owned| owned.instance_id != info.instance_id),
+        "an ending instance is not listed as owned"
+    );
+}
+
+#[test]
+fn base64_decoding_in_these_tests_is_right() {
+    assert_eq!(decode_base64("Zm9vYmFy"), b"foobar");
+    assert_eq!(decode_base64("Zm9vYg=="), b"foob");
+    assert_eq!(decode_base64("Zm9vYmE="), b"fooba");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leak_checks_keep_to_the_instances_of_their_own_owner() {
+    let Some(endpoint) = emulator("leak_checks_keep_to_their_own_owner") else {
+        return;
+    };
+    let region = "sa-east-1";
+    let ec2 = ec2(&endpoint, region).await;
+    let image_id = any_image(&ec2).await;
+    let deployment_id = format!("dep-{}", unique_marker());
+    let deployment = Arc::new(
+        DeploymentConfig::from_yaml(&aws_yml(1, &endpoint, region, &image_id))
+            .expect("taskfly.yml"),
+    );
+    let ours = AwsProvider::with_sdk_config(sdk_config(&endpoint, region).await).owner("team-a");
+    let info = ours
+        .provision(InstanceConfig {
+            deployment_id: deployment_id.clone(),
+            node_id: format!("{deployment_id}-0"),
+            node_index: 0,
+            attempt: 1,
+            daemon_url: "http://127.0.0.1:9".to_owned(),
+            provision_token: "00112233445566778899aabbccddeeff".to_owned(),
+            deployment,
+        })
+        .await
+        .expect("provision");
+    let instance = &instances_of(&ec2, &deployment_id).await[0];
+    assert_eq!(
+        tags_of(instance).get("taskfly:owner").map(String::as_str),
+        Some("team-a")
+    );
+
+    let other = AwsProvider::with_sdk_config(sdk_config(&endpoint, region).await).owner("team-b");
+    let listed = other.owned_instances().await.expect("owned instances");
+    assert!(
+        listed.iter().all(|o| o.instance_id != info.instance_id),
+        "another owner's leak check lists our instance: {listed:?}"
+    );
+    // The same owner after a restart lists it, with its deployment.
+    let restarted =
+        AwsProvider::with_sdk_config(sdk_config(&endpoint, region).await).owner("team-a");
+    let listed = restarted.owned_instances().await.expect("owned instances");
+    assert!(
+        listed
+            .iter()
+            .any(|o| o.instance_id == info.instance_id && o.deployment_id == deployment_id),
+        "{listed:?}"
+    );
+    restarted
+        .terminate(&info.instance_id)
+        .await
+        .expect("terminate");
+    wait_all_ending(&ec2, &deployment_id, 1).await;
+}
