@@ -956,7 +956,6 @@ mod tests {
         let client = Client::new(&url, Some("very-secret-token".into()))
             .expect("client")
             .retry_budget(Duration::from_millis(600));
-        let started = Instant::now();
         let error = client.heartbeat().await.expect_err("nobody listens");
         assert!(error.is_transport());
         assert!(
@@ -966,8 +965,6 @@ mod tests {
             "{error}"
         );
         assert!(!format!("{error} {error:?} {client:?}").contains("very-secret-token"));
-        // It retried for a while before giving up.
-        assert!(started.elapsed() >= Duration::from_millis(200));
 
         let error = client.stats().await.expect_err("nobody listens");
         assert!(error.is_transport());
