@@ -2,5 +2,6 @@
 //! CLI and the node agent, and the wire types they share ([`wire`]).
 
 pub(crate) mod client;
+mod limits;
 pub(crate) mod server;
 pub mod wire;

@@ -26,10 +26,6 @@ use crate::wire::{self, ErrorBody};
 
 type Body = BoxBody<Bytes, std::io::Error>;
 
-/// Slowest accepted sending of request headers; slower clients are dropped.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// Most connections served at once; more wait in the accept queue.
-const MAX_CONNECTIONS: usize = 4096;
 /// How long in-flight requests get to finish at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Default and largest page of logs.
@@ -42,10 +38,15 @@ pub(crate) async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let limits = orchestrator.limits();
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let registrations = Arc::new(super::limits::FailureLimiter::new(
+        limits.registration_failures_per_minute,
+        Duration::from_secs(60),
+    ));
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+        .header_read_timeout(limits.header_read_timeout);
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -68,9 +69,13 @@ pub(crate) async fn serve(
             () = &mut shutdown => break,
         };
         let orchestrator = orchestrator.clone();
+        let registrations = registrations.clone();
         let service = hyper::service::service_fn(move |request| {
             let orchestrator = orchestrator.clone();
-            async move { Ok::<_, Infallible>(handle(&orchestrator, request, peer).await) }
+            let registrations = registrations.clone();
+            async move {
+                Ok::<_, Infallible>(handle(&orchestrator, &registrations, request, peer).await)
+            }
         });
         let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
@@ -92,12 +97,13 @@ pub(crate) async fn serve(
 
 async fn handle(
     orchestrator: &Orchestrator,
+    registrations: &super::limits::FailureLimiter,
     request: Request<Incoming>,
     peer: SocketAddr,
 ) -> Response<Body> {
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
-    let response = match route(orchestrator, request).await {
+    let response = match route(orchestrator, registrations, peer, request).await {
         Ok(response) => response,
         Err(error) => error_response(&error),
     };
@@ -105,7 +111,12 @@ async fn handle(
     response
 }
 
-async fn route(orchestrator: &Orchestrator, request: Request<Incoming>) -> Result<Response<Body>> {
+async fn route(
+    orchestrator: &Orchestrator,
+    registrations: &super::limits::FailureLimiter,
+    peer: SocketAddr,
+    request: Request<Incoming>,
+) -> Result<Response<Body>> {
     let path = request.uri().path().trim_end_matches('/').to_owned();
     let segments: Vec<&str> = path.split('/').skip(1).collect();
     let method = request.method().clone();
@@ -118,6 +129,9 @@ async fn route(orchestrator: &Orchestrator, request: Request<Incoming>) -> Resul
         )),
         (Method::GET, ["metrics"]) => metrics(orchestrator).await,
         (_, ["api", "v1", "nodes", rest @ ..]) => {
+            if let (&Method::POST, ["register"]) = (&method, rest) {
+                return register(orchestrator, registrations, peer, request).await;
+            }
             node_route(orchestrator, &method, rest, request).await
         }
         (_, ["api", "v1", rest @ ..]) => {
@@ -199,22 +213,38 @@ async fn start_terminate(orchestrator: &Orchestrator, id: &str) -> Result<String
     Ok("terminating".to_owned())
 }
 
+/// `POST /nodes/register`, with failed attempts rate-limited per client address.
+async fn register(
+    orchestrator: &Orchestrator,
+    registrations: &super::limits::FailureLimiter,
+    peer: SocketAddr,
+    request: Request<Incoming>,
+) -> Result<Response<Body>> {
+    registrations.check(peer.ip())?;
+    let as_shell = register_format(request.uri().query())?;
+    let body: wire::RegisterRequest = read_json(orchestrator, request).await?;
+    let registered = match orchestrator.register_node(&body.provision_token).await {
+        Ok(registered) => registered,
+        Err(e) => {
+            if e.is_unauthorized() || e.is_conflict() {
+                registrations.record_failure(peer.ip());
+            }
+            return Err(e);
+        }
+    };
+    if as_shell {
+        let text = crate::agent::bootstrap::registration_env(&registered)?;
+        return Ok(plain_text(text));
+    }
+    Ok(json(StatusCode::OK, &registered))
+}
+
 async fn node_route(
     orchestrator: &Orchestrator,
     method: &Method,
     path: &[&str],
     request: Request<Incoming>,
 ) -> Result<Response<Body>> {
-    if let (&Method::POST, ["register"]) = (method, path) {
-        let as_shell = register_format(request.uri().query())?;
-        let body: wire::RegisterRequest = read_json(orchestrator, request).await?;
-        let registered = orchestrator.register_node(&body.provision_token).await?;
-        if as_shell {
-            let text = crate::agent::bootstrap::registration_env(&registered)?;
-            return Ok(plain_text(text));
-        }
-        return Ok(json(StatusCode::OK, &registered));
-    }
     let token = auth::bearer(header(&request, AUTHORIZATION))
         .ok_or_else(|| Error::unauthorized("missing `Authorization: Bearer <node token>` header"))?
         .to_owned();

@@ -34,6 +34,13 @@ pub struct Config {
     pub(crate) bundle_limits: BundleLimits,
     pub(crate) max_bundle_upload: u64,
     pub(crate) max_json_body: u64,
+    pub(crate) max_config_bytes: usize,
+    pub(crate) max_nodes: u32,
+    pub(crate) max_log_lines_per_node: u64,
+    pub(crate) max_log_line_bytes: usize,
+    pub(crate) header_read_timeout: Duration,
+    pub(crate) max_connections: usize,
+    pub(crate) registration_failures_per_minute: u32,
     pub(crate) store: Option<Arc<dyn Store>>,
     pub(crate) providers: HashMap<String, Arc<dyn Provider>>,
 }
@@ -71,6 +78,13 @@ impl Config {
             bundle_limits: BundleLimits::default(),
             max_bundle_upload: 512 * 1024 * 1024,
             max_json_body: 4 * 1024 * 1024,
+            max_config_bytes: 1024 * 1024,
+            max_nodes: 100_000,
+            max_log_lines_per_node: 1_000_000,
+            max_log_line_bytes: 64 * 1024,
+            header_read_timeout: Duration::from_secs(10),
+            max_connections: 4096,
+            registration_failures_per_minute: 20,
             store: None,
             providers: HashMap::new(),
         }
@@ -168,6 +182,58 @@ impl Config {
     #[must_use]
     pub fn max_json_body(mut self, bytes: u64) -> Config {
         self.max_json_body = bytes;
+        self
+    }
+
+    /// Largest accepted `taskfly.yml`, in bytes (default 1 MiB).
+    #[must_use]
+    pub fn max_config_bytes(mut self, bytes: usize) -> Config {
+        self.max_config_bytes = bytes;
+        self
+    }
+
+    /// Most nodes one deployment may ask for (default and ceiling 100,000).
+    #[must_use]
+    pub fn max_nodes(mut self, nodes: u32) -> Config {
+        self.max_nodes = nodes.clamp(1, 100_000);
+        self
+    }
+
+    /// Most log lines stored per node attempt (default 1,000,000); later lines are dropped and
+    /// one line says so.
+    #[must_use]
+    pub fn max_log_lines_per_node(mut self, lines: u64) -> Config {
+        self.max_log_lines_per_node = lines.max(1);
+        self
+    }
+
+    /// Longest stored log line in bytes (default 64 KiB); longer lines are cut and marked.
+    #[must_use]
+    pub fn max_log_line_bytes(mut self, bytes: usize) -> Config {
+        self.max_log_line_bytes = bytes.max(16);
+        self
+    }
+
+    /// A client must send its request headers within this long, or it is dropped (default
+    /// 10 s): a slow-headers (slowloris) client cannot hold connections open.
+    #[must_use]
+    pub fn header_read_timeout(mut self, timeout: Duration) -> Config {
+        self.header_read_timeout = timeout;
+        self
+    }
+
+    /// Most connections served at once (default 4096); more wait to be accepted.
+    #[must_use]
+    pub fn max_connections(mut self, connections: usize) -> Config {
+        self.max_connections = connections.max(1);
+        self
+    }
+
+    /// Failed node registrations allowed per client address and minute (default 20); past
+    /// it, registrations from that address get 429 until the minute is over.
+    #[must_use]
+    pub fn registration_failures_per_minute(mut self, failures: u32) -> Config {
+        self.registration_failures_per_minute = failures.max(1);
         self
     }
 

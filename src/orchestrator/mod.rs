@@ -73,6 +73,8 @@ pub(crate) struct Inner {
     live: Mutex<HashMap<String, Arc<Live>>>,
     /// When each registered node was last heard from (heartbeats cost no store write).
     pub(crate) last_seen: Mutex<HashMap<String, tokio::time::Instant>>,
+    /// Log lines stored per node attempt, for the per-node volume limit.
+    pub(crate) log_counts: Mutex<HashMap<(String, u32), u64>>,
     /// Bumped whenever a deployment changes state, to wake [`Orchestrator::wait`].
     changes: watch::Sender<u64>,
     provision_slots: Arc<Semaphore>,
@@ -130,6 +132,7 @@ impl Orchestrator {
             providers,
             live: Mutex::new(HashMap::new()),
             last_seen: Mutex::new(HashMap::new()),
+            log_counts: Mutex::new(HashMap::new()),
             changes,
             api_token_hash,
             advertise_url: Mutex::new(advertise_url),
@@ -573,6 +576,7 @@ impl Orchestrator {
             );
             if applied.node.status.is_final() || applied.node.status == NodeStatus::Terminating {
                 lock(&self.inner.last_seen).remove(node_id);
+                lock(&self.inner.log_counts).remove(&(node_id.to_owned(), applied.node.attempt));
             }
             if matches!(
                 applied.node.status,

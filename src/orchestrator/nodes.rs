@@ -11,9 +11,6 @@ use crate::state::model::{is_node_final, DeploymentStatus, Node, NodeStatus, Nod
 use crate::state::{store_error, LogStream, NewLogLine};
 use crate::wire::{HeartbeatResponse, LogsRequest, RegisterResponse, StatusRequest};
 
-/// Longest stored log line, in bytes; longer lines are cut (and marked).
-const MAX_LOG_LINE: usize = 64 * 1024;
-
 impl Orchestrator {
     /// The node holding this auth token.
     pub(crate) async fn authenticate_node(&self, token: &str) -> Result<Node> {
@@ -127,6 +124,32 @@ impl Orchestrator {
         Ok(())
     }
 
+    /// Keep a node attempt's stored lines under the per-node limit: past it, lines are
+    /// dropped and one line says so. Counted in memory (a restart starts counting again).
+    fn limit_log_volume(&self, node: &Node, lines: &mut Vec<NewLogLine>) {
+        let limit = self.inner().config.max_log_lines_per_node;
+        let mut counts = lock(&self.inner().log_counts);
+        let count = counts.entry((node.id.clone(), node.attempt)).or_insert(0);
+        if *count > limit {
+            lines.clear();
+            return;
+        }
+        let room = usize::try_from(limit - *count).unwrap_or(usize::MAX);
+        if lines.len() > room {
+            let template = lines[0].clone();
+            lines.truncate(room);
+            lines.push(NewLogLine {
+                stream: LogStream::Stderr,
+                line: format!("[taskfly: this node reached its limit of {limit} log lines; later lines are dropped]"),
+                line_no: None,
+                ..template
+            });
+            *count = limit + 1;
+        } else {
+            *count += lines.len() as u64;
+        }
+    }
+
     /// `POST /nodes/logs`: store the lines, secrets masked.
     pub(crate) async fn node_logs(&self, node: &Node, request: LogsRequest) -> Result<()> {
         let live = self.live(&node.deployment_id).await?;
@@ -145,8 +168,9 @@ impl Orchestrator {
                 None => now,
             };
             let mut text = live.mask(&line.line);
-            if text.len() > MAX_LOG_LINE {
-                let mut cut = MAX_LOG_LINE;
+            let max_line = self.inner().config.max_log_line_bytes;
+            if text.len() > max_line {
+                let mut cut = max_line;
                 while !text.is_char_boundary(cut) {
                     cut -= 1;
                 }
@@ -163,6 +187,7 @@ impl Orchestrator {
                 line_no: request.offset.map(|first| first + i as u64),
             });
         }
+        self.limit_log_volume(node, &mut lines);
         if lines.is_empty() {
             return Ok(());
         }
