@@ -176,6 +176,24 @@ impl fmt::Debug for SqliteStore {
 }
 
 impl SqliteStore {
+    /// The node found by `select` (one of the token-hash lookups), heartbeats overlaid.
+    async fn node_by_hash(
+        &self,
+        select: &'static str,
+        hash: [u8; 32],
+    ) -> Result<Option<Node>, BoxError> {
+        self.run(move |shared, conn| {
+            let mut statement = conn.prepare_cached(select)?;
+            let mut node = statement
+                .query([hash.as_slice()])?
+                .next()?
+                .map(node_from_row)
+                .transpose()?;
+            shared.overlay_heartbeats(node.as_mut_slice());
+            Ok(node)
+        })
+        .await
+    }
     /// Opens the database at `path`, creating it (and its parent directory) if needed.
     ///
     /// A new file is created with mode 0600; an existing one loses any group or other
@@ -775,40 +793,26 @@ impl Store for SqliteStore {
     }
 
     async fn node_by_provision_token(&self, hash: &[u8; 32]) -> Result<Option<Node>, BoxError> {
-        let hash = *hash;
-        self.run(move |shared, conn| {
-            let mut select = conn.prepare_cached(concat!(
+        self.node_by_hash(
+            concat!(
                 "SELECT ",
                 node_columns!(),
                 " FROM nodes WHERE provision_token_hash = ?1"
-            ))?;
-            let mut node = select
-                .query([hash.as_slice()])?
-                .next()?
-                .map(node_from_row)
-                .transpose()?;
-            shared.overlay_heartbeats(node.as_mut_slice());
-            Ok(node)
-        })
+            ),
+            *hash,
+        )
         .await
     }
 
     async fn node_by_auth_token(&self, hash: &[u8; 32]) -> Result<Option<Node>, BoxError> {
-        let hash = *hash;
-        self.run(move |shared, conn| {
-            let mut select = conn.prepare_cached(concat!(
+        self.node_by_hash(
+            concat!(
                 "SELECT ",
                 node_columns!(),
                 " FROM nodes WHERE auth_token_hash = ?1"
-            ))?;
-            let mut node = select
-                .query([hash.as_slice()])?
-                .next()?
-                .map(node_from_row)
-                .transpose()?;
-            shared.overlay_heartbeats(node.as_mut_slice());
-            Ok(node)
-        })
+            ),
+            *hash,
+        )
         .await
     }
 
