@@ -134,6 +134,13 @@ impl Error {
         Error::new(Kind::Io, message).with_source(source)
     }
 
+    /// A transport error whose cause is a TLS certificate the client refused; `problem` says
+    /// what is wrong with it.
+    #[cfg(feature = "tls")]
+    pub(crate) fn certificate(message: impl Into<String>, problem: impl Into<String>) -> Self {
+        Error::new(Kind::Transport, message).with_source(CertificateProblem(problem.into()))
+    }
+
     /// The configuration (usually `taskfly.yml`) is invalid; [`Error::details`] lists every
     /// problem, each naming its field path.
     pub fn is_invalid_config(&self) -> bool {
@@ -184,6 +191,18 @@ impl Error {
     /// The daemon could not be reached or answered something unexpected.
     pub fn is_transport(&self) -> bool {
         self.kind == Kind::Transport
+    }
+
+    /// The daemon was reached over https, but its certificate was refused (signed by an
+    /// authority the client does not trust, expired, issued for another name). Also
+    /// [`Error::is_transport`]; unlike an unreachable daemon, it does not go away by retrying:
+    /// the client needs the right CA certificate (`Client::with_ca_file`, feature `tls`).
+    pub fn is_certificate(&self) -> bool {
+        self.kind == Kind::Transport
+            && self
+                .source
+                .as_ref()
+                .is_some_and(|source| source.is::<CertificateProblem>())
     }
 
     /// A local file or process operation failed.
@@ -251,3 +270,15 @@ impl std::error::Error for Error {
             .map(|s| s.as_ref() as &(dyn std::error::Error + 'static))
     }
 }
+
+/// The cause of an [`Error::is_certificate`] error: what is wrong with the certificate.
+#[derive(Debug)]
+struct CertificateProblem(String);
+
+impl fmt::Display for CertificateProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for CertificateProblem {}

@@ -21,6 +21,9 @@
 //! - `cli`: the `taskfly` binary. `daemon`: the `taskflyd` binary.
 //! - `sqlite`: `SqliteStore`, a durable [`Store`] in one SQLite file (SQLite is compiled in).
 //!   Enabled by `daemon`.
+//! - `tls`: https for the HTTP API (rustls with `ring`): `Config::tls` on the engine,
+//!   `https://` URLs and `Client::with_ca_file` on the client; nodes verify the daemon too.
+//!   Enabled by `cli` and `daemon`; without it an `https://` URL is refused.
 //! - `aws`: the EC2 provider. `full`: all of the above.
 //!
 //! # Example

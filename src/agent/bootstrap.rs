@@ -23,8 +23,9 @@
 //!   after a lost answer can be stored twice.
 //!
 //! Invariants:
-//! - The script embeds exactly two values, the daemon URL and the provision token, each
-//!   validated and single-quoted (`'` written as `'\''`). No value from `taskfly.yml` is in it.
+//! - The script embeds exactly three values, the daemon URL, the provision token and the CA
+//!   certificates for an https daemon (or nothing), each validated and single-quoted (`'`
+//!   written as `'\''`). No value from `taskfly.yml` is in it.
 //! - The node's assignment comes from `POST /nodes/register?format=sh`
 //!   (`registration_env`): one assignment per line, every value single-quoted by the daemon.
 //!   The script sources that file only in subshells (the node's variables never reach its own
@@ -42,31 +43,47 @@ const TEMPLATE: &str = include_str!("bootstrap.sh");
 const URL_SLOT: &str = "@DAEMON_URL@";
 /// Where the template takes the provision token.
 const TOKEN_SLOT: &str = "@PROVISION_TOKEN@";
+/// Where the template takes the PEM certificates curl trusts for the daemon (empty for none).
+const CA_SLOT: &str = "@CA_PEM@";
 /// The largest user-data EC2 accepts, which the rendered script must stay under.
 pub(crate) const USER_DATA_LIMIT: usize = 16 * 1024;
 
 /// The bootstrap script for one node: it registers at `daemon_url` with `provision_token` and
 /// then serves the node to its end, as [`crate::agent::run`] does.
 ///
+/// For an `https://` daemon, `ca_pem` holds the PEM certificates to trust for it (a private
+/// CA, or the daemon's self-signed certificate: [`crate::InstanceConfig::ca_pem`]). The script
+/// writes them to a private file (mode 0600) and passes it to curl as `--cacert`, so curl
+/// trusts them alone. With `None`, curl uses the system's trust store.
+///
 /// A provider that starts machines of its own passes this as the machine's start-up script
 /// (EC2 user-data, cloud-init). The script is a secret while the provision token is unused.
 ///
 /// Errors ([`Error::is_invalid_input`]): `daemon_url` is not an `http://` or `https://` URL
-/// with a host (or is so long the script would pass EC2's 16 KiB user-data limit), or
-/// `provision_token` is not a hexadecimal token, as the engine issues them.
+/// with a host, `provision_token` is not a hexadecimal token, as the engine issues them,
+/// `ca_pem` is not PEM `CERTIFICATE` blocks, or the script would pass EC2's 16 KiB user-data
+/// limit (a very long URL, or many certificates).
 ///
 /// ```
 /// let script = taskfly::agent::bootstrap::bootstrap_script(
 ///     "http://10.0.0.2:8080",
 ///     "00112233445566778899aabbccddeeff",
+///     None,
 /// )
 /// .expect("valid values");
 /// assert!(script.starts_with("#!/bin/sh\n"));
 /// assert!(script.len() < 16 * 1024, "EC2 takes at most 16 KiB of user-data");
 /// ```
-pub fn bootstrap_script(daemon_url: &str, provision_token: &str) -> Result<String> {
+pub fn bootstrap_script(
+    daemon_url: &str,
+    provision_token: &str,
+    ca_pem: Option<&str>,
+) -> Result<String> {
     check_url(daemon_url)?;
     check_token(provision_token)?;
+    if let Some(pem) = ca_pem {
+        check_certificates_pem(pem)?;
+    }
     let mut script = String::with_capacity(TEMPLATE.len() / 2);
     for (number, line) in TEMPLATE.lines().enumerate() {
         // Comments, blank lines and indentation are for the template's readers only; no
@@ -78,13 +95,15 @@ pub fn bootstrap_script(daemon_url: &str, provision_token: &str) -> Result<Strin
         script.push_str(line);
         script.push('\n');
     }
-    // The values go in last, so the line filtering above never sees them.
+    // The values go in last, so the line filtering above never sees them; the URL, the only
+    // one that may hold `@`, goes in after the others, so no slot is ever looked for in it.
     let script = script
-        .replacen(URL_SLOT, &sh_quote(daemon_url), 1)
-        .replacen(TOKEN_SLOT, &sh_quote(provision_token), 1);
+        .replacen(CA_SLOT, &sh_quote(ca_pem.unwrap_or_default()), 1)
+        .replacen(TOKEN_SLOT, &sh_quote(provision_token), 1)
+        .replacen(URL_SLOT, &sh_quote(daemon_url), 1);
     if script.len() >= USER_DATA_LIMIT {
         return Err(Error::invalid_input(format!(
-            "the daemon URL is too long: the node bootstrap would be {} bytes, over the {USER_DATA_LIMIT}-byte user-data limit",
+            "the node bootstrap would be {} bytes, over the {USER_DATA_LIMIT}-byte user-data limit: the daemon URL or the CA certificates are too long",
             script.len()
         )));
     }
@@ -171,6 +190,46 @@ fn check_url(url: &str) -> Result<()> {
         return Err(Error::invalid_input(format!(
             "the daemon URL for nodes must be an http:// or https:// URL, not {url:?}"
         )));
+    }
+    Ok(())
+}
+
+/// One or more PEM `CERTIFICATE` blocks, nothing else: every line a BEGIN or END line or
+/// base64 text.
+fn check_certificates_pem(pem: &str) -> Result<()> {
+    const BEGIN: &str = "-----BEGIN CERTIFICATE-----";
+    const END: &str = "-----END CERTIFICATE-----";
+    let mut blocks = 0;
+    let mut inside = false;
+    for line in pem.lines().map(str::trim_end) {
+        let well_formed = match line {
+            BEGIN if !inside => {
+                inside = true;
+                true
+            }
+            END if inside => {
+                inside = false;
+                blocks += 1;
+                true
+            }
+            "" => !inside,
+            text => {
+                inside
+                    && text
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'='))
+            }
+        };
+        if !well_formed {
+            return Err(Error::invalid_input(
+                "the CA certificates for the node must be PEM CERTIFICATE blocks only",
+            ));
+        }
+    }
+    if blocks == 0 || inside {
+        return Err(Error::invalid_input(
+            "the CA certificates for the node must be PEM CERTIFICATE blocks only",
+        ));
     }
     Ok(())
 }
@@ -320,7 +379,7 @@ mod tests {
     #[test]
     fn the_rendered_script_is_small_parses_and_holds_the_values_quoted() {
         let url = "https://ec2-203-0-113-25.us-west-2.compute.amazonaws.com:8443";
-        let script = bootstrap_script(url, TOKEN).expect("rendered");
+        let script = bootstrap_script(url, TOKEN, None).expect("rendered");
         assert!(script.starts_with("#!/bin/sh\n"));
         assert!(
             script.len() < 8 * 1024,
@@ -350,7 +409,7 @@ mod tests {
             "https://example.com:8443/base/",
             "http://h/`id`;\"x\"\\",
         ] {
-            let script = bootstrap_script(url, TOKEN).expect("rendered");
+            let script = bootstrap_script(url, TOKEN, None).expect("rendered");
             let checked = Command::new("sh")
                 .args(["-n", "-c", &script])
                 .output()
@@ -379,25 +438,64 @@ mod tests {
             "http://h/a b",
             "http://h/\n",
         ] {
-            let error = bootstrap_script(url, TOKEN).expect_err(url);
+            let error = bootstrap_script(url, TOKEN, None).expect_err(url);
             assert!(error.is_invalid_input(), "{url}: {error}");
         }
         let long = format!("http://h/{}", "a".repeat(10_000));
-        let error = bootstrap_script(&long, TOKEN).expect_err("too long");
+        let error = bootstrap_script(&long, TOKEN, None).expect_err("too long");
         assert!(
             error.is_invalid_input() && error.to_string().contains("16384"),
             "{error}"
         );
         for token in ["", "xyz", "abc'", "00 11", &"a".repeat(257)] {
-            let error = bootstrap_script("http://h", token).expect_err(token);
+            let error = bootstrap_script("http://h", token, None).expect_err(token);
             assert!(error.is_invalid_input(), "{token}: {error}");
         }
+    }
+
+    #[test]
+    fn ca_certificates_are_embedded_exactly_and_checked() {
+        let pem = "-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIU\nAbC+/9=\n-----END CERTIFICATE-----\n\
+                   -----BEGIN CERTIFICATE-----\nZm9vYmFy\n-----END CERTIFICATE-----\n";
+        let script = bootstrap_script("https://10.0.0.2:8443", TOKEN, Some(pem)).expect("rendered");
+        let checked = Command::new("sh")
+            .args(["-n", "-c", &script])
+            .output()
+            .expect("sh -n");
+        assert!(checked.status.success(), "{checked:?}");
+        // The assignment, run on its own, yields the certificates byte for byte; the script
+        // hands them to curl as its only trusted CAs.
+        let start = script.find("tf_ca='").expect("the CA assignment");
+        let end = start + script[start..].find("'\n").expect("its end") + 1;
+        assert_eq!(
+            sh(&format!("{}\nprintf %s \"$tf_ca\"", &script[start..end])),
+            pem.as_bytes()
+        );
+        assert!(script.contains("cacert = \"ca.pem\""));
+        // Without certificates the value is empty, and curl keeps its own trust store.
+        let plain = bootstrap_script("https://10.0.0.2:8443", TOKEN, None).expect("rendered");
+        assert!(plain.contains("tf_ca=''\n"), "{plain}");
+
+        for bad in [
+            "",
+            "not pem",
+            "-----BEGIN CERTIFICATE-----\nZm9v\n",
+            "-----BEGIN PRIVATE KEY-----\nZm9v\n-----END PRIVATE KEY-----\n",
+            "-----BEGIN CERTIFICATE-----\n'; touch PWNED; '\n-----END CERTIFICATE-----\n",
+        ] {
+            let error = bootstrap_script("https://h", TOKEN, Some(bad)).expect_err(bad);
+            assert!(error.is_invalid_input(), "{bad:?}: {error}");
+        }
+        let huge = "-----BEGIN CERTIFICATE-----\nZm9v\n-----END CERTIFICATE-----\n".repeat(500);
+        let error = bootstrap_script("https://h", TOKEN, Some(&huge)).expect_err("too long");
+        assert!(error.to_string().contains("16384"), "{error}");
     }
 
     #[test]
     fn the_template_has_its_slots_once_and_no_multiline_strings() {
         assert_eq!(TEMPLATE.matches(URL_SLOT).count(), 1);
         assert_eq!(TEMPLATE.matches(TOKEN_SLOT).count(), 1);
+        assert_eq!(TEMPLATE.matches(CA_SLOT).count(), 1);
         // Dropping comment lines and indentation is safe only if no single-quoted string
         // spans lines: every code line has an even number of single quotes.
         for (number, line) in TEMPLATE.lines().enumerate() {

@@ -20,6 +20,7 @@ case $1 in '' | *[!0-9]*) tf_grace=10 ;; *) tf_grace=$((($1 + 999) / 1000)) ;; e
 
 tf_url=@DAEMON_URL@
 tf_ptoken=@PROVISION_TOKEN@
+tf_ca=@CA_PEM@
 tf_api=${tf_url%/}/api/v1/nodes
 tf_umask=$(umask)
 umask 077
@@ -51,7 +52,11 @@ trap tf_exit EXIT
 trap 'tf_tick=1 tf_stop=${tf_stop:-term}' TERM INT HUP
 trap tf_tick=1 ALRM
 
-: >curlrc
+# With CA certificates for an https daemon (a private CA, or its self-signed certificate), curl
+# trusts them alone; without, curl's own trust store applies.
+tf_tls=''
+[ -z "$tf_ca" ] || { printf '%s\n' "$tf_ca" >ca.pem && tf_tls='cacert = "ca.pem"'; } || exit 1
+printf '%s\n' "$tf_tls" >curlrc
 printf '{}' >empty
 printf '{"provision_token":"%s"}' "$tf_ptoken" >register
 
@@ -195,7 +200,7 @@ tf_script=$(. "$tf_reg" && printf %sx "$TASKFLY_SCRIPT") &&
   case $#$tf_token$tf_hb$tf_timeout in 4*[!0-9a-f]* | [!4]*) false ;; esac ||
   { tf_log "the registration answer is malformed"; exit 1; }
 tf_script=${tf_script%x} tf_dest=${tf_dest%x}
-printf 'header = "Authorization: Bearer %s"\n' $tf_token >curlrc
+printf '%s\nheader = "Authorization: Bearer %s"\n' "$tf_tls" $tf_token >curlrc
 tf_log "registered as node $tf_node"
 
 # A ticker wakes the waits every second. It ignores the signals that stop this shell, and ends

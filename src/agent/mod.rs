@@ -91,6 +91,9 @@ pub const ENV_GRACE_MS: &str = "TASKFLY_AGENT_GRACE_MS";
 /// Environment variable with the instance id the agent serves: lets the local provider find
 /// its agent processes again after a restart.
 pub const ENV_INSTANCE_ID: &str = "TASKFLY_AGENT_INSTANCE_ID";
+/// Environment variable naming a PEM file of the certificates to trust for an `https://`
+/// daemon, for [`AgentConfig::from_env`].
+pub const ENV_CA_FILE: &str = "TASKFLY_AGENT_CA_FILE";
 
 /// What the agent needs to know to serve one node.
 #[derive(Clone)]
@@ -104,6 +107,10 @@ pub struct AgentConfig {
     pub work_dir: PathBuf,
     /// How long a stopped script gets between SIGTERM and SIGKILL (10 s by default).
     pub grace_period: Duration,
+    /// For an `https://` daemon: a PEM file of the certificates to trust (a private CA, or the
+    /// daemon's self-signed certificate) instead of the platform's trust store. Needs the
+    /// `tls` feature; without it, [`run`] refuses a CA file.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl AgentConfig {
@@ -119,7 +126,15 @@ impl AgentConfig {
             provision_token: provision_token.into(),
             work_dir: work_dir.into(),
             grace_period: DEFAULT_GRACE_PERIOD,
+            ca_file: None,
         }
+    }
+
+    /// Sets the PEM file of the certificates to trust for an `https://` daemon.
+    #[must_use]
+    pub fn ca_file(mut self, ca_file: impl Into<PathBuf>) -> AgentConfig {
+        self.ca_file = Some(ca_file.into());
+        self
     }
 
     /// Sets how long a stopped script gets between SIGTERM and SIGKILL.
@@ -131,7 +146,8 @@ impl AgentConfig {
 
     /// The configuration an agent process was started with by the local provider
     /// ([`crate::LocalProvider::agent_program`]): [`ENV_DAEMON_URL`], [`ENV_PROVISION_TOKEN`],
-    /// [`ENV_WORK_DIR`] and optionally [`ENV_GRACE_MS`]. `None` when the first is not set.
+    /// [`ENV_WORK_DIR`] and optionally [`ENV_GRACE_MS`] and [`ENV_CA_FILE`]. `None` when the
+    /// first is not set.
     pub fn from_env() -> Result<Option<AgentConfig>> {
         let Ok(daemon_url) = std::env::var(ENV_DAEMON_URL) else {
             return Ok(None);
@@ -146,6 +162,9 @@ impl AgentConfig {
             })?;
             config = config.grace_period(Duration::from_millis(ms));
         }
+        if let Some(ca_file) = std::env::var_os(ENV_CA_FILE).filter(|v| !v.is_empty()) {
+            config = config.ca_file(PathBuf::from(ca_file));
+        }
         Ok(Some(config))
     }
 }
@@ -157,6 +176,7 @@ impl fmt::Debug for AgentConfig {
             .field("daemon_url", &self.daemon_url)
             .field("work_dir", &self.work_dir)
             .field("grace_period", &self.grace_period)
+            .field("ca_file", &self.ca_file)
             .finish_non_exhaustive()
     }
 }
@@ -207,6 +227,22 @@ pub async fn run_until_signal(config: AgentConfig) -> Result<AgentReport> {
     agent.await
 }
 
+/// The client the agent talks to the daemon with, trusting the configured CA file if any.
+fn daemon_client(config: &AgentConfig) -> Result<Client> {
+    let client = Client::new(&config.daemon_url, None)?;
+    match &config.ca_file {
+        None => Ok(client),
+        #[cfg(feature = "tls")]
+        Some(ca_file) => client.with_ca_file(ca_file),
+        #[cfg(not(feature = "tls"))]
+        Some(ca_file) => Err(Error::invalid_input(format!(
+            "the CA file {} was given, but this build of taskfly was built without TLS support \
+             (the `tls` feature)",
+            ca_file.display()
+        ))),
+    }
+}
+
 /// Serves one node from registration to its final report.
 ///
 /// Returns once the script and every process of its group are gone. Cancelling `cancel` stops
@@ -221,7 +257,7 @@ pub async fn run_until_signal(config: AgentConfig) -> Result<AgentReport> {
 /// Prefer cancelling over dropping the future: a dropped future still kills the script's group,
 /// but sends nothing more to the daemon.
 pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<AgentReport> {
-    let client = Client::new(&config.daemon_url, None)?;
+    let client = daemon_client(&config)?;
     let registration = tokio::select! {
         biased;
         () = cancel.cancelled() => return Ok(AgentReport::terminated("")),
@@ -605,6 +641,11 @@ impl Node<'_> {
 
     /// Heartbeats every `heartbeat_interval_s` until `finished`; an answer with `shutdown: true`
     /// stops the script.
+    ///
+    /// A heartbeat still unanswered at the next tick is given up for a fresh one. While the
+    /// daemon is away the client's pauses between tries grow to 10 s, longer than a short
+    /// heartbeat timeout: a restarted daemon would then fail this live node before its next
+    /// try. A fresh heartbeat each interval reaches it within about one interval instead.
     async fn heartbeat_loop(&self, finished: &CancellationToken) {
         let period = Duration::from_secs(self.registration.heartbeat_interval_s.max(1));
         let mut ticker = tokio::time::interval(period);
@@ -616,18 +657,21 @@ impl Node<'_> {
             }
             let answer = tokio::select! {
                 () = finished.cancelled() => return,
-                answer = self.call(self.client.heartbeat()) => answer,
+                answer = tokio::time::timeout(period, self.call(self.client.heartbeat())) => answer,
             };
             match answer {
-                Ok(answer) if answer.shutdown => {
+                Ok(Ok(answer)) if answer.shutdown => {
                     if !self.stop.is_cancelled() {
                         tracing::info!(node_id = %self.node_id(), "the daemon asked this node to stop");
                         self.stop.cancel();
                     }
                 }
-                Ok(_) => {}
-                Err(error) => {
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => {
                     tracing::warn!(node_id = %self.node_id(), error = %error, "heartbeat failed");
+                }
+                Err(_) => {
+                    tracing::warn!(node_id = %self.node_id(), "heartbeat unanswered for one interval; sending a new one");
                 }
             }
         }

@@ -14,6 +14,10 @@
 //!
 //! Tokens are sent as `Authorization: Bearer …` header values marked sensitive and never appear
 //! in an error message, a `Debug` output or a log line.
+//!
+//! With the `tls` feature, `https://` daemons are verified against the platform's trust store,
+//! or against the certificates of one CA file (`Client::with_ca_file`). A certificate the
+//! client refuses is an `Error::is_certificate` error, and is never retried.
 
 use std::error::Error as StdError;
 use std::fmt::{self, Write as _};
@@ -58,6 +62,14 @@ const MAX_ANSWER_BYTES: usize = 128 * 1024 * 1024;
 const JSON: &str = "application/json";
 const GZIP: &str = "application/gzip";
 
+/// The connector under the connection pool: TCP, with TLS for `https://` daemons when the
+/// `tls` feature is on.
+#[cfg(feature = "tls")]
+type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+/// The connector under the connection pool: plain TCP (built without the `tls` feature).
+#[cfg(not(feature = "tls"))]
+type Connector = HttpConnector;
+
 /// A typed client of the TaskFly daemon's HTTP API.
 ///
 /// Cheap to clone (the connection pool is shared). Used by the `taskfly` CLI with the API token
@@ -74,10 +86,10 @@ const GZIP: &str = "application/gzip";
 /// ```
 #[derive(Clone)]
 pub struct Client {
-    /// `http://host:port` plus an optional path prefix, without a trailing slash.
+    /// `http://host:port` (or `https://`) plus an optional path prefix, without a trailing slash.
     base: String,
     token: Option<String>,
-    http: hyper_util::client::legacy::Client<HttpConnector, Full<Bytes>>,
+    http: hyper_util::client::legacy::Client<Connector, Full<Bytes>>,
     timeout: Duration,
     retry_budget: Duration,
 }
@@ -97,24 +109,53 @@ impl Client {
     /// A client of the daemon at `base_url` (`http://127.0.0.1:8080`; a trailing slash is fine),
     /// sending `token` as a bearer token when given.
     ///
-    /// Only `http://` is supported for now. A URL that cannot be parsed, has another scheme, no
-    /// host, a query or credentials is an [`Error::is_invalid_input`] error naming it.
+    /// `https://` needs the `tls` feature; the daemon's certificate is then verified against
+    /// the platform's trust store, unless `Client::with_ca_file` names a CA. A URL that cannot
+    /// be parsed, has another scheme, no host, a query or credentials, or is `https://` in a
+    /// build without TLS support, is an [`Error::is_invalid_input`] error naming it.
     pub fn new(base_url: &str, token: Option<String>) -> Result<Client> {
         let base = parse_base_url(base_url)?;
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        connector.set_nodelay(true);
-        let http = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build(connector);
+        #[cfg(feature = "tls")]
+        let connector = {
+            let tls = if base.starts_with("https://") {
+                super::tls::platform_client_config()?
+            } else {
+                super::tls::plain_client_config()?
+            };
+            hyper_rustls::HttpsConnector::from((tcp_connector(), tls))
+        };
+        #[cfg(not(feature = "tls"))]
+        let connector = tcp_connector();
         Ok(Client {
             base,
             token,
-            http,
+            http: pool(connector),
             timeout: DEFAULT_TIMEOUT,
             retry_budget: RETRY_BUDGET,
         })
+    }
+
+    /// The same client trusting exactly the certificates in the PEM file `ca_file` for an
+    /// `https://` daemon, instead of the platform's trust store: the private CA that signed
+    /// the daemon's certificate, or a self-signed certificate itself (as `taskflyd` hands its
+    /// nodes). The file is read and checked now, whatever the URL's scheme.
+    ///
+    /// ```no_run
+    /// # fn example() -> taskfly::Result<()> {
+    /// let client = taskfly::Client::new("https://taskfly.internal:8443", None)?
+    ///     .with_ca_file("/etc/taskfly/ca.pem")?;
+    /// # let _ = client;
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// Errors: the file cannot be read ([`Error::is_io`]), or holds no usable certificate
+    /// ([`Error::is_invalid_input`]); both name the file.
+    #[cfg(feature = "tls")]
+    pub fn with_ca_file(mut self, ca_file: impl AsRef<Path>) -> Result<Client> {
+        let tls = super::tls::client_config(ca_file.as_ref())?;
+        self.http = pool(hyper_rustls::HttpsConnector::from((tcp_connector(), tls)));
+        Ok(self)
     }
 
     /// The same client sending `token` as its bearer token (the node agent switches from no
@@ -475,8 +516,27 @@ impl Client {
         }
     }
 
-    /// A failure of the connection itself (refused, reset, closed early).
+    /// A failure of the connection itself (refused, reset, closed early, TLS refused).
     fn connection_failure(&self, error: &(dyn StdError + 'static)) -> Failure {
+        #[cfg(feature = "tls")]
+        if let Some(tls) = super::tls::rustls_error(error) {
+            // Neither a refused certificate nor a failed handshake goes away by retrying.
+            let error = if super::tls::is_certificate_problem(tls) {
+                Error::certificate(
+                    format!(
+                        "cannot verify the TLS certificate of the daemon at {}",
+                        self.base
+                    ),
+                    super::tls::describe_certificate_problem(tls),
+                )
+            } else {
+                Error::transport(format!(
+                    "the TLS handshake with the daemon at {} failed: {tls}",
+                    self.base
+                ))
+            };
+            return Failure::permanent(error);
+        }
         Failure {
             error: Error::transport(format!(
                 "cannot reach the daemon at {}: {}",
@@ -560,7 +620,27 @@ impl Failure {
     }
 }
 
-/// Checks and normalises the daemon's base URL: `http://host[:port][/prefix]`.
+/// The TCP connector: connection time limit, no Nagle delay.
+fn tcp_connector() -> HttpConnector {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    connector.set_nodelay(true);
+    // The TLS connector above it decides per scheme; the TCP one must let https through.
+    #[cfg(feature = "tls")]
+    connector.enforce_http(false);
+    connector
+}
+
+/// The connection pool over `connector`.
+fn pool(connector: Connector) -> hyper_util::client::legacy::Client<Connector, Full<Bytes>> {
+    hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .build(connector)
+}
+
+/// Checks and normalises the daemon's base URL: `http://host[:port][/prefix]`, or `https://…`
+/// with the `tls` feature.
 fn parse_base_url(base_url: &str) -> Result<String> {
     let trimmed = base_url.trim();
     let invalid =
@@ -575,20 +655,29 @@ fn parse_base_url(base_url: &str) -> Result<String> {
             "invalid daemon URL: credentials in the URL are not supported, use a token",
         ));
     }
-    match uri.scheme_str() {
-        Some("http") => {}
+    let scheme = match uri.scheme_str() {
+        Some("http") => "http",
+        #[cfg(feature = "tls")]
+        Some("https") => "https",
+        #[cfg(not(feature = "tls"))]
+        Some("https") => {
+            return Err(invalid(
+                "https:// needs TLS support, and this build of taskfly was built without TLS \
+                 support (the `tls` feature); use http://",
+            ))
+        }
         Some(other) => {
             return Err(invalid(&format!(
-                "scheme {other} is not supported, use http://"
+                "scheme {other} is not supported, use http:// or https://"
             )))
         }
         None => return Err(invalid("expected http://host:port")),
-    }
+    };
     if uri.query().is_some() {
         return Err(invalid("a query is not allowed"));
     }
     let prefix = uri.path().trim_end_matches('/');
-    Ok(format!("http://{authority}{prefix}"))
+    Ok(format!("{scheme}://{authority}{prefix}"))
 }
 
 /// Decodes a 2xx JSON answer.
@@ -779,13 +868,18 @@ mod tests {
             parse_base_url(" http://example.test/prefix/ ").expect("valid"),
             "http://example.test/prefix"
         );
-        for bad in [
-            "127.0.0.1:8080",
-            "https://example.test",
-            "http://",
-            "not a url",
-            "http://h/?a=b",
-        ] {
+        #[cfg(feature = "tls")]
+        assert_eq!(
+            parse_base_url("https://example.test:8443/").expect("valid"),
+            "https://example.test:8443"
+        );
+        #[cfg(not(feature = "tls"))]
+        {
+            let error = parse_base_url("https://example.test").expect_err("no TLS");
+            assert!(error.is_invalid_input(), "{error}");
+            assert!(error.message().contains("without TLS support"), "{error}");
+        }
+        for bad in ["127.0.0.1:8080", "http://", "not a url", "http://h/?a=b"] {
             let error = parse_base_url(bad).expect_err(bad);
             assert!(error.is_invalid_input(), "{bad}: {error}");
         }

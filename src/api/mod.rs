@@ -1,7 +1,10 @@
 //! The HTTP API of SPEC §4: the server ([`server`]), the typed client ([`client`]) used by the
-//! CLI and the node agent, and the wire types they share ([`wire`]).
+//! CLI and the node agent, and the wire types they share ([`wire`]). With the `tls` feature,
+//! [`tls`] lets both speak https.
 
 pub(crate) mod client;
 mod limits;
 pub(crate) mod server;
+#[cfg(feature = "tls")]
+pub(crate) mod tls;
 pub mod wire;

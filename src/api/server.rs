@@ -31,7 +31,9 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Default and largest page of logs.
 const DEFAULT_LOG_PAGE: usize = 1000;
 
-/// Serve until `shutdown` completes, then let in-flight requests finish.
+/// Serve until `shutdown` completes, then let in-flight requests finish. With TLS configured
+/// (`Config::tls`), every connection is a TLS one: its handshake runs in the
+/// connection's own task, within the header read time limit.
 pub(crate) async fn serve(
     orchestrator: Orchestrator,
     listener: tokio::net::TcpListener,
@@ -47,6 +49,10 @@ pub(crate) async fn serve(
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout);
+    #[cfg(feature = "tls")]
+    let tls = orchestrator
+        .server_tls()
+        .map(|tls| (tls.acceptor().clone(), limits.header_read_timeout));
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -77,6 +83,28 @@ pub(crate) async fn serve(
                 Ok::<_, Infallible>(handle(&orchestrator, &registrations, request, peer).await)
             }
         });
+        #[cfg(feature = "tls")]
+        if let Some((acceptor, handshake_limit)) = &tls {
+            // A slow or silent client must not hold up the accept loop: the handshake runs in
+            // the connection's task, watched for shutdown like the connection itself.
+            let (acceptor, handshake_limit) = (acceptor.clone(), *handshake_limit);
+            let (watcher, http) = (graceful.watcher(), http.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(handshake_limit, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => {
+                        let connection =
+                            watcher.watch(http.serve_connection(TokioIo::new(stream), service));
+                        if let Err(e) = connection.await {
+                            tracing::debug!(error = %e, %peer, "connection ended with an error");
+                        }
+                    }
+                    Ok(Err(e)) => tracing::debug!(error = %e, %peer, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                }
+                drop(permit);
+            });
+            continue;
+        }
         let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
             if let Err(e) = connection.await {

@@ -15,15 +15,33 @@ use taskfly::{Config, Orchestrator};
     name = "taskflyd",
     version,
     about,
-    after_help = "Example:\n  taskflyd --listen 0.0.0.0:8080 --advertise-url http://10.0.0.1:8080"
+    after_help = "Examples:\n  taskflyd --listen 0.0.0.0:8080 --advertise-url http://10.0.0.1:8080\n  \
+                  taskflyd --listen 0.0.0.0:8443 --tls-cert cert.pem --tls-key key.pem \\\n      \
+                  --advertise-url https://10.0.0.1:8443"
 )]
 struct Args {
     /// Address to listen on.
     #[arg(long, env = "TASKFLY_LISTEN", default_value = "127.0.0.1:8080")]
     listen: String,
-    /// The URL nodes call back on (default: http://<listen>).
+    /// The URL nodes call back on (default: http://<listen>, https://<listen> with TLS).
     #[arg(long, env = "TASKFLY_ADVERTISE_URL")]
     advertise_url: Option<String>,
+    /// Serve https: the PEM certificate chain (server certificate first). Needs --tls-key.
+    #[arg(
+        long,
+        env = "TASKFLY_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    tls_cert: Option<PathBuf>,
+    /// Serve https: the PEM private key of --tls-cert. Needs --tls-cert.
+    #[arg(
+        long,
+        env = "TASKFLY_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    tls_key: Option<PathBuf>,
     /// State, bundles and the API token (default: ~/.taskfly).
     #[arg(long, env = "TASKFLY_DATA_DIR")]
     data_dir: Option<PathBuf>,
@@ -128,9 +146,11 @@ async fn serve(args: Args) -> Result<(), String> {
     let address = listener
         .local_addr()
         .map_err(|e| format!("cannot read the listening address: {e}"))?;
+    let tls = args.tls_cert.zip(args.tls_key);
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let advertise = args
         .advertise_url
-        .unwrap_or_else(|| format!("http://{address}"));
+        .unwrap_or_else(|| format!("{scheme}://{address}"));
     // Local nodes' agents run as processes of their own (`taskflyd agent`), so they carry on
     // while this daemon restarts.
     let program =
@@ -155,6 +175,11 @@ async fn serve(args: Args) -> Result<(), String> {
         .retention(Some(args.retention))
         .store(std::sync::Arc::new(store))
         .provider("local", std::sync::Arc::new(local));
+    // The certificate and key are read when the engine is made: a bad one stops the start.
+    let config = match &tls {
+        Some((cert_file, key_file)) => config.tls(cert_file, key_file),
+        None => config,
+    };
     // EC2 clients are made per deployment (each names its region and endpoint) on first use.
     // The owner id keeps this daemon's leak checks to the instances it started itself.
     #[cfg(feature = "aws")]
@@ -163,7 +188,7 @@ async fn serve(args: Args) -> Result<(), String> {
         std::sync::Arc::new(taskfly::AwsProvider::new().owner(daemon_id(&data_dir)?)),
     );
     let engine = Orchestrator::new(config).map_err(|e| e.to_string())?;
-    tracing::info!(listen = %address, advertise_url = %advertise, data_dir = %data_dir.display(), "taskflyd listening");
+    tracing::info!(listen = %address, advertise_url = %advertise, tls = tls.is_some(), data_dir = %data_dir.display(), "taskflyd listening");
     let served = engine.serve(listener, shutdown_signal()).await;
     tracing::info!("shutting down");
     engine.shutdown().await;

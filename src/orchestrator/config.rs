@@ -41,22 +41,28 @@ pub struct Config {
     pub(crate) header_read_timeout: Duration,
     pub(crate) max_connections: usize,
     pub(crate) registration_failures_per_minute: u32,
+    /// The PEM certificate chain and private key files to serve https with.
+    #[cfg(feature = "tls")]
+    pub(crate) tls: Option<(PathBuf, PathBuf)>,
     pub(crate) store: Option<Arc<dyn Store>>,
     pub(crate) providers: HashMap<String, Arc<dyn Provider>>,
 }
 
 impl fmt::Debug for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Config")
-            .field("data_dir", &self.data_dir)
+        let mut d = f.debug_struct("Config");
+        d.field("data_dir", &self.data_dir)
             .field("advertise_url", &self.advertise_url)
             .field("api_token", &self.api_token.as_ref().map(|_| "***"))
             .field("heartbeat_timeout", &self.heartbeat_timeout)
             .field("heartbeat_interval", &self.effective_heartbeat_interval())
             .field("boot_timeout", &self.boot_timeout)
             .field("provision_concurrency", &self.provision_concurrency)
-            .field("providers", &self.providers.keys().collect::<Vec<_>>())
-            .finish_non_exhaustive()
+            .field("providers", &self.providers.keys().collect::<Vec<_>>());
+        // File names only: the key itself is read when the engine is made, never kept here.
+        #[cfg(feature = "tls")]
+        d.field("tls", &self.tls);
+        d.finish_non_exhaustive()
     }
 }
 
@@ -85,16 +91,42 @@ impl Config {
             header_read_timeout: Duration::from_secs(10),
             max_connections: 4096,
             registration_failures_per_minute: 20,
+            #[cfg(feature = "tls")]
+            tls: None,
             store: None,
             providers: HashMap::new(),
         }
     }
 
     /// The URL nodes call back on. Without it, [`crate::Orchestrator::serve`] uses
-    /// `http://<the listener's address>`, which only suits nodes on the same machine.
+    /// `http://<the listener's address>` (`https://` with `Config::tls`), which only suits
+    /// nodes on the same machine.
     #[must_use]
     pub fn advertise_url(mut self, url: impl Into<String>) -> Config {
         self.advertise_url = Some(url.into().trim_end_matches('/').to_owned());
+        self
+    }
+
+    /// Serve the HTTP API over TLS (feature `tls`): `cert_file` holds the PEM certificate chain
+    /// (the server's certificate first, then any intermediates) and `key_file` its PEM private
+    /// key (PKCS#8, PKCS#1 or SEC1). Both are read by [`crate::Orchestrator::new`], which fails
+    /// if either is missing or malformed, or the key does not belong to the certificate.
+    ///
+    /// [`crate::Orchestrator::serve`] then speaks only https. When the advertise URL is
+    /// `https://`, every node is handed the certificates of `cert_file` as the ones to trust
+    /// ([`crate::InstanceConfig::ca_pem`]): a self-signed certificate needs nothing more. The
+    /// advertise URL's host must be a name (or IP address) the certificate is issued for.
+    ///
+    /// ```no_run
+    /// let config = taskfly::Config::new("/var/lib/taskfly")
+    ///     .tls("/etc/taskfly/cert.pem", "/etc/taskfly/key.pem")
+    ///     .advertise_url("https://10.0.0.1:8443");
+    /// # let _ = config;
+    /// ```
+    #[cfg(feature = "tls")]
+    #[must_use]
+    pub fn tls(mut self, cert_file: impl Into<PathBuf>, key_file: impl Into<PathBuf>) -> Config {
+        self.tls = Some((cert_file.into(), key_file.into()));
         self
     }
 

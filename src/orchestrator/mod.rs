@@ -80,6 +80,9 @@ pub(crate) struct Inner {
     provision_slots: Arc<Semaphore>,
     pub(crate) api_token_hash: Option<[u8; 32]>,
     advertise_url: Mutex<Option<String>>,
+    /// The loaded certificate and key of [`Config::tls`]: the server speaks https.
+    #[cfg(feature = "tls")]
+    tls: Option<Arc<crate::api::tls::ServerTls>>,
     tasks: TaskTracker,
     cancel: CancellationToken,
     started: Instant,
@@ -97,15 +100,50 @@ pub(crate) struct Live {
 
 impl Live {
     /// `text` with every secret value replaced by `***`.
+    ///
+    /// Agents cut long lines into pieces and quote at most 500 characters of a failing line,
+    /// so a secret may also arrive cut in two: a text that ends with the start of a secret, or
+    /// starts with its end (at least [`MIN_PARTIAL_SECRET`] characters), has that part masked
+    /// too.
     pub(crate) fn mask(&self, text: &str) -> String {
-        let mut masked = text.to_owned();
-        for secret in &self.secrets {
-            if masked.contains(secret.as_str()) {
-                masked = masked.replace(secret.as_str(), "***");
-            }
-        }
-        masked
+        mask_secrets(text, &self.secrets)
     }
+}
+
+/// Shortest piece of a cut secret that is masked at the edges of a text.
+const MIN_PARTIAL_SECRET: usize = 4;
+
+fn mask_secrets(text: &str, secrets: &[String]) -> String {
+    let mut masked = text.to_owned();
+    for secret in secrets {
+        if masked.contains(secret.as_str()) {
+            masked = masked.replace(secret.as_str(), "***");
+        }
+    }
+    for secret in secrets {
+        // The longest start of the secret that ends the text...
+        let starts: Vec<usize> = secret.char_indices().map(|(i, _)| i).collect();
+        let tail = starts
+            .iter()
+            .copied()
+            .filter(|&i| i >= MIN_PARTIAL_SECRET)
+            .rev()
+            .find(|&i| masked.ends_with(&secret[..i]));
+        if let Some(i) = tail {
+            masked.truncate(masked.len() - i);
+            masked.push_str("***");
+        }
+        // ...and the longest end of the secret that starts it.
+        let head = starts
+            .iter()
+            .copied()
+            .filter(|&i| i > 0 && secret.len() - i >= MIN_PARTIAL_SECRET)
+            .find(|&i| masked.starts_with(&secret[i..]));
+        if let Some(i) = head {
+            masked = format!("***{}", &masked[secret.len() - i..]);
+        }
+    }
+    masked
 }
 
 impl Orchestrator {
@@ -120,6 +158,22 @@ impl Orchestrator {
                 e,
             )
         })?;
+        // Loaded first, so a bad certificate or key fails here, before anything starts.
+        #[cfg(feature = "tls")]
+        let tls = match &config.tls {
+            Some((cert_file, key_file)) => Some(Arc::new(crate::api::tls::ServerTls::load(
+                cert_file, key_file,
+            )?)),
+            None => None,
+        };
+        // With the advertise URL known now, a certificate its nodes would refuse stops the
+        // engine here; otherwise `serve` checks once it has chosen the URL.
+        #[cfg(feature = "tls")]
+        if let (Some(tls), Some(url)) = (&tls, &config.advertise_url) {
+            if url.starts_with("https://") {
+                tls.check_for_nodes(url)?;
+            }
+        }
         let store = config.take_store();
         let providers = config.take_providers();
         let api_token_hash = config.api_token.as_deref().map(auth::hash_token);
@@ -136,6 +190,8 @@ impl Orchestrator {
             changes,
             api_token_hash,
             advertise_url: Mutex::new(advertise_url),
+            #[cfg(feature = "tls")]
+            tls,
             tasks: TaskTracker::new(),
             cancel: CancellationToken::new(),
             started: Instant::now(),
@@ -173,8 +229,13 @@ impl Orchestrator {
     }
 
     /// Serve the HTTP API (client and node endpoints, SPEC §4) on `listener` until `shutdown`
-    /// completes, then finish in-flight requests. If no advertise URL was configured, nodes
-    /// are told to call `http://<listener address>`.
+    /// completes, then finish in-flight requests; over TLS when `Config::tls` is set. If no
+    /// advertise URL was configured, nodes are told to call `http://<listener address>`
+    /// (`https://` with TLS).
+    ///
+    /// With TLS and an `https://` advertise URL, it first checks that nodes will accept the
+    /// certificate for that URL (issued for its host, not expired, not marked as a CA, chain
+    /// complete) and fails with what to fix ([`crate::Error::is_invalid_input`]) if not.
     pub async fn serve(
         &self,
         listener: tokio::net::TcpListener,
@@ -186,7 +247,17 @@ impl Orchestrator {
         {
             let mut url = lock(&self.inner.advertise_url);
             if url.is_none() {
-                *url = Some(format!("http://{address}"));
+                let scheme = if self.serves_tls() { "https" } else { "http" };
+                *url = Some(format!("{scheme}://{address}"));
+            }
+        }
+        // Nodes verify the daemon as the check does: better to refuse to start than to have
+        // every node fail to register.
+        #[cfg(feature = "tls")]
+        if let Some(tls) = &self.inner.tls {
+            let url = self.advertise_url();
+            if url.starts_with("https://") {
+                tls.check_for_nodes(&url)?;
             }
         }
         crate::api::server::serve(self.clone(), listener, shutdown).await
@@ -283,7 +354,24 @@ impl Orchestrator {
         .map_err(|e| Error::io("bundle processing failed", std::io::Error::other(e)))??;
         let _ = tokio::fs::remove_file(&client_path).await;
 
+        let max_config = self.inner.config.max_config_bytes;
+        if yaml.len() > max_config {
+            return Err(Error::too_large(format!(
+                "taskfly.yml is {} bytes, more than this daemon's {max_config}-byte limit",
+                yaml.len()
+            )));
+        }
         let config = DeploymentConfig::from_yaml(&yaml)?;
+        let max_nodes = self.inner.config.max_nodes;
+        if config.nodes.count > max_nodes {
+            return Err(Error::invalid_config(
+                "taskfly.yml is invalid (1 problem)",
+                vec![format!(
+                    "nodes.count: {} is more than this daemon allows ({max_nodes})",
+                    config.nodes.count
+                )],
+            ));
+        }
         if !summary
             .files
             .iter()
@@ -443,6 +531,7 @@ impl Orchestrator {
             node_index: node.index,
             attempt: node.attempt,
             daemon_url: self.advertise_url(),
+            ca_pem: self.node_ca_pem(),
             provision_token: token,
             deployment: live.config.clone(),
         };
@@ -668,6 +757,32 @@ impl Orchestrator {
 
     pub(crate) fn worker_bundle_path(&self, id: &str) -> PathBuf {
         self.deployment_dir(id).join(WORKER_BUNDLE)
+    }
+
+    /// Whether [`Orchestrator::serve`] speaks TLS.
+    pub(crate) fn serves_tls(&self) -> bool {
+        #[cfg(feature = "tls")]
+        return self.inner.tls.is_some();
+        #[cfg(not(feature = "tls"))]
+        false
+    }
+
+    /// The TLS set-up the server wraps connections in, when [`Config::tls`] is set.
+    #[cfg(feature = "tls")]
+    pub(crate) fn server_tls(&self) -> Option<&crate::api::tls::ServerTls> {
+        self.inner.tls.as_deref()
+    }
+
+    /// The certificates nodes are to trust: those the server presents, when it speaks TLS and
+    /// nodes are told an `https://` URL.
+    fn node_ca_pem(&self) -> Option<String> {
+        #[cfg(feature = "tls")]
+        if let Some(tls) = &self.inner.tls {
+            if self.advertise_url().starts_with("https://") {
+                return Some(tls.certificates_pem().to_owned());
+            }
+        }
+        None
     }
 
     pub(crate) fn advertise_url(&self) -> String {
@@ -1028,4 +1143,24 @@ fn create_private_file(path: &Path) -> Result<std::fs::File> {
         .mode(0o600)
         .open(path)
         .map_err(|e| Error::io(format!("cannot create {}", path.display()), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mask_secrets;
+
+    #[test]
+    fn secrets_are_masked_whole_and_where_a_cut_left_a_piece() {
+        let secrets = vec!["PLANTEDabcdefgh".to_owned()];
+        assert_eq!(mask_secrets("x PLANTEDabcdefgh y", &secrets), "x *** y");
+        // A line cut inside the secret: both pieces are masked.
+        assert_eq!(mask_secrets("xxxxPLANTE", &secrets), "xxxx***");
+        assert_eq!(mask_secrets("Dabcdefgh tail", &secrets), "*** tail");
+        // Fewer than four characters of a secret are too common to mask.
+        assert_eq!(mask_secrets("xxxPLA", &secrets), "xxxPLA");
+        assert_eq!(mask_secrets("fgh tail", &secrets), "fgh tail");
+        assert_eq!(mask_secrets("no secret here", &secrets), "no secret here");
+        let unicode = vec!["sécret-ünïcode".to_owned()];
+        assert_eq!(mask_secrets("a sécret-ü", &unicode), "a ***");
+    }
 }

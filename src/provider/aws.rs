@@ -443,11 +443,12 @@ impl Provider for AwsProvider {
             &aws.tags,
         )
         .map_err(invalid_configuration)?;
-        let script =
-            crate::agent::bootstrap::bootstrap_script(&config.daemon_url, &config.provision_token)
-                .map_err(|e| {
-                    invalid_configuration(format!("cannot build the bootstrap script: {e}"))
-                })?;
+        let script = crate::agent::bootstrap::bootstrap_script(
+            &config.daemon_url,
+            &config.provision_token,
+            config.ca_pem.as_deref(),
+        )
+        .map_err(|e| invalid_configuration(format!("cannot build the bootstrap script: {e}")))?;
         let location = Location::of(aws);
         let client = self.usable_client(&location).await?;
 

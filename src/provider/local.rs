@@ -23,6 +23,9 @@ const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(10);
 /// An agent process or bootstrap stopping its script needs the grace period, and a little more
 /// to report.
 const EXTRA_AGENT_GRACE: Duration = Duration::from_secs(2);
+/// The file in a node's work directory holding the certificates its agent trusts for an
+/// `https://` daemon ([`InstanceConfig::ca_pem`]).
+const CA_FILE: &str = "daemon-ca.pem";
 
 /// Runs every node on this machine (`cloud_provider: local` without `hosts`).
 ///
@@ -45,6 +48,10 @@ const EXTRA_AGENT_GRACE: Duration = Duration::from_secs(2);
 /// after the grace period, and stops any process still carrying the node's id. With agent
 /// processes ([`LocalProvider::agent_program`]) bootstraps outlive this provider as agent
 /// processes do; otherwise [`Provider::shutdown`] stops them.
+///
+/// For an `https://` daemon, the certificates to trust ([`InstanceConfig::ca_pem`]) are
+/// written to `daemon-ca.pem` in the node's work directory and given to its agent (task or
+/// process) as its CA file; the shell bootstrap embeds them for curl.
 ///
 /// Instance ids are `local-<node_id>-<attempt>`. Agent failures are logged with `tracing`
 /// (node id and message); they never panic, and the engine notices the node through its status
@@ -188,6 +195,17 @@ impl Provider for LocalProvider {
                 e,
             )
         })?;
+        // Written before anything starts, so cancelling here leaves only a file behind.
+        let ca_file = match &config.ca_pem {
+            Some(pem) => {
+                let path = work_dir.join(CA_FILE);
+                tokio::fs::write(&path, pem)
+                    .await
+                    .map_err(|e| Error::io(format!("cannot write {}", path.display()), e))?;
+                Some(path)
+            }
+            None => None,
+        };
 
         let cancel = self.shutdown.child_token();
         let finished = CancellationToken::new();
@@ -233,9 +251,10 @@ impl Provider for LocalProvider {
                 pid
             }
             Runner::Task => {
-                let agent_config =
+                let mut agent_config =
                     AgentConfig::new(config.daemon_url, config.provision_token, work_dir)
                         .grace_period(self.grace_period);
+                agent_config.ca_file = ca_file;
                 // Spawned while the map is locked, so `terminate` never sees an entry without
                 // its task.
                 self.tracker.spawn(run_agent(
@@ -254,6 +273,7 @@ impl Provider for LocalProvider {
                     &config,
                     &instance_id,
                     &work_dir,
+                    ca_file.as_deref(),
                     self.grace_period,
                 )?;
                 let pid = child.id().and_then(|id| i32::try_from(id).ok());
@@ -437,7 +457,11 @@ fn spawn_bootstrap(
 ) -> Result<tokio::process::Child, BoxError> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt;
-    let script = bootstrap::bootstrap_script(&config.daemon_url, &config.provision_token)?;
+    let script = bootstrap::bootstrap_script(
+        &config.daemon_url,
+        &config.provision_token,
+        config.ca_pem.as_deref(),
+    )?;
     let script_path = work_dir.join("bootstrap.sh");
     let written = std::fs::OpenOptions::new()
         .write(true)
@@ -492,6 +516,7 @@ fn spawn_agent_process(
     config: &InstanceConfig,
     instance_id: &str,
     work_dir: &std::path::Path,
+    ca_file: Option<&std::path::Path>,
     grace_period: Duration,
 ) -> Result<tokio::process::Child, BoxError> {
     use std::os::unix::fs::OpenOptionsExt;
@@ -521,6 +546,11 @@ fn spawn_agent_process(
         .stderr(log_err)
         .process_group(0)
         .kill_on_drop(false);
+    // Set or removed, so a CA file of the daemon's own environment never applies by mistake.
+    match ca_file {
+        Some(path) => command.env(agent::ENV_CA_FILE, path),
+        None => command.env_remove(agent::ENV_CA_FILE),
+    };
     command.spawn().map_err(|e| {
         Error::io(
             format!("cannot start the agent program {}", program.display()),
@@ -586,6 +616,7 @@ mod tests {
             node_index: 1,
             attempt: 1,
             daemon_url: daemon_url.into(),
+            ca_pem: None,
             provision_token: "provision".into(),
             deployment: Arc::new(deployment),
         }

@@ -33,6 +33,12 @@ pub struct InstanceConfig {
     pub attempt: u32,
     /// The URL the node's agent calls back on (the engine's node API).
     pub daemon_url: String,
+    /// For an `https://` daemon URL, the PEM certificates the node's agent must trust for it
+    /// (those the engine serves, see `Config::tls`; not secret). A provider hands them
+    /// to the node: the local provider as a CA file for its agents, the shell bootstrap
+    /// ([`crate::agent::bootstrap::bootstrap_script`]) embedded for curl's `--cacert`. `None`:
+    /// plain http, or the platform's trust store is enough.
+    pub ca_pem: Option<String>,
     /// Single-use token the agent registers with. A secret: never log it.
     pub provision_token: String,
     /// The deployment's validated `taskfly.yml`, for the provider's own settings
@@ -49,6 +55,10 @@ impl fmt::Debug for InstanceConfig {
             .field("node_index", &self.node_index)
             .field("attempt", &self.attempt)
             .field("daemon_url", &self.daemon_url)
+            .field(
+                "ca_pem",
+                &self.ca_pem.as_ref().map(|_| "<PEM certificates>"),
+            )
             .finish_non_exhaustive()
     }
 }

@@ -709,8 +709,8 @@ async fn the_bootstrap_stops_its_script_when_a_heartbeat_answers_shutdown() {
     let token = provider.wait_for_provisioned(&id, 1).await[0]
         .provision_token
         .clone();
-    let script =
-        taskfly::agent::bootstrap::bootstrap_script(&engine.url, &token).expect("the bootstrap");
+    let script = taskfly::agent::bootstrap::bootstrap_script(&engine.url, &token, None)
+        .expect("the bootstrap");
     let instance = tempfile::tempdir().expect("instance dir");
     std::fs::write(instance.path().join("user-data"), script).expect("write");
     let mut bootstrap = tokio::process::Command::new("sh")
@@ -776,7 +776,7 @@ async fn the_bootstrap_stops_its_script_when_a_heartbeat_answers_shutdown() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_bootstrap_gives_up_on_a_refused_registration() {
     let engine = TestEngine::start().await;
-    let script = taskfly::agent::bootstrap::bootstrap_script(&engine.url, "0123456789abcdef")
+    let script = taskfly::agent::bootstrap::bootstrap_script(&engine.url, "0123456789abcdef", None)
         .expect("the bootstrap");
     let instance = tempfile::tempdir().expect("instance dir");
     let output = tokio::process::Command::new("sh")

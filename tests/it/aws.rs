@@ -646,6 +646,7 @@ async fn a_restarted_provider_finds_and_terminates_an_instance_in_another_region
             node_index: 0,
             attempt: 1,
             daemon_url: "http://127.0.0.1:9".to_owned(),
+            ca_pem: None,
             provision_token: "00112233445566778899aabbccddeeff".to_owned(),
             deployment,
         })
@@ -713,6 +714,7 @@ async fn leak_checks_keep_to_the_instances_of_their_own_owner() {
             node_index: 0,
             attempt: 1,
             daemon_url: "http://127.0.0.1:9".to_owned(),
+            ca_pem: None,
             provision_token: "00112233445566778899aabbccddeeff".to_owned(),
             deployment,
         })

@@ -6,4 +6,7 @@ mod aws;
 mod cli;
 mod durability;
 mod engine;
+mod hostile;
 mod support;
+#[cfg(feature = "tls")]
+mod tls;

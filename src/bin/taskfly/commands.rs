@@ -102,7 +102,13 @@ fn failure(cli: Option<&Cli>, error: Error) -> Failure {
     }
     let mut hint = None;
     if let Some(cli) = cli {
-        if error.is_transport() {
+        if error.is_certificate() {
+            // Reached, but not trusted: starting a daemon would not help.
+            message = format!(
+                "{message}; give the certificate of the CA that signed it (or the daemon's own \
+                 self-signed certificate) with --ca-file FILE or TASKFLY_CA_FILE"
+            );
+        } else if error.is_transport() {
             // One line: the URL tried (in the message) and how to get a daemon there.
             message = format!(
                 "{message}; start a daemon with `taskflyd` (or point --daemon / TASKFLY_DAEMON \
@@ -172,7 +178,16 @@ fn api_token(cli: &Cli) -> (Option<String>, String) {
 }
 
 fn client(cli: &Cli) -> Result<Client, Failure> {
-    Client::new(&daemon_url(cli), api_token(cli).0).map_err(|e| failure(Some(cli), e))
+    let client =
+        Client::new(&daemon_url(cli), api_token(cli).0).map_err(|e| failure(Some(cli), e))?;
+    match &cli.ca_file {
+        // A CA file that cannot be used is a mistake in the invocation.
+        Some(ca_file) => client.with_ca_file(ca_file).map_err(|e| Failure {
+            code: EXIT_USAGE,
+            ..failure(None, e)
+        }),
+        None => Ok(client),
+    }
 }
 
 fn exit_for(view: &DeploymentView) -> u8 {
@@ -327,7 +342,11 @@ async fn agent(cli: &Cli, work_dir: Option<PathBuf>) -> Result<u8, Failure> {
             let work_dir = work_dir.unwrap_or_else(|| {
                 std::env::temp_dir().join(format!("taskfly-agent-{}", std::process::id()))
             });
-            taskfly::agent::AgentConfig::new(daemon_url(cli), token, work_dir)
+            let config = taskfly::agent::AgentConfig::new(daemon_url(cli), token, work_dir);
+            match &cli.ca_file {
+                Some(ca_file) => config.ca_file(ca_file),
+                None => config,
+            }
         }
     };
     let report = taskfly::agent::run_until_signal(config)

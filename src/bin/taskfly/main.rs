@@ -32,6 +32,10 @@ pub(crate) struct Cli {
     /// node's provision token.
     #[arg(long, global = true, env = "TASKFLY_API_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// For an https:// daemon: a PEM file of the certificates to trust (its CA, or its
+    /// self-signed certificate) instead of the system's trust store.
+    #[arg(long, global = true, env = "TASKFLY_CA_FILE", value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
     /// Output format.
     #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
     pub output: Output,

@@ -106,6 +106,17 @@ impl Daemon {
         })
     }
 
+    /// A daemon on `127.0.0.1:0` with `args` added to its command line (`--tls-cert FILE
+    /// --tls-key FILE`, ...). With `--tls-cert` among them, its `url` is `https://…`.
+    #[track_caller]
+    pub fn start_with_args(options: DaemonOptions, args: &[&str]) -> Daemon {
+        Daemon::launch(Launch {
+            options,
+            listen: "127.0.0.1:0".to_owned(),
+            args: args.iter().map(|arg| (*arg).to_owned()).collect(),
+        })
+    }
+
     #[track_caller]
     fn launch(launch: Launch) -> Daemon {
         let marker = format!("{DAEMON_MARKER_VAR}={}", unique_word());
@@ -186,7 +197,12 @@ impl Daemon {
                 ),
             }
         };
-        self.url = format!("http://{address}");
+        let scheme = if self.launch.args.iter().any(|arg| arg == "--tls-cert") {
+            "https"
+        } else {
+            "http"
+        };
+        self.url = format!("{scheme}://{address}");
         if options.token.is_none() {
             let path = self.token_file();
             let text = std::fs::read_to_string(&path)

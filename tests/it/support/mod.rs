@@ -28,11 +28,26 @@ impl TestEngine {
 
     /// Start an engine, letting the test adjust its [`Config`].
     pub async fn start_with(adjust: impl FnOnce(Config) -> Config) -> TestEngine {
+        TestEngine::start_on_scheme("http", adjust).await
+    }
+
+    /// Start an engine serving https with the PEM `cert_file` and `key_file`, letting the test
+    /// adjust its [`Config`]. Its `url` (the advertise URL too) is `https://127.0.0.1:PORT`.
+    #[cfg(feature = "tls")]
+    pub async fn start_tls(
+        cert_file: &Path,
+        key_file: &Path,
+        adjust: impl FnOnce(Config) -> Config,
+    ) -> TestEngine {
+        TestEngine::start_on_scheme("https", |config| adjust(config.tls(cert_file, key_file))).await
+    }
+
+    async fn start_on_scheme(scheme: &str, adjust: impl FnOnce(Config) -> Config) -> TestEngine {
         let data_dir = tempfile::tempdir().expect("temp dir");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
-        let url = format!("http://{}", listener.local_addr().expect("address"));
+        let url = format!("{scheme}://{}", listener.local_addr().expect("address"));
         let config = adjust(
             Config::new(data_dir.path())
                 .api_token(API_TOKEN)
@@ -190,3 +205,6 @@ pub mod cli_run;
 pub mod engine_http;
 pub mod engine_provider;
 pub mod engine_util;
+pub mod hostile_http;
+pub mod hostile_state;
+pub mod hostile_tar;
