@@ -471,16 +471,7 @@ fn spawn_bootstrap(
         .open(&script_path)
         .and_then(|mut file| file.write_all(script.as_bytes()));
     written.map_err(|e| Error::io(format!("cannot write {}", script_path.display()), e))?;
-    let log_path = work_dir.join("bootstrap.log");
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(&log_path)
-        .map_err(|e| Error::io(format!("cannot create {}", log_path.display()), e))?;
-    let log_err = log
-        .try_clone()
-        .map_err(|e| Error::io(format!("cannot share {}", log_path.display()), e))?;
+    let (log, log_err) = open_log(&work_dir.join("bootstrap.log"))?;
     let mut command = tokio::process::Command::new("sh");
     command
         .arg(&script_path)
@@ -499,6 +490,22 @@ fn spawn_bootstrap(
     command
         .spawn()
         .map_err(|e| Error::io("cannot start the node bootstrap with sh", e).into())
+}
+
+/// A private log file (mode 0600) opened for appending, twice: for a child's stdout and
+/// stderr.
+fn open_log(path: &std::path::Path) -> Result<(std::fs::File, std::fs::File), BoxError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| Error::io(format!("cannot create {}", path.display()), e))?;
+    let log_err = log
+        .try_clone()
+        .map_err(|e| Error::io(format!("cannot share {}", path.display()), e))?;
+    Ok((log, log_err))
 }
 
 /// The node id inside an instance id `local-<node_id>-<attempt>`.
@@ -520,16 +527,7 @@ fn spawn_agent_process(
     grace_period: Duration,
 ) -> Result<tokio::process::Child, BoxError> {
     use std::os::unix::fs::OpenOptionsExt;
-    let log_path = work_dir.join("agent.log");
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(&log_path)
-        .map_err(|e| Error::io(format!("cannot create {}", log_path.display()), e))?;
-    let log_err = log
-        .try_clone()
-        .map_err(|e| Error::io(format!("cannot share {}", log_path.display()), e))?;
+    let (log, log_err) = open_log(&work_dir.join("agent.log"))?;
     let mut command = tokio::process::Command::new(program);
     command
         .args(args)
