@@ -20,7 +20,7 @@
 //!   directory and when every other link of the bundle is followed the way the kernel would;
 //! - no path may appear twice, and no entry may sit under a symbolic link or a file of the bundle;
 //! - [`BundleLimits`] caps the entry count and the bytes of entry data, and each entry's headers
-//!   (long names, pax records) are capped at [`METADATA_BUDGET`] bytes so a hostile header cannot
+//!   (long names, pax records) are capped at `METADATA_BUDGET` bytes so a hostile header cannot
 //!   exhaust memory.
 //!
 //! Extraction writes every file itself (the `tar` crate's `unpack` is not used): files are

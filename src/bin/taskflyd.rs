@@ -23,7 +23,7 @@ struct Args {
     /// Address to listen on.
     #[arg(long, env = "TASKFLY_LISTEN", default_value = "127.0.0.1:8080")]
     listen: String,
-    /// The URL nodes call back on (default: http://<listen>, https://<listen> with TLS).
+    /// The URL nodes call back on (default: `http://<listen>`, `https://<listen>` with TLS).
     #[arg(long, env = "TASKFLY_ADVERTISE_URL")]
     advertise_url: Option<String>,
     /// Serve https: the PEM certificate chain (server certificate first). Needs --tls-key.

@@ -526,7 +526,6 @@ fn spawn_agent_process(
     ca_file: Option<&std::path::Path>,
     grace_period: Duration,
 ) -> Result<tokio::process::Child, BoxError> {
-    use std::os::unix::fs::OpenOptionsExt;
     let (log, log_err) = open_log(&work_dir.join("agent.log"))?;
     let mut command = tokio::process::Command::new(program);
     command
