@@ -126,7 +126,7 @@ tf_ship() {
     else
       break
     fi
-    tf_call "logs?stream=$1" piece text/plain $3 || break
+    tf_call "logs?stream=$1&offset=$tf_off" piece text/plain $3 || break
     tf_off=$((tf_off + tf_size))
     echo $tf_off >$1.off
   done

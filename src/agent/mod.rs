@@ -970,6 +970,7 @@ async fn forward(
             stream: stream.name().to_string(),
             line,
             timestamp: Some(timestamp.clone()),
+            line_no: None,
         };
         if sender.send(line).await.is_err() {
             return false;

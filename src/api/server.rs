@@ -384,32 +384,48 @@ async fn read_text_logs(
             ))
         }
     };
+    let offset = match query_value(request.uri().query(), "offset") {
+        Some(value) => Some(value.parse::<u64>().map_err(|_| {
+            Error::invalid_input(format!("offset: expected a byte count, got `{value}`"))
+        })?),
+        None => None,
+    };
     let body = read_limited(
         request.into_body(),
         orchestrator.limits().max_json_body,
         "log body",
     )
     .await?;
-    Ok(text_log_lines(&body, &stream))
+    Ok(text_log_lines(&body, &stream, offset))
 }
 
 /// Cuts a `text/plain` log body into lines of `stream`: each `\n` ends a line (a `\r` before
 /// it is dropped), a last line without `\n` counts too, and bytes that are not UTF-8 are
-/// replaced. The daemon's clock dates them.
-fn text_log_lines(body: &[u8], stream: &str) -> wire::LogsRequest {
+/// replaced. The daemon's clock dates them. With `offset` (the byte position of the body in
+/// its stream), each line is numbered by its own byte position, doubled, plus one for stderr:
+/// unique across both streams, so a piece resent after a lost answer is stored once.
+fn text_log_lines(body: &[u8], stream: &str, offset: Option<u64>) -> wire::LogsRequest {
     if body.is_empty() {
         return wire::LogsRequest {
             lines: Vec::new(),
             offset: None,
         };
     }
+    let parity = u64::from(stream == "stderr");
     let body = body.strip_suffix(b"\n").unwrap_or(body);
+    let mut position = offset;
     let lines = body
         .split(|byte| *byte == b'\n')
-        .map(|line| wire::LogLineIn {
-            stream: stream.to_owned(),
-            line: String::from_utf8_lossy(line.strip_suffix(b"\r").unwrap_or(line)).into_owned(),
-            timestamp: None,
+        .map(|line| {
+            let line_no = position.map(|p| p.saturating_mul(2).saturating_add(parity));
+            position = position.map(|p| p.saturating_add(line.len() as u64 + 1));
+            wire::LogLineIn {
+                stream: stream.to_owned(),
+                line: String::from_utf8_lossy(line.strip_suffix(b"\r").unwrap_or(line))
+                    .into_owned(),
+                timestamp: None,
+                line_no,
+            }
         })
         .collect();
     wire::LogsRequest {
@@ -736,4 +752,28 @@ fn error_response(error: &Error) -> Response<Body> {
     let mut response = json(StatusCode::OK, &body);
     *response.status_mut() = status;
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::text_log_lines;
+
+    #[test]
+    fn text_log_lines_are_numbered_by_byte_position_and_stream() {
+        let out = text_log_lines(b"ab\r\ncd\nlast", "stdout", Some(10));
+        let lines: Vec<(&str, Option<u64>)> = out
+            .lines
+            .iter()
+            .map(|l| (l.line.as_str(), l.line_no))
+            .collect();
+        // Lines start at bytes 10, 14 and 17; doubled, stdout even.
+        assert_eq!(
+            lines,
+            [("ab", Some(20)), ("cd", Some(28)), ("last", Some(34))]
+        );
+        let err = text_log_lines(b"x\n", "stderr", Some(10));
+        assert_eq!(err.lines[0].line_no, Some(21), "stderr numbers are odd");
+        let unnumbered = text_log_lines(b"x\n", "stdout", None);
+        assert_eq!(unnumbered.lines[0].line_no, None);
+    }
 }

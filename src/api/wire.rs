@@ -230,6 +230,10 @@ pub struct LogLineIn {
     /// RFC 3339; the daemon's clock when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timestamp: Option<String>,
+    /// This line's number for recognising resent lines, when the batch's `offset` does not
+    /// give it (the sh agent numbers lines by their byte position in their stream).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub line_no: Option<u64>,
 }
 
 /// `POST /nodes/logs` request.

@@ -184,7 +184,9 @@ impl Orchestrator {
                 line: text,
                 timestamp,
                 attempt: node.attempt,
-                line_no: request.offset.map(|first| first + i as u64),
+                line_no: line
+                    .line_no
+                    .or(request.offset.map(|first| first + i as u64)),
             });
         }
         self.limit_log_volume(node, &mut lines);

@@ -7,7 +7,7 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 
 use super::model::{self, Applied, Deployment, DeploymentStatus, Node, NodeUpdate};
-use super::{LogLine, LogQuery, NewLogLine, Store};
+use super::{LogLine, LogQuery, LogStream, NewLogLine, Store};
 use crate::error::{BoxError, Error};
 
 /// Default cap on stored log lines per deployment.
@@ -37,8 +37,9 @@ struct Inner {
 struct DeploymentLog {
     lines: VecDeque<LogLine>,
     last_seq: u64,
-    /// Per node and attempt, the next line number expected; lower ones are duplicates.
-    next_line_no: HashMap<(String, u32), u64>,
+    /// Per node, attempt and stream, the next line number expected; lower ones are resent
+    /// duplicates. (Numbers rise within each stream whichever way an agent numbers them.)
+    next_line_no: HashMap<(String, u32, LogStream), u64>,
 }
 
 impl Default for MemoryStore {
@@ -235,7 +236,7 @@ impl Store for MemoryStore {
             if let Some(line_no) = line.line_no {
                 let next = log
                     .next_line_no
-                    .entry((line.node_id.clone(), line.attempt))
+                    .entry((line.node_id.clone(), line.attempt, line.stream))
                     .or_insert(0);
                 if line_no < *next {
                     continue;

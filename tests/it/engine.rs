@@ -884,6 +884,7 @@ async fn a_node_reaches_only_its_own_deployment() {
                 stream: "stdout".to_owned(),
                 line: "written by node A".to_owned(),
                 timestamp: None,
+                line_no: None,
             }],
             offset: None,
         })

@@ -267,7 +267,9 @@ async fn run_local_in(dir: &Path, data_dir: &Path, format: Output) -> Result<u8,
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .map_err(|e| usage(&format!("cannot open a local port for the nodes: {e}")))?;
-    let engine = Orchestrator::new(Config::new(data_dir)).map_err(|e| failure(None, e))?;
+    // Local processes register within moments; a node that has not after a minute never will.
+    let config = Config::new(data_dir).boot_timeout(Duration::from_secs(60));
+    let engine = Orchestrator::new(config).map_err(|e| failure(None, e))?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn({
         let engine = engine.clone();
@@ -281,9 +283,14 @@ async fn run_local_in(dir: &Path, data_dir: &Path, format: Output) -> Result<u8,
     });
     let outcome = run_and_follow(&engine, dir, format).await;
     // Ctrl-C or the end: stop every node, then the server.
-    engine.shutdown().await;
+    if tokio::time::timeout(Duration::from_secs(30), engine.shutdown())
+        .await
+        .is_err()
+    {
+        eprintln!("warning: some nodes took more than 30 s to stop");
+    }
     let _ = stop.send(());
-    let _ = server.await;
+    let _ = tokio::time::timeout(Duration::from_secs(15), server).await;
     outcome
 }
 

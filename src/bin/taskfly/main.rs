@@ -156,5 +156,9 @@ fn main() -> ExitCode {
             return ExitCode::from(commands::EXIT_USAGE);
         }
     };
-    ExitCode::from(runtime.block_on(commands::run(cli)))
+    let code = runtime.block_on(commands::run(cli));
+    // Don't let a stuck blocking task (a hung file system call, say) keep the process alive
+    // after its work is done.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+    ExitCode::from(code)
 }
