@@ -636,34 +636,15 @@ fn insert_node(tx: &Transaction<'_>, node: &Node) -> rusqlite::Result<()> {
 }
 
 /// Writes back what [`model::apply_node_update`] may change in a node. The token hash columns
-/// are written only when `before` held other hashes: setting a `UNIQUE` column rewrites its
-/// index even to the same value, which made every status update about 40% slower.
+/// are written only when they changed (registration, a new provision token): setting a
+/// `UNIQUE` column rewrites its index even to the same value, which made every status update
+/// about 40% slower.
 fn write_node(tx: &Transaction<'_>, before: &Node, node: &Node) -> rusqlite::Result<()> {
-    let tokens_changed = before.provision_token_hash != node.provision_token_hash
-        || before.auth_token_hash != node.auth_token_hash;
-    if !tokens_changed {
-        let mut update = tx.prepare_cached(
-            "UPDATE nodes SET status = ?2, attempt = ?3, instance_id = ?4, ip_address = ?5, \
-             last_update = ?6, exit_code = ?7, error_message = ?8 WHERE id = ?1",
-        )?;
-        update.execute(params![
-            node.id,
-            node.status.as_str(),
-            node.attempt,
-            node.instance_id,
-            node.ip_address,
-            to_ms(node.last_update),
-            node.exit_code,
-            node.error_message,
-        ])?;
-        return Ok(());
-    }
-    let mut update = tx.prepare_cached(
+    tx.prepare_cached(
         "UPDATE nodes SET status = ?2, attempt = ?3, instance_id = ?4, ip_address = ?5, \
-         last_update = ?6, exit_code = ?7, error_message = ?8, provision_token_hash = ?9, \
-         auth_token_hash = ?10 WHERE id = ?1",
-    )?;
-    update.execute(params![
+         last_update = ?6, exit_code = ?7, error_message = ?8 WHERE id = ?1",
+    )?
+    .execute(params![
         node.id,
         node.status.as_str(),
         node.attempt,
@@ -672,9 +653,19 @@ fn write_node(tx: &Transaction<'_>, before: &Node, node: &Node) -> rusqlite::Res
         to_ms(node.last_update),
         node.exit_code,
         node.error_message,
-        node.provision_token_hash.as_ref().map(|h| h.as_slice()),
-        node.auth_token_hash.as_ref().map(|h| h.as_slice()),
     ])?;
+    let tokens_changed = before.provision_token_hash != node.provision_token_hash
+        || before.auth_token_hash != node.auth_token_hash;
+    if tokens_changed {
+        tx.prepare_cached(
+            "UPDATE nodes SET provision_token_hash = ?2, auth_token_hash = ?3 WHERE id = ?1",
+        )?
+        .execute(params![
+            node.id,
+            node.provision_token_hash.as_ref().map(|h| h.as_slice()),
+            node.auth_token_hash.as_ref().map(|h| h.as_slice()),
+        ])?;
+    }
     Ok(())
 }
 
