@@ -324,6 +324,7 @@ mod tests {
             dest_dir: None,
             heartbeat_interval_s: 10,
             timeout_s: Some(120),
+            pooled: false,
         };
         let text = registration_env(&registration).expect("valid names");
         assert!(text.starts_with("TASKFLY_AUTH_TOKEN='abc123'\n"), "{text}");
@@ -369,6 +370,7 @@ mod tests {
             dest_dir: Some("/opt/job".into()),
             heartbeat_interval_s: 1,
             timeout_s: None,
+            pooled: false,
         };
         let error = registration_env(&registration).expect_err("refused");
         assert!(error.is_invalid_input(), "{error}");

@@ -1198,6 +1198,7 @@ pub(crate) mod tests {
             dest_dir: None,
             heartbeat_interval_s: 1,
             timeout_s: None,
+            pooled: false,
         }
     }
 

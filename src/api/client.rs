@@ -1124,6 +1124,7 @@ mod tests {
                 dest_dir: None,
                 heartbeat_interval_s: 5,
                 timeout_s: None,
+                pooled: false,
             };
             json_response(200, &serde_json::to_string(&answer).expect("json"))
         })

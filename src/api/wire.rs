@@ -171,6 +171,11 @@ pub struct RegisterResponse {
     /// `nodes.timeout` in seconds: the agent kills the script after this long.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_s: Option<u64>,
+    /// The agent registered with a pooled instance's token (see [`crate::PooledProvider`]):
+    /// once this node has ended, it clears the node's files and registers again with the
+    /// same token for its next assignment, instead of exiting.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pooled: bool,
 }
 
 impl std::fmt::Debug for RegisterResponse {

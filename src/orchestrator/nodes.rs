@@ -55,6 +55,7 @@ impl Orchestrator {
             dest_dir: live.config.remote_dest_dir.clone(),
             heartbeat_interval_s: self.inner().config.effective_heartbeat_interval().as_secs(),
             timeout_s: live.config.nodes.timeout.map(|t| t.as_secs().max(1)),
+            pooled: false,
         })
     }
 
