@@ -60,7 +60,7 @@ mod orchestrator;
 pub mod provider;
 pub mod state;
 
-pub use api::client::Client;
+pub use api::client::{Client, Registration};
 pub use api::wire;
 pub use config::DeploymentConfig;
 pub use error::{BoxError, Error, Result};
@@ -69,8 +69,8 @@ pub use orchestrator::{Config, Orchestrator};
 #[cfg(feature = "aws")]
 pub use provider::AwsProvider;
 pub use provider::{
-    InstanceConfig, InstanceInfo, InstanceState, LocalProvider, OwnedInstance, Provider,
-    ProviderError,
+    InstanceConfig, InstanceInfo, InstanceState, LocalProvider, OwnedInstance, PoolConfig,
+    PooledProvider, Provider, ProviderError,
 };
 #[cfg(feature = "sqlite")]
 pub use state::SqliteStore;

@@ -21,7 +21,7 @@ use tokio::sync::Semaphore;
 
 use crate::auth;
 use crate::error::{Error, Kind, Result};
-use crate::orchestrator::Orchestrator;
+use crate::orchestrator::{Orchestrator, Registration};
 use crate::wire::{self, ErrorBody};
 
 type Body = BoxBody<Bytes, std::io::Error>;
@@ -252,7 +252,19 @@ async fn register(
     let as_shell = register_format(request.uri().query())?;
     let body: wire::RegisterRequest = read_json(orchestrator, request).await?;
     let registered = match orchestrator.register_node(&body.provision_token).await {
-        Ok(registered) => registered,
+        Ok(Registration::Assigned(registered)) => registered,
+        Ok(Registration::NoWork) => {
+            let mut response = Response::new(full(Vec::new()));
+            *response.status_mut() = StatusCode::NO_CONTENT;
+            return Ok(response);
+        }
+        Ok(Registration::Retired) => {
+            let error = ErrorBody {
+                error: "the pool retired this instance; its agent stops".to_owned(),
+                details: Vec::new(),
+            };
+            return Ok(json(StatusCode::GONE, &error));
+        }
         Err(e) => {
             if e.is_unauthorized() || e.is_conflict() {
                 registrations.record_failure(peer.ip());

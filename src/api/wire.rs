@@ -139,6 +139,40 @@ pub struct Stats {
     pub deployment_status: BTreeMap<String, u64>,
     /// Seconds since the engine started.
     pub uptime_seconds: u64,
+    /// The instance pools (`taskflyd --pool-max`), one per pooled provider.
+    #[serde(default)]
+    pub pools: Vec<PoolStats>,
+}
+
+/// One instance pool in `GET /stats` (see [`crate::PooledProvider`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolStats {
+    /// The `cloud_provider` it serves.
+    pub provider: String,
+    /// Its settings.
+    pub max_instances: u64,
+    /// Idle instances are not retired below this count.
+    pub min_instances: u64,
+    /// Idle instances are retired after this long.
+    pub idle_timeout_s: u64,
+    /// Spares kept ready beyond those in use.
+    pub provision_ahead: u64,
+    /// Instances it runs now: busy, idle and starting.
+    pub instances: u64,
+    /// Instances being started.
+    pub launching: u64,
+    /// Instances assigned a node.
+    pub busy: u64,
+    /// Instances waiting for work (spares included).
+    pub idle: u64,
+    /// Instances started since the engine started.
+    pub launched_total: u64,
+    /// Nodes given an instance another node had used.
+    pub reused_total: u64,
+    /// Nodes given a spare (an instance started ahead of need).
+    pub spares_used_total: u64,
+    /// Instances terminated by the pool (idle timeout, lost agent, room, shutdown).
+    pub retired_total: u64,
 }
 
 /// `POST /nodes/register` request.

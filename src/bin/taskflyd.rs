@@ -60,8 +60,62 @@ struct Args {
     /// Most log lines kept per deployment; the oldest go first.
     #[arg(long, env = "TASKFLY_MAX_LOG_LINES", default_value_t = 1_000_000)]
     max_log_lines: usize,
+    /// Keep instances for later nodes: a pool of at most this many per provider (local and
+    /// aws). Finished nodes' instances wait for the next node instead of being terminated.
+    /// 0 (the default): no pool, every node gets a fresh instance.
+    #[arg(long, env = "TASKFLY_POOL_MAX", default_value_t = 0, value_name = "N")]
+    pool_max: usize,
+    /// With --pool-max: idle instances are not retired below this many.
+    #[arg(long, env = "TASKFLY_POOL_MIN", default_value_t = 0, value_name = "N")]
+    pool_min: usize,
+    /// With --pool-max: an instance idle this long is terminated (down to --pool-min).
+    #[arg(long, env = "TASKFLY_POOL_IDLE_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
+    pool_idle_timeout: Duration,
+    /// With --pool-max: spare instances started ahead of need, beyond those in use.
+    #[arg(long, env = "TASKFLY_POOL_AHEAD", default_value_t = 0, value_name = "N")]
+    pool_ahead: usize,
     #[command(subcommand)]
     command: Option<DaemonCommand>,
+}
+
+impl Args {
+    /// `provider`, behind a pool when --pool-max is set.
+    fn pooled(
+        &self,
+        provider: std::sync::Arc<dyn taskfly::Provider>,
+    ) -> Result<std::sync::Arc<dyn taskfly::Provider>, String> {
+        if self.pool_max == 0 {
+            for (flag, set) in [
+                ("--pool-min", self.pool_min > 0),
+                ("--pool-ahead", self.pool_ahead > 0),
+            ] {
+                if set {
+                    return Err(format!("{flag} needs --pool-max"));
+                }
+            }
+            return Ok(provider);
+        }
+        let pool = taskfly::PoolConfig::new(self.pool_max)
+            .min_instances(self.pool_min)
+            .idle_timeout(self.pool_idle_timeout)
+            .provision_ahead(self.pool_ahead)
+            // An agent hears of a terminate at its next heartbeat, then stops its script.
+            .release_timeout(self.heartbeat_timeout + self.grace_period + Duration::from_secs(30));
+        if self.pool_min > self.pool_max {
+            return Err(format!(
+                "--pool-min {} is above --pool-max {}",
+                self.pool_min, self.pool_max
+            ));
+        }
+        if self.pool_ahead >= self.pool_max {
+            return Err(format!(
+                "--pool-ahead {} must be below --pool-max {}: spares count against the maximum",
+                self.pool_ahead, self.pool_max
+            ));
+        }
+        let pooled = taskfly::PooledProvider::new(provider, pool).map_err(|e| e.to_string())?;
+        Ok(std::sync::Arc::new(pooled))
+    }
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -122,7 +176,7 @@ fn main() -> ExitCode {
 }
 
 async fn serve(args: Args) -> Result<(), String> {
-    let data_dir = match args.data_dir {
+    let data_dir = match args.data_dir.clone() {
         Some(dir) => dir,
         None => std::env::var_os("HOME")
             .map(|home| PathBuf::from(home).join(".taskfly"))
@@ -146,10 +200,11 @@ async fn serve(args: Args) -> Result<(), String> {
     let address = listener
         .local_addr()
         .map_err(|e| format!("cannot read the listening address: {e}"))?;
-    let tls = args.tls_cert.zip(args.tls_key);
+    let tls = args.tls_cert.clone().zip(args.tls_key.clone());
     let scheme = if tls.is_some() { "https" } else { "http" };
     let advertise = args
         .advertise_url
+        .clone()
         .unwrap_or_else(|| format!("{scheme}://{address}"));
     // Local nodes' agents run as processes of their own (`taskflyd agent`), so they carry on
     // while this daemon restarts.
@@ -174,7 +229,7 @@ async fn serve(args: Args) -> Result<(), String> {
         .heartbeat_timeout(args.heartbeat_timeout)
         .retention(Some(args.retention))
         .store(std::sync::Arc::new(store))
-        .provider("local", std::sync::Arc::new(local));
+        .provider("local", args.pooled(std::sync::Arc::new(local))?);
     // The certificate and key are read when the engine is made: a bad one stops the start.
     let config = match &tls {
         Some((cert_file, key_file)) => config.tls(cert_file, key_file),
@@ -185,7 +240,9 @@ async fn serve(args: Args) -> Result<(), String> {
     #[cfg(feature = "aws")]
     let config = config.provider(
         "aws",
-        std::sync::Arc::new(taskfly::AwsProvider::new().owner(daemon_id(&data_dir)?)),
+        args.pooled(std::sync::Arc::new(
+            taskfly::AwsProvider::new().owner(daemon_id(&data_dir)?),
+        ))?,
     );
     let engine = Orchestrator::new(config).map_err(|e| e.to_string())?;
     tracing::info!(listen = %address, advertise_url = %advertise, tls = tls.is_some(), data_dir = %data_dir.display(), "taskflyd listening");

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use config::Config;
+pub(crate) use nodes::Registration;
 
 use crate::auth;
 use crate::bundle;
@@ -198,6 +199,16 @@ impl Orchestrator {
         });
         let orchestrator = Orchestrator { inner };
         orchestrator.spawn_monitor();
+        for (_, provider) in orchestrator.providers() {
+            if provider.pool().is_some() {
+                let cancel = orchestrator.inner.cancel.clone();
+                orchestrator.spawn_tracked(async move {
+                    if let Some(pool) = provider.pool() {
+                        pool.maintain(cancel).await;
+                    }
+                });
+            }
+        }
         let resuming = orchestrator.clone();
         orchestrator.spawn_tracked(async move {
             if let Err(e) = resuming.recover().await {
@@ -559,8 +570,8 @@ impl Orchestrator {
         if let Err(e) = self.update_node(&node.id, update).await {
             // The node was terminated (or failed) while its instance was being created:
             // make sure the new instance does not outlive it.
-            tracing::info!(node_id = %node.id, instance_id = %info.instance_id, "instance no longer wanted; terminating it");
-            self.terminate_instance(live, &info.instance_id).await;
+            tracing::info!(node_id = %node.id, instance_id = %info.instance_id, "instance no longer wanted; releasing it");
+            self.release_instance(live, &info.instance_id, &node.id).await;
             if !e.is_conflict() {
                 return Err(e);
             }
@@ -613,6 +624,18 @@ impl Orchestrator {
         }
     }
 
+    /// The pooled providers, by `cloud_provider` name, in name order.
+    pub(crate) fn pools(&self) -> impl Iterator<Item = (&str, &crate::PooledProvider)> {
+        let mut pools: Vec<_> = self
+            .inner
+            .providers
+            .iter()
+            .filter_map(|(name, provider)| Some((name.as_str(), provider.pool()?)))
+            .collect();
+        pools.sort_by_key(|(name, _)| *name);
+        pools.into_iter()
+    }
+
     pub(crate) fn providers(&self) -> Vec<(String, Arc<dyn Provider>)> {
         self.inner
             .providers
@@ -634,15 +657,16 @@ impl Orchestrator {
         })
     }
 
-    /// Terminate an instance, trying a few times with backoff; returns whether the provider
-    /// confirmed it is shutting down or gone.
-    async fn terminate_instance(&self, live: &Live, instance_id: &str) -> bool {
+    /// Release a node's instance ([`Provider::release`]: terminated, or back in its pool),
+    /// trying a few times with backoff; returns whether the provider confirmed the node no
+    /// longer runs there.
+    async fn release_instance(&self, live: &Live, instance_id: &str, node_id: &str) -> bool {
         let Ok(provider) = self.provider_for(&live.config) else {
             return false;
         };
         let mut backoff = Duration::from_millis(500);
         for attempt in 1..=TERMINATE_ATTEMPTS {
-            match provider.terminate(instance_id).await {
+            match provider.release(instance_id, node_id).await {
                 Ok(()) => return true,
                 Err(e) => {
                     tracing::error!(instance_id, attempt, error = %e, "could not terminate instance");
@@ -717,7 +741,7 @@ impl Orchestrator {
                 return;
             };
             if let Some(instance_id) = &node.instance_id {
-                this.terminate_instance(&live, instance_id).await;
+                this.release_instance(&live, instance_id, &node.id).await;
             }
             if node.status == NodeStatus::Failed && node.attempt <= live.config.nodes.retries {
                 this.retry_node(&live, node).await;
@@ -929,7 +953,7 @@ impl Orchestrator {
             },
         };
         if let Some(instance_id) = &node.instance_id {
-            if !self.terminate_instance(live, instance_id).await {
+            if !self.release_instance(live, instance_id, node_id).await {
                 tracing::error!(node_id, instance_id = %instance_id, "instance not confirmed terminated; the node stays terminating and is tried again");
                 return;
             }
@@ -1039,6 +1063,7 @@ impl Orchestrator {
             total_nodes,
             deployment_status,
             uptime_seconds: self.inner.started.elapsed().as_secs(),
+            pools: self.pools().map(|(name, pool)| pool.stats(name)).collect(),
         })
     }
 

@@ -7,9 +7,20 @@ use std::time::SystemTime;
 use super::{lock, Orchestrator};
 use crate::auth;
 use crate::error::{Error, Result};
+use crate::provider::pool::Claim;
 use crate::state::model::{is_node_final, DeploymentStatus, Node, NodeStatus, NodeUpdate};
 use crate::state::{store_error, LogStream, NewLogLine};
 use crate::wire::{HeartbeatResponse, LogsRequest, RegisterResponse, StatusRequest};
+
+/// The answer to a registration.
+pub(crate) enum Registration {
+    /// The node's assignment.
+    Assigned(RegisterResponse),
+    /// A pooled instance has no work yet: ask again.
+    NoWork,
+    /// A pooled instance was retired: stop.
+    Retired,
+}
 
 impl Orchestrator {
     /// The node holding this auth token.
@@ -23,14 +34,53 @@ impl Orchestrator {
     }
 
     /// `POST /nodes/register`: trade the single-use provision token for an auth token and the
-    /// node's assignment.
-    pub(crate) async fn register_node(&self, provision_token: &str) -> Result<RegisterResponse> {
+    /// node's assignment. A pooled instance's token (see [`crate::PooledProvider`]) is traded
+    /// for the assignment of the node its pool gives it, held while it has none.
+    pub(crate) async fn register_node(&self, token: &str) -> Result<Registration> {
         let store = &self.inner().store;
-        let node = store
-            .node_by_provision_token(&auth::hash_token(provision_token))
+        let token_hash = auth::hash_token(token);
+        if let Some(node) = store
+            .node_by_provision_token(&token_hash)
             .await
             .map_err(store_error)?
-            .ok_or_else(|| Error::unauthorized("unknown or already used provision token"))?;
+        {
+            return Ok(Registration::Assigned(self.register(node, false).await?));
+        }
+        for (_, pool) in self.pools() {
+            let provision_token = match pool.claim(&token_hash).await {
+                Claim::Unknown => continue,
+                Claim::Wait => return Ok(Registration::NoWork),
+                Claim::Retired => return Ok(Registration::Retired),
+                Claim::Assigned(provision_token) => provision_token,
+            };
+            let node = store
+                .node_by_provision_token(&auth::hash_token(&provision_token))
+                .await
+                .map_err(store_error);
+            let registered = match node {
+                Ok(Some(node)) => self.register(node, true).await,
+                Ok(None) => Err(Error::conflict("the node was terminated meanwhile")),
+                Err(e) => Err(e),
+            };
+            return match registered {
+                Ok(response) => Ok(Registration::Assigned(response)),
+                Err(e) => {
+                    // The node no longer wants an instance: this one waits for the next.
+                    tracing::info!(error = %e, "a pooled instance could not take its node");
+                    pool.not_taken(&token_hash);
+                    if e.is_conflict() || e.is_not_found() {
+                        Ok(Registration::NoWork)
+                    } else {
+                        Err(e)
+                    }
+                }
+            };
+        }
+        Err(Error::unauthorized("unknown or already used provision token"))
+    }
+
+    /// Register `node`: its auth token and assignment.
+    async fn register(&self, node: Node, pooled: bool) -> Result<RegisterResponse> {
         let live = self.live(&node.deployment_id).await?;
         let auth_token = auth::new_token()?;
         let update = NodeUpdate::Registered {
@@ -55,7 +105,7 @@ impl Orchestrator {
             dest_dir: live.config.remote_dest_dir.clone(),
             heartbeat_interval_s: self.inner().config.effective_heartbeat_interval().as_secs(),
             timeout_s: live.config.nodes.timeout.map(|t| t.as_secs().max(1)),
-            pooled: false,
+            pooled,
         })
     }
 

@@ -7,6 +7,7 @@
 //! new provision token (an agent started with the old token is refused and stops); failed nodes
 //! with a retry left are retried; terminate requests are finished.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -82,8 +83,13 @@ impl Orchestrator {
 
     /// Terminate every instance a provider runs for a deployment that is unknown or final:
     /// leaked by a crash between creating an instance and recording it, or by a terminate
-    /// call that failed. Returns how many were terminated.
+    /// call that failed. An instance a live node runs on is kept whatever its tag says (a
+    /// pooled instance serves deployments other than the one it was started for). Returns
+    /// how many were terminated.
     pub(crate) async fn reconcile_orphans(&self) -> usize {
+        let Some(in_use) = self.instances_in_use().await else {
+            return 0;
+        };
         let mut terminated = 0;
         for (name, provider) in self.providers() {
             let owned = match provider.owned_instances().await {
@@ -97,7 +103,8 @@ impl Orchestrator {
                 if matches!(
                     instance.state,
                     crate::InstanceState::Terminated | crate::InstanceState::ShuttingDown
-                ) {
+                ) || in_use.contains(&instance.instance_id)
+                {
                     continue;
                 }
                 let live = match self.inner().store.deployment(&instance.deployment_id).await {
@@ -119,6 +126,24 @@ impl Orchestrator {
             }
         }
         terminated
+    }
+
+    /// The instances of every node not final yet; `None` when the store cannot say (then no
+    /// instance is taken for leaked).
+    async fn instances_in_use(&self) -> Option<HashSet<String>> {
+        let store = &self.inner().store;
+        let mut in_use = HashSet::new();
+        for deployment in store.deployments().await.ok()? {
+            if deployment.status.is_final() {
+                continue;
+            }
+            for node in store.nodes(&deployment.id).await.ok()? {
+                if let (false, Some(id)) = (node.status.is_final(), node.instance_id) {
+                    in_use.insert(id);
+                }
+            }
+        }
+        Some(in_use)
     }
 
     /// Finish terminate requests left unfinished (a provider that would not confirm an

@@ -551,6 +551,12 @@ impl Provider for AwsProvider {
         Ok(())
     }
 
+    /// Every `instance_config.aws` setting: instances differing in any of them (AMI, type,
+    /// region, endpoint, key, network, profile, spot, tags) are never pooled together.
+    fn instance_kind(&self, config: &InstanceConfig) -> String {
+        format!("aws {:?}", config.deployment.aws)
+    }
+
     async fn describe(&self, instance_id: &str) -> Result<Option<InstanceInfo>, BoxError> {
         let Some((_, client)) = self.locate(instance_id).await? else {
             return Ok(None);

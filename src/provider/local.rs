@@ -182,10 +182,13 @@ impl Provider for LocalProvider {
             .into());
         }
         let instance_id = format!("local-{}-{}", config.node_id, config.attempt);
-        let work_dir = self
-            .work_root
-            .join(&config.deployment_id)
-            .join(format!("{}-{}", config.node_index, config.attempt));
+        let work_dir = self.work_root.join(&config.deployment_id);
+        // A pooled instance (`PooledProvider`) serves many nodes: its folder is named after it.
+        let work_dir = if config.deployment_id == super::POOL_DEPLOYMENT_ID {
+            work_dir.join(&config.node_id)
+        } else {
+            work_dir.join(format!("{}-{}", config.node_index, config.attempt))
+        };
         tokio::fs::create_dir_all(&work_dir).await.map_err(|e| {
             Error::io(
                 format!(
@@ -338,6 +341,12 @@ impl Provider for LocalProvider {
 
     /// `Running` while the agent works, `ShuttingDown` while it stops, `Terminated` once it has
     /// ended by itself; `None` for an instance never provisioned or already terminated.
+    /// The agent a node runs (`instance_config.local.agent`): a pooled Rust agent never runs
+    /// a node asking for the shell bootstrap, nor the reverse.
+    fn instance_kind(&self, config: &InstanceConfig) -> String {
+        format!("local {:?}", config.deployment.local.agent)
+    }
+
     async fn describe(&self, instance_id: &str) -> Result<Option<InstanceInfo>, BoxError> {
         let tracked = self.agents().get(instance_id).map(|agent| {
             if agent.finished.is_cancelled() {

@@ -7,6 +7,7 @@
 #[cfg(feature = "aws")]
 pub(crate) mod aws;
 pub(crate) mod local;
+pub(crate) mod pool;
 mod procfs;
 
 use std::fmt;
@@ -19,6 +20,7 @@ use crate::error::BoxError;
 #[cfg(feature = "aws")]
 pub use aws::AwsProvider;
 pub use local::LocalProvider;
+pub use pool::{PoolConfig, PooledProvider, POOL_DEPLOYMENT_ID};
 
 /// Everything a provider needs to start one node.
 #[derive(Clone)]
@@ -105,6 +107,30 @@ pub trait Provider: Send + Sync + 'static {
     /// Destroy the instance and everything running on it. Idempotent: terminating an instance
     /// that is already gone succeeds. Returns once the instance is shutting down or gone.
     async fn terminate(&self, instance_id: &str) -> Result<(), BoxError>;
+
+    /// The node `node_id` is done with its instance: it ended, its deployment is being
+    /// terminated, or it went silent. Returns once the node no longer runs there. By default
+    /// the instance is terminated; a pool ([`PooledProvider`]) keeps it for another node once
+    /// its agent is back. `terminate` futures' rule applies: never dropped by the engine.
+    async fn release(&self, instance_id: &str, node_id: &str) -> Result<(), BoxError> {
+        let _ = node_id;
+        self.terminate(instance_id).await
+    }
+
+    /// What kind of instance `config` asks for: instances of one kind are interchangeable, so
+    /// a [`PooledProvider`] may give a node an idle instance of its kind instead of starting
+    /// one. It must cover every setting that shapes an instance (EC2: region, AMI, type,
+    /// network, profile, spot, tags). The default, the provider's name, suits providers whose
+    /// instances are all alike.
+    fn instance_kind(&self, config: &InstanceConfig) -> String {
+        config.deployment.cloud_provider.to_string()
+    }
+
+    /// The pool behind this provider, if it is a [`PooledProvider`]: the engine runs its
+    /// upkeep, routes its agents' registrations to it and shows it in `GET /stats`.
+    fn pool(&self) -> Option<&PooledProvider> {
+        None
+    }
 
     /// What the provider knows of the instance now; `None` if it does not know it at all.
     async fn describe(&self, instance_id: &str) -> Result<Option<InstanceInfo>, BoxError>;
