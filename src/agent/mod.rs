@@ -3,7 +3,8 @@
 //!
 //! [`run`] registers with the daemon, downloads and extracts the worker bundle, runs the user's
 //! script with the node's environment, streams its output line by line, heartbeats, and
-//! reports how the script ended (SPEC §2).
+//! reports how the script ended (SPEC §2). On a pooled instance (the daemon's answer says
+//! `pooled`) it then clears the node's files and registers again for the next node.
 //!
 //! Invariants:
 //! - The script runs in a process group of its own; whenever the agent stops it (daemon
@@ -13,6 +14,9 @@
 //!   API token must not leak into user code), plus the node's variables, set directly on the
 //!   process: no shell ever evaluates a value.
 //! - No token and no environment value is ever logged.
+//! - Every node of a pooled instance starts as on a fresh agent: its own stop token, time limit
+//!   and heartbeat interval, an environment built from its own registration only, and a bundle
+//!   directory from which the previous node's files are gone.
 //! - Every concurrent piece (heartbeats, output readers, log shipping) is a future joined by
 //!   [`run`]; nothing is spawned and forgotten.
 
@@ -39,7 +43,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::client::Client;
+use crate::api::client::{Client, Registration};
 use crate::api::wire;
 use crate::bundle::{extract_bundle, BundleLimits};
 use crate::error::{Error, Result};
@@ -78,6 +82,10 @@ const GROUP_POLL_INTERVAL: Duration = Duration::from_millis(50);
 const MAX_QUOTED_CHARS: usize = 500;
 /// The name of the downloaded worker bundle inside the work directory, removed once extracted.
 const ASSETS_FILE: &str = ".taskfly-assets.tar.gz";
+/// The shortest time between two registrations of a pooled instance. The daemon holds a
+/// registration for up to about 20 s before answering "no work yet"; one that answers at once
+/// again and again must not make the agent spin.
+const MIN_REGISTER_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Environment variable naming the daemon URL, for [`AgentConfig::from_env`].
 pub const ENV_DAEMON_URL: &str = "TASKFLY_AGENT_DAEMON_URL";
@@ -100,7 +108,8 @@ pub const ENV_CA_FILE: &str = "TASKFLY_AGENT_CA_FILE";
 pub struct AgentConfig {
     /// The daemon's API base URL (`http://host:port`), as handed to the node.
     pub daemon_url: String,
-    /// The single-use token the node registers with. A secret: `Debug` hides it.
+    /// The token the node registers with: single-use, or a pooled instance's token used for
+    /// every node the instance serves. A secret: `Debug` hides it.
     pub provision_token: String,
     /// A directory of the agent's own: the bundle is downloaded here, and extracted into
     /// `work_dir/bundle` unless the deployment names a `remote_dest_dir`.
@@ -184,7 +193,8 @@ impl fmt::Debug for AgentConfig {
 /// How a node ended, as far as its agent knows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentReport {
-    /// The node's id; empty if the agent was cancelled before it could register.
+    /// The node's id; empty if the agent served no node (cancelled before it could register,
+    /// or its pooled instance retired before any assignment).
     pub node_id: String,
     /// The script's exit code, when it exited by itself.
     pub exit_code: Option<i32>,
@@ -243,37 +253,109 @@ fn daemon_client(config: &AgentConfig) -> Result<Client> {
     }
 }
 
-/// Serves one node from registration to its final report.
+/// Serves the nodes the daemon assigns to this agent, from registration to final report.
+///
+/// Registers with `config.provision_token` and serves the node the daemon assigns. When the
+/// answer is not `pooled`, that one node is all: `run` returns its report. A pooled instance's
+/// agent goes on once the node has ended (completed, failed, timed out, or stopped by the
+/// daemon): it removes the node's files (the bundle directory, or only its contents if it
+/// existed before the node), logs "node finished; waiting for the next assignment" and
+/// registers again with the same token. "No work yet" (204, after the daemon held the request
+/// up to about 20 s) is followed by another registration; "retired" (410) ends the loop, as
+/// does a 401 once a node has been served (the daemon forgot the instance, for example after a
+/// restart). `run` then returns the last node's report, or a `terminated` report with an
+/// empty node id if it served none.
 ///
 /// Returns once the script and every process of its group are gone. Cancelling `cancel` stops
 /// the script (SIGTERM to its group, SIGKILL after the grace period) and returns a `terminated`
-/// report without reporting a final state to the daemon, which is terminating the node itself.
+/// report without reporting a final state to the daemon, which is terminating the node itself;
+/// cancelled while waiting for an assignment, it returns the last report at once.
 /// A failure before the script runs (download, extraction, missing script) is reported to the
 /// daemon as `failed` and returned as a `failed` report.
 ///
-/// Errors: the daemon refused the registration or could not be reached (after about two
-/// minutes of retries), or a state report could not be delivered.
+/// Errors: the daemon refused the first registration or could not be reached (after about two
+/// minutes of retries), a state report could not be delivered, or a pooled node's files could
+/// not be removed (the next node would not start clean, so no next node is taken).
 ///
 /// Prefer cancelling over dropping the future: a dropped future still kills the script's group,
 /// but sends nothing more to the daemon.
 pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<AgentReport> {
     let client = daemon_client(&config)?;
-    let registration = tokio::select! {
-        biased;
-        () = cancel.cancelled() => return Ok(AgentReport::terminated("")),
-        registered = client.register(&config.provision_token) => registered?,
-    };
+    let mut last_report: Option<AgentReport> = None;
+    let last_or_none =
+        |last: Option<AgentReport>| last.unwrap_or_else(|| AgentReport::terminated(""));
+    loop {
+        let asked = Instant::now();
+        let answer = tokio::select! {
+            biased;
+            () = cancel.cancelled() => return Ok(last_or_none(last_report)),
+            answer = client.register_for_work(&config.provision_token) => answer,
+        };
+        let registration = match answer {
+            Ok(Registration::Assigned(registration)) => registration,
+            Ok(Registration::NoWork) => {
+                tracing::debug!("no work from the daemon yet; asking again");
+                tokio::select! {
+                    biased;
+                    () = cancel.cancelled() => return Ok(last_or_none(last_report)),
+                    () = tokio::time::sleep_until(asked + MIN_REGISTER_INTERVAL) => {}
+                }
+                continue;
+            }
+            Ok(Registration::Retired { reason }) => {
+                tracing::info!(%reason, "the daemon retired this instance; the agent stops");
+                return Ok(last_or_none(last_report));
+            }
+            Err(error) if error.is_unauthorized() && last_report.is_some() => {
+                tracing::warn!(
+                    %error,
+                    "the daemon no longer knows this instance; the agent stops"
+                );
+                return Ok(last_or_none(last_report));
+            }
+            Err(error) => return Err(error),
+        };
+        let pooled = registration.pooled;
+        let (report, files) = serve_node(&config, &client, registration, &cancel).await;
+        if !pooled || cancel.is_cancelled() {
+            return report;
+        }
+        if let Some(files) = files {
+            files.remove().await?;
+        }
+        remove_quietly(&config.work_dir.join(ASSETS_FILE)).await;
+        let report = report?;
+        tracing::info!(
+            node_id = %report.node_id,
+            "node finished; waiting for the next assignment"
+        );
+        last_report = Some(report);
+    }
+}
+
+/// Serves one registered node to its end. Also returns where its bundle went, once it was
+/// extracted, for a pooled instance to clear.
+async fn serve_node(
+    config: &AgentConfig,
+    client: &Client,
+    registration: wire::RegisterResponse,
+    cancel: &CancellationToken,
+) -> (Result<AgentReport>, Option<BundleFiles>) {
     tracing::info!(
         node_id = %registration.node_id,
         deployment_id = %registration.deployment_id,
+        pooled = registration.pooled,
         "registered with the daemon"
     );
     let node = Node {
-        client: client.with_token(registration.auth_token.clone()),
+        client: client.clone().with_token(registration.auth_token.clone()),
+        // Each node gets a stop token of its own: a stop asked for one node ends that node
+        // only, not the pooled instance's next one.
         stop: cancel.child_token(),
-        cancel,
-        config: &config,
+        cancel: cancel.clone(),
+        config,
         registration,
+        bundle_files: std::sync::OnceLock::new(),
     };
     let finished = CancellationToken::new();
     let (report, ()) = tokio::join!(
@@ -292,7 +374,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<Agent
             "node finished"
         );
     }
-    report
+    (report, node.bundle_files.into_inner())
 }
 
 /// One registered node.
@@ -305,6 +387,8 @@ struct Node<'a> {
     cancel: CancellationToken,
     /// Fired by `cancel` or by a heartbeat answer asking the node to stop.
     stop: CancellationToken,
+    /// What to remove of the bundle once the node has ended, set just before extracting it.
+    bundle_files: std::sync::OnceLock<BundleFiles>,
 }
 
 /// A bundle ready to run.
@@ -470,6 +554,15 @@ impl Node<'_> {
         tracing::debug!(node_id = %self.node_id(), bytes, "downloaded the assets");
 
         let dest = bundle_dir(work_dir, self.registration.dest_dir.as_deref());
+        // Whether the extraction creates the directory or fills an empty one decides what goes
+        // once the node has ended; a directory it refuses (not empty) is left as it is.
+        let planned = {
+            let dest = dest.clone();
+            tokio::task::spawn_blocking(move || BundleFiles::plan(&dest)).await
+        };
+        if let Ok(Some(files)) = planned {
+            let _ = self.bundle_files.set(files);
+        }
         let extracted = {
             let archive = archive.clone();
             let dest = dest.clone();
@@ -690,6 +783,184 @@ async fn remove_quietly(path: &Path) {
     if let Err(e) = tokio::fs::remove_file(path).await {
         if e.kind() != io::ErrorKind::NotFound {
             tracing::debug!(path = %path.display(), error = %e, "cannot remove a temporary file");
+        }
+    }
+}
+
+/// The files of a pooled node's bundle to remove once the node has ended, so that the next
+/// node extracts into the same clean directory a fresh agent would.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum BundleFiles {
+    /// The extraction creates the bundle directory: remove this, the outermost directory it
+    /// creates (the bundle directory itself, or the first of its parents that did not exist).
+    Created(PathBuf),
+    /// The bundle directory exists and is empty: remove what is in it, never the directory.
+    Contents(PathBuf),
+}
+
+impl BundleFiles {
+    /// What the extraction into `dest` will leave behind, judged before it starts. `None` when
+    /// `dest` is not an empty directory: the extraction refuses it, and nothing there is the
+    /// node's.
+    fn plan(dest: &Path) -> Option<BundleFiles> {
+        match std::fs::metadata(dest) {
+            Ok(metadata) if metadata.is_dir() => {
+                let mut entries = std::fs::read_dir(dest).ok()?;
+                if entries.next().is_some() {
+                    return None;
+                }
+                std::fs::canonicalize(dest).ok().map(BundleFiles::Contents)
+            }
+            Ok(_) => None,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => BundleFiles::created(dest),
+            Err(_) => None,
+        }
+    }
+
+    /// For a `dest` that does not exist: the outermost missing directory on its way, resolved
+    /// through the deepest one that exists. `None` when the missing part of the path climbs
+    /// with `..`: where it leads is not known before it exists (`/missing/../tmp` is `/tmp`
+    /// once `/missing` has been created), so nothing is removed rather than the wrong thing.
+    fn created(dest: &Path) -> Option<BundleFiles> {
+        let existing = dest.ancestors().skip(1).find(|ancestor| {
+            // An empty ancestor is the current directory of a relative path.
+            ancestor.as_os_str().is_empty() || std::fs::symlink_metadata(ancestor).is_ok()
+        });
+        let outermost = existing.and_then(|existing| {
+            let missing = dest.strip_prefix(existing).ok()?;
+            let mut components = missing.components();
+            let first = match components.next()? {
+                Component::Normal(name) => name,
+                _ => return None,
+            };
+            if !components.all(|c| matches!(c, Component::Normal(_))) {
+                return None;
+            }
+            let base = if existing.as_os_str().is_empty() {
+                std::env::current_dir().ok()?
+            } else {
+                std::fs::canonicalize(existing).ok()?
+            };
+            Some(base.join(first))
+        });
+        outermost.map(BundleFiles::Created)
+    }
+
+    /// Removes the files. Errors: something could not be removed; the next node would not
+    /// start clean.
+    async fn remove(self) -> Result<()> {
+        match tokio::task::spawn_blocking(move || self.remove_now()).await {
+            Ok(removed) => removed,
+            Err(e) => Err(Error::io(
+                "cannot remove the previous node's files",
+                io::Error::other(e.to_string()),
+            )),
+        }
+    }
+
+    fn remove_now(&self) -> Result<()> {
+        let failed = |path: &Path, e: io::Error| {
+            Error::io(
+                format!(
+                    "cannot remove the previous node's files in {}",
+                    path.display()
+                ),
+                e,
+            )
+        };
+        match self {
+            BundleFiles::Created(dir) => {
+                if is_protected(dir) {
+                    return Err(refuse_protected(dir));
+                }
+                remove_tree(dir).map_err(|e| failed(dir, e))
+            }
+            BundleFiles::Contents(dir) => {
+                match std::fs::symlink_metadata(dir) {
+                    Ok(metadata) if metadata.is_dir() => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                    // The script put something else in the directory's place: whatever that
+                    // leads to is not the node's to empty.
+                    Ok(_) => {
+                        return Err(failed(dir, io::Error::other("it is no longer a directory")))
+                    }
+                    Err(e) => return Err(failed(dir, e)),
+                }
+                if is_protected(dir) {
+                    return Err(refuse_protected(dir));
+                }
+                let entries = std::fs::read_dir(dir).map_err(|e| failed(dir, e))?;
+                for entry in entries {
+                    let entry = entry.map_err(|e| failed(dir, e))?;
+                    remove_tree(&entry.path()).map_err(|e| failed(dir, e))?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// `/` and the home directory are never removed or emptied, whatever a deployment names.
+fn is_protected(dir: &Path) -> bool {
+    let canonical = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .and_then(|home| std::fs::canonicalize(home).ok());
+    canonical.parent().is_none() || home.is_some_and(|home| home == canonical)
+}
+
+fn refuse_protected(dir: &Path) -> Error {
+    Error::io(
+        format!(
+            "will not remove the previous node's files in {}",
+            dir.display()
+        ),
+        io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "it is the root or the home directory",
+        ),
+    )
+}
+
+/// Removes `path` (a file, a link, or a directory with everything in it), without following
+/// links. A directory the script made read-only is made writable and the removal tried again.
+fn remove_tree(path: &Path) -> io::Result<()> {
+    let metadata = match std::fs::symlink_metadata(path) {
+        Ok(metadata) => metadata,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if !metadata.is_dir() {
+        return match std::fs::remove_file(path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        };
+    }
+    match std::fs::remove_dir_all(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            make_owner_writable(path);
+            std::fs::remove_dir_all(path)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Gives the owner full access to `dir` and every directory below it (links not followed), as
+/// far as it can.
+fn make_owner_writable(dir: &Path) {
+    let Ok(metadata) = std::fs::symlink_metadata(dir) else {
+        return;
+    };
+    if !metadata.is_dir() {
+        return;
+    }
+    let mode = metadata.permissions().mode() | 0o700;
+    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode));
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            make_owner_writable(&entry.path());
         }
     }
 }
@@ -1516,6 +1787,77 @@ pub(crate) mod tests {
         pub(crate) shutdown: bool,
         pub(crate) bundle: Vec<u8>,
         pub(crate) registration: Option<wire::RegisterResponse>,
+        /// Answers to registrations, in order; once used up, `registration` answers.
+        pub(crate) register_answers: std::collections::VecDeque<RegisterAnswer>,
+        /// The token of every registration, in order.
+        pub(crate) register_tokens: Vec<String>,
+        /// Whether this path existed at each registration, when set.
+        pub(crate) register_probe: Option<PathBuf>,
+        pub(crate) probe_seen: Vec<bool>,
+        /// Notified when a registration is held by [`RegisterAnswer::Hold`].
+        pub(crate) held: Arc<tokio::sync::Notify>,
+    }
+
+    /// One answer of the fake daemon to a registration.
+    pub(crate) enum RegisterAnswer {
+        /// 200 with this work order; the daemon then serves `bundle` and answers heartbeats
+        /// with `shutdown`.
+        Assign {
+            registration: Box<wire::RegisterResponse>,
+            bundle: Vec<u8>,
+            shutdown: bool,
+        },
+        /// 204: no work yet.
+        NoWork,
+        /// 410: the instance is retired.
+        Gone,
+        /// 401: unknown token.
+        Unauthorized,
+        /// Never answers (a long poll that does not end).
+        Hold,
+    }
+
+    fn empty_response(status: u16, body: &'static [u8]) -> Response<Full<Bytes>> {
+        Response::builder()
+            .status(status)
+            .body(Full::new(Bytes::from_static(body)))
+            .expect("response")
+    }
+
+    /// Answers a registration from the daemon's queue, else with its one `registration`.
+    /// `None`: hold the request forever.
+    fn answer_registration(daemon: &mut Daemon, body: &[u8]) -> Option<Response<Full<Bytes>>> {
+        let request: wire::RegisterRequest = serde_json::from_slice(body).expect("register");
+        daemon.register_tokens.push(request.provision_token);
+        if let Some(probe) = &daemon.register_probe {
+            let seen = probe.exists();
+            daemon.probe_seen.push(seen);
+        }
+        let answer = match daemon.register_answers.pop_front() {
+            None => daemon.registration.clone().expect("registration"),
+            Some(RegisterAnswer::Assign {
+                registration,
+                bundle,
+                shutdown,
+            }) => {
+                daemon.bundle = bundle;
+                daemon.shutdown = shutdown;
+                *registration
+            }
+            Some(RegisterAnswer::NoWork) => return Some(empty_response(204, b"")),
+            Some(RegisterAnswer::Gone) => {
+                return Some(empty_response(410, br#"{"error":"instance retired"}"#))
+            }
+            Some(RegisterAnswer::Unauthorized) => {
+                return Some(empty_response(401, br#"{"error":"unknown token"}"#))
+            }
+            Some(RegisterAnswer::Hold) => {
+                daemon.held.notify_one();
+                return None;
+            }
+        };
+        let answer = serde_json::to_vec(&answer).expect("json");
+        Some(Response::new(Full::new(Bytes::from(answer))))
     }
 
     /// A fake daemon on 127.0.0.1:0 implementing the node endpoints.
@@ -1538,12 +1880,16 @@ pub(crate) mod tests {
                                 .get("authorization")
                                 .is_some_and(|v| v == "Bearer node-token");
                             let body = request.into_body().collect().await?.to_bytes();
+                            if path == "/api/v1/nodes/register" {
+                                let answer =
+                                    answer_registration(&mut daemon.lock().expect("lock"), &body);
+                                return match answer {
+                                    Some(response) => Ok(response),
+                                    None => std::future::pending().await,
+                                };
+                            }
                             let mut daemon = daemon.lock().expect("lock");
                             let answer = match path.as_str() {
-                                "/api/v1/nodes/register" => serde_json::to_vec(
-                                    daemon.registration.as_ref().expect("registration"),
-                                )
-                                .expect("json"),
                                 _ if !authorized => {
                                     return Ok::<_, hyper::Error>(
                                         Response::builder()
@@ -1759,5 +2105,254 @@ pub(crate) mod tests {
             statuses(&daemon.lock().expect("lock")),
             ["downloading_assets", "running_script"]
         );
+    }
+
+    // ----- pooled instances -----
+
+    fn pooled(node_index: u32, env: &[(&str, &str)]) -> wire::RegisterResponse {
+        let mut registration = registration(env);
+        registration.node_id = format!("dep-{node_index}");
+        registration.node_index = node_index;
+        registration.pooled = true;
+        registration
+    }
+
+    fn assign(registration: wire::RegisterResponse, script: &str) -> RegisterAnswer {
+        RegisterAnswer::Assign {
+            registration: Box::new(registration),
+            bundle: bundle(script),
+            shutdown: false,
+        }
+    }
+
+    /// Runs an agent with the instance token `pool-token` against a fake daemon answering
+    /// registrations with `answers`.
+    async fn run_pooled(
+        answers: Vec<RegisterAnswer>,
+    ) -> (Result<AgentReport>, Daemon, tempfile::TempDir) {
+        let work = tempfile::tempdir().expect("tempdir");
+        let daemon = Arc::new(Mutex::new(Daemon {
+            register_answers: answers.into(),
+            register_probe: Some(work.path().join("node/bundle")),
+            ..Daemon::default()
+        }));
+        let (url, server) = fake_daemon(daemon.clone()).await;
+        let config = AgentConfig::new(url, "pool-token", work.path().join("node"))
+            .grace_period(Duration::from_millis(300));
+        let report = run(config, CancellationToken::new()).await;
+        server.abort();
+        let daemon = std::mem::take(&mut *daemon.lock().expect("lock"));
+        (report, daemon, work)
+    }
+
+    fn stdout(daemon: &Daemon) -> Vec<&str> {
+        daemon
+            .lines
+            .iter()
+            .filter(|l| l.stream == "stdout")
+            .map(|l| l.line.as_str())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_pooled_agent_serves_node_after_node_until_retired() {
+        // The first node leaves files behind, one in a directory it made read-only.
+        let first = "echo one\necho one > first.txt\nmkdir sub\necho x > sub/f\nchmod 555 sub\n";
+        let second = "echo \"first=${FIRST:-unset} second=$SECOND node=$TASKFLY_NODE_ID\"\nls -A\n";
+        let (report, daemon, work) = run_pooled(vec![
+            assign(pooled(1, &[("FIRST", "one")]), first),
+            RegisterAnswer::NoWork,
+            assign(pooled(2, &[("SECOND", "two")]), second),
+            RegisterAnswer::Gone,
+        ])
+        .await;
+        let report = report.expect("retired is not an error");
+        assert_eq!(report.node_id, "dep-2");
+        assert_eq!(report.status, "completed");
+        assert!(daemon.register_answers.is_empty());
+        assert_eq!(daemon.register_tokens, ["pool-token"; 4]);
+        // The bundle directory the agent created was gone at every registration after a node.
+        assert_eq!(daemon.probe_seen, [false; 4]);
+        assert_eq!(
+            statuses(&daemon),
+            [
+                "downloading_assets",
+                "running_script",
+                "completed",
+                "downloading_assets",
+                "running_script",
+                "completed"
+            ]
+        );
+        // The second node saw its own variables only, and a bundle of its own only.
+        assert_eq!(
+            stdout(&daemon),
+            ["one", "first=unset second=two node=dep-2", "setup.sh"]
+        );
+        assert!(work.path().join("node").is_dir());
+        assert!(!work.path().join("node/bundle").exists());
+        assert!(!work.path().join("node").join(ASSETS_FILE).exists());
+    }
+
+    #[tokio::test]
+    async fn every_pooled_node_gets_its_own_time_limit_and_stop() {
+        let mut timed = pooled(1, &[]);
+        timed.timeout_s = Some(1);
+        let stopped = RegisterAnswer::Assign {
+            registration: Box::new(pooled(2, &[])),
+            bundle: bundle("echo started\nsleep 100\n"),
+            shutdown: true,
+        };
+        let (report, daemon, _work) = run_pooled(vec![
+            assign(timed, "sleep 100\n"),
+            stopped,
+            assign(pooled(3, &[]), "sleep 2\necho third\n"),
+            RegisterAnswer::Gone,
+        ])
+        .await;
+        let report = report.expect("agent");
+        assert_eq!(report.node_id, "dep-3");
+        assert_eq!(report.status, "completed", "{report:?}");
+        let ends: Vec<_> = daemon
+            .statuses
+            .iter()
+            .filter(|s| s.status == "completed" || s.status == "failed")
+            .map(|s| (s.status.as_str(), s.message.as_deref()))
+            .collect();
+        assert_eq!(
+            ends,
+            [("failed", Some("timed out after 1s")), ("completed", None)]
+        );
+        assert_eq!(stdout(&daemon).last(), Some(&"third"));
+        assert_eq!(daemon.probe_seen, [false; 4]);
+    }
+
+    #[tokio::test]
+    async fn an_agent_that_is_not_pooled_serves_one_node_and_keeps_its_files() {
+        let (report, daemon, work) = run_pooled(vec![
+            assign(registration(&[]), "echo done > result.txt\n"),
+            RegisterAnswer::Gone,
+        ])
+        .await;
+        let report = report.expect("agent");
+        assert_eq!(report.status, "completed");
+        assert_eq!(daemon.register_tokens.len(), 1);
+        assert!(work.path().join("node/bundle/result.txt").is_file());
+    }
+
+    #[tokio::test]
+    async fn a_forgotten_pooled_instance_stops_with_its_last_report() {
+        let (report, daemon, _work) = run_pooled(vec![
+            assign(pooled(1, &[]), "exit 4\n"),
+            RegisterAnswer::Unauthorized,
+        ])
+        .await;
+        let report = report.expect("a 401 after a node ends the loop");
+        assert_eq!(report.node_id, "dep-1");
+        assert_eq!(report.status, "failed");
+        assert_eq!(report.exit_code, Some(4));
+        assert_eq!(daemon.register_tokens.len(), 2);
+
+        // Refused at the first registration, it is an error as ever.
+        let (report, _, _work) = run_pooled(vec![RegisterAnswer::Unauthorized]).await;
+        let error = report.expect_err("unknown token");
+        assert!(error.is_unauthorized(), "{error}");
+    }
+
+    #[tokio::test]
+    async fn cancelling_ends_the_wait_for_an_assignment() {
+        for answers in [
+            vec![RegisterAnswer::Hold],
+            vec![assign(pooled(1, &[]), "echo done\n"), RegisterAnswer::Hold],
+        ] {
+            let served = answers.len() > 1;
+            let work = tempfile::tempdir().expect("tempdir");
+            let daemon = Arc::new(Mutex::new(Daemon {
+                register_answers: answers.into(),
+                ..Daemon::default()
+            }));
+            let held = daemon.lock().expect("lock").held.clone();
+            let (url, server) = fake_daemon(daemon.clone()).await;
+            let cancel = CancellationToken::new();
+            let agent = tokio::spawn(run(
+                AgentConfig::new(url, "pool-token", work.path()),
+                cancel.clone(),
+            ));
+            held.notified().await;
+            cancel.cancel();
+            let report = tokio::time::timeout(Duration::from_secs(5), agent)
+                .await
+                .expect("the agent stops promptly")
+                .expect("joined")
+                .expect("agent");
+            server.abort();
+            if served {
+                assert_eq!(report.node_id, "dep-1");
+                assert_eq!(report.status, "completed");
+            } else {
+                assert_eq!(report, AgentReport::terminated(""));
+            }
+        }
+    }
+
+    #[test]
+    fn bundle_files_to_remove_are_what_the_extraction_makes() {
+        let temp = tempfile::tempdir().expect("tempdir");
+        let root = std::fs::canonicalize(temp.path()).expect("canonical");
+
+        // Missing parents: the outermost one the extraction creates goes.
+        let nested = root.join("a/b/c");
+        let plan = BundleFiles::plan(&nested).expect("plan");
+        assert_eq!(plan, BundleFiles::Created(root.join("a")));
+        std::fs::create_dir_all(&nested).expect("mkdir");
+        std::fs::write(nested.join("f"), "x").expect("write");
+        plan.remove_now().expect("removed");
+        assert!(!root.join("a").exists());
+        assert!(root.is_dir());
+
+        // A directory that exists, empty, stays; what is in it goes, links not followed.
+        let outside = root.join("outside");
+        std::fs::create_dir(&outside).expect("mkdir");
+        std::fs::write(outside.join("keep.txt"), "keep").expect("write");
+        let existing = root.join("pre");
+        std::fs::create_dir(&existing).expect("mkdir");
+        let plan = BundleFiles::plan(&existing).expect("plan");
+        assert_eq!(plan, BundleFiles::Contents(existing.clone()));
+        std::fs::create_dir(existing.join("ro")).expect("mkdir");
+        std::fs::write(existing.join("ro/f"), "x").expect("write");
+        std::fs::set_permissions(existing.join("ro"), std::fs::Permissions::from_mode(0o555))
+            .expect("chmod");
+        std::fs::write(existing.join(".hidden"), "x").expect("write");
+        std::os::unix::fs::symlink(&outside, existing.join("link")).expect("symlink");
+        plan.remove_now().expect("removed");
+        assert!(existing.is_dir());
+        assert_eq!(std::fs::read_dir(&existing).expect("read").count(), 0);
+        assert!(outside.join("keep.txt").is_file());
+
+        // A directory the extraction refuses is not the node's.
+        assert_eq!(BundleFiles::plan(&root), None);
+        assert_eq!(BundleFiles::plan(&outside.join("keep.txt")), None);
+
+        // `..` resolved through a directory that exists; not through one that does not.
+        assert_eq!(
+            BundleFiles::plan(&outside.join("../job")),
+            Some(BundleFiles::Created(root.join("job")))
+        );
+        assert_eq!(BundleFiles::plan(&root.join("nope/../job")), None);
+
+        // A directory replaced by a link is not followed.
+        let replaced = root.join("replaced");
+        std::fs::create_dir(&replaced).expect("mkdir");
+        let plan = BundleFiles::plan(&replaced).expect("plan");
+        std::fs::remove_dir(&replaced).expect("rmdir");
+        std::os::unix::fs::symlink(&outside, &replaced).expect("symlink");
+        plan.remove_now().expect_err("not a directory any more");
+        assert!(outside.join("keep.txt").is_file());
+
+        assert!(is_protected(Path::new("/")));
+        if let Some(home) = std::env::var_os("HOME").filter(|h| Path::new(h).is_dir()) {
+            assert!(is_protected(Path::new(&home)));
+        }
+        assert!(!is_protected(&root));
     }
 }

@@ -7,10 +7,10 @@
 //! `error` text; a daemon that cannot be reached, and any other status, becomes
 //! [`Error::is_transport`].
 //!
-//! The node-side calls (`register`, `download_assets`, `heartbeat`, `report_status`,
-//! `send_logs`) retry transient failures (connection refused or reset, 429, 502, 503, 504,
-//! time-outs) with exponential backoff and jitter for about two minutes, so an agent survives a
-//! daemon restart. The client-side calls do not retry: a person is waiting for the answer.
+//! The node-side calls (`register`, `register_for_work`, `download_assets`, `heartbeat`,
+//! `report_status`, `send_logs`) retry transient failures (connection refused or reset, 429,
+//! 502, 503, 504, time-outs) with exponential backoff and jitter for about two minutes, so an
+//! agent survives a daemon restart. The client-side calls do not retry: a person is waiting for the answer.
 //!
 //! Tokens are sent as `Authorization: Bearer …` header values marked sensitive and never appear
 //! in an error message, a `Debug` output or a log line.
@@ -46,6 +46,9 @@ const API_PREFIX: &str = "/api/v1";
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long establishing a TCP connection may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The least time a registration may take: the daemon holds the request of a pooled instance
+/// waiting for work for up to about 20 s before it answers 204 No Content.
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(60);
 /// Uploading a bundle may take longer than an ordinary call.
 const UPLOAD_TIMEOUT: Duration = Duration::from_secs(600);
 /// The asset download has no whole-body limit, only this much silence between two chunks.
@@ -92,6 +95,27 @@ pub struct Client {
     http: hyper_util::client::legacy::Client<Connector, Full<Bytes>>,
     timeout: Duration,
     retry_budget: Duration,
+}
+
+/// The answer to [`Client::register_for_work`].
+///
+/// An ordinary node's single-use provision token is always answered with a work order. A
+/// pooled instance's token (an instance kept alive between nodes) is used again after every
+/// node: the daemon then answers with the next work order, with "no work yet" after holding
+/// the request for a while, or with "retired" once the pool no longer wants the instance.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Registration {
+    /// 200: a node to serve. `pooled` in it says whether to register again once it has ended.
+    Assigned(wire::RegisterResponse),
+    /// 204 No Content: no work for this instance yet; register again (the daemon already made
+    /// the request wait, so at once).
+    NoWork,
+    /// 410 Gone: the pool retired this instance, which is being terminated; stop.
+    Retired {
+        /// The daemon's `error` text, for the log.
+        reason: String,
+    },
 }
 
 impl fmt::Debug for Client {
@@ -274,14 +298,80 @@ impl Client {
 
     // ----- node side -----
 
-    /// `POST /nodes/register`: trades the node's single-use provision token for its work order
-    /// and node token. Retries transient failures.
+    /// `POST /nodes/register`: trades the node's provision token for its work order and node
+    /// token. Retries transient failures.
+    ///
+    /// For a token that may get an answer other than a work order (a pooled instance's token),
+    /// use [`Client::register_for_work`]: here "no work yet" (204) and "retired" (410) are
+    /// [`Error::is_transport`] errors saying so.
     pub async fn register(&self, provision_token: &str) -> Result<wire::RegisterResponse> {
+        match self.register_for_work(provision_token).await? {
+            Registration::Assigned(registration) => Ok(registration),
+            Registration::NoWork => Err(Error::transport(format!(
+                "the daemon at {} has no work for this token yet (204 No Content): it is a \
+                 pooled instance's token, which waits for work with `register_for_work`",
+                self.base
+            ))),
+            Registration::Retired { reason } => Err(Error::transport(format!(
+                "the daemon at {} retired the pooled instance of this token (410 Gone): {reason}",
+                self.base
+            ))),
+        }
+    }
+
+    /// `POST /nodes/register`, as the agent of a pooled instance calls it again and again with
+    /// the same instance token: a work order, no work yet, or the instance retired.
+    ///
+    /// The daemon may hold the request for about 20 s before it answers "no work yet", so
+    /// this call is allowed at least 60 s whatever [`Client::timeout`] says. Retries transient
+    /// failures (connection problems, 429, 502, 503, 504, time-outs) like [`Client::register`].
+    ///
+    /// Errors: any other answer, with the kind of its status (401 is
+    /// [`Error::is_unauthorized`]: the token is unknown, or the daemon forgot the instance).
+    ///
+    /// ```no_run
+    /// # async fn example(token: &str) -> taskfly::Result<()> {
+    /// use taskfly::{Client, Registration};
+    /// let client = Client::new("http://127.0.0.1:8080", None)?;
+    /// loop {
+    ///     match client.register_for_work(token).await? {
+    ///         Registration::Assigned(work) => println!("serving {}", work.node_id),
+    ///         Registration::NoWork => continue,
+    ///         Registration::Retired { reason } => {
+    ///             println!("retired: {reason}");
+    ///             return Ok(());
+    ///         }
+    ///         _ => return Ok(()),
+    ///     }
+    /// }
+    /// # }
+    /// ```
+    pub async fn register_for_work(&self, provision_token: &str) -> Result<Registration> {
+        let call = self.register_call(provision_token)?;
+        self.retrying("register", || async {
+            let (status, body) = self.exchange(&call).await?;
+            match status {
+                StatusCode::NO_CONTENT => Ok(Registration::NoWork),
+                StatusCode::GONE => Ok(Registration::Retired {
+                    reason: error_text(status, &body),
+                }),
+                status if status.is_success() => decode(&call, &body)
+                    .map(Registration::Assigned)
+                    .map_err(Failure::permanent),
+                status => Err(status_failure(status, &body)),
+            }
+        })
+        .await
+    }
+
+    /// The registration request, with a time limit longer than the daemon's hold.
+    fn register_call(&self, provision_token: &str) -> Result<Call> {
         let request = wire::RegisterRequest {
             provision_token: provision_token.to_string(),
         };
-        let call = Call::new(Method::POST, "/nodes/register".to_string()).json(&request)?;
-        self.json_retrying("register", &call).await
+        Ok(Call::new(Method::POST, "/nodes/register".to_string())
+            .json(&request)?
+            .timeout(self.timeout.max(REGISTER_TIMEOUT)))
     }
 
     /// `GET /nodes/assets`: streams the worker bundle into `dest_file` (created or truncated,
@@ -380,8 +470,19 @@ impl Client {
         }
     }
 
-    /// One exchange: sends the request and reads the whole answer within the time limit.
+    /// One exchange whose answer must be a success: its body, or the failure its status means.
     async fn attempt(&self, call: &Call) -> Result<Bytes, Failure> {
+        let (status, body) = self.exchange(call).await?;
+        if status.is_success() {
+            Ok(body)
+        } else {
+            Err(status_failure(status, &body))
+        }
+    }
+
+    /// One exchange: sends the request and reads the whole answer, whatever its status, within
+    /// the time limit.
+    async fn exchange(&self, call: &Call) -> Result<(StatusCode, Bytes), Failure> {
         let request = self.build(call).map_err(Failure::permanent)?;
         let exchange = async {
             let response = self
@@ -394,14 +495,9 @@ impl Client {
             Ok::<_, Failure>((status, body))
         };
         let limit = call.timeout.unwrap_or(self.timeout);
-        let (status, body) = match tokio::time::timeout(limit, exchange).await {
-            Ok(exchanged) => exchanged?,
-            Err(_) => return Err(self.timed_out(call, limit)),
-        };
-        if status.is_success() {
-            Ok(body)
-        } else {
-            Err(status_failure(status, &body))
+        match tokio::time::timeout(limit, exchange).await {
+            Ok(exchanged) => exchanged,
+            Err(_) => Err(self.timed_out(call, limit)),
         }
     }
 
@@ -688,6 +784,14 @@ fn decode<T: DeserializeOwned>(call: &Call, body: &[u8]) -> Result<T> {
             call.method, call.path
         ))
     })
+}
+
+/// The `error` text of an answer's JSON body, or the status when the body has none.
+fn error_text(status: StatusCode, body: &[u8]) -> String {
+    match serde_json::from_slice::<wire::ErrorBody>(body) {
+        Ok(answer) => answer.error,
+        Err(_) => format!("the daemon answered {status}"),
+    }
 }
 
 /// The crate error for a non-2xx answer, with the server's `error` text as its message.
@@ -1133,5 +1237,115 @@ mod tests {
         let registered = client.register("prov").await.expect("registered");
         assert_eq!(registered.node_id, "d1-0");
         assert_eq!(registered.env["SHARD"], "a.csv");
+    }
+
+    fn work_order(pooled: bool) -> wire::RegisterResponse {
+        wire::RegisterResponse {
+            auth_token: "auth".into(),
+            deployment_id: "d1".into(),
+            node_id: "d1-3".into(),
+            node_index: 3,
+            env: BTreeMap::new(),
+            script: "setup.sh".into(),
+            dest_dir: None,
+            heartbeat_interval_s: 5,
+            timeout_s: Some(60),
+            pooled,
+        }
+    }
+
+    #[tokio::test]
+    async fn register_for_work_tells_work_no_work_retired_and_unknown_apart() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counter = calls.clone();
+        let server = serve(move |parts, body| {
+            assert_eq!(parts.uri.path(), "/api/v1/nodes/register");
+            let request: wire::RegisterRequest = serde_json::from_slice(&body).expect("body");
+            assert_eq!(request.provision_token, "instance-token");
+            match counter.fetch_add(1, Ordering::SeqCst) {
+                0 => json_response(
+                    200,
+                    &serde_json::to_string(&work_order(true)).expect("json"),
+                ),
+                1 => Response::builder()
+                    .status(204)
+                    .body(Full::new(Bytes::new()))
+                    .expect("response"),
+                2 => json_response(410, r#"{"error":"the pool retired this instance"}"#),
+                _ => json_response(401, r#"{"error":"unknown token"}"#),
+            }
+        })
+        .await;
+        let client = Client::new(&server.url, None).expect("client");
+
+        let answer = client.register_for_work("instance-token").await;
+        assert_eq!(
+            answer.expect("assigned"),
+            Registration::Assigned(work_order(true))
+        );
+        let answer = client.register_for_work("instance-token").await;
+        assert_eq!(answer.expect("no work"), Registration::NoWork);
+        let answer = client.register_for_work("instance-token").await;
+        assert_eq!(
+            answer.expect("retired"),
+            Registration::Retired {
+                reason: "the pool retired this instance".into()
+            }
+        );
+        let error = client
+            .register_for_work("instance-token")
+            .await
+            .expect_err("unknown token");
+        assert!(error.is_unauthorized(), "{error}");
+        assert_eq!(error.message(), "unknown token");
+        // A 401 is not retried.
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test]
+    async fn register_refuses_no_work_and_retired_naming_the_daemon() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counter = calls.clone();
+        let server = serve(move |_, _| {
+            if counter.fetch_add(1, Ordering::SeqCst) == 0 {
+                Response::builder()
+                    .status(204)
+                    .body(Full::new(Bytes::new()))
+                    .expect("response")
+            } else {
+                json_response(410, r#"{"error":"idle for too long"}"#)
+            }
+        })
+        .await;
+        let client = Client::new(&server.url, None).expect("client");
+        let error = client.register("instance-token").await.expect_err("204");
+        assert!(error.is_transport(), "{error}");
+        assert!(error.message().contains(&server.url), "{error}");
+        assert!(error.message().contains("204 No Content"), "{error}");
+        let error = client.register("instance-token").await.expect_err("410");
+        assert!(error.is_transport(), "{error}");
+        assert!(error.message().contains(&server.url), "{error}");
+        assert!(
+            error.message().ends_with("(410 Gone): idle for too long"),
+            "{error}"
+        );
+        assert!(!error.to_string().contains("instance-token"), "{error}");
+    }
+
+    #[test]
+    fn registration_outlasts_the_daemons_hold() {
+        let client = Client::new("http://127.0.0.1:1", None)
+            .expect("client")
+            .timeout(Duration::from_secs(1));
+        let call = client.register_call("token").expect("call");
+        assert!(call
+            .timeout
+            .is_some_and(|limit| limit >= Duration::from_secs(60)));
+        // A longer client time limit is kept.
+        let call = client
+            .timeout(Duration::from_secs(90))
+            .register_call("token")
+            .expect("call");
+        assert_eq!(call.timeout, Some(Duration::from_secs(90)));
     }
 }
