@@ -13,6 +13,15 @@
 //! through a private directory under `$TMPDIR` (mode 0700, removed at exit); the bundle is
 //! extracted beside it, or into `remote_dest_dir`, and kept.
 //!
+//! On a pooled instance (a registration answer with `TASKFLY_POOLED='1'`) the script serves
+//! node after node: once a node has ended in any way but a signal to the bootstrap, it clears
+//! the node's files and registers again with the same token. Clearing empties the work
+//! directory (back to a fresh bootstrap's) and removes a bundle root that it made, or empties
+//! one that existed; it never clears `/`, the home directory or a directory holding the work
+//! directory (those keep the bundle's files). A `204` answer to registration means no work yet
+//! (a long poll: it asks again at once); `410`, or `401` once it has served a node, means the
+//! pool let the instance go, and the script exits with status 0.
+//!
 //! Where it differs from the Rust agent, for want of a shell primitive:
 //! - An exit status above 128 is reported as a death by that signal (`killed by signal
 //!   SIGKILL`), as `sh` cannot tell it from `exit 137`.
@@ -49,7 +58,8 @@ const CA_SLOT: &str = "@CA_PEM@";
 pub(crate) const USER_DATA_LIMIT: usize = 16 * 1024;
 
 /// The bootstrap script for one node: it registers at `daemon_url` with `provision_token` and
-/// then serves the node to its end, as [`crate::agent::run`] does.
+/// then serves the node to its end, as [`crate::agent::run`] does (on a pooled instance, one
+/// node after another, as the registration answers tell it).
 ///
 /// For an `https://` daemon, `ca_pem` holds the PEM certificates to trust for it (a private
 /// CA, or the daemon's self-signed certificate: [`crate::InstanceConfig::ca_pem`]). The script
@@ -130,8 +140,9 @@ pub(crate) fn sh_quote(value: &str) -> String {
 /// The answer to `POST /nodes/register?format=sh`: the registration as `sh` assignments, one
 /// per line, every value quoted by [`sh_quote`]. First the values the bootstrap itself uses
 /// (`TASKFLY_AUTH_TOKEN`, `TASKFLY_SCRIPT`, `TASKFLY_DEST_DIR` (empty for none),
-/// `TASKFLY_HEARTBEAT_INTERVAL_S`, `TASKFLY_TIMEOUT_S` (empty for none)), not exported, then
-/// `export NAME='value'` for each variable of the node's environment.
+/// `TASKFLY_HEARTBEAT_INTERVAL_S`, `TASKFLY_TIMEOUT_S` (empty for none), `TASKFLY_POOLED`
+/// (`1` when the bootstrap registers again once the node has ended, else empty)), not
+/// exported, then `export NAME='value'` for each variable of the node's environment.
 ///
 /// Errors: an environment variable name that is not a shell name (the engine validates names
 /// when a deployment is created, so this is a second line of defence: a name is code).
@@ -154,6 +165,10 @@ pub(crate) fn registration_env(registration: &wire::RegisterResponse) -> Result<
                 .timeout_s
                 .map(|t| t.to_string())
                 .unwrap_or_default(),
+        ),
+        (
+            "TASKFLY_POOLED",
+            if registration.pooled { "1" } else { "" }.to_owned(),
         ),
     ];
     for (name, value) in controls {
@@ -246,8 +261,13 @@ fn check_token(token: &str) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-    use std::process::Command;
+    use std::collections::{BTreeMap, VecDeque};
+    use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+    use std::net::{TcpListener, TcpStream};
+    use std::path::{Path, PathBuf};
+    use std::process::{Command, Stdio};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
 
     use super::*;
 
@@ -383,8 +403,9 @@ mod tests {
         let url = "https://ec2-203-0-113-25.us-west-2.compute.amazonaws.com:8443";
         let script = bootstrap_script(url, TOKEN, None).expect("rendered");
         assert!(script.starts_with("#!/bin/sh\n"));
+        // Well under the limit, which leaves room for a long URL and CA certificates.
         assert!(
-            script.len() < 8 * 1024,
+            script.len() < 10 * 1024,
             "the rendered script is {} bytes",
             script.len()
         );
@@ -512,5 +533,733 @@ mod tests {
                 number + 1
             );
         }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // The node protocol, played by a fake daemon: pooled instances serve node after node
+    // -----------------------------------------------------------------------------------------
+
+    /// How long a bootstrap run may take before the test kills it and fails.
+    const RUN_LIMIT: Duration = Duration::from_secs(90);
+
+    /// What the fake daemon answers the next registration with.
+    enum Answer {
+        /// The assignment of the node with this auth token (200).
+        Node(&'static str),
+        /// No work yet (204).
+        NoWork,
+        /// The pool retired the instance (410).
+        Retired,
+        /// The daemon does not know the token (401).
+        Unknown,
+    }
+
+    /// One node of the fake daemon, and what its agent told it.
+    struct FakeNode {
+        registration: wire::RegisterResponse,
+        bundle: Vec<u8>,
+        /// What heartbeats answer.
+        shutdown: bool,
+        /// Each status report, in order: its status, exit code and message.
+        statuses: Vec<(String, Option<i64>, Option<String>)>,
+        /// Each log piece taken: stream, offset, text.
+        logs: Vec<(String, u64, String)>,
+    }
+
+    impl FakeNode {
+        /// The text of `stream` as shipped, pieces in offset order.
+        fn output(&self, stream: &str) -> String {
+            let mut pieces: Vec<_> = self.logs.iter().filter(|l| l.0 == stream).collect();
+            pieces.sort_by_key(|l| l.1);
+            pieces.iter().map(|l| l.2.as_str()).collect()
+        }
+
+        /// The status of each report, in order.
+        fn status_names(&self) -> Vec<&str> {
+            self.statuses.iter().map(|s| s.0.as_str()).collect()
+        }
+    }
+
+    struct FakeState {
+        /// The answers registration gives, in order; once they are used up, 404.
+        answers: VecDeque<Answer>,
+        /// The HTTP status of each registration answer given.
+        registrations: Vec<u16>,
+        /// The nodes by auth token.
+        nodes: BTreeMap<String, FakeNode>,
+    }
+
+    /// A daemon on 127.0.0.1 that speaks the node protocol from a script: registration answers
+    /// come from a list, the node calls are recorded. Each connection is answered on a thread
+    /// of its own and closed.
+    struct FakeDaemon {
+        url: String,
+        state: Arc<Mutex<FakeState>>,
+    }
+
+    impl FakeDaemon {
+        fn start(answers: Vec<Answer>, nodes: Vec<FakeNode>) -> FakeDaemon {
+            let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+            let url = format!("http://{}", listener.local_addr().expect("address"));
+            let state = Arc::new(Mutex::new(FakeState {
+                answers: answers.into(),
+                registrations: Vec::new(),
+                nodes: nodes
+                    .into_iter()
+                    .map(|n| (n.registration.auth_token.clone(), n))
+                    .collect(),
+            }));
+            let shared = Arc::clone(&state);
+            // The listener lives as long as the test process; each connection ends with its
+            // answer.
+            std::thread::spawn(move || {
+                for stream in listener.incoming().flatten() {
+                    let state = Arc::clone(&shared);
+                    std::thread::spawn(move || serve_connection(stream, &state));
+                }
+            });
+            FakeDaemon { url, state }
+        }
+
+        fn state(&self) -> std::sync::MutexGuard<'_, FakeState> {
+            self.state.lock().expect("fake daemon state")
+        }
+    }
+
+    /// Reads one request and answers it.
+    fn serve_connection(stream: TcpStream, state: &Mutex<FakeState>) {
+        let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+        let mut request_line = String::new();
+        if reader.read_line(&mut request_line).is_err() {
+            return;
+        }
+        let mut length = 0;
+        let mut bearer = String::new();
+        let mut expect_continue = false;
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                return;
+            }
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            let (name, value) = line.split_once(':').unwrap_or((line, ""));
+            let value = value.trim();
+            match name.to_ascii_lowercase().as_str() {
+                "content-length" => length = value.parse().unwrap_or(0),
+                "authorization" => {
+                    bearer = value.strip_prefix("Bearer ").unwrap_or("").to_owned();
+                }
+                "expect" => expect_continue = value.eq_ignore_ascii_case("100-continue"),
+                _ => {}
+            }
+        }
+        let mut writer = stream;
+        if expect_continue {
+            let _ = writer.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
+        }
+        let mut body = vec![0; length];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        let target = request_line.split(' ').nth(1).unwrap_or("").to_owned();
+        let (status, content_type, answer) = respond(state, &target, &bearer, &body);
+        let mut head = format!("HTTP/1.1 {status} Fake\r\nConnection: close\r\n");
+        if status != 204 {
+            head.push_str(&format!(
+                "Content-Type: {content_type}\r\nContent-Length: {}\r\n",
+                answer.len()
+            ));
+        }
+        head.push_str("\r\n");
+        let _ = writer.write_all(head.as_bytes());
+        let _ = writer.write_all(&answer);
+    }
+
+    /// The fake daemon's answer to one request: status, content type, body.
+    fn respond(
+        state: &Mutex<FakeState>,
+        target: &str,
+        bearer: &str,
+        body: &[u8],
+    ) -> (u16, &'static str, Vec<u8>) {
+        const JSON: &str = "application/json";
+        let error = |status, text: &str| {
+            (
+                status,
+                JSON,
+                format!("{{\"error\":\"{text}\"}}").into_bytes(),
+            )
+        };
+        let mut state = state.lock().expect("fake daemon state");
+        let Some(route) = target.strip_prefix("/api/v1/nodes/") else {
+            return error(404, "no such route");
+        };
+        if route == "register?format=sh" {
+            let request: Option<wire::RegisterRequest> = serde_json::from_slice(body).ok();
+            if request.is_none_or(|r| r.provision_token != TOKEN) {
+                return error(401, "not the provision token");
+            }
+            let answer = match state.answers.pop_front() {
+                Some(Answer::Node(token)) => {
+                    let text = registration_env(&state.nodes[token].registration)
+                        .expect("the registration as sh");
+                    (200, "text/plain; charset=utf-8", text.into_bytes())
+                }
+                Some(Answer::NoWork) => (204, "", Vec::new()),
+                Some(Answer::Retired) => error(410, "the pool retired this instance"),
+                Some(Answer::Unknown) => error(401, "unknown provision token"),
+                None => error(404, "no more answers"),
+            };
+            state.registrations.push(answer.0);
+            return answer;
+        }
+        let Some(node) = state.nodes.get_mut(bearer) else {
+            return error(401, "unknown node token");
+        };
+        let ok = (200, JSON, b"{}".to_vec());
+        match route
+            .split_once('?')
+            .map_or((route, ""), |(path, query)| (path, query))
+        {
+            ("assets", _) => (200, "application/gzip", node.bundle.clone()),
+            ("heartbeat", _) => (
+                200,
+                JSON,
+                format!("{{\"shutdown\":{}}}", node.shutdown).into_bytes(),
+            ),
+            ("status", _) => {
+                let report: serde_json::Value =
+                    serde_json::from_slice(body).expect("a status report");
+                node.statuses.push((
+                    report["status"].as_str().unwrap_or_default().to_owned(),
+                    report["exit_code"].as_i64(),
+                    report["message"].as_str().map(str::to_owned),
+                ));
+                ok
+            }
+            ("logs", query) => {
+                let mut stream = String::new();
+                let mut offset = 0;
+                for pair in query.split('&') {
+                    match pair.split_once('=') {
+                        Some(("stream", value)) => stream = value.to_owned(),
+                        Some(("offset", value)) => offset = value.parse().expect("an offset"),
+                        _ => {}
+                    }
+                }
+                let text = String::from_utf8_lossy(body).into_owned();
+                node.logs.push((stream, offset, text));
+                ok
+            }
+            _ => error(404, "no such route"),
+        }
+    }
+
+    /// A gzipped tar of `files` (path, text), as a deployment's bundle.
+    fn bundle(files: &[(&str, &str)]) -> Vec<u8> {
+        let gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        let mut archive = tar::Builder::new(gzip);
+        for (path, text) in files {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(text.len() as u64);
+            header.set_mode(0o644);
+            header.set_cksum();
+            archive
+                .append_data(&mut header, path, text.as_bytes())
+                .expect("append");
+        }
+        archive
+            .into_inner()
+            .and_then(flate2::write::GzEncoder::finish)
+            .expect("the bundle")
+    }
+
+    /// A node whose bundle holds `run.sh` (`script`, run through its `#!` line) and `files`,
+    /// extracted into `dest_dir`, with `env` besides `TASKFLY_NODE_ID`.
+    fn fake_node(
+        token: &str,
+        script: &str,
+        files: &[(&str, &str)],
+        dest_dir: Option<&str>,
+        env: &[(&str, &str)],
+        pooled: bool,
+    ) -> FakeNode {
+        let node_id = format!("dep-{token}");
+        let mut env: BTreeMap<String, String> = env
+            .iter()
+            .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
+            .collect();
+        env.insert("TASKFLY_NODE_ID".into(), node_id.clone());
+        let mut files = files.to_vec();
+        files.push(("run.sh", script));
+        FakeNode {
+            registration: wire::RegisterResponse {
+                auth_token: token.into(),
+                deployment_id: "dep".into(),
+                node_id,
+                node_index: 0,
+                env,
+                script: "run.sh".into(),
+                dest_dir: dest_dir.map(str::to_owned),
+                heartbeat_interval_s: 1,
+                timeout_s: None,
+                pooled,
+            },
+            bundle: bundle(&files),
+            shutdown: false,
+            statuses: Vec::new(),
+            logs: Vec::new(),
+        }
+    }
+
+    /// The shells the bootstrap is run with: `sh` (dash here), and bash and busybox sh where
+    /// this machine has them.
+    fn shells() -> Vec<Vec<&'static str>> {
+        let mut shells = vec![vec!["sh"]];
+        for shell in [vec!["bash"], vec!["busybox", "sh"]] {
+            let present = Command::new(shell[0])
+                .args(&shell[1..])
+                .args(["-c", "true"])
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if present {
+                shells.push(shell);
+            }
+        }
+        shells
+    }
+
+    /// Runs the rendered bootstrap for `daemon` with `shell` as an instance would, in
+    /// `instance` (also its `TMPDIR`) with `home` as `HOME` and `extra_env`, and returns its exit status and
+    /// stderr once it has ended (killing it and failing after [`RUN_LIMIT`]).
+    fn run_bootstrap(
+        shell: &[&str],
+        daemon: &FakeDaemon,
+        instance: &Path,
+        home: &Path,
+        extra_env: &[(&str, String)],
+    ) -> (std::process::ExitStatus, String) {
+        let script = bootstrap_script(&daemon.url, TOKEN, None).expect("rendered");
+        std::fs::write(instance.join("user-data"), script).expect("user-data");
+        let child = Command::new(shell[0])
+            .args(&shell[1..])
+            .arg("user-data")
+            .current_dir(instance)
+            .env("TMPDIR", instance)
+            .env("HOME", home)
+            .env("TASKFLY_AGENT_GRACE_MS", "1000")
+            .envs(extra_env.iter().map(|(name, value)| (name, value)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the shell starts");
+        let pid = child.id();
+        let (done, ended) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = done.send(child.wait_with_output());
+        });
+        let Ok(output) = ended.recv_timeout(RUN_LIMIT) else {
+            let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).expect("a pid"));
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            panic!("{shell:?}: the bootstrap still runs after {RUN_LIMIT:?}");
+        };
+        let output = output.expect("the bootstrap's output");
+        (
+            output.status,
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    }
+
+    /// The entries of `dir`, sorted.
+    fn entries(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .expect("a directory")
+            .map(|e| {
+                e.expect("an entry")
+                    .file_name()
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// The work directory (`taskfly-node.*`) the bootstrap made in `instance`.
+    fn work_dir(instance: &Path) -> PathBuf {
+        let works: Vec<String> = entries(instance)
+            .into_iter()
+            .filter(|name| name.starts_with("taskfly-node."))
+            .collect();
+        assert_eq!(works.len(), 1, "{works:?}");
+        instance.join(&works[0])
+    }
+
+    #[test]
+    fn a_pooled_bootstrap_serves_node_after_node_until_the_pool_retires_it() {
+        for shell in shells() {
+            let scratch = tempfile::tempdir().expect("tempdir");
+            let scratch = scratch.path();
+            let instance = scratch.join("instance");
+            let home = scratch.join("home");
+            let made = scratch.join("made");
+            let existing = scratch.join("existing");
+            for dir in [&instance, &home, &existing] {
+                std::fs::create_dir(dir).expect("mkdir");
+            }
+            std::fs::write(home.join("keep.txt"), "mine").expect("write");
+            std::fs::write(existing.join("old.txt"), "old").expect("write");
+            std::fs::write(existing.join(".hidden"), "old").expect("write");
+            let made_deep = made.join("deep");
+            let (made_s, made_deep_s, existing_s) = (
+                made.to_str().expect("utf-8"),
+                made_deep.to_str().expect("utf-8"),
+                existing.to_str().expect("utf-8"),
+            );
+            // A leaves files in its bundle root and in the work directory; B must see neither,
+            // nor A's environment, nor the bootstrap's controls.
+            let a = fake_node(
+                "a1",
+                "#!/bin/sh\necho \"a: secret=$SECRET_A\"\necho made >a-made.txt\nmkdir ../a-left\n",
+                &[("a.txt", "a")],
+                None,
+                &[("SECRET_A", "alpha")],
+                true,
+            );
+            let b = fake_node(
+                "b2",
+                "#!/bin/sh\n\
+                 echo \"b: SECRET_A=${SECRET_A-unset} TASKFLY_POOLED=${TASKFLY_POOLED-unset} SECRET_B=$SECRET_B\"\n\
+                 echo \"b: bundle: $(ls -A | tr '\\n' ' ')\"\n\
+                 echo \"b: work: $(ls -A .. | tr '\\n' ' ')\"\n\
+                 echo oops >&2\nexit 3\n",
+                &[("b.txt", "b")],
+                None,
+                &[("SECRET_B", "beta")],
+                true,
+            );
+            // C, in a directory the bootstrap makes, runs until a heartbeat answers shutdown.
+            let mut c = fake_node(
+                "c3",
+                "#!/bin/sh\necho c: ran\nsleep 30\n",
+                &[("c.txt", "c")],
+                Some(made_deep_s),
+                &[],
+                true,
+            );
+            c.shutdown = true;
+            // D, in a directory that existed, sees C's gone.
+            let d = fake_node(
+                "d4",
+                "#!/bin/sh\n\
+                 [ -e \"$MADE\" ] && echo \"d: made is there\" || echo \"d: made is gone\"\n\
+                 echo \"d: here: $(ls -A | tr '\\n' ' ')\"\n",
+                &[],
+                Some(existing_s),
+                &[("MADE", made_s)],
+                true,
+            );
+            // E, in the home directory, which is never cleared.
+            let e = fake_node(
+                "e5",
+                "#!/bin/sh\necho e: ran\n",
+                &[("e.txt", "e")],
+                Some("~"),
+                &[],
+                true,
+            );
+            let daemon = FakeDaemon::start(
+                vec![
+                    Answer::Node("a1"),
+                    Answer::NoWork,
+                    Answer::Node("b2"),
+                    Answer::Node("c3"),
+                    Answer::Node("d4"),
+                    Answer::Node("e5"),
+                    Answer::Retired,
+                ],
+                vec![a, b, c, d, e],
+            );
+
+            let (status, stderr) = run_bootstrap(&shell, &daemon, &instance, &home, &[]);
+
+            assert_eq!(status.code(), Some(0), "{shell:?}: {stderr}");
+            assert!(
+                stderr.contains("leaving the pool: 410"),
+                "{shell:?}: {stderr}"
+            );
+            let state = daemon.state();
+            assert_eq!(
+                state.registrations,
+                [200, 204, 200, 200, 200, 200, 410],
+                "{shell:?}"
+            );
+            let node = |token: &str| &state.nodes[token];
+            assert_eq!(
+                node("a1").status_names(),
+                ["downloading_assets", "running_script", "completed"],
+                "{shell:?}"
+            );
+            assert_eq!(
+                node("a1").output("stdout"),
+                "a: secret=alpha\n",
+                "{shell:?}"
+            );
+            assert_eq!(
+                node("b2").output("stdout"),
+                "b: SECRET_A=unset TASKFLY_POOLED=unset SECRET_B=beta\n\
+                 b: bundle: b.txt run.sh \n\
+                 b: work: .taskfly bundle \n",
+                "{shell:?}: {stderr}"
+            );
+            // B's output files started afresh: its first piece is at offset 0.
+            assert!(
+                node("b2").logs.iter().all(|l| l.1 == 0),
+                "{shell:?}: {:?}",
+                node("b2").logs
+            );
+            assert_eq!(
+                node("b2").statuses.last(),
+                Some(&(
+                    "failed".to_owned(),
+                    Some(3),
+                    Some("exited with code 3: oops".to_owned())
+                )),
+                "{shell:?}"
+            );
+            // C was stopped by the daemon: no report of its end, and the next node came.
+            assert_eq!(
+                node("c3").status_names(),
+                ["downloading_assets", "running_script"]
+            );
+            assert_eq!(node("c3").output("stdout"), "c: ran\n", "{shell:?}");
+            assert!(stderr.contains("stopping the script: shutdown"), "{stderr}");
+            assert_eq!(
+                node("d4").output("stdout"),
+                "d: made is gone\nd: here: .hidden old.txt run.sh \n",
+                "{shell:?}: {stderr}"
+            );
+            assert_eq!(node("e5").output("stdout"), "e: ran\n", "{shell:?}");
+            for token in ["b2", "d4", "e5"] {
+                assert_eq!(node(token).status_names()[0], "downloading_assets");
+            }
+            // What the nodes left is gone, but for the home directory's files; the directory
+            // that existed is kept, empty; the work directory is empty.
+            assert!(!made.exists(), "{shell:?}");
+            assert_eq!(entries(&existing), Vec::<String>::new(), "{shell:?}");
+            assert_eq!(entries(&home), ["e.txt", "keep.txt", "run.sh"], "{shell:?}");
+            assert!(stderr.contains("the bundle files stay in"), "{stderr}");
+            assert_eq!(
+                entries(&work_dir(&instance)),
+                Vec::<String>::new(),
+                "{shell:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_pooled_bootstrap_goes_on_after_a_timeout_and_leaves_when_its_token_is_forgotten() {
+        for shell in shells() {
+            let instance = tempfile::tempdir().expect("tempdir");
+            let mut slow = fake_node(
+                "f6",
+                "#!/bin/sh\necho f: ran\nsleep 30\n",
+                &[],
+                None,
+                &[],
+                true,
+            );
+            slow.registration.timeout_s = Some(1);
+            let daemon = FakeDaemon::start(
+                vec![Answer::Node("f6"), Answer::NoWork, Answer::Unknown],
+                vec![slow],
+            );
+
+            let (status, stderr) =
+                run_bootstrap(&shell, &daemon, instance.path(), instance.path(), &[]);
+
+            assert_eq!(status.code(), Some(0), "{shell:?}: {stderr}");
+            assert!(
+                stderr.contains("leaving the pool: 401"),
+                "{shell:?}: {stderr}"
+            );
+            let state = daemon.state();
+            assert_eq!(state.registrations, [200, 204, 401], "{shell:?}");
+            assert_eq!(
+                state.nodes["f6"].statuses.last(),
+                Some(&(
+                    "failed".to_owned(),
+                    None,
+                    Some("timed out after 1s".to_owned())
+                )),
+                "{shell:?}"
+            );
+            assert_eq!(
+                entries(&work_dir(instance.path())),
+                Vec::<String>::new(),
+                "{shell:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_pooled_bootstrap_stopped_by_a_signal_registers_no_more() {
+        for shell in shells() {
+            let instance = tempfile::tempdir().expect("tempdir");
+            // The script's parent is the bootstrap.
+            let signalled = fake_node(
+                "a7",
+                "#!/bin/sh\necho g: ran\nkill -TERM $PPID\nsleep 30\n",
+                &[],
+                None,
+                &[],
+                true,
+            );
+            let next = fake_node("b8", "#!/bin/sh\n", &[], None, &[], true);
+            let daemon = FakeDaemon::start(
+                vec![Answer::Node("a7"), Answer::Node("b8")],
+                vec![signalled, next],
+            );
+
+            let (status, stderr) =
+                run_bootstrap(&shell, &daemon, instance.path(), instance.path(), &[]);
+
+            assert_eq!(status.code(), Some(0), "{shell:?}: {stderr}");
+            assert!(
+                stderr.contains("stopping the script: term"),
+                "{shell:?}: {stderr}"
+            );
+            let state = daemon.state();
+            assert_eq!(state.registrations, [200], "{shell:?}");
+            assert_eq!(state.nodes["a7"].output("stdout"), "g: ran\n", "{shell:?}");
+        }
+    }
+
+    #[test]
+    fn a_bootstrap_that_is_not_pooled_serves_one_node_and_a_first_401_fails() {
+        for shell in shells() {
+            let instance = tempfile::tempdir().expect("tempdir");
+            let only = fake_node(
+                "c9",
+                "#!/bin/sh\necho h: ran\n",
+                &[("h.txt", "h")],
+                None,
+                &[],
+                false,
+            );
+            let unused = fake_node("d0", "#!/bin/sh\n", &[], None, &[], true);
+            let daemon = FakeDaemon::start(
+                vec![Answer::Node("c9"), Answer::Node("d0")],
+                vec![only, unused],
+            );
+
+            let (status, stderr) =
+                run_bootstrap(&shell, &daemon, instance.path(), instance.path(), &[]);
+
+            assert_eq!(status.code(), Some(0), "{shell:?}: {stderr}");
+            let state = daemon.state();
+            assert_eq!(state.registrations, [200], "{shell:?}");
+            assert_eq!(
+                state.nodes["c9"].status_names(),
+                ["downloading_assets", "running_script", "completed"],
+                "{shell:?}"
+            );
+            // As before pools: the bundle is kept, the private files are gone.
+            let work = work_dir(instance.path());
+            assert_eq!(entries(&work), ["bundle"], "{shell:?}");
+            assert_eq!(
+                entries(&work.join("bundle")),
+                ["h.txt", "run.sh"],
+                "{shell:?}"
+            );
+            drop(state);
+
+            // A token the daemon does not know at the first registration is an error.
+            let refused = tempfile::tempdir().expect("tempdir");
+            let daemon = FakeDaemon::start(vec![Answer::Unknown], Vec::new());
+            let (status, stderr) =
+                run_bootstrap(&shell, &daemon, refused.path(), refused.path(), &[]);
+            assert_eq!(status.code(), Some(1), "{shell:?}: {stderr}");
+            assert!(stderr.contains("cannot register"), "{shell:?}: {stderr}");
+        }
+    }
+
+    #[test]
+    fn a_pooled_node_stopped_while_its_bundle_is_extracted_leaves_nothing_behind() {
+        // A tar that takes two seconds: the first heartbeat, a second after the node starts,
+        // answers shutdown while the bundle is still being extracted.
+        let tools = tempfile::tempdir().expect("tempdir");
+        let real_tar = String::from_utf8(sh("command -v tar")).expect("a path");
+        let slow_tar = tools.path().join("tar");
+        std::fs::write(
+            &slow_tar,
+            format!("#!/bin/sh\nsleep 2\nexec {} \"$@\"\n", real_tar.trim()),
+        )
+        .expect("write");
+        std::fs::set_permissions(
+            &slow_tar,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .expect("chmod");
+        let path = format!(
+            "{}:{}",
+            tools.path().display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        for shell in shells() {
+            let instance = tempfile::tempdir().expect("tempdir");
+            let mut stopped = fake_node("a1", "#!/bin/sh\n", &[("a.txt", "a")], None, &[], true);
+            stopped.shutdown = true;
+            let next = fake_node(
+                "b2",
+                "#!/bin/sh\necho \"b: bundle: $(ls -A | tr '\\n' ' ')\"\n",
+                &[("b.txt", "b")],
+                None,
+                &[],
+                true,
+            );
+            let daemon = FakeDaemon::start(
+                vec![Answer::Node("a1"), Answer::Node("b2"), Answer::Retired],
+                vec![stopped, next],
+            );
+
+            let (status, stderr) = run_bootstrap(
+                &shell,
+                &daemon,
+                instance.path(),
+                instance.path(),
+                &[("PATH", path.clone())],
+            );
+
+            assert_eq!(status.code(), Some(0), "{shell:?}: {stderr}");
+            let state = daemon.state();
+            assert_eq!(state.registrations, [200, 200, 410], "{shell:?}");
+            assert_eq!(
+                state.nodes["a1"].status_names(),
+                ["downloading_assets"],
+                "{shell:?}"
+            );
+            // The first bundle was fully extracted before it was cleared, so none of it is left
+            // for the next node.
+            assert_eq!(
+                state.nodes["b2"].output("stdout"),
+                "b: bundle: b.txt run.sh \n",
+                "{shell:?}: {stderr}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_registration_answer_says_whether_the_node_is_pooled() {
+        let mut node = fake_node("ab", "#!/bin/sh\n", &[], None, &[], false);
+        let text = registration_env(&node.registration).expect("valid names");
+        assert!(text.contains("\nTASKFLY_POOLED=''\n"), "{text}");
+        node.registration.pooled = true;
+        let text = registration_env(&node.registration).expect("valid names");
+        assert!(text.contains("\nTASKFLY_POOLED='1'\n"), "{text}");
     }
 }

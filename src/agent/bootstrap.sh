@@ -2,6 +2,8 @@
 # TaskFly node bootstrap: the shell twin of the Rust node agent (src/agent/mod.rs). It registers
 # with the daemon, downloads and extracts the worker bundle, runs the node's script with the
 # node's environment, ships its output line by line, heartbeats, and reports how it ended.
+# On a pooled instance (TASKFLY_POOLED='1' in the answer) it then clears the node's files and
+# registers again with the same token, for the next node, until the pool retires it.
 #
 # It needs sh, curl, tar, gzip, setsid and common utilities (see src/agent/bootstrap.rs), and
 # talks to the daemon only. Values from taskfly.yml stay data: the registration answer is a file
@@ -24,7 +26,7 @@ tf_ca=@CA_PEM@
 tf_api=${tf_url%/}/api/v1/nodes
 tf_umask=$(umask)
 umask 077
-tf_stop='' tf_ticker='' tf_job='' tf_run='' tf_until='' tf_next=0
+tf_stop='' tf_term='' tf_ticker='' tf_job='' tf_served=''
 tf_cr=$(printf '\r')
 
 tf_log() { printf 'taskfly bootstrap: %s\n' "$*" >&2; }
@@ -33,13 +35,13 @@ tf_log() { printf 'taskfly bootstrap: %s\n' "$*" >&2; }
 tf_setsid=$(command -v setsid)
 
 # A fresh private work directory: the bundle goes to bundle/, private files to .taskfly/, the
-# working directory of this shell (so they are named relatively below).
+# working directory of this shell while a node is served (so they are named relatively below).
 tf_n=0
 until tf_w=${TMPDIR:-/tmp}/taskfly-node.$$.$tf_n && mkdir -m 700 "$tf_w" 2>/dev/null; do
   tf_n=$((tf_n + 1))
   [ $tf_n -lt 99 ] || { tf_log "cannot create $tf_w"; exit 1; }
 done
-tf_w=$(cd "$tf_w" && pwd -P) && tf_p=$tf_w/.taskfly && mkdir "$tf_p" && cd "$tf_p" || exit 1
+tf_w=$(cd "$tf_w" && pwd -P) && tf_p=$tf_w/.taskfly || exit 1
 
 # At exit: the helpers are stopped and the private files removed. The removal ignores SIGTERM,
 # which a provider sends to this whole process group as soon as the node has reported its end.
@@ -49,24 +51,23 @@ tf_exit() {
   rm -rf "$tf_p"
 }
 trap tf_exit EXIT
-trap 'tf_tick=1 tf_stop=${tf_stop:-term}' TERM INT HUP
+# A signal stops the node (tf_stop, unless it already stops) and ends the bootstrap (tf_term).
+trap 'tf_tick=1 tf_term=1 tf_stop=${tf_stop:-term}' TERM INT HUP
 trap tf_tick=1 ALRM
 
 # With CA certificates for an https daemon (a private CA, or its self-signed certificate), curl
 # trusts them alone; without, curl's own trust store applies.
 tf_tls=''
-[ -z "$tf_ca" ] || { printf '%s\n' "$tf_ca" >ca.pem && tf_tls='cacert = "ca.pem"'; } || exit 1
-printf '%s\n' "$tf_tls" >curlrc
-printf '{}' >empty
-printf '{"provision_token":"%s"}' "$tf_ptoken" >register
+[ -z "$tf_ca" ] || tf_tls='cacert = "ca.pem"'
 
-# tf_call PATH BODY_FILE CONTENT_TYPE BUDGET_S: POSTs to the daemon, retrying failed
-# connections, 429 and 5xx for up to BUDGET_S seconds. The answer is in .taskfly/resp;
-# tf_code is its HTTP status and content type.
+# tf_call PATH BODY_FILE CONTENT_TYPE BUDGET_S [MAX_TIME_S]: POSTs to the daemon, retrying
+# failed connections, 429 and 5xx for up to BUDGET_S seconds, each try taking at most
+# MAX_TIME_S (30) seconds. The answer is in .taskfly/resp; tf_code is its HTTP status and
+# content type.
 tf_call() {
   tf_delay=1 tf_spent=0
   while :; do
-    tf_code=$(curl -sS -K curlrc --connect-timeout 10 --max-time 30 -o resp \
+    tf_code=$(curl -sS -K curlrc --connect-timeout 10 --max-time ${5:-30} -o resp \
       -w '%{http_code} %{content_type}' -H "Content-Type: $3" --data-binary @$2 "$tf_api/$1")
     case $tf_code in
       2*) return 0 ;;
@@ -97,11 +98,12 @@ tf_report() {
   return 1
 }
 
-# tf_fail MESSAGE: the node cannot run its script; reports why and ends.
+# tf_fail MESSAGE: the node cannot run its script; reports why and returns 1 (its caller then
+# returns too: the node has ended).
 tf_fail() {
   tf_log "$1"
   tf_report failed '' "$1"
-  exit 1
+  return 1
 }
 
 # tf_ship STREAM FINAL BUDGET_S: sends the new complete lines of the script's STREAM (stdout
@@ -179,169 +181,238 @@ tf_terminate() {
   tf_kill KILL
 }
 
-# Registration, retried for about two minutes while the daemon cannot be reached.
-tf_call 'register?format=sh' register application/json 120
-[ -z "$tf_stop" ] || exit 0
-case $tf_code in
-  '200 text/plain'*) ;;
-  *) tf_log "cannot register at $tf_url: ${tf_code%% *} $(head -c 300 resp)"; exit 1 ;;
-esac
-tf_reg=$tf_p/reg
-mv resp reg
+# tf_serve: serves the registered node to its end: downloads and extracts the bundle, runs the
+# script and reports how it ended. Returns as soon as the node must stop (tf_stop) or cannot go
+# on; its status is the bootstrap's exit status when no other node follows.
+tf_serve() {
+  # A ticker wakes the waits every second. It ignores the signals that stop this shell, and
+  # ends once this shell is gone (or is stopped with the node).
+  (
+    trap '' TERM INT HUP
+    while :; do
+      sleep 1
+      kill -ALRM $$ 2>/dev/null || exit 0
+    done
+  ) </dev/null >/dev/null 2>&1 &
+  tf_ticker=$!
 
-# The control values, read by sourcing the answer in subshells: the node's variables never
-# enter this shell (nor curl's environment). Token, interval, timeout and node id are words.
-set -f
-set -- $(. "$tf_reg" && echo "$TASKFLY_AUTH_TOKEN $TASKFLY_HEARTBEAT_INTERVAL_S ${TASKFLY_TIMEOUT_S:-0} $TASKFLY_NODE_ID")
-set +f
-tf_token=${1:-} tf_hb=${2:-} tf_timeout=${3:-} tf_node=${4:-}
-tf_script=$(. "$tf_reg" && printf %sx "$TASKFLY_SCRIPT") &&
-  tf_dest=$(. "$tf_reg" && printf %sx "$TASKFLY_DEST_DIR") &&
-  case $#$tf_token$tf_hb$tf_timeout in 4*[!0-9a-f]* | [!4]*) false ;; esac ||
-  { tf_log "the registration answer is malformed"; exit 1; }
-tf_script=${tf_script%x} tf_dest=${tf_dest%x}
-printf '%s\nheader = "Authorization: Bearer %s"\n' "$tf_tls" $tf_token >curlrc
-tf_log "registered as node $tf_node"
+  tf_report downloading_assets || return 1
 
-# A ticker wakes the waits every second. It ignores the signals that stop this shell, and ends
-# once this shell is gone.
-(
-  trap '' TERM INT HUP
+  # The download, retried while the daemon cannot be reached.
+  tf_tries=0
   while :; do
-    sleep 1
-    kill -ALRM $$ 2>/dev/null || exit 0
+    curl -sS -K curlrc --connect-timeout 10 --speed-limit 1 --speed-time 60 \
+      -o assets -w '%{http_code}' "$tf_api/assets" >code 2>err &
+    tf_job=$!
+    tf_watch $tf_job
+    [ -z "$tf_stop" ] || return 0
+    tf_job=''
+    tf_code=$(cat code)
+    case $tf_code in 000 | 429 | 5??) [ $tf_tries -lt 24 ] || break ;; *) break ;; esac
+    sleep 5
+    tf_tries=$((tf_tries + 1))
   done
-) </dev/null >/dev/null 2>&1 &
-tf_ticker=$!
+  case $tf_code in
+    2??) ;;
+    000) tf_fail "cannot download the assets: $(tail -n 1 err)"; return ;;
+    *) tf_fail "cannot download the assets: HTTP $tf_code"; return ;;
+  esac
 
-tf_report downloading_assets || exit 1
+  # Where the bundle goes: remote_dest_dir (~/ is the home directory, a relative path is taken
+  # from the work directory), else the work directory's bundle/.
+  case $tf_dest in
+    '') tf_root=$tf_w/bundle ;;
+    '~') tf_root=${HOME:-$tf_w/~} ;;
+    '~/'*) tf_root=${HOME:+$HOME/${tf_dest#??}} ;;
+    /*) tf_root=$tf_dest ;;
+    *) tf_root=$tf_w/$tf_dest ;;
+  esac
+  tf_root=${tf_root:-$tf_w/$tf_dest}
+  # The outermost directory of that path that does not exist yet, which mkdir -p makes (none
+  # when the root exists): what tf_clean removes.
+  tf_made='' tf_n=$tf_root
+  until [ -e "${tf_n:-/}" ] || [ -L "$tf_n" ] || [ "$tf_n" = "$tf_made" ]; do
+    tf_made=$tf_n tf_n=${tf_n%/*}
+  done
 
-# The download, retried while the daemon cannot be reached.
-tf_tries=0
-while :; do
-  curl -sS -K curlrc --connect-timeout 10 --speed-limit 1 --speed-time 60 \
-    -o assets -w '%{http_code}' "$tf_api/assets" >code 2>err &
+  # The daemon checked every entry of the bundle when it was uploaded (no absolute path, no ..,
+  # no link leading out: that is the real guard); tar without -P refuses both as well. -o: the
+  # files belong to this user, whoever the archive names.
+  (umask $tf_umask && mkdir -p "$tf_root" && gzip -t assets &&
+    gzip -dc assets | tar -xof - -C "$tf_root") 2>err &
   tf_job=$!
   tf_watch $tf_job
-  [ -z "$tf_stop" ] || exit 0
+  # A pooled node stopped meanwhile lets the extraction end, as its bundle root is cleared next
+  # (tar is no child of this shell: only waiting for it stops its writes).
+  while [ -n "$tf_stop" ] && [ "$tf_pooled$tf_term" = 1 ] && [ -n "$tf_job" ]; do
+    tf_tick=''
+    wait $tf_job
+    [ -n "$tf_tick" ] || tf_job=''
+  done
+  [ -z "$tf_stop" ] || return 0
   tf_job=''
-  tf_code=$(cat code)
-  case $tf_code in 000 | 429 | 5??) [ $tf_tries -lt 24 ] || break ;; *) break ;; esac
-  sleep 5
-  tf_tries=$((tf_tries + 1))
-done
-case $tf_code in
-  2??) ;;
-  000) tf_fail "cannot download the assets: $(tail -n 1 err)" ;;
-  *) tf_fail "cannot download the assets: HTTP $tf_code" ;;
-esac
+  rm -f assets
+  [ $tf_rc = 0 ] && tf_root=$(cd "$tf_root" && pwd -P) ||
+    { tf_fail "cannot extract the bundle into $tf_root: $(tail -n 1 err)"; return; }
 
-# Where the bundle goes: remote_dest_dir (~/ is the home directory, a relative path is taken
-# from the work directory), else the work directory's bundle/.
-case $tf_dest in
-  '') tf_root=$tf_w/bundle ;;
-  '~') tf_root=${HOME:-$tf_w/~} ;;
-  '~/'*) tf_root=${HOME:+$HOME/${tf_dest#??}} ;;
-  /*) tf_root=$tf_dest ;;
-  *) tf_root=$tf_w/$tf_dest ;;
-esac
-tf_root=${tf_root:-$tf_w/$tf_dest}
+  case /$tf_script/ in
+    //?* | */../*) tf_fail "script path $tf_script must be relative to the bundle and stay inside it"; return ;;
+  esac
+  tf_path=$tf_root/$tf_script
+  [ -e "$tf_path" ] || { tf_fail "script $tf_script not found in the bundle"; return; }
+  [ -f "$tf_path" ] || { tf_fail "script $tf_script is not a regular file"; return; }
 
-# The daemon checked every entry of the bundle when it was uploaded (no absolute path, no ..,
-# no link leading out: that is the real guard); tar without -P refuses both as well. -o: the
-# files belong to this user, whoever the archive names.
-(umask $tf_umask && mkdir -p "$tf_root" && gzip -t assets &&
-  gzip -dc assets | tar -xof - -C "$tf_root") 2>err &
-tf_job=$!
-tf_watch $tf_job
-[ -z "$tf_stop" ] || exit 0
-tf_job=''
-rm -f assets
-[ $tf_rc = 0 ] && tf_root=$(cd "$tf_root" && pwd -P) ||
-  tf_fail "cannot extract the bundle into $tf_root: $(tail -n 1 err)"
+  # How to start it, as the Rust agent does: exec it when executable, else the interpreter of
+  # its #! line (the rest of the line is one argument, its blanks squeezed), else sh.
+  set -- sh "$tf_path"
+  if [ -x "$tf_path" ]; then
+    set -- "$tf_path"
+  elif IFS= read -r tf_n <"$tf_path" || [ -n "$tf_n" ]; then
+    case $tf_n in
+      '#!'*)
+        # The words of the line (without the CR of a CRLF ending): the interpreter, then the
+        # rest as one argument.
+        tf_n=${tf_n%"$tf_cr"}
+        set -f
+        set -- ${tf_n#??}
+        set +f
+        tf_n=${1:-sh}
+        [ $# = 0 ] || shift
+        set -- "$tf_n" ${1:+"$*"} "$tf_path"
+        ;;
+    esac
+  fi
 
-case /$tf_script/ in
-  //?* | */../*) tf_fail "script path $tf_script must be relative to the bundle and stay inside it" ;;
-esac
-tf_path=$tf_root/$tf_script
-[ -e "$tf_path" ] || tf_fail "script $tf_script not found in the bundle"
-[ -f "$tf_path" ] || tf_fail "script $tf_script is not a regular file"
+  [ -z "$tf_stop" ] || return 0
+  tf_report running_script || return 1
 
-# How to start it, as the Rust agent does: exec it when executable, else the interpreter of its
-# #! line (the rest of the line is one argument, its blanks squeezed), else sh.
-set -- sh "$tf_path"
-if [ -x "$tf_path" ]; then
-  set -- "$tf_path"
-elif IFS= read -r tf_n <"$tf_path" || [ -n "$tf_n" ]; then
-  case $tf_n in
-    '#!'*)
-      # The words of the line (without the CR of a CRLF ending): the interpreter, then the
-      # rest as one argument.
-      tf_n=${tf_n%"$tf_cr"}
-      set -f
-      set -- ${tf_n#??}
-      set +f
-      tf_n=${1:-sh}
-      [ $# = 0 ] || shift
-      set -- "$tf_n" ${1:+"$*"} "$tf_path"
+  # The script runs in a session (so a process group) of its own, in the bundle root, with the
+  # registration answer sourced there only: its exported variables are the node's environment.
+  for tf_n in stdout stderr; do
+    : >$tf_n
+    echo 0 >$tf_n.off
+  done
+  $tf_setsid sh -c 'cd "$1" && umask $2 && . "$3" && shift 3 && exec "$@"' \
+    sh "$tf_root" $tf_umask "$tf_reg" "$@" </dev/null >stdout 2>stderr &
+  tf_pid=$!
+  tf_run=1
+  [ $tf_timeout = 0 ] || tf_until=$(($(date +%s) + tf_timeout))
+  tf_watch $tf_pid
+  # How the script ended decides the report, whatever signal comes later.
+  tf_how=$tf_stop
+  if [ -n "$tf_how" ]; then
+    tf_log "stopping the script: $tf_how"
+    tf_terminate
+  else
+    # The leader is gone; whatever it left running in its group goes too.
+    tf_kill KILL
+  fi
+  tf_run=''
+  kill -KILL $tf_ticker
+  tf_ticker=''
+  # Stopped by a signal, the rest of the output gets one try; otherwise up to 30 s of retries.
+  tf_budget=30
+  [ "$tf_stop" != term ] || tf_budget=0
+  tf_ship stdout 1 $tf_budget
+  tf_ship stderr 1 $tf_budget
+
+  case $tf_how in
+    term | shutdown) return 0 ;;
+    timeout)
+      # The limit as the Rust agent writes it: 1day 2h 3m 4s.
+      tf_m=''
+      for tf_n in $((tf_timeout / 86400))days $((tf_timeout / 3600 % 24))h $((tf_timeout / 60 % 60))m $((tf_timeout % 60))s; do
+        case $tf_n in 0*) ;; 1days) tf_m="$tf_m 1day" ;; *) tf_m="$tf_m $tf_n" ;; esac
+      done
+      tf_report failed '' "timed out after ${tf_m# }"
+      return
       ;;
   esac
-fi
+  [ $tf_rc != 0 ] || { tf_report completed 0; return; }
 
-[ -z "$tf_stop" ] || exit 0
-tf_report running_script || exit 1
+  # The last non-blank line of stderr, trimmed and cut to 500 bytes (never inside a character).
+  tf_m=$(LC_ALL=C sed -n "s/$tf_cr\$//; /[^[:space:]]/h; \${x; s/^[[:space:]]*//; s/[[:space:]]*\$//; p; }" stderr)
+  [ $(printf %s "$tf_m" | wc -c) -le 500 ] ||
+    tf_m="$(printf %s "$tf_m" | head -c 500 | LC_ALL=C sed "s/$(printf '[\300-\377][\200-\277]*$')//")$(printf '\342\200\246')"
+  tf_code=$tf_rc tf_n="exited with code $tf_rc"
+  # A status above 128 is how sh shows a death by signal.
+  if [ $tf_rc -gt 128 ] && tf_sig=$(kill -l $((tf_rc - 128)) 2>/dev/null); then
+    case $tf_sig in [A-Z]*) tf_code='' tf_n="killed by signal SIG${tf_sig#SIG}" ;; esac
+  fi
+  tf_report failed "$tf_code" "$tf_n${tf_m:+: $tf_m}"
+}
 
-# The script runs in a session (so a process group) of its own, in the bundle root, with the
-# registration answer sourced there only: its exported variables are the node's environment.
-for tf_n in stdout stderr; do
-  : >$tf_n
-  echo 0 >$tf_n.off
+# tf_clean: clears what a pooled node left (its script's processes are gone), so the next node
+# starts as on a fresh instance: the work directory is emptied, and a bundle root outside it is
+# removed when this bootstrap made it, else emptied. /, the home directory and the directories
+# holding the work directory are never cleared.
+tf_clean() {
+  kill -KILL $tf_ticker $tf_job 2>/dev/null
+  tf_ticker='' tf_job=''
+  cd "$tf_w" && rm -rf ./* ./.[!.]* ./..?* || return 1
+  [ -n "$tf_root" ] && tf_n=$(cd "${tf_made:-$tf_root}" 2>/dev/null && pwd -P) || return 0
+  case $tf_w/ in "$tf_n"/*) return 0 ;; esac
+  case $tf_n in
+    / | "$(cd "${HOME:-/}" 2>/dev/null && pwd -P)")
+      tf_log "the bundle files stay in $tf_n"
+      return 0
+      ;;
+  esac
+  if [ -n "$tf_made" ]; then
+    rm -rf "$tf_n" "$tf_root"
+  else
+    rm -rf "$tf_n"/* "$tf_n"/.[!.]* "$tf_n"/..?*
+  fi
+}
+
+# Node after node while the instance is pooled, else one. Each starts with the work directory
+# as a fresh bootstrap has it: .taskfly/ alone, holding the files every call needs.
+while :; do
+  tf_stop=${tf_term:+term} tf_until='' tf_run='' tf_next=0 tf_root='' tf_made=''
+  mkdir "$tf_p" && cd "$tf_p" || exit 1
+  [ -z "$tf_ca" ] || printf '%s\n' "$tf_ca" >ca.pem || exit 1
+  printf '%s\n' "$tf_tls" >curlrc
+  printf '{}' >empty
+  printf '{"provision_token":"%s"}' "$tf_ptoken" >register
+
+  # Registration, retried for about two minutes while the daemon cannot be reached. A pooled
+  # instance without work gets 204 after a long poll of up to about 20 s, and asks again.
+  while [ -z "$tf_term" ]; do
+    tf_call 'register?format=sh' register application/json 120 60
+    [ "${tf_code%% *}" = 204 ] || break
+  done
+  [ -z "$tf_term" ] || exit 0
+  # 410: the pool retired this instance; 401 once it served a node: the daemon forgot it. Either
+  # way the instance is on its way out.
+  case $tf_served${tf_code%% *} in
+    *410 | 1401) tf_log "leaving the pool: ${tf_code%% *} $(head -c 300 resp)"; exit 0 ;;
+  esac
+  case $tf_code in
+    '200 text/plain'*) ;;
+    *) tf_log "cannot register at $tf_url: ${tf_code%% *} $(head -c 300 resp)"; exit 1 ;;
+  esac
+  tf_reg=$tf_p/reg
+  mv resp reg
+
+  # The control values, read by sourcing the answer in subshells: the node's variables never
+  # enter this shell (nor curl's environment). Token, interval, timeout, pooled (1 or 0) and
+  # node id are words.
+  set -f
+  set -- $(. "$tf_reg" && echo "$TASKFLY_AUTH_TOKEN $TASKFLY_HEARTBEAT_INTERVAL_S ${TASKFLY_TIMEOUT_S:-0} ${TASKFLY_POOLED:-0} $TASKFLY_NODE_ID")
+  set +f
+  tf_token=${1:-} tf_hb=${2:-} tf_timeout=${3:-} tf_pooled=${4:-} tf_node=${5:-}
+  tf_script=$(. "$tf_reg" && printf %sx "$TASKFLY_SCRIPT") &&
+    tf_dest=$(. "$tf_reg" && printf %sx "$TASKFLY_DEST_DIR") &&
+    case $#$tf_token$tf_hb$tf_timeout$tf_pooled in 5*[!0-9a-f]* | [!5]*) false ;; esac ||
+    { tf_log "the registration answer is malformed"; exit 1; }
+  tf_script=${tf_script%x} tf_dest=${tf_dest%x}
+  printf '%s\nheader = "Authorization: Bearer %s"\n' "$tf_tls" $tf_token >curlrc
+  tf_log "registered as node $tf_node"
+
+  tf_serve
+  tf_status=$?
+  [ "$tf_pooled" = 1 ] && [ -z "$tf_term" ] || exit $tf_status
+  tf_served=1
+  tf_clean || { tf_log "cannot clear the files of node $tf_node"; exit 1; }
+  tf_log "node $tf_node has ended; asking for the next one"
 done
-$tf_setsid sh -c 'cd "$1" && umask $2 && . "$3" && shift 3 && exec "$@"' \
-  sh "$tf_root" $tf_umask "$tf_reg" "$@" </dev/null >stdout 2>stderr &
-tf_pid=$!
-tf_run=1
-[ $tf_timeout = 0 ] || tf_until=$(($(date +%s) + tf_timeout))
-tf_watch $tf_pid
-# How the script ended decides the report, whatever signal comes later.
-tf_how=$tf_stop
-if [ -n "$tf_how" ]; then
-  tf_log "stopping the script: $tf_how"
-  tf_terminate
-else
-  # The leader is gone; whatever it left running in its group goes too.
-  tf_kill KILL
-fi
-tf_run=''
-kill -KILL $tf_ticker
-tf_ticker=''
-# Stopped by a signal, the rest of the output gets one try; otherwise up to 30 s of retries.
-tf_budget=30
-[ "$tf_stop" != term ] || tf_budget=0
-tf_ship stdout 1 $tf_budget
-tf_ship stderr 1 $tf_budget
-
-case $tf_how in
-  term | shutdown) exit 0 ;;
-  timeout)
-    # The limit as the Rust agent writes it: 1day 2h 3m 4s.
-    tf_m=''
-    for tf_n in $((tf_timeout / 86400))days $((tf_timeout / 3600 % 24))h $((tf_timeout / 60 % 60))m $((tf_timeout % 60))s; do
-      case $tf_n in 0*) ;; 1days) tf_m="$tf_m 1day" ;; *) tf_m="$tf_m $tf_n" ;; esac
-    done
-    tf_report failed '' "timed out after ${tf_m# }"
-    exit
-    ;;
-esac
-[ $tf_rc != 0 ] || { tf_report completed 0; exit; }
-
-# The last non-blank line of stderr, trimmed and cut to 500 bytes (never inside a character).
-tf_m=$(LC_ALL=C sed -n "s/$tf_cr\$//; /[^[:space:]]/h; \${x; s/^[[:space:]]*//; s/[[:space:]]*\$//; p; }" stderr)
-[ $(printf %s "$tf_m" | wc -c) -le 500 ] ||
-  tf_m="$(printf %s "$tf_m" | head -c 500 | LC_ALL=C sed "s/$(printf '[\300-\377][\200-\277]*$')//")$(printf '\342\200\246')"
-tf_code=$tf_rc tf_n="exited with code $tf_rc"
-# A status above 128 is how sh shows a death by signal.
-if [ $tf_rc -gt 128 ] && tf_sig=$(kill -l $((tf_rc - 128)) 2>/dev/null); then
-  case $tf_sig in [A-Z]*) tf_code='' tf_n="killed by signal SIG${tf_sig#SIG}" ;; esac
-fi
-tf_report failed "$tf_code" "$tf_n${tf_m:+: $tf_m}"
