@@ -9,7 +9,7 @@
 //! With `TASKFLY_REQUIRE_EC2_EMULATOR=1` (the test script sets it) a missing or unreachable
 //! emulator fails these tests; without it, they say they were not run and pass.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,13 +19,15 @@ use aws_config::retry::RetryConfig;
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_sdk_ec2::config::Credentials;
 use aws_sdk_ec2::types::{Filter, InstanceStateName, ResourceType, Tag, TagSpecification};
+use taskfly::provider::POOL_DEPLOYMENT_ID;
 use taskfly::wire::DeploymentView;
 use taskfly::{
     AwsProvider, BoxError, Config, DeploymentConfig, InstanceConfig, InstanceInfo, InstanceState,
-    Provider, ProviderError,
+    PoolConfig, PooledProvider, Provider, ProviderError,
 };
 
 use crate::support::engine_util::{poll_until, unique_marker};
+use crate::support::pool::wait_for_pool;
 use crate::support::{Project, TestEngine};
 
 /// How long a test waits for EC2 states to settle or nodes to finish.
@@ -747,4 +749,272 @@ async fn leak_checks_keep_to_the_instances_of_their_own_owner() {
         .await
         .expect("terminate");
     wait_all_ending(&ec2, &deployment_id, 1).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The instance pool over EC2
+// ---------------------------------------------------------------------------------------------
+
+/// The ids of the pool's instances in the emulator (tagged [`POOL_DEPLOYMENT_ID`]) that are not
+/// in `before` (those of earlier runs against the same emulator).
+async fn new_pool_instances(
+    ec2: &aws_sdk_ec2::Client,
+    before: &BTreeSet<String>,
+) -> Vec<aws_sdk_ec2::types::Instance> {
+    instances_of(ec2, POOL_DEPLOYMENT_ID)
+        .await
+        .into_iter()
+        .filter(|i| !before.contains(i.instance_id().unwrap_or_default()))
+        .collect()
+}
+
+fn ids_of(instances: &[aws_sdk_ec2::types::Instance]) -> BTreeSet<String> {
+    instances
+        .iter()
+        .filter_map(|i| i.instance_id().map(str::to_owned))
+        .collect()
+}
+
+/// Waits (bounded) until every instance in `ids` is shutting down or terminated.
+async fn wait_ending(ec2: &aws_sdk_ec2::Client, ids: &BTreeSet<String>) {
+    let deadline = tokio::time::Instant::now() + WAIT_LIMIT;
+    loop {
+        let states: Vec<(String, InstanceStateName)> = instances_of(ec2, POOL_DEPLOYMENT_ID)
+            .await
+            .iter()
+            .filter(|i| ids.contains(i.instance_id().unwrap_or_default()))
+            .map(|i| (i.instance_id().unwrap_or_default().to_owned(), state_of(i)))
+            .collect();
+        if states.len() == ids.len() && states.iter().all(|(_, state)| is_ending(state)) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "pooled instances {ids:?} still alive after {WAIT_LIMIT:?}: {states:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Boots one instance from its user data in a directory of its own under `dir`.
+async fn boot_one(
+    ec2: &aws_sdk_ec2::Client,
+    instance_id: &str,
+    dir: &std::path::Path,
+) -> tokio::process::Child {
+    let script = user_data(ec2, instance_id).await;
+    let instance_dir = dir.join(instance_id);
+    std::fs::create_dir_all(&instance_dir).expect("instance dir");
+    boot(&script, &instance_dir)
+}
+
+/// Waits (bounded) until the user data script ends by itself; returns its exit status.
+async fn wait_exit(child: &mut tokio::process::Child, what: &str) -> std::process::ExitStatus {
+    tokio::time::timeout(WAIT_LIMIT, child.wait())
+        .await
+        .unwrap_or_else(|_| panic!("{what}: still running after {WAIT_LIMIT:?}"))
+        .expect("wait for sh")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_instances_serve_a_second_deployment_then_are_terminated_when_idle() {
+    let Some(endpoint) = emulator("pooled_instances_serve_a_second_deployment") else {
+        return;
+    };
+    let region = "ca-central-1";
+    let ec2 = ec2(&endpoint, region).await;
+    let image_id = any_image(&ec2).await;
+    let before = ids_of(&instances_of(&ec2, POOL_DEPLOYMENT_ID).await);
+    let aws = Arc::new(AwsProvider::with_sdk_config(
+        sdk_config(&endpoint, region).await,
+    ));
+    let pool = Arc::new(
+        PooledProvider::new(aws, PoolConfig::new(4).idle_timeout(Duration::from_secs(4)))
+            .expect("pool settings"),
+    );
+    let engine = engine_with(pool.clone()).await;
+
+    // A: two instances are started for the pool, not for A.
+    let a = project(&aws_yml(2, &endpoint, region, &image_id));
+    let a_id = engine
+        .engine
+        .deploy_dir(a.path())
+        .await
+        .expect("deploy A")
+        .deployment_id;
+    let view_a = wait_instances_recorded(&engine, &a_id).await;
+    let started = new_pool_instances(&ec2, &before).await;
+    assert_eq!(started.len(), 2, "one instance per node: {started:#?}");
+    let pool_ids = ids_of(&started);
+    let a_ids: BTreeSet<String> = view_a
+        .nodes
+        .iter()
+        .filter_map(|n| n.instance_id.clone())
+        .collect();
+    assert_eq!(a_ids, pool_ids);
+    for instance in &started {
+        let tags = tags_of(instance);
+        assert_eq!(
+            tags.get("taskfly:deployment-id").map(String::as_str),
+            Some(POOL_DEPLOYMENT_ID),
+            "{tags:?}"
+        );
+        assert_eq!(tags.get("team").map(String::as_str), Some("data"));
+    }
+    assert!(
+        instances_of(&ec2, &a_id).await.is_empty(),
+        "nothing is tagged with A's id"
+    );
+
+    // Each instance boots once: its user data loops, serving one node after another.
+    let boot_dir = tempfile::tempdir().expect("temp dir");
+    let mut children = Vec::new();
+    for instance_id in &pool_ids {
+        children.push(boot_one(&ec2, instance_id, boot_dir.path()).await);
+    }
+    let done_a = wait_final(&engine, &a_id).await;
+    assert_eq!(done_a.status, "completed", "{done_a:#?}");
+    wait_for_pool(&pool, "aws", "both instances idle after A", |s| {
+        s.idle == 2 && s.instances == 2
+    })
+    .await;
+
+    // B: no new instance; the same two sh processes run its nodes.
+    let b = project(&aws_yml(2, &endpoint, region, &image_id));
+    let b_id = engine
+        .engine
+        .deploy_dir(b.path())
+        .await
+        .expect("deploy B")
+        .deployment_id;
+    let view_b = wait_instances_recorded(&engine, &b_id).await;
+    let b_ids: BTreeSet<String> = view_b
+        .nodes
+        .iter()
+        .filter_map(|n| n.instance_id.clone())
+        .collect();
+    assert_eq!(b_ids, pool_ids, "B runs on A's instances");
+    let done_b = wait_final(&engine, &b_id).await;
+    assert_eq!(done_b.status, "completed", "{done_b:#?}");
+    let logs = engine.all_logs(&b_id).await;
+    // Three shards over two nodes: node 0 gets a and c, node 1 gets b.
+    for expected in [r#"node 0 shard ["a","c"]"#, r#"node 1 shard ["b"]"#] {
+        assert!(
+            logs.iter().any(|l| l.line == expected),
+            "no log line {expected:?}: {logs:#?}"
+        );
+    }
+    assert_eq!(
+        ids_of(&new_pool_instances(&ec2, &before).await),
+        pool_ids,
+        "no instance was started for B"
+    );
+    for child in &mut children {
+        assert!(
+            child.try_wait().expect("try_wait").is_none(),
+            "the user data scripts wait for the next node"
+        );
+    }
+    let stats = pool.stats("aws");
+    assert_eq!(
+        (stats.launched_total, stats.reused_total),
+        (2, 2),
+        "{stats:#?}"
+    );
+
+    // Past the idle timeout, both are terminated in EC2, and their agents leave (410).
+    let stats = wait_for_pool(&pool, "aws", "both idle instances retired", |s| {
+        s.instances == 0
+    })
+    .await;
+    assert_eq!(stats.retired_total, 2, "{stats:#?}");
+    wait_ending(&ec2, &pool_ids).await;
+    for child in &mut children {
+        let status = wait_exit(child, "a retired instance's user data").await;
+        assert!(status.success(), "user data exited with {status}");
+    }
+    engine.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spare_ec2_instance_started_ahead_runs_the_next_node() {
+    let Some(endpoint) = emulator("a_spare_ec2_instance_started_ahead") else {
+        return;
+    };
+    let region = "ap-south-1";
+    let ec2 = ec2(&endpoint, region).await;
+    let image_id = any_image(&ec2).await;
+    let before = ids_of(&instances_of(&ec2, POOL_DEPLOYMENT_ID).await);
+    let aws = Arc::new(AwsProvider::with_sdk_config(
+        sdk_config(&endpoint, region).await,
+    ));
+    let pool = Arc::new(
+        PooledProvider::new(aws, PoolConfig::new(3).provision_ahead(1)).expect("pool settings"),
+    );
+    let engine = engine_with(pool.clone()).await;
+
+    // The first node holds its instance until the test writes the go file.
+    let go = tempfile::tempdir().expect("temp dir");
+    let go_file = go.path().join("go");
+    let holding = Project::new(&aws_yml(1, &endpoint, region, &image_id)).script(&format!(
+        "#!/bin/sh\nwhile [ ! -e '{}' ]; do sleep 0.05; done\necho released\n",
+        go_file.display()
+    ));
+    let holding_id = engine
+        .engine
+        .deploy_dir(holding.path())
+        .await
+        .expect("deploy")
+        .deployment_id;
+    let view = wait_instances_recorded(&engine, &holding_id).await;
+    let first = view.nodes[0].instance_id.clone().expect("instance");
+    let stats = wait_for_pool(&pool, "aws", "the node's instance and a spare", |s| {
+        s.launched_total == 2 && s.launching == 0
+    })
+    .await;
+    assert_eq!((stats.busy, stats.idle), (1, 1), "{stats:#?}");
+    let started = ids_of(&new_pool_instances(&ec2, &before).await);
+    assert_eq!(started.len(), 2, "{started:?}");
+    let spare = started
+        .iter()
+        .find(|id| **id != first)
+        .expect("a spare")
+        .clone();
+    let boot_dir = tempfile::tempdir().expect("temp dir");
+    let mut children = Vec::new();
+    for instance_id in &started {
+        children.push(boot_one(&ec2, instance_id, boot_dir.path()).await);
+    }
+    poll_until(&engine, &holding_id, "the first node running", |view| {
+        view.nodes[0].status == "running_script"
+    })
+    .await;
+
+    let next = project(&aws_yml(1, &endpoint, region, &image_id));
+    let next_id = engine
+        .engine
+        .deploy_dir(next.path())
+        .await
+        .expect("deploy")
+        .deployment_id;
+    let done = wait_final(&engine, &next_id).await;
+    assert_eq!(done.status, "completed", "{done:#?}");
+    assert_eq!(
+        done.nodes[0].instance_id.as_deref(),
+        Some(spare.as_str()),
+        "the next node runs on the spare"
+    );
+    assert_eq!(pool.stats("aws").spares_used_total, 1);
+
+    std::fs::write(&go_file, "go").expect("write the go file");
+    let done = wait_final(&engine, &holding_id).await;
+    assert_eq!(done.status, "completed", "{done:#?}");
+    let all = ids_of(&new_pool_instances(&ec2, &before).await);
+    assert!(all.len() <= 3, "never more than the maximum: {all:?}");
+
+    // At shutdown the pool terminates every instance it keeps waiting for work.
+    wait_for_pool(&pool, "aws", "no node on any instance", |s| s.busy == 0).await;
+    engine.stop().await;
+    wait_ending(&ec2, &all).await;
+    drop(children);
 }

@@ -7,6 +7,7 @@ mod cli;
 mod durability;
 mod engine;
 mod hostile;
+mod pool;
 mod support;
 #[cfg(feature = "tls")]
 mod tls;

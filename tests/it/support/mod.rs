@@ -208,3 +208,4 @@ pub mod engine_util;
 pub mod hostile_http;
 pub mod hostile_state;
 pub mod hostile_tar;
+pub mod pool;
