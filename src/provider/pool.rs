@@ -166,7 +166,7 @@ impl PoolConfig {
 /// # fn demo() -> taskfly::Result<()> {
 /// use std::sync::Arc;
 /// use taskfly::{Config, LocalProvider, PoolConfig, PooledProvider};
-/// let local = Arc::new(LocalProvider::new("/tmp/taskfly/work"));
+/// let local = Arc::new(LocalProvider::new("/tmp/taskfly/work".into()));
 /// let pooled = PooledProvider::new(local, PoolConfig::new(8).provision_ahead(2))?;
 /// let config = Config::new("/tmp/taskfly").provider("local", Arc::new(pooled));
 /// # Ok(()) }
