@@ -468,6 +468,44 @@ async fn provision_ahead_spares_are_used_by_the_next_nodes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spares_are_kept_at_provision_ahead_however_many_nodes_start_at_once() {
+    let pooled = PoolEngine::start(PoolConfig::new(10).provision_ahead(2)).await;
+    let engine = &pooled.engine;
+    let go = tempfile::tempdir().expect("temp dir");
+    let go_file = go.path().join("go");
+    let project = Project::new(&local_yml(
+        3,
+        &format!("global_metadata: {{go_file: \"{}\"}}", go_file.display()),
+    ))
+    .script(WAIT_FOR_GO);
+    let id = engine
+        .engine
+        .deploy_dir(project.path())
+        .await
+        .expect("deploy")
+        .deployment_id;
+    // Once every node has its instance, every provision call (spares topped up included) has
+    // returned.
+    poll_until(engine, &id, "every node running", |view| {
+        view.nodes.iter().all(|n| n.status == "running_script")
+    })
+    .await;
+    let stats = pooled
+        .wait_for_pool("no launch under way", |s| s.launching == 0)
+        .await;
+    assert_eq!(
+        (stats.busy, stats.idle, stats.launched_total),
+        (3, 2, 5),
+        "3 nodes and exactly 2 spares: {stats:#?}; launched: {:?}",
+        pooled.counting.launched()
+    );
+    std::fs::write(&go_file, "go").expect("write the go file");
+    let done = wait_final(engine, &id).await;
+    assert_completed(&done, "the deployment");
+    pooled.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_pool_makes_nodes_wait_for_an_instance_rather_than_fail() {
     let pooled = PoolEngine::start(PoolConfig::new(2)).await;
     let project =
