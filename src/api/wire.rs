@@ -165,6 +165,9 @@ pub struct PoolStats {
     pub busy: u64,
     /// Instances waiting for work (spares included).
     pub idle: u64,
+    /// Instances whose agent has not asked for work yet (still booting), idle or busy.
+    #[serde(default)]
+    pub booting: u64,
     /// Instances started since the engine started.
     pub launched_total: u64,
     /// Nodes given an instance another node had used.

@@ -2,17 +2,7 @@
 //! the same deployment or another) starts on an instance that is already up instead of waiting
 //! for a new one to boot.
 //!
-//! How reuse works: a pooled instance is started with an *instance token* the pool makes, in
-//! place of a node's single-use provision token. Its agent registers with that token like any
-//! agent; the engine, finding no node for it, asks the pool, which answers with the provision
-//! token of the node the instance is assigned to (or holds the request until it has one). The
-//! registration answer says `pooled`, so once the node has ended the agent clears the node's
-//! files and registers again with the same token: back in the pool, idle. The pool never hands
-//! an instance a new node until its agent itself has asked for one, so a node's script has
-//! always ended before the instance serves another node.
-//!
-//! Instances are matched on their kind ([`Provider::instance_kind`]: for EC2, the AMI,
-//! instance type, network and tags), never shared across kinds.
+//! See [`PooledProvider`] for how reuse works.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -31,6 +21,9 @@ use crate::wire::PoolStats;
 /// The deployment id pooled instances are started under (EC2: their `taskfly:deployment-id`
 /// tag): they belong to the pool, not to the deployment of their first node.
 pub const POOL_DEPLOYMENT_ID: &str = "taskfly-pool";
+
+/// Retired instance tokens remembered (32 bytes each).
+const RETIRED_TOKENS_KEPT: usize = 4096;
 
 /// How often the pool looks for idle, lost and retired instances.
 const MAINTENANCE_PERIOD: Duration = Duration::from_secs(1);
@@ -157,7 +150,19 @@ impl PoolConfig {
     }
 }
 
-/// A [`Provider`] adapter that keeps instances for later nodes: see the [module docs](self).
+/// A [`Provider`] adapter that keeps instances for later nodes.
+///
+/// How reuse works: a pooled instance is started with an *instance token* the pool makes, in
+/// place of a node's single-use provision token. Its agent registers with that token like any
+/// agent; the engine, finding no node for it, asks the pool, which answers with the provision
+/// token of the node the instance is assigned to (or holds the request until it has one). The
+/// registration answer says `pooled`, so once the node has ended the agent clears the node's
+/// files and registers again with the same token: back in the pool, idle. The pool never hands
+/// an instance a new node until its agent itself has asked for one, so a node's script has
+/// always ended before the instance serves another node.
+///
+/// Instances are matched on their kind ([`Provider::instance_kind`]: for EC2, the AMI,
+/// instance type, network and tags), never shared across kinds.
 ///
 /// Register it like any provider; the engine finds the pool behind it through
 /// [`Provider::pool`], runs its maintenance and shows its state in `GET /stats`.
@@ -191,6 +196,11 @@ struct PoolState {
     tokens: HashMap<[u8; 32], String>,
     /// Instances being started (counted against the maximum).
     launching: usize,
+    /// Of those, spares, by kind (so concurrent top-ups do not start the same spare twice).
+    spares_launching: HashMap<String, usize>,
+    /// Tokens of instances retired and gone, so their agents are told to stop (410) rather
+    /// than refused (401); the oldest are forgotten past [`RETIRED_TOKENS_KEPT`].
+    retired_tokens: std::collections::VecDeque<[u8; 32]>,
     /// The last request of each kind, to start spares from (provision token cleared).
     templates: HashMap<String, InstanceConfig>,
     launched_total: u64,
@@ -290,6 +300,7 @@ impl PooledProvider {
             launching: state.launching as u64,
             busy: 0,
             idle: 0,
+            booting: 0,
             launched_total: state.launched_total,
             reused_total: state.reused_total,
             spares_used_total: state.spares_used_total,
@@ -302,6 +313,7 @@ impl PooledProvider {
                 SlotState::Assigned { .. } | SlotState::Busy { .. } => stats.busy += 1,
             }
             stats.instances += 1;
+            stats.booting += u64::from(slot.last_poll.is_none());
         }
         stats
     }
@@ -331,7 +343,11 @@ impl PooledProvider {
             {
                 let mut state = self.lock();
                 let Some(instance_id) = state.tokens.get(token_hash).cloned() else {
-                    return Claim::Unknown;
+                    return if state.retired_tokens.contains(token_hash) {
+                        Claim::Retired
+                    } else {
+                        Claim::Unknown
+                    };
                 };
                 let Some(slot) = state.slots.get_mut(&instance_id) else {
                     return Claim::Unknown;
@@ -397,10 +413,10 @@ impl PooledProvider {
     fn slot_of_token(&self, token_hash: &[u8; 32]) -> Option<SlotGuard<'_>> {
         let state = self.lock();
         let instance_id = state.tokens.get(token_hash)?.clone();
-        state.slots.contains_key(&instance_id).then(|| SlotGuard {
-            state,
-            instance_id,
-        })
+        state
+            .slots
+            .contains_key(&instance_id)
+            .then(|| SlotGuard { state, instance_id })
     }
 
     /// Retire an instance: its agent is told to stop, then it is terminated through the inner
@@ -433,6 +449,10 @@ impl PooledProvider {
                 Ok(()) => {
                     if let Some(slot) = state.slots.remove(instance_id) {
                         state.tokens.remove(&slot.token_hash);
+                        if state.retired_tokens.len() >= RETIRED_TOKENS_KEPT {
+                            state.retired_tokens.pop_front();
+                        }
+                        state.retired_tokens.push_back(slot.token_hash);
                     }
                 }
                 Err(e) => {
@@ -489,7 +509,8 @@ impl PooledProvider {
                 continue;
             }
             live += 1;
-            if slot.state == SlotState::Idle && now.duration_since(slot.since) >= self.config.idle_timeout
+            if slot.state == SlotState::Idle
+                && now.duration_since(slot.since) >= self.config.idle_timeout
             {
                 idle.push((slot.since, id));
             }
@@ -513,7 +534,11 @@ impl PooledProvider {
         template: &InstanceConfig,
         assign: Option<(String, String)>,
     ) -> Result<InstanceInfo, BoxError> {
-        let guard = LaunchGuard { pool: self };
+        let guard = LaunchGuard {
+            pool: self,
+            spare_kind: assign.is_none().then(|| kind.to_owned()),
+            armed: true,
+        };
         let token = auth::new_token()?;
         let token_hash = auth::hash_token(&token);
         // A random name: a restarted engine's pool must not reuse one of the last run's.
@@ -576,17 +601,17 @@ impl PooledProvider {
             let Some(template) = state.templates.get(kind).cloned() else {
                 return;
             };
-            let spares = state
-                .slots
-                .values()
-                .filter(|s| s.kind == kind && s.state == SlotState::Idle)
-                .count();
-            let room = self
-                .config
-                .max_instances
-                .saturating_sub(state.live_count());
+            let starting = state.spares_launching.get(kind).copied().unwrap_or(0);
+            let spares = starting
+                + state
+                    .slots
+                    .values()
+                    .filter(|s| s.kind == kind && s.state == SlotState::Idle)
+                    .count();
+            let room = self.config.max_instances.saturating_sub(state.live_count());
             let wanted = self.config.provision_ahead.saturating_sub(spares).min(room);
             state.launching += wanted;
+            *state.spares_launching.entry(kind.to_owned()).or_insert(0) += wanted;
             (wanted, template)
         };
         let launches = (0..wanted).map(|_| async {
@@ -696,22 +721,34 @@ impl SlotGuard<'_> {
 /// Gives back a launch reservation however the launch ends (a dropped future included).
 struct LaunchGuard<'a> {
     pool: &'a PooledProvider,
+    /// The kind, for a spare's launch.
+    spare_kind: Option<String>,
+    armed: bool,
 }
 
 impl LaunchGuard<'_> {
     /// Give the reservation back under a lock the caller already holds.
-    fn disarm(self, state: &mut PoolState) {
+    fn disarm(mut self, state: &mut PoolState) {
+        self.give_back(state);
+        self.armed = false;
+    }
+
+    fn give_back(&self, state: &mut PoolState) {
         state.launching = state.launching.saturating_sub(1);
-        std::mem::forget(self);
+        if let Some(kind) = &self.spare_kind {
+            if let Some(count) = state.spares_launching.get_mut(kind) {
+                *count = count.saturating_sub(1);
+            }
+        }
     }
 }
 
 impl Drop for LaunchGuard<'_> {
     fn drop(&mut self) {
-        let mut state = self.pool.lock();
-        state.launching = state.launching.saturating_sub(1);
-        drop(state);
-        self.pool.bump();
+        if self.armed {
+            self.give_back(&mut self.pool.lock());
+            self.pool.bump();
+        }
     }
 }
 
@@ -809,7 +846,9 @@ impl Provider for PooledProvider {
             let step = self.lock().release_step(instance_id, node_id);
             match step {
                 Release::NotPooled => return self.inner.terminate(instance_id).await,
-                Release::Retired => return self.retire(instance_id, "released while retired").await,
+                Release::Retired => {
+                    return self.retire(instance_id, "released while retired").await
+                }
                 Release::Done => {
                     self.bump();
                     return Ok(());
@@ -820,7 +859,11 @@ impl Provider for PooledProvider {
                 .await
                 .is_err()
             {
-                tracing::warn!(instance_id, node_id, "the agent of a released pooled instance did not come back; terminating it");
+                tracing::warn!(
+                    instance_id,
+                    node_id,
+                    "the agent of a released pooled instance did not come back; terminating it"
+                );
                 return self.retire(instance_id, "agent did not come back").await;
             }
         }
@@ -837,14 +880,16 @@ impl Provider for PooledProvider {
         let state = self.lock();
         Ok(owned
             .into_iter()
-            .filter_map(|mut instance| match state.slots.get(&instance.instance_id) {
-                None => Some(instance),
-                Some(slot) => {
-                    let deployment = slot.state.deployment_id()?;
-                    instance.deployment_id = deployment.to_owned();
-                    Some(instance)
-                }
-            })
+            .filter_map(
+                |mut instance| match state.slots.get(&instance.instance_id) {
+                    None => Some(instance),
+                    Some(slot) => {
+                        let deployment = slot.state.deployment_id()?;
+                        instance.deployment_id = deployment.to_owned();
+                        Some(instance)
+                    }
+                },
+            )
             .collect())
     }
 
@@ -888,6 +933,364 @@ impl std::fmt::Debug for PooledProvider {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::DeploymentConfig;
+
+    /// An inner provider that starts nothing: it names instances `i-1`, `i-2`, ... and
+    /// records what it was asked. Its instance kind is the deployment's script name, so a
+    /// test picks kinds by naming scripts.
+    #[derive(Default)]
+    struct Fake {
+        provisioned: Mutex<Vec<InstanceConfig>>,
+        terminated: Mutex<Vec<String>>,
+        /// When set, `provision` waits for a permit.
+        gate: Option<Arc<tokio::sync::Semaphore>>,
+    }
+
+    #[async_trait]
+    impl Provider for Fake {
+        async fn provision(&self, config: InstanceConfig) -> Result<InstanceInfo, BoxError> {
+            let instance_id = {
+                let mut provisioned = self.provisioned.lock().unwrap();
+                provisioned.push(config);
+                format!("i-{}", provisioned.len())
+            };
+            if let Some(gate) = &self.gate {
+                gate.acquire().await?.forget();
+            }
+            Ok(InstanceInfo {
+                instance_id,
+                ip_address: Some("10.0.0.1".into()),
+                state: InstanceState::Pending,
+            })
+        }
+
+        async fn terminate(&self, instance_id: &str) -> Result<(), BoxError> {
+            self.terminated.lock().unwrap().push(instance_id.to_owned());
+            Ok(())
+        }
+
+        async fn describe(&self, _: &str) -> Result<Option<InstanceInfo>, BoxError> {
+            Ok(None)
+        }
+
+        async fn owned_instances(&self) -> Result<Vec<OwnedInstance>, BoxError> {
+            let provisioned = self.provisioned.lock().unwrap();
+            Ok((1..=provisioned.len())
+                .map(|n| OwnedInstance {
+                    instance_id: format!("i-{n}"),
+                    deployment_id: POOL_DEPLOYMENT_ID.to_owned(),
+                    state: InstanceState::Running,
+                })
+                .collect())
+        }
+
+        fn instance_kind(&self, config: &InstanceConfig) -> String {
+            config.deployment.remote_script_to_run.clone()
+        }
+    }
+
+    impl Fake {
+        /// The instance token `i-{n}` was started with.
+        fn token(&self, n: usize) -> [u8; 32] {
+            auth::hash_token(&self.provisioned.lock().unwrap()[n - 1].provision_token)
+        }
+
+        fn terminated(&self) -> Vec<String> {
+            self.terminated.lock().unwrap().clone()
+        }
+
+        fn launched(&self) -> usize {
+            self.provisioned.lock().unwrap().len()
+        }
+    }
+
+    fn pool(config: PoolConfig) -> (Arc<Fake>, Arc<PooledProvider>) {
+        let fake = Arc::new(Fake::default());
+        let pool = PooledProvider::new(fake.clone(), config).unwrap();
+        (fake, Arc::new(pool))
+    }
+
+    /// A node's provision request; `kind` is the script name.
+    fn node(deployment_id: &str, node_id: &str, kind: &str) -> InstanceConfig {
+        let yaml = format!(
+            "cloud_provider: local\napplication_files: [{kind}]\nremote_script_to_run: {kind}\nnodes:\n  count: 1\n"
+        );
+        InstanceConfig {
+            deployment_id: deployment_id.into(),
+            node_id: node_id.into(),
+            node_index: 0,
+            attempt: 1,
+            daemon_url: "http://127.0.0.1:1".into(),
+            ca_pem: None,
+            provision_token: format!("provision-{node_id}"),
+            deployment: Arc::new(DeploymentConfig::from_yaml(&yaml).unwrap()),
+        }
+    }
+
+    /// The agent of instance `n` finishes its node and comes back: idle.
+    async fn agent_back(fake: &Fake, pool: &PooledProvider, n: usize) {
+        assert_eq!(pool.claim(&fake.token(n)).await, Claim::Wait);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_instance_is_handed_the_next_node_instead_of_a_new_launch() {
+        let (fake, pool) = pool(PoolConfig::new(4));
+        let first = pool.provision(node("d1", "d1-0", "a.sh")).await.unwrap();
+        assert_eq!(first.instance_id, "i-1");
+        let spec = fake.provisioned.lock().unwrap()[0].clone();
+        assert_eq!(spec.deployment_id, POOL_DEPLOYMENT_ID);
+        assert_ne!(
+            spec.provision_token, "provision-d1-0",
+            "the instance gets its own token"
+        );
+        assert_eq!(
+            pool.claim(&fake.token(1)).await,
+            Claim::Assigned("provision-d1-0".into())
+        );
+        assert_eq!(pool.stats("p").busy, 1);
+        agent_back(&fake, &pool, 1).await;
+        assert_eq!(pool.stats("p").idle, 1);
+
+        let second = pool.provision(node("d2", "d2-0", "a.sh")).await.unwrap();
+        assert_eq!(second.instance_id, "i-1");
+        assert_eq!(second.state, InstanceState::Running);
+        assert_eq!(
+            pool.claim(&fake.token(1)).await,
+            Claim::Assigned("provision-d2-0".into())
+        );
+        let stats = pool.stats("p");
+        assert_eq!((stats.launched_total, stats.reused_total), (1, 1));
+        assert_eq!(fake.launched(), 1);
+        assert!(fake.terminated().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unknown_token_is_not_the_pools() {
+        let (_, pool) = pool(PoolConfig::new(1));
+        assert_eq!(pool.claim(&auth::hash_token("nope")).await, Claim::Unknown);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_release_waits_for_the_agent_and_keeps_the_instance_when_it_comes_back() {
+        let (fake, pool) = pool(PoolConfig::new(2));
+        pool.provision(node("d1", "d1-0", "a.sh")).await.unwrap();
+        pool.claim(&fake.token(1)).await;
+        let release = tokio::spawn({
+            let pool = pool.clone();
+            async move { pool.release("i-1", "d1-0").await.map_err(|e| e.to_string()) }
+        });
+        tokio::task::yield_now().await;
+        assert!(!release.is_finished(), "the script may still run");
+        agent_back(&fake, &pool, 1).await;
+        release.await.unwrap().unwrap();
+        assert!(fake.terminated().is_empty());
+        assert_eq!(pool.stats("p").idle, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_agent_that_does_not_come_back_has_its_instance_terminated() {
+        let (fake, pool) = pool(PoolConfig::new(2).release_timeout(Duration::from_secs(60)));
+        pool.provision(node("d1", "d1-0", "a.sh")).await.unwrap();
+        pool.claim(&fake.token(1)).await;
+        let started = Instant::now();
+        pool.release("i-1", "d1-0").await.unwrap();
+        assert!(started.elapsed() >= Duration::from_secs(60));
+        assert_eq!(fake.terminated(), ["i-1"]);
+        let stats = pool.stats("p");
+        assert_eq!((stats.instances, stats.retired_total), (0, 1));
+        assert_eq!(pool.claim(&fake.token(1)).await, Claim::Retired);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_late_release_for_an_earlier_node_leaves_the_instance_to_its_new_node() {
+        let (fake, pool) = pool(PoolConfig::new(2));
+        pool.provision(node("d1", "d1-0", "a.sh")).await.unwrap();
+        pool.claim(&fake.token(1)).await;
+        agent_back(&fake, &pool, 1).await;
+        pool.provision(node("d2", "d2-0", "a.sh")).await.unwrap();
+        pool.release("i-1", "d1-0").await.unwrap();
+        assert_eq!(
+            pool.claim(&fake.token(1)).await,
+            Claim::Assigned("provision-d2-0".into())
+        );
+        assert!(fake.terminated().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_node_released_before_its_agent_picked_it_up_frees_the_instance_at_once() {
+        let (fake, pool) = pool(PoolConfig::new(2));
+        pool.provision(node("d1", "d1-0", "a.sh")).await.unwrap();
+        pool.release("i-1", "d1-0").await.unwrap();
+        assert_eq!(pool.stats("p").idle, 1);
+        // The agent boots later and finds no work rather than the dead node.
+        assert_eq!(pool.claim(&fake.token(1)).await, Claim::Wait);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_pool_makes_the_next_node_wait_for_a_free_instance() {
+        let (fake, pool) = pool(PoolConfig::new(1));
+        pool.provision(node("d1", "d1-0", "a.sh")).await.unwrap();
+        pool.claim(&fake.token(1)).await;
+        let waiting = tokio::spawn({
+            let pool = pool.clone();
+            async move {
+                pool.provision(node("d1", "d1-1", "a.sh"))
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+        });
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        assert!(!waiting.is_finished(), "no instance is free");
+        // The agent is back: the waiting node gets the instance while the agent's call is held.
+        assert_eq!(
+            pool.claim(&fake.token(1)).await,
+            Claim::Assigned("provision-d1-1".into())
+        );
+        assert_eq!(waiting.await.unwrap().unwrap().instance_id, "i-1");
+        assert_eq!(fake.launched(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn instances_are_never_shared_across_kinds_and_a_full_pool_retires_the_other_kind() {
+        let (fake, pool) = pool(PoolConfig::new(1));
+        pool.provision(node("d1", "d1-0", "a.sh")).await.unwrap();
+        pool.claim(&fake.token(1)).await;
+        agent_back(&fake, &pool, 1).await;
+        let other = pool.provision(node("d2", "d2-0", "b.sh")).await.unwrap();
+        assert_eq!(other.instance_id, "i-2");
+        assert_eq!(fake.terminated(), ["i-1"]);
+        assert_eq!(pool.claim(&fake.token(1)).await, Claim::Retired);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn spares_are_started_ahead_and_handed_to_later_nodes_first() {
+        let (fake, pool) = pool(PoolConfig::new(4).provision_ahead(2));
+        pool.provision(node("d1", "d1-0", "a.sh")).await.unwrap();
+        assert_eq!(fake.launched(), 3, "the node's instance and two spares");
+        agent_back(&fake, &pool, 2).await;
+        agent_back(&fake, &pool, 3).await;
+        let next = pool.provision(node("d1", "d1-1", "a.sh")).await.unwrap();
+        assert!(
+            ["i-2", "i-3"].contains(&next.instance_id.as_str()),
+            "{next:?}"
+        );
+        let stats = pool.stats("p");
+        assert_eq!(stats.spares_used_total, 1);
+        assert_eq!(fake.launched(), 4, "topped up to two spares again");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_instances_past_the_timeout_are_retired_down_to_the_minimum() {
+        let config = PoolConfig::new(4)
+            .min_instances(1)
+            .idle_timeout(Duration::from_secs(300));
+        let (fake, pool) = pool(config);
+        for n in 0..3 {
+            pool.provision(node("d1", &format!("d1-{n}"), "a.sh"))
+                .await
+                .unwrap();
+        }
+        for n in 1..=3 {
+            pool.claim(&fake.token(n)).await;
+        }
+        let cancel = CancellationToken::new();
+        let upkeep = tokio::spawn({
+            let (pool, cancel) = (pool.clone(), cancel.clone());
+            async move { pool.maintain(cancel).await }
+        });
+        // Agents poll while they wait, as real ones do (each call is held 20 s).
+        let polls = (1..=3).map(|n| {
+            let (fake, pool) = (fake.clone(), pool.clone());
+            tokio::spawn(async move { while pool.claim(&fake.token(n)).await == Claim::Wait {} })
+        });
+        let polls: Vec<_> = polls.collect();
+        tokio::time::sleep(Duration::from_secs(299)).await;
+        assert!(fake.terminated().is_empty(), "not idle long enough yet");
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let mut terminated = fake.terminated();
+        terminated.sort();
+        assert_eq!(terminated.len(), 2, "{terminated:?}");
+        let stats = pool.stats("p");
+        assert_eq!(
+            (stats.instances, stats.idle, stats.retired_total),
+            (1, 1, 2)
+        );
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert_eq!(fake.terminated().len(), 2, "the minimum stays");
+        cancel.cancel();
+        upkeep.await.unwrap();
+        for poll in polls {
+            poll.abort();
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_spare_whose_agent_never_asks_for_work_is_terminated_after_the_boot_timeout() {
+        let config = PoolConfig::new(3)
+            .provision_ahead(1)
+            .boot_timeout(Duration::from_secs(600))
+            .idle_timeout(Duration::from_secs(3600));
+        let (fake, pool) = pool(config);
+        pool.provision(node("d1", "d1-0", "a.sh")).await.unwrap();
+        pool.claim(&fake.token(1)).await;
+        let cancel = CancellationToken::new();
+        let upkeep = tokio::spawn({
+            let (pool, cancel) = (pool.clone(), cancel.clone());
+            async move { pool.maintain(cancel).await }
+        });
+        tokio::time::sleep(Duration::from_secs(602)).await;
+        assert_eq!(fake.terminated(), ["i-2"]);
+        cancel.cancel();
+        upkeep.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_provision_call_leaves_no_reservation_behind() {
+        let fake = Arc::new(Fake {
+            gate: Some(Arc::new(tokio::sync::Semaphore::new(0))),
+            ..Fake::default()
+        });
+        let pool = PooledProvider::new(fake.clone(), PoolConfig::new(1)).unwrap();
+        let call = pool.provision(node("d1", "d1-0", "a.sh"));
+        assert!(tokio::time::timeout(Duration::from_secs(5), call)
+            .await
+            .is_err());
+        let stats = pool.stats("p");
+        assert_eq!((stats.instances, stats.launching), (0, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn leak_checks_see_busy_instances_under_their_node_deployment_and_not_idle_ones() {
+        let (fake, pool) = pool(PoolConfig::new(3));
+        pool.provision(node("d1", "d1-0", "a.sh")).await.unwrap();
+        pool.provision(node("d1", "d1-1", "a.sh")).await.unwrap();
+        pool.claim(&fake.token(1)).await;
+        pool.claim(&fake.token(2)).await;
+        agent_back(&fake, &pool, 2).await;
+        // i-3 is not the pool's: a leftover of an earlier run.
+        fake.provisioned
+            .lock()
+            .unwrap()
+            .push(node("old", "old-0", "a.sh"));
+        let owned = pool.owned_instances().await.unwrap();
+        let seen: Vec<(&str, &str)> = owned
+            .iter()
+            .map(|o| (o.instance_id.as_str(), o.deployment_id.as_str()))
+            .collect();
+        assert_eq!(seen, [("i-1", "d1"), ("i-3", POOL_DEPLOYMENT_ID)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_terminates_the_instances_waiting_for_work_and_leaves_busy_ones() {
+        let (fake, pool) = pool(PoolConfig::new(3));
+        pool.provision(node("d1", "d1-0", "a.sh")).await.unwrap();
+        pool.provision(node("d1", "d1-1", "a.sh")).await.unwrap();
+        pool.claim(&fake.token(1)).await;
+        pool.claim(&fake.token(2)).await;
+        agent_back(&fake, &pool, 2).await;
+        pool.shutdown().await;
+        assert_eq!(fake.terminated(), ["i-2"]);
+    }
 
     #[test]
     fn settings_that_contradict_each_other_are_refused_naming_the_setting() {
@@ -895,8 +1298,15 @@ mod tests {
         assert!(e.to_string().contains("max_instances"), "{e}");
         let e = PoolConfig::new(2).min_instances(3).validate().unwrap_err();
         assert!(e.to_string().contains("min_instances (3)"), "{e}");
-        let e = PoolConfig::new(2).provision_ahead(2).validate().unwrap_err();
+        let e = PoolConfig::new(2)
+            .provision_ahead(2)
+            .validate()
+            .unwrap_err();
         assert!(e.to_string().contains("provision_ahead"), "{e}");
-        assert!(PoolConfig::new(2).min_instances(2).provision_ahead(1).validate().is_ok());
+        assert!(PoolConfig::new(2)
+            .min_instances(2)
+            .provision_ahead(1)
+            .validate()
+            .is_ok());
     }
 }
