@@ -124,29 +124,6 @@ fn assert_status(response: &RawResponse, expected: u16, what: &str) {
     );
 }
 
-/// Generates, for each scenario `name(agent)`, the tests `agents::rust::name` and
-/// `agents::script::name`.
-macro_rules! for_both_agents {
-    ($($name:ident),* $(,)?) => {
-        mod rust {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name("rust").await;
-                }
-            )*
-        }
-        mod script {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name("script").await;
-                }
-            )*
-        }
-    };
-}
-
 for_both_agents!(
     three_nodes_complete_each_with_its_own_slice,
     exit_3_fails_with_the_code_and_the_last_stderr_line,

@@ -808,6 +808,36 @@ async fn boot_one(
     boot(&script, &instance_dir)
 }
 
+/// An engine whose `aws` provider is a pool over EC2 at the emulator, with what a pool test
+/// needs beside it.
+struct PooledEc2 {
+    ec2: aws_sdk_ec2::Client,
+    /// An image the emulator knows.
+    image_id: String,
+    /// The pool instances already there (other tests' ones), to tell this test's apart.
+    before: BTreeSet<String>,
+    pool: Arc<PooledProvider>,
+    engine: TestEngine,
+}
+
+async fn pooled_ec2(endpoint: &str, region: &str, config: PoolConfig) -> PooledEc2 {
+    let ec2 = ec2(endpoint, region).await;
+    let image_id = any_image(&ec2).await;
+    let before = ids_of(&instances_of(&ec2, POOL_DEPLOYMENT_ID).await);
+    let aws = Arc::new(AwsProvider::with_sdk_config(
+        sdk_config(endpoint, region).await,
+    ));
+    let pool = Arc::new(PooledProvider::new(aws, config).expect("pool settings"));
+    let engine = engine_with(pool.clone()).await;
+    PooledEc2 {
+        ec2,
+        image_id,
+        before,
+        pool,
+        engine,
+    }
+}
+
 /// Waits (bounded) until the user data script ends by itself; returns its exit status.
 async fn wait_exit(child: &mut tokio::process::Child, what: &str) -> std::process::ExitStatus {
     tokio::time::timeout(WAIT_LIMIT, child.wait())
@@ -822,17 +852,18 @@ async fn pooled_instances_serve_a_second_deployment_then_are_terminated_when_idl
         return;
     };
     let region = "ca-central-1";
-    let ec2 = ec2(&endpoint, region).await;
-    let image_id = any_image(&ec2).await;
-    let before = ids_of(&instances_of(&ec2, POOL_DEPLOYMENT_ID).await);
-    let aws = Arc::new(AwsProvider::with_sdk_config(
-        sdk_config(&endpoint, region).await,
-    ));
-    let pool = Arc::new(
-        PooledProvider::new(aws, PoolConfig::new(4).idle_timeout(Duration::from_secs(4)))
-            .expect("pool settings"),
-    );
-    let engine = engine_with(pool.clone()).await;
+    let PooledEc2 {
+        ec2,
+        image_id,
+        before,
+        pool,
+        engine,
+    } = pooled_ec2(
+        &endpoint,
+        region,
+        PoolConfig::new(4).idle_timeout(Duration::from_secs(4)),
+    )
+    .await;
 
     // A: two instances are started for the pool, not for A.
     let a = project(&aws_yml(2, &endpoint, region, &image_id));
@@ -942,16 +973,13 @@ async fn a_spare_ec2_instance_started_ahead_runs_the_next_node() {
         return;
     };
     let region = "ap-south-1";
-    let ec2 = ec2(&endpoint, region).await;
-    let image_id = any_image(&ec2).await;
-    let before = ids_of(&instances_of(&ec2, POOL_DEPLOYMENT_ID).await);
-    let aws = Arc::new(AwsProvider::with_sdk_config(
-        sdk_config(&endpoint, region).await,
-    ));
-    let pool = Arc::new(
-        PooledProvider::new(aws, PoolConfig::new(3).provision_ahead(1)).expect("pool settings"),
-    );
-    let engine = engine_with(pool.clone()).await;
+    let PooledEc2 {
+        ec2,
+        image_id,
+        before,
+        pool,
+        engine,
+    } = pooled_ec2(&endpoint, region, PoolConfig::new(3).provision_ahead(1)).await;
 
     // The first node holds its instance until the test writes the go file.
     let go = tempfile::tempdir().expect("temp dir");

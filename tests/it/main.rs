@@ -1,5 +1,8 @@
 //! The integration tests: one binary, real processes, real HTTP on 127.0.0.1:0.
 
+#[macro_use]
+mod support;
+
 mod agents;
 #[cfg(feature = "aws")]
 mod aws;
@@ -8,6 +11,5 @@ mod durability;
 mod engine;
 mod hostile;
 mod pool;
-mod support;
 #[cfg(feature = "tls")]
 mod tls;

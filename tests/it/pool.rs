@@ -92,29 +92,6 @@ fn bootstrap_processes(instance_id: &str) -> Vec<u32> {
     processes_with_env(&format!("TASKFLY_AGENT_INSTANCE_ID={instance_id}"))
 }
 
-/// Generates, for each scenario `name(agent)`, the tests `pool::rust::name` and
-/// `pool::script::name`.
-macro_rules! for_both_agents {
-    ($($name:ident),* $(,)?) => {
-        mod rust {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name("rust").await;
-                }
-            )*
-        }
-        mod script {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name("script").await;
-                }
-            )*
-        }
-    };
-}
-
 for_both_agents!(
     a_second_deployment_reuses_the_idle_instances_and_sees_nothing_of_the_first,
     idle_instances_past_the_timeout_are_terminated_down_to_the_minimum,
@@ -408,24 +385,50 @@ async fn down_of_a_running_node_stops_its_script_and_returns_the_instance_to_the
 const WAIT_FOR_GO: &str =
     "#!/bin/sh\necho waiting\nwhile [ ! -e \"$GO_FILE\" ]; do sleep 0.05; done\necho released\n";
 
+/// A deployment whose nodes run [`WAIT_FOR_GO`]: they hold their instances until released.
+struct Holding {
+    id: String,
+    go_file: std::path::PathBuf,
+    _project: Project,
+    _go_dir: tempfile::TempDir,
+}
+
+impl Holding {
+    async fn deploy(engine: &TestEngine, count: u32) -> Holding {
+        let go_dir = tempfile::tempdir().expect("temp dir");
+        let go_file = go_dir.path().join("go");
+        let project = Project::new(&local_yml(
+            count,
+            &format!("global_metadata: {{go_file: \"{}\"}}", go_file.display()),
+        ))
+        .script(WAIT_FOR_GO);
+        let id = engine
+            .engine
+            .deploy_dir(project.path())
+            .await
+            .expect("deploy")
+            .deployment_id;
+        Holding {
+            id,
+            go_file,
+            _project: project,
+            _go_dir: go_dir,
+        }
+    }
+
+    /// Lets the nodes finish.
+    fn release(&self) {
+        std::fs::write(&self.go_file, "go").expect("write the go file");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn provision_ahead_spares_are_used_by_the_next_nodes() {
     let pooled = PoolEngine::start(PoolConfig::new(4).provision_ahead(2)).await;
     let engine = &pooled.engine;
-    let go = tempfile::tempdir().expect("temp dir");
-    let go_file = go.path().join("go");
     // The first node keeps its instance busy, so only the spares are free for the next ones.
-    let holding = Project::new(&local_yml(
-        1,
-        &format!("global_metadata: {{go_file: \"{}\"}}", go_file.display()),
-    ))
-    .script(WAIT_FOR_GO);
-    let holding_id = engine
-        .engine
-        .deploy_dir(holding.path())
-        .await
-        .expect("deploy")
-        .deployment_id;
+    let holding = Holding::deploy(engine, 1).await;
+    let holding_id = holding.id.clone();
     let stats = pooled
         .wait_for_pool("the node's instance plus 2 spares", |s| {
             s.launched_total == 3 && s.busy == 1 && s.idle == 2 && s.launching == 0
@@ -461,7 +464,7 @@ async fn provision_ahead_spares_are_used_by_the_next_nodes() {
         "never more than the maximum: {stats:#?}"
     );
 
-    std::fs::write(&go_file, "go").expect("write the go file");
+    holding.release();
     let done = wait_final(engine, &holding_id).await;
     assert_completed(&done, "the first deployment");
     pooled.stop().await;
@@ -471,19 +474,8 @@ async fn provision_ahead_spares_are_used_by_the_next_nodes() {
 async fn spares_are_kept_at_provision_ahead_however_many_nodes_start_at_once() {
     let pooled = PoolEngine::start(PoolConfig::new(10).provision_ahead(2)).await;
     let engine = &pooled.engine;
-    let go = tempfile::tempdir().expect("temp dir");
-    let go_file = go.path().join("go");
-    let project = Project::new(&local_yml(
-        3,
-        &format!("global_metadata: {{go_file: \"{}\"}}", go_file.display()),
-    ))
-    .script(WAIT_FOR_GO);
-    let id = engine
-        .engine
-        .deploy_dir(project.path())
-        .await
-        .expect("deploy")
-        .deployment_id;
+    let holding = Holding::deploy(engine, 3).await;
+    let id = holding.id.clone();
     // Once every node has its instance, every provision call (spares topped up included) has
     // returned.
     poll_until(engine, &id, "every node running", |view| {
@@ -499,7 +491,7 @@ async fn spares_are_kept_at_provision_ahead_however_many_nodes_start_at_once() {
         "3 nodes and exactly 2 spares: {stats:#?}; launched: {:?}",
         pooled.counting.launched()
     );
-    std::fs::write(&go_file, "go").expect("write the go file");
+    holding.release();
     let done = wait_final(engine, &id).await;
     assert_completed(&done, "the deployment");
     pooled.stop().await;

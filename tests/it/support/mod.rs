@@ -8,6 +8,29 @@ use std::path::{Path, PathBuf};
 use taskfly::wire::DeploymentView;
 use taskfly::{Client, Config, Orchestrator};
 
+/// Generates, for each scenario `async fn name(agent: &str)` of the calling module, the tests
+/// `rust::name` and `script::name`: one per node agent (`instance_config.local.agent`).
+macro_rules! for_both_agents {
+    ($($name:ident),* $(,)?) => {
+        mod rust {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name("rust").await;
+                }
+            )*
+        }
+        mod script {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name("script").await;
+                }
+            )*
+        }
+    };
+}
+
 /// The API token every test engine uses.
 pub const API_TOKEN: &str = "test-api-token-0123456789abcdef";
 
