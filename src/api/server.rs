@@ -155,7 +155,9 @@ async fn route(
                 status: "ok".to_owned(),
             },
         )),
-        (Method::GET, ["metrics"]) => metrics(orchestrator).await,
+        (Method::GET, ["metrics"]) | (Method::GET, ["api", "v1", "metrics"]) => {
+            metrics(orchestrator).await
+        }
         (_, ["api", "v1", "nodes", rest @ ..]) => {
             if let (&Method::POST, ["register"]) = (&method, rest) {
                 return register(orchestrator, registrations, peer, request).await;
@@ -701,6 +703,28 @@ async fn metrics(orchestrator: &Orchestrator) -> Result<Response<Body>> {
         "taskfly_uptime_seconds {}\n",
         stats.uptime_seconds
     ));
+    if !stats.pools.is_empty() {
+        let gauges: [(&str, &str, fn(&wire::PoolStats) -> u64); 4] = [
+            ("taskfly_pool_instances", "gauge", |p| p.instances),
+            ("taskfly_pool_idle", "gauge", |p| p.idle),
+            ("taskfly_pool_launched_total", "counter", |p| {
+                p.launched_total
+            }),
+            ("taskfly_pool_reused_total", "counter", |p| {
+                p.reused_total + p.spares_used_total
+            }),
+        ];
+        for (name, kind, value) in gauges {
+            text.push_str(&format!("# TYPE {name} {kind}\n"));
+            for pool in &stats.pools {
+                text.push_str(&format!(
+                    "{name}{{provider=\"{}\"}} {}\n",
+                    pool.provider,
+                    value(pool)
+                ));
+            }
+        }
+    }
     let mut response = Response::new(full(text.into_bytes()));
     response.headers_mut().insert(
         CONTENT_TYPE,

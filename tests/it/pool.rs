@@ -227,6 +227,17 @@ async fn a_second_deployment_reuses_the_idle_instances_and_sees_nothing_of_the_f
         assert_eq!(shown[field], expected, "{agent}: {field} in {shown:#}");
     }
     assert_eq!(shown["provider"], "local", "{shown:#}");
+    let metrics = raw_get(&engine.url, "/api/v1/metrics", None).await.text();
+    for line in [
+        "taskfly_pool_instances{provider=\"local\"} 3",
+        "taskfly_pool_launched_total{provider=\"local\"} 3",
+        "taskfly_pool_reused_total{provider=\"local\"} 3",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{agent}: no `{line}` in\n{metrics}"
+        );
+    }
 
     assert_eq!(
         processes_with_env(&format!("MARKER={marker}")),
