@@ -704,7 +704,8 @@ async fn metrics(orchestrator: &Orchestrator) -> Result<Response<Body>> {
         stats.uptime_seconds
     ));
     if !stats.pools.is_empty() {
-        let gauges: [(&str, &str, fn(&wire::PoolStats) -> u64); 4] = [
+        type Reading = fn(&wire::PoolStats) -> u64;
+        let gauges: [(&str, &str, Reading); 4] = [
             ("taskfly_pool_instances", "gauge", |p| p.instances),
             ("taskfly_pool_idle", "gauge", |p| p.idle),
             ("taskfly_pool_launched_total", "counter", |p| {
