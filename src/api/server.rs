@@ -114,6 +114,10 @@ pub(crate) async fn serve(
         });
     }
     drop(listener);
+    // Idle pooled agents' registrations are held for a while: answer them now.
+    for (_, pool) in orchestrator.pools() {
+        pool.stop_holding();
+    }
     if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
         .await
         .is_err()

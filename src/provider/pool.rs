@@ -187,6 +187,9 @@ pub struct PooledProvider {
     state: Mutex<PoolState>,
     /// Bumped on every change: wakes held registrations, releases and nodes waiting for room.
     changes: watch::Sender<u64>,
+    /// Fired when the server stops: registrations are answered at once instead of held, so a
+    /// graceful shutdown does not wait for them.
+    draining: CancellationToken,
 }
 
 #[derive(Default)]
@@ -279,6 +282,7 @@ impl PooledProvider {
             config,
             state: Mutex::new(PoolState::default()),
             changes,
+            draining: CancellationToken::new(),
         })
     }
 
@@ -384,16 +388,22 @@ impl PooledProvider {
                     }
                 }
             }
-            if tokio::time::timeout_at(deadline, changes.changed())
-                .await
-                .is_err()
-            {
+            let changed = tokio::select! {
+                changed = tokio::time::timeout_at(deadline, changes.changed()) => changed.is_ok(),
+                () = self.draining.cancelled() => false,
+            };
+            if !changed {
                 if let Some(mut found) = self.slot_of_token(token_hash) {
                     found.get().last_poll = Some(Instant::now());
                 }
                 return Claim::Wait;
             }
         }
+    }
+
+    /// Stop holding registrations: answer them at once from now on (the server is stopping).
+    pub(crate) fn stop_holding(&self) {
+        self.draining.cancel();
     }
 
     /// The engine could not register the node the instance picked up (it was terminated
@@ -1062,6 +1072,28 @@ mod tests {
         assert_eq!((stats.launched_total, stats.reused_total), (1, 1));
         assert_eq!(fake.launched(), 1);
         assert!(fake.terminated().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn once_the_server_stops_held_registrations_are_answered_at_once() {
+        let (fake, pool) = pool(PoolConfig::new(1).hold(Duration::from_secs(20)));
+        pool.provision(node("d1", "d1-0", "a.sh")).await.unwrap();
+        pool.claim(&fake.token(1)).await;
+        let held = tokio::spawn({
+            let (fake, pool) = (fake.clone(), pool.clone());
+            async move {
+                let started = Instant::now();
+                (pool.claim(&fake.token(1)).await, started.elapsed())
+            }
+        });
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        pool.stop_holding();
+        let (claim, waited) = held.await.unwrap();
+        assert_eq!(claim, Claim::Wait);
+        assert_eq!(waited, Duration::from_secs(5), "answered when the server stopped");
+        let started = Instant::now();
+        assert_eq!(pool.claim(&fake.token(1)).await, Claim::Wait);
+        assert_eq!(started.elapsed(), Duration::ZERO, "no longer held");
     }
 
     #[tokio::test(start_paused = true)]
