@@ -660,13 +660,19 @@ enum Step {
 
 impl PoolState {
     /// Release `node_id`'s hold on `instance_id`: an assignment its agent never picked up is
-    /// undone at once (the instance is idle again); a node the agent runs is waited for.
+    /// undone at once (the instance is idle again, or retired if its agent never asked for
+    /// work at all); a node the agent runs is waited for.
     fn release_step(&mut self, instance_id: &str, node_id: &str) -> Release {
         let Some(slot) = self.slots.get_mut(instance_id) else {
             return Release::NotPooled;
         };
         match &slot.state {
             SlotState::Retired => Release::Retired,
+            // Its agent has never asked for work (the node's boot timed out, or it was
+            // terminated while the instance booted): not proven healthy, so not kept.
+            SlotState::Assigned { node_id: n, .. } if n == node_id && slot.last_poll.is_none() => {
+                Release::Retired
+            }
             SlotState::Assigned { node_id: n, .. } if n == node_id => {
                 slot.state = SlotState::Idle;
                 slot.since = Instant::now();
@@ -857,7 +863,12 @@ impl Provider for PooledProvider {
             match step {
                 Release::NotPooled => return self.inner.terminate(instance_id).await,
                 Release::Retired => {
-                    return self.retire(instance_id, "released while retired").await
+                    return self
+                        .retire(
+                            instance_id,
+                            "its node let go before its agent asked for work",
+                        )
+                        .await
                 }
                 Release::Done => {
                     self.bump();
@@ -1090,7 +1101,11 @@ mod tests {
         pool.stop_holding();
         let (claim, waited) = held.await.unwrap();
         assert_eq!(claim, Claim::Wait);
-        assert_eq!(waited, Duration::from_secs(5), "answered when the server stopped");
+        assert_eq!(
+            waited,
+            Duration::from_secs(5),
+            "answered when the server stopped"
+        );
         let started = Instant::now();
         assert_eq!(pool.claim(&fake.token(1)).await, Claim::Wait);
         assert_eq!(started.elapsed(), Duration::ZERO, "no longer held");
@@ -1152,10 +1167,25 @@ mod tests {
     async fn a_node_released_before_its_agent_picked_it_up_frees_the_instance_at_once() {
         let (fake, pool) = pool(PoolConfig::new(2));
         pool.provision(node("d1", "d1-0", "a.sh")).await.unwrap();
-        pool.release("i-1", "d1-0").await.unwrap();
+        pool.claim(&fake.token(1)).await;
+        agent_back(&fake, &pool, 1).await;
+        pool.provision(node("d2", "d2-0", "a.sh")).await.unwrap();
+        pool.release("i-1", "d2-0").await.unwrap();
         assert_eq!(pool.stats("p").idle, 1);
-        // The agent boots later and finds no work rather than the dead node.
+        // The agent comes back later and finds no work rather than the dead node.
         assert_eq!(pool.claim(&fake.token(1)).await, Claim::Wait);
+        assert!(fake.terminated().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_instance_whose_agent_was_never_heard_of_is_not_kept_when_its_node_lets_go() {
+        let (fake, pool) = pool(PoolConfig::new(2));
+        pool.provision(node("d1", "d1-0", "a.sh")).await.unwrap();
+        // The node's boot timed out: the engine releases the instance.
+        pool.release("i-1", "d1-0").await.unwrap();
+        assert_eq!(fake.terminated(), ["i-1"]);
+        assert_eq!(pool.stats("p").instances, 0);
+        assert_eq!(pool.claim(&fake.token(1)).await, Claim::Retired);
     }
 
     #[tokio::test(start_paused = true)]
