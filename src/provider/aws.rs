@@ -906,6 +906,45 @@ mod tests {
         items.iter().map(|s| (*s).to_owned()).collect()
     }
 
+    /// A request for one node of a deployment whose `instance_config.aws` is `image_id: ami-1`
+    /// plus the `settings` lines.
+    fn request(settings: &str) -> InstanceConfig {
+        let yaml = format!(
+            "cloud_provider: aws\ninstance_config:\n  aws:\n    image_id: ami-1\n{settings}application_files: [setup.sh]\nnodes:\n  count: 1\n"
+        );
+        let deployment = crate::config::DeploymentConfig::from_yaml(&yaml).expect("valid yaml");
+        InstanceConfig {
+            deployment_id: "d".into(),
+            node_id: "d-0".into(),
+            node_index: 0,
+            attempt: 1,
+            daemon_url: "http://127.0.0.1:1".into(),
+            ca_pem: None,
+            provision_token: "t".into(),
+            deployment: std::sync::Arc::new(deployment),
+        }
+    }
+
+    #[test]
+    fn instances_are_of_one_kind_only_when_every_instance_setting_matches() {
+        let provider = AwsProvider::new();
+        let kind = |settings: &str| provider.instance_kind(&request(settings));
+        let base = "    instance_type: t3.micro\n";
+        assert_eq!(kind(base), kind(base));
+        for other in [
+            "    instance_type: t3.large\n".to_owned(),
+            format!("{base}    region: eu-west-1\n"),
+            format!("{base}    spot: true\n"),
+            format!("{base}    subnet_id: subnet-1\n    security_groups: [sg-1]\n"),
+            format!("{base}    iam_instance_profile: batch\n"),
+            format!("{base}    key_name: mine\n"),
+            format!("{base}    tags: {{team: other}}\n"),
+            format!("{base}    endpoint_url: http://127.0.0.1:5000\n"),
+        ] {
+            assert_ne!(kind(base), kind(&other), "{other}");
+        }
+    }
+
     #[test]
     fn tags_name_the_instance_its_deployment_and_node_after_the_users_tags() {
         let user = BTreeMap::from([("team".to_owned(), "data".to_owned())]);
