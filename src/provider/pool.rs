@@ -199,7 +199,9 @@ struct PoolState {
     tokens: HashMap<[u8; 32], String>,
     /// Instances being started (counted against the maximum).
     launching: usize,
-    /// Of those, spares, by kind (so concurrent top-ups do not start the same spare twice).
+    /// Launches ever reserved: tells the leak checks whether one started while they listed.
+    launches_started: u64,
+    /// Of those being started, spares, by kind (so concurrent top-ups do not start the same spare twice).
     spares_launching: HashMap<String, usize>,
     /// Tokens of instances retired and gone, so their agents are told to stop (410) rather
     /// than refused (401); the oldest are forgotten past [`RETIRED_TOKENS_KEPT`].
@@ -621,6 +623,7 @@ impl PooledProvider {
             let room = self.config.max_instances.saturating_sub(state.live_count());
             let wanted = self.config.provision_ahead.saturating_sub(spares).min(room);
             state.launching += wanted;
+            state.launches_started += wanted as u64;
             *state.spares_launching.entry(kind.to_owned()).or_insert(0) += wanted;
             (wanted, template)
         };
@@ -697,6 +700,7 @@ impl PoolState {
         }
         if self.live_count() < config.max_instances {
             self.launching += 1;
+            self.launches_started += 1;
             return Step::Launch;
         }
         self.slots
@@ -896,13 +900,23 @@ impl Provider for PooledProvider {
 
     /// The inner provider's instances, those the pool holds shown under the deployment they
     /// serve now and idle ones left out (the pool retires them itself).
+    ///
+    /// An instance tagged for the pool that it does not know may be one being started right
+    /// now (created, its launch call not yet returned): while a launch is under way, such
+    /// instances are left for the next round rather than reported.
     async fn owned_instances(&self) -> Result<Vec<OwnedInstance>, BoxError> {
+        let before = {
+            let state = self.lock();
+            (state.launching, state.launches_started)
+        };
         let owned = self.inner.owned_instances().await?;
         let state = self.lock();
+        let launching = before.0 > 0 || state.launching > 0 || state.launches_started != before.1;
         Ok(owned
             .into_iter()
             .filter_map(
                 |mut instance| match state.slots.get(&instance.instance_id) {
+                    None if launching && instance.deployment_id == POOL_DEPLOYMENT_ID => None,
                     None => Some(instance),
                     Some(slot) => {
                         let deployment = slot.state.deployment_id()?;
@@ -1340,6 +1354,31 @@ mod tests {
             .map(|o| (o.instance_id.as_str(), o.deployment_id.as_str()))
             .collect();
         assert_eq!(seen, [("i-1", "d1"), ("i-3", POOL_DEPLOYMENT_ID)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn leak_checks_do_not_see_an_instance_whose_launch_has_not_returned_yet() {
+        let fake = Arc::new(Fake {
+            gate: Some(Arc::new(tokio::sync::Semaphore::new(0))),
+            ..Fake::default()
+        });
+        let pool = Arc::new(PooledProvider::new(fake.clone(), PoolConfig::new(2)).unwrap());
+        let launching = tokio::spawn({
+            let pool = pool.clone();
+            async move { pool.provision(node("d1", "d1-0", "a.sh")).await.is_ok() }
+        });
+        while fake.launched() == 0 {
+            tokio::task::yield_now().await;
+        }
+        // EC2 has the instance, the pool not yet.
+        assert!(pool.owned_instances().await.unwrap().is_empty());
+        if let Some(gate) = &fake.gate {
+            gate.add_permits(1);
+        }
+        assert!(launching.await.unwrap());
+        let owned = pool.owned_instances().await.unwrap();
+        assert_eq!(owned.len(), 1);
+        assert_eq!(owned[0].deployment_id, "d1");
     }
 
     #[tokio::test(start_paused = true)]
