@@ -81,7 +81,8 @@ impl Orchestrator {
         Ok(())
     }
 
-    /// Terminate every instance a provider runs for a deployment that is unknown or final:
+    /// Terminate every instance a provider runs for a deployment that is unknown or final, or
+    /// that its node has left (see `left_by_its_node`):
     /// leaked by a crash between creating an instance and recording it, or by a terminate
     /// call that failed. An instance a live node runs on is kept whatever its tag says (a
     /// pooled instance serves deployments other than the one it was started for). Returns
@@ -113,10 +114,15 @@ impl Orchestrator {
                     // Unsure: leave it for the next round rather than kill a live node.
                     Err(_) => true,
                 };
-                if live {
+                if live && !self.left_by_its_node(&instance).await {
                     continue;
                 }
-                tracing::warn!(provider = %name, instance_id = %instance.instance_id, deployment_id = %instance.deployment_id, "terminating an instance that belongs to no live deployment");
+                let why = if live {
+                    "its node runs elsewhere or has ended"
+                } else {
+                    "it belongs to no live deployment"
+                };
+                tracing::warn!(provider = %name, instance_id = %instance.instance_id, deployment_id = %instance.deployment_id, reason = why, "terminating a leaked instance");
                 match provider.terminate(&instance.instance_id).await {
                     Ok(()) => terminated += 1,
                     Err(e) => {
@@ -126,6 +132,29 @@ impl Orchestrator {
             }
         }
         terminated
+    }
+
+    /// Whether a live deployment's instance is one its node has left: the node (named by the
+    /// provider, [`crate::OwnedInstance::node_id`]) records another instance — it was
+    /// provisioned again after a crash caught its first launch — or has ended. A node still
+    /// being provisioned is not judged: its new instance may not be recorded yet.
+    async fn left_by_its_node(&self, instance: &crate::OwnedInstance) -> bool {
+        let Some(node_id) = &instance.node_id else {
+            return false;
+        };
+        let Ok(Some(node)) = self.inner().store.node(node_id).await else {
+            return false;
+        };
+        if node.deployment_id != instance.deployment_id
+            || matches!(node.status, NodeStatus::Pending | NodeStatus::Provisioning)
+        {
+            return false;
+        }
+        let elsewhere = node
+            .instance_id
+            .as_deref()
+            .is_some_and(|id| id != instance.instance_id);
+        elsewhere || node.status.is_final()
     }
 
     /// The instances of every node not final yet; `None` when the store cannot say (then no

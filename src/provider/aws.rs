@@ -630,17 +630,21 @@ impl AwsProvider {
         while let Some(page) = pages.next().await {
             let page = page.map_err(|e| provider_error("DescribeInstances", e))?;
             for instance in page.reservations().iter().flat_map(|r| r.instances()) {
-                let deployment_id = instance
-                    .tags()
-                    .iter()
-                    .find(|tag| tag.key() == Some(DEPLOYMENT_TAG))
-                    .and_then(|tag| tag.value());
+                let tag = |key: &str| {
+                    instance
+                        .tags()
+                        .iter()
+                        .find(|tag| tag.key() == Some(key))
+                        .and_then(|tag| tag.value())
+                };
+                let deployment_id = tag(DEPLOYMENT_TAG);
                 if let (Some(instance_id), Some(deployment_id)) =
                     (instance.instance_id(), deployment_id)
                 {
                     owned.push(OwnedInstance {
                         instance_id: instance_id.to_owned(),
                         deployment_id: deployment_id.to_owned(),
+                        node_id: tag(NODE_TAG).map(str::to_owned),
                         state: instance_state(instance),
                     });
                 }

@@ -155,6 +155,10 @@ pub struct OwnedInstance {
     pub instance_id: String,
     /// The deployment it was started for.
     pub deployment_id: String,
+    /// The node it was started for, when the provider knows (EC2: the `taskfly:node-id` tag).
+    /// Lets the leak checks find an instance of a live deployment that its node no longer
+    /// uses (its node was provisioned again after a crash, or has ended).
+    pub node_id: Option<String>,
     /// Its state.
     pub state: InstanceState,
 }

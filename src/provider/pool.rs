@@ -249,17 +249,6 @@ enum SlotState {
     Retired,
 }
 
-impl SlotState {
-    fn deployment_id(&self) -> Option<&str> {
-        match self {
-            SlotState::Assigned { deployment_id, .. } | SlotState::Busy { deployment_id, .. } => {
-                Some(deployment_id)
-            }
-            SlotState::Idle | SlotState::Retired => None,
-        }
-    }
-}
-
 /// What the pool answers an agent asking for work with its instance token.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Claim {
@@ -898,8 +887,9 @@ impl Provider for PooledProvider {
         self.inner.describe(instance_id).await
     }
 
-    /// The inner provider's instances, those the pool holds shown under the deployment they
-    /// serve now and idle ones left out (the pool retires them itself).
+    /// The inner provider's instances but those the pool holds: it terminates them itself
+    /// (idle past the timeout, agent lost, released and not back, at shutdown), so a leak
+    /// check never takes a pooled instance from the node it serves or is being released by.
     ///
     /// An instance tagged for the pool that it does not know may be one being started right
     /// now (created, its launch call not yet returned): while a launch is under way, such
@@ -914,17 +904,12 @@ impl Provider for PooledProvider {
         let launching = before.0 > 0 || state.launching > 0 || state.launches_started != before.1;
         Ok(owned
             .into_iter()
-            .filter_map(
-                |mut instance| match state.slots.get(&instance.instance_id) {
-                    None if launching && instance.deployment_id == POOL_DEPLOYMENT_ID => None,
-                    None => Some(instance),
-                    Some(slot) => {
-                        let deployment = slot.state.deployment_id()?;
-                        instance.deployment_id = deployment.to_owned();
-                        Some(instance)
-                    }
-                },
-            )
+            .filter(|instance| {
+                let held = state.slots.contains_key(&instance.instance_id);
+                // Maybe one whose launch call has not returned yet.
+                let maybe_starting = launching && instance.deployment_id == POOL_DEPLOYMENT_ID;
+                !held && !maybe_starting
+            })
             .collect())
     }
 
@@ -1014,6 +999,7 @@ mod tests {
                 .map(|n| OwnedInstance {
                     instance_id: format!("i-{n}"),
                     deployment_id: POOL_DEPLOYMENT_ID.to_owned(),
+                    node_id: Some(format!("pool-{n}")),
                     state: InstanceState::Running,
                 })
                 .collect())
@@ -1336,7 +1322,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn leak_checks_see_busy_instances_under_their_node_deployment_and_not_idle_ones() {
+    async fn leak_checks_see_only_the_instances_the_pool_does_not_hold() {
         let (fake, pool) = pool(PoolConfig::new(3));
         pool.provision(node("d1", "d1-0", "a.sh")).await.unwrap();
         pool.provision(node("d1", "d1-1", "a.sh")).await.unwrap();
@@ -1353,7 +1339,7 @@ mod tests {
             .iter()
             .map(|o| (o.instance_id.as_str(), o.deployment_id.as_str()))
             .collect();
-        assert_eq!(seen, [("i-1", "d1"), ("i-3", POOL_DEPLOYMENT_ID)]);
+        assert_eq!(seen, [("i-3", POOL_DEPLOYMENT_ID)]);
     }
 
     #[tokio::test(start_paused = true)]
@@ -1376,9 +1362,16 @@ mod tests {
             gate.add_permits(1);
         }
         assert!(launching.await.unwrap());
+        // Now the pool holds it: still not the leak checks' business.
+        assert!(pool.owned_instances().await.unwrap().is_empty());
+        // An instance tagged for the pool that it does not hold, with no launch under way, is.
+        fake.provisioned
+            .lock()
+            .unwrap()
+            .push(node("old", "old-0", "a.sh"));
         let owned = pool.owned_instances().await.unwrap();
-        assert_eq!(owned.len(), 1);
-        assert_eq!(owned[0].deployment_id, "d1");
+        assert_eq!(owned.len(), 1, "{owned:?}");
+        assert_eq!(owned[0].instance_id, "i-2");
     }
 
     #[tokio::test(start_paused = true)]

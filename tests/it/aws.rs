@@ -418,7 +418,8 @@ async fn down_while_nodes_boot_leaves_no_instance_running() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_instance_of_no_live_deployment_is_terminated_and_a_live_ones_is_not() {
+async fn an_instance_of_no_live_deployment_or_left_by_its_node_is_terminated_and_a_live_ones_is_not(
+) {
     let Some(endpoint) = emulator("an_instance_of_no_live_deployment") else {
         return;
     };
@@ -465,8 +466,42 @@ async fn an_instance_of_no_live_deployment_is_terminated_and_a_live_ones_is_not(
         .expect("instance id")
         .to_owned();
 
+    // A second instance of the live deployment's node, as a crash between RunInstances and
+    // recording its result leaves behind once the node is provisioned again.
+    let node_id = view.nodes[0].node_id.clone();
+    let stray = ec2
+        .run_instances()
+        .image_id(&image_id)
+        .instance_type(aws_sdk_ec2::types::InstanceType::T3Micro)
+        .min_count(1)
+        .max_count(1)
+        .tag_specifications(
+            TagSpecification::builder()
+                .resource_type(ResourceType::Instance)
+                .tags(
+                    Tag::builder()
+                        .key("taskfly:deployment-id")
+                        .value(&live_id)
+                        .build(),
+                )
+                .tags(
+                    Tag::builder()
+                        .key("taskfly:node-id")
+                        .value(&node_id)
+                        .build(),
+                )
+                .build(),
+        )
+        .send()
+        .await
+        .expect("RunInstances");
+    let stray_id = stray.instances()[0]
+        .instance_id()
+        .expect("instance id")
+        .to_owned();
+
     let terminated = engine.engine.terminate_orphans().await;
-    assert!(terminated >= 1, "terminated {terminated}");
+    assert!(terminated >= 2, "terminated {terminated}");
     let ghosts = instances_of(&ec2, "dep-ghost").await;
     let ghost = ghosts
         .iter()
@@ -478,15 +513,26 @@ async fn an_instance_of_no_live_deployment_is_terminated_and_a_live_ones_is_not(
         state_of(ghost)
     );
     let live = instances_of(&ec2, &live_id).await;
-    assert_eq!(live.len(), 1);
-    assert_eq!(live[0].instance_id(), Some(live_instance.as_str()));
-    assert!(
-        !is_ending(&state_of(&live[0])),
-        "the live deployment's instance was terminated"
-    );
+    assert_eq!(live.len(), 2, "the node's instance and the stray one");
+    for instance in &live {
+        let id = instance.instance_id().unwrap_or_default();
+        if id == stray_id {
+            assert!(
+                is_ending(&state_of(instance)),
+                "the stray is {:?}",
+                state_of(instance)
+            );
+        } else {
+            assert_eq!(id, live_instance);
+            assert!(
+                !is_ending(&state_of(instance)),
+                "the live node's instance was terminated"
+            );
+        }
+    }
 
     engine.engine.terminate(&live_id).await.expect("terminate");
-    wait_all_ending(&ec2, &live_id, 1).await;
+    wait_all_ending(&ec2, &live_id, 2).await;
     engine.stop().await;
 }
 
