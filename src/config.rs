@@ -522,9 +522,24 @@ fn parse_document(text: &str, problems: &mut Problems) -> Option<DeploymentConfi
             script
         }
     };
-    let remote_dest_dir = fields
-        .get("remote_dest_dir")
-        .and_then(|value| string(value, &fields.path("remote_dest_dir"), problems));
+    let remote_dest_dir = fields.get("remote_dest_dir").and_then(|value| {
+        let path = fields.path("remote_dest_dir");
+        let dir = string(value, &path, problems)?;
+        // Agents must agree on the folder and know before extracting what it will be: a
+        // `..` step through a folder not made yet can land on any existing one.
+        if dir.trim() != dir {
+            problems.add(
+                &path,
+                format!("{dir:?} starts or ends with blanks; remove them"),
+            );
+        } else if dir.split('/').any(|step| step == "..") {
+            problems.add(
+                &path,
+                format!("{dir:?} has a `..` step; name the folder directly (e.g. /opt/job)"),
+            );
+        }
+        Some(dir)
+    });
     let bundle_name = fields.get("bundle_name").and_then(|value| {
         let path = fields.path("bundle_name");
         let name = string(value, &path, problems)?;
@@ -1183,6 +1198,30 @@ mod tests {
     /// A valid local deployment with one node, to which a test appends what it checks.
     const MINIMAL: &str =
         "cloud_provider: local\napplication_files: [setup.sh]\nnodes:\n  count: 1\n";
+
+    #[test]
+    fn remote_dest_dir_with_a_dotdot_step_or_blanks_around_it_is_refused() {
+        let yml = |dir: &str| {
+            format!("cloud_provider: local\napplication_files: [setup.sh]\nremote_dest_dir: {dir:?}\nnodes:\n  count: 1\n")
+        };
+        for bad in [
+            "/missing/../tmp",
+            "../up",
+            "job/..",
+            " /opt/job",
+            "/opt/job ",
+        ] {
+            let found = problems(&yml(bad));
+            assert!(
+                found.iter().any(|p| p.starts_with("remote_dest_dir")),
+                "{bad:?}: {found:?}"
+            );
+        }
+        for good in ["/opt/job", "~/job", "relative/dir", "/opt/..job"] {
+            let config = DeploymentConfig::from_yaml(&yml(good)).expect(good);
+            assert_eq!(config.remote_dest_dir.as_deref(), Some(good));
+        }
+    }
 
     fn problems(text: &str) -> Vec<String> {
         match DeploymentConfig::from_yaml(text) {
