@@ -76,7 +76,9 @@ impl Orchestrator {
                 }
             };
         }
-        Err(Error::unauthorized("unknown or already used provision token"))
+        Err(Error::unauthorized(
+            "unknown or already used provision token",
+        ))
     }
 
     /// Register `node`: its auth token and assignment.

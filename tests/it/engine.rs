@@ -1283,22 +1283,37 @@ async fn secrets_reach_the_script_and_are_masked_everywhere_else() {
     engine.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ssh_hosts_are_refused_rather_than_run_locally() {
-    let yml = "cloud_provider: local\ninstance_config:\n  local:\n    hosts: [10.0.0.5]\n    ssh_user: ops\napplication_files: [setup.sh]\nnodes:\n  count: 1\n";
+/// Deploys `yml` and expects it refused as invalid, its one problem starting with `field`, and
+/// nothing deployed.
+async fn refused_at_deploy(yml: &str, field: &str) {
     let project = Project::new(yml).script("#!/bin/sh\necho should not run\n");
     let engine = TestEngine::start().await;
     let error = engine
         .engine
         .deploy_dir(project.path())
         .await
-        .expect_err("hosts are not supported yet");
+        .expect_err("refused");
     assert!(error.is_invalid_config(), "{error}");
     assert!(
-        error.details()[0].starts_with("instance_config.local.hosts: "),
+        error.details()[0].starts_with(field),
         "{:?}",
         error.details()
     );
     assert!(engine.engine.deployments().await.expect("list").is_empty());
     engine.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_hosts_are_refused_rather_than_run_locally() {
+    let yml = "cloud_provider: local\ninstance_config:\n  local:\n    hosts: [10.0.0.5]\n    ssh_user: ops\napplication_files: [setup.sh]\nnodes:\n  count: 1\n";
+    refused_at_deploy(yml, "instance_config.local.hosts: ").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_nodes_sharing_one_remote_dest_dir_are_refused_naming_the_field() {
+    let yml = format!(
+        "{}remote_dest_dir: /tmp/taskfly-shared-job\n",
+        local_yml(3, "")
+    );
+    refused_at_deploy(&yml, "remote_dest_dir: the 3 local nodes").await;
 }
