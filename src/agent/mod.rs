@@ -1796,6 +1796,32 @@ pub(crate) mod tests {
         pub(crate) probe_seen: Vec<bool>,
         /// Notified when a registration is held by [`RegisterAnswer::Hold`].
         pub(crate) held: Arc<tokio::sync::Notify>,
+        /// Notified (all waiters) after every status or log call is recorded.
+        pub(crate) recorded: Arc<tokio::sync::Notify>,
+    }
+
+    impl Daemon {
+        /// Waits (at most 20 s) until `condition` holds of what the daemon recorded.
+        pub(crate) async fn wait_until(
+            daemon: &Mutex<Daemon>,
+            what: &str,
+            condition: impl Fn(&Daemon) -> bool,
+        ) {
+            let recorded = daemon.lock().expect("lock").recorded.clone();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                let next = recorded.notified();
+                tokio::pin!(next);
+                next.as_mut().enable();
+                if condition(&daemon.lock().expect("lock")) {
+                    return;
+                }
+                assert!(
+                    tokio::time::timeout_at(deadline, next).await.is_ok(),
+                    "timed out waiting until {what}"
+                );
+            }
+        }
     }
 
     /// One answer of the fake daemon to a registration.
@@ -1909,12 +1935,14 @@ pub(crate) mod tests {
                                     daemon
                                         .statuses
                                         .push(serde_json::from_slice(&body).expect("status"));
+                                    daemon.recorded.notify_waiters();
                                     br#"{"status":"ok"}"#.to_vec()
                                 }
                                 "/api/v1/nodes/logs" => {
                                     let logs: wire::LogsRequest =
                                         serde_json::from_slice(&body).expect("logs");
                                     daemon.lines.extend(logs.lines);
+                                    daemon.recorded.notify_waiters();
                                     br#"{"status":"ok"}"#.to_vec()
                                 }
                                 other => panic!("unexpected path {other}"),
@@ -2085,17 +2113,10 @@ pub(crate) mod tests {
         let config = AgentConfig::new(url, "provision", work.path())
             .grace_period(Duration::from_millis(200));
         let agent = tokio::spawn(run(config, cancel.clone()));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !daemon
-            .lock()
-            .expect("lock")
-            .lines
-            .iter()
-            .any(|l| l.line == "up")
-        {
-            assert!(Instant::now() < deadline, "the script never started");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        Daemon::wait_until(&daemon, "the script starts", |d| {
+            d.lines.iter().any(|l| l.line == "up")
+        })
+        .await;
         cancel.cancel();
         let report = agent.await.expect("joined").expect("agent");
         server.abort();

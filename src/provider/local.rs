@@ -628,7 +628,8 @@ mod tests {
         }
     }
 
-    /// Polls `condition` every 20 ms for up to 20 s.
+    /// Polls `condition` every 20 ms for up to 20 s: for what no event tells, like a process
+    /// group's last member being reaped by init.
     async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while !condition() {
@@ -656,13 +657,8 @@ mod tests {
         assert_eq!(info.instance_id, "local-dep-1-1");
         assert_eq!(info.ip_address.as_deref(), Some("127.0.0.1"));
         assert_eq!(info.state, InstanceState::Running);
-        eventually("the script runs", || {
-            daemon
-                .lock()
-                .expect("lock")
-                .lines
-                .iter()
-                .any(|l| l.line == "up")
+        Daemon::wait_until(&daemon, "the script runs", |d| {
+            d.lines.iter().any(|l| l.line == "up")
         })
         .await;
         let described = provider.describe("local-dep-1-1").await.expect("describe");
@@ -718,15 +714,16 @@ mod tests {
             .provision(instance(&url))
             .await
             .expect("provisioned");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let info = provider.describe("local-dep-1-1").await.expect("describe");
-            if info.map(|i| i.state) == Some(InstanceState::Terminated) {
-                break;
-            }
-            assert!(Instant::now() < deadline, "the first node never finished");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let finished = provider
+            .agents()
+            .get("local-dep-1-1")
+            .map(|agent| agent.finished.clone())
+            .expect("the agent is tracked");
+        tokio::time::timeout(Duration::from_secs(20), finished.cancelled())
+            .await
+            .expect("the first node finishes");
+        let info = provider.describe("local-dep-1-1").await.expect("describe");
+        assert_eq!(info.map(|i| i.state), Some(InstanceState::Terminated));
         assert!(daemon
             .lock()
             .expect("lock")
@@ -743,13 +740,8 @@ mod tests {
             .expect("provisioned")
             .instance_id;
         assert_eq!(id, "local-dep-1-2");
-        eventually("the second script runs", || {
-            daemon
-                .lock()
-                .expect("lock")
-                .lines
-                .iter()
-                .any(|l| l.line == "sleeping")
+        Daemon::wait_until(&daemon, "the second script runs", |d| {
+            d.lines.iter().any(|l| l.line == "sleeping")
         })
         .await;
 
