@@ -274,26 +274,10 @@ impl Resolver {
         let Some(relative) = self.relative(label, path) else {
             return;
         };
-        let canonical = match fs::canonicalize(path) {
-            Ok(canonical) => canonical,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                self.problems
-                    .push(format!("{label}: {relative} is a broken symbolic link"));
-                return;
-            }
-            Err(e) => {
-                self.problems
-                    .push(format!("{label}: cannot resolve {relative}: {e}"));
-                return;
-            }
-        };
-        if !canonical.starts_with(&self.root) {
-            self.problems.push(format!(
-                "{label}: {relative} resolves to {}, outside the project directory",
-                canonical.display()
-            ));
+        let Some(canonical) = self.resolve_inside_root(label, path, &relative, "resolves to")
+        else {
             return;
-        }
+        };
         match fs::metadata(&canonical) {
             Ok(meta) if meta.is_dir() => {
                 let mut ancestors = vec![canonical];
@@ -386,26 +370,11 @@ impl Resolver {
         relative: String,
         ancestors: &mut Vec<PathBuf>,
     ) {
-        let canonical = match fs::canonicalize(link) {
-            Ok(canonical) => canonical,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                self.problems
-                    .push(format!("{label}: {relative} is a broken symbolic link"));
-                return;
-            }
-            Err(e) => {
-                self.problems
-                    .push(format!("{label}: cannot resolve {relative}: {e}"));
-                return;
-            }
-        };
-        if !canonical.starts_with(&self.root) {
-            self.problems.push(format!(
-                "{label}: {relative} is a symbolic link to {}, outside the project directory",
-                canonical.display()
-            ));
+        let Some(canonical) =
+            self.resolve_inside_root(label, link, &relative, "is a symbolic link to")
+        else {
             return;
-        }
+        };
         match fs::metadata(&canonical) {
             Ok(meta) if meta.is_dir() => {
                 if ancestors.contains(&canonical) {
@@ -426,6 +395,40 @@ impl Resolver {
                 .problems
                 .push(format!("{label}: cannot read {relative}: {e}")),
         }
+    }
+
+    /// The canonical path of `path` (shown as `relative`), or `None` with a problem recorded
+    /// when it is a broken symbolic link, cannot be resolved, or resolves outside the root.
+    /// `leads_to` words how the path reaches its target in that last problem ("resolves to",
+    /// "is a symbolic link to").
+    fn resolve_inside_root(
+        &mut self,
+        label: &str,
+        path: &Path,
+        relative: &str,
+        leads_to: &str,
+    ) -> Option<PathBuf> {
+        let canonical = match fs::canonicalize(path) {
+            Ok(canonical) => canonical,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.problems
+                    .push(format!("{label}: {relative} is a broken symbolic link"));
+                return None;
+            }
+            Err(e) => {
+                self.problems
+                    .push(format!("{label}: cannot resolve {relative}: {e}"));
+                return None;
+            }
+        };
+        if !canonical.starts_with(&self.root) {
+            self.problems.push(format!(
+                "{label}: {relative} {leads_to} {}, outside the project directory",
+                canonical.display()
+            ));
+            return None;
+        }
+        Some(canonical)
     }
 
     /// Records one file, unless it is the top-level `taskfly.yml`.
