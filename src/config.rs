@@ -555,6 +555,25 @@ fn parse_document(text: &str, problems: &mut Problems) -> Option<DeploymentConfi
     if let Some(nodes) = &nodes {
         problems.0.extend(crate::metadata::check(nodes));
     }
+    if let (Some(CloudProvider::Local), Some(dir), Some(nodes)) =
+        (cloud_provider, &remote_dest_dir, &nodes)
+    {
+        // Local nodes all run on this machine: one folder of it (absolute, or in the home
+        // directory) would take every node's bundle, and all but the first be refused.
+        // Relative folders are taken from each node's own work directory.
+        let one_folder = dir.starts_with('/') || dir == "~" || dir.starts_with("~/");
+        if one_folder && local.hosts.is_empty() && nodes.count > 1 {
+            problems.add(
+                &fields.path("remote_dest_dir"),
+                format!(
+                    "the {} local nodes would all extract into {dir} on this machine; remove it \
+                     (each node gets a fresh folder) or make it relative (taken from each \
+                     node's work directory)",
+                    nodes.count
+                ),
+            );
+        }
+    }
 
     Some(DeploymentConfig {
         cloud_provider: cloud_provider?,
@@ -1198,6 +1217,38 @@ mod tests {
     /// A valid local deployment with one node, to which a test appends what it checks.
     const MINIMAL: &str =
         "cloud_provider: local\napplication_files: [setup.sh]\nnodes:\n  count: 1\n";
+
+    #[test]
+    fn local_nodes_may_not_share_one_absolute_remote_dest_dir() {
+        let yml = |provider: &str, count: u32, dir: &str| {
+            let section = if provider == "aws" {
+                "instance_config:\n  aws:\n    image_id: ami-1\n    instance_type: t3.micro\n"
+            } else {
+                ""
+            };
+            format!(
+                "cloud_provider: {provider}\n{section}application_files: [setup.sh]\nremote_dest_dir: {dir:?}\nnodes:\n  count: {count}\n"
+            )
+        };
+        let found = problems(&yml("local", 3, "/opt/job"));
+        assert!(
+            found
+                .iter()
+                .any(|p| p.starts_with("remote_dest_dir: the 3 local nodes")),
+            "{found:?}"
+        );
+        for shared in ["~/job", "~"] {
+            assert!(!problems(&yml("local", 2, shared)).is_empty(), "{shared}");
+        }
+        for (provider, count, dir) in [
+            ("local", 2, "job"),
+            ("local", 1, "/opt/job"),
+            ("aws", 5, "/opt/job"),
+        ] {
+            DeploymentConfig::from_yaml(&yml(provider, count, dir))
+                .unwrap_or_else(|e| panic!("{provider} {count} {dir}: {e:?}"));
+        }
+    }
 
     #[test]
     fn remote_dest_dir_with_a_dotdot_step_or_blanks_around_it_is_refused() {

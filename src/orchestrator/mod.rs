@@ -111,23 +111,6 @@ impl Live {
     }
 }
 
-/// Local nodes all run on this machine: a `remote_dest_dir` naming one folder of it (absolute,
-/// or in the home directory) would have every node extract into the same place, and all but
-/// the first refused. Relative folders are taken from each node's own work directory.
-fn shared_local_dest_dir(config: &DeploymentConfig) -> Option<String> {
-    let dir = config.remote_dest_dir.as_deref()?;
-    let local = config.cloud_provider == crate::config::CloudProvider::Local;
-    let one_folder = dir.starts_with('/') || dir == "~" || dir.starts_with("~/");
-    (local && config.local.hosts.is_empty() && one_folder && config.nodes.count > 1).then(|| {
-        format!(
-            "remote_dest_dir: the {} local nodes would all extract into {dir} on this machine; \
-             remove it (each node gets a fresh folder) or make it relative (taken from each \
-             node's work directory)",
-            config.nodes.count
-        )
-    })
-}
-
 /// Shortest piece of a cut secret that is masked at the edges of a text.
 const MIN_PARTIAL_SECRET: usize = 4;
 
@@ -411,12 +394,6 @@ impl Orchestrator {
                     "remote_script_to_run: `{}` is not in the bundle; add it to application_files",
                     config.remote_script_to_run
                 )],
-            ));
-        }
-        if let Some(problem) = shared_local_dest_dir(&config) {
-            return Err(Error::invalid_config(
-                "taskfly.yml is invalid (1 problem)",
-                vec![problem],
             ));
         }
         if config.cloud_provider == crate::config::CloudProvider::Local
@@ -1209,33 +1186,7 @@ fn create_private_file(path: &Path) -> Result<std::fs::File> {
 
 #[cfg(test)]
 mod tests {
-    use super::{mask_secrets, shared_local_dest_dir};
-    use crate::config::DeploymentConfig;
-
-    #[test]
-    fn local_nodes_may_not_share_one_remote_dest_dir() {
-        let check = |provider: &str, count: u32, dir: &str| {
-            let section = if provider == "aws" {
-                "instance_config:\n  aws:\n    image_id: ami-1\n    instance_type: t3.micro\n"
-            } else {
-                ""
-            };
-            let yml = format!(
-                "cloud_provider: {provider}\n{section}application_files: [setup.sh]\nremote_dest_dir: {dir:?}\nnodes:\n  count: {count}\n"
-            );
-            shared_local_dest_dir(&DeploymentConfig::from_yaml(&yml).expect("valid"))
-        };
-        let problem = check("local", 3, "/opt/job").expect("refused");
-        assert!(
-            problem.starts_with("remote_dest_dir: the 3 local nodes"),
-            "{problem}"
-        );
-        assert!(check("local", 2, "~/job").is_some());
-        assert!(check("local", 2, "~").is_some());
-        assert_eq!(check("local", 2, "job"), None, "relative: per node");
-        assert_eq!(check("local", 1, "/opt/job"), None, "one node");
-        assert_eq!(check("aws", 5, "/opt/job"), None, "a machine each");
-    }
+    use super::mask_secrets;
 
     #[test]
     fn secrets_are_masked_whole_and_where_a_cut_left_a_piece() {
