@@ -10,7 +10,7 @@ use hyper::Method;
 use taskfly::wire::{DeploymentView, NodeView, StatusRequest};
 use taskfly::{Client, DeploymentConfig};
 
-use crate::support::engine_http::{raw_get, raw_request, RawResponse};
+use crate::support::engine_http::{node_calls, raw_get, raw_request, RawResponse};
 use crate::support::engine_provider::{Provisioned, RecordingProvider};
 use crate::support::engine_util::{
     client_bundle, dir_names, find_named, node_lines, poll_nodes_status, poll_until, raw_bundle,
@@ -839,21 +839,7 @@ async fn a_node_reaches_only_its_own_deployment() {
         (Some(API_TOKEN), "API token"),
         (None, "no token"),
     ] {
-        let calls: [(Method, &str, Option<&str>); 4] = [
-            (Method::GET, "/api/v1/nodes/assets", None),
-            (Method::POST, "/api/v1/nodes/heartbeat", Some("{}")),
-            (
-                Method::POST,
-                "/api/v1/nodes/status",
-                Some(r#"{"status":"failed","message":"forged"}"#),
-            ),
-            (
-                Method::POST,
-                "/api/v1/nodes/logs",
-                Some(r#"{"lines":[{"stream":"stdout","line":"forged"}]}"#),
-            ),
-        ];
-        for (method, path, body) in calls {
+        for (method, path, body) in node_calls() {
             let body = body.map(|b| ("application/json", b.as_bytes().to_vec()));
             let response = raw_request(&engine.url, method.clone(), path, token, body).await;
             assert_status(&response, 401, &format!("{what} on {method} {path}"));

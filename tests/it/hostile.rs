@@ -19,7 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::cli_daemon::{Daemon, DaemonOptions};
 use crate::support::cli_run::{self, Ran};
-use crate::support::engine_http::{raw_get, raw_request, RawResponse};
+use crate::support::engine_http::{node_calls, raw_get, raw_request, RawResponse};
 use crate::support::engine_provider::{Provisioned, RecordingProvider};
 use crate::support::engine_util::{
     client_bundle, find_named, poll_nodes_status, unique_marker, POLL_LIMIT,
@@ -248,21 +248,7 @@ async fn client_endpoints_refuse_missing_wrong_and_node_tokens_and_change_nothin
     }
 
     // Node endpoints refuse the API token (engine.rs covers no token and made-up ones).
-    let node_calls: [(Method, &str, Option<&str>); 4] = [
-        (Method::GET, "/api/v1/nodes/assets", None),
-        (Method::POST, "/api/v1/nodes/heartbeat", Some("{}")),
-        (
-            Method::POST,
-            "/api/v1/nodes/status",
-            Some(r#"{"status":"failed","message":"forged"}"#),
-        ),
-        (
-            Method::POST,
-            "/api/v1/nodes/logs",
-            Some(r#"{"lines":[{"stream":"stdout","line":"forged"}]}"#),
-        ),
-    ];
-    for (method, path, body) in node_calls {
+    for (method, path, body) in node_calls() {
         let mut request = Hostile::new(method.clone(), path).bearer(API_TOKEN);
         if let Some(body) = body {
             request = request.body("application/json", body);

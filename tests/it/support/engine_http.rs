@@ -3,8 +3,9 @@
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
 use hyper::header::{AUTHORIZATION, CONTENT_TYPE};
-use hyper::{Method, Request};
+use hyper::{Method, Request, Response};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
@@ -17,6 +18,29 @@ pub struct RawResponse {
 }
 
 impl RawResponse {
+    /// Reads the whole of `response`: its status, content type and body.
+    pub async fn read(response: Response<Incoming>) -> RawResponse {
+        let status = response.status().as_u16();
+        let content_type = response
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("response body")
+            .to_bytes()
+            .to_vec();
+        RawResponse {
+            status,
+            content_type,
+            body,
+        }
+    }
+
     /// The body as text (lossy).
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
@@ -78,25 +102,26 @@ pub async fn raw_request(
             .await
             .expect("the engine answers within 30 s")
             .expect("HTTP exchange");
-    let status = response.status().as_u16();
-    let content_type = response
-        .headers()
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .expect("response body")
-        .to_bytes()
-        .to_vec();
-    RawResponse {
-        status,
-        content_type,
-        body,
-    }
+    RawResponse::read(response).await
+}
+
+/// One call of each node endpoint as (method, path, JSON body), for checking that they refuse
+/// a caller that is not the node.
+pub fn node_calls() -> [(Method, &'static str, Option<&'static str>); 4] {
+    [
+        (Method::GET, "/api/v1/nodes/assets", None),
+        (Method::POST, "/api/v1/nodes/heartbeat", Some("{}")),
+        (
+            Method::POST,
+            "/api/v1/nodes/status",
+            Some(r#"{"status":"failed","message":"forged"}"#),
+        ),
+        (
+            Method::POST,
+            "/api/v1/nodes/logs",
+            Some(r#"{"lines":[{"stream":"stdout","line":"forged"}]}"#),
+        ),
+    ]
 }
 
 /// `GET path` with a bearer token.

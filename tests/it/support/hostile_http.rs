@@ -5,8 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::header::CONTENT_TYPE;
+use http_body_util::Full;
 use hyper::{Method, Request};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -91,25 +90,7 @@ pub async fn send(base_url: &str, request: Hostile<'_>) -> RawResponse {
             )
         })
         .unwrap_or_else(|e| panic!("{} {}: {e:?}", request.method, request.path));
-    let status = response.status().as_u16();
-    let content_type = response
-        .headers()
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .expect("response body")
-        .to_bytes()
-        .to_vec();
-    RawResponse {
-        status,
-        content_type,
-        body,
-    }
+    RawResponse::read(response).await
 }
 
 /// The address of `http://HOST:PORT`.
