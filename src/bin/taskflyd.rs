@@ -72,18 +72,20 @@ struct Args {
     #[arg(long, env = "TASKFLY_POOL_IDLE_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
     pool_idle_timeout: Duration,
     /// With --pool-max: spare instances started ahead of need, beyond those in use.
-    #[arg(long, env = "TASKFLY_POOL_AHEAD", default_value_t = 0, value_name = "N")]
+    #[arg(
+        long,
+        env = "TASKFLY_POOL_AHEAD",
+        default_value_t = 0,
+        value_name = "N"
+    )]
     pool_ahead: usize,
     #[command(subcommand)]
     command: Option<DaemonCommand>,
 }
 
 impl Args {
-    /// `provider`, behind a pool when --pool-max is set.
-    fn pooled(
-        &self,
-        provider: std::sync::Arc<dyn taskfly::Provider>,
-    ) -> Result<std::sync::Arc<dyn taskfly::Provider>, String> {
+    /// The pool settings of the --pool-* flags (`None`: no pool), checked together.
+    fn pool(&self) -> Result<Option<taskfly::PoolConfig>, String> {
         if self.pool_max == 0 {
             for (flag, set) in [
                 ("--pool-min", self.pool_min > 0),
@@ -93,14 +95,8 @@ impl Args {
                     return Err(format!("{flag} needs --pool-max"));
                 }
             }
-            return Ok(provider);
+            return Ok(None);
         }
-        let pool = taskfly::PoolConfig::new(self.pool_max)
-            .min_instances(self.pool_min)
-            .idle_timeout(self.pool_idle_timeout)
-            .provision_ahead(self.pool_ahead)
-            // An agent hears of a terminate at its next heartbeat, then stops its script.
-            .release_timeout(self.heartbeat_timeout + self.grace_period + Duration::from_secs(30));
         if self.pool_min > self.pool_max {
             return Err(format!(
                 "--pool-min {} is above --pool-max {}",
@@ -113,9 +109,29 @@ impl Args {
                 self.pool_ahead, self.pool_max
             ));
         }
-        let pooled = taskfly::PooledProvider::new(provider, pool).map_err(|e| e.to_string())?;
-        Ok(std::sync::Arc::new(pooled))
+        Ok(Some(
+            taskfly::PoolConfig::new(self.pool_max)
+                .min_instances(self.pool_min)
+                .idle_timeout(self.pool_idle_timeout)
+                .provision_ahead(self.pool_ahead)
+                // An agent hears of a terminate at its next heartbeat, then stops its script.
+                .release_timeout(
+                    self.heartbeat_timeout + self.grace_period + Duration::from_secs(30),
+                ),
+        ))
     }
+}
+
+/// `provider`, behind a pool of its own when `pool` is set.
+fn pooled(
+    provider: std::sync::Arc<dyn taskfly::Provider>,
+    pool: &Option<taskfly::PoolConfig>,
+) -> Result<std::sync::Arc<dyn taskfly::Provider>, String> {
+    let Some(pool) = pool else {
+        return Ok(provider);
+    };
+    let pooled = taskfly::PooledProvider::new(provider, pool.clone()).map_err(|e| e.to_string())?;
+    Ok(std::sync::Arc::new(pooled))
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -176,6 +192,8 @@ fn main() -> ExitCode {
 }
 
 async fn serve(args: Args) -> Result<(), String> {
+    // Flags are checked before anything is created or bound.
+    let pool = args.pool()?;
     let data_dir = match args.data_dir.clone() {
         Some(dir) => dir,
         None => std::env::var_os("HOME")
@@ -229,7 +247,7 @@ async fn serve(args: Args) -> Result<(), String> {
         .heartbeat_timeout(args.heartbeat_timeout)
         .retention(Some(args.retention))
         .store(std::sync::Arc::new(store))
-        .provider("local", args.pooled(std::sync::Arc::new(local))?);
+        .provider("local", pooled(std::sync::Arc::new(local), &pool)?);
     // The certificate and key are read when the engine is made: a bad one stops the start.
     let config = match &tls {
         Some((cert_file, key_file)) => config.tls(cert_file, key_file),
@@ -240,9 +258,10 @@ async fn serve(args: Args) -> Result<(), String> {
     #[cfg(feature = "aws")]
     let config = config.provider(
         "aws",
-        args.pooled(std::sync::Arc::new(
-            taskfly::AwsProvider::new().owner(daemon_id(&data_dir)?),
-        ))?,
+        pooled(
+            std::sync::Arc::new(taskfly::AwsProvider::new().owner(daemon_id(&data_dir)?)),
+            &pool,
+        )?,
     );
     let engine = Orchestrator::new(config).map_err(|e| e.to_string())?;
     tracing::info!(listen = %address, advertise_url = %advertise, tls = tls.is_some(), data_dir = %data_dir.display(), "taskflyd listening");
