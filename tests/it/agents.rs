@@ -365,12 +365,7 @@ async fn terminating_sleeping_nodes_leaves_no_process(agent: &str) {
     ))
     .script("#!/bin/sh\necho started\nsleep 300 &\nsleep 300\n");
     let engine = TestEngine::start().await;
-    let id = engine
-        .engine
-        .deploy_dir(project.path())
-        .await
-        .expect("deploy")
-        .deployment_id;
+    let id = engine.deploy(project.path()).await;
 
     // Every node runs its script, both sleeps of each are really there, and its first line
     // has arrived.
@@ -614,12 +609,7 @@ async fn stopping_the_engine_stops_running_nodes(agent: &str) {
     ))
     .script("#!/bin/sh\necho started\nsleep 300\n");
     let engine = TestEngine::start().await;
-    let id = engine
-        .engine
-        .deploy_dir(project.path())
-        .await
-        .expect("deploy")
-        .deployment_id;
+    let id = engine.deploy(project.path()).await;
     let deadline = tokio::time::Instant::now() + POLL_LIMIT;
     let view = loop {
         let view = engine.engine.deployment(&id).await.expect("view");
@@ -677,12 +667,7 @@ async fn the_bootstrap_stops_its_script_when_a_heartbeat_answers_shutdown() {
     ))
     // The script ignores SIGTERM, so only SIGKILL after the grace period ends it.
     .script("#!/bin/sh\ntrap '' TERM\necho started\nsleep 300 &\nwait\n");
-    let id = engine
-        .engine
-        .deploy_dir(project.path())
-        .await
-        .expect("deploy")
-        .deployment_id;
+    let id = engine.deploy(project.path()).await;
     let token = provider.wait_for_provisioned(&id, 1).await[0]
         .provision_token
         .clone();
@@ -786,12 +771,7 @@ async fn the_bootstrap_gives_up_on_a_refused_registration() {
 /// provision token, for driving the node protocol by hand.
 async fn recorded_node(engine: &TestEngine, provider: &RecordingProvider, yml: &str) -> String {
     let project = Project::new(yml).script("#!/bin/sh\necho unused\n");
-    let id = engine
-        .engine
-        .deploy_dir(project.path())
-        .await
-        .expect("deploy")
-        .deployment_id;
+    let id = engine.deploy(project.path()).await;
     let calls = provider.wait_for_provisioned(&id, 1).await;
     calls[0].provision_token.clone()
 }

@@ -98,6 +98,59 @@ async fn ec2(endpoint: &str, region: &str) -> aws_sdk_ec2::Client {
     aws_sdk_ec2::Client::new(&sdk_config(endpoint, region).await)
 }
 
+/// A client of the emulator in `region`, and an image id it accepts there.
+async fn ec2_and_image(endpoint: &str, region: &str) -> (aws_sdk_ec2::Client, String) {
+    let ec2 = ec2(endpoint, region).await;
+    let image_id = any_image(&ec2).await;
+    (ec2, image_id)
+}
+
+/// The EC2 provider at the emulator, in `region`.
+async fn aws_provider(endpoint: &str, region: &str) -> AwsProvider {
+    AwsProvider::with_sdk_config(sdk_config(endpoint, region).await)
+}
+
+/// What the engine asks the provider for the first attempt of node 0 of `deployment_id`, for
+/// tests that call the provider themselves.
+fn first_node(deployment_id: &str, deployment: Arc<DeploymentConfig>) -> InstanceConfig {
+    InstanceConfig {
+        deployment_id: deployment_id.to_owned(),
+        node_id: format!("{deployment_id}-0"),
+        node_index: 0,
+        attempt: 1,
+        daemon_url: "http://127.0.0.1:9".to_owned(),
+        ca_pem: None,
+        provision_token: "00112233445566778899aabbccddeeff".to_owned(),
+        deployment,
+    }
+}
+
+/// Starts one t3.micro instance with `tags` behind the provider's back; returns its id.
+async fn run_tagged_instance(
+    ec2: &aws_sdk_ec2::Client,
+    image_id: &str,
+    tags: &[(&str, &str)],
+) -> String {
+    let mut specification = TagSpecification::builder().resource_type(ResourceType::Instance);
+    for (key, value) in tags {
+        specification = specification.tags(Tag::builder().key(*key).value(*value).build());
+    }
+    let started = ec2
+        .run_instances()
+        .image_id(image_id)
+        .instance_type(aws_sdk_ec2::types::InstanceType::T3Micro)
+        .min_count(1)
+        .max_count(1)
+        .tag_specifications(specification.build())
+        .send()
+        .await
+        .expect("RunInstances");
+    started.instances()[0]
+        .instance_id()
+        .expect("instance id")
+        .to_owned()
+}
+
 /// An image id the emulator accepts in `region`.
 async fn any_image(ec2: &aws_sdk_ec2::Client) -> String {
     let images = ec2.describe_images().send().await.expect("DescribeImages");
@@ -304,20 +357,11 @@ async fn three_nodes_run_from_their_user_data_complete_and_leave_no_instance_run
         return;
     };
     let region = "eu-west-1";
-    let ec2 = ec2(&endpoint, region).await;
-    let image_id = any_image(&ec2).await;
-    let provider = Arc::new(AwsProvider::with_sdk_config(
-        sdk_config(&endpoint, region).await,
-    ));
-    let engine = engine_with(provider).await;
+    let (ec2, image_id) = ec2_and_image(&endpoint, region).await;
+    let engine = engine_with(Arc::new(aws_provider(&endpoint, region).await)).await;
     let project = project(&aws_yml(3, &endpoint, region, &image_id));
 
-    let created = engine
-        .engine
-        .deploy_dir(project.path())
-        .await
-        .expect("deploy");
-    let id = created.deployment_id;
+    let id = engine.deploy(project.path()).await;
     let view = wait_instances_recorded(&engine, &id).await;
 
     let instances = instances_of(&ec2, &id).await;
@@ -386,20 +430,11 @@ async fn down_while_nodes_boot_leaves_no_instance_running() {
         return;
     };
     let region = "eu-west-2";
-    let ec2 = ec2(&endpoint, region).await;
-    let image_id = any_image(&ec2).await;
-    let provider = Arc::new(AwsProvider::with_sdk_config(
-        sdk_config(&endpoint, region).await,
-    ));
-    let engine = engine_with(provider).await;
+    let (ec2, image_id) = ec2_and_image(&endpoint, region).await;
+    let engine = engine_with(Arc::new(aws_provider(&endpoint, region).await)).await;
     let project = project(&aws_yml(3, &endpoint, region, &image_id));
 
-    let created = engine
-        .engine
-        .deploy_dir(project.path())
-        .await
-        .expect("deploy");
-    let id = created.deployment_id;
+    let id = engine.deploy(project.path()).await;
     wait_instances_recorded(&engine, &id).await;
     let running = instances_of(&ec2, &id).await;
     assert_eq!(running.len(), 3);
@@ -424,81 +459,29 @@ async fn an_instance_of_no_live_deployment_or_left_by_its_node_is_terminated_and
         return;
     };
     let region = "eu-west-3";
-    let ec2 = ec2(&endpoint, region).await;
-    let image_id = any_image(&ec2).await;
-    let provider = Arc::new(AwsProvider::with_sdk_config(
-        sdk_config(&endpoint, region).await,
-    ));
-    let engine = engine_with(provider).await;
+    let (ec2, image_id) = ec2_and_image(&endpoint, region).await;
+    let engine = engine_with(Arc::new(aws_provider(&endpoint, region).await)).await;
 
     let project = project(&aws_yml(1, &endpoint, region, &image_id));
-    let created = engine
-        .engine
-        .deploy_dir(project.path())
-        .await
-        .expect("deploy");
-    let live_id = created.deployment_id;
+    let live_id = engine.deploy(project.path()).await;
     let view = wait_instances_recorded(&engine, &live_id).await;
     let live_instance = view.nodes[0].instance_id.clone().expect("instance");
 
-    let ghost = ec2
-        .run_instances()
-        .image_id(&image_id)
-        .instance_type(aws_sdk_ec2::types::InstanceType::T3Micro)
-        .min_count(1)
-        .max_count(1)
-        .tag_specifications(
-            TagSpecification::builder()
-                .resource_type(ResourceType::Instance)
-                .tags(
-                    Tag::builder()
-                        .key("taskfly:deployment-id")
-                        .value("dep-ghost")
-                        .build(),
-                )
-                .build(),
-        )
-        .send()
-        .await
-        .expect("RunInstances");
-    let ghost_id = ghost.instances()[0]
-        .instance_id()
-        .expect("instance id")
-        .to_owned();
+    let ghost_id =
+        run_tagged_instance(&ec2, &image_id, &[("taskfly:deployment-id", "dep-ghost")]).await;
 
     // A second instance of the live deployment's node, as a crash between RunInstances and
     // recording its result leaves behind once the node is provisioned again.
     let node_id = view.nodes[0].node_id.clone();
-    let stray = ec2
-        .run_instances()
-        .image_id(&image_id)
-        .instance_type(aws_sdk_ec2::types::InstanceType::T3Micro)
-        .min_count(1)
-        .max_count(1)
-        .tag_specifications(
-            TagSpecification::builder()
-                .resource_type(ResourceType::Instance)
-                .tags(
-                    Tag::builder()
-                        .key("taskfly:deployment-id")
-                        .value(&live_id)
-                        .build(),
-                )
-                .tags(
-                    Tag::builder()
-                        .key("taskfly:node-id")
-                        .value(&node_id)
-                        .build(),
-                )
-                .build(),
-        )
-        .send()
-        .await
-        .expect("RunInstances");
-    let stray_id = stray.instances()[0]
-        .instance_id()
-        .expect("instance id")
-        .to_owned();
+    let stray_id = run_tagged_instance(
+        &ec2,
+        &image_id,
+        &[
+            ("taskfly:deployment-id", &live_id),
+            ("taskfly:node-id", &node_id),
+        ],
+    )
+    .await;
 
     let terminated = engine.engine.terminate_orphans().await;
     assert!(terminated >= 2, "terminated {terminated}");
@@ -580,11 +563,8 @@ async fn throttled_provisioning_is_retried_and_the_node_completes() {
         return;
     };
     let region = "eu-central-1";
-    let ec2 = ec2(&endpoint, region).await;
-    let image_id = any_image(&ec2).await;
-    let aws = Arc::new(AwsProvider::with_sdk_config(
-        sdk_config(&endpoint, region).await,
-    ));
+    let (ec2, image_id) = ec2_and_image(&endpoint, region).await;
+    let aws = Arc::new(aws_provider(&endpoint, region).await);
     let flaky = Arc::new(FailingProvider {
         inner: Some(aws),
         code: "RequestLimitExceeded",
@@ -594,12 +574,7 @@ async fn throttled_provisioning_is_retried_and_the_node_completes() {
     let engine = engine_with(flaky.clone()).await;
     let project = project(&aws_yml(1, &endpoint, region, &image_id));
 
-    let created = engine
-        .engine
-        .deploy_dir(project.path())
-        .await
-        .expect("deploy");
-    let id = created.deployment_id;
+    let id = engine.deploy(project.path()).await;
     let view = wait_instances_recorded(&engine, &id).await;
     assert_eq!(
         flaky.calls.load(Ordering::SeqCst),
@@ -678,32 +653,22 @@ async fn a_restarted_provider_finds_and_terminates_an_instance_in_another_region
         return;
     };
     let (launch_region, home_region) = ("ap-southeast-2", "ap-northeast-3");
-    let ec2_there = ec2(&endpoint, launch_region).await;
-    let image_id = any_image(&ec2_there).await;
+    let (ec2_there, image_id) = ec2_and_image(&endpoint, launch_region).await;
     let yml = aws_yml(1, &endpoint, launch_region, &image_id)
         .replace(&format!("    endpoint_url: {endpoint}\n"), "");
     let deployment = Arc::new(DeploymentConfig::from_yaml(&yml).expect("taskfly.yml"));
 
     // The daemon before its restart: launches in the deployment's region.
     let deployment_id = format!("dep-{}", unique_marker());
-    let before = AwsProvider::with_sdk_config(sdk_config(&endpoint, home_region).await);
+    let before = aws_provider(&endpoint, home_region).await;
     let info = before
-        .provision(InstanceConfig {
-            deployment_id: deployment_id.clone(),
-            node_id: format!("{deployment_id}-0"),
-            node_index: 0,
-            attempt: 1,
-            daemon_url: "http://127.0.0.1:9".to_owned(),
-            ca_pem: None,
-            provision_token: "00112233445566778899aabbccddeeff".to_owned(),
-            deployment,
-        })
+        .provision(first_node(&deployment_id, deployment))
         .await
         .expect("provision");
     assert!(info.instance_id.starts_with("i-"), "{info:?}");
 
     // After it: a new provider that never saw the instance, whose own region is another one.
-    let after = AwsProvider::with_sdk_config(sdk_config(&endpoint, home_region).await);
+    let after = aws_provider(&endpoint, home_region).await;
     let described = after
         .describe(&info.instance_id)
         .await
@@ -747,25 +712,15 @@ async fn leak_checks_keep_to_the_instances_of_their_own_owner() {
         return;
     };
     let region = "sa-east-1";
-    let ec2 = ec2(&endpoint, region).await;
-    let image_id = any_image(&ec2).await;
+    let (ec2, image_id) = ec2_and_image(&endpoint, region).await;
     let deployment_id = format!("dep-{}", unique_marker());
     let deployment = Arc::new(
         DeploymentConfig::from_yaml(&aws_yml(1, &endpoint, region, &image_id))
             .expect("taskfly.yml"),
     );
-    let ours = AwsProvider::with_sdk_config(sdk_config(&endpoint, region).await).owner("team-a");
+    let ours = aws_provider(&endpoint, region).await.owner("team-a");
     let info = ours
-        .provision(InstanceConfig {
-            deployment_id: deployment_id.clone(),
-            node_id: format!("{deployment_id}-0"),
-            node_index: 0,
-            attempt: 1,
-            daemon_url: "http://127.0.0.1:9".to_owned(),
-            ca_pem: None,
-            provision_token: "00112233445566778899aabbccddeeff".to_owned(),
-            deployment,
-        })
+        .provision(first_node(&deployment_id, deployment))
         .await
         .expect("provision");
     let instance = &instances_of(&ec2, &deployment_id).await[0];
@@ -774,15 +729,14 @@ async fn leak_checks_keep_to_the_instances_of_their_own_owner() {
         Some("team-a")
     );
 
-    let other = AwsProvider::with_sdk_config(sdk_config(&endpoint, region).await).owner("team-b");
+    let other = aws_provider(&endpoint, region).await.owner("team-b");
     let listed = other.owned_instances().await.expect("owned instances");
     assert!(
         listed.iter().all(|o| o.instance_id != info.instance_id),
         "another owner's leak check lists our instance: {listed:?}"
     );
     // The same owner after a restart lists it, with its deployment.
-    let restarted =
-        AwsProvider::with_sdk_config(sdk_config(&endpoint, region).await).owner("team-a");
+    let restarted = aws_provider(&endpoint, region).await.owner("team-a");
     let listed = restarted.owned_instances().await.expect("owned instances");
     assert!(
         listed
@@ -867,12 +821,9 @@ struct PooledEc2 {
 }
 
 async fn pooled_ec2(endpoint: &str, region: &str, config: PoolConfig) -> PooledEc2 {
-    let ec2 = ec2(endpoint, region).await;
-    let image_id = any_image(&ec2).await;
+    let (ec2, image_id) = ec2_and_image(endpoint, region).await;
     let before = ids_of(&instances_of(&ec2, POOL_DEPLOYMENT_ID).await);
-    let aws = Arc::new(AwsProvider::with_sdk_config(
-        sdk_config(endpoint, region).await,
-    ));
+    let aws = Arc::new(aws_provider(endpoint, region).await);
     let pool = Arc::new(PooledProvider::new(aws, config).expect("pool settings"));
     let engine = engine_with(pool.clone()).await;
     PooledEc2 {
@@ -1034,12 +985,7 @@ async fn a_spare_ec2_instance_started_ahead_runs_the_next_node() {
         "#!/bin/sh\nwhile [ ! -e '{}' ]; do sleep 0.05; done\necho released\n",
         go_file.display()
     ));
-    let holding_id = engine
-        .engine
-        .deploy_dir(holding.path())
-        .await
-        .expect("deploy")
-        .deployment_id;
+    let holding_id = engine.deploy(holding.path()).await;
     let view = wait_instances_recorded(&engine, &holding_id).await;
     let first = view.nodes[0].instance_id.clone().expect("instance");
     let stats = wait_for_pool(&pool, "aws", "the node's instance and a spare", |s| {
@@ -1065,12 +1011,7 @@ async fn a_spare_ec2_instance_started_ahead_runs_the_next_node() {
     .await;
 
     let next = project(&aws_yml(1, &endpoint, region, &image_id));
-    let next_id = engine
-        .engine
-        .deploy_dir(next.path())
-        .await
-        .expect("deploy")
-        .deployment_id;
+    let next_id = engine.deploy(next.path()).await;
     let done = wait_final(&engine, &next_id).await;
     assert_eq!(done.status, "completed", "{done:#?}");
     assert_eq!(

@@ -53,12 +53,7 @@ async fn deploy_recorded(
     project: &Project,
     count: usize,
 ) -> (String, Vec<Provisioned>) {
-    let created = engine
-        .engine
-        .deploy_dir(project.path())
-        .await
-        .expect("deploy");
-    let id = created.deployment_id;
+    let id = engine.deploy(project.path()).await;
     let calls = provider.wait_for_provisioned(&id, count).await;
     assert_eq!(calls.len(), count);
     poll_nodes_status(engine, &id, "booting").await;
@@ -899,12 +894,7 @@ async fn a_node_registering_before_its_instance_is_recorded_keeps_its_instance()
     let (provider, gate) = RecordingProvider::gated();
     let engine = TestEngine::start_with(|c| c.provider("local", provider.as_provider())).await;
     let project = Project::new(&local_yml(1, "")).script("#!/bin/sh\necho unused\n");
-    let created = engine
-        .engine
-        .deploy_dir(project.path())
-        .await
-        .expect("deploy");
-    let id = created.deployment_id;
+    let id = engine.deploy(project.path()).await;
     let call = provider.wait_for_provisioned(&id, 1).await.remove(0);
 
     // The engine is still inside `provision`: the agent registers now.
@@ -994,12 +984,7 @@ async fn terminating_running_nodes_kills_their_scripts() {
     ))
     .script("#!/bin/sh\necho started\nsleep 300\n");
     let engine = TestEngine::start().await;
-    let created = engine
-        .engine
-        .deploy_dir(project.path())
-        .await
-        .expect("deploy");
-    let id = created.deployment_id;
+    let id = engine.deploy(project.path()).await;
 
     // Every node runs its script, and the scripts are really there.
     poll_until(&engine, &id, "3 scripts running", |view| {

@@ -96,12 +96,7 @@ async fn deploy_recorded(
     nodes: u32,
 ) -> (String, Vec<Provisioned>) {
     let project = Project::new(&local_yml(nodes, "")).script(SCRIPT);
-    let created = engine
-        .engine
-        .deploy_dir(project.path())
-        .await
-        .expect("deploy");
-    let id = created.deployment_id;
+    let id = engine.deploy(project.path()).await;
     let calls = provider.wait_for_provisioned(&id, nodes as usize).await;
     poll_nodes_status(engine, &id, "booting").await;
     (id, calls)

@@ -47,12 +47,7 @@ async fn wait_final(engine: &TestEngine, id: &str) -> DeploymentView {
 
 /// Deploys the project and waits (bounded) until the deployment is final.
 async fn run(engine: &TestEngine, project: &Project) -> DeploymentView {
-    let id = engine
-        .engine
-        .deploy_dir(project.path())
-        .await
-        .expect("deploy")
-        .deployment_id;
+    let id = engine.deploy(project.path()).await;
     wait_final(engine, &id).await
 }
 
@@ -334,12 +329,7 @@ async fn down_of_a_running_node_stops_its_script_and_returns_the_instance_to_the
         &format!("global_metadata: {{marker: {marker}}}"),
     ))
     .script("#!/bin/sh\necho started\nsleep 1000\necho never\n");
-    let id = engine
-        .engine
-        .deploy_dir(sleeping.path())
-        .await
-        .expect("deploy")
-        .deployment_id;
+    let id = engine.deploy(sleeping.path()).await;
     let view = poll_until(engine, &id, "the script running", |view| {
         view.nodes.iter().all(|n| n.status == "running_script")
             && !processes_with_env(&env_marker).is_empty()
@@ -413,12 +403,7 @@ impl Holding {
             &format!("global_metadata: {{go_file: \"{}\"}}", go_file.display()),
         ))
         .script(WAIT_FOR_GO);
-        let id = engine
-            .engine
-            .deploy_dir(project.path())
-            .await
-            .expect("deploy")
-            .deployment_id;
+        let id = engine.deploy(project.path()).await;
         Holding {
             id,
             go_file,

@@ -102,13 +102,19 @@ impl TestEngine {
         Client::new(&self.url, Some(API_TOKEN.to_owned())).expect("client")
     }
 
+    /// Deploy a project folder; returns the deployment id.
+    pub async fn deploy(&self, project: &Path) -> String {
+        self.engine
+            .deploy_dir(project)
+            .await
+            .expect("deploy")
+            .deployment_id
+    }
+
     /// Deploy a project folder and wait for the deployment to be final.
     pub async fn run(&self, project: &Path) -> DeploymentView {
-        let created = self.engine.deploy_dir(project).await.expect("deploy");
-        self.engine
-            .wait(&created.deployment_id)
-            .await
-            .expect("wait")
+        let id = self.deploy(project).await;
+        self.engine.wait(&id).await.expect("wait")
     }
 
     /// Every log line of a deployment, in order.
