@@ -230,7 +230,7 @@ struct Slot {
     terminating: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 enum SlotState {
     /// Handed a node whose agent has not picked it up yet.
     Assigned {
@@ -249,8 +249,35 @@ enum SlotState {
     Retired,
 }
 
+impl std::fmt::Debug for SlotState {
+    /// Leaves out the provision token of an assignment.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SlotState::Assigned {
+                node_id,
+                deployment_id,
+                ..
+            } => f
+                .debug_struct("Assigned")
+                .field("node_id", node_id)
+                .field("deployment_id", deployment_id)
+                .finish_non_exhaustive(),
+            SlotState::Busy {
+                node_id,
+                deployment_id,
+            } => f
+                .debug_struct("Busy")
+                .field("node_id", node_id)
+                .field("deployment_id", deployment_id)
+                .finish(),
+            SlotState::Idle => f.write_str("Idle"),
+            SlotState::Retired => f.write_str("Retired"),
+        }
+    }
+}
+
 /// What the pool answers an agent asking for work with its instance token.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(PartialEq, Eq)]
 pub(crate) enum Claim {
     /// Not a token of this pool.
     Unknown,
@@ -260,6 +287,25 @@ pub(crate) enum Claim {
     Wait,
     /// The instance is being terminated; stop.
     Retired,
+}
+
+impl std::fmt::Debug for Claim {
+    /// Shows which provision token only by its hash's first bytes.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Claim::Unknown => f.write_str("Unknown"),
+            Claim::Assigned(token) => {
+                let hash = auth::hash_token(token);
+                write!(
+                    f,
+                    "Assigned(token hash {:02x}{:02x}{:02x}{:02x}…)",
+                    hash[0], hash[1], hash[2], hash[3]
+                )
+            }
+            Claim::Wait => f.write_str("Wait"),
+            Claim::Retired => f.write_str("Retired"),
+        }
+    }
 }
 
 impl PooledProvider {
@@ -1384,6 +1430,18 @@ mod tests {
         agent_back(&fake, &pool, 2).await;
         pool.shutdown().await;
         assert_eq!(fake.terminated(), ["i-2"]);
+    }
+
+    #[test]
+    fn debug_output_never_shows_a_provision_token() {
+        let state = SlotState::Assigned {
+            node_id: "d1-0".into(),
+            deployment_id: "d1".into(),
+            provision_token: "SECRET-TOKEN".into(),
+        };
+        let shown = format!("{state:?} {:?}", Claim::Assigned("SECRET-TOKEN".into()));
+        assert!(!shown.contains("SECRET-TOKEN"), "{shown}");
+        assert!(shown.contains("d1-0"), "{shown}");
     }
 
     #[test]
