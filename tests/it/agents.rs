@@ -3,7 +3,6 @@
 //! and both must behave the same (SPEC §2–§4). Then the bootstrap's shell-friendly additions
 //! to the node protocol, over raw HTTP.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use hyper::Method;
@@ -11,7 +10,10 @@ use taskfly::wire::{DeploymentView, NodeView};
 
 use crate::support::engine_http::{raw_request, RawResponse};
 use crate::support::engine_provider::RecordingProvider;
-use crate::support::engine_util::{find_named, node_lines, unique_marker, POLL_LIMIT};
+use crate::support::engine_util::{
+    find_named, global_metadata_yml, hex, metadata_values_to_misread, node_lines, print_hex_of,
+    unique_marker, POLL_LIMIT,
+};
 use crate::support::{local_yml, processes_with_env, Project, TestEngine};
 
 // ---------------------------------------------------------------------------------------------
@@ -38,11 +40,6 @@ fn node_output(logs: &[taskfly::wire::LogLineView], index: u32) -> Vec<(String, 
         .filter(|l| l.node_index == index)
         .map(|l| (l.stream.clone(), l.line.clone()))
         .collect()
-}
-
-/// The hex of `bytes`, as `od -An -v -tx1 | tr -d ' \n'` prints it.
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Processes of a script-mode node's bootstrap (they carry its instance id).
@@ -233,38 +230,14 @@ async fn exit_3_fails_with_the_code_and_the_last_stderr_line(agent: &str) {
 async fn hostile_values_arrive_byte_for_byte_and_nothing_executes(agent: &str) {
     let marker = unique_marker();
     let pwned = format!("PWNED_{marker}");
-    let values: BTreeMap<&str, String> = [
-        ("dq", r#"say "hi" and "bye""#.to_owned()),
-        ("sq", "it's 'quoted' '\\''".to_owned()),
-        ("sub", format!("$(touch {pwned}_sub)")),
-        ("bt", format!("`touch {pwned}_bt`")),
-        ("nl", "first line\nsecond line\n\nfourth line".to_owned()),
-        ("semi", format!("a; touch {pwned}_semi; echo b")),
-        ("uni", "héllo ✓ — 日本".to_owned()),
-        (
-            "mix",
-            format!("\"'$HOME ${{PATH}} \\ back\\slash\t| & > {pwned}_redirect < * ? ~ !"),
-        ),
-        ("pad", "  padded  \n".to_owned()),
-        ("path", "/not/a/real/path".to_owned()),
-    ]
-    .into_iter()
-    .collect();
-    // YAML accepts JSON strings, so serde_json writes each value exactly.
-    let mut extra = String::from("global_metadata:\n");
-    for (key, value) in &values {
-        extra.push_str(&format!(
-            "  {key}: {}\n",
-            serde_json::to_string(value).expect("json")
-        ));
-    }
+    let mut values = metadata_values_to_misread(&pwned);
+    values.insert("sq", "it's 'quoted' '\\''".to_owned());
+    values.insert("path", "/not/a/real/path".to_owned());
+    let extra = global_metadata_yml(&values);
     // The script gets a PATH of its own (`path` above), so it names its tools absolutely.
     let mut script = String::from("#!/bin/sh\nexport PATH=/usr/bin:/bin\n");
     for key in values.keys().filter(|k| **k != "path") {
-        let name = key.to_ascii_uppercase();
-        script.push_str(&format!(
-            "printf '{name}='; printf '%s' \"${name}\" | od -An -v -tx1 | tr -d ' \\n'; echo\n"
-        ));
+        script.push_str(&print_hex_of(key));
     }
     script.push_str("printf 'raw uni=%s\\n' \"$UNI\"\n");
     let project = Project::new(&agent_yml(agent, 1, &extra)).script(&script);

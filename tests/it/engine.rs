@@ -1,7 +1,6 @@
 //! The engine end to end: deployments on real local processes, the node protocol driven over
 //! real HTTP, hostile bundles, secrets, and what is left behind afterwards (SPEC §1–§4).
 
-use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
@@ -13,8 +12,8 @@ use taskfly::{Client, DeploymentConfig};
 use crate::support::engine_http::{node_calls, raw_get, raw_request, RawResponse};
 use crate::support::engine_provider::{Provisioned, RecordingProvider};
 use crate::support::engine_util::{
-    client_bundle, dir_names, find_named, node_lines, poll_nodes_status, poll_until, raw_bundle,
-    unique_marker, RawEntry,
+    client_bundle, dir_names, find_named, global_metadata_yml, hex, metadata_values_to_misread,
+    node_lines, poll_nodes_status, poll_until, print_hex_of, raw_bundle, unique_marker, RawEntry,
 };
 use crate::support::{local_yml, processes_with_env, Project, TestEngine, API_TOKEN};
 
@@ -58,11 +57,6 @@ async fn deploy_recorded(
     assert_eq!(calls.len(), count);
     poll_nodes_status(engine, &id, "booting").await;
     (id, calls)
-}
-
-/// The hex of `bytes`, as `od -An -v -tx1 | tr -d ' \n'` prints it.
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The deployment's folder in the engine's data dir.
@@ -202,36 +196,12 @@ async fn a_node_exiting_3_fails_the_deployment_with_its_code_and_last_stderr_lin
 async fn metadata_values_reach_the_script_byte_for_byte_and_nothing_is_evaluated() {
     let marker = unique_marker();
     let pwned = format!("PWNED_{marker}");
-    let values: BTreeMap<&str, String> = [
-        ("dq", r#"say "hi" and "bye""#.to_owned()),
-        ("sq", "it's 'quoted'".to_owned()),
-        ("sub", format!("$(touch {pwned}_sub)")),
-        ("bt", format!("`touch {pwned}_bt`")),
-        ("nl", "first line\nsecond line\n\nfourth line".to_owned()),
-        ("semi", format!("a; touch {pwned}_semi; echo b")),
-        ("uni", "héllo ✓ — 日本".to_owned()),
-        (
-            "mix",
-            format!("\"'$HOME ${{PATH}} \\ back\\slash\t| & > {pwned}_redirect < * ? ~ !"),
-        ),
-        ("pad", "  padded  \n".to_owned()),
-    ]
-    .into_iter()
-    .collect();
-    // YAML accepts JSON strings, so serde_json writes each value exactly.
-    let mut extra = String::from("global_metadata:\n");
-    for (key, value) in &values {
-        extra.push_str(&format!(
-            "  {key}: {}\n",
-            serde_json::to_string(value).expect("json")
-        ));
-    }
+    let mut values = metadata_values_to_misread(&pwned);
+    values.insert("sq", "it's 'quoted'".to_owned());
+    let extra = global_metadata_yml(&values);
     let mut script = String::from("#!/bin/sh\n");
     for key in values.keys() {
-        let name = key.to_ascii_uppercase();
-        script.push_str(&format!(
-            "printf '{name}='; printf '%s' \"${name}\" | od -An -v -tx1 | tr -d ' \\n'; echo\n"
-        ));
+        script.push_str(&print_hex_of(key));
     }
     script.push_str("printf 'raw uni=%s\\n' \"$UNI\"\nprintf '%s\\n' \"$NL\"\n");
     let project = Project::new(&local_yml(1, &extra)).script(&script);

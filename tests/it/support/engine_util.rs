@@ -1,6 +1,7 @@
 //! Helpers for the engine tests: hand-built (hostile) bundles, bounded polling of a
 //! deployment's state, unique markers and file searches.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -17,6 +18,55 @@ pub fn unique_marker() -> String {
     let mut bytes = [0u8; 12];
     getrandom::fill(&mut bytes).expect("random bytes");
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The hex of `bytes`, as `od -An -v -tx1 | tr -d ' \n'` (the script of [`print_hex_of`])
+/// prints it.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Metadata values a careless shell would misread or run, keyed by name: quotes, command
+/// substitutions, newlines, a `;`, non-ASCII text, redirections and globs, blanks around. The
+/// ones that would run something touch a file named `{pwned}_…`. Each test adds its own `sq`
+/// (single quotes).
+pub fn metadata_values_to_misread(pwned: &str) -> BTreeMap<&'static str, String> {
+    [
+        ("dq", r#"say "hi" and "bye""#.to_owned()),
+        ("sub", format!("$(touch {pwned}_sub)")),
+        ("bt", format!("`touch {pwned}_bt`")),
+        ("nl", "first line\nsecond line\n\nfourth line".to_owned()),
+        ("semi", format!("a; touch {pwned}_semi; echo b")),
+        ("uni", "héllo ✓ — 日本".to_owned()),
+        (
+            "mix",
+            format!("\"'$HOME ${{PATH}} \\ back\\slash\t| & > {pwned}_redirect < * ? ~ !"),
+        ),
+        ("pad", "  padded  \n".to_owned()),
+    ]
+    .into_iter()
+    .collect()
+}
+
+/// The `global_metadata:` lines of a `taskfly.yml` (for [`local_yml`](super::local_yml)'s
+/// `nodes:`) setting `values`.
+pub fn global_metadata_yml(values: &BTreeMap<&str, String>) -> String {
+    // YAML accepts JSON strings, so serde_json writes each value exactly.
+    let mut yml = String::from("global_metadata:\n");
+    for (key, value) in values {
+        yml.push_str(&format!(
+            "  {key}: {}\n",
+            serde_json::to_string(value).expect("json")
+        ));
+    }
+    yml
+}
+
+/// A script line printing `KEY=` and the hex of the environment variable `KEY` (`key` in
+/// upper case), which [`hex`] matches.
+pub fn print_hex_of(key: &str) -> String {
+    let name = key.to_ascii_uppercase();
+    format!("printf '{name}='; printf '%s' \"${name}\" | od -An -v -tx1 | tr -d ' \\n'; echo\n")
 }
 
 /// Polls the deployment (waking on every engine change, at least every 100 ms) until `done`
