@@ -26,6 +26,28 @@ fn hello_project(count: u32) -> Project {
     Project::new(&local_yml(count, "")).script(HELLO_SCRIPT)
 }
 
+/// Checks that `ran` streamed both lines of [`HELLO_SCRIPT`] for each of `nodes` nodes, each
+/// with its node's prefix, and ended with a deployment summary; returns that summary line.
+fn assert_hello_output(ran: &Ran, nodes: u32) -> &str {
+    for i in 0..nodes {
+        assert!(
+            ran.stdout
+                .contains(&format!("[node {i}] hello from node {i}\n")),
+            "{}",
+            ran.show()
+        );
+        assert!(
+            ran.stdout
+                .contains(&format!("[node {i}] bye from node {i}\n")),
+            "{}",
+            ran.show()
+        );
+    }
+    let summary = ran.stdout.lines().last().unwrap_or_default();
+    assert!(summary.starts_with("deployment dep-"), "{}", ran.show());
+    summary
+}
+
 /// Nodes whose index is 1 write to stderr and exit 3; the others complete.
 fn failing_project() -> Project {
     Project::new(&local_yml(2, "")).script(
@@ -105,22 +127,7 @@ fn up_wait_text_streams_logs_then_a_summary() {
         DEPLOYMENT_LIMIT,
     );
     ran.expect_success();
-    for i in 0..2 {
-        assert!(
-            ran.stdout
-                .contains(&format!("[node {i}] hello from node {i}\n")),
-            "{}",
-            ran.show()
-        );
-        assert!(
-            ran.stdout
-                .contains(&format!("[node {i}] bye from node {i}\n")),
-            "{}",
-            ran.show()
-        );
-    }
-    let summary = ran.stdout.lines().last().unwrap_or_default();
-    assert!(summary.starts_with("deployment dep-"), "{}", ran.show());
+    let summary = assert_hello_output(&ran, 2);
     assert!(summary.contains(" completed in "), "{}", ran.show());
     assert!(
         summary.ends_with(": 2 completed, 0 failed, 2 total"),
@@ -852,22 +859,7 @@ fn run_needs_no_daemon_and_prints_every_nodes_lines_and_a_summary() {
         DEPLOYMENT_LIMIT,
     );
     ran.expect_success();
-    for i in 0..3 {
-        assert!(
-            ran.stdout
-                .contains(&format!("[node {i}] hello from node {i}\n")),
-            "{}",
-            ran.show()
-        );
-        assert!(
-            ran.stdout
-                .contains(&format!("[node {i}] bye from node {i}\n")),
-            "{}",
-            ran.show()
-        );
-    }
-    let summary = ran.stdout.lines().last().unwrap_or_default();
-    assert!(summary.starts_with("deployment dep-"), "{}", ran.show());
+    let summary = assert_hello_output(&ran, 3);
     assert!(
         summary.ends_with(": 3 completed, 0 failed, 3 total"),
         "{}",

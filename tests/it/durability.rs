@@ -62,6 +62,25 @@ fn marked(marker: &str, extra: &str) -> String {
     format!("global_metadata: {{marker: {marker}{extra}}}")
 }
 
+/// A project of `count` local nodes running `script`, with `marker` and the folder `gate`
+/// (where the test writes the files the script waits for) as metadata.
+fn gated_project(count: u32, marker: &str, gate: &Path, script: &str) -> Project {
+    Project::new(&local_yml(
+        count,
+        &marked(marker, &format!(", gate: \"{}\"", path_str(gate))),
+    ))
+    .script(script)
+}
+
+/// Daemon options under which agent processes, which inherit `RUST_LOG`, log every call they
+/// retry to their agent.log.
+fn agent_calls_logged() -> DaemonOptions {
+    DaemonOptions {
+        rust_log: "info,taskfly::api::client=debug".to_owned(),
+        ..DaemonOptions::default()
+    }
+}
+
 fn nodes(view: &serde_json::Value) -> &Vec<serde_json::Value> {
     view["nodes"].as_array().expect("nodes is an array")
 }
@@ -177,18 +196,11 @@ fn attempt_column(status_text: &str) -> BTreeMap<u32, (String, u32)> {
 fn a_daemon_killed_mid_run_comes_back_and_every_line_is_stored_exactly_once() {
     let port = free_port();
     // Agent processes inherit RUST_LOG: their agent.log then shows every call they retried.
-    let options = DaemonOptions {
-        rust_log: "info,taskfly::api::client=debug".to_owned(),
-        ..DaemonOptions::default()
-    };
+    let options = agent_calls_logged();
     let mut daemon = Daemon::start_on(port, options, &["--heartbeat-timeout", "10s"]);
     let marker = unique_word();
     let gate = tempfile::tempdir().expect("temp dir");
-    let project = Project::new(&local_yml(
-        4,
-        &marked(&marker, &format!(", gate: \"{}\"", path_str(gate.path()))),
-    ))
-    .script(COUNTING_SCRIPT);
+    let project = gated_project(4, &marker, gate.path(), COUNTING_SCRIPT);
     let id = daemon.up(project.path());
 
     // Every node runs its script and has sent some lines: the output is flowing.
@@ -406,11 +418,7 @@ fn an_agent_lost_while_the_daemon_is_down_is_failed_after_the_restart_by_heartbe
     );
     let marker = unique_word();
     let gate = tempfile::tempdir().expect("temp dir");
-    let project = Project::new(&local_yml(
-        2,
-        &marked(&marker, &format!(", gate: \"{}\"", path_str(gate.path()))),
-    ))
-    .script(GATED_SCRIPT);
+    let project = gated_project(2, &marker, gate.path(), GATED_SCRIPT);
     let id = daemon.up(project.path());
     let running = daemon.wait_for_status(
         &id,
@@ -538,18 +546,11 @@ fn a_live_agent_is_not_failed_after_a_restart_that_ended_a_long_downtime() {
     const TIMEOUT: Duration = Duration::from_secs(3);
     let port = free_port();
     // Agent processes inherit RUST_LOG: their agent.log shows every call they retried.
-    let options = DaemonOptions {
-        rust_log: "info,taskfly::api::client=debug".to_owned(),
-        ..DaemonOptions::default()
-    };
+    let options = agent_calls_logged();
     let mut daemon = Daemon::start_on(port, options, &["--heartbeat-timeout", "3s"]);
     let marker = unique_word();
     let gate = tempfile::tempdir().expect("temp dir");
-    let project = Project::new(&local_yml(
-        1,
-        &marked(&marker, &format!(", gate: \"{}\"", path_str(gate.path()))),
-    ))
-    .script(GATED_SCRIPT);
+    let project = gated_project(1, &marker, gate.path(), GATED_SCRIPT);
     let id = daemon.up(project.path());
     daemon.wait_for_status(&id, DEPLOYMENT_LIMIT, "the script to run", |view| {
         all_nodes_are(view, "running_script")
