@@ -12,21 +12,15 @@ use crate::support::engine_http::{raw_request, RawResponse};
 use crate::support::engine_provider::RecordingProvider;
 use crate::support::engine_util::{
     find_named, global_metadata_yml, hex, metadata_values_to_misread, node_lines, print_hex_of,
-    unique_marker, POLL_LIMIT,
+    secret_metadata, unique_marker, POLL_LIMIT, SECRET, SECRET_SCRIPT,
 };
-use crate::support::{local_yml, processes_with_env, Project, TestEngine};
+use crate::support::{
+    agent_yml, local_yml, marker_metadata, processes_with_env, Project, TestEngine,
+};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
-
-/// `local_yml` for nodes run by `agent` (`rust` or `script`).
-fn agent_yml(agent: &str, count: u32, nodes_extra: &str) -> String {
-    format!(
-        "{}instance_config:\n  local:\n    agent: {agent}\n",
-        local_yml(count, nodes_extra)
-    )
-}
 
 /// The single node of a one-node view.
 fn only_node(view: &DeploymentView) -> &NodeView {
@@ -331,12 +325,8 @@ async fn every_output_line_arrives_once_and_in_order(agent: &str) {
 async fn terminating_sleeping_nodes_leaves_no_process(agent: &str) {
     let marker = unique_marker();
     let env_marker = format!("MARKER={marker}");
-    let project = Project::new(&agent_yml(
-        agent,
-        3,
-        &format!("global_metadata: {{marker: {marker}}}"),
-    ))
-    .script("#!/bin/sh\necho started\nsleep 300 &\nsleep 300\n");
+    let project = Project::new(&agent_yml(agent, 3, &marker_metadata(&marker)))
+        .script("#!/bin/sh\necho started\nsleep 300 &\nsleep 300\n");
     let engine = TestEngine::start().await;
     let id = engine.deploy(project.path()).await;
 
@@ -416,20 +406,7 @@ async fn a_script_past_its_timeout_fails(agent: &str) {
 }
 
 async fn secrets_are_masked_in_logs_and_messages(agent: &str) {
-    const SECRET: &str = "s3cr3t-value";
-    let project = Project::new(&agent_yml(
-        agent,
-        1,
-        &format!("secrets: {{db_password: \"{SECRET}\"}}"),
-    ))
-    // The script spells the value in two pieces, so only the environment brings it whole.
-    .script(
-        "#!/bin/sh\n\
-         [ \"$DB_PASSWORD\" = \"s3cr3t-\"\"value\" ] && echo match\n\
-         echo \"stdout says $DB_PASSWORD\"\n\
-         echo \"stderr says $DB_PASSWORD\" >&2\n\
-         exit 1\n",
-    );
+    let project = Project::new(&agent_yml(agent, 1, &secret_metadata())).script(SECRET_SCRIPT);
     let engine = TestEngine::start().await;
 
     let view = engine.run(project.path()).await;
@@ -575,12 +552,8 @@ async fn heartbeats_keep_a_long_script_alive(agent: &str) {
 async fn stopping_the_engine_stops_running_nodes(agent: &str) {
     let marker = unique_marker();
     let env_marker = format!("MARKER={marker}");
-    let project = Project::new(&agent_yml(
-        agent,
-        2,
-        &format!("global_metadata: {{marker: {marker}}}"),
-    ))
-    .script("#!/bin/sh\necho started\nsleep 300\n");
+    let project = Project::new(&agent_yml(agent, 2, &marker_metadata(&marker)))
+        .script("#!/bin/sh\necho started\nsleep 300\n");
     let engine = TestEngine::start().await;
     let id = engine.deploy(project.path()).await;
     let deadline = tokio::time::Instant::now() + POLL_LIMIT;
@@ -634,12 +607,9 @@ async fn the_bootstrap_stops_its_script_when_a_heartbeat_answers_shutdown() {
     })
     .await;
     let marker = unique_marker();
-    let project = Project::new(&local_yml(
-        1,
-        &format!("global_metadata: {{marker: {marker}}}"),
-    ))
-    // The script ignores SIGTERM, so only SIGKILL after the grace period ends it.
-    .script("#!/bin/sh\ntrap '' TERM\necho started\nsleep 300 &\nwait\n");
+    let project = Project::new(&local_yml(1, &marker_metadata(&marker)))
+        // The script ignores SIGTERM, so only SIGKILL after the grace period ends it.
+        .script("#!/bin/sh\ntrap '' TERM\necho started\nsleep 300 &\nwait\n");
     let id = engine.deploy(project.path()).await;
     let token = provider.wait_for_provisioned(&id, 1).await[0]
         .provision_token

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use crate::support::cli_daemon::{unique_word, Daemon, DaemonOptions, LogFormat};
 use crate::support::cli_run::{self, Ran, Running};
-use crate::support::{self, local_yml, Project};
+use crate::support::{self, local_yml, marker_metadata, Project};
 
 /// Prints two lines per node, then exits 0.
 const HELLO_SCRIPT: &str = "#!/bin/sh\necho \"hello from node $TASKFLY_NODE_INDEX\"\necho \"bye from node $TASKFLY_NODE_INDEX\"\n";
@@ -447,11 +447,7 @@ fn logs_follow_ends_with_the_deployment_showing_every_line_once() {
 
 /// A project of `count` nodes sleeping until stopped, its scripts carrying `MARKER=<marker>`.
 fn sleeping_project(count: u32, marker: &str) -> Project {
-    Project::new(&local_yml(
-        count,
-        &format!("global_metadata: {{marker: {marker}}}"),
-    ))
-    .script(SLEEP_SCRIPT)
+    Project::new(&local_yml(count, &marker_metadata(marker))).script(SLEEP_SCRIPT)
 }
 
 /// Waits until every node of `id` runs its script and `count` script processes carry `marker`.

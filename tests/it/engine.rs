@@ -13,9 +13,12 @@ use crate::support::engine_http::{node_calls, raw_get, raw_request, RawResponse}
 use crate::support::engine_provider::{Provisioned, RecordingProvider};
 use crate::support::engine_util::{
     client_bundle, dir_names, find_named, global_metadata_yml, hex, metadata_values_to_misread,
-    node_lines, poll_nodes_status, poll_until, print_hex_of, raw_bundle, unique_marker, RawEntry,
+    node_lines, poll_nodes_status, poll_until, print_hex_of, raw_bundle, secret_metadata,
+    unique_marker, RawEntry, SECRET, SECRET_SCRIPT,
 };
-use crate::support::{local_yml, processes_with_env, Project, TestEngine, API_TOKEN};
+use crate::support::{
+    local_yml, marker_metadata, processes_with_env, Project, TestEngine, API_TOKEN,
+};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -913,11 +916,8 @@ async fn a_node_registering_before_its_instance_is_recorded_keeps_its_instance()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_local_nodes_complete_and_leave_no_process_behind() {
     let marker = unique_marker();
-    let project = Project::new(&local_yml(
-        200,
-        &format!("global_metadata: {{marker: {marker}}}"),
-    ))
-    .script("#!/bin/sh\necho \"node $TASKFLY_NODE_INDEX of $TASKFLY_TOTAL_NODES\"\n");
+    let project = Project::new(&local_yml(200, &marker_metadata(&marker)))
+        .script("#!/bin/sh\necho \"node $TASKFLY_NODE_INDEX of $TASKFLY_TOTAL_NODES\"\n");
     let engine = TestEngine::start().await;
 
     let view = engine.run(project.path()).await;
@@ -948,11 +948,8 @@ async fn two_hundred_local_nodes_complete_and_leave_no_process_behind() {
 async fn terminating_running_nodes_kills_their_scripts() {
     let marker = unique_marker();
     let env_marker = format!("MARKER={marker}");
-    let project = Project::new(&local_yml(
-        3,
-        &format!("global_metadata: {{marker: {marker}}}"),
-    ))
-    .script("#!/bin/sh\necho started\nsleep 300\n");
+    let project = Project::new(&local_yml(3, &marker_metadata(&marker)))
+        .script("#!/bin/sh\necho started\nsleep 300\n");
     let engine = TestEngine::start().await;
     let id = engine.deploy(project.path()).await;
 
@@ -1128,19 +1125,7 @@ async fn every_node_is_served_the_same_stored_worker_bundle() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_reach_the_script_and_are_masked_everywhere_else() {
-    const SECRET: &str = "s3cr3t-value";
-    let project = Project::new(&local_yml(
-        1,
-        &format!("secrets: {{db_password: \"{SECRET}\"}}"),
-    ))
-    // The script spells the value in two pieces, so only the environment brings it whole.
-    .script(
-        "#!/bin/sh\n\
-         [ \"$DB_PASSWORD\" = \"s3cr3t-\"\"value\" ] && echo match\n\
-         echo \"stdout says $DB_PASSWORD\"\n\
-         echo \"stderr says $DB_PASSWORD\" >&2\n\
-         exit 1\n",
-    );
+    let project = Project::new(&local_yml(1, &secret_metadata())).script(SECRET_SCRIPT);
     let engine = TestEngine::start().await;
 
     let view = engine.run(project.path()).await;

@@ -17,7 +17,9 @@ use crate::support::cli_run;
 use crate::support::engine_http::raw_get;
 use crate::support::engine_util::{node_lines, poll_until, unique_marker};
 use crate::support::pool::PoolEngine;
-use crate::support::{local_yml, processes_with_env, Project, TestEngine, API_TOKEN};
+use crate::support::{
+    agent_yml, local_yml, marker_metadata, processes_with_env, Project, TestEngine, API_TOKEN,
+};
 
 /// How long a deployment of these tiny scripts may take (the machine is shared).
 const RUN_LIMIT: Duration = Duration::from_secs(60);
@@ -25,14 +27,6 @@ const RUN_LIMIT: Duration = Duration::from_secs(60);
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
-
-/// `local_yml` for nodes run by `agent` (`rust` or `script`).
-fn agent_yml(agent: &str, count: u32, nodes_extra: &str) -> String {
-    format!(
-        "{}instance_config:\n  local:\n    agent: {agent}\n",
-        local_yml(count, nodes_extra)
-    )
-}
 
 /// Waits (bounded) until the deployment is final.
 async fn wait_final(engine: &TestEngine, id: &str) -> DeploymentView {
@@ -118,7 +112,7 @@ async fn a_second_deployment_reuses_the_idle_instances_and_sees_nothing_of_the_f
     let b = Project::new(&agent_yml(
         agent,
         3,
-        &format!("global_metadata: {{marker: {marker}}}"),
+        &marker_metadata(&marker),
     ))
     .script(&format!(
         "#!/bin/sh\n\
@@ -250,12 +244,8 @@ async fn idle_instances_past_the_timeout_are_terminated_down_to_the_minimum(agen
             .idle_timeout(Duration::from_secs(1)),
     )
     .await;
-    let project = Project::new(&agent_yml(
-        agent,
-        3,
-        &format!("global_metadata: {{marker: {marker}}}"),
-    ))
-    .script("#!/bin/sh\necho \"node $TASKFLY_NODE_INDEX\"\n");
+    let project = Project::new(&agent_yml(agent, 3, &marker_metadata(&marker)))
+        .script("#!/bin/sh\necho \"node $TASKFLY_NODE_INDEX\"\n");
 
     let done = run(&pooled.engine, &project).await;
     assert_completed(&done, agent);
@@ -323,12 +313,8 @@ async fn down_of_a_running_node_stops_its_script_and_returns_the_instance_to_the
     let env_marker = format!("MARKER={marker}");
     let pooled = PoolEngine::start(PoolConfig::new(2)).await;
     let engine = &pooled.engine;
-    let sleeping = Project::new(&agent_yml(
-        agent,
-        1,
-        &format!("global_metadata: {{marker: {marker}}}"),
-    ))
-    .script("#!/bin/sh\necho started\nsleep 1000\necho never\n");
+    let sleeping = Project::new(&agent_yml(agent, 1, &marker_metadata(&marker)))
+        .script("#!/bin/sh\necho started\nsleep 1000\necho never\n");
     let id = engine.deploy(sleeping.path()).await;
     let view = poll_until(engine, &id, "the script running", |view| {
         view.nodes.iter().all(|n| n.status == "running_script")

@@ -69,6 +69,22 @@ pub fn print_hex_of(key: &str) -> String {
     format!("printf '{name}='; printf '%s' \"${name}\" | od -An -v -tx1 | tr -d ' \\n'; echo\n")
 }
 
+/// The value the secrets tests give their nodes as the secret `db_password`.
+pub const SECRET: &str = "s3cr3t-value";
+
+/// The `secrets:` line giving every node `DB_PASSWORD=`[`SECRET`].
+pub fn secret_metadata() -> String {
+    format!("secrets: {{db_password: \"{SECRET}\"}}")
+}
+
+/// Prints `match` when `DB_PASSWORD` is [`SECRET`] (spelled in two pieces, so only the
+/// environment brings it whole), prints it on stdout and on stderr, then fails with exit 1.
+pub const SECRET_SCRIPT: &str = "#!/bin/sh\n\
+    [ \"$DB_PASSWORD\" = \"s3cr3t-\"\"value\" ] && echo match\n\
+    echo \"stdout says $DB_PASSWORD\"\n\
+    echo \"stderr says $DB_PASSWORD\" >&2\n\
+    exit 1\n";
+
 /// Polls the deployment (waking on every engine change, at least every 100 ms) until `done`
 /// holds, and returns the view that satisfied it; fails the test after [`POLL_LIMIT`].
 pub async fn poll_until(

@@ -195,6 +195,20 @@ pub fn local_yml(count: u32, nodes_extra: &str) -> String {
     yml
 }
 
+/// `local_yml` for nodes run by `agent` (`rust` or `script`).
+pub fn agent_yml(agent: &str, count: u32, nodes_extra: &str) -> String {
+    format!(
+        "{}instance_config:\n  local:\n    agent: {agent}\n",
+        local_yml(count, nodes_extra)
+    )
+}
+
+/// The `global_metadata:` line giving every node `MARKER=marker`, by which the test finds its
+/// processes ([`processes_with_env`]).
+pub fn marker_metadata(marker: &str) -> String {
+    format!("global_metadata: {{marker: {marker}}}")
+}
+
 /// Process ids whose environment contains `marker` (read from /proc), for checking that no
 /// process of a test is left running.
 pub fn processes_with_env(marker: &str) -> Vec<u32> {
