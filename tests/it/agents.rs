@@ -22,6 +22,46 @@ use crate::support::{
 // Helpers
 // ---------------------------------------------------------------------------------------------
 
+/// Polls (bounded by [`POLL_LIMIT`]) until every node of the deployment runs its script, at
+/// least `processes` processes carry `env_marker` and, when `started` is given, exactly that
+/// many `started` lines have arrived; returns the view that showed it.
+async fn wait_for_running_scripts(
+    agent: &str,
+    engine: &TestEngine,
+    id: &str,
+    env_marker: &str,
+    processes: usize,
+    started: Option<usize>,
+) -> DeploymentView {
+    let deadline = tokio::time::Instant::now() + POLL_LIMIT;
+    loop {
+        let view = engine.engine.deployment(id).await.expect("view");
+        let started_as_expected = match started {
+            Some(expected) => {
+                engine
+                    .all_logs(id)
+                    .await
+                    .iter()
+                    .filter(|l| l.line == "started")
+                    .count()
+                    == expected
+            }
+            None => true,
+        };
+        if view.nodes.iter().all(|n| n.status == "running_script")
+            && processes_with_env(env_marker).len() >= processes
+            && started_as_expected
+        {
+            return view;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{agent}: the scripts never all ran: {view:#?}"
+        );
+        engine.engine.changed(Duration::from_millis(100)).await;
+    }
+}
+
 /// The single node of a one-node view.
 fn only_node(view: &DeploymentView) -> &NodeView {
     assert_eq!(view.nodes.len(), 1, "{view:#?}");
@@ -332,27 +372,7 @@ async fn terminating_sleeping_nodes_leaves_no_process(agent: &str) {
 
     // Every node runs its script, both sleeps of each are really there, and its first line
     // has arrived.
-    let deadline = tokio::time::Instant::now() + POLL_LIMIT;
-    loop {
-        let view = engine.engine.deployment(&id).await.expect("view");
-        let started = engine
-            .all_logs(&id)
-            .await
-            .iter()
-            .filter(|l| l.line == "started")
-            .count();
-        if view.nodes.iter().all(|n| n.status == "running_script")
-            && processes_with_env(&env_marker).len() >= 9
-            && started == 3
-        {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{agent}: the scripts never all ran: {view:#?}"
-        );
-        engine.engine.changed(Duration::from_millis(100)).await;
-    }
+    wait_for_running_scripts(agent, &engine, &id, &env_marker, 9, Some(3)).await;
 
     engine.engine.terminate(&id).await.expect("terminate");
     let view = engine.engine.deployment(&id).await.expect("view");
@@ -556,20 +576,7 @@ async fn stopping_the_engine_stops_running_nodes(agent: &str) {
         .script("#!/bin/sh\necho started\nsleep 300\n");
     let engine = TestEngine::start().await;
     let id = engine.deploy(project.path()).await;
-    let deadline = tokio::time::Instant::now() + POLL_LIMIT;
-    let view = loop {
-        let view = engine.engine.deployment(&id).await.expect("view");
-        if view.nodes.iter().all(|n| n.status == "running_script")
-            && processes_with_env(&env_marker).len() >= 4
-        {
-            break view;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{agent}: the scripts never all ran: {view:#?}"
-        );
-        engine.engine.changed(Duration::from_millis(100)).await;
-    };
+    let view = wait_for_running_scripts(agent, &engine, &id, &env_marker, 4, None).await;
     if agent == "script" {
         // The bootstrap is a file of the node's work directory that only its user can read (it
         // holds the provision token), and its own output goes to bootstrap.log beside it.
