@@ -141,7 +141,8 @@ pub(crate) fn sh_quote(value: &str) -> String {
 /// per line, every value quoted by [`sh_quote`]. First the values the bootstrap itself uses
 /// (`TASKFLY_AUTH_TOKEN`, `TASKFLY_SCRIPT`, `TASKFLY_DEST_DIR` (empty for none),
 /// `TASKFLY_HEARTBEAT_INTERVAL_S`, `TASKFLY_TIMEOUT_S` (empty for none), `TASKFLY_POOLED`
-/// (`1` when the bootstrap registers again once the node has ended, else empty)), not
+/// (`1` when the bootstrap registers again once the node has ended, else empty),
+/// `TASKFLY_NEXT_TOKEN` (the token to register with next time, empty to keep the same)), not
 /// exported, then `export NAME='value'` for each variable of the node's environment.
 ///
 /// Errors: an environment variable name that is not a shell name (the engine validates names
@@ -169,6 +170,10 @@ pub(crate) fn registration_env(registration: &wire::RegisterResponse) -> Result<
         (
             "TASKFLY_POOLED",
             if registration.pooled { "1" } else { "" }.to_owned(),
+        ),
+        (
+            "TASKFLY_NEXT_TOKEN",
+            registration.next_token.clone().unwrap_or_default(),
         ),
     ];
     for (name, value) in controls {
@@ -345,6 +350,7 @@ mod tests {
             heartbeat_interval_s: 10,
             timeout_s: Some(120),
             pooled: false,
+            next_token: None,
         };
         let text = registration_env(&registration).expect("valid names");
         assert!(text.starts_with("TASKFLY_AUTH_TOKEN='abc123'\n"), "{text}");
@@ -391,6 +397,7 @@ mod tests {
             heartbeat_interval_s: 1,
             timeout_s: None,
             pooled: false,
+            next_token: None,
         };
         let error = registration_env(&registration).expect_err("refused");
         assert!(error.is_invalid_input(), "{error}");
@@ -807,6 +814,7 @@ mod tests {
                 heartbeat_interval_s: 1,
                 timeout_s: None,
                 pooled,
+                next_token: None,
             },
             bundle: bundle(&files),
             shutdown: false,

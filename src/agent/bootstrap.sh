@@ -3,7 +3,8 @@
 # with the daemon, downloads and extracts the worker bundle, runs the node's script with the
 # node's environment, ships its output line by line, heartbeats, and reports how it ended.
 # On a pooled instance (TASKFLY_POOLED='1' in the answer) it then clears the node's files and
-# registers again with the same token, for the next node, until the pool retires it.
+# registers again, with the token the answer gave (TASKFLY_NEXT_TOKEN), for the next node,
+# until the pool retires it.
 #
 # It needs sh, curl, tar, gzip, setsid and common utilities (see src/agent/bootstrap.rs), and
 # talks to the daemon only. Values from taskfly.yml stay data: the registration answer is a file
@@ -395,16 +396,19 @@ while :; do
   mv resp reg
 
   # The control values, read by sourcing the answer in subshells: the node's variables never
-  # enter this shell (nor curl's environment). Token, interval, timeout, pooled (1 or 0) and
-  # node id are words.
+  # enter this shell (nor curl's environment). Token, interval, timeout, pooled (1 or 0), next
+  # token (0 for none) and node id are words.
   set -f
-  set -- $(. "$tf_reg" && echo "$TASKFLY_AUTH_TOKEN $TASKFLY_HEARTBEAT_INTERVAL_S ${TASKFLY_TIMEOUT_S:-0} ${TASKFLY_POOLED:-0} $TASKFLY_NODE_ID")
+  set -- $(. "$tf_reg" && echo "$TASKFLY_AUTH_TOKEN $TASKFLY_HEARTBEAT_INTERVAL_S ${TASKFLY_TIMEOUT_S:-0} ${TASKFLY_POOLED:-0} ${TASKFLY_NEXT_TOKEN:-0} $TASKFLY_NODE_ID")
   set +f
-  tf_token=${1:-} tf_hb=${2:-} tf_timeout=${3:-} tf_pooled=${4:-} tf_node=${5:-}
+  tf_token=${1:-} tf_hb=${2:-} tf_timeout=${3:-} tf_pooled=${4:-} tf_rot=${5:-} tf_node=${6:-}
   tf_script=$(. "$tf_reg" && printf %sx "$TASKFLY_SCRIPT") &&
     tf_dest=$(. "$tf_reg" && printf %sx "$TASKFLY_DEST_DIR") &&
-    case $#$tf_token$tf_hb$tf_timeout$tf_pooled in 5*[!0-9a-f]* | [!5]*) false ;; esac ||
+    case $#$tf_token$tf_hb$tf_timeout$tf_pooled$tf_rot in 6*[!0-9a-f]* | [!6]*) false ;; esac ||
     { tf_log "the registration answer is malformed"; exit 1; }
+  # A pooled instance registers next time with the token this answer gave (the one used no
+  # longer works).
+  [ "$tf_rot" = 0 ] || tf_ptoken=$tf_rot
   tf_script=${tf_script%x} tf_dest=${tf_dest%x}
   printf '%s\nheader = "Authorization: Bearer %s"\n' "$tf_tls" $tf_token >curlrc
   tf_log "registered as node $tf_node"

@@ -282,6 +282,8 @@ fn daemon_client(config: &AgentConfig) -> Result<Client> {
 pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<AgentReport> {
     let client = daemon_client(&config)?;
     let mut last_report: Option<AgentReport> = None;
+    // A pooled instance's token changes at every registration (`next_token`).
+    let mut token = config.provision_token.clone();
     let last_or_none =
         |last: Option<AgentReport>| last.unwrap_or_else(|| AgentReport::terminated(""));
     loop {
@@ -289,7 +291,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<Agent
         let answer = tokio::select! {
             biased;
             () = cancel.cancelled() => return Ok(last_or_none(last_report)),
-            answer = client.register_for_work(&config.provision_token) => answer,
+            answer = client.register_for_work(&token) => answer,
         };
         let registration = match answer {
             Ok(Registration::Assigned(registration)) => registration,
@@ -316,6 +318,9 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<Agent
             Err(error) => return Err(error),
         };
         let pooled = registration.pooled;
+        if let Some(next) = &registration.next_token {
+            token.clone_from(next);
+        }
         let (report, files) = serve_node(&config, &client, registration, &cancel).await;
         if !pooled || cancel.is_cancelled() {
             return report;
@@ -1470,6 +1475,7 @@ pub(crate) mod tests {
             heartbeat_interval_s: 1,
             timeout_s: None,
             pooled: false,
+            next_token: None,
         }
     }
 

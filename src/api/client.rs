@@ -1229,6 +1229,7 @@ mod tests {
                 heartbeat_interval_s: 5,
                 timeout_s: None,
                 pooled: false,
+                next_token: None,
             };
             json_response(200, &serde_json::to_string(&answer).expect("json"))
         })
@@ -1251,6 +1252,7 @@ mod tests {
             heartbeat_interval_s: 5,
             timeout_s: Some(60),
             pooled,
+            next_token: None,
         }
     }
 

@@ -213,6 +213,11 @@ pub struct RegisterResponse {
     /// same token for its next assignment, instead of exiting.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pooled: bool,
+    /// For a pooled instance: the token to register with next time. The one this registration
+    /// used no longer works, so a token read from the instance's user data (which anything on
+    /// the instance can read) is worthless once the first node has registered. A secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_token: Option<String>,
 }
 
 impl std::fmt::Debug for RegisterResponse {

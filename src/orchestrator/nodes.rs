@@ -63,7 +63,10 @@ impl Orchestrator {
                 Err(e) => Err(e),
             };
             return match registered {
-                Ok(response) => Ok(Registration::Assigned(response)),
+                Ok(mut response) => {
+                    response.next_token = pool.rotate(&token_hash)?;
+                    Ok(Registration::Assigned(response))
+                }
                 Err(e) => {
                     // The node no longer wants an instance: this one waits for the next.
                     tracing::info!(error = %e, "a pooled instance could not take its node");
@@ -108,6 +111,7 @@ impl Orchestrator {
             heartbeat_interval_s: self.inner().config.effective_heartbeat_interval().as_secs(),
             timeout_s: live.config.nodes.timeout.map(|t| t.as_secs().max(1)),
             pooled,
+            next_token: None,
         })
     }
 

@@ -438,6 +438,25 @@ impl PooledProvider {
         }
     }
 
+    /// The instance registered its node with `token_hash`: give it a new token for its next
+    /// registration and make the old one worthless, so that only the agent holds a working
+    /// token (the first one sits in the instance's user data, which its scripts can read).
+    /// `None` if the instance is gone meanwhile (its agent is then told to stop).
+    pub(crate) fn rotate(&self, token_hash: &[u8; 32]) -> crate::Result<Option<String>> {
+        let token = auth::new_token()?;
+        let hash = auth::hash_token(&token);
+        let mut state = self.lock();
+        let Some(instance_id) = state.tokens.remove(token_hash) else {
+            return Ok(None);
+        };
+        let Some(slot) = state.slots.get_mut(&instance_id) else {
+            return Ok(None);
+        };
+        slot.token_hash = hash;
+        state.tokens.insert(hash, instance_id);
+        Ok(Some(token))
+    }
+
     /// Stop holding registrations: answer them at once from now on (the server is stopping).
     pub(crate) fn stop_holding(&self) {
         self.draining.cancel();
@@ -1155,6 +1174,28 @@ mod tests {
         let started = Instant::now();
         assert_eq!(pool.claim(&fake.token(1)).await, Claim::Wait);
         assert_eq!(started.elapsed(), Duration::ZERO, "no longer held");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rotated_token_replaces_the_one_from_the_user_data() {
+        let (fake, pool) = pool(PoolConfig::new(1));
+        pool.provision(node("d1", "d1-0", "a.sh")).await.unwrap();
+        let first = fake.token(1);
+        pool.claim(&first).await;
+        let next = pool.rotate(&first).unwrap().expect("the instance is there");
+        let next = auth::hash_token(&next);
+        assert_eq!(
+            pool.claim(&first).await,
+            Claim::Unknown,
+            "the user data's token is spent"
+        );
+        assert_eq!(
+            pool.claim(&next).await,
+            Claim::Wait,
+            "the agent's new token works"
+        );
+        assert_eq!(pool.stats("p").idle, 1);
+        assert_eq!(pool.rotate(&first).unwrap(), None);
     }
 
     #[tokio::test(start_paused = true)]
