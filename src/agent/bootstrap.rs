@@ -15,7 +15,8 @@
 //!
 //! On a pooled instance (a registration answer with `TASKFLY_POOLED='1'`) the script serves
 //! node after node: once a node has ended in any way but a signal to the bootstrap, it clears
-//! the node's files and registers again with the same token. Clearing empties the work
+//! the node's files and registers again, with the token the answer gave
+//! (`TASKFLY_NEXT_TOKEN`). Clearing empties the work
 //! directory (back to a fresh bootstrap's) and removes a bundle root that it made, or empties
 //! one that existed; it never clears `/`, the home directory or a directory holding the work
 //! directory (those keep the bundle's files). A `204` answer to registration means no work yet

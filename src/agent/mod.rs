@@ -260,7 +260,8 @@ fn daemon_client(config: &AgentConfig) -> Result<Client> {
 /// agent goes on once the node has ended (completed, failed, timed out, or stopped by the
 /// daemon): it removes the node's files (the bundle directory, or only its contents if it
 /// existed before the node), logs "node finished; waiting for the next assignment" and
-/// registers again with the same token. "No work yet" (204, after the daemon held the request
+/// registers again, with the answer's `next_token` (the token used is then spent). "No work
+/// yet" (204, after the daemon held the request
 /// up to about 20 s) is followed by another registration; "retired" (410) ends the loop, as
 /// does a 401 once a node has been served (the daemon forgot the instance, for example after a
 /// restart). `run` then returns the last node's report, or a `terminated` report with an

@@ -319,8 +319,9 @@ impl Client {
         }
     }
 
-    /// `POST /nodes/register`, as the agent of a pooled instance calls it again and again with
-    /// the same instance token: a work order, no work yet, or the instance retired.
+    /// `POST /nodes/register`, as the agent of a pooled instance calls it again and again (with
+    /// the `next_token` of its last work order): a work order, no work yet, or the instance
+    /// retired.
     ///
     /// The daemon may hold the request for about 20 s before it answers "no work yet", so
     /// this call is allowed at least 60 s whatever [`Client::timeout`] says. Retries transient

@@ -209,8 +209,8 @@ pub struct RegisterResponse {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_s: Option<u64>,
     /// The agent registered with a pooled instance's token (see [`crate::PooledProvider`]):
-    /// once this node has ended, it clears the node's files and registers again with the
-    /// same token for its next assignment, instead of exiting.
+    /// once this node has ended, it clears the node's files and registers again (with
+    /// `next_token`) for its next assignment, instead of exiting.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pooled: bool,
     /// For a pooled instance: the token to register with next time. The one this registration

@@ -157,7 +157,9 @@ impl PoolConfig {
 /// agent; the engine, finding no node for it, asks the pool, which answers with the provision
 /// token of the node the instance is assigned to (or holds the request until it has one). The
 /// registration answer says `pooled`, so once the node has ended the agent clears the node's
-/// files and registers again with the same token: back in the pool, idle. The pool never hands
+/// files and registers again: back in the pool, idle. Each registration that takes a node
+/// hands the agent a new token (`next_token`) and spends the one used, so the token in the
+/// instance's user data (readable by anything on the instance) works once. The pool never hands
 /// an instance a new node until its agent itself has asked for one, so a node's script has
 /// always ended before the instance serves another node.
 ///
