@@ -139,18 +139,25 @@ pub(crate) fn sh_quote(value: &str) -> String {
 }
 
 /// The answer to `POST /nodes/register?format=sh`: the registration as `sh` assignments, one
-/// per line, every value quoted by [`sh_quote`]. First the values the bootstrap itself uses
-/// (`TASKFLY_AUTH_TOKEN`, `TASKFLY_SCRIPT`, `TASKFLY_DEST_DIR` (empty for none),
-/// `TASKFLY_HEARTBEAT_INTERVAL_S`, `TASKFLY_TIMEOUT_S` (empty for none), `TASKFLY_POOLED`
-/// (`1` when the bootstrap registers again once the node has ended, else empty),
-/// `TASKFLY_NEXT_TOKEN` (the token to register with next time, empty to keep the same)), not
-/// exported, then `export NAME='value'` for each variable of the node's environment.
+/// per line, every value quoted by [`sh_quote`]. First the values the bootstrap itself uses,
+/// not exported: `TASKFLY_NEXT_TOKEN` (a pooled instance's next token, or empty; always the
+/// first line, which the bootstrap drops before the node's script runs), `TASKFLY_AUTH_TOKEN`,
+/// `TASKFLY_SCRIPT`, `TASKFLY_DEST_DIR` (empty for none), `TASKFLY_HEARTBEAT_INTERVAL_S`,
+/// `TASKFLY_TIMEOUT_S` (empty for none), `TASKFLY_POOLED` (`1` when the bootstrap registers
+/// again once the node has ended, else empty); then `export NAME='value'` for each variable of
+/// the node's environment.
 ///
 /// Errors: an environment variable name that is not a shell name (the engine validates names
 /// when a deployment is created, so this is a second line of defence: a name is code).
 pub(crate) fn registration_env(registration: &wire::RegisterResponse) -> Result<String> {
     let mut text = String::new();
     let controls = [
+        // First, on a line of its own (a hex token or empty): the bootstrap drops this line
+        // before the node's script runs.
+        (
+            "TASKFLY_NEXT_TOKEN",
+            registration.next_token.clone().unwrap_or_default(),
+        ),
         ("TASKFLY_AUTH_TOKEN", registration.auth_token.clone()),
         ("TASKFLY_SCRIPT", registration.script.clone()),
         (
@@ -171,10 +178,6 @@ pub(crate) fn registration_env(registration: &wire::RegisterResponse) -> Result<
         (
             "TASKFLY_POOLED",
             if registration.pooled { "1" } else { "" }.to_owned(),
-        ),
-        (
-            "TASKFLY_NEXT_TOKEN",
-            registration.next_token.clone().unwrap_or_default(),
         ),
     ];
     for (name, value) in controls {
@@ -354,7 +357,10 @@ mod tests {
             next_token: None,
         };
         let text = registration_env(&registration).expect("valid names");
-        assert!(text.starts_with("TASKFLY_AUTH_TOKEN='abc123'\n"), "{text}");
+        assert!(
+            text.starts_with("TASKFLY_NEXT_TOKEN=''\nTASKFLY_AUTH_TOKEN='abc123'\n"),
+            "{text}"
+        );
         assert!(text.contains("TASKFLY_DEST_DIR=''\n"), "{text}");
         assert!(text.contains("TASKFLY_TIMEOUT_S='120'\n"), "{text}");
         let dir = tempfile::tempdir().expect("tempdir");
@@ -595,6 +601,8 @@ mod tests {
         registrations: Vec<u16>,
         /// The nodes by auth token.
         nodes: BTreeMap<String, FakeNode>,
+        /// The token registration takes: the rendered one, then each answer's `next_token`.
+        token: String,
     }
 
     /// A daemon on 127.0.0.1 that speaks the node protocol from a script: registration answers
@@ -612,6 +620,7 @@ mod tests {
             let state = Arc::new(Mutex::new(FakeState {
                 answers: answers.into(),
                 registrations: Vec::new(),
+                token: TOKEN.to_owned(),
                 nodes: nodes
                     .into_iter()
                     .map(|n| (n.registration.auth_token.clone(), n))
@@ -707,13 +716,16 @@ mod tests {
         };
         if route == "register?format=sh" {
             let request: Option<wire::RegisterRequest> = serde_json::from_slice(body).ok();
-            if request.is_none_or(|r| r.provision_token != TOKEN) {
+            if request.is_none_or(|r| r.provision_token != state.token) {
                 return error(401, "not the provision token");
             }
             let answer = match state.answers.pop_front() {
                 Some(Answer::Node(token)) => {
-                    let text = registration_env(&state.nodes[token].registration)
-                        .expect("the registration as sh");
+                    let registration = &state.nodes[token].registration;
+                    let text = registration_env(registration).expect("the registration as sh");
+                    if let Some(next) = registration.next_token.clone() {
+                        state.token = next;
+                    }
                     (200, "text/plain; charset=utf-8", text.into_bytes())
                 }
                 Some(Answer::NoWork) => (204, "", Vec::new()),
@@ -931,14 +943,19 @@ mod tests {
             );
             // A leaves files in its bundle root and in the work directory; B must see neither,
             // nor A's environment, nor the bootstrap's controls.
-            let a = fake_node(
+            // A also looks for its next registration token in the bootstrap's files.
+            let mut a = fake_node(
                 "a1",
-                "#!/bin/sh\necho \"a: secret=$SECRET_A\"\necho made >a-made.txt\nmkdir ../a-left\n",
+                "#!/bin/sh\necho \"a: secret=$SECRET_A\"\necho made >a-made.txt\nmkdir ../a-left\n\
+                 echo \"a: next token seen $(cat ../.taskfly/* | grep -c 0a0a0a)\"\n\
+                 echo \"a: its answer read $(grep -c TASKFLY_AUTH_TOKEN ../.taskfly/reg)\"\n",
                 &[("a.txt", "a")],
                 None,
                 &[("SECRET_A", "alpha")],
                 true,
             );
+            // Each registration hands the next token; B's and the rest come with it.
+            a.registration.next_token = Some("0a0a0a".to_owned());
             let b = fake_node(
                 "b2",
                 "#!/bin/sh\n\
@@ -1015,7 +1032,7 @@ mod tests {
             );
             assert_eq!(
                 node("a1").output("stdout"),
-                "a: secret=alpha\n",
+                "a: secret=alpha\na: next token seen 0\na: its answer read 1\n",
                 "{shell:?}"
             );
             assert_eq!(

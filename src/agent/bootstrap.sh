@@ -407,8 +407,12 @@ while :; do
     case $#$tf_token$tf_hb$tf_timeout$tf_pooled$tf_rot in 6*[!0-9a-f]* | [!6]*) false ;; esac ||
     { tf_log "the registration answer is malformed"; exit 1; }
   # A pooled instance registers next time with the token this answer gave (the one used no
-  # longer works).
+  # longer works). It is the answer's first line, dropped here: the node's script, which may
+  # read this file, never sees it.
   [ "$tf_rot" = 0 ] || tf_ptoken=$tf_rot
+  case $(head -n 1 reg) in TASKFLY_NEXT_TOKEN=*) ;; *) false ;; esac &&
+    tail -n +2 reg >reg.new && mv reg.new reg ||
+    { tf_log "the registration answer is malformed"; exit 1; }
   tf_script=${tf_script%x} tf_dest=${tf_dest%x}
   printf '%s\nheader = "Authorization: Bearer %s"\n' "$tf_tls" $tf_token >curlrc
   tf_log "registered as node $tf_node"
