@@ -766,14 +766,16 @@ async fn register_as_sh_answers_quoted_assignments_that_source_exactly() {
     assert_eq!(answer.content_type, "text/plain; charset=utf-8");
     let text = answer.text();
     let lines: Vec<&str> = text.lines().collect();
-    assert!(lines[0].starts_with("TASKFLY_AUTH_TOKEN='"), "{text}");
-    assert_eq!(lines[1], "TASKFLY_SCRIPT='setup.sh'");
-    assert_eq!(lines[2], "TASKFLY_DEST_DIR='~/out dir'");
+    // Not a pooled instance: no next token, but its line is there, first.
+    assert_eq!(lines[0], "TASKFLY_NEXT_TOKEN=''", "{text}");
+    assert!(lines[1].starts_with("TASKFLY_AUTH_TOKEN='"), "{text}");
+    assert_eq!(lines[2], "TASKFLY_SCRIPT='setup.sh'");
+    assert_eq!(lines[3], "TASKFLY_DEST_DIR='~/out dir'");
     assert!(
-        lines[3].starts_with("TASKFLY_HEARTBEAT_INTERVAL_S='"),
+        lines[4].starts_with("TASKFLY_HEARTBEAT_INTERVAL_S='"),
         "{text}"
     );
-    assert_eq!(lines[4], "TASKFLY_TIMEOUT_S='90'");
+    assert_eq!(lines[5], "TASKFLY_TIMEOUT_S='90'");
     assert!(text.contains("\nexport N='7'\n"), "{text}");
     assert!(
         text.contains("\nexport TRICKY='it'\\''s \"x\" $(touch PWNED_REG) `id`\nline 2 ; \\ é'\n"),
