@@ -9,12 +9,14 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use taskfly::wire::DeploymentView;
-use taskfly::PoolConfig;
+use taskfly::provider::POOL_DEPLOYMENT_ID;
+use taskfly::wire::{DeploymentView, RegisterResponse, StatusRequest};
+use taskfly::{Client, PoolConfig, PooledProvider};
 
 use crate::support::cli_daemon::{Daemon, DaemonOptions};
 use crate::support::cli_run;
-use crate::support::engine_http::raw_get;
+use crate::support::engine_http::{raw_get, raw_request};
+use crate::support::engine_provider::RecordingProvider;
 use crate::support::engine_util::{node_lines, poll_until, unique_marker};
 use crate::support::pool::PoolEngine;
 use crate::support::{
@@ -640,4 +642,85 @@ fn taskflyd_refuses_a_pool_minimum_above_its_maximum_naming_both_flags() {
         "it never serves\n{}",
         ran.show()
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The protocol, call by call
+// ---------------------------------------------------------------------------------------------
+
+/// `POST /nodes/register` with `token`, as an agent sends it.
+async fn register(engine: &TestEngine, token: &str) -> crate::support::engine_http::RawResponse {
+    let body = serde_json::json!({ "provision_token": token }).to_string();
+    raw_request(
+        &engine.url,
+        hyper::Method::POST,
+        "/api/v1/nodes/register",
+        None,
+        Some(("application/json", body.into_bytes())),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_pooled_registration_spends_its_token_and_hands_the_agent_the_next() {
+    let recording = RecordingProvider::new();
+    let pool = std::sync::Arc::new(
+        PooledProvider::new(
+            recording.as_provider(),
+            PoolConfig::new(2).hold(Duration::from_millis(300)),
+        )
+        .expect("pool settings"),
+    );
+    let engine = TestEngine::start_with(|config| config.provider("local", pool.clone())).await;
+    let project = Project::new(&local_yml(1, "")).script("#!/bin/sh\necho hi\n");
+    let first_id = engine.deploy(project.path()).await;
+    // What the instance's user data would hold: the token the pool launched it with.
+    let launched = recording.wait_for_provisioned(POOL_DEPLOYMENT_ID, 1).await;
+    let user_data_token = launched[0].provision_token.clone();
+
+    let answer = register(&engine, &user_data_token).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let work: RegisterResponse = serde_json::from_slice(&answer.body).expect("a work order");
+    assert!(work.pooled);
+    assert_eq!(work.deployment_id, first_id);
+    let next = work
+        .next_token
+        .clone()
+        .expect("a pooled answer hands the next token");
+    assert_ne!(next, user_data_token);
+    assert!(next.len() >= 32, "{next}");
+
+    // The user data's token is spent: a script that read it gets nothing.
+    let stolen = register(&engine, &user_data_token).await;
+    assert_eq!(stolen.status, 401, "{}", stolen.text());
+
+    // The node runs and completes; its agent comes back with the new token: no work yet.
+    let node = Client::new(&engine.url, Some(work.auth_token.clone())).expect("client");
+    for state in ["downloading_assets", "running_script", "completed"] {
+        let request = StatusRequest {
+            status: state.to_owned(),
+            message: None,
+            exit_code: (state == "completed").then_some(0),
+        };
+        node.report_status(&request).await.expect("status");
+    }
+    assert_eq!(wait_final(&engine, &first_id).await.status, "completed");
+    let back = register(&engine, &next).await;
+    assert_eq!(back.status, 204, "{}", back.text());
+
+    // The next deployment's node goes to this instance, through the same token.
+    let second_id = engine.deploy(project.path()).await;
+    let answer = register(&engine, &next).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let work: RegisterResponse = serde_json::from_slice(&answer.body).expect("a work order");
+    assert_eq!(work.deployment_id, second_id);
+    let after = work.next_token.expect("another next token");
+    assert_ne!(after, next);
+    assert_eq!(register(&engine, &next).await.status, 401, "spent in turn");
+    assert_eq!(
+        recording.provisioned().len(),
+        1,
+        "one instance served both deployments"
+    );
+    engine.stop().await;
 }
