@@ -237,14 +237,10 @@ enum SlotState {
     /// Handed a node whose agent has not picked it up yet.
     Assigned {
         node_id: String,
-        deployment_id: String,
         provision_token: String,
     },
     /// Its agent runs the node.
-    Busy {
-        node_id: String,
-        deployment_id: String,
-    },
+    Busy { node_id: String },
     /// Waiting for work.
     Idle,
     /// Being terminated; its agent is told to stop.
@@ -255,23 +251,13 @@ impl std::fmt::Debug for SlotState {
     /// Leaves out the provision token of an assignment.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            SlotState::Assigned {
-                node_id,
-                deployment_id,
-                ..
-            } => f
+            SlotState::Assigned { node_id, .. } => f
                 .debug_struct("Assigned")
                 .field("node_id", node_id)
-                .field("deployment_id", deployment_id)
                 .finish_non_exhaustive(),
-            SlotState::Busy {
-                node_id,
-                deployment_id,
-            } => f
-                .debug_struct("Busy")
-                .field("node_id", node_id)
-                .field("deployment_id", deployment_id)
-                .finish(),
+            SlotState::Busy { node_id } => {
+                f.debug_struct("Busy").field("node_id", node_id).finish()
+            }
             SlotState::Idle => f.write_str("Idle"),
             SlotState::Retired => f.write_str("Retired"),
         }
@@ -400,14 +386,10 @@ impl PooledProvider {
                 match std::mem::replace(&mut slot.state, SlotState::Idle) {
                     SlotState::Assigned {
                         node_id,
-                        deployment_id,
                         provision_token,
                     } => {
                         tracing::debug!(instance_id = %instance_id, node_id = %node_id, "pooled instance picked up its node");
-                        slot.state = SlotState::Busy {
-                            node_id,
-                            deployment_id,
-                        };
+                        slot.state = SlotState::Busy { node_id };
                         slot.since = now;
                         drop(state);
                         self.bump();
@@ -432,8 +414,8 @@ impl PooledProvider {
                 () = self.draining.cancelled() => false,
             };
             if !changed {
-                if let Some(mut found) = self.slot_of_token(token_hash) {
-                    found.get().last_poll = Some(Instant::now());
+                if let Some(slot) = self.lock().slot_by_token(token_hash) {
+                    slot.last_poll = Some(Instant::now());
                 }
                 return Claim::Wait;
             }
@@ -467,8 +449,7 @@ impl PooledProvider {
     /// The engine could not register the node the instance picked up (it was terminated
     /// meanwhile): the instance is idle again.
     pub(crate) fn not_taken(&self, token_hash: &[u8; 32]) {
-        if let Some(mut found) = self.slot_of_token(token_hash) {
-            let slot = found.get();
+        if let Some(slot) = self.lock().slot_by_token(token_hash) {
             if matches!(slot.state, SlotState::Busy { .. }) {
                 slot.state = SlotState::Idle;
                 slot.since = Instant::now();
@@ -477,33 +458,25 @@ impl PooledProvider {
         self.bump();
     }
 
-    /// The slot of an instance token, with the state lock held.
-    fn slot_of_token(&self, token_hash: &[u8; 32]) -> Option<SlotGuard<'_>> {
-        let state = self.lock();
-        let instance_id = state.tokens.get(token_hash)?.clone();
-        state
-            .slots
-            .contains_key(&instance_id)
-            .then(|| SlotGuard { state, instance_id })
-    }
-
     /// Retire an instance: its agent is told to stop, then it is terminated through the inner
     /// provider and forgotten. On failure it stays retired and is tried again by maintenance.
     async fn retire(&self, instance_id: &str, why: &str) -> Result<(), BoxError> {
         {
             let mut state = self.lock();
-            let Some(slot) = state.slots.get_mut(instance_id) else {
+            let PoolState {
+                slots,
+                retired_total,
+                ..
+            } = &mut *state;
+            let Some(slot) = slots.get_mut(instance_id) else {
                 return Ok(());
             };
             if slot.state != SlotState::Retired {
                 slot.state = SlotState::Retired;
                 slot.since = Instant::now();
-                state.retired_total += 1;
+                *retired_total += 1;
                 tracing::info!(instance_id, reason = why, "retiring pooled instance");
             }
-            let Some(slot) = state.slots.get_mut(instance_id) else {
-                return Ok(());
-            };
             if slot.terminating {
                 return Ok(());
             }
@@ -634,7 +607,6 @@ impl PooledProvider {
         let slot_state = match assign {
             Some((node_id, provision_token)) => SlotState::Assigned {
                 node_id,
-                deployment_id: template.deployment_id.clone(),
                 provision_token,
             },
             None => SlotState::Idle,
@@ -718,6 +690,12 @@ enum Step {
 }
 
 impl PoolState {
+    /// The slot an instance token belongs to.
+    fn slot_by_token(&mut self, token_hash: &[u8; 32]) -> Option<&mut Slot> {
+        let instance_id = self.tokens.get(token_hash)?;
+        self.slots.get_mut(instance_id)
+    }
+
     /// Release `node_id`'s hold on `instance_id`: an assignment its agent never picked up is
     /// undone at once (the instance is idle again, or retired if its agent never asked for
     /// work at all); a node the agent runs is waited for.
@@ -774,23 +752,6 @@ impl PoolState {
                 .values()
                 .filter(|s| s.state != SlotState::Retired)
                 .count()
-    }
-}
-
-/// The state lock, pointing at one slot.
-struct SlotGuard<'a> {
-    state: MutexGuard<'a, PoolState>,
-    instance_id: String,
-}
-
-impl SlotGuard<'_> {
-    /// Cannot fail: the slot was checked when the guard was made, under the same lock.
-    #[allow(clippy::expect_used)]
-    fn get(&mut self) -> &mut Slot {
-        self.state
-            .slots
-            .get_mut(&self.instance_id)
-            .expect("slot checked under the same lock")
     }
 }
 
@@ -870,7 +831,6 @@ impl Provider for PooledProvider {
                         slot.since = Instant::now();
                         slot.state = SlotState::Assigned {
                             node_id: assignment.0.clone(),
-                            deployment_id: config.deployment_id.clone(),
                             provision_token: assignment.1.clone(),
                         };
                         InstanceInfo {
@@ -1479,7 +1439,6 @@ mod tests {
     fn debug_output_never_shows_a_provision_token() {
         let state = SlotState::Assigned {
             node_id: "d1-0".into(),
-            deployment_id: "d1".into(),
             provision_token: "SECRET-TOKEN".into(),
         };
         let shown = format!("{state:?} {:?}", Claim::Assigned("SECRET-TOKEN".into()));
