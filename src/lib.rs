@@ -54,6 +54,8 @@ mod api;
 mod auth;
 pub mod bundle;
 pub mod config;
+#[cfg(any(feature = "tls", feature = "aws"))]
+mod encode;
 mod error;
 pub mod metadata;
 mod orchestrator;
