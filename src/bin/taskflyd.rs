@@ -306,38 +306,54 @@ fn api_token(data_dir: &Path) -> Result<String, String> {
         }
     }
     let path = data_dir.join("api-token");
-    match std::fs::read_to_string(&path) {
-        Ok(token) if !token.trim().is_empty() => return Ok(token.trim().to_owned()),
+    let (token, created) = read_or_create_random(&path, 32, 0o600, "a new token made")?;
+    if created {
+        tracing::info!(path = %path.display(), "created a new API token");
+    }
+    Ok(token)
+}
+
+/// The trimmed contents of `path`, or, if there is no such file, a new random hex value of
+/// `bytes` bytes written there (created with `mode`, never over a file made meanwhile); says
+/// whether it was created. An empty file is an error saying to delete it to have `what`.
+fn read_or_create_random(
+    path: &Path,
+    bytes: usize,
+    mode: u32,
+    what: &str,
+) -> Result<(String, bool), String> {
+    match std::fs::read_to_string(path) {
+        Ok(value) if !value.trim().is_empty() => return Ok((value.trim().to_owned(), false)),
         Ok(_) => {
             return Err(format!(
-                "{} is empty; delete it to have a new token made",
+                "{} is empty; delete it to have {what}",
                 path.display()
             ))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
     }
-    let mut bytes = [0u8; 32];
-    getrandom::fill(&mut bytes)
+    let mut random = vec![0u8; bytes];
+    getrandom::fill(&mut random)
         .map_err(|e| format!("the OS random number generator failed: {e}"))?;
-    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let value: String = random.iter().map(|b| format!("{b:02x}")).collect();
     use std::os::unix::fs::OpenOptionsExt;
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(0o600)
-        .open(&path)
+        .mode(mode)
+        .open(path)
         .map_err(|e| {
+            let dir = path.parent().unwrap_or(path);
             format!(
                 "data dir {} is not writable: cannot create {}: {e}",
-                data_dir.display(),
+                dir.display(),
                 path.display()
             )
         })?;
-    file.write_all(format!("{token}\n").as_bytes())
+    file.write_all(format!("{value}\n").as_bytes())
         .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    tracing::info!(path = %path.display(), "created a new API token");
-    Ok(token)
+    Ok((value, true))
 }
 
 /// This daemon's id, tagged on the EC2 instances it starts: `<data-dir>/daemon-id`, created
@@ -346,25 +362,16 @@ fn api_token(data_dir: &Path) -> Result<String, String> {
 #[cfg(feature = "aws")]
 fn daemon_id(data_dir: &Path) -> Result<String, String> {
     let path = data_dir.join("daemon-id");
-    match std::fs::read_to_string(&path) {
-        Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_owned()),
-        Ok(_) => {
-            return Err(format!(
-                "{} is empty; delete it to have a new id made (instances tagged with the old id \
-                 are then no longer checked for leaks by this daemon)",
-                path.display()
-            ))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    let (id, created) = read_or_create_random(
+        &path,
+        16,
+        0o644,
+        "a new id made (instances tagged with the old id are then no longer checked for leaks \
+         by this daemon)",
+    )?;
+    if created {
+        tracing::info!(path = %path.display(), daemon_id = %id, "created this daemon's id");
     }
-    let mut bytes = [0u8; 16];
-    getrandom::fill(&mut bytes)
-        .map_err(|e| format!("the OS random number generator failed: {e}"))?;
-    let id: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    std::fs::write(&path, format!("{id}\n"))
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    tracing::info!(path = %path.display(), daemon_id = %id, "created this daemon's id");
     Ok(id)
 }
 
