@@ -607,22 +607,25 @@ fn runs(state_dir: &Path) -> BTreeMap<String, usize> {
     counts
 }
 
+/// Two marked nodes with one retry each, running [`FAIL_ONCE_SCRIPT`] with its state in
+/// `state_dir`: node 1 fails its first attempt.
+fn fail_once_project(marker: &str, state_dir: &Path) -> Project {
+    Project::new(&local_yml(
+        2,
+        &format!(
+            "retries: 1\n{}",
+            marked(marker, &format!(", state_dir: \"{}\"", path_str(state_dir)))
+        ),
+    ))
+    .script(FAIL_ONCE_SCRIPT)
+}
+
 #[test]
 fn a_failed_node_is_retried_and_its_attempt_is_shown() {
     let daemon = Daemon::start();
     let marker = unique_word();
     let state = tempfile::tempdir().expect("temp dir");
-    let project = Project::new(&local_yml(
-        2,
-        &format!(
-            "retries: 1\n{}",
-            marked(
-                &marker,
-                &format!(", state_dir: \"{}\"", path_str(state.path()))
-            )
-        ),
-    ))
-    .script(FAIL_ONCE_SCRIPT);
+    let project = fail_once_project(&marker, state.path());
 
     let view = up_wait_json(&daemon, project.path(), 0);
     assert_eq!(view["status"], "completed", "{view:#}");
@@ -676,17 +679,7 @@ fn a_retry_pending_when_the_daemon_crashes_runs_once_after_the_restart() {
     let mut daemon = Daemon::start_on(port, DaemonOptions::default(), &[]);
     let marker = unique_word();
     let state = tempfile::tempdir().expect("temp dir");
-    let project = Project::new(&local_yml(
-        2,
-        &format!(
-            "retries: 1\n{}",
-            marked(
-                &marker,
-                &format!(", state_dir: \"{}\"", path_str(state.path()))
-            )
-        ),
-    ))
-    .script(FAIL_ONCE_SCRIPT);
+    let project = fail_once_project(&marker, state.path());
     let id = daemon.up(project.path());
 
     // Node 1 failed its first attempt; its retry waits out its backoff (1 s). Crash now.
