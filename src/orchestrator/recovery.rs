@@ -88,24 +88,34 @@ impl Orchestrator {
     /// pooled instance serves deployments other than the one it was started for). Returns
     /// how many were terminated.
     pub(crate) async fn reconcile_orphans(&self) -> usize {
+        let mut listed = Vec::new();
+        for (name, provider) in self.providers() {
+            match provider.owned_instances().await {
+                Ok(owned) => {
+                    let running = owned.into_iter().filter(|instance| {
+                        !matches!(
+                            instance.state,
+                            crate::InstanceState::Terminated | crate::InstanceState::ShuttingDown
+                        )
+                    });
+                    listed.push((name, provider, running.collect::<Vec<_>>()));
+                }
+                Err(e) => {
+                    tracing::warn!(provider = %name, error = %e, "cannot list instances for leak checks")
+                }
+            }
+        }
+        // Only providers that list instances (EC2) cost the scan of live nodes.
+        if listed.iter().all(|(_, _, owned)| owned.is_empty()) {
+            return 0;
+        }
         let Some(in_use) = self.instances_in_use().await else {
             return 0;
         };
         let mut terminated = 0;
-        for (name, provider) in self.providers() {
-            let owned = match provider.owned_instances().await {
-                Ok(owned) => owned,
-                Err(e) => {
-                    tracing::warn!(provider = %name, error = %e, "cannot list instances for leak checks");
-                    continue;
-                }
-            };
+        for (name, provider, owned) in listed {
             for instance in owned {
-                if matches!(
-                    instance.state,
-                    crate::InstanceState::Terminated | crate::InstanceState::ShuttingDown
-                ) || in_use.contains(&instance.instance_id)
-                {
+                if in_use.contains(&instance.instance_id) {
                     continue;
                 }
                 let live = match self.inner().store.deployment(&instance.deployment_id).await {
