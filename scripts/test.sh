@@ -5,8 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+# One clean build: incremental caches would only add gigabytes of disk that nothing reuses.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 FEATURES="full"
 
+echo "== disk free where target/ goes: $(df -h . | awk 'NR == 2 { print $4 }')"
 echo "== build (features: $FEATURES)"
 cargo build --locked --features "$FEATURES" --all-targets
 
