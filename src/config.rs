@@ -561,12 +561,23 @@ fn parse_document(text: &str, problems: &mut Problems) -> Option<DeploymentConfi
         // Local nodes all run on this machine: one folder of it (absolute, or in the home
         // directory) would take every node's bundle, and all but the first be refused.
         // Relative folders are taken from each node's own work directory.
+        // Over SSH, the same holds for the nodes that share a host.
         let one_folder = dir.starts_with('/') || dir == "~" || dir.starts_with("~/");
-        if one_folder && local.hosts.is_empty() && nodes.count > 1 {
+        let machines = local
+            .hosts
+            .iter()
+            .collect::<std::collections::BTreeSet<_>>()
+            .len();
+        if one_folder && u64::from(nodes.count) > machines.max(1) as u64 {
+            let machine = if machines == 0 {
+                "this machine".to_owned()
+            } else {
+                format!("each of the {machines} hosts")
+            };
             problems.add(
                 &fields.path("remote_dest_dir"),
                 format!(
-                    "the {} local nodes would all extract into {dir} on this machine; remove it \
+                    "the {} local nodes would share {dir} on {machine}; remove it \
                      (each node gets a fresh folder) or make it relative (taken from each \
                      node's work directory)",
                     nodes.count
@@ -657,11 +668,37 @@ fn parse_local(value: &Value, path: &str, problems: &mut Problems) -> LocalConfi
         return local;
     };
     if let Some(value) = fields.get("hosts") {
-        local.hosts = string_list(value, &fields.path("hosts"), "host names", problems);
+        let path = fields.path("hosts");
+        local.hosts = string_list(value, &path, "host names", problems);
+        for (index, host) in local.hosts.iter().enumerate() {
+            // Handed to `ssh` as an argument: a leading `-` would be read as an option.
+            if !is_ssh_word(host, ".:") {
+                problems.add(
+                    &item(&path, index),
+                    format!(
+                        "{host:?} is not a host name or IP address (letters, digits, `.`, `-`, \
+                         `_` and `:`, not starting with `-`)"
+                    ),
+                );
+            }
+        }
     }
     local.ssh_user = fields
         .get("ssh_user")
         .and_then(|value| string(value, &fields.path("ssh_user"), problems));
+    if let Some(user) = local
+        .ssh_user
+        .as_deref()
+        .filter(|user| !is_ssh_word(user, "."))
+    {
+        problems.add(
+            &fields.path("ssh_user"),
+            format!(
+                "{user:?} is not a user name (letters, digits, `.`, `-` and `_`, not starting \
+                 with `-`)"
+            ),
+        );
+    }
     local.ssh_key_path = fields
         .get("ssh_key_path")
         .and_then(|value| string(value, &fields.path("ssh_key_path"), problems));
@@ -692,6 +729,18 @@ fn parse_local(value: &Value, path: &str, problems: &mut Problems) -> LocalConfi
                     format!("expected rust or script, got {}{hint}", describe(value)),
                 );
             }
+        }
+    }
+    if !local.hosts.is_empty() {
+        // A host has no `taskfly` binary: its nodes run the shell bootstrap.
+        match fields.get("agent") {
+            None => local.agent = LocalAgent::Script,
+            Some(agent) if agent.as_str() == Some("rust") => problems.add(
+                &fields.path("agent"),
+                "nodes on SSH hosts run the shell bootstrap (they need only sh, curl, tar and \
+                 gzip there); remove agent or set it to script",
+            ),
+            Some(_) => {}
         }
     }
     if !local.hosts.is_empty() && local.ssh_user.is_none() && fields.get("ssh_user").is_none() {
@@ -930,6 +979,15 @@ fn string(value: &Value, path: &str, problems: &mut Problems) -> Option<String> 
             None
         }
     }
+}
+
+/// A host or user name that is safe as an `ssh` argument: ASCII letters, digits, `-`, `_` and
+/// the characters of `extra`, not starting with `-`.
+fn is_ssh_word(word: &str, extra: &str) -> bool {
+    !word.starts_with('-')
+        && word
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || extra.contains(c))
 }
 
 /// A list of non-empty strings; `what` says what they are, for the message.
@@ -1425,6 +1483,65 @@ nodes:
         assert_eq!(
             problems(text),
             vec!["instance_config.local.ssh_user: required when hosts is set; the user to log in as over SSH"]
+        );
+    }
+
+    #[test]
+    fn ssh_hosts_run_the_shell_bootstrap_unless_the_rust_agent_is_asked_for() {
+        let yml = |agent: &str| {
+            format!(
+                "cloud_provider: local\ninstance_config:\n  local: {{hosts: [h1], ssh_user: ops{agent}}}\n\
+                 application_files: [setup.sh]\nnodes: {{count: 1}}\n"
+            )
+        };
+        assert_eq!(parse(&yml("")).local.agent, LocalAgent::Script);
+        assert_eq!(
+            parse(&yml(", agent: script")).local.agent,
+            LocalAgent::Script
+        );
+        assert_eq!(
+            problems(&yml(", agent: rust")),
+            vec![
+                "instance_config.local.agent: nodes on SSH hosts run the shell bootstrap (they \
+                  need only sh, curl, tar and gzip there); remove agent or set it to script"
+            ]
+        );
+    }
+
+    #[test]
+    fn ssh_hosts_and_users_that_ssh_would_read_as_options_are_refused() {
+        let text = "cloud_provider: local\ninstance_config:\n  local:\n    \
+                    hosts: [10.0.0.5, '-oProxyCommand=touch /tmp/x', 'fe80::1', 'a b']\n    \
+                    ssh_user: -lroot\napplication_files: [setup.sh]\nnodes: {count: 1}\n";
+        assert_eq!(
+            problems(text),
+            vec![
+                "instance_config.local.hosts[1]: \"-oProxyCommand=touch /tmp/x\" is not a host \
+                 name or IP address (letters, digits, `.`, `-`, `_` and `:`, not starting with `-`)",
+                "instance_config.local.hosts[3]: \"a b\" is not a host name or IP address \
+                 (letters, digits, `.`, `-`, `_` and `:`, not starting with `-`)",
+                "instance_config.local.ssh_user: \"-lroot\" is not a user name (letters, digits, \
+                 `.`, `-` and `_`, not starting with `-`)",
+            ]
+        );
+    }
+
+    #[test]
+    fn one_remote_dest_dir_is_refused_for_nodes_sharing_an_ssh_host() {
+        let yml = |count: u32| {
+            format!(
+                "cloud_provider: local\ninstance_config:\n  local: {{hosts: [h1, h2, h1], ssh_user: ops}}\n\
+                 application_files: [setup.sh]\nremote_dest_dir: /opt/job\nnodes: {{count: {count}}}\n"
+            )
+        };
+        assert_eq!(parse(&yml(2)).remote_dest_dir.as_deref(), Some("/opt/job"));
+        assert_eq!(
+            problems(&yml(3)),
+            vec![
+                "remote_dest_dir: the 3 local nodes would share /opt/job on each of the 2 hosts; \
+                  remove it (each node gets a fresh folder) or make it relative (taken from each \
+                  node's work directory)"
+            ]
         );
     }
 

@@ -12,7 +12,7 @@
 //!   serves the node protocol and the client API over HTTP ([`Orchestrator::serve`]), tracks every
 //!   node through the state machines of [`state::model`], and terminates what it started.
 //! - [`Store`]: where deployments, nodes and logs are kept ([`MemoryStore`] built in).
-//! - [`Provider`]: where nodes run ([`LocalProvider`]: local processes).
+//! - [`Provider`]: where nodes run ([`LocalProvider`]: local processes, or SSH hosts).
 //! - [`Client`]: a typed client of a daemon's HTTP API; [`agent`]: the node agent.
 //!
 //! # Features

@@ -79,6 +79,11 @@ struct Args {
         value_name = "N"
     )]
     pool_ahead: usize,
+    /// An option for every ssh call to nodes on `instance_config.local.hosts`, as `ssh -o`
+    /// takes it (repeat for more): e.g. `UserKnownHostsFile=/etc/taskfly/known_hosts`,
+    /// `ProxyJump=bastion`. The daemon user's own SSH configuration applies as well.
+    #[arg(long = "ssh-option", value_name = "OPTION")]
+    ssh_options: Vec<String>,
     #[command(subcommand)]
     command: Option<DaemonCommand>,
 }
@@ -230,6 +235,7 @@ async fn serve(args: Args) -> Result<(), String> {
         std::env::current_exe().map_err(|e| format!("cannot find this program's path: {e}"))?;
     let local = taskfly::LocalProvider::new(data_dir.join("work"))
         .grace_period(args.grace_period)
+        .ssh_options(args.ssh_options.clone())
         .agent_program(program, ["agent"]);
     // Durable state: deployments, nodes (token hashes only) and logs survive a restart.
     let state_path = data_dir.join("state.db");

@@ -396,19 +396,6 @@ impl Orchestrator {
                 )],
             ));
         }
-        if config.cloud_provider == crate::config::CloudProvider::Local
-            && !config.local.hosts.is_empty()
-        {
-            // Better refused than silently run on this machine instead of the hosts asked for.
-            return Err(Error::invalid_config(
-                "taskfly.yml is invalid (1 problem)",
-                vec![
-                    "instance_config.local.hosts: running nodes over SSH is not supported yet; \
-                     remove `hosts` to run the nodes as local processes"
-                        .to_owned(),
-                ],
-            ));
-        }
         let provider_name = config.cloud_provider.as_str();
         if !self.inner.providers.contains_key(provider_name) {
             return Err(Error::invalid_config(

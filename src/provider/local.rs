@@ -11,7 +11,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::procfs;
-use super::{InstanceConfig, InstanceInfo, InstanceState, Provider};
+use super::ssh::{self, SshHosts};
+use super::{InstanceConfig, InstanceInfo, InstanceState, OwnedInstance, Provider};
 use crate::agent::{self, bootstrap, AgentConfig};
 use crate::config::LocalAgent as AgentKind;
 use crate::error::{BoxError, Error};
@@ -27,7 +28,8 @@ const EXTRA_AGENT_GRACE: Duration = Duration::from_secs(2);
 /// `https://` daemon ([`InstanceConfig::ca_pem`]).
 const CA_FILE: &str = "daemon-ca.pem";
 
-/// Runs every node on this machine (`cloud_provider: local` without `hosts`).
+/// Runs nodes on this machine (`cloud_provider: local`), or on SSH hosts when the deployment
+/// lists `instance_config.local.hosts`.
 ///
 /// Design: each node's agent runs *in this process*, as a tokio task executing
 /// [`crate::agent::run`], not as a `taskfly agent` child process. That keeps 200+ nodes cheap
@@ -53,6 +55,16 @@ const CA_FILE: &str = "daemon-ca.pem";
 /// written to `daemon-ca.pem` in the node's work directory and given to its agent (task or
 /// process) as its CA file; the shell bootstrap embeds them for curl.
 ///
+/// With `hosts`, node `i` runs on `hosts[i % hosts.len()]`: the daemon starts the shell
+/// bootstrap there with the system's `ssh` client (`BatchMode=yes`, so the host's key must be
+/// known and the key need no passphrase; [`LocalProvider::ssh_options`] adds options), detached
+/// in `~/.taskfly/nodes/<instance_id>/`, and terminating the node stops its processes and
+/// removes that folder over ssh. Such instances (`ssh-<node_id>-<attempt>`, their address the
+/// host) are recorded in `work_root/ssh-instances/` until terminated, so a restarted engine
+/// can still terminate them and the leak checks find them
+/// ([`Provider::owned_instances`]). At [`Provider::shutdown`] they are terminated unless
+/// agents run as processes (a daemon), as local bootstraps are.
+///
 /// Instance ids are `local-<node_id>-<attempt>`. Agent failures are logged with `tracing`
 /// (node id and message); they never panic, and the engine notices the node through its status
 /// reports or the heartbeat timeout.
@@ -75,6 +87,8 @@ pub struct LocalProvider {
     tracker: TaskTracker,
     /// Parent of every agent's cancellation token: cancelled by [`Provider::shutdown`] and on drop.
     shutdown: CancellationToken,
+    /// Nodes on SSH hosts.
+    ssh: SshHosts,
 }
 
 /// How node agents run.
@@ -105,6 +119,7 @@ struct LocalAgent {
 impl LocalProvider {
     /// A provider keeping every node's files under `work_root` (created as needed).
     pub fn new(work_root: PathBuf) -> LocalProvider {
+        let work_root_for_ssh = work_root.clone();
         LocalProvider {
             work_root,
             grace_period: DEFAULT_GRACE_PERIOD,
@@ -112,6 +127,7 @@ impl LocalProvider {
             agents: Arc::new(Mutex::new(HashMap::new())),
             tracker: TaskTracker::new(),
             shutdown: CancellationToken::new(),
+            ssh: SshHosts::new(&work_root_for_ssh, DEFAULT_GRACE_PERIOD),
         }
     }
 
@@ -120,6 +136,20 @@ impl LocalProvider {
     #[must_use]
     pub fn grace_period(mut self, grace_period: Duration) -> LocalProvider {
         self.grace_period = grace_period;
+        self.ssh.set_grace_period(grace_period);
+        self
+    }
+
+    /// Options for every `ssh` call to a node's host, each passed as `-o OPTION`
+    /// (`UserKnownHostsFile=/etc/taskfly/known_hosts`, `ProxyJump=bastion`, …). They add to
+    /// the daemon user's own SSH configuration; `BatchMode=yes` always applies.
+    #[must_use]
+    pub fn ssh_options(
+        mut self,
+        options: impl IntoIterator<Item = impl Into<String>>,
+    ) -> LocalProvider {
+        self.ssh
+            .set_options(options.into_iter().map(Into::into).collect());
         self
     }
 
@@ -180,6 +210,9 @@ impl Provider for LocalProvider {
                 config.deployment_id
             ))
             .into());
+        }
+        if !config.deployment.local.hosts.is_empty() {
+            return self.ssh.provision(&config).await;
         }
         let instance_id = format!("local-{}-{}", config.node_id, config.attempt);
         let work_dir = self.work_root.join(&config.deployment_id);
@@ -313,6 +346,9 @@ impl Provider for LocalProvider {
     /// Cancels the node's agent and waits until it has ended, its script's process group
     /// included. An unknown or already terminated instance is fine.
     async fn terminate(&self, instance_id: &str) -> Result<(), BoxError> {
+        if ssh::is_ssh_instance(instance_id) {
+            return self.ssh.terminate(instance_id).await;
+        }
         let bootstrap = self
             .agents()
             .get(instance_id)
@@ -344,10 +380,17 @@ impl Provider for LocalProvider {
     /// The agent a node runs (`instance_config.local.agent`): a pooled Rust agent never runs
     /// a node asking for the shell bootstrap, nor the reverse.
     fn instance_kind(&self, config: &InstanceConfig) -> String {
-        format!("local {:?}", config.deployment.local.agent)
+        if config.deployment.local.hosts.is_empty() {
+            format!("local {:?}", config.deployment.local.agent)
+        } else {
+            ssh::instance_kind(config)
+        }
     }
 
     async fn describe(&self, instance_id: &str) -> Result<Option<InstanceInfo>, BoxError> {
+        if ssh::is_ssh_instance(instance_id) {
+            return self.ssh.describe(instance_id).await;
+        }
         let tracked = self.agents().get(instance_id).map(|agent| {
             if agent.finished.is_cancelled() {
                 InstanceState::Terminated
@@ -376,9 +419,20 @@ impl Provider for LocalProvider {
         }))
     }
 
-    /// Stops every agent and waits until all of them, and their scripts, have ended.
+    /// Nodes on SSH hosts not yet terminated (the others are found through `/proc` when
+    /// needed, or end with this process).
+    async fn owned_instances(&self) -> Result<Vec<OwnedInstance>, BoxError> {
+        self.ssh.owned().await
+    }
+
+    /// Stops every agent and waits until all of them, and their scripts, have ended. Nodes on
+    /// SSH hosts are terminated too, unless agents run as processes (they carry on with a
+    /// restarted engine).
     async fn shutdown(&self) {
         self.shutdown.cancel();
+        if matches!(self.runner, Runner::Task) {
+            self.terminate_ssh_instances().await;
+        }
         self.tracker.close();
         self.tracker.wait().await;
         self.agents().clear();
@@ -386,6 +440,24 @@ impl Provider for LocalProvider {
 }
 
 impl LocalProvider {
+    /// Terminates every recorded node on an SSH host, at most a few at once (the ssh calls
+    /// are limited anyway); failures are logged, and the records kept for the leak checks.
+    async fn terminate_ssh_instances(&self) {
+        let ids = match self.ssh.recorded().await {
+            Ok(ids) => ids,
+            Err(error) => {
+                tracing::warn!(error = %error, "cannot list the nodes on SSH hosts to stop them");
+                return;
+            }
+        };
+        let stops = ids.iter().map(|id| async move {
+            if let Err(error) = self.ssh.terminate(id).await {
+                tracing::warn!(instance_id = %id, error = %error, "cannot stop a node on its SSH host");
+            }
+        });
+        futures_util::future::join_all(stops).await;
+    }
+
     /// Terminate an agent process (or a node's bootstrap) and whatever its script left: SIGTERM
     /// to the agent (which stops its script's group gracefully), SIGKILL after the grace period,
     /// then any process still carrying the node's id (a script orphaned by a killed agent) is

@@ -207,6 +207,18 @@ fn validate(dir: &Path, format: Output) -> Result<u8, Failure> {
     let generator = MetadataGenerator::new(&config.nodes).map_err(|e| failure(None, e))?;
     let deployment_id = "<deployment-id>";
     let total = generator.total_nodes();
+    // Over SSH, where each node runs: `user@host:port`.
+    let hosts = &config.local.hosts;
+    let host_of = |i: u32| {
+        (!hosts.is_empty()).then(|| {
+            format!(
+                "{}@{}:{}",
+                config.local.ssh_user.as_deref().unwrap_or_default(),
+                hosts[i as usize % hosts.len()],
+                config.local.ssh_port
+            )
+        })
+    };
     if format == Output::Json {
         let nodes: Vec<serde_json::Value> = (0..total)
             .map(|i| {
@@ -217,7 +229,11 @@ fn validate(dir: &Path, format: Output) -> Result<u8, Failure> {
                     .into_iter()
                     .map(|(k, v)| (k, serde_json::Value::String(v)))
                     .collect();
-                serde_json::json!({"node_index": i, "env": env})
+                let mut node = serde_json::json!({"node_index": i, "env": env});
+                if let Some(host) = host_of(i) {
+                    node["ssh_host"] = serde_json::Value::String(host);
+                }
+                node
             })
             .collect();
         let doc = serde_json::json!({
@@ -239,7 +255,14 @@ fn validate(dir: &Path, format: Output) -> Result<u8, Failure> {
     );
     for i in 0..total {
         let node_id = format!("{deployment_id}-{i}");
-        let _ = writeln!(out, "\nnode {i}:");
+        match host_of(i) {
+            Some(host) => {
+                let _ = writeln!(out, "\nnode {i} (on {host}):");
+            }
+            None => {
+                let _ = writeln!(out, "\nnode {i}:");
+            }
+        }
         for (name, value) in generator.node_env(deployment_id, &node_id, i).redacted() {
             let _ = writeln!(out, "  {name}={}", output::quote_for_display(&value));
         }
@@ -249,7 +272,21 @@ fn validate(dir: &Path, format: Output) -> Result<u8, Failure> {
 
 async fn run_local(dir: &Path, format: Output) -> Result<u8, Failure> {
     // Validate before anything starts, so mistakes are reported with exit code 2.
-    load_config(dir)?;
+    let config = load_config(dir)?;
+    if !config.local.hosts.is_empty() {
+        // Its engine listens on 127.0.0.1 only, which other hosts cannot call back.
+        return Err(Failure {
+            hint: Some(
+                "start taskflyd with an --advertise-url the hosts can reach, then run \
+                 `taskfly up --wait`"
+                    .to_owned(),
+            ),
+            ..usage(
+                "taskfly run runs nodes on this machine only; this taskfly.yml sends them to SSH \
+                 hosts (instance_config.local.hosts)",
+            )
+        });
+    }
     let data_dir = std::env::temp_dir().join(format!(
         "taskfly-run-{}-{}",
         std::process::id(),

@@ -1,0 +1,618 @@
+//! Nodes on SSH hosts: the part of [`super::LocalProvider`] that serves
+//! `instance_config.local.hosts`.
+//!
+//! A host needs only what the shell bootstrap needs (`sh`, `curl`, `tar`, `gzip`, `setsid`)
+//! and an SSH login; no TaskFly binary. The daemon runs the system's `ssh` client, so the
+//! user's own SSH set-up applies (`~/.ssh/config`, `known_hosts`, agents, jump hosts), with
+//! `BatchMode=yes`: it never asks for a password or to trust an unknown host key.
+//!
+//! Provisioning a node is one `ssh` call: a short `sh` program (its text is fixed; the only
+//! value in it, the instance id, is checked to be a plain word) creates the node's directory
+//! `~/.taskfly/nodes/<instance_id>/` (mode 0700), writes the bootstrap received on its
+//! standard input there (it holds the provision token, so it never appears on a command line),
+//! and starts it detached with `setsid`, recording its process group in `pid`. Terminating is
+//! another `ssh` call: SIGTERM to that group (the bootstrap stops its script's own group
+//! within the grace period), SIGKILL after it, SIGKILL to any process of the user still
+//! carrying `TASKFLY_NODE_ID=<node_id>` (a script left by a killed bootstrap, found through
+//! `/proc`), then the directory is removed. Nothing of the node is left on the host.
+//!
+//! The daemon keeps a record of each instance it started, `<work_root>/ssh-instances/<id>.json`
+//! (host, port, user, key, deployment, node), written before the `ssh` call and removed once
+//! the instance is terminated. So a restarted daemon can still terminate what it started, and
+//! the leak checks ([`Provider::owned_instances`](super::Provider::owned_instances)) list every
+//! instance not yet terminated, whatever happened in between.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncWriteExt as _;
+use tokio::sync::Semaphore;
+
+use super::{InstanceConfig, InstanceInfo, InstanceState, OwnedInstance, ProviderError};
+use crate::agent::bootstrap;
+use crate::error::{BoxError, Error};
+
+/// Instance ids of nodes on SSH hosts start with this.
+const ID_PREFIX: &str = "ssh-";
+/// The folder of `work_root` holding a record per instance.
+const RECORDS: &str = "ssh-instances";
+/// At most this many `ssh` calls at once: sshd drops unauthenticated connections past 10 by
+/// default (`MaxStartups`), and a 500-node deployment must not trip it.
+const MAX_CONCURRENT_CALLS: usize = 8;
+/// How long `ssh` may take to connect.
+const CONNECT_TIMEOUT_S: u32 = 15;
+/// How long a call may take beyond its own work (connecting, logging in).
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// The exit status of `ssh` itself failing (connection, authentication, host key).
+const SSH_FAILED: i32 = 255;
+
+/// Starts a node's bootstrap on the host: the instance id is `$1`; the grace period (ms) `$2`;
+/// the bootstrap's text comes on standard input. The bootstrap gets the variables a local one
+/// gets (`agent::ENV_GRACE_MS`, `agent::ENV_INSTANCE_ID`) and `TMPDIR` in the node's folder,
+/// where it keeps its files and extracts the bundle.
+const LAUNCH: &str = r#"set -u
+umask 077
+for t in setsid curl tar gzip; do
+  command -v "$t" >/dev/null 2>&1 || { echo "$t is not installed on this host; the node bootstrap needs sh, curl, tar, gzip and setsid" >&2; exit 3; }
+done
+d="$HOME/.taskfly/nodes/$1"
+mkdir -p "$d" || exit 3
+if ! cat >"$d/bootstrap.sh"; then rm -rf "$d"; exit 3; fi
+cd "$d" || exit 3
+TMPDIR="$d" TASKFLY_AGENT_GRACE_MS="$2" TASKFLY_AGENT_INSTANCE_ID="$1" setsid sh bootstrap.sh </dev/null >>bootstrap.log 2>&1 &
+echo $! >pid
+echo "started $!"
+"#;
+
+/// Stops a node and removes its directory: the instance id is `$1`, the node id `$2`, the
+/// grace period in tenths of a second `$3`.
+const TERMINATE: &str = r#"set -u
+d="$HOME/.taskfly/nodes/$1"
+p=$(cat "$d/pid" 2>/dev/null) || p=
+case $p in '' | *[!0-9]*) p= ;; esac
+if [ -n "$p" ] && kill -TERM -"$p" 2>/dev/null; then
+  n=0
+  while kill -0 -"$p" 2>/dev/null && [ "$n" -lt "$3" ]; do
+    sleep 0.1 2>/dev/null || sleep 1
+    n=$((n + 1))
+  done
+  kill -KILL -"$p" 2>/dev/null
+fi
+for e in /proc/[0-9]*/environ; do
+  q=${e#/proc/}
+  q=${q%/environ}
+  [ "$q" = "$$" ] && continue
+  if tr '\0' '\n' <"$e" 2>/dev/null | grep -qxF "TASKFLY_NODE_ID=$2"; then
+    kill -KILL "$q" 2>/dev/null
+  fi
+done
+rm -rf "$d" || exit 3
+echo terminated
+"#;
+
+/// Tells whether a node's bootstrap still runs: the instance id is `$1`.
+const DESCRIBE: &str = r#"d="$HOME/.taskfly/nodes/$1"
+if [ ! -d "$d" ]; then echo gone
+elif p=$(cat "$d/pid" 2>/dev/null) && [ -n "$p" ] && kill -0 -"$p" 2>/dev/null; then echo running
+else echo ended
+fi
+"#;
+
+/// Where an instance runs, and for whom: what the daemon records of it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Record {
+    deployment_id: String,
+    node_id: String,
+    host: String,
+    port: u16,
+    user: String,
+    /// The private key, `~` already expanded.
+    key_path: Option<PathBuf>,
+}
+
+impl Record {
+    fn target(&self) -> String {
+        format!("{}@{}:{}", self.user, self.host, self.port)
+    }
+}
+
+/// The SSH side of the local provider.
+pub(super) struct SshHosts {
+    records: PathBuf,
+    options: Vec<String>,
+    grace_period: Duration,
+    calls: Semaphore,
+}
+
+/// Whether `instance_id` names a node on an SSH host.
+pub(super) fn is_ssh_instance(instance_id: &str) -> bool {
+    instance_id.starts_with(ID_PREFIX)
+}
+
+/// The host node `config` runs on, as `user@host:port`, and what a pool must match on.
+pub(super) fn instance_kind(config: &InstanceConfig) -> String {
+    let record = record_for(config);
+    format!("ssh {} key {:?}", record.target(), record.key_path)
+}
+
+fn record_for(config: &InstanceConfig) -> Record {
+    let local = &config.deployment.local;
+    // Validation guarantees hosts is not empty here and sets a user with hosts.
+    let host = &local.hosts[config.node_index as usize % local.hosts.len()];
+    Record {
+        deployment_id: config.deployment_id.clone(),
+        node_id: config.node_id.clone(),
+        host: host.clone(),
+        port: local.ssh_port,
+        user: local.ssh_user.clone().unwrap_or_default(),
+        key_path: local.ssh_key_path.as_deref().map(expand_home),
+    }
+}
+
+/// `~` and `~/…` taken from the daemon's home directory.
+fn expand_home(path: &str) -> PathBuf {
+    let home = || std::env::var_os("HOME").map(PathBuf::from);
+    match path.strip_prefix('~') {
+        Some("") => home().unwrap_or_else(|| PathBuf::from(path)),
+        Some(rest) if rest.starts_with('/') => match home() {
+            Some(home) => home.join(&rest[1..]),
+            None => PathBuf::from(path),
+        },
+        _ => PathBuf::from(path),
+    }
+}
+
+/// What one `ssh` call gave back.
+struct Output {
+    status: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl SshHosts {
+    pub(super) fn new(work_root: &Path, grace_period: Duration) -> SshHosts {
+        SshHosts {
+            records: work_root.join(RECORDS),
+            options: Vec::new(),
+            grace_period,
+            calls: Semaphore::new(MAX_CONCURRENT_CALLS),
+        }
+    }
+
+    pub(super) fn set_options(&mut self, options: Vec<String>) {
+        self.options = options;
+    }
+
+    pub(super) fn set_grace_period(&mut self, grace_period: Duration) {
+        self.grace_period = grace_period;
+    }
+
+    /// Starts the node's bootstrap on its host. The record is written first, so an instance
+    /// whose `ssh` call is cut short (a dropped future kills the client) is still found by
+    /// the leak checks.
+    pub(super) async fn provision(
+        &self,
+        config: &InstanceConfig,
+    ) -> Result<InstanceInfo, BoxError> {
+        let instance_id = format!("{ID_PREFIX}{}-{}", config.node_id, config.attempt);
+        if !is_plain_word(&instance_id) {
+            return Err(Error::invalid_input(format!(
+                "node id {:?} cannot name a directory on an SSH host",
+                config.node_id
+            ))
+            .into());
+        }
+        let script = bootstrap::bootstrap_script(
+            &config.daemon_url,
+            &config.provision_token,
+            config.ca_pem.as_deref(),
+        )?;
+        let record = record_for(config);
+        self.write_record(&instance_id, &record).await?;
+        let grace_ms = self.grace_period.as_millis().to_string();
+        let ran = self
+            .call(
+                &record,
+                LAUNCH,
+                &[&instance_id, &grace_ms],
+                Some(script.as_bytes()),
+                Duration::ZERO,
+            )
+            .await;
+        let started = match ran {
+            Ok(output) if output.status == Some(0) && output.stdout.starts_with("started ") => {
+                Ok(())
+            }
+            Ok(output) => Err(failure(&record, "start the node", &output)),
+            Err(error) => Err(error),
+        };
+        if let Err(error) = started {
+            // Either nothing was started (ssh failed before the program ran), or the program
+            // stopped before starting the bootstrap and removed what it made.
+            self.remove_record(&instance_id).await;
+            return Err(error);
+        }
+        tracing::debug!(instance_id = %instance_id, host = %record.host, "started a node over SSH");
+        Ok(InstanceInfo {
+            instance_id,
+            ip_address: Some(record.host),
+            state: InstanceState::Running,
+        })
+    }
+
+    /// Stops the node and removes its files on the host, then its record. Unknown instances
+    /// (never started, or already terminated) are fine.
+    pub(super) async fn terminate(&self, instance_id: &str) -> Result<(), BoxError> {
+        let Some(record) = self.read_record(instance_id).await? else {
+            return Ok(());
+        };
+        let tenths = (self.grace_period.as_millis() / 100 + 20).to_string();
+        let output = self
+            .call(
+                &record,
+                TERMINATE,
+                &[instance_id, &record.node_id, &tenths],
+                None,
+                self.grace_period + Duration::from_secs(2),
+            )
+            .await?;
+        if output.status != Some(0) || output.stdout.trim() != "terminated" {
+            return Err(failure(&record, "terminate the node", &output));
+        }
+        self.remove_record(instance_id).await;
+        tracing::debug!(instance_id = %instance_id, host = %record.host, "terminated a node over SSH");
+        Ok(())
+    }
+
+    /// `Running` while the bootstrap runs, `Terminated` once it has ended or its folder is
+    /// gone; `None` for an instance this daemon has no record of.
+    pub(super) async fn describe(
+        &self,
+        instance_id: &str,
+    ) -> Result<Option<InstanceInfo>, BoxError> {
+        let Some(record) = self.read_record(instance_id).await? else {
+            return Ok(None);
+        };
+        let output = self
+            .call(&record, DESCRIBE, &[instance_id], None, Duration::ZERO)
+            .await?;
+        let state = match (output.status, output.stdout.trim()) {
+            (Some(0), "running") => InstanceState::Running,
+            (Some(0), "ended" | "gone") => InstanceState::Terminated,
+            _ => return Err(failure(&record, "look at the node", &output)),
+        };
+        Ok(Some(InstanceInfo {
+            instance_id: instance_id.to_owned(),
+            ip_address: Some(record.host),
+            state,
+        }))
+    }
+
+    /// Every instance started and not yet terminated, from the records.
+    pub(super) async fn owned(&self) -> Result<Vec<OwnedInstance>, BoxError> {
+        let mut owned = Vec::new();
+        for instance_id in self.recorded().await? {
+            if let Some(record) = self.read_record(&instance_id).await? {
+                owned.push(OwnedInstance {
+                    instance_id,
+                    deployment_id: record.deployment_id,
+                    node_id: Some(record.node_id),
+                    state: InstanceState::Running,
+                });
+            }
+        }
+        Ok(owned)
+    }
+
+    /// The ids of every recorded instance.
+    pub(super) async fn recorded(&self) -> Result<Vec<String>, BoxError> {
+        let mut entries = match tokio::fs::read_dir(&self.records).await {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => {
+                return Err(Error::io(format!("cannot list {}", self.records.display()), e).into())
+            }
+        };
+        let mut ids = Vec::new();
+        while let Some(entry) = entries
+            .next_entry()
+            .await
+            .map_err(|e| Error::io(format!("cannot list {}", self.records.display()), e))?
+        {
+            let name = entry.file_name();
+            if let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".json")) {
+                if is_ssh_instance(id) && is_plain_word(id) {
+                    ids.push(id.to_owned());
+                }
+            }
+        }
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// Runs `program` with `args` on the record's host through `sh -c`, feeding it `input`.
+    /// `work` is how long the program itself may take, beyond [`CALL_TIMEOUT`].
+    async fn call(
+        &self,
+        record: &Record,
+        program: &str,
+        args: &[&str],
+        input: Option<&[u8]>,
+        work: Duration,
+    ) -> Result<Output, BoxError> {
+        let _slot = self
+            .calls
+            .acquire()
+            .await
+            .map_err(|_| Error::conflict("the local provider is shutting down"))?;
+        let mut remote = format!("sh -c {} taskfly-node", bootstrap::sh_quote(program));
+        for arg in args {
+            remote.push(' ');
+            remote.push_str(&bootstrap::sh_quote(arg));
+        }
+        let mut command = tokio::process::Command::new("ssh");
+        command
+            .args(["-o", "BatchMode=yes"])
+            .args(["-o", &format!("ConnectTimeout={CONNECT_TIMEOUT_S}")])
+            .args([
+                "-o",
+                "ServerAliveInterval=15",
+                "-o",
+                "ServerAliveCountMax=4",
+            ]);
+        for option in &self.options {
+            command.arg("-o").arg(option);
+        }
+        command.arg("-p").arg(record.port.to_string());
+        if let Some(key) = &record.key_path {
+            command
+                .arg("-i")
+                .arg(key)
+                .args(["-o", "IdentitiesOnly=yes"]);
+        }
+        command
+            .arg("-l")
+            .arg(&record.user)
+            .arg("--")
+            .arg(&record.host)
+            .arg(remote)
+            // The daemon's own secrets stay with the daemon.
+            .env_remove("TASKFLY_API_TOKEN")
+            .stdin(if input.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = command
+            .spawn()
+            .map_err(|e| Error::io("cannot run ssh (is the OpenSSH client installed?)", e))?;
+        if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+            // A host that closes early shows in ssh's status and stderr, not here.
+            let _ = stdin.write_all(input).await;
+            drop(stdin);
+        }
+        let output = tokio::time::timeout(CALL_TIMEOUT + work, child.wait_with_output())
+            .await
+            .map_err(|_| ProviderError {
+                code: "SshTimeout".to_owned(),
+                message: format!(
+                    "ssh to {} did not finish within {} s",
+                    record.target(),
+                    (CALL_TIMEOUT + work).as_secs()
+                ),
+                retryable: true,
+            })?
+            .map_err(|e| Error::io("cannot read from ssh", e))?;
+        Ok(Output {
+            status: output.status.code(),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        })
+    }
+
+    fn record_path(&self, instance_id: &str) -> PathBuf {
+        self.records.join(format!("{instance_id}.json"))
+    }
+
+    /// Writes the record whole (a temporary file renamed over it), mode 0600.
+    async fn write_record(&self, instance_id: &str, record: &Record) -> Result<(), BoxError> {
+        use std::io::Write as _;
+        use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+        let (dir, path) = (self.records.clone(), self.record_path(instance_id));
+        let text = serde_json::to_vec(record)
+            .map_err(|e| Error::io("cannot encode an SSH instance record", e.into()))?;
+        let written = tokio::task::spawn_blocking(move || {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)?;
+            let partial = path.with_extension("json.partial");
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&partial)?;
+            file.write_all(&text)?;
+            file.sync_all()?;
+            std::fs::rename(&partial, &path)
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        written.map_err(|e| {
+            Error::io(
+                format!("cannot record {instance_id} in {}", self.records.display()),
+                e,
+            )
+            .into()
+        })
+    }
+
+    async fn read_record(&self, instance_id: &str) -> Result<Option<Record>, BoxError> {
+        if !is_ssh_instance(instance_id) || !is_plain_word(instance_id) {
+            return Ok(None);
+        }
+        let path = self.record_path(instance_id);
+        match tokio::fs::read(&path).await {
+            Ok(text) => serde_json::from_slice(&text).map(Some).map_err(|e| {
+                Error::invalid_input(format!("{} is not a valid record: {e}", path.display()))
+                    .into()
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(format!("cannot read {}", path.display()), e).into()),
+        }
+    }
+
+    async fn remove_record(&self, instance_id: &str) {
+        let path = self.record_path(instance_id);
+        if let Err(e) = tokio::fs::remove_file(&path).await {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(path = %path.display(), error = %e, "cannot remove an SSH instance record");
+            }
+        }
+    }
+}
+
+/// A failed call as an error naming the host, what was tried and what ssh (or the host)
+/// said. Connection failures may pass, so they are retryable; the rest are not.
+fn failure(record: &Record, what: &str, output: &Output) -> BoxError {
+    let said = output
+        .stderr
+        .lines()
+        .map(str::trim)
+        .rfind(|line| !line.is_empty() && !line.starts_with("Warning: Permanently added"))
+        .unwrap_or("no message")
+        .to_owned();
+    let status = match output.status {
+        Some(code) => format!("exit status {code}"),
+        None => "killed by a signal".to_owned(),
+    };
+    let hint = if said.contains("Host key verification failed") {
+        " (add the host's key to the daemon's known_hosts, e.g. with ssh-keyscan, or pass \
+         taskflyd --ssh-option)"
+    } else if said.contains("Permission denied") {
+        " (check instance_config.local.ssh_user and ssh_key_path)"
+    } else {
+        ""
+    };
+    let transient = [
+        "Connection refused",
+        "Connection timed out",
+        "Connection reset",
+        "Connection closed",
+        "No route to host",
+        "Temporary failure in name resolution",
+        "kex_exchange_identification",
+    ];
+    let retryable = output.status == Some(SSH_FAILED) && transient.iter().any(|t| said.contains(t));
+    Box::new(ProviderError {
+        code: if output.status == Some(SSH_FAILED) {
+            "SshFailed".to_owned()
+        } else {
+            "SshHostFailed".to_owned()
+        },
+        message: format!(
+            "cannot {what} on {} over ssh ({status}): {said}{hint}",
+            record.target()
+        ),
+        retryable,
+    })
+}
+
+/// Letters, digits, `-`, `_` and `.`, not starting with `.` or `-`: safe as a file name and
+/// as a word on any shell's command line.
+fn is_plain_word(word: &str) -> bool {
+    !word.is_empty()
+        && !word.starts_with(['.', '-'])
+        && word
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn home_is_expanded_in_key_paths_only_at_the_start() {
+        let home = PathBuf::from(std::env::var_os("HOME").expect("HOME is set"));
+        assert_eq!(expand_home("~/.ssh/id"), home.join(".ssh/id"));
+        assert_eq!(expand_home("~"), home);
+        assert_eq!(expand_home("/keys/~/id"), PathBuf::from("/keys/~/id"));
+        assert_eq!(expand_home("~other/id"), PathBuf::from("~other/id"));
+    }
+
+    #[test]
+    fn instance_ids_must_be_plain_words() {
+        assert!(is_plain_word("ssh-dep-0a1b-3-1"));
+        for bad in ["", "-x", ".x", "a/b", "a b", "a'b", "a$b", "a\nb"] {
+            assert!(!is_plain_word(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn failures_name_the_host_and_what_ssh_said_and_only_connection_trouble_is_retried() {
+        let record = Record {
+            deployment_id: "dep".into(),
+            node_id: "dep-0".into(),
+            host: "10.0.0.5".into(),
+            port: 2222,
+            user: "ops".into(),
+            key_path: None,
+        };
+        let output = |status, stderr: &str| Output {
+            status,
+            stdout: String::new(),
+            stderr: stderr.to_owned(),
+        };
+        let denied = failure(
+            &record,
+            "start the node",
+            &output(
+                Some(255),
+                "Warning: Permanently added '[10.0.0.5]:2222' (ED25519) to the list of known hosts.\n\
+                 ops@10.0.0.5: Permission denied (publickey).\n",
+            ),
+        );
+        let denied = denied
+            .downcast_ref::<ProviderError>()
+            .expect("a provider error");
+        assert_eq!(
+            denied.message,
+            "cannot start the node on ops@10.0.0.5:2222 over ssh (exit status 255): \
+             ops@10.0.0.5: Permission denied (publickey). (check instance_config.local.ssh_user \
+             and ssh_key_path)"
+        );
+        assert!(!denied.retryable);
+        let refused = failure(
+            &record,
+            "start the node",
+            &output(
+                Some(255),
+                "ssh: connect to host 10.0.0.5 port 2222: Connection refused\n",
+            ),
+        );
+        assert!(
+            refused
+                .downcast_ref::<ProviderError>()
+                .expect("provider error")
+                .retryable
+        );
+        let missing = failure(
+            &record,
+            "start the node",
+            &output(Some(3), "curl is not installed on this host; the node bootstrap needs sh, curl, tar, gzip and setsid\n"),
+        );
+        let missing = missing
+            .downcast_ref::<ProviderError>()
+            .expect("a provider error");
+        assert_eq!(missing.code, "SshHostFailed");
+        assert!(missing.message.ends_with("curl is not installed on this host; the node bootstrap needs sh, curl, tar, gzip and setsid"));
+        assert!(!missing.retryable);
+    }
+}
