@@ -547,6 +547,61 @@ mod tests {
         assert_eq!(expand_home("~other/id"), PathBuf::from("~other/id"));
     }
 
+    #[tokio::test]
+    async fn records_are_private_listed_as_owned_and_unknown_ids_need_no_host() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let root = tempfile::tempdir().expect("temp dir");
+        let hosts = SshHosts::new(root.path(), Duration::from_secs(1));
+        assert!(hosts.owned().await.expect("no records yet").is_empty());
+        let record = Record {
+            deployment_id: "dep-1".into(),
+            node_id: "dep-1-0".into(),
+            host: "10.0.0.5".into(),
+            port: 22,
+            user: "ops".into(),
+            key_path: Some("/keys/id".into()),
+        };
+        hosts
+            .write_record("ssh-dep-1-0-1", &record)
+            .await
+            .expect("written");
+        let dir = root.path().join(RECORDS);
+        let mode = |path: &Path| {
+            std::fs::metadata(path)
+                .expect("exists")
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&dir.join("ssh-dep-1-0-1.json")), 0o600);
+        // A partial write left by a crash, and files that are no record, are not instances.
+        std::fs::write(dir.join("ssh-dep-1-1-1.json.partial"), "{").expect("written");
+        std::fs::write(dir.join("notes.txt"), "").expect("written");
+        assert_eq!(
+            hosts.owned().await.expect("listed"),
+            vec![OwnedInstance {
+                instance_id: "ssh-dep-1-0-1".into(),
+                deployment_id: "dep-1".into(),
+                node_id: Some("dep-1-0".into()),
+                state: InstanceState::Running,
+            }]
+        );
+        // Ids with no record (or that could name another file) are unknown: nothing to reach.
+        for unknown in ["ssh-dep-9-0-1", "ssh-../x", "local-dep-1-0-1"] {
+            hosts
+                .terminate(unknown)
+                .await
+                .expect("nothing to terminate");
+            assert_eq!(
+                hosts.describe(unknown).await.expect("nothing to describe"),
+                None
+            );
+        }
+        hosts.remove_record("ssh-dep-1-0-1").await;
+        assert!(hosts.owned().await.expect("listed").is_empty());
+    }
+
     #[test]
     fn instance_ids_must_be_plain_words() {
         assert!(is_plain_word("ssh-dep-0a1b-3-1"));
