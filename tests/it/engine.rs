@@ -1230,9 +1230,16 @@ async fn refused_at_deploy(yml: &str, field: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ssh_hosts_are_refused_rather_than_run_locally() {
-    let yml = "cloud_provider: local\ninstance_config:\n  local:\n    hosts: [10.0.0.5]\n    ssh_user: ops\napplication_files: [setup.sh]\nnodes:\n  count: 1\n";
-    refused_at_deploy(yml, "instance_config.local.hosts: ").await;
+async fn an_ssh_host_that_ssh_would_read_as_an_option_is_refused_before_any_ssh_call() {
+    let marker = std::env::temp_dir().join(format!("taskfly-pwned-{}", unique_marker()));
+    let yml = format!(
+        "cloud_provider: local\ninstance_config:\n  local:\n    \
+         hosts: ['-oProxyCommand=touch {}']\n    ssh_user: ops\n\
+         application_files: [setup.sh]\nnodes:\n  count: 1\n",
+        marker.display()
+    );
+    refused_at_deploy(&yml, "instance_config.local.hosts[0]: ").await;
+    assert!(!marker.exists(), "ssh ran the host name as an option");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

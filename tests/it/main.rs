@@ -11,5 +11,6 @@ mod durability;
 mod engine;
 mod hostile;
 mod pool;
+mod ssh;
 #[cfg(feature = "tls")]
 mod tls;

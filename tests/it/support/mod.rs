@@ -252,3 +252,4 @@ pub mod hostile_http;
 pub mod hostile_state;
 pub mod hostile_tar;
 pub mod pool;
+pub mod sshd;
