@@ -9,7 +9,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::Duration;
 
-use crate::support::cli_daemon::{unique_word, Daemon, DaemonOptions, LogFormat};
+use crate::support::cli_daemon::{
+    free_port, nodes, path_str, unique_word, Daemon, DaemonOptions, LogFormat,
+};
 use crate::support::cli_run::{self, Ran, Running};
 use crate::support::{self, local_yml, marker_metadata, Project};
 
@@ -61,22 +63,10 @@ fn taskfly_offline(home: &Path, args: &[&str]) -> Ran {
     cli_run::run(cli_run::command("taskfly", home).args(args))
 }
 
-fn path_str(path: &Path) -> &str {
-    path.to_str().expect("temp paths are UTF-8")
-}
-
-/// `up DIR --wait --output json`, asserting the exit code; the final deployment document.
+/// `taskfly up DIR --wait --output json`, asserting the exit code; the final deployment.
+#[track_caller]
 fn up_wait_json(daemon: &Daemon, project: &Path, expected_code: i32) -> serde_json::Value {
-    let ran = cli_run::run_with_limit(
-        &mut daemon.taskfly(&["up", path_str(project), "--wait", "--output", "json"]),
-        DEPLOYMENT_LIMIT,
-    );
-    ran.expect_code(expected_code);
-    ran.json()
-}
-
-fn nodes(view: &serde_json::Value) -> &Vec<serde_json::Value> {
-    view["nodes"].as_array().expect("nodes is an array")
+    daemon.up_wait_json(project, expected_code, DEPLOYMENT_LIMIT)
 }
 
 fn node_statuses(view: &serde_json::Value) -> Vec<String> {
@@ -84,12 +74,6 @@ fn node_statuses(view: &serde_json::Value) -> Vec<String> {
         .iter()
         .map(|n| n["status"].as_str().unwrap_or("?").to_owned())
         .collect()
-}
-
-/// A port on 127.0.0.1 where nothing listens (bound, then released).
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("address").port()
 }
 
 // ----- up, list, status -----
@@ -477,14 +461,7 @@ fn down_terminates_every_node_and_leaves_no_process_behind() {
     let id = daemon.up(project.path());
     wait_until_sleeping(&daemon, &id, 3, &marker);
 
-    let ran = cli_run::run_with_limit(&mut daemon.taskfly(&["down", &id]), DEPLOYMENT_LIMIT);
-    ran.expect_success();
-    assert_eq!(
-        ran.stdout,
-        format!("deployment {id} terminated\n"),
-        "{}",
-        ran.show()
-    );
+    daemon.down(&id, DEPLOYMENT_LIMIT);
 
     let view = daemon.status(&id);
     assert_eq!(view["status"], "terminated", "{view:#}");

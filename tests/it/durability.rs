@@ -12,7 +12,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::support::cli_daemon::{free_port, unique_word, Daemon, DaemonOptions};
+use crate::support::cli_daemon::{free_port, nodes, path_str, unique_word, Daemon, DaemonOptions};
 use crate::support::cli_run::{self, Ran};
 use crate::support::{local_yml, processes_with_env, Project};
 
@@ -53,10 +53,6 @@ echo done
 /// Starts, then sleeps until it is stopped.
 const SLEEP_SCRIPT: &str = "#!/bin/sh\necho started\nsleep 300\necho never\n";
 
-fn path_str(path: &Path) -> &str {
-    path.to_str().expect("temp paths are UTF-8")
-}
-
 /// `nodes:` lines giving every node `MARKER=<marker>` (to find its processes) and `extra`.
 fn marked(marker: &str, extra: &str) -> String {
     format!("global_metadata: {{marker: {marker}{extra}}}")
@@ -79,10 +75,6 @@ fn agent_calls_logged() -> DaemonOptions {
         rust_log: "info,taskfly::api::client=debug".to_owned(),
         ..DaemonOptions::default()
     }
-}
-
-fn nodes(view: &serde_json::Value) -> &Vec<serde_json::Value> {
-    view["nodes"].as_array().expect("nodes is an array")
 }
 
 fn node_field<'a>(view: &'a serde_json::Value, field: &str) -> Vec<&'a serde_json::Value> {
@@ -142,28 +134,15 @@ fn wait_until_no_process_left(daemon: &Daemon, marker: &str) {
 /// `taskfly up DIR --wait --output json`, asserting the exit code; the final deployment.
 #[track_caller]
 fn up_wait_json(daemon: &Daemon, project: &Path, expected_code: i32) -> serde_json::Value {
-    let ran = cli_run::run_with_limit(
-        &mut daemon.taskfly(&["up", path_str(project), "--wait", "--output", "json"]),
-        DEPLOYMENT_LIMIT,
-    );
-    ran.expect_code(expected_code);
-    ran.json()
+    daemon.up_wait_json(project, expected_code, DEPLOYMENT_LIMIT)
 }
 
 /// `taskfly down ID`, asserting success; how long it took.
 #[track_caller]
 fn down(daemon: &Daemon, id: &str) -> (Ran, Duration) {
     let started = Instant::now();
-    let ran = cli_run::run_with_limit(&mut daemon.taskfly(&["down", id]), DEPLOYMENT_LIMIT);
-    let took = started.elapsed();
-    ran.expect_success();
-    assert_eq!(
-        ran.stdout,
-        format!("deployment {id} terminated\n"),
-        "{}",
-        ran.show()
-    );
-    (ran, took)
+    let ran = daemon.down(id, DEPLOYMENT_LIMIT);
+    (ran, started.elapsed())
 }
 
 /// The ATTEMPT column of `taskfly status ID` (text), by node index.

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use taskfly::LocalProvider;
 
-use crate::support::cli_daemon::{free_port, Daemon, DaemonOptions};
+use crate::support::cli_daemon::{free_port, nodes, path_str, Daemon, DaemonOptions};
 use crate::support::cli_run::{self, Ran};
 use crate::support::engine_util::node_lines;
 use crate::support::sshd::{self, RemoveLeftovers, SshTarget, HOSTS};
@@ -89,37 +89,16 @@ fn ssh_project(
     .script(script)
 }
 
-fn path_str(path: &Path) -> &str {
-    path.to_str().expect("temp paths are UTF-8")
-}
-
 /// `taskfly up DIR --wait --output json`, asserting the exit code; the final deployment.
 #[track_caller]
 fn up_wait_json(daemon: &Daemon, project: &Path, expected_code: i32) -> serde_json::Value {
-    let ran = cli_run::run_with_limit(
-        &mut daemon.taskfly(&["up", path_str(project), "--wait", "--output", "json"]),
-        DEPLOYMENT_LIMIT,
-    );
-    ran.expect_code(expected_code);
-    ran.json()
+    daemon.up_wait_json(project, expected_code, DEPLOYMENT_LIMIT)
 }
 
 /// `taskfly down ID`, asserting success and what it prints.
 #[track_caller]
 fn down(daemon: &Daemon, id: &str) -> Ran {
-    let ran = cli_run::run_with_limit(&mut daemon.taskfly(&["down", id]), DEPLOYMENT_LIMIT);
-    ran.expect_success();
-    assert_eq!(
-        ran.stdout,
-        format!("deployment {id} terminated\n"),
-        "{}",
-        ran.show()
-    );
-    ran
-}
-
-fn nodes(view: &serde_json::Value) -> &Vec<serde_json::Value> {
-    view["nodes"].as_array().expect("nodes is an array")
+    daemon.down(id, DEPLOYMENT_LIMIT)
 }
 
 fn node_ids(view: &serde_json::Value) -> Vec<String> {

@@ -3,12 +3,12 @@
 //! shell bootstrap through curl), the CLI verifying it with `--ca-file`, and every client that
 //! does not trust it refused.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use taskfly::Client;
 
-use crate::support::cli_daemon::{Daemon, DaemonOptions};
+use crate::support::cli_daemon::{path_str, Daemon, DaemonOptions};
 use crate::support::cli_run;
 use crate::support::{local_yml, Project, TestEngine, API_TOKEN};
 
@@ -45,10 +45,6 @@ impl SelfSigned {
             key,
         }
     }
-}
-
-fn path_str(path: &Path) -> &str {
-    path.to_str().expect("temp paths are UTF-8")
 }
 
 /// `count` local nodes run by `agent` (`rust` or `script`), each running [`HELLO_SCRIPT`].

@@ -391,6 +391,49 @@ impl Drop for Daemon {
     }
 }
 
+/// A temporary path as the `&str` the CLI takes as an argument.
+pub fn path_str(path: &Path) -> &str {
+    path.to_str().expect("temp paths are UTF-8")
+}
+
+/// The `nodes` of a deployment document (`GET /deployments/{id}`, `--output json`).
+pub fn nodes(view: &serde_json::Value) -> &Vec<serde_json::Value> {
+    view["nodes"].as_array().expect("nodes is an array")
+}
+
+impl Daemon {
+    /// `taskfly up DIR --wait --output json` within `limit`, asserting the exit code; the final
+    /// deployment document.
+    #[track_caller]
+    pub fn up_wait_json(
+        &self,
+        project: &Path,
+        expected_code: i32,
+        limit: Duration,
+    ) -> serde_json::Value {
+        let ran = cli_run::run_with_limit(
+            &mut self.taskfly(&["up", path_str(project), "--wait", "--output", "json"]),
+            limit,
+        );
+        ran.expect_code(expected_code);
+        ran.json()
+    }
+
+    /// `taskfly down ID` within `limit`, asserting success and what it prints.
+    #[track_caller]
+    pub fn down(&self, id: &str, limit: Duration) -> Ran {
+        let ran = cli_run::run_with_limit(&mut self.taskfly(&["down", id]), limit);
+        ran.expect_success();
+        assert_eq!(
+            ran.stdout,
+            format!("deployment {id} terminated\n"),
+            "{}",
+            ran.show()
+        );
+        ran
+    }
+}
+
 /// A port on 127.0.0.1 where nothing listens (bound, then released), for a daemon that must
 /// come back at the same address after a restart.
 pub fn free_port() -> u16 {

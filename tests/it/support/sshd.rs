@@ -156,13 +156,7 @@ impl SshTarget {
             output.status,
             String::from_utf8_lossy(&output.stderr).trim()
         );
-        let mut names: Vec<String> = String::from_utf8_lossy(&output.stdout)
-            .lines()
-            .filter(|line| !line.is_empty())
-            .map(str::to_owned)
-            .collect();
-        names.sort();
-        names
+        sorted_lines(&output.stdout)
     }
 
     /// The node directories on `host` of the deployment `deployment_id` (named by their
@@ -186,15 +180,7 @@ impl SshTarget {
             &format!(r#"cd "$HOME/.taskfly/nodes/{instance_id}" 2>/dev/null || exit 7; ls -1A"#),
         );
         match output.status.code() {
-            Some(0) => {
-                let mut names: Vec<String> = String::from_utf8_lossy(&output.stdout)
-                    .lines()
-                    .filter(|line| !line.is_empty())
-                    .map(str::to_owned)
-                    .collect();
-                names.sort();
-                Some(names)
-            }
+            Some(0) => Some(sorted_lines(&output.stdout)),
             Some(7) => None,
             _ => panic!(
                 "cannot list ~/.taskfly/nodes/{instance_id} on {host} ({}): {}",
@@ -329,4 +315,15 @@ fn assert_shell_word(word: &str) {
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'),
         "not a plain id: {word:?}"
     );
+}
+
+/// The non-empty lines of a command's output, sorted.
+fn sorted_lines(output: &[u8]) -> Vec<String> {
+    let mut lines: Vec<String> = String::from_utf8_lossy(output)
+        .lines()
+        .filter(|line| !line.is_empty())
+        .map(str::to_owned)
+        .collect();
+    lines.sort();
+    lines
 }
