@@ -67,7 +67,9 @@ echo "started $!"
 "#;
 
 /// Stops a node and removes its directory: the instance id is `$1`, the node id `$2`, the
-/// grace period in tenths of a second `$3`.
+/// grace period in tenths of a second `$3`. Processes left with the node's id are found in one
+/// `grep -z` over `/proc/*/environ` (GNU grep; else one `tr | grep` per process). This
+/// program's own environment never holds the node's id.
 const TERMINATE: &str = r#"set -u
 d="$HOME/.taskfly/nodes/$1"
 p=$(cat "$d/pid" 2>/dev/null) || p=
@@ -80,13 +82,16 @@ if [ -n "$p" ] && kill -TERM -"$p" 2>/dev/null; then
   done
   kill -KILL -"$p" 2>/dev/null
 fi
-for e in /proc/[0-9]*/environ; do
+if printf 'a\0' | grep -qxzF a 2>/dev/null; then
+  left=$(grep -lsxzF "TASKFLY_NODE_ID=$2" /proc/[0-9]*/environ)
+else
+  left=$(for e in /proc/[0-9]*/environ; do
+    tr '\0' '\n' <"$e" 2>/dev/null | grep -qxF "TASKFLY_NODE_ID=$2" && echo "$e"
+  done)
+fi
+for e in $left; do
   q=${e#/proc/}
-  q=${q%/environ}
-  [ "$q" = "$$" ] && continue
-  if tr '\0' '\n' <"$e" 2>/dev/null | grep -qxF "TASKFLY_NODE_ID=$2"; then
-    kill -KILL "$q" 2>/dev/null
-  fi
+  kill -KILL "${q%/environ}" 2>/dev/null
 done
 rm -rf "$d" || exit 3
 echo terminated

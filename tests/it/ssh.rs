@@ -607,3 +607,37 @@ fn a_node_whose_deployment_the_daemon_no_longer_knows_is_stopped_by_the_leak_che
         },
     );
 }
+
+#[test]
+fn a_script_left_by_a_killed_bootstrap_is_found_by_its_node_id_and_stopped() {
+    let Some(target) = SshTarget::from_env("a_script_left_by_a_killed_bootstrap") else {
+        return;
+    };
+    let daemon = ssh_daemon(&target, &["--grace-period", "2s"]);
+    let project = ssh_project(&target, &[HOSTS[1]], &target.key, 1, "", SLEEP_SCRIPT);
+    let id = daemon.up(project.path());
+    let _leftovers = leftovers_of(&target, &id);
+    let running = wait_until_scripts_run(&daemon, &id);
+    let node = &nodes(&running)[0];
+    let node_id = node["node_id"].as_str().expect("node_id").to_owned();
+    let instance_id = node["instance_id"].as_str().expect("instance_id");
+
+    // SIGKILL to the bootstrap alone: its script (a session of its own) is orphaned, and only
+    // the node id in its environment still ties it to the node.
+    let killed = target.ssh(
+        HOSTS[1],
+        &format!(r#"kill -KILL "$(cat "$HOME/.taskfly/nodes/{instance_id}/pid")""#),
+    );
+    assert!(
+        killed.status.success(),
+        "cannot kill the bootstrap: {}",
+        String::from_utf8_lossy(&killed.stderr)
+    );
+    assert!(
+        !sshd::node_processes(&node_id).is_empty(),
+        "the script of {node_id} ended with its bootstrap"
+    );
+
+    down(&daemon, &id);
+    wait_until_nothing_left(&target, &id, &[node_id]);
+}
