@@ -1136,10 +1136,11 @@ mod tests {
     fn a_pooled_bootstrap_stopped_by_a_signal_registers_no_more() {
         for shell in shells() {
             let instance = tempfile::tempdir().expect("tempdir");
-            // The script's parent is the bootstrap.
+            // The script's parent is the shell that records its exit status; the bootstrap is
+            // that shell's parent.
             let signalled = fake_node(
                 "a7",
-                "#!/bin/sh\necho g: ran\nkill -TERM $PPID\nsleep 30\n",
+                "#!/bin/sh\necho g: ran\nkill -TERM $(cut -d' ' -f4 /proc/$PPID/stat)\nsleep 30\n",
                 &[],
                 None,
                 &[],

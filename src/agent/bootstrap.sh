@@ -135,7 +135,7 @@ tf_ship() {
   done
 }
 
-# tf_watch PID: waits for PID (its status in tf_rc) while the ticker wakes it every second to
+# tf_watch PID [STATUS_FILE]: waits for PID (its status in tf_rc) while the ticker wakes it every second to
 # heartbeat, ship the script's output and watch the timeout. Returns early when the node must
 # stop (tf_stop: term for a signal, shutdown when the daemon asks, timeout).
 tf_watch() {
@@ -143,7 +143,12 @@ tf_watch() {
     tf_tick=''
     wait $1
     tf_rc=$?
-    [ -n "$tf_tick" ] || return 0
+    if [ -z "$tf_tick" ]; then
+      # dash may lose the status of a job that ends while a trap runs (wait answers 127):
+      # the job writes its own status to the file $2, which is believed first.
+      [ ! -s "${2:-}" ] || tf_rc=$(cat "$2")
+      return 0
+    fi
     tf_now=$(date +%s)
     if [ $tf_now -ge $tf_next ]; then
       tf_next=$((tf_now + tf_hb))
@@ -239,10 +244,12 @@ tf_serve() {
   # The daemon checked every entry of the bundle when it was uploaded (no absolute path, no ..,
   # no link leading out: that is the real guard); tar without -P refuses both as well. -o: the
   # files belong to this user, whoever the archive names.
-  (umask $tf_umask && mkdir -p "$tf_root" && gzip -t assets &&
-    gzip -dc assets | tar -xof - -C "$tf_root") 2>err &
+  : >extracted
+  ( (umask $tf_umask && mkdir -p "$tf_root" && gzip -t assets &&
+    gzip -dc assets | tar -xof - -C "$tf_root") 2>err
+  echo $? >extracted) &
   tf_job=$!
-  tf_watch $tf_job
+  tf_watch $tf_job extracted
   # A pooled node stopped meanwhile lets the extraction end, as its bundle root is cleared next
   # (tar is no child of this shell: only waiting for it stops its writes).
   while [ -n "$tf_stop" ] && [ "$tf_pooled$tf_term" = 1 ] && [ -n "$tf_job" ]; do
@@ -293,12 +300,15 @@ tf_serve() {
     : >$tf_n
     echo 0 >$tf_n.off
   done
-  $tf_setsid sh -c 'cd "$1" && umask $2 && . "$3" && shift 3 && exec "$@"' \
-    sh "$tf_root" $tf_umask "$tf_reg" "$@" </dev/null >stdout 2>stderr &
+  # The shell around the script writes its exit status to the file exited (on fd 9, which the
+  # script does not get), for tf_watch; what that shell says of the script's end ("Killed")
+  # goes nowhere, so the script's stderr holds only the script's own lines.
+  $tf_setsid sh -c 'exec 9>"$4" 8>&2 2>/dev/null && cd "$1" && umask $2 && . "$3" && shift 4 && (exec "$@" 2>&8 8>&- 9>&-); echo $? >&9' \
+    sh "$tf_root" $tf_umask "$tf_reg" "$tf_p/exited" "$@" </dev/null >stdout 2>stderr &
   tf_pid=$!
   tf_run=1
   [ $tf_timeout = 0 ] || tf_until=$(($(date +%s) + tf_timeout))
-  tf_watch $tf_pid
+  tf_watch $tf_pid exited
   # How the script ended decides the report, whatever signal comes later.
   tf_how=$tf_stop
   if [ -n "$tf_how" ]; then

@@ -167,6 +167,7 @@ for_both_agents!(
     a_death_by_signal_is_reported_with_the_signal_name,
     heartbeats_keep_a_long_script_alive,
     stopping_the_engine_stops_running_nodes,
+    fifty_nodes_at_once_all_complete_with_their_exit_status,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -466,6 +467,30 @@ async fn secrets_are_masked_in_logs_and_messages(agent: &str) {
         }
     }
     assert_bootstrap_cleaned_up(agent, &engine, &view).await;
+    engine.stop().await;
+}
+
+/// Many nodes at once on this machine: the sh bootstrap used to lose a finished script's (or
+/// extraction's) status now and then under such load (dash's `wait` answered 127), failing
+/// about one node in twenty with "exited with code 127".
+async fn fifty_nodes_at_once_all_complete_with_their_exit_status(agent: &str) {
+    let project = Project::new(&agent_yml(agent, 50, ""))
+        .script("#!/bin/sh\necho \"node $TASKFLY_NODE_INDEX on $(hostname)\"\n");
+    let engine = TestEngine::start().await;
+
+    let view = engine.run(project.path()).await;
+    let failed: Vec<String> = view
+        .nodes
+        .iter()
+        .filter(|node| node.status != "completed" || node.exit_code != Some(0))
+        .map(|node| format!("{}: {:?}", node.node_index, node.error_message))
+        .collect();
+    assert!(failed.is_empty(), "{agent}: nodes that failed: {failed:?}");
+    assert_eq!(
+        (view.nodes_completed, view.nodes_failed),
+        (50, 0),
+        "{agent}"
+    );
     engine.stop().await;
 }
 
