@@ -119,15 +119,14 @@ struct LocalAgent {
 impl LocalProvider {
     /// A provider keeping every node's files under `work_root` (created as needed).
     pub fn new(work_root: PathBuf) -> LocalProvider {
-        let work_root_for_ssh = work_root.clone();
         LocalProvider {
+            ssh: SshHosts::new(&work_root, DEFAULT_GRACE_PERIOD),
             work_root,
             grace_period: DEFAULT_GRACE_PERIOD,
             runner: Runner::Task,
             agents: Arc::new(Mutex::new(HashMap::new())),
             tracker: TaskTracker::new(),
             shutdown: CancellationToken::new(),
-            ssh: SshHosts::new(&work_root_for_ssh, DEFAULT_GRACE_PERIOD),
         }
     }
 
@@ -375,10 +374,9 @@ impl Provider for LocalProvider {
         Ok(())
     }
 
-    /// `Running` while the agent works, `ShuttingDown` while it stops, `Terminated` once it has
-    /// ended by itself; `None` for an instance never provisioned or already terminated.
     /// The agent a node runs (`instance_config.local.agent`): a pooled Rust agent never runs
-    /// a node asking for the shell bootstrap, nor the reverse.
+    /// a node asking for the shell bootstrap, nor the reverse. On SSH hosts, the host, port,
+    /// user and key: a pooled instance serves only nodes meant for its host.
     fn instance_kind(&self, config: &InstanceConfig) -> String {
         if config.deployment.local.hosts.is_empty() {
             format!("local {:?}", config.deployment.local.agent)
@@ -387,6 +385,8 @@ impl Provider for LocalProvider {
         }
     }
 
+    /// `Running` while the agent works, `ShuttingDown` while it stops, `Terminated` once it has
+    /// ended by itself; `None` for an instance never provisioned or already terminated.
     async fn describe(&self, instance_id: &str) -> Result<Option<InstanceInfo>, BoxError> {
         if ssh::is_ssh_instance(instance_id) {
             return self.ssh.describe(instance_id).await;
