@@ -652,6 +652,64 @@ fn validate_reports_every_problem_at_once_with_exit_code_2() {
 }
 
 #[test]
+fn validate_shows_each_nodes_ssh_host_and_run_refuses_hosts_it_cannot_serve() {
+    let home = tempfile::tempdir().expect("temp HOME");
+    // Nothing here reaches a host: validate only reads, and run refuses before starting.
+    let project = Project::new(
+        "cloud_provider: local\ninstance_config:\n  local:\n    \
+         hosts: [127.0.0.1, 127.0.0.2]\n    ssh_user: ops\n    ssh_port: 2222\n\
+         application_files: [setup.sh]\nnodes:\n  count: 3\n",
+    )
+    .script(HELLO_SCRIPT);
+    let dir = path_str(project.path());
+
+    let ran = taskfly_offline(home.path(), &["validate", dir]);
+    ran.expect_success();
+    let headers: Vec<&str> = ran
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("node "))
+        .collect();
+    assert_eq!(
+        headers,
+        [
+            "node 0 (on ops@127.0.0.1:2222):",
+            "node 1 (on ops@127.0.0.2:2222):",
+            "node 2 (on ops@127.0.0.1:2222):",
+        ],
+        "{}",
+        ran.show()
+    );
+    let json = taskfly_offline(home.path(), &["validate", dir, "--output", "json"]);
+    json.expect_success();
+    let doc = json.json();
+    let hosts: Vec<&str> = nodes(&doc)
+        .iter()
+        .map(|n| n["ssh_host"].as_str().expect("ssh_host"))
+        .collect();
+    assert_eq!(
+        hosts,
+        [
+            "ops@127.0.0.1:2222",
+            "ops@127.0.0.2:2222",
+            "ops@127.0.0.1:2222"
+        ],
+        "{}",
+        json.show()
+    );
+
+    let run = taskfly_offline(home.path(), &["run", dir]);
+    run.expect_code(2);
+    assert!(
+        run.stderr
+            .contains("taskfly run runs nodes on this machine only")
+            && run.stderr.contains("--advertise-url"),
+        "{}",
+        run.show()
+    );
+}
+
+#[test]
 fn an_unreachable_daemon_is_exit_code_3_with_one_line_saying_what_to_do() {
     let home = tempfile::tempdir().expect("temp HOME");
     let project = hello_project(1);
