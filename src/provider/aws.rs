@@ -492,7 +492,15 @@ impl Provider for AwsProvider {
                     .build(),
             );
         }
+        // The engine retries RunInstances itself, with backoff, jitter and the same client
+        // token (so at most one instance comes of it): the SDK's own retries inside each of
+        // those attempts would only multiply the requests of a throttled account.
         let output = request
+            .customize()
+            .config_override(
+                aws_sdk_ec2::config::Config::builder()
+                    .retry_config(aws_sdk_ec2::config::retry::RetryConfig::disabled()),
+            )
             .send()
             .await
             .map_err(|e| provider_error("RunInstances", e))?;

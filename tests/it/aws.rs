@@ -647,6 +647,93 @@ async fn an_unreachable_endpoint_is_a_retryable_connection_error() {
     engine.stop().await;
 }
 
+/// An EC2 endpoint on loopback that throttles every request (503 `RequestLimitExceeded`) and
+/// counts the RunInstances calls it gets.
+async fn throttling_endpoint() -> (String, Arc<AtomicU32>) {
+    use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let endpoint = format!("http://{}", listener.local_addr().expect("address"));
+    let run_instances = Arc::new(AtomicU32::new(0));
+    let counted = run_instances.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let mut stream = tokio::io::BufReader::new(stream);
+                let mut length = 0usize;
+                loop {
+                    let mut line = String::new();
+                    if stream.read_line(&mut line).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
+                    if let Some((name, value)) = line.split_once(':') {
+                        if name.eq_ignore_ascii_case("content-length") {
+                            length = value.trim().parse().unwrap_or(0);
+                        }
+                    }
+                }
+                let mut body = vec![0; length];
+                if stream.read_exact(&mut body).await.is_err() {
+                    return;
+                }
+                if String::from_utf8_lossy(&body).contains("Action=RunInstances") {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                }
+                let xml = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error>\
+                           <Code>RequestLimitExceeded</Code><Message>Request limit exceeded.\
+                           </Message></Error></Errors><RequestID>taskfly-test</RequestID></Response>";
+                let answer = format!(
+                    "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/xml\r\n\
+                     content-length: {}\r\nconnection: close\r\n\r\n{xml}",
+                    xml.len()
+                );
+                let _ = stream.get_mut().write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    (endpoint, run_instances)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttled_run_instances_is_sent_once_per_engine_attempt_not_again_by_the_sdk() {
+    // No emulator needed: the endpoint is a loopback server that throttles everything.
+    let (endpoint, run_instances) = throttling_endpoint().await;
+    // The SDK's own default: standard retries, three attempts per call.
+    let sdk = aws_config::defaults(BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .endpoint_url(&endpoint)
+        .credentials_provider(Credentials::new("testing", "testing", None, None, "tests"))
+        .retry_config(RetryConfig::standard())
+        .load()
+        .await;
+    let provider = Arc::new(AwsProvider::with_sdk_config(sdk));
+    let engine = TestEngine::start_with(|config: Config| {
+        config
+            .provider("aws", provider)
+            .provision_retries(2, Duration::from_millis(1))
+    })
+    .await;
+    let project = project(&aws_yml(1, &endpoint, "us-east-1", "ami-12c6146b"));
+    let done = engine.run(project.path()).await;
+    assert_eq!(done.status, "failed", "{done:#?}");
+    let message = done.nodes[0].error_message.clone().unwrap_or_default();
+    assert!(
+        message.contains("RequestLimitExceeded") && message.contains("after 2 attempts"),
+        "{message}"
+    );
+    assert_eq!(
+        run_instances.load(Ordering::SeqCst),
+        2,
+        "one RunInstances request per engine attempt"
+    );
+    engine.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_provider_finds_and_terminates_an_instance_in_another_region() {
     let Some(endpoint) = emulator("a_restarted_provider_finds") else {
