@@ -626,25 +626,30 @@ async fn an_unreachable_endpoint_is_a_retryable_connection_error() {
         listener.local_addr().expect("address").port()
     };
     let endpoint = format!("http://127.0.0.1:{closed}");
-    let provider = Arc::new(AwsProvider::with_sdk_config(
-        sdk_config(&endpoint, "us-east-1").await,
-    ));
+    let message =
+        failed_with_two_attempts(sdk_config(&endpoint, "us-east-1").await, &endpoint).await;
+    assert!(
+        message.contains("ConnectionError") && message.contains("after 2 attempts"),
+        "{message}"
+    );
+    assert!(!message.contains("testing"), "no credentials: {message}");
+}
+
+/// Runs one node on `endpoint` through an engine allowing 2 provisioning attempts, expects it
+/// failed, and returns its error message.
+async fn failed_with_two_attempts(sdk: SdkConfig, endpoint: &str) -> String {
+    let provider = Arc::new(AwsProvider::with_sdk_config(sdk));
     let engine = TestEngine::start_with(|config: Config| {
         config
             .provider("aws", provider)
             .provision_retries(2, Duration::from_millis(1))
     })
     .await;
-    let project = project(&aws_yml(1, &endpoint, "us-east-1", "ami-12c6146b"));
+    let project = project(&aws_yml(1, endpoint, "us-east-1", "ami-12c6146b"));
     let done = engine.run(project.path()).await;
     assert_eq!(done.status, "failed", "{done:#?}");
-    let message = done.nodes[0].error_message.clone().unwrap_or_default();
-    assert!(
-        message.contains("ConnectionError") && message.contains("after 2 attempts"),
-        "{message}"
-    );
-    assert!(!message.contains("testing"), "no credentials: {message}");
     engine.stop().await;
+    done.nodes[0].error_message.clone().unwrap_or_default()
 }
 
 /// An EC2 endpoint on loopback that throttles every request (503 `RequestLimitExceeded`) and
@@ -711,17 +716,7 @@ async fn a_throttled_run_instances_is_sent_once_per_engine_attempt_not_again_by_
         .retry_config(RetryConfig::standard())
         .load()
         .await;
-    let provider = Arc::new(AwsProvider::with_sdk_config(sdk));
-    let engine = TestEngine::start_with(|config: Config| {
-        config
-            .provider("aws", provider)
-            .provision_retries(2, Duration::from_millis(1))
-    })
-    .await;
-    let project = project(&aws_yml(1, &endpoint, "us-east-1", "ami-12c6146b"));
-    let done = engine.run(project.path()).await;
-    assert_eq!(done.status, "failed", "{done:#?}");
-    let message = done.nodes[0].error_message.clone().unwrap_or_default();
+    let message = failed_with_two_attempts(sdk, &endpoint).await;
     assert!(
         message.contains("RequestLimitExceeded") && message.contains("after 2 attempts"),
         "{message}"
@@ -731,7 +726,6 @@ async fn a_throttled_run_instances_is_sent_once_per_engine_attempt_not_again_by_
         2,
         "one RunInstances request per engine attempt"
     );
-    engine.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
