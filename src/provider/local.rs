@@ -23,7 +23,7 @@ const LOCAL_ADDRESS: &str = "127.0.0.1";
 const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(10);
 /// An agent process or bootstrap stopping its script needs the grace period, and a little more
 /// to report.
-const EXTRA_AGENT_GRACE: Duration = Duration::from_secs(2);
+pub(super) const EXTRA_AGENT_GRACE: Duration = Duration::from_secs(2);
 /// The file in a node's work directory holding the certificates its agent trusts for an
 /// `https://` daemon ([`InstanceConfig::ca_pem`]).
 const CA_FILE: &str = "daemon-ca.pem";
@@ -120,7 +120,7 @@ impl LocalProvider {
     /// A provider keeping every node's files under `work_root` (created as needed).
     pub fn new(work_root: PathBuf) -> LocalProvider {
         LocalProvider {
-            ssh: SshHosts::new(&work_root, DEFAULT_GRACE_PERIOD),
+            ssh: SshHosts::new(&work_root),
             work_root,
             grace_period: DEFAULT_GRACE_PERIOD,
             runner: Runner::Task,
@@ -135,7 +135,6 @@ impl LocalProvider {
     #[must_use]
     pub fn grace_period(mut self, grace_period: Duration) -> LocalProvider {
         self.grace_period = grace_period;
-        self.ssh.set_grace_period(grace_period);
         self
     }
 
@@ -211,7 +210,7 @@ impl Provider for LocalProvider {
             .into());
         }
         if !config.deployment.local.hosts.is_empty() {
-            return self.ssh.provision(&config).await;
+            return self.ssh.provision(&config, self.grace_period).await;
         }
         let instance_id = format!("local-{}-{}", config.node_id, config.attempt);
         let work_dir = self.work_root.join(&config.deployment_id);
@@ -346,7 +345,7 @@ impl Provider for LocalProvider {
     /// included. An unknown or already terminated instance is fine.
     async fn terminate(&self, instance_id: &str) -> Result<(), BoxError> {
         if ssh::is_ssh_instance(instance_id) {
-            return self.ssh.terminate(instance_id).await;
+            return self.ssh.terminate(instance_id, self.grace_period).await;
         }
         let bootstrap = self
             .agents()
@@ -451,7 +450,7 @@ impl LocalProvider {
             }
         };
         let stops = ids.iter().map(|id| async move {
-            if let Err(error) = self.ssh.terminate(id).await {
+            if let Err(error) = self.ssh.terminate(id, self.grace_period).await {
                 tracing::warn!(instance_id = %id, error = %error, "cannot stop a node on its SSH host");
             }
         });

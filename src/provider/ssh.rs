@@ -30,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt as _;
 use tokio::sync::Semaphore;
 
+use super::local::EXTRA_AGENT_GRACE;
 use super::{InstanceConfig, InstanceInfo, InstanceState, OwnedInstance, ProviderError};
 use crate::agent::bootstrap;
 use crate::error::{BoxError, Error};
@@ -66,8 +67,8 @@ echo $! >pid
 echo "started $!"
 "#;
 
-/// Stops a node and removes its directory: the instance id is `$1`, the node id `$2`, the
-/// grace period in tenths of a second `$3`. Processes left with the node's id are found in one
+/// Stops a node and removes its directory: the instance id is `$1`, the node id `$2`, how long
+/// the bootstrap may take to end, in tenths of a second, `$3`. Processes left with the node's id are found in one
 /// `grep -z` over `/proc/*/environ` (GNU grep; else one `tr | grep` per process). This
 /// program's own environment never holds the node's id.
 const TERMINATE: &str = r#"set -u
@@ -127,7 +128,6 @@ impl Record {
 pub(super) struct SshHosts {
     records: PathBuf,
     options: Vec<String>,
-    grace_period: Duration,
     calls: Semaphore,
 }
 
@@ -177,11 +177,10 @@ struct Output {
 }
 
 impl SshHosts {
-    pub(super) fn new(work_root: &Path, grace_period: Duration) -> SshHosts {
+    pub(super) fn new(work_root: &Path) -> SshHosts {
         SshHosts {
             records: work_root.join(RECORDS),
             options: Vec::new(),
-            grace_period,
             calls: Semaphore::new(MAX_CONCURRENT_CALLS),
         }
     }
@@ -190,16 +189,13 @@ impl SshHosts {
         self.options = options;
     }
 
-    pub(super) fn set_grace_period(&mut self, grace_period: Duration) {
-        self.grace_period = grace_period;
-    }
-
     /// Starts the node's bootstrap on its host. The record is written first, so an instance
     /// whose `ssh` call is cut short (a dropped future kills the client) is still found by
     /// the leak checks.
     pub(super) async fn provision(
         &self,
         config: &InstanceConfig,
+        grace_period: Duration,
     ) -> Result<InstanceInfo, BoxError> {
         let instance_id = format!("{ID_PREFIX}{}-{}", config.node_id, config.attempt);
         if !is_plain_word(&instance_id) {
@@ -216,7 +212,7 @@ impl SshHosts {
         )?;
         let record = record_for(config);
         self.write_record(&instance_id, &record).await?;
-        let grace_ms = self.grace_period.as_millis().to_string();
+        let grace_ms = grace_period.as_millis().to_string();
         let ran = self
             .call(
                 &record,
@@ -249,18 +245,24 @@ impl SshHosts {
 
     /// Stops the node and removes its files on the host, then its record. Unknown instances
     /// (never started, or already terminated) are fine.
-    pub(super) async fn terminate(&self, instance_id: &str) -> Result<(), BoxError> {
+    pub(super) async fn terminate(
+        &self,
+        instance_id: &str,
+        grace_period: Duration,
+    ) -> Result<(), BoxError> {
         let Some(record) = self.read_record(instance_id).await? else {
             return Ok(());
         };
-        let tenths = (self.grace_period.as_millis() / 100 + 20).to_string();
+        // The bootstrap gets the grace period to stop its script, and a little more to end.
+        let bootstrap_grace = grace_period + EXTRA_AGENT_GRACE;
+        let tenths = (bootstrap_grace.as_millis() / 100).to_string();
         let output = self
             .call(
                 &record,
                 TERMINATE,
                 &[instance_id, &record.node_id, &tenths],
                 None,
-                self.grace_period + Duration::from_secs(2),
+                bootstrap_grace,
             )
             .await?;
         if output.status != Some(0) || output.stdout.trim() != "terminated" {
@@ -556,7 +558,7 @@ mod tests {
     async fn records_are_private_listed_as_owned_and_unknown_ids_need_no_host() {
         use std::os::unix::fs::PermissionsExt as _;
         let root = tempfile::tempdir().expect("temp dir");
-        let hosts = SshHosts::new(root.path(), Duration::from_secs(1));
+        let hosts = SshHosts::new(root.path());
         assert!(hosts.owned().await.expect("no records yet").is_empty());
         let record = Record {
             deployment_id: "dep-1".into(),
@@ -595,7 +597,7 @@ mod tests {
         // Ids with no record (or that could name another file) are unknown: nothing to reach.
         for unknown in ["ssh-dep-9-0-1", "ssh-../x", "local-dep-1-0-1"] {
             hosts
-                .terminate(unknown)
+                .terminate(unknown, Duration::from_secs(1))
                 .await
                 .expect("nothing to terminate");
             assert_eq!(
