@@ -135,9 +135,10 @@ tf_ship() {
   done
 }
 
-# tf_watch PID [STATUS_FILE]: waits for PID (its status in tf_rc) while the ticker wakes it every second to
-# heartbeat, ship the script's output and watch the timeout. Returns early when the node must
-# stop (tf_stop: term for a signal, shutdown when the daemon asks, timeout).
+# tf_watch PID [STATUS_FILE]: waits for PID (its status in tf_rc, from STATUS_FILE when the job
+# wrote one) while the ticker wakes it every second to heartbeat, ship the script's output and
+# watch the timeout. Returns early when the node must stop (tf_stop: term for a signal,
+# shutdown when the daemon asks, timeout).
 tf_watch() {
   while [ -z "$tf_stop" ]; do
     tf_tick=''
