@@ -12,7 +12,7 @@
 
 use std::path::PathBuf;
 
-use taskfly::{Config, Orchestrator};
+use taskfly::{Config, Orchestrator, Server, ServerConfig};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -22,45 +22,43 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .unwrap_or_else(|| PathBuf::from("examples/hello"));
     let data_dir = std::env::temp_dir().join(format!("taskfly-embed-{}", std::process::id()));
 
-    // The engine serves the node protocol on a port of our choosing.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    // The engine, and its HTTP API served on a port of our choosing (the nodes call back on it).
     let engine = Orchestrator::new(Config::new(&data_dir))?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn({
-        let engine = engine.clone();
-        async move {
-            engine
-                .serve(listener, async {
-                    let _ = stopped.await;
-                })
-                .await
-        }
-    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let server = Server::new(engine.clone(), ServerConfig::default())?.spawn(listener)?;
 
     let created = engine.deploy_dir(&project).await?;
     println!(
         "deployment {} with {} nodes",
-        created.deployment_id, created.nodes
+        created.id, created.total_nodes
     );
-    let finished = engine.wait(&created.deployment_id).await?;
+    // Follow it: every change of its state or node counts, without reading its nodes.
+    let mut watch = engine.watch(&created.id).await?;
+    while !watch.current().is_final() {
+        let now = watch.changed().await?;
+        println!(
+            "  {}: {}/{} nodes completed",
+            now.status, now.nodes_completed, now.total_nodes
+        );
+    }
 
-    let logs = engine.logs(&created.deployment_id, None, 0, 10_000).await?;
-    for line in &logs.logs {
+    let logs = engine.logs(&created.id, None, 0, 10_000).await?;
+    for line in &logs.lines {
         println!("[node {}] {}", line.node_index, line.line);
     }
+    let finished = engine.deployment(&created.id).await?;
     for node in &finished.nodes {
         println!(
             "node {}: {} (exit code {})",
-            node.node_index,
+            node.index,
             node.status,
             node.exit_code.map_or("-".to_owned(), |c| c.to_string())
         );
     }
-    println!("deployment {}", finished.status);
+    println!("deployment {}", finished.deployment.status);
 
-    engine.shutdown().await;
-    let _ = stop.send(());
-    server.await??;
+    // Stops serving, lets in-flight requests finish, then stops the engine and its nodes.
+    server.stop().await?;
     std::fs::remove_dir_all(&data_dir)?;
     Ok(())
 }

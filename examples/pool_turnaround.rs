@@ -17,9 +17,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use taskfly::state::model::DeploymentStatus;
 use taskfly::{
     BoxError, Config, InstanceConfig, InstanceInfo, LocalProvider, Orchestrator, PoolConfig,
-    PooledProvider, Provider,
+    PooledProvider, Provider, Server, ServerConfig,
 };
 
 /// A local provider whose instances take `boot` to start.
@@ -71,30 +72,18 @@ async fn measure(
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let engine = Orchestrator::new(Config::new(&data_dir).provider("local", provider))?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn({
-        let engine = engine.clone();
-        async move {
-            engine
-                .serve(listener, async {
-                    let _ = stopped.await;
-                })
-                .await
-        }
-    });
+    let server = Server::new(engine.clone(), ServerConfig::default())?.spawn(listener)?;
     let mut times = Vec::with_capacity(runs);
     for _ in 0..runs {
         let started = Instant::now();
         let created = engine.deploy_dir(project).await?;
-        let done = engine.wait(&created.deployment_id).await?;
+        let done = engine.wait(&created.id).await?;
         times.push(started.elapsed());
-        if done.status != "completed" {
-            return Err(format!("deployment {} ended {}", done.deployment_id, done.status).into());
+        if done.status != DeploymentStatus::Completed {
+            return Err(format!("deployment {} ended {}", done.id, done.status).into());
         }
     }
-    engine.shutdown().await;
-    let _ = stop.send(());
-    server.await??;
+    server.stop().await?;
     std::fs::remove_dir_all(&data_dir)?;
     Ok(times)
 }

@@ -9,8 +9,10 @@
 //! - [`MetadataGenerator`]: what each node gets — its slice of `distributed_lists`, the
 //!   `global_metadata`, the resolved `config_template`, as environment variables.
 //! - [`Orchestrator`]: the engine. Accepts a bundle, provisions nodes through a [`Provider`],
-//!   serves the node protocol and the client API over HTTP ([`Orchestrator::serve`]), tracks every
-//!   node through the state machines of [`state::model`], and terminates what it started.
+//!   tracks every node through the state machines of [`state::model`], and terminates what it
+//!   started. It knows nothing of HTTP.
+//! - [`Server`]: serves the engine's node protocol and client API over HTTP ([`ServerConfig`]:
+//!   API token, limits, TLS), and stops server and engine in the right order.
 //! - [`Store`]: where deployments, nodes and logs are kept ([`MemoryStore`] built in).
 //! - [`Provider`]: where nodes run ([`LocalProvider`]: local processes, or SSH hosts).
 //! - [`Client`]: a typed client of a daemon's HTTP API; [`agent`]: the node agent.
@@ -21,7 +23,7 @@
 //! - `cli`: the `taskfly` binary. `daemon`: the `taskflyd` binary.
 //! - `sqlite`: `SqliteStore`, a durable [`Store`] in one SQLite file (SQLite is compiled in).
 //!   Enabled by `daemon`.
-//! - `tls`: https for the HTTP API (rustls with `ring`): `Config::tls` on the engine,
+//! - `tls`: https for the HTTP API (rustls with `ring`): `ServerConfig::tls` on the server,
 //!   `https://` URLs and `Client::with_ca_file` on the client; nodes verify the daemon too.
 //!   Enabled by `cli` and `daemon`; without it an `https://` URL is refused.
 //! - `aws`: the EC2 provider. `full`: all of the above.
@@ -30,20 +32,14 @@
 //! Run the project in `examples/hello` on local processes and wait for it:
 //! ```no_run
 //! # async fn demo() -> taskfly::Result<()> {
-//! use taskfly::{Config, Orchestrator};
+//! use taskfly::{Config, Orchestrator, Server, ServerConfig};
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
 //! let engine = Orchestrator::new(Config::new("/tmp/taskfly-data"))?;
-//! let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-//! let server = tokio::spawn({
-//!     let engine = engine.clone();
-//!     async move { engine.serve(listener, async { let _ = stopped.await; }).await }
-//! });
+//! let server = Server::new(engine.clone(), ServerConfig::default())?.spawn(listener)?;
 //! let created = engine.deploy_dir("examples/hello".as_ref()).await?;
-//! let finished = engine.wait(&created.deployment_id).await?;
+//! let finished = engine.wait(&created.id).await?;
 //! println!("{} nodes completed", finished.nodes_completed);
-//! engine.shutdown().await;
-//! let _ = stop.send(());
-//! # let _ = server.await;
+//! server.stop().await?; // stops serving, then the engine
 //! # Ok(()) }
 //! ```
 #![deny(missing_docs)]
@@ -63,11 +59,12 @@ pub mod provider;
 pub mod state;
 
 pub use api::client::{Client, Registration};
+pub use api::server::{Server, ServerConfig, ServerHandle};
 pub use api::wire;
 pub use config::DeploymentConfig;
 pub use error::{BoxError, Error, Result};
 pub use metadata::MetadataGenerator;
-pub use orchestrator::{Config, Orchestrator};
+pub use orchestrator::{Config, DeploymentWatch, Orchestrator};
 #[cfg(feature = "aws")]
 pub use provider::AwsProvider;
 pub use provider::{

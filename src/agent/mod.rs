@@ -47,17 +47,7 @@ use crate::api::client::{Client, Registration};
 use crate::api::wire;
 use crate::bundle::{extract_bundle, BundleLimits};
 use crate::error::{Error, Result};
-
-/// Node state reported before the download.
-const STATUS_DOWNLOADING: &str = "downloading_assets";
-/// Node state reported when the script starts.
-const STATUS_RUNNING: &str = "running_script";
-/// The script exited with 0.
-const STATUS_COMPLETED: &str = "completed";
-/// The script failed, or the node could not start it.
-const STATUS_FAILED: &str = "failed";
-/// The daemon stopped the node, or the agent was cancelled; never reported to the daemon.
-const STATUS_TERMINATED: &str = "terminated";
+use crate::state::model::NodeStatus;
 
 /// How long a stopped script gets between SIGTERM and SIGKILL unless configured otherwise.
 const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(10);
@@ -198,9 +188,9 @@ pub struct AgentReport {
     pub node_id: String,
     /// The script's exit code, when it exited by itself.
     pub exit_code: Option<i32>,
-    /// `completed`, `failed`, or `terminated` (stopped by the daemon or by cancellation, in which
+    /// `Completed`, `Failed`, or `Terminated` (stopped by the daemon or by cancellation, in which
     /// case nothing was reported to the daemon).
-    pub status: String,
+    pub status: NodeStatus,
     /// Why it failed, as reported to the daemon. It may quote the script's last stderr line,
     /// which may hold a secret: show it to the node's owner, do not log it in a daemon.
     pub message: Option<String>,
@@ -211,7 +201,7 @@ impl AgentReport {
         AgentReport {
             node_id: node_id.to_string(),
             exit_code: None,
-            status: STATUS_TERMINATED.to_string(),
+            status: NodeStatus::Terminated,
             message: None,
         }
     }
@@ -423,7 +413,7 @@ impl Node<'_> {
 
     /// Everything after registration.
     async fn serve(&self) -> Result<AgentReport> {
-        if let Err(error) = self.report(STATUS_DOWNLOADING, None, None).await {
+        if let Err(error) = self.report(NodeStatus::DownloadingAssets, None, None).await {
             return self.stopped_or(error);
         }
         let prepared = match self.prepare().await {
@@ -437,7 +427,7 @@ impl Node<'_> {
         if self.stop.is_cancelled() {
             return Ok(AgentReport::terminated(self.node_id()));
         }
-        if let Err(error) = self.report(STATUS_RUNNING, None, None).await {
+        if let Err(error) = self.report(NodeStatus::RunningScript, None, None).await {
             return self.stopped_or(error);
         }
         tracing::info!(node_id = %self.node_id(), script = %self.registration.script, "running the script");
@@ -455,13 +445,13 @@ impl Node<'_> {
                 self.fail(message, None).await
             }
             Ending::Exited(status) if status.success() => {
-                if let Err(error) = self.report(STATUS_COMPLETED, None, Some(0)).await {
+                if let Err(error) = self.report(NodeStatus::Completed, None, Some(0)).await {
                     return self.stopped_or(error);
                 }
                 Ok(AgentReport {
                     node_id: self.node_id().to_string(),
                     exit_code: Some(0),
-                    status: STATUS_COMPLETED.to_string(),
+                    status: NodeStatus::Completed,
                     message: None,
                 })
             }
@@ -478,7 +468,7 @@ impl Node<'_> {
     async fn fail(&self, message: String, exit_code: Option<i32>) -> Result<AgentReport> {
         tracing::info!(node_id = %self.node_id(), exit_code = ?exit_code, "node failed");
         if let Err(error) = self
-            .report(STATUS_FAILED, Some(message.clone()), exit_code)
+            .report(NodeStatus::Failed, Some(message.clone()), exit_code)
             .await
         {
             return self.stopped_or(error);
@@ -486,7 +476,7 @@ impl Node<'_> {
         Ok(AgentReport {
             node_id: self.node_id().to_string(),
             exit_code,
-            status: STATUS_FAILED.to_string(),
+            status: NodeStatus::Failed,
             message: Some(message),
         })
     }
@@ -502,12 +492,12 @@ impl Node<'_> {
 
     async fn report(
         &self,
-        status: &str,
+        status: NodeStatus,
         message: Option<String>,
         exit_code: Option<i32>,
     ) -> Result<()> {
         let request = wire::StatusRequest {
-            status: status.to_string(),
+            status,
             message,
             exit_code,
         };
@@ -2015,7 +2005,7 @@ pub(crate) mod tests {
         let tricky = "a 'b' \"c\" $HOME `id`";
         let script = "#!/bin/sh\nprintf '%s\\n' \"$TRICKY\"\necho \"token=${TASKFLY_API_TOKEN:-none} node=$TASKFLY_NODE_ID\"\nprintf 'x\\r\\n'\necho oops >&2\necho boom >&2\nexit 3\n";
         let (report, daemon, _work) = run_against(script, &[("TRICKY", tricky)], None, false).await;
-        assert_eq!(report.status, "failed");
+        assert_eq!(report.status, NodeStatus::Failed);
         assert_eq!(report.exit_code, Some(3));
         assert_eq!(
             statuses(&daemon),
@@ -2044,7 +2034,7 @@ pub(crate) mod tests {
     async fn a_successful_script_completes() {
         let (report, daemon, work) =
             run_against("echo done > result.txt\n", &[], None, false).await;
-        assert_eq!(report.status, "completed");
+        assert_eq!(report.status, NodeStatus::Completed);
         assert_eq!(report.exit_code, Some(0));
         assert_eq!(
             statuses(&daemon),
@@ -2060,7 +2050,7 @@ pub(crate) mod tests {
     async fn a_script_past_its_timeout_fails() {
         let (report, daemon, _work) =
             run_against("sleep 100 & sleep 100\n", &[], Some(1), false).await;
-        assert_eq!(report.status, "failed");
+        assert_eq!(report.status, NodeStatus::Failed);
         assert_eq!(report.exit_code, None);
         assert_eq!(
             daemon.statuses.last().and_then(|s| s.message.as_deref()),
@@ -2072,7 +2062,7 @@ pub(crate) mod tests {
     async fn a_shutdown_request_terminates_without_a_final_report() {
         let (report, daemon, _work) =
             run_against("echo started\nsleep 100\n", &[], None, true).await;
-        assert_eq!(report.status, "terminated");
+        assert_eq!(report.status, NodeStatus::Terminated);
         let statuses = statuses(&daemon);
         assert!(
             !statuses.contains(&"completed") && !statuses.contains(&"failed"),
@@ -2098,7 +2088,7 @@ pub(crate) mod tests {
         .await
         .expect("agent");
         server.abort();
-        assert_eq!(report.status, "failed");
+        assert_eq!(report.status, NodeStatus::Failed);
         assert_eq!(
             report.message.as_deref(),
             Some("script nope.sh not found in the bundle")
@@ -2127,7 +2117,7 @@ pub(crate) mod tests {
         cancel.cancel();
         let report = agent.await.expect("joined").expect("agent");
         server.abort();
-        assert_eq!(report.status, "terminated");
+        assert_eq!(report.status, NodeStatus::Terminated);
         assert_eq!(report.node_id, "dep-1");
         assert_eq!(
             statuses(&daemon.lock().expect("lock")),
@@ -2196,7 +2186,7 @@ pub(crate) mod tests {
         .await;
         let report = report.expect("retired is not an error");
         assert_eq!(report.node_id, "dep-2");
-        assert_eq!(report.status, "completed");
+        assert_eq!(report.status, NodeStatus::Completed);
         assert!(daemon.register_answers.is_empty());
         assert_eq!(daemon.register_tokens, ["pool-token"; 4]);
         // The bundle directory the agent created was gone at every registration after a node.
@@ -2240,11 +2230,11 @@ pub(crate) mod tests {
         .await;
         let report = report.expect("agent");
         assert_eq!(report.node_id, "dep-3");
-        assert_eq!(report.status, "completed", "{report:?}");
+        assert_eq!(report.status, NodeStatus::Completed, "{report:?}");
         let ends: Vec<_> = daemon
             .statuses
             .iter()
-            .filter(|s| s.status == "completed" || s.status == "failed")
+            .filter(|s| s.status.is_final())
             .map(|s| (s.status.as_str(), s.message.as_deref()))
             .collect();
         assert_eq!(
@@ -2263,7 +2253,7 @@ pub(crate) mod tests {
         ])
         .await;
         let report = report.expect("agent");
-        assert_eq!(report.status, "completed");
+        assert_eq!(report.status, NodeStatus::Completed);
         assert_eq!(daemon.register_tokens.len(), 1);
         assert!(work.path().join("node/bundle/result.txt").is_file());
     }
@@ -2277,7 +2267,7 @@ pub(crate) mod tests {
         .await;
         let report = report.expect("a 401 after a node ends the loop");
         assert_eq!(report.node_id, "dep-1");
-        assert_eq!(report.status, "failed");
+        assert_eq!(report.status, NodeStatus::Failed);
         assert_eq!(report.exit_code, Some(4));
         assert_eq!(daemon.register_tokens.len(), 2);
 
@@ -2316,7 +2306,7 @@ pub(crate) mod tests {
             server.abort();
             if served {
                 assert_eq!(report.node_id, "dep-1");
-                assert_eq!(report.status, "completed");
+                assert_eq!(report.status, NodeStatus::Completed);
             } else {
                 assert_eq!(report, AgentReport::terminated(""));
             }

@@ -97,26 +97,9 @@ pub struct Client {
     retry_budget: Duration,
 }
 
-/// The answer to [`Client::register_for_work`].
-///
-/// An ordinary node's single-use provision token is always answered with a work order. A
-/// pooled instance's token (an instance kept alive between nodes) is used again after every
-/// node: the daemon then answers with the next work order, with "no work yet" after holding
-/// the request for a while, or with "retired" once the pool no longer wants the instance.
-#[derive(Debug, Clone, PartialEq)]
-#[non_exhaustive]
-pub enum Registration {
-    /// 200: a node to serve. `pooled` in it says whether to register again once it has ended.
-    Assigned(wire::RegisterResponse),
-    /// 204 No Content: no work for this instance yet; register again (the daemon already made
-    /// the request wait, so at once).
-    NoWork,
-    /// 410 Gone: the pool retired this instance, which is being terminated; stop.
-    Retired {
-        /// The daemon's `error` text, for the log.
-        reason: String,
-    },
-}
+/// The answer to [`Client::register_for_work`]: the one [`crate::state::model::Registration`],
+/// carrying the assignment in its wire form.
+pub type Registration = crate::state::model::Registration<wire::RegisterResponse>;
 
 impl fmt::Debug for Client {
     /// Shows whether a token is set, never the token.
@@ -285,7 +268,7 @@ impl Client {
     /// `GET /health`: succeeds when the daemon answers `{"status": "ok"}`.
     pub async fn health(&self) -> Result<()> {
         let call = Call::new(Method::GET, "/health".to_string());
-        let answer: wire::Ok = self.json_once(&call).await?;
+        let answer: wire::StatusOk = self.json_once(&call).await?;
         if answer.status == "ok" {
             Ok(())
         } else {
@@ -1122,7 +1105,7 @@ mod tests {
             let n = counter.fetch_add(1, Ordering::SeqCst);
             assert_eq!(parts.uri.path(), "/api/v1/nodes/status");
             let status: wire::StatusRequest = serde_json::from_slice(&body).expect("status body");
-            assert_eq!(status.status, "running_script");
+            assert_eq!(status.status, wire::NodeStatus::RunningScript);
             if n < 2 {
                 json_response(503, r#"{"error":"restarting"}"#)
             } else {
@@ -1133,7 +1116,7 @@ mod tests {
         let client = Client::new(&server.url, Some("node-token".into())).expect("client");
         client
             .report_status(&wire::StatusRequest {
-                status: "running_script".into(),
+                status: wire::NodeStatus::RunningScript,
                 message: None,
                 exit_code: None,
             })

@@ -1,6 +1,7 @@
-//! The HTTP API of SPEC §4: the server ([`server`]), the typed client ([`client`]) used by the
-//! CLI and the node agent, and the wire types they share ([`wire`]). With the `tls` feature,
-//! [`tls`] lets both speak https.
+//! The HTTP API of SPEC §4: the server ([`server`]: [`crate::Server`], its settings and the
+//! views of the engine's model), the typed client ([`client`]) used by the CLI and the node
+//! agent, and the wire types they share ([`wire`]). With the `tls` feature, [`tls`] lets both
+//! speak https. The engine never imports this module.
 
 pub(crate) mod client;
 mod limits;

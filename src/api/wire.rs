@@ -5,7 +5,9 @@
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+pub use crate::state::model::{DeploymentStatus, NodeStatus};
 
 /// `{"error": "...", "details": [...]}`, the body of every error response.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -19,11 +21,12 @@ pub struct ErrorBody {
 
 /// 202 answer to `POST /deployments`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct DeploymentCreated {
     /// The new deployment's id.
     pub deployment_id: String,
     /// Its state (`pending`).
-    pub status: String,
+    pub status: DeploymentStatus,
     /// How many nodes it will run.
     pub nodes: u32,
     /// Where to follow it: `/api/v1/deployments/{id}`.
@@ -32,13 +35,14 @@ pub struct DeploymentCreated {
 
 /// One node in [`DeploymentView`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct NodeView {
     /// `<deployment id>-<index>`.
     pub node_id: String,
     /// 0-based index.
     pub node_index: u32,
-    /// State name (SPEC §3).
-    pub status: String,
+    /// Its state (SPEC §3).
+    pub status: NodeStatus,
     /// Which attempt this is (1 unless retried).
     #[serde(default = "one")]
     pub attempt: u32,
@@ -64,11 +68,12 @@ fn one() -> u32 {
 
 /// `GET /deployments/{id}`; also the final document of `taskfly run --output json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct DeploymentView {
     /// Its id.
     pub deployment_id: String,
-    /// State name (SPEC §3).
-    pub status: String,
+    /// Its state (SPEC §3).
+    pub status: DeploymentStatus,
     /// `local` or `aws`.
     pub cloud_provider: String,
     /// `nodes.count`.
@@ -94,6 +99,7 @@ pub struct DeploymentView {
 
 /// `POST /cleanup/all`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct CleanupAll {
     /// Deployments whose files were deleted.
     pub cleaned_count: u32,
@@ -103,6 +109,7 @@ pub struct CleanupAll {
 
 /// One stored log line.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct LogLineView {
     /// Position in the deployment's log; strictly increasing.
     pub seq: u64,
@@ -121,6 +128,7 @@ pub struct LogLineView {
 
 /// `GET /deployments/{id}/logs`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct LogsPage {
     /// Lines after the cursor, oldest first.
     pub logs: Vec<LogLineView>,
@@ -130,6 +138,7 @@ pub struct LogsPage {
 
 /// `GET /stats`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Stats {
     /// Deployments known.
     pub total_deployments: u64,
@@ -146,6 +155,7 @@ pub struct Stats {
 
 /// One instance pool in `GET /stats` (see [`crate::PooledProvider`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct PoolStats {
     /// The `cloud_provider` it serves.
     pub provider: String,
@@ -188,6 +198,7 @@ pub struct RegisterRequest {
 
 /// `POST /nodes/register` answer: everything the agent needs to run its slice.
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct RegisterResponse {
     /// Bearer token for every later node call.
     pub auth_token: String,
@@ -245,6 +256,7 @@ pub struct HeartbeatRequest {
 
 /// `POST /nodes/heartbeat` answer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct HeartbeatResponse {
     /// Always `ok`.
     pub status: String,
@@ -257,7 +269,7 @@ pub struct HeartbeatResponse {
 #[serde(deny_unknown_fields)]
 pub struct StatusRequest {
     /// `downloading_assets`, `running_script`, `completed` or `failed`.
-    pub status: String,
+    pub status: NodeStatus,
     /// Why, for failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
@@ -297,14 +309,61 @@ pub struct LogsRequest {
 
 /// `{"status": "ok"}` for health and accepted node calls.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Ok {
+#[non_exhaustive]
+pub struct StatusOk {
     /// `ok`.
+    pub status: String,
+}
+
+impl StatusOk {
+    /// `{"status": "ok"}`.
+    pub fn new() -> StatusOk {
+        StatusOk {
+            status: "ok".to_owned(),
+        }
+    }
+}
+
+impl Default for StatusOk {
+    fn default() -> StatusOk {
+        StatusOk::new()
+    }
+}
+
+/// `DELETE /deployments/{id}` (202) and `POST /deployments/{id}/cleanup` (200).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct DeploymentAction {
+    /// The deployment.
+    pub deployment_id: String,
+    /// `terminating` (a terminate request) or `cleaned` (a cleanup).
     pub status: String,
 }
 
 impl DeploymentView {
     /// Whether the deployment has reached `completed`, `failed` or `terminated`.
     pub fn is_final(&self) -> bool {
-        matches!(self.status.as_str(), "completed" | "failed" | "terminated")
+        self.status.is_final()
     }
 }
+
+/// The statuses travel as their SPEC §3 names (`running_script`, ...), the names
+/// `as_str` and `FromStr` of the model use, so the wire and the store cannot disagree.
+macro_rules! serde_by_name {
+    ($($ty:ty),*) => {$(
+        impl Serialize for $ty {
+            fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.serialize_str(self.as_str())
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                let name = String::deserialize(deserializer)?;
+                name.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    )*};
+}
+
+serde_by_name!(DeploymentStatus, NodeStatus);

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use taskfly::{Config, Orchestrator};
+use taskfly::{Config, Orchestrator, Server, ServerConfig};
 
 /// The TaskFly daemon: accepts deployments and runs them on their nodes.
 #[derive(Debug, Parser)]
@@ -249,16 +249,10 @@ async fn serve(args: Args) -> Result<(), String> {
         .max_log_lines(args.max_log_lines);
     let config = Config::new(&data_dir)
         .advertise_url(advertise.clone())
-        .api_token(token)
         .heartbeat_timeout(args.heartbeat_timeout)
         .retention(Some(args.retention))
         .store(std::sync::Arc::new(store))
         .provider("local", pooled(std::sync::Arc::new(local), &pool)?);
-    // The certificate and key are read when the engine is made: a bad one stops the start.
-    let config = match &tls {
-        Some((cert_file, key_file)) => config.tls(cert_file, key_file),
-        None => config,
-    };
     // EC2 clients are made per deployment (each names its region and endpoint) on first use.
     // The owner id keeps this daemon's leak checks to the instances it started itself.
     #[cfg(feature = "aws")]
@@ -269,12 +263,28 @@ async fn serve(args: Args) -> Result<(), String> {
             &pool,
         )?,
     );
+    let server_config = ServerConfig::default().api_token(token);
+    let server_config = match &tls {
+        Some((cert_file, key_file)) => server_config.tls(cert_file, key_file),
+        None => server_config,
+    };
     let engine = Orchestrator::new(config).map_err(|e| e.to_string())?;
+    // The certificate and key are read here: a bad one stops the start.
+    let server = match Server::new(engine.clone(), server_config) {
+        Ok(server) => server,
+        Err(e) => {
+            engine.shutdown().await;
+            return Err(e.to_string());
+        }
+    };
     tracing::info!(listen = %address, advertise_url = %advertise, tls = tls.is_some(), data_dir = %data_dir.display(), "taskflyd listening");
-    let served = engine.serve(listener, shutdown_signal()).await;
-    tracing::info!("shutting down");
-    engine.shutdown().await;
-    served.map_err(|e| e.to_string())
+    server
+        .run(listener, async {
+            shutdown_signal().await;
+            tracing::info!("shutting down");
+        })
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// `taskflyd agent`: serve one local node, as started by this daemon's local provider.
@@ -294,7 +304,7 @@ async fn agent() -> ExitCode {
         }
     };
     match taskfly::agent::run_until_signal(config).await {
-        Ok(report) if report.status == "completed" => ExitCode::SUCCESS,
+        Ok(report) if report.status == taskfly::wire::NodeStatus::Completed => ExitCode::SUCCESS,
         Ok(_) => ExitCode::FAILURE,
         Err(e) => {
             tracing::error!(error = %e, "agent failed");

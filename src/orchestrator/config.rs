@@ -19,10 +19,10 @@ use crate::state::{MemoryStore, Store};
 ///     .heartbeat_timeout(Duration::from_secs(60));
 /// ```
 #[derive(Clone)]
+#[non_exhaustive]
 pub struct Config {
     pub(crate) data_dir: PathBuf,
     pub(crate) advertise_url: Option<String>,
-    pub(crate) api_token: Option<String>,
     pub(crate) heartbeat_timeout: Duration,
     pub(crate) heartbeat_interval: Option<Duration>,
     pub(crate) boot_timeout: Duration,
@@ -33,17 +33,12 @@ pub struct Config {
     pub(crate) retention: Option<Duration>,
     pub(crate) bundle_limits: BundleLimits,
     pub(crate) max_bundle_upload: u64,
-    pub(crate) max_json_body: u64,
     pub(crate) max_config_bytes: usize,
     pub(crate) max_nodes: u32,
     pub(crate) max_log_lines_per_node: u64,
     pub(crate) max_log_line_bytes: usize,
-    pub(crate) header_read_timeout: Duration,
-    pub(crate) max_connections: usize,
-    pub(crate) registration_failures_per_minute: u32,
-    /// The PEM certificate chain and private key files to serve https with.
-    #[cfg(feature = "tls")]
-    pub(crate) tls: Option<(PathBuf, PathBuf)>,
+    /// The certificates nodes are to trust when they call back over https.
+    pub(crate) node_ca_pem: Option<String>,
     pub(crate) store: Option<Arc<dyn Store>>,
     pub(crate) providers: HashMap<String, Arc<dyn Provider>>,
 }
@@ -53,15 +48,12 @@ impl fmt::Debug for Config {
         let mut d = f.debug_struct("Config");
         d.field("data_dir", &self.data_dir)
             .field("advertise_url", &self.advertise_url)
-            .field("api_token", &self.api_token.as_ref().map(|_| "***"))
             .field("heartbeat_timeout", &self.heartbeat_timeout)
             .field("heartbeat_interval", &self.effective_heartbeat_interval())
             .field("boot_timeout", &self.boot_timeout)
             .field("provision_concurrency", &self.provision_concurrency)
+            .field("node_ca_pem", &self.node_ca_pem.is_some())
             .field("providers", &self.providers.keys().collect::<Vec<_>>());
-        // File names only: the key itself is read when the engine is made, never kept here.
-        #[cfg(feature = "tls")]
-        d.field("tls", &self.tls);
         d.finish_non_exhaustive()
     }
 }
@@ -72,7 +64,6 @@ impl Config {
         Config {
             data_dir: data_dir.as_ref().to_path_buf(),
             advertise_url: None,
-            api_token: None,
             heartbeat_timeout: Duration::from_secs(30),
             heartbeat_interval: None,
             boot_timeout: Duration::from_secs(600),
@@ -83,58 +74,33 @@ impl Config {
             retention: Some(Duration::from_secs(7 * 24 * 3600)),
             bundle_limits: BundleLimits::default(),
             max_bundle_upload: 512 * 1024 * 1024,
-            max_json_body: 4 * 1024 * 1024,
             max_config_bytes: 1024 * 1024,
             max_nodes: 100_000,
             max_log_lines_per_node: 1_000_000,
             max_log_line_bytes: 64 * 1024,
-            header_read_timeout: Duration::from_secs(10),
-            max_connections: 4096,
-            registration_failures_per_minute: 20,
-            #[cfg(feature = "tls")]
-            tls: None,
+            node_ca_pem: None,
             store: None,
             providers: HashMap::new(),
         }
     }
 
-    /// The URL nodes call back on. Without it, [`crate::Orchestrator::serve`] uses
-    /// `http://<the listener's address>` (`https://` with `Config::tls`), which only suits
-    /// nodes on the same machine.
+    /// The URL nodes call back on. Without it, [`crate::Server`] uses
+    /// `http://<the listener's address>` (`https://` with TLS) once it starts serving, which
+    /// only suits nodes on the same machine.
     #[must_use]
     pub fn advertise_url(mut self, url: impl Into<String>) -> Config {
         self.advertise_url = Some(url.into().trim_end_matches('/').to_owned());
         self
     }
 
-    /// Serve the HTTP API over TLS (feature `tls`): `cert_file` holds the PEM certificate chain
-    /// (the server's certificate first, then any intermediates) and `key_file` its PEM private
-    /// key (PKCS#8, PKCS#1 or SEC1). Both are read by [`crate::Orchestrator::new`], which fails
-    /// if either is missing or malformed, or the key does not belong to the certificate.
-    ///
-    /// [`crate::Orchestrator::serve`] then speaks only https. When the advertise URL is
-    /// `https://`, every node is handed the certificates of `cert_file` as the ones to trust
-    /// ([`crate::InstanceConfig::ca_pem`]): a self-signed certificate needs nothing more. The
-    /// advertise URL's host must be a name (or IP address) the certificate is issued for.
-    ///
-    /// ```no_run
-    /// let config = taskfly::Config::new("/var/lib/taskfly")
-    ///     .tls("/etc/taskfly/cert.pem", "/etc/taskfly/key.pem")
-    ///     .advertise_url("https://10.0.0.1:8443");
-    /// # let _ = config;
-    /// ```
-    #[cfg(feature = "tls")]
+    /// The PEM certificates nodes are to trust when the advertise URL is `https://`
+    /// ([`crate::InstanceConfig::ca_pem`]). [`crate::Server`] sets them to its own certificate
+    /// chain when it serves TLS ([`crate::ServerConfig::tls`]); set them yourself when TLS
+    /// ends in front of the engine (a proxy) with a certificate nodes would not otherwise
+    /// trust.
     #[must_use]
-    pub fn tls(mut self, cert_file: impl Into<PathBuf>, key_file: impl Into<PathBuf>) -> Config {
-        self.tls = Some((cert_file.into(), key_file.into()));
-        self
-    }
-
-    /// The bearer token client endpoints require. Without it they refuse every request
-    /// (the engine is then driven only through the library API). Kept only as a hash.
-    #[must_use]
-    pub fn api_token(mut self, token: impl Into<String>) -> Config {
-        self.api_token = Some(token.into());
+    pub fn node_ca_pem(mut self, pem: impl Into<String>) -> Config {
+        self.node_ca_pem = Some(pem.into());
         self
     }
 
@@ -210,13 +176,6 @@ impl Config {
         self
     }
 
-    /// Largest accepted JSON request body (default 4 MiB).
-    #[must_use]
-    pub fn max_json_body(mut self, bytes: u64) -> Config {
-        self.max_json_body = bytes;
-        self
-    }
-
     /// Largest accepted `taskfly.yml`, in bytes (default 1 MiB).
     #[must_use]
     pub fn max_config_bytes(mut self, bytes: usize) -> Config {
@@ -243,29 +202,6 @@ impl Config {
     #[must_use]
     pub fn max_log_line_bytes(mut self, bytes: usize) -> Config {
         self.max_log_line_bytes = bytes.max(16);
-        self
-    }
-
-    /// A client must send its request headers within this long, or it is dropped (default
-    /// 10 s): a slow-headers (slowloris) client cannot hold connections open.
-    #[must_use]
-    pub fn header_read_timeout(mut self, timeout: Duration) -> Config {
-        self.header_read_timeout = timeout;
-        self
-    }
-
-    /// Most connections served at once (default 4096); more wait to be accepted.
-    #[must_use]
-    pub fn max_connections(mut self, connections: usize) -> Config {
-        self.max_connections = connections.max(1);
-        self
-    }
-
-    /// Failed node registrations allowed per client address and minute (default 20); past
-    /// it, registrations from that address get 429 until the minute is over.
-    #[must_use]
-    pub fn registration_failures_per_minute(mut self, failures: u32) -> Config {
-        self.registration_failures_per_minute = failures.max(1);
         self
     }
 

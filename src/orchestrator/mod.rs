@@ -8,7 +8,6 @@
 mod config;
 mod nodes;
 mod recovery;
-mod view;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -21,7 +20,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use config::Config;
-pub(crate) use nodes::Registration;
 
 use crate::auth;
 use crate::bundle;
@@ -29,9 +27,11 @@ use crate::config::{DeploymentConfig, CONFIG_FILE_NAME};
 use crate::error::{Error, Result};
 use crate::metadata::MetadataGenerator;
 use crate::provider::{InstanceConfig, Provider};
-use crate::state::model::{Deployment, DeploymentStatus, Node, NodeStatus, NodeUpdate};
+use crate::state::model::{
+    CleanupCounts, Deployment, DeploymentDetail, DeploymentStatus, DeploymentSummary, LogsPage,
+    Node, NodeStatus, NodeUpdate, Stats,
+};
 use crate::state::{store_error, LogQuery, Store};
-use crate::wire::{CleanupAll, DeploymentView, LogsPage, Stats};
 
 /// Tries of one provider terminate call before it is left for the next minute's round.
 const TERMINATE_ATTEMPTS: u32 = 3;
@@ -44,21 +44,18 @@ const WORKER_BUNDLE: &str = "worker.tar.gz";
 
 /// The TaskFly engine. Cheap to clone: clones share one engine.
 ///
+/// It does not speak HTTP itself: [`crate::Server`] serves its API and node protocol.
+///
 /// ```no_run
 /// # async fn demo() -> taskfly::Result<()> {
-/// use taskfly::{Config, Orchestrator};
+/// use taskfly::{Config, Orchestrator, Server, ServerConfig};
 /// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-/// let url = format!("http://{}", listener.local_addr().unwrap());
-/// let engine = Orchestrator::new(Config::new("/tmp/taskfly").advertise_url(url))?;
-/// let server = tokio::spawn({
-///     let engine = engine.clone();
-///     async move { engine.serve(listener, std::future::pending()).await }
-/// });
+/// let engine = Orchestrator::new(Config::new("/tmp/taskfly"))?;
+/// let server = Server::new(engine.clone(), ServerConfig::default())?.spawn(listener)?;
 /// let created = engine.deploy_dir("examples/hello".as_ref()).await?;
-/// let done = engine.wait(&created.deployment_id).await?;
-/// println!("{}: {}", done.deployment_id, done.status);
-/// engine.shutdown().await;
-/// # server.abort();
+/// let done = engine.wait(&created.id).await?;
+/// println!("{}: {}", done.id, done.status);
+/// server.stop().await?;
 /// # Ok(()) }
 /// ```
 #[derive(Clone)]
@@ -76,14 +73,13 @@ pub(crate) struct Inner {
     pub(crate) last_seen: Mutex<HashMap<String, tokio::time::Instant>>,
     /// Log lines stored per node attempt, for the per-node volume limit.
     pub(crate) log_counts: Mutex<HashMap<(String, u32), u64>>,
-    /// Bumped whenever a deployment changes state, to wake [`Orchestrator::wait`].
+    /// Bumped whenever a deployment changes state (or its node counters), to wake
+    /// [`DeploymentWatch`]es.
     changes: watch::Sender<u64>,
     provision_slots: Arc<Semaphore>,
-    pub(crate) api_token_hash: Option<[u8; 32]>,
     advertise_url: Mutex<Option<String>>,
-    /// The loaded certificate and key of [`Config::tls`]: the server speaks https.
-    #[cfg(feature = "tls")]
-    tls: Option<Arc<crate::api::tls::ServerTls>>,
+    /// The certificates nodes are to trust ([`Config::node_ca_pem`], or the server's own).
+    node_ca_pem: Mutex<Option<String>>,
     tasks: TaskTracker,
     cancel: CancellationToken,
     started: Instant,
@@ -159,26 +155,10 @@ impl Orchestrator {
                 e,
             )
         })?;
-        // Loaded first, so a bad certificate or key fails here, before anything starts.
-        #[cfg(feature = "tls")]
-        let tls = match &config.tls {
-            Some((cert_file, key_file)) => Some(Arc::new(crate::api::tls::ServerTls::load(
-                cert_file, key_file,
-            )?)),
-            None => None,
-        };
-        // With the advertise URL known now, a certificate its nodes would refuse stops the
-        // engine here; otherwise `serve` checks once it has chosen the URL.
-        #[cfg(feature = "tls")]
-        if let (Some(tls), Some(url)) = (&tls, &config.advertise_url) {
-            if url.starts_with("https://") {
-                tls.check_for_nodes(url)?;
-            }
-        }
         let store = config.take_store();
         let providers = config.take_providers();
-        let api_token_hash = config.api_token.as_deref().map(auth::hash_token);
         let advertise_url = config.advertise_url.clone();
+        let node_ca_pem = config.node_ca_pem.clone();
         let (changes, _) = watch::channel(0);
         let inner = Arc::new(Inner {
             provision_slots: Arc::new(Semaphore::new(config.provision_concurrency)),
@@ -189,10 +169,8 @@ impl Orchestrator {
             last_seen: Mutex::new(HashMap::new()),
             log_counts: Mutex::new(HashMap::new()),
             changes,
-            api_token_hash,
             advertise_url: Mutex::new(advertise_url),
-            #[cfg(feature = "tls")]
-            tls,
+            node_ca_pem: Mutex::new(node_ca_pem),
             tasks: TaskTracker::new(),
             cancel: CancellationToken::new(),
             started: Instant::now(),
@@ -223,10 +201,6 @@ impl Orchestrator {
         &self.inner
     }
 
-    pub(crate) fn api_token_hash(&self) -> Option<[u8; 32]> {
-        self.inner.api_token_hash
-    }
-
     pub(crate) fn limits(&self) -> &Config {
         &self.inner.config
     }
@@ -239,43 +213,24 @@ impl Orchestrator {
         self.inner.tasks.spawn(task);
     }
 
-    /// Serve the HTTP API (client and node endpoints, SPEC §4) on `listener` until `shutdown`
-    /// completes, then finish in-flight requests; over TLS when `Config::tls` is set. If no
-    /// advertise URL was configured, nodes are told to call `http://<listener address>`
-    /// (`https://` with TLS).
-    ///
-    /// With TLS and an `https://` advertise URL, it first checks that nodes will accept the
-    /// certificate for that URL (issued for its host, not expired, not marked as a CA, chain
-    /// complete) and fails with what to fix ([`crate::Error::is_invalid_input`]) if not.
-    pub async fn serve(
-        &self,
-        listener: tokio::net::TcpListener,
-        shutdown: impl std::future::Future<Output = ()> + Send,
-    ) -> Result<()> {
-        let address = listener
-            .local_addr()
-            .map_err(|e| Error::io("cannot read the listener's address", e))?;
-        {
-            let mut url = lock(&self.inner.advertise_url);
-            if url.is_none() {
-                let scheme = if self.serves_tls() { "https" } else { "http" };
-                *url = Some(format!("{scheme}://{address}"));
-            }
+    /// Where nodes call back and what they trust, once a server knows it: `url` becomes the
+    /// advertise URL unless [`Config::advertise_url`] set one, and `ca_pem` the certificates
+    /// nodes trust unless [`Config::node_ca_pem`] set them. Returns the advertise URL.
+    pub(crate) fn served_at(&self, url: String, ca_pem: Option<&str>) -> String {
+        let advertise = lock(&self.inner.advertise_url).get_or_insert(url).clone();
+        if let Some(pem) = ca_pem {
+            lock(&self.inner.node_ca_pem).get_or_insert_with(|| pem.to_owned());
         }
-        // Nodes verify the daemon as the check does: better to refuse to start than to have
-        // every node fail to register.
-        #[cfg(feature = "tls")]
-        if let Some(tls) = &self.inner.tls {
-            let url = self.advertise_url();
-            if url.starts_with("https://") {
-                tls.check_for_nodes(&url)?;
-            }
-        }
-        crate::api::server::serve(self.clone(), listener, shutdown).await
+        advertise
+    }
+
+    /// The advertise URL set in [`Config::advertise_url`], if any.
+    pub(crate) fn configured_advertise_url(&self) -> Option<String> {
+        lock(&self.inner.advertise_url).clone()
     }
 
     /// Bundle the project in `dir` (its `taskfly.yml` and `application_files`) and deploy it.
-    pub async fn deploy_dir(&self, dir: &Path) -> Result<crate::wire::DeploymentCreated> {
+    pub async fn deploy_dir(&self, dir: &Path) -> Result<DeploymentSummary> {
         let config = DeploymentConfig::from_dir(dir)?;
         let uploads = self.inner.config.data_dir.join("uploads");
         tokio::fs::create_dir_all(&uploads)
@@ -307,7 +262,7 @@ impl Orchestrator {
     pub async fn deploy_bundle(
         &self,
         mut bundle: impl AsyncRead + Unpin + Send,
-    ) -> Result<crate::wire::DeploymentCreated> {
+    ) -> Result<DeploymentSummary> {
         let id = format!("dep-{}", auth::new_id()?);
         let dir = self.deployment_dir(&id);
         tokio::fs::create_dir_all(&dir)
@@ -325,7 +280,7 @@ impl Orchestrator {
         id: &str,
         dir: &Path,
         bundle: &mut (impl AsyncRead + Unpin + Send),
-    ) -> Result<crate::wire::DeploymentCreated> {
+    ) -> Result<DeploymentSummary> {
         // The client bundle holds taskfly.yml, secrets included: private file, deleted once
         // split into the worker bundle and the config.
         let client_path = dir.join("client.tar.gz");
@@ -434,6 +389,7 @@ impl Orchestrator {
             error_message: None,
         };
         let nodes: Vec<Node> = (0..total).map(|i| Node::new(id, i, now)).collect();
+        let created = DeploymentSummary::from(&deployment);
         self.inner
             .store
             .create_deployment(deployment, nodes)
@@ -455,12 +411,7 @@ impl Orchestrator {
                 tracing::error!(deployment_id = %deployment_id, error = %e, "provisioning stopped");
             }
         });
-        Ok(crate::wire::DeploymentCreated {
-            deployment_id: id.to_owned(),
-            status: DeploymentStatus::Pending.as_str().to_owned(),
-            nodes: total,
-            status_url: format!("/api/v1/deployments/{id}"),
-        })
+        Ok(created)
     }
 
     /// Provision every node of a new deployment, at most `provision_concurrency` at a time.
@@ -784,30 +735,12 @@ impl Orchestrator {
         self.deployment_dir(id).join(WORKER_BUNDLE)
     }
 
-    /// Whether [`Orchestrator::serve`] speaks TLS.
-    pub(crate) fn serves_tls(&self) -> bool {
-        #[cfg(feature = "tls")]
-        return self.inner.tls.is_some();
-        #[cfg(not(feature = "tls"))]
-        false
-    }
-
-    /// The TLS set-up the server wraps connections in, when [`Config::tls`] is set.
-    #[cfg(feature = "tls")]
-    pub(crate) fn server_tls(&self) -> Option<&crate::api::tls::ServerTls> {
-        self.inner.tls.as_deref()
-    }
-
-    /// The certificates nodes are to trust: those the server presents, when it speaks TLS and
-    /// nodes are told an `https://` URL.
+    /// The certificates nodes are to trust, when they are told an `https://` URL.
     fn node_ca_pem(&self) -> Option<String> {
-        #[cfg(feature = "tls")]
-        if let Some(tls) = &self.inner.tls {
-            if self.advertise_url().starts_with("https://") {
-                return Some(tls.certificates_pem().to_owned());
-            }
+        if !self.advertise_url().starts_with("https://") {
+            return None;
         }
-        None
+        lock(&self.inner.node_ca_pem).clone()
     }
 
     pub(crate) fn advertise_url(&self) -> String {
@@ -820,57 +753,93 @@ impl Orchestrator {
         self.inner.changes.send_modify(|v| *v = v.wrapping_add(1));
     }
 
-    /// One deployment and its nodes, as `GET /deployments/{id}` shows it.
-    pub async fn deployment(&self, id: &str) -> Result<DeploymentView> {
-        let store = &self.inner.store;
-        let deployment = store
+    /// One deployment row, or not found.
+    async fn deployment_row(&self, id: &str) -> Result<Deployment> {
+        self.inner
+            .store
             .deployment(id)
             .await
             .map_err(store_error)?
-            .ok_or_else(|| Error::not_found(format!("no deployment `{id}`")))?;
-        let nodes = store.nodes(id).await.map_err(store_error)?;
-        Ok(view::deployment(&deployment, &nodes))
+            .ok_or_else(|| Error::not_found(format!("no deployment `{id}`")))
+    }
+
+    /// One deployment and its nodes, as `GET /deployments/{id}` shows it. Reads every node:
+    /// to follow a deployment, use [`Orchestrator::summary`] or [`Orchestrator::watch`].
+    pub async fn deployment(&self, id: &str) -> Result<DeploymentDetail> {
+        let deployment = self.deployment_row(id).await?;
+        let nodes = self.inner.store.nodes(id).await.map_err(store_error)?;
+        Ok(DeploymentDetail { deployment, nodes })
+    }
+
+    /// A deployment's state and node counters, without reading its nodes.
+    pub async fn summary(&self, id: &str) -> Result<DeploymentSummary> {
+        Ok(DeploymentSummary::from(&self.deployment_row(id).await?))
     }
 
     /// Every deployment, newest first, without their nodes.
-    pub async fn deployments(&self) -> Result<Vec<DeploymentView>> {
-        let all = self.inner.store.deployments().await.map_err(store_error)?;
-        Ok(all.iter().map(|d| view::deployment(d, &[])).collect())
+    pub async fn deployments(&self) -> Result<Vec<Deployment>> {
+        self.inner.store.deployments().await.map_err(store_error)
     }
 
-    /// Wait until the deployment is final, and return it.
-    pub async fn wait(&self, id: &str) -> Result<DeploymentView> {
-        let mut changes = self.inner.changes.subscribe();
-        loop {
-            changes.borrow_and_update();
-            let view = self.deployment(id).await?;
-            if view.is_final() {
-                return Ok(view);
-            }
-            if changes.changed().await.is_err() {
-                return Err(Error::conflict("the engine shut down"));
-            }
+    /// Follow one deployment: the returned watch holds its summary now and wakes on every
+    /// later change of its state or node counters. It cannot miss a change: it listens
+    /// before it reads. Each wake-up reads the deployment row alone.
+    ///
+    /// ```no_run
+    /// # async fn demo(engine: taskfly::Orchestrator, id: &str) -> taskfly::Result<()> {
+    /// let mut watch = engine.watch(id).await?;
+    /// while !watch.current().is_final() {
+    ///     let now = watch.changed().await?;
+    ///     println!("{}: {}/{} nodes done", now.status, now.nodes_completed, now.total_nodes);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn watch(&self, id: &str) -> Result<DeploymentWatch> {
+        let changes = self.inner.changes.subscribe();
+        let current = self.summary(id).await?;
+        Ok(DeploymentWatch {
+            engine: self.clone(),
+            changes,
+            current,
+        })
+    }
+
+    /// Wait until the deployment is final, and return its summary (read the nodes with
+    /// [`Orchestrator::deployment`] if needed). Fails if the engine shuts down first.
+    pub async fn wait(&self, id: &str) -> Result<DeploymentSummary> {
+        let mut watch = self.watch(id).await?;
+        while !watch.current().is_final() {
+            watch.changed().await?;
         }
+        Ok(watch.current)
     }
 
-    /// Wait until anything changes in any deployment, or `timeout` passes. Lets a caller show
-    /// progress without polling in a tight loop.
-    pub async fn changed(&self, timeout: Duration) {
-        let mut changes = self.inner.changes.subscribe();
-        changes.borrow_and_update();
-        let _ = tokio::time::timeout(timeout, changes.changed()).await;
-    }
-
-    /// Terminate a deployment: every node's instance is terminated through its provider, then
-    /// the nodes and the deployment become `terminated`. Refused (conflict) once final.
+    /// Terminate a deployment and wait until it is torn down: every node's instance is
+    /// terminated through its provider, then the nodes and the deployment become
+    /// `terminated`. Refused (conflict) once final.
     pub async fn terminate(&self, id: &str) -> Result<()> {
         self.begin_terminate(id).await?;
         self.finish_terminate(id).await
     }
 
+    /// Start terminating a deployment and return at once: it is `terminating` when this
+    /// returns, and the engine tears it down in the background (shutdown waits for that).
+    /// Refused (conflict) once final.
+    pub async fn request_terminate(&self, id: &str) -> Result<DeploymentStatus> {
+        self.begin_terminate(id).await?;
+        let this = self.clone();
+        let id = id.to_owned();
+        self.spawn_tracked(async move {
+            if let Err(e) = this.finish_terminate(&id).await {
+                tracing::error!(deployment_id = %id, error = %e, "terminate failed");
+            }
+        });
+        Ok(DeploymentStatus::Terminating)
+    }
+
     /// Move the deployment to `terminating` and stop its provisioning and retries. Refused
     /// (conflict, naming the state) once final.
-    pub(crate) async fn begin_terminate(&self, id: &str) -> Result<()> {
+    async fn begin_terminate(&self, id: &str) -> Result<()> {
         let store = &self.inner.store;
         if let Err(e) = store
             .update_deployment_status(id, DeploymentStatus::Terminating, None, SystemTime::now())
@@ -878,7 +847,7 @@ impl Orchestrator {
         {
             let e = store_error(e);
             if e.is_conflict() {
-                let current = self.deployment(id).await?;
+                let current = self.deployment_row(id).await?;
                 return Err(Error::conflict(format!(
                     "deployment `{id}` is already {}; nothing to terminate",
                     current.status
@@ -893,7 +862,7 @@ impl Orchestrator {
     }
 
     /// Terminate every node's instance, then mark nodes and deployment `terminated`.
-    pub(crate) async fn finish_terminate(&self, id: &str) -> Result<()> {
+    async fn finish_terminate(&self, id: &str) -> Result<()> {
         let store = &self.inner.store;
         let live = self.live(id).await?;
         let nodes = store.nodes(id).await.map_err(store_error)?;
@@ -907,12 +876,9 @@ impl Orchestrator {
         teardown.wait().await;
         // Every node final but the deployment not (a race with the last node ending): close it.
         // Nodes still terminating keep it terminating until their instances are confirmed gone.
-        let deployment = self.deployment(id).await?;
-        let all_final = deployment
-            .nodes
-            .iter()
-            .all(|n| matches!(n.status.as_str(), "completed" | "failed" | "terminated"));
-        if deployment.status == DeploymentStatus::Terminating.as_str() && all_final {
+        let DeploymentDetail { deployment, nodes } = self.deployment(id).await?;
+        let all_final = nodes.iter().all(|n| n.status.is_final());
+        if deployment.status == DeploymentStatus::Terminating && all_final {
             store
                 .update_deployment_status(id, DeploymentStatus::Terminated, None, SystemTime::now())
                 .await
@@ -958,8 +924,8 @@ impl Orchestrator {
 
     /// Delete a final deployment's files and forget it. Refused (conflict) while it runs.
     pub async fn cleanup(&self, id: &str) -> Result<()> {
-        let deployment = self.deployment(id).await?;
-        if !deployment.is_final() {
+        let deployment = self.deployment_row(id).await?;
+        if !deployment.status.is_final() {
             return Err(Error::conflict(format!(
                 "deployment `{id}` is {}; terminate it first (`taskfly down {id}`) or wait until it ends",
                 deployment.status
@@ -986,20 +952,17 @@ impl Orchestrator {
     }
 
     /// Clean up every final deployment.
-    pub async fn cleanup_all(&self) -> Result<CleanupAll> {
-        let mut result = CleanupAll {
-            cleaned_count: 0,
-            failed_count: 0,
-        };
+    pub async fn cleanup_all(&self) -> Result<CleanupCounts> {
+        let mut result = CleanupCounts::default();
         for deployment in self.inner.store.deployments().await.map_err(store_error)? {
             if !deployment.status.is_final() {
                 continue;
             }
             match self.cleanup(&deployment.id).await {
-                Ok(()) => result.cleaned_count += 1,
+                Ok(()) => result.cleaned += 1,
                 Err(e) => {
                     tracing::warn!(deployment_id = %deployment.id, error = %e, "cleanup failed");
-                    result.failed_count += 1;
+                    result.failed += 1;
                 }
             }
         }
@@ -1029,29 +992,23 @@ impl Orchestrator {
             .await
             .map_err(store_error)?;
         let next = lines.last().map_or(after, |l| l.seq);
-        Ok(LogsPage {
-            logs: lines.iter().map(view::log_line).collect(),
-            next,
-        })
+        Ok(LogsPage { lines, next })
     }
 
-    /// Counts for `GET /stats`.
+    /// Counts over every deployment, for `GET /stats` and metrics.
     pub async fn stats(&self) -> Result<Stats> {
         let all = self.inner.store.deployments().await.map_err(store_error)?;
         let mut deployment_status = std::collections::BTreeMap::new();
         let mut total_nodes = 0u64;
         for d in &all {
-            *deployment_status
-                .entry(d.status.as_str().to_owned())
-                .or_insert(0) += 1;
+            *deployment_status.entry(d.status).or_insert(0) += 1;
             total_nodes += u64::from(d.total_nodes);
         }
         Ok(Stats {
             total_deployments: all.len() as u64,
             total_nodes,
             deployment_status,
-            uptime_seconds: self.inner.started.elapsed().as_secs(),
-            pools: self.pools().map(|(name, pool)| pool.stats(name)).collect(),
+            uptime: self.inner.started.elapsed(),
         })
     }
 
@@ -1128,6 +1085,51 @@ impl Orchestrator {
                 }
             }
         }
+    }
+}
+
+/// One deployment followed through [`Orchestrator::watch`]: its latest summary, and a way to
+/// wait for the next change.
+pub struct DeploymentWatch {
+    engine: Orchestrator,
+    changes: watch::Receiver<u64>,
+    current: DeploymentSummary,
+}
+
+impl DeploymentWatch {
+    /// The summary as last read.
+    pub fn current(&self) -> &DeploymentSummary {
+        &self.current
+    }
+
+    /// Wait until the deployment's state or node counters differ from [`Self::current`], and
+    /// return the new summary. Fails if the deployment is cleaned up or the engine shuts down.
+    pub async fn changed(&mut self) -> Result<&DeploymentSummary> {
+        loop {
+            tokio::select! {
+                changed = self.changes.changed() => {
+                    if changed.is_err() {
+                        return Err(Error::conflict("the engine shut down"));
+                    }
+                }
+                () = self.engine.inner.cancel.cancelled() => {
+                    return Err(Error::conflict("the engine shut down"));
+                }
+            }
+            let now = self.engine.summary(&self.current.id).await?;
+            if now != self.current {
+                self.current = now;
+                return Ok(&self.current);
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for DeploymentWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeploymentWatch")
+            .field("current", &self.current)
+            .finish_non_exhaustive()
     }
 }
 

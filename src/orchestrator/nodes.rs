@@ -8,19 +8,11 @@ use super::{lock, Orchestrator};
 use crate::auth;
 use crate::error::{Error, Result};
 use crate::provider::pool::Claim;
-use crate::state::model::{is_node_final, DeploymentStatus, Node, NodeStatus, NodeUpdate};
+use crate::state::model::{
+    is_node_final, Assignment, DeploymentStatus, LogBatch, Node, NodeStatus, NodeUpdate,
+    Registration, StatusReport,
+};
 use crate::state::{store_error, LogStream, NewLogLine};
-use crate::wire::{HeartbeatResponse, LogsRequest, RegisterResponse, StatusRequest};
-
-/// The answer to a registration.
-pub(crate) enum Registration {
-    /// The node's assignment.
-    Assigned(RegisterResponse),
-    /// A pooled instance has no work yet: ask again.
-    NoWork,
-    /// A pooled instance was retired: stop.
-    Retired,
-}
 
 impl Orchestrator {
     /// The node holding this auth token.
@@ -36,7 +28,7 @@ impl Orchestrator {
     /// `POST /nodes/register`: trade the single-use provision token for an auth token and the
     /// node's assignment. A pooled instance's token (see [`crate::PooledProvider`]) is traded
     /// for the assignment of the node its pool gives it, held while it has none.
-    pub(crate) async fn register_node(&self, token: &str) -> Result<Registration> {
+    pub(crate) async fn register_node(&self, token: &str) -> Result<Registration<Assignment>> {
         let store = &self.inner().store;
         let token_hash = auth::hash_token(token);
         if let Some(node) = store
@@ -50,7 +42,11 @@ impl Orchestrator {
             let provision_token = match pool.claim(&token_hash).await {
                 Claim::Unknown => continue,
                 Claim::Wait => return Ok(Registration::NoWork),
-                Claim::Retired => return Ok(Registration::Retired),
+                Claim::Retired => {
+                    return Ok(Registration::Retired {
+                        reason: "the pool retired this instance; its agent stops".to_owned(),
+                    })
+                }
                 Claim::Assigned(provision_token) => provision_token,
             };
             let node = store
@@ -85,7 +81,7 @@ impl Orchestrator {
     }
 
     /// Register `node`: its auth token and assignment.
-    async fn register(&self, node: Node, pooled: bool) -> Result<RegisterResponse> {
+    async fn register(&self, node: Node, pooled: bool) -> Result<Assignment> {
         let live = self.live(&node.deployment_id).await?;
         let auth_token = auth::new_token()?;
         let update = NodeUpdate::Registered {
@@ -100,7 +96,7 @@ impl Orchestrator {
             .iter()
             .map(|v| (v.name.clone(), v.value.clone()))
             .collect();
-        Ok(RegisterResponse {
+        Ok(Assignment {
             auth_token,
             deployment_id: node.deployment_id.clone(),
             node_id: node.id.clone(),
@@ -108,8 +104,12 @@ impl Orchestrator {
             env,
             script: live.config.remote_script_to_run.clone(),
             dest_dir: live.config.remote_dest_dir.clone(),
-            heartbeat_interval_s: self.inner().config.effective_heartbeat_interval().as_secs(),
-            timeout_s: live.config.nodes.timeout.map(|t| t.as_secs().max(1)),
+            heartbeat_interval: self.inner().config.effective_heartbeat_interval(),
+            timeout: live
+                .config
+                .nodes
+                .timeout
+                .map(|t| std::time::Duration::from_secs(t.as_secs().max(1))),
             pooled,
             next_token: None,
         })
@@ -121,8 +121,8 @@ impl Orchestrator {
         self.worker_bundle_path(&node.deployment_id)
     }
 
-    /// `POST /nodes/heartbeat`: note the node is alive; tell it whether to stop.
-    pub(crate) async fn node_heartbeat(&self, node: &Node) -> Result<HeartbeatResponse> {
+    /// `POST /nodes/heartbeat`: note the node is alive; returns whether it is to stop.
+    pub(crate) async fn node_heartbeat(&self, node: &Node) -> Result<bool> {
         let store = &self.inner().store;
         let deployment = store
             .deployment(&node.deployment_id)
@@ -144,15 +144,12 @@ impl Orchestrator {
                 .await
                 .map_err(store_error)?;
         }
-        Ok(HeartbeatResponse {
-            status: "ok".to_owned(),
-            shutdown,
-        })
+        Ok(shutdown)
     }
 
     /// `POST /nodes/status`: the agent's progress and final result.
-    pub(crate) async fn node_status(&self, node: &Node, request: StatusRequest) -> Result<()> {
-        let status: NodeStatus = request.status.parse()?;
+    pub(crate) async fn node_status(&self, node: &Node, report: StatusReport) -> Result<()> {
+        let status = report.status;
         if !matches!(
             status,
             NodeStatus::DownloadingAssets
@@ -165,12 +162,12 @@ impl Orchestrator {
             )));
         }
         let live = self.live(&node.deployment_id).await?;
-        let message = request.message.map(|m| live.mask(&m));
+        let message = report.message.map(|m| live.mask(&m));
         self.update_node(
             &node.id,
             NodeUpdate::Status {
                 status,
-                exit_code: request.exit_code,
+                exit_code: report.exit_code,
                 message,
             },
         )
@@ -208,22 +205,13 @@ impl Orchestrator {
     }
 
     /// `POST /nodes/logs`: store the lines, secrets masked.
-    pub(crate) async fn node_logs(&self, node: &Node, request: LogsRequest) -> Result<()> {
+    pub(crate) async fn node_logs(&self, node: &Node, batch: LogBatch) -> Result<()> {
         let live = self.live(&node.deployment_id).await?;
         let now = SystemTime::now();
-        let mut lines = Vec::with_capacity(request.lines.len());
-        for (i, line) in request.lines.into_iter().enumerate() {
-            let stream = LogStream::parse(&line.stream).ok_or_else(|| {
-                Error::invalid_input(format!(
-                    "lines[{i}].stream: expected stdout or stderr, got `{}`",
-                    line.stream
-                ))
-            })?;
-            let timestamp = match &line.timestamp {
-                Some(t) => humantime::parse_rfc3339_weak(t)
-                    .map_err(|e| Error::invalid_input(format!("lines[{i}].timestamp: {e}")))?,
-                None => now,
-            };
+        let mut lines = Vec::with_capacity(batch.lines.len());
+        for (i, line) in batch.lines.into_iter().enumerate() {
+            let stream = line.stream;
+            let timestamp = line.timestamp.unwrap_or(now);
             let mut text = live.mask(&line.line);
             let max_line = self.inner().config.max_log_line_bytes;
             if text.len() > max_line {
@@ -241,9 +229,7 @@ impl Orchestrator {
                 line: text,
                 timestamp,
                 attempt: node.attempt,
-                line_no: line
-                    .line_no
-                    .or(request.offset.map(|first| first + i as u64)),
+                line_no: line.line_no.or(batch.offset.map(|first| first + i as u64)),
             });
         }
         self.limit_log_volume(node, &mut lines);

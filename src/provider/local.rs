@@ -759,7 +759,7 @@ mod tests {
             .expect("lock")
             .statuses
             .iter()
-            .map(|s| s.status.clone())
+            .map(|s| s.status.as_str().to_owned())
             .collect();
         assert_eq!(statuses, ["downloading_assets", "running_script"]);
         provider
@@ -800,7 +800,7 @@ mod tests {
             .expect("lock")
             .statuses
             .iter()
-            .any(|s| s.status == "completed"));
+            .any(|s| s.status.as_str() == "completed"));
 
         let mut second = instance(&url);
         second.attempt = 2;

@@ -523,6 +523,178 @@ pub fn apply_deployment_status(
     Ok(())
 }
 
+/// A deployment's state and node counters: what waiting and watching need, read from the
+/// deployment alone (never its nodes), so following a deployment costs the same for 1 node
+/// or 100,000.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DeploymentSummary {
+    /// Its id.
+    pub id: String,
+    /// Current state.
+    pub status: DeploymentStatus,
+    /// `nodes.count`.
+    pub total_nodes: u32,
+    /// Nodes in `completed`.
+    pub nodes_completed: u32,
+    /// Nodes in `failed` with no retry left.
+    pub nodes_failed: u32,
+    /// Nodes in `terminated`.
+    pub nodes_terminated: u32,
+    /// Why it failed, if it did.
+    pub error_message: Option<String>,
+}
+
+impl DeploymentSummary {
+    /// Whether the deployment reached `completed`, `failed` or `terminated`.
+    pub fn is_final(&self) -> bool {
+        self.status.is_final()
+    }
+}
+
+impl From<&Deployment> for DeploymentSummary {
+    fn from(deployment: &Deployment) -> DeploymentSummary {
+        DeploymentSummary {
+            id: deployment.id.clone(),
+            status: deployment.status,
+            total_nodes: deployment.total_nodes,
+            nodes_completed: deployment.nodes_completed,
+            nodes_failed: deployment.nodes_failed,
+            nodes_terminated: deployment.nodes_terminated,
+            error_message: deployment.error_message.clone(),
+        }
+    }
+}
+
+/// One deployment with every node, by index.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct DeploymentDetail {
+    /// The deployment.
+    pub deployment: Deployment,
+    /// Its nodes, by index.
+    pub nodes: Vec<Node>,
+}
+
+/// A page of a deployment's log.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct LogsPage {
+    /// Lines after the cursor, oldest first.
+    pub lines: Vec<super::LogLine>,
+    /// Pass as `after` to read the lines that follow.
+    pub next: u64,
+}
+
+/// Counts over every deployment the engine knows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Deployments known.
+    pub total_deployments: u64,
+    /// Nodes of those deployments.
+    pub total_nodes: u64,
+    /// Deployments per state (states with none are absent).
+    pub deployment_status: std::collections::BTreeMap<DeploymentStatus, u64>,
+    /// How long the engine has run.
+    pub uptime: std::time::Duration,
+}
+
+/// What cleaning up every final deployment did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct CleanupCounts {
+    /// Deployments whose files were deleted.
+    pub cleaned: u32,
+    /// Deployments whose files could not be deleted.
+    pub failed: u32,
+}
+
+/// The answer to a node's registration, one type for the engine and the node's client (which
+/// names it [`crate::Registration`]): `A` is the work order, in the engine's form or the wire's.
+///
+/// An ordinary node's single-use provision token is always answered with a work order. A
+/// pooled instance's token (an instance kept alive between nodes) is used again after every
+/// node: the engine then answers with the next work order, with "no work yet" after holding
+/// the request for a while, or with "retired" once the pool no longer wants the instance.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Registration<A> {
+    /// A node to serve. Its `pooled` flag says whether to register again once it has ended.
+    Assigned(A),
+    /// No work for this pooled instance yet: register again (at once; the engine already
+    /// made the request wait).
+    NoWork,
+    /// The pool retired this instance, which is being terminated: stop.
+    Retired {
+        /// Why, for the log.
+        reason: String,
+    },
+}
+
+/// Everything a registered node needs to run its slice.
+#[derive(Clone, PartialEq)]
+pub(crate) struct Assignment {
+    /// Bearer token for every later node call (a secret).
+    pub(crate) auth_token: String,
+    pub(crate) deployment_id: String,
+    pub(crate) node_id: String,
+    pub(crate) node_index: u32,
+    /// The script's environment, secrets included.
+    pub(crate) env: std::collections::BTreeMap<String, String>,
+    /// `remote_script_to_run`.
+    pub(crate) script: String,
+    /// `remote_dest_dir`.
+    pub(crate) dest_dir: Option<String>,
+    /// How often to send heartbeats (whole seconds).
+    pub(crate) heartbeat_interval: std::time::Duration,
+    /// `nodes.timeout` (whole seconds, at least 1).
+    pub(crate) timeout: Option<std::time::Duration>,
+    /// Registered with a pooled instance's token.
+    pub(crate) pooled: bool,
+    /// For a pooled instance: the token to register with next time (a secret).
+    pub(crate) next_token: Option<String>,
+}
+
+impl fmt::Debug for Assignment {
+    /// Leaves out the tokens and the environment, which hold secrets.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Assignment")
+            .field("deployment_id", &self.deployment_id)
+            .field("node_id", &self.node_id)
+            .field("node_index", &self.node_index)
+            .field("script", &self.script)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A node's report of its progress or result (`POST /nodes/status`).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct StatusReport {
+    pub(crate) status: NodeStatus,
+    pub(crate) message: Option<String>,
+    pub(crate) exit_code: Option<i32>,
+}
+
+/// One line a node sends (`POST /nodes/logs`).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct ReportedLine {
+    pub(crate) stream: super::LogStream,
+    pub(crate) line: String,
+    /// When the node wrote it; the engine's clock when absent.
+    pub(crate) timestamp: Option<SystemTime>,
+    /// Its number for recognising resent lines (see [`super::NewLogLine::line_no`]).
+    pub(crate) line_no: Option<u64>,
+}
+
+/// A batch of lines a node sends, in the order they were written.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct LogBatch {
+    pub(crate) lines: Vec<ReportedLine>,
+    /// How many lines the agent sent before this batch: numbers lines without their own.
+    pub(crate) offset: Option<u64>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -35,7 +35,7 @@ async fn wait_for_running_scripts(
 ) -> DeploymentView {
     let deadline = tokio::time::Instant::now() + POLL_LIMIT;
     loop {
-        let view = engine.engine.deployment(id).await.expect("view");
+        let view = engine.view(id).await.expect("view");
         let started_as_expected = match started {
             Some(expected) => {
                 engine
@@ -48,7 +48,10 @@ async fn wait_for_running_scripts(
             }
             None => true,
         };
-        if view.nodes.iter().all(|n| n.status == "running_script")
+        if view
+            .nodes
+            .iter()
+            .all(|n| n.status.as_str() == "running_script")
             && processes_with_env(env_marker).len() >= processes
             && started_as_expected
         {
@@ -58,7 +61,7 @@ async fn wait_for_running_scripts(
             tokio::time::Instant::now() < deadline,
             "{agent}: the scripts never all ran: {view:#?}"
         );
-        engine.engine.changed(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -102,7 +105,7 @@ async fn assert_bootstrap_cleaned_up(agent: &str, engine: &TestEngine, view: &De
             "bootstraps still run after {POLL_LIMIT:?}: {:?}",
             bootstrap_processes(view)
         );
-        engine.engine.changed(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let work = engine
         .data_dir
@@ -191,13 +194,13 @@ async fn three_nodes_complete_each_with_its_own_slice(agent: &str) {
 
     let view = engine.run(project.path()).await;
     let id = view.deployment_id.clone();
-    assert_eq!(view.status, "completed", "{agent}: {view:#?}");
+    assert_eq!(view.status.as_str(), "completed", "{agent}: {view:#?}");
     assert_eq!(
         (view.total_nodes, view.nodes_completed, view.nodes_failed),
         (3, 3, 0)
     );
     for (index, node) in view.nodes.iter().enumerate() {
-        assert_eq!(node.status, "completed", "{agent}: {node:#?}");
+        assert_eq!(node.status.as_str(), "completed", "{agent}: {node:#?}");
         assert_eq!(node.exit_code, Some(0));
         assert_eq!(node.error_message, None);
         assert_eq!(
@@ -237,17 +240,17 @@ async fn exit_3_fails_with_the_code_and_the_last_stderr_line(agent: &str) {
     let engine = TestEngine::start().await;
 
     let view = engine.run(project.path()).await;
-    assert_eq!(view.status, "failed", "{agent}: {view:#?}");
+    assert_eq!(view.status.as_str(), "failed", "{agent}: {view:#?}");
     assert_eq!((view.nodes_completed, view.nodes_failed), (1, 1));
     let failed = &view.nodes[1];
-    assert_eq!(failed.status, "failed", "{agent}: {failed:#?}");
+    assert_eq!(failed.status.as_str(), "failed", "{agent}: {failed:#?}");
     assert_eq!(failed.exit_code, Some(3));
     assert_eq!(
         failed.error_message.as_deref(),
         Some("exited with code 3: disk full on node 1"),
         "{agent}"
     );
-    assert_eq!(view.nodes[0].status, "completed");
+    assert_eq!(view.nodes[0].status.as_str(), "completed");
     let logs = engine.all_logs(&view.deployment_id).await;
     assert_eq!(
         node_output(&logs, 1),
@@ -279,7 +282,7 @@ async fn hostile_values_arrive_byte_for_byte_and_nothing_executes(agent: &str) {
     let engine = TestEngine::start().await;
 
     let view = engine.run(project.path()).await;
-    assert_eq!(view.status, "completed", "{agent}: {view:#?}");
+    assert_eq!(view.status.as_str(), "completed", "{agent}: {view:#?}");
     let lines = node_lines(&engine.all_logs(&view.deployment_id).await, 0);
     for (key, value) in values.iter().filter(|(k, _)| **k != "path") {
         let expected = format!("{}={}", key.to_ascii_uppercase(), hex(value.as_bytes()));
@@ -328,7 +331,7 @@ async fn every_output_line_arrives_once_and_in_order(agent: &str) {
     let engine = TestEngine::start().await;
 
     let view = engine.run(project.path()).await;
-    assert_eq!(view.status, "completed", "{agent}: {view:#?}");
+    assert_eq!(view.status.as_str(), "completed", "{agent}: {view:#?}");
     let logs = engine.all_logs(&view.deployment_id).await;
     for index in 0..2u32 {
         let output = node_output(&logs, index);
@@ -376,10 +379,10 @@ async fn terminating_sleeping_nodes_leaves_no_process(agent: &str) {
     wait_for_running_scripts(agent, &engine, &id, &env_marker, 9, Some(3)).await;
 
     engine.engine.terminate(&id).await.expect("terminate");
-    let view = engine.engine.deployment(&id).await.expect("view");
-    assert_eq!(view.status, "terminated", "{agent}: {view:#?}");
+    let view = engine.view(&id).await.expect("view");
+    assert_eq!(view.status.as_str(), "terminated", "{agent}: {view:#?}");
     for node in &view.nodes {
-        assert_eq!(node.status, "terminated", "{agent}: {node:#?}");
+        assert_eq!(node.status.as_str(), "terminated", "{agent}: {node:#?}");
         assert_eq!(node.exit_code, None);
     }
     assert_eq!(
@@ -406,7 +409,7 @@ async fn a_script_past_its_timeout_fails(agent: &str) {
     let engine = TestEngine::start().await;
 
     let view = engine.run(project.path()).await;
-    assert_eq!(view.status, "failed", "{agent}: {view:#?}");
+    assert_eq!(view.status.as_str(), "failed", "{agent}: {view:#?}");
     let node = only_node(&view);
     assert_eq!(node.exit_code, None);
     assert_eq!(
@@ -431,7 +434,7 @@ async fn secrets_are_masked_in_logs_and_messages(agent: &str) {
     let engine = TestEngine::start().await;
 
     let view = engine.run(project.path()).await;
-    assert_eq!(view.status, "failed", "{agent}: {view:#?}");
+    assert_eq!(view.status.as_str(), "failed", "{agent}: {view:#?}");
     let node = only_node(&view);
     assert_eq!(node.exit_code, Some(1));
     assert_eq!(
@@ -482,7 +485,7 @@ async fn fifty_nodes_at_once_all_complete_with_their_exit_status(agent: &str) {
     let failed: Vec<String> = view
         .nodes
         .iter()
-        .filter(|node| node.status != "completed" || node.exit_code != Some(0))
+        .filter(|node| node.status.as_str() != "completed" || node.exit_code != Some(0))
         .map(|node| format!("{}: {:?}", node.node_index, node.error_message))
         .collect();
     assert!(failed.is_empty(), "{agent}: nodes that failed: {failed:?}");
@@ -529,7 +532,7 @@ async fn scripts_start_by_exec_bit_shebang_or_sh(agent: &str) {
     let view = engine.run(shebang.path()).await;
     let node = only_node(&view);
     // `sh -u` stops at the unset variable: the argument reached the interpreter.
-    assert_eq!(node.status, "failed", "{agent}: {view:#?}");
+    assert_eq!(node.status.as_str(), "failed", "{agent}: {view:#?}");
     assert_ne!(node.exit_code, Some(0));
     assert_eq!(
         node_lines(&engine.all_logs(&view.deployment_id).await, 0)[0],
@@ -537,7 +540,7 @@ async fn scripts_start_by_exec_bit_shebang_or_sh(agent: &str) {
         "{agent}"
     );
     let view = engine.run(plain.path()).await;
-    assert_eq!(view.status, "completed", "{agent}: {view:#?}");
+    assert_eq!(view.status.as_str(), "completed", "{agent}: {view:#?}");
     assert_eq!(
         node_lines(&engine.all_logs(&view.deployment_id).await, 0),
         ["by sh in bundle"],
@@ -562,7 +565,7 @@ async fn a_death_by_signal_is_reported_with_the_signal_name(agent: &str) {
 
     let view = engine.run(project.path()).await;
     let node = only_node(&view);
-    assert_eq!(node.status, "failed", "{agent}: {view:#?}");
+    assert_eq!(node.status.as_str(), "failed", "{agent}: {view:#?}");
     assert_eq!(node.exit_code, None, "{agent}");
     assert_eq!(
         node.error_message.as_deref(),
@@ -585,7 +588,7 @@ async fn heartbeats_keep_a_long_script_alive(agent: &str) {
     let engine = TestEngine::start_with(|c| c.heartbeat_timeout(Duration::from_secs(3))).await;
 
     let view = engine.run(project.path()).await;
-    assert_eq!(view.status, "completed", "{agent}: {view:#?}");
+    assert_eq!(view.status.as_str(), "completed", "{agent}: {view:#?}");
     assert_eq!(
         node_lines(&engine.all_logs(&view.deployment_id).await, 0),
         ["begin", "end"]
@@ -665,8 +668,10 @@ async fn the_bootstrap_stops_its_script_when_a_heartbeat_answers_shutdown() {
     let env_marker = format!("MARKER={marker}");
     let deadline = tokio::time::Instant::now() + POLL_LIMIT;
     loop {
-        let running =
-            engine.engine.deployment(&id).await.expect("view").nodes[0].status == "running_script";
+        let running = engine.view(&id).await.expect("view").nodes[0]
+            .status
+            .as_str()
+            == "running_script";
         let started = engine
             .all_logs(&id)
             .await
@@ -679,7 +684,7 @@ async fn the_bootstrap_stops_its_script_when_a_heartbeat_answers_shutdown() {
             tokio::time::Instant::now() < deadline,
             "the script never ran"
         );
-        engine.engine.changed(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // The provider only records, so only the heartbeat answer can stop the node.
     engine.engine.terminate(&id).await.expect("terminate");
@@ -696,10 +701,11 @@ async fn the_bootstrap_stops_its_script_when_a_heartbeat_answers_shutdown() {
     assert!(stderr.contains("stopping the script: shutdown"), "{stderr}");
     assert!(!stderr.contains(&token), "the bootstrap logged its token");
     assert_eq!(processes_with_env(&env_marker), Vec::<u32>::new());
-    let view = engine.engine.deployment(&id).await.expect("view");
-    assert_eq!(view.status, "terminated", "{view:#?}");
+    let view = engine.view(&id).await.expect("view");
+    assert_eq!(view.status.as_str(), "terminated", "{view:#?}");
     assert_eq!(
-        view.nodes[0].status, "terminated",
+        view.nodes[0].status.as_str(),
+        "terminated",
         "no final report: {view:#?}"
     );
     // Only the extracted bundle is left in the instance's temporary directory.
@@ -914,7 +920,7 @@ async fn a_status_message_that_is_not_utf8_is_refused_so_the_bootstrap_falls_bac
     let engine = TestEngine::start().await;
     let view = engine.run(project.path()).await;
     let node = only_node(&view);
-    assert_eq!(node.status, "failed", "{view:#?}");
+    assert_eq!(node.status.as_str(), "failed", "{view:#?}");
     assert_eq!(node.exit_code, Some(4));
     assert_eq!(
         node.error_message.as_deref(),

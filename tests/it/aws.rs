@@ -331,7 +331,7 @@ async fn boot_all(
 
 /// Waits (bounded) for the deployment to be final.
 async fn wait_final(engine: &TestEngine, deployment_id: &str) -> DeploymentView {
-    tokio::time::timeout(WAIT_LIMIT, engine.engine.wait(deployment_id))
+    tokio::time::timeout(WAIT_LIMIT, engine.wait(deployment_id))
         .await
         .unwrap_or_else(|_| panic!("{deployment_id} did not end within {WAIT_LIMIT:?}"))
         .expect("wait")
@@ -403,7 +403,7 @@ async fn three_nodes_run_from_their_user_data_complete_and_leave_no_instance_run
     let boot_dir = tempfile::tempdir().expect("temp dir");
     let mut children = boot_all(&ec2, &view, boot_dir.path()).await;
     let done = wait_final(&engine, &id).await;
-    assert_eq!(done.status, "completed", "{done:#?}");
+    assert_eq!(done.status.as_str(), "completed", "{done:#?}");
     assert_eq!(done.nodes_completed, 3);
     let logs = engine.all_logs(&id).await;
     for (index, shard) in ["a", "b", "c"].iter().enumerate() {
@@ -441,9 +441,9 @@ async fn down_while_nodes_boot_leaves_no_instance_running() {
     assert!(running.iter().all(|i| !is_ending(&state_of(i))));
 
     engine.engine.terminate(&id).await.expect("terminate");
-    let view = engine.engine.deployment(&id).await.expect("deployment");
-    assert_eq!(view.status, "terminated", "{view:#?}");
-    assert!(view.nodes.iter().all(|n| n.status == "terminated"));
+    let view = engine.view(&id).await.expect("deployment");
+    assert_eq!(view.status.as_str(), "terminated", "{view:#?}");
+    assert!(view.nodes.iter().all(|n| n.status.as_str() == "terminated"));
     // Terminated means EC2 already confirmed: no waiting here.
     let states: Vec<InstanceStateName> =
         instances_of(&ec2, &id).await.iter().map(state_of).collect();
@@ -586,7 +586,7 @@ async fn throttled_provisioning_is_retried_and_the_node_completes() {
     let boot_dir = tempfile::tempdir().expect("temp dir");
     let _children = boot_all(&ec2, &view, boot_dir.path()).await;
     let done = wait_final(&engine, &id).await;
-    assert_eq!(done.status, "completed", "{done:#?}");
+    assert_eq!(done.status.as_str(), "completed", "{done:#?}");
     wait_all_ending(&ec2, &id, 1).await;
     engine.stop().await;
 }
@@ -608,7 +608,7 @@ async fn a_capacity_error_that_persists_fails_the_node_with_its_code_after_five_
         "ami-12c6146b",
     ));
     let done = engine.run(project.path()).await;
-    assert_eq!(done.status, "failed", "{done:#?}");
+    assert_eq!(done.status.as_str(), "failed", "{done:#?}");
     let message = done.nodes[0].error_message.clone().unwrap_or_default();
     assert!(
         message.contains("InsufficientInstanceCapacity") && message.contains("after 5 attempts"),
@@ -647,7 +647,7 @@ async fn failed_with_two_attempts(sdk: SdkConfig, endpoint: &str) -> String {
     .await;
     let project = project(&aws_yml(1, endpoint, "us-east-1", "ami-12c6146b"));
     let done = engine.run(project.path()).await;
-    assert_eq!(done.status, "failed", "{done:#?}");
+    assert_eq!(done.status.as_str(), "failed", "{done:#?}");
     engine.stop().await;
     done.nodes[0].error_message.clone().unwrap_or_default()
 }
@@ -950,7 +950,7 @@ async fn pooled_instances_serve_a_second_deployment_then_are_terminated_when_idl
         .deploy_dir(a.path())
         .await
         .expect("deploy A")
-        .deployment_id;
+        .id;
     let view_a = wait_instances_recorded(&engine, &a_id).await;
     let started = new_pool_instances(&ec2, &before).await;
     assert_eq!(started.len(), 2, "one instance per node: {started:#?}");
@@ -982,7 +982,7 @@ async fn pooled_instances_serve_a_second_deployment_then_are_terminated_when_idl
         children.push(boot_one(&ec2, instance_id, boot_dir.path()).await);
     }
     let done_a = wait_final(&engine, &a_id).await;
-    assert_eq!(done_a.status, "completed", "{done_a:#?}");
+    assert_eq!(done_a.status.as_str(), "completed", "{done_a:#?}");
     wait_for_pool(&pool, "aws", "both instances idle after A", |s| {
         s.idle == 2 && s.instances == 2
     })
@@ -995,7 +995,7 @@ async fn pooled_instances_serve_a_second_deployment_then_are_terminated_when_idl
         .deploy_dir(b.path())
         .await
         .expect("deploy B")
-        .deployment_id;
+        .id;
     let view_b = wait_instances_recorded(&engine, &b_id).await;
     let b_ids: BTreeSet<String> = view_b
         .nodes
@@ -1004,7 +1004,7 @@ async fn pooled_instances_serve_a_second_deployment_then_are_terminated_when_idl
         .collect();
     assert_eq!(b_ids, pool_ids, "B runs on A's instances");
     let done_b = wait_final(&engine, &b_id).await;
-    assert_eq!(done_b.status, "completed", "{done_b:#?}");
+    assert_eq!(done_b.status.as_str(), "completed", "{done_b:#?}");
     let logs = engine.all_logs(&b_id).await;
     // Three shards over two nodes: node 0 gets a and c, node 1 gets b.
     for expected in [r#"node 0 shard ["a","c"]"#, r#"node 1 shard ["b"]"#] {
@@ -1087,14 +1087,14 @@ async fn a_spare_ec2_instance_started_ahead_runs_the_next_node() {
         children.push(boot_one(&ec2, instance_id, boot_dir.path()).await);
     }
     poll_until(&engine, &holding_id, "the first node running", |view| {
-        view.nodes[0].status == "running_script"
+        view.nodes[0].status.as_str() == "running_script"
     })
     .await;
 
     let next = project(&aws_yml(1, &endpoint, region, &image_id));
     let next_id = engine.deploy(next.path()).await;
     let done = wait_final(&engine, &next_id).await;
-    assert_eq!(done.status, "completed", "{done:#?}");
+    assert_eq!(done.status.as_str(), "completed", "{done:#?}");
     assert_eq!(
         done.nodes[0].instance_id.as_deref(),
         Some(spare.as_str()),
@@ -1104,7 +1104,7 @@ async fn a_spare_ec2_instance_started_ahead_runs_the_next_node() {
 
     std::fs::write(&go_file, "go").expect("write the go file");
     let done = wait_final(&engine, &holding_id).await;
-    assert_eq!(done.status, "completed", "{done:#?}");
+    assert_eq!(done.status.as_str(), "completed", "{done:#?}");
     let all = ids_of(&new_pool_instances(&ec2, &before).await);
     assert!(all.len() <= 3, "never more than the maximum: {all:?}");
 

@@ -27,7 +27,7 @@ use crate::support::{
 /// A status report as an agent sends it.
 fn status(status: &str, exit_code: Option<i32>, message: Option<&str>) -> StatusRequest {
     StatusRequest {
-        status: status.to_owned(),
+        status: status.parse().expect("a node status"),
         message: message.map(str::to_owned),
         exit_code,
     }
@@ -96,7 +96,7 @@ async fn five_nodes_complete_and_each_sees_its_own_slice() {
 
     let view = engine.run(project.path()).await;
     let id = view.deployment_id.clone();
-    assert_eq!(view.status, "completed", "{view:#?}");
+    assert_eq!(view.status.as_str(), "completed", "{view:#?}");
     assert_eq!(view.cloud_provider, "local");
     assert_eq!(
         (view.total_nodes, view.nodes_completed, view.nodes_failed),
@@ -108,7 +108,7 @@ async fn five_nodes_complete_and_each_sees_its_own_slice() {
     for (index, node) in view.nodes.iter().enumerate() {
         assert_eq!(node.node_index as usize, index);
         assert_eq!(node.node_id, format!("{id}-{index}"));
-        assert_eq!(node.status, "completed", "{node:#?}");
+        assert_eq!(node.status.as_str(), "completed", "{node:#?}");
         assert_eq!(node.exit_code, Some(0));
         assert_eq!(node.error_message, None);
         assert_eq!(
@@ -135,7 +135,7 @@ async fn five_nodes_complete_and_each_sees_its_own_slice() {
         .deployment(&id)
         .await
         .expect("GET deployment");
-    assert_eq!(over_http.status, "completed");
+    assert_eq!(over_http.status.as_str(), "completed");
     assert_eq!(over_http.nodes_completed, 5);
     engine.stop().await;
 }
@@ -158,19 +158,19 @@ async fn a_node_exiting_3_fails_the_deployment_with_its_code_and_last_stderr_lin
     let engine = TestEngine::start().await;
 
     let view = engine.run(project.path()).await;
-    assert_eq!(view.status, "failed", "{view:#?}");
+    assert_eq!(view.status.as_str(), "failed", "{view:#?}");
     assert_eq!((view.nodes_completed, view.nodes_failed), (4, 1));
     assert_eq!(view.error_message.as_deref(), Some("1 of 5 nodes failed"));
     for node in &view.nodes {
         if node.node_index == 2 {
-            assert_eq!(node.status, "failed", "{node:#?}");
+            assert_eq!(node.status.as_str(), "failed", "{node:#?}");
             assert_eq!(node.exit_code, Some(3));
             let message = node.error_message.as_deref().expect("error message");
             assert!(message.contains("code 3"), "{message}");
             assert!(message.contains("disk full on node 2"), "{message}");
             assert!(!message.contains("first complaint"), "{message}");
         } else {
-            assert_eq!(node.status, "completed", "{node:#?}");
+            assert_eq!(node.status.as_str(), "completed", "{node:#?}");
             assert_eq!(node.exit_code, Some(0));
             assert_eq!(node.error_message, None);
         }
@@ -211,7 +211,7 @@ async fn metadata_values_reach_the_script_byte_for_byte_and_nothing_is_evaluated
     let engine = TestEngine::start().await;
 
     let view = engine.run(project.path()).await;
-    assert_eq!(view.status, "completed", "{view:#?}");
+    assert_eq!(view.status.as_str(), "completed", "{view:#?}");
     let lines = node_lines(&engine.all_logs(&view.deployment_id).await, 0);
     for (key, value) in &values {
         let expected = format!("{}={}", key.to_ascii_uppercase(), hex(value.as_bytes()));
@@ -270,8 +270,8 @@ async fn distributed_lists_cycle_when_short_and_group_when_long() {
     let engine = TestEngine::start().await;
 
     let (short_view, long_view) = tokio::join!(engine.run(short.path()), engine.run(long.path()));
-    assert_eq!(short_view.status, "completed", "{short_view:#?}");
-    assert_eq!(long_view.status, "completed", "{long_view:#?}");
+    assert_eq!(short_view.status.as_str(), "completed", "{short_view:#?}");
+    assert_eq!(long_view.status.as_str(), "completed", "{long_view:#?}");
 
     let logs = engine.all_logs(&short_view.deployment_id).await;
     for index in 0..5u32 {
@@ -310,7 +310,7 @@ async fn templates_resolve_in_dependency_order_not_declaration_order() {
     let engine = TestEngine::start().await;
 
     let view = engine.run(project.path()).await;
-    assert_eq!(view.status, "completed", "{view:#?}");
+    assert_eq!(view.status.as_str(), "completed", "{view:#?}");
     let logs = engine.all_logs(&view.deployment_id).await;
     for index in 0..2u32 {
         let c = format!("s3://data-bkt/{index}");
@@ -521,8 +521,8 @@ async fn traversal_absolute_and_symlink_escaping_bundles_are_refused_and_write_n
         .as_str()
         .expect("deployment_id")
         .to_owned();
-    let view = engine.engine.wait(&id).await.expect("wait");
-    assert_eq!(view.status, "completed", "{view:#?}");
+    let view = engine.wait(&id).await.expect("wait");
+    assert_eq!(view.status.as_str(), "completed", "{view:#?}");
     assert_eq!(
         node_lines(&engine.all_logs(&id).await, 0),
         ["hand-built bundle ran"]
@@ -566,8 +566,8 @@ async fn a_late_heartbeat_or_status_does_not_reopen_a_completed_node() {
         Some("1")
     );
     let node = Client::new(&engine.url, Some(registered.auth_token.clone())).expect("client");
-    let view = engine.engine.deployment(&id).await.expect("view");
-    assert_eq!(only_node(&view).status, "registering");
+    let view = engine.view(&id).await.expect("view");
+    assert_eq!(only_node(&view).status.as_str(), "registering");
     assert_eq!(
         only_node(&view).instance_id.as_deref(),
         Some(call.instance_id.as_str())
@@ -577,22 +577,22 @@ async fn a_late_heartbeat_or_status_does_not_reopen_a_completed_node() {
         node.report_status(&status(step, None, None))
             .await
             .expect(step);
-        let view = engine.engine.deployment(&id).await.expect("view");
-        assert_eq!(only_node(&view).status, step);
-        assert_eq!(view.status, "running");
+        let view = engine.view(&id).await.expect("view");
+        assert_eq!(only_node(&view).status.as_str(), step);
+        assert_eq!(view.status.as_str(), "running");
     }
     let beat = node.heartbeat().await.expect("heartbeat");
     assert_eq!((beat.status.as_str(), beat.shutdown), ("ok", false));
     node.report_status(&status("completed", Some(0), None))
         .await
         .expect("completed");
-    let view = engine.engine.wait(&id).await.expect("wait");
-    assert_eq!(view.status, "completed", "{view:#?}");
-    assert_eq!(only_node(&view).status, "completed");
+    let view = engine.wait(&id).await.expect("wait");
+    assert_eq!(view.status.as_str(), "completed", "{view:#?}");
+    assert_eq!(only_node(&view).status.as_str(), "completed");
     assert_eq!(only_node(&view).exit_code, Some(0));
     // The engine terminates the instance of a node that ended.
     provider.wait_for_terminated(&call.instance_id).await;
-    let before = engine.engine.deployment(&id).await.expect("view");
+    let before = engine.view(&id).await.expect("view");
 
     // A late heartbeat is answered with shutdown and changes nothing.
     let beat = node.heartbeat().await.expect("late heartbeat");
@@ -637,9 +637,9 @@ async fn a_late_heartbeat_or_status_does_not_reopen_a_completed_node() {
     .await;
     assert_status(&response, 409, "late running_script");
 
-    let after = engine.engine.deployment(&id).await.expect("view");
+    let after = engine.view(&id).await.expect("view");
     assert_eq!(after, before, "a late call changed the deployment");
-    assert_eq!(only_node(&after).status, "completed");
+    assert_eq!(only_node(&after).status.as_str(), "completed");
     assert_eq!(only_node(&after).error_message, None);
     assert_eq!(
         provider.provisioned().len(),
@@ -661,8 +661,8 @@ async fn a_provision_token_registers_once() {
         .register(&calls[0].provision_token)
         .await
         .expect("first registration");
-    let before = engine.engine.deployment(&id).await.expect("view");
-    assert_eq!(before.nodes[0].status, "registering");
+    let before = engine.view(&id).await.expect("view");
+    assert_eq!(before.nodes[0].status.as_str(), "registering");
 
     // The token was used: the server answers 401, as for an unknown token.
     let error = anonymous
@@ -689,7 +689,7 @@ async fn a_provision_token_registers_once() {
         response.text()
     );
     assert_eq!(
-        engine.engine.deployment(&id).await.expect("view"),
+        engine.view(&id).await.expect("view"),
         before,
         "a refused registration changed the deployment"
     );
@@ -714,8 +714,8 @@ async fn a_provision_token_registers_once() {
     };
     assert_eq!(won.node_id, format!("{id}-1"));
     assert!(lost.is_unauthorized() || lost.is_conflict(), "{lost}");
-    let view = engine.engine.deployment(&id).await.expect("view");
-    assert_eq!(view.nodes[1].status, "registering");
+    let view = engine.view(&id).await.expect("view");
+    assert_eq!(view.nodes[1].status.as_str(), "registering");
     engine.stop().await;
 }
 
@@ -853,8 +853,8 @@ async fn a_node_reaches_only_its_own_deployment() {
     assert_eq!(logs_a, ["written by node A"]);
     assert!(engine.all_logs(&id_b).await.is_empty());
     for id in [&id_a, &id_b] {
-        let view = engine.engine.deployment(id).await.expect("view");
-        assert_eq!(only_node(&view).status, "registering", "{view:#?}");
+        let view = engine.view(id).await.expect("view");
+        assert_eq!(only_node(&view).status.as_str(), "registering", "{view:#?}");
     }
     engine.stop().await;
 }
@@ -893,7 +893,7 @@ async fn a_node_registering_before_its_instance_is_recorded_keeps_its_instance()
         only_node(&view).instance_id.as_deref(),
         Some(call.instance_id.as_str())
     );
-    assert_eq!(only_node(&view).status, "registering");
+    assert_eq!(only_node(&view).status.as_str(), "registering");
 
     let node = Client::new(&engine.url, Some(registered.auth_token)).expect("client");
     for step in ["downloading_assets", "running_script"] {
@@ -904,8 +904,8 @@ async fn a_node_registering_before_its_instance_is_recorded_keeps_its_instance()
     node.report_status(&status("completed", Some(0), None))
         .await
         .expect("completed");
-    let view = engine.engine.wait(&id).await.expect("wait");
-    assert_eq!(view.status, "completed", "{view:#?}");
+    let view = engine.wait(&id).await.expect("wait");
+    assert_eq!(view.status.as_str(), "completed", "{view:#?}");
     engine.stop().await;
 }
 
@@ -921,11 +921,11 @@ async fn two_hundred_local_nodes_complete_and_leave_no_process_behind() {
     let engine = TestEngine::start().await;
 
     let view = engine.run(project.path()).await;
-    assert_eq!(view.status, "completed", "{view:#?}");
+    assert_eq!(view.status.as_str(), "completed", "{view:#?}");
     assert_eq!((view.nodes_completed, view.nodes_failed), (200, 0));
     assert_eq!(view.nodes.len(), 200);
     for node in &view.nodes {
-        assert_eq!(node.status, "completed", "{node:#?}");
+        assert_eq!(node.status.as_str(), "completed", "{node:#?}");
         assert_eq!(node.exit_code, Some(0));
     }
     let logs = engine.all_logs(&view.deployment_id).await;
@@ -955,18 +955,20 @@ async fn terminating_running_nodes_kills_their_scripts() {
 
     // Every node runs its script, and the scripts are really there.
     poll_until(&engine, &id, "3 scripts running", |view| {
-        view.nodes.iter().all(|n| n.status == "running_script")
+        view.nodes
+            .iter()
+            .all(|n| n.status.as_str() == "running_script")
             && processes_with_env(&env_marker).len() >= 3
     })
     .await;
 
     engine.engine.terminate(&id).await.expect("terminate");
-    let view = engine.engine.deployment(&id).await.expect("view");
-    assert_eq!(view.status, "terminated", "{view:#?}");
+    let view = engine.view(&id).await.expect("view");
+    assert_eq!(view.status.as_str(), "terminated", "{view:#?}");
     assert!(view.completed_at.is_some());
     assert_eq!((view.nodes_completed, view.nodes_failed), (0, 0));
     for node in &view.nodes {
-        assert_eq!(node.status, "terminated", "{node:#?}");
+        assert_eq!(node.status.as_str(), "terminated", "{node:#?}");
     }
     assert_eq!(processes_with_env(&env_marker), Vec::<u32>::new());
     // A final deployment cannot be terminated again.
@@ -1012,10 +1014,10 @@ async fn a_node_whose_instance_is_not_confirmed_gone_stays_terminating() {
         .terminate(&id)
         .await
         .expect("terminate returns");
-    let view = engine.engine.deployment(&id).await.expect("view");
+    let view = engine.view(&id).await.expect("view");
     // Never `terminated` while an instance may still run (and bill).
-    assert_eq!(view.status, "terminating", "{view:#?}");
-    assert_eq!(only_node(&view).status, "terminating");
+    assert_eq!(view.status.as_str(), "terminating", "{view:#?}");
+    assert_eq!(only_node(&view).status.as_str(), "terminating");
     assert!(!view.is_final());
     engine.stop().await;
 }
@@ -1032,7 +1034,7 @@ async fn a_deployment_keeps_one_worker_bundle_and_no_client_bundle() {
     let engine = TestEngine::start().await;
 
     let view = engine.run(project.path()).await;
-    assert_eq!(view.status, "completed", "{view:#?}");
+    assert_eq!(view.status.as_str(), "completed", "{view:#?}");
     let logs = engine.all_logs(&view.deployment_id).await;
     for index in 0..5u32 {
         assert_eq!(node_lines(&logs, index), ["shared data"]);
@@ -1130,7 +1132,7 @@ async fn secrets_reach_the_script_and_are_masked_everywhere_else() {
 
     let view = engine.run(project.path()).await;
     let id = view.deployment_id.clone();
-    assert_eq!(view.status, "failed", "{view:#?}");
+    assert_eq!(view.status.as_str(), "failed", "{view:#?}");
     let node = only_node(&view);
     assert_eq!(node.exit_code, Some(1));
     let message = node.error_message.as_deref().expect("error message");

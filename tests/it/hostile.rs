@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use hyper::Method;
 use taskfly::bundle::BundleLimits;
 use taskfly::wire::DeploymentView;
-use taskfly::{Client, Config};
+use taskfly::{Client, Config, ServerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::cli_daemon::{Daemon, DaemonOptions};
@@ -49,15 +49,27 @@ struct Fixture {
 
 impl Fixture {
     async fn start(nodes: u32, adjust: impl FnOnce(Config) -> Config) -> Fixture {
+        Fixture::start_serving(nodes, adjust, |server| server).await
+    }
+
+    /// [`Fixture::start`], letting the test adjust the server's settings too.
+    async fn start_serving(
+        nodes: u32,
+        adjust: impl FnOnce(Config) -> Config,
+        adjust_server: impl FnOnce(ServerConfig) -> ServerConfig,
+    ) -> Fixture {
         let provider = RecordingProvider::new();
-        let engine = TestEngine::start_with(|config| {
-            adjust(
-                config
-                    .provider("local", provider.as_provider())
-                    // Nodes these tests register stay alive however slow the machine is.
-                    .heartbeat_timeout(Duration::from_secs(3600)),
-            )
-        })
+        let engine = TestEngine::start_with_server(
+            |config| {
+                adjust(
+                    config
+                        .provider("local", provider.as_provider())
+                        // Nodes these tests register stay alive however slow the machine is.
+                        .heartbeat_timeout(Duration::from_secs(3600)),
+                )
+            },
+            adjust_server,
+        )
         .await;
         let (deployment_id, calls) = deploy_recorded(&engine, &provider, nodes).await;
         let node_token = Client::new(&engine.url, None)
@@ -85,7 +97,7 @@ impl Fixture {
     }
 
     async fn view(&self, id: &str) -> DeploymentView {
-        self.engine.engine.deployment(id).await.expect("deployment")
+        self.engine.view(id).await.expect("deployment")
     }
 }
 
@@ -173,7 +185,7 @@ async fn client_endpoints_refuse_missing_wrong_and_node_tokens_and_change_nothin
         .terminate(&finished)
         .await
         .expect("terminate");
-    assert_eq!(f.view(&finished).await.status, "terminated");
+    assert_eq!(f.view(&finished).await.status.as_str(), "terminated");
     let before = f.snapshot().await;
     assert_eq!(before.deployment_count(), 2);
 
@@ -382,7 +394,7 @@ async fn a_node_token_changes_and_reads_only_its_own_node() {
         .await;
         assert_eq!(response.status, 200, "{status}: {}", response.text());
         let view = f.view(&ours).await;
-        assert_eq!(view.nodes[0].status, status, "{view:#?}");
+        assert_eq!(view.nodes[0].status.as_str(), status, "{view:#?}");
         assert_eq!(view.nodes[1], sibling_before, "the sibling changed");
         assert_eq!(
             f.view(&theirs).await,
@@ -396,7 +408,11 @@ async fn a_node_token_changes_and_reads_only_its_own_node() {
         view.nodes[0].error_message.as_deref(),
         Some("node A gave up")
     );
-    assert_eq!(view.status, "running", "the sibling still runs: {view:#?}");
+    assert_eq!(
+        view.status.as_str(),
+        "running",
+        "the sibling still runs: {view:#?}"
+    );
     // A heartbeat and log lines are ours alone too.
     let beat = node_post(
         &url,
@@ -441,8 +457,11 @@ async fn a_node_token_changes_and_reads_only_its_own_node() {
         .await;
         assert_eq!(beat.json()["shutdown"], false, "{}", beat.text());
     }
-    assert_eq!(f.view(&theirs).await.nodes[0].status, "registering");
-    assert_eq!(f.view(&ours).await.nodes[1].status, "registering");
+    assert_eq!(
+        f.view(&theirs).await.nodes[0].status.as_str(),
+        "registering"
+    );
+    assert_eq!(f.view(&ours).await.nodes[1].status.as_str(), "registering");
     f.engine.stop().await;
 }
 
@@ -464,7 +483,7 @@ async fn register_from(url: &str, token: &str, from: IpAddr) -> RawResponse {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reused_and_guessed_provision_tokens_are_refused_then_rate_limited_per_address() {
-    let f = Fixture::start(3, |c| c.registration_failures_per_minute(3)).await;
+    let f = Fixture::start_serving(3, |c| c, |s| s.registration_failures_per_minute(3)).await;
     let url = f.engine.url.clone();
     let here: IpAddr = "127.0.0.1".parse().expect("address");
     let elsewhere: IpAddr = "127.0.0.2".parse().expect("address");
@@ -534,16 +553,19 @@ fn multipart(bundle: &[u8]) -> (String, Vec<u8>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_uploads_bodies_configs_and_bundles_are_refused_naming_the_limit() {
-    let f = Fixture::start(1, |c| {
-        c.max_bundle_upload(64 * 1024)
-            .max_json_body(1024)
-            .max_config_bytes(2048)
-            .max_nodes(3)
-            .bundle_limits(BundleLimits {
-                max_total_bytes: 48 * 1024,
-                max_files: 8,
-            })
-    })
+    let f = Fixture::start_serving(
+        1,
+        |c| {
+            c.max_bundle_upload(64 * 1024)
+                .max_config_bytes(2048)
+                .max_nodes(3)
+                .bundle_limits(BundleLimits {
+                    max_total_bytes: 48 * 1024,
+                    max_files: 8,
+                })
+        },
+        |s| s.max_json_body(1024),
+    )
     .await;
     let url = f.engine.url.clone();
     let before = f.snapshot().await;
@@ -712,8 +734,8 @@ async fn wrong_content_types_are_refused_with_415() {
         assert_eq!(response.status, 200, "{path}: {}", response.text());
     }
     let view = f.view(&f.deployment_id).await;
-    assert_eq!(view.nodes[0].status, "downloading_assets");
-    assert_eq!(view.nodes[1].status, "registering");
+    assert_eq!(view.nodes[0].status.as_str(), "downloading_assets");
+    assert_eq!(view.nodes[1].status.as_str(), "registering");
     let response = upload(&url, "application/gzip", bundle).await;
     assert_eq!(response.status, 202, "{}", response.text());
     f.engine.stop().await;
@@ -868,7 +890,8 @@ fn assert_not_served(received: &[u8], what: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_that_never_finish_their_headers_are_dropped_while_others_are_served() {
     const HEADER_TIMEOUT: Duration = Duration::from_millis(500);
-    let engine = TestEngine::start_with(|c| c.header_read_timeout(HEADER_TIMEOUT)).await;
+    let engine =
+        TestEngine::start_with_server(|c| c, |s| s.header_read_timeout(HEADER_TIMEOUT)).await;
     let before = Snapshot::take(&engine, None).await;
     let address = socket_address(&engine.url);
 
@@ -916,8 +939,11 @@ async fn clients_that_never_finish_their_headers_are_dropped_while_others_are_se
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_clients_holding_every_connection_slot_are_dropped_and_the_slots_freed() {
     const HEADER_TIMEOUT: Duration = Duration::from_millis(500);
-    let engine =
-        TestEngine::start_with(|c| c.header_read_timeout(HEADER_TIMEOUT).max_connections(2)).await;
+    let engine = TestEngine::start_with_server(
+        |c| c,
+        |s| s.header_read_timeout(HEADER_TIMEOUT).max_connections(2),
+    )
+    .await;
     let before = Snapshot::take(&engine, None).await;
     let address = socket_address(&engine.url);
     let started = Instant::now();

@@ -32,10 +32,10 @@ const RUN_LIMIT: Duration = Duration::from_secs(60);
 
 /// Waits (bounded) until the deployment is final.
 async fn wait_final(engine: &TestEngine, id: &str) -> DeploymentView {
-    match tokio::time::timeout(RUN_LIMIT, engine.engine.wait(id)).await {
+    match tokio::time::timeout(RUN_LIMIT, engine.wait(id)).await {
         Ok(view) => view.expect("wait"),
         Err(_) => {
-            let view = engine.engine.deployment(id).await.expect("view");
+            let view = engine.view(id).await.expect("view");
             panic!("{id} did not end within {RUN_LIMIT:?}; it is at {view:#?}")
         }
     }
@@ -52,11 +52,11 @@ fn assert_completed(view: &DeploymentView, what: &str) {
     let errors: Vec<(u32, &str, Option<&str>)> = view
         .nodes
         .iter()
-        .filter(|n| n.status != "completed")
+        .filter(|n| n.status.as_str() != "completed")
         .map(|n| (n.node_index, n.status.as_str(), n.error_message.as_deref()))
         .collect();
     assert!(
-        view.status == "completed" && errors.is_empty(),
+        view.status.as_str() == "completed" && errors.is_empty(),
         "{what}: the deployment is {} with these nodes not completed: {errors:?}\n{view:#?}",
         view.status
     );
@@ -319,7 +319,9 @@ async fn down_of_a_running_node_stops_its_script_and_returns_the_instance_to_the
         .script("#!/bin/sh\necho started\nsleep 1000\necho never\n");
     let id = engine.deploy(sleeping.path()).await;
     let view = poll_until(engine, &id, "the script running", |view| {
-        view.nodes.iter().all(|n| n.status == "running_script")
+        view.nodes
+            .iter()
+            .all(|n| n.status.as_str() == "running_script")
             && !processes_with_env(&env_marker).is_empty()
     })
     .await;
@@ -329,9 +331,13 @@ async fn down_of_a_running_node_stops_its_script_and_returns_the_instance_to_the
         .await
         .unwrap_or_else(|_| panic!("{agent}: down did not return within {RUN_LIMIT:?}"))
         .expect("terminate");
-    let view = engine.engine.deployment(&id).await.expect("view");
-    assert_eq!(view.status, "terminated", "{agent}: {view:#?}");
-    assert_eq!(view.nodes[0].status, "terminated", "{agent}: {view:#?}");
+    let view = engine.view(&id).await.expect("view");
+    assert_eq!(view.status.as_str(), "terminated", "{agent}: {view:#?}");
+    assert_eq!(
+        view.nodes[0].status.as_str(),
+        "terminated",
+        "{agent}: {view:#?}"
+    );
     assert_eq!(
         processes_with_env(&env_marker),
         Vec::<u32>::new(),
@@ -420,7 +426,7 @@ async fn provision_ahead_spares_are_used_by_the_next_nodes() {
         .await;
     assert_eq!(stats.instances, 3, "{stats:#?}");
     let view = poll_until(engine, &holding_id, "the first node running", |view| {
-        view.nodes[0].status == "running_script"
+        view.nodes[0].status.as_str() == "running_script"
     })
     .await;
     let launched = pooled.counting.launched();
@@ -463,7 +469,9 @@ async fn spares_are_kept_at_provision_ahead_however_many_nodes_start_at_once() {
     // Once every node has its instance, every provision call (spares topped up included) has
     // returned.
     poll_until(engine, &id, "every node running", |view| {
-        view.nodes.iter().all(|n| n.status == "running_script")
+        view.nodes
+            .iter()
+            .all(|n| n.status.as_str() == "running_script")
     })
     .await;
     let stats = pooled
@@ -698,13 +706,16 @@ async fn each_pooled_registration_spends_its_token_and_hands_the_agent_the_next(
     let node = Client::new(&engine.url, Some(work.auth_token.clone())).expect("client");
     for state in ["downloading_assets", "running_script", "completed"] {
         let request = StatusRequest {
-            status: state.to_owned(),
+            status: state.parse().expect("a node status"),
             message: None,
             exit_code: (state == "completed").then_some(0),
         };
         node.report_status(&request).await.expect("status");
     }
-    assert_eq!(wait_final(&engine, &first_id).await.status, "completed");
+    assert_eq!(
+        wait_final(&engine, &first_id).await.status.as_str(),
+        "completed"
+    );
     let back = register(&engine, &next).await;
     assert_eq!(back.status, 204, "{}", back.text());
 

@@ -525,11 +525,11 @@ async fn the_librarys_local_provider_runs_nodes_on_hosts_with_its_ssh_options() 
 
     let id = engine.deploy(project.path()).await;
     let _leftovers = leftovers_of(&target, &id);
-    let view = tokio::time::timeout(DEPLOYMENT_LIMIT, engine.engine.wait(&id))
+    let view = tokio::time::timeout(DEPLOYMENT_LIMIT, engine.wait(&id))
         .await
         .unwrap_or_else(|_| panic!("{id} did not end within {DEPLOYMENT_LIMIT:?}"))
         .expect("wait");
-    assert_eq!(view.status, "completed", "{view:#?}");
+    assert_eq!(view.status.as_str(), "completed", "{view:#?}");
     for node in &view.nodes {
         let index = usize::try_from(node.node_index).expect("index");
         assert_eq!(node.ip_address.as_deref(), Some(HOSTS[index]), "{node:#?}");

@@ -61,7 +61,7 @@ async fn assert_runs_to_completion(engine: &TestEngine, project: &Project, count
     let view = tokio::time::timeout(DEPLOYMENT_LIMIT, engine.run(project.path()))
         .await
         .expect("the deployment ends in time");
-    assert_eq!(view.status, "completed", "{view:#?}");
+    assert_eq!(view.status.as_str(), "completed", "{view:#?}");
     assert_eq!(view.nodes_completed, count, "{view:#?}");
     let logs = engine.all_logs(&view.deployment_id).await;
     for index in 0..count {
@@ -100,7 +100,7 @@ async fn an_https_engine_runs_a_deployment_whose_agents_verify_it() {
     client.health().await.expect("healthy over https");
     let deployments = client.deployments().await.expect("deployments");
     assert_eq!(deployments.len(), 1);
-    assert_eq!(deployments[0].status, "completed");
+    assert_eq!(deployments[0].status.as_str(), "completed");
     engine.stop().await;
 }
 
@@ -185,29 +185,37 @@ async fn the_shell_bootstrap_verifies_the_engine_with_curl() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_bad_certificate_or_key_stops_the_engine_from_starting() {
+async fn a_bad_certificate_or_key_stops_the_server_from_starting() {
+    use taskfly::{Config, Orchestrator, Server, ServerConfig};
     let certificate = SelfSigned::new();
     let data_dir = tempfile::tempdir().expect("temp dir");
     let missing = data_dir.path().join("missing.pem");
-    let error = taskfly::Orchestrator::new(
-        taskfly::Config::new(data_dir.path()).tls(&certificate.cert, &missing),
+    let engine = Orchestrator::new(Config::new(data_dir.path())).expect("engine");
+    let error = Server::new(
+        engine.clone(),
+        ServerConfig::default().tls(&certificate.cert, &missing),
     )
     .err()
     .expect("no key file");
     assert!(error.is_io(), "{error:?}");
     assert!(error.to_string().contains("missing.pem"), "{error}");
-    let error = taskfly::Orchestrator::new(
-        taskfly::Config::new(data_dir.path()).tls(&certificate.key, &certificate.key),
+    let error = Server::new(
+        engine.clone(),
+        ServerConfig::default().tls(&certificate.key, &certificate.key),
     )
     .err()
     .expect("the key is no certificate");
     assert!(error.is_invalid_input(), "{error:?}");
     assert!(error.to_string().contains("key.pem"), "{error}");
+    engine.shutdown().await;
     // Nodes sent to a name the certificate does not name would refuse it.
-    let error = taskfly::Orchestrator::new(
-        taskfly::Config::new(data_dir.path())
-            .tls(&certificate.cert, &certificate.key)
-            .advertise_url("https://daemon.example:8443"),
+    let engine = Orchestrator::new(
+        Config::new(data_dir.path()).advertise_url("https://daemon.example:8443"),
+    )
+    .expect("engine");
+    let error = Server::new(
+        engine.clone(),
+        ServerConfig::default().tls(&certificate.cert, &certificate.key),
     )
     .err()
     .expect("a name the certificate does not name");
@@ -216,6 +224,7 @@ async fn a_bad_certificate_or_key_stops_the_engine_from_starting() {
         error.to_string().contains("would refuse the certificate"),
         "{error}"
     );
+    engine.shutdown().await;
 }
 
 // ----- the real binaries -----

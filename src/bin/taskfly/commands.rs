@@ -7,8 +7,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use taskfly::wire::DeploymentView;
-use taskfly::{Client, Config, DeploymentConfig, Error, MetadataGenerator, Orchestrator};
+use taskfly::wire::{DeploymentStatus, DeploymentView, LogLineView, NodeStatus};
+use taskfly::{
+    Client, Config, DeploymentConfig, Error, MetadataGenerator, Orchestrator, Server, ServerConfig,
+};
 
 use crate::output::{self, Progress};
 use crate::{Cli, Command, Output};
@@ -191,7 +193,7 @@ fn client(cli: &Cli) -> Result<Client, Failure> {
 }
 
 fn exit_for(view: &DeploymentView) -> u8 {
-    if view.status == "completed" {
+    if view.status == DeploymentStatus::Completed {
         EXIT_OK
     } else {
         EXIT_FAILED
@@ -307,34 +309,25 @@ async fn run_local_in(dir: &Path, data_dir: &Path, format: Output) -> Result<u8,
     // Local processes register within moments; a node that has not after a minute never will.
     let config = Config::new(data_dir).boot_timeout(Duration::from_secs(60));
     let engine = Orchestrator::new(config).map_err(|e| failure(None, e))?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn({
-        let engine = engine.clone();
-        async move {
-            engine
-                .serve(listener, async {
-                    let _ = stopped.await;
-                })
-                .await
-        }
-    });
+    let server = Server::new(engine.clone(), ServerConfig::default())
+        .and_then(|server| server.spawn(listener))
+        .map_err(|e| failure(None, e))?;
     let outcome = run_and_follow(&engine, dir, format).await;
-    // Ctrl-C or the end: stop every node, then the server.
-    if tokio::time::timeout(Duration::from_secs(30), engine.shutdown())
+    // Ctrl-C or the end: stop the server, then every node.
+    if tokio::time::timeout(Duration::from_secs(45), server.stop())
         .await
         .is_err()
     {
-        eprintln!("warning: some nodes took more than 30 s to stop");
+        eprintln!("warning: some nodes took more than 45 s to stop");
     }
-    let _ = stop.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(15), server).await;
     outcome
 }
 
 async fn run_and_follow(engine: &Orchestrator, dir: &Path, format: Output) -> Result<u8, Failure> {
     let created = engine.deploy_dir(dir).await.map_err(|e| failure(None, e))?;
-    let id = created.deployment_id;
-    let mut progress = Progress::new(format, created.nodes);
+    let id = created.id;
+    let mut progress = Progress::new(format, created.total_nodes);
+    let mut watch = engine.watch(&id).await.map_err(|e| failure(None, e))?;
     let started = Instant::now();
     let mut cursor = 0;
     let ctrl_c = tokio::signal::ctrl_c();
@@ -345,8 +338,9 @@ async fn run_and_follow(engine: &Orchestrator, dir: &Path, format: Output) -> Re
             .await
             .map_err(|e| failure(None, e))?;
         cursor = page.next;
-        progress.print_logs(&page.logs);
-        let view = engine.deployment(&id).await.map_err(|e| failure(None, e))?;
+        progress.print_logs(&log_views(&page.lines));
+        let detail = engine.deployment(&id).await.map_err(|e| failure(None, e))?;
+        let view = DeploymentView::from(&detail);
         if view.is_final() {
             // Lines that arrived between the last page and the final state.
             loop {
@@ -354,24 +348,29 @@ async fn run_and_follow(engine: &Orchestrator, dir: &Path, format: Output) -> Re
                     .logs(&id, None, cursor, 1000)
                     .await
                     .map_err(|e| failure(None, e))?;
-                if page.logs.is_empty() {
+                if page.lines.is_empty() {
                     break;
                 }
                 cursor = page.next;
-                progress.print_logs(&page.logs);
+                progress.print_logs(&log_views(&page.lines));
             }
             progress.finish(&view, started.elapsed());
             return Ok(exit_for(&view));
         }
         progress.update(&view, started.elapsed());
         tokio::select! {
-            () = engine.changed(POLL) => {}
+            // Log lines change nothing the watch sees: poll for them at least every POLL.
+            _ = tokio::time::timeout(POLL, watch.changed()) => {}
             _ = &mut ctrl_c => {
                 progress.message("interrupted: terminating every node");
                 let _ = engine.terminate(&id).await;
             }
         }
     }
+}
+
+fn log_views(lines: &[taskfly::state::LogLine]) -> Vec<LogLineView> {
+    lines.iter().map(LogLineView::from).collect()
 }
 
 async fn agent(cli: &Cli, work_dir: Option<PathBuf>) -> Result<u8, Failure> {
@@ -402,7 +401,7 @@ async fn agent(cli: &Cli, work_dir: Option<PathBuf>) -> Result<u8, Failure> {
             serde_json::json!({"node_id": report.node_id, "status": report.status, "exit_code": report.exit_code})
         );
     }
-    Ok(if report.status == "completed" {
+    Ok(if report.status == NodeStatus::Completed {
         EXIT_OK
     } else {
         EXIT_FAILED

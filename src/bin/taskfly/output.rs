@@ -7,7 +7,7 @@ use std::io::{IsTerminal, Write};
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use taskfly::wire::{DeploymentView, LogLineView};
+use taskfly::wire::{DeploymentView, LogLineView, NodeStatus};
 
 use crate::Output;
 
@@ -183,7 +183,11 @@ pub(crate) fn summary(view: &DeploymentView, elapsed: Duration) -> String {
         view.nodes_failed,
         view.total_nodes
     );
-    for node in view.nodes.iter().filter(|n| n.status != "completed") {
+    for node in view
+        .nodes
+        .iter()
+        .filter(|n| n.status != NodeStatus::Completed)
+    {
         let _ = writeln!(
             out,
             "  node {} {}{}",
@@ -215,7 +219,7 @@ pub(crate) fn deployments_table(all: &[DeploymentView]) -> String {
     for d in all {
         rows.push(vec![
             d.deployment_id.clone(),
-            d.status.clone(),
+            d.status.to_string(),
             d.cloud_provider.clone(),
             d.total_nodes.to_string(),
             d.nodes_completed.to_string(),
@@ -256,7 +260,7 @@ pub(crate) fn deployment_details(view: &DeploymentView) -> String {
     for n in &view.nodes {
         rows.push(vec![
             n.node_index.to_string(),
-            n.status.clone(),
+            n.status.to_string(),
             n.attempt.to_string(),
             n.exit_code
                 .map(|c| c.to_string())
@@ -293,46 +297,48 @@ mod tests {
     use super::*;
     use taskfly::wire::NodeView;
 
+    // The wire types are `#[non_exhaustive]`: built here from their JSON, as the CLI gets them.
     fn node(index: u32, status: &str, exit_code: Option<i32>, error: Option<&str>) -> NodeView {
-        NodeView {
-            node_id: format!("dep-1-{index}"),
-            node_index: index,
-            status: status.to_owned(),
-            attempt: 1,
-            instance_id: exit_code.map(|_| format!("local-dep-1-{index}-1")),
-            ip_address: None,
-            last_update: "2026-01-02T03:04:05.000Z".to_owned(),
-            exit_code,
-            error_message: error.map(str::to_owned),
-        }
+        serde_json::from_value(serde_json::json!({
+            "node_id": format!("dep-1-{index}"),
+            "node_index": index,
+            "status": status,
+            "attempt": 1,
+            "instance_id": exit_code.map(|_| format!("local-dep-1-{index}-1")),
+            "last_update": "2026-01-02T03:04:05.000Z",
+            "exit_code": exit_code,
+            "error_message": error,
+        }))
+        .expect("node view")
     }
 
     fn deployment(status: &str, nodes: Vec<NodeView>) -> DeploymentView {
-        let count = |wanted: &str| nodes.iter().filter(|n| n.status == wanted).count() as u32;
-        DeploymentView {
-            deployment_id: "dep-1".to_owned(),
-            status: status.to_owned(),
-            cloud_provider: "local".to_owned(),
-            total_nodes: nodes.len() as u32,
-            nodes_completed: count("completed"),
-            nodes_failed: count("failed"),
-            created_at: "2026-01-02T03:04:00.000Z".to_owned(),
-            updated_at: "2026-01-02T03:04:05.000Z".to_owned(),
-            completed_at: None,
-            error_message: None,
-            nodes,
-        }
+        let count =
+            |wanted: &str| nodes.iter().filter(|n| n.status.as_str() == wanted).count() as u32;
+        serde_json::from_value(serde_json::json!({
+            "deployment_id": "dep-1",
+            "status": status,
+            "cloud_provider": "local",
+            "total_nodes": nodes.len() as u32,
+            "nodes_completed": count("completed"),
+            "nodes_failed": count("failed"),
+            "created_at": "2026-01-02T03:04:00.000Z",
+            "updated_at": "2026-01-02T03:04:05.000Z",
+            "nodes": nodes,
+        }))
+        .expect("deployment view")
     }
 
     fn log(node_index: u32, stream: &str, line: &str) -> LogLineView {
-        LogLineView {
-            seq: 1,
-            node_id: format!("dep-1-{node_index}"),
-            node_index,
-            stream: stream.to_owned(),
-            line: line.to_owned(),
-            timestamp: "2026-01-02T03:04:05.000Z".to_owned(),
-        }
+        serde_json::from_value(serde_json::json!({
+            "seq": 1,
+            "node_id": format!("dep-1-{node_index}"),
+            "node_index": node_index,
+            "stream": stream,
+            "line": line,
+            "timestamp": "2026-01-02T03:04:05.000Z",
+        }))
+        .expect("log line view")
     }
 
     #[test]

@@ -95,11 +95,7 @@ pub async fn poll_until(
 ) -> DeploymentView {
     let deadline = tokio::time::Instant::now() + POLL_LIMIT;
     loop {
-        let view = engine
-            .engine
-            .deployment(deployment_id)
-            .await
-            .expect("deployment");
+        let view = engine.view(deployment_id).await.expect("deployment");
         if done(&view) {
             return view;
         }
@@ -107,7 +103,7 @@ pub async fn poll_until(
             tokio::time::Instant::now() < deadline,
             "gave up waiting for {what} after {POLL_LIMIT:?}; last view: {view:#?}"
         );
-        engine.engine.changed(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -121,7 +117,7 @@ pub async fn poll_nodes_status(
         engine,
         deployment_id,
         &format!("every node {status}"),
-        |view| !view.nodes.is_empty() && view.nodes.iter().all(|n| n.status == status),
+        |view| !view.nodes.is_empty() && view.nodes.iter().all(|n| n.status.as_str() == status),
     )
     .await
 }

@@ -5,8 +5,6 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::SystemTime;
 
-use taskfly::wire::DeploymentView;
-
 use super::engine_provider::RecordingProvider;
 use super::TestEngine;
 
@@ -19,7 +17,7 @@ type Entry = (bool, u64, Option<SystemTime>);
 /// what its provider was asked to do.
 #[derive(Debug, PartialEq)]
 pub struct Snapshot {
-    deployments: Vec<DeploymentView>,
+    deployments: Vec<taskfly::state::model::Deployment>,
     files: BTreeMap<String, Entry>,
     provisioned: usize,
     terminated: Vec<String>,

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use taskfly::wire::DeploymentView;
-use taskfly::{Client, Config, Orchestrator};
+use taskfly::{Client, Config, Orchestrator, Server, ServerConfig, ServerHandle};
 
 /// Generates, for each scenario `async fn name(agent: &str)` of the calling module, the tests
 /// `rust::name` and `script::name`: one per node agent (`instance_config.local.agent`).
@@ -39,8 +39,7 @@ pub struct TestEngine {
     pub engine: Orchestrator,
     pub url: String,
     pub data_dir: tempfile::TempDir,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    server: Option<tokio::task::JoinHandle<taskfly::Result<()>>>,
+    server: ServerHandle,
 }
 
 impl TestEngine {
@@ -51,7 +50,15 @@ impl TestEngine {
 
     /// Start an engine, letting the test adjust its [`Config`].
     pub async fn start_with(adjust: impl FnOnce(Config) -> Config) -> TestEngine {
-        TestEngine::start_on_scheme("http", adjust).await
+        TestEngine::start_serving("http", adjust, |server| server).await
+    }
+
+    /// Start an engine, letting the test adjust its [`Config`] and its [`ServerConfig`].
+    pub async fn start_with_server(
+        adjust: impl FnOnce(Config) -> Config,
+        adjust_server: impl FnOnce(ServerConfig) -> ServerConfig,
+    ) -> TestEngine {
+        TestEngine::start_serving("http", adjust, adjust_server).await
     }
 
     /// Start an engine serving https with the PEM `cert_file` and `key_file`, letting the test
@@ -62,38 +69,33 @@ impl TestEngine {
         key_file: &Path,
         adjust: impl FnOnce(Config) -> Config,
     ) -> TestEngine {
-        TestEngine::start_on_scheme("https", |config| adjust(config.tls(cert_file, key_file))).await
+        TestEngine::start_serving("https", adjust, |server| server.tls(cert_file, key_file)).await
     }
 
-    async fn start_on_scheme(scheme: &str, adjust: impl FnOnce(Config) -> Config) -> TestEngine {
+    async fn start_serving(
+        scheme: &str,
+        adjust: impl FnOnce(Config) -> Config,
+        adjust_server: impl FnOnce(ServerConfig) -> ServerConfig,
+    ) -> TestEngine {
         let data_dir = tempfile::tempdir().expect("temp dir");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let url = format!("{scheme}://{}", listener.local_addr().expect("address"));
-        let config = adjust(
-            Config::new(data_dir.path())
-                .api_token(API_TOKEN)
-                .advertise_url(&url),
-        );
+        let config = adjust(Config::new(data_dir.path()).advertise_url(&url));
         let engine = Orchestrator::new(config).expect("engine");
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn({
-            let engine = engine.clone();
-            async move {
-                engine
-                    .serve(listener, async {
-                        let _ = stopped.await;
-                    })
-                    .await
-            }
-        });
+        let server = Server::new(
+            engine.clone(),
+            adjust_server(ServerConfig::default().api_token(API_TOKEN)),
+        )
+        .expect("server")
+        .spawn(listener)
+        .expect("serve");
         TestEngine {
             engine,
             url,
             data_dir,
-            stop: Some(stop),
-            server: Some(server),
+            server,
         }
     }
 
@@ -104,17 +106,25 @@ impl TestEngine {
 
     /// Deploy a project folder; returns the deployment id.
     pub async fn deploy(&self, project: &Path) -> String {
-        self.engine
-            .deploy_dir(project)
-            .await
-            .expect("deploy")
-            .deployment_id
+        self.engine.deploy_dir(project).await.expect("deploy").id
+    }
+
+    /// A deployment and its nodes as the API shows them.
+    pub async fn view(&self, deployment_id: &str) -> taskfly::Result<DeploymentView> {
+        let detail = self.engine.deployment(deployment_id).await?;
+        Ok(DeploymentView::from(&detail))
+    }
+
+    /// Wait until the deployment is final, and return it as the API shows it.
+    pub async fn wait(&self, deployment_id: &str) -> taskfly::Result<DeploymentView> {
+        self.engine.wait(deployment_id).await?;
+        self.view(deployment_id).await
     }
 
     /// Deploy a project folder and wait for the deployment to be final.
     pub async fn run(&self, project: &Path) -> DeploymentView {
         let id = self.deploy(project).await;
-        self.engine.wait(&id).await.expect("wait")
+        self.wait(&id).await.expect("wait")
     }
 
     /// Every log line of a deployment, in order.
@@ -127,23 +137,17 @@ impl TestEngine {
                 .logs(deployment_id, None, after, 1000)
                 .await
                 .expect("logs");
-            if page.logs.is_empty() {
+            if page.lines.is_empty() {
                 return lines;
             }
             after = page.next;
-            lines.extend(page.logs);
+            lines.extend(page.lines.iter().map(taskfly::wire::LogLineView::from));
         }
     }
 
-    /// Stop the engine (killing every local node) and its server.
-    pub async fn stop(mut self) {
-        self.engine.shutdown().await;
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(server) = self.server.take() {
-            server.await.expect("server task").expect("server");
-        }
+    /// Stop the server and then the engine (killing every local node).
+    pub async fn stop(self) {
+        self.server.stop().await.expect("server");
     }
 }
 

@@ -1,0 +1,123 @@
+//! Reading request bodies within their limits, and writing responses.
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::{Request, Response, StatusCode};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::Shared;
+use crate::error::{Error, Result};
+
+pub(super) type Body = BoxBody<Bytes, std::io::Error>;
+
+pub(super) async fn read_json<T: DeserializeOwned>(
+    shared: &Shared,
+    request: Request<Incoming>,
+) -> Result<T> {
+    require_json(&request)?;
+    let body = read_limited(
+        request.into_body(),
+        shared.config.max_json_body,
+        "JSON body",
+    )
+    .await?;
+    parse_json(&body)
+}
+
+/// JSON, where an empty body (with or without a content type) means `{}`.
+pub(super) async fn read_json_or_empty<T: DeserializeOwned + Default>(
+    shared: &Shared,
+    request: Request<Incoming>,
+) -> Result<T> {
+    let has_type = header(&request, CONTENT_TYPE).is_some();
+    if has_type {
+        require_json(&request)?;
+    }
+    let body = read_limited(
+        request.into_body(),
+        shared.config.max_json_body,
+        "JSON body",
+    )
+    .await?;
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    if !has_type {
+        return Err(unsupported_media(
+            "send JSON bodies with `Content-Type: application/json`",
+        ));
+    }
+    parse_json(&body)
+}
+
+fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T> {
+    serde_json::from_slice(body)
+        .map_err(|e| Error::invalid_input(format!("malformed JSON body: {e}")))
+}
+
+fn require_json(request: &Request<Incoming>) -> Result<()> {
+    let content_type = header(request, CONTENT_TYPE).unwrap_or("");
+    let essence = content_type.split(';').next().unwrap_or("").trim();
+    if essence.eq_ignore_ascii_case("application/json") {
+        Ok(())
+    } else {
+        Err(unsupported_media(&format!(
+            "send JSON bodies with `Content-Type: application/json`, not `{essence}`"
+        )))
+    }
+}
+
+pub(super) async fn read_limited(body: Incoming, limit: u64, what: &str) -> Result<Bytes> {
+    let limit_usize = usize::try_from(limit).unwrap_or(usize::MAX);
+    match Limited::new(body, limit_usize).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(Error::too_large(format!(
+            "the {what} is larger than its {limit}-byte limit"
+        ))),
+        Err(e) => Err(Error::invalid_input(format!("cannot read the {what}: {e}"))),
+    }
+}
+
+pub(super) fn unsupported_media(message: &str) -> Error {
+    Error::unsupported_media(message.to_owned())
+}
+
+pub(super) fn header(request: &Request<Incoming>, name: hyper::header::HeaderName) -> Option<&str> {
+    request.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+/// A 200 answer with a `text/plain` body.
+pub(super) fn plain_text(text: String) -> Response<Body> {
+    let mut response = Response::new(full(text.into_bytes()));
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+pub(super) fn full(bytes: Vec<u8>) -> Body {
+    Full::new(Bytes::from(bytes))
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+pub(super) fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
+    match serde_json::to_vec(value) {
+        Ok(bytes) => {
+            let mut response = Response::new(full(bytes));
+            *response.status_mut() = status;
+            response
+                .headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            response
+        }
+        Err(e) => super::errors::error_response(&Error::invalid_input(format!(
+            "cannot encode the response: {e}"
+        ))),
+    }
+}

@@ -1,0 +1,310 @@
+//! The HTTP API (SPEC §4) on raw hyper 1.x. Only `api` knows hyper; the engine
+//! ([`crate::Orchestrator`]) knows nothing of HTTP, URLs or JSON.
+//!
+//! - this file: [`Server`] (the accept loop and the order things stop in) and its handle;
+//! - [`config`]: [`ServerConfig`], the server's own settings (API token, limits, TLS);
+//! - `routes`: the client API and the health and metrics endpoints;
+//! - `node`: the node protocol, wire bodies turned into model types and back;
+//! - `views`: model types to their wire form; `body`: reading and writing bodies;
+//! - `errors`: one mapping of [`crate::Error`] kinds to status codes.
+
+mod body;
+pub(crate) mod config;
+mod errors;
+mod node;
+mod routes;
+#[cfg(test)]
+mod tests;
+mod views;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::sync::Semaphore;
+
+pub use config::ServerConfig;
+
+use crate::auth;
+use crate::error::{Error, Result};
+use crate::orchestrator::Orchestrator;
+
+/// How long in-flight requests get to finish at shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// What every request handler reads: the engine, the server's settings, and the
+/// registration failure counts.
+pub(crate) struct Shared {
+    pub(crate) engine: Orchestrator,
+    pub(crate) config: ServerConfig,
+    pub(crate) api_token_hash: Option<[u8; 32]>,
+    pub(crate) registrations: super::limits::FailureLimiter,
+}
+
+/// Serves an engine's HTTP API — the client endpoints and the node protocol — and stops it in
+/// the right order: stop accepting, let in-flight requests finish, then shut the engine down.
+///
+/// ```no_run
+/// # async fn demo() -> taskfly::Result<()> {
+/// use taskfly::{Config, Orchestrator, Server, ServerConfig};
+/// let engine = Orchestrator::new(Config::new("/tmp/taskfly"))?;
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await.unwrap();
+/// let server = Server::new(engine, ServerConfig::default().api_token("secret"))?;
+/// server.run(listener, async { let _ = tokio::signal::ctrl_c().await; }).await
+/// # }
+/// ```
+pub struct Server {
+    shared: Arc<Shared>,
+    #[cfg(feature = "tls")]
+    tls: Option<Arc<super::tls::ServerTls>>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("config", &self.shared.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// A server for `engine`. With [`ServerConfig::tls`], the certificate and key are read
+    /// here, so a missing or malformed file fails now; and when the engine's advertise URL is
+    /// `https://`, it checks that nodes will accept the certificate for it (issued for its
+    /// host, not expired, not a CA, chain complete), failing with what to fix
+    /// ([`crate::Error::is_invalid_input`]) if not.
+    pub fn new(engine: Orchestrator, config: ServerConfig) -> Result<Server> {
+        #[cfg(feature = "tls")]
+        let tls = match &config.tls {
+            Some((cert_file, key_file)) => {
+                Some(Arc::new(super::tls::ServerTls::load(cert_file, key_file)?))
+            }
+            None => None,
+        };
+        #[cfg(feature = "tls")]
+        if let (Some(tls), Some(url)) = (&tls, engine.configured_advertise_url()) {
+            if url.starts_with("https://") {
+                tls.check_for_nodes(&url)?;
+            }
+        }
+        let shared = Shared {
+            api_token_hash: config.api_token.as_deref().map(auth::hash_token),
+            registrations: super::limits::FailureLimiter::new(
+                config.registration_failures_per_minute,
+                Duration::from_secs(60),
+            ),
+            engine,
+            config,
+        };
+        Ok(Server {
+            shared: Arc::new(shared),
+            #[cfg(feature = "tls")]
+            tls,
+        })
+    }
+
+    /// Serve on `listener` until `shutdown` completes; then stop accepting, let in-flight
+    /// requests finish (at most 10 s), and shut the engine down
+    /// ([`Orchestrator::shutdown`]). Returns once all of that is done.
+    ///
+    /// If the engine has no advertise URL, nodes are told to call `http://<listener
+    /// address>` (`https://` with TLS).
+    pub async fn run(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<()> {
+        let address = local_address(&listener)?;
+        self.start_at(address)?;
+        self.accept_until(listener, shutdown).await;
+        self.shared.engine.shutdown().await;
+        Ok(())
+    }
+
+    /// Serve on `listener` in a task of its own; the returned handle tells where, and
+    /// [`ServerHandle::stop`] stops the server and the engine in the order [`Server::run`]
+    /// does. Dropping the handle stops them too, without waiting.
+    pub fn spawn(self, listener: tokio::net::TcpListener) -> Result<ServerHandle> {
+        let address = local_address(&listener)?;
+        let advertise_url = self.start_at(address)?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            self.accept_until(listener, async {
+                let _ = stopped.await;
+            })
+            .await;
+            self.shared.engine.shutdown().await;
+        });
+        Ok(ServerHandle {
+            local_addr: address,
+            advertise_url,
+            stop: Some(stop),
+            task,
+        })
+    }
+
+    /// Tell the engine where nodes call back (and which certificates they trust), and check
+    /// that nodes will accept the certificate for that URL. Returns the advertise URL.
+    fn start_at(&self, address: SocketAddr) -> Result<String> {
+        let scheme = if self.serves_tls() { "https" } else { "http" };
+        #[cfg(feature = "tls")]
+        let ca_pem = self.tls.as_ref().map(|tls| tls.certificates_pem());
+        #[cfg(not(feature = "tls"))]
+        let ca_pem = None;
+        let url = self
+            .shared
+            .engine
+            .served_at(format!("{scheme}://{address}"), ca_pem);
+        // Nodes verify the daemon as the check does: better to refuse to start than to have
+        // every node fail to register.
+        #[cfg(feature = "tls")]
+        if let Some(tls) = &self.tls {
+            if url.starts_with("https://") {
+                tls.check_for_nodes(&url)?;
+            }
+        }
+        Ok(url)
+    }
+
+    fn serves_tls(&self) -> bool {
+        #[cfg(feature = "tls")]
+        return self.tls.is_some();
+        #[cfg(not(feature = "tls"))]
+        false
+    }
+
+    /// Accept and serve connections until `shutdown` completes, then let in-flight requests
+    /// finish. With TLS, every connection is a TLS one: its handshake runs in the
+    /// connection's own task, within the header read time limit.
+    async fn accept_until(
+        &self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) {
+        let shared = &self.shared;
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let slots = Arc::new(Semaphore::new(shared.config.max_connections));
+        let mut http = hyper::server::conn::http1::Builder::new();
+        http.timer(TokioTimer::new())
+            .header_read_timeout(shared.config.header_read_timeout);
+        #[cfg(feature = "tls")]
+        let tls = self
+            .tls
+            .as_ref()
+            .map(|tls| (tls.acceptor().clone(), shared.config.header_read_timeout));
+        tokio::pin!(shutdown);
+        loop {
+            let permit = tokio::select! {
+                permit = slots.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => break,
+                },
+                () = &mut shutdown => break,
+            };
+            let (stream, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        // Out of file descriptors and the like: wait a little rather than spin.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                () = &mut shutdown => break,
+            };
+            if let Some(hook) = &shared.config.on_accept {
+                if let Err(e) = hook(&stream) {
+                    tracing::debug!(error = %e, %peer, "connection refused by the accept hook");
+                    continue;
+                }
+            }
+            let shared = shared.clone();
+            let service = hyper::service::service_fn(move |request| {
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(routes::handle(&shared, request, peer).await) }
+            });
+            #[cfg(feature = "tls")]
+            if let Some((acceptor, handshake_limit)) = &tls {
+                // A slow or silent client must not hold up the accept loop: the handshake runs
+                // in the connection's task, watched for shutdown like the connection itself.
+                let (acceptor, handshake_limit) = (acceptor.clone(), *handshake_limit);
+                let (watcher, http) = (graceful.watcher(), http.clone());
+                tokio::spawn(async move {
+                    match tokio::time::timeout(handshake_limit, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            let connection =
+                                watcher.watch(http.serve_connection(TokioIo::new(stream), service));
+                            if let Err(e) = connection.await {
+                                tracing::debug!(error = %e, %peer, "connection ended with an error");
+                            }
+                        }
+                        Ok(Err(e)) => tracing::debug!(error = %e, %peer, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                    drop(permit);
+                });
+                continue;
+            }
+            let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!(error = %e, %peer, "connection ended with an error");
+                }
+                drop(permit);
+            });
+        }
+        drop(listener);
+        // Idle pooled agents' registrations are held for a while: answer them now.
+        for (_, pool) in shared.engine.pools() {
+            pool.stop_holding();
+        }
+        if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!("some requests were still running at shutdown");
+        }
+    }
+}
+
+fn local_address(listener: &tokio::net::TcpListener) -> Result<SocketAddr> {
+    listener
+        .local_addr()
+        .map_err(|e| Error::io("cannot read the listener's address", e))
+}
+
+/// A [`Server`] running in a task of its own ([`Server::spawn`]).
+#[derive(Debug)]
+pub struct ServerHandle {
+    local_addr: SocketAddr,
+    advertise_url: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ServerHandle {
+    /// The address the server listens on (with port 0 bound, the port chosen).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The URL nodes are told to call back on.
+    pub fn advertise_url(&self) -> &str {
+        &self.advertise_url
+    }
+
+    /// Stop accepting, let in-flight requests finish, shut the engine down, and return once
+    /// all of that is done.
+    pub async fn stop(mut self) -> Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        (&mut self.task)
+            .await
+            .map_err(|e| Error::io("the server task failed", std::io::Error::other(e)))
+    }
+}

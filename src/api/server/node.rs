@@ -1,0 +1,264 @@
+//! The node protocol (SPEC §4, node endpoints): wire bodies turned into the engine's model
+//! types and its answers back into wire bodies. A node is identified by its bearer token.
+
+use std::net::SocketAddr;
+
+use futures_util::TryStreamExt;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+
+use super::body::{
+    full, header, json, plain_text, read_json, read_json_or_empty, read_limited, Body,
+};
+use super::{views, Shared};
+use crate::auth;
+use crate::error::{Error, Result};
+use crate::state::model::{LogBatch, NodeStatus, Registration, ReportedLine, StatusReport};
+use crate::state::LogStream;
+use crate::wire::{self, ErrorBody, StatusOk};
+
+/// `POST /nodes/register`, with failed attempts rate-limited per client address.
+pub(super) async fn register(
+    shared: &Shared,
+    peer: SocketAddr,
+    request: Request<Incoming>,
+) -> Result<Response<Body>> {
+    let registrations = &shared.registrations;
+    registrations.check(peer.ip())?;
+    let as_shell = register_format(request.uri().query())?;
+    let body: wire::RegisterRequest = read_json(shared, request).await?;
+    let assignment = match shared.engine.register_node(&body.provision_token).await {
+        Ok(Registration::Assigned(assignment)) => assignment,
+        Ok(Registration::NoWork) => {
+            let mut response = Response::new(full(Vec::new()));
+            *response.status_mut() = StatusCode::NO_CONTENT;
+            return Ok(response);
+        }
+        Ok(Registration::Retired { reason }) => {
+            let error = ErrorBody {
+                error: reason,
+                details: Vec::new(),
+            };
+            return Ok(json(StatusCode::GONE, &error));
+        }
+        Err(e) => {
+            if e.is_unauthorized() || e.is_conflict() {
+                registrations.record_failure(peer.ip());
+            }
+            return Err(e);
+        }
+    };
+    let registered = views::assignment(assignment);
+    if as_shell {
+        let text = crate::agent::bootstrap::registration_env(&registered)?;
+        return Ok(plain_text(text));
+    }
+    Ok(json(StatusCode::OK, &registered))
+}
+
+pub(super) async fn route(
+    shared: &Shared,
+    method: &Method,
+    path: &[&str],
+    request: Request<Incoming>,
+) -> Result<Response<Body>> {
+    let engine = &shared.engine;
+    let token = auth::bearer(header(&request, AUTHORIZATION))
+        .ok_or_else(|| Error::unauthorized("missing `Authorization: Bearer <node token>` header"))?
+        .to_owned();
+    let node = engine.authenticate_node(&token).await?;
+    match (method, path) {
+        (&Method::GET, ["assets"]) => {
+            let path = engine.node_assets(&node);
+            let file = tokio::fs::File::open(&path)
+                .await
+                .map_err(|_| Error::not_found("this deployment's bundle is gone (cleaned up)"))?;
+            let length = file.metadata().await.map(|m| m.len()).ok();
+            let stream =
+                tokio_util::io::ReaderStream::with_capacity(file, 64 * 1024).map_ok(Frame::data);
+            let mut response = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+            response
+                .headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/gzip"));
+            if let Some(length) = length {
+                response
+                    .headers_mut()
+                    .insert(hyper::header::CONTENT_LENGTH, HeaderValue::from(length));
+            }
+            Ok(response)
+        }
+        (&Method::POST, ["heartbeat"]) => {
+            let _body: wire::HeartbeatRequest = read_json_or_empty(shared, request).await?;
+            let shutdown = engine.node_heartbeat(&node).await?;
+            Ok(json(
+                StatusCode::OK,
+                &wire::HeartbeatResponse {
+                    status: "ok".to_owned(),
+                    shutdown,
+                },
+            ))
+        }
+        (&Method::POST, ["status"]) => {
+            let body: wire::StatusRequest = read_json(shared, request).await?;
+            engine.node_status(&node, status_report(body)?).await?;
+            Ok(json(StatusCode::OK, &StatusOk::new()))
+        }
+        (&Method::POST, ["logs"]) => {
+            let body: wire::LogsRequest = if is_plain_text(&request) {
+                read_text_logs(shared, request).await?
+            } else {
+                read_json(shared, request).await?
+            };
+            engine.node_logs(&node, log_batch(body)?).await?;
+            Ok(json(StatusCode::OK, &StatusOk::new()))
+        }
+        _ => Err(Error::not_found(format!(
+            "no such endpoint: {method} /api/v1/nodes/{}",
+            path.join("/")
+        ))),
+    }
+}
+
+/// A status report, refused unless it is one a node may make.
+fn status_report(request: wire::StatusRequest) -> Result<StatusReport> {
+    let status = request.status;
+    if !matches!(
+        status,
+        NodeStatus::DownloadingAssets
+            | NodeStatus::RunningScript
+            | NodeStatus::Completed
+            | NodeStatus::Failed
+    ) {
+        return Err(Error::invalid_input(format!(
+            "a node may report downloading_assets, running_script, completed or failed, not {status}"
+        )));
+    }
+    Ok(StatusReport {
+        status,
+        message: request.message,
+        exit_code: request.exit_code,
+    })
+}
+
+/// A log batch with each line's stream and time parsed; the first bad line is named.
+fn log_batch(request: wire::LogsRequest) -> Result<LogBatch> {
+    let mut lines = Vec::with_capacity(request.lines.len());
+    for (i, line) in request.lines.into_iter().enumerate() {
+        let stream = LogStream::parse(&line.stream).ok_or_else(|| {
+            Error::invalid_input(format!(
+                "lines[{i}].stream: expected stdout or stderr, got `{}`",
+                line.stream
+            ))
+        })?;
+        let timestamp = match &line.timestamp {
+            Some(t) => Some(
+                humantime::parse_rfc3339_weak(t)
+                    .map_err(|e| Error::invalid_input(format!("lines[{i}].timestamp: {e}")))?,
+            ),
+            None => None,
+        };
+        lines.push(ReportedLine {
+            stream,
+            line: line.line,
+            timestamp,
+            line_no: line.line_no,
+        });
+    }
+    Ok(LogBatch {
+        lines,
+        offset: request.offset,
+    })
+}
+
+/// Whether `POST /nodes/register` should answer as `sh` assignments (`?format=sh`, for the
+/// bootstrap script) rather than JSON (no `format`, or `format=json`).
+fn register_format(query: Option<&str>) -> Result<bool> {
+    match query_value(query, "format") {
+        None | Some("json") => Ok(false),
+        Some("sh") => Ok(true),
+        Some(other) => Err(Error::invalid_input(format!(
+            "format: expected json or sh, got `{other}`"
+        ))),
+    }
+}
+
+/// The value of the last `name=value` pair of a query string (values are taken as they are:
+/// the node routes' values need no percent-decoding).
+fn query_value<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
+    query?
+        .split('&')
+        .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
+        .filter(|(key, _)| *key == name)
+        .map(|(_, value)| value)
+        .next_back()
+}
+
+/// Whether the request body is `text/plain`.
+fn is_plain_text(request: &Request<Incoming>) -> bool {
+    let content_type = header(request, CONTENT_TYPE).unwrap_or("");
+    let essence = content_type.split(';').next().unwrap_or("").trim();
+    essence.eq_ignore_ascii_case("text/plain")
+}
+
+/// `POST /nodes/logs?stream=stdout|stderr` with a `text/plain` body, as the bootstrap script
+/// sends its output: every line of the body is one log line of that stream.
+async fn read_text_logs(shared: &Shared, request: Request<Incoming>) -> Result<wire::LogsRequest> {
+    let stream = match query_value(request.uri().query(), "stream") {
+        Some(stream @ ("stdout" | "stderr")) => stream.to_owned(),
+        Some(other) => {
+            return Err(Error::invalid_input(format!(
+                "stream: expected stdout or stderr, got `{other}`"
+            )))
+        }
+        None => {
+            return Err(Error::invalid_input(
+                "a text/plain log body needs `?stream=stdout` or `?stream=stderr`",
+            ))
+        }
+    };
+    let offset = match query_value(request.uri().query(), "offset") {
+        Some(value) => Some(value.parse::<u64>().map_err(|_| {
+            Error::invalid_input(format!("offset: expected a byte count, got `{value}`"))
+        })?),
+        None => None,
+    };
+    let body = read_limited(request.into_body(), shared.config.max_json_body, "log body").await?;
+    Ok(text_log_lines(&body, &stream, offset))
+}
+
+/// Cuts a `text/plain` log body into lines of `stream`: each `\n` ends a line (a `\r` before
+/// it is dropped), a last line without `\n` counts too, and bytes that are not UTF-8 are
+/// replaced. The daemon's clock dates them. With `offset` (the byte position of the body in
+/// its stream), each line is numbered by its own byte position, doubled, plus one for stderr:
+/// unique across both streams, so a piece resent after a lost answer is stored once.
+pub(super) fn text_log_lines(body: &[u8], stream: &str, offset: Option<u64>) -> wire::LogsRequest {
+    if body.is_empty() {
+        return wire::LogsRequest {
+            lines: Vec::new(),
+            offset: None,
+        };
+    }
+    let parity = u64::from(stream == "stderr");
+    let body = body.strip_suffix(b"\n").unwrap_or(body);
+    let mut position = offset;
+    let lines = body
+        .split(|byte| *byte == b'\n')
+        .map(|line| {
+            let line_no = position.map(|p| p.saturating_mul(2).saturating_add(parity));
+            position = position.map(|p| p.saturating_add(line.len() as u64 + 1));
+            wire::LogLineIn {
+                stream: stream.to_owned(),
+                line: String::from_utf8_lossy(line.strip_suffix(b"\r").unwrap_or(line))
+                    .into_owned(),
+                timestamp: None,
+                line_no,
+            }
+        })
+        .collect();
+    wire::LogsRequest {
+        lines,
+        offset: None,
+    }
+}

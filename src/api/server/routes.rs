@@ -1,0 +1,333 @@
+//! Routing, client authentication, and the client API (SPEC §4, client endpoints).
+
+use std::net::SocketAddr;
+
+use futures_util::TryStreamExt;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+
+use super::body::{full, header, json, read_limited, unsupported_media, Body};
+use super::{node, views, Shared};
+use crate::auth;
+use crate::error::{Error, Result};
+use crate::state::model::DeploymentSummary;
+use crate::wire::{self, DeploymentAction, StatusOk};
+
+/// Default and largest page of logs.
+const DEFAULT_LOG_PAGE: usize = 1000;
+
+/// Answer one request; errors become their status code and error body.
+pub(super) async fn handle(
+    shared: &Shared,
+    request: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<Body> {
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let response = match route(shared, peer, request).await {
+        Ok(response) => response,
+        Err(error) => super::errors::error_response(&error),
+    };
+    tracing::debug!(%method, %path, %peer, status = response.status().as_u16(), "request");
+    response
+}
+
+async fn route(
+    shared: &Shared,
+    peer: SocketAddr,
+    request: Request<Incoming>,
+) -> Result<Response<Body>> {
+    let path = request.uri().path().trim_end_matches('/').to_owned();
+    let segments: Vec<&str> = path.split('/').skip(1).collect();
+    let method = request.method().clone();
+    match (method.clone(), segments.as_slice()) {
+        (Method::GET, ["health"]) | (Method::GET, ["api", "v1", "health"]) => {
+            Ok(json(StatusCode::OK, &StatusOk::new()))
+        }
+        (Method::GET, ["metrics"]) | (Method::GET, ["api", "v1", "metrics"]) => {
+            metrics(shared).await
+        }
+        (_, ["api", "v1", "nodes", rest @ ..]) => {
+            if let (&Method::POST, ["register"]) = (&method, rest) {
+                return node::register(shared, peer, request).await;
+            }
+            node::route(shared, &method, rest, request).await
+        }
+        (_, ["api", "v1", rest @ ..]) => {
+            authorize_client(shared, &request)?;
+            client_route(shared, &method, rest, request).await
+        }
+        _ => Err(Error::not_found(format!(
+            "no such endpoint: {method} {path}"
+        ))),
+    }
+}
+
+async fn client_route(
+    shared: &Shared,
+    method: &Method,
+    path: &[&str],
+    request: Request<Incoming>,
+) -> Result<Response<Body>> {
+    let engine = &shared.engine;
+    match (method, path) {
+        (&Method::POST, ["deployments"]) => {
+            let created = deploy(shared, request).await?;
+            Ok(json(StatusCode::ACCEPTED, &views::created(&created)))
+        }
+        (&Method::GET, ["deployments"]) => {
+            let all: Vec<wire::DeploymentView> = engine
+                .deployments()
+                .await?
+                .iter()
+                .map(|d| views::deployment(d, &[]))
+                .collect();
+            Ok(json(StatusCode::OK, &all))
+        }
+        (&Method::GET, ["deployments", id]) => {
+            let detail = engine.deployment(id).await?;
+            Ok(json(
+                StatusCode::OK,
+                &views::deployment(&detail.deployment, &detail.nodes),
+            ))
+        }
+        (&Method::DELETE, ["deployments", id]) => {
+            // Terminating can take a while (instances shutting down); answer once it started.
+            engine.summary(id).await?;
+            let status = engine.request_terminate(id).await?;
+            Ok(json(
+                StatusCode::ACCEPTED,
+                &DeploymentAction {
+                    deployment_id: (*id).to_owned(),
+                    status: status.as_str().to_owned(),
+                },
+            ))
+        }
+        (&Method::POST, ["deployments", id, "cleanup"]) => {
+            engine.cleanup(id).await?;
+            Ok(json(
+                StatusCode::OK,
+                &DeploymentAction {
+                    deployment_id: (*id).to_owned(),
+                    status: "cleaned".to_owned(),
+                },
+            ))
+        }
+        (&Method::POST, ["cleanup", "all"]) => Ok(json(
+            StatusCode::OK,
+            &views::cleanup_all(engine.cleanup_all().await?),
+        )),
+        (&Method::GET, ["deployments", id, "logs"]) => {
+            let query = Query::parse(request.uri().query())?;
+            let page = engine
+                .logs(
+                    id,
+                    query.node_index(shared, id).await?,
+                    query.after,
+                    query.limit,
+                )
+                .await?;
+            Ok(json(StatusCode::OK, &views::logs_page(&page)))
+        }
+        (&Method::GET, ["stats"]) => Ok(json(StatusCode::OK, &views::stats(engine).await?)),
+        _ => Err(Error::not_found(format!(
+            "no such endpoint: {method} /api/v1/{}",
+            path.join("/")
+        ))),
+    }
+}
+
+fn authorize_client(shared: &Shared, request: &Request<Incoming>) -> Result<()> {
+    let Some(expected) = shared.api_token_hash else {
+        return Err(Error::unauthorized(
+            "this engine has no API token configured",
+        ));
+    };
+    let token = auth::bearer(header(request, AUTHORIZATION))
+        .ok_or_else(|| Error::unauthorized("missing `Authorization: Bearer <api token>` header"))?;
+    if auth::hashes_equal(&auth::hash_token(token), &expected) {
+        Ok(())
+    } else {
+        Err(Error::unauthorized("wrong API token"))
+    }
+}
+
+async fn deploy(shared: &Shared, request: Request<Incoming>) -> Result<DeploymentSummary> {
+    let content_type = header(&request, CONTENT_TYPE)
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_owned();
+    let limit = shared.engine.limits().max_bundle_upload;
+    match essence.as_str() {
+        "application/gzip" | "application/x-gzip" | "application/octet-stream" => {
+            let stream = request
+                .into_body()
+                .into_data_stream()
+                .map_err(std::io::Error::other);
+            let reader = tokio_util::io::StreamReader::new(stream);
+            shared.engine.deploy_bundle(reader).await
+        }
+        "multipart/form-data" => {
+            let boundary = multipart_boundary(&content_type)
+                .ok_or_else(|| Error::invalid_input("multipart/form-data without a boundary"))?;
+            let body = read_limited(request.into_body(), limit, "bundle upload").await?;
+            let bundle = multipart_field(&body, &boundary, "bundle")
+                .ok_or_else(|| Error::invalid_input("the multipart body has no field named `bundle`"))?;
+            shared.engine.deploy_bundle(bundle).await
+        }
+        _ => Err(unsupported_media(&format!(
+            "send the bundle as application/gzip (or multipart/form-data with a `bundle` field), not `{essence}`"
+        ))),
+    }
+}
+
+fn multipart_boundary(content_type: &str) -> Option<String> {
+    content_type.split(';').skip(1).find_map(|param| {
+        let (key, value) = param.trim().split_once('=')?;
+        key.trim()
+            .eq_ignore_ascii_case("boundary")
+            .then(|| value.trim().trim_matches('"').to_owned())
+    })
+}
+
+/// The content of the part named `name` in a multipart/form-data body.
+fn multipart_field<'a>(body: &'a [u8], boundary: &str, name: &str) -> Option<&'a [u8]> {
+    let delimiter = format!("--{boundary}");
+    let delimiter = delimiter.as_bytes();
+    let mut rest = body;
+    while let Some(start) = find(rest, delimiter) {
+        rest = &rest[start + delimiter.len()..];
+        if rest.starts_with(b"--") {
+            return None;
+        }
+        let headers_end = find(rest, b"\r\n\r\n")?;
+        let headers = String::from_utf8_lossy(&rest[..headers_end]).to_ascii_lowercase();
+        let content = &rest[headers_end + 4..];
+        let end = find(content, delimiter)?;
+        let content = content[..end]
+            .strip_suffix(b"\r\n")
+            .unwrap_or(&content[..end]);
+        let wanted = format!("name=\"{}\"", name.to_ascii_lowercase());
+        if headers
+            .lines()
+            .any(|l| l.starts_with("content-disposition") && l.contains(&wanted))
+        {
+            return Some(content);
+        }
+        rest = &rest[headers_end + 4 + end..];
+    }
+    None
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+struct Query {
+    node: Option<String>,
+    after: u64,
+    limit: usize,
+}
+
+impl Query {
+    fn parse(query: Option<&str>) -> Result<Query> {
+        let mut parsed = Query {
+            node: None,
+            after: 0,
+            limit: DEFAULT_LOG_PAGE,
+        };
+        for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            match key {
+                "node" if !value.is_empty() => parsed.node = Some(value.to_owned()),
+                "after" => {
+                    parsed.after = value.parse().map_err(|_| {
+                        Error::invalid_input(format!("after: expected a number, got `{value}`"))
+                    })?
+                }
+                "limit" => {
+                    parsed.limit = value.parse().map_err(|_| {
+                        Error::invalid_input(format!("limit: expected a number, got `{value}`"))
+                    })?
+                }
+                _ => {}
+            }
+        }
+        Ok(parsed)
+    }
+
+    /// `node` as an index of this deployment: a node index or a node id.
+    async fn node_index(&self, shared: &Shared, deployment_id: &str) -> Result<Option<u32>> {
+        let Some(node) = &self.node else {
+            return Ok(None);
+        };
+        let detail = shared.engine.deployment(deployment_id).await?;
+        detail
+            .nodes
+            .iter()
+            .find(|n| &n.id == node || n.index.to_string() == *node)
+            .map(|n| Some(n.index))
+            .ok_or_else(|| {
+                Error::not_found(format!("no node `{node}` in deployment `{deployment_id}`"))
+            })
+    }
+}
+
+async fn metrics(shared: &Shared) -> Result<Response<Body>> {
+    let stats = views::stats(&shared.engine).await?;
+    let mut text = String::new();
+    text.push_str("# HELP taskfly_deployments Deployments known, by state.\n# TYPE taskfly_deployments gauge\n");
+    for status in wire::DeploymentStatus::ALL {
+        let count = stats
+            .deployment_status
+            .get(status.as_str())
+            .copied()
+            .unwrap_or(0);
+        text.push_str(&format!(
+            "taskfly_deployments{{status=\"{status}\"}} {count}\n"
+        ));
+    }
+    text.push_str("# HELP taskfly_nodes Nodes of known deployments.\n# TYPE taskfly_nodes gauge\n");
+    text.push_str(&format!("taskfly_nodes {}\n", stats.total_nodes));
+    text.push_str("# HELP taskfly_uptime_seconds Seconds since the engine started.\n# TYPE taskfly_uptime_seconds counter\n");
+    text.push_str(&format!(
+        "taskfly_uptime_seconds {}\n",
+        stats.uptime_seconds
+    ));
+    if !stats.pools.is_empty() {
+        type Reading = fn(&wire::PoolStats) -> u64;
+        let gauges: [(&str, &str, Reading); 4] = [
+            ("taskfly_pool_instances", "gauge", |p| p.instances),
+            ("taskfly_pool_idle", "gauge", |p| p.idle),
+            ("taskfly_pool_launched_total", "counter", |p| {
+                p.launched_total
+            }),
+            ("taskfly_pool_reused_total", "counter", |p| {
+                p.reused_total + p.spares_used_total
+            }),
+        ];
+        for (name, kind, value) in gauges {
+            text.push_str(&format!("# TYPE {name} {kind}\n"));
+            for pool in &stats.pools {
+                text.push_str(&format!(
+                    "{name}{{provider=\"{}\"}} {}\n",
+                    pool.provider,
+                    value(pool)
+                ));
+            }
+        }
+    }
+    let mut response = Response::new(full(text.into_bytes()));
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    Ok(response)
+}

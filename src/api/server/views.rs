@@ -1,0 +1,133 @@
+//! The engine's model types in their wire form (SPEC §4): the only place that decides how a
+//! deployment, a node or a log line looks on the wire.
+
+use std::time::SystemTime;
+
+use crate::error::Result;
+use crate::orchestrator::Orchestrator;
+use crate::state::model::{
+    Assignment, CleanupCounts, Deployment, DeploymentDetail, DeploymentSummary, LogsPage, Node,
+};
+use crate::state::LogLine;
+use crate::wire::{self, DeploymentView, LogLineView, NodeView};
+
+pub(crate) fn time(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// `POST /deployments`'s answer.
+pub(crate) fn created(d: &DeploymentSummary) -> wire::DeploymentCreated {
+    wire::DeploymentCreated {
+        deployment_id: d.id.clone(),
+        status: d.status,
+        nodes: d.total_nodes,
+        status_url: format!("/api/v1/deployments/{}", d.id),
+    }
+}
+
+/// A deployment with `nodes` (none in lists).
+pub(crate) fn deployment(d: &Deployment, nodes: &[Node]) -> DeploymentView {
+    DeploymentView {
+        deployment_id: d.id.clone(),
+        status: d.status,
+        cloud_provider: d.cloud_provider.clone(),
+        total_nodes: d.total_nodes,
+        nodes_completed: d.nodes_completed,
+        nodes_failed: d.nodes_failed,
+        created_at: time(d.created_at),
+        updated_at: time(d.updated_at),
+        completed_at: d.completed_at.map(time),
+        error_message: d.error_message.clone(),
+        nodes: nodes.iter().map(node).collect(),
+    }
+}
+
+pub(crate) fn node(n: &Node) -> NodeView {
+    NodeView {
+        node_id: n.id.clone(),
+        node_index: n.index,
+        status: n.status,
+        attempt: n.attempt,
+        instance_id: n.instance_id.clone(),
+        ip_address: n.ip_address.clone(),
+        last_update: time(n.last_update),
+        exit_code: n.exit_code,
+        error_message: n.error_message.clone(),
+    }
+}
+
+pub(crate) fn log_line(l: &LogLine) -> LogLineView {
+    LogLineView {
+        seq: l.seq,
+        node_id: l.node_id.clone(),
+        node_index: l.node_index,
+        stream: l.stream.as_str().to_owned(),
+        line: l.line.clone(),
+        timestamp: time(l.timestamp),
+    }
+}
+
+pub(crate) fn logs_page(page: &LogsPage) -> wire::LogsPage {
+    wire::LogsPage {
+        logs: page.lines.iter().map(log_line).collect(),
+        next: page.next,
+    }
+}
+
+pub(crate) fn cleanup_all(counts: CleanupCounts) -> wire::CleanupAll {
+    wire::CleanupAll {
+        cleaned_count: counts.cleaned,
+        failed_count: counts.failed,
+    }
+}
+
+/// `GET /stats`: the engine's counts and its pools'.
+pub(crate) async fn stats(engine: &Orchestrator) -> Result<wire::Stats> {
+    let stats = engine.stats().await?;
+    Ok(wire::Stats {
+        total_deployments: stats.total_deployments,
+        total_nodes: stats.total_nodes,
+        deployment_status: stats
+            .deployment_status
+            .iter()
+            .map(|(status, count)| (status.as_str().to_owned(), *count))
+            .collect(),
+        uptime_seconds: stats.uptime.as_secs(),
+        pools: engine
+            .pools()
+            .map(|(name, pool)| pool.stats(name))
+            .collect(),
+    })
+}
+
+/// A node's assignment as `POST /nodes/register` answers it.
+pub(crate) fn assignment(a: Assignment) -> wire::RegisterResponse {
+    wire::RegisterResponse {
+        auth_token: a.auth_token,
+        deployment_id: a.deployment_id,
+        node_id: a.node_id,
+        node_index: a.node_index,
+        env: a.env,
+        script: a.script,
+        dest_dir: a.dest_dir,
+        heartbeat_interval_s: a.heartbeat_interval.as_secs(),
+        timeout_s: a.timeout.map(|t| t.as_secs()),
+        pooled: a.pooled,
+        next_token: a.next_token,
+    }
+}
+
+/// A deployment and its nodes as `GET /deployments/{id}` shows them: lets an embedder show or
+/// print the engine's [`DeploymentDetail`] exactly as the daemon would.
+impl From<&DeploymentDetail> for DeploymentView {
+    fn from(detail: &DeploymentDetail) -> DeploymentView {
+        deployment(&detail.deployment, &detail.nodes)
+    }
+}
+
+/// A log line as `GET /deployments/{id}/logs` shows it.
+impl From<&LogLine> for LogLineView {
+    fn from(line: &LogLine) -> LogLineView {
+        log_line(line)
+    }
+}
