@@ -1,8 +1,8 @@
 //! TLS for the HTTP API (feature `tls`), on rustls with its `ring` backend.
 //!
 //! The server side ([`ServerTls`]) loads the certificate chain and private key named by
-//! [`crate::Config::tls`] once, when the engine is made, and hands [`crate::Orchestrator::serve`]
-//! an acceptor. It also keeps the chain as PEM text: nodes are given exactly those
+//! [`crate::ServerConfig::tls`] once, when the [`crate::Server`] is made, and hands its accept
+//! loop an acceptor. It also keeps the chain as PEM text: nodes are given exactly those
 //! certificates to trust, so a self-signed certificate works without any other set-up.
 //!
 //! The client side ([`client_config`], [`platform_client_config`]) builds what

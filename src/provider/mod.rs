@@ -37,7 +37,7 @@ pub struct InstanceConfig {
     /// The URL the node's agent calls back on (the engine's node API).
     pub daemon_url: String,
     /// For an `https://` daemon URL, the PEM certificates the node's agent must trust for it
-    /// (those the engine serves, see `Config::tls`; not secret). A provider hands them
+    /// (those the engine serves, see `ServerConfig::tls`; not secret). A provider hands them
     /// to the node: the local provider as a CA file for its agents, the shell bootstrap
     /// ([`crate::agent::bootstrap::bootstrap_script`]) embedded for curl's `--cacert`. `None`:
     /// plain http, or the platform's trust store is enough.

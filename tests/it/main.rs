@@ -14,3 +14,4 @@ mod pool;
 mod ssh;
 #[cfg(feature = "tls")]
 mod tls;
+mod watch;

@@ -195,16 +195,14 @@ async fn a_bad_certificate_or_key_stops_the_server_from_starting() {
         engine.clone(),
         ServerConfig::default().tls(&certificate.cert, &missing),
     )
-    .err()
-    .expect("no key file");
+    .expect_err("no key file");
     assert!(error.is_io(), "{error:?}");
     assert!(error.to_string().contains("missing.pem"), "{error}");
     let error = Server::new(
         engine.clone(),
         ServerConfig::default().tls(&certificate.key, &certificate.key),
     )
-    .err()
-    .expect("the key is no certificate");
+    .expect_err("the key is no certificate");
     assert!(error.is_invalid_input(), "{error:?}");
     assert!(error.to_string().contains("key.pem"), "{error}");
     engine.shutdown().await;
@@ -217,8 +215,7 @@ async fn a_bad_certificate_or_key_stops_the_server_from_starting() {
         engine.clone(),
         ServerConfig::default().tls(&certificate.cert, &certificate.key),
     )
-    .err()
-    .expect("a name the certificate does not name");
+    .expect_err("a name the certificate does not name");
     assert!(error.is_invalid_input(), "{error:?}");
     assert!(
         error.to_string().contains("would refuse the certificate"),

@@ -111,22 +111,25 @@ impl Server {
     /// ([`Orchestrator::shutdown`]). Returns once all of that is done.
     ///
     /// If the engine has no advertise URL, nodes are told to call `http://<listener
-    /// address>` (`https://` with TLS).
+    /// address>` (`https://` with TLS). If serving cannot start (the TLS check of
+    /// [`Server::new`] fails for that URL), the engine is shut down and the error returned.
     pub async fn run(
         self,
         listener: tokio::net::TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<()> {
-        let address = local_address(&listener)?;
-        self.start_at(address)?;
-        self.accept_until(listener, shutdown).await;
+        let started = local_address(&listener).and_then(|address| self.start_at(address));
+        if started.is_ok() {
+            self.accept_until(listener, shutdown).await;
+        }
         self.shared.engine.shutdown().await;
-        Ok(())
+        started.map(drop)
     }
 
     /// Serve on `listener` in a task of its own; the returned handle tells where, and
     /// [`ServerHandle::stop`] stops the server and the engine in the order [`Server::run`]
-    /// does. Dropping the handle stops them too, without waiting.
+    /// does. Dropping the handle stops them too, without waiting. On an error (see
+    /// [`Server::run`]) nothing was started and the engine keeps running.
     pub fn spawn(self, listener: tokio::net::TcpListener) -> Result<ServerHandle> {
         let address = local_address(&listener)?;
         let advertise_url = self.start_at(address)?;

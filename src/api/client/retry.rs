@@ -1,0 +1,149 @@
+//! Retrying transient failures with exponential backoff and jitter, within a time budget.
+
+use std::error::Error as StdError;
+use std::future::Future;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use tokio::time::Instant;
+
+use super::{decode, Call, Client, FIRST_RETRY_DELAY, MAX_RETRY_DELAY};
+use crate::error::{Error, Result};
+
+impl Client {
+    /// Sends `call`, retrying transient failures, and decodes its JSON answer.
+    pub(super) async fn json_retrying<T: DeserializeOwned>(
+        &self,
+        what: &'static str,
+        call: &Call,
+    ) -> Result<T> {
+        self.retrying(what, || async {
+            let body = self.attempt(call).await?;
+            decode(call, &body).map_err(Failure::permanent)
+        })
+        .await
+    }
+
+    /// Runs `operation` until it succeeds, fails permanently, or the retry budget is spent,
+    /// pausing with exponential backoff and jitter between attempts.
+    pub(super) async fn retrying<T, F, Fut>(
+        &self,
+        what: &'static str,
+        mut operation: F,
+    ) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, Failure>>,
+    {
+        let started = Instant::now();
+        let mut delay = FIRST_RETRY_DELAY;
+        let mut attempt = 1u32;
+        loop {
+            match operation().await {
+                Ok(value) => return Ok(value),
+                Err(failure) => {
+                    let pause = jittered(delay);
+                    if !failure.transient || started.elapsed() + pause > self.retry_budget {
+                        return Err(failure.error);
+                    }
+                    tracing::debug!(
+                        call = what,
+                        attempt,
+                        error = %failure.error,
+                        pause_ms = u64::try_from(pause.as_millis()).unwrap_or(u64::MAX),
+                        "daemon call failed; retrying"
+                    );
+                    tokio::time::sleep(pause).await;
+                    delay = (delay * 2).min(MAX_RETRY_DELAY);
+                    attempt += 1;
+                }
+            }
+        }
+    }
+}
+
+/// A failed attempt, and whether trying again may help.
+pub(super) struct Failure {
+    pub(super) error: Error,
+    pub(super) transient: bool,
+}
+
+impl Failure {
+    pub(super) fn permanent(error: Error) -> Failure {
+        Failure {
+            error,
+            transient: false,
+        }
+    }
+
+    pub(super) fn transient(error: Error) -> Failure {
+        Failure {
+            error,
+            transient: true,
+        }
+    }
+}
+
+/// Whether a connection-level error may go away by itself (the daemon restarting, a dropped
+/// connection), as opposed to a request the daemon will never accept.
+pub(super) fn is_transient(error: &(dyn StdError + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if let Some(e) = e.downcast_ref::<hyper_util::client::legacy::Error>() {
+            if e.is_connect() {
+                return true;
+            }
+        }
+        if let Some(e) = e.downcast_ref::<hyper::Error>() {
+            if e.is_incomplete_message() || e.is_canceled() || e.is_closed() || e.is_timeout() {
+                return true;
+            }
+        }
+        if let Some(e) = e.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::*;
+            if matches!(
+                e.kind(),
+                ConnectionRefused
+                    | ConnectionReset
+                    | ConnectionAborted
+                    | BrokenPipe
+                    | UnexpectedEof
+                    | TimedOut
+                    | NotConnected
+            ) {
+                return true;
+            }
+        }
+        current = e.source();
+    }
+    false
+}
+
+/// `outer: inner: innermost`, skipping a layer that repeats the one below it.
+pub(super) fn describe_chain(error: &(dyn StdError + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut current = Some(error);
+    while let Some(e) = current {
+        let text = e.to_string();
+        if parts.last() != Some(&text) {
+            parts.push(text);
+        }
+        current = e.source();
+    }
+    parts.join(": ")
+}
+
+/// Half of `delay` plus a random part of the other half, so agents that lost the daemon at the
+/// same moment do not all come back at the same moment.
+pub(super) fn jittered(delay: Duration) -> Duration {
+    let mut bytes = [0u8; 8];
+    let random = match getrandom::fill(&mut bytes) {
+        Ok(()) => u64::from_le_bytes(bytes),
+        Err(_) => u64::MAX / 2,
+    };
+    let half = delay / 2;
+    let span = u64::try_from(half.as_nanos())
+        .unwrap_or(u64::MAX)
+        .saturating_add(1);
+    half + Duration::from_nanos(random % span)
+}
