@@ -95,7 +95,7 @@ impl Config {
 
     /// The PEM certificates nodes are to trust when the advertise URL is `https://`
     /// ([`crate::InstanceConfig::ca_pem`]). [`crate::Server`] sets them to its own certificate
-    /// chain when it serves TLS ([`crate::ServerConfig::tls`]); set them yourself when TLS
+    /// chain when it serves TLS (`ServerConfig::tls`, feature `tls`); set them yourself when TLS
     /// ends in front of the engine (a proxy) with a certificate nodes would not otherwise
     /// trust.
     #[must_use]

@@ -71,10 +71,10 @@ impl std::fmt::Debug for Server {
 }
 
 impl Server {
-    /// A server for `engine`. With [`ServerConfig::tls`], the certificate and key are read
-    /// here, so a missing or malformed file fails now; and when the engine's advertise URL is
-    /// `https://`, it checks that nodes will accept the certificate for it (issued for its
-    /// host, not expired, not a CA, chain complete), failing with what to fix
+    /// A server for `engine`. With `ServerConfig::tls` (feature `tls`), the certificate and
+    /// key are read here, so a missing or malformed file fails now; and when the engine's
+    /// advertise URL is `https://`, it checks that nodes will accept the certificate for it
+    /// (issued for its host, not expired, not a CA, chain complete), failing with what to fix
     /// ([`crate::Error::is_invalid_input`]) if not.
     pub fn new(engine: Orchestrator, config: ServerConfig) -> Result<Server> {
         #[cfg(feature = "tls")]
