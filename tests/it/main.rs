@@ -12,5 +12,6 @@ mod engine;
 mod hostile;
 mod pool;
 mod ssh;
+mod tidy;
 #[cfg(feature = "tls")]
 mod tls;
