@@ -59,6 +59,7 @@ mod encode;
 mod error;
 pub mod metadata;
 mod orchestrator;
+mod process;
 pub mod provider;
 pub mod state;
 
