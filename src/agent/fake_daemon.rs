@@ -1,25 +1,38 @@
-//! A fake daemon speaking the node protocol, for the agent's tests and the local provider's.
+//! One fake daemon speaking the node protocol, for the unit tests of both agents (the Rust
+//! agent and the `sh` bootstrap) and of the local provider.
+//!
+//! It serves on 127.0.0.1:0 from a tokio task ([`fake_daemon`]), or from a thread of its own
+//! for tests that block ([`BackgroundDaemon`]). Registration answers come from a list, then
+//! from one default work order; what the nodes report is recorded in [`Daemon`].
 
+use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
+use hyper::header::CONTENT_TYPE;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
+use crate::agent::bootstrap::registration_env;
 use crate::api::wire;
+use crate::sync::lock;
+
+/// The node token of [`registration`], which the default node authenticates with.
+const NODE_TOKEN: &str = "node-token";
+const JSON: &str = "application/json";
 
 /// A registration answer for node `dep-1` of deployment `dep`, authenticated as `node-token`,
 /// running `setup.sh` with `env`.
 pub(crate) fn registration(env: &[(&str, &str)]) -> wire::RegisterResponse {
     wire::RegisterResponse {
-        auth_token: "node-token".into(),
+        auth_token: NODE_TOKEN.into(),
         deployment_id: "dep".into(),
         node_id: "dep-1".into(),
         node_index: 1,
@@ -37,6 +50,10 @@ pub(crate) fn registration(env: &[(&str, &str)]) -> wire::RegisterResponse {
 }
 
 /// What the fake daemon serves and what it received.
+///
+/// Node calls carrying the token of a node in `nodes` are that node's; calls carrying
+/// `node-token` are the default node's (`bundle`, `shutdown`). Every status report of either
+/// lands in `statuses`, every JSON log line in `lines`.
 #[derive(Default)]
 pub(crate) struct Daemon {
     pub(crate) statuses: Vec<wire::StatusRequest>,
@@ -44,10 +61,18 @@ pub(crate) struct Daemon {
     pub(crate) shutdown: bool,
     pub(crate) bundle: Vec<u8>,
     pub(crate) registration: Option<wire::RegisterResponse>,
-    /// Answers to registrations, in order; once used up, `registration` answers.
-    pub(crate) register_answers: std::collections::VecDeque<RegisterAnswer>,
+    /// Answers to registrations, in order; once used up, `registration` answers, or 404
+    /// without one.
+    pub(crate) register_answers: VecDeque<RegisterAnswer>,
+    /// The nodes [`RegisterAnswer::Node`] assigns, by auth token.
+    pub(crate) nodes: BTreeMap<String, FakeNode>,
+    /// When set, the provision token a registration must carry (else 401); an answer's
+    /// `next_token` replaces it.
+    pub(crate) provision_token: Option<String>,
     /// The token of every registration, in order.
     pub(crate) register_tokens: Vec<String>,
+    /// The HTTP status of every registration answered, in order.
+    pub(crate) register_statuses: Vec<u16>,
     /// Whether this path existed at each registration, when set.
     pub(crate) register_probe: Option<PathBuf>,
     pub(crate) probe_seen: Vec<bool>,
@@ -64,13 +89,13 @@ impl Daemon {
         what: &str,
         condition: impl Fn(&Daemon) -> bool,
     ) {
-        let recorded = daemon.lock().expect("lock").recorded.clone();
+        let recorded = lock(daemon).recorded.clone();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
             let next = recorded.notified();
             tokio::pin!(next);
             next.as_mut().enable();
-            if condition(&daemon.lock().expect("lock")) {
+            if condition(&lock(daemon)) {
                 return;
             }
             assert!(
@@ -83,13 +108,15 @@ impl Daemon {
 
 /// One answer of the fake daemon to a registration.
 pub(crate) enum RegisterAnswer {
-    /// 200 with this work order; the daemon then serves `bundle` and answers heartbeats
-    /// with `shutdown`.
+    /// 200 with this work order, for the default node; the daemon then serves `bundle` and
+    /// answers heartbeats with `shutdown`.
     Assign {
         registration: Box<wire::RegisterResponse>,
         bundle: Vec<u8>,
         shutdown: bool,
     },
+    /// 200 with the work order of the node in [`Daemon::nodes`] with this auth token.
+    Node(&'static str),
     /// 204: no work yet.
     NoWork,
     /// 410: the instance is retired.
@@ -100,50 +127,187 @@ pub(crate) enum RegisterAnswer {
     Hold,
 }
 
-fn empty_response(status: u16, body: &'static [u8]) -> Response<Full<Bytes>> {
-    Response::builder()
-        .status(status)
-        .body(Full::new(Bytes::from_static(body)))
+/// A node of [`Daemon::nodes`], and what its agent told the daemon.
+pub(crate) struct FakeNode {
+    pub(crate) registration: wire::RegisterResponse,
+    pub(crate) bundle: Vec<u8>,
+    /// What heartbeats answer.
+    pub(crate) shutdown: bool,
+    /// Each status report, in order: its status, exit code and message.
+    pub(crate) statuses: Vec<(String, Option<i64>, Option<String>)>,
+    /// Each plain-text log piece taken: stream, offset, text.
+    pub(crate) logs: Vec<(String, u64, String)>,
+}
+
+impl FakeNode {
+    /// The text of `stream` as shipped, pieces in offset order.
+    pub(crate) fn output(&self, stream: &str) -> String {
+        let mut pieces: Vec<_> = self.logs.iter().filter(|l| l.0 == stream).collect();
+        pieces.sort_by_key(|l| l.1);
+        pieces.iter().map(|l| l.2.as_str()).collect()
+    }
+
+    /// The status of each report, in order.
+    pub(crate) fn status_names(&self) -> Vec<&str> {
+        self.statuses.iter().map(|s| s.0.as_str()).collect()
+    }
+}
+
+fn response(status: u16, content_type: &str, body: Vec<u8>) -> Response<Full<Bytes>> {
+    let mut builder = Response::builder().status(status);
+    if !content_type.is_empty() {
+        builder = builder.header(CONTENT_TYPE, content_type);
+    }
+    builder
+        .body(Full::new(Bytes::from(body)))
         .expect("response")
 }
 
-/// Answers a registration from the daemon's queue, else with its one `registration`.
-/// `None`: hold the request forever.
-fn answer_registration(daemon: &mut Daemon, body: &[u8]) -> Option<Response<Full<Bytes>>> {
-    let request: wire::RegisterRequest = serde_json::from_slice(body).expect("register");
-    daemon.register_tokens.push(request.provision_token);
+fn error_response(status: u16, text: &str) -> Response<Full<Bytes>> {
+    response(
+        status,
+        JSON,
+        format!(r#"{{"error":"{text}"}}"#).into_bytes(),
+    )
+}
+
+/// Answers a registration from the daemon's queue, else with its one `registration`, as JSON
+/// or, for `format=sh`, as the bootstrap's variable assignments. `None`: hold the request
+/// forever.
+fn answer_registration(
+    daemon: &mut Daemon,
+    query: &str,
+    body: &[u8],
+) -> Option<Response<Full<Bytes>>> {
+    let request: Option<wire::RegisterRequest> = serde_json::from_slice(body).ok();
+    let token = request.map(|r| r.provision_token).unwrap_or_default();
+    daemon.register_tokens.push(token.clone());
     if let Some(probe) = &daemon.register_probe {
         let seen = probe.exists();
         daemon.probe_seen.push(seen);
     }
-    let answer = match daemon.register_answers.pop_front() {
-        None => daemon.registration.clone().expect("registration"),
-        Some(RegisterAnswer::Assign {
-            registration,
-            bundle,
-            shutdown,
-        }) => {
-            daemon.bundle = bundle;
-            daemon.shutdown = shutdown;
-            *registration
-        }
-        Some(RegisterAnswer::NoWork) => return Some(empty_response(204, b"")),
-        Some(RegisterAnswer::Gone) => {
-            return Some(empty_response(410, br#"{"error":"instance retired"}"#))
-        }
-        Some(RegisterAnswer::Unauthorized) => {
-            return Some(empty_response(401, br#"{"error":"unknown token"}"#))
-        }
-        Some(RegisterAnswer::Hold) => {
-            daemon.held.notify_one();
-            return None;
+    let answer = if daemon
+        .provision_token
+        .as_ref()
+        .is_some_and(|expected| *expected != token)
+    {
+        Err(error_response(401, "not the provision token"))
+    } else {
+        match daemon.register_answers.pop_front() {
+            None => daemon
+                .registration
+                .clone()
+                .ok_or_else(|| error_response(404, "no more answers")),
+            Some(RegisterAnswer::Assign {
+                registration,
+                bundle,
+                shutdown,
+            }) => {
+                daemon.bundle = bundle;
+                daemon.shutdown = shutdown;
+                Ok(*registration)
+            }
+            Some(RegisterAnswer::Node(token)) => Ok(daemon.nodes[token].registration.clone()),
+            Some(RegisterAnswer::NoWork) => Err(response(204, "", Vec::new())),
+            Some(RegisterAnswer::Gone) => Err(error_response(410, "instance retired")),
+            Some(RegisterAnswer::Unauthorized) => Err(error_response(401, "unknown token")),
+            Some(RegisterAnswer::Hold) => {
+                daemon.held.notify_one();
+                return None;
+            }
         }
     };
-    let answer = serde_json::to_vec(&answer).expect("json");
-    Some(Response::new(Full::new(Bytes::from(answer))))
+    let answer = match answer {
+        Ok(registration) => {
+            if let (Some(expected), Some(next)) =
+                (&mut daemon.provision_token, &registration.next_token)
+            {
+                expected.clone_from(next);
+            }
+            if query.split('&').any(|pair| pair == "format=sh") {
+                let text = registration_env(&registration).expect("the registration as sh");
+                response(200, "text/plain; charset=utf-8", text.into_bytes())
+            } else {
+                let json = serde_json::to_vec(&registration).expect("json");
+                response(200, JSON, json)
+            }
+        }
+        Err(response) => response,
+    };
+    daemon.register_statuses.push(answer.status().as_u16());
+    Some(answer)
 }
 
-/// A fake daemon on 127.0.0.1:0 implementing the node endpoints.
+/// Answers a node call of the node authenticated by `bearer`.
+fn answer_node_call(
+    daemon: &mut Daemon,
+    route: &str,
+    query: &str,
+    bearer: &str,
+    body: &[u8],
+) -> Response<Full<Bytes>> {
+    let ok = || response(200, JSON, br#"{"status":"ok"}"#.to_vec());
+    let mut node = daemon.nodes.get_mut(bearer);
+    if node.is_none() && bearer != NODE_TOKEN {
+        return error_response(401, "bad token");
+    }
+    match route {
+        "assets" => {
+            let bundle = node.map_or(&daemon.bundle, |node| &node.bundle).clone();
+            response(200, "", bundle)
+        }
+        "heartbeat" => {
+            let shutdown = node.map_or(daemon.shutdown, |node| node.shutdown);
+            response(
+                200,
+                JSON,
+                format!(r#"{{"status":"ok","shutdown":{shutdown}}}"#).into_bytes(),
+            )
+        }
+        "status" => {
+            daemon
+                .statuses
+                .push(serde_json::from_slice(body).expect("status"));
+            if let Some(node) = &mut node {
+                let report: serde_json::Value = serde_json::from_slice(body).expect("status");
+                node.statuses.push((
+                    report["status"].as_str().unwrap_or_default().to_owned(),
+                    report["exit_code"].as_i64(),
+                    report["message"].as_str().map(str::to_owned),
+                ));
+            }
+            daemon.recorded.notify_waiters();
+            ok()
+        }
+        "logs" if query.contains("stream=") => {
+            let mut stream = String::new();
+            let mut offset = 0;
+            for pair in query.split('&') {
+                match pair.split_once('=') {
+                    Some(("stream", value)) => stream = value.to_owned(),
+                    Some(("offset", value)) => offset = value.parse().expect("an offset"),
+                    _ => {}
+                }
+            }
+            let text = String::from_utf8_lossy(body).into_owned();
+            if let Some(node) = &mut node {
+                node.logs.push((stream, offset, text));
+            }
+            daemon.recorded.notify_waiters();
+            ok()
+        }
+        "logs" => {
+            let logs: wire::LogsRequest = serde_json::from_slice(body).expect("logs");
+            daemon.lines.extend(logs.lines);
+            daemon.recorded.notify_waiters();
+            ok()
+        }
+        other => panic!("unexpected path {other}"),
+    }
+}
+
+/// A fake daemon on 127.0.0.1:0 implementing the node endpoints; its URL, and the task
+/// serving it.
 pub(crate) async fn fake_daemon(
     daemon: Arc<Mutex<Daemon>>,
 ) -> (String, tokio::task::JoinHandle<()>) {
@@ -158,53 +322,28 @@ pub(crate) async fn fake_daemon(
                     let daemon = daemon.clone();
                     async move {
                         let path = request.uri().path().to_string();
-                        let authorized = request
+                        let query = request.uri().query().unwrap_or_default().to_string();
+                        let bearer = request
                             .headers()
                             .get("authorization")
-                            .is_some_and(|v| v == "Bearer node-token");
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| v.strip_prefix("Bearer "))
+                            .unwrap_or_default()
+                            .to_string();
                         let body = request.into_body().collect().await?.to_bytes();
-                        if path == "/api/v1/nodes/register" {
-                            let answer =
-                                answer_registration(&mut daemon.lock().expect("lock"), &body);
+                        let Some(route) = path.strip_prefix("/api/v1/nodes/") else {
+                            return Ok(error_response(404, "no such route"));
+                        };
+                        if route == "register" {
+                            let answer = answer_registration(&mut lock(&daemon), &query, &body);
                             return match answer {
                                 Some(response) => Ok(response),
                                 None => std::future::pending().await,
                             };
                         }
-                        let mut daemon = daemon.lock().expect("lock");
-                        let answer = match path.as_str() {
-                            _ if !authorized => {
-                                return Ok::<_, hyper::Error>(
-                                    Response::builder()
-                                        .status(401)
-                                        .body(Full::new(Bytes::from_static(
-                                            br#"{"error":"bad token"}"#,
-                                        )))
-                                        .expect("response"),
-                                )
-                            }
-                            "/api/v1/nodes/assets" => daemon.bundle.clone(),
-                            "/api/v1/nodes/heartbeat" => {
-                                format!(r#"{{"status":"ok","shutdown":{}}}"#, daemon.shutdown)
-                                    .into_bytes()
-                            }
-                            "/api/v1/nodes/status" => {
-                                daemon
-                                    .statuses
-                                    .push(serde_json::from_slice(&body).expect("status"));
-                                daemon.recorded.notify_waiters();
-                                br#"{"status":"ok"}"#.to_vec()
-                            }
-                            "/api/v1/nodes/logs" => {
-                                let logs: wire::LogsRequest =
-                                    serde_json::from_slice(&body).expect("logs");
-                                daemon.lines.extend(logs.lines);
-                                daemon.recorded.notify_waiters();
-                                br#"{"status":"ok"}"#.to_vec()
-                            }
-                            other => panic!("unexpected path {other}"),
-                        };
-                        Ok(Response::new(Full::new(Bytes::from(answer))))
+                        let answer =
+                            answer_node_call(&mut lock(&daemon), route, &query, &bearer, &body);
+                        Ok::<_, hyper::Error>(answer)
                     }
                 });
                 let _ = http1::Builder::new()
@@ -216,18 +355,59 @@ pub(crate) async fn fake_daemon(
     (url, task)
 }
 
-/// A gzip-compressed tar with `setup.sh` (mode 0644) holding `script`.
+/// A fake daemon serving from a thread of its own (with its own runtime) for as long as the
+/// test process lives, for tests that block while an agent runs.
+pub(crate) struct BackgroundDaemon {
+    pub(crate) url: String,
+    daemon: Arc<Mutex<Daemon>>,
+}
+
+impl BackgroundDaemon {
+    pub(crate) fn start(daemon: Daemon) -> BackgroundDaemon {
+        let daemon = Arc::new(Mutex::new(daemon));
+        let served = Arc::clone(&daemon);
+        let (sender, receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime for the fake daemon");
+            runtime.block_on(async move {
+                let (url, server) = fake_daemon(served).await;
+                sender.send(url).expect("the test waits for the URL");
+                let _ = server.await;
+            });
+        });
+        let url = receiver.recv().expect("the fake daemon's URL");
+        BackgroundDaemon { url, daemon }
+    }
+
+    /// What the daemon serves and received.
+    pub(crate) fn state(&self) -> MutexGuard<'_, Daemon> {
+        lock(&self.daemon)
+    }
+}
+
+/// A gzip-compressed tar of `files` (path, text; mode 0644), as a deployment's bundle.
+pub(crate) fn bundle_of(files: &[(&str, &str)]) -> Vec<u8> {
+    let gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let mut archive = tar::Builder::new(gzip);
+    for (path, text) in files {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(text.len() as u64);
+        header.set_mode(0o644);
+        header.set_cksum();
+        archive
+            .append_data(&mut header, path, text.as_bytes())
+            .expect("append");
+    }
+    archive
+        .into_inner()
+        .and_then(flate2::write::GzEncoder::finish)
+        .expect("the bundle")
+}
+
+/// A bundle with `setup.sh` (mode 0644) holding `script`.
 pub(crate) fn bundle(script: &str) -> Vec<u8> {
-    let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(
-        Vec::new(),
-        flate2::Compression::fast(),
-    ));
-    let mut header = tar::Header::new_gnu();
-    header.set_size(script.len() as u64);
-    header.set_mode(0o644);
-    header.set_cksum();
-    builder
-        .append_data(&mut header, "setup.sh", script.as_bytes())
-        .expect("append");
-    builder.into_inner().expect("tar").finish().expect("gzip")
+    bundle_of(&[("setup.sh", script)])
 }

@@ -11,7 +11,7 @@ impl Node<'_> {
     /// stops the script.
     ///
     /// A heartbeat still unanswered at the next tick is given up for a fresh one. While the
-    /// daemon is away the client's pauses between tries grow to 10 s, longer than a short
+    /// daemon is away the client's pauses between tries grow to 10 s and more, longer than a short
     /// heartbeat timeout: a restarted daemon would then fail this live node before its next
     /// try. A fresh heartbeat each interval reaches it within about one interval instead.
     pub(super) async fn heartbeat_loop(&self, finished: &CancellationToken) {
