@@ -6,6 +6,12 @@
 //! reports how the script ended (SPEC §2). On a pooled instance (the daemon's answer says
 //! `pooled`) it then clears the node's files and registers again for the next node.
 //!
+//! The code, one concern per module: this one holds the configuration, the report and the
+//! registration loop; `node` a registered node's life and its calls to the daemon; `files` the
+//! bundle's download, extraction and removal; `script` starting and supervising the script
+//! (its process group is stopped through `crate::process`); `output` the script's lines and
+//! their shipping; `heartbeat` the heartbeats. [`bootstrap`] is the same agent in `sh`.
+//!
 //! Invariants:
 //! - The script runs in a process group of its own; whenever the agent stops it (daemon
 //!   shutdown request, cancellation, time-out) or the script's leader exits, the whole group is

@@ -1,12 +1,12 @@
 //! Stopping real process groups, and finding processes by their environment.
 
+use std::os::unix::process::ExitStatusExt;
 use std::process::Stdio;
 use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
-use std::os::unix::process::ExitStatusExt;
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
