@@ -52,6 +52,7 @@
 pub mod agent;
 mod api;
 mod auth;
+mod backoff;
 pub mod bundle;
 pub mod config;
 #[cfg(any(feature = "tls", feature = "aws"))]
@@ -59,8 +60,10 @@ mod encode;
 mod error;
 pub mod metadata;
 mod orchestrator;
+mod process;
 pub mod provider;
 pub mod state;
+mod sync;
 
 pub use api::client::{Client, Registration};
 pub use api::wire;

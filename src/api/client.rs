@@ -38,6 +38,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 
 use crate::api::wire;
+use crate::backoff::Backoff;
 use crate::error::{Error, Result};
 
 /// Every API path starts with this.
@@ -55,9 +56,10 @@ const UPLOAD_TIMEOUT: Duration = Duration::from_secs(600);
 const DOWNLOAD_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long node-side calls keep retrying transient failures.
 const RETRY_BUDGET: Duration = Duration::from_secs(120);
-/// The first pause between two attempts; it doubles after each failure.
+/// The first delay between two attempts; it doubles after each failure. Each pause is the delay
+/// jittered to between half and one and a half times it ([`Backoff`]).
 const FIRST_RETRY_DELAY: Duration = Duration::from_millis(250);
-/// The longest pause between two attempts.
+/// The longest delay between two attempts, before jitter.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(10);
 /// The largest JSON answer read into memory.
 const MAX_ANSWER_BYTES: usize = 128 * 1024 * 1024;
@@ -446,13 +448,13 @@ impl Client {
         Fut: Future<Output = Result<T, Failure>>,
     {
         let started = Instant::now();
-        let mut delay = FIRST_RETRY_DELAY;
+        let mut backoff = Backoff::new(FIRST_RETRY_DELAY, MAX_RETRY_DELAY);
         let mut attempt = 1u32;
         loop {
             match operation().await {
                 Ok(value) => return Ok(value),
                 Err(failure) => {
-                    let pause = jittered(delay);
+                    let pause = backoff.next_pause();
                     if !failure.transient || started.elapsed() + pause > self.retry_budget {
                         return Err(failure.error);
                     }
@@ -464,7 +466,6 @@ impl Client {
                         "daemon call failed; retrying"
                     );
                     tokio::time::sleep(pause).await;
-                    delay = (delay * 2).min(MAX_RETRY_DELAY);
                     attempt += 1;
                 }
             }
@@ -867,21 +868,6 @@ fn describe_chain(error: &(dyn StdError + 'static)) -> String {
     parts.join(": ")
 }
 
-/// Half of `delay` plus a random part of the other half, so agents that lost the daemon at the
-/// same moment do not all come back at the same moment.
-fn jittered(delay: Duration) -> Duration {
-    let mut bytes = [0u8; 8];
-    let random = match getrandom::fill(&mut bytes) {
-        Ok(()) => u64::from_le_bytes(bytes),
-        Err(_) => u64::MAX / 2,
-    };
-    let half = delay / 2;
-    let span = u64::try_from(half.as_nanos())
-        .unwrap_or(u64::MAX)
-        .saturating_add(1);
-    half + Duration::from_nanos(random % span)
-}
-
 /// Percent-encodes `value` for a path segment or a query value: everything but unreserved
 /// characters (RFC 3986) is escaped.
 fn encode_component(value: &str) -> String {
@@ -999,14 +985,6 @@ mod tests {
         assert_eq!(encode_component("dep-1_a.b~c"), "dep-1_a.b~c");
         assert_eq!(encode_component("a b/c?d&e"), "a%20b%2Fc%3Fd%26e");
         assert_eq!(encode_component("é"), "%C3%A9");
-    }
-
-    #[test]
-    fn jitter_stays_between_half_and_full_delay() {
-        for _ in 0..100 {
-            let pause = jittered(Duration::from_secs(2));
-            assert!(pause >= Duration::from_secs(1) && pause <= Duration::from_secs(2));
-        }
     }
 
     #[test]
