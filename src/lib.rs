@@ -48,6 +48,7 @@
 pub mod agent;
 mod api;
 mod auth;
+mod backoff;
 pub mod bundle;
 pub mod config;
 #[cfg(any(feature = "tls", feature = "aws"))]
@@ -55,8 +56,10 @@ mod encode;
 mod error;
 pub mod metadata;
 mod orchestrator;
+mod process;
 pub mod provider;
 pub mod state;
+mod sync;
 
 pub use api::client::{Client, Registration};
 pub use api::server::{Server, ServerConfig, ServerHandle};

@@ -8,7 +8,12 @@
 pub(crate) mod aws;
 pub(crate) mod local;
 pub(crate) mod pool;
-mod procfs;
+/// Shim while the providers still name `super::procfs`: the functions moved to
+/// [`crate::process`].
+mod procfs {
+    pub(crate) use crate::process::procfs::{pids_with_env, process_group};
+    pub(crate) use crate::process::stop_groups;
+}
 mod ssh;
 
 use std::fmt;

@@ -12,6 +12,7 @@ mod engine;
 mod hostile;
 mod pool;
 mod ssh;
+mod tidy;
 #[cfg(feature = "tls")]
 mod tls;
 mod watch;

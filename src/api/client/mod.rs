@@ -60,9 +60,10 @@ const UPLOAD_TIMEOUT: Duration = Duration::from_secs(600);
 const DOWNLOAD_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long node-side calls keep retrying transient failures.
 const RETRY_BUDGET: Duration = Duration::from_secs(120);
-/// The first pause between two attempts; it doubles after each failure.
+/// The first delay between two attempts; it doubles after each failure. Each pause is the delay
+/// jittered to between half and one and a half times it ([`crate::backoff::Backoff`]).
 const FIRST_RETRY_DELAY: Duration = Duration::from_millis(250);
-/// The longest pause between two attempts.
+/// The longest delay between two attempts, before jitter.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(10);
 /// The largest JSON answer read into memory.
 const MAX_ANSWER_BYTES: usize = 128 * 1024 * 1024;

@@ -2,12 +2,12 @@
 
 use std::error::Error as StdError;
 use std::future::Future;
-use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use tokio::time::Instant;
 
 use super::{decode, Call, Client, FIRST_RETRY_DELAY, MAX_RETRY_DELAY};
+use crate::backoff::Backoff;
 use crate::error::{Error, Result};
 
 impl Client {
@@ -36,13 +36,13 @@ impl Client {
         Fut: Future<Output = Result<T, Failure>>,
     {
         let started = Instant::now();
-        let mut delay = FIRST_RETRY_DELAY;
+        let mut backoff = Backoff::new(FIRST_RETRY_DELAY, MAX_RETRY_DELAY);
         let mut attempt = 1u32;
         loop {
             match operation().await {
                 Ok(value) => return Ok(value),
                 Err(failure) => {
-                    let pause = jittered(delay);
+                    let pause = backoff.next_pause();
                     if !failure.transient || started.elapsed() + pause > self.retry_budget {
                         return Err(failure.error);
                     }
@@ -54,7 +54,6 @@ impl Client {
                         "daemon call failed; retrying"
                     );
                     tokio::time::sleep(pause).await;
-                    delay = (delay * 2).min(MAX_RETRY_DELAY);
                     attempt += 1;
                 }
             }
@@ -131,19 +130,4 @@ pub(super) fn describe_chain(error: &(dyn StdError + 'static)) -> String {
         current = e.source();
     }
     parts.join(": ")
-}
-
-/// Half of `delay` plus a random part of the other half, so agents that lost the daemon at the
-/// same moment do not all come back at the same moment.
-pub(super) fn jittered(delay: Duration) -> Duration {
-    let mut bytes = [0u8; 8];
-    let random = match getrandom::fill(&mut bytes) {
-        Ok(()) => u64::from_le_bytes(bytes),
-        Err(_) => u64::MAX / 2,
-    };
-    let half = delay / 2;
-    let span = u64::try_from(half.as_nanos())
-        .unwrap_or(u64::MAX)
-        .saturating_add(1);
-    half + Duration::from_nanos(random % span)
 }

@@ -12,7 +12,6 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-use super::retry::jittered;
 use super::*;
 
 type Handler = dyn Fn(Parts, Bytes) -> Response<Full<Bytes>> + Send + Sync;
@@ -101,14 +100,6 @@ fn components_are_percent_encoded() {
     assert_eq!(encode_component("dep-1_a.b~c"), "dep-1_a.b~c");
     assert_eq!(encode_component("a b/c?d&e"), "a%20b%2Fc%3Fd%26e");
     assert_eq!(encode_component("é"), "%C3%A9");
-}
-
-#[test]
-fn jitter_stays_between_half_and_full_delay() {
-    for _ in 0..100 {
-        let pause = jittered(Duration::from_secs(2));
-        assert!(pause >= Duration::from_secs(1) && pause <= Duration::from_secs(2));
-    }
 }
 
 #[test]
