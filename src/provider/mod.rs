@@ -9,7 +9,7 @@ pub(crate) mod aws;
 pub(crate) mod local;
 pub(crate) mod pool;
 mod procfs;
-mod ssh;
+
 
 use std::fmt;
 
