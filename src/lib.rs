@@ -60,6 +60,7 @@ mod error;
 pub mod metadata;
 mod orchestrator;
 pub mod provider;
+mod secret;
 pub mod state;
 
 pub use api::client::{Client, Registration};
@@ -71,9 +72,12 @@ pub use orchestrator::{Config, Orchestrator};
 #[cfg(feature = "aws")]
 pub use provider::AwsProvider;
 pub use provider::{
-    InstanceConfig, InstanceInfo, InstanceState, LocalProvider, OwnedInstance, PoolConfig,
-    PooledProvider, Provider, ProviderError,
+    Instance, InstanceKind, InstanceRef, InstanceSpec, InstanceState, LocalProvider, OwnedBy,
+    OwnedInstance, Owner, PoolConfig, PooledProvider, Provider, ProviderError, ProviderSettings,
 };
+pub use secret::Secret;
+/// Re-exported so that implementing [`Provider`] needs no direct dependency on `async-trait`.
+pub use async_trait::async_trait;
 #[cfg(feature = "sqlite")]
 pub use state::SqliteStore;
 pub use state::{MemoryStore, Store};

@@ -16,6 +16,7 @@ use serde_json::Value as JsonValue;
 use serde_yaml::Value;
 
 use crate::error::{Error, Result};
+use crate::provider::ProviderSettings;
 
 /// The name of the deployment file in a project folder.
 pub const CONFIG_FILE_NAME: &str = "taskfly.yml";
@@ -68,29 +69,29 @@ const NODES_FIELDS: &[&str] = &[
 ];
 const AGENT_NAMES: &[&str] = &["rust", "script"];
 
-/// Where the nodes of a deployment run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where the nodes of a deployment run: the name of a provider (`cloud_provider`).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CloudProvider {
     /// Child processes on the daemon's machine, or SSH hosts when `instance_config.local.hosts`
     /// is set.
     Local,
     /// EC2 instances (or any EC2-compatible endpoint).
     Aws,
+    /// A provider the engine's host registered under this name (see
+    /// [`crate::Config::provider`]). Its `instance_config.<name>` section is handed to it
+    /// unchecked; the engine refuses the deployment if no provider of that name is registered.
+    Other(String),
 }
 
 impl CloudProvider {
-    /// The name used in `taskfly.yml` and in API responses: `local` or `aws`.
-    pub fn as_str(self) -> &'static str {
+    /// The name used in `taskfly.yml` and in API responses: `local`, `aws`, or another
+    /// provider's name.
+    pub fn as_str(&self) -> &str {
         match self {
             CloudProvider::Local => "local",
             CloudProvider::Aws => "aws",
+            CloudProvider::Other(name) => name,
         }
-    }
-}
-
-impl fmt::Display for CloudProvider {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 
@@ -107,6 +108,9 @@ pub struct DeploymentConfig {
     pub local: LocalConfig,
     /// `instance_config.aws`; `Some` exactly when the provider is `aws`.
     pub aws: Option<AwsConfig>,
+    /// `instance_config.<cloud_provider>` as written, for the provider
+    /// ([`DeploymentConfig::provider_settings`]).
+    provider_section: Value,
     /// Files, globs and directories to bundle, relative to `taskfly.yml` and never outside its
     /// folder; never empty.
     pub application_files: Vec<String>,
@@ -225,6 +229,12 @@ impl fmt::Debug for NodesConfig {
 }
 
 impl DeploymentConfig {
+    /// The section `instance_config.<cloud_provider>`, unparsed, for the provider that runs
+    /// the deployment: all it sees of the deployment.
+    pub fn provider_settings(&self) -> ProviderSettings {
+        ProviderSettings::new(self.cloud_provider.as_str(), self.provider_section.clone())
+    }
+
     /// Parses and validates the text of a `taskfly.yml`.
     ///
     /// On failure the error [`is_invalid_config`](Error::is_invalid_config) and its
@@ -278,6 +288,15 @@ struct Problems(Vec<String>);
 impl Problems {
     fn add(&mut self, path: &str, what: impl fmt::Display) {
         self.0.push(format!("{path}: {what}"));
+    }
+
+    /// `value` if no problem was found, else the error naming them all.
+    fn into_result<T>(self, value: T) -> Result<T> {
+        if self.0.is_empty() {
+            Ok(value)
+        } else {
+            Err(self.into_error(CONFIG_FILE_NAME))
+        }
     }
 
     /// The error for an invalid file; `file` is how the message names it.
@@ -505,8 +524,8 @@ fn parse_document(text: &str, problems: &mut Problems) -> Option<DeploymentConfi
     let fields = Fields::read(&root, "", TOP_FIELDS, problems)?;
 
     let cloud_provider = parse_cloud_provider(fields.get("cloud_provider"), problems);
-    let (local, aws) =
-        parse_instance_config(fields.get("instance_config"), cloud_provider, problems);
+    let (local, aws, provider_section) =
+        parse_instance_config(fields.get("instance_config"), cloud_provider.as_ref(), problems);
     let application_files = parse_application_files(fields.get("application_files"), problems);
     let remote_script_to_run = match fields.get("remote_script_to_run") {
         None => DEFAULT_SCRIPT.to_owned(),
@@ -556,7 +575,7 @@ fn parse_document(text: &str, problems: &mut Problems) -> Option<DeploymentConfi
         problems.0.extend(crate::metadata::check(nodes));
     }
     if let (Some(CloudProvider::Local), Some(dir), Some(nodes)) =
-        (cloud_provider, &remote_dest_dir, &nodes)
+        (&cloud_provider, &remote_dest_dir, &nodes)
     {
         // Local nodes all run on this machine: one folder of it (absolute, or in the home
         // directory) would take every node's bundle, and all but the first be refused.
@@ -590,6 +609,7 @@ fn parse_document(text: &str, problems: &mut Problems) -> Option<DeploymentConfi
         cloud_provider: cloud_provider?,
         local,
         aws,
+        provider_section,
         application_files,
         remote_script_to_run,
         remote_dest_dir,
@@ -614,51 +634,95 @@ fn yaml_error(err: &serde_yaml::Error) -> String {
 fn parse_cloud_provider(value: Option<&Value>, problems: &mut Problems) -> Option<CloudProvider> {
     let path = "cloud_provider";
     let Some(value) = value else {
-        problems.add(path, "required; set it to local or aws");
+        problems.add(path, "required; set it to local, aws or a registered provider's name");
         return None;
     };
     match value.as_str() {
         Some("local") => Some(CloudProvider::Local),
         Some("aws") => Some(CloudProvider::Aws),
+        // Any other provider is the engine's to know: it refuses names it has none for.
+        Some(name) if is_provider_name(name) => Some(CloudProvider::Other(name.to_owned())),
         _ => {
-            let hint = value
-                .as_str()
-                .and_then(|name| closest(name, PROVIDER_NAMES.iter().copied()))
-                .map(|meant| format!("; did you mean {meant}?"))
-                .unwrap_or_default();
             problems.add(
                 path,
-                format!("expected local or aws, got {}{hint}", describe(value)),
+                format!(
+                    "expected local, aws or a provider's name (lowercase letters, digits, `-` \
+                     and `_`), got {}",
+                    describe(value)
+                ),
             );
             None
         }
     }
 }
 
-/// Reads `instance_config`, validating only the entry of the chosen provider.
+/// Whether `name` may name a provider: lowercase letters, digits, `-` and `_`, starting with a
+/// letter.
+fn is_provider_name(name: &str) -> bool {
+    name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+}
+
+/// Reads `instance_config`, validating only the entry of the chosen provider (the built-ins'
+/// sections; another provider's section is its own to check). Returns the typed built-in
+/// sections and the chosen provider's section as written.
 fn parse_instance_config(
     value: Option<&Value>,
-    provider: Option<CloudProvider>,
+    provider: Option<&CloudProvider>,
     problems: &mut Problems,
-) -> (LocalConfig, Option<AwsConfig>) {
+) -> (LocalConfig, Option<AwsConfig>, Value) {
     let path = "instance_config";
     let empty = Value::Null;
-    let Some(fields) = Fields::read(value.unwrap_or(&empty), path, PROVIDER_NAMES, problems) else {
-        return (LocalConfig::default(), None);
+    let mut known = PROVIDER_NAMES.to_vec();
+    if let Some(CloudProvider::Other(name)) = provider {
+        known.push(name);
+    }
+    let Some(fields) = Fields::read(value.unwrap_or(&empty), path, &known, problems) else {
+        return (LocalConfig::default(), None, Value::Null);
     };
+    let section = provider
+        .and_then(|provider| fields.get(provider.as_str()))
+        .cloned()
+        .unwrap_or(Value::Null);
     match provider {
         Some(CloudProvider::Local) => {
             let local = match fields.get("local") {
                 Some(value) => parse_local(value, &fields.path("local"), problems),
                 None => LocalConfig::default(),
             };
-            (local, None)
+            (local, None, section)
         }
         Some(CloudProvider::Aws) => {
             let aws = parse_aws(fields.get("aws"), &fields.path("aws"), problems);
-            (LocalConfig::default(), aws)
+            (LocalConfig::default(), aws, section)
         }
-        None => (LocalConfig::default(), None),
+        Some(CloudProvider::Other(_)) | None => (LocalConfig::default(), None, section),
+    }
+}
+
+/// The typed `instance_config.local` of `settings`, validated as [`DeploymentConfig`] does;
+/// errors name the fields (`instance_config.local.hosts[1]`).
+pub(crate) fn local_settings(settings: &ProviderSettings) -> Result<LocalConfig> {
+    let mut problems = Problems::default();
+    let local = match settings.section() {
+        Value::Null => LocalConfig::default(),
+        section => parse_local(section, &settings.path(), &mut problems),
+    };
+    problems.into_result(local)
+}
+
+/// The typed `instance_config.aws` of `settings`, validated as [`DeploymentConfig`] does;
+/// errors name the fields (`instance_config.aws.image_id`).
+#[cfg(feature = "aws")]
+pub(crate) fn aws_settings(settings: &ProviderSettings) -> Result<AwsConfig> {
+    let mut problems = Problems::default();
+    let section = Some(settings.section()).filter(|value| !value.is_null());
+    let aws = parse_aws(section, &settings.path(), &mut problems);
+    match aws {
+        Some(aws) => problems.into_result(aws),
+        None => Err(problems.into_error(CONFIG_FILE_NAME)),
     }
 }
 

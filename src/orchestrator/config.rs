@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::bundle::BundleLimits;
-use crate::provider::{LocalProvider, Provider};
+use crate::provider::{LocalProvider, PoolConfig, PooledProvider, Provider, Registered};
 use crate::state::{MemoryStore, Store};
 
 /// The engine's settings. Start from [`Config::new`] and chain the setters:
@@ -46,6 +46,7 @@ pub struct Config {
     pub(crate) tls: Option<(PathBuf, PathBuf)>,
     pub(crate) store: Option<Arc<dyn Store>>,
     pub(crate) providers: HashMap<String, Arc<dyn Provider>>,
+    pub(crate) pools: HashMap<String, PoolConfig>,
 }
 
 impl fmt::Debug for Config {
@@ -95,6 +96,7 @@ impl Config {
             tls: None,
             store: None,
             providers: HashMap::new(),
+            pools: HashMap::new(),
         }
     }
 
@@ -276,11 +278,13 @@ impl Config {
         self
     }
 
-    /// Runs deployments whose `cloud_provider` is `name` on `provider`. `local` is registered
-    /// by default (a [`LocalProvider`] working in `<data_dir>/work`); this replaces it.
+    /// Runs deployments whose `cloud_provider` is the provider's [`Provider::name`] on it,
+    /// handing it their `instance_config.<name>` section. `local` is registered by default (a
+    /// [`LocalProvider`] working in `<data_dir>/work`); a provider of the same name replaces
+    /// it.
     #[must_use]
-    pub fn provider(mut self, name: impl Into<String>, provider: Arc<dyn Provider>) -> Config {
-        self.providers.insert(name.into(), provider);
+    pub fn provider(mut self, provider: Arc<dyn Provider>) -> Config {
+        self.providers.insert(provider.name().to_owned(), provider);
         self
     }
 
@@ -299,11 +303,37 @@ impl Config {
             .unwrap_or_else(|| Arc::new(MemoryStore::new()) as Arc<dyn Store>)
     }
 
-    pub(crate) fn take_providers(&mut self) -> HashMap<String, Arc<dyn Provider>> {
+    /// The registered providers by name, each behind its pool if it has one. Errors: pool
+    /// settings that contradict each other, or a pool for no registered provider.
+    pub(crate) fn take_providers(&mut self) -> crate::Result<HashMap<String, Registered>> {
         let mut providers = std::mem::take(&mut self.providers);
         providers
             .entry("local".to_owned())
             .or_insert_with(|| Arc::new(LocalProvider::new(self.data_dir.join("work"))));
+        let mut pools = std::mem::take(&mut self.pools);
+        if let Some(name) = pools.keys().find(|name| !providers.contains_key(*name)) {
+            return Err(crate::Error::invalid_input(format!(
+                "a pool is configured for `{name}`, but no provider of that name is registered"
+            )));
+        }
         providers
+            .into_iter()
+            .map(|(name, provider)| {
+                let registered = match pools.remove(&name) {
+                    Some(pool) => Registered::Pooled(Arc::new(PooledProvider::new(provider, pool)?)),
+                    None => Registered::Plain(provider),
+                };
+                Ok((name, registered))
+            })
+            .collect()
+    }
+
+    /// Puts the provider named `name` behind a pool ([`PooledProvider`]): instances are kept
+    /// between nodes, so a later node starts on one that is already up. The settings are
+    /// checked once, by [`crate::Orchestrator::new`] ([`PoolConfig::validate`]).
+    #[must_use]
+    pub fn pool(mut self, name: impl Into<String>, pool: PoolConfig) -> Config {
+        self.pools.insert(name.into(), pool);
+        self
     }
 }

@@ -39,7 +39,11 @@ use aws_sdk_ec2::Client;
 use sha2::{Digest, Sha256};
 use tokio::sync::OnceCell;
 
-use super::{InstanceConfig, InstanceInfo, InstanceState, OwnedInstance, Provider, ProviderError};
+use super::{
+    Instance as NewInstance, InstanceKind, InstanceRef, InstanceSpec, InstanceState, OwnedBy,
+    OwnedInstance, Owner, Provider, ProviderError, ProviderSettings,
+};
+use crate::config::aws_settings;
 use crate::config::AwsConfig;
 use crate::error::BoxError;
 
@@ -127,7 +131,7 @@ enum Base {
 
 /// A place instances live in: a region at an endpoint. `None` means the base settings' own
 /// (the default chain's region, or the given [`SdkConfig`]'s region and endpoint).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 struct Location {
     region: Option<String>,
     endpoint_url: Option<String>,
@@ -140,6 +144,41 @@ impl Location {
             endpoint_url: config.endpoint_url.clone(),
         }
     }
+}
+
+impl Location {
+    /// The locator of an instance here ([`InstanceRef::locator`]): the location as JSON.
+    fn encode(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// The location a locator names; `None` for an empty one (an instance of taskfly 0.1).
+    fn decode(locator: &str) -> Result<Option<Location>, ProviderError> {
+        if locator.is_empty() {
+            return Ok(None);
+        }
+        serde_json::from_str(locator)
+            .map(Some)
+            .map_err(|e| invalid_configuration(format!("an invalid EC2 locator {locator:?}: {e}")))
+    }
+}
+
+/// The kind of the instances `aws` starts: every setting, spelled out.
+fn aws_kind(aws: &AwsConfig) -> InstanceKind {
+    let tags: Vec<String> = aws.tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    InstanceKind::new(format!(
+        "aws region={} endpoint={} image={} type={} key={} groups={} subnet={} profile={} spot={} tags={}",
+        aws.region.as_deref().unwrap_or("-"),
+        aws.endpoint_url.as_deref().unwrap_or("-"),
+        aws.image_id,
+        aws.instance_type,
+        aws.key_name.as_deref().unwrap_or("-"),
+        aws.security_groups.join(","),
+        aws.subnet_id.as_deref().unwrap_or("-"),
+        aws.iam_instance_profile.as_deref().unwrap_or("-"),
+        aws.spot,
+        tags.join(","),
+    ))
 }
 
 impl fmt::Display for Location {
@@ -425,28 +464,37 @@ impl AwsProvider {
     }
 }
 
+/// The deployment-id tag of a pool slot's instance: it belongs to no deployment.
+const POOL_TAG_VALUE: &str = "taskfly-pool";
+
 #[async_trait]
 impl Provider for AwsProvider {
-    async fn provision(&self, config: InstanceConfig) -> Result<InstanceInfo, BoxError> {
-        let Some(aws) = config.deployment.aws.as_ref() else {
-            return Err(invalid_configuration(
-                "the deployment has no instance_config.aws section (is cloud_provider aws?)",
-            )
-            .into());
+    fn name(&self) -> &str {
+        "aws"
+    }
+
+    async fn provision(&self, spec: InstanceSpec) -> Result<NewInstance, BoxError> {
+        let aws = aws_settings(&spec.settings)
+            .map_err(|e| invalid_configuration(e.to_string()))?;
+        let aws = &aws;
+        let deployment_id = match &spec.owner {
+            Owner::Node { deployment_id, .. } => deployment_id.as_str(),
+            Owner::Pool { .. } => POOL_TAG_VALUE,
         };
+        let node_id = spec.owner.name();
         let groups = security_groups(&aws.security_groups, aws.subnet_id.is_some())
             .map_err(invalid_configuration)?;
         let tags = instance_tags(
-            &config.deployment_id,
-            &config.node_id,
+            deployment_id,
+            node_id,
             self.owner.as_deref(),
             &aws.tags,
         )
         .map_err(invalid_configuration)?;
         let script = crate::agent::bootstrap::bootstrap_script(
-            &config.daemon_url,
-            &config.provision_token,
-            config.ca_pem.as_deref(),
+            &spec.daemon_url,
+            spec.provision_token.expose(),
+            spec.ca_pem.as_deref(),
         )
         .map_err(|e| invalid_configuration(format!("cannot build the bootstrap script: {e}")))?;
         let location = Location::of(aws);
@@ -463,9 +511,9 @@ impl Provider for AwsProvider {
             .min_count(1)
             .max_count(1)
             .client_token(client_token(
-                &config.node_id,
-                config.attempt,
-                &config.provision_token,
+                node_id,
+                spec.owner.attempt(),
+                spec.provision_token.expose(),
             ))
             .user_data(crate::encode::base64(script.as_bytes()))
             .tag_specifications(tag_spec.build())
@@ -517,24 +565,43 @@ impl Provider for AwsProvider {
             message: "RunInstances returned an instance without an id".to_owned(),
             retryable: true,
         })?;
-        self.remember(&info.instance_id, &location);
+        lock(&self.used).insert(location.clone());
         tracing::info!(
             instance_id = %info.instance_id,
-            node_id = %config.node_id,
+            node_id = %node_id,
             place = %location,
             image_id = %aws.image_id,
             instance_type = %aws.instance_type,
             spot = aws.spot,
             "EC2 instance launched"
         );
-        Ok(info)
+        Ok(NewInstance {
+            reference: InstanceRef {
+                id: info.instance_id,
+                locator: location.encode(),
+            },
+            ip_address: info.ip_address,
+        })
     }
 
-    async fn terminate(&self, instance_id: &str) -> Result<(), BoxError> {
-        let Some((location, client)) = self.locate(instance_id).await? else {
-            // No place knows the instance: it is gone (EC2 forgets terminated instances).
-            tracing::info!(instance_id, "EC2 instance already gone");
-            return Ok(());
+    /// Terminates the instance in the region and at the endpoint its locator names (one of
+    /// taskfly 0.1, without a locator, is looked for in every region).
+    async fn terminate(&self, instance: &InstanceRef) -> Result<(), BoxError> {
+        let instance_id = instance.id.as_str();
+        let (location, client) = match Location::decode(&instance.locator)? {
+            Some(location) => {
+                let client = self.usable_client(&location).await?;
+                lock(&self.used).insert(location.clone());
+                (location, client)
+            }
+            None => match self.locate(instance_id).await? {
+                Some(found) => found,
+                None => {
+                    // No place knows the instance: it is gone (EC2 forgets terminated instances).
+                    tracing::info!(instance_id, "EC2 instance already gone");
+                    return Ok(());
+                }
+            },
         };
         let response = client
             .terminate_instances()
@@ -561,16 +628,13 @@ impl Provider for AwsProvider {
 
     /// Every `instance_config.aws` setting: instances differing in any of them (AMI, type,
     /// region, endpoint, key, network, profile, spot, tags) are never pooled together.
-    fn instance_kind(&self, config: &InstanceConfig) -> String {
-        format!("aws {:?}", config.deployment.aws)
-    }
-
-    async fn describe(&self, instance_id: &str) -> Result<Option<InstanceInfo>, BoxError> {
-        let Some((_, client)) = self.locate(instance_id).await? else {
-            return Ok(None);
-        };
-        let instance = describe_one(&client, instance_id).await?;
-        Ok(instance.as_ref().and_then(instance_info))
+    fn instance_kind(
+        &self,
+        settings: &ProviderSettings,
+        _owner: &Owner,
+    ) -> Result<InstanceKind, BoxError> {
+        let aws = aws_settings(settings)?;
+        Ok(aws_kind(&aws))
     }
 
     async fn owned_instances(&self) -> Result<Vec<OwnedInstance>, BoxError> {
@@ -582,9 +646,8 @@ impl Provider for AwsProvider {
         for location in places {
             match self.list_owned(&location).await {
                 Ok(found) => {
-                    for (instance, place) in found.into_iter().map(|i| (i, location.clone())) {
-                        if seen.insert(instance.instance_id.clone()) {
-                            lock(&self.instances).insert(instance.instance_id.clone(), place);
+                    for instance in found {
+                        if seen.insert(instance.instance.id.clone()) {
                             owned.push(instance);
                         }
                     }
@@ -649,10 +712,20 @@ impl AwsProvider {
                 if let (Some(instance_id), Some(deployment_id)) =
                     (instance.instance_id(), deployment_id)
                 {
+                    let owner = if deployment_id == POOL_TAG_VALUE {
+                        OwnedBy::Pool
+                    } else {
+                        OwnedBy::Deployment {
+                            deployment_id: deployment_id.to_owned(),
+                            node_id: tag(NODE_TAG).map(str::to_owned),
+                        }
+                    };
                     owned.push(OwnedInstance {
-                        instance_id: instance_id.to_owned(),
-                        deployment_id: deployment_id.to_owned(),
-                        node_id: tag(NODE_TAG).map(str::to_owned),
+                        instance: InstanceRef {
+                            id: instance_id.to_owned(),
+                            locator: location.encode(),
+                        },
+                        owner,
                         state: instance_state(instance),
                     });
                 }
@@ -684,14 +757,19 @@ async fn describe_one(
     }
 }
 
-fn instance_info(instance: &Instance) -> Option<InstanceInfo> {
-    Some(InstanceInfo {
+/// What RunInstances said of a new instance.
+struct Launched {
+    instance_id: String,
+    ip_address: Option<String>,
+}
+
+fn instance_info(instance: &Instance) -> Option<Launched> {
+    Some(Launched {
         instance_id: instance.instance_id()?.to_owned(),
         ip_address: instance
             .public_ip_address()
             .or(instance.private_ip_address())
             .map(str::to_owned),
-        state: instance_state(instance),
     })
 }
 

@@ -8,19 +8,17 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{InstanceConfig, InstanceInfo, InstanceState, OwnedInstance, Provider};
+use super::{
+    Instance, InstanceKind, InstanceRef, InstanceSpec, OwnedBy, OwnedInstance, Owner, Provider,
+};
 use crate::auth;
 use crate::error::{BoxError, Error};
+use crate::secret::Secret;
 use crate::wire::PoolStats;
-
-/// The deployment id pooled instances are started under (EC2: their `taskfly:deployment-id`
-/// tag): they belong to the pool, not to the deployment of their first node.
-pub const POOL_DEPLOYMENT_ID: &str = "taskfly-pool";
 
 /// Retired instance tokens remembered (32 bytes each).
 const RETIRED_TOKENS_KEPT: usize = 4096;
@@ -150,7 +148,8 @@ impl PoolConfig {
     }
 }
 
-/// A [`Provider`] adapter that keeps instances for later nodes.
+/// An adapter around a [`Provider`] that keeps instances for later nodes. Not a provider
+/// itself: the engine puts a registered provider behind one ([`crate::Config::pool`]).
 ///
 /// How reuse works: a pooled instance is started with an *instance token* the pool makes, in
 /// place of a node's single-use provision token. Its agent registers with that token like any
@@ -166,23 +165,24 @@ impl PoolConfig {
 /// Instances are matched on their kind ([`Provider::instance_kind`]: for EC2, the AMI,
 /// instance type, network and tags), never shared across kinds.
 ///
-/// Register it like any provider; the engine finds the pool behind it through
-/// [`Provider::pool`], runs its maintenance and shows its state in `GET /stats`.
+/// The engine runs its maintenance, routes its agents' registrations to it and shows its
+/// state in `GET /stats`:
 ///
 /// ```no_run
 /// # fn demo() -> taskfly::Result<()> {
 /// use std::sync::Arc;
-/// use taskfly::{Config, LocalProvider, PoolConfig, PooledProvider};
+/// use taskfly::{Config, LocalProvider, PoolConfig};
 /// let local = Arc::new(LocalProvider::new("/tmp/taskfly/work".into()));
-/// let pooled = PooledProvider::new(local, PoolConfig::new(8).provision_ahead(2))?;
-/// let config = Config::new("/tmp/taskfly").provider("local", Arc::new(pooled));
+/// let config = Config::new("/tmp/taskfly")
+///     .provider(local)
+///     .pool("local", PoolConfig::new(8).provision_ahead(2));
 /// # Ok(()) }
 /// ```
 ///
-/// Leak prevention: instances the pool holds idle are its own (tagged
-/// [`POOL_DEPLOYMENT_ID`]); it terminates them when idle too long, when their agent is lost,
-/// and at [`Provider::shutdown`]. A restarted engine does not know them any more: the leak
-/// checks terminate those not running a live node.
+/// Leak prevention: instances the pool holds idle are its own (started for an
+/// [`Owner::Pool`] slot); it terminates them when idle too long, when their agent is lost,
+/// and at [`PooledProvider::shutdown`]. A restarted engine does not know them any more: the
+/// leak checks terminate those not running a live node.
 pub struct PooledProvider {
     inner: Arc<dyn Provider>,
     config: PoolConfig,
@@ -204,12 +204,12 @@ struct PoolState {
     /// Launches ever reserved: tells the leak checks whether one started while they listed.
     launches_started: u64,
     /// Of those being started, spares, by kind (so concurrent top-ups do not start the same spare twice).
-    spares_launching: HashMap<String, usize>,
+    spares_launching: HashMap<InstanceKind, usize>,
     /// Tokens of instances retired and gone, so their agents are told to stop (410) rather
     /// than refused (401); the oldest are forgotten past [`RETIRED_TOKENS_KEPT`].
     retired_tokens: std::collections::VecDeque<[u8; 32]>,
     /// The last request of each kind, to start spares from (provision token cleared).
-    templates: HashMap<String, InstanceConfig>,
+    templates: HashMap<InstanceKind, InstanceSpec>,
     launched_total: u64,
     reused_total: u64,
     spares_used_total: u64,
@@ -217,7 +217,9 @@ struct PoolState {
 }
 
 struct Slot {
-    kind: String,
+    /// How the inner provider finds the instance.
+    instance: InstanceRef,
+    kind: InstanceKind,
     token_hash: [u8; 32],
     ip_address: Option<String>,
     state: SlotState,
@@ -483,7 +485,10 @@ impl PooledProvider {
             slot.terminating = true;
         }
         self.bump();
-        let result = self.inner.terminate(instance_id).await;
+        let Some(instance) = self.lock().slots.get(instance_id).map(|s| s.instance.clone()) else {
+            return Ok(());
+        };
+        let result = self.inner.terminate(&instance).await;
         {
             let mut state = self.lock();
             match &result {
@@ -571,24 +576,23 @@ impl PooledProvider {
     /// node at once; without, it is a spare. The caller has reserved room (`launching`).
     async fn launch(
         &self,
-        kind: &str,
-        template: &InstanceConfig,
-        assign: Option<(String, String)>,
-    ) -> Result<InstanceInfo, BoxError> {
+        kind: &InstanceKind,
+        template: &InstanceSpec,
+        assign: Option<(String, Secret)>,
+    ) -> Result<Instance, BoxError> {
         let guard = LaunchGuard {
             pool: self,
-            spare_kind: assign.is_none().then(|| kind.to_owned()),
+            spare_kind: assign.is_none().then(|| kind.clone()),
             armed: true,
         };
         let token = auth::new_token()?;
         let token_hash = auth::hash_token(&token);
         // A random name: a restarted engine's pool must not reuse one of the last run's.
-        let request = InstanceConfig {
-            deployment_id: POOL_DEPLOYMENT_ID.to_owned(),
-            node_id: format!("pool-{}", auth::new_id()?),
-            node_index: 0,
-            attempt: 1,
-            provision_token: token,
+        let request = InstanceSpec {
+            owner: Owner::Pool {
+                slot: format!("pool-{}", auth::new_id()?),
+            },
+            provision_token: Secret::from(token),
             ..template.clone()
         };
         let result = self.inner.provision(request).await;
@@ -607,16 +611,18 @@ impl PooledProvider {
         let slot_state = match assign {
             Some((node_id, provision_token)) => SlotState::Assigned {
                 node_id,
-                provision_token,
+                provision_token: provision_token.expose().to_owned(),
             },
             None => SlotState::Idle,
         };
-        tracing::info!(instance_id = %info.instance_id, kind, spare = slot_state == SlotState::Idle, "pooled instance launched");
-        state.tokens.insert(token_hash, info.instance_id.clone());
+        let instance_id = info.reference.id.clone();
+        tracing::info!(instance_id = %instance_id, kind = %kind, spare = slot_state == SlotState::Idle, "pooled instance launched");
+        state.tokens.insert(token_hash, instance_id.clone());
         state.slots.insert(
-            info.instance_id.clone(),
+            instance_id,
             Slot {
-                kind: kind.to_owned(),
+                instance: info.reference.clone(),
+                kind: kind.clone(),
                 token_hash,
                 ip_address: info.ip_address.clone(),
                 state: slot_state,
@@ -635,7 +641,7 @@ impl PooledProvider {
 
     /// Start spares of `kind` until `provision_ahead` unassigned instances of it exist (or
     /// the pool is full). Launch failures are logged; nodes never wait on spares.
-    async fn top_up(&self, kind: &str) {
+    async fn top_up(&self, kind: &InstanceKind) {
         let (wanted, template) = {
             let mut state = self.lock();
             let Some(template) = state.templates.get(kind).cloned() else {
@@ -646,13 +652,13 @@ impl PooledProvider {
                 + state
                     .slots
                     .values()
-                    .filter(|s| s.kind == kind && s.state == SlotState::Idle)
+                    .filter(|s| &s.kind == kind && s.state == SlotState::Idle)
                     .count();
             let room = self.config.max_instances.saturating_sub(state.live_count());
             let wanted = self.config.provision_ahead.saturating_sub(spares).min(room);
             state.launching += wanted;
             state.launches_started += wanted as u64;
-            *state.spares_launching.entry(kind.to_owned()).or_insert(0) += wanted;
+            *state.spares_launching.entry(kind.clone()).or_insert(0) += wanted;
             (wanted, template)
         };
         let launches = (0..wanted).map(|_| async {
@@ -723,11 +729,11 @@ impl PoolState {
     /// Decide how a node gets an instance of `kind`: an idle one (a booted one first, a spare
     /// before a used one, the longest idle first), else a new one if there is room (reserved
     /// here), else room made by retiring an idle instance of another kind, else wait.
-    fn next_step(&mut self, kind: &str, config: &PoolConfig) -> Step {
+    fn next_step(&mut self, kind: &InstanceKind, config: &PoolConfig) -> Step {
         let idle = self
             .slots
             .iter()
-            .filter(|(_, s)| s.kind == kind && s.state == SlotState::Idle)
+            .filter(|(_, s)| &s.kind == kind && s.state == SlotState::Idle)
             .min_by_key(|(_, s)| (s.last_poll.is_none(), s.served > 0, s.since));
         if let Some((instance_id, _)) = idle {
             return Step::Reuse(instance_id.clone());
@@ -739,7 +745,7 @@ impl PoolState {
         }
         self.slots
             .iter()
-            .filter(|(_, s)| s.kind != kind && s.state == SlotState::Idle)
+            .filter(|(_, s)| &s.kind != kind && s.state == SlotState::Idle)
             .min_by_key(|(_, s)| s.since)
             .map_or(Step::Wait, |(id, _)| Step::Retire(id.clone()))
     }
@@ -759,7 +765,7 @@ impl PoolState {
 struct LaunchGuard<'a> {
     pool: &'a PooledProvider,
     /// The kind, for a spare's launch.
-    spare_kind: Option<String>,
+    spare_kind: Option<InstanceKind>,
     armed: bool,
 }
 
@@ -789,20 +795,30 @@ impl Drop for LaunchGuard<'_> {
     }
 }
 
-#[async_trait]
-impl Provider for PooledProvider {
+impl PooledProvider {
+    /// The name of the provider inside.
+    pub fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    /// The provider inside.
+    pub fn inner(&self) -> &Arc<dyn Provider> {
+        &self.inner
+    }
+
     /// Hands the node an idle instance of its kind (a spare first, else one a node has used),
     /// else starts one if the pool has room, else retires an idle instance of another kind to
     /// make room, else waits until an instance is free. Then tops up the spares.
     /// Cancel-safe: a dropped call leaves no assignment and no reservation behind.
-    async fn provision(&self, config: InstanceConfig) -> Result<InstanceInfo, BoxError> {
-        let kind = self.inner.instance_kind(&config);
-        let template = InstanceConfig {
-            provision_token: String::new(),
-            ..config.clone()
+    pub async fn provision(&self, spec: InstanceSpec) -> Result<Instance, BoxError> {
+        let kind = spec.kind.clone();
+        let template = InstanceSpec {
+            provision_token: Secret::new(""),
+            ..spec.clone()
         };
         self.lock().templates.insert(kind.clone(), template.clone());
-        let assignment = (config.node_id.clone(), config.provision_token.clone());
+        let node_id = spec.owner.name().to_owned();
+        let assignment = (node_id.clone(), spec.provision_token.clone());
         loop {
             let mut changes = self.changes.subscribe();
             let action = self.lock().next_step(&kind, &self.config);
@@ -831,15 +847,14 @@ impl Provider for PooledProvider {
                         slot.since = Instant::now();
                         slot.state = SlotState::Assigned {
                             node_id: assignment.0.clone(),
-                            provision_token: assignment.1.clone(),
+                            provision_token: assignment.1.expose().to_owned(),
                         };
-                        InstanceInfo {
-                            instance_id: instance_id.clone(),
+                        Instance {
+                            reference: slot.instance.clone(),
                             ip_address: slot.ip_address.clone(),
-                            state: InstanceState::Running,
                         }
                     };
-                    tracing::info!(instance_id = %instance_id, node_id = %config.node_id, "node handed a pooled instance");
+                    tracing::info!(instance_id = %instance_id, node_id = %node_id, "node handed a pooled instance");
                     self.bump();
                     self.top_up(&kind).await;
                     return Ok(info);
@@ -856,7 +871,7 @@ impl Provider for PooledProvider {
                     let _ = self.retire(&instance_id, "room for another kind").await;
                 }
                 Step::Wait => {
-                    tracing::debug!(node_id = %config.node_id, "pool full; the node waits for an instance");
+                    tracing::debug!(node_id = %node_id, "pool full; the node waits for an instance");
                     let _ = changes.changed().await;
                 }
             }
@@ -864,24 +879,25 @@ impl Provider for PooledProvider {
     }
 
     /// Terminates the instance for good, whatever it is doing (leak checks, explicit calls).
-    async fn terminate(&self, instance_id: &str) -> Result<(), BoxError> {
-        if self.lock().slots.contains_key(instance_id) {
-            return self.retire(instance_id, "terminate requested").await;
+    pub async fn terminate(&self, instance: &InstanceRef) -> Result<(), BoxError> {
+        if self.lock().slots.contains_key(&instance.id) {
+            return self.retire(&instance.id, "terminate requested").await;
         }
-        self.inner.terminate(instance_id).await
+        self.inner.terminate(instance).await
     }
 
     /// The node is done with the instance. If the instance is still running it, waits (up to
     /// [`PoolConfig::release_timeout`]) for its agent to come back for work, which proves the
     /// node's script has ended; an agent that does not come back has its instance terminated.
     /// An instance not of this pool is terminated.
-    async fn release(&self, instance_id: &str, node_id: &str) -> Result<(), BoxError> {
+    pub async fn release(&self, instance: &InstanceRef, node_id: &str) -> Result<(), BoxError> {
+        let instance_id = instance.id.as_str();
         let deadline = Instant::now() + self.config.release_timeout;
         loop {
             let mut changes = self.changes.subscribe();
             let step = self.lock().release_step(instance_id, node_id);
             match step {
-                Release::NotPooled => return self.inner.terminate(instance_id).await,
+                Release::NotPooled => return self.inner.terminate(instance).await,
                 Release::Retired => {
                     return self
                         .retire(
@@ -910,10 +926,6 @@ impl Provider for PooledProvider {
         }
     }
 
-    async fn describe(&self, instance_id: &str) -> Result<Option<InstanceInfo>, BoxError> {
-        self.inner.describe(instance_id).await
-    }
-
     /// The inner provider's instances but those the pool holds: it terminates them itself
     /// (idle past the timeout, agent lost, released and not back, at shutdown), so a leak
     /// check never takes a pooled instance from the node it serves or is being released by.
@@ -921,7 +933,7 @@ impl Provider for PooledProvider {
     /// An instance tagged for the pool that it does not know may be one being started right
     /// now (created, its launch call not yet returned): while a launch is under way, such
     /// instances are left for the next round rather than reported.
-    async fn owned_instances(&self) -> Result<Vec<OwnedInstance>, BoxError> {
+    pub async fn owned_instances(&self) -> Result<Vec<OwnedInstance>, BoxError> {
         let before = {
             let state = self.lock();
             (state.launching, state.launches_started)
@@ -932,25 +944,17 @@ impl Provider for PooledProvider {
         Ok(owned
             .into_iter()
             .filter(|instance| {
-                let held = state.slots.contains_key(&instance.instance_id);
+                let held = state.slots.contains_key(&instance.instance.id);
                 // Maybe one whose launch call has not returned yet.
-                let maybe_starting = launching && instance.deployment_id == POOL_DEPLOYMENT_ID;
+                let maybe_starting = launching && instance.owner == OwnedBy::Pool;
                 !held && !maybe_starting
             })
             .collect())
     }
 
-    fn instance_kind(&self, config: &InstanceConfig) -> String {
-        self.inner.instance_kind(config)
-    }
-
-    fn pool(&self) -> Option<&PooledProvider> {
-        Some(self)
-    }
-
     /// Terminates the instances waiting for work (a restarted engine would not know them),
     /// then shuts the inner provider down. Instances running a node are left to it.
-    async fn shutdown(&self) {
+    pub async fn shutdown(&self) {
         let waiting: Vec<String> = self
             .lock()
             .slots
