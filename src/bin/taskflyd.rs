@@ -127,16 +127,12 @@ impl Args {
     }
 }
 
-/// `provider`, behind a pool of its own when `pool` is set.
-fn pooled(
-    provider: std::sync::Arc<dyn taskfly::Provider>,
-    pool: &Option<taskfly::PoolConfig>,
-) -> Result<std::sync::Arc<dyn taskfly::Provider>, String> {
-    let Some(pool) = pool else {
-        return Ok(provider);
-    };
-    let pooled = taskfly::PooledProvider::new(provider, pool.clone()).map_err(|e| e.to_string())?;
-    Ok(std::sync::Arc::new(pooled))
+/// `config` with the provider named `name` behind a pool of its own when `pool` is set.
+fn pooled(config: Config, name: &str, pool: &Option<taskfly::PoolConfig>) -> Config {
+    match pool {
+        Some(pool) => config.pool(name, pool.clone()),
+        None => config,
+    }
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -253,7 +249,8 @@ async fn serve(args: Args) -> Result<(), String> {
         .heartbeat_timeout(args.heartbeat_timeout)
         .retention(Some(args.retention))
         .store(std::sync::Arc::new(store))
-        .provider("local", pooled(std::sync::Arc::new(local), &pool)?);
+        .provider(std::sync::Arc::new(local));
+    let config = pooled(config, "local", &pool);
     // The certificate and key are read when the engine is made: a bad one stops the start.
     let config = match &tls {
         Some((cert_file, key_file)) => config.tls(cert_file, key_file),
@@ -262,12 +259,12 @@ async fn serve(args: Args) -> Result<(), String> {
     // EC2 clients are made per deployment (each names its region and endpoint) on first use.
     // The owner id keeps this daemon's leak checks to the instances it started itself.
     #[cfg(feature = "aws")]
-    let config = config.provider(
+    let config = pooled(
+        config.provider(std::sync::Arc::new(
+            taskfly::AwsProvider::new().owner(daemon_id(&data_dir)?),
+        )),
         "aws",
-        pooled(
-            std::sync::Arc::new(taskfly::AwsProvider::new().owner(daemon_id(&data_dir)?)),
-            &pool,
-        )?,
+        &pool,
     );
     let engine = Orchestrator::new(config).map_err(|e| e.to_string())?;
     tracing::info!(listen = %address, advertise_url = %advertise, tls = tls.is_some(), data_dir = %data_dir.display(), "taskflyd listening");

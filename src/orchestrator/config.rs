@@ -45,7 +45,7 @@ pub struct Config {
     #[cfg(feature = "tls")]
     pub(crate) tls: Option<(PathBuf, PathBuf)>,
     pub(crate) store: Option<Arc<dyn Store>>,
-    pub(crate) providers: HashMap<String, Arc<dyn Provider>>,
+    pub(crate) providers: HashMap<String, Registered>,
     pub(crate) pools: HashMap<String, PoolConfig>,
 }
 
@@ -284,7 +284,8 @@ impl Config {
     /// it.
     #[must_use]
     pub fn provider(mut self, provider: Arc<dyn Provider>) -> Config {
-        self.providers.insert(provider.name().to_owned(), provider);
+        self.providers
+            .insert(provider.name().to_owned(), Registered::Plain(provider));
         self
     }
 
@@ -307,9 +308,9 @@ impl Config {
     /// settings that contradict each other, or a pool for no registered provider.
     pub(crate) fn take_providers(&mut self) -> crate::Result<HashMap<String, Registered>> {
         let mut providers = std::mem::take(&mut self.providers);
-        providers
-            .entry("local".to_owned())
-            .or_insert_with(|| Arc::new(LocalProvider::new(self.data_dir.join("work"))));
+        providers.entry("local".to_owned()).or_insert_with(|| {
+            Registered::Plain(Arc::new(LocalProvider::new(self.data_dir.join("work"))))
+        });
         let mut pools = std::mem::take(&mut self.pools);
         if let Some(name) = pools.keys().find(|name| !providers.contains_key(*name)) {
             return Err(crate::Error::invalid_input(format!(
@@ -318,10 +319,17 @@ impl Config {
         }
         providers
             .into_iter()
-            .map(|(name, provider)| {
-                let registered = match pools.remove(&name) {
-                    Some(pool) => Registered::Pooled(Arc::new(PooledProvider::new(provider, pool)?)),
-                    None => Registered::Plain(provider),
+            .map(|(name, registered)| {
+                let registered = match (pools.remove(&name), registered) {
+                    (Some(pool), Registered::Plain(provider)) => {
+                        Registered::Pooled(Arc::new(PooledProvider::new(provider, pool)?))
+                    }
+                    (Some(_), Registered::Pooled(_)) => {
+                        return Err(crate::Error::invalid_input(format!(
+                            "`{name}` is registered with a pool already; configure only one"
+                        )))
+                    }
+                    (None, registered) => registered,
                 };
                 Ok((name, registered))
             })
@@ -334,6 +342,15 @@ impl Config {
     #[must_use]
     pub fn pool(mut self, name: impl Into<String>, pool: PoolConfig) -> Config {
         self.pools.insert(name.into(), pool);
+        self
+    }
+
+    /// Registers a pool made by the caller ([`PooledProvider::new`]) under its provider's name,
+    /// so the caller keeps a handle on it (its [`PooledProvider::stats`], say).
+    #[must_use]
+    pub fn pooled_provider(mut self, pool: Arc<PooledProvider>) -> Config {
+        self.providers
+            .insert(pool.name().to_owned(), Registered::Pooled(pool));
         self
     }
 }

@@ -177,6 +177,27 @@ pub struct InstanceSpec {
     pub settings: ProviderSettings,
 }
 
+impl InstanceSpec {
+    /// A spec for plain http (no [`InstanceSpec::ca_pem`]). The engine builds every spec it
+    /// hands a provider; this is for testing a provider on its own.
+    pub fn new(
+        owner: Owner,
+        kind: InstanceKind,
+        daemon_url: impl Into<String>,
+        provision_token: Secret,
+        settings: ProviderSettings,
+    ) -> InstanceSpec {
+        InstanceSpec {
+            owner,
+            kind,
+            daemon_url: daemon_url.into(),
+            ca_pem: None,
+            provision_token,
+            settings,
+        }
+    }
+}
+
 /// The coarse life of an instance, as far as leak prevention cares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InstanceState {

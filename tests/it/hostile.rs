@@ -53,7 +53,7 @@ impl Fixture {
         let engine = TestEngine::start_with(|config| {
             adjust(
                 config
-                    .provider("local", provider.as_provider())
+                    .provider(provider.as_provider())
                     // Nodes these tests register stay alive however slow the machine is.
                     .heartbeat_timeout(Duration::from_secs(3600)),
             )

@@ -4,29 +4,33 @@ fn strings(items: &[&str]) -> Vec<String> {
     items.iter().map(|s| (*s).to_owned()).collect()
 }
 
-/// A request for one node of a deployment whose `instance_config.aws` is `image_id: ami-1`
-/// plus the `settings` lines.
-fn request(settings: &str) -> InstanceConfig {
+/// The settings of a deployment whose `instance_config.aws` is `image_id: ami-1` plus the
+/// `settings` lines.
+fn settings(settings: &str) -> ProviderSettings {
     let yaml = format!(
             "cloud_provider: aws\ninstance_config:\n  aws:\n    image_id: ami-1\n{settings}application_files: [setup.sh]\nnodes:\n  count: 1\n"
         );
     let deployment = crate::config::DeploymentConfig::from_yaml(&yaml).expect("valid yaml");
-    InstanceConfig {
+    deployment.provider_settings()
+}
+
+fn first_node() -> Owner {
+    Owner::Node {
         deployment_id: "d".into(),
         node_id: "d-0".into(),
         node_index: 0,
         attempt: 1,
-        daemon_url: "http://127.0.0.1:1".into(),
-        ca_pem: None,
-        provision_token: "t".into(),
-        deployment: std::sync::Arc::new(deployment),
     }
 }
 
 #[test]
 fn instances_are_of_one_kind_only_when_every_instance_setting_matches() {
     let provider = AwsProvider::new();
-    let kind = |settings: &str| provider.instance_kind(&request(settings));
+    let kind = |text: &str| {
+        provider
+            .instance_kind(&settings(text), &first_node())
+            .expect("a kind")
+    };
     let base = "    instance_type: t3.micro\n";
     assert_eq!(kind(base), kind(base));
     for other in [
@@ -41,6 +45,38 @@ fn instances_are_of_one_kind_only_when_every_instance_setting_matches() {
     ] {
         assert_ne!(kind(base), kind(&other), "{other}");
     }
+}
+
+#[test]
+fn settings_the_provider_cannot_use_are_refused_with_their_path() {
+    let provider = AwsProvider::new();
+    let missing = ProviderSettings::new(
+        "aws",
+        serde_yaml::from_str("{image_id: ami-1}").expect("yaml"),
+    );
+    let error = provider
+        .instance_kind(&missing, &first_node())
+        .expect_err("no instance type");
+    let error = error.downcast::<crate::Error>().expect("a taskfly error");
+    assert!(error.is_invalid_config(), "{error}");
+    assert_eq!(
+        error.details(),
+        ["instance_config.aws.instance_type: required; the instance type, like t3.micro"]
+    );
+}
+
+#[test]
+fn a_locator_names_the_region_and_endpoint_and_an_empty_one_none() {
+    let location = Location {
+        region: Some("eu-west-1".to_owned()),
+        endpoint_url: Some("http://127.0.0.1:5000".to_owned()),
+    };
+    assert_eq!(
+        Location::decode(&location.encode()).expect("decodes"),
+        Some(location)
+    );
+    assert_eq!(Location::decode("").expect("empty"), None);
+    assert!(Location::decode("not json").is_err());
 }
 
 #[test]

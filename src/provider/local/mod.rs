@@ -433,6 +433,27 @@ impl Provider for LocalProvider {
 }
 
 impl LocalProvider {
+    /// Whether an agent (or bootstrap) this provider started for `instance_id` still runs on
+    /// this machine: tracked and not ended, or, for agent processes started before a
+    /// restart, found through `/proc`. Nodes on SSH hosts are not looked at (`false`).
+    pub async fn is_running(&self, instance_id: &str) -> bool {
+        let tracked = self
+            .agents()
+            .get(instance_id)
+            .map(|agent| !agent.finished.is_cancelled());
+        match (tracked, &self.runner) {
+            (Some(running), _) => running,
+            (None, Runner::Process { .. }) if !ssh::is_ssh_instance(instance_id) => {
+                let entry = format!("{}={instance_id}", agent::ENV_INSTANCE_ID);
+                let found = tokio::task::spawn_blocking(move || procfs::pids_with_env(&entry))
+                    .await
+                    .unwrap_or_default();
+                !found.is_empty()
+            }
+            (None, _) => false,
+        }
+    }
+
     /// Terminates every recorded node on an SSH host, at most a few at once (the ssh calls
     /// are limited anyway); failures are logged, and the records kept for the leak checks.
     async fn terminate_ssh_instances(&self) {

@@ -7,23 +7,46 @@ use tokio::time::Instant;
 
 use super::*;
 use crate::agent::tests::{bundle, fake_daemon, registration, Daemon};
-use crate::config::DeploymentConfig;
+use crate::provider::InstanceState;
+use crate::secret::Secret;
 
-fn instance(daemon_url: &str) -> InstanceConfig {
-    let deployment = DeploymentConfig::from_yaml(
-        "cloud_provider: local\napplication_files: [setup.sh]\nnodes:\n  count: 2\n",
-    )
-    .expect("a valid taskfly.yml");
-    InstanceConfig {
-        deployment_id: "dep".into(),
-        node_id: "dep-1".into(),
-        node_index: 1,
-        attempt: 1,
+fn instance(daemon_url: &str) -> InstanceSpec {
+    instance_attempt(daemon_url, 1)
+}
+
+fn instance_attempt(daemon_url: &str, attempt: u32) -> InstanceSpec {
+    InstanceSpec {
+        owner: Owner::Node {
+            deployment_id: "dep".into(),
+            node_id: "dep-1".into(),
+            node_index: 1,
+            attempt,
+        },
+        kind: InstanceKind::new("local rust"),
         daemon_url: daemon_url.into(),
         ca_pem: None,
-        provision_token: "provision".into(),
-        deployment: Arc::new(deployment),
+        provision_token: Secret::new("provision"),
+        settings: ProviderSettings::new("local", serde_yaml::Value::Null),
     }
+}
+
+/// The instance `local-dep-1-<attempt>` as the provider named it.
+fn reference(attempt: u32) -> InstanceRef {
+    InstanceRef {
+        id: format!("local-dep-1-{attempt}"),
+        locator: "dep-1".into(),
+    }
+}
+
+/// How the provider tracks the instance: `None` once it forgot it.
+fn tracked_state(provider: &LocalProvider, instance_id: &str) -> Option<InstanceState> {
+    provider.agents().get(instance_id).map(|agent| {
+        if agent.finished.is_cancelled() {
+            InstanceState::Terminated
+        } else {
+            InstanceState::Running
+        }
+    })
 }
 
 /// Polls `condition` every 20 ms for up to 20 s: for what no event tells, like a process
@@ -52,15 +75,16 @@ async fn terminate_stops_the_agent_and_its_script() {
         .provision(instance(&url))
         .await
         .expect("provisioned");
-    assert_eq!(info.instance_id, "local-dep-1-1");
+    assert_eq!(info.reference, reference(1));
     assert_eq!(info.ip_address.as_deref(), Some("127.0.0.1"));
-    assert_eq!(info.state, InstanceState::Running);
     Daemon::wait_until(&daemon, "the script runs", |d| {
         d.lines.iter().any(|l| l.line == "up")
     })
     .await;
-    let described = provider.describe("local-dep-1-1").await.expect("describe");
-    assert_eq!(described.map(|i| i.state), Some(InstanceState::Running));
+    assert_eq!(
+        tracked_state(&provider, "local-dep-1-1"),
+        Some(InstanceState::Running)
+    );
     let work_dir = root.path().join("dep").join("1-1");
     let pid: i32 = std::fs::read_to_string(work_dir.join("script.pid"))
         .expect("the script ran in the node's work directory")
@@ -69,13 +93,10 @@ async fn terminate_stops_the_agent_and_its_script() {
         .expect("a pid");
 
     provider
-        .terminate("local-dep-1-1")
+        .terminate(&reference(1))
         .await
         .expect("terminated");
-    assert_eq!(
-        provider.describe("local-dep-1-1").await.expect("describe"),
-        None
-    );
+    assert_eq!(tracked_state(&provider, "local-dep-1-1"), None);
     // The script's group is gone (zombie orphans wait for init, hence the polling).
     eventually("the script's process group is gone", || {
         killpg(Pid::from_raw(pid), None) == Err(Errno::ESRCH)
@@ -90,7 +111,7 @@ async fn terminate_stops_the_agent_and_its_script() {
         .collect();
     assert_eq!(statuses, ["downloading_assets", "running_script"]);
     provider
-        .terminate("local-dep-1-1")
+        .terminate(&reference(1))
         .await
         .expect("idempotent");
     provider.shutdown().await;
@@ -120,8 +141,10 @@ async fn a_finished_node_is_described_as_terminated_and_shutdown_waits_for_all()
     tokio::time::timeout(Duration::from_secs(20), finished.cancelled())
         .await
         .expect("the first node finishes");
-    let info = provider.describe("local-dep-1-1").await.expect("describe");
-    assert_eq!(info.map(|i| i.state), Some(InstanceState::Terminated));
+    assert_eq!(
+        tracked_state(&provider, "local-dep-1-1"),
+        Some(InstanceState::Terminated)
+    );
     assert!(daemon
         .lock()
         .expect("lock")
@@ -129,15 +152,14 @@ async fn a_finished_node_is_described_as_terminated_and_shutdown_waits_for_all()
         .iter()
         .any(|s| s.status == "completed"));
 
-    let mut second = instance(&url);
-    second.attempt = 2;
+    let second = instance_attempt(&url, 2);
     daemon.lock().expect("lock").bundle = bundle("echo sleeping\nsleep 100\n");
     let id = provider
         .provision(second)
         .await
         .expect("provisioned")
-        .instance_id;
-    assert_eq!(id, "local-dep-1-2");
+        .reference;
+    assert_eq!(id, reference(2));
     Daemon::wait_until(&daemon, "the second script runs", |d| {
         d.lines.iter().any(|l| l.line == "sleeping")
     })
@@ -165,16 +187,14 @@ fn deployment_ids_must_be_plain_names() {
 }
 
 #[tokio::test]
-async fn unknown_instances_are_fine_to_terminate_and_unknown_to_describe() {
+async fn unknown_instances_are_fine_to_terminate() {
     let root = tempfile::tempdir().expect("tempdir");
     let provider = LocalProvider::new(root.path().to_path_buf());
-    provider
-        .terminate("local-nope-1")
-        .await
-        .expect("idempotent");
-    assert_eq!(
-        provider.describe("local-nope-1").await.expect("describe"),
-        None
-    );
+    let unknown = InstanceRef {
+        id: "local-nope-1".into(),
+        locator: "nope".into(),
+    };
+    provider.terminate(&unknown).await.expect("idempotent");
+    assert_eq!(tracked_state(&provider, "local-nope-1"), None);
     provider.shutdown().await;
 }

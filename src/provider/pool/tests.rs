@@ -1,65 +1,64 @@
 use super::*;
-use crate::config::DeploymentConfig;
 
 /// An inner provider that starts nothing: it names instances `i-1`, `i-2`, ... and
-/// records what it was asked. Its instance kind is the deployment's script name, so a
-/// test picks kinds by naming scripts.
+/// records what it was asked. The engine sets each spec's kind; the tests name kinds.
 #[derive(Default)]
 struct Fake {
-    provisioned: Mutex<Vec<InstanceConfig>>,
+    provisioned: Mutex<Vec<InstanceSpec>>,
     terminated: Mutex<Vec<String>>,
     /// When set, `provision` waits for a permit.
     gate: Option<Arc<tokio::sync::Semaphore>>,
 }
 
-#[async_trait]
+#[async_trait::async_trait]
 impl Provider for Fake {
-    async fn provision(&self, config: InstanceConfig) -> Result<InstanceInfo, BoxError> {
+    fn name(&self) -> &str {
+        "fake"
+    }
+
+    async fn provision(&self, spec: InstanceSpec) -> Result<Instance, BoxError> {
         let instance_id = {
             let mut provisioned = self.provisioned.lock().unwrap();
-            provisioned.push(config);
+            provisioned.push(spec);
             format!("i-{}", provisioned.len())
         };
         if let Some(gate) = &self.gate {
             gate.acquire().await?.forget();
         }
-        Ok(InstanceInfo {
-            instance_id,
+        Ok(Instance {
+            reference: InstanceRef {
+                id: instance_id,
+                locator: "fake-place".into(),
+            },
             ip_address: Some("10.0.0.1".into()),
-            state: InstanceState::Pending,
         })
     }
 
-    async fn terminate(&self, instance_id: &str) -> Result<(), BoxError> {
-        self.terminated.lock().unwrap().push(instance_id.to_owned());
+    async fn terminate(&self, instance: &InstanceRef) -> Result<(), BoxError> {
+        assert_eq!(instance.locator, "fake-place", "terminated where it was started");
+        self.terminated.lock().unwrap().push(instance.id.clone());
         Ok(())
-    }
-
-    async fn describe(&self, _: &str) -> Result<Option<InstanceInfo>, BoxError> {
-        Ok(None)
     }
 
     async fn owned_instances(&self) -> Result<Vec<OwnedInstance>, BoxError> {
         let provisioned = self.provisioned.lock().unwrap();
         Ok((1..=provisioned.len())
             .map(|n| OwnedInstance {
-                instance_id: format!("i-{n}"),
-                deployment_id: POOL_DEPLOYMENT_ID.to_owned(),
-                node_id: Some(format!("pool-{n}")),
-                state: InstanceState::Running,
+                instance: InstanceRef {
+                    id: format!("i-{n}"),
+                    locator: "fake-place".into(),
+                },
+                owner: OwnedBy::Pool,
+                state: super::super::InstanceState::Running,
             })
             .collect())
-    }
-
-    fn instance_kind(&self, config: &InstanceConfig) -> String {
-        config.deployment.remote_script_to_run.clone()
     }
 }
 
 impl Fake {
     /// The instance token `i-{n}` was started with.
     fn token(&self, n: usize) -> [u8; 32] {
-        auth::hash_token(&self.provisioned.lock().unwrap()[n - 1].provision_token)
+        auth::hash_token(self.provisioned.lock().unwrap()[n - 1].provision_token.expose())
     }
 
     fn terminated(&self) -> Vec<String> {
@@ -77,20 +76,28 @@ fn pool(config: PoolConfig) -> (Arc<Fake>, Arc<PooledProvider>) {
     (fake, Arc::new(pool))
 }
 
-/// A node's provision request; `kind` is the script name.
-fn node(deployment_id: &str, node_id: &str, kind: &str) -> InstanceConfig {
-    let yaml = format!(
-            "cloud_provider: local\napplication_files: [{kind}]\nremote_script_to_run: {kind}\nnodes:\n  count: 1\n"
-        );
-    InstanceConfig {
-        deployment_id: deployment_id.into(),
-        node_id: node_id.into(),
-        node_index: 0,
-        attempt: 1,
+/// A node's provision request for an instance of `kind`.
+fn node(deployment_id: &str, node_id: &str, kind: &str) -> InstanceSpec {
+    InstanceSpec {
+        owner: Owner::Node {
+            deployment_id: deployment_id.into(),
+            node_id: node_id.into(),
+            node_index: 0,
+            attempt: 1,
+        },
+        kind: InstanceKind::new(kind),
         daemon_url: "http://127.0.0.1:1".into(),
         ca_pem: None,
-        provision_token: format!("provision-{node_id}"),
-        deployment: Arc::new(DeploymentConfig::from_yaml(&yaml).unwrap()),
+        provision_token: Secret::new(format!("provision-{node_id}")),
+        settings: super::super::ProviderSettings::new("fake", serde_yaml::Value::Null),
+    }
+}
+
+/// The instance `id` as the fake started it.
+fn at(id: &str) -> InstanceRef {
+    InstanceRef {
+        id: id.into(),
+        locator: "fake-place".into(),
     }
 }
 
@@ -103,11 +110,11 @@ async fn agent_back(fake: &Fake, pool: &PooledProvider, n: usize) {
 async fn an_idle_instance_is_handed_the_next_node_instead_of_a_new_launch() {
     let (fake, pool) = pool(PoolConfig::new(4));
     let first = pool.provision(node("d1", "d1-0", "a.sh")).await.unwrap();
-    assert_eq!(first.instance_id, "i-1");
+    assert_eq!(first.reference.id, "i-1");
     let spec = fake.provisioned.lock().unwrap()[0].clone();
-    assert_eq!(spec.deployment_id, POOL_DEPLOYMENT_ID);
+    assert!(matches!(spec.owner, Owner::Pool { .. }), "{:?}", spec.owner);
     assert_ne!(
-        spec.provision_token, "provision-d1-0",
+        spec.provision_token.expose(), "provision-d1-0",
         "the instance gets its own token"
     );
     assert_eq!(
@@ -119,8 +126,8 @@ async fn an_idle_instance_is_handed_the_next_node_instead_of_a_new_launch() {
     assert_eq!(pool.stats("p").idle, 1);
 
     let second = pool.provision(node("d2", "d2-0", "a.sh")).await.unwrap();
-    assert_eq!(second.instance_id, "i-1");
-    assert_eq!(second.state, InstanceState::Running);
+    assert_eq!(second.reference.id, "i-1");
+    assert_eq!(second.reference.locator, "fake-place");
     assert_eq!(
         pool.claim(&fake.token(1)).await,
         Claim::Assigned("provision-d2-0".into())
@@ -192,7 +199,7 @@ async fn a_release_waits_for_the_agent_and_keeps_the_instance_when_it_comes_back
     pool.claim(&fake.token(1)).await;
     let release = tokio::spawn({
         let pool = pool.clone();
-        async move { pool.release("i-1", "d1-0").await.map_err(|e| e.to_string()) }
+        async move { pool.release(&at("i-1"), "d1-0").await.map_err(|e| e.to_string()) }
     });
     tokio::task::yield_now().await;
     assert!(!release.is_finished(), "the script may still run");
@@ -208,7 +215,7 @@ async fn an_agent_that_does_not_come_back_has_its_instance_terminated() {
     pool.provision(node("d1", "d1-0", "a.sh")).await.unwrap();
     pool.claim(&fake.token(1)).await;
     let started = Instant::now();
-    pool.release("i-1", "d1-0").await.unwrap();
+    pool.release(&at("i-1"), "d1-0").await.unwrap();
     assert!(started.elapsed() >= Duration::from_secs(60));
     assert_eq!(fake.terminated(), ["i-1"]);
     let stats = pool.stats("p");
@@ -223,7 +230,7 @@ async fn a_late_release_for_an_earlier_node_leaves_the_instance_to_its_new_node(
     pool.claim(&fake.token(1)).await;
     agent_back(&fake, &pool, 1).await;
     pool.provision(node("d2", "d2-0", "a.sh")).await.unwrap();
-    pool.release("i-1", "d1-0").await.unwrap();
+    pool.release(&at("i-1"), "d1-0").await.unwrap();
     assert_eq!(
         pool.claim(&fake.token(1)).await,
         Claim::Assigned("provision-d2-0".into())
@@ -238,7 +245,7 @@ async fn a_node_released_before_its_agent_picked_it_up_frees_the_instance_at_onc
     pool.claim(&fake.token(1)).await;
     agent_back(&fake, &pool, 1).await;
     pool.provision(node("d2", "d2-0", "a.sh")).await.unwrap();
-    pool.release("i-1", "d2-0").await.unwrap();
+    pool.release(&at("i-1"), "d2-0").await.unwrap();
     assert_eq!(pool.stats("p").idle, 1);
     // The agent comes back later and finds no work rather than the dead node.
     assert_eq!(pool.claim(&fake.token(1)).await, Claim::Wait);
@@ -250,7 +257,7 @@ async fn an_instance_whose_agent_was_never_heard_of_is_not_kept_when_its_node_le
     let (fake, pool) = pool(PoolConfig::new(2));
     pool.provision(node("d1", "d1-0", "a.sh")).await.unwrap();
     // The node's boot timed out: the engine releases the instance.
-    pool.release("i-1", "d1-0").await.unwrap();
+    pool.release(&at("i-1"), "d1-0").await.unwrap();
     assert_eq!(fake.terminated(), ["i-1"]);
     assert_eq!(pool.stats("p").instances, 0);
     assert_eq!(pool.claim(&fake.token(1)).await, Claim::Retired);
@@ -276,7 +283,7 @@ async fn a_full_pool_makes_the_next_node_wait_for_a_free_instance() {
         pool.claim(&fake.token(1)).await,
         Claim::Assigned("provision-d1-1".into())
     );
-    assert_eq!(waiting.await.unwrap().unwrap().instance_id, "i-1");
+    assert_eq!(waiting.await.unwrap().unwrap().reference.id, "i-1");
     assert_eq!(fake.launched(), 1);
 }
 
@@ -287,7 +294,7 @@ async fn instances_are_never_shared_across_kinds_and_a_full_pool_retires_the_oth
     pool.claim(&fake.token(1)).await;
     agent_back(&fake, &pool, 1).await;
     let other = pool.provision(node("d2", "d2-0", "b.sh")).await.unwrap();
-    assert_eq!(other.instance_id, "i-2");
+    assert_eq!(other.reference.id, "i-2");
     assert_eq!(fake.terminated(), ["i-1"]);
     assert_eq!(pool.claim(&fake.token(1)).await, Claim::Retired);
 }
@@ -301,7 +308,7 @@ async fn spares_are_started_ahead_and_handed_to_later_nodes_first() {
     agent_back(&fake, &pool, 3).await;
     let next = pool.provision(node("d1", "d1-1", "a.sh")).await.unwrap();
     assert!(
-        ["i-2", "i-3"].contains(&next.instance_id.as_str()),
+        ["i-2", "i-3"].contains(&next.reference.id.as_str()),
         "{next:?}"
     );
     let stats = pool.stats("p");
@@ -403,11 +410,11 @@ async fn leak_checks_see_only_the_instances_the_pool_does_not_hold() {
         .unwrap()
         .push(node("old", "old-0", "a.sh"));
     let owned = pool.owned_instances().await.unwrap();
-    let seen: Vec<(&str, &str)> = owned
+    let seen: Vec<(&str, OwnedBy)> = owned
         .iter()
-        .map(|o| (o.instance_id.as_str(), o.deployment_id.as_str()))
+        .map(|o| (o.instance.id.as_str(), o.owner.clone()))
         .collect();
-    assert_eq!(seen, [("i-3", POOL_DEPLOYMENT_ID)]);
+    assert_eq!(seen, [("i-3", OwnedBy::Pool)]);
 }
 
 #[tokio::test(start_paused = true)]
@@ -439,7 +446,7 @@ async fn leak_checks_do_not_see_an_instance_whose_launch_has_not_returned_yet() 
         .push(node("old", "old-0", "a.sh"));
     let owned = pool.owned_instances().await.unwrap();
     assert_eq!(owned.len(), 1, "{owned:?}");
-    assert_eq!(owned[0].instance_id, "i-2");
+    assert_eq!(owned[0].instance.id, "i-2");
 }
 
 #[tokio::test(start_paused = true)]

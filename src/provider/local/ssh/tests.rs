@@ -40,28 +40,72 @@ async fn records_are_private_listed_as_owned_and_unknown_ids_need_no_host() {
     // A partial write left by a crash, and files that are no record, are not instances.
     std::fs::write(dir.join("ssh-dep-1-1-1.json.partial"), "{").expect("written");
     std::fs::write(dir.join("notes.txt"), "").expect("written");
+    let owned = hosts.owned().await.expect("listed");
     assert_eq!(
-        hosts.owned().await.expect("listed"),
+        owned,
         vec![OwnedInstance {
-            instance_id: "ssh-dep-1-0-1".into(),
-            deployment_id: "dep-1".into(),
-            node_id: Some("dep-1-0".into()),
+            instance: InstanceRef {
+                id: "ssh-dep-1-0-1".into(),
+                locator: serde_json::to_string(&record).expect("json"),
+            },
+            owner: OwnedBy::Deployment {
+                deployment_id: "dep-1".into(),
+                node_id: Some("dep-1-0".into()),
+            },
             state: InstanceState::Running,
         }]
     );
-    // Ids with no record (or that could name another file) are unknown: nothing to reach.
+    // The locator is the record: it names where to reach the instance.
+    let located: Record = serde_json::from_str(&owned[0].instance.locator).expect("a record");
+    assert_eq!(located.target(), "ops@10.0.0.5:22");
+    // Ids with no record and no locator (or that could name another file) are unknown:
+    // nothing to reach.
     for unknown in ["ssh-dep-9-0-1", "ssh-../x", "local-dep-1-0-1"] {
+        let unknown = InstanceRef {
+            id: unknown.into(),
+            locator: String::new(),
+        };
         hosts
-            .terminate(unknown, Duration::from_secs(1))
+            .terminate(&unknown, Duration::from_secs(1))
             .await
             .expect("nothing to terminate");
-        assert_eq!(
-            hosts.describe(unknown).await.expect("nothing to describe"),
-            None
-        );
     }
+    // A locator that is no record is refused rather than guessed at.
+    let garbled = InstanceRef {
+        id: "ssh-dep-1-0-1".into(),
+        locator: "ops@nowhere".into(),
+    };
+    assert!(hosts
+        .terminate(&garbled, Duration::from_secs(1))
+        .await
+        .is_err());
     hosts.remove_record("ssh-dep-1-0-1").await;
     assert!(hosts.owned().await.expect("listed").is_empty());
+}
+
+#[test]
+fn a_pool_slot_starts_on_the_first_host_and_its_record_names_no_deployment() {
+    let local = crate::config::LocalConfig {
+        hosts: vec!["h1".into(), "h2".into()],
+        ssh_user: Some("ops".into()),
+        ..crate::config::LocalConfig::default()
+    };
+    let node = Owner::Node {
+        deployment_id: "dep".into(),
+        node_id: "dep-1".into(),
+        node_index: 1,
+        attempt: 1,
+    };
+    assert_eq!(record_for(&local, &node).target(), "ops@h2:22");
+    assert_eq!(
+        instance_kind(&local, &node).as_str(),
+        "ssh ops@h2:22 key default"
+    );
+    let slot = Owner::Pool {
+        slot: "pool-abc".into(),
+    };
+    let record = record_for(&local, &slot);
+    assert_eq!((record.target().as_str(), record.deployment_id.as_str()), ("ops@h1:22", POOL_RECORD));
 }
 
 #[test]
