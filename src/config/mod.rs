@@ -634,7 +634,7 @@ fn yaml_error(err: &serde_yaml::Error) -> String {
 fn parse_cloud_provider(value: Option<&Value>, problems: &mut Problems) -> Option<CloudProvider> {
     let path = "cloud_provider";
     let Some(value) = value else {
-        problems.add(path, "required; set it to local, aws or a registered provider's name");
+        problems.add(path, "required; set it to local or aws");
         return None;
     };
     match value.as_str() {
@@ -643,11 +643,16 @@ fn parse_cloud_provider(value: Option<&Value>, problems: &mut Problems) -> Optio
         // Any other provider is the engine's to know: it refuses names it has none for.
         Some(name) if is_provider_name(name) => Some(CloudProvider::Other(name.to_owned())),
         _ => {
+            let hint = value
+                .as_str()
+                .and_then(|name| closest(name, PROVIDER_NAMES.iter().copied()))
+                .map(|meant| format!("; did you mean {meant}?"))
+                .unwrap_or_default();
             problems.add(
                 path,
                 format!(
                     "expected local, aws or a provider's name (lowercase letters, digits, `-` \
-                     and `_`), got {}",
+                     and `_`), got {}{hint}",
                     describe(value)
                 ),
             );

@@ -302,12 +302,13 @@ fn the_entry_of_the_other_provider_is_not_read() {
 
 #[test]
 fn all_errors_are_reported_at_once() {
-    let text = "cloud_provider: azure\napplication_files: [../secret.txt]\nnodes:\n  \
+    let text = "cloud_provider: Azure\napplication_files: [../secret.txt]\nnodes:\n  \
                     count: five\n  retries: 101\n";
     assert_eq!(
         problems(text),
         vec![
-            "cloud_provider: expected local or aws, got \"azure\"",
+            "cloud_provider: expected local, aws or a provider's name (lowercase letters, \
+                 digits, `-` and `_`), got \"Azure\"",
             "application_files[0]: \"../secret.txt\" must be relative to taskfly.yml and \
                  stay inside its folder",
             "nodes.count: expected an integer from 1 to 100000, got \"five\"",
@@ -390,7 +391,46 @@ fn cloud_provider_is_required_and_checked() {
     );
     assert_eq!(
         problems(&format!("cloud_provider: AWS\n{rest}")),
-        vec!["cloud_provider: expected local or aws, got \"AWS\"; did you mean aws?"]
+        vec!["cloud_provider: expected local, aws or a provider's name (lowercase letters, \
+              digits, `-` and `_`), got \"AWS\"; did you mean aws?"]
+    );
+}
+
+#[test]
+fn another_providers_name_is_accepted_and_its_section_handed_over_unread() {
+    let text = "cloud_provider: inproc\ninstance_config:\n  inproc: {slots: 3, anything: [1]}\n  \
+                aws: {ignored: true}\napplication_files: [setup.sh]\nnodes: {count: 1}\n";
+    let config = parse(text);
+    assert_eq!(config.cloud_provider, CloudProvider::Other("inproc".into()));
+    assert_eq!(config.cloud_provider.as_str(), "inproc");
+    let settings = config.provider_settings();
+    assert_eq!(settings.name(), "inproc");
+    assert_eq!(settings.path(), "instance_config.inproc");
+    assert_eq!(settings.section()["slots"], serde_yaml::Value::from(3));
+    // The section of a provider not chosen is not read, as for the built-ins.
+    assert_eq!(config.aws, None);
+    // Only the built-ins' and the chosen provider's sections may appear.
+    let stray = "cloud_provider: inproc\ninstance_config:\n  inprc: {}\n\
+                 application_files: [setup.sh]\nnodes: {count: 1}\n";
+    assert_eq!(
+        problems(stray),
+        vec!["instance_config.inprc: unknown field; did you mean `inproc`?"]
+    );
+}
+
+#[test]
+fn the_built_in_sections_are_read_again_for_their_provider_with_field_paths() {
+    let text = format!("{MINIMAL}instance_config:\n  local: {{hosts: [h1]}}\n");
+    let settings = ProviderSettings::new(
+        "local",
+        serde_yaml::from_str("{hosts: [h1]}").expect("yaml"),
+    );
+    let error = super::local_settings(&settings).expect_err("no ssh_user");
+    assert_eq!(error.details(), problems(&text));
+    let config = parse(MINIMAL);
+    assert_eq!(
+        super::local_settings(&config.provider_settings()).expect("valid"),
+        config.local
     );
 }
 
@@ -637,7 +677,7 @@ fn from_dir_reads_the_file_and_names_it() {
     let config = DeploymentConfig::from_dir(dir.path()).expect("valid file");
     assert_eq!(config.nodes.count, 1);
 
-    std::fs::write(&path, "cloud_provider: gcp\n").expect("write taskfly.yml");
+    std::fs::write(&path, "cloud_provider: GCP\n").expect("write taskfly.yml");
     let invalid = DeploymentConfig::from_dir(dir.path()).expect_err("invalid file");
     assert!(invalid.is_invalid_config());
     assert_eq!(

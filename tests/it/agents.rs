@@ -9,7 +9,7 @@ use hyper::Method;
 use taskfly::wire::{DeploymentView, NodeView};
 
 use crate::support::engine_http::{raw_request, RawResponse};
-use crate::support::engine_provider::{RecordingProvider, POOL_SLOTS};
+use crate::support::engine_provider::RecordingProvider;
 use crate::support::engine_util::{
     find_named, global_metadata_yml, hex, metadata_values_to_misread, node_lines, print_hex_of,
     secret_metadata, unique_marker, POLL_LIMIT, SECRET, SECRET_SCRIPT,
