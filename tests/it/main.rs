@@ -11,6 +11,7 @@ mod durability;
 mod engine;
 mod hostile;
 mod pool;
+mod provider;
 mod ssh;
 #[cfg(feature = "tls")]
 mod tls;
