@@ -65,6 +65,8 @@ pub mod state;
 
 pub use api::client::{Client, Registration};
 pub use api::wire;
+/// Re-exported so that implementing [`Provider`] needs no direct dependency on `async-trait`.
+pub use async_trait::async_trait;
 pub use config::DeploymentConfig;
 pub use error::{BoxError, Error, Result};
 pub use metadata::MetadataGenerator;
@@ -76,8 +78,6 @@ pub use provider::{
     OwnedInstance, Owner, PoolConfig, PooledProvider, Provider, ProviderError, ProviderSettings,
 };
 pub use secret::Secret;
-/// Re-exported so that implementing [`Provider`] needs no direct dependency on `async-trait`.
-pub use async_trait::async_trait;
 #[cfg(feature = "sqlite")]
 pub use state::SqliteStore;
 pub use state::{MemoryStore, Store};

@@ -524,8 +524,11 @@ fn parse_document(text: &str, problems: &mut Problems) -> Option<DeploymentConfi
     let fields = Fields::read(&root, "", TOP_FIELDS, problems)?;
 
     let cloud_provider = parse_cloud_provider(fields.get("cloud_provider"), problems);
-    let (local, aws, provider_section) =
-        parse_instance_config(fields.get("instance_config"), cloud_provider.as_ref(), problems);
+    let (local, aws, provider_section) = parse_instance_config(
+        fields.get("instance_config"),
+        cloud_provider.as_ref(),
+        problems,
+    );
     let application_files = parse_application_files(fields.get("application_files"), problems);
     let remote_script_to_run = match fields.get("remote_script_to_run") {
         None => DEFAULT_SCRIPT.to_owned(),

@@ -391,8 +391,10 @@ fn cloud_provider_is_required_and_checked() {
     );
     assert_eq!(
         problems(&format!("cloud_provider: AWS\n{rest}")),
-        vec!["cloud_provider: expected local, aws or a provider's name (lowercase letters, \
-              digits, `-` and `_`), got \"AWS\"; did you mean aws?"]
+        vec![
+            "cloud_provider: expected local, aws or a provider's name (lowercase letters, \
+              digits, `-` and `_`), got \"AWS\"; did you mean aws?"
+        ]
     );
 }
 

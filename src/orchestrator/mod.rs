@@ -576,7 +576,9 @@ impl Orchestrator {
             provision_token: token.into(),
             settings,
         };
-        let info = self.provision_with_retries(&provider, request, live).await?;
+        let info = self
+            .provision_with_retries(&provider, request, live)
+            .await?;
         let instance = info.reference.clone();
         tracing::info!(node_id = %node.id, instance_id = %instance.id, "node provisioned");
         let update = NodeUpdate::Provisioned {
@@ -660,7 +662,7 @@ impl Orchestrator {
             .collect()
     }
 
-    /// Terminate instances that belong to no live deployment (see [`Provider::owned_instances`]);
+    /// Terminate instances that belong to no live deployment (see [`crate::Provider::owned_instances`]);
     /// the engine also does this at start and every minute. Returns how many it terminated.
     pub async fn terminate_orphans(&self) -> usize {
         self.reconcile_orphans().await

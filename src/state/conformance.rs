@@ -7,9 +7,9 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::model::{Applied, Deployment, DeploymentStatus, Node, NodeStatus, NodeUpdate};
-use crate::provider::InstanceRef;
 use super::{store_error, LogLine, LogQuery, LogStream, NewLogLine, Store};
 use crate::error::{BoxError, Error};
+use crate::provider::InstanceRef;
 
 /// The log cap the store given to [`check_log_cap`] must have been built with.
 pub(crate) const LOG_CAP: usize = 4;
@@ -368,7 +368,13 @@ async fn retries_a_failed_node(store: &dyn Store) {
 async fn keeps_the_instance_locator(store: &dyn Store) {
     let id = "conf-locator";
     create(store, id, 1, 1).await;
-    update(store, "conf-locator-0", status(NodeStatus::Provisioning), at(2)).await;
+    update(
+        store,
+        "conf-locator-0",
+        status(NodeStatus::Provisioning),
+        at(2),
+    )
+    .await;
     let instance = InstanceRef {
         id: "i-77".to_owned(),
         locator: "eu-west-1 at http://127.0.0.1:5000".to_owned(),
@@ -379,7 +385,10 @@ async fn keeps_the_instance_locator(store: &dyn Store) {
     };
     let applied = update(store, "conf-locator-0", provisioned, at(3)).await;
     assert_eq!(applied.node.instance(), Some(instance.clone()));
-    assert_eq!(node(store, "conf-locator-0").await.instance(), Some(instance.clone()));
+    assert_eq!(
+        node(store, "conf-locator-0").await.instance(),
+        Some(instance.clone())
+    );
     let (_, nodes) = snapshot(store, id).await;
     assert_eq!(nodes[0].instance(), Some(instance));
     update(store, "conf-locator-0", status(NodeStatus::Failed), at(4)).await;

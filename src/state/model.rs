@@ -578,7 +578,10 @@ mod tests {
             d,
             n,
             NodeUpdate::Provisioned {
-                instance: InstanceRef { id: "i-1".into(), locator: String::new() },
+                instance: InstanceRef {
+                    id: "i-1".into(),
+                    locator: String::new(),
+                },
                 ip_address: None,
             },
             now,
@@ -654,7 +657,10 @@ mod tests {
             &mut d,
             &mut n,
             NodeUpdate::Provisioned {
-                instance: InstanceRef { id: "i-2".into(), locator: String::new() },
+                instance: InstanceRef {
+                    id: "i-2".into(),
+                    locator: String::new(),
+                },
                 ip_address: None,
             },
             SystemTime::now(),
@@ -697,7 +703,10 @@ mod tests {
         .unwrap();
         assert_eq!(d.status, DeploymentStatus::Running);
         let provisioned = NodeUpdate::Provisioned {
-            instance: InstanceRef { id: "i-9".into(), locator: String::new() },
+            instance: InstanceRef {
+                id: "i-9".into(),
+                locator: String::new(),
+            },
             ip_address: None,
         };
         apply_node_update(&mut d, &mut n, provisioned.clone(), now).unwrap();

@@ -21,8 +21,8 @@ use aws_sdk_ec2::types::{Filter, InstanceStateName, ResourceType, Tag, TagSpecif
 use taskfly::wire::DeploymentView;
 use taskfly::{
     async_trait, AwsProvider, BoxError, Config, DeploymentConfig, Instance, InstanceKind,
-    InstanceRef, InstanceSpec, OwnedBy, Owner, PoolConfig, PooledProvider, Provider,
-    ProviderError, ProviderSettings, Secret,
+    InstanceRef, InstanceSpec, OwnedBy, Owner, PoolConfig, PooledProvider, Provider, ProviderError,
+    ProviderSettings, Secret,
 };
 
 use crate::support::engine_util::{poll_until, unique_marker};
@@ -829,14 +829,12 @@ async fn leak_checks_keep_to_the_instances_of_their_own_owner() {
     let restarted = aws_provider(&endpoint, region).await.owner("team-a");
     let listed = restarted.owned_instances().await.expect("owned instances");
     assert!(
-        listed
-            .iter()
-            .any(|o| o.instance == info.reference
-                && o.owner
-                    == OwnedBy::Deployment {
-                        deployment_id: deployment_id.clone(),
-                        node_id: Some(format!("{deployment_id}-0")),
-                    }),
+        listed.iter().any(|o| o.instance == info.reference
+            && o.owner
+                == OwnedBy::Deployment {
+                    deployment_id: deployment_id.clone(),
+                    node_id: Some(format!("{deployment_id}-0")),
+                }),
         "{listed:?}"
     );
     restarted

@@ -97,7 +97,7 @@ const NOT_FOUND_CODE: &str = "InvalidInstanceID.NotFound";
 /// use std::sync::Arc;
 /// let config = taskfly::Config::new("/var/lib/taskfly")
 ///     .advertise_url("http://10.0.0.1:8080")
-///     .provider("aws", Arc::new(taskfly::AwsProvider::new()));
+///     .provider(Arc::new(taskfly::AwsProvider::new()));
 /// ```
 ///
 /// Cancellation: a dropped `provision` future leaves at most one instance behind, and that
@@ -131,7 +131,18 @@ enum Base {
 
 /// A place instances live in: a region at an endpoint. `None` means the base settings' own
 /// (the default chain's region, or the given [`SdkConfig`]'s region and endpoint).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 struct Location {
     region: Option<String>,
     endpoint_url: Option<String>,
@@ -474,8 +485,7 @@ impl Provider for AwsProvider {
     }
 
     async fn provision(&self, spec: InstanceSpec) -> Result<NewInstance, BoxError> {
-        let aws = aws_settings(&spec.settings)
-            .map_err(|e| invalid_configuration(e.to_string()))?;
+        let aws = aws_settings(&spec.settings).map_err(|e| invalid_configuration(e.to_string()))?;
         let aws = &aws;
         let deployment_id = match &spec.owner {
             Owner::Node { deployment_id, .. } => deployment_id.as_str(),
@@ -484,13 +494,8 @@ impl Provider for AwsProvider {
         let node_id = spec.owner.name();
         let groups = security_groups(&aws.security_groups, aws.subnet_id.is_some())
             .map_err(invalid_configuration)?;
-        let tags = instance_tags(
-            deployment_id,
-            node_id,
-            self.owner.as_deref(),
-            &aws.tags,
-        )
-        .map_err(invalid_configuration)?;
+        let tags = instance_tags(deployment_id, node_id, self.owner.as_deref(), &aws.tags)
+            .map_err(invalid_configuration)?;
         let script = crate::agent::bootstrap::bootstrap_script(
             &spec.daemon_url,
             spec.provision_token.expose(),

@@ -269,8 +269,7 @@ impl Provider for LocalProvider {
         let bootstrap = local.agent == AgentKind::Script;
         let pid = match &self.runner {
             _ if bootstrap => {
-                let mut child =
-                    spawn_bootstrap(&spec, &instance_id, &work_dir, self.grace_period)?;
+                let mut child = spawn_bootstrap(&spec, &instance_id, &work_dir, self.grace_period)?;
                 let pid = child.id().and_then(|id| i32::try_from(id).ok());
                 // Reap the bootstrap when it ends. At shutdown, agent processes are left running
                 // (they carry on with a restarted engine), and so are bootstraps among them;

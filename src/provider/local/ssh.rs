@@ -33,13 +33,13 @@ use tokio::io::AsyncWriteExt as _;
 use tokio::sync::Semaphore;
 
 use super::EXTRA_AGENT_GRACE;
-use crate::config::LocalConfig;
-use crate::provider::{
-    Instance, InstanceKind, InstanceRef, InstanceSpec, InstanceState, OwnedBy, OwnedInstance, Owner,
-    ProviderError,
-};
 use crate::agent::bootstrap;
+use crate::config::LocalConfig;
 use crate::error::{BoxError, Error};
+use crate::provider::{
+    Instance, InstanceKind, InstanceRef, InstanceSpec, InstanceState, OwnedBy, OwnedInstance,
+    Owner, ProviderError,
+};
 
 /// Instance ids of nodes on SSH hosts start with this.
 const ID_PREFIX: &str = "ssh-";
@@ -273,9 +273,11 @@ impl SshHosts {
         let record = if instance.locator.is_empty() {
             self.read_record(instance_id).await?
         } else {
-            Some(serde_json::from_str::<Record>(&instance.locator).map_err(|e| {
-                Error::invalid_input(format!("{instance_id} has an invalid SSH locator: {e}"))
-            })?)
+            Some(
+                serde_json::from_str::<Record>(&instance.locator).map_err(|e| {
+                    Error::invalid_input(format!("{instance_id} has an invalid SSH locator: {e}"))
+                })?,
+            )
         };
         let Some(record) = record else {
             return Ok(());

@@ -92,10 +92,7 @@ async fn terminate_stops_the_agent_and_its_script() {
         .parse()
         .expect("a pid");
 
-    provider
-        .terminate(&reference(1))
-        .await
-        .expect("terminated");
+    provider.terminate(&reference(1)).await.expect("terminated");
     assert_eq!(tracked_state(&provider, "local-dep-1-1"), None);
     // The script's group is gone (zombie orphans wait for init, hence the polling).
     eventually("the script's process group is gone", || {
@@ -110,10 +107,7 @@ async fn terminate_stops_the_agent_and_its_script() {
         .map(|s| s.status.clone())
         .collect();
     assert_eq!(statuses, ["downloading_assets", "running_script"]);
-    provider
-        .terminate(&reference(1))
-        .await
-        .expect("idempotent");
+    provider.terminate(&reference(1)).await.expect("idempotent");
     provider.shutdown().await;
     server.abort();
 }

@@ -485,7 +485,12 @@ impl PooledProvider {
             slot.terminating = true;
         }
         self.bump();
-        let Some(instance) = self.lock().slots.get(instance_id).map(|s| s.instance.clone()) else {
+        let Some(instance) = self
+            .lock()
+            .slots
+            .get(instance_id)
+            .map(|s| s.instance.clone())
+        else {
             return Ok(());
         };
         let result = self.inner.terminate(&instance).await;

@@ -35,7 +35,10 @@ impl Provider for Fake {
     }
 
     async fn terminate(&self, instance: &InstanceRef) -> Result<(), BoxError> {
-        assert_eq!(instance.locator, "fake-place", "terminated where it was started");
+        assert_eq!(
+            instance.locator, "fake-place",
+            "terminated where it was started"
+        );
         self.terminated.lock().unwrap().push(instance.id.clone());
         Ok(())
     }
@@ -58,7 +61,11 @@ impl Provider for Fake {
 impl Fake {
     /// The instance token `i-{n}` was started with.
     fn token(&self, n: usize) -> [u8; 32] {
-        auth::hash_token(self.provisioned.lock().unwrap()[n - 1].provision_token.expose())
+        auth::hash_token(
+            self.provisioned.lock().unwrap()[n - 1]
+                .provision_token
+                .expose(),
+        )
     }
 
     fn terminated(&self) -> Vec<String> {
@@ -114,7 +121,8 @@ async fn an_idle_instance_is_handed_the_next_node_instead_of_a_new_launch() {
     let spec = fake.provisioned.lock().unwrap()[0].clone();
     assert!(matches!(spec.owner, Owner::Pool { .. }), "{:?}", spec.owner);
     assert_ne!(
-        spec.provision_token.expose(), "provision-d1-0",
+        spec.provision_token.expose(),
+        "provision-d1-0",
         "the instance gets its own token"
     );
     assert_eq!(
@@ -199,7 +207,11 @@ async fn a_release_waits_for_the_agent_and_keeps_the_instance_when_it_comes_back
     pool.claim(&fake.token(1)).await;
     let release = tokio::spawn({
         let pool = pool.clone();
-        async move { pool.release(&at("i-1"), "d1-0").await.map_err(|e| e.to_string()) }
+        async move {
+            pool.release(&at("i-1"), "d1-0")
+                .await
+                .map_err(|e| e.to_string())
+        }
     });
     tokio::task::yield_now().await;
     assert!(!release.is_finished(), "the script may still run");

@@ -105,7 +105,10 @@ fn a_pool_slot_starts_on_the_first_host_and_its_record_names_no_deployment() {
         slot: "pool-abc".into(),
     };
     let record = record_for(&local, &slot);
-    assert_eq!((record.target().as_str(), record.deployment_id.as_str()), ("ops@h1:22", POOL_RECORD));
+    assert_eq!(
+        (record.target().as_str(), record.deployment_id.as_str()),
+        ("ops@h1:22", POOL_RECORD)
+    );
 }
 
 #[test]
