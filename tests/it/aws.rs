@@ -825,20 +825,23 @@ async fn leak_checks_keep_to_the_instances_of_their_own_owner() {
         listed.iter().all(|o| o.instance.id != info.reference.id),
         "another owner's leak check lists our instance: {listed:?}"
     );
-    // The same owner after a restart lists it, with its deployment.
+    // The same owner after a restart lists it, with its deployment and a locator the leak
+    // checks terminate it by.
     let restarted = aws_provider(&endpoint, region).await.owner("team-a");
     let listed = restarted.owned_instances().await.expect("owned instances");
-    assert!(
-        listed.iter().any(|o| o.instance == info.reference
-            && o.owner
-                == OwnedBy::Deployment {
-                    deployment_id: deployment_id.clone(),
-                    node_id: Some(format!("{deployment_id}-0")),
-                }),
-        "{listed:?}"
+    let ours = listed
+        .iter()
+        .find(|o| o.instance.id == info.reference.id)
+        .unwrap_or_else(|| panic!("not listed: {listed:?}"));
+    assert_eq!(
+        ours.owner,
+        OwnedBy::Deployment {
+            deployment_id: deployment_id.clone(),
+            node_id: Some(format!("{deployment_id}-0")),
+        }
     );
     restarted
-        .terminate(&info.reference)
+        .terminate(&ours.instance)
         .await
         .expect("terminate");
     wait_all_ending(&ec2, &deployment_id, 1).await;
