@@ -102,28 +102,16 @@ impl Args {
             }
             return Ok(None);
         }
-        if self.pool_min > self.pool_max {
-            return Err(format!(
-                "--pool-min {} is above --pool-max {}",
-                self.pool_min, self.pool_max
-            ));
-        }
-        if self.pool_ahead >= self.pool_max {
-            return Err(format!(
-                "--pool-ahead {} must be below --pool-max {}: spares count against the maximum",
-                self.pool_ahead, self.pool_max
-            ));
-        }
-        Ok(Some(
-            taskfly::PoolConfig::new(self.pool_max)
-                .min_instances(self.pool_min)
-                .idle_timeout(self.pool_idle_timeout)
-                .provision_ahead(self.pool_ahead)
-                // An agent hears of a terminate at its next heartbeat, then stops its script.
-                .release_timeout(
-                    self.heartbeat_timeout + self.grace_period + Duration::from_secs(30),
-                ),
-        ))
+        let pool = taskfly::PoolConfig::new(self.pool_max)
+            .min_instances(self.pool_min)
+            .idle_timeout(self.pool_idle_timeout)
+            .provision_ahead(self.pool_ahead)
+            // An agent hears of a terminate at its next heartbeat, then stops its script.
+            .release_timeout(self.heartbeat_timeout + self.grace_period + Duration::from_secs(30));
+        // The pool's own rules, reported in terms of the flags that set them.
+        pool.validate()
+            .map_err(|e| format!("{e} (set by --pool-max, --pool-min and --pool-ahead)"))?;
+        Ok(Some(pool))
     }
 }
 
