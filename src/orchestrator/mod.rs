@@ -943,6 +943,10 @@ impl Orchestrator {
         }
         teardown.close();
         teardown.wait().await;
+        // Releases of nodes that ended before the request finish too: once this returns, no
+        // instance of the deployment is still being let go.
+        live.releases.close();
+        live.releases.wait().await;
         // Every node final but the deployment not (a race with the last node ending): close it.
         // Nodes still terminating keep it terminating until their instances are confirmed gone.
         let deployment = self.deployment(id).await?;

@@ -15,6 +15,7 @@ use taskfly::{
     async_trait, BoxError, Instance, InstanceKind, InstanceRef, InstanceSpec, Owner, Provider,
     ProviderSettings,
 };
+use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -43,16 +44,44 @@ struct InProcProvider {
     provisioned: Mutex<Vec<(InProcSettings, Owner)>>,
     /// Every instance `terminate` was handed, in order.
     terminated: Mutex<Vec<InstanceRef>>,
+    /// When set, `terminate` records its call, then waits for a permit before it stops the
+    /// agent: a release the test holds open.
+    release_gate: Option<Arc<Semaphore>>,
 }
 
 impl InProcProvider {
     fn new(work_root: PathBuf) -> Arc<InProcProvider> {
-        Arc::new(InProcProvider {
+        Arc::new(InProcProvider::build(work_root, None))
+    }
+
+    /// A provider whose `terminate` holds until the test adds a permit to the semaphore.
+    fn gated(work_root: PathBuf) -> (Arc<InProcProvider>, Arc<Semaphore>) {
+        let gate = Arc::new(Semaphore::new(0));
+        let provider = InProcProvider::build(work_root, Some(gate.clone()));
+        (Arc::new(provider), gate)
+    }
+
+    fn build(work_root: PathBuf, release_gate: Option<Arc<Semaphore>>) -> InProcProvider {
+        InProcProvider {
             work_root,
             agents: Mutex::new(HashMap::new()),
             provisioned: Mutex::new(Vec::new()),
             terminated: Mutex::new(Vec::new()),
-        })
+            release_gate,
+        }
+    }
+
+    /// Waits (bounded) until `terminate` has been called `count` times.
+    async fn wait_for_terminated(&self, count: usize) {
+        let deadline = tokio::time::Instant::now() + WAIT_LIMIT;
+        while lock(&self.terminated).len() < count {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "instances not released: {:?}",
+                lock(&self.terminated)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 }
 
@@ -104,6 +133,9 @@ impl Provider for InProcProvider {
 
     async fn terminate(&self, instance: &InstanceRef) -> Result<(), BoxError> {
         lock(&self.terminated).push(instance.clone());
+        if let Some(gate) = &self.release_gate {
+            gate.acquire().await?.forget();
+        }
         let agent = lock(&self.agents).remove(&instance.id);
         if let Some((cancel, task)) = agent {
             cancel.cancel();
@@ -170,15 +202,7 @@ async fn a_provider_of_the_host_runs_nodes_under_its_own_name_with_its_own_secti
     }
 
     // Each node's instance is released once it ended, through the reference it returned.
-    let deadline = tokio::time::Instant::now() + WAIT_LIMIT;
-    while lock(&provider.terminated).len() < 2 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "instances not released: {:?}",
-            lock(&provider.terminated)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    provider.wait_for_terminated(2).await;
     for instance in lock(&provider.terminated).iter() {
         let expected = work.path().join(&instance.id);
         assert_eq!(instance.locator, expected.display().to_string());
@@ -220,5 +244,43 @@ async fn unknown_provider_names_and_settings_a_provider_refuses_fail_the_deploy(
     let details = error.details().join("\n");
     assert!(details.contains("instance_config.inproc"), "{details}");
     assert!(lock(&provider.provisioned).is_empty());
+    engine.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleanup_waits_for_the_release_of_an_ended_nodes_instance() {
+    let work = tempfile::tempdir().expect("temp dir");
+    let (provider, gate) = InProcProvider::gated(work.path().to_path_buf());
+    let engine = TestEngine::start_with(|config| config.provider(provider.clone())).await;
+    let yml = inproc_yml("{label: gated}").replace("count: 2", "count: 1");
+    let project = Project::new(&yml).script("#!/bin/sh\necho done\n");
+    let id = engine.deploy(project.path()).await;
+    let done = tokio::time::timeout(WAIT_LIMIT, engine.engine.wait(&id))
+        .await
+        .expect("the deployment ends")
+        .expect("wait");
+    assert_eq!(done.status, "completed", "{done:#?}");
+    // The node ended: its instance's release has begun and is held by the provider.
+    provider.wait_for_terminated(1).await;
+
+    let cleaning = tokio::spawn({
+        let (engine, id) = (engine.engine.clone(), id.clone());
+        async move { engine.cleanup(&id).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !cleaning.is_finished(),
+        "cleanup returned while the instance was still being released"
+    );
+    gate.add_permits(1);
+    tokio::time::timeout(WAIT_LIMIT, cleaning)
+        .await
+        .expect("cleanup ends once the release has")
+        .expect("the cleanup task")
+        .expect("cleanup");
+    assert!(
+        lock(&provider.agents).is_empty(),
+        "the agent was stopped first"
+    );
     engine.stop().await;
 }
