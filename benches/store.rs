@@ -181,7 +181,10 @@ async fn drive(
                     Step::StartScript => &[
                         status(NodeStatus::Provisioning),
                         NodeUpdate::Provisioned {
-                            instance_id: format!("i-{index}"),
+                            instance: taskfly::InstanceRef {
+                                id: format!("i-{index}"),
+                                locator: String::new(),
+                            },
                             ip_address: Some("10.0.0.1".to_owned()),
                         },
                         status(NodeStatus::RunningScript),

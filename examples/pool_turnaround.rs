@@ -16,11 +16,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use taskfly::state::model::DeploymentStatus;
 use taskfly::{
-    BoxError, Config, InstanceConfig, InstanceInfo, LocalProvider, Orchestrator, PoolConfig,
-    PooledProvider, Provider, Server, ServerConfig,
+    async_trait, BoxError, Config, Instance, InstanceKind, InstanceRef, InstanceSpec,
+    LocalProvider, Orchestrator, Owner, PoolConfig, Provider, ProviderSettings, Server, ServerConfig,
 };
 
 /// A local provider whose instances take `boot` to start.
@@ -31,21 +30,25 @@ struct SlowBoot {
 
 #[async_trait]
 impl Provider for SlowBoot {
-    async fn provision(&self, config: InstanceConfig) -> Result<InstanceInfo, BoxError> {
+    fn name(&self) -> &str {
+        self.local.name()
+    }
+
+    async fn provision(&self, spec: InstanceSpec) -> Result<Instance, BoxError> {
         tokio::time::sleep(self.boot).await;
-        self.local.provision(config).await
+        self.local.provision(spec).await
     }
 
-    async fn terminate(&self, instance_id: &str) -> Result<(), BoxError> {
-        self.local.terminate(instance_id).await
+    async fn terminate(&self, instance: &InstanceRef) -> Result<(), BoxError> {
+        self.local.terminate(instance).await
     }
 
-    async fn describe(&self, instance_id: &str) -> Result<Option<InstanceInfo>, BoxError> {
-        self.local.describe(instance_id).await
-    }
-
-    fn instance_kind(&self, config: &InstanceConfig) -> String {
-        self.local.instance_kind(config)
+    fn instance_kind(
+        &self,
+        settings: &ProviderSettings,
+        owner: &Owner,
+    ) -> Result<InstanceKind, BoxError> {
+        self.local.instance_kind(settings, owner)
     }
 
     async fn shutdown(&self) {
@@ -65,13 +68,14 @@ async fn measure(
         local: LocalProvider::new(data_dir.join("work")),
         boot,
     });
-    let provider: Arc<dyn Provider> = if pooled {
-        Arc::new(PooledProvider::new(slow, PoolConfig::new(64))?)
+    let config = Config::new(&data_dir).provider(slow);
+    let config = if pooled {
+        config.pool("local", PoolConfig::new(64))
     } else {
-        slow
+        config
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let engine = Orchestrator::new(Config::new(&data_dir).provider("local", provider))?;
+    let engine = Orchestrator::new(config)?;
     let server = Server::new(engine.clone(), ServerConfig::default())?.spawn(listener)?;
     let mut times = Vec::with_capacity(runs);
     for _ in 0..runs {

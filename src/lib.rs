@@ -58,12 +58,15 @@ pub mod metadata;
 mod orchestrator;
 mod process;
 pub mod provider;
+mod secret;
 pub mod state;
 mod sync;
 
 pub use api::client::{Client, Registration};
 pub use api::server::{Server, ServerConfig, ServerHandle};
 pub use api::wire;
+/// Re-exported so that implementing [`Provider`] needs no direct dependency on `async-trait`.
+pub use async_trait::async_trait;
 pub use config::DeploymentConfig;
 pub use error::{BoxError, Error, Result};
 pub use metadata::MetadataGenerator;
@@ -71,9 +74,10 @@ pub use orchestrator::{Config, DeploymentWatch, Orchestrator};
 #[cfg(feature = "aws")]
 pub use provider::AwsProvider;
 pub use provider::{
-    InstanceConfig, InstanceInfo, InstanceState, LocalProvider, OwnedInstance, PoolConfig,
-    PooledProvider, Provider, ProviderError,
+    Instance, InstanceKind, InstanceRef, InstanceSpec, InstanceState, LocalProvider, OwnedBy,
+    OwnedInstance, Owner, PoolConfig, PooledProvider, Provider, ProviderError, ProviderSettings,
 };
+pub use secret::Secret;
 #[cfg(feature = "sqlite")]
 pub use state::SqliteStore;
 pub use state::{MemoryStore, Store};

@@ -102,41 +102,25 @@ impl Args {
             }
             return Ok(None);
         }
-        if self.pool_min > self.pool_max {
-            return Err(format!(
-                "--pool-min {} is above --pool-max {}",
-                self.pool_min, self.pool_max
-            ));
-        }
-        if self.pool_ahead >= self.pool_max {
-            return Err(format!(
-                "--pool-ahead {} must be below --pool-max {}: spares count against the maximum",
-                self.pool_ahead, self.pool_max
-            ));
-        }
-        Ok(Some(
-            taskfly::PoolConfig::new(self.pool_max)
-                .min_instances(self.pool_min)
-                .idle_timeout(self.pool_idle_timeout)
-                .provision_ahead(self.pool_ahead)
-                // An agent hears of a terminate at its next heartbeat, then stops its script.
-                .release_timeout(
-                    self.heartbeat_timeout + self.grace_period + Duration::from_secs(30),
-                ),
-        ))
+        let pool = taskfly::PoolConfig::new(self.pool_max)
+            .min_instances(self.pool_min)
+            .idle_timeout(self.pool_idle_timeout)
+            .provision_ahead(self.pool_ahead)
+            // An agent hears of a terminate at its next heartbeat, then stops its script.
+            .release_timeout(self.heartbeat_timeout + self.grace_period + Duration::from_secs(30));
+        // The pool's own rules, reported in terms of the flags that set them.
+        pool.validate()
+            .map_err(|e| format!("{e} (set by --pool-max, --pool-min and --pool-ahead)"))?;
+        Ok(Some(pool))
     }
 }
 
-/// `provider`, behind a pool of its own when `pool` is set.
-fn pooled(
-    provider: std::sync::Arc<dyn taskfly::Provider>,
-    pool: &Option<taskfly::PoolConfig>,
-) -> Result<std::sync::Arc<dyn taskfly::Provider>, String> {
-    let Some(pool) = pool else {
-        return Ok(provider);
-    };
-    let pooled = taskfly::PooledProvider::new(provider, pool.clone()).map_err(|e| e.to_string())?;
-    Ok(std::sync::Arc::new(pooled))
+/// `config` with the provider named `name` behind a pool of its own when `pool` is set.
+fn pooled(config: Config, name: &str, pool: &Option<taskfly::PoolConfig>) -> Config {
+    match pool {
+        Some(pool) => config.pool(name, pool.clone()),
+        None => config,
+    }
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -252,16 +236,17 @@ async fn serve(args: Args) -> Result<(), String> {
         .heartbeat_timeout(args.heartbeat_timeout)
         .retention(Some(args.retention))
         .store(std::sync::Arc::new(store))
-        .provider("local", pooled(std::sync::Arc::new(local), &pool)?);
+        .provider(std::sync::Arc::new(local));
+    let config = pooled(config, "local", &pool);
     // EC2 clients are made per deployment (each names its region and endpoint) on first use.
     // The owner id keeps this daemon's leak checks to the instances it started itself.
     #[cfg(feature = "aws")]
-    let config = config.provider(
+    let config = pooled(
+        config.provider(std::sync::Arc::new(
+            taskfly::AwsProvider::new().owner(daemon_id(&data_dir)?),
+        )),
         "aws",
-        pooled(
-            std::sync::Arc::new(taskfly::AwsProvider::new().owner(daemon_id(&data_dir)?)),
-            &pool,
-        )?,
+        &pool,
     );
     let server_config = ServerConfig::default().api_token(token);
     let server_config = match &tls {

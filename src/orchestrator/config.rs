@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::bundle::BundleLimits;
-use crate::provider::{LocalProvider, Provider};
+use crate::provider::{LocalProvider, PoolConfig, PooledProvider, Provider, Registered};
 use crate::state::{MemoryStore, Store};
 
 /// The engine's settings. Start from [`Config::new`] and chain the setters:
@@ -40,7 +40,8 @@ pub struct Config {
     /// The certificates nodes are to trust when they call back over https.
     pub(crate) node_ca_pem: Option<String>,
     pub(crate) store: Option<Arc<dyn Store>>,
-    pub(crate) providers: HashMap<String, Arc<dyn Provider>>,
+    pub(crate) providers: HashMap<String, Registered>,
+    pub(crate) pools: HashMap<String, PoolConfig>,
 }
 
 impl fmt::Debug for Config {
@@ -81,6 +82,7 @@ impl Config {
             node_ca_pem: None,
             store: None,
             providers: HashMap::new(),
+            pools: HashMap::new(),
         }
     }
 
@@ -94,7 +96,7 @@ impl Config {
     }
 
     /// The PEM certificates nodes are to trust when the advertise URL is `https://`
-    /// ([`crate::InstanceConfig::ca_pem`]). [`crate::Server`] sets them to its own certificate
+    /// ([`crate::InstanceSpec::ca_pem`]). [`crate::Server`] sets them to its own certificate
     /// chain when it serves TLS (`ServerConfig::tls`, feature `tls`); set them yourself when TLS
     /// ends in front of the engine (a proxy) with a certificate nodes would not otherwise
     /// trust.
@@ -212,11 +214,14 @@ impl Config {
         self
     }
 
-    /// Runs deployments whose `cloud_provider` is `name` on `provider`. `local` is registered
-    /// by default (a [`LocalProvider`] working in `<data_dir>/work`); this replaces it.
+    /// Runs deployments whose `cloud_provider` is the provider's [`Provider::name`] on it,
+    /// handing it their `instance_config.<name>` section. `local` is registered by default (a
+    /// [`LocalProvider`] working in `<data_dir>/work`); a provider of the same name replaces
+    /// it.
     #[must_use]
-    pub fn provider(mut self, name: impl Into<String>, provider: Arc<dyn Provider>) -> Config {
-        self.providers.insert(name.into(), provider);
+    pub fn provider(mut self, provider: Arc<dyn Provider>) -> Config {
+        self.providers
+            .insert(provider.name().to_owned(), Registered::Plain(provider));
         self
     }
 
@@ -235,11 +240,53 @@ impl Config {
             .unwrap_or_else(|| Arc::new(MemoryStore::new()) as Arc<dyn Store>)
     }
 
-    pub(crate) fn take_providers(&mut self) -> HashMap<String, Arc<dyn Provider>> {
+    /// The registered providers by name, each behind its pool if it has one. Errors: pool
+    /// settings that contradict each other, or a pool for no registered provider.
+    pub(crate) fn take_providers(&mut self) -> crate::Result<HashMap<String, Registered>> {
         let mut providers = std::mem::take(&mut self.providers);
+        providers.entry("local".to_owned()).or_insert_with(|| {
+            Registered::Plain(Arc::new(LocalProvider::new(self.data_dir.join("work"))))
+        });
+        let mut pools = std::mem::take(&mut self.pools);
+        if let Some(name) = pools.keys().find(|name| !providers.contains_key(*name)) {
+            return Err(crate::Error::invalid_input(format!(
+                "a pool is configured for `{name}`, but no provider of that name is registered"
+            )));
+        }
         providers
-            .entry("local".to_owned())
-            .or_insert_with(|| Arc::new(LocalProvider::new(self.data_dir.join("work"))));
-        providers
+            .into_iter()
+            .map(|(name, registered)| {
+                let registered = match (pools.remove(&name), registered) {
+                    (Some(pool), Registered::Plain(provider)) => {
+                        Registered::Pooled(Arc::new(PooledProvider::new(provider, pool)?))
+                    }
+                    (Some(_), Registered::Pooled(_)) => {
+                        return Err(crate::Error::invalid_input(format!(
+                            "`{name}` is registered with a pool already; configure only one"
+                        )))
+                    }
+                    (None, registered) => registered,
+                };
+                Ok((name, registered))
+            })
+            .collect()
+    }
+
+    /// Puts the provider named `name` behind a pool ([`PooledProvider`]): instances are kept
+    /// between nodes, so a later node starts on one that is already up. The settings are
+    /// checked once, by [`crate::Orchestrator::new`] ([`PoolConfig::validate`]).
+    #[must_use]
+    pub fn pool(mut self, name: impl Into<String>, pool: PoolConfig) -> Config {
+        self.pools.insert(name.into(), pool);
+        self
+    }
+
+    /// Registers a pool made by the caller ([`PooledProvider::new`]) under its provider's name,
+    /// so the caller keeps a handle on it (its [`PooledProvider::stats`], say).
+    #[must_use]
+    pub fn pooled_provider(mut self, pool: Arc<PooledProvider>) -> Config {
+        self.providers
+            .insert(pool.name().to_owned(), Registered::Pooled(pool));
+        self
     }
 }

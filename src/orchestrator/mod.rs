@@ -26,7 +26,7 @@ use crate::bundle;
 use crate::config::{DeploymentConfig, CONFIG_FILE_NAME};
 use crate::error::{Error, Result};
 use crate::metadata::MetadataGenerator;
-use crate::provider::{InstanceConfig, Provider};
+use crate::provider::{Instance, InstanceRef, InstanceSpec, Owner, Registered};
 use crate::state::model::{
     CleanupCounts, Deployment, DeploymentDetail, DeploymentStatus, DeploymentSummary, LogsPage,
     Node, NodeStatus, NodeUpdate, Stats,
@@ -66,7 +66,7 @@ pub struct Orchestrator {
 pub(crate) struct Inner {
     pub(crate) config: Config,
     pub(crate) store: Arc<dyn Store>,
-    providers: HashMap<String, Arc<dyn Provider>>,
+    providers: HashMap<String, Registered>,
     /// Deployments this process has loaded: their parsed config and metadata.
     live: Mutex<HashMap<String, Arc<Live>>>,
     /// When each registered node was last heard from (heartbeats cost no store write).
@@ -93,6 +93,8 @@ pub(crate) struct Live {
     pub(crate) secrets: Vec<String>,
     /// Fires on a terminate request: stops provisioning and retries of this deployment.
     pub(crate) cancel: CancellationToken,
+    /// The releases of its nodes' instances under way, so cleanup waits for them.
+    pub(crate) releases: TaskTracker,
 }
 
 impl Live {
@@ -156,7 +158,7 @@ impl Orchestrator {
             )
         })?;
         let store = config.take_store();
-        let providers = config.take_providers();
+        let providers = config.take_providers()?;
         let advertise_url = config.advertise_url.clone();
         let node_ca_pem = config.node_ca_pem.clone();
         let (changes, _) = watch::channel(0);
@@ -178,13 +180,9 @@ impl Orchestrator {
         let orchestrator = Orchestrator { inner };
         orchestrator.spawn_monitor();
         for (_, provider) in orchestrator.providers() {
-            if provider.pool().is_some() {
+            if let Registered::Pooled(pool) = provider {
                 let cancel = orchestrator.inner.cancel.clone();
-                orchestrator.spawn_tracked(async move {
-                    if let Some(pool) = provider.pool() {
-                        pool.maintain(cancel).await;
-                    }
-                });
+                orchestrator.spawn_tracked(async move { pool.maintain(cancel).await });
             }
         }
         let resuming = orchestrator.clone();
@@ -351,19 +349,41 @@ impl Orchestrator {
                 )],
             ));
         }
-        let provider_name = config.cloud_provider.as_str();
-        if !self.inner.providers.contains_key(provider_name) {
+        let provider_name = config.cloud_provider.as_str().to_owned();
+        let Some(provider) = self.inner.providers.get(&provider_name) else {
+            let mut registered: Vec<&str> =
+                self.inner.providers.keys().map(String::as_str).collect();
+            registered.sort_unstable();
             return Err(Error::invalid_config(
                 "taskfly.yml is invalid (1 problem)",
                 vec![format!(
-                    "cloud_provider: `{provider_name}` is not available in this build of TaskFly{}",
+                    "cloud_provider: `{provider_name}` is not available in this build of TaskFly{} \
+                     (registered: {})",
                     if provider_name == "aws" {
                         " (build it with the `aws` feature)"
                     } else {
                         ""
-                    }
+                    },
+                    registered.join(", ")
                 )],
             ));
+        };
+        // The provider checks its own settings now, so a deployment it cannot run is refused.
+        let first = Owner::Node {
+            deployment_id: id.to_owned(),
+            node_id: format!("{id}-0"),
+            node_index: 0,
+            attempt: 1,
+        };
+        if let Err(e) = provider
+            .provider()
+            .instance_kind(&config.provider_settings(), &first)
+        {
+            return Err(match e.downcast::<Error>() {
+                Ok(e) if e.is_invalid_config() => *e,
+                Ok(e) => Error::provider(format!("{provider_name} refused the deployment"), e),
+                Err(e) => Error::provider(format!("{provider_name} refused the deployment"), e),
+            });
         }
         let metadata = MetadataGenerator::new(&config.nodes)?;
         std::io::Write::write_all(
@@ -377,7 +397,7 @@ impl Orchestrator {
         let deployment = Deployment {
             id: id.to_owned(),
             status: DeploymentStatus::Pending,
-            cloud_provider: provider_name.to_owned(),
+            cloud_provider: provider_name.clone(),
             total_nodes: total,
             retries: config.nodes.retries,
             nodes_completed: 0,
@@ -400,9 +420,10 @@ impl Orchestrator {
             config: Arc::new(config),
             metadata,
             cancel: self.inner.cancel.child_token(),
+            releases: TaskTracker::new(),
         });
         lock(&self.inner.live).insert(id.to_owned(), live.clone());
-        tracing::info!(deployment_id = %id, nodes = total, provider = provider_name, files = summary.files.len(), "deployment accepted");
+        tracing::info!(deployment_id = %id, nodes = total, provider = %provider_name, files = summary.files.len(), "deployment accepted");
 
         let this = self.clone();
         let deployment_id = id.to_owned();
@@ -487,30 +508,39 @@ impl Orchestrator {
             .await?;
         }
         let provider = self.provider_for(&live.config)?;
-        let request = InstanceConfig {
+        let owner = Owner::Node {
             deployment_id: node.deployment_id.clone(),
             node_id: node.id.clone(),
             node_index: node.index,
             attempt: node.attempt,
+        };
+        let settings = live.config.provider_settings();
+        let kind = provider
+            .provider()
+            .instance_kind(&settings, &owner)
+            .map_err(|e| Error::provider("the provider refused the node's settings", e))?;
+        let request = InstanceSpec {
+            owner,
+            kind,
             daemon_url: self.advertise_url(),
             ca_pem: self.node_ca_pem(),
-            provision_token: token,
-            deployment: live.config.clone(),
+            provision_token: token.into(),
+            settings,
         };
         let info = self
-            .provision_with_retries(&*provider, request, live)
+            .provision_with_retries(&provider, request, live)
             .await?;
-        tracing::info!(node_id = %node.id, instance_id = %info.instance_id, "node provisioned");
+        let instance = info.reference.clone();
+        tracing::info!(node_id = %node.id, instance_id = %instance.id, "node provisioned");
         let update = NodeUpdate::Provisioned {
-            instance_id: info.instance_id.clone(),
+            instance: instance.clone(),
             ip_address: info.ip_address.clone(),
         };
         if let Err(e) = self.update_node(&node.id, update).await {
             // The node was terminated (or failed) while its instance was being created:
             // make sure the new instance does not outlive it.
-            tracing::info!(node_id = %node.id, instance_id = %info.instance_id, "instance no longer wanted; releasing it");
-            self.release_instance(live, &info.instance_id, &node.id)
-                .await;
+            tracing::info!(node_id = %node.id, instance_id = %instance.id, "instance no longer wanted; releasing it");
+            self.release_instance(live, &instance, &node.id).await;
             if !e.is_conflict() {
                 return Err(e);
             }
@@ -522,10 +552,10 @@ impl Orchestrator {
     /// while it says the failure is retryable, up to the configured number of attempts.
     async fn provision_with_retries(
         &self,
-        provider: &dyn Provider,
-        request: InstanceConfig,
+        provider: &Registered,
+        request: InstanceSpec,
         live: &Live,
-    ) -> Result<crate::provider::InstanceInfo> {
+    ) -> Result<Instance> {
         let attempts = self.inner.config.provision_attempts;
         let mut backoff = self.inner.config.provision_backoff;
         let provider_name = live.config.cloud_provider.as_str();
@@ -549,7 +579,7 @@ impl Orchestrator {
                         ));
                     }
                     let wait = jitter(backoff);
-                    tracing::warn!(node_id = %request.node_id, attempt, error = %e, wait_ms = wait.as_millis() as u64, "provider call failed; retrying");
+                    tracing::warn!(node_id = %request.owner.name(), attempt, error = %e, wait_ms = wait.as_millis() as u64, "provider call failed; retrying");
                     tokio::select! {
                         () = tokio::time::sleep(wait) => {}
                         () = live.cancel.cancelled() => {
@@ -575,7 +605,7 @@ impl Orchestrator {
         pools.into_iter()
     }
 
-    pub(crate) fn providers(&self) -> Vec<(String, Arc<dyn Provider>)> {
+    pub(crate) fn providers(&self) -> Vec<(String, Registered)> {
         self.inner
             .providers
             .iter()
@@ -583,29 +613,29 @@ impl Orchestrator {
             .collect()
     }
 
-    /// Terminate instances that belong to no live deployment (see [`Provider::owned_instances`]);
+    /// Terminate instances that belong to no live deployment (see [`crate::Provider::owned_instances`]);
     /// the engine also does this at start and every minute. Returns how many it terminated.
     pub async fn terminate_orphans(&self) -> usize {
         self.reconcile_orphans().await
     }
 
-    pub(crate) fn provider_for(&self, config: &DeploymentConfig) -> Result<Arc<dyn Provider>> {
+    pub(crate) fn provider_for(&self, config: &DeploymentConfig) -> Result<Registered> {
         let name = config.cloud_provider.as_str();
         self.inner.providers.get(name).cloned().ok_or_else(|| {
             Error::invalid_config(format!("no provider `{name}` in this build"), Vec::new())
         })
     }
 
-    /// Release a node's instance ([`Provider::release`]: terminated, or back in its pool),
-    /// trying a few times with backoff; returns whether the provider confirmed the node no
-    /// longer runs there.
-    async fn release_instance(&self, live: &Live, instance_id: &str, node_id: &str) -> bool {
+    /// Release a node's instance (terminated, or back in its pool), trying a few times with
+    /// backoff; returns whether the provider confirmed the node no longer runs there.
+    async fn release_instance(&self, live: &Live, instance: &InstanceRef, node_id: &str) -> bool {
+        let instance_id = instance.id.as_str();
         let Ok(provider) = self.provider_for(&live.config) else {
             return false;
         };
         let mut backoff = Duration::from_millis(500);
         for attempt in 1..=TERMINATE_ATTEMPTS {
-            match provider.release(instance_id, node_id).await {
+            match provider.release(instance, node_id).await {
                 Ok(()) => return true,
                 Err(e) => {
                     tracing::error!(instance_id, attempt, error = %e, "could not terminate instance");
@@ -679,8 +709,15 @@ impl Orchestrator {
             let Ok(live) = this.live(&node.deployment_id).await else {
                 return;
             };
-            if let Some(instance_id) = &node.instance_id {
-                this.release_instance(&live, instance_id, &node.id).await;
+            if let Some(instance) = node.instance() {
+                let (releasing, live_for_release) = (this.clone(), live.clone());
+                let node_id = node.id.clone();
+                let release = live.releases.track_future(async move {
+                    releasing
+                        .release_instance(&live_for_release, &instance, &node_id)
+                        .await
+                });
+                release.await;
             }
             if node.status == NodeStatus::Failed && node.attempt <= live.config.nodes.retries {
                 this.retry_node(&live, node).await;
@@ -722,6 +759,7 @@ impl Orchestrator {
             config: Arc::new(config),
             metadata,
             cancel: self.inner.cancel.child_token(),
+            releases: TaskTracker::new(),
         });
         let mut map = lock(&self.inner.live);
         Ok(map.entry(id.to_owned()).or_insert(live).clone())
@@ -874,6 +912,10 @@ impl Orchestrator {
         }
         teardown.close();
         teardown.wait().await;
+        // Releases of nodes that ended before the request finish too: once this returns, no
+        // instance of the deployment is still being let go.
+        live.releases.close();
+        live.releases.wait().await;
         // Every node final but the deployment not (a race with the last node ending): close it.
         // Nodes still terminating keep it terminating until their instances are confirmed gone.
         let DeploymentDetail { deployment, nodes } = self.deployment(id).await?;
@@ -906,9 +948,9 @@ impl Orchestrator {
                 _ => return,
             },
         };
-        if let Some(instance_id) = &node.instance_id {
-            if !self.release_instance(live, instance_id, node_id).await {
-                tracing::error!(node_id, instance_id = %instance_id, "instance not confirmed terminated; the node stays terminating and is tried again");
+        if let Some(instance) = node.instance() {
+            if !self.release_instance(live, &instance, node_id).await {
+                tracing::error!(node_id, instance_id = %instance.id, "instance not confirmed terminated; the node stays terminating and is tried again");
                 return;
             }
         }
@@ -930,6 +972,12 @@ impl Orchestrator {
                 "deployment `{id}` is {}; terminate it first (`taskfly down {id}`) or wait until it ends",
                 deployment.status
             )));
+        }
+        // Instance releases of its nodes still under way finish first.
+        let live = lock(&self.inner.live).get(id).cloned();
+        if let Some(live) = live {
+            live.releases.close();
+            live.releases.wait().await;
         }
         for dir in [
             self.deployment_dir(id),

@@ -13,6 +13,7 @@ use std::time::SystemTime;
 
 use super::{lock, Orchestrator};
 use crate::error::Result;
+use crate::provider::OwnedBy;
 use crate::state::model::{has_retry_left, DeploymentStatus, NodeStatus};
 use crate::state::store_error;
 
@@ -115,10 +116,15 @@ impl Orchestrator {
         let mut terminated = 0;
         for (name, provider, owned) in listed {
             for instance in owned {
-                if in_use.contains(&instance.instance_id) {
+                if in_use.contains(&instance.instance.id) {
                     continue;
                 }
-                let live = match self.inner().store.deployment(&instance.deployment_id).await {
+                // A pool slot's instance not in use belongs to no live deployment.
+                let deployment_id = match &instance.owner {
+                    OwnedBy::Deployment { deployment_id, .. } => deployment_id.as_str(),
+                    OwnedBy::Pool => "",
+                };
+                let live = match self.inner().store.deployment(deployment_id).await {
                     Ok(Some(d)) => !d.status.is_final(),
                     Ok(None) => false,
                     // Unsure: leave it for the next round rather than kill a live node.
@@ -132,11 +138,11 @@ impl Orchestrator {
                 } else {
                     "it belongs to no live deployment"
                 };
-                tracing::warn!(provider = %name, instance_id = %instance.instance_id, deployment_id = %instance.deployment_id, reason = why, "terminating a leaked instance");
-                match provider.terminate(&instance.instance_id).await {
+                tracing::warn!(provider = %name, instance_id = %instance.instance.id, deployment_id, reason = why, "terminating a leaked instance");
+                match provider.terminate(&instance.instance).await {
                     Ok(()) => terminated += 1,
                     Err(e) => {
-                        tracing::error!(instance_id = %instance.instance_id, error = %e, "cannot terminate leaked instance")
+                        tracing::error!(instance_id = %instance.instance.id, error = %e, "cannot terminate leaked instance")
                     }
                 }
             }
@@ -149,13 +155,17 @@ impl Orchestrator {
     /// provisioned again after a crash caught its first launch — or has ended. A node still
     /// being provisioned is not judged: its new instance may not be recorded yet.
     async fn left_by_its_node(&self, instance: &crate::OwnedInstance) -> bool {
-        let Some(node_id) = &instance.node_id else {
+        let OwnedBy::Deployment {
+            deployment_id,
+            node_id: Some(node_id),
+        } = &instance.owner
+        else {
             return false;
         };
         let Ok(Some(node)) = self.inner().store.node(node_id).await else {
             return false;
         };
-        if node.deployment_id != instance.deployment_id
+        if &node.deployment_id != deployment_id
             || matches!(node.status, NodeStatus::Pending | NodeStatus::Provisioning)
         {
             return false;
@@ -163,7 +173,7 @@ impl Orchestrator {
         let elsewhere = node
             .instance_id
             .as_deref()
-            .is_some_and(|id| id != instance.instance_id);
+            .is_some_and(|id| id != instance.instance.id);
         elsewhere || node.status.is_final()
     }
 

@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use super::model::{Applied, Deployment, DeploymentStatus, Node, NodeStatus, NodeUpdate};
 use super::{store_error, LogLine, LogQuery, LogStream, NewLogLine, Store};
 use crate::error::{BoxError, Error};
+use crate::provider::InstanceRef;
 
 /// The log cap the store given to [`check_log_cap`] must have been built with.
 pub(crate) const LOG_CAP: usize = 4;
@@ -26,6 +27,7 @@ pub(crate) async fn check_store(store: &dyn Store) {
     lists_newest_first(store).await;
     deletes_everything_of_a_deployment(store).await;
     drops_resent_log_lines(store).await;
+    keeps_the_instance_locator(store).await;
 }
 
 /// Checks that a store built with a cap of [`LOG_CAP`] lines trims the oldest lines and never
@@ -91,7 +93,10 @@ fn status(status: NodeStatus) -> NodeUpdate {
 
 fn provisioned(index: u32) -> NodeUpdate {
     NodeUpdate::Provisioned {
-        instance_id: format!("i-{index}"),
+        instance: InstanceRef {
+            id: format!("i-{index}"),
+            locator: format!("region-{index}"),
+        },
         ip_address: Some("10.1.2.3".to_owned()),
     }
 }
@@ -344,6 +349,7 @@ async fn retries_a_failed_node(store: &dyn Store) {
         (NodeStatus::Provisioning, 2)
     );
     assert_eq!(applied.node.instance_id, None);
+    assert_eq!(applied.node.instance_locator, None);
     update(store, "conf-retry-0", provisioned(0), at(4)).await;
     update(store, "conf-retry-0", status(NodeStatus::Failed), at(5)).await;
     let failed = store.deployment(id).await.unwrap().unwrap();
@@ -355,6 +361,40 @@ async fn retries_a_failed_node(store: &dyn Store) {
         .update_node("conf-retry-0", NodeUpdate::Retry, at(6))
         .await;
     assert!(error(again.unwrap_err()).is_conflict(), "no retry left");
+}
+
+/// The instance's locator is stored with its id, read back everywhere a node is read, and
+/// forgotten with it on a retry.
+async fn keeps_the_instance_locator(store: &dyn Store) {
+    let id = "conf-locator";
+    create(store, id, 1, 1).await;
+    update(
+        store,
+        "conf-locator-0",
+        status(NodeStatus::Provisioning),
+        at(2),
+    )
+    .await;
+    let instance = InstanceRef {
+        id: "i-77".to_owned(),
+        locator: "eu-west-1 at http://127.0.0.1:5000".to_owned(),
+    };
+    let provisioned = NodeUpdate::Provisioned {
+        instance: instance.clone(),
+        ip_address: None,
+    };
+    let applied = update(store, "conf-locator-0", provisioned, at(3)).await;
+    assert_eq!(applied.node.instance(), Some(instance.clone()));
+    assert_eq!(
+        node(store, "conf-locator-0").await.instance(),
+        Some(instance.clone())
+    );
+    let (_, nodes) = snapshot(store, id).await;
+    assert_eq!(nodes[0].instance(), Some(instance));
+    update(store, "conf-locator-0", status(NodeStatus::Failed), at(4)).await;
+    let retried = update(store, "conf-locator-0", NodeUpdate::Retry, at(5)).await;
+    assert_eq!(retried.node.instance(), None);
+    assert_eq!(node(store, "conf-locator-0").await.instance_locator, None);
 }
 
 async fn provision_tokens_work_once(store: &dyn Store) {

@@ -9,6 +9,7 @@ use std::str::FromStr;
 use std::time::SystemTime;
 
 use crate::error::{Error, Result};
+use crate::provider::InstanceRef;
 
 /// Where a deployment is in its life (SPEC §3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -231,6 +232,9 @@ pub struct Node {
     pub attempt: u32,
     /// The provider's id of its instance or process, once provisioned.
     pub instance_id: Option<String>,
+    /// Where the provider finds that instance again ([`InstanceRef::locator`]); `None` for
+    /// nodes recorded before taskfly 0.2.
+    pub instance_locator: Option<String>,
     /// The instance's address, when the provider knows it.
     pub ip_address: Option<String>,
     /// When its state last changed, or it last sent a heartbeat (see the store).
@@ -255,6 +259,7 @@ impl Node {
             status: NodeStatus::Pending,
             attempt: 1,
             instance_id: None,
+            instance_locator: None,
             ip_address: None,
             last_update: now,
             exit_code: None,
@@ -262,6 +267,17 @@ impl Node {
             provision_token_hash: None,
             auth_token_hash: None,
         }
+    }
+}
+
+impl Node {
+    /// Its instance, once provisioned, as its provider named it (an empty locator for nodes
+    /// recorded before taskfly 0.2).
+    pub fn instance(&self) -> Option<InstanceRef> {
+        Some(InstanceRef {
+            id: self.instance_id.clone()?,
+            locator: self.instance_locator.clone().unwrap_or_default(),
+        })
     }
 }
 
@@ -279,8 +295,8 @@ pub enum NodeUpdate {
     },
     /// The provider created the instance: record it and move to `booting`.
     Provisioned {
-        /// The provider's instance id.
-        instance_id: String,
+        /// The instance, as the provider names it.
+        instance: InstanceRef,
         /// Its address, if known.
         ip_address: Option<String>,
     },
@@ -336,7 +352,7 @@ pub fn apply_node_update(
             }
         }
         NodeUpdate::Provisioned {
-            instance_id,
+            instance,
             ip_address,
         } => {
             // A quick agent may register before the provider's answer is recorded: keep its
@@ -350,7 +366,8 @@ pub fn apply_node_update(
                 check_node_transition(deployment, node, NodeStatus::Booting)?;
                 next.status = NodeStatus::Booting;
             }
-            next.instance_id = Some(instance_id);
+            next.instance_id = Some(instance.id);
+            next.instance_locator = Some(instance.locator);
             next.ip_address = ip_address;
         }
         NodeUpdate::ProvisionToken { hash } => {
@@ -378,6 +395,7 @@ pub fn apply_node_update(
             next.status = NodeStatus::Provisioning;
             next.attempt += 1;
             next.instance_id = None;
+            next.instance_locator = None;
             next.ip_address = None;
             next.exit_code = None;
             next.error_message = None;
@@ -732,7 +750,10 @@ mod tests {
             d,
             n,
             NodeUpdate::Provisioned {
-                instance_id: "i-1".into(),
+                instance: InstanceRef {
+                    id: "i-1".into(),
+                    locator: String::new(),
+                },
                 ip_address: None,
             },
             now,
@@ -808,7 +829,10 @@ mod tests {
             &mut d,
             &mut n,
             NodeUpdate::Provisioned {
-                instance_id: "i-2".into(),
+                instance: InstanceRef {
+                    id: "i-2".into(),
+                    locator: String::new(),
+                },
                 ip_address: None,
             },
             SystemTime::now(),
@@ -851,7 +875,10 @@ mod tests {
         .unwrap();
         assert_eq!(d.status, DeploymentStatus::Running);
         let provisioned = NodeUpdate::Provisioned {
-            instance_id: "i-9".into(),
+            instance: InstanceRef {
+                id: "i-9".into(),
+                locator: String::new(),
+            },
             ip_address: None,
         };
         apply_node_update(&mut d, &mut n, provisioned.clone(), now).unwrap();

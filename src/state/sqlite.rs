@@ -19,8 +19,9 @@ use super::model::{self, Applied, Deployment, DeploymentStatus, Node, NodeStatus
 use super::{LogLine, LogQuery, LogStream, NewLogLine, Store};
 use crate::error::{BoxError, Error};
 
-/// The schema this code reads and writes, kept in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 1;
+/// The schema this code reads and writes, kept in `PRAGMA user_version`: 1 was taskfly 0.1's,
+/// 2 adds the nodes' `instance_locator` ([`MIGRATIONS`]).
+const SCHEMA_VERSION: i64 = 2;
 
 /// Default cap on stored log lines per deployment, as for the in-memory store.
 const DEFAULT_MAX_LOG_LINES: usize = 1_000_000;
@@ -34,7 +35,7 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Every call uses a handful of statements; keep them all prepared.
 const STATEMENT_CACHE_CAPACITY: usize = 64;
 
-/// Schema version 1. Times are integer milliseconds since the Unix epoch; `log_seq` is the last
+/// Schema version 1 (taskfly 0.1), which [`MIGRATIONS`] bring up to date. Times are integer milliseconds since the Unix epoch; `log_seq` is the last
 /// `seq` handed out in the deployment's log, so a `seq` is never reused even after old lines
 /// are trimmed.
 const SCHEMA: &str = "
@@ -88,11 +89,19 @@ CREATE INDEX logs_by_node ON logs (deployment_id, node_index, seq);
 CREATE UNIQUE INDEX logs_dedup ON logs (node_id, attempt, line_no);
 ";
 
+/// The changes from each schema version to the next: `MIGRATIONS[0]` turns version 1 into 2.
+/// A database is brought up to [`SCHEMA_VERSION`] when opened, in one transaction.
+const MIGRATIONS: &[&str] = &[
+    // 2: where the provider finds a node's instance again (`InstanceRef::locator`); NULL
+    // for nodes recorded by taskfly 0.1.
+    "ALTER TABLE nodes ADD COLUMN instance_locator TEXT;",
+];
+
 /// The columns of a node, in the order [`node_from_row`] reads them.
 macro_rules! node_columns {
     () => {
         "id, deployment_id, node_index, status, attempt, instance_id, ip_address, last_update, \
-         exit_code, error_message, provision_token_hash, auth_token_hash"
+         exit_code, error_message, provision_token_hash, auth_token_hash, instance_locator"
     };
 }
 
@@ -386,22 +395,26 @@ fn migrate(conn: &mut Connection, name: &str) -> crate::Result<()> {
     let version: i64 = tx
         .pragma_query_value(None, "user_version", |row| row.get(0))
         .map_err(cannot)?;
-    match version {
-        0 => {
-            tx.execute_batch(SCHEMA).map_err(cannot)?;
-            tx.pragma_update(None, "user_version", SCHEMA_VERSION)
-                .map_err(cannot)?;
-        }
-        SCHEMA_VERSION => {}
-        other => {
-            return Err(Error::store(
-                format!("cannot use {name}"),
-                Box::new(BadData(format!(
-                    "its schema version is {other}, and this taskfly knows only version \
-                     {SCHEMA_VERSION}; it was probably written by a newer taskfly"
-                ))),
-            ));
-        }
+    if version > SCHEMA_VERSION {
+        return Err(Error::store(
+            format!("cannot use {name}"),
+            Box::new(BadData(format!(
+                "its schema version is {version}, and this taskfly knows only versions up to \
+                 {SCHEMA_VERSION}; it was probably written by a newer taskfly"
+            ))),
+        ));
+    }
+    if version == 0 {
+        tx.execute_batch(SCHEMA).map_err(cannot)?;
+    }
+    // Version 0 (a new file) starts from the first schema, like a taskfly 0.1 database.
+    let applied = usize::try_from(version.max(1) - 1).unwrap_or(0);
+    for migration in &MIGRATIONS[applied..] {
+        tx.execute_batch(migration).map_err(cannot)?;
+    }
+    if version != SCHEMA_VERSION {
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+            .map_err(cannot)?;
     }
     tx.commit().map_err(cannot)
 }
@@ -556,6 +569,7 @@ fn node_from_row(row: &Row<'_>) -> Result<Node, BoxError> {
         error_message: row.get(9)?,
         provision_token_hash: read_hash(row, 10)?,
         auth_token_hash: read_hash(row, 11)?,
+        instance_locator: row.get(12)?,
     })
 }
 
@@ -616,7 +630,7 @@ fn insert_node(tx: &Transaction<'_>, node: &Node) -> rusqlite::Result<()> {
     let mut insert = tx.prepare_cached(concat!(
         "INSERT INTO nodes (",
         node_columns!(),
-        ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
+        ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
     ))?;
     insert.execute(params![
         node.id,
@@ -631,6 +645,7 @@ fn insert_node(tx: &Transaction<'_>, node: &Node) -> rusqlite::Result<()> {
         node.error_message,
         node.provision_token_hash.as_ref().map(|h| h.as_slice()),
         node.auth_token_hash.as_ref().map(|h| h.as_slice()),
+        node.instance_locator,
     ])?;
     Ok(())
 }
@@ -642,7 +657,8 @@ fn insert_node(tx: &Transaction<'_>, node: &Node) -> rusqlite::Result<()> {
 fn write_node(tx: &Transaction<'_>, before: &Node, node: &Node) -> rusqlite::Result<()> {
     tx.prepare_cached(
         "UPDATE nodes SET status = ?2, attempt = ?3, instance_id = ?4, ip_address = ?5, \
-         last_update = ?6, exit_code = ?7, error_message = ?8 WHERE id = ?1",
+         last_update = ?6, exit_code = ?7, error_message = ?8, instance_locator = ?9 \
+         WHERE id = ?1",
     )?
     .execute(params![
         node.id,
@@ -653,6 +669,7 @@ fn write_node(tx: &Transaction<'_>, before: &Node, node: &Node) -> rusqlite::Res
         to_ms(node.last_update),
         node.exit_code,
         node.error_message,
+        node.instance_locator,
     ])?;
     let tokens_changed = before.provision_token_hash != node.provision_token_hash
         || before.auth_token_hash != node.auth_token_hash;
@@ -1138,7 +1155,10 @@ mod tests {
             for update in [
                 status(NodeStatus::Provisioning),
                 NodeUpdate::Provisioned {
-                    instance_id: "pid-1".to_owned(),
+                    instance: crate::provider::InstanceRef {
+                        id: "pid-1".to_owned(),
+                        locator: String::new(),
+                    },
                     ip_address: Some("127.0.0.1".to_owned()),
                 },
                 NodeUpdate::Registered {
@@ -1316,7 +1336,10 @@ mod tests {
                 for update in [
                     status(NodeStatus::Provisioning),
                     NodeUpdate::Provisioned {
-                        instance_id: format!("i-{index}"),
+                        instance: crate::provider::InstanceRef {
+                            id: format!("i-{index}"),
+                            locator: String::new(),
+                        },
                         ip_address: None,
                     },
                     status(NodeStatus::RunningScript),
@@ -1370,6 +1393,62 @@ mod tests {
         let error = SqliteStore::open(&path).unwrap_err();
         assert!(error.is_store(), "{error}");
         assert!(error.to_string().contains("newer taskfly"), "{error}");
+    }
+
+    /// A database written by taskfly 0.1 (schema 1, no `instance_locator`) opens, is brought
+    /// to the current schema, keeps its nodes, and stores locators from then on.
+    #[tokio::test]
+    async fn a_database_of_taskfly_0_1_is_migrated_and_keeps_its_nodes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(SCHEMA).unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+            conn.execute_batch(
+                "INSERT INTO deployments (id, status, cloud_provider, total_nodes, retries, \
+                 nodes_completed, nodes_failed, nodes_terminated, created_at, updated_at) \
+                 VALUES ('dep-old', 'running', 'aws', 2, 0, 0, 0, 0, 1000, 2000);
+                 INSERT INTO nodes (id, deployment_id, node_index, status, attempt, \
+                 instance_id, last_update) VALUES \
+                 ('dep-old-0', 'dep-old', 0, 'running_script', 1, 'i-0abc', 2000), \
+                 ('dep-old-1', 'dep-old', 1, 'provisioning', 1, NULL, 2000);",
+            )
+            .unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        let nodes = store.nodes("dep-old").await.unwrap();
+        assert_eq!(
+            nodes[0].instance(),
+            Some(crate::provider::InstanceRef {
+                id: "i-0abc".to_owned(),
+                locator: String::new()
+            })
+        );
+        assert_eq!(nodes[0].instance_locator, None);
+        let instance = crate::provider::InstanceRef {
+            id: "i-0def".to_owned(),
+            locator: "us-east-1".to_owned(),
+        };
+        let provisioned = NodeUpdate::Provisioned {
+            instance: instance.clone(),
+            ip_address: None,
+        };
+        let applied = store
+            .update_node("dep-old-1", provisioned, SystemTime::now())
+            .await
+            .unwrap();
+        assert_eq!(applied.node.instance(), Some(instance.clone()));
+        drop(store);
+        let conn = Connection::open(&path).unwrap();
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |row| row.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        drop(conn);
+        let reopened = SqliteStore::open(&path).unwrap();
+        let node = reopened.node("dep-old-1").await.unwrap().unwrap();
+        assert_eq!(node.instance(), Some(instance));
     }
 
     #[tokio::test]

@@ -637,7 +637,7 @@ async fn stopping_the_engine_stops_running_nodes(agent: &str) {
 async fn the_bootstrap_stops_its_script_when_a_heartbeat_answers_shutdown() {
     let provider = RecordingProvider::new();
     let engine = TestEngine::start_with(|c| {
-        c.provider("local", provider.as_provider())
+        c.provider(provider.as_provider())
             .heartbeat_interval(Duration::from_secs(1))
     })
     .await;
@@ -760,7 +760,7 @@ async fn recorded_node(engine: &TestEngine, provider: &RecordingProvider, yml: &
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn register_as_sh_answers_quoted_assignments_that_source_exactly() {
     let provider = RecordingProvider::new();
-    let engine = TestEngine::start_with(|c| c.provider("local", provider.as_provider())).await;
+    let engine = TestEngine::start_with(|c| c.provider(provider.as_provider())).await;
     let tricky = "it's \"x\" $(touch PWNED_REG) `id`\nline 2 ; \\ é";
     let yml = format!(
         "{}remote_dest_dir: \"~/out dir\"\n",
@@ -837,7 +837,7 @@ async fn register_as_sh_answers_quoted_assignments_that_source_exactly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn text_plain_logs_are_one_line_each_and_json_logs_still_work() {
     let provider = RecordingProvider::new();
-    let engine = TestEngine::start_with(|c| c.provider("local", provider.as_provider())).await;
+    let engine = TestEngine::start_with(|c| c.provider(provider.as_provider())).await;
     let yml = local_yml(1, "secrets: {pw: hunter2-secret}");
     let token = recorded_node(&engine, &provider, &yml).await;
     let registered = taskfly::Client::new(&engine.url, None)

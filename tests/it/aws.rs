@@ -14,21 +14,24 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use aws_config::retry::RetryConfig;
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_sdk_ec2::config::Credentials;
 use aws_sdk_ec2::types::{Filter, InstanceStateName, ResourceType, Tag, TagSpecification};
-use taskfly::provider::POOL_DEPLOYMENT_ID;
 use taskfly::wire::DeploymentView;
 use taskfly::{
-    AwsProvider, BoxError, Config, DeploymentConfig, InstanceConfig, InstanceInfo, InstanceState,
-    PoolConfig, PooledProvider, Provider, ProviderError,
+    async_trait, AwsProvider, BoxError, Config, DeploymentConfig, Instance, InstanceKind,
+    InstanceRef, InstanceSpec, OwnedBy, Owner, PoolConfig, PooledProvider, Provider, ProviderError,
+    ProviderSettings, Secret,
 };
 
 use crate::support::engine_util::{poll_until, unique_marker};
 use crate::support::pool::wait_for_pool;
 use crate::support::{Project, TestEngine};
+
+/// The `taskfly:deployment-id` tag of the instances a pool starts: they belong to no
+/// deployment.
+const POOL_DEPLOYMENT_ID: &str = "taskfly-pool";
 
 /// How long a test waits for EC2 states to settle or nodes to finish.
 const WAIT_LIMIT: Duration = Duration::from_secs(120);
@@ -112,17 +115,19 @@ async fn aws_provider(endpoint: &str, region: &str) -> AwsProvider {
 
 /// What the engine asks the provider for the first attempt of node 0 of `deployment_id`, for
 /// tests that call the provider themselves.
-fn first_node(deployment_id: &str, deployment: Arc<DeploymentConfig>) -> InstanceConfig {
-    InstanceConfig {
-        deployment_id: deployment_id.to_owned(),
-        node_id: format!("{deployment_id}-0"),
-        node_index: 0,
-        attempt: 1,
-        daemon_url: "http://127.0.0.1:9".to_owned(),
-        ca_pem: None,
-        provision_token: "00112233445566778899aabbccddeeff".to_owned(),
-        deployment,
-    }
+fn first_node(deployment_id: &str, deployment: Arc<DeploymentConfig>) -> InstanceSpec {
+    InstanceSpec::new(
+        Owner::Node {
+            deployment_id: deployment_id.to_owned(),
+            node_id: format!("{deployment_id}-0"),
+            node_index: 0,
+            attempt: 1,
+        },
+        InstanceKind::new("aws"),
+        "http://127.0.0.1:9",
+        Secret::new("00112233445566778899aabbccddeeff"),
+        deployment.provider_settings(),
+    )
 }
 
 /// Starts one t3.micro instance with `tags` behind the provider's back; returns its id.
@@ -341,7 +346,7 @@ async fn wait_final(engine: &TestEngine, deployment_id: &str) -> DeploymentView 
 async fn engine_with(provider: Arc<dyn Provider>) -> TestEngine {
     TestEngine::start_with(|config: Config| {
         config
-            .provider("aws", provider)
+            .provider(provider)
             .provision_retries(5, Duration::from_millis(1))
     })
     .await
@@ -530,10 +535,25 @@ struct FailingProvider {
 
 #[async_trait]
 impl Provider for FailingProvider {
-    async fn provision(&self, config: InstanceConfig) -> Result<InstanceInfo, BoxError> {
+    fn name(&self) -> &str {
+        "aws"
+    }
+
+    fn instance_kind(
+        &self,
+        settings: &ProviderSettings,
+        owner: &Owner,
+    ) -> Result<InstanceKind, BoxError> {
+        match &self.inner {
+            Some(inner) => inner.instance_kind(settings, owner),
+            None => Ok(InstanceKind::new("failing")),
+        }
+    }
+
+    async fn provision(&self, spec: InstanceSpec) -> Result<Instance, BoxError> {
         let call = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
         match &self.inner {
-            Some(inner) if call > self.failures => inner.provision(config).await,
+            Some(inner) if call > self.failures => inner.provision(spec).await,
             _ => Err(Box::new(ProviderError {
                 code: self.code.to_owned(),
                 message: format!("call {call} refused by the test"),
@@ -542,17 +562,10 @@ impl Provider for FailingProvider {
         }
     }
 
-    async fn terminate(&self, instance_id: &str) -> Result<(), BoxError> {
+    async fn terminate(&self, instance: &InstanceRef) -> Result<(), BoxError> {
         match &self.inner {
-            Some(inner) => inner.terminate(instance_id).await,
+            Some(inner) => inner.terminate(instance).await,
             None => Ok(()),
-        }
-    }
-
-    async fn describe(&self, instance_id: &str) -> Result<Option<InstanceInfo>, BoxError> {
-        match &self.inner {
-            Some(inner) => inner.describe(instance_id).await,
-            None => Ok(None),
         }
     }
 }
@@ -641,7 +654,7 @@ async fn failed_with_two_attempts(sdk: SdkConfig, endpoint: &str) -> String {
     let provider = Arc::new(AwsProvider::with_sdk_config(sdk));
     let engine = TestEngine::start_with(|config: Config| {
         config
-            .provider("aws", provider)
+            .provider(provider)
             .provision_retries(2, Duration::from_millis(1))
     })
     .await;
@@ -729,8 +742,8 @@ async fn a_throttled_run_instances_is_sent_once_per_engine_attempt_not_again_by_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restarted_provider_finds_and_terminates_an_instance_in_another_region() {
-    let Some(endpoint) = emulator("a_restarted_provider_finds") else {
+async fn a_restarted_provider_terminates_an_instance_in_another_region_from_its_locator() {
+    let Some(endpoint) = emulator("a_restarted_provider_terminates") else {
         return;
     };
     let (launch_region, home_region) = ("ap-southeast-2", "ap-northeast-3");
@@ -746,27 +759,23 @@ async fn a_restarted_provider_finds_and_terminates_an_instance_in_another_region
         .provision(first_node(&deployment_id, deployment))
         .await
         .expect("provision");
-    assert!(info.instance_id.starts_with("i-"), "{info:?}");
-
-    // After it: a new provider that never saw the instance, whose own region is another one.
-    let after = aws_provider(&endpoint, home_region).await;
-    let described = after
-        .describe(&info.instance_id)
-        .await
-        .expect("describe")
-        .expect("found in the deployment's region");
+    assert!(info.reference.id.starts_with("i-"), "{info:?}");
     assert!(
-        matches!(
-            described.state,
-            InstanceState::Pending | InstanceState::Running
-        ),
-        "{described:?}"
+        info.reference.locator.contains(launch_region),
+        "the locator names the region: {info:?}"
     );
-    after.terminate(&info.instance_id).await.expect("terminate");
+    let running = instances_of(&ec2_there, &deployment_id).await;
+    assert_eq!(running.len(), 1);
+    assert!(!is_ending(&state_of(&running[0])));
+
+    // After it: a new provider that never saw the instance, whose own region is another one,
+    // handed the instance as the engine stored it.
+    let after = aws_provider(&endpoint, home_region).await;
+    after.terminate(&info.reference).await.expect("terminate");
     wait_all_ending(&ec2_there, &deployment_id, 1).await;
     // Terminating again is fine.
     after
-        .terminate(&info.instance_id)
+        .terminate(&info.reference)
         .await
         .expect("terminate again");
     assert!(
@@ -775,7 +784,7 @@ async fn a_restarted_provider_finds_and_terminates_an_instance_in_another_region
             .await
             .expect("owned instances")
             .iter()
-            .all(|owned| owned.instance_id != info.instance_id),
+            .all(|owned| owned.instance.id != info.reference.id),
         "an ending instance is not listed as owned"
     );
 }
@@ -813,20 +822,26 @@ async fn leak_checks_keep_to_the_instances_of_their_own_owner() {
     let other = aws_provider(&endpoint, region).await.owner("team-b");
     let listed = other.owned_instances().await.expect("owned instances");
     assert!(
-        listed.iter().all(|o| o.instance_id != info.instance_id),
+        listed.iter().all(|o| o.instance.id != info.reference.id),
         "another owner's leak check lists our instance: {listed:?}"
     );
-    // The same owner after a restart lists it, with its deployment.
+    // The same owner after a restart lists it, with its deployment and a locator the leak
+    // checks terminate it by.
     let restarted = aws_provider(&endpoint, region).await.owner("team-a");
     let listed = restarted.owned_instances().await.expect("owned instances");
-    assert!(
-        listed
-            .iter()
-            .any(|o| o.instance_id == info.instance_id && o.deployment_id == deployment_id),
-        "{listed:?}"
+    let ours = listed
+        .iter()
+        .find(|o| o.instance.id == info.reference.id)
+        .unwrap_or_else(|| panic!("not listed: {listed:?}"));
+    assert_eq!(
+        ours.owner,
+        OwnedBy::Deployment {
+            deployment_id: deployment_id.clone(),
+            node_id: Some(format!("{deployment_id}-0")),
+        }
     );
     restarted
-        .terminate(&info.instance_id)
+        .terminate(&ours.instance)
         .await
         .expect("terminate");
     wait_all_ending(&ec2, &deployment_id, 1).await;
@@ -906,7 +921,12 @@ async fn pooled_ec2(endpoint: &str, region: &str, config: PoolConfig) -> PooledE
     let before = ids_of(&instances_of(&ec2, POOL_DEPLOYMENT_ID).await);
     let aws = Arc::new(aws_provider(endpoint, region).await);
     let pool = Arc::new(PooledProvider::new(aws, config).expect("pool settings"));
-    let engine = engine_with(pool.clone()).await;
+    let engine = TestEngine::start_with(|config: Config| {
+        config
+            .pooled_provider(pool.clone())
+            .provision_retries(5, Duration::from_millis(1))
+    })
+    .await;
     PooledEc2 {
         ec2,
         image_id,

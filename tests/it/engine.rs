@@ -537,7 +537,7 @@ async fn traversal_absolute_and_symlink_escaping_bundles_are_refused_and_write_n
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_heartbeat_or_status_does_not_reopen_a_completed_node() {
     let provider = RecordingProvider::new();
-    let engine = TestEngine::start_with(|c| c.provider("local", provider.as_provider())).await;
+    let engine = TestEngine::start_with(|c| c.provider(provider.as_provider())).await;
     let project = Project::new(&local_yml(1, "global_metadata: {color: blue}"))
         .script("#!/bin/sh\necho not run by this test\n");
     let (id, calls) = deploy_recorded(&engine, &provider, &project, 1).await;
@@ -652,7 +652,7 @@ async fn a_late_heartbeat_or_status_does_not_reopen_a_completed_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_provision_token_registers_once() {
     let provider = RecordingProvider::new();
-    let engine = TestEngine::start_with(|c| c.provider("local", provider.as_provider())).await;
+    let engine = TestEngine::start_with(|c| c.provider(provider.as_provider())).await;
     let project = Project::new(&local_yml(2, "")).script("#!/bin/sh\necho unused\n");
     let (id, calls) = deploy_recorded(&engine, &provider, &project, 2).await;
     let anonymous = Client::new(&engine.url, None).expect("client");
@@ -722,7 +722,7 @@ async fn a_provision_token_registers_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_reaches_only_its_own_deployment() {
     let provider = RecordingProvider::new();
-    let engine = TestEngine::start_with(|c| c.provider("local", provider.as_provider())).await;
+    let engine = TestEngine::start_with(|c| c.provider(provider.as_provider())).await;
     let project_a = Project::new(&yml_with_data(1, ""))
         .script("#!/bin/sh\necho a\n")
         .file("data.txt", "payload of deployment A\n", 0o644);
@@ -865,7 +865,7 @@ async fn a_node_reaches_only_its_own_deployment() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_registering_before_its_instance_is_recorded_keeps_its_instance() {
     let (provider, gate) = RecordingProvider::gated();
-    let engine = TestEngine::start_with(|c| c.provider("local", provider.as_provider())).await;
+    let engine = TestEngine::start_with(|c| c.provider(provider.as_provider())).await;
     let project = Project::new(&local_yml(1, "")).script("#!/bin/sh\necho unused\n");
     let id = engine.deploy(project.path()).await;
     let call = provider.wait_for_provisioned(&id, 1).await.remove(0);
@@ -980,24 +980,21 @@ async fn terminating_running_nodes_kills_their_scripts() {
 /// A provider that starts fake instances but cannot terminate them (an unreachable cloud API).
 struct CannotTerminate(std::sync::Arc<RecordingProvider>);
 
-#[async_trait::async_trait]
+#[taskfly::async_trait]
 impl taskfly::Provider for CannotTerminate {
+    fn name(&self) -> &str {
+        "local"
+    }
+
     async fn provision(
         &self,
-        config: taskfly::InstanceConfig,
-    ) -> Result<taskfly::InstanceInfo, taskfly::BoxError> {
-        taskfly::Provider::provision(&*self.0, config).await
+        spec: taskfly::InstanceSpec,
+    ) -> Result<taskfly::Instance, taskfly::BoxError> {
+        taskfly::Provider::provision(&*self.0, spec).await
     }
 
-    async fn terminate(&self, instance_id: &str) -> Result<(), taskfly::BoxError> {
-        Err(format!("the cloud API did not answer for {instance_id}").into())
-    }
-
-    async fn describe(
-        &self,
-        instance_id: &str,
-    ) -> Result<Option<taskfly::InstanceInfo>, taskfly::BoxError> {
-        taskfly::Provider::describe(&*self.0, instance_id).await
+    async fn terminate(&self, instance: &taskfly::InstanceRef) -> Result<(), taskfly::BoxError> {
+        Err(format!("the cloud API did not answer for {}", instance.id).into())
     }
 }
 
@@ -1005,7 +1002,7 @@ impl taskfly::Provider for CannotTerminate {
 async fn a_node_whose_instance_is_not_confirmed_gone_stays_terminating() {
     let recording = RecordingProvider::new();
     let provider = std::sync::Arc::new(CannotTerminate(recording.clone()));
-    let engine = TestEngine::start_with(|config| config.provider("local", provider)).await;
+    let engine = TestEngine::start_with(|config| config.provider(provider)).await;
     let project = Project::new(&local_yml(1, "")).script("#!/bin/sh\nexit 0\n");
     let (id, _) = deploy_recorded(&engine, &recording, &project, 1).await;
 
@@ -1074,7 +1071,7 @@ async fn a_deployment_keeps_one_worker_bundle_and_no_client_bundle() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_node_is_served_the_same_stored_worker_bundle() {
     let provider = RecordingProvider::new();
-    let engine = TestEngine::start_with(|c| c.provider("local", provider.as_provider())).await;
+    let engine = TestEngine::start_with(|c| c.provider(provider.as_provider())).await;
     let project = Project::new(&yml_with_data(5, ""))
         .script("#!/bin/sh\necho unused\n")
         .file("data.txt", &"some data to stream\n".repeat(5000), 0o644);

@@ -63,7 +63,7 @@ impl Fixture {
             |config| {
                 adjust(
                     config
-                        .provider("local", provider.as_provider())
+                        .provider(provider.as_provider())
                         // Nodes these tests register stay alive however slow the machine is.
                         .heartbeat_timeout(Duration::from_secs(3600)),
                 )

@@ -9,14 +9,13 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use taskfly::provider::POOL_DEPLOYMENT_ID;
 use taskfly::wire::{DeploymentView, RegisterResponse, StatusRequest};
 use taskfly::{Client, PoolConfig, PooledProvider};
 
 use crate::support::cli_daemon::{Daemon, DaemonOptions};
 use crate::support::cli_run;
 use crate::support::engine_http::{raw_get, raw_request};
-use crate::support::engine_provider::RecordingProvider;
+use crate::support::engine_provider::{RecordingProvider, POOL_SLOTS};
 use crate::support::engine_util::{node_lines, poll_until, unique_marker};
 use crate::support::pool::PoolEngine;
 use crate::support::{
@@ -679,11 +678,11 @@ async fn each_pooled_registration_spends_its_token_and_hands_the_agent_the_next(
         )
         .expect("pool settings"),
     );
-    let engine = TestEngine::start_with(|config| config.provider("local", pool.clone())).await;
+    let engine = TestEngine::start_with(|config| config.pooled_provider(pool.clone())).await;
     let project = Project::new(&local_yml(1, "")).script("#!/bin/sh\necho hi\n");
     let first_id = engine.deploy(project.path()).await;
     // What the instance's user data would hold: the token the pool launched it with.
-    let launched = recording.wait_for_provisioned(POOL_DEPLOYMENT_ID, 1).await;
+    let launched = recording.wait_for_provisioned(POOL_SLOTS, 1).await;
     let user_data_token = launched[0].provision_token.clone();
 
     let answer = register(&engine, &user_data_token).await;

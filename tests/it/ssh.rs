@@ -512,8 +512,7 @@ async fn the_librarys_local_provider_runs_nodes_on_hosts_with_its_ssh_options() 
     let provider = LocalProvider::new(work_root.path().to_path_buf())
         .grace_period(Duration::from_secs(2))
         .ssh_options(target.ssh_options());
-    let engine =
-        TestEngine::start_with(|config| config.provider("local", Arc::new(provider))).await;
+    let engine = TestEngine::start_with(|config| config.provider(Arc::new(provider))).await;
     let project = ssh_project(
         &target,
         &HOSTS,

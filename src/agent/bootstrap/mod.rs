@@ -63,7 +63,7 @@ pub(crate) const USER_DATA_LIMIT: usize = 16 * 1024;
 /// node after another, as the registration answers tell it).
 ///
 /// For an `https://` daemon, `ca_pem` holds the PEM certificates to trust for it (a private
-/// CA, or the daemon's self-signed certificate: [`crate::InstanceConfig::ca_pem`]). The script
+/// CA, or the daemon's self-signed certificate: [`crate::InstanceSpec::ca_pem`]). The script
 /// writes them to a private file (mode 0600) and passes it to curl as `--cacert`, so curl
 /// trusts them alone. With `None`, curl uses the system's trust store.
 ///

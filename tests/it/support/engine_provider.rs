@@ -5,8 +5,11 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use taskfly::{BoxError, InstanceConfig, InstanceInfo, InstanceState, Provider};
+use taskfly::{BoxError, Instance, InstanceRef, InstanceSpec, Owner, Provider};
 use tokio::sync::{watch, Semaphore};
+
+/// The deployment id [`Provisioned`] shows for a pool slot's instance ([`Owner::Pool`]).
+pub const POOL_SLOTS: &str = "(pool slots)";
 
 /// How long a test waits for the engine to call the provider before it fails.
 const WAIT_LIMIT: Duration = Duration::from_secs(20);
@@ -126,48 +129,54 @@ impl RecordingProvider {
 
 #[async_trait]
 impl Provider for RecordingProvider {
-    async fn provision(&self, config: InstanceConfig) -> Result<InstanceInfo, BoxError> {
-        let instance_id = format!("fake-{}-{}", config.node_id, config.attempt);
+    fn name(&self) -> &str {
+        "local"
+    }
+
+    async fn provision(&self, spec: InstanceSpec) -> Result<Instance, BoxError> {
+        let (deployment_id, node_id, node_index, attempt) = match &spec.owner {
+            Owner::Node {
+                deployment_id,
+                node_id,
+                node_index,
+                attempt,
+            } => (deployment_id, node_id, node_index, attempt),
+            Owner::Pool { slot } => (&POOL_SLOTS.to_owned(), slot, &0, &1),
+            other => return Err(format!("an owner this test does not know: {other:?}").into()),
+        };
+        let instance_id = format!("fake-{node_id}-{attempt}");
         lock(&self.provisioned).push(Provisioned {
-            deployment_id: config.deployment_id.clone(),
-            node_id: config.node_id.clone(),
-            node_index: config.node_index,
-            attempt: config.attempt,
-            daemon_url: config.daemon_url.clone(),
-            provision_token: config.provision_token.clone(),
+            deployment_id: deployment_id.clone(),
+            node_id: node_id.clone(),
+            node_index: *node_index,
+            attempt: *attempt,
+            daemon_url: spec.daemon_url.clone(),
+            provision_token: spec.provision_token.expose().to_owned(),
             instance_id: instance_id.clone(),
         });
         self.bump();
         if let Some(gate) = &self.gate {
             gate.acquire().await?.forget();
         }
-        Ok(InstanceInfo {
-            instance_id,
+        Ok(Instance {
+            reference: InstanceRef {
+                locator: format!("recorded:{instance_id}"),
+                id: instance_id,
+            },
             ip_address: Some("192.0.2.1".to_owned()),
-            state: InstanceState::Running,
         })
     }
 
-    async fn terminate(&self, instance_id: &str) -> Result<(), BoxError> {
-        lock(&self.terminated).push(instance_id.to_owned());
+    /// Records the id; the locator must be the one `provision` gave (the engine stores it).
+    async fn terminate(&self, instance: &InstanceRef) -> Result<(), BoxError> {
+        assert_eq!(
+            instance.locator,
+            format!("recorded:{}", instance.id),
+            "the engine hands back the locator it was given"
+        );
+        lock(&self.terminated).push(instance.id.clone());
         self.bump();
         Ok(())
-    }
-
-    async fn describe(&self, instance_id: &str) -> Result<Option<InstanceInfo>, BoxError> {
-        let known = lock(&self.provisioned)
-            .iter()
-            .any(|p| p.instance_id == instance_id);
-        let gone = lock(&self.terminated).iter().any(|t| t == instance_id);
-        Ok(known.then(|| InstanceInfo {
-            instance_id: instance_id.to_owned(),
-            ip_address: Some("192.0.2.1".to_owned()),
-            state: if gone {
-                InstanceState::Terminated
-            } else {
-                InstanceState::Running
-            },
-        }))
     }
 }
 

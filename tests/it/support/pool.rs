@@ -6,11 +6,10 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use taskfly::wire::PoolStats;
 use taskfly::{
-    BoxError, Config, InstanceConfig, InstanceInfo, LocalProvider, OwnedInstance, PoolConfig,
-    PooledProvider, Provider,
+    async_trait, BoxError, Config, Instance, InstanceKind, InstanceRef, InstanceSpec,
+    LocalProvider, OwnedInstance, Owner, PoolConfig, PooledProvider, Provider, ProviderSettings,
 };
 
 use super::TestEngine;
@@ -47,55 +46,45 @@ impl CountingProvider {
         lock(&self.terminated).clone()
     }
 
-    /// Whether the local provider still runs an agent for `instance_id` (its `describe` says
-    /// `Running`).
+    /// Whether the local provider still runs an agent for `instance_id`.
     pub async fn is_running(&self, instance_id: &str) -> bool {
-        matches!(
-            self.inner.describe(instance_id).await,
-            Ok(Some(InstanceInfo {
-                state: taskfly::InstanceState::Running,
-                ..
-            }))
-        )
+        self.inner.is_running(instance_id).await
     }
 
     /// Whether the local provider no longer runs anything for `instance_id`: never started,
     /// terminated (and forgotten), or ended.
     pub async fn is_gone(&self, instance_id: &str) -> bool {
-        matches!(
-            self.inner.describe(instance_id).await,
-            Ok(None
-                | Some(InstanceInfo {
-                    state: taskfly::InstanceState::Terminated,
-                    ..
-                }))
-        )
+        !self.inner.is_running(instance_id).await
     }
 }
 
 #[async_trait]
 impl Provider for CountingProvider {
-    async fn provision(&self, config: InstanceConfig) -> Result<InstanceInfo, BoxError> {
-        let info = self.inner.provision(config).await?;
-        lock(&self.launched).push(info.instance_id.clone());
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    async fn provision(&self, spec: InstanceSpec) -> Result<Instance, BoxError> {
+        let info = self.inner.provision(spec).await?;
+        lock(&self.launched).push(info.reference.id.clone());
         Ok(info)
     }
 
-    async fn terminate(&self, instance_id: &str) -> Result<(), BoxError> {
-        lock(&self.terminated).push(instance_id.to_owned());
-        self.inner.terminate(instance_id).await
-    }
-
-    async fn describe(&self, instance_id: &str) -> Result<Option<InstanceInfo>, BoxError> {
-        self.inner.describe(instance_id).await
+    async fn terminate(&self, instance: &InstanceRef) -> Result<(), BoxError> {
+        lock(&self.terminated).push(instance.id.clone());
+        self.inner.terminate(instance).await
     }
 
     async fn owned_instances(&self) -> Result<Vec<OwnedInstance>, BoxError> {
         self.inner.owned_instances().await
     }
 
-    fn instance_kind(&self, config: &InstanceConfig) -> String {
-        self.inner.instance_kind(config)
+    fn instance_kind(
+        &self,
+        settings: &ProviderSettings,
+        owner: &Owner,
+    ) -> Result<InstanceKind, BoxError> {
+        self.inner.instance_kind(settings, owner)
     }
 
     async fn shutdown(&self) {
@@ -120,7 +109,7 @@ impl PoolEngine {
         let pool = Arc::new(PooledProvider::new(counting.clone(), pool).expect("pool settings"));
         let engine = TestEngine::start_with(|config: Config| {
             config
-                .provider("local", pool.clone())
+                .pooled_provider(pool.clone())
                 .heartbeat_interval(Duration::from_secs(1))
         })
         .await;

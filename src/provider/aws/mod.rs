@@ -39,7 +39,11 @@ use aws_sdk_ec2::Client;
 use sha2::{Digest, Sha256};
 use tokio::sync::OnceCell;
 
-use super::{InstanceConfig, InstanceInfo, InstanceState, OwnedInstance, Provider, ProviderError};
+use super::{
+    Instance as NewInstance, InstanceKind, InstanceRef, InstanceSpec, InstanceState, OwnedBy,
+    OwnedInstance, Owner, Provider, ProviderError, ProviderSettings,
+};
+use crate::config::aws_settings;
 use crate::config::AwsConfig;
 use crate::error::BoxError;
 
@@ -93,7 +97,7 @@ const NOT_FOUND_CODE: &str = "InvalidInstanceID.NotFound";
 /// use std::sync::Arc;
 /// let config = taskfly::Config::new("/var/lib/taskfly")
 ///     .advertise_url("http://10.0.0.1:8080")
-///     .provider("aws", Arc::new(taskfly::AwsProvider::new()));
+///     .provider(Arc::new(taskfly::AwsProvider::new()));
 /// ```
 ///
 /// Cancellation: a dropped `provision` future leaves at most one instance behind, and that
@@ -127,7 +131,18 @@ enum Base {
 
 /// A place instances live in: a region at an endpoint. `None` means the base settings' own
 /// (the default chain's region, or the given [`SdkConfig`]'s region and endpoint).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug,
+    Clone,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 struct Location {
     region: Option<String>,
     endpoint_url: Option<String>,
@@ -140,6 +155,41 @@ impl Location {
             endpoint_url: config.endpoint_url.clone(),
         }
     }
+}
+
+impl Location {
+    /// The locator of an instance here ([`InstanceRef::locator`]): the location as JSON.
+    fn encode(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// The location a locator names; `None` for an empty one (an instance of taskfly 0.1).
+    fn decode(locator: &str) -> Result<Option<Location>, ProviderError> {
+        if locator.is_empty() {
+            return Ok(None);
+        }
+        serde_json::from_str(locator)
+            .map(Some)
+            .map_err(|e| invalid_configuration(format!("an invalid EC2 locator {locator:?}: {e}")))
+    }
+}
+
+/// The kind of the instances `aws` starts: every setting, spelled out.
+fn aws_kind(aws: &AwsConfig) -> InstanceKind {
+    let tags: Vec<String> = aws.tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    InstanceKind::new(format!(
+        "aws region={} endpoint={} image={} type={} key={} groups={} subnet={} profile={} spot={} tags={}",
+        aws.region.as_deref().unwrap_or("-"),
+        aws.endpoint_url.as_deref().unwrap_or("-"),
+        aws.image_id,
+        aws.instance_type,
+        aws.key_name.as_deref().unwrap_or("-"),
+        aws.security_groups.join(","),
+        aws.subnet_id.as_deref().unwrap_or("-"),
+        aws.iam_instance_profile.as_deref().unwrap_or("-"),
+        aws.spot,
+        tags.join(","),
+    ))
 }
 
 impl fmt::Display for Location {
@@ -425,28 +475,31 @@ impl AwsProvider {
     }
 }
 
+/// The deployment-id tag of a pool slot's instance: it belongs to no deployment.
+const POOL_TAG_VALUE: &str = "taskfly-pool";
+
 #[async_trait]
 impl Provider for AwsProvider {
-    async fn provision(&self, config: InstanceConfig) -> Result<InstanceInfo, BoxError> {
-        let Some(aws) = config.deployment.aws.as_ref() else {
-            return Err(invalid_configuration(
-                "the deployment has no instance_config.aws section (is cloud_provider aws?)",
-            )
-            .into());
+    fn name(&self) -> &str {
+        "aws"
+    }
+
+    async fn provision(&self, spec: InstanceSpec) -> Result<NewInstance, BoxError> {
+        let aws = aws_settings(&spec.settings).map_err(|e| invalid_configuration(e.to_string()))?;
+        let aws = &aws;
+        let deployment_id = match &spec.owner {
+            Owner::Node { deployment_id, .. } => deployment_id.as_str(),
+            Owner::Pool { .. } => POOL_TAG_VALUE,
         };
+        let node_id = spec.owner.name();
         let groups = security_groups(&aws.security_groups, aws.subnet_id.is_some())
             .map_err(invalid_configuration)?;
-        let tags = instance_tags(
-            &config.deployment_id,
-            &config.node_id,
-            self.owner.as_deref(),
-            &aws.tags,
-        )
-        .map_err(invalid_configuration)?;
+        let tags = instance_tags(deployment_id, node_id, self.owner.as_deref(), &aws.tags)
+            .map_err(invalid_configuration)?;
         let script = crate::agent::bootstrap::bootstrap_script(
-            &config.daemon_url,
-            &config.provision_token,
-            config.ca_pem.as_deref(),
+            &spec.daemon_url,
+            spec.provision_token.expose(),
+            spec.ca_pem.as_deref(),
         )
         .map_err(|e| invalid_configuration(format!("cannot build the bootstrap script: {e}")))?;
         let location = Location::of(aws);
@@ -463,9 +516,9 @@ impl Provider for AwsProvider {
             .min_count(1)
             .max_count(1)
             .client_token(client_token(
-                &config.node_id,
-                config.attempt,
-                &config.provision_token,
+                node_id,
+                spec.owner.attempt(),
+                spec.provision_token.expose(),
             ))
             .user_data(crate::encode::base64(script.as_bytes()))
             .tag_specifications(tag_spec.build())
@@ -517,24 +570,43 @@ impl Provider for AwsProvider {
             message: "RunInstances returned an instance without an id".to_owned(),
             retryable: true,
         })?;
-        self.remember(&info.instance_id, &location);
+        lock(&self.used).insert(location.clone());
         tracing::info!(
             instance_id = %info.instance_id,
-            node_id = %config.node_id,
+            node_id = %node_id,
             place = %location,
             image_id = %aws.image_id,
             instance_type = %aws.instance_type,
             spot = aws.spot,
             "EC2 instance launched"
         );
-        Ok(info)
+        Ok(NewInstance {
+            reference: InstanceRef {
+                id: info.instance_id,
+                locator: location.encode(),
+            },
+            ip_address: info.ip_address,
+        })
     }
 
-    async fn terminate(&self, instance_id: &str) -> Result<(), BoxError> {
-        let Some((location, client)) = self.locate(instance_id).await? else {
-            // No place knows the instance: it is gone (EC2 forgets terminated instances).
-            tracing::info!(instance_id, "EC2 instance already gone");
-            return Ok(());
+    /// Terminates the instance in the region and at the endpoint its locator names (one of
+    /// taskfly 0.1, without a locator, is looked for in every region).
+    async fn terminate(&self, instance: &InstanceRef) -> Result<(), BoxError> {
+        let instance_id = instance.id.as_str();
+        let (location, client) = match Location::decode(&instance.locator)? {
+            Some(location) => {
+                let client = self.usable_client(&location).await?;
+                lock(&self.used).insert(location.clone());
+                (location, client)
+            }
+            None => match self.locate(instance_id).await? {
+                Some(found) => found,
+                None => {
+                    // No place knows the instance: it is gone (EC2 forgets terminated instances).
+                    tracing::info!(instance_id, "EC2 instance already gone");
+                    return Ok(());
+                }
+            },
         };
         let response = client
             .terminate_instances()
@@ -561,16 +633,13 @@ impl Provider for AwsProvider {
 
     /// Every `instance_config.aws` setting: instances differing in any of them (AMI, type,
     /// region, endpoint, key, network, profile, spot, tags) are never pooled together.
-    fn instance_kind(&self, config: &InstanceConfig) -> String {
-        format!("aws {:?}", config.deployment.aws)
-    }
-
-    async fn describe(&self, instance_id: &str) -> Result<Option<InstanceInfo>, BoxError> {
-        let Some((_, client)) = self.locate(instance_id).await? else {
-            return Ok(None);
-        };
-        let instance = describe_one(&client, instance_id).await?;
-        Ok(instance.as_ref().and_then(instance_info))
+    fn instance_kind(
+        &self,
+        settings: &ProviderSettings,
+        _owner: &Owner,
+    ) -> Result<InstanceKind, BoxError> {
+        let aws = aws_settings(settings)?;
+        Ok(aws_kind(&aws))
     }
 
     async fn owned_instances(&self) -> Result<Vec<OwnedInstance>, BoxError> {
@@ -582,9 +651,8 @@ impl Provider for AwsProvider {
         for location in places {
             match self.list_owned(&location).await {
                 Ok(found) => {
-                    for (instance, place) in found.into_iter().map(|i| (i, location.clone())) {
-                        if seen.insert(instance.instance_id.clone()) {
-                            lock(&self.instances).insert(instance.instance_id.clone(), place);
+                    for instance in found {
+                        if seen.insert(instance.instance.id.clone()) {
                             owned.push(instance);
                         }
                     }
@@ -649,10 +717,20 @@ impl AwsProvider {
                 if let (Some(instance_id), Some(deployment_id)) =
                     (instance.instance_id(), deployment_id)
                 {
+                    let owner = if deployment_id == POOL_TAG_VALUE {
+                        OwnedBy::Pool
+                    } else {
+                        OwnedBy::Deployment {
+                            deployment_id: deployment_id.to_owned(),
+                            node_id: tag(NODE_TAG).map(str::to_owned),
+                        }
+                    };
                     owned.push(OwnedInstance {
-                        instance_id: instance_id.to_owned(),
-                        deployment_id: deployment_id.to_owned(),
-                        node_id: tag(NODE_TAG).map(str::to_owned),
+                        instance: InstanceRef {
+                            id: instance_id.to_owned(),
+                            locator: location.encode(),
+                        },
+                        owner,
                         state: instance_state(instance),
                     });
                 }
@@ -684,14 +762,19 @@ async fn describe_one(
     }
 }
 
-fn instance_info(instance: &Instance) -> Option<InstanceInfo> {
-    Some(InstanceInfo {
+/// What RunInstances said of a new instance.
+struct Launched {
+    instance_id: String,
+    ip_address: Option<String>,
+}
+
+fn instance_info(instance: &Instance) -> Option<Launched> {
+    Some(Launched {
         instance_id: instance.instance_id()?.to_owned(),
         ip_address: instance
             .public_ip_address()
             .or(instance.private_ip_address())
             .map(str::to_owned),
-        state: instance_state(instance),
     })
 }
 
@@ -888,175 +971,4 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn strings(items: &[&str]) -> Vec<String> {
-        items.iter().map(|s| (*s).to_owned()).collect()
-    }
-
-    /// A request for one node of a deployment whose `instance_config.aws` is `image_id: ami-1`
-    /// plus the `settings` lines.
-    fn request(settings: &str) -> InstanceConfig {
-        let yaml = format!(
-            "cloud_provider: aws\ninstance_config:\n  aws:\n    image_id: ami-1\n{settings}application_files: [setup.sh]\nnodes:\n  count: 1\n"
-        );
-        let deployment = crate::config::DeploymentConfig::from_yaml(&yaml).expect("valid yaml");
-        InstanceConfig {
-            deployment_id: "d".into(),
-            node_id: "d-0".into(),
-            node_index: 0,
-            attempt: 1,
-            daemon_url: "http://127.0.0.1:1".into(),
-            ca_pem: None,
-            provision_token: "t".into(),
-            deployment: std::sync::Arc::new(deployment),
-        }
-    }
-
-    #[test]
-    fn instances_are_of_one_kind_only_when_every_instance_setting_matches() {
-        let provider = AwsProvider::new();
-        let kind = |settings: &str| provider.instance_kind(&request(settings));
-        let base = "    instance_type: t3.micro\n";
-        assert_eq!(kind(base), kind(base));
-        for other in [
-            "    instance_type: t3.large\n".to_owned(),
-            format!("{base}    region: eu-west-1\n"),
-            format!("{base}    spot: true\n"),
-            format!("{base}    subnet_id: subnet-1\n    security_groups: [sg-1]\n"),
-            format!("{base}    iam_instance_profile: batch\n"),
-            format!("{base}    key_name: mine\n"),
-            format!("{base}    tags: {{team: other}}\n"),
-            format!("{base}    endpoint_url: http://127.0.0.1:5000\n"),
-        ] {
-            assert_ne!(kind(base), kind(&other), "{other}");
-        }
-    }
-
-    #[test]
-    fn tags_name_the_instance_its_deployment_and_node_after_the_users_tags() {
-        let user = BTreeMap::from([("team".to_owned(), "data".to_owned())]);
-        let tags = instance_tags("dep-1", "dep-1-0", None, &user).expect("tags");
-        assert_eq!(
-            tags,
-            vec![
-                ("Name".to_owned(), "taskfly-dep-1-0".to_owned()),
-                ("team".to_owned(), "data".to_owned()),
-                (DEPLOYMENT_TAG.to_owned(), "dep-1".to_owned()),
-                (NODE_TAG.to_owned(), "dep-1-0".to_owned()),
-            ]
-        );
-        let tags = instance_tags("dep-1", "dep-1-0", Some("daemon-7"), &user).expect("tags");
-        assert_eq!(
-            tags.last(),
-            Some(&(OWNER_TAG.to_owned(), "daemon-7".to_owned()))
-        );
-    }
-
-    #[test]
-    fn a_users_name_tag_replaces_taskflys_and_its_own_keys_are_refused() {
-        let user = BTreeMap::from([("Name".to_owned(), "batch".to_owned())]);
-        let tags = instance_tags("dep-1", "dep-1-0", None, &user).expect("tags");
-        assert_eq!(tags.iter().filter(|(k, _)| k == "Name").count(), 1);
-        assert!(tags.contains(&("Name".to_owned(), "batch".to_owned())));
-
-        let user = BTreeMap::from([(DEPLOYMENT_TAG.to_owned(), "dep-x".to_owned())]);
-        let error = instance_tags("dep-1", "dep-1-0", None, &user).expect_err("refused");
-        assert!(error.contains(DEPLOYMENT_TAG), "{error}");
-        let user = BTreeMap::from([(OWNER_TAG.to_owned(), "someone".to_owned())]);
-        assert!(instance_tags("dep-1", "dep-1-0", None, &user).is_err());
-    }
-
-    #[test]
-    fn security_groups_are_ids_with_a_subnet_and_names_without() {
-        assert_eq!(
-            security_groups(&strings(&["sg-0123abcd"]), true),
-            Ok(SecurityGroups::Ids(strings(&["sg-0123abcd"])))
-        );
-        assert_eq!(
-            security_groups(&strings(&["default"]), true),
-            Ok(SecurityGroups::SubnetDefault)
-        );
-        let error = security_groups(&strings(&["sg-01", "web"]), true).expect_err("name");
-        assert!(error.contains("`web`"), "{error}");
-        assert_eq!(
-            security_groups(&strings(&["default", "web"]), false),
-            Ok(SecurityGroups::Names(strings(&["default", "web"])))
-        );
-        // Ids are accepted without a subnet too, but only when every entry is one.
-        assert_eq!(
-            security_groups(&strings(&["sg-01", "sg-02"]), false),
-            Ok(SecurityGroups::Ids(strings(&["sg-01", "sg-02"])))
-        );
-        assert_eq!(
-            security_groups(&strings(&["sg-01", "web"]), false),
-            Ok(SecurityGroups::Names(strings(&["sg-01", "web"])))
-        );
-        assert!(!is_group_id("sg-"));
-        assert!(!is_group_id("sg-xyz"));
-        assert!(!is_group_id("default"));
-    }
-
-    #[test]
-    fn throttling_capacity_and_transient_codes_are_retryable_others_not() {
-        for code in [
-            "RequestLimitExceeded",
-            "Throttling",
-            "InsufficientInstanceCapacity",
-            "ServiceUnavailable",
-            "InternalError",
-            "ConnectionError",
-        ] {
-            assert!(is_retryable(code), "{code}");
-        }
-        for code in [
-            "InvalidAMIID.NotFound",
-            "UnauthorizedOperation",
-            "InvalidParameterValue",
-            "IdempotentParameterMismatch",
-            "InvalidConfiguration",
-        ] {
-            assert!(!is_retryable(code), "{code}");
-        }
-    }
-
-    #[test]
-    fn client_tokens_repeat_per_request_and_differ_between_requests() {
-        let token = client_token("dep-1-0", 1, "secret-a");
-        assert_eq!(token, client_token("dep-1-0", 1, "secret-a"));
-        assert!(token.len() <= 64 && token.is_ascii(), "{token}");
-        assert!(token.starts_with("taskfly-"));
-        assert!(!token.contains("secret"));
-        assert_ne!(token, client_token("dep-1-1", 1, "secret-a"));
-        assert_ne!(token, client_token("dep-1-0", 2, "secret-a"));
-        assert_ne!(token, client_token("dep-1-0", 1, "secret-b"));
-        // The separators keep different splits of the same characters apart.
-        assert_ne!(client_token("a1", 1, "x"), client_token("a", 11, "x"));
-    }
-
-    #[test]
-    fn stopped_instances_count_as_running_and_shutting_down_as_ending() {
-        assert_eq!(
-            state_from_name(&InstanceStateName::Stopped),
-            InstanceState::Running
-        );
-        assert_eq!(
-            state_from_name(&InstanceStateName::Pending),
-            InstanceState::Pending
-        );
-        assert!(is_ending(state_from_name(&InstanceStateName::ShuttingDown)));
-        assert!(is_ending(state_from_name(&InstanceStateName::Terminated)));
-        assert!(!is_ending(state_from_name(&InstanceStateName::Stopping)));
-    }
-
-    #[test]
-    fn a_location_shows_its_region_and_endpoint() {
-        let location = Location {
-            region: Some("eu-west-1".to_owned()),
-            endpoint_url: Some("http://127.0.0.1:5000".to_owned()),
-        };
-        assert_eq!(location.to_string(), "eu-west-1 at http://127.0.0.1:5000");
-        assert_eq!(Location::default().to_string(), "default region");
-    }
-}
+mod tests;

@@ -8,19 +8,17 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{InstanceConfig, InstanceInfo, InstanceState, OwnedInstance, Provider};
+use super::{
+    Instance, InstanceKind, InstanceRef, InstanceSpec, OwnedBy, OwnedInstance, Owner, Provider,
+};
 use crate::auth;
 use crate::error::{BoxError, Error};
+use crate::secret::Secret;
 use crate::wire::PoolStats;
-
-/// The deployment id pooled instances are started under (EC2: their `taskfly:deployment-id`
-/// tag): they belong to the pool, not to the deployment of their first node.
-pub const POOL_DEPLOYMENT_ID: &str = "taskfly-pool";
 
 /// Retired instance tokens remembered (32 bytes each).
 const RETIRED_TOKENS_KEPT: usize = 4096;
@@ -150,7 +148,8 @@ impl PoolConfig {
     }
 }
 
-/// A [`Provider`] adapter that keeps instances for later nodes.
+/// An adapter around a [`Provider`] that keeps instances for later nodes. Not a provider
+/// itself: the engine puts a registered provider behind one ([`crate::Config::pool`]).
 ///
 /// How reuse works: a pooled instance is started with an *instance token* the pool makes, in
 /// place of a node's single-use provision token. Its agent registers with that token like any
@@ -166,23 +165,24 @@ impl PoolConfig {
 /// Instances are matched on their kind ([`Provider::instance_kind`]: for EC2, the AMI,
 /// instance type, network and tags), never shared across kinds.
 ///
-/// Register it like any provider; the engine finds the pool behind it through
-/// [`Provider::pool`], runs its maintenance and shows its state in `GET /stats`.
+/// The engine runs its maintenance, routes its agents' registrations to it and shows its
+/// state in `GET /stats`:
 ///
 /// ```no_run
 /// # fn demo() -> taskfly::Result<()> {
 /// use std::sync::Arc;
-/// use taskfly::{Config, LocalProvider, PoolConfig, PooledProvider};
+/// use taskfly::{Config, LocalProvider, PoolConfig};
 /// let local = Arc::new(LocalProvider::new("/tmp/taskfly/work".into()));
-/// let pooled = PooledProvider::new(local, PoolConfig::new(8).provision_ahead(2))?;
-/// let config = Config::new("/tmp/taskfly").provider("local", Arc::new(pooled));
+/// let config = Config::new("/tmp/taskfly")
+///     .provider(local)
+///     .pool("local", PoolConfig::new(8).provision_ahead(2));
 /// # Ok(()) }
 /// ```
 ///
-/// Leak prevention: instances the pool holds idle are its own (tagged
-/// [`POOL_DEPLOYMENT_ID`]); it terminates them when idle too long, when their agent is lost,
-/// and at [`Provider::shutdown`]. A restarted engine does not know them any more: the leak
-/// checks terminate those not running a live node.
+/// Leak prevention: instances the pool holds idle are its own (started for an
+/// [`Owner::Pool`] slot); it terminates them when idle too long, when their agent is lost,
+/// and at [`PooledProvider::shutdown`]. A restarted engine does not know them any more: the
+/// leak checks terminate those not running a live node.
 pub struct PooledProvider {
     inner: Arc<dyn Provider>,
     config: PoolConfig,
@@ -204,12 +204,12 @@ struct PoolState {
     /// Launches ever reserved: tells the leak checks whether one started while they listed.
     launches_started: u64,
     /// Of those being started, spares, by kind (so concurrent top-ups do not start the same spare twice).
-    spares_launching: HashMap<String, usize>,
+    spares_launching: HashMap<InstanceKind, usize>,
     /// Tokens of instances retired and gone, so their agents are told to stop (410) rather
     /// than refused (401); the oldest are forgotten past [`RETIRED_TOKENS_KEPT`].
     retired_tokens: std::collections::VecDeque<[u8; 32]>,
     /// The last request of each kind, to start spares from (provision token cleared).
-    templates: HashMap<String, InstanceConfig>,
+    templates: HashMap<InstanceKind, InstanceSpec>,
     launched_total: u64,
     reused_total: u64,
     spares_used_total: u64,
@@ -217,7 +217,9 @@ struct PoolState {
 }
 
 struct Slot {
-    kind: String,
+    /// How the inner provider finds the instance.
+    instance: InstanceRef,
+    kind: InstanceKind,
     token_hash: [u8; 32],
     ip_address: Option<String>,
     state: SlotState,
@@ -483,7 +485,15 @@ impl PooledProvider {
             slot.terminating = true;
         }
         self.bump();
-        let result = self.inner.terminate(instance_id).await;
+        let Some(instance) = self
+            .lock()
+            .slots
+            .get(instance_id)
+            .map(|s| s.instance.clone())
+        else {
+            return Ok(());
+        };
+        let result = self.inner.terminate(&instance).await;
         {
             let mut state = self.lock();
             match &result {
@@ -571,24 +581,23 @@ impl PooledProvider {
     /// node at once; without, it is a spare. The caller has reserved room (`launching`).
     async fn launch(
         &self,
-        kind: &str,
-        template: &InstanceConfig,
-        assign: Option<(String, String)>,
-    ) -> Result<InstanceInfo, BoxError> {
+        kind: &InstanceKind,
+        template: &InstanceSpec,
+        assign: Option<(String, Secret)>,
+    ) -> Result<Instance, BoxError> {
         let guard = LaunchGuard {
             pool: self,
-            spare_kind: assign.is_none().then(|| kind.to_owned()),
+            spare_kind: assign.is_none().then(|| kind.clone()),
             armed: true,
         };
         let token = auth::new_token()?;
         let token_hash = auth::hash_token(&token);
         // A random name: a restarted engine's pool must not reuse one of the last run's.
-        let request = InstanceConfig {
-            deployment_id: POOL_DEPLOYMENT_ID.to_owned(),
-            node_id: format!("pool-{}", auth::new_id()?),
-            node_index: 0,
-            attempt: 1,
-            provision_token: token,
+        let request = InstanceSpec {
+            owner: Owner::Pool {
+                slot: format!("pool-{}", auth::new_id()?),
+            },
+            provision_token: Secret::from(token),
             ..template.clone()
         };
         let result = self.inner.provision(request).await;
@@ -607,16 +616,18 @@ impl PooledProvider {
         let slot_state = match assign {
             Some((node_id, provision_token)) => SlotState::Assigned {
                 node_id,
-                provision_token,
+                provision_token: provision_token.expose().to_owned(),
             },
             None => SlotState::Idle,
         };
-        tracing::info!(instance_id = %info.instance_id, kind, spare = slot_state == SlotState::Idle, "pooled instance launched");
-        state.tokens.insert(token_hash, info.instance_id.clone());
+        let instance_id = info.reference.id.clone();
+        tracing::info!(instance_id = %instance_id, kind = %kind, spare = slot_state == SlotState::Idle, "pooled instance launched");
+        state.tokens.insert(token_hash, instance_id.clone());
         state.slots.insert(
-            info.instance_id.clone(),
+            instance_id,
             Slot {
-                kind: kind.to_owned(),
+                instance: info.reference.clone(),
+                kind: kind.clone(),
                 token_hash,
                 ip_address: info.ip_address.clone(),
                 state: slot_state,
@@ -635,7 +646,7 @@ impl PooledProvider {
 
     /// Start spares of `kind` until `provision_ahead` unassigned instances of it exist (or
     /// the pool is full). Launch failures are logged; nodes never wait on spares.
-    async fn top_up(&self, kind: &str) {
+    async fn top_up(&self, kind: &InstanceKind) {
         let (wanted, template) = {
             let mut state = self.lock();
             let Some(template) = state.templates.get(kind).cloned() else {
@@ -646,13 +657,13 @@ impl PooledProvider {
                 + state
                     .slots
                     .values()
-                    .filter(|s| s.kind == kind && s.state == SlotState::Idle)
+                    .filter(|s| &s.kind == kind && s.state == SlotState::Idle)
                     .count();
             let room = self.config.max_instances.saturating_sub(state.live_count());
             let wanted = self.config.provision_ahead.saturating_sub(spares).min(room);
             state.launching += wanted;
             state.launches_started += wanted as u64;
-            *state.spares_launching.entry(kind.to_owned()).or_insert(0) += wanted;
+            *state.spares_launching.entry(kind.clone()).or_insert(0) += wanted;
             (wanted, template)
         };
         let launches = (0..wanted).map(|_| async {
@@ -723,11 +734,11 @@ impl PoolState {
     /// Decide how a node gets an instance of `kind`: an idle one (a booted one first, a spare
     /// before a used one, the longest idle first), else a new one if there is room (reserved
     /// here), else room made by retiring an idle instance of another kind, else wait.
-    fn next_step(&mut self, kind: &str, config: &PoolConfig) -> Step {
+    fn next_step(&mut self, kind: &InstanceKind, config: &PoolConfig) -> Step {
         let idle = self
             .slots
             .iter()
-            .filter(|(_, s)| s.kind == kind && s.state == SlotState::Idle)
+            .filter(|(_, s)| &s.kind == kind && s.state == SlotState::Idle)
             .min_by_key(|(_, s)| (s.last_poll.is_none(), s.served > 0, s.since));
         if let Some((instance_id, _)) = idle {
             return Step::Reuse(instance_id.clone());
@@ -739,7 +750,7 @@ impl PoolState {
         }
         self.slots
             .iter()
-            .filter(|(_, s)| s.kind != kind && s.state == SlotState::Idle)
+            .filter(|(_, s)| &s.kind != kind && s.state == SlotState::Idle)
             .min_by_key(|(_, s)| s.since)
             .map_or(Step::Wait, |(id, _)| Step::Retire(id.clone()))
     }
@@ -759,7 +770,7 @@ impl PoolState {
 struct LaunchGuard<'a> {
     pool: &'a PooledProvider,
     /// The kind, for a spare's launch.
-    spare_kind: Option<String>,
+    spare_kind: Option<InstanceKind>,
     armed: bool,
 }
 
@@ -789,20 +800,30 @@ impl Drop for LaunchGuard<'_> {
     }
 }
 
-#[async_trait]
-impl Provider for PooledProvider {
+impl PooledProvider {
+    /// The name of the provider inside.
+    pub fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    /// The provider inside.
+    pub fn inner(&self) -> &Arc<dyn Provider> {
+        &self.inner
+    }
+
     /// Hands the node an idle instance of its kind (a spare first, else one a node has used),
     /// else starts one if the pool has room, else retires an idle instance of another kind to
     /// make room, else waits until an instance is free. Then tops up the spares.
     /// Cancel-safe: a dropped call leaves no assignment and no reservation behind.
-    async fn provision(&self, config: InstanceConfig) -> Result<InstanceInfo, BoxError> {
-        let kind = self.inner.instance_kind(&config);
-        let template = InstanceConfig {
-            provision_token: String::new(),
-            ..config.clone()
+    pub async fn provision(&self, spec: InstanceSpec) -> Result<Instance, BoxError> {
+        let kind = spec.kind.clone();
+        let template = InstanceSpec {
+            provision_token: Secret::new(""),
+            ..spec.clone()
         };
         self.lock().templates.insert(kind.clone(), template.clone());
-        let assignment = (config.node_id.clone(), config.provision_token.clone());
+        let node_id = spec.owner.name().to_owned();
+        let assignment = (node_id.clone(), spec.provision_token.clone());
         loop {
             let mut changes = self.changes.subscribe();
             let action = self.lock().next_step(&kind, &self.config);
@@ -831,15 +852,14 @@ impl Provider for PooledProvider {
                         slot.since = Instant::now();
                         slot.state = SlotState::Assigned {
                             node_id: assignment.0.clone(),
-                            provision_token: assignment.1.clone(),
+                            provision_token: assignment.1.expose().to_owned(),
                         };
-                        InstanceInfo {
-                            instance_id: instance_id.clone(),
+                        Instance {
+                            reference: slot.instance.clone(),
                             ip_address: slot.ip_address.clone(),
-                            state: InstanceState::Running,
                         }
                     };
-                    tracing::info!(instance_id = %instance_id, node_id = %config.node_id, "node handed a pooled instance");
+                    tracing::info!(instance_id = %instance_id, node_id = %node_id, "node handed a pooled instance");
                     self.bump();
                     self.top_up(&kind).await;
                     return Ok(info);
@@ -856,7 +876,7 @@ impl Provider for PooledProvider {
                     let _ = self.retire(&instance_id, "room for another kind").await;
                 }
                 Step::Wait => {
-                    tracing::debug!(node_id = %config.node_id, "pool full; the node waits for an instance");
+                    tracing::debug!(node_id = %node_id, "pool full; the node waits for an instance");
                     let _ = changes.changed().await;
                 }
             }
@@ -864,24 +884,25 @@ impl Provider for PooledProvider {
     }
 
     /// Terminates the instance for good, whatever it is doing (leak checks, explicit calls).
-    async fn terminate(&self, instance_id: &str) -> Result<(), BoxError> {
-        if self.lock().slots.contains_key(instance_id) {
-            return self.retire(instance_id, "terminate requested").await;
+    pub async fn terminate(&self, instance: &InstanceRef) -> Result<(), BoxError> {
+        if self.lock().slots.contains_key(&instance.id) {
+            return self.retire(&instance.id, "terminate requested").await;
         }
-        self.inner.terminate(instance_id).await
+        self.inner.terminate(instance).await
     }
 
     /// The node is done with the instance. If the instance is still running it, waits (up to
     /// [`PoolConfig::release_timeout`]) for its agent to come back for work, which proves the
     /// node's script has ended; an agent that does not come back has its instance terminated.
     /// An instance not of this pool is terminated.
-    async fn release(&self, instance_id: &str, node_id: &str) -> Result<(), BoxError> {
+    pub async fn release(&self, instance: &InstanceRef, node_id: &str) -> Result<(), BoxError> {
+        let instance_id = instance.id.as_str();
         let deadline = Instant::now() + self.config.release_timeout;
         loop {
             let mut changes = self.changes.subscribe();
             let step = self.lock().release_step(instance_id, node_id);
             match step {
-                Release::NotPooled => return self.inner.terminate(instance_id).await,
+                Release::NotPooled => return self.inner.terminate(instance).await,
                 Release::Retired => {
                     return self
                         .retire(
@@ -910,10 +931,6 @@ impl Provider for PooledProvider {
         }
     }
 
-    async fn describe(&self, instance_id: &str) -> Result<Option<InstanceInfo>, BoxError> {
-        self.inner.describe(instance_id).await
-    }
-
     /// The inner provider's instances but those the pool holds: it terminates them itself
     /// (idle past the timeout, agent lost, released and not back, at shutdown), so a leak
     /// check never takes a pooled instance from the node it serves or is being released by.
@@ -921,7 +938,7 @@ impl Provider for PooledProvider {
     /// An instance tagged for the pool that it does not know may be one being started right
     /// now (created, its launch call not yet returned): while a launch is under way, such
     /// instances are left for the next round rather than reported.
-    async fn owned_instances(&self) -> Result<Vec<OwnedInstance>, BoxError> {
+    pub async fn owned_instances(&self) -> Result<Vec<OwnedInstance>, BoxError> {
         let before = {
             let state = self.lock();
             (state.launching, state.launches_started)
@@ -932,25 +949,17 @@ impl Provider for PooledProvider {
         Ok(owned
             .into_iter()
             .filter(|instance| {
-                let held = state.slots.contains_key(&instance.instance_id);
+                let held = state.slots.contains_key(&instance.instance.id);
                 // Maybe one whose launch call has not returned yet.
-                let maybe_starting = launching && instance.deployment_id == POOL_DEPLOYMENT_ID;
+                let maybe_starting = launching && instance.owner == OwnedBy::Pool;
                 !held && !maybe_starting
             })
             .collect())
     }
 
-    fn instance_kind(&self, config: &InstanceConfig) -> String {
-        self.inner.instance_kind(config)
-    }
-
-    fn pool(&self) -> Option<&PooledProvider> {
-        Some(self)
-    }
-
     /// Terminates the instances waiting for work (a restarted engine would not know them),
     /// then shuts the inner provider down. Instances running a node are left to it.
-    async fn shutdown(&self) {
+    pub async fn shutdown(&self) {
         let waiting: Vec<String> = self
             .lock()
             .slots
@@ -978,489 +987,4 @@ impl std::fmt::Debug for PooledProvider {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::DeploymentConfig;
-
-    /// An inner provider that starts nothing: it names instances `i-1`, `i-2`, ... and
-    /// records what it was asked. Its instance kind is the deployment's script name, so a
-    /// test picks kinds by naming scripts.
-    #[derive(Default)]
-    struct Fake {
-        provisioned: Mutex<Vec<InstanceConfig>>,
-        terminated: Mutex<Vec<String>>,
-        /// When set, `provision` waits for a permit.
-        gate: Option<Arc<tokio::sync::Semaphore>>,
-    }
-
-    #[async_trait]
-    impl Provider for Fake {
-        async fn provision(&self, config: InstanceConfig) -> Result<InstanceInfo, BoxError> {
-            let instance_id = {
-                let mut provisioned = self.provisioned.lock().unwrap();
-                provisioned.push(config);
-                format!("i-{}", provisioned.len())
-            };
-            if let Some(gate) = &self.gate {
-                gate.acquire().await?.forget();
-            }
-            Ok(InstanceInfo {
-                instance_id,
-                ip_address: Some("10.0.0.1".into()),
-                state: InstanceState::Pending,
-            })
-        }
-
-        async fn terminate(&self, instance_id: &str) -> Result<(), BoxError> {
-            self.terminated.lock().unwrap().push(instance_id.to_owned());
-            Ok(())
-        }
-
-        async fn describe(&self, _: &str) -> Result<Option<InstanceInfo>, BoxError> {
-            Ok(None)
-        }
-
-        async fn owned_instances(&self) -> Result<Vec<OwnedInstance>, BoxError> {
-            let provisioned = self.provisioned.lock().unwrap();
-            Ok((1..=provisioned.len())
-                .map(|n| OwnedInstance {
-                    instance_id: format!("i-{n}"),
-                    deployment_id: POOL_DEPLOYMENT_ID.to_owned(),
-                    node_id: Some(format!("pool-{n}")),
-                    state: InstanceState::Running,
-                })
-                .collect())
-        }
-
-        fn instance_kind(&self, config: &InstanceConfig) -> String {
-            config.deployment.remote_script_to_run.clone()
-        }
-    }
-
-    impl Fake {
-        /// The instance token `i-{n}` was started with.
-        fn token(&self, n: usize) -> [u8; 32] {
-            auth::hash_token(&self.provisioned.lock().unwrap()[n - 1].provision_token)
-        }
-
-        fn terminated(&self) -> Vec<String> {
-            self.terminated.lock().unwrap().clone()
-        }
-
-        fn launched(&self) -> usize {
-            self.provisioned.lock().unwrap().len()
-        }
-    }
-
-    fn pool(config: PoolConfig) -> (Arc<Fake>, Arc<PooledProvider>) {
-        let fake = Arc::new(Fake::default());
-        let pool = PooledProvider::new(fake.clone(), config).unwrap();
-        (fake, Arc::new(pool))
-    }
-
-    /// A node's provision request; `kind` is the script name.
-    fn node(deployment_id: &str, node_id: &str, kind: &str) -> InstanceConfig {
-        let yaml = format!(
-            "cloud_provider: local\napplication_files: [{kind}]\nremote_script_to_run: {kind}\nnodes:\n  count: 1\n"
-        );
-        InstanceConfig {
-            deployment_id: deployment_id.into(),
-            node_id: node_id.into(),
-            node_index: 0,
-            attempt: 1,
-            daemon_url: "http://127.0.0.1:1".into(),
-            ca_pem: None,
-            provision_token: format!("provision-{node_id}"),
-            deployment: Arc::new(DeploymentConfig::from_yaml(&yaml).unwrap()),
-        }
-    }
-
-    /// The agent of instance `n` finishes its node and comes back: idle.
-    async fn agent_back(fake: &Fake, pool: &PooledProvider, n: usize) {
-        assert_eq!(pool.claim(&fake.token(n)).await, Claim::Wait);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn an_idle_instance_is_handed_the_next_node_instead_of_a_new_launch() {
-        let (fake, pool) = pool(PoolConfig::new(4));
-        let first = pool.provision(node("d1", "d1-0", "a.sh")).await.unwrap();
-        assert_eq!(first.instance_id, "i-1");
-        let spec = fake.provisioned.lock().unwrap()[0].clone();
-        assert_eq!(spec.deployment_id, POOL_DEPLOYMENT_ID);
-        assert_ne!(
-            spec.provision_token, "provision-d1-0",
-            "the instance gets its own token"
-        );
-        assert_eq!(
-            pool.claim(&fake.token(1)).await,
-            Claim::Assigned("provision-d1-0".into())
-        );
-        assert_eq!(pool.stats("p").busy, 1);
-        agent_back(&fake, &pool, 1).await;
-        assert_eq!(pool.stats("p").idle, 1);
-
-        let second = pool.provision(node("d2", "d2-0", "a.sh")).await.unwrap();
-        assert_eq!(second.instance_id, "i-1");
-        assert_eq!(second.state, InstanceState::Running);
-        assert_eq!(
-            pool.claim(&fake.token(1)).await,
-            Claim::Assigned("provision-d2-0".into())
-        );
-        let stats = pool.stats("p");
-        assert_eq!((stats.launched_total, stats.reused_total), (1, 1));
-        assert_eq!(fake.launched(), 1);
-        assert!(fake.terminated().is_empty());
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn once_the_server_stops_held_registrations_are_answered_at_once() {
-        let (fake, pool) = pool(PoolConfig::new(1).hold(Duration::from_secs(20)));
-        pool.provision(node("d1", "d1-0", "a.sh")).await.unwrap();
-        pool.claim(&fake.token(1)).await;
-        let held = tokio::spawn({
-            let (fake, pool) = (fake.clone(), pool.clone());
-            async move {
-                let started = Instant::now();
-                (pool.claim(&fake.token(1)).await, started.elapsed())
-            }
-        });
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        pool.stop_holding();
-        let (claim, waited) = held.await.unwrap();
-        assert_eq!(claim, Claim::Wait);
-        assert_eq!(
-            waited,
-            Duration::from_secs(5),
-            "answered when the server stopped"
-        );
-        let started = Instant::now();
-        assert_eq!(pool.claim(&fake.token(1)).await, Claim::Wait);
-        assert_eq!(started.elapsed(), Duration::ZERO, "no longer held");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_rotated_token_replaces_the_one_from_the_user_data() {
-        let (fake, pool) = pool(PoolConfig::new(1));
-        pool.provision(node("d1", "d1-0", "a.sh")).await.unwrap();
-        let first = fake.token(1);
-        pool.claim(&first).await;
-        let next = pool.rotate(&first).unwrap().expect("the instance is there");
-        let next = auth::hash_token(&next);
-        assert_eq!(
-            pool.claim(&first).await,
-            Claim::Unknown,
-            "the user data's token is spent"
-        );
-        assert_eq!(
-            pool.claim(&next).await,
-            Claim::Wait,
-            "the agent's new token works"
-        );
-        assert_eq!(pool.stats("p").idle, 1);
-        assert_eq!(pool.rotate(&first).unwrap(), None);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn an_unknown_token_is_not_the_pools() {
-        let (_, pool) = pool(PoolConfig::new(1));
-        assert_eq!(pool.claim(&auth::hash_token("nope")).await, Claim::Unknown);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_release_waits_for_the_agent_and_keeps_the_instance_when_it_comes_back() {
-        let (fake, pool) = pool(PoolConfig::new(2));
-        pool.provision(node("d1", "d1-0", "a.sh")).await.unwrap();
-        pool.claim(&fake.token(1)).await;
-        let release = tokio::spawn({
-            let pool = pool.clone();
-            async move { pool.release("i-1", "d1-0").await.map_err(|e| e.to_string()) }
-        });
-        tokio::task::yield_now().await;
-        assert!(!release.is_finished(), "the script may still run");
-        agent_back(&fake, &pool, 1).await;
-        release.await.unwrap().unwrap();
-        assert!(fake.terminated().is_empty());
-        assert_eq!(pool.stats("p").idle, 1);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn an_agent_that_does_not_come_back_has_its_instance_terminated() {
-        let (fake, pool) = pool(PoolConfig::new(2).release_timeout(Duration::from_secs(60)));
-        pool.provision(node("d1", "d1-0", "a.sh")).await.unwrap();
-        pool.claim(&fake.token(1)).await;
-        let started = Instant::now();
-        pool.release("i-1", "d1-0").await.unwrap();
-        assert!(started.elapsed() >= Duration::from_secs(60));
-        assert_eq!(fake.terminated(), ["i-1"]);
-        let stats = pool.stats("p");
-        assert_eq!((stats.instances, stats.retired_total), (0, 1));
-        assert_eq!(pool.claim(&fake.token(1)).await, Claim::Retired);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_late_release_for_an_earlier_node_leaves_the_instance_to_its_new_node() {
-        let (fake, pool) = pool(PoolConfig::new(2));
-        pool.provision(node("d1", "d1-0", "a.sh")).await.unwrap();
-        pool.claim(&fake.token(1)).await;
-        agent_back(&fake, &pool, 1).await;
-        pool.provision(node("d2", "d2-0", "a.sh")).await.unwrap();
-        pool.release("i-1", "d1-0").await.unwrap();
-        assert_eq!(
-            pool.claim(&fake.token(1)).await,
-            Claim::Assigned("provision-d2-0".into())
-        );
-        assert!(fake.terminated().is_empty());
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_node_released_before_its_agent_picked_it_up_frees_the_instance_at_once() {
-        let (fake, pool) = pool(PoolConfig::new(2));
-        pool.provision(node("d1", "d1-0", "a.sh")).await.unwrap();
-        pool.claim(&fake.token(1)).await;
-        agent_back(&fake, &pool, 1).await;
-        pool.provision(node("d2", "d2-0", "a.sh")).await.unwrap();
-        pool.release("i-1", "d2-0").await.unwrap();
-        assert_eq!(pool.stats("p").idle, 1);
-        // The agent comes back later and finds no work rather than the dead node.
-        assert_eq!(pool.claim(&fake.token(1)).await, Claim::Wait);
-        assert!(fake.terminated().is_empty());
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn an_instance_whose_agent_was_never_heard_of_is_not_kept_when_its_node_lets_go() {
-        let (fake, pool) = pool(PoolConfig::new(2));
-        pool.provision(node("d1", "d1-0", "a.sh")).await.unwrap();
-        // The node's boot timed out: the engine releases the instance.
-        pool.release("i-1", "d1-0").await.unwrap();
-        assert_eq!(fake.terminated(), ["i-1"]);
-        assert_eq!(pool.stats("p").instances, 0);
-        assert_eq!(pool.claim(&fake.token(1)).await, Claim::Retired);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_full_pool_makes_the_next_node_wait_for_a_free_instance() {
-        let (fake, pool) = pool(PoolConfig::new(1));
-        pool.provision(node("d1", "d1-0", "a.sh")).await.unwrap();
-        pool.claim(&fake.token(1)).await;
-        let waiting = tokio::spawn({
-            let pool = pool.clone();
-            async move {
-                pool.provision(node("d1", "d1-1", "a.sh"))
-                    .await
-                    .map_err(|e| e.to_string())
-            }
-        });
-        tokio::time::sleep(Duration::from_secs(600)).await;
-        assert!(!waiting.is_finished(), "no instance is free");
-        // The agent is back: the waiting node gets the instance while the agent's call is held.
-        assert_eq!(
-            pool.claim(&fake.token(1)).await,
-            Claim::Assigned("provision-d1-1".into())
-        );
-        assert_eq!(waiting.await.unwrap().unwrap().instance_id, "i-1");
-        assert_eq!(fake.launched(), 1);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn instances_are_never_shared_across_kinds_and_a_full_pool_retires_the_other_kind() {
-        let (fake, pool) = pool(PoolConfig::new(1));
-        pool.provision(node("d1", "d1-0", "a.sh")).await.unwrap();
-        pool.claim(&fake.token(1)).await;
-        agent_back(&fake, &pool, 1).await;
-        let other = pool.provision(node("d2", "d2-0", "b.sh")).await.unwrap();
-        assert_eq!(other.instance_id, "i-2");
-        assert_eq!(fake.terminated(), ["i-1"]);
-        assert_eq!(pool.claim(&fake.token(1)).await, Claim::Retired);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn spares_are_started_ahead_and_handed_to_later_nodes_first() {
-        let (fake, pool) = pool(PoolConfig::new(4).provision_ahead(2));
-        pool.provision(node("d1", "d1-0", "a.sh")).await.unwrap();
-        assert_eq!(fake.launched(), 3, "the node's instance and two spares");
-        agent_back(&fake, &pool, 2).await;
-        agent_back(&fake, &pool, 3).await;
-        let next = pool.provision(node("d1", "d1-1", "a.sh")).await.unwrap();
-        assert!(
-            ["i-2", "i-3"].contains(&next.instance_id.as_str()),
-            "{next:?}"
-        );
-        let stats = pool.stats("p");
-        assert_eq!(stats.spares_used_total, 1);
-        assert_eq!(fake.launched(), 4, "topped up to two spares again");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn idle_instances_past_the_timeout_are_retired_down_to_the_minimum() {
-        let config = PoolConfig::new(4)
-            .min_instances(1)
-            .idle_timeout(Duration::from_secs(300));
-        let (fake, pool) = pool(config);
-        for n in 0..3 {
-            pool.provision(node("d1", &format!("d1-{n}"), "a.sh"))
-                .await
-                .unwrap();
-        }
-        for n in 1..=3 {
-            pool.claim(&fake.token(n)).await;
-        }
-        let cancel = CancellationToken::new();
-        let upkeep = tokio::spawn({
-            let (pool, cancel) = (pool.clone(), cancel.clone());
-            async move { pool.maintain(cancel).await }
-        });
-        // Agents poll while they wait, as real ones do (each call is held 20 s).
-        let polls = (1..=3).map(|n| {
-            let (fake, pool) = (fake.clone(), pool.clone());
-            tokio::spawn(async move { while pool.claim(&fake.token(n)).await == Claim::Wait {} })
-        });
-        let polls: Vec<_> = polls.collect();
-        tokio::time::sleep(Duration::from_secs(299)).await;
-        assert!(fake.terminated().is_empty(), "not idle long enough yet");
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        let mut terminated = fake.terminated();
-        terminated.sort();
-        assert_eq!(terminated.len(), 2, "{terminated:?}");
-        let stats = pool.stats("p");
-        assert_eq!(
-            (stats.instances, stats.idle, stats.retired_total),
-            (1, 1, 2)
-        );
-        tokio::time::sleep(Duration::from_secs(3600)).await;
-        assert_eq!(fake.terminated().len(), 2, "the minimum stays");
-        cancel.cancel();
-        upkeep.await.unwrap();
-        for poll in polls {
-            poll.abort();
-        }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_spare_whose_agent_never_asks_for_work_is_terminated_after_the_boot_timeout() {
-        let config = PoolConfig::new(3)
-            .provision_ahead(1)
-            .boot_timeout(Duration::from_secs(600))
-            .idle_timeout(Duration::from_secs(3600));
-        let (fake, pool) = pool(config);
-        pool.provision(node("d1", "d1-0", "a.sh")).await.unwrap();
-        pool.claim(&fake.token(1)).await;
-        let cancel = CancellationToken::new();
-        let upkeep = tokio::spawn({
-            let (pool, cancel) = (pool.clone(), cancel.clone());
-            async move { pool.maintain(cancel).await }
-        });
-        tokio::time::sleep(Duration::from_secs(602)).await;
-        assert_eq!(fake.terminated(), ["i-2"]);
-        cancel.cancel();
-        upkeep.await.unwrap();
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_dropped_provision_call_leaves_no_reservation_behind() {
-        let fake = Arc::new(Fake {
-            gate: Some(Arc::new(tokio::sync::Semaphore::new(0))),
-            ..Fake::default()
-        });
-        let pool = PooledProvider::new(fake.clone(), PoolConfig::new(1)).unwrap();
-        let call = pool.provision(node("d1", "d1-0", "a.sh"));
-        assert!(tokio::time::timeout(Duration::from_secs(5), call)
-            .await
-            .is_err());
-        let stats = pool.stats("p");
-        assert_eq!((stats.instances, stats.launching), (0, 0));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn leak_checks_see_only_the_instances_the_pool_does_not_hold() {
-        let (fake, pool) = pool(PoolConfig::new(3));
-        pool.provision(node("d1", "d1-0", "a.sh")).await.unwrap();
-        pool.provision(node("d1", "d1-1", "a.sh")).await.unwrap();
-        pool.claim(&fake.token(1)).await;
-        pool.claim(&fake.token(2)).await;
-        agent_back(&fake, &pool, 2).await;
-        // i-3 is not the pool's: a leftover of an earlier run.
-        fake.provisioned
-            .lock()
-            .unwrap()
-            .push(node("old", "old-0", "a.sh"));
-        let owned = pool.owned_instances().await.unwrap();
-        let seen: Vec<(&str, &str)> = owned
-            .iter()
-            .map(|o| (o.instance_id.as_str(), o.deployment_id.as_str()))
-            .collect();
-        assert_eq!(seen, [("i-3", POOL_DEPLOYMENT_ID)]);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn leak_checks_do_not_see_an_instance_whose_launch_has_not_returned_yet() {
-        let fake = Arc::new(Fake {
-            gate: Some(Arc::new(tokio::sync::Semaphore::new(0))),
-            ..Fake::default()
-        });
-        let pool = Arc::new(PooledProvider::new(fake.clone(), PoolConfig::new(2)).unwrap());
-        let launching = tokio::spawn({
-            let pool = pool.clone();
-            async move { pool.provision(node("d1", "d1-0", "a.sh")).await.is_ok() }
-        });
-        while fake.launched() == 0 {
-            tokio::task::yield_now().await;
-        }
-        // EC2 has the instance, the pool not yet.
-        assert!(pool.owned_instances().await.unwrap().is_empty());
-        if let Some(gate) = &fake.gate {
-            gate.add_permits(1);
-        }
-        assert!(launching.await.unwrap());
-        // Now the pool holds it: still not the leak checks' business.
-        assert!(pool.owned_instances().await.unwrap().is_empty());
-        // An instance tagged for the pool that it does not hold, with no launch under way, is.
-        fake.provisioned
-            .lock()
-            .unwrap()
-            .push(node("old", "old-0", "a.sh"));
-        let owned = pool.owned_instances().await.unwrap();
-        assert_eq!(owned.len(), 1, "{owned:?}");
-        assert_eq!(owned[0].instance_id, "i-2");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn shutdown_terminates_the_instances_waiting_for_work_and_leaves_busy_ones() {
-        let (fake, pool) = pool(PoolConfig::new(3));
-        pool.provision(node("d1", "d1-0", "a.sh")).await.unwrap();
-        pool.provision(node("d1", "d1-1", "a.sh")).await.unwrap();
-        pool.claim(&fake.token(1)).await;
-        pool.claim(&fake.token(2)).await;
-        agent_back(&fake, &pool, 2).await;
-        pool.shutdown().await;
-        assert_eq!(fake.terminated(), ["i-2"]);
-    }
-
-    #[test]
-    fn debug_output_never_shows_a_provision_token() {
-        let state = SlotState::Assigned {
-            node_id: "d1-0".into(),
-            provision_token: "SECRET-TOKEN".into(),
-        };
-        let shown = format!("{state:?} {:?}", Claim::Assigned("SECRET-TOKEN".into()));
-        assert!(!shown.contains("SECRET-TOKEN"), "{shown}");
-        assert!(shown.contains("d1-0"), "{shown}");
-    }
-
-    #[test]
-    fn settings_that_contradict_each_other_are_refused_naming_the_setting() {
-        let e = PoolConfig::new(0).validate().unwrap_err();
-        assert!(e.to_string().contains("max_instances"), "{e}");
-        let e = PoolConfig::new(2).min_instances(3).validate().unwrap_err();
-        assert!(e.to_string().contains("min_instances (3)"), "{e}");
-        let e = PoolConfig::new(2)
-            .provision_ahead(2)
-            .validate()
-            .unwrap_err();
-        assert!(e.to_string().contains("provision_ahead"), "{e}");
-        assert!(PoolConfig::new(2)
-            .min_instances(2)
-            .provision_ahead(1)
-            .validate()
-            .is_ok());
-    }
-}
+mod tests;

@@ -16,11 +16,13 @@
 //! carrying `TASKFLY_NODE_ID=<node_id>` (a script left by a killed bootstrap, found through
 //! `/proc`), then the directory is removed. Nothing of the node is left on the host.
 //!
-//! The daemon keeps a record of each instance it started, `<work_root>/ssh-instances/<id>.json`
-//! (host, port, user, key, deployment, node), written before the `ssh` call and removed once
-//! the instance is terminated. So a restarted daemon can still terminate what it started, and
-//! the leak checks ([`Provider::owned_instances`](super::Provider::owned_instances)) list every
-//! instance not yet terminated, whatever happened in between.
+//! An instance's locator ([`InstanceRef::locator`]) is its record: host, port, user, key,
+//! deployment and node, as JSON. The engine stores it on the node's row, so terminating needs
+//! nothing else. The daemon also keeps each record in `<work_root>/ssh-instances/<id>.json`,
+//! written before the `ssh` call and removed once the instance is terminated: the leak checks
+//! ([`Provider::owned_instances`](crate::Provider::owned_instances)) list every instance not
+//! yet terminated from those files, even after the engine's state was lost (a crash between
+//! the `ssh` call and the node's row, a deleted state database).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -30,10 +32,14 @@ use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt as _;
 use tokio::sync::Semaphore;
 
-use super::local::EXTRA_AGENT_GRACE;
-use super::{InstanceConfig, InstanceInfo, InstanceState, OwnedInstance, ProviderError};
+use super::EXTRA_AGENT_GRACE;
 use crate::agent::bootstrap;
+use crate::config::LocalConfig;
 use crate::error::{BoxError, Error};
+use crate::provider::{
+    Instance, InstanceKind, InstanceRef, InstanceSpec, InstanceState, OwnedBy, OwnedInstance,
+    Owner, ProviderError,
+};
 
 /// Instance ids of nodes on SSH hosts start with this.
 const ID_PREFIX: &str = "ssh-";
@@ -98,14 +104,6 @@ rm -rf "$d" || exit 3
 echo terminated
 "#;
 
-/// Tells whether a node's bootstrap still runs: the instance id is `$1`.
-const DESCRIBE: &str = r#"d="$HOME/.taskfly/nodes/$1"
-if [ ! -d "$d" ]; then echo gone
-elif p=$(cat "$d/pid" 2>/dev/null) && [ -n "$p" ] && kill -0 -"$p" 2>/dev/null; then echo running
-else echo ended
-fi
-"#;
-
 /// Where an instance runs, and for whom: what the daemon records of it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Record {
@@ -136,19 +134,34 @@ pub(super) fn is_ssh_instance(instance_id: &str) -> bool {
     instance_id.starts_with(ID_PREFIX)
 }
 
-/// The host node `config` runs on, as `user@host:port`, and what a pool must match on.
-pub(super) fn instance_kind(config: &InstanceConfig) -> String {
-    let record = record_for(config);
-    format!("ssh {} key {:?}", record.target(), record.key_path)
+/// The deployment id a pool slot's record names: it belongs to no deployment.
+const POOL_RECORD: &str = "taskfly-pool";
+
+/// The host `owner` runs on, as `user@host:port`, and its key: what a pool must match on.
+pub(super) fn instance_kind(local: &LocalConfig, owner: &Owner) -> InstanceKind {
+    let record = record_for(local, owner);
+    let key = record
+        .key_path
+        .as_deref()
+        .map_or_else(|| "default".to_owned(), |path| path.display().to_string());
+    InstanceKind::new(format!("ssh {} key {key}", record.target()))
 }
 
-fn record_for(config: &InstanceConfig) -> Record {
-    let local = &config.deployment.local;
+fn record_for(local: &LocalConfig, owner: &Owner) -> Record {
+    // A pool slot starts on the first host, as its template's first node would.
+    let (deployment_id, node_index) = match owner {
+        Owner::Node {
+            deployment_id,
+            node_index,
+            ..
+        } => (deployment_id.clone(), *node_index),
+        Owner::Pool { .. } => (POOL_RECORD.to_owned(), 0),
+    };
     // Validation guarantees hosts is not empty here and sets a user with hosts.
-    let host = &local.hosts[config.node_index as usize % local.hosts.len()];
+    let host = &local.hosts[node_index as usize % local.hosts.len()];
     Record {
-        deployment_id: config.deployment_id.clone(),
-        node_id: config.node_id.clone(),
+        deployment_id,
+        node_id: owner.name().to_owned(),
         host: host.clone(),
         port: local.ssh_port,
         user: local.ssh_user.clone().unwrap_or_default(),
@@ -194,23 +207,26 @@ impl SshHosts {
     /// the leak checks.
     pub(super) async fn provision(
         &self,
-        config: &InstanceConfig,
+        spec: &InstanceSpec,
+        local: &LocalConfig,
         grace_period: Duration,
-    ) -> Result<InstanceInfo, BoxError> {
-        let instance_id = format!("{ID_PREFIX}{}-{}", config.node_id, config.attempt);
+    ) -> Result<Instance, BoxError> {
+        let instance_id = format!("{ID_PREFIX}{}-{}", spec.owner.name(), spec.owner.attempt());
         if !is_plain_word(&instance_id) {
             return Err(Error::invalid_input(format!(
                 "node id {:?} cannot name a directory on an SSH host",
-                config.node_id
+                spec.owner.name()
             ))
             .into());
         }
         let script = bootstrap::bootstrap_script(
-            &config.daemon_url,
-            &config.provision_token,
-            config.ca_pem.as_deref(),
+            &spec.daemon_url,
+            spec.provision_token.expose(),
+            spec.ca_pem.as_deref(),
         )?;
-        let record = record_for(config);
+        let record = record_for(local, &spec.owner);
+        let locator = serde_json::to_string(&record)
+            .map_err(|e| Error::io("cannot encode an SSH instance record", e.into()))?;
         self.write_record(&instance_id, &record).await?;
         let grace_ms = grace_period.as_millis().to_string();
         let ran = self
@@ -236,21 +252,34 @@ impl SshHosts {
             return Err(error);
         }
         tracing::debug!(instance_id = %instance_id, host = %record.host, "started a node over SSH");
-        Ok(InstanceInfo {
-            instance_id,
+        Ok(Instance {
+            reference: InstanceRef {
+                id: instance_id,
+                locator,
+            },
             ip_address: Some(record.host),
-            state: InstanceState::Running,
         })
     }
 
-    /// Stops the node and removes its files on the host, then its record. Unknown instances
-    /// (never started, or already terminated) are fine.
+    /// Stops the node and removes its files on the host, then its record. The host is the
+    /// locator's; an instance recorded before locators existed (empty) is looked up in the
+    /// records. Unknown instances (never started, or already terminated) are fine.
     pub(super) async fn terminate(
         &self,
-        instance_id: &str,
+        instance: &InstanceRef,
         grace_period: Duration,
     ) -> Result<(), BoxError> {
-        let Some(record) = self.read_record(instance_id).await? else {
+        let instance_id = instance.id.as_str();
+        let record = if instance.locator.is_empty() {
+            self.read_record(instance_id).await?
+        } else {
+            Some(
+                serde_json::from_str::<Record>(&instance.locator).map_err(|e| {
+                    Error::invalid_input(format!("{instance_id} has an invalid SSH locator: {e}"))
+                })?,
+            )
+        };
+        let Some(record) = record else {
             return Ok(());
         };
         // The bootstrap gets the grace period to stop its script, and a little more to end.
@@ -273,39 +302,27 @@ impl SshHosts {
         Ok(())
     }
 
-    /// `Running` while the bootstrap runs, `Terminated` once it has ended or its folder is
-    /// gone; `None` for an instance this daemon has no record of.
-    pub(super) async fn describe(
-        &self,
-        instance_id: &str,
-    ) -> Result<Option<InstanceInfo>, BoxError> {
-        let Some(record) = self.read_record(instance_id).await? else {
-            return Ok(None);
-        };
-        let output = self
-            .call(&record, DESCRIBE, &[instance_id], None, Duration::ZERO)
-            .await?;
-        let state = match (output.status, output.stdout.trim()) {
-            (Some(0), "running") => InstanceState::Running,
-            (Some(0), "ended" | "gone") => InstanceState::Terminated,
-            _ => return Err(failure(&record, "look at the node", &output)),
-        };
-        Ok(Some(InstanceInfo {
-            instance_id: instance_id.to_owned(),
-            ip_address: Some(record.host),
-            state,
-        }))
-    }
-
     /// Every instance started and not yet terminated, from the records.
     pub(super) async fn owned(&self) -> Result<Vec<OwnedInstance>, BoxError> {
         let mut owned = Vec::new();
         for instance_id in self.recorded().await? {
             if let Some(record) = self.read_record(&instance_id).await? {
+                let locator = serde_json::to_string(&record)
+                    .map_err(|e| Error::io("cannot encode an SSH instance record", e.into()))?;
+                let owner = if record.deployment_id == POOL_RECORD {
+                    OwnedBy::Pool
+                } else {
+                    OwnedBy::Deployment {
+                        deployment_id: record.deployment_id,
+                        node_id: Some(record.node_id),
+                    }
+                };
                 owned.push(OwnedInstance {
-                    instance_id,
-                    deployment_id: record.deployment_id,
-                    node_id: Some(record.node_id),
+                    instance: InstanceRef {
+                        id: instance_id,
+                        locator,
+                    },
+                    owner,
                     state: InstanceState::Running,
                 });
             }
@@ -314,7 +331,7 @@ impl SshHosts {
     }
 
     /// The ids of every recorded instance.
-    pub(super) async fn recorded(&self) -> Result<Vec<String>, BoxError> {
+    async fn recorded(&self) -> Result<Vec<String>, BoxError> {
         let mut entries = match tokio::fs::read_dir(&self.records).await {
             Ok(entries) => entries,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -542,139 +559,4 @@ fn is_plain_word(word: &str) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn home_is_expanded_in_key_paths_only_at_the_start() {
-        let home = PathBuf::from(std::env::var_os("HOME").expect("HOME is set"));
-        assert_eq!(expand_home("~/.ssh/id"), home.join(".ssh/id"));
-        assert_eq!(expand_home("~"), home);
-        assert_eq!(expand_home("/keys/~/id"), PathBuf::from("/keys/~/id"));
-        assert_eq!(expand_home("~other/id"), PathBuf::from("~other/id"));
-    }
-
-    #[tokio::test]
-    async fn records_are_private_listed_as_owned_and_unknown_ids_need_no_host() {
-        use std::os::unix::fs::PermissionsExt as _;
-        let root = tempfile::tempdir().expect("temp dir");
-        let hosts = SshHosts::new(root.path());
-        assert!(hosts.owned().await.expect("no records yet").is_empty());
-        let record = Record {
-            deployment_id: "dep-1".into(),
-            node_id: "dep-1-0".into(),
-            host: "10.0.0.5".into(),
-            port: 22,
-            user: "ops".into(),
-            key_path: Some("/keys/id".into()),
-        };
-        hosts
-            .write_record("ssh-dep-1-0-1", &record)
-            .await
-            .expect("written");
-        let dir = root.path().join(RECORDS);
-        let mode = |path: &Path| {
-            std::fs::metadata(path)
-                .expect("exists")
-                .permissions()
-                .mode()
-                & 0o777
-        };
-        assert_eq!(mode(&dir), 0o700);
-        assert_eq!(mode(&dir.join("ssh-dep-1-0-1.json")), 0o600);
-        // A partial write left by a crash, and files that are no record, are not instances.
-        std::fs::write(dir.join("ssh-dep-1-1-1.json.partial"), "{").expect("written");
-        std::fs::write(dir.join("notes.txt"), "").expect("written");
-        assert_eq!(
-            hosts.owned().await.expect("listed"),
-            vec![OwnedInstance {
-                instance_id: "ssh-dep-1-0-1".into(),
-                deployment_id: "dep-1".into(),
-                node_id: Some("dep-1-0".into()),
-                state: InstanceState::Running,
-            }]
-        );
-        // Ids with no record (or that could name another file) are unknown: nothing to reach.
-        for unknown in ["ssh-dep-9-0-1", "ssh-../x", "local-dep-1-0-1"] {
-            hosts
-                .terminate(unknown, Duration::from_secs(1))
-                .await
-                .expect("nothing to terminate");
-            assert_eq!(
-                hosts.describe(unknown).await.expect("nothing to describe"),
-                None
-            );
-        }
-        hosts.remove_record("ssh-dep-1-0-1").await;
-        assert!(hosts.owned().await.expect("listed").is_empty());
-    }
-
-    #[test]
-    fn instance_ids_must_be_plain_words() {
-        assert!(is_plain_word("ssh-dep-0a1b-3-1"));
-        for bad in ["", "-x", ".x", "a/b", "a b", "a'b", "a$b", "a\nb"] {
-            assert!(!is_plain_word(bad), "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn failures_name_the_host_and_what_ssh_said_and_only_connection_trouble_is_retried() {
-        let record = Record {
-            deployment_id: "dep".into(),
-            node_id: "dep-0".into(),
-            host: "10.0.0.5".into(),
-            port: 2222,
-            user: "ops".into(),
-            key_path: None,
-        };
-        let output = |status, stderr: &str| Output {
-            status,
-            stdout: String::new(),
-            stderr: stderr.to_owned(),
-        };
-        let denied = failure(
-            &record,
-            "start the node",
-            &output(
-                Some(255),
-                "Warning: Permanently added '[10.0.0.5]:2222' (ED25519) to the list of known hosts.\n\
-                 ops@10.0.0.5: Permission denied (publickey).\n",
-            ),
-        );
-        let denied = denied
-            .downcast_ref::<ProviderError>()
-            .expect("a provider error");
-        assert_eq!(
-            denied.message,
-            "cannot start the node on ops@10.0.0.5:2222 over ssh (exit status 255): \
-             ops@10.0.0.5: Permission denied (publickey). (check instance_config.local.ssh_user \
-             and ssh_key_path)"
-        );
-        assert!(!denied.retryable);
-        let refused = failure(
-            &record,
-            "start the node",
-            &output(
-                Some(255),
-                "ssh: connect to host 10.0.0.5 port 2222: Connection refused\n",
-            ),
-        );
-        assert!(
-            refused
-                .downcast_ref::<ProviderError>()
-                .expect("provider error")
-                .retryable
-        );
-        let missing = failure(
-            &record,
-            "start the node",
-            &output(Some(3), "curl is not installed on this host; the node bootstrap needs sh, curl, tar, gzip and setsid\n"),
-        );
-        let missing = missing
-            .downcast_ref::<ProviderError>()
-            .expect("a provider error");
-        assert_eq!(missing.code, "SshHostFailed");
-        assert!(missing.message.ends_with("curl is not installed on this host; the node bootstrap needs sh, curl, tar, gzip and setsid"));
-        assert!(!missing.retryable);
-    }
-}
+mod tests;

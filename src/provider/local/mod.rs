@@ -10,22 +10,30 @@ use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::procfs;
-use super::ssh::{self, SshHosts};
-use super::{InstanceConfig, InstanceInfo, InstanceState, OwnedInstance, Provider};
+mod ssh;
+
+use self::ssh::SshHosts;
+use crate::process::procfs;
+use crate::process::stop_groups;
+use super::{
+    Instance, InstanceKind, InstanceRef, InstanceSpec, OwnedInstance, Owner, Provider,
+    ProviderSettings,
+};
 use crate::agent::{self, bootstrap, AgentConfig};
-use crate::config::LocalAgent as AgentKind;
+use crate::config::{local_settings, LocalAgent as AgentKind};
 use crate::error::{BoxError, Error};
 
 /// The address every local node reports.
 const LOCAL_ADDRESS: &str = "127.0.0.1";
+/// The folder of `work_root` holding pooled instances' folders (they belong to no deployment).
+const POOL_FOLDER: &str = "taskfly-pool";
 /// How long a terminated script gets between SIGTERM and SIGKILL unless configured otherwise.
 const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(10);
 /// An agent process or bootstrap stopping its script needs the grace period, and a little more
 /// to report.
 pub(super) const EXTRA_AGENT_GRACE: Duration = Duration::from_secs(2);
 /// The file in a node's work directory holding the certificates its agent trusts for an
-/// `https://` daemon ([`InstanceConfig::ca_pem`]).
+/// `https://` daemon ([`InstanceSpec::ca_pem`]).
 const CA_FILE: &str = "daemon-ca.pem";
 
 /// Runs nodes on this machine (`cloud_provider: local`), or on SSH hosts when the deployment
@@ -51,7 +59,7 @@ const CA_FILE: &str = "daemon-ca.pem";
 /// processes ([`LocalProvider::agent_program`]) bootstraps outlive this provider as agent
 /// processes do; otherwise [`Provider::shutdown`] stops them.
 ///
-/// For an `https://` daemon, the certificates to trust ([`InstanceConfig::ca_pem`]) are
+/// For an `https://` daemon, the certificates to trust ([`InstanceSpec::ca_pem`]) are
 /// written to `daemon-ca.pem` in the node's work directory and given to its agent (task or
 /// process) as its CA file; the shell bootstrap embeds them for curl.
 ///
@@ -60,12 +68,13 @@ const CA_FILE: &str = "daemon-ca.pem";
 /// known and the key need no passphrase; [`LocalProvider::ssh_options`] adds options), detached
 /// in `~/.taskfly/nodes/<instance_id>/`, and terminating the node stops its processes and
 /// removes that folder over ssh. Such instances (`ssh-<node_id>-<attempt>`, their address the
-/// host) are recorded in `work_root/ssh-instances/` until terminated, so a restarted engine
-/// can still terminate them and the leak checks find them
-/// ([`Provider::owned_instances`]). At [`Provider::shutdown`] they are terminated unless
-/// agents run as processes (a daemon), as local bootstraps are.
+/// host) carry their host, user, port and key in their locator, and are also recorded in
+/// `work_root/ssh-instances/` until terminated, so the leak checks find them even when the
+/// engine's state was lost ([`Provider::owned_instances`]). At [`Provider::shutdown`] they
+/// are terminated unless agents run as processes (a daemon), as local bootstraps are.
 ///
-/// Instance ids are `local-<node_id>-<attempt>`. Agent failures are logged with `tracing`
+/// Instance ids are `local-<node_id>-<attempt>`, their locator the node id (whose scripts
+/// carry `TASKFLY_NODE_ID`, so terminating finds what a killed agent left). Agent failures are logged with `tracing`
 /// (node id and message); they never panic, and the engine notices the node through its status
 /// reports or the heartbeat timeout.
 ///
@@ -198,28 +207,34 @@ impl Drop for LocalProvider {
 impl Provider for LocalProvider {
     /// Creates the node's work directory and starts its agent. Cancel-safe: the agent is
     /// started in one step after the only await.
-    async fn provision(&self, config: InstanceConfig) -> Result<InstanceInfo, BoxError> {
+    async fn provision(&self, spec: InstanceSpec) -> Result<Instance, BoxError> {
         if self.shutdown.is_cancelled() {
             return Err(Error::conflict("the local provider is shutting down").into());
         }
-        if !is_plain_name(&config.deployment_id) {
+        let local = local_settings(&spec.settings)?;
+        // A pooled instance (`PooledProvider`) serves many nodes: its folder is named after
+        // its slot.
+        let (folder, node_folder) = match &spec.owner {
+            Owner::Node {
+                deployment_id,
+                node_index,
+                attempt,
+                ..
+            } => (deployment_id.as_str(), format!("{node_index}-{attempt}")),
+            Owner::Pool { slot } => (POOL_FOLDER, slot.clone()),
+        };
+        if !is_plain_name(folder) || !is_plain_name(&node_folder) {
             return Err(Error::invalid_input(format!(
-                "deployment id {:?} cannot name a directory",
-                config.deployment_id
+                "deployment id {folder:?} cannot name a directory"
             ))
             .into());
         }
-        if !config.deployment.local.hosts.is_empty() {
-            return self.ssh.provision(&config, self.grace_period).await;
+        if !local.hosts.is_empty() {
+            return self.ssh.provision(&spec, &local, self.grace_period).await;
         }
-        let instance_id = format!("local-{}-{}", config.node_id, config.attempt);
-        let work_dir = self.work_root.join(&config.deployment_id);
-        // A pooled instance (`PooledProvider`) serves many nodes: its folder is named after it.
-        let work_dir = if config.deployment_id == super::POOL_DEPLOYMENT_ID {
-            work_dir.join(&config.node_id)
-        } else {
-            work_dir.join(format!("{}-{}", config.node_index, config.attempt))
-        };
+        let node_id = spec.owner.name().to_owned();
+        let instance_id = format!("local-{node_id}-{}", spec.owner.attempt());
+        let work_dir = self.work_root.join(folder).join(node_folder);
         tokio::fs::create_dir_all(&work_dir).await.map_err(|e| {
             Error::io(
                 format!(
@@ -230,7 +245,7 @@ impl Provider for LocalProvider {
             )
         })?;
         // Written before anything starts, so cancelling here leaves only a file behind.
-        let ca_file = match &config.ca_pem {
+        let ca_file = match &spec.ca_pem {
             Some(pem) => {
                 let path = work_dir.join(CA_FILE);
                 tokio::fs::write(&path, pem)
@@ -252,22 +267,17 @@ impl Provider for LocalProvider {
                 Error::conflict(format!("instance {instance_id} is already running")).into(),
             );
         }
-        let bootstrap = config.deployment.local.agent == AgentKind::Script;
+        let bootstrap = local.agent == AgentKind::Script;
         let pid = match &self.runner {
             _ if bootstrap => {
-                let mut child =
-                    spawn_bootstrap(&config, &instance_id, &work_dir, self.grace_period)?;
+                let mut child = spawn_bootstrap(&spec, &instance_id, &work_dir, self.grace_period)?;
                 let pid = child.id().and_then(|id| i32::try_from(id).ok());
                 // Reap the bootstrap when it ends. At shutdown, agent processes are left running
                 // (they carry on with a restarted engine), and so are bootstraps among them;
                 // otherwise the bootstrap and its script are stopped, as agent tasks are.
                 let (reaped, stop) = (finished.clone(), self.shutdown.clone());
-                let stop_at_shutdown = matches!(self.runner, Runner::Task).then(|| {
-                    (
-                        config.node_id.clone(),
-                        self.grace_period + EXTRA_AGENT_GRACE,
-                    )
-                });
+                let stop_at_shutdown = matches!(self.runner, Runner::Task)
+                    .then(|| (node_id.clone(), self.grace_period + EXTRA_AGENT_GRACE));
                 self.tracker.spawn(async move {
                     tokio::select! {
                         _ = child.wait() => reaped.cancel(),
@@ -285,14 +295,17 @@ impl Provider for LocalProvider {
                 pid
             }
             Runner::Task => {
-                let mut agent_config =
-                    AgentConfig::new(config.daemon_url, config.provision_token, work_dir)
-                        .grace_period(self.grace_period);
+                let mut agent_config = AgentConfig::new(
+                    spec.daemon_url.clone(),
+                    spec.provision_token.expose().to_owned(),
+                    work_dir,
+                )
+                .grace_period(self.grace_period);
                 agent_config.ca_file = ca_file;
                 // Spawned while the map is locked, so `terminate` never sees an entry without
                 // its task.
                 self.tracker.spawn(run_agent(
-                    config.node_id,
+                    node_id.clone(),
                     instance_id.clone(),
                     agent_config,
                     cancel.clone(),
@@ -304,7 +317,7 @@ impl Provider for LocalProvider {
                 let mut child = spawn_agent_process(
                     program,
                     args,
-                    &config,
+                    &spec,
                     &instance_id,
                     &work_dir,
                     ca_file.as_deref(),
@@ -334,25 +347,28 @@ impl Provider for LocalProvider {
         );
         drop(agents);
         tracing::debug!(instance_id = %instance_id, "started a local node");
-        Ok(InstanceInfo {
-            instance_id,
+        Ok(Instance {
+            reference: InstanceRef {
+                id: instance_id,
+                locator: node_id,
+            },
             ip_address: Some(LOCAL_ADDRESS.to_string()),
-            state: InstanceState::Running,
         })
     }
 
     /// Cancels the node's agent and waits until it has ended, its script's process group
     /// included. An unknown or already terminated instance is fine.
-    async fn terminate(&self, instance_id: &str) -> Result<(), BoxError> {
-        if ssh::is_ssh_instance(instance_id) {
-            return self.ssh.terminate(instance_id, self.grace_period).await;
+    async fn terminate(&self, instance: &InstanceRef) -> Result<(), BoxError> {
+        if ssh::is_ssh_instance(&instance.id) {
+            return self.ssh.terminate(instance, self.grace_period).await;
         }
+        let instance_id = instance.id.as_str();
         let bootstrap = self
             .agents()
             .get(instance_id)
             .is_some_and(|agent| agent.bootstrap);
         if bootstrap || matches!(self.runner, Runner::Process { .. }) {
-            return self.terminate_process(instance_id).await;
+            return self.terminate_process(instance).await;
         }
         let tokens = self
             .agents()
@@ -376,46 +392,24 @@ impl Provider for LocalProvider {
     /// The agent a node runs (`instance_config.local.agent`): a pooled Rust agent never runs
     /// a node asking for the shell bootstrap, nor the reverse. On SSH hosts, the host, port,
     /// user and key: a pooled instance serves only nodes meant for its host.
-    fn instance_kind(&self, config: &InstanceConfig) -> String {
-        if config.deployment.local.hosts.is_empty() {
-            format!("local {:?}", config.deployment.local.agent)
-        } else {
-            ssh::instance_kind(config)
+    fn instance_kind(
+        &self,
+        settings: &ProviderSettings,
+        owner: &Owner,
+    ) -> Result<InstanceKind, BoxError> {
+        let local = local_settings(settings)?;
+        if !local.hosts.is_empty() {
+            return Ok(ssh::instance_kind(&local, owner));
         }
+        let agent = match local.agent {
+            AgentKind::Rust => "rust",
+            AgentKind::Script => "script",
+        };
+        Ok(InstanceKind::new(format!("local {agent}")))
     }
 
-    /// `Running` while the agent works, `ShuttingDown` while it stops, `Terminated` once it has
-    /// ended by itself; `None` for an instance never provisioned or already terminated.
-    async fn describe(&self, instance_id: &str) -> Result<Option<InstanceInfo>, BoxError> {
-        if ssh::is_ssh_instance(instance_id) {
-            return self.ssh.describe(instance_id).await;
-        }
-        let tracked = self.agents().get(instance_id).map(|agent| {
-            if agent.finished.is_cancelled() {
-                InstanceState::Terminated
-            } else if agent.cancel.is_cancelled() {
-                InstanceState::ShuttingDown
-            } else {
-                InstanceState::Running
-            }
-        });
-        let state = match (tracked, &self.runner) {
-            (Some(state), _) => Some(state),
-            // An agent process started before a restart is found through /proc.
-            (None, Runner::Process { .. }) => {
-                let entry = format!("{}={instance_id}", agent::ENV_INSTANCE_ID);
-                let found = tokio::task::spawn_blocking(move || procfs::pids_with_env(&entry))
-                    .await
-                    .unwrap_or_default();
-                (!found.is_empty()).then_some(InstanceState::Running)
-            }
-            (None, Runner::Task) => None,
-        };
-        Ok(state.map(|state| InstanceInfo {
-            instance_id: instance_id.to_string(),
-            ip_address: Some(LOCAL_ADDRESS.to_string()),
-            state,
-        }))
+    fn name(&self) -> &str {
+        "local"
     }
 
     /// Nodes on SSH hosts not yet terminated (the others are found through `/proc` when
@@ -439,19 +433,41 @@ impl Provider for LocalProvider {
 }
 
 impl LocalProvider {
+    /// Whether an agent (or bootstrap) this provider started for `instance_id` still runs on
+    /// this machine: tracked and not ended, or, for agent processes started before a
+    /// restart, found through `/proc`. Nodes on SSH hosts are not looked at (`false`).
+    pub async fn is_running(&self, instance_id: &str) -> bool {
+        let tracked = self
+            .agents()
+            .get(instance_id)
+            .map(|agent| !agent.finished.is_cancelled());
+        match (tracked, &self.runner) {
+            (Some(running), _) => running,
+            (None, Runner::Process { .. }) if !ssh::is_ssh_instance(instance_id) => {
+                let entry = format!("{}={instance_id}", agent::ENV_INSTANCE_ID);
+                let found = tokio::task::spawn_blocking(move || procfs::pids_with_env(&entry))
+                    .await
+                    .unwrap_or_default();
+                !found.is_empty()
+            }
+            (None, _) => false,
+        }
+    }
+
     /// Terminates every recorded node on an SSH host, at most a few at once (the ssh calls
     /// are limited anyway); failures are logged, and the records kept for the leak checks.
     async fn terminate_ssh_instances(&self) {
-        let ids = match self.ssh.recorded().await {
-            Ok(ids) => ids,
+        let owned = match self.ssh.owned().await {
+            Ok(owned) => owned,
             Err(error) => {
                 tracing::warn!(error = %error, "cannot list the nodes on SSH hosts to stop them");
                 return;
             }
         };
-        let stops = ids.iter().map(|id| async move {
-            if let Err(error) = self.ssh.terminate(id, self.grace_period).await {
-                tracing::warn!(instance_id = %id, error = %error, "cannot stop a node on its SSH host");
+        let stops = owned.iter().map(|owned| async move {
+            let instance = &owned.instance;
+            if let Err(error) = self.ssh.terminate(instance, self.grace_period).await {
+                tracing::warn!(instance_id = %instance.id, error = %error, "cannot stop a node on its SSH host");
             }
         });
         futures_util::future::join_all(stops).await;
@@ -461,7 +477,8 @@ impl LocalProvider {
     /// to the agent (which stops its script's group gracefully), SIGKILL after the grace period,
     /// then any process still carrying the node's id (a script orphaned by a killed agent) is
     /// stopped too.
-    async fn terminate_process(&self, instance_id: &str) -> Result<(), BoxError> {
+    async fn terminate_process(&self, instance: &InstanceRef) -> Result<(), BoxError> {
+        let instance_id = instance.id.as_str();
         let tracked = self
             .agents()
             .get(instance_id)
@@ -477,10 +494,11 @@ impl LocalProvider {
             }
         };
         let agent_grace = self.grace_period + EXTRA_AGENT_GRACE;
-        let left = procfs::stop_groups(&agent_pids, agent_grace).await;
-        if let Some(node_id) = node_id_of(instance_id) {
-            let orphans = node_process_groups(node_id).await;
-            let orphans_left = procfs::stop_groups(&orphans, self.grace_period).await;
+        let left = stop_groups(&agent_pids, agent_grace).await;
+        // The locator is the node id its scripts carry (empty for a node of taskfly 0.1).
+        if !instance.locator.is_empty() {
+            let orphans = node_process_groups(&instance.locator).await;
+            let orphans_left = stop_groups(&orphans, self.grace_period).await;
             if !orphans_left.is_empty() {
                 return Err(Error::conflict(format!(
                     "processes of {instance_id} survived SIGKILL (groups {orphans_left:?})"
@@ -519,8 +537,8 @@ async fn node_process_groups(node_id: &str) -> Vec<i32> {
 /// Stops a node's bootstrap at shutdown: SIGTERM to its group, SIGKILL after `grace`, then the
 /// same to any process still carrying the node's id (a script left by a killed bootstrap).
 async fn stop_bootstrap(pgid: i32, node_id: &str, grace: Duration) {
-    let mut left = procfs::stop_groups(&[pgid], grace).await;
-    left.extend(procfs::stop_groups(&node_process_groups(node_id).await, grace).await);
+    let mut left = stop_groups(&[pgid], grace).await;
+    left.extend(stop_groups(&node_process_groups(node_id).await, grace).await);
     if !left.is_empty() {
         tracing::warn!(node_id = %node_id, groups = ?left, "processes of a node survived SIGKILL");
     }
@@ -530,7 +548,7 @@ async fn stop_bootstrap(pgid: i32, node_id: &str, grace: Duration) {
 /// written there with mode 0600: it holds the provision token), in a process group of its own,
 /// its output appended to `bootstrap.log`.
 fn spawn_bootstrap(
-    config: &InstanceConfig,
+    spec: &InstanceSpec,
     instance_id: &str,
     work_dir: &std::path::Path,
     grace_period: Duration,
@@ -538,9 +556,9 @@ fn spawn_bootstrap(
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt;
     let script = bootstrap::bootstrap_script(
-        &config.daemon_url,
-        &config.provision_token,
-        config.ca_pem.as_deref(),
+        &spec.daemon_url,
+        spec.provision_token.expose(),
+        spec.ca_pem.as_deref(),
     )?;
     let script_path = work_dir.join("bootstrap.sh");
     let written = std::fs::OpenOptions::new()
@@ -588,19 +606,12 @@ fn open_log(path: &std::path::Path) -> Result<(std::fs::File, std::fs::File), Bo
     Ok((log, log_err))
 }
 
-/// The node id inside an instance id `local-<node_id>-<attempt>`.
-fn node_id_of(instance_id: &str) -> Option<&str> {
-    let rest = instance_id.strip_prefix("local-")?;
-    let (node_id, attempt) = rest.rsplit_once('-')?;
-    attempt.parse::<u32>().ok().map(|_| node_id)
-}
-
 /// Start an agent process for one node, in a process group of its own, its output appended to
 /// `agent.log` in its work directory.
 fn spawn_agent_process(
     program: &std::path::Path,
     args: &[std::ffi::OsString],
-    config: &InstanceConfig,
+    spec: &InstanceSpec,
     instance_id: &str,
     work_dir: &std::path::Path,
     ca_file: Option<&std::path::Path>,
@@ -613,8 +624,8 @@ fn spawn_agent_process(
         .current_dir(work_dir)
         // The daemon's own secrets stay with the daemon.
         .env_remove("TASKFLY_API_TOKEN")
-        .env(agent::ENV_DAEMON_URL, &config.daemon_url)
-        .env(agent::ENV_PROVISION_TOKEN, &config.provision_token)
+        .env(agent::ENV_DAEMON_URL, &spec.daemon_url)
+        .env(agent::ENV_PROVISION_TOKEN, spec.provision_token.expose())
         .env(agent::ENV_WORK_DIR, work_dir)
         .env(agent::ENV_GRACE_MS, grace_period.as_millis().to_string())
         .env(agent::ENV_INSTANCE_ID, instance_id)
@@ -670,185 +681,4 @@ fn is_plain_name(name: &str) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::sync::Mutex;
-
-    use nix::errno::Errno;
-    use nix::sys::signal::killpg;
-    use nix::unistd::Pid;
-    use tokio::time::Instant;
-
-    use super::*;
-    use crate::agent::tests::{bundle, fake_daemon, registration, Daemon};
-    use crate::config::DeploymentConfig;
-
-    fn instance(daemon_url: &str) -> InstanceConfig {
-        let deployment = DeploymentConfig::from_yaml(
-            "cloud_provider: local\napplication_files: [setup.sh]\nnodes:\n  count: 2\n",
-        )
-        .expect("a valid taskfly.yml");
-        InstanceConfig {
-            deployment_id: "dep".into(),
-            node_id: "dep-1".into(),
-            node_index: 1,
-            attempt: 1,
-            daemon_url: daemon_url.into(),
-            ca_pem: None,
-            provision_token: "provision".into(),
-            deployment: Arc::new(deployment),
-        }
-    }
-
-    /// Polls `condition` every 20 ms for up to 20 s: for what no event tells, like a process
-    /// group's last member being reaped by init.
-    async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !condition() {
-            assert!(Instant::now() < deadline, "timed out waiting until {what}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    #[tokio::test]
-    async fn terminate_stops_the_agent_and_its_script() {
-        let daemon = Arc::new(Mutex::new(Daemon {
-            bundle: bundle("echo $$ > ../script.pid\necho up\nsleep 100\n"),
-            registration: Some(registration(&[])),
-            ..Daemon::default()
-        }));
-        let (url, server) = fake_daemon(daemon.clone()).await;
-        let root = tempfile::tempdir().expect("tempdir");
-        let provider =
-            LocalProvider::new(root.path().to_path_buf()).grace_period(Duration::from_millis(200));
-
-        let info = provider
-            .provision(instance(&url))
-            .await
-            .expect("provisioned");
-        assert_eq!(info.instance_id, "local-dep-1-1");
-        assert_eq!(info.ip_address.as_deref(), Some("127.0.0.1"));
-        assert_eq!(info.state, InstanceState::Running);
-        Daemon::wait_until(&daemon, "the script runs", |d| {
-            d.lines.iter().any(|l| l.line == "up")
-        })
-        .await;
-        let described = provider.describe("local-dep-1-1").await.expect("describe");
-        assert_eq!(described.map(|i| i.state), Some(InstanceState::Running));
-        let work_dir = root.path().join("dep").join("1-1");
-        let pid: i32 = std::fs::read_to_string(work_dir.join("script.pid"))
-            .expect("the script ran in the node's work directory")
-            .trim()
-            .parse()
-            .expect("a pid");
-
-        provider
-            .terminate("local-dep-1-1")
-            .await
-            .expect("terminated");
-        assert_eq!(
-            provider.describe("local-dep-1-1").await.expect("describe"),
-            None
-        );
-        // The script's group is gone (zombie orphans wait for init, hence the polling).
-        eventually("the script's process group is gone", || {
-            killpg(Pid::from_raw(pid), None) == Err(Errno::ESRCH)
-        })
-        .await;
-        let statuses: Vec<String> = daemon
-            .lock()
-            .expect("lock")
-            .statuses
-            .iter()
-            .map(|s| s.status.as_str().to_owned())
-            .collect();
-        assert_eq!(statuses, ["downloading_assets", "running_script"]);
-        provider
-            .terminate("local-dep-1-1")
-            .await
-            .expect("idempotent");
-        provider.shutdown().await;
-        server.abort();
-    }
-
-    #[tokio::test]
-    async fn a_finished_node_is_described_as_terminated_and_shutdown_waits_for_all() {
-        let daemon = Arc::new(Mutex::new(Daemon {
-            bundle: bundle("echo done\n"),
-            registration: Some(registration(&[])),
-            ..Daemon::default()
-        }));
-        let (url, server) = fake_daemon(daemon.clone()).await;
-        let root = tempfile::tempdir().expect("tempdir");
-        let provider = LocalProvider::new(root.path().to_path_buf());
-
-        provider
-            .provision(instance(&url))
-            .await
-            .expect("provisioned");
-        let finished = provider
-            .agents()
-            .get("local-dep-1-1")
-            .map(|agent| agent.finished.clone())
-            .expect("the agent is tracked");
-        tokio::time::timeout(Duration::from_secs(20), finished.cancelled())
-            .await
-            .expect("the first node finishes");
-        let info = provider.describe("local-dep-1-1").await.expect("describe");
-        assert_eq!(info.map(|i| i.state), Some(InstanceState::Terminated));
-        assert!(daemon
-            .lock()
-            .expect("lock")
-            .statuses
-            .iter()
-            .any(|s| s.status.as_str() == "completed"));
-
-        let mut second = instance(&url);
-        second.attempt = 2;
-        daemon.lock().expect("lock").bundle = bundle("echo sleeping\nsleep 100\n");
-        let id = provider
-            .provision(second)
-            .await
-            .expect("provisioned")
-            .instance_id;
-        assert_eq!(id, "local-dep-1-2");
-        Daemon::wait_until(&daemon, "the second script runs", |d| {
-            d.lines.iter().any(|l| l.line == "sleeping")
-        })
-        .await;
-
-        let started = Instant::now();
-        tokio::time::timeout(Duration::from_secs(30), provider.shutdown())
-            .await
-            .expect("shutdown ends: the sleeping node is stopped");
-        assert!(started.elapsed() < Duration::from_secs(25));
-        let error = provider
-            .provision(instance(&url))
-            .await
-            .expect_err("shut down");
-        assert!(error.to_string().contains("shutting down"), "{error}");
-        server.abort();
-    }
-
-    #[test]
-    fn deployment_ids_must_be_plain_names() {
-        assert!(is_plain_name("dep-20240101-abc"));
-        for bad in ["", ".", "..", "a/b", "../x", "a\\b"] {
-            assert!(!is_plain_name(bad), "{bad}");
-        }
-    }
-
-    #[tokio::test]
-    async fn unknown_instances_are_fine_to_terminate_and_unknown_to_describe() {
-        let root = tempfile::tempdir().expect("tempdir");
-        let provider = LocalProvider::new(root.path().to_path_buf());
-        provider
-            .terminate("local-nope-1")
-            .await
-            .expect("idempotent");
-        assert_eq!(
-            provider.describe("local-nope-1").await.expect("describe"),
-            None
-        );
-        provider.shutdown().await;
-    }
-}
+mod tests;
