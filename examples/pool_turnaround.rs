@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 use taskfly::state::model::DeploymentStatus;
 use taskfly::{
     async_trait, BoxError, Config, Instance, InstanceKind, InstanceRef, InstanceSpec,
-    LocalProvider, Orchestrator, Owner, PoolConfig, Provider, ProviderSettings, Server, ServerConfig,
+    LocalProvider, Orchestrator, Owner, PoolConfig, Provider, ProviderSettings, Server,
+    ServerConfig,
 };
 
 /// A local provider whose instances take `boot` to start.

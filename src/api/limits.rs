@@ -37,7 +37,7 @@ impl FailureLimiter {
     /// Refuse `address` while it is over the limit.
     pub(crate) fn check(&self, address: IpAddr) -> Result<()> {
         let now = Instant::now();
-        let failures = crate::orchestrator::lock(&self.failures);
+        let failures = crate::sync::lock(&self.failures);
         match failures.get(&address) {
             Some((since, count))
                 if now.duration_since(*since) < self.window && *count >= self.max_failures =>
@@ -55,7 +55,7 @@ impl FailureLimiter {
     /// Count one failure of `address`.
     pub(crate) fn record_failure(&self, address: IpAddr) {
         let now = Instant::now();
-        let mut failures = crate::orchestrator::lock(&self.failures);
+        let mut failures = crate::sync::lock(&self.failures);
         if failures.len() > SWEEP_ABOVE {
             let window = self.window;
             failures.retain(|_, (since, _)| now.duration_since(*since) < window);

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::SystemTime;
 
-use super::{lock, Orchestrator};
+use super::Orchestrator;
 use crate::auth;
 use crate::error::{Error, Result};
 use crate::provider::pool::Claim;
@@ -13,6 +13,7 @@ use crate::state::model::{
     Registration, StatusReport,
 };
 use crate::state::{store_error, LogStream, NewLogLine};
+use crate::sync::lock;
 
 impl Orchestrator {
     /// The node holding this auth token.

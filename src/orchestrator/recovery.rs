@@ -11,11 +11,12 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use super::{lock, Orchestrator};
+use super::Orchestrator;
 use crate::error::Result;
 use crate::provider::OwnedBy;
 use crate::state::model::{has_retry_left, DeploymentStatus, NodeStatus};
 use crate::state::store_error;
+use crate::sync::lock;
 
 impl Orchestrator {
     /// Resume every deployment that was not final when the engine last stopped.

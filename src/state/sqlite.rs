@@ -18,6 +18,7 @@ use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, Transact
 use super::model::{self, Applied, Deployment, DeploymentStatus, Node, NodeStatus, NodeUpdate};
 use super::{LogLine, LogQuery, LogStream, NewLogLine, Store};
 use crate::error::{BoxError, Error};
+use crate::sync::lock;
 
 /// The schema this code reads and writes, kept in `PRAGMA user_version`: 1 was taskfly 0.1's,
 /// 2 adds the nodes' `instance_locator` ([`MIGRATIONS`]).
@@ -331,15 +332,6 @@ impl Drop for Shared {
             tracing::warn!(%error, nodes, "could not save the last heartbeat times");
         }
     }
-}
-
-/// Locks a mutex whose data stays consistent even if a holder panicked: the heartbeat map is
-/// only ever changed by whole-entry operations, and an unfinished SQLite transaction is rolled
-/// back when its `Transaction` is dropped during the unwinding.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Creates the database file with mode 0600 before SQLite opens it (SQLite gives its `-wal` and

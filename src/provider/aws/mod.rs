@@ -46,6 +46,7 @@ use super::{
 use crate::config::aws_settings;
 use crate::config::AwsConfig;
 use crate::error::BoxError;
+use crate::sync::lock;
 
 /// The tag naming the deployment an instance was started for; leak checks look for it.
 pub(crate) const DEPLOYMENT_TAG: &str = "taskfly:deployment-id";
@@ -961,13 +962,6 @@ fn client_token(node_id: &str, attempt: u32, provision_token: &str) -> String {
     hash.update(provision_token.as_bytes());
     let digest = hash.finalize();
     format!("taskfly-{}", crate::auth::hex(&digest[..24]))
-}
-
-/// Lock a std mutex whose data stays consistent even if a holder panicked.
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

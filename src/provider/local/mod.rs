@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -13,8 +13,6 @@ use tokio_util::task::TaskTracker;
 mod ssh;
 
 use self::ssh::SshHosts;
-use crate::process::procfs;
-use crate::process::stop_groups;
 use super::{
     Instance, InstanceKind, InstanceRef, InstanceSpec, OwnedInstance, Owner, Provider,
     ProviderSettings,
@@ -22,6 +20,8 @@ use super::{
 use crate::agent::{self, bootstrap, AgentConfig};
 use crate::config::{local_settings, LocalAgent as AgentKind};
 use crate::error::{BoxError, Error};
+use crate::process::procfs;
+use crate::process::stop_groups;
 
 /// The address every local node reports.
 const LOCAL_ADDRESS: &str = "127.0.0.1";
@@ -181,7 +181,7 @@ impl LocalProvider {
 
     fn agents(&self) -> MutexGuard<'_, HashMap<String, LocalAgent>> {
         // The map stays consistent even if a holder panicked: every update is a single call.
-        self.agents.lock().unwrap_or_else(PoisonError::into_inner)
+        crate::sync::lock(&self.agents)
     }
 }
 

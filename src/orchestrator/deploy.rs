@@ -1,0 +1,231 @@
+//! Accepting a deployment: the client bundle split into `taskfly.yml` and the worker bundle, the
+//! config validated, the deployment and its nodes stored, provisioning started.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use tokio::io::{AsyncRead, AsyncWriteExt};
+use tokio_util::task::TaskTracker;
+
+use super::{create_private_file, live::secret_values, Live, Orchestrator, WORKER_BUNDLE};
+
+use crate::auth;
+use crate::bundle;
+use crate::config::{DeploymentConfig, CONFIG_FILE_NAME};
+use crate::error::{Error, Result};
+use crate::metadata::MetadataGenerator;
+use crate::provider::Owner;
+use crate::state::model::{Deployment, DeploymentStatus, DeploymentSummary, Node};
+use crate::state::store_error;
+use crate::sync::lock;
+
+impl Orchestrator {
+    /// Bundle the project in `dir` (its `taskfly.yml` and `application_files`) and deploy it.
+    pub async fn deploy_dir(&self, dir: &Path) -> Result<DeploymentSummary> {
+        let config = DeploymentConfig::from_dir(dir)?;
+        let uploads = self.inner.config.data_dir.join("uploads");
+        tokio::fs::create_dir_all(&uploads)
+            .await
+            .map_err(|e| Error::io(format!("cannot create {}", uploads.display()), e))?;
+        let path = uploads.join(format!("{}.tar.gz", auth::new_id()?));
+        let file = create_private_file(&path)?;
+        let project = dir.to_path_buf();
+        let patterns = config.application_files.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            bundle::write_client_bundle(&project, &patterns, std::io::BufWriter::new(file))
+        })
+        .await
+        .map_err(|e| Error::io("bundling failed", std::io::Error::other(e)))?;
+        let result = match written {
+            Ok(_) => match tokio::fs::File::open(&path).await {
+                Ok(file) => self.deploy_bundle(file).await,
+                Err(e) => Err(Error::io(format!("cannot read {}", path.display()), e)),
+            },
+            Err(e) => Err(e),
+        };
+        let _ = tokio::fs::remove_file(&path).await;
+        result
+    }
+
+    /// Deploy a client bundle (a gzip tar holding `taskfly.yml` and the application files),
+    /// read from `bundle`. Returns once the deployment is accepted; nodes are provisioned in
+    /// the background.
+    pub async fn deploy_bundle(
+        &self,
+        mut bundle: impl AsyncRead + Unpin + Send,
+    ) -> Result<DeploymentSummary> {
+        let id = format!("dep-{}", auth::new_id()?);
+        let dir = self.deployment_dir(&id);
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
+        let result = self.accept_bundle(&id, &dir, &mut bundle).await;
+        if result.is_err() {
+            let _ = tokio::fs::remove_dir_all(&dir).await;
+        }
+        result
+    }
+
+    pub(super) async fn accept_bundle(
+        &self,
+        id: &str,
+        dir: &Path,
+        bundle: &mut (impl AsyncRead + Unpin + Send),
+    ) -> Result<DeploymentSummary> {
+        // The client bundle holds taskfly.yml, secrets included: private file, deleted once
+        // split into the worker bundle and the config.
+        let client_path = dir.join("client.tar.gz");
+        let limit = self.inner.config.max_bundle_upload;
+        {
+            let file = create_private_file(&client_path)?;
+            let mut file = tokio::fs::File::from_std(file);
+            let mut limited = tokio::io::AsyncReadExt::take(&mut *bundle, limit + 1);
+            let copied = tokio::io::copy(&mut limited, &mut file)
+                .await
+                .map_err(|e| Error::io("cannot receive the bundle", e))?;
+            if copied > limit {
+                return Err(Error::too_large(format!(
+                    "the bundle is larger than the {limit}-byte upload limit"
+                )));
+            }
+            file.flush()
+                .await
+                .map_err(|e| Error::io("cannot store the bundle", e))?;
+        }
+        let worker_path = dir.join(WORKER_BUNDLE);
+        let limits = self.inner.config.bundle_limits;
+        let (client_for_split, worker_for_split) = (client_path.clone(), worker_path.clone());
+        let (yaml, summary) = tokio::task::spawn_blocking(move || -> Result<_> {
+            let client = std::fs::File::open(&client_for_split)
+                .map_err(|e| Error::io("cannot read the stored bundle", e))?;
+            let worker = std::fs::File::create(&worker_for_split)
+                .map_err(|e| Error::io("cannot write the worker bundle", e))?;
+            let mut worker = std::io::BufWriter::new(worker);
+            let split =
+                bundle::split_client_bundle(std::io::BufReader::new(client), &mut worker, &limits)?;
+            std::io::Write::flush(&mut worker)
+                .map_err(|e| Error::io("cannot write the worker bundle", e))?;
+            Ok(split)
+        })
+        .await
+        .map_err(|e| Error::io("bundle processing failed", std::io::Error::other(e)))??;
+        let _ = tokio::fs::remove_file(&client_path).await;
+
+        let max_config = self.inner.config.max_config_bytes;
+        if yaml.len() > max_config {
+            return Err(Error::too_large(format!(
+                "taskfly.yml is {} bytes, more than this daemon's {max_config}-byte limit",
+                yaml.len()
+            )));
+        }
+        let config = DeploymentConfig::from_yaml(&yaml)?;
+        let max_nodes = self.inner.config.max_nodes;
+        if config.nodes.count > max_nodes {
+            return Err(Error::invalid_config(
+                "taskfly.yml is invalid (1 problem)",
+                vec![format!(
+                    "nodes.count: {} is more than this daemon allows ({max_nodes})",
+                    config.nodes.count
+                )],
+            ));
+        }
+        if !summary
+            .files
+            .iter()
+            .any(|f| f == &config.remote_script_to_run)
+        {
+            return Err(Error::invalid_config(
+                "taskfly.yml is invalid (1 problem)",
+                vec![format!(
+                    "remote_script_to_run: `{}` is not in the bundle; add it to application_files",
+                    config.remote_script_to_run
+                )],
+            ));
+        }
+        let provider_name = config.cloud_provider.as_str().to_owned();
+        let Some(provider) = self.inner.providers.get(&provider_name) else {
+            let mut registered: Vec<&str> =
+                self.inner.providers.keys().map(String::as_str).collect();
+            registered.sort_unstable();
+            return Err(Error::invalid_config(
+                "taskfly.yml is invalid (1 problem)",
+                vec![format!(
+                    "cloud_provider: `{provider_name}` is not available in this build of TaskFly{} \
+                     (registered: {})",
+                    if provider_name == "aws" {
+                        " (build it with the `aws` feature)"
+                    } else {
+                        ""
+                    },
+                    registered.join(", ")
+                )],
+            ));
+        };
+        // The provider checks its own settings now, so a deployment it cannot run is refused.
+        let first = Owner::Node {
+            deployment_id: id.to_owned(),
+            node_id: format!("{id}-0"),
+            node_index: 0,
+            attempt: 1,
+        };
+        if let Err(e) = provider
+            .provider()
+            .instance_kind(&config.provider_settings(), &first)
+        {
+            return Err(match e.downcast::<Error>() {
+                Ok(e) if e.is_invalid_config() => *e,
+                Ok(e) => Error::provider(format!("{provider_name} refused the deployment"), e),
+                Err(e) => Error::provider(format!("{provider_name} refused the deployment"), e),
+            });
+        }
+        let metadata = MetadataGenerator::new(&config.nodes)?;
+        std::io::Write::write_all(
+            &mut create_private_file(&dir.join(CONFIG_FILE_NAME))?,
+            yaml.as_bytes(),
+        )
+        .map_err(|e| Error::io("cannot store taskfly.yml", e))?;
+
+        let now = SystemTime::now();
+        let total = config.nodes.count;
+        let deployment = Deployment {
+            id: id.to_owned(),
+            status: DeploymentStatus::Pending,
+            cloud_provider: provider_name.clone(),
+            total_nodes: total,
+            retries: config.nodes.retries,
+            nodes_completed: 0,
+            nodes_failed: 0,
+            nodes_terminated: 0,
+            created_at: now,
+            updated_at: now,
+            completed_at: None,
+            error_message: None,
+        };
+        let nodes: Vec<Node> = (0..total).map(|i| Node::new(id, i, now)).collect();
+        let created = DeploymentSummary::from(&deployment);
+        self.inner
+            .store
+            .create_deployment(deployment, nodes)
+            .await
+            .map_err(store_error)?;
+        let live = Arc::new(Live {
+            secrets: secret_values(&config),
+            config: Arc::new(config),
+            metadata,
+            cancel: self.inner.cancel.child_token(),
+            releases: TaskTracker::new(),
+        });
+        lock(&self.inner.live).insert(id.to_owned(), live.clone());
+        tracing::info!(deployment_id = %id, nodes = total, provider = %provider_name, files = summary.files.len(), "deployment accepted");
+
+        let this = self.clone();
+        let deployment_id = id.to_owned();
+        self.inner.tasks.spawn(async move {
+            if let Err(e) = this.provision_all(&deployment_id, live).await {
+                tracing::error!(deployment_id = %deployment_id, error = %e, "provisioning stopped");
+            }
+        });
+        Ok(created)
+    }
+}

@@ -1,0 +1,210 @@
+//! Provisioning: every node gets an instance from its provider, under the engine's concurrency
+//! limit, with retries while the provider says a failure is retryable.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio_util::task::TaskTracker;
+
+use super::{Live, Orchestrator};
+
+use crate::auth;
+use crate::backoff::jitter;
+use crate::config::DeploymentConfig;
+use crate::error::{Error, Result};
+use crate::provider::{Instance, InstanceSpec, Owner, Registered};
+use crate::state::model::{DeploymentStatus, Node, NodeStatus, NodeUpdate};
+use crate::state::store_error;
+
+impl Orchestrator {
+    /// Provision every node of a new deployment, at most `provision_concurrency` at a time.
+    pub(crate) async fn provision_all(&self, id: &str, live: Arc<Live>) -> Result<()> {
+        let store = &self.inner.store;
+        match store
+            .update_deployment_status(id, DeploymentStatus::Provisioning, None, SystemTime::now())
+            .await
+        {
+            Ok(_) => self.notify(),
+            Err(e) => {
+                let e = store_error(e);
+                // Terminated before provisioning began: nothing to do.
+                return if e.is_conflict() { Ok(()) } else { Err(e) };
+            }
+        }
+        let nodes = store.nodes(id).await.map_err(store_error)?;
+        let provisions = TaskTracker::new();
+        for node in nodes {
+            let permit = tokio::select! {
+                permit = self.inner.provision_slots.clone().acquire_owned() => permit,
+                () = live.cancel.cancelled() => break,
+            };
+            let Ok(permit) = permit else { break };
+            let this = self.clone();
+            let live = live.clone();
+            provisions.spawn(async move {
+                this.provision_node(&live, node).await;
+                drop(permit);
+            });
+        }
+        provisions.close();
+        provisions.wait().await;
+        Ok(())
+    }
+
+    /// Provision one node (first attempt or retry). Failures are recorded on the node.
+    pub(crate) async fn provision_node(&self, live: &Live, node: Node) {
+        if live.cancel.is_cancelled() {
+            return;
+        }
+        let result = self.try_provision_node(live, &node).await;
+        if let Err(e) = result {
+            let message = live.mask(&format!("provisioning failed: {e}"));
+            tracing::warn!(node_id = %node.id, error = %message, "node provisioning failed");
+            self.node_failed(&node.id, message).await;
+        }
+    }
+
+    pub(super) async fn try_provision_node(&self, live: &Live, node: &Node) -> Result<()> {
+        let store = &self.inner.store;
+        let token = auth::new_token()?;
+        let now = SystemTime::now();
+        store
+            .update_node(
+                &node.id,
+                NodeUpdate::ProvisionToken {
+                    hash: auth::hash_token(&token),
+                },
+                now,
+            )
+            .await
+            .map_err(store_error)?;
+        if node.status == NodeStatus::Pending {
+            self.update_node(
+                &node.id,
+                NodeUpdate::Status {
+                    status: NodeStatus::Provisioning,
+                    exit_code: None,
+                    message: None,
+                },
+            )
+            .await?;
+        }
+        let provider = self.provider_for(&live.config)?;
+        let owner = Owner::Node {
+            deployment_id: node.deployment_id.clone(),
+            node_id: node.id.clone(),
+            node_index: node.index,
+            attempt: node.attempt,
+        };
+        let settings = live.config.provider_settings();
+        let kind = provider
+            .provider()
+            .instance_kind(&settings, &owner)
+            .map_err(|e| Error::provider("the provider refused the node's settings", e))?;
+        let request = InstanceSpec {
+            owner,
+            kind,
+            daemon_url: self.advertise_url(),
+            ca_pem: self.node_ca_pem(),
+            provision_token: token.into(),
+            settings,
+        };
+        let info = self
+            .provision_with_retries(&provider, request, live)
+            .await?;
+        let instance = info.reference.clone();
+        tracing::info!(node_id = %node.id, instance_id = %instance.id, "node provisioned");
+        let update = NodeUpdate::Provisioned {
+            instance: instance.clone(),
+            ip_address: info.ip_address.clone(),
+        };
+        if let Err(e) = self.update_node(&node.id, update).await {
+            // The node was terminated (or failed) while its instance was being created:
+            // make sure the new instance does not outlive it.
+            tracing::info!(node_id = %node.id, instance_id = %instance.id, "instance no longer wanted; releasing it");
+            self.release_instance(live, &instance, &node.id).await;
+            if !e.is_conflict() {
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Ask the provider for an instance, trying again with exponential backoff and jitter
+    /// while it says the failure is retryable, up to the configured number of attempts.
+    pub(super) async fn provision_with_retries(
+        &self,
+        provider: &Registered,
+        request: InstanceSpec,
+        live: &Live,
+    ) -> Result<Instance> {
+        let attempts = self.inner.config.provision_attempts;
+        let mut backoff = self.inner.config.provision_backoff;
+        let provider_name = live.config.cloud_provider.as_str();
+        let mut attempt = 1;
+        loop {
+            match provider.provision(request.clone()).await {
+                Ok(info) => return Ok(info),
+                Err(e) => {
+                    let retryable = e
+                        .downcast_ref::<crate::provider::ProviderError>()
+                        .is_some_and(|p| p.retryable);
+                    if !retryable || attempt >= attempts {
+                        let suffix = if attempt > 1 {
+                            format!(" (after {attempt} attempts)")
+                        } else {
+                            String::new()
+                        };
+                        return Err(Error::provider(
+                            format!("{provider_name} could not start the node{suffix}"),
+                            e,
+                        ));
+                    }
+                    let wait = jitter(backoff);
+                    tracing::warn!(node_id = %request.owner.name(), attempt, error = %e, wait_ms = wait.as_millis() as u64, "provider call failed; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        () = live.cancel.cancelled() => {
+                            return Err(Error::conflict("the deployment is being terminated"));
+                        }
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    /// The pooled providers, by `cloud_provider` name, in name order.
+    pub(crate) fn pools(&self) -> impl Iterator<Item = (&str, &crate::PooledProvider)> {
+        let mut pools: Vec<_> = self
+            .inner
+            .providers
+            .iter()
+            .filter_map(|(name, provider)| Some((name.as_str(), provider.pool()?)))
+            .collect();
+        pools.sort_by_key(|(name, _)| *name);
+        pools.into_iter()
+    }
+
+    pub(crate) fn providers(&self) -> Vec<(String, Registered)> {
+        self.inner
+            .providers
+            .iter()
+            .map(|(name, provider)| (name.clone(), provider.clone()))
+            .collect()
+    }
+
+    /// Terminate instances that belong to no live deployment (see [`crate::Provider::owned_instances`]);
+    /// the engine also does this at start and every minute. Returns how many it terminated.
+    pub async fn terminate_orphans(&self) -> usize {
+        self.reconcile_orphans().await
+    }
+
+    pub(crate) fn provider_for(&self, config: &DeploymentConfig) -> Result<Registered> {
+        let name = config.cloud_provider.as_str();
+        self.inner.providers.get(name).cloned().ok_or_else(|| {
+            Error::invalid_config(format!("no provider `{name}` in this build"), Vec::new())
+        })
+    }
+}

@@ -1,0 +1,160 @@
+//! Reading deployments: details, summaries, watches that cannot miss a change, logs and counts.
+
+use tokio::sync::watch;
+
+use super::Orchestrator;
+
+use crate::error::{Error, Result};
+use crate::state::model::{Deployment, DeploymentDetail, DeploymentSummary, LogsPage, Stats};
+use crate::state::{store_error, LogQuery};
+
+impl Orchestrator {
+    /// One deployment row, or not found.
+    pub(super) async fn deployment_row(&self, id: &str) -> Result<Deployment> {
+        self.inner
+            .store
+            .deployment(id)
+            .await
+            .map_err(store_error)?
+            .ok_or_else(|| Error::not_found(format!("no deployment `{id}`")))
+    }
+
+    /// One deployment and its nodes, as `GET /deployments/{id}` shows it. Reads every node:
+    /// to follow a deployment, use [`Orchestrator::summary`] or [`Orchestrator::watch`].
+    pub async fn deployment(&self, id: &str) -> Result<DeploymentDetail> {
+        let deployment = self.deployment_row(id).await?;
+        let nodes = self.inner.store.nodes(id).await.map_err(store_error)?;
+        Ok(DeploymentDetail { deployment, nodes })
+    }
+
+    /// A deployment's state and node counters, without reading its nodes.
+    pub async fn summary(&self, id: &str) -> Result<DeploymentSummary> {
+        Ok(DeploymentSummary::from(&self.deployment_row(id).await?))
+    }
+
+    /// Every deployment, newest first, without their nodes.
+    pub async fn deployments(&self) -> Result<Vec<Deployment>> {
+        self.inner.store.deployments().await.map_err(store_error)
+    }
+
+    /// Follow one deployment: the returned watch holds its summary now and wakes on every
+    /// later change of its state or node counters. It cannot miss a change: it listens
+    /// before it reads. Each wake-up reads the deployment row alone.
+    ///
+    /// ```no_run
+    /// # async fn demo(engine: taskfly::Orchestrator, id: &str) -> taskfly::Result<()> {
+    /// let mut watch = engine.watch(id).await?;
+    /// while !watch.current().is_final() {
+    ///     let now = watch.changed().await?;
+    ///     println!("{}: {}/{} nodes done", now.status, now.nodes_completed, now.total_nodes);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn watch(&self, id: &str) -> Result<DeploymentWatch> {
+        let changes = self.inner.changes.subscribe();
+        let current = self.summary(id).await?;
+        Ok(DeploymentWatch {
+            engine: self.clone(),
+            changes,
+            current,
+        })
+    }
+
+    /// Wait until the deployment is final, and return its summary (read the nodes with
+    /// [`Orchestrator::deployment`] if needed). Fails if the engine shuts down first.
+    pub async fn wait(&self, id: &str) -> Result<DeploymentSummary> {
+        let mut watch = self.watch(id).await?;
+        while !watch.current().is_final() {
+            watch.changed().await?;
+        }
+        Ok(watch.current)
+    }
+
+    /// A page of a deployment's logs: lines after `after` (a previous page's `next`), of one
+    /// node or all, at most `limit`.
+    pub async fn logs(
+        &self,
+        id: &str,
+        node_index: Option<u32>,
+        after: u64,
+        limit: usize,
+    ) -> Result<LogsPage> {
+        let lines = self
+            .inner
+            .store
+            .logs(
+                id,
+                LogQuery {
+                    after,
+                    node_index,
+                    limit: limit.clamp(1, 10_000),
+                },
+            )
+            .await
+            .map_err(store_error)?;
+        let next = lines.last().map_or(after, |l| l.seq);
+        Ok(LogsPage { lines, next })
+    }
+
+    /// Counts over every deployment, for `GET /stats` and metrics.
+    pub async fn stats(&self) -> Result<Stats> {
+        let all = self.inner.store.deployments().await.map_err(store_error)?;
+        let mut deployment_status = std::collections::BTreeMap::new();
+        let mut total_nodes = 0u64;
+        for d in &all {
+            *deployment_status.entry(d.status).or_insert(0) += 1;
+            total_nodes += u64::from(d.total_nodes);
+        }
+        Ok(Stats {
+            total_deployments: all.len() as u64,
+            total_nodes,
+            deployment_status,
+            uptime: self.inner.started.elapsed(),
+        })
+    }
+}
+
+/// One deployment followed through [`Orchestrator::watch`]: its latest summary, and a way to
+/// wait for the next change.
+pub struct DeploymentWatch {
+    engine: Orchestrator,
+    changes: watch::Receiver<u64>,
+    current: DeploymentSummary,
+}
+
+impl DeploymentWatch {
+    /// The summary as last read.
+    pub fn current(&self) -> &DeploymentSummary {
+        &self.current
+    }
+
+    /// Wait until the deployment's state or node counters differ from [`Self::current`], and
+    /// return the new summary. Fails if the deployment is cleaned up or the engine shuts down.
+    pub async fn changed(&mut self) -> Result<&DeploymentSummary> {
+        loop {
+            tokio::select! {
+                changed = self.changes.changed() => {
+                    if changed.is_err() {
+                        return Err(Error::conflict("the engine shut down"));
+                    }
+                }
+                () = self.engine.inner.cancel.cancelled() => {
+                    return Err(Error::conflict("the engine shut down"));
+                }
+            }
+            let now = self.engine.summary(&self.current.id).await?;
+            if now != self.current {
+                self.current = now;
+                return Ok(&self.current);
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for DeploymentWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeploymentWatch")
+            .field("current", &self.current)
+            .finish_non_exhaustive()
+    }
+}
