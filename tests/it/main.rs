@@ -11,6 +11,7 @@ mod durability;
 mod engine;
 mod hostile;
 mod pool;
+mod reliability;
 mod ssh;
 mod tidy;
 #[cfg(feature = "tls")]
