@@ -512,6 +512,13 @@ fn a_four_mebibyte_failure_message_is_capped_and_status_prints_it_without_panick
     );
     assert_eq!(answer.status, 200, "{:.300}", answer.body);
 
+    let text = daemon.cli(&["status", &id]);
+    assert!(
+        !text.stderr.contains("panicked"),
+        "taskfly status panicked:\n{:.2000}",
+        text.stderr
+    );
+    text.expect_success();
     let view = daemon.status(&id);
     let stored = nodes(&view)[0]["error_message"]
         .as_str()
@@ -522,13 +529,6 @@ fn a_four_mebibyte_failure_message_is_capped_and_status_prints_it_without_panick
         message.len(),
         stored.len()
     );
-    let text = daemon.cli(&["status", &id]);
-    assert!(
-        !text.stderr.contains("panicked"),
-        "taskfly status panicked:\n{:.2000}",
-        text.stderr
-    );
-    text.expect_success();
     open_gate(gate.path());
 }
 
