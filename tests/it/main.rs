@@ -12,6 +12,7 @@ mod engine;
 mod hostile;
 mod pool;
 mod provider;
+mod reliability;
 mod ssh;
 mod tidy;
 #[cfg(feature = "tls")]

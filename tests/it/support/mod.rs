@@ -247,6 +247,7 @@ pub fn bin(name: &str) -> PathBuf {
         other => panic!("no binary {other}"),
     }
 }
+pub mod chaos;
 pub mod cli_daemon;
 pub mod cli_run;
 pub mod engine_http;
