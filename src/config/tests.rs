@@ -1,5 +1,9 @@
+use super::aws::AWS_FIELDS;
+use super::diagnostics::{edit_distance, normalize};
+use super::nodes::NODES_FIELDS;
 use super::*;
 use serde_json::json;
+use std::time::Duration;
 
 /// A valid local deployment with one node, to which a test appends what it checks.
 const MINIMAL: &str = "cloud_provider: local\napplication_files: [setup.sh]\nnodes:\n  count: 1\n";
