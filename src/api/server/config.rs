@@ -113,7 +113,7 @@ impl ServerConfig {
     ///
     /// The server then speaks only https. When the engine's advertise URL is `https://`,
     /// every node is handed the certificates of `cert_file` as the ones to trust
-    /// ([`crate::InstanceConfig::ca_pem`]): a self-signed certificate needs nothing more. The
+    /// ([`crate::InstanceSpec::ca_pem`]): a self-signed certificate needs nothing more. The
     /// advertise URL's host must be a name (or IP address) the certificate is issued for.
     ///
     /// ```no_run
