@@ -167,6 +167,7 @@ impl Orchestrator {
     }
 
     /// The advertise URL set in [`Config::advertise_url`], if any.
+    #[cfg(feature = "tls")]
     pub(crate) fn configured_advertise_url(&self) -> Option<String> {
         lock(&self.inner.advertise_url).clone()
     }

@@ -2,6 +2,7 @@
 //! [`crate::Config`]).
 
 use std::fmt;
+#[cfg(feature = "tls")]
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
