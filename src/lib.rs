@@ -8,14 +8,27 @@
 //! - [`DeploymentConfig`]: a parsed and validated `taskfly.yml` (every problem reported at once).
 //! - [`MetadataGenerator`]: what each node gets — its slice of `distributed_lists`, the
 //!   `global_metadata`, the resolved `config_template`, as environment variables.
-//! - [`Orchestrator`]: the engine. Accepts a bundle, provisions nodes through a [`Provider`],
-//!   tracks every node through the state machines of [`state::model`], and terminates what it
-//!   started. It knows nothing of HTTP.
+//! - [`Orchestrator`]: the engine, set up by [`Config`]. Accepts a bundle, provisions nodes
+//!   through a [`Provider`], tracks every node through the state machines of
+//!   [`state::model`], and terminates what it started. It knows nothing of HTTP, and answers
+//!   with model types: [`DeploymentSummary`](state::model::DeploymentSummary) from
+//!   [`deploy_dir`](Orchestrator::deploy_dir), [`summary`](Orchestrator::summary) and
+//!   [`wait`](Orchestrator::wait), [`DeploymentDetail`](state::model::DeploymentDetail) from
+//!   [`deployment`](Orchestrator::deployment), a [`DeploymentWatch`] from
+//!   [`watch`](Orchestrator::watch) that cannot miss a change.
 //! - [`Server`]: serves the engine's node protocol and client API over HTTP ([`ServerConfig`]:
-//!   API token, limits, TLS), and stops server and engine in the right order.
+//!   API token, limits, TLS, an accept hook), until a shutdown future completes
+//!   ([`Server::run`]) or in a task of its own ([`Server::spawn`], a [`ServerHandle`]); either
+//!   way it stops server and engine in the right order.
 //! - [`Store`]: where deployments, nodes and logs are kept ([`MemoryStore`] built in).
-//! - [`Provider`]: where nodes run ([`LocalProvider`]: local processes, or SSH hosts).
+//! - [`Provider`]: where nodes run ([`LocalProvider`]: local processes, or SSH hosts). A host
+//!   program adds its own with [`Config::provider`], implementing the trait with the
+//!   re-exported [`macro@async_trait`]; [`Config::pool`] puts any provider behind a
+//!   [`PooledProvider`] that keeps instances warm between nodes.
 //! - [`Client`]: a typed client of a daemon's HTTP API; [`agent`]: the node agent.
+//!
+//! The code map and the rules the code keeps are in `ARCHITECTURE.md`; the HTTP API and node
+//! protocol are specified in `docs/SPEC.md`.
 //!
 //! # Features
 //! - default: the engine, the in-memory store, the local provider, the HTTP API and the agent.
@@ -29,7 +42,7 @@
 //! - `aws`: the EC2 provider. `full`: all of the above.
 //!
 //! # Example
-//! Run the project in `examples/hello` on local processes and wait for it:
+//! Run the project in `examples/hello` on local processes, follow it to the end, and stop:
 //! ```no_run
 //! # async fn demo() -> taskfly::Result<()> {
 //! use taskfly::{Config, Orchestrator, Server, ServerConfig};
@@ -37,8 +50,11 @@
 //! let engine = Orchestrator::new(Config::new("/tmp/taskfly-data"))?;
 //! let server = Server::new(engine.clone(), ServerConfig::default())?.spawn(listener)?;
 //! let created = engine.deploy_dir("examples/hello".as_ref()).await?;
-//! let finished = engine.wait(&created.id).await?;
-//! println!("{} nodes completed", finished.nodes_completed);
+//! let mut watch = engine.watch(&created.id).await?;
+//! while !watch.current().is_final() {
+//!     let now = watch.changed().await?;
+//!     println!("{}: {}/{} nodes completed", now.status, now.nodes_completed, now.total_nodes);
+//! }
 //! server.stop().await?; // stops serving, then the engine
 //! # Ok(()) }
 //! ```
