@@ -19,7 +19,7 @@ use crate::secret::Secret;
 #[cfg(feature = "aws")]
 pub use aws::AwsProvider;
 pub use local::LocalProvider;
-pub use pool::{PoolConfig, PooledProvider};
+pub use pool::{PoolConfig, PoolStats, PooledProvider};
 
 /// Names one instance so that its provider can reach it again from any process: the id the
 /// provider gave it, and a `locator` saying where it lives (EC2: region and endpoint; an SSH

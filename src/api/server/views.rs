@@ -95,9 +95,29 @@ pub(crate) async fn stats(engine: &Orchestrator) -> Result<wire::Stats> {
         uptime_seconds: stats.uptime.as_secs(),
         pools: engine
             .pools()
-            .map(|(name, pool)| pool.stats(name))
+            .map(|(name, pool)| pool_stats(&pool.stats(name)))
             .collect(),
     })
+}
+
+/// One pool as `GET /stats` shows it.
+fn pool_stats(p: &crate::provider::PoolStats) -> wire::PoolStats {
+    wire::PoolStats {
+        provider: p.provider.clone(),
+        max_instances: p.max_instances as u64,
+        min_instances: p.min_instances as u64,
+        idle_timeout_s: p.idle_timeout.as_secs(),
+        provision_ahead: p.provision_ahead as u64,
+        instances: p.instances,
+        launching: p.launching,
+        busy: p.busy,
+        idle: p.idle,
+        booting: p.booting,
+        launched_total: p.launched_total,
+        reused_total: p.reused_total,
+        spares_used_total: p.spares_used_total,
+        retired_total: p.retired_total,
+    }
 }
 
 /// A node's assignment as `POST /nodes/register` answers it.

@@ -18,7 +18,6 @@ use super::{
 use crate::auth;
 use crate::error::{BoxError, Error};
 use crate::secret::Secret;
-use crate::wire::PoolStats;
 
 /// Retired instance tokens remembered (32 bytes each).
 const RETIRED_TOKENS_KEPT: usize = 4096;
@@ -146,6 +145,41 @@ impl PoolConfig {
         }
         Ok(())
     }
+}
+
+/// A pool's settings and state at one moment ([`PooledProvider::stats`]); the API shows it in
+/// `GET /stats` under `pools`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PoolStats {
+    /// The `cloud_provider` it serves.
+    pub provider: String,
+    /// At most this many instances at once.
+    pub max_instances: usize,
+    /// Idle instances are not retired below this count.
+    pub min_instances: usize,
+    /// Idle instances are retired after this long.
+    pub idle_timeout: Duration,
+    /// Spares kept ready beyond those in use.
+    pub provision_ahead: usize,
+    /// Instances it runs now: busy, idle and starting.
+    pub instances: u64,
+    /// Instances being started.
+    pub launching: u64,
+    /// Instances assigned a node.
+    pub busy: u64,
+    /// Instances waiting for work (spares included).
+    pub idle: u64,
+    /// Instances whose agent has not asked for work yet (still booting), idle or busy.
+    pub booting: u64,
+    /// Instances started since the engine started.
+    pub launched_total: u64,
+    /// Nodes given an instance another node had used.
+    pub reused_total: u64,
+    /// Nodes given a spare (an instance started ahead of need).
+    pub spares_used_total: u64,
+    /// Instances terminated by the pool (idle timeout, lost agent, room, shutdown).
+    pub retired_total: u64,
 }
 
 /// An adapter around a [`Provider`] that keeps instances for later nodes. Not a provider
@@ -323,10 +357,10 @@ impl PooledProvider {
         let state = self.lock();
         let mut stats = PoolStats {
             provider: provider.to_owned(),
-            max_instances: self.config.max_instances as u64,
-            min_instances: self.config.min_instances as u64,
-            idle_timeout_s: self.config.idle_timeout.as_secs(),
-            provision_ahead: self.config.provision_ahead as u64,
+            max_instances: self.config.max_instances,
+            min_instances: self.config.min_instances,
+            idle_timeout: self.config.idle_timeout,
+            provision_ahead: self.config.provision_ahead,
             instances: state.launching as u64,
             launching: state.launching as u64,
             busy: 0,

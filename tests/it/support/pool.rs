@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use taskfly::wire::PoolStats;
+use taskfly::provider::PoolStats;
 use taskfly::{
     async_trait, BoxError, Config, Instance, InstanceKind, InstanceRef, InstanceSpec,
     LocalProvider, OwnedInstance, Owner, PoolConfig, PooledProvider, Provider, ProviderSettings,
