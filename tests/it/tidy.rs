@@ -35,6 +35,19 @@ pub const LAYERS: &[Layer] = &[
         checked_in: &["src/orchestrator/"],
         except_in: &[],
     },
+    Layer {
+        rule: "the layers below the engine know neither the engine nor api",
+        names: &["crate::api", "crate::wire", "crate::orchestrator"],
+        checked_in: &[
+            "src/provider/",
+            "src/state/",
+            "src/config/",
+            "src/metadata/",
+            "src/bundle/",
+            "src/process/",
+        ],
+        except_in: &[],
+    },
 ];
 
 /// Rule 4: the comment that allows one `.expect(` (on its line, or alone on the line above),
