@@ -14,7 +14,6 @@ use crate::config::DeploymentConfig;
 use crate::error::{Error, Result};
 use crate::provider::{Instance, InstanceSpec, Owner, Registered};
 use crate::state::model::{DeploymentStatus, Node, NodeStatus, NodeUpdate};
-use crate::state::store_error;
 
 impl Orchestrator {
     /// Provision every node of a new deployment, at most `provision_concurrency` at a time.
@@ -26,12 +25,11 @@ impl Orchestrator {
         {
             Ok(_) => self.notify(),
             Err(e) => {
-                let e = store_error(e);
                 // Terminated before provisioning began: nothing to do.
-                return if e.is_conflict() { Ok(()) } else { Err(e) };
+                return if e.is_invalid_transition() { Ok(()) } else { Err(e) };
             }
         }
-        let nodes = store.nodes(id).await.map_err(store_error)?;
+        let nodes = store.nodes(id).await?;
         let provisions = TaskTracker::new();
         for node in nodes {
             let permit = tokio::select! {
@@ -76,8 +74,7 @@ impl Orchestrator {
                 },
                 now,
             )
-            .await
-            .map_err(store_error)?;
+            .await?;
         if node.status == NodeStatus::Pending {
             self.update_node(
                 &node.id,
@@ -123,7 +120,7 @@ impl Orchestrator {
             // make sure the new instance does not outlive it.
             tracing::info!(node_id = %node.id, instance_id = %instance.id, "instance no longer wanted; releasing it");
             self.release_instance(live, &instance, &node.id).await;
-            if !e.is_conflict() {
+            if !e.is_invalid_transition() {
                 return Err(e);
             }
         }
@@ -165,7 +162,7 @@ impl Orchestrator {
                     tokio::select! {
                         () = tokio::time::sleep(wait) => {}
                         () = live.cancel.cancelled() => {
-                            return Err(Error::conflict("the deployment is being terminated"));
+                            return Err(Error::terminated("the deployment is being terminated"));
                         }
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(30));

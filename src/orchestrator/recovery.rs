@@ -15,14 +15,13 @@ use super::Orchestrator;
 use crate::error::Result;
 use crate::provider::OwnedBy;
 use crate::state::model::{has_retry_left, DeploymentStatus, NodeStatus};
-use crate::state::store_error;
 use crate::sync::lock;
 
 impl Orchestrator {
     /// Resume every deployment that was not final when the engine last stopped.
     pub(crate) async fn recover(&self) -> Result<()> {
         let store = &self.inner().store;
-        let deployments = store.deployments().await.map_err(store_error)?;
+        let deployments = store.deployments().await?;
         for deployment in deployments.into_iter().filter(|d| !d.status.is_final()) {
             let id = deployment.id.clone();
             tracing::info!(deployment_id = %id, status = %deployment.status, "resuming deployment after restart");
@@ -52,7 +51,7 @@ impl Orchestrator {
                     });
                 }
                 _ => {
-                    let nodes = store.nodes(&id).await.map_err(store_error)?;
+                    let nodes = store.nodes(&id).await?;
                     for node in nodes {
                         match node.status {
                             NodeStatus::Pending | NodeStatus::Provisioning => {

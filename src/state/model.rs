@@ -378,7 +378,7 @@ pub fn apply_node_update(
         }
         NodeUpdate::Registered { auth_token_hash } => {
             if node.provision_token_hash.is_none() {
-                return Err(Error::conflict(format!(
+                return Err(Error::invalid_transition(format!(
                     "node {} has already registered; a provision token works once",
                     node.id
                 )));
@@ -449,7 +449,7 @@ fn check_node_transition(deployment: &Deployment, node: &Node, to: NodeStatus) -
     if allowed {
         Ok(())
     } else {
-        Err(Error::conflict(format!(
+        Err(Error::invalid_transition(format!(
             "node {} cannot go from {} to {}",
             node.id, node.status, to
         )))
@@ -457,7 +457,7 @@ fn check_node_transition(deployment: &Deployment, node: &Node, to: NodeStatus) -
 }
 
 fn refused(node: &Node, what: &str) -> Error {
-    Error::conflict(format!(
+    Error::invalid_transition(format!(
         "cannot {what} node {} in state {}",
         node.id, node.status
     ))
@@ -529,7 +529,7 @@ pub fn apply_deployment_status(
     now: SystemTime,
 ) -> Result<()> {
     if !deployment.status.can_become(to) {
-        return Err(Error::conflict(format!(
+        return Err(Error::invalid_transition(format!(
             "deployment {} cannot go from {} to {}",
             deployment.id, deployment.status, to
         )));

@@ -11,22 +11,32 @@ pub(super) fn error_response(error: &Error) -> Response<Body> {
     let status = match error.kind() {
         Kind::InvalidConfig | Kind::InvalidBundle | Kind::InvalidInput => StatusCode::BAD_REQUEST,
         Kind::NotFound => StatusCode::NOT_FOUND,
-        Kind::Conflict => StatusCode::CONFLICT,
+        Kind::AlreadyExists
+        | Kind::InvalidTransition
+        | Kind::AlreadyFinal
+        | Kind::NotFinal
+        | Kind::Terminated
+        | Kind::ShuttingDown
+        | Kind::Conflict => StatusCode::CONFLICT,
         Kind::Unauthorized => StatusCode::UNAUTHORIZED,
         Kind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         Kind::UnsupportedMedia => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         Kind::RateLimited => StatusCode::TOO_MANY_REQUESTS,
-        Kind::Provider | Kind::Store | Kind::Transport | Kind::Io | Kind::Remote => {
-            StatusCode::INTERNAL_SERVER_ERROR
-        }
+        Kind::Provider
+        | Kind::Store
+        | Kind::Io
+        | Kind::Transport
+        | Kind::Certificate
+        | Kind::Remote => StatusCode::INTERNAL_SERVER_ERROR,
     };
     if status.is_server_error() {
-        tracing::error!(error = %error, "request failed");
+        tracing::error!(error = %error.report(), "request failed");
     }
     let message = match error.kind() {
         // Say what failed without internal paths; the daemon log has the cause.
         Kind::Io | Kind::Store => error.message().to_owned(),
         _ => error
+            .report()
             .to_string()
             .lines()
             .next()

@@ -209,7 +209,7 @@ impl Provider for LocalProvider {
     /// started in one step after the only await.
     async fn provision(&self, spec: InstanceSpec) -> Result<Instance, BoxError> {
         if self.shutdown.is_cancelled() {
-            return Err(Error::conflict("the local provider is shutting down").into());
+            return Err(Error::shutting_down("the local provider is shutting down").into());
         }
         let local = local_settings(&spec.settings)?;
         // A pooled instance (`PooledProvider`) serves many nodes: its folder is named after
@@ -264,7 +264,7 @@ impl Provider for LocalProvider {
             .is_some_and(|agent| !agent.finished.is_cancelled())
         {
             return Err(
-                Error::conflict(format!("instance {instance_id} is already running")).into(),
+                Error::already_exists(format!("instance {instance_id} is already running")).into(),
             );
         }
         let bootstrap = local.agent == AgentKind::Script;
@@ -500,14 +500,14 @@ impl LocalProvider {
             let orphans = node_process_groups(&instance.locator).await;
             let orphans_left = stop_groups(&orphans, self.grace_period).await;
             if !orphans_left.is_empty() {
-                return Err(Error::conflict(format!(
+                return Err(std::io::Error::other(format!(
                     "processes of {instance_id} survived SIGKILL (groups {orphans_left:?})"
                 ))
                 .into());
             }
         }
         if !left.is_empty() {
-            return Err(Error::conflict(format!(
+            return Err(std::io::Error::other(format!(
                 "the agent of {instance_id} survived SIGKILL (group {left:?})"
             ))
             .into());
