@@ -221,7 +221,7 @@ impl Orchestrator {
         let deployment_id = id.to_owned();
         self.inner.tasks.spawn(async move {
             if let Err(e) = this.provision_all(&deployment_id, live).await {
-                tracing::error!(deployment_id = %deployment_id, error = %e, "provisioning stopped");
+                tracing::error!(deployment_id = %deployment_id, error = %e.report(), "provisioning stopped");
             }
         });
         Ok(created)

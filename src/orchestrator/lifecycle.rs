@@ -29,7 +29,7 @@ impl Orchestrator {
             match provider.release(instance, node_id).await {
                 Ok(()) => return true,
                 Err(e) => {
-                    tracing::error!(instance_id, attempt, error = %e, "could not terminate instance");
+                    tracing::error!(instance_id, attempt, error = %crate::error::Report::new(e.as_ref()), "could not terminate instance");
                     if attempt < TERMINATE_ATTEMPTS {
                         tokio::time::sleep(jitter(backoff)).await;
                         backoff *= 2;
@@ -126,7 +126,7 @@ impl Orchestrator {
         }
         match self.update_node(&node.id, NodeUpdate::Retry).await {
             Ok(applied) => self.provision_node(live, applied.node).await,
-            Err(e) => tracing::info!(node_id = %node.id, error = %e, "retry abandoned"),
+            Err(e) => tracing::info!(node_id = %node.id, error = %e.report(), "retry abandoned"),
         }
     }
 }

@@ -31,10 +31,7 @@ impl Orchestrator {
     pub(crate) async fn register_node(&self, token: &str) -> Result<Registration<Assignment>> {
         let store = &self.inner().store;
         let token_hash = auth::hash_token(token);
-        if let Some(node) = store
-            .node_by_provision_token(&token_hash)
-            .await?
-        {
+        if let Some(node) = store.node_by_provision_token(&token_hash).await? {
             return Ok(Registration::Assigned(self.register(node, false).await?));
         }
         for (_, pool) in self.pools() {
@@ -63,7 +60,7 @@ impl Orchestrator {
                 }
                 Err(e) => {
                     // The node no longer wants an instance: this one waits for the next.
-                    tracing::info!(error = %e, "a pooled instance could not take its node");
+                    tracing::info!(error = %e.report(), "a pooled instance could not take its node");
                     pool.not_taken(&token_hash);
                     if e.is_conflict() || e.is_not_found() {
                         Ok(Registration::NoWork)
@@ -136,9 +133,7 @@ impl Orchestrator {
         if !finished && !shutdown {
             // A late heartbeat never reopens a node: only live nodes are watched.
             lock(&self.inner().last_seen).insert(node.id.clone(), tokio::time::Instant::now());
-            store
-                .touch_node(&node.id, SystemTime::now())
-                .await?;
+            store.touch_node(&node.id, SystemTime::now()).await?;
         }
         Ok(shutdown)
     }

@@ -26,7 +26,11 @@ impl Orchestrator {
             Ok(_) => self.notify(),
             Err(e) => {
                 // Terminated before provisioning began: nothing to do.
-                return if e.is_invalid_transition() { Ok(()) } else { Err(e) };
+                return if e.is_invalid_transition() {
+                    Ok(())
+                } else {
+                    Err(e)
+                };
             }
         }
         let nodes = store.nodes(id).await?;
@@ -56,7 +60,7 @@ impl Orchestrator {
         }
         let result = self.try_provision_node(live, &node).await;
         if let Err(e) = result {
-            let message = live.mask(&format!("provisioning failed: {e}"));
+            let message = live.mask(&format!("provisioning failed: {}", e.report()));
             tracing::warn!(node_id = %node.id, error = %message, "node provisioning failed");
             self.node_failed(&node.id, message).await;
         }
@@ -158,7 +162,7 @@ impl Orchestrator {
                         ));
                     }
                     let wait = jitter(backoff);
-                    tracing::warn!(node_id = %request.owner.name(), attempt, error = %e, wait_ms = wait.as_millis() as u64, "provider call failed; retrying");
+                    tracing::warn!(node_id = %request.owner.name(), attempt, error = %crate::error::Report::new(e.as_ref()), wait_ms = wait.as_millis() as u64, "provider call failed; retrying");
                     tokio::select! {
                         () = tokio::time::sleep(wait) => {}
                         () = live.cancel.cancelled() => {

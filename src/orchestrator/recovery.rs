@@ -28,7 +28,7 @@ impl Orchestrator {
             let live = match self.live(&id).await {
                 Ok(live) => live,
                 Err(e) => {
-                    tracing::error!(deployment_id = %id, error = %e, "cannot resume deployment");
+                    tracing::error!(deployment_id = %id, error = %e.report(), "cannot resume deployment");
                     continue;
                 }
             };
@@ -37,7 +37,7 @@ impl Orchestrator {
                     let this = self.clone();
                     self.spawn_tracked(async move {
                         if let Err(e) = this.provision_all(&id, live).await {
-                            tracing::error!(deployment_id = %id, error = %e, "provisioning stopped");
+                            tracing::error!(deployment_id = %id, error = %e.report(), "provisioning stopped");
                         }
                     });
                 }
@@ -46,7 +46,7 @@ impl Orchestrator {
                     let this = self.clone();
                     self.spawn_tracked(async move {
                         if let Err(e) = this.finish_terminate(&id).await {
-                            tracing::error!(deployment_id = %id, error = %e, "terminate failed");
+                            tracing::error!(deployment_id = %id, error = %e.report(), "terminate failed");
                         }
                     });
                 }
@@ -102,7 +102,7 @@ impl Orchestrator {
                     listed.push((name, provider, running.collect::<Vec<_>>()));
                 }
                 Err(e) => {
-                    tracing::warn!(provider = %name, error = %e, "cannot list instances for leak checks")
+                    tracing::warn!(provider = %name, error = %crate::error::Report::new(e.as_ref()), "cannot list instances for leak checks")
                 }
             }
         }
@@ -142,7 +142,7 @@ impl Orchestrator {
                 match provider.terminate(&instance.instance).await {
                     Ok(()) => terminated += 1,
                     Err(e) => {
-                        tracing::error!(instance_id = %instance.instance.id, error = %e, "cannot terminate leaked instance")
+                        tracing::error!(instance_id = %instance.instance.id, error = %crate::error::Report::new(e.as_ref()), "cannot terminate leaked instance")
                     }
                 }
             }
@@ -208,7 +208,7 @@ impl Orchestrator {
             {
                 tracing::info!(deployment_id = %deployment.id, "retrying an unfinished terminate");
                 if let Err(e) = self.finish_terminate(&deployment.id).await {
-                    tracing::warn!(deployment_id = %deployment.id, error = %e, "terminate still unfinished");
+                    tracing::warn!(deployment_id = %deployment.id, error = %e.report(), "terminate still unfinished");
                 }
             }
         }
@@ -234,7 +234,7 @@ impl Orchestrator {
                         tracing::info!(deployment_id = %deployment.id, "deployment past retention removed")
                     }
                     Err(e) => {
-                        tracing::warn!(deployment_id = %deployment.id, error = %e, "cannot remove expired deployment")
+                        tracing::warn!(deployment_id = %deployment.id, error = %e.report(), "cannot remove expired deployment")
                     }
                 }
             }

@@ -31,7 +31,7 @@ impl Orchestrator {
         let id = id.to_owned();
         self.spawn_tracked(async move {
             if let Err(e) = this.finish_terminate(&id).await {
-                tracing::error!(deployment_id = %id, error = %e, "terminate failed");
+                tracing::error!(deployment_id = %id, error = %e.report(), "terminate failed");
             }
         });
         Ok(DeploymentStatus::Terminating)
@@ -120,7 +120,7 @@ impl Orchestrator {
             message: None,
         };
         if let Err(e) = self.update_node(node_id, terminated).await {
-            tracing::error!(node_id, error = %e, "cannot mark node terminated");
+            tracing::error!(node_id, error = %e.report(), "cannot mark node terminated");
         }
     }
 
@@ -150,10 +150,7 @@ impl Orchestrator {
                 Err(e) => return Err(Error::io(format!("cannot delete {}", dir.display()), e)),
             }
         }
-        self.inner
-            .store
-            .delete_deployment(id)
-            .await?;
+        self.inner.store.delete_deployment(id).await?;
         lock(&self.inner.live).remove(id);
         tracing::info!(deployment_id = %id, "deployment cleaned up");
         Ok(())
@@ -169,7 +166,7 @@ impl Orchestrator {
             match self.cleanup(&deployment.id).await {
                 Ok(()) => result.cleaned += 1,
                 Err(e) => {
-                    tracing::warn!(deployment_id = %deployment.id, error = %e, "cleanup failed");
+                    tracing::warn!(deployment_id = %deployment.id, error = %e.report(), "cleanup failed");
                     result.failed += 1;
                 }
             }

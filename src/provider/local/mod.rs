@@ -263,9 +263,10 @@ impl Provider for LocalProvider {
             .get(&instance_id)
             .is_some_and(|agent| !agent.finished.is_cancelled())
         {
-            return Err(
-                Error::already_exists(format!("instance {instance_id} is already running")).into(),
-            );
+            return Err(Error::already_exists(format!(
+                "instance {instance_id} is already running"
+            ))
+            .into());
         }
         let bootstrap = local.agent == AgentKind::Script;
         let pid = match &self.runner {
@@ -460,14 +461,14 @@ impl LocalProvider {
         let owned = match self.ssh.owned().await {
             Ok(owned) => owned,
             Err(error) => {
-                tracing::warn!(error = %error, "cannot list the nodes on SSH hosts to stop them");
+                tracing::warn!(error = %crate::error::Report::new(error.as_ref()), "cannot list the nodes on SSH hosts to stop them");
                 return;
             }
         };
         let stops = owned.iter().map(|owned| async move {
             let instance = &owned.instance;
             if let Err(error) = self.ssh.terminate(instance, self.grace_period).await {
-                tracing::warn!(instance_id = %instance.id, error = %error, "cannot stop a node on its SSH host");
+                tracing::warn!(instance_id = %instance.id, error = %crate::error::Report::new(error.as_ref()), "cannot stop a node on its SSH host");
             }
         });
         futures_util::future::join_all(stops).await;
@@ -669,7 +670,7 @@ async fn run_agent(
         Err(error) => tracing::warn!(
             node_id = %node_id,
             instance_id = %instance_id,
-            error = %error,
+            error = %error.report(),
             "local node agent failed"
         ),
     }
