@@ -205,7 +205,7 @@ async fn creates_and_reads(store: &dyn Store) {
     let again = store
         .create_deployment(deployment(id, 1, 0, at(5)), nodes(id, 1))
         .await;
-    assert!(again.unwrap_err().is_conflict());
+    assert!(again.unwrap_err().is_already_exists());
     assert_eq!(
         snapshot(store, id).await,
         (deployment(id, 3, 2, at(0)), nodes(id, 3)),
@@ -233,7 +233,7 @@ async fn refuses_illegal_transitions_and_changes_nothing(store: &dyn Store) {
             .update_node("conf-illegal-0", attempt.clone(), at(3))
             .await;
         let e = result.unwrap_err();
-        assert!(e.is_conflict(), "{attempt:?}: {e}");
+        assert!(e.is_invalid_transition(), "{attempt:?}: {e}");
         assert_eq!(
             snapshot(store, id).await,
             before,
@@ -245,7 +245,7 @@ async fn refuses_illegal_transitions_and_changes_nothing(store: &dyn Store) {
         .update_node("conf-illegal-1", completed.clone(), at(3))
         .await
         .unwrap_err();
-    assert!(e.is_conflict(), "{e}");
+    assert!(e.is_invalid_transition(), "{e}");
     assert_eq!(snapshot(store, id).await, before);
 
     let missing = store.update_node("conf-illegal-7", completed, at(3)).await;
@@ -357,7 +357,7 @@ async fn retries_a_failed_node(store: &dyn Store) {
     let again = store
         .update_node("conf-retry-0", NodeUpdate::Retry, at(6))
         .await;
-    assert!(again.unwrap_err().is_conflict(), "no retry left");
+    assert!(again.unwrap_err().is_invalid_transition(), "no retry left");
 }
 
 /// The instance's locator is stored with its id, read back everywhere a node is read, and
@@ -431,7 +431,7 @@ async fn provision_tokens_work_once(store: &dyn Store) {
     let before = node(store, node_id).await;
     let twice = store.update_node(node_id, register, at(5)).await;
     assert!(
-        twice.unwrap_err().is_conflict(),
+        twice.unwrap_err().is_invalid_transition(),
         "a provision token works once"
     );
     assert_eq!(node(store, node_id).await, before);
@@ -446,7 +446,7 @@ async fn moves_deployments(store: &dyn Store) {
     let early = store
         .update_deployment_status(id, DeploymentStatus::Running, None, at(1))
         .await;
-    assert!(early.unwrap_err().is_conflict());
+    assert!(early.unwrap_err().is_invalid_transition());
     assert_eq!(
         store.deployment(id).await.unwrap(),
         Some(deployment(id, 1, 0, at(0)))
@@ -473,7 +473,10 @@ async fn moves_deployments(store: &dyn Store) {
     let late = store
         .update_deployment_status(id, DeploymentStatus::Terminating, None, at(4))
         .await;
-    assert!(late.unwrap_err().is_conflict(), "a final deployment stays");
+    assert!(
+        late.unwrap_err().is_invalid_transition(),
+        "a final deployment stays"
+    );
     assert_eq!(store.deployment(id).await.unwrap(), Some(failed));
 
     let missing = store

@@ -153,6 +153,7 @@ async fn a_watch_fails_instead_of_hanging_when_the_engine_stops() {
             Err(error) => break error,
         }
     };
+    assert!(error.is_shutting_down(), "{error:?}");
     assert!(error.to_string().contains("shut down"), "{error}");
     let waited = tokio::time::timeout(Duration::from_secs(10), waiting)
         .await
