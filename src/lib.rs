@@ -84,7 +84,7 @@ pub use api::wire;
 /// Re-exported so that implementing [`Provider`] needs no direct dependency on `async-trait`.
 pub use async_trait::async_trait;
 pub use config::DeploymentConfig;
-pub use error::{BoxError, Error, Result};
+pub use error::{BoxError, Error, Report, Result};
 pub use metadata::MetadataGenerator;
 pub use orchestrator::{Config, DeploymentWatch, Orchestrator};
 #[cfg(feature = "aws")]

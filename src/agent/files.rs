@@ -37,7 +37,7 @@ impl Node<'_> {
             Some(Ok(bytes)) => bytes,
             Some(Err(error)) => {
                 remove_quietly(&archive).await;
-                return Err(format!("cannot download the assets: {error}"));
+                return Err(format!("cannot download the assets: {}", error.report()));
             }
         };
         tracing::debug!(node_id = %self.node_id(), bytes, "downloaded the assets");
@@ -58,8 +58,15 @@ impl Node<'_> {
             tokio::task::spawn_blocking(move || {
                 let file = std::fs::File::open(&archive)
                     .map_err(|e| format!("cannot open the downloaded assets: {e}"))?;
-                extract_bundle(io::BufReader::new(file), &dest, &BundleLimits::default())
-                    .map_err(|e| format!("cannot extract the bundle into {}: {e}", dest.display()))
+                extract_bundle(io::BufReader::new(file), &dest, &BundleLimits::default()).map_err(
+                    |e| {
+                        format!(
+                            "cannot extract the bundle into {}: {}",
+                            dest.display(),
+                            e.report()
+                        )
+                    },
+                )
             })
             .await
         };

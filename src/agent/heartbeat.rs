@@ -36,7 +36,7 @@ impl Node<'_> {
                 }
                 Ok(Ok(_)) => {}
                 Ok(Err(error)) => {
-                    tracing::warn!(node_id = %self.node_id(), error = %error, "heartbeat failed");
+                    tracing::warn!(node_id = %self.node_id(), error = %error.report(), "heartbeat failed");
                 }
                 Err(_) => {
                     tracing::warn!(node_id = %self.node_id(), "heartbeat unanswered for one interval; sending a new one");

@@ -283,7 +283,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<Agent
             }
             Err(error) if error.is_unauthorized() && last_report.is_some() => {
                 tracing::warn!(
-                    %error,
+                    error = %error.report(),
                     "the daemon no longer knows this instance; the agent stops"
                 );
                 return Ok(last_or_none(last_report));

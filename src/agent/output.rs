@@ -69,7 +69,7 @@ impl Node<'_> {
             tracing::warn!(
                 node_id = %self.node_id(),
                 lines = request.lines.len(),
-                error = %error,
+                error = %error.report(),
                 "could not send output lines to the daemon; they are lost"
             );
         }

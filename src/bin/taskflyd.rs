@@ -226,8 +226,9 @@ async fn serve(args: Args) -> Result<(), String> {
     let store = taskfly::SqliteStore::open(&state_path)
         .map_err(|e| {
             format!(
-                "cannot open the state database {}: {e}",
-                state_path.display()
+                "cannot open the state database {}: {}",
+                state_path.display(),
+                e.report()
             )
         })?
         .max_log_lines(args.max_log_lines);
@@ -253,13 +254,13 @@ async fn serve(args: Args) -> Result<(), String> {
         Some((cert_file, key_file)) => server_config.tls(cert_file, key_file),
         None => server_config,
     };
-    let engine = Orchestrator::new(config).map_err(|e| e.to_string())?;
+    let engine = Orchestrator::new(config).map_err(|e| e.report().to_string())?;
     // The certificate and key are read here: a bad one stops the start.
     let server = match Server::new(engine.clone(), server_config) {
         Ok(server) => server,
         Err(e) => {
             engine.shutdown().await;
-            return Err(e.to_string());
+            return Err(e.report().to_string());
         }
     };
     tracing::info!(listen = %address, advertise_url = %advertise, tls = tls.is_some(), data_dir = %data_dir.display(), "taskflyd listening");
@@ -269,7 +270,7 @@ async fn serve(args: Args) -> Result<(), String> {
             tracing::info!("shutting down");
         })
         .await
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.report().to_string())
 }
 
 /// `taskflyd agent`: serve one local node, as started by this daemon's local provider.
@@ -284,7 +285,7 @@ async fn agent() -> ExitCode {
             return ExitCode::from(2);
         }
         Err(e) => {
-            eprintln!("taskflyd agent: {e}");
+            eprintln!("taskflyd agent: {}", e.report());
             return ExitCode::from(2);
         }
     };
@@ -292,7 +293,7 @@ async fn agent() -> ExitCode {
         Ok(report) if report.status == taskfly::wire::NodeStatus::Completed => ExitCode::SUCCESS,
         Ok(_) => ExitCode::FAILURE,
         Err(e) => {
-            tracing::error!(error = %e, "agent failed");
+            tracing::error!(error = %e.report(), "agent failed");
             ExitCode::FAILURE
         }
     }

@@ -17,7 +17,6 @@ use crate::error::{Error, Result};
 use crate::metadata::MetadataGenerator;
 use crate::provider::Owner;
 use crate::state::model::{Deployment, DeploymentStatus, DeploymentSummary, Node};
-use crate::state::store_error;
 use crate::sync::lock;
 
 impl Orchestrator {
@@ -207,8 +206,7 @@ impl Orchestrator {
         self.inner
             .store
             .create_deployment(deployment, nodes)
-            .await
-            .map_err(store_error)?;
+            .await?;
         let live = Arc::new(Live {
             secrets: secret_values(&config),
             config: Arc::new(config),
@@ -223,7 +221,7 @@ impl Orchestrator {
         let deployment_id = id.to_owned();
         self.inner.tasks.spawn(async move {
             if let Err(e) = this.provision_all(&deployment_id, live).await {
-                tracing::error!(deployment_id = %deployment_id, error = %e, "provisioning stopped");
+                tracing::error!(deployment_id = %deployment_id, error = %e.report(), "provisioning stopped");
             }
         });
         Ok(created)

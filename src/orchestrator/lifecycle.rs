@@ -9,7 +9,6 @@ use crate::backoff::jitter;
 use crate::error::Result;
 use crate::provider::InstanceRef;
 use crate::state::model::{Node, NodeStatus, NodeUpdate};
-use crate::state::store_error;
 use crate::sync::lock;
 
 impl Orchestrator {
@@ -30,7 +29,7 @@ impl Orchestrator {
             match provider.release(instance, node_id).await {
                 Ok(()) => return true,
                 Err(e) => {
-                    tracing::error!(instance_id, attempt, error = %e, "could not terminate instance");
+                    tracing::error!(instance_id, attempt, error = %crate::error::Report::new(e.as_ref()), "could not terminate instance");
                     if attempt < TERMINATE_ATTEMPTS {
                         tokio::time::sleep(jitter(backoff)).await;
                         backoff *= 2;
@@ -51,8 +50,7 @@ impl Orchestrator {
             .inner
             .store
             .update_node(node_id, update, SystemTime::now())
-            .await
-            .map_err(store_error)?;
+            .await?;
         if applied.node.status != applied.previous {
             tracing::info!(
                 deployment_id = %applied.node.deployment_id,
@@ -87,8 +85,8 @@ impl Orchestrator {
             message: Some(message),
         };
         if let Err(e) = self.update_node(node_id, update).await {
-            if !e.is_conflict() {
-                tracing::error!(node_id, error = %e, "cannot record node failure");
+            if !e.is_invalid_transition() {
+                tracing::error!(node_id, error = %e.report(), "cannot record node failure");
             }
         }
     }
@@ -128,7 +126,7 @@ impl Orchestrator {
         }
         match self.update_node(&node.id, NodeUpdate::Retry).await {
             Ok(applied) => self.provision_node(live, applied.node).await,
-            Err(e) => tracing::info!(node_id = %node.id, error = %e, "retry abandoned"),
+            Err(e) => tracing::info!(node_id = %node.id, error = %e.report(), "retry abandoned"),
         }
     }
 }

@@ -132,7 +132,7 @@ impl Orchestrator {
         let resuming = orchestrator.clone();
         orchestrator.spawn_tracked(async move {
             if let Err(e) = resuming.recover().await {
-                tracing::error!(error = %e, "cannot resume deployments after a restart");
+                tracing::error!(error = %e.report(), "cannot resume deployments after a restart");
             }
             resuming.reconcile_orphans().await;
         });

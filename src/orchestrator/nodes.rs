@@ -12,7 +12,7 @@ use crate::state::model::{
     is_node_final, Assignment, DeploymentStatus, LogBatch, Node, NodeStatus, NodeUpdate,
     Registration, StatusReport,
 };
-use crate::state::{store_error, LogStream, NewLogLine};
+use crate::state::{LogStream, NewLogLine};
 use crate::sync::lock;
 
 impl Orchestrator {
@@ -21,8 +21,7 @@ impl Orchestrator {
         self.inner()
             .store
             .node_by_auth_token(&auth::hash_token(token))
-            .await
-            .map_err(store_error)?
+            .await?
             .ok_or_else(|| Error::unauthorized("unknown node token"))
     }
 
@@ -32,11 +31,7 @@ impl Orchestrator {
     pub(crate) async fn register_node(&self, token: &str) -> Result<Registration<Assignment>> {
         let store = &self.inner().store;
         let token_hash = auth::hash_token(token);
-        if let Some(node) = store
-            .node_by_provision_token(&token_hash)
-            .await
-            .map_err(store_error)?
-        {
+        if let Some(node) = store.node_by_provision_token(&token_hash).await? {
             return Ok(Registration::Assigned(self.register(node, false).await?));
         }
         for (_, pool) in self.pools() {
@@ -52,11 +47,10 @@ impl Orchestrator {
             };
             let node = store
                 .node_by_provision_token(&auth::hash_token(&provision_token))
-                .await
-                .map_err(store_error);
+                .await;
             let registered = match node {
                 Ok(Some(node)) => self.register(node, true).await,
-                Ok(None) => Err(Error::conflict("the node was terminated meanwhile")),
+                Ok(None) => Err(Error::terminated("the node was terminated meanwhile")),
                 Err(e) => Err(e),
             };
             return match registered {
@@ -66,7 +60,7 @@ impl Orchestrator {
                 }
                 Err(e) => {
                     // The node no longer wants an instance: this one waits for the next.
-                    tracing::info!(error = %e, "a pooled instance could not take its node");
+                    tracing::info!(error = %e.report(), "a pooled instance could not take its node");
                     pool.not_taken(&token_hash);
                     if e.is_conflict() || e.is_not_found() {
                         Ok(Registration::NoWork)
@@ -127,8 +121,7 @@ impl Orchestrator {
         let store = &self.inner().store;
         let deployment = store
             .deployment(&node.deployment_id)
-            .await
-            .map_err(store_error)?
+            .await?
             .ok_or_else(|| Error::not_found("the node's deployment is gone"))?;
         let finished = is_node_final(&deployment, node) || node.status == NodeStatus::Failed;
         let shutdown = finished
@@ -140,10 +133,7 @@ impl Orchestrator {
         if !finished && !shutdown {
             // A late heartbeat never reopens a node: only live nodes are watched.
             lock(&self.inner().last_seen).insert(node.id.clone(), tokio::time::Instant::now());
-            store
-                .touch_node(&node.id, SystemTime::now())
-                .await
-                .map_err(store_error)?;
+            store.touch_node(&node.id, SystemTime::now()).await?;
         }
         Ok(shutdown)
     }
@@ -240,8 +230,7 @@ impl Orchestrator {
         self.inner()
             .store
             .append_logs(&node.deployment_id, lines)
-            .await
-            .map_err(store_error)?;
+            .await?;
         Ok(())
     }
 }

@@ -14,7 +14,6 @@ use crate::config::DeploymentConfig;
 use crate::error::{Error, Result};
 use crate::provider::{Instance, InstanceSpec, Owner, Registered};
 use crate::state::model::{DeploymentStatus, Node, NodeStatus, NodeUpdate};
-use crate::state::store_error;
 
 impl Orchestrator {
     /// Provision every node of a new deployment, at most `provision_concurrency` at a time.
@@ -26,12 +25,15 @@ impl Orchestrator {
         {
             Ok(_) => self.notify(),
             Err(e) => {
-                let e = store_error(e);
                 // Terminated before provisioning began: nothing to do.
-                return if e.is_conflict() { Ok(()) } else { Err(e) };
+                return if e.is_invalid_transition() {
+                    Ok(())
+                } else {
+                    Err(e)
+                };
             }
         }
-        let nodes = store.nodes(id).await.map_err(store_error)?;
+        let nodes = store.nodes(id).await?;
         let provisions = TaskTracker::new();
         for node in nodes {
             let permit = tokio::select! {
@@ -58,7 +60,7 @@ impl Orchestrator {
         }
         let result = self.try_provision_node(live, &node).await;
         if let Err(e) = result {
-            let message = live.mask(&format!("provisioning failed: {e}"));
+            let message = live.mask(&format!("provisioning failed: {}", e.report()));
             tracing::warn!(node_id = %node.id, error = %message, "node provisioning failed");
             self.node_failed(&node.id, message).await;
         }
@@ -76,8 +78,7 @@ impl Orchestrator {
                 },
                 now,
             )
-            .await
-            .map_err(store_error)?;
+            .await?;
         if node.status == NodeStatus::Pending {
             self.update_node(
                 &node.id,
@@ -123,7 +124,7 @@ impl Orchestrator {
             // make sure the new instance does not outlive it.
             tracing::info!(node_id = %node.id, instance_id = %instance.id, "instance no longer wanted; releasing it");
             self.release_instance(live, &instance, &node.id).await;
-            if !e.is_conflict() {
+            if !e.is_invalid_transition() {
                 return Err(e);
             }
         }
@@ -161,11 +162,11 @@ impl Orchestrator {
                         ));
                     }
                     let wait = jitter(backoff);
-                    tracing::warn!(node_id = %request.owner.name(), attempt, error = %e, wait_ms = wait.as_millis() as u64, "provider call failed; retrying");
+                    tracing::warn!(node_id = %request.owner.name(), attempt, error = %crate::error::Report::new(e.as_ref()), wait_ms = wait.as_millis() as u64, "provider call failed; retrying");
                     tokio::select! {
                         () = tokio::time::sleep(wait) => {}
                         () = live.cancel.cancelled() => {
-                            return Err(Error::conflict("the deployment is being terminated"));
+                            return Err(Error::terminated("the deployment is being terminated"));
                         }
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(30));

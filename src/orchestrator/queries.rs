@@ -6,7 +6,7 @@ use super::Orchestrator;
 
 use crate::error::{Error, Result};
 use crate::state::model::{Deployment, DeploymentDetail, DeploymentSummary, LogsPage, Stats};
-use crate::state::{store_error, LogQuery};
+use crate::state::LogQuery;
 
 impl Orchestrator {
     /// One deployment row, or not found.
@@ -14,8 +14,7 @@ impl Orchestrator {
         self.inner
             .store
             .deployment(id)
-            .await
-            .map_err(store_error)?
+            .await?
             .ok_or_else(|| Error::not_found(format!("no deployment `{id}`")))
     }
 
@@ -23,7 +22,7 @@ impl Orchestrator {
     /// to follow a deployment, use [`Orchestrator::summary`] or [`Orchestrator::watch`].
     pub async fn deployment(&self, id: &str) -> Result<DeploymentDetail> {
         let deployment = self.deployment_row(id).await?;
-        let nodes = self.inner.store.nodes(id).await.map_err(store_error)?;
+        let nodes = self.inner.store.nodes(id).await?;
         Ok(DeploymentDetail { deployment, nodes })
     }
 
@@ -34,7 +33,7 @@ impl Orchestrator {
 
     /// Every deployment, newest first, without their nodes.
     pub async fn deployments(&self) -> Result<Vec<Deployment>> {
-        self.inner.store.deployments().await.map_err(store_error)
+        self.inner.store.deployments().await
     }
 
     /// Follow one deployment: the returned watch holds its summary now and wakes on every
@@ -90,15 +89,14 @@ impl Orchestrator {
                     limit: limit.clamp(1, 10_000),
                 },
             )
-            .await
-            .map_err(store_error)?;
+            .await?;
         let next = lines.last().map_or(after, |l| l.seq);
         Ok(LogsPage { lines, next })
     }
 
     /// Counts over every deployment, for `GET /stats` and metrics.
     pub async fn stats(&self) -> Result<Stats> {
-        let all = self.inner.store.deployments().await.map_err(store_error)?;
+        let all = self.inner.store.deployments().await?;
         let mut deployment_status = std::collections::BTreeMap::new();
         let mut total_nodes = 0u64;
         for d in &all {
@@ -135,11 +133,11 @@ impl DeploymentWatch {
             tokio::select! {
                 changed = self.changes.changed() => {
                     if changed.is_err() {
-                        return Err(Error::conflict("the engine shut down"));
+                        return Err(Error::shutting_down("the engine shut down"));
                     }
                 }
                 () = self.engine.inner.cancel.cancelled() => {
-                    return Err(Error::conflict("the engine shut down"));
+                    return Err(Error::shutting_down("the engine shut down"));
                 }
             }
             let now = self.engine.summary(&self.current.id).await?;

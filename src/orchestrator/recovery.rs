@@ -15,21 +15,20 @@ use super::Orchestrator;
 use crate::error::Result;
 use crate::provider::OwnedBy;
 use crate::state::model::{has_retry_left, DeploymentStatus, NodeStatus};
-use crate::state::store_error;
 use crate::sync::lock;
 
 impl Orchestrator {
     /// Resume every deployment that was not final when the engine last stopped.
     pub(crate) async fn recover(&self) -> Result<()> {
         let store = &self.inner().store;
-        let deployments = store.deployments().await.map_err(store_error)?;
+        let deployments = store.deployments().await?;
         for deployment in deployments.into_iter().filter(|d| !d.status.is_final()) {
             let id = deployment.id.clone();
             tracing::info!(deployment_id = %id, status = %deployment.status, "resuming deployment after restart");
             let live = match self.live(&id).await {
                 Ok(live) => live,
                 Err(e) => {
-                    tracing::error!(deployment_id = %id, error = %e, "cannot resume deployment");
+                    tracing::error!(deployment_id = %id, error = %e.report(), "cannot resume deployment");
                     continue;
                 }
             };
@@ -38,7 +37,7 @@ impl Orchestrator {
                     let this = self.clone();
                     self.spawn_tracked(async move {
                         if let Err(e) = this.provision_all(&id, live).await {
-                            tracing::error!(deployment_id = %id, error = %e, "provisioning stopped");
+                            tracing::error!(deployment_id = %id, error = %e.report(), "provisioning stopped");
                         }
                     });
                 }
@@ -47,12 +46,12 @@ impl Orchestrator {
                     let this = self.clone();
                     self.spawn_tracked(async move {
                         if let Err(e) = this.finish_terminate(&id).await {
-                            tracing::error!(deployment_id = %id, error = %e, "terminate failed");
+                            tracing::error!(deployment_id = %id, error = %e.report(), "terminate failed");
                         }
                     });
                 }
                 _ => {
-                    let nodes = store.nodes(&id).await.map_err(store_error)?;
+                    let nodes = store.nodes(&id).await?;
                     for node in nodes {
                         match node.status {
                             NodeStatus::Pending | NodeStatus::Provisioning => {
@@ -103,7 +102,7 @@ impl Orchestrator {
                     listed.push((name, provider, running.collect::<Vec<_>>()));
                 }
                 Err(e) => {
-                    tracing::warn!(provider = %name, error = %e, "cannot list instances for leak checks")
+                    tracing::warn!(provider = %name, error = %crate::error::Report::new(e.as_ref()), "cannot list instances for leak checks")
                 }
             }
         }
@@ -143,7 +142,7 @@ impl Orchestrator {
                 match provider.terminate(&instance.instance).await {
                     Ok(()) => terminated += 1,
                     Err(e) => {
-                        tracing::error!(instance_id = %instance.instance.id, error = %e, "cannot terminate leaked instance")
+                        tracing::error!(instance_id = %instance.instance.id, error = %crate::error::Report::new(e.as_ref()), "cannot terminate leaked instance")
                     }
                 }
             }
@@ -209,7 +208,7 @@ impl Orchestrator {
             {
                 tracing::info!(deployment_id = %deployment.id, "retrying an unfinished terminate");
                 if let Err(e) = self.finish_terminate(&deployment.id).await {
-                    tracing::warn!(deployment_id = %deployment.id, error = %e, "terminate still unfinished");
+                    tracing::warn!(deployment_id = %deployment.id, error = %e.report(), "terminate still unfinished");
                 }
             }
         }
@@ -235,7 +234,7 @@ impl Orchestrator {
                         tracing::info!(deployment_id = %deployment.id, "deployment past retention removed")
                     }
                     Err(e) => {
-                        tracing::warn!(deployment_id = %deployment.id, error = %e, "cannot remove expired deployment")
+                        tracing::warn!(deployment_id = %deployment.id, error = %e.report(), "cannot remove expired deployment")
                     }
                 }
             }

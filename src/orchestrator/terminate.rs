@@ -11,7 +11,6 @@ use crate::error::{Error, Result};
 use crate::state::model::{
     CleanupCounts, DeploymentDetail, DeploymentStatus, NodeStatus, NodeUpdate,
 };
-use crate::state::store_error;
 use crate::sync::lock;
 
 impl Orchestrator {
@@ -32,24 +31,23 @@ impl Orchestrator {
         let id = id.to_owned();
         self.spawn_tracked(async move {
             if let Err(e) = this.finish_terminate(&id).await {
-                tracing::error!(deployment_id = %id, error = %e, "terminate failed");
+                tracing::error!(deployment_id = %id, error = %e.report(), "terminate failed");
             }
         });
         Ok(DeploymentStatus::Terminating)
     }
 
     /// Move the deployment to `terminating` and stop its provisioning and retries. Refused
-    /// (conflict, naming the state) once final.
+    /// ([`Error::is_already_final`], naming the state) once final.
     pub(super) async fn begin_terminate(&self, id: &str) -> Result<()> {
         let store = &self.inner.store;
         if let Err(e) = store
             .update_deployment_status(id, DeploymentStatus::Terminating, None, SystemTime::now())
             .await
         {
-            let e = store_error(e);
-            if e.is_conflict() {
+            if e.is_invalid_transition() {
                 let current = self.deployment_row(id).await?;
-                return Err(Error::conflict(format!(
+                return Err(Error::already_final(format!(
                     "deployment `{id}` is already {}; nothing to terminate",
                     current.status
                 )));
@@ -66,7 +64,7 @@ impl Orchestrator {
     pub(super) async fn finish_terminate(&self, id: &str) -> Result<()> {
         let store = &self.inner.store;
         let live = self.live(id).await?;
-        let nodes = store.nodes(id).await.map_err(store_error)?;
+        let nodes = store.nodes(id).await?;
         let teardown = TaskTracker::new();
         for node in nodes {
             let this = self.clone();
@@ -86,8 +84,7 @@ impl Orchestrator {
         if deployment.status == DeploymentStatus::Terminating && all_final {
             store
                 .update_deployment_status(id, DeploymentStatus::Terminated, None, SystemTime::now())
-                .await
-                .map_err(store_error)?;
+                .await?;
             self.notify();
         }
         Ok(())
@@ -123,15 +120,16 @@ impl Orchestrator {
             message: None,
         };
         if let Err(e) = self.update_node(node_id, terminated).await {
-            tracing::error!(node_id, error = %e, "cannot mark node terminated");
+            tracing::error!(node_id, error = %e.report(), "cannot mark node terminated");
         }
     }
 
-    /// Delete a final deployment's files and forget it. Refused (conflict) while it runs.
+    /// Delete a final deployment's files and forget it. Refused ([`Error::is_not_final`])
+    /// while it runs.
     pub async fn cleanup(&self, id: &str) -> Result<()> {
         let deployment = self.deployment_row(id).await?;
         if !deployment.status.is_final() {
-            return Err(Error::conflict(format!(
+            return Err(Error::not_final(format!(
                 "deployment `{id}` is {}; terminate it first (`taskfly down {id}`) or wait until it ends",
                 deployment.status
             )));
@@ -152,11 +150,7 @@ impl Orchestrator {
                 Err(e) => return Err(Error::io(format!("cannot delete {}", dir.display()), e)),
             }
         }
-        self.inner
-            .store
-            .delete_deployment(id)
-            .await
-            .map_err(store_error)?;
+        self.inner.store.delete_deployment(id).await?;
         lock(&self.inner.live).remove(id);
         tracing::info!(deployment_id = %id, "deployment cleaned up");
         Ok(())
@@ -165,14 +159,14 @@ impl Orchestrator {
     /// Clean up every final deployment.
     pub async fn cleanup_all(&self) -> Result<CleanupCounts> {
         let mut result = CleanupCounts::default();
-        for deployment in self.inner.store.deployments().await.map_err(store_error)? {
+        for deployment in self.inner.store.deployments().await? {
             if !deployment.status.is_final() {
                 continue;
             }
             match self.cleanup(&deployment.id).await {
                 Ok(()) => result.cleaned += 1,
                 Err(e) => {
-                    tracing::warn!(deployment_id = %deployment.id, error = %e, "cleanup failed");
+                    tracing::warn!(deployment_id = %deployment.id, error = %e.report(), "cleanup failed");
                     result.failed += 1;
                 }
             }

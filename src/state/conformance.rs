@@ -7,8 +7,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::model::{Applied, Deployment, DeploymentStatus, Node, NodeStatus, NodeUpdate};
-use super::{store_error, LogLine, LogQuery, LogStream, NewLogLine, Store};
-use crate::error::{BoxError, Error};
+use super::{LogLine, LogQuery, LogStream, NewLogLine, Store};
 use crate::provider::InstanceRef;
 
 /// The log cap the store given to [`check_log_cap`] must have been built with.
@@ -101,10 +100,6 @@ fn provisioned(index: u32) -> NodeUpdate {
     }
 }
 
-fn error(error: BoxError) -> Error {
-    store_error(error)
-}
-
 /// Creates a deployment of `total` pending nodes and moves it to `provisioning`.
 async fn create(store: &dyn Store, id: &str, total: u32, retries: u32) {
     store
@@ -121,7 +116,7 @@ async fn update(store: &dyn Store, node_id: &str, update: NodeUpdate, now: Syste
     store
         .update_node(node_id, update, now)
         .await
-        .unwrap_or_else(|e| panic!("{node_id}: {}", error(e)))
+        .unwrap_or_else(|e| panic!("{node_id}: {}", e))
 }
 
 /// Takes a node from `pending` to `last` (completed or failed) along the happy path.
@@ -201,12 +196,16 @@ async fn creates_and_reads(store: &dyn Store) {
 
     assert_eq!(store.node("conf-read-9").await.unwrap(), None);
     assert_eq!(store.deployment("conf-nothing").await.unwrap(), None);
-    assert!(error(store.nodes("conf-nothing").await.unwrap_err()).is_not_found());
+    assert!(store
+        .nodes("conf-nothing")
+        .await
+        .unwrap_err()
+        .is_not_found());
 
     let again = store
         .create_deployment(deployment(id, 1, 0, at(5)), nodes(id, 1))
         .await;
-    assert!(error(again.unwrap_err()).is_conflict());
+    assert!(again.unwrap_err().is_already_exists());
     assert_eq!(
         snapshot(store, id).await,
         (deployment(id, 3, 2, at(0)), nodes(id, 3)),
@@ -233,8 +232,8 @@ async fn refuses_illegal_transitions_and_changes_nothing(store: &dyn Store) {
         let result = store
             .update_node("conf-illegal-0", attempt.clone(), at(3))
             .await;
-        let e = error(result.unwrap_err());
-        assert!(e.is_conflict(), "{attempt:?}: {e}");
+        let e = result.unwrap_err();
+        assert!(e.is_invalid_transition(), "{attempt:?}: {e}");
         assert_eq!(
             snapshot(store, id).await,
             before,
@@ -242,17 +241,15 @@ async fn refuses_illegal_transitions_and_changes_nothing(store: &dyn Store) {
         );
     }
     // A pending node cannot jump to completed either.
-    let e = error(
-        store
-            .update_node("conf-illegal-1", completed.clone(), at(3))
-            .await
-            .unwrap_err(),
-    );
-    assert!(e.is_conflict(), "{e}");
+    let e = store
+        .update_node("conf-illegal-1", completed.clone(), at(3))
+        .await
+        .unwrap_err();
+    assert!(e.is_invalid_transition(), "{e}");
     assert_eq!(snapshot(store, id).await, before);
 
     let missing = store.update_node("conf-illegal-7", completed, at(3)).await;
-    let e = error(missing.unwrap_err());
+    let e = missing.unwrap_err();
     assert!(e.is_not_found(), "{e:?}");
 }
 
@@ -360,7 +357,7 @@ async fn retries_a_failed_node(store: &dyn Store) {
     let again = store
         .update_node("conf-retry-0", NodeUpdate::Retry, at(6))
         .await;
-    assert!(error(again.unwrap_err()).is_conflict(), "no retry left");
+    assert!(again.unwrap_err().is_invalid_transition(), "no retry left");
 }
 
 /// The instance's locator is stored with its id, read back everywhere a node is read, and
@@ -434,7 +431,7 @@ async fn provision_tokens_work_once(store: &dyn Store) {
     let before = node(store, node_id).await;
     let twice = store.update_node(node_id, register, at(5)).await;
     assert!(
-        error(twice.unwrap_err()).is_conflict(),
+        twice.unwrap_err().is_invalid_transition(),
         "a provision token works once"
     );
     assert_eq!(node(store, node_id).await, before);
@@ -449,7 +446,7 @@ async fn moves_deployments(store: &dyn Store) {
     let early = store
         .update_deployment_status(id, DeploymentStatus::Running, None, at(1))
         .await;
-    assert!(error(early.unwrap_err()).is_conflict());
+    assert!(early.unwrap_err().is_invalid_transition());
     assert_eq!(
         store.deployment(id).await.unwrap(),
         Some(deployment(id, 1, 0, at(0)))
@@ -477,7 +474,7 @@ async fn moves_deployments(store: &dyn Store) {
         .update_deployment_status(id, DeploymentStatus::Terminating, None, at(4))
         .await;
     assert!(
-        error(late.unwrap_err()).is_conflict(),
+        late.unwrap_err().is_invalid_transition(),
         "a final deployment stays"
     );
     assert_eq!(store.deployment(id).await.unwrap(), Some(failed));
@@ -485,7 +482,7 @@ async fn moves_deployments(store: &dyn Store) {
     let missing = store
         .update_deployment_status("conf-nothing", DeploymentStatus::Provisioning, None, at(1))
         .await;
-    assert!(error(missing.unwrap_err()).is_not_found());
+    assert!(missing.unwrap_err().is_not_found());
 }
 
 async fn heartbeats_touch_only_live_nodes(store: &dyn Store) {
@@ -597,9 +594,9 @@ async fn pages_logs(store: &dyn Store) {
     let missing = store
         .append_logs("conf-nothing", vec![log_line(0, 0)])
         .await;
-    assert!(error(missing.unwrap_err()).is_not_found());
+    assert!(missing.unwrap_err().is_not_found());
     let missing = store.logs("conf-nothing", LogQuery::default()).await;
-    assert!(error(missing.unwrap_err()).is_not_found());
+    assert!(missing.unwrap_err().is_not_found());
 }
 
 async fn drops_resent_log_lines(store: &dyn Store) {
@@ -703,13 +700,17 @@ async fn deletes_everything_of_a_deployment(store: &dyn Store) {
     assert!(store.delete_deployment(id).await.unwrap());
     assert_eq!(store.deployment(id).await.unwrap(), None);
     assert_eq!(store.node("conf-delete-0").await.unwrap(), None);
-    assert!(error(store.nodes(id).await.unwrap_err()).is_not_found());
+    assert!(store.nodes(id).await.unwrap_err().is_not_found());
     assert_eq!(
         store.node_by_provision_token(&[0xD1; 32]).await.unwrap(),
         None
     );
     assert_eq!(store.node_by_auth_token(&[0xD2; 32]).await.unwrap(), None);
-    assert!(error(store.logs(id, LogQuery::default()).await.unwrap_err()).is_not_found());
+    assert!(store
+        .logs(id, LogQuery::default())
+        .await
+        .unwrap_err()
+        .is_not_found());
     assert!(!store.delete_deployment(id).await.unwrap(), "already gone");
     assert!(!store.delete_deployment("conf-nothing").await.unwrap());
 

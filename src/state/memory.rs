@@ -8,7 +8,7 @@ use async_trait::async_trait;
 
 use super::model::{self, Applied, Deployment, DeploymentStatus, Node, NodeUpdate};
 use super::{LogLine, LogQuery, LogStream, NewLogLine, Store};
-use crate::error::{BoxError, Error};
+use crate::error::{Error, Result};
 
 /// Default cap on stored log lines per deployment.
 const DEFAULT_MAX_LOG_LINES: usize = 1_000_000;
@@ -71,8 +71,8 @@ impl MemoryStore {
     }
 }
 
-fn unknown_deployment(id: &str) -> BoxError {
-    Box::new(Error::not_found(format!("no deployment `{id}`")))
+fn unknown_deployment(id: &str) -> Error {
+    Error::not_found(format!("no deployment `{id}`"))
 }
 
 fn index_tokens(inner: &mut Inner, before: Option<&Node>, after: &Node) {
@@ -94,17 +94,13 @@ fn index_tokens(inner: &mut Inner, before: Option<&Node>, after: &Node) {
 
 #[async_trait]
 impl Store for MemoryStore {
-    async fn create_deployment(
-        &self,
-        deployment: Deployment,
-        nodes: Vec<Node>,
-    ) -> Result<(), BoxError> {
+    async fn create_deployment(&self, deployment: Deployment, nodes: Vec<Node>) -> Result<()> {
         let mut inner = self.lock();
         if inner.deployments.contains_key(&deployment.id) {
-            return Err(Box::new(Error::conflict(format!(
+            return Err(Error::already_exists(format!(
                 "deployment `{}` already exists",
                 deployment.id
-            ))));
+            )));
         }
         let ids = nodes.iter().map(|n| n.id.clone()).collect();
         for node in nodes {
@@ -116,11 +112,11 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    async fn deployment(&self, id: &str) -> Result<Option<Deployment>, BoxError> {
+    async fn deployment(&self, id: &str) -> Result<Option<Deployment>> {
         Ok(self.lock().deployments.get(id).cloned())
     }
 
-    async fn deployments(&self) -> Result<Vec<Deployment>, BoxError> {
+    async fn deployments(&self) -> Result<Vec<Deployment>> {
         let mut all: Vec<Deployment> = self.lock().deployments.values().cloned().collect();
         all.sort_by(|a, b| {
             b.created_at
@@ -130,11 +126,11 @@ impl Store for MemoryStore {
         Ok(all)
     }
 
-    async fn node(&self, node_id: &str) -> Result<Option<Node>, BoxError> {
+    async fn node(&self, node_id: &str) -> Result<Option<Node>> {
         Ok(self.lock().nodes.get(node_id).cloned())
     }
 
-    async fn nodes(&self, deployment_id: &str) -> Result<Vec<Node>, BoxError> {
+    async fn nodes(&self, deployment_id: &str) -> Result<Vec<Node>> {
         let inner = self.lock();
         let ids = inner
             .nodes_by_deployment
@@ -146,7 +142,7 @@ impl Store for MemoryStore {
             .collect())
     }
 
-    async fn node_by_provision_token(&self, hash: &[u8; 32]) -> Result<Option<Node>, BoxError> {
+    async fn node_by_provision_token(&self, hash: &[u8; 32]) -> Result<Option<Node>> {
         let inner = self.lock();
         Ok(inner
             .provision_tokens
@@ -155,7 +151,7 @@ impl Store for MemoryStore {
             .cloned())
     }
 
-    async fn node_by_auth_token(&self, hash: &[u8; 32]) -> Result<Option<Node>, BoxError> {
+    async fn node_by_auth_token(&self, hash: &[u8; 32]) -> Result<Option<Node>> {
         let inner = self.lock();
         Ok(inner
             .auth_tokens
@@ -169,17 +165,13 @@ impl Store for MemoryStore {
         node_id: &str,
         update: NodeUpdate,
         now: SystemTime,
-    ) -> Result<Applied, BoxError> {
+    ) -> Result<Applied> {
         let mut inner = self.lock();
         let mut node = inner
             .nodes
             .get(node_id)
             .cloned()
-            // Typed as a `BoxError` so that `?` does not box the `Box<Error>` a second time,
-            // which would hide from `store_error` that this is the crate's not-found error.
-            .ok_or_else(|| -> BoxError {
-                Box::new(Error::not_found(format!("no node `{node_id}`")))
-            })?;
+            .ok_or_else(|| Error::not_found(format!("no node `{node_id}`")))?;
         let before = node.clone();
         let mut deployment = inner
             .deployments
@@ -199,7 +191,7 @@ impl Store for MemoryStore {
         to: DeploymentStatus,
         message: Option<String>,
         now: SystemTime,
-    ) -> Result<Deployment, BoxError> {
+    ) -> Result<Deployment> {
         let mut inner = self.lock();
         let deployment = inner
             .deployments
@@ -211,7 +203,7 @@ impl Store for MemoryStore {
         Ok(next)
     }
 
-    async fn touch_node(&self, node_id: &str, now: SystemTime) -> Result<(), BoxError> {
+    async fn touch_node(&self, node_id: &str, now: SystemTime) -> Result<()> {
         if let Some(node) = self.lock().nodes.get_mut(node_id) {
             if !node.status.is_final() {
                 node.last_update = now;
@@ -220,11 +212,7 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    async fn append_logs(
-        &self,
-        deployment_id: &str,
-        lines: Vec<NewLogLine>,
-    ) -> Result<u64, BoxError> {
+    async fn append_logs(&self, deployment_id: &str, lines: Vec<NewLogLine>) -> Result<u64> {
         let mut inner = self.lock();
         if !inner.deployments.contains_key(deployment_id) {
             return Err(unknown_deployment(deployment_id));
@@ -257,7 +245,7 @@ impl Store for MemoryStore {
         Ok(log.last_seq)
     }
 
-    async fn logs(&self, deployment_id: &str, query: LogQuery) -> Result<Vec<LogLine>, BoxError> {
+    async fn logs(&self, deployment_id: &str, query: LogQuery) -> Result<Vec<LogLine>> {
         let inner = self.lock();
         if !inner.deployments.contains_key(deployment_id) {
             return Err(unknown_deployment(deployment_id));
@@ -276,7 +264,7 @@ impl Store for MemoryStore {
             .collect())
     }
 
-    async fn delete_deployment(&self, id: &str) -> Result<bool, BoxError> {
+    async fn delete_deployment(&self, id: &str) -> Result<bool> {
         let mut inner = self.lock();
         let Some(_) = inner.deployments.remove(id) else {
             return Ok(false);

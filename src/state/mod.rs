@@ -13,7 +13,7 @@ use std::time::SystemTime;
 
 use async_trait::async_trait;
 
-use crate::error::{BoxError, Error};
+use crate::error::Result;
 pub use memory::MemoryStore;
 use model::{Applied, Deployment, DeploymentStatus, Node, NodeUpdate};
 #[cfg(feature = "sqlite")]
@@ -101,37 +101,38 @@ pub struct LogQuery {
 /// Every state change goes through [`Store::update_node`] and
 /// [`Store::update_deployment_status`], which must apply [`model::apply_node_update`] and
 /// [`model::apply_deployment_status`] atomically (under a lock or in a transaction), so all
-/// backends enforce the same state machines. Errors are boxed; an error that is a
-/// [`crate::Error`] (a refused transition, say) reaches the caller unchanged.
+/// backends enforce the same state machines.
+///
+/// Errors are the crate's [`crate::Error`], which reach the engine's caller unchanged: a
+/// refused transition is the error the `model` function returned; an unknown deployment or
+/// node is [`crate::Error::not_found`]; creating a deployment whose id is taken is
+/// [`crate::Error::already_exists`]; any failure of the backend itself is
+/// [`crate::Error::store`], with the backend's own error as its cause.
 ///
 /// Cancellation: the engine awaits store futures to completion; a dropped future (engine
 /// shutdown) must leave the store consistent, either with or without the change.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Insert a new deployment and its nodes.
-    async fn create_deployment(
-        &self,
-        deployment: Deployment,
-        nodes: Vec<Node>,
-    ) -> Result<(), BoxError>;
+    async fn create_deployment(&self, deployment: Deployment, nodes: Vec<Node>) -> Result<()>;
 
     /// One deployment.
-    async fn deployment(&self, id: &str) -> Result<Option<Deployment>, BoxError>;
+    async fn deployment(&self, id: &str) -> Result<Option<Deployment>>;
 
     /// Every deployment, newest first.
-    async fn deployments(&self) -> Result<Vec<Deployment>, BoxError>;
+    async fn deployments(&self) -> Result<Vec<Deployment>>;
 
     /// One node by id.
-    async fn node(&self, node_id: &str) -> Result<Option<Node>, BoxError>;
+    async fn node(&self, node_id: &str) -> Result<Option<Node>>;
 
     /// The nodes of a deployment, by index.
-    async fn nodes(&self, deployment_id: &str) -> Result<Vec<Node>, BoxError>;
+    async fn nodes(&self, deployment_id: &str) -> Result<Vec<Node>>;
 
     /// The node holding this (unused) provision token hash.
-    async fn node_by_provision_token(&self, hash: &[u8; 32]) -> Result<Option<Node>, BoxError>;
+    async fn node_by_provision_token(&self, hash: &[u8; 32]) -> Result<Option<Node>>;
 
     /// The node holding this auth token hash.
-    async fn node_by_auth_token(&self, hash: &[u8; 32]) -> Result<Option<Node>, BoxError>;
+    async fn node_by_auth_token(&self, hash: &[u8; 32]) -> Result<Option<Node>>;
 
     /// Apply `update` to a node and its deployment atomically, via [`model::apply_node_update`].
     async fn update_node(
@@ -139,7 +140,7 @@ pub trait Store: Send + Sync + 'static {
         node_id: &str,
         update: NodeUpdate,
         now: SystemTime,
-    ) -> Result<Applied, BoxError>;
+    ) -> Result<Applied>;
 
     /// Move a deployment, via [`model::apply_deployment_status`].
     async fn update_deployment_status(
@@ -148,31 +149,19 @@ pub trait Store: Send + Sync + 'static {
         to: DeploymentStatus,
         message: Option<String>,
         now: SystemTime,
-    ) -> Result<Deployment, BoxError>;
+    ) -> Result<Deployment>;
 
     /// Record a heartbeat: the node's `last_update` becomes `now`, its state is untouched.
     /// Cheap: backends should not write to disk for it.
-    async fn touch_node(&self, node_id: &str, now: SystemTime) -> Result<(), BoxError>;
+    async fn touch_node(&self, node_id: &str, now: SystemTime) -> Result<()>;
 
     /// Append log lines of a deployment, dropping resent duplicates (see
     /// [`NewLogLine::line_no`]); returns the `seq` of the last stored line.
-    async fn append_logs(
-        &self,
-        deployment_id: &str,
-        lines: Vec<NewLogLine>,
-    ) -> Result<u64, BoxError>;
+    async fn append_logs(&self, deployment_id: &str, lines: Vec<NewLogLine>) -> Result<u64>;
 
     /// Read log lines of a deployment, oldest first.
-    async fn logs(&self, deployment_id: &str, query: LogQuery) -> Result<Vec<LogLine>, BoxError>;
+    async fn logs(&self, deployment_id: &str, query: LogQuery) -> Result<Vec<LogLine>>;
 
     /// Forget a deployment, its nodes and logs. Returns whether it existed.
-    async fn delete_deployment(&self, id: &str) -> Result<bool, BoxError>;
-}
-
-/// Turns a store's boxed error into the crate's: our own errors pass through unchanged.
-pub(crate) fn store_error(error: BoxError) -> Error {
-    match error.downcast::<Error>() {
-        Ok(error) => *error,
-        Err(other) => Error::store("the state store failed", other),
-    }
+    async fn delete_deployment(&self, id: &str) -> Result<bool>;
 }

@@ -378,7 +378,7 @@ pub fn apply_node_update(
         }
         NodeUpdate::Registered { auth_token_hash } => {
             if node.provision_token_hash.is_none() {
-                return Err(Error::conflict(format!(
+                return Err(Error::invalid_transition(format!(
                     "node {} has already registered; a provision token works once",
                     node.id
                 )));
@@ -449,7 +449,7 @@ fn check_node_transition(deployment: &Deployment, node: &Node, to: NodeStatus) -
     if allowed {
         Ok(())
     } else {
-        Err(Error::conflict(format!(
+        Err(Error::invalid_transition(format!(
             "node {} cannot go from {} to {}",
             node.id, node.status, to
         )))
@@ -457,7 +457,7 @@ fn check_node_transition(deployment: &Deployment, node: &Node, to: NodeStatus) -
 }
 
 fn refused(node: &Node, what: &str) -> Error {
-    Error::conflict(format!(
+    Error::invalid_transition(format!(
         "cannot {what} node {} in state {}",
         node.id, node.status
     ))
@@ -529,7 +529,7 @@ pub fn apply_deployment_status(
     now: SystemTime,
 ) -> Result<()> {
     if !deployment.status.can_become(to) {
-        return Err(Error::conflict(format!(
+        return Err(Error::invalid_transition(format!(
             "deployment {} cannot go from {} to {}",
             deployment.id, deployment.status, to
         )));
@@ -783,7 +783,7 @@ mod tests {
             let before = (d.clone(), n.clone());
             let err =
                 apply_node_update(&mut d, &mut n, status(*to), SystemTime::now()).unwrap_err();
-            assert!(err.is_conflict(), "{to}: {err}");
+            assert!(err.is_invalid_transition(), "{to}: {err}");
             assert_eq!(
                 (d.clone(), n.clone()),
                 before,
@@ -848,7 +848,7 @@ mod tests {
         assert_eq!(d.nodes_failed, 1);
         assert_eq!(d.status, DeploymentStatus::Failed);
         let err = apply_node_update(&mut d, &mut n, NodeUpdate::Retry, SystemTime::now());
-        assert!(err.unwrap_err().is_conflict(), "no retry left");
+        assert!(err.unwrap_err().is_invalid_transition(), "no retry left");
     }
 
     #[test]
@@ -890,7 +890,7 @@ mod tests {
         apply_node_update(&mut d, &mut n, status(NodeStatus::Completed), now).unwrap();
         assert!(apply_node_update(&mut d, &mut n, provisioned, now)
             .unwrap_err()
-            .is_conflict());
+            .is_invalid_transition());
     }
 
     #[test]
@@ -913,7 +913,7 @@ mod tests {
         assert_eq!(n.provision_token_hash, None);
         assert!(apply_node_update(&mut d, &mut n, registered, now)
             .unwrap_err()
-            .is_conflict());
+            .is_invalid_transition());
     }
 
     #[test]
@@ -933,7 +933,7 @@ mod tests {
         assert!(
             apply_deployment_status(&mut d, DeploymentStatus::Running, None, now)
                 .unwrap_err()
-                .is_conflict()
+                .is_invalid_transition()
         );
     }
 }

@@ -17,7 +17,7 @@ use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, Transact
 
 use super::model::{self, Applied, Deployment, DeploymentStatus, Node, NodeStatus, NodeUpdate};
 use super::{LogLine, LogQuery, LogStream, NewLogLine, Store};
-use crate::error::{BoxError, Error};
+use crate::error::{Error, Result};
 use crate::sync::lock;
 
 /// The schema this code reads and writes, kept in `PRAGMA user_version`: 1 was taskfly 0.1's,
@@ -187,11 +187,7 @@ impl fmt::Debug for SqliteStore {
 
 impl SqliteStore {
     /// The node found by `select` (one of the token-hash lookups), heartbeats overlaid.
-    async fn node_by_hash(
-        &self,
-        select: &'static str,
-        hash: [u8; 32],
-    ) -> Result<Option<Node>, BoxError> {
+    async fn node_by_hash(&self, select: &'static str, hash: [u8; 32]) -> Result<Option<Node>> {
         self.run(move |shared, conn| {
             let mut statement = conn.prepare_cached(select)?;
             let mut node = statement
@@ -257,9 +253,9 @@ impl SqliteStore {
 
     /// Runs `f` with the connection on tokio's blocking pool. The task runs to completion even
     /// if the returned future is dropped.
-    async fn run<T, F>(&self, f: F) -> Result<T, BoxError>
+    async fn run<T, F>(&self, f: F) -> Result<T>
     where
-        F: FnOnce(&Shared, &mut Connection) -> Result<T, BoxError> + Send + 'static,
+        F: FnOnce(&Shared, &mut Connection) -> Result<T, DbError> + Send + 'static,
         T: Send + 'static,
     {
         let shared = Arc::clone(&self.shared);
@@ -268,12 +264,8 @@ impl SqliteStore {
             f(&shared, &mut conn)
         })
         .await
-        .map_err(|e| -> BoxError {
-            Box::new(Error::store(
-                "a state store task did not finish",
-                Box::new(e),
-            ))
-        })?
+        .map_err(|e| Error::store("a state store task did not finish", e))?
+        .map_err(DbError::into_error)
     }
 }
 
@@ -412,7 +404,7 @@ fn migrate(conn: &mut Connection, name: &str) -> crate::Result<()> {
 }
 
 fn sqlite_error(message: impl Into<String>, error: rusqlite::Error) -> Error {
-    Error::store(message, Box::new(error))
+    Error::store(message, error)
 }
 
 /// What is wrong with data read back from the database; the cause of a store [`Error`].
@@ -427,19 +419,50 @@ impl fmt::Display for BadData {
 
 impl std::error::Error for BadData {}
 
-fn bad_data(message: String) -> BoxError {
-    Box::new(Error::store(
+fn bad_data(message: String) -> DbError {
+    Error::store(
         "the state database holds a value this taskfly cannot read",
-        Box::new(BadData(message)),
-    ))
+        BadData(message),
+    )
+    .into()
 }
 
-fn unknown_deployment(id: &str) -> BoxError {
-    Box::new(Error::not_found(format!("no deployment `{id}`")))
+fn unknown_deployment(id: &str) -> DbError {
+    Error::not_found(format!("no deployment `{id}`")).into()
 }
 
-fn unknown_node(id: &str) -> BoxError {
-    Box::new(Error::not_found(format!("no node `{id}`")))
+fn unknown_node(id: &str) -> DbError {
+    Error::not_found(format!("no node `{id}`")).into()
+}
+
+/// What fails inside a database call: SQLite itself, or the crate (a refused transition, an
+/// unknown id, unreadable data). `?` turns either into it; [`SqliteStore::run`] turns it into
+/// the crate's error.
+#[derive(Debug)]
+enum DbError {
+    Sqlite(rusqlite::Error),
+    Taskfly(Error),
+}
+
+impl DbError {
+    fn into_error(self) -> Error {
+        match self {
+            DbError::Sqlite(error) => Error::store("the state store failed", error),
+            DbError::Taskfly(error) => error,
+        }
+    }
+}
+
+impl From<rusqlite::Error> for DbError {
+    fn from(error: rusqlite::Error) -> Self {
+        DbError::Sqlite(error)
+    }
+}
+
+impl From<Error> for DbError {
+    fn from(error: Error) -> Self {
+        DbError::Taskfly(error)
+    }
 }
 
 /// Milliseconds since the Unix epoch, negative before it, saturating far out of range.
@@ -466,7 +489,7 @@ fn column_name(row: &Row<'_>, index: usize) -> String {
         .map_or_else(|_| format!("column {index}"), str::to_owned)
 }
 
-fn read_u32(row: &Row<'_>, index: usize) -> Result<u32, BoxError> {
+fn read_u32(row: &Row<'_>, index: usize) -> Result<u32, DbError> {
     let value: i64 = row.get(index)?;
     u32::try_from(value).map_err(|_| {
         bad_data(format!(
@@ -476,7 +499,7 @@ fn read_u32(row: &Row<'_>, index: usize) -> Result<u32, BoxError> {
     })
 }
 
-fn read_u64(row: &Row<'_>, index: usize) -> Result<u64, BoxError> {
+fn read_u64(row: &Row<'_>, index: usize) -> Result<u64, DbError> {
     let value: i64 = row.get(index)?;
     u64::try_from(value).map_err(|_| {
         bad_data(format!(
@@ -486,21 +509,21 @@ fn read_u64(row: &Row<'_>, index: usize) -> Result<u64, BoxError> {
     })
 }
 
-fn time_from_ms(ms: i64, what: impl FnOnce() -> String) -> Result<SystemTime, BoxError> {
+fn time_from_ms(ms: i64, what: impl FnOnce() -> String) -> Result<SystemTime, DbError> {
     from_ms(ms).ok_or_else(|| bad_data(format!("{} is {ms}, out of range", what())))
 }
 
-fn read_time(row: &Row<'_>, index: usize) -> Result<SystemTime, BoxError> {
+fn read_time(row: &Row<'_>, index: usize) -> Result<SystemTime, DbError> {
     time_from_ms(row.get(index)?, || column_name(row, index))
 }
 
-fn read_optional_time(row: &Row<'_>, index: usize) -> Result<Option<SystemTime>, BoxError> {
+fn read_optional_time(row: &Row<'_>, index: usize) -> Result<Option<SystemTime>, DbError> {
     let ms: Option<i64> = row.get(index)?;
     ms.map(|ms| time_from_ms(ms, || column_name(row, index)))
         .transpose()
 }
 
-fn read_hash(row: &Row<'_>, index: usize) -> Result<Option<[u8; 32]>, BoxError> {
+fn read_hash(row: &Row<'_>, index: usize) -> Result<Option<[u8; 32]>, DbError> {
     let bytes: Option<Vec<u8>> = row.get(index)?;
     bytes
         .map(|bytes| {
@@ -518,13 +541,13 @@ fn read_hash(row: &Row<'_>, index: usize) -> Result<Option<[u8; 32]>, BoxError> 
 fn read_status<S: std::str::FromStr<Err = Error>>(
     row: &Row<'_>,
     index: usize,
-) -> Result<S, BoxError> {
+) -> Result<S, DbError> {
     let name: String = row.get(index)?;
     name.parse()
         .map_err(|e: Error| bad_data(format!("{}: {e}", column_name(row, index))))
 }
 
-fn deployment_from_row(row: &Row<'_>) -> Result<Deployment, BoxError> {
+fn deployment_from_row(row: &Row<'_>) -> Result<Deployment, DbError> {
     Ok(Deployment {
         id: row.get(0)?,
         status: read_status(row, 1)?,
@@ -541,7 +564,7 @@ fn deployment_from_row(row: &Row<'_>) -> Result<Deployment, BoxError> {
     })
 }
 
-fn node_from_row(row: &Row<'_>) -> Result<Node, BoxError> {
+fn node_from_row(row: &Row<'_>) -> Result<Node, DbError> {
     let exit_code: Option<i64> = row.get(8)?;
     let exit_code = exit_code
         .map(|code| {
@@ -565,7 +588,7 @@ fn node_from_row(row: &Row<'_>) -> Result<Node, BoxError> {
     })
 }
 
-fn log_line_from_row(row: &Row<'_>) -> Result<LogLine, BoxError> {
+fn log_line_from_row(row: &Row<'_>) -> Result<LogLine, DbError> {
     let stream: String = row.get(3)?;
     Ok(LogLine {
         seq: read_u64(row, 0)?,
@@ -582,8 +605,8 @@ fn log_line_from_row(row: &Row<'_>) -> Result<LogLine, BoxError> {
 fn query_all<T>(
     statement: &mut rusqlite::Statement<'_>,
     params: impl rusqlite::Params,
-    decode: fn(&Row<'_>) -> Result<T, BoxError>,
-) -> Result<Vec<T>, BoxError> {
+    decode: fn(&Row<'_>) -> Result<T, DbError>,
+) -> Result<Vec<T>, DbError> {
     let mut rows = statement.query(params)?;
     let mut decoded = Vec::new();
     while let Some(row) = rows.next()? {
@@ -592,7 +615,7 @@ fn query_all<T>(
     Ok(decoded)
 }
 
-fn select_deployment(conn: &Connection, id: &str) -> Result<Option<Deployment>, BoxError> {
+fn select_deployment(conn: &Connection, id: &str) -> Result<Option<Deployment>, DbError> {
     let mut select = conn.prepare_cached(concat!(
         "SELECT ",
         deployment_columns!(),
@@ -602,13 +625,13 @@ fn select_deployment(conn: &Connection, id: &str) -> Result<Option<Deployment>, 
     rows.next()?.map(deployment_from_row).transpose()
 }
 
-fn deployment_exists(conn: &Connection, id: &str) -> Result<bool, BoxError> {
+fn deployment_exists(conn: &Connection, id: &str) -> Result<bool, DbError> {
     let mut select = conn.prepare_cached("SELECT 1 FROM deployments WHERE id = ?1")?;
     Ok(select.exists([id])?)
 }
 
 /// One node, as its row holds it (without the heartbeat overlay).
-fn select_node(conn: &Connection, id: &str) -> Result<Option<Node>, BoxError> {
+fn select_node(conn: &Connection, id: &str) -> Result<Option<Node>, DbError> {
     let mut select = conn.prepare_cached(concat!(
         "SELECT ",
         node_columns!(),
@@ -701,18 +724,15 @@ fn write_deployment(tx: &Transaction<'_>, deployment: &Deployment) -> rusqlite::
 
 #[async_trait]
 impl Store for SqliteStore {
-    async fn create_deployment(
-        &self,
-        deployment: Deployment,
-        nodes: Vec<Node>,
-    ) -> Result<(), BoxError> {
+    async fn create_deployment(&self, deployment: Deployment, nodes: Vec<Node>) -> Result<()> {
         self.run(move |_, conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             if deployment_exists(&tx, &deployment.id)? {
-                return Err(Box::new(Error::conflict(format!(
+                return Err(Error::already_exists(format!(
                     "deployment `{}` already exists",
                     deployment.id
-                ))));
+                ))
+                .into());
             }
             tx.prepare_cached(concat!(
                 "INSERT INTO deployments (",
@@ -742,12 +762,12 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn deployment(&self, id: &str) -> Result<Option<Deployment>, BoxError> {
+    async fn deployment(&self, id: &str) -> Result<Option<Deployment>> {
         let id = id.to_owned();
         self.run(move |_, conn| select_deployment(conn, &id)).await
     }
 
-    async fn deployments(&self) -> Result<Vec<Deployment>, BoxError> {
+    async fn deployments(&self) -> Result<Vec<Deployment>> {
         self.run(|_, conn| {
             let mut select = conn.prepare_cached(concat!(
                 "SELECT ",
@@ -759,7 +779,7 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn node(&self, node_id: &str) -> Result<Option<Node>, BoxError> {
+    async fn node(&self, node_id: &str) -> Result<Option<Node>> {
         let node_id = node_id.to_owned();
         self.run(move |shared, conn| {
             let mut node = select_node(conn, &node_id)?;
@@ -769,7 +789,7 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn nodes(&self, deployment_id: &str) -> Result<Vec<Node>, BoxError> {
+    async fn nodes(&self, deployment_id: &str) -> Result<Vec<Node>> {
         let deployment_id = deployment_id.to_owned();
         self.run(move |shared, conn| {
             // One read transaction, so the existence check and the rows agree.
@@ -792,7 +812,7 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn node_by_provision_token(&self, hash: &[u8; 32]) -> Result<Option<Node>, BoxError> {
+    async fn node_by_provision_token(&self, hash: &[u8; 32]) -> Result<Option<Node>> {
         self.node_by_hash(
             concat!(
                 "SELECT ",
@@ -804,7 +824,7 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn node_by_auth_token(&self, hash: &[u8; 32]) -> Result<Option<Node>, BoxError> {
+    async fn node_by_auth_token(&self, hash: &[u8; 32]) -> Result<Option<Node>> {
         self.node_by_hash(
             concat!(
                 "SELECT ",
@@ -821,7 +841,7 @@ impl Store for SqliteStore {
         node_id: &str,
         update: NodeUpdate,
         now: SystemTime,
-    ) -> Result<Applied, BoxError> {
+    ) -> Result<Applied> {
         let node_id = node_id.to_owned();
         self.run(move |shared, conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -850,7 +870,7 @@ impl Store for SqliteStore {
         to: DeploymentStatus,
         message: Option<String>,
         now: SystemTime,
-    ) -> Result<Deployment, BoxError> {
+    ) -> Result<Deployment> {
         let id = id.to_owned();
         self.run(move |_, conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -864,7 +884,7 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn touch_node(&self, node_id: &str, now: SystemTime) -> Result<(), BoxError> {
+    async fn touch_node(&self, node_id: &str, now: SystemTime) -> Result<()> {
         // A node with an entry is known to exist and not to be final, so its heartbeat only
         // updates memory, until the time is due to be saved.
         {
@@ -923,11 +943,7 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn append_logs(
-        &self,
-        deployment_id: &str,
-        lines: Vec<NewLogLine>,
-    ) -> Result<u64, BoxError> {
+    async fn append_logs(&self, deployment_id: &str, lines: Vec<NewLogLine>) -> Result<u64> {
         let deployment_id = deployment_id.to_owned();
         let max_log_lines = i64::try_from(self.max_log_lines).unwrap_or(i64::MAX);
         self.run(move |_, conn| {
@@ -996,7 +1012,7 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn logs(&self, deployment_id: &str, query: LogQuery) -> Result<Vec<LogLine>, BoxError> {
+    async fn logs(&self, deployment_id: &str, query: LogQuery) -> Result<Vec<LogLine>> {
         let deployment_id = deployment_id.to_owned();
         let after = i64::try_from(query.after).unwrap_or(i64::MAX);
         let limit = i64::try_from(query.limit).unwrap_or(i64::MAX);
@@ -1036,7 +1052,7 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn delete_deployment(&self, id: &str) -> Result<bool, BoxError> {
+    async fn delete_deployment(&self, id: &str) -> Result<bool> {
         let id = id.to_owned();
         self.run(move |shared, conn| {
             // The foreign keys delete its nodes and log lines in the same statement.
@@ -1384,7 +1400,7 @@ mod tests {
         drop(conn);
         let error = SqliteStore::open(&path).unwrap_err();
         assert!(error.is_store(), "{error}");
-        assert!(error.to_string().contains("newer taskfly"), "{error}");
+        assert!(error.report().to_string().contains("newer taskfly"), "{error:?}");
     }
 
     /// A database written by taskfly 0.1 (schema 1, no `instance_locator`) opens, is brought
@@ -1474,19 +1490,17 @@ mod tests {
             )
             .unwrap();
         }
-        let error = crate::state::store_error(store.node("dep-bad-0").await.unwrap_err());
+        let error = store.node("dep-bad-0").await.unwrap_err();
         assert!(error.is_store(), "{error}");
-        assert!(error.to_string().contains("dancing"), "{error}");
-        let error = crate::state::store_error(store.nodes("dep-bad").await.unwrap_err());
+        assert!(error.report().to_string().contains("dancing"), "{error:?}");
+        let error = store.nodes("dep-bad").await.unwrap_err();
         assert!(error.is_store(), "{error}");
-        let error = crate::state::store_error(store.deployments().await.unwrap_err());
+        let error = store.deployments().await.unwrap_err();
         assert!(error.is_store(), "{error}");
-        let error = crate::state::store_error(
-            store
-                .update_node("dep-bad-0", status(NodeStatus::Provisioning), at(1))
-                .await
-                .unwrap_err(),
-        );
+        let error = store
+            .update_node("dep-bad-0", status(NodeStatus::Provisioning), at(1))
+            .await
+            .unwrap_err();
         assert!(error.is_store(), "{error}");
     }
 

@@ -973,7 +973,7 @@ async fn terminating_running_nodes_kills_their_scripts() {
     assert_eq!(processes_with_env(&env_marker), Vec::<u32>::new());
     // A final deployment cannot be terminated again.
     let error = engine.engine.terminate(&id).await.expect_err("again");
-    assert!(error.is_conflict(), "{error}");
+    assert!(error.is_conflict() && error.is_already_final(), "{error}");
     engine.stop().await;
 }
 

@@ -116,7 +116,7 @@ async fn clients_that_do_not_trust_the_certificate_or_speak_http_are_refused() {
         .await
         .expect_err("untrusted certificate");
     assert!(error.is_transport() && error.is_certificate(), "{error:?}");
-    let text = error.to_string();
+    let text = error.report().to_string();
     assert!(text.contains("certificate"), "{text}");
     assert!(text.contains("unknown issuer"), "{text}");
     assert!(text.contains(&engine.url), "names the daemon: {text}");

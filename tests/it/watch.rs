@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use taskfly::state::model::{Applied, Deployment, DeploymentStatus, Node, NodeUpdate};
 use taskfly::state::{LogLine, LogQuery, NewLogLine};
-use taskfly::{BoxError, MemoryStore, Store};
+use taskfly::{MemoryStore, Result, Store};
 
 use crate::support::{local_yml, Project, TestEngine};
 
@@ -27,36 +27,32 @@ impl CountingStore {
 
 #[async_trait]
 impl Store for CountingStore {
-    async fn create_deployment(
-        &self,
-        deployment: Deployment,
-        nodes: Vec<Node>,
-    ) -> Result<(), BoxError> {
+    async fn create_deployment(&self, deployment: Deployment, nodes: Vec<Node>) -> Result<()> {
         self.inner.create_deployment(deployment, nodes).await
     }
 
-    async fn deployment(&self, id: &str) -> Result<Option<Deployment>, BoxError> {
+    async fn deployment(&self, id: &str) -> Result<Option<Deployment>> {
         self.inner.deployment(id).await
     }
 
-    async fn deployments(&self) -> Result<Vec<Deployment>, BoxError> {
+    async fn deployments(&self) -> Result<Vec<Deployment>> {
         self.inner.deployments().await
     }
 
-    async fn node(&self, node_id: &str) -> Result<Option<Node>, BoxError> {
+    async fn node(&self, node_id: &str) -> Result<Option<Node>> {
         self.inner.node(node_id).await
     }
 
-    async fn nodes(&self, deployment_id: &str) -> Result<Vec<Node>, BoxError> {
+    async fn nodes(&self, deployment_id: &str) -> Result<Vec<Node>> {
         self.node_list_reads.fetch_add(1, Ordering::SeqCst);
         self.inner.nodes(deployment_id).await
     }
 
-    async fn node_by_provision_token(&self, hash: &[u8; 32]) -> Result<Option<Node>, BoxError> {
+    async fn node_by_provision_token(&self, hash: &[u8; 32]) -> Result<Option<Node>> {
         self.inner.node_by_provision_token(hash).await
     }
 
-    async fn node_by_auth_token(&self, hash: &[u8; 32]) -> Result<Option<Node>, BoxError> {
+    async fn node_by_auth_token(&self, hash: &[u8; 32]) -> Result<Option<Node>> {
         self.inner.node_by_auth_token(hash).await
     }
 
@@ -65,7 +61,7 @@ impl Store for CountingStore {
         node_id: &str,
         update: NodeUpdate,
         now: SystemTime,
-    ) -> Result<Applied, BoxError> {
+    ) -> Result<Applied> {
         self.inner.update_node(node_id, update, now).await
     }
 
@@ -75,29 +71,25 @@ impl Store for CountingStore {
         to: DeploymentStatus,
         message: Option<String>,
         now: SystemTime,
-    ) -> Result<Deployment, BoxError> {
+    ) -> Result<Deployment> {
         self.inner
             .update_deployment_status(id, to, message, now)
             .await
     }
 
-    async fn touch_node(&self, node_id: &str, now: SystemTime) -> Result<(), BoxError> {
+    async fn touch_node(&self, node_id: &str, now: SystemTime) -> Result<()> {
         self.inner.touch_node(node_id, now).await
     }
 
-    async fn append_logs(
-        &self,
-        deployment_id: &str,
-        lines: Vec<NewLogLine>,
-    ) -> Result<u64, BoxError> {
+    async fn append_logs(&self, deployment_id: &str, lines: Vec<NewLogLine>) -> Result<u64> {
         self.inner.append_logs(deployment_id, lines).await
     }
 
-    async fn logs(&self, deployment_id: &str, query: LogQuery) -> Result<Vec<LogLine>, BoxError> {
+    async fn logs(&self, deployment_id: &str, query: LogQuery) -> Result<Vec<LogLine>> {
         self.inner.logs(deployment_id, query).await
     }
 
-    async fn delete_deployment(&self, id: &str) -> Result<bool, BoxError> {
+    async fn delete_deployment(&self, id: &str) -> Result<bool> {
         self.inner.delete_deployment(id).await
     }
 }
@@ -161,6 +153,7 @@ async fn a_watch_fails_instead_of_hanging_when_the_engine_stops() {
             Err(error) => break error,
         }
     };
+    assert!(error.is_shutting_down(), "{error:?}");
     assert!(error.to_string().contains("shut down"), "{error}");
     let waited = tokio::time::timeout(Duration::from_secs(10), waiting)
         .await

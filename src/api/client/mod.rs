@@ -43,7 +43,7 @@ mod retry;
 #[cfg(test)]
 mod tests;
 
-use retry::{describe_chain, is_transient, Failure};
+use retry::{is_transient, Failure};
 
 /// Every API path starts with this.
 const API_PREFIX: &str = "/api/v1";
@@ -463,7 +463,7 @@ impl Client {
             error: Error::transport(format!(
                 "cannot reach the daemon at {}: {}",
                 self.base,
-                describe_chain(error)
+                crate::error::Report::new(error)
             )),
             transient: is_transient(error),
         }

@@ -117,17 +117,3 @@ pub(super) fn is_transient(error: &(dyn StdError + 'static)) -> bool {
     }
     false
 }
-
-/// `outer: inner: innermost`, skipping a layer that repeats the one below it.
-pub(super) fn describe_chain(error: &(dyn StdError + 'static)) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    let mut current = Some(error);
-    while let Some(e) = current {
-        let text = e.to_string();
-        if parts.last() != Some(&text) {
-            parts.push(text);
-        }
-        current = e.source();
-    }
-    parts.join(": ")
-}

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use taskfly::wire::{DeploymentStatus, DeploymentView, LogLineView, NodeStatus};
 use taskfly::{
-    Client, Config, DeploymentConfig, Error, MetadataGenerator, Orchestrator, Server, ServerConfig,
+    Client, Config, DeploymentConfig, Error, MetadataGenerator, Orchestrator, Report, Server,
+    ServerConfig,
 };
 
 use crate::output::{self, Progress};
@@ -100,7 +101,7 @@ fn failure(cli: Option<&Cli>, error: Error) -> Failure {
     };
     let mut message = error.message().to_owned();
     if let Some(source) = std::error::Error::source(&error) {
-        message = format!("{message}: {source}");
+        message = format!("{message}: {}", Report::new(source));
     }
     let mut hint = None;
     if let Some(cli) = cli {

@@ -659,7 +659,7 @@ impl Provider for AwsProvider {
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(place = %location, error = %e, "cannot list TaskFly's EC2 instances");
+                    tracing::warn!(place = %location, error = %crate::error::Report::new(&e), "cannot list TaskFly's EC2 instances");
                     failures.push(e);
                 }
             }

@@ -209,7 +209,7 @@ impl Provider for LocalProvider {
     /// started in one step after the only await.
     async fn provision(&self, spec: InstanceSpec) -> Result<Instance, BoxError> {
         if self.shutdown.is_cancelled() {
-            return Err(Error::conflict("the local provider is shutting down").into());
+            return Err(Error::shutting_down("the local provider is shutting down").into());
         }
         let local = local_settings(&spec.settings)?;
         // A pooled instance (`PooledProvider`) serves many nodes: its folder is named after
@@ -263,9 +263,10 @@ impl Provider for LocalProvider {
             .get(&instance_id)
             .is_some_and(|agent| !agent.finished.is_cancelled())
         {
-            return Err(
-                Error::conflict(format!("instance {instance_id} is already running")).into(),
-            );
+            return Err(Error::already_exists(format!(
+                "instance {instance_id} is already running"
+            ))
+            .into());
         }
         let bootstrap = local.agent == AgentKind::Script;
         let pid = match &self.runner {
@@ -460,14 +461,14 @@ impl LocalProvider {
         let owned = match self.ssh.owned().await {
             Ok(owned) => owned,
             Err(error) => {
-                tracing::warn!(error = %error, "cannot list the nodes on SSH hosts to stop them");
+                tracing::warn!(error = %crate::error::Report::new(error.as_ref()), "cannot list the nodes on SSH hosts to stop them");
                 return;
             }
         };
         let stops = owned.iter().map(|owned| async move {
             let instance = &owned.instance;
             if let Err(error) = self.ssh.terminate(instance, self.grace_period).await {
-                tracing::warn!(instance_id = %instance.id, error = %error, "cannot stop a node on its SSH host");
+                tracing::warn!(instance_id = %instance.id, error = %crate::error::Report::new(error.as_ref()), "cannot stop a node on its SSH host");
             }
         });
         futures_util::future::join_all(stops).await;
@@ -500,14 +501,14 @@ impl LocalProvider {
             let orphans = node_process_groups(&instance.locator).await;
             let orphans_left = stop_groups(&orphans, self.grace_period).await;
             if !orphans_left.is_empty() {
-                return Err(Error::conflict(format!(
+                return Err(std::io::Error::other(format!(
                     "processes of {instance_id} survived SIGKILL (groups {orphans_left:?})"
                 ))
                 .into());
             }
         }
         if !left.is_empty() {
-            return Err(Error::conflict(format!(
+            return Err(std::io::Error::other(format!(
                 "the agent of {instance_id} survived SIGKILL (group {left:?})"
             ))
             .into());
@@ -669,7 +670,7 @@ async fn run_agent(
         Err(error) => tracing::warn!(
             node_id = %node_id,
             instance_id = %instance_id,
-            error = %error,
+            error = %error.report(),
             "local node agent failed"
         ),
     }

@@ -370,7 +370,7 @@ impl SshHosts {
             .calls
             .acquire()
             .await
-            .map_err(|_| Error::conflict("the local provider is shutting down"))?;
+            .map_err(|_| Error::shutting_down("the local provider is shutting down"))?;
         let mut remote = format!("sh -c {} taskfly-node", bootstrap::sh_quote(program));
         for arg in args {
             remote.push(' ');

@@ -541,7 +541,7 @@ impl PooledProvider {
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(instance_id, error = %e, "cannot terminate pooled instance; trying again");
+                    tracing::warn!(instance_id, error = %crate::error::Report::new(e.as_ref()), "cannot terminate pooled instance; trying again");
                     if let Some(slot) = state.slots.get_mut(instance_id) {
                         slot.terminating = false;
                     }
@@ -703,7 +703,7 @@ impl PooledProvider {
         let launches = (0..wanted).map(|_| async {
             // The reservation made above is the launch's own: `launch` releases it.
             if let Err(e) = self.launch(kind, &template, None).await {
-                tracing::warn!(error = %e, "cannot start a spare pooled instance");
+                tracing::warn!(error = %crate::error::Report::new(e.as_ref()), "cannot start a spare pooled instance");
             }
         });
         futures_util::future::join_all(launches).await;
