@@ -262,7 +262,10 @@ fn extraction_needs_an_empty_destination() {
     put(dest.path(), "already.txt", "here", 0o644);
     let error =
         extract_bundle(&client[..], dest.path(), &BundleLimits::default()).expect_err("must fail");
-    assert!(error.report().to_string().contains("not empty"), "{error:?}");
+    assert!(
+        error.report().to_string().contains("not empty"),
+        "{error:?}"
+    );
 }
 
 // -----------------------------------------------------------------------------------------

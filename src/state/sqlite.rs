@@ -1400,7 +1400,10 @@ mod tests {
         drop(conn);
         let error = SqliteStore::open(&path).unwrap_err();
         assert!(error.is_store(), "{error}");
-        assert!(error.report().to_string().contains("newer taskfly"), "{error:?}");
+        assert!(
+            error.report().to_string().contains("newer taskfly"),
+            "{error:?}"
+        );
     }
 
     /// A database written by taskfly 0.1 (schema 1, no `instance_locator`) opens, is brought
