@@ -163,7 +163,7 @@ impl Orchestrator {
             )));
         }
         let live = self.live(&node.deployment_id).await?;
-        let message = report.message.map(|m| live.mask(&m));
+        let message = report.message.map(|m| capped_message(live.mask(&m)));
         self.update_node(
             &node.id,
             NodeUpdate::Status {
@@ -214,15 +214,11 @@ impl Orchestrator {
             let stream = line.stream;
             let timestamp = line.timestamp.unwrap_or(now);
             let mut text = live.mask(&line.line);
-            let max_line = self.inner().config.max_log_line_bytes;
-            if text.len() > max_line {
-                let mut cut = max_line;
-                while !text.is_char_boundary(cut) {
-                    cut -= 1;
-                }
-                text.truncate(cut);
-                text.push_str(" [line cut]");
-            }
+            cut_text(
+                &mut text,
+                self.inner().config.max_log_line_bytes,
+                " [line cut]",
+            );
             lines.push(NewLogLine {
                 node_id: node.id.clone(),
                 node_index: node.index,
@@ -243,5 +239,45 @@ impl Orchestrator {
             .await
             .map_err(store_error)?;
         Ok(())
+    }
+}
+
+/// Most bytes of a stored failure message (SPEC §limits); longer ones are cut and marked.
+pub(crate) const MAX_MESSAGE_BYTES: usize = 2048;
+
+/// A failure message as stored: at most [`MAX_MESSAGE_BYTES`] and a short mark. Secrets must
+/// be masked before, so a cut never leaves part of one unmasked.
+pub(crate) fn capped_message(mut message: String) -> String {
+    cut_text(&mut message, MAX_MESSAGE_BYTES, " [cut]");
+    message
+}
+
+/// Cut `text` to at most `max` bytes on a character boundary, then append `mark`.
+fn cut_text(text: &mut String, max: usize, mark: &str) {
+    if text.len() > max {
+        let mut cut = max;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push_str(mark);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_message_is_cut_on_a_character_boundary() {
+        let message = "é".repeat(MAX_MESSAGE_BYTES);
+        let capped = capped_message(message);
+        assert!(
+            capped.len() <= MAX_MESSAGE_BYTES + " [cut]".len(),
+            "{}",
+            capped.len()
+        );
+        assert!(capped.ends_with("é [cut]"));
+        assert_eq!(capped_message("short".to_owned()), "short");
     }
 }
