@@ -47,6 +47,11 @@ impl LogStream {
     }
 }
 
+/// Most lines in one log batch (`POST /nodes/logs`); a larger one is refused as too large,
+/// so the agent splits it. A 64 KiB piece of the bootstrap script's output has at most this
+/// many lines.
+pub(crate) const MAX_LOG_LINES_PER_BATCH: usize = 65_536;
+
 /// A log line to be stored; the store assigns its `seq`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewLogLine {

@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use super::Shared;
 use crate::error::{Error, Result};
+use crate::state::MAX_LOG_LINES_PER_BATCH;
 
 pub(super) type Body = BoxBody<Bytes, std::io::Error>;
 
@@ -80,6 +81,19 @@ pub(super) async fn read_limited(body: Incoming, limit: u64, what: &str) -> Resu
         ))),
         Err(e) => Err(Error::invalid_input(format!("cannot read the {what}: {e}"))),
     }
+}
+
+/// Refuse a `text/plain` log body of more lines than a batch may hold before it is cut into
+/// lines: a 4 MiB body of empty lines is 4 million of them.
+pub(super) fn check_text_log_lines(body: &[u8]) -> Result<()> {
+    let ends_open = !body.is_empty() && !body.ends_with(b"\n");
+    let lines = body.iter().filter(|byte| **byte == b'\n').count() + usize::from(ends_open);
+    if lines > MAX_LOG_LINES_PER_BATCH {
+        return Err(Error::too_large(format!(
+            "a log body of {lines} lines is over the limit of {MAX_LOG_LINES_PER_BATCH}; send fewer lines per request"
+        )));
+    }
+    Ok(())
 }
 
 pub(super) fn unsupported_media(message: &str) -> Error {

@@ -225,6 +225,7 @@ async fn read_text_logs(shared: &Shared, request: Request<Incoming>) -> Result<w
         None => None,
     };
     let body = read_limited(request.into_body(), shared.config.max_json_body, "log body").await?;
+    super::body::check_text_log_lines(&body)?;
     Ok(text_log_lines(&body, &stream, offset))
 }
 
