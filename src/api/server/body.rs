@@ -20,12 +20,7 @@ pub(super) async fn read_json<T: DeserializeOwned>(
     request: Request<Incoming>,
 ) -> Result<T> {
     require_json(&request)?;
-    let body = read_limited(
-        request.into_body(),
-        shared.config.max_json_body,
-        "JSON body",
-    )
-    .await?;
+    let body = read_limited_in_time(shared, request.into_body(), "JSON body").await?;
     parse_json(&body)
 }
 
@@ -38,12 +33,7 @@ pub(super) async fn read_json_or_empty<T: DeserializeOwned + Default>(
     if has_type {
         require_json(&request)?;
     }
-    let body = read_limited(
-        request.into_body(),
-        shared.config.max_json_body,
-        "JSON body",
-    )
-    .await?;
+    let body = read_limited_in_time(shared, request.into_body(), "JSON body").await?;
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
@@ -70,6 +60,23 @@ fn require_json(request: &Request<Incoming>) -> Result<()> {
             "send JSON bodies with `Content-Type: application/json`, not `{essence}`"
         )))
     }
+}
+
+/// A JSON or text body, within the size limit for JSON bodies and the body read time limit.
+pub(super) async fn read_limited_in_time(
+    shared: &Shared,
+    body: Incoming,
+    what: &str,
+) -> Result<Bytes> {
+    let limit = shared.config.body_read_timeout;
+    tokio::time::timeout(limit, read_limited(body, shared.config.max_json_body, what))
+        .await
+        .unwrap_or_else(|_| {
+            Err(Error::invalid_input(format!(
+                "the {what} did not arrive within {} s",
+                limit.as_secs_f64()
+            )))
+        })
 }
 
 pub(super) async fn read_limited(body: Incoming, limit: u64, what: &str) -> Result<Bytes> {
