@@ -21,7 +21,7 @@ use crate::error::{BoxError, Error};
 use crate::sync::lock;
 
 /// The schema this code reads and writes, kept in `PRAGMA user_version`: 1 was taskfly 0.1's,
-/// 2 adds the nodes' `instance_locator` ([`MIGRATIONS`]).
+/// 2 adds the nodes' `instance_locator`, 3 the per-node log counts ([`MIGRATIONS`]).
 const SCHEMA_VERSION: i64 = 3;
 
 /// Default cap on stored log lines per deployment, as for the in-memory store.
@@ -1655,6 +1655,66 @@ mod tests {
         let reopened = SqliteStore::open(&path).unwrap();
         let node = reopened.node("dep-old-1").await.unwrap().unwrap();
         assert_eq!(node.instance(), Some(instance));
+    }
+
+    /// A schema 2 database's stored lines are counted per node when it is migrated, so the
+    /// per-node cap holds for the lines written before.
+    #[tokio::test]
+    async fn lines_stored_before_schema_3_count_against_their_node_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(SCHEMA).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.pragma_update(None, "user_version", 2).unwrap();
+            conn.execute_batch(
+                "INSERT INTO deployments (id, status, cloud_provider, total_nodes, retries, \
+                 nodes_completed, nodes_failed, nodes_terminated, created_at, updated_at, \
+                 log_seq) VALUES ('dep-old', 'running', 'local', 2, 0, 0, 0, 0, 1000, 2000, 5);
+                 INSERT INTO nodes (id, deployment_id, node_index, status, attempt, \
+                 last_update) VALUES \
+                 ('dep-old-0', 'dep-old', 0, 'running_script', 1, 2000), \
+                 ('dep-old-1', 'dep-old', 1, 'running_script', 1, 2000);
+                 INSERT INTO logs (deployment_id, seq, node_id, node_index, stream, line, \
+                 timestamp, attempt) VALUES \
+                 ('dep-old', 1, 'dep-old-0', 0, 'stdout', 'a', 2000, 1), \
+                 ('dep-old', 2, 'dep-old-0', 0, 'stdout', 'b', 2000, 1), \
+                 ('dep-old', 3, 'dep-old-0', 0, 'stdout', 'c', 2000, 1), \
+                 ('dep-old', 4, 'dep-old-0', 0, 'stdout', 'd', 2000, 1), \
+                 ('dep-old', 5, 'dep-old-1', 1, 'stdout', 'e', 2000, 1);",
+            )
+            .unwrap();
+        }
+        let store = SqliteStore::open(&path)
+            .unwrap()
+            .max_log_lines(10)
+            .max_log_lines_per_node(3);
+        let line = |index: u32| NewLogLine {
+            node_id: format!("dep-old-{index}"),
+            node_index: index,
+            stream: LogStream::Stdout,
+            line: "new".to_owned(),
+            timestamp: at(3),
+            attempt: 1,
+            line_no: None,
+        };
+        assert_eq!(
+            store.append_logs("dep-old", vec![line(1)]).await.unwrap(),
+            6
+        );
+        assert_eq!(
+            store.append_logs("dep-old", vec![line(0)]).await.unwrap(),
+            7
+        );
+        let all = LogQuery {
+            limit: 100,
+            ..LogQuery::default()
+        };
+        let lines = store.logs("dep-old", all).await.unwrap();
+        let seqs: Vec<u64> = lines.iter().map(|l| l.seq).collect();
+        assert_eq!(seqs, [3, 4, 5, 6, 7]);
+        assert_eq!(lines[0].line, crate::state::dropped_lines_marker(0, 3));
     }
 
     #[tokio::test]
