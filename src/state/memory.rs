@@ -7,7 +7,7 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 
 use super::model::{self, Applied, Deployment, DeploymentStatus, Node, NodeUpdate};
-use super::{dropped_lines_marker, LogLine, LogQuery, LogStream, NewLogLine, Store};
+use super::{dropped_lines_marker, node_log_cap, LogLine, LogQuery, LogStream, NewLogLine, Store};
 use crate::error::{BoxError, Error};
 
 /// Default cap on stored log lines per deployment.
@@ -166,12 +166,6 @@ impl MemoryStore {
         // is computed on copies first), so a poisoned lock is still consistent.
         crate::sync::lock(&self.inner)
     }
-}
-
-/// A node's line cap: `per_node` if set, else half the deployment's cap; at least 2 lines (its
-/// marker and its newest line).
-pub(crate) fn node_log_cap(per_node: Option<usize>, per_deployment: usize) -> usize {
-    per_node.unwrap_or(per_deployment / 2).max(2)
 }
 
 fn unknown_deployment(id: &str) -> BoxError {

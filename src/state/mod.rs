@@ -116,6 +116,12 @@ impl LogQuery {
     }
 }
 
+/// A node's line cap: `per_node` if set, else half the deployment's cap; at least 2 lines (its
+/// marker and its newest line).
+pub(crate) fn node_log_cap(per_node: Option<usize>, per_deployment: usize) -> usize {
+    per_node.unwrap_or(per_deployment / 2).max(2)
+}
+
 /// The text of the one line a store keeps where it dropped a node's oldest lines to stay
 /// within its caps; `dropped` counts every line of the node dropped so far.
 pub(crate) fn dropped_lines_marker(node_index: u32, dropped: u64) -> String {

@@ -1192,7 +1192,7 @@ impl Store for SqliteStore {
         lines: Vec<NewLogLine>,
     ) -> Result<u64, BoxError> {
         let caps = LogCaps {
-            node: to_i64(super::memory::node_log_cap(
+            node: to_i64(super::node_log_cap(
                 self.max_log_lines_per_node,
                 self.max_log_lines,
             )),
