@@ -1,15 +1,19 @@
-//! Rate limiting of failed node registrations, per client address.
+//! What one client may cost the server: failed node registrations per address
+//! ([`FailureLimiter`]), and connections ([`ConnectionTable`]).
 //!
-//! A provision token has 256 random bits, so guessing one is hopeless; the limit keeps a
-//! client that tries anyway (or a misconfigured fleet) from costing the daemon more than a
+//! A provision token has 256 random bits, so guessing one is hopeless; the failure limit keeps
+//! a client that tries anyway (or a misconfigured fleet) from costing the daemon more than a
 //! handful of hash lookups a minute per address.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::sync::Notify;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
 
@@ -68,6 +72,143 @@ impl FailureLimiter {
     }
 }
 
+/// The open connections of a server. A connection is unauthenticated until one of its
+/// requests carries a valid API or node token. Unauthenticated connections make way for new
+/// ones: past `per_address` of them from one address, or past `max` connections in all, the
+/// oldest unauthenticated one is closed. Authenticated connections are never closed for
+/// others; when all `max` are authenticated, new connections wait to be accepted.
+#[derive(Debug)]
+pub(crate) struct ConnectionTable {
+    max: usize,
+    per_address: usize,
+    open: Mutex<Open>,
+    closed: Notify,
+}
+
+#[derive(Debug, Default)]
+struct Open {
+    next_id: u64,
+    /// By id, oldest first.
+    connections: BTreeMap<u64, Arc<Connection>>,
+    /// Unauthenticated connections per address, and in all.
+    unauthenticated: HashMap<IpAddr, usize>,
+    unauthenticated_total: usize,
+}
+
+/// One open connection of a [`ConnectionTable`].
+#[derive(Debug)]
+pub(crate) struct Connection {
+    id: u64,
+    address: IpAddr,
+    authenticated: AtomicBool,
+    close: CancellationToken,
+}
+
+impl Connection {
+    /// Completes when the table closes this connection for a newer one.
+    pub(crate) async fn closed(&self) {
+        self.close.cancelled().await;
+    }
+}
+
+impl ConnectionTable {
+    pub(crate) fn new(max: usize, per_address: usize) -> ConnectionTable {
+        ConnectionTable {
+            max: max.max(1),
+            per_address: per_address.max(1),
+            open: Mutex::new(Open::default()),
+            closed: Notify::new(),
+        }
+    }
+
+    /// Wait until a new connection can be taken: fewer than `max` are open, or one of them
+    /// can be closed for it.
+    pub(crate) async fn room(&self) {
+        loop {
+            let notified = self.closed.notified();
+            {
+                let open = crate::sync::lock(&self.open);
+                if open.connections.len() < self.max || open.unauthenticated_total > 0 {
+                    return;
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// Take a new connection from `address`, closing the oldest unauthenticated ones it
+    /// displaces.
+    pub(crate) fn open(&self, address: IpAddr) -> Arc<Connection> {
+        let mut open = crate::sync::lock(&self.open);
+        open.next_id += 1;
+        let connection = Arc::new(Connection {
+            id: open.next_id,
+            address,
+            authenticated: AtomicBool::new(false),
+            close: CancellationToken::new(),
+        });
+        open.connections.insert(connection.id, connection.clone());
+        *open.unauthenticated.entry(address).or_insert(0) += 1;
+        open.unauthenticated_total += 1;
+        if open.unauthenticated.get(&address).copied().unwrap_or(0) > self.per_address {
+            open.close_oldest_unauthenticated(Some(address));
+        }
+        if open.connections.len() > self.max {
+            open.close_oldest_unauthenticated(None);
+        }
+        connection
+    }
+
+    /// A request of `connection` carried a valid token: it is never closed for another.
+    pub(crate) fn authenticated(&self, connection: &Connection) {
+        let mut open = crate::sync::lock(&self.open);
+        if open.connections.contains_key(&connection.id)
+            && !connection.authenticated.swap(true, Ordering::Relaxed)
+        {
+            open.forget_unauthenticated(connection.address);
+        }
+    }
+
+    /// `connection` ended (or was closed by the table).
+    pub(crate) fn close(&self, connection: &Connection) {
+        let mut open = crate::sync::lock(&self.open);
+        if open.connections.remove(&connection.id).is_some() {
+            if !connection.authenticated.load(Ordering::Relaxed) {
+                open.forget_unauthenticated(connection.address);
+            }
+            self.closed.notify_one();
+        }
+    }
+}
+
+impl Open {
+    /// Close the oldest unauthenticated connection (from `address`, if given).
+    fn close_oldest_unauthenticated(&mut self, address: Option<IpAddr>) {
+        let oldest = self
+            .connections
+            .values()
+            .find(|c| {
+                !c.authenticated.load(Ordering::Relaxed) && address.is_none_or(|a| c.address == a)
+            })
+            .cloned();
+        if let Some(oldest) = oldest {
+            self.connections.remove(&oldest.id);
+            self.forget_unauthenticated(oldest.address);
+            oldest.close.cancel();
+        }
+    }
+
+    fn forget_unauthenticated(&mut self, address: IpAddr) {
+        if let Some(count) = self.unauthenticated.get_mut(&address) {
+            *count -= 1;
+            if *count == 0 {
+                self.unauthenticated.remove(&address);
+            }
+        }
+        self.unauthenticated_total -= 1;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -86,5 +227,53 @@ mod tests {
         limiter.check(b).expect("another address is not limited");
         tokio::time::advance(Duration::from_secs(61)).await;
         limiter.check(a).expect("a new window");
+    }
+
+    fn ip(last: u8) -> IpAddr {
+        IpAddr::from([127, 0, 0, last])
+    }
+
+    #[tokio::test]
+    async fn unauthenticated_connections_make_way_oldest_first() {
+        let table = ConnectionTable::new(4, 2);
+        let first = table.open(ip(1));
+        let second = table.open(ip(1));
+        let third = table.open(ip(1));
+        assert!(first.close.is_cancelled(), "past 2 from one address");
+        assert!(!second.close.is_cancelled() && !third.close.is_cancelled());
+        table.close(&first);
+
+        table.authenticated(&second);
+        let others: Vec<_> = (2..4).map(|last| table.open(ip(last))).collect();
+        assert!(others.iter().all(|c| !c.close.is_cancelled()));
+        let newest = table.open(ip(9));
+        assert!(
+            third.close.is_cancelled(),
+            "past 4 in all, the oldest unauthenticated"
+        );
+        assert!(!second.close.is_cancelled(), "an authenticated one stays");
+        assert!(!newest.close.is_cancelled());
+    }
+
+    #[tokio::test]
+    async fn new_connections_wait_while_every_one_is_authenticated() {
+        let table = ConnectionTable::new(2, 2);
+        let connections: Vec<_> = (1..3).map(|last| table.open(ip(last))).collect();
+        tokio::time::timeout(Duration::from_millis(10), table.room())
+            .await
+            .expect("unauthenticated ones make room");
+        for connection in &connections {
+            table.authenticated(connection);
+        }
+        assert!(
+            tokio::time::timeout(Duration::from_millis(10), table.room())
+                .await
+                .is_err(),
+            "full of authenticated connections"
+        );
+        table.close(&connections[0]);
+        tokio::time::timeout(Duration::from_millis(10), table.room())
+            .await
+            .expect("a closed one makes room");
     }
 }

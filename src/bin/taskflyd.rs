@@ -57,7 +57,8 @@ struct Args {
     /// Finished deployments are removed this long after they ended (files, nodes, logs).
     #[arg(long, env = "TASKFLY_RETENTION", default_value = "7days", value_parser = humantime::parse_duration)]
     retention: Duration,
-    /// Most log lines kept per deployment; the oldest go first.
+    /// Most log lines kept per deployment, half that per node; a node over its share loses its
+    /// oldest lines first.
     #[arg(long, env = "TASKFLY_MAX_LOG_LINES", default_value_t = 1_000_000)]
     max_log_lines: usize,
     /// Keep instances for later nodes: a pool of at most this many per provider (local and

@@ -82,7 +82,7 @@ impl Orchestrator {
         let update = NodeUpdate::Status {
             status: NodeStatus::Failed,
             exit_code: None,
-            message: Some(message),
+            message: Some(super::nodes::capped_message(message)),
         };
         if let Err(e) = self.update_node(node_id, update).await {
             if !e.is_invalid_transition() {

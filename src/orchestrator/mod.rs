@@ -76,7 +76,7 @@ pub(crate) struct Inner {
     /// When each registered node was last heard from (heartbeats cost no store write).
     pub(crate) last_seen: Mutex<HashMap<String, tokio::time::Instant>>,
     /// Log lines stored per node attempt, for the per-node volume limit.
-    pub(crate) log_counts: Mutex<HashMap<(String, u32), u64>>,
+    pub(crate) log_counts: Mutex<HashMap<(String, u32), nodes::LogVolume>>,
     /// Bumped whenever a deployment changes state (or its node counters), to wake
     /// [`DeploymentWatch`]es.
     changes: watch::Sender<u64>,

@@ -12,7 +12,7 @@ use crate::state::model::{
     is_node_final, Assignment, DeploymentStatus, LogBatch, Node, NodeStatus, NodeUpdate,
     Registration, StatusReport,
 };
-use crate::state::{LogStream, NewLogLine};
+use crate::state::{LogStream, NewLogLine, MAX_LOG_LINES_PER_BATCH};
 use crate::sync::lock;
 
 impl Orchestrator {
@@ -153,7 +153,7 @@ impl Orchestrator {
             )));
         }
         let live = self.live(&node.deployment_id).await?;
-        let message = report.message.map(|m| live.mask(&m));
+        let message = report.message.map(|m| capped_message(live.mask(&m)));
         self.update_node(
             &node.id,
             NodeUpdate::Status {
@@ -169,12 +169,44 @@ impl Orchestrator {
         Ok(())
     }
 
+    /// Refuse a batch of `lines` lines that is too large ([`MAX_LOG_LINES_PER_BATCH`]) or
+    /// would take the node past [`MAX_LOG_LINES_PER_SECOND`]: the agent splits it or sends
+    /// it again a moment later.
+    fn admit_log_lines(&self, node: &Node, lines: usize) -> Result<()> {
+        if lines > MAX_LOG_LINES_PER_BATCH {
+            return Err(Error::too_large(format!(
+                "a log batch of {lines} lines is over the limit of {MAX_LOG_LINES_PER_BATCH}; send fewer lines per request"
+            )));
+        }
+        let now = tokio::time::Instant::now();
+        let mut counts = lock(&self.inner().log_counts);
+        let volume = counts
+            .entry((node.id.clone(), node.attempt))
+            .or_insert_with(|| LogVolume::new(now));
+        if now.duration_since(volume.second_started) >= std::time::Duration::from_secs(1) {
+            volume.second_started = now;
+            volume.in_second = 0;
+        }
+        let lines = lines as u64;
+        if volume.in_second > 0 && volume.in_second + lines > MAX_LOG_LINES_PER_SECOND {
+            return Err(Error::rate_limited(format!(
+                "node {} sent more than {MAX_LOG_LINES_PER_SECOND} log lines within a second; send them again in a moment",
+                node.index
+            )));
+        }
+        volume.in_second += lines;
+        Ok(())
+    }
+
     /// Keep a node attempt's stored lines under the per-node limit: past it, lines are
     /// dropped and one line says so. Counted in memory (a restart starts counting again).
     fn limit_log_volume(&self, node: &Node, lines: &mut Vec<NewLogLine>) {
         let limit = self.inner().config.max_log_lines_per_node;
         let mut counts = lock(&self.inner().log_counts);
-        let count = counts.entry((node.id.clone(), node.attempt)).or_insert(0);
+        let volume = counts
+            .entry((node.id.clone(), node.attempt))
+            .or_insert_with(|| LogVolume::new(tokio::time::Instant::now()));
+        let count = &mut volume.accepted;
         if *count > limit {
             lines.clear();
             return;
@@ -197,6 +229,7 @@ impl Orchestrator {
 
     /// `POST /nodes/logs`: store the lines, secrets masked.
     pub(crate) async fn node_logs(&self, node: &Node, batch: LogBatch) -> Result<()> {
+        self.admit_log_lines(node, batch.lines.len())?;
         let live = self.live(&node.deployment_id).await?;
         let now = SystemTime::now();
         let mut lines = Vec::with_capacity(batch.lines.len());
@@ -204,15 +237,11 @@ impl Orchestrator {
             let stream = line.stream;
             let timestamp = line.timestamp.unwrap_or(now);
             let mut text = live.mask(&line.line);
-            let max_line = self.inner().config.max_log_line_bytes;
-            if text.len() > max_line {
-                let mut cut = max_line;
-                while !text.is_char_boundary(cut) {
-                    cut -= 1;
-                }
-                text.truncate(cut);
-                text.push_str(" [line cut]");
-            }
+            cut_text(
+                &mut text,
+                self.inner().config.max_log_line_bytes,
+                " [line cut]",
+            );
             lines.push(NewLogLine {
                 node_id: node.id.clone(),
                 node_index: node.index,
@@ -232,5 +261,69 @@ impl Orchestrator {
             .append_logs(&node.deployment_id, lines)
             .await?;
         Ok(())
+    }
+}
+
+/// Log lines a node may send within a second (SPEC: limits); past it, its log posts are
+/// refused (429) until the second is over.
+pub(crate) const MAX_LOG_LINES_PER_SECOND: u64 = 100_000;
+
+/// What the engine counts of a node attempt's log lines.
+#[derive(Debug)]
+pub(crate) struct LogVolume {
+    /// Lines accepted in all, for [`crate::Config::max_log_lines_per_node`].
+    accepted: u64,
+    /// When the current one-second window began, and the lines sent in it.
+    second_started: tokio::time::Instant,
+    in_second: u64,
+}
+
+impl LogVolume {
+    fn new(now: tokio::time::Instant) -> LogVolume {
+        LogVolume {
+            accepted: 0,
+            second_started: now,
+            in_second: 0,
+        }
+    }
+}
+
+/// Most bytes of a stored failure message (SPEC §limits); longer ones are cut and marked.
+pub(crate) const MAX_MESSAGE_BYTES: usize = 2048;
+
+/// A failure message as stored: at most [`MAX_MESSAGE_BYTES`] and a short mark. Secrets must
+/// be masked before, so a cut never leaves part of one unmasked.
+pub(crate) fn capped_message(mut message: String) -> String {
+    cut_text(&mut message, MAX_MESSAGE_BYTES, " [cut]");
+    message
+}
+
+/// Cut `text` to at most `max` bytes on a character boundary, then append `mark`.
+fn cut_text(text: &mut String, max: usize, mark: &str) {
+    if text.len() > max {
+        let mut cut = max;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push_str(mark);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_message_is_cut_on_a_character_boundary() {
+        let message = "é".repeat(MAX_MESSAGE_BYTES);
+        let capped = capped_message(message);
+        assert!(
+            capped.len() <= MAX_MESSAGE_BYTES + " [cut]".len(),
+            "{}",
+            capped.len()
+        );
+        assert!(capped.ends_with("é [cut]"));
+        assert_eq!(capped_message("short".to_owned()), "short");
     }
 }

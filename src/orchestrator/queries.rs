@@ -8,6 +8,10 @@ use crate::error::{Error, Result};
 use crate::state::model::{Deployment, DeploymentDetail, DeploymentSummary, LogsPage, Stats};
 use crate::state::LogQuery;
 
+/// Most bytes of line text in one page of logs (SPEC: the logs endpoint); a page holds at
+/// least one line, and a line at most 64 KiB.
+pub(crate) const MAX_LOG_PAGE_BYTES: usize = 2 * 1024 * 1024;
+
 impl Orchestrator {
     /// One deployment row, or not found.
     pub(super) async fn deployment_row(&self, id: &str) -> Result<Deployment> {
@@ -70,7 +74,8 @@ impl Orchestrator {
     }
 
     /// A page of a deployment's logs: lines after `after` (a previous page's `next`), of one
-    /// node or all, at most `limit`.
+    /// node or all, at most `limit` (1 to 10,000) and at most 2 MiB of line text (at least one
+    /// line).
     pub async fn logs(
         &self,
         id: &str,
@@ -87,6 +92,7 @@ impl Orchestrator {
                     after,
                     node_index,
                     limit: limit.clamp(1, 10_000),
+                    max_bytes: Some(MAX_LOG_PAGE_BYTES),
                 },
             )
             .await?;

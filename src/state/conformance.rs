@@ -10,8 +10,10 @@ use super::model::{Applied, Deployment, DeploymentStatus, Node, NodeStatus, Node
 use super::{LogLine, LogQuery, LogStream, NewLogLine, Store};
 use crate::provider::InstanceRef;
 
-/// The log cap the store given to [`check_log_cap`] must have been built with.
-pub(crate) const LOG_CAP: usize = 4;
+/// The caps the store given to [`check_log_cap`] must have been built with: lines per
+/// deployment, and per node.
+pub(crate) const LOG_CAP: usize = 6;
+pub(crate) const NODE_LOG_CAP: usize = 4;
 
 /// Runs every shared check against `store`, which must use the default log cap.
 pub(crate) async fn check_store(store: &dyn Store) {
@@ -23,36 +25,99 @@ pub(crate) async fn check_store(store: &dyn Store) {
     moves_deployments(store).await;
     heartbeats_touch_only_live_nodes(store).await;
     pages_logs(store).await;
+    pages_logs_by_bytes(store).await;
     lists_newest_first(store).await;
     deletes_everything_of_a_deployment(store).await;
     drops_resent_log_lines(store).await;
     keeps_the_instance_locator(store).await;
 }
 
-/// Checks that a store built with a cap of [`LOG_CAP`] lines trims the oldest lines and never
-/// reuses a `seq`.
+/// Checks that a store built with caps of [`LOG_CAP`] lines per deployment and
+/// [`NODE_LOG_CAP`] per node drops only the oldest lines of the node over its cap (or, past
+/// the deployment's cap, of the node holding the most), keeps one marker line per node saying
+/// how many of its lines were dropped, and never reuses a `seq`.
 pub(crate) async fn check_log_cap(store: &dyn Store) {
-    create(store, "conf-cap", 1, 0).await;
-    assert_eq!(append(store, "conf-cap", &[0, 0, 0]).await, 3);
-    assert_eq!(append(store, "conf-cap", &[0, 0, 0]).await, 6);
+    let id = "conf-cap";
+    create(store, id, 3, 0).await;
+    assert_eq!(append(store, id, &[1, 1]).await, 2);
+    assert_eq!(append(store, id, &[0, 0, 0]).await, 5);
     assert_eq!(
-        seqs(&read_logs(store, "conf-cap", 0, None, 100).await),
-        [3, 4, 5, 6]
+        seqs(&read_logs(store, id, 0, None, 100).await),
+        [1, 2, 3, 4, 5]
     );
-    assert_eq!(append(store, "conf-cap", &[0; 10]).await, 16);
+
+    // Node 0 goes over its cap: its oldest lines go, the newest of them becomes its marker.
+    assert_eq!(append(store, id, &[0, 0, 0]).await, 8);
+    let all = read_logs(store, id, 0, None, 100).await;
+    assert_eq!(seqs(&all), [1, 2, 5, 6, 7, 8]);
     assert_eq!(
-        seqs(&read_logs(store, "conf-cap", 0, None, 100).await),
-        [13, 14, 15, 16]
+        (all[2].node_index, all[2].stream, all[2].line.as_str()),
+        (
+            0,
+            LogStream::Stderr,
+            super::dropped_lines_marker(0, 3).as_str()
+        )
     );
+    // Again: the marker moves up and counts every line dropped.
+    assert_eq!(append(store, id, &[0]).await, 9);
+    let all = read_logs(store, id, 0, None, 100).await;
+    assert_eq!(seqs(&all), [1, 2, 6, 7, 8, 9]);
+    assert_eq!(all[2].line, super::dropped_lines_marker(0, 4));
+
+    // Past the deployment's cap, the node holding the most loses lines, whoever wrote last.
+    assert_eq!(append(store, id, &[2]).await, 10);
+    assert_eq!(append(store, id, &[1]).await, 11);
+    let all = read_logs(store, id, 0, None, 100).await;
+    assert_eq!(seqs(&all), [1, 2, 8, 9, 10, 11]);
+    assert_eq!(all[2].line, super::dropped_lines_marker(0, 6));
     assert_eq!(
-        seqs(&read_logs(store, "conf-cap", 14, None, 100).await),
-        [15, 16]
+        seqs(&read_logs(store, id, 0, Some(1), 100).await),
+        [1, 2, 11],
+        "node 1's lines are all kept"
     );
+    let markers = all
+        .iter()
+        .filter(|l| l.line.starts_with("[taskfly:"))
+        .count();
+    assert_eq!(markers, 1, "one marker line for node 0: {all:?}");
+    assert_eq!(seqs(&read_logs(store, id, 8, None, 100).await), [9, 10, 11]);
+    assert_eq!(append(store, id, &[2]).await, 12, "no seq is reused");
+}
+
+/// A page ends at its byte bound, holds at least one line, and paging still reads every line.
+async fn pages_logs_by_bytes(store: &dyn Store) {
+    let id = "conf-bytes";
+    create(store, id, 1, 0).await;
+    let lines = (0..10u64)
+        .map(|n| NewLogLine {
+            line: format!("{n}").repeat(if n == 5 { 500 } else { 100 }),
+            ..log_line(0, n)
+        })
+        .collect();
+    assert_eq!(store.append_logs(id, lines).await.unwrap(), 10);
+    let page = |after| LogQuery {
+        after,
+        node_index: None,
+        limit: 100,
+        max_bytes: Some(350),
+    };
+    let first = store.logs(id, page(0)).await.unwrap();
+    assert_eq!(seqs(&first), [1, 2, 3]);
     assert_eq!(
-        append(store, "conf-cap", &[0]).await,
-        17,
-        "no seq is reused"
+        seqs(&store.logs(id, page(5)).await.unwrap()),
+        [6],
+        "a line over the bound comes alone"
     );
+    let mut after = 0;
+    let mut followed = Vec::new();
+    loop {
+        let page = store.logs(id, page(after)).await.unwrap();
+        let Some(last) = page.last() else { break };
+        assert!(page.iter().map(|l| l.line.len()).sum::<usize>() <= 500);
+        after = last.seq;
+        followed.extend(seqs(&page));
+    }
+    assert_eq!(followed, (1..=10).collect::<Vec<u64>>());
 }
 
 fn at(secs: u64) -> SystemTime {
@@ -175,6 +240,7 @@ async fn read_logs(
         after,
         node_index,
         limit,
+        max_bytes: None,
     };
     store.logs(id, query).await.unwrap()
 }
@@ -733,6 +799,9 @@ mod tests {
     #[tokio::test]
     async fn memory_store_conforms() {
         check_store(&MemoryStore::new()).await;
-        check_log_cap(&MemoryStore::new().max_log_lines(LOG_CAP)).await;
+        let capped = MemoryStore::new()
+            .max_log_lines(LOG_CAP)
+            .max_log_lines_per_node(NODE_LOG_CAP);
+        check_log_cap(&capped).await;
     }
 }

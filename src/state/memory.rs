@@ -1,13 +1,13 @@
 //! [`MemoryStore`]: everything in memory, for embedding, `taskfly run` and tests.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::SystemTime;
 
 use async_trait::async_trait;
 
 use super::model::{self, Applied, Deployment, DeploymentStatus, Node, NodeUpdate};
-use super::{LogLine, LogQuery, LogStream, NewLogLine, Store};
+use super::{dropped_lines_marker, node_log_cap, LogLine, LogQuery, LogStream, NewLogLine, Store};
 use crate::error::{Error, Result};
 
 /// Default cap on stored log lines per deployment.
@@ -15,12 +15,14 @@ const DEFAULT_MAX_LOG_LINES: usize = 1_000_000;
 
 /// A [`Store`] that keeps everything in memory; lost when the process exits.
 ///
-/// Logs are capped per deployment (oldest lines dropped first, [`MemoryStore::max_log_lines`]),
-/// so a chatty node cannot exhaust memory.
+/// Logs are capped per node and per deployment ([`MemoryStore::max_log_lines`],
+/// [`MemoryStore::max_log_lines_per_node`]; see [`Store::append_logs`]), so a chatty node
+/// can exhaust neither memory nor the other nodes' share of the log.
 #[derive(Debug)]
 pub struct MemoryStore {
     inner: Mutex<Inner>,
     max_log_lines: usize,
+    max_log_lines_per_node: Option<usize>,
 }
 
 #[derive(Debug, Default)]
@@ -35,11 +37,93 @@ struct Inner {
 
 #[derive(Debug, Default)]
 struct DeploymentLog {
-    lines: VecDeque<LogLine>,
+    /// Every stored line by `seq`.
+    lines: BTreeMap<u64, LogLine>,
+    /// Per node index, which of `lines` are its own.
+    nodes: HashMap<u32, NodeLog>,
     last_seq: u64,
     /// Per node, attempt and stream, the next line number expected; lower ones are resent
     /// duplicates. (Numbers rise within each stream whichever way an agent numbers them.)
     next_line_no: HashMap<(String, u32, LogStream), u64>,
+}
+
+/// One node's lines in a [`DeploymentLog`].
+#[derive(Debug, Default)]
+struct NodeLog {
+    /// The `seq`s of its lines, oldest first, its marker not included.
+    seqs: VecDeque<u64>,
+    /// The `seq` of the line saying how many of its lines were dropped, older than all `seqs`.
+    marker: Option<u64>,
+    dropped: u64,
+}
+
+impl NodeLog {
+    /// Lines stored, its marker included.
+    fn stored(&self) -> usize {
+        self.seqs.len() + usize::from(self.marker.is_some())
+    }
+}
+
+impl DeploymentLog {
+    /// Drop the oldest `count` (at least 1, at most all) lines of node `index`: the newest
+    /// of them becomes its marker, the previous marker goes.
+    fn drop_oldest(&mut self, index: u32, count: usize) {
+        let Some(node) = self.nodes.get_mut(&index) else {
+            return;
+        };
+        let mut newest = None;
+        for _ in 0..count.min(node.seqs.len()) {
+            if let Some(seq) = node.seqs.pop_front() {
+                node.dropped += 1;
+                newest = self.lines.remove(&seq);
+            }
+        }
+        let Some(mut marker) = newest else {
+            return;
+        };
+        if let Some(old) = node.marker.take() {
+            self.lines.remove(&old);
+        }
+        marker.stream = LogStream::Stderr;
+        marker.line = dropped_lines_marker(index, node.dropped);
+        node.marker = Some(marker.seq);
+        self.lines.insert(marker.seq, marker);
+    }
+
+    /// Lines of node `index` to drop so it stores at most `cap` (its marker included).
+    fn excess(&self, index: u32, cap: usize) -> usize {
+        self.nodes.get(&index).map_or(0, |node| {
+            if node.stored() > cap {
+                node.seqs.len() + 1 - cap
+            } else {
+                0
+            }
+        })
+    }
+
+    /// Keep each node in `touched` within `node_cap` lines and the whole log within
+    /// `deployment_cap`, dropping from the node holding the most.
+    fn enforce_caps(&mut self, touched: &[u32], node_cap: usize, deployment_cap: usize) {
+        for &index in touched {
+            let excess = self.excess(index, node_cap);
+            if excess > 0 {
+                self.drop_oldest(index, excess);
+            }
+        }
+        while self.lines.len() > deployment_cap {
+            let Some((&index, node)) = self
+                .nodes
+                .iter()
+                .filter(|(_, node)| !node.seqs.is_empty())
+                .max_by_key(|(index, node)| (node.stored(), std::cmp::Reverse(**index)))
+            else {
+                break;
+            };
+            let over = self.lines.len() - deployment_cap;
+            let count = over + usize::from(node.marker.is_none());
+            self.drop_oldest(index, count);
+        }
+    }
 }
 
 impl Default for MemoryStore {
@@ -54,6 +138,7 @@ impl MemoryStore {
         MemoryStore {
             inner: Mutex::new(Inner::default()),
             max_log_lines: DEFAULT_MAX_LOG_LINES,
+            max_log_lines_per_node: None,
         }
     }
 
@@ -62,6 +147,18 @@ impl MemoryStore {
     pub fn max_log_lines(mut self, lines: usize) -> Self {
         self.max_log_lines = lines.max(1);
         self
+    }
+
+    /// Keep at most this many log lines per node (at least 2; default half of
+    /// [`MemoryStore::max_log_lines`]).
+    #[must_use]
+    pub fn max_log_lines_per_node(mut self, lines: usize) -> Self {
+        self.max_log_lines_per_node = Some(lines.max(2));
+        self
+    }
+
+    fn node_cap(&self) -> usize {
+        node_log_cap(self.max_log_lines_per_node, self.max_log_lines)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -217,7 +314,9 @@ impl Store for MemoryStore {
         if !inner.deployments.contains_key(deployment_id) {
             return Err(unknown_deployment(deployment_id));
         }
+        let node_cap = self.node_cap();
         let log = inner.logs.entry(deployment_id.to_owned()).or_default();
+        let mut touched = Vec::new();
         for line in lines {
             if let Some(line_no) = line.line_no {
                 let next = log
@@ -230,18 +329,24 @@ impl Store for MemoryStore {
                 *next = line_no + 1;
             }
             log.last_seq += 1;
-            log.lines.push_back(LogLine {
-                seq: log.last_seq,
-                node_id: line.node_id,
-                node_index: line.node_index,
-                stream: line.stream,
-                line: line.line,
-                timestamp: line.timestamp,
-            });
+            let node = log.nodes.entry(line.node_index).or_default();
+            node.seqs.push_back(log.last_seq);
+            if !touched.contains(&line.node_index) {
+                touched.push(line.node_index);
+            }
+            log.lines.insert(
+                log.last_seq,
+                LogLine {
+                    seq: log.last_seq,
+                    node_id: line.node_id,
+                    node_index: line.node_index,
+                    stream: line.stream,
+                    line: line.line,
+                    timestamp: line.timestamp,
+                },
+            );
         }
-        while log.lines.len() > self.max_log_lines {
-            log.lines.pop_front();
-        }
+        log.enforce_caps(&touched, node_cap, self.max_log_lines);
         Ok(log.last_seq)
     }
 
@@ -253,15 +358,21 @@ impl Store for MemoryStore {
         let Some(log) = inner.logs.get(deployment_id) else {
             return Ok(Vec::new());
         };
-        // Lines are stored in seq order, so the cursor is found by binary search.
-        let start = log.lines.partition_point(|l| l.seq <= query.after);
-        Ok(log
+        let mut page = Vec::new();
+        let mut bytes = 0usize;
+        for line in log
             .lines
-            .range(start..)
+            .range(query.after.saturating_add(1)..)
+            .map(|(_, line)| line)
             .filter(|l| query.node_index.is_none_or(|i| l.node_index == i))
-            .take(query.limit)
-            .cloned()
-            .collect())
+        {
+            if !query.has_room(page.len(), bytes, line.line.len()) {
+                break;
+            }
+            bytes += line.line.len();
+            page.push(line.clone());
+        }
+        Ok(page)
     }
 
     async fn delete_deployment(&self, id: &str) -> Result<bool> {

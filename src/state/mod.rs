@@ -47,6 +47,11 @@ impl LogStream {
     }
 }
 
+/// Most lines in one log batch (`POST /nodes/logs`); a larger one is refused as too large,
+/// so the agent splits it. A 64 KiB piece of the bootstrap script's output has at most this
+/// many lines.
+pub(crate) const MAX_LOG_LINES_PER_BATCH: usize = 65_536;
+
 /// A log line to be stored; the store assigns its `seq`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewLogLine {
@@ -94,6 +99,35 @@ pub struct LogQuery {
     pub node_index: Option<u32>,
     /// At most this many lines.
     pub limit: usize,
+    /// At most about this many bytes of line text: the page ends before the line that would
+    /// go past it, but always holds at least one line. `None`: no byte bound.
+    pub max_bytes: Option<usize>,
+}
+
+impl LogQuery {
+    /// Whether a page already holding `lines` lines of `bytes` bytes of text has room for a
+    /// line of `next` bytes.
+    pub(crate) fn has_room(&self, lines: usize, bytes: usize, next: usize) -> bool {
+        lines < self.limit
+            && (lines == 0
+                || self
+                    .max_bytes
+                    .is_none_or(|max| bytes.saturating_add(next) <= max))
+    }
+}
+
+/// A node's line cap: `per_node` if set, else half the deployment's cap; at least 2 lines (its
+/// marker and its newest line).
+pub(crate) fn node_log_cap(per_node: Option<usize>, per_deployment: usize) -> usize {
+    per_node.unwrap_or(per_deployment / 2).max(2)
+}
+
+/// The text of the one line a store keeps where it dropped a node's oldest lines to stay
+/// within its caps; `dropped` counts every line of the node dropped so far.
+pub(crate) fn dropped_lines_marker(node_index: u32, dropped: u64) -> String {
+    format!(
+        "[taskfly: {dropped} earlier lines of node {node_index} were dropped here to keep the log within its line limits]"
+    )
 }
 
 /// Where deployments, nodes and logs are kept.
@@ -157,7 +191,17 @@ pub trait Store: Send + Sync + 'static {
 
     /// Append log lines of a deployment, dropping resent duplicates (see
     /// [`NewLogLine::line_no`]); returns the `seq` of the last stored line.
-    async fn append_logs(&self, deployment_id: &str, lines: Vec<NewLogLine>) -> Result<u64>;
+    ///
+    /// Stores cap the lines they keep per node and per deployment. Past a node's cap, that
+    /// node's oldest lines are dropped; past the deployment's cap, the oldest lines of the
+    /// node holding the most are. Either way, one line of that node's (the newest dropped,
+    /// its text replaced by [`dropped_lines_marker`], stream stderr) says how many of its
+    /// lines were dropped so far, and where.
+    async fn append_logs(
+        &self,
+        deployment_id: &str,
+        lines: Vec<NewLogLine>,
+    ) -> Result<u64>;
 
     /// Read log lines of a deployment, oldest first.
     async fn logs(&self, deployment_id: &str, query: LogQuery) -> Result<Vec<LogLine>>;

@@ -21,8 +21,8 @@ use crate::error::{Error, Result};
 use crate::sync::lock;
 
 /// The schema this code reads and writes, kept in `PRAGMA user_version`: 1 was taskfly 0.1's,
-/// 2 adds the nodes' `instance_locator` ([`MIGRATIONS`]).
-const SCHEMA_VERSION: i64 = 2;
+/// 2 adds the nodes' `instance_locator`, 3 the per-node log counts ([`MIGRATIONS`]).
+const SCHEMA_VERSION: i64 = 3;
 
 /// Default cap on stored log lines per deployment, as for the in-memory store.
 const DEFAULT_MAX_LOG_LINES: usize = 1_000_000;
@@ -96,7 +96,23 @@ const MIGRATIONS: &[&str] = &[
     // 2: where the provider finds a node's instance again (`InstanceRef::locator`); NULL
     // for nodes recorded by taskfly 0.1.
     "ALTER TABLE nodes ADD COLUMN instance_locator TEXT;",
+    // 3: how many log lines each node has stored (its marker included) and has had dropped,
+    // and which line is its marker (`SqliteStore::max_log_lines_per_node`).
+    "CREATE TABLE log_volume (
+         deployment_id TEXT NOT NULL REFERENCES deployments (id) ON DELETE CASCADE,
+         node_index    INTEGER NOT NULL,
+         stored        INTEGER NOT NULL,
+         dropped       INTEGER NOT NULL DEFAULT 0,
+         marker_seq    INTEGER,
+         PRIMARY KEY (deployment_id, node_index)
+     );
+     INSERT INTO log_volume (deployment_id, node_index, stored)
+         SELECT deployment_id, node_index, COUNT(*) FROM logs GROUP BY deployment_id, node_index;",
 ];
+
+/// Log lines stored per transaction: a large batch is stored in several, so other calls get
+/// the connection in between.
+const LOG_CHUNK: usize = 2048;
 
 /// The columns of a node, in the order [`node_from_row`] reads them.
 macro_rules! node_columns {
@@ -155,6 +171,7 @@ macro_rules! deployment_columns {
 pub struct SqliteStore {
     shared: Arc<Shared>,
     max_log_lines: usize,
+    max_log_lines_per_node: Option<usize>,
 }
 
 /// What the blocking tasks share with the store.
@@ -226,11 +243,20 @@ impl SqliteStore {
         SqliteStore::from_connection(conn, None)
     }
 
-    /// Keep at most this many log lines per deployment (default 1,000,000); the oldest lines
-    /// are deleted first, and their `seq` numbers are never reused.
+    /// Keep at most this many log lines per deployment (default 1,000,000); past it, the
+    /// oldest lines of the node holding the most are deleted (see [`Store::append_logs`]).
+    /// `seq` numbers are never reused.
     #[must_use]
     pub fn max_log_lines(mut self, lines: usize) -> Self {
         self.max_log_lines = lines.max(1);
+        self
+    }
+
+    /// Keep at most this many log lines per node (at least 2; default half of
+    /// [`SqliteStore::max_log_lines`]); past it, that node's oldest lines are deleted.
+    #[must_use]
+    pub fn max_log_lines_per_node(mut self, lines: usize) -> Self {
+        self.max_log_lines_per_node = Some(lines.max(2));
         self
     }
 
@@ -248,6 +274,7 @@ impl SqliteStore {
                 heartbeats: Mutex::new(HashMap::new()),
             }),
             max_log_lines: DEFAULT_MAX_LOG_LINES,
+            max_log_lines_per_node: None,
         })
     }
 
@@ -615,6 +642,242 @@ fn query_all<T>(
     Ok(decoded)
 }
 
+/// The line caps of [`SqliteStore`], as SQLite integers.
+#[derive(Debug, Clone, Copy)]
+struct LogCaps {
+    node: i64,
+    deployment: i64,
+}
+
+fn to_i64(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// Stores `lines` (one chunk of a batch) in one transaction, then keeps the nodes it touched
+/// and the deployment within `caps`. Returns the deployment's last `seq`.
+fn append_chunk(
+    conn: &mut Connection,
+    deployment_id: &str,
+    lines: &[NewLogLine],
+    caps: LogCaps,
+) -> Result<i64, DbError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let last_seq: Option<i64> = tx
+        .prepare_cached("SELECT log_seq FROM deployments WHERE id = ?1")?
+        .query_row([deployment_id], |row| row.get(0))
+        .optional()?;
+    let Some(mut seq) = last_seq else {
+        return Err(unknown_deployment(deployment_id));
+    };
+    if seq < 0 {
+        return Err(bad_data(format!(
+            "log_seq of deployment `{deployment_id}` is {seq}, which is negative"
+        )));
+    }
+    if lines.is_empty() {
+        return Ok(seq);
+    }
+    let mut added: Vec<(u32, i64)> = Vec::new();
+    {
+        let mut insert = tx.prepare_cached(
+            "INSERT OR IGNORE INTO logs (deployment_id, seq, node_id, node_index, \
+             stream, line, timestamp, attempt, line_no) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        )?;
+        for line in lines {
+            let next = seq.checked_add(1).ok_or_else(|| {
+                bad_data(format!(
+                    "log_seq of deployment `{deployment_id}` is out of range"
+                ))
+            })?;
+            let line_no = line.line_no.map(i64::try_from).transpose().map_err(|_| {
+                bad_data(format!(
+                    "log line number of `{}` is out of range",
+                    line.node_id
+                ))
+            })?;
+            let inserted = insert.execute(params![
+                deployment_id,
+                next,
+                line.node_id,
+                line.node_index,
+                line.stream.as_str(),
+                line.line,
+                to_ms(line.timestamp),
+                line.attempt,
+                line_no,
+            ])?;
+            // Zero rows: a resent duplicate, ignored by the unique index.
+            if inserted == 1 {
+                seq = next;
+                match added
+                    .iter_mut()
+                    .find(|(index, _)| *index == line.node_index)
+                {
+                    Some((_, count)) => *count += 1,
+                    None => added.push((line.node_index, 1)),
+                }
+            }
+        }
+    }
+    tx.prepare_cached("UPDATE deployments SET log_seq = ?2 WHERE id = ?1")?
+        .execute(params![deployment_id, seq])?;
+    {
+        let mut count = tx.prepare_cached(
+            "INSERT INTO log_volume (deployment_id, node_index, stored) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (deployment_id, node_index) DO UPDATE SET stored = stored + ?3",
+        )?;
+        for (index, lines) in &added {
+            count.execute(params![deployment_id, index, lines])?;
+        }
+    }
+    for (index, _) in &added {
+        let volume = node_volume(&tx, deployment_id, *index)?;
+        if volume.stored > caps.node {
+            drop_oldest(&tx, deployment_id, &volume, volume.real() + 1 - caps.node)?;
+        }
+    }
+    loop {
+        let total: i64 = tx
+            .prepare_cached(
+                "SELECT COALESCE(SUM(stored), 0) FROM log_volume WHERE deployment_id = ?1",
+            )?
+            .query_row([deployment_id], |row| row.get(0))?;
+        if total <= caps.deployment {
+            break;
+        }
+        let largest = tx
+            .prepare_cached(
+                "SELECT node_index FROM log_volume \
+                 WHERE deployment_id = ?1 AND stored > (marker_seq IS NOT NULL) \
+                 ORDER BY stored DESC, node_index LIMIT 1",
+            )?
+            .query_row([deployment_id], |row| row.get::<_, u32>(0))
+            .optional()?;
+        let Some(index) = largest else {
+            break;
+        };
+        let volume = node_volume(&tx, deployment_id, index)?;
+        let over = total - caps.deployment;
+        let count = over + i64::from(volume.marker_seq.is_none());
+        drop_oldest(&tx, deployment_id, &volume, count.min(volume.real()))?;
+    }
+    tx.commit()?;
+    Ok(seq)
+}
+
+/// A row of `log_volume`.
+struct NodeVolume {
+    node_index: u32,
+    stored: i64,
+    dropped: i64,
+    marker_seq: Option<i64>,
+}
+
+impl NodeVolume {
+    /// Lines stored, its marker not included.
+    fn real(&self) -> i64 {
+        self.stored - i64::from(self.marker_seq.is_some())
+    }
+}
+
+fn node_volume(
+    tx: &rusqlite::Transaction<'_>,
+    deployment_id: &str,
+    node_index: u32,
+) -> Result<NodeVolume, DbError> {
+    Ok(tx
+        .prepare_cached(
+            "SELECT stored, dropped, marker_seq FROM log_volume \
+             WHERE deployment_id = ?1 AND node_index = ?2",
+        )?
+        .query_row(params![deployment_id, node_index], |row| {
+            Ok(NodeVolume {
+                node_index,
+                stored: row.get(0)?,
+                dropped: row.get(1)?,
+                marker_seq: row.get(2)?,
+            })
+        })?)
+}
+
+/// Drop the oldest `count` (at least 1) lines of a node: the newest of them becomes its
+/// marker, the previous marker is deleted. Lines of a node older than its marker never exist.
+fn drop_oldest(
+    tx: &rusqlite::Transaction<'_>,
+    deployment_id: &str,
+    volume: &NodeVolume,
+    count: i64,
+) -> Result<(), DbError> {
+    if count < 1 {
+        return Ok(());
+    }
+    let index = volume.node_index;
+    let newest: Option<i64> = tx
+        .prepare_cached(
+            "SELECT seq FROM logs WHERE deployment_id = ?1 AND node_index = ?2 AND seq > ?3 \
+             ORDER BY seq LIMIT 1 OFFSET ?4",
+        )?
+        .query_row(
+            params![
+                deployment_id,
+                index,
+                volume.marker_seq.unwrap_or(0),
+                count - 1
+            ],
+            |row| row.get(0),
+        )
+        .optional()?;
+    let Some(newest) = newest else {
+        return Err(bad_data(format!(
+            "node {index} of deployment `{deployment_id}` has fewer than {count} log lines"
+        )));
+    };
+    let deleted = tx
+        .prepare_cached(
+            "DELETE FROM logs WHERE deployment_id = ?1 AND node_index = ?2 AND seq < ?3",
+        )?
+        .execute(params![deployment_id, index, newest])?;
+    let dropped = volume.dropped + count;
+    let marker = super::dropped_lines_marker(index, u64::try_from(dropped).unwrap_or(0));
+    tx.prepare_cached(
+        "UPDATE logs SET line = ?3, stream = 'stderr' WHERE deployment_id = ?1 AND seq = ?2",
+    )?
+    .execute(params![deployment_id, newest, marker])?;
+    tx.prepare_cached(
+        "UPDATE log_volume SET stored = stored - ?3, dropped = ?4, marker_seq = ?5 \
+         WHERE deployment_id = ?1 AND node_index = ?2",
+    )?
+    .execute(params![
+        deployment_id,
+        index,
+        to_i64(deleted),
+        dropped,
+        newest
+    ])?;
+    Ok(())
+}
+
+/// Reads the rows of a log query, ending the page at its byte bound.
+fn log_page(
+    statement: &mut rusqlite::Statement<'_>,
+    params: impl rusqlite::Params,
+    query: &LogQuery,
+) -> Result<Vec<LogLine>, DbError> {
+    let mut rows = statement.query(params)?;
+    let mut page = Vec::new();
+    let mut bytes = 0usize;
+    while let Some(row) = rows.next()? {
+        let line = log_line_from_row(row)?;
+        if !query.has_room(page.len(), bytes, line.line.len()) {
+            break;
+        }
+        bytes += line.line.len();
+        page.push(line);
+    }
+    Ok(page)
+}
+
 fn select_deployment(conn: &Connection, id: &str) -> Result<Option<Deployment>, DbError> {
     let mut select = conn.prepare_cached(concat!(
         "SELECT ",
@@ -943,73 +1206,30 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn append_logs(&self, deployment_id: &str, lines: Vec<NewLogLine>) -> Result<u64> {
-        let deployment_id = deployment_id.to_owned();
-        let max_log_lines = i64::try_from(self.max_log_lines).unwrap_or(i64::MAX);
-        self.run(move |_, conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let last_seq: Option<i64> = tx
-                .prepare_cached("SELECT log_seq FROM deployments WHERE id = ?1")?
-                .query_row([&deployment_id], |row| row.get(0))
-                .optional()?;
-            let Some(mut seq) = last_seq else {
-                return Err(unknown_deployment(&deployment_id));
-            };
-            if seq < 0 {
-                return Err(bad_data(format!(
-                    "log_seq of deployment `{deployment_id}` is {seq}, which is negative"
-                )));
+    async fn append_logs(
+        &self,
+        deployment_id: &str,
+        lines: Vec<NewLogLine>,
+    ) -> Result<u64> {
+        let caps = LogCaps {
+            node: to_i64(super::node_log_cap(
+                self.max_log_lines_per_node,
+                self.max_log_lines,
+            )),
+            deployment: to_i64(self.max_log_lines),
+        };
+        let mut lines = lines.into_iter().peekable();
+        loop {
+            let chunk: Vec<NewLogLine> = lines.by_ref().take(LOG_CHUNK).collect();
+            let deployment_id = deployment_id.to_owned();
+            let seq = self
+                .run(move |_, conn| append_chunk(conn, &deployment_id, &chunk, caps))
+                .await?;
+            if lines.peek().is_none() {
+                return u64::try_from(seq)
+                    .map_err(|_| bad_data(format!("log seq {seq} is negative")).into_error());
             }
-            if !lines.is_empty() {
-                {
-                    let mut insert = tx.prepare_cached(
-                        "INSERT OR IGNORE INTO logs (deployment_id, seq, node_id, node_index, \
-                         stream, line, timestamp, attempt, line_no) \
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                    )?;
-                    for line in &lines {
-                        let next = seq.checked_add(1).ok_or_else(|| {
-                            bad_data(format!(
-                                "log_seq of deployment `{deployment_id}` is out of range"
-                            ))
-                        })?;
-                        let line_no =
-                            line.line_no.map(i64::try_from).transpose().map_err(|_| {
-                                bad_data(format!(
-                                    "log line number of `{}` is out of range",
-                                    line.node_id
-                                ))
-                            })?;
-                        let inserted = insert.execute(params![
-                            deployment_id,
-                            next,
-                            line.node_id,
-                            line.node_index,
-                            line.stream.as_str(),
-                            line.line,
-                            to_ms(line.timestamp),
-                            line.attempt,
-                            line_no,
-                        ])?;
-                        // Zero rows: a resent duplicate, ignored by the unique index.
-                        if inserted == 1 {
-                            seq = next;
-                        }
-                    }
-                }
-                tx.prepare_cached("UPDATE deployments SET log_seq = ?2 WHERE id = ?1")?
-                    .execute(params![deployment_id, seq])?;
-                // Lines are only ever deleted from the oldest end, so the stored lines are
-                // exactly the seqs up to `seq`, and the oldest beyond the cap are below this.
-                if seq > max_log_lines {
-                    tx.prepare_cached("DELETE FROM logs WHERE deployment_id = ?1 AND seq <= ?2")?
-                        .execute(params![deployment_id, seq - max_log_lines])?;
-                }
-            }
-            tx.commit()?;
-            u64::try_from(seq).map_err(|_| bad_data(format!("log seq {seq} is negative")))
-        })
-        .await
+        }
     }
 
     async fn logs(&self, deployment_id: &str, query: LogQuery) -> Result<Vec<LogLine>> {
@@ -1027,11 +1247,7 @@ impl Store for SqliteStore {
                         "SELECT seq, node_id, node_index, stream, line, timestamp FROM logs \
                          WHERE deployment_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
                     )?;
-                    query_all(
-                        &mut select,
-                        params![deployment_id, after, limit],
-                        log_line_from_row,
-                    )?
+                    log_page(&mut select, params![deployment_id, after, limit], &query)?
                 }
                 Some(node_index) => {
                     let mut select = tx.prepare_cached(
@@ -1039,10 +1255,10 @@ impl Store for SqliteStore {
                          WHERE deployment_id = ?1 AND node_index = ?2 AND seq > ?3 \
                          ORDER BY seq LIMIT ?4",
                     )?;
-                    query_all(
+                    log_page(
                         &mut select,
                         params![deployment_id, node_index, after, limit],
-                        log_line_from_row,
+                        &query,
                     )?
                 }
             };
@@ -1126,7 +1342,8 @@ mod tests {
         conformance::check_store(&SqliteStore::open_in_memory().unwrap()).await;
         let capped = SqliteStore::open_in_memory()
             .unwrap()
-            .max_log_lines(conformance::LOG_CAP);
+            .max_log_lines(conformance::LOG_CAP)
+            .max_log_lines_per_node(conformance::NODE_LOG_CAP);
         conformance::check_log_cap(&capped).await;
     }
 
@@ -1136,7 +1353,8 @@ mod tests {
         conformance::check_store(&SqliteStore::open(&dir.path().join("a.db")).unwrap()).await;
         let capped = SqliteStore::open(&dir.path().join("b.db"))
             .unwrap()
-            .max_log_lines(conformance::LOG_CAP);
+            .max_log_lines(conformance::LOG_CAP)
+            .max_log_lines_per_node(conformance::NODE_LOG_CAP);
         conformance::check_log_cap(&capped).await;
     }
 
@@ -1248,8 +1466,8 @@ mod tests {
             logs_after.iter().map(|l| l.seq).collect::<Vec<_>>(),
             [1, 2, 3, 4, 5]
         );
-        // The sequence carries on where it stopped, and the smaller cap now in force trims
-        // the oldest lines.
+        // The sequence carries on where it stopped, and the smaller caps now in force drop
+        // the oldest lines (2 per node: the newest dropped one says so, then the new line).
         let line = NewLogLine {
             node_id: "dep-keep-0".to_owned(),
             node_index: 0,
@@ -1267,7 +1485,7 @@ mod tests {
             .iter()
             .map(|l| l.seq)
             .collect();
-        assert_eq!(seqs, [4, 5, 6]);
+        assert_eq!(seqs, [5, 6]);
     }
 
     #[tokio::test]
@@ -1460,6 +1678,66 @@ mod tests {
         let reopened = SqliteStore::open(&path).unwrap();
         let node = reopened.node("dep-old-1").await.unwrap().unwrap();
         assert_eq!(node.instance(), Some(instance));
+    }
+
+    /// A schema 2 database's stored lines are counted per node when it is migrated, so the
+    /// per-node cap holds for the lines written before.
+    #[tokio::test]
+    async fn lines_stored_before_schema_3_count_against_their_node_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(SCHEMA).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.pragma_update(None, "user_version", 2).unwrap();
+            conn.execute_batch(
+                "INSERT INTO deployments (id, status, cloud_provider, total_nodes, retries, \
+                 nodes_completed, nodes_failed, nodes_terminated, created_at, updated_at, \
+                 log_seq) VALUES ('dep-old', 'running', 'local', 2, 0, 0, 0, 0, 1000, 2000, 5);
+                 INSERT INTO nodes (id, deployment_id, node_index, status, attempt, \
+                 last_update) VALUES \
+                 ('dep-old-0', 'dep-old', 0, 'running_script', 1, 2000), \
+                 ('dep-old-1', 'dep-old', 1, 'running_script', 1, 2000);
+                 INSERT INTO logs (deployment_id, seq, node_id, node_index, stream, line, \
+                 timestamp, attempt) VALUES \
+                 ('dep-old', 1, 'dep-old-0', 0, 'stdout', 'a', 2000, 1), \
+                 ('dep-old', 2, 'dep-old-0', 0, 'stdout', 'b', 2000, 1), \
+                 ('dep-old', 3, 'dep-old-0', 0, 'stdout', 'c', 2000, 1), \
+                 ('dep-old', 4, 'dep-old-0', 0, 'stdout', 'd', 2000, 1), \
+                 ('dep-old', 5, 'dep-old-1', 1, 'stdout', 'e', 2000, 1);",
+            )
+            .unwrap();
+        }
+        let store = SqliteStore::open(&path)
+            .unwrap()
+            .max_log_lines(10)
+            .max_log_lines_per_node(3);
+        let line = |index: u32| NewLogLine {
+            node_id: format!("dep-old-{index}"),
+            node_index: index,
+            stream: LogStream::Stdout,
+            line: "new".to_owned(),
+            timestamp: at(3),
+            attempt: 1,
+            line_no: None,
+        };
+        assert_eq!(
+            store.append_logs("dep-old", vec![line(1)]).await.unwrap(),
+            6
+        );
+        assert_eq!(
+            store.append_logs("dep-old", vec![line(0)]).await.unwrap(),
+            7
+        );
+        let all = LogQuery {
+            limit: 100,
+            ..LogQuery::default()
+        };
+        let lines = store.logs("dep-old", all).await.unwrap();
+        let seqs: Vec<u64> = lines.iter().map(|l| l.seq).collect();
+        assert_eq!(seqs, [3, 4, 5, 6, 7]);
+        assert_eq!(lines[0].line, crate::state::dropped_lines_marker(0, 3));
     }
 
     #[tokio::test]

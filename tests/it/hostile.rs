@@ -958,7 +958,7 @@ async fn slow_clients_holding_every_connection_slot_are_dropped_and_the_slots_fr
             .expect("write");
         slow.push(stream);
     }
-    // Both slots are held: this request is answered once the slow clients are dropped.
+    // Both slots are held by clients without a token: the oldest makes way for this request.
     let health = raw_get(&engine.url, "/health", None).await;
     assert_eq!(health.status, 200, "{}", health.text());
     for stream in &mut slow {
@@ -967,6 +967,56 @@ async fn slow_clients_holding_every_connection_slot_are_dropped_and_the_slots_fr
     }
     assert!(started.elapsed() >= HEADER_TIMEOUT);
     before.assert_unchanged(&Snapshot::take(&engine, None).await, "slot holders");
+    engine.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_never_arrives_is_refused_and_its_connection_closed() {
+    const BODY_TIMEOUT: Duration = Duration::from_millis(500);
+    let engine = TestEngine::start_with_server(|c| c, |s| s.body_read_timeout(BODY_TIMEOUT)).await;
+    let address = socket_address(&engine.url);
+    let started = Instant::now();
+    let mut stream = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect");
+    stream
+        .write_all(
+            b"POST /api/v1/nodes/register HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"provision_token\":\"",
+        )
+        .await
+        .expect("write");
+    let received = read_until_closed(&mut stream, POLL_LIMIT, "a slow body").await;
+    let text = String::from_utf8_lossy(&received);
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert!(text.contains("did not arrive within"), "{text}");
+    assert!(started.elapsed() >= BODY_TIMEOUT);
+    let health = raw_get(&engine.url, "/health", None).await;
+    assert_eq!(health.status, 200);
+    engine.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_cap_per_address_the_oldest_connection_without_a_token_makes_way() {
+    let engine =
+        TestEngine::start_with_server(|c| c, |s| s.max_unauthenticated_connections_per_address(2))
+            .await;
+    let address = socket_address(&engine.url);
+    let mut slow = Vec::new();
+    for _ in 0..2 {
+        let mut stream = tokio::net::TcpStream::connect(address)
+            .await
+            .expect("connect");
+        stream
+            .write_all(b"GET /health HTTP/1.1\r\nHo")
+            .await
+            .expect("write");
+        slow.push(stream);
+    }
+    // Well before the 10 s header timeout, the oldest goes for this request.
+    let health = raw_get(&engine.url, "/health", None).await;
+    assert_eq!(health.status, 200, "{}", health.text());
+    let received = read_until_closed(&mut slow[0], Duration::from_secs(5), "the oldest").await;
+    assert!(received.is_empty(), "{received:?}");
     engine.stop().await;
 }
 

@@ -378,6 +378,19 @@ fn a_four_megabyte_newline_log_post_keeps_the_daemon_peak_rss_under_64_mib_more(
         after.saturating_sub(before) / 1024,
         LOG_REQUEST_MEMORY_KIB / 1024
     );
+    // The most lines a request may hold (65,536), nearly 4 MB of them: stored, within the
+    // same bound.
+    let line = format!("{}\n", "b".repeat(62));
+    let answer = chaos::post_text_logs(&daemon.url, &token, line.repeat(65_536).as_bytes());
+    assert_eq!(answer.status, 200, "{:.300}", answer.body);
+    let after = chaos::memory_kib(pid, "VmHWM");
+    assert!(
+        after.saturating_sub(before) < LOG_REQUEST_MEMORY_KIB,
+        "a 4 MB request of 65,536 lines raised the daemon's peak RSS from {before} KiB to \
+         {after} KiB (+{} MiB; at most {} MiB allowed)",
+        after.saturating_sub(before) / 1024,
+        LOG_REQUEST_MEMORY_KIB / 1024
+    );
     open_gate(gate.path());
     wait_until_final(&daemon, &id);
 }
@@ -530,6 +543,74 @@ fn a_four_mebibyte_failure_message_is_capped_and_status_prints_it_without_panick
         stored.len()
     );
     open_gate(gate.path());
+}
+
+// ----- 11: a page of logs is bounded by bytes -----
+
+/// The most line text one page of logs holds (SPEC: the logs endpoint), and room for the JSON
+/// around 10,000 lines at most.
+const LOG_PAGE_BYTES: usize = 2 * 1024 * 1024 + 64 * 1024;
+
+#[test]
+fn a_page_of_long_lines_is_bounded_by_bytes_and_paging_reads_every_line() {
+    const LONG_LINES: usize = 120;
+    let daemon = Daemon::start();
+    let gate = tempfile::tempdir().expect("temp dir");
+    let project = gated_project(1, "script", gate.path(), GATED_SCRIPT);
+    let id = daemon.up(project.path());
+    wait_until_all(&daemon, &id, "running_script");
+    let token = chaos::node_token(&daemon, &id, 0);
+    // Two requests of 60 lines of 60 KB: 7.2 MB of lines.
+    for half in 0..2 {
+        let body: String = (0..LONG_LINES / 2)
+            .map(|i| format!("{:0>60000}\n", half * LONG_LINES / 2 + i))
+            .collect();
+        let answer = chaos::post_text_logs(&daemon.url, &token, body.as_bytes());
+        assert_eq!(answer.status, 200, "{:.300}", answer.body);
+    }
+    open_gate(gate.path());
+    wait_until_final(&daemon, &id);
+
+    let bearer = format!("Bearer {}", daemon.token);
+    let mut after = 0;
+    let mut long = Vec::new();
+    let mut pages = 0;
+    loop {
+        let path = format!("/api/v1/deployments/{id}/logs?limit=10000&after={after}");
+        let answer = chaos::raw_request(
+            &daemon.url,
+            "GET",
+            &path,
+            &[("Authorization", &bearer)],
+            b"",
+        );
+        assert_eq!(answer.status, 200, "{:.300}", answer.body);
+        assert!(
+            answer.body.len() <= LOG_PAGE_BYTES,
+            "a page of {} bytes (at most {LOG_PAGE_BYTES})",
+            answer.body.len()
+        );
+        let page: serde_json::Value = serde_json::from_str(&answer.body).expect("a JSON page");
+        let lines = page["logs"].as_array().expect("logs is an array");
+        if lines.is_empty() {
+            break;
+        }
+        pages += 1;
+        long.extend(
+            lines
+                .iter()
+                .filter_map(|line| line["line"].as_str())
+                .filter(|line| line.len() == 60_000)
+                .map(|line| line.trim_start_matches('0').parse::<usize>().unwrap_or(0)),
+        );
+        after = page["next"].as_u64().expect("next");
+    }
+    assert!(pages >= 4, "7.2 MB of lines came in {pages} pages");
+    assert_eq!(
+        long,
+        (0..LONG_LINES).collect::<Vec<_>>(),
+        "every line, once, in order"
+    );
 }
 
 // ----- 14: secrets are masked before a message is cut -----

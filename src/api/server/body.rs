@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use super::Shared;
 use crate::error::{Error, Result};
+use crate::state::MAX_LOG_LINES_PER_BATCH;
 
 pub(super) type Body = BoxBody<Bytes, std::io::Error>;
 
@@ -19,12 +20,7 @@ pub(super) async fn read_json<T: DeserializeOwned>(
     request: Request<Incoming>,
 ) -> Result<T> {
     require_json(&request)?;
-    let body = read_limited(
-        request.into_body(),
-        shared.config.max_json_body,
-        "JSON body",
-    )
-    .await?;
+    let body = read_limited_in_time(shared, request.into_body(), "JSON body").await?;
     parse_json(&body)
 }
 
@@ -37,12 +33,7 @@ pub(super) async fn read_json_or_empty<T: DeserializeOwned + Default>(
     if has_type {
         require_json(&request)?;
     }
-    let body = read_limited(
-        request.into_body(),
-        shared.config.max_json_body,
-        "JSON body",
-    )
-    .await?;
+    let body = read_limited_in_time(shared, request.into_body(), "JSON body").await?;
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
@@ -71,6 +62,23 @@ fn require_json(request: &Request<Incoming>) -> Result<()> {
     }
 }
 
+/// A JSON or text body, within the size limit for JSON bodies and the body read time limit.
+pub(super) async fn read_limited_in_time(
+    shared: &Shared,
+    body: Incoming,
+    what: &str,
+) -> Result<Bytes> {
+    let limit = shared.config.body_read_timeout;
+    tokio::time::timeout(limit, read_limited(body, shared.config.max_json_body, what))
+        .await
+        .unwrap_or_else(|_| {
+            Err(Error::invalid_input(format!(
+                "the {what} did not arrive within {} s",
+                limit.as_secs_f64()
+            )))
+        })
+}
+
 pub(super) async fn read_limited(body: Incoming, limit: u64, what: &str) -> Result<Bytes> {
     let limit_usize = usize::try_from(limit).unwrap_or(usize::MAX);
     match Limited::new(body, limit_usize).collect().await {
@@ -80,6 +88,19 @@ pub(super) async fn read_limited(body: Incoming, limit: u64, what: &str) -> Resu
         ))),
         Err(e) => Err(Error::invalid_input(format!("cannot read the {what}: {e}"))),
     }
+}
+
+/// Refuse a `text/plain` log body of more lines than a batch may hold before it is cut into
+/// lines: a 4 MiB body of empty lines is 4 million of them.
+pub(super) fn check_text_log_lines(body: &[u8]) -> Result<()> {
+    let ends_open = !body.is_empty() && !body.ends_with(b"\n");
+    let lines = body.iter().filter(|byte| **byte == b'\n').count() + usize::from(ends_open);
+    if lines > MAX_LOG_LINES_PER_BATCH {
+        return Err(Error::too_large(format!(
+            "a log body of {lines} lines is over the limit of {MAX_LOG_LINES_PER_BATCH}; send fewer lines per request"
+        )));
+    }
+    Ok(())
 }
 
 pub(super) fn unsupported_media(message: &str) -> Error {

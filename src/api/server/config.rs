@@ -27,7 +27,9 @@ pub struct ServerConfig {
     pub(crate) api_token: Option<String>,
     pub(crate) max_json_body: u64,
     pub(crate) header_read_timeout: Duration,
+    pub(crate) body_read_timeout: Duration,
     pub(crate) max_connections: usize,
+    pub(crate) max_unauthenticated_per_address: usize,
     pub(crate) registration_failures_per_minute: u32,
     /// The PEM certificate chain and private key files to serve https with.
     #[cfg(feature = "tls")]
@@ -41,7 +43,12 @@ impl fmt::Debug for ServerConfig {
         d.field("api_token", &self.api_token.as_ref().map(|_| "***"))
             .field("max_json_body", &self.max_json_body)
             .field("header_read_timeout", &self.header_read_timeout)
+            .field("body_read_timeout", &self.body_read_timeout)
             .field("max_connections", &self.max_connections)
+            .field(
+                "max_unauthenticated_per_address",
+                &self.max_unauthenticated_per_address,
+            )
             .field(
                 "registration_failures_per_minute",
                 &self.registration_failures_per_minute,
@@ -59,7 +66,9 @@ impl Default for ServerConfig {
             api_token: None,
             max_json_body: 4 * 1024 * 1024,
             header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(30),
             max_connections: 4096,
+            max_unauthenticated_per_address: 512,
             registration_failures_per_minute: 20,
             #[cfg(feature = "tls")]
             tls: None,
@@ -92,10 +101,37 @@ impl ServerConfig {
         self
     }
 
-    /// Most connections served at once (default 4096); more wait to be accepted.
+    /// A JSON or `text/plain` request body must arrive within this long once its headers
+    /// did, or the request fails (400) and the connection is closed (default 30 s): with
+    /// [`ServerConfig::header_read_timeout`], this bounds the time to read a whole request. (A
+    /// bundle upload, which only API-token holders may send, is bounded by its size alone.)
+    #[must_use]
+    pub fn body_read_timeout(mut self, timeout: Duration) -> ServerConfig {
+        self.body_read_timeout = timeout;
+        self
+    }
+
+    /// Most connections open at once (default 4096). A connection is unauthenticated until
+    /// one of its requests carries a valid API or node token; past this many connections, the
+    /// oldest unauthenticated one is closed to make room for a new one. Authenticated
+    /// connections are never closed for others: when all of them are, new ones wait to be
+    /// accepted.
     #[must_use]
     pub fn max_connections(mut self, connections: usize) -> ServerConfig {
         self.max_connections = connections.max(1);
+        self
+    }
+
+    /// Most unauthenticated connections from one client address (default 512); past it,
+    /// that address' oldest unauthenticated connection is closed. With
+    /// [`ServerConfig::max_connections`], clients without a token cannot keep registered
+    /// nodes or API clients from being served.
+    #[must_use]
+    pub fn max_unauthenticated_connections_per_address(
+        mut self,
+        connections: usize,
+    ) -> ServerConfig {
+        self.max_unauthenticated_per_address = connections.max(1);
         self
     }
 

@@ -24,7 +24,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::sync::Semaphore;
 
 pub use config::ServerConfig;
 
@@ -35,13 +34,14 @@ use crate::orchestrator::Orchestrator;
 /// How long in-flight requests get to finish at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
-/// What every request handler reads: the engine, the server's settings, and the
-/// registration failure counts.
+/// What every request handler reads: the engine, the server's settings, the registration
+/// failure counts and the open connections.
 pub(crate) struct Shared {
     pub(crate) engine: Orchestrator,
     pub(crate) config: ServerConfig,
     pub(crate) api_token_hash: Option<[u8; 32]>,
     pub(crate) registrations: super::limits::FailureLimiter,
+    pub(crate) connections: super::limits::ConnectionTable,
 }
 
 /// Serves an engine's HTTP API — the client endpoints and the node protocol — and stops it in
@@ -95,6 +95,10 @@ impl Server {
             registrations: super::limits::FailureLimiter::new(
                 config.registration_failures_per_minute,
                 Duration::from_secs(60),
+            ),
+            connections: super::limits::ConnectionTable::new(
+                config.max_connections,
+                config.max_unauthenticated_per_address,
             ),
             engine,
             config,
@@ -181,7 +185,8 @@ impl Server {
 
     /// Accept and serve connections until `shutdown` completes, then let in-flight requests
     /// finish. With TLS, every connection is a TLS one: its handshake runs in the
-    /// connection's own task, within the header read time limit.
+    /// connection's own task, within the header read time limit. Connections are taken and
+    /// closed to make room as [`super::limits::ConnectionTable`] says.
     async fn accept_until(
         &self,
         listener: tokio::net::TcpListener,
@@ -189,7 +194,6 @@ impl Server {
     ) {
         let shared = &self.shared;
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-        let slots = Arc::new(Semaphore::new(shared.config.max_connections));
         let mut http = hyper::server::conn::http1::Builder::new();
         http.timer(TokioTimer::new())
             .header_read_timeout(shared.config.header_read_timeout);
@@ -200,13 +204,10 @@ impl Server {
             .map(|tls| (tls.acceptor().clone(), shared.config.header_read_timeout));
         tokio::pin!(shutdown);
         loop {
-            let permit = tokio::select! {
-                permit = slots.clone().acquire_owned() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => break,
-                },
+            tokio::select! {
+                () = shared.connections.room() => {}
                 () = &mut shutdown => break,
-            };
+            }
             let (stream, peer) = tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok(accepted) => accepted,
@@ -225,11 +226,18 @@ impl Server {
                     continue;
                 }
             }
+            let connection = shared.connections.open(peer.ip());
+            let service = {
+                let (shared, connection) = (shared.clone(), connection.clone());
+                hyper::service::service_fn(move |request| {
+                    let (shared, connection) = (shared.clone(), connection.clone());
+                    async move {
+                        let response = routes::handle(&shared, request, peer, &connection).await;
+                        Ok::<_, Infallible>(response)
+                    }
+                })
+            };
             let shared = shared.clone();
-            let service = hyper::service::service_fn(move |request| {
-                let shared = shared.clone();
-                async move { Ok::<_, Infallible>(routes::handle(&shared, request, peer).await) }
-            });
             #[cfg(feature = "tls")]
             if let Some((acceptor, handshake_limit)) = &tls {
                 // A slow or silent client must not hold up the accept loop: the handshake runs
@@ -237,27 +245,42 @@ impl Server {
                 let (acceptor, handshake_limit) = (acceptor.clone(), *handshake_limit);
                 let (watcher, http) = (graceful.watcher(), http.clone());
                 tokio::spawn(async move {
-                    match tokio::time::timeout(handshake_limit, acceptor.accept(stream)).await {
-                        Ok(Ok(stream)) => {
-                            let connection =
-                                watcher.watch(http.serve_connection(TokioIo::new(stream), service));
-                            if let Err(e) = connection.await {
-                                tracing::debug!(error = %e, %peer, "connection ended with an error");
+                    let served = async {
+                        match tokio::time::timeout(handshake_limit, acceptor.accept(stream)).await {
+                            Ok(Ok(stream)) => {
+                                let served = watcher
+                                    .watch(http.serve_connection(TokioIo::new(stream), service));
+                                if let Err(e) = served.await {
+                                    tracing::debug!(error = %e, %peer, "connection ended with an error");
+                                }
                             }
+                            Ok(Err(e)) => {
+                                tracing::debug!(error = %e, %peer, "TLS handshake failed")
+                            }
+                            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                         }
-                        Ok(Err(e)) => tracing::debug!(error = %e, %peer, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    };
+                    tokio::select! {
+                        () = served => {}
+                        () = connection.closed() => {
+                            tracing::debug!(%peer, "unauthenticated connection closed for a newer one");
+                        }
                     }
-                    drop(permit);
+                    shared.connections.close(&connection);
                 });
                 continue;
             }
-            let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+            let served = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
             tokio::spawn(async move {
-                if let Err(e) = connection.await {
-                    tracing::debug!(error = %e, %peer, "connection ended with an error");
+                tokio::select! {
+                    result = served => if let Err(e) = result {
+                        tracing::debug!(error = %e, %peer, "connection ended with an error");
+                    },
+                    () = connection.closed() => {
+                        tracing::debug!(%peer, "unauthenticated connection closed for a newer one");
+                    }
                 }
-                drop(permit);
+                shared.connections.close(&connection);
             });
         }
         drop(listener);

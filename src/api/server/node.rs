@@ -10,7 +10,7 @@ use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 
 use super::body::{
-    full, header, json, plain_text, read_json, read_json_or_empty, read_limited, Body,
+    full, header, json, plain_text, read_json, read_json_or_empty, read_limited_in_time, Body,
 };
 use super::{views, Shared};
 use crate::auth;
@@ -224,7 +224,8 @@ async fn read_text_logs(shared: &Shared, request: Request<Incoming>) -> Result<w
         })?),
         None => None,
     };
-    let body = read_limited(request.into_body(), shared.config.max_json_body, "log body").await?;
+    let body = read_limited_in_time(shared, request.into_body(), "log body").await?;
+    super::body::check_text_log_lines(&body)?;
     Ok(text_log_lines(&body, &stream, offset))
 }
 

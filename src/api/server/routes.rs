@@ -10,6 +10,7 @@ use hyper::{Method, Request, Response, StatusCode};
 
 use super::body::{full, header, json, read_limited, unsupported_media, Body};
 use super::{node, views, Shared};
+use crate::api::limits::Connection;
 use crate::auth;
 use crate::error::{Error, Result};
 use crate::state::model::DeploymentSummary;
@@ -23,10 +24,11 @@ pub(super) async fn handle(
     shared: &Shared,
     request: Request<Incoming>,
     peer: SocketAddr,
+    connection: &Connection,
 ) -> Response<Body> {
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
-    let response = match route(shared, peer, request).await {
+    let response = match route(shared, peer, request, connection).await {
         Ok(response) => response,
         Err(error) => super::errors::error_response(&error),
     };
@@ -34,10 +36,13 @@ pub(super) async fn handle(
     response
 }
 
+/// A request that passes token authentication marks its connection authenticated
+/// ([`crate::api::limits::ConnectionTable`]).
 async fn route(
     shared: &Shared,
     peer: SocketAddr,
     request: Request<Incoming>,
+    connection: &Connection,
 ) -> Result<Response<Body>> {
     let path = request.uri().path().trim_end_matches('/').to_owned();
     let segments: Vec<&str> = path.split('/').skip(1).collect();
@@ -53,10 +58,16 @@ async fn route(
             if let (&Method::POST, ["register"]) = (&method, rest) {
                 return node::register(shared, peer, request).await;
             }
-            node::route(shared, &method, rest, request).await
+            let answer = node::route(shared, &method, rest, request).await;
+            // Node routes check the node token first: anything but 401 means it was valid.
+            if !matches!(&answer, Err(e) if e.is_unauthorized()) {
+                shared.connections.authenticated(connection);
+            }
+            answer
         }
         (_, ["api", "v1", rest @ ..]) => {
             authorize_client(shared, &request)?;
+            shared.connections.authenticated(connection);
             client_route(shared, &method, rest, request).await
         }
         _ => Err(Error::not_found(format!(

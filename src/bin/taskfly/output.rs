@@ -275,21 +275,44 @@ pub(crate) fn deployment_details(view: &DeploymentView) -> String {
     out
 }
 
+/// Longest cell a table shows, in characters; longer ones are cut and end in `…`
+/// (`--output json` has them whole).
+const MAX_CELL_CHARS: usize = 200;
+
 fn table(rows: &[Vec<String>]) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| row.iter().map(|cell| table_cell(cell)).collect())
+        .collect();
     let columns = rows.first().map_or(0, Vec::len);
     let widths: Vec<usize> = (0..columns)
         .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
         .collect();
     let mut out = String::new();
-    for row in rows {
+    for row in &rows {
+        // Padded by hand: `format!("{cell:<width$}")` panics for widths over 65,535.
         let cells: Vec<String> = row
             .iter()
             .zip(&widths)
-            .map(|(cell, width)| format!("{cell:<width$}"))
+            .map(|(cell, width)| {
+                let padding = width.saturating_sub(cell.chars().count());
+                format!("{cell}{}", " ".repeat(padding))
+            })
             .collect();
         let _ = writeln!(out, "{}", cells.join("  ").trim_end());
     }
     out
+}
+
+/// A cell on one line and at most [`MAX_CELL_CHARS`] long.
+fn table_cell(cell: &str) -> String {
+    let one_line = cell.replace(['\n', '\r'], " ");
+    if one_line.chars().count() <= MAX_CELL_CHARS {
+        return one_line;
+    }
+    let mut cut: String = one_line.chars().take(MAX_CELL_CHARS - 1).collect();
+    cut.push('…');
+    cut
 }
 
 #[cfg(test)]
@@ -490,5 +513,21 @@ mod tests {
                 ],
             ]
         );
+    }
+
+    #[test]
+    fn a_huge_cell_is_cut_and_never_panics() {
+        let huge = "m".repeat(4 * 1024 * 1024);
+        let rows = vec![
+            vec!["NODE".to_owned(), "ERROR".to_owned()],
+            vec!["0".to_owned(), huge],
+            vec!["1".to_owned(), "two\nlines".to_owned()],
+        ];
+        let text = table(&rows);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text:.500}");
+        assert_eq!(lines[1].chars().count(), 6 + MAX_CELL_CHARS);
+        assert!(lines[1].ends_with('…'));
+        assert_eq!(lines[2], "1     two lines");
     }
 }
