@@ -235,7 +235,22 @@ impl Provider for LocalProvider {
         let node_id = spec.owner.name().to_owned();
         let instance_id = format!("local-{node_id}-{}", spec.owner.attempt());
         let work_dir = self.work_root.join(folder).join(node_folder);
-        tokio::fs::create_dir_all(&work_dir).await.map_err(|e| {
+        // Private to the daemon's user (0700): it holds the node's files and, for a bootstrap,
+        // its provision token. Set again on a folder left by an earlier run.
+        let created = tokio::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&work_dir)
+            .await;
+        let private = match created {
+            Ok(()) => {
+                use std::os::unix::fs::PermissionsExt;
+                let mode = std::fs::Permissions::from_mode(0o700);
+                tokio::fs::set_permissions(&work_dir, mode).await
+            }
+            Err(e) => Err(e),
+        };
+        private.map_err(|e| {
             Error::io(
                 format!(
                     "cannot create the node's work directory {}",
@@ -574,9 +589,10 @@ fn spawn_bootstrap(
     command
         .arg(&script_path)
         .current_dir(work_dir)
-        // The daemon's own secrets stay with the daemon (the bootstrap also drops every
+        // The daemon's own environment stays with the daemon (the bootstrap also drops every
         // TASKFLY_* variable before it runs the script).
-        .env_remove("TASKFLY_API_TOKEN")
+        .env_clear()
+        .envs(node_base_env())
         .env("TMPDIR", work_dir)
         .env(agent::ENV_GRACE_MS, grace_period.as_millis().to_string())
         .env(agent::ENV_INSTANCE_ID, instance_id)
@@ -588,6 +604,21 @@ fn spawn_bootstrap(
     command
         .spawn()
         .map_err(|e| Error::io("cannot start the node bootstrap with sh", e).into())
+}
+
+/// The variables of the daemon's environment a local node's agent (process or bootstrap) and
+/// so its script start with: what a login shell would set, and nothing the daemon was given
+/// for itself (cloud credentials, the API token). The node's own variables come on top.
+const NODE_ENV_ALLOWED: &[&str] = &[
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "TZ", "TMPDIR",
+];
+
+/// The allowed part of this process' environment ([`NODE_ENV_ALLOWED`] and every `LC_*`).
+fn node_base_env() -> impl Iterator<Item = (std::ffi::OsString, std::ffi::OsString)> {
+    std::env::vars_os().filter(|(key, _)| {
+        key.to_str()
+            .is_some_and(|key| NODE_ENV_ALLOWED.contains(&key) || key.starts_with("LC_"))
+    })
 }
 
 /// A private log file (mode 0600) opened for appending, twice: for a child's stdout and
@@ -622,8 +653,10 @@ fn spawn_agent_process(
     command
         .args(args)
         .current_dir(work_dir)
-        // The daemon's own secrets stay with the daemon.
-        .env_remove("TASKFLY_API_TOKEN")
+        // The daemon's own environment stays with the daemon: the agent, and so the script,
+        // start from the allow-list.
+        .env_clear()
+        .envs(node_base_env())
         .env(agent::ENV_DAEMON_URL, &spec.daemon_url)
         .env(agent::ENV_PROVISION_TOKEN, spec.provision_token.expose())
         .env(agent::ENV_WORK_DIR, work_dir)
@@ -634,11 +667,9 @@ fn spawn_agent_process(
         .stderr(log_err)
         .process_group(0)
         .kill_on_drop(false);
-    // Set or removed, so a CA file of the daemon's own environment never applies by mistake.
-    match ca_file {
-        Some(path) => command.env(agent::ENV_CA_FILE, path),
-        None => command.env_remove(agent::ENV_CA_FILE),
-    };
+    if let Some(path) = ca_file {
+        command.env(agent::ENV_CA_FILE, path);
+    }
     command.spawn().map_err(|e| {
         Error::io(
             format!("cannot start the agent program {}", program.display()),
