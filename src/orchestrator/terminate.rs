@@ -90,6 +90,8 @@ impl Orchestrator {
                 .map_err(store_error)?;
             self.notify();
         }
+        drop(live);
+        self.forget_if_final(id).await;
         Ok(())
     }
 
