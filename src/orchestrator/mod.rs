@@ -262,3 +262,6 @@ fn create_private_file(path: &Path) -> Result<std::fs::File> {
         .open(path)
         .map_err(|e| Error::io(format!("cannot create {}", path.display()), e))
 }
+
+#[cfg(test)]
+mod tests;

@@ -20,8 +20,7 @@ use super::{
 use crate::agent::{self, bootstrap, AgentConfig};
 use crate::config::{local_settings, LocalAgent as AgentKind};
 use crate::error::{BoxError, Error};
-use crate::process::procfs;
-use crate::process::stop_groups;
+use crate::process::Sweeper;
 
 /// The address every local node reports.
 const LOCAL_ADDRESS: &str = "127.0.0.1";
@@ -35,6 +34,8 @@ pub(super) const EXTRA_AGENT_GRACE: Duration = Duration::from_secs(2);
 /// The file in a node's work directory holding the certificates its agent trusts for an
 /// `https://` daemon ([`InstanceSpec::ca_pem`]).
 const CA_FILE: &str = "daemon-ca.pem";
+/// The variable naming its node in every script's environment.
+const NODE_ID_VARIABLE: &str = "TASKFLY_NODE_ID";
 
 /// Runs nodes on this machine (`cloud_provider: local`), or on SSH hosts when the deployment
 /// lists `instance_config.local.hosts`.
@@ -98,6 +99,8 @@ pub struct LocalProvider {
     shutdown: CancellationToken,
     /// Nodes on SSH hosts.
     ssh: SshHosts,
+    /// Scans of `/proc`, shared by the terminates under way.
+    sweeper: Sweeper,
 }
 
 /// How node agents run.
@@ -130,6 +133,7 @@ impl LocalProvider {
     pub fn new(work_root: PathBuf) -> LocalProvider {
         LocalProvider {
             ssh: SshHosts::new(&work_root),
+            sweeper: Sweeper::new(&[NODE_ID_VARIABLE, agent::ENV_INSTANCE_ID]),
             work_root,
             grace_period: DEFAULT_GRACE_PERIOD,
             runner: Runner::Task,
@@ -291,15 +295,20 @@ impl Provider for LocalProvider {
                 // (they carry on with a restarted engine), and so are bootstraps among them;
                 // otherwise the bootstrap and its script are stopped, as agent tasks are.
                 let (reaped, stop) = (finished.clone(), self.shutdown.clone());
-                let stop_at_shutdown = matches!(self.runner, Runner::Task)
-                    .then(|| (node_id.clone(), self.grace_period + EXTRA_AGENT_GRACE));
+                let stop_at_shutdown = matches!(self.runner, Runner::Task).then(|| {
+                    (
+                        node_id.clone(),
+                        self.grace_period + EXTRA_AGENT_GRACE,
+                        self.sweeper.clone(),
+                    )
+                });
                 self.tracker.spawn(async move {
                     tokio::select! {
                         _ = child.wait() => reaped.cancel(),
                         () = stop.cancelled() => {
-                            if let Some((node_id, grace)) = stop_at_shutdown {
+                            if let Some((node_id, grace, sweeper)) = stop_at_shutdown {
                                 if let Some(pid) = pid {
-                                    stop_bootstrap(pid, &node_id, grace).await;
+                                    stop_bootstrap(&sweeper, pid, &node_id, grace).await;
                                 }
                                 let _ = child.wait().await;
                                 reaped.cancel();
@@ -460,10 +469,7 @@ impl LocalProvider {
             (Some(running), _) => running,
             (None, Runner::Process { .. }) if !ssh::is_ssh_instance(instance_id) => {
                 let entry = format!("{}={instance_id}", agent::ENV_INSTANCE_ID);
-                let found = tokio::task::spawn_blocking(move || procfs::pids_with_env(&entry))
-                    .await
-                    .unwrap_or_default();
-                !found.is_empty()
+                !self.sweeper.fresh().await.pids_with_env(&entry).is_empty()
             }
             (None, _) => false,
         }
@@ -503,17 +509,16 @@ impl LocalProvider {
             Some(_) => Vec::new(),
             None => {
                 let entry = format!("{}={instance_id}", agent::ENV_INSTANCE_ID);
-                tokio::task::spawn_blocking(move || procfs::pids_with_env(&entry))
-                    .await
-                    .unwrap_or_default()
+                self.sweeper.fresh().await.pids_with_env(&entry)
             }
         };
         let agent_grace = self.grace_period + EXTRA_AGENT_GRACE;
-        let left = stop_groups(&agent_pids, agent_grace).await;
+        let left = self.sweeper.stop_groups(&agent_pids, agent_grace).await;
         // The locator is the node id its scripts carry (empty for a node of taskfly 0.1).
         if !instance.locator.is_empty() {
-            let orphans = node_process_groups(&instance.locator).await;
-            let orphans_left = stop_groups(&orphans, self.grace_period).await;
+            let entry = format!("{NODE_ID_VARIABLE}={}", instance.locator);
+            let orphans = self.sweeper.fresh().await.groups_with_env(&entry);
+            let orphans_left = self.sweeper.stop_groups(&orphans, self.grace_period).await;
             if !orphans_left.is_empty() {
                 return Err(Error::conflict(format!(
                     "processes of {instance_id} survived SIGKILL (groups {orphans_left:?})"
@@ -532,28 +537,13 @@ impl LocalProvider {
     }
 }
 
-/// The process groups of every live process carrying `TASKFLY_NODE_ID=<node_id>`: the node's
-/// scripts, wherever they run.
-async fn node_process_groups(node_id: &str) -> Vec<i32> {
-    let entry = format!("TASKFLY_NODE_ID={node_id}");
-    tokio::task::spawn_blocking(move || {
-        let mut groups: Vec<i32> = procfs::pids_with_env(&entry)
-            .into_iter()
-            .filter_map(procfs::process_group)
-            .collect();
-        groups.sort_unstable();
-        groups.dedup();
-        groups
-    })
-    .await
-    .unwrap_or_default()
-}
-
 /// Stops a node's bootstrap at shutdown: SIGTERM to its group, SIGKILL after `grace`, then the
 /// same to any process still carrying the node's id (a script left by a killed bootstrap).
-async fn stop_bootstrap(pgid: i32, node_id: &str, grace: Duration) {
-    let mut left = stop_groups(&[pgid], grace).await;
-    left.extend(stop_groups(&node_process_groups(node_id).await, grace).await);
+async fn stop_bootstrap(sweeper: &Sweeper, pgid: i32, node_id: &str, grace: Duration) {
+    let mut left = sweeper.stop_groups(&[pgid], grace).await;
+    let entry = format!("{NODE_ID_VARIABLE}={node_id}");
+    let orphans = sweeper.fresh().await.groups_with_env(&entry);
+    left.extend(sweeper.stop_groups(&orphans, grace).await);
     if !left.is_empty() {
         tracing::warn!(node_id = %node_id, groups = ?left, "processes of a node survived SIGKILL");
     }
