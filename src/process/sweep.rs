@@ -99,8 +99,11 @@ impl Sweep {
 #[derive(Clone)]
 pub(crate) struct Sweeper {
     watched: &'static [&'static str],
-    latest: Arc<tokio::sync::Mutex<Option<(Instant, Arc<Sweep>)>>>,
+    latest: Arc<tokio::sync::Mutex<Option<Begun>>>,
 }
+
+/// A sweep and when it began.
+type Begun = (Instant, Arc<Sweep>);
 
 impl Sweeper {
     /// Sweeps that index the processes carrying one of the `watched` variables.
