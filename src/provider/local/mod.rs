@@ -644,9 +644,10 @@ fn spawn_agent_process(
         .args(args)
         .current_dir(work_dir)
         // The daemon's own environment stays with the daemon: the agent, and so the script,
-        // start from the allow-list.
+        // start from the allow-list, and the agent logs as the daemon does (RUST_LOG).
         .env_clear()
         .envs(node_base_env())
+        .envs(std::env::var_os("RUST_LOG").map(|filter| ("RUST_LOG", filter)))
         .env(agent::ENV_DAEMON_URL, &spec.daemon_url)
         .env(agent::ENV_PROVISION_TOKEN, spec.provision_token.expose())
         .env(agent::ENV_WORK_DIR, work_dir)
