@@ -7,6 +7,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
 use taskfly::{Config, Orchestrator, Server, ServerConfig};
 
 /// The TaskFly daemon: accepts deployments and runs them on their nodes.
@@ -192,6 +194,8 @@ async fn serve(args: Args) -> Result<(), String> {
     };
     std::fs::create_dir_all(&data_dir)
         .map_err(|e| format!("data dir {} is not writable: {e}", data_dir.display()))?;
+    // Held until this function returns: one daemon per data dir.
+    let _data_dir_lock = lock_data_dir(&data_dir)?;
     let token = api_token(&data_dir)?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
@@ -298,6 +302,43 @@ async fn agent() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Take `<data-dir>/taskflyd.lock`: an exclusive `flock` held while the returned value lives,
+/// with this process' id written in the file. A second daemon on the same data dir would take
+/// the first one's nodes for lost ones after a crash and stop them, so it is refused, naming the
+/// pid that holds the lock. The kernel drops the lock when the process ends, however it ends;
+/// the file is opened close-on-exec, so agent processes started by the daemon do not hold it.
+fn lock_data_dir(data_dir: &Path) -> Result<Flock<std::fs::File>, String> {
+    let path = data_dir.join("taskflyd.lock");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| format!("cannot open the lock file {}: {e}", path.display()))?;
+    let mut locked = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(locked) => locked,
+        Err((_, Errno::EWOULDBLOCK)) => {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            let holder = match holder.trim() {
+                "" => "another process".to_owned(),
+                pid => format!("taskflyd pid {pid}"),
+            };
+            return Err(format!(
+                "data dir {} is in use by {holder}; stop it or pick another --data-dir",
+                data_dir.display()
+            ));
+        }
+        Err((_, e)) => return Err(format!("cannot lock {}: {e}", path.display())),
+    };
+    let written = locked
+        .set_len(0)
+        .and_then(|()| locked.write_all(format!("{}\n", std::process::id()).as_bytes()))
+        .and_then(|()| locked.flush());
+    written.map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    Ok(locked)
 }
 
 /// The API token: `TASKFLY_API_TOKEN`, else `<data-dir>/api-token`, created (mode 0600) with a

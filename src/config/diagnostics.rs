@@ -238,8 +238,21 @@ pub(super) fn kind_of(value: &Value) -> &'static str {
 }
 
 /// A YAML syntax error as a message with its line and column.
+///
+/// serde_yaml quotes the value it could not read between backticks (`invalid type: integer
+/// \`…\` as u128`); that value may be a secret, so every quoted value is left out.
 pub(super) fn yaml_error(err: &serde_yaml::Error) -> String {
-    let message = err.to_string();
+    let full = err.to_string();
+    let mut message = String::with_capacity(full.len());
+    let mut rest = full.as_str();
+    while let Some(open) = rest.find('`') {
+        let Some(close) = rest[open + 1..].find('`') else {
+            break;
+        };
+        message.push_str(rest[..open].trim_end_matches(' '));
+        rest = &rest[open + 1 + close + 1..];
+    }
+    message.push_str(rest);
     match err.location() {
         Some(location) if !message.contains("line ") => format!(
             "invalid YAML at line {}, column {}: {message}",

@@ -612,6 +612,19 @@ fn yaml_syntax_errors_name_the_line() {
 }
 
 #[test]
+fn yaml_errors_never_quote_the_value_they_could_not_read() {
+    let number = "98765432109876543210987654321";
+    let details = problems(&format!("{MINIMAL}  secrets: {{n: {number}}}\n"));
+    assert_eq!(details.len(), 1);
+    assert!(!details[0].contains(number), "{details:?}");
+    assert!(
+        details[0].contains("invalid type: integer as u128"),
+        "{details:?}"
+    );
+    assert!(details[0].contains("nodes.secrets.n"), "{details:?}");
+}
+
+#[test]
 fn empty_and_odd_documents() {
     assert_eq!(
         problems(""),

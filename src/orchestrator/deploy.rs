@@ -6,9 +6,8 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use tokio::io::{AsyncRead, AsyncWriteExt};
-use tokio_util::task::TaskTracker;
 
-use super::{create_private_file, live::secret_values, Live, Orchestrator, WORKER_BUNDLE};
+use super::{create_private_file, Live, Orchestrator, WORKER_BUNDLE};
 
 use crate::auth;
 use crate::bundle;
@@ -98,8 +97,8 @@ impl Orchestrator {
         let (yaml, summary) = tokio::task::spawn_blocking(move || -> Result<_> {
             let client = std::fs::File::open(&client_for_split)
                 .map_err(|e| Error::io("cannot read the stored bundle", e))?;
-            let worker = std::fs::File::create(&worker_for_split)
-                .map_err(|e| Error::io("cannot write the worker bundle", e))?;
+            // Private like the client bundle: it holds the application's files.
+            let worker = create_private_file(&worker_for_split)?;
             let mut worker = std::io::BufWriter::new(worker);
             let split =
                 bundle::split_client_bundle(std::io::BufReader::new(client), &mut worker, &limits)?;
@@ -207,13 +206,7 @@ impl Orchestrator {
             .store
             .create_deployment(deployment, nodes)
             .await?;
-        let live = Arc::new(Live {
-            secrets: secret_values(&config),
-            config: Arc::new(config),
-            metadata,
-            cancel: self.inner.cancel.child_token(),
-            releases: TaskTracker::new(),
-        });
+        let live = Arc::new(Live::new(config, metadata));
         lock(&self.inner.live).insert(id.to_owned(), live.clone());
         tracing::info!(deployment_id = %id, nodes = total, provider = %provider_name, files = summary.files.len(), "deployment accepted");
 

@@ -5,11 +5,16 @@ use std::time::{Duration, SystemTime};
 
 use super::{Live, Orchestrator, TERMINATE_ATTEMPTS};
 
-use crate::backoff::jitter;
+use crate::backoff::{jitter, Backoff};
 use crate::error::Result;
 use crate::provider::InstanceRef;
 use crate::state::model::{Node, NodeStatus, NodeUpdate};
 use crate::sync::lock;
+
+/// First pause before a failed store write of a node update is tried again.
+const STORE_RETRY_FIRST: Duration = Duration::from_millis(100);
+/// Longest pause between tries of a failed store write.
+const STORE_RETRY_CAP: Duration = Duration::from_secs(5);
 
 impl Orchestrator {
     /// Release a node's instance (terminated, or back in its pool), trying a few times with
@@ -51,7 +56,13 @@ impl Orchestrator {
             .store
             .update_node(node_id, update, SystemTime::now())
             .await?;
-        if applied.node.status != applied.previous {
+        let changed = applied.node.status != applied.previous;
+        let ended = changed
+            && matches!(
+                applied.node.status,
+                NodeStatus::Completed | NodeStatus::Failed
+            );
+        if changed {
             tracing::info!(
                 deployment_id = %applied.node.deployment_id,
                 node_id = %applied.node.id,
@@ -63,28 +74,55 @@ impl Orchestrator {
                 lock(&self.inner.last_seen).remove(node_id);
                 lock(&self.inner.log_counts).remove(&(node_id.to_owned(), applied.node.attempt));
             }
-            if matches!(
-                applied.node.status,
-                NodeStatus::Completed | NodeStatus::Failed
-            ) {
+            if ended {
                 self.after_node_ended(&applied.node);
             }
             self.notify();
         }
         if let Some(status) = applied.deployment_changed {
             tracing::info!(deployment_id = %applied.node.deployment_id, status = %status, "deployment state");
+            // A node that ended is forgotten after its release (see `after_node_ended`).
+            if status.is_final() && !ended {
+                self.forget_final(&applied.node.deployment_id);
+            }
         }
         Ok(applied)
     }
 
-    /// Fail a node with `message` (agent lost, provisioning failed, ...).
+    /// Apply a node update the engine must not lose (a failure, a retry): a store error is
+    /// tried again with backoff until the store takes it. Ends with the store's answer, a
+    /// refusal (the node moved on: conflict, not found), or, at engine shutdown, the last
+    /// error (the node is then left as stored, and a restarted engine resumes it).
+    pub(super) async fn update_node_until_stored(
+        &self,
+        node_id: &str,
+        update: NodeUpdate,
+    ) -> Result<crate::state::model::Applied> {
+        let mut backoff = Backoff::new(STORE_RETRY_FIRST, STORE_RETRY_CAP);
+        loop {
+            match self.update_node(node_id, update.clone()).await {
+                Err(e) if e.is_store() => {
+                    let wait = backoff.next_pause();
+                    tracing::warn!(node_id, error = %e, wait_ms = wait.as_millis() as u64, "cannot store a node update; trying again");
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        () = self.inner.cancel.cancelled() => return Err(e),
+                    }
+                }
+                answer => return answer,
+            }
+        }
+    }
+
+    /// Fail a node with `message` (agent lost, provisioning failed, ...). A store error is
+    /// tried again until the failure is recorded, so the node never stays unwatched.
     pub(crate) async fn node_failed(&self, node_id: &str, message: String) {
         let update = NodeUpdate::Status {
             status: NodeStatus::Failed,
             exit_code: None,
             message: Some(super::nodes::capped_message(message)),
         };
-        if let Err(e) = self.update_node(node_id, update).await {
+        if let Err(e) = self.update_node_until_stored(node_id, update).await {
             if !e.is_invalid_transition() {
                 tracing::error!(node_id, error = %e.report(), "cannot record node failure");
             }
@@ -96,7 +134,7 @@ impl Orchestrator {
         let this = self.clone();
         let node = node.clone();
         self.inner.tasks.spawn(async move {
-            let Ok(live) = this.live(&node.deployment_id).await else {
+            let Some(live) = this.live_until_loaded(&node.deployment_id).await else {
                 return;
             };
             if let Some(instance) = node.instance() {
@@ -109,10 +147,34 @@ impl Orchestrator {
                 });
                 release.await;
             }
+            let deployment_id = node.deployment_id.clone();
             if node.status == NodeStatus::Failed && node.attempt <= live.config.nodes.retries {
                 this.retry_node(&live, node).await;
             }
+            drop(live);
+            this.forget_if_final(&deployment_id).await;
         });
+    }
+
+    /// The deployment's settings, read again with backoff while they cannot be (an I/O or
+    /// store error): a node that ended must still have its instance released and its retry
+    /// made. `None` once the deployment's files are gone (cleaned up) or at engine shutdown.
+    async fn live_until_loaded(&self, id: &str) -> Option<std::sync::Arc<Live>> {
+        let mut backoff = Backoff::new(STORE_RETRY_FIRST, STORE_RETRY_CAP);
+        loop {
+            match self.live(id).await {
+                Ok(live) => return Some(live),
+                Err(e) if e.is_not_found() => return None,
+                Err(e) => {
+                    let wait = backoff.next_pause();
+                    tracing::warn!(deployment_id = %id, error = %e, wait_ms = wait.as_millis() as u64, "cannot load a deployment; trying again");
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        () = self.inner.cancel.cancelled() => return None,
+                    }
+                }
+            }
+        }
     }
 
     pub(crate) async fn retry_node(&self, live: &Live, node: Node) {
@@ -120,11 +182,17 @@ impl Orchestrator {
         let wait =
             (self.inner.config.retry_backoff * 2u32.pow(exponent)).min(Duration::from_secs(60));
         tracing::info!(node_id = %node.id, attempt = node.attempt + 1, wait_ms = wait.as_millis() as u64, "retrying node");
+        // A terminate request ends the wait for good; engine shutdown leaves the node failed
+        // with its retry left, which a restarted engine makes.
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
             () = live.cancel.cancelled() => return,
+            () = self.inner.cancel.cancelled() => return,
         }
-        match self.update_node(&node.id, NodeUpdate::Retry).await {
+        match self
+            .update_node_until_stored(&node.id, NodeUpdate::Retry)
+            .await
+        {
             Ok(applied) => self.provision_node(live, applied.node).await,
             Err(e) => tracing::info!(node_id = %node.id, error = %e.report(), "retry abandoned"),
         }

@@ -15,19 +15,32 @@ pub(crate) struct Live {
     pub(crate) metadata: MetadataGenerator,
     /// Secret values to mask in logs and messages.
     pub(crate) secrets: Vec<String>,
-    /// Fires on a terminate request: stops provisioning and retries of this deployment.
+    /// Fires on a terminate request: stops provisioning and retries of this deployment. Not
+    /// fired by engine shutdown, which is not the deployment's end: what waits is left as it
+    /// is, for a restarted engine to resume.
     pub(crate) cancel: CancellationToken,
     /// The releases of its nodes' instances under way, so cleanup waits for them.
     pub(crate) releases: TaskTracker,
 }
 
 impl Live {
+    /// The settings of a deployment, parsed from its `taskfly.yml`.
+    pub(crate) fn new(config: DeploymentConfig, metadata: MetadataGenerator) -> Live {
+        Live {
+            secrets: secret_values(&config),
+            config: Arc::new(config),
+            metadata,
+            cancel: CancellationToken::new(),
+            releases: TaskTracker::new(),
+        }
+    }
+
     /// `text` with every secret value replaced by `***`.
     ///
     /// Agents cut long lines into pieces and quote at most 500 characters of a failing line,
-    /// so a secret may also arrive cut in two: a text that ends with the start of a secret, or
-    /// starts with its end (at least [`MIN_PARTIAL_SECRET`] characters), has that part masked
-    /// too.
+    /// so a secret may also arrive cut in two: a text that ends with the start of a secret
+    /// (followed or not by the `…` of a cut message), or starts with its end (at least
+    /// [`MIN_PARTIAL_SECRET`] characters), has that part masked too.
     pub(crate) fn mask(&self, text: &str) -> String {
         mask_secrets(text, &self.secrets)
     }
@@ -35,6 +48,9 @@ impl Live {
 
 /// Shortest piece of a cut secret that is masked at the edges of a text.
 const MIN_PARTIAL_SECRET: usize = 4;
+
+/// What agents append to a failure message they cut.
+const CUT_MARK: &str = "…";
 
 fn mask_secrets(text: &str, secrets: &[String]) -> String {
     let mut masked = text.to_owned();
@@ -44,17 +60,24 @@ fn mask_secrets(text: &str, secrets: &[String]) -> String {
         }
     }
     for secret in secrets {
-        // The longest start of the secret that ends the text...
+        // The longest start of the secret that ends the text (before the `…` a cut leaves)...
         let starts: Vec<usize> = secret.char_indices().map(|(i, _)| i).collect();
+        let cut_mark = if masked.ends_with(CUT_MARK) {
+            CUT_MARK
+        } else {
+            ""
+        };
+        let body = &masked[..masked.len() - cut_mark.len()];
         let tail = starts
             .iter()
             .copied()
             .filter(|&i| i >= MIN_PARTIAL_SECRET)
             .rev()
-            .find(|&i| masked.ends_with(&secret[..i]));
+            .find(|&i| body.ends_with(&secret[..i]));
         if let Some(i) = tail {
-            masked.truncate(masked.len() - i);
+            masked.truncate(body.len() - i);
             masked.push_str("***");
+            masked.push_str(cut_mark);
         }
         // ...and the longest end of the secret that starts it.
         let head = starts
@@ -69,7 +92,7 @@ fn mask_secrets(text: &str, secrets: &[String]) -> String {
     masked
 }
 
-pub(super) fn secret_values(config: &DeploymentConfig) -> Vec<String> {
+fn secret_values(config: &DeploymentConfig) -> Vec<String> {
     let mut values: Vec<String> = config
         .nodes
         .secrets
@@ -99,5 +122,16 @@ mod tests {
         assert_eq!(mask_secrets("no secret here", &secrets), "no secret here");
         let unicode = vec!["sécret-ünïcode".to_owned()];
         assert_eq!(mask_secrets("a sécret-ü", &unicode), "a ***");
+    }
+
+    #[test]
+    fn a_secret_cut_by_a_failure_message_limit_is_masked_before_the_cut_mark() {
+        let secrets = vec!["PLANTEDabcdefgh".to_owned()];
+        assert_eq!(
+            mask_secrets("exited: xxPLANTEDab…", &secrets),
+            "exited: xx***…"
+        );
+        assert_eq!(mask_secrets("exited: xxPLA…", &secrets), "exited: xxPLA…");
+        assert_eq!(mask_secrets("nothing cut…", &secrets), "nothing cut…");
     }
 }

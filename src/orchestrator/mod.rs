@@ -26,7 +26,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use config::Config;
-use live::secret_values;
 pub(crate) use live::Live;
 pub use queries::DeploymentWatch;
 
@@ -71,7 +70,8 @@ pub(crate) struct Inner {
     pub(crate) config: Config,
     pub(crate) store: Arc<dyn Store>,
     providers: HashMap<String, Registered>,
-    /// Deployments this process has loaded: their parsed config and metadata.
+    /// Deployments this process has loaded: their parsed config and metadata. Final ones
+    /// are dropped ([`Orchestrator::forget_final`]) and read again on demand.
     live: Mutex<HashMap<String, Arc<Live>>>,
     /// When each registered node was last heard from (heartbeats cost no store write).
     pub(crate) last_seen: Mutex<HashMap<String, tokio::time::Instant>>,
@@ -186,15 +186,33 @@ impl Orchestrator {
             })?;
         let config = DeploymentConfig::from_yaml(&yaml)?;
         let metadata = MetadataGenerator::new(&config.nodes)?;
-        let live = Arc::new(Live {
-            secrets: secret_values(&config),
-            config: Arc::new(config),
-            metadata,
-            cancel: self.inner.cancel.child_token(),
-            releases: TaskTracker::new(),
-        });
+        let live = Arc::new(Live::new(config, metadata));
         let mut map = lock(&self.inner.live);
         Ok(map.entry(id.to_owned()).or_insert(live).clone())
+    }
+
+    /// Drop the loaded settings of a final deployment (they are read again if asked for), so
+    /// a finished deployment costs no memory; kept while releases of its instances are under
+    /// way, which cleanup waits for.
+    pub(crate) fn forget_final(&self, id: &str) {
+        let mut map = lock(&self.inner.live);
+        if map.get(id).is_some_and(|live| live.releases.is_empty()) {
+            map.remove(id);
+        }
+    }
+
+    /// [`Self::forget_final`] if the deployment is final.
+    pub(crate) async fn forget_if_final(&self, id: &str) {
+        if let Ok(Some(deployment)) = self.inner.store.deployment(id).await {
+            if deployment.status.is_final() {
+                self.forget_final(id);
+            }
+        }
+    }
+
+    /// Whether the engine is stopping ([`Self::shutdown`]).
+    pub(crate) fn is_shutting_down(&self) -> bool {
+        self.inner.cancel.is_cancelled()
     }
 
     pub(crate) fn deployment_dir(&self, id: &str) -> PathBuf {
@@ -245,3 +263,6 @@ fn create_private_file(path: &Path) -> Result<std::fs::File> {
         .open(path)
         .map_err(|e| Error::io(format!("cannot create {}", path.display()), e))
 }
+
+#[cfg(test)]
+mod tests;

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::task::TaskTracker;
 
 use super::{Live, Orchestrator};
@@ -36,16 +37,15 @@ impl Orchestrator {
         let nodes = store.nodes(id).await?;
         let provisions = TaskTracker::new();
         for node in nodes {
-            let permit = tokio::select! {
-                permit = self.inner.provision_slots.clone().acquire_owned() => permit,
-                () = live.cancel.cancelled() => break,
+            // Taken here, before the task is spawned, so a large deployment does not start a
+            // task per node at once.
+            let Some(permit) = self.provision_permit(&live).await else {
+                break;
             };
-            let Ok(permit) = permit else { break };
             let this = self.clone();
             let live = live.clone();
             provisions.spawn(async move {
-                this.provision_node(&live, node).await;
-                drop(permit);
+                this.provision_node_holding(&live, node, permit).await;
             });
         }
         provisions.close();
@@ -53,13 +53,39 @@ impl Orchestrator {
         Ok(())
     }
 
-    /// Provision one node (first attempt or retry). Failures are recorded on the node.
+    /// One of the `provision_concurrency` slots every provisioning path (first attempt,
+    /// retry, recovery after a restart) holds while it asks a provider for an instance; `None`
+    /// once the deployment is being terminated or the engine stops.
+    async fn provision_permit(&self, live: &Live) -> Option<OwnedSemaphorePermit> {
+        tokio::select! {
+            permit = self.inner.provision_slots.clone().acquire_owned() => permit.ok(),
+            () = live.cancel.cancelled() => None,
+            () = self.inner.cancel.cancelled() => None,
+        }
+    }
+
+    /// Provision one node (retry, or resumed after a restart) once a provisioning slot is
+    /// free. Failures are recorded on the node.
     pub(crate) async fn provision_node(&self, live: &Live, node: Node) {
-        if live.cancel.is_cancelled() {
+        if let Some(permit) = self.provision_permit(live).await {
+            self.provision_node_holding(live, node, permit).await;
+        }
+    }
+
+    /// Provision one node while holding `permit`. Failures are recorded on the node, except
+    /// at engine shutdown: that is not the deployment's end, and the node is left as it is
+    /// for a restarted engine to provision.
+    async fn provision_node_holding(&self, live: &Live, node: Node, permit: OwnedSemaphorePermit) {
+        if live.cancel.is_cancelled() || self.is_shutting_down() {
             return;
         }
         let result = self.try_provision_node(live, &node).await;
+        drop(permit);
         if let Err(e) = result {
+            if self.is_shutting_down() {
+                tracing::info!(node_id = %node.id, error = %e.report(), "provisioning stopped by shutdown; it resumes at the next start");
+                return;
+            }
             let message = live.mask(&format!("provisioning failed: {}", e.report()));
             tracing::warn!(node_id = %node.id, error = %message, "node provisioning failed");
             self.node_failed(&node.id, message).await;
@@ -167,6 +193,9 @@ impl Orchestrator {
                         () = tokio::time::sleep(wait) => {}
                         () = live.cancel.cancelled() => {
                             return Err(Error::terminated("the deployment is being terminated"));
+                        }
+                        () = self.inner.cancel.cancelled() => {
+                            return Err(Error::conflict("the engine is shutting down"));
                         }
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(30));

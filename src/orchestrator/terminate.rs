@@ -87,6 +87,8 @@ impl Orchestrator {
                 .await?;
             self.notify();
         }
+        drop(live);
+        self.forget_if_final(id).await;
         Ok(())
     }
 

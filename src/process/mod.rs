@@ -2,13 +2,17 @@
 //! SIGKILL) and waiting until it is gone, and finding processes through `/proc` ([`procfs`]).
 //!
 //! The agent stops the script of a node with [`terminate_group`] (or [`kill_group`] once its
-//! leader has exited); the local provider stops agent processes and orphaned scripts it finds
-//! again after a restart with [`stop_groups`]. A group counts as gone once none of its processes
-//! is alive; zombies waiting for a late init to reap them do not count.
+//! leader has exited); the local provider finds agent processes and orphaned scripts through
+//! shared sweeps of `/proc` and stops them with [`Sweeper::stop_groups`]. A group counts as gone
+//! once none of its processes is alive; zombies waiting for a late init to reap them do not
+//! count.
 
 pub(crate) mod procfs;
+mod sweep;
 #[cfg(test)]
 mod tests;
+
+pub(crate) use sweep::Sweeper;
 
 use std::io;
 use std::process::ExitStatus;
@@ -95,44 +99,6 @@ pub(crate) async fn terminate_group(
 pub(crate) async fn kill_group(pgid: Pid) {
     signal_group(pgid, Signal::SIGKILL);
     ensure_group_gone(pgid).await;
-}
-
-/// Stops process groups that are not children of this process: SIGTERM, up to `grace` for
-/// them to exit, then SIGKILL, and up to [`GROUP_EXIT_WAIT`] more for them to disappear.
-/// Returns the groups still alive after all that.
-pub(crate) async fn stop_groups(pgids: &[i32], grace: Duration) -> Vec<i32> {
-    if pgids.is_empty() {
-        return Vec::new();
-    }
-    for pgid in pgids {
-        signal_group(Pid::from_raw(*pgid), Signal::SIGTERM);
-    }
-    let mut alive = wait_for_groups(pgids, Instant::now() + grace).await;
-    if !alive.is_empty() {
-        for pgid in &alive {
-            signal_group(Pid::from_raw(*pgid), Signal::SIGKILL);
-        }
-        alive = wait_for_groups(&alive, Instant::now() + GROUP_EXIT_WAIT).await;
-    }
-    alive
-}
-
-/// Waits until `deadline` for the groups to be gone (zombies ignored); returns those still
-/// alive.
-async fn wait_for_groups(pgids: &[i32], deadline: Instant) -> Vec<i32> {
-    loop {
-        let mut alive = Vec::new();
-        for pgid in pgids {
-            if group_alive(Pid::from_raw(*pgid), true).await {
-                alive.push(*pgid);
-            }
-        }
-        let now = Instant::now();
-        if alive.is_empty() || now >= deadline {
-            return alive;
-        }
-        tokio::time::sleep(GROUP_POLL_INTERVAL.min(deadline - now)).await;
-    }
 }
 
 /// Waits up to [`GROUP_EXIT_WAIT`] for a killed group to be gone, warning if it is not.

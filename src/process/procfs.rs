@@ -1,49 +1,5 @@
-//! Finding processes through `/proc`: by an environment entry (the local provider finds the
-//! agent processes it started before a restart, and scripts orphaned by a killed agent), and
-//! the live members of a process group.
-
-/// Pids of live processes whose environment holds exactly the entry `entry` (`NAME=value`).
-/// Processes of other users (unreadable environment) are skipped.
-pub(crate) fn pids_with_env(entry: &str) -> Vec<i32> {
-    let mut found = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return found;
-    };
-    for process in dir.flatten() {
-        let Some(pid) = process
-            .file_name()
-            .to_str()
-            .and_then(|name| name.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let Ok(environ) = std::fs::read(process.path().join("environ")) else {
-            continue;
-        };
-        if environ
-            .split(|b| *b == 0)
-            .any(|var| var == entry.as_bytes())
-            && is_alive(pid)
-        {
-            found.push(pid);
-        }
-    }
-    found
-}
-
-/// The process group of `pid`, from `/proc/<pid>/stat`.
-pub(crate) fn process_group(pid: i32) -> Option<i32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat_field(&stat, 2)?.parse().ok()
-}
-
-/// Whether `pid` exists and is not a zombie.
-pub(crate) fn is_alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !matches!(stat_field(&stat, 0), Some("Z" | "X")),
-        Err(_) => false,
-    }
-}
+//! Reading `/proc`: the fields of a process' `stat` line, and the live members of a process
+//! group. Finding processes by an environment entry is [`super::Sweeper`]'s.
 
 /// Field `n` after the command name of a `/proc/<pid>/stat` line (0 = state, 1 = ppid,
 /// 2 = pgrp). The command name may hold spaces and parentheses, so parsing starts after the

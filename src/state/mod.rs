@@ -197,11 +197,7 @@ pub trait Store: Send + Sync + 'static {
     /// node holding the most are. Either way, one line of that node's (the newest dropped,
     /// its text replaced by [`dropped_lines_marker`], stream stderr) says how many of its
     /// lines were dropped so far, and where.
-    async fn append_logs(
-        &self,
-        deployment_id: &str,
-        lines: Vec<NewLogLine>,
-    ) -> Result<u64>;
+    async fn append_logs(&self, deployment_id: &str, lines: Vec<NewLogLine>) -> Result<u64>;
 
     /// Read log lines of a deployment, oldest first.
     async fn logs(&self, deployment_id: &str, query: LogQuery) -> Result<Vec<LogLine>>;

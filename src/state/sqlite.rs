@@ -1206,11 +1206,7 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn append_logs(
-        &self,
-        deployment_id: &str,
-        lines: Vec<NewLogLine>,
-    ) -> Result<u64> {
+    async fn append_logs(&self, deployment_id: &str, lines: Vec<NewLogLine>) -> Result<u64> {
         let caps = LogCaps {
             node: to_i64(super::node_log_cap(
                 self.max_log_lines_per_node,

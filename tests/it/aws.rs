@@ -741,6 +741,149 @@ async fn a_throttled_run_instances_is_sent_once_per_engine_attempt_not_again_by_
     );
 }
 
+/// What a loopback EC2 endpoint saw of TerminateInstances: the ids of each call, and the
+/// most calls it had in flight at once.
+#[derive(Default)]
+struct TerminateCalls {
+    batches: Vec<usize>,
+    in_flight: u32,
+    most_in_flight: u32,
+}
+
+/// An EC2 endpoint on loopback that answers every TerminateInstances call with each of its
+/// instances `shutting-down` (after a short pause, so calls overlap when they can), and
+/// records the calls.
+async fn terminating_endpoint() -> (String, Arc<std::sync::Mutex<TerminateCalls>>) {
+    use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let endpoint = format!("http://{}", listener.local_addr().expect("address"));
+    let calls = Arc::new(std::sync::Mutex::new(TerminateCalls::default()));
+    let recorded = calls.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let recorded = recorded.clone();
+            tokio::spawn(async move {
+                let mut stream = tokio::io::BufReader::new(stream);
+                loop {
+                    let mut length = 0usize;
+                    loop {
+                        let mut line = String::new();
+                        if stream.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        if let Some((name, value)) = line.split_once(':') {
+                            if name.eq_ignore_ascii_case("content-length") {
+                                length = value.trim().parse().unwrap_or(0);
+                            }
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    if stream.read_exact(&mut body).await.is_err() {
+                        return;
+                    }
+                    let body = String::from_utf8_lossy(&body).into_owned();
+                    assert!(body.contains("Action=TerminateInstances"), "{body}");
+                    let ids: Vec<&str> = body
+                        .split('&')
+                        .filter_map(|pair| pair.split_once('='))
+                        .filter(|(key, _)| key.starts_with("InstanceId."))
+                        .map(|(_, id)| id)
+                        .collect();
+                    {
+                        let mut calls = recorded.lock().expect("calls");
+                        calls.batches.push(ids.len());
+                        calls.in_flight += 1;
+                        calls.most_in_flight = calls.most_in_flight.max(calls.in_flight);
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    recorded.lock().expect("calls").in_flight -= 1;
+                    let items: String = ids
+                        .iter()
+                        .map(|id| {
+                            format!(
+                                "<item><instanceId>{id}</instanceId><currentState><code>32</code>\
+                                 <name>shutting-down</name></currentState><previousState>\
+                                 <code>16</code><name>running</name></previousState></item>"
+                            )
+                        })
+                        .collect();
+                    let xml = format!(
+                        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<TerminateInstancesResponse \
+                         xmlns=\"http://ec2.amazonaws.com/doc/2016-11-15/\"><requestId>taskfly-test\
+                         </requestId><instancesSet>{items}</instancesSet></TerminateInstancesResponse>"
+                    );
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: text/xml\r\ncontent-length: {}\r\n\r\n{xml}",
+                        xml.len()
+                    );
+                    if stream.get_mut().write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (endpoint, calls)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_terminates_share_terminate_instances_calls_of_at_most_1000_ids() {
+    // No emulator needed: the endpoint is a loopback server that terminates whatever it is
+    // asked to.
+    let (endpoint, calls) = terminating_endpoint().await;
+    let provider = Arc::new(aws_provider(&endpoint, "us-east-1").await);
+    // The locator of an instance in the provider's own place.
+    let locator = r#"{"region":null,"endpoint_url":null}"#;
+    let terminates = (0..2500).map(|n| {
+        let provider = provider.clone();
+        async move {
+            let instance = InstanceRef {
+                id: format!("i-{n:017x}"),
+                locator: locator.to_owned(),
+            };
+            provider.terminate(&instance).await
+        }
+    });
+    let results = futures_util::future::join_all(terminates).await;
+    let failed: Vec<String> = results
+        .into_iter()
+        .filter_map(|result| result.err().map(|e| e.to_string()))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} failed: {:?}",
+        failed.len(),
+        &failed[..1]
+    );
+    let calls = calls.lock().expect("calls");
+    assert_eq!(
+        calls.batches.iter().sum::<usize>(),
+        2500,
+        "{:?}",
+        calls.batches
+    );
+    assert!(
+        calls.batches.iter().all(|&ids| ids <= 1000),
+        "EC2 takes at most 1000 ids a call: {:?}",
+        calls.batches
+    );
+    assert!(
+        calls.batches.len() <= 10,
+        "2500 instances terminated at once take a few calls, not one each: {} calls",
+        calls.batches.len()
+    );
+    assert!(
+        calls.most_in_flight <= 4,
+        "{} calls at once",
+        calls.most_in_flight
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_provider_terminates_an_instance_in_another_region_from_its_locator() {
     let Some(endpoint) = emulator("a_restarted_provider_terminates") else {

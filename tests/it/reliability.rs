@@ -285,6 +285,7 @@ fn sigterm_while_a_node_waits_to_retry_provisioning_does_not_fail_it() {
         stopped.success(),
         "SIGTERM ends taskflyd cleanly: {stopped:?}"
     );
+    let lines_before_restart = daemon.stderr_lines().len();
     daemon.restart();
     let view = daemon.status(&id);
     let node = &nodes(&view)[0];
@@ -292,7 +293,20 @@ fn sigterm_while_a_node_waits_to_retry_provisioning_does_not_fail_it() {
         node["status"], "failed",
         "a daemon shutdown failed a node that was waiting to retry provisioning: {node:#}"
     );
-    assert_eq!(view["status"], "running", "{view:#}");
+    // The node never got an instance, so its deployment is still provisioning (not failed).
+    assert_eq!(view["status"], "provisioning", "{view:#}");
+    // ...and the restarted daemon provisions it again.
+    cli_run::poll(
+        DEPLOYMENT_LIMIT,
+        Duration::from_millis(50),
+        "a provisioning try after the restart",
+        || {
+            daemon.stderr_lines()[lines_before_restart..]
+                .iter()
+                .find(|line| line.contains("provider call failed; retrying"))
+                .cloned()
+        },
+    );
 }
 
 // ----- 4: heartbeat timeouts below 2 s -----

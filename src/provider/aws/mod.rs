@@ -63,6 +63,15 @@ const CONFIRM_TIMEOUT: Duration = Duration::from_secs(120);
 /// How often `terminate` asks again while it waits.
 const CONFIRM_POLL: Duration = Duration::from_secs(2);
 
+/// Most instance ids EC2 takes in one TerminateInstances call.
+const TERMINATE_BATCH: usize = 1000;
+
+/// How long the first `terminate` of a batch waits for others to join it.
+const TERMINATE_GATHER: Duration = Duration::from_millis(20);
+
+/// Most TerminateInstances calls this provider has in flight at once.
+const TERMINATE_CALLS: usize = 4;
+
 /// EC2 error codes after which the same request may well succeed later: throttling, capacity
 /// shortages, and EC2's own transient failures. `ConnectionError` and `Timeout` are this
 /// provider's codes for an endpoint that could not be reached or did not answer in time.
@@ -120,7 +129,20 @@ pub struct AwsProvider {
     home: OnceCell<Option<Location>>,
     /// Tagged on every instance and required by leak checks, when set.
     owner: Option<String>,
+    /// Instances waiting to be terminated, by place, each with where to send its outcome:
+    /// concurrent `terminate` calls share TerminateInstances calls of up to
+    /// [`TERMINATE_BATCH`] ids.
+    terminating: Arc<Mutex<HashMap<Location, Vec<PendingTerminate>>>>,
+    /// Bounds the TerminateInstances calls in flight ([`TERMINATE_CALLS`]).
+    terminate_calls: Arc<tokio::sync::Semaphore>,
 }
+
+/// One instance waiting in a terminate batch, and where its outcome goes: whether EC2
+/// reported it shutting down or gone.
+type PendingTerminate = (
+    String,
+    tokio::sync::oneshot::Sender<Result<bool, ProviderError>>,
+);
 
 /// Where the settings every client starts from come from.
 enum Base {
@@ -264,6 +286,8 @@ impl AwsProvider {
             used: Mutex::new(BTreeSet::new()),
             home: OnceCell::new(),
             owner: None,
+            terminating: Arc::new(Mutex::new(HashMap::new())),
+            terminate_calls: Arc::new(tokio::sync::Semaphore::new(TERMINATE_CALLS)),
         }
     }
 
@@ -447,6 +471,45 @@ impl AwsProvider {
         }
     }
 
+    /// Terminate `instance_id` in one TerminateInstances call shared with the other
+    /// instances of `location` being terminated at the same time (up to [`TERMINATE_BATCH`]
+    /// ids a call, at most [`TERMINATE_CALLS`] calls at once). Returns whether EC2 reported it
+    /// shutting down or gone.
+    ///
+    /// The call that finds no batch waiting for its place starts a task that sends the
+    /// batches: it waits [`TERMINATE_GATHER`] for others to join, then sends until nothing is
+    /// left. A task, so that a dropped `terminate` never strands the others of its batch.
+    async fn terminate_batched(
+        &self,
+        location: &Location,
+        client: &Client,
+        instance_id: &str,
+    ) -> Result<bool, ProviderError> {
+        let (sender, outcome) = tokio::sync::oneshot::channel();
+        let first = {
+            let mut terminating = lock(&self.terminating);
+            let waiting = terminating.entry(location.clone()).or_default();
+            waiting.push((instance_id.to_owned(), sender));
+            waiting.len() == 1
+        };
+        if first {
+            let sender = BatchSender {
+                terminating: self.terminating.clone(),
+                calls: self.terminate_calls.clone(),
+                client: client.clone(),
+                location: location.clone(),
+            };
+            tokio::spawn(sender.send_all());
+        }
+        outcome.await.unwrap_or_else(|_| {
+            Err(ProviderError {
+                code: "TerminateNotSent".to_owned(),
+                message: format!("the terminate call for {instance_id} was abandoned"),
+                retryable: true,
+            })
+        })
+    }
+
     /// Ask EC2 until it reports `instance_id` shutting down or gone, for a bounded time.
     async fn confirm_terminated(&self, client: &Client, instance_id: &str) -> Result<(), BoxError> {
         let deadline = tokio::time::Instant::now() + CONFIRM_TIMEOUT;
@@ -609,21 +672,9 @@ impl Provider for AwsProvider {
                 }
             },
         };
-        let response = client
-            .terminate_instances()
-            .instance_ids(instance_id)
-            .send()
-            .await;
-        let confirmed = match response {
-            Ok(output) => output
-                .terminating_instances()
-                .iter()
-                .filter(|change| change.instance_id() == Some(instance_id))
-                .filter_map(|change| change.current_state()?.name())
-                .any(|state| is_ending(state_from_name(state))),
-            Err(e) if e.code() == Some(NOT_FOUND_CODE) => true,
-            Err(e) => return Err(provider_error("TerminateInstances", e).into()),
-        };
+        let confirmed = self
+            .terminate_batched(&location, &client, instance_id)
+            .await?;
         if !confirmed {
             self.confirm_terminated(&client, instance_id).await?;
         }
@@ -742,6 +793,85 @@ impl AwsProvider {
 }
 
 /// The instance, or `None` if EC2 does not know the id.
+/// Sends the terminate batches of one place ([`AwsProvider::terminate_batched`]).
+struct BatchSender {
+    terminating: Arc<Mutex<HashMap<Location, Vec<PendingTerminate>>>>,
+    calls: Arc<tokio::sync::Semaphore>,
+    client: Client,
+    location: Location,
+}
+
+impl BatchSender {
+    /// Wait for a batch to gather, then send batches until none is waiting.
+    async fn send_all(self) {
+        tokio::time::sleep(TERMINATE_GATHER).await;
+        loop {
+            let batch: Vec<PendingTerminate> = {
+                let mut terminating = lock(&self.terminating);
+                let Some(waiting) = terminating.get_mut(&self.location) else {
+                    return;
+                };
+                let take = waiting.len().min(TERMINATE_BATCH);
+                let batch = waiting.drain(..take).collect();
+                if waiting.is_empty() {
+                    terminating.remove(&self.location);
+                }
+                batch
+            };
+            self.send(batch).await;
+        }
+    }
+
+    /// One TerminateInstances call for `batch`, each instance told its outcome. EC2 refuses a
+    /// whole call when one id is unknown: then each is terminated alone (an unknown one is
+    /// gone).
+    async fn send(&self, batch: Vec<PendingTerminate>) {
+        let ids: Vec<String> = batch.iter().map(|(id, _)| id.clone()).collect();
+        let response = {
+            let _slot = self.calls.acquire().await;
+            self.client
+                .terminate_instances()
+                .set_instance_ids(Some(ids))
+                .send()
+                .await
+        };
+        match response {
+            Ok(output) => {
+                let ending: HashSet<&str> = output
+                    .terminating_instances()
+                    .iter()
+                    .filter(|change| {
+                        change
+                            .current_state()
+                            .and_then(|state| state.name())
+                            .is_some_and(|state| is_ending(state_from_name(state)))
+                    })
+                    .filter_map(|change| change.instance_id())
+                    .collect();
+                for (id, sender) in batch {
+                    let _ = sender.send(Ok(ending.contains(id.as_str())));
+                }
+            }
+            Err(e) if e.code() == Some(NOT_FOUND_CODE) && batch.len() > 1 => {
+                for pending in batch {
+                    Box::pin(self.send(vec![pending])).await;
+                }
+            }
+            Err(e) if e.code() == Some(NOT_FOUND_CODE) => {
+                for (_, sender) in batch {
+                    let _ = sender.send(Ok(true));
+                }
+            }
+            Err(e) => {
+                let error = provider_error("TerminateInstances", e);
+                for (_, sender) in batch {
+                    let _ = sender.send(Err(error.clone()));
+                }
+            }
+        }
+    }
+}
+
 async fn describe_one(
     client: &Client,
     instance_id: &str,

@@ -20,8 +20,7 @@ use super::{
 use crate::agent::{self, bootstrap, AgentConfig};
 use crate::config::{local_settings, LocalAgent as AgentKind};
 use crate::error::{BoxError, Error};
-use crate::process::procfs;
-use crate::process::stop_groups;
+use crate::process::Sweeper;
 
 /// The address every local node reports.
 const LOCAL_ADDRESS: &str = "127.0.0.1";
@@ -35,6 +34,8 @@ pub(super) const EXTRA_AGENT_GRACE: Duration = Duration::from_secs(2);
 /// The file in a node's work directory holding the certificates its agent trusts for an
 /// `https://` daemon ([`InstanceSpec::ca_pem`]).
 const CA_FILE: &str = "daemon-ca.pem";
+/// The variable naming its node in every script's environment.
+const NODE_ID_VARIABLE: &str = "TASKFLY_NODE_ID";
 
 /// Runs nodes on this machine (`cloud_provider: local`), or on SSH hosts when the deployment
 /// lists `instance_config.local.hosts`.
@@ -98,6 +99,8 @@ pub struct LocalProvider {
     shutdown: CancellationToken,
     /// Nodes on SSH hosts.
     ssh: SshHosts,
+    /// Scans of `/proc`, shared by the terminates under way.
+    sweeper: Sweeper,
 }
 
 /// How node agents run.
@@ -130,6 +133,7 @@ impl LocalProvider {
     pub fn new(work_root: PathBuf) -> LocalProvider {
         LocalProvider {
             ssh: SshHosts::new(&work_root),
+            sweeper: Sweeper::new(&[NODE_ID_VARIABLE, agent::ENV_INSTANCE_ID]),
             work_root,
             grace_period: DEFAULT_GRACE_PERIOD,
             runner: Runner::Task,
@@ -235,7 +239,22 @@ impl Provider for LocalProvider {
         let node_id = spec.owner.name().to_owned();
         let instance_id = format!("local-{node_id}-{}", spec.owner.attempt());
         let work_dir = self.work_root.join(folder).join(node_folder);
-        tokio::fs::create_dir_all(&work_dir).await.map_err(|e| {
+        // Private to the daemon's user (0700): it holds the node's files and, for a bootstrap,
+        // its provision token. Set again on a folder left by an earlier run.
+        let created = tokio::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&work_dir)
+            .await;
+        let private = match created {
+            Ok(()) => {
+                use std::os::unix::fs::PermissionsExt;
+                let mode = std::fs::Permissions::from_mode(0o700);
+                tokio::fs::set_permissions(&work_dir, mode).await
+            }
+            Err(e) => Err(e),
+        };
+        private.map_err(|e| {
             Error::io(
                 format!(
                     "cannot create the node's work directory {}",
@@ -277,15 +296,20 @@ impl Provider for LocalProvider {
                 // (they carry on with a restarted engine), and so are bootstraps among them;
                 // otherwise the bootstrap and its script are stopped, as agent tasks are.
                 let (reaped, stop) = (finished.clone(), self.shutdown.clone());
-                let stop_at_shutdown = matches!(self.runner, Runner::Task)
-                    .then(|| (node_id.clone(), self.grace_period + EXTRA_AGENT_GRACE));
+                let stop_at_shutdown = matches!(self.runner, Runner::Task).then(|| {
+                    (
+                        node_id.clone(),
+                        self.grace_period + EXTRA_AGENT_GRACE,
+                        self.sweeper.clone(),
+                    )
+                });
                 self.tracker.spawn(async move {
                     tokio::select! {
                         _ = child.wait() => reaped.cancel(),
                         () = stop.cancelled() => {
-                            if let Some((node_id, grace)) = stop_at_shutdown {
+                            if let Some((node_id, grace, sweeper)) = stop_at_shutdown {
                                 if let Some(pid) = pid {
-                                    stop_bootstrap(pid, &node_id, grace).await;
+                                    stop_bootstrap(&sweeper, pid, &node_id, grace).await;
                                 }
                                 let _ = child.wait().await;
                                 reaped.cancel();
@@ -446,10 +470,7 @@ impl LocalProvider {
             (Some(running), _) => running,
             (None, Runner::Process { .. }) if !ssh::is_ssh_instance(instance_id) => {
                 let entry = format!("{}={instance_id}", agent::ENV_INSTANCE_ID);
-                let found = tokio::task::spawn_blocking(move || procfs::pids_with_env(&entry))
-                    .await
-                    .unwrap_or_default();
-                !found.is_empty()
+                !self.sweeper.fresh().await.pids_with_env(&entry).is_empty()
             }
             (None, _) => false,
         }
@@ -489,17 +510,16 @@ impl LocalProvider {
             Some(_) => Vec::new(),
             None => {
                 let entry = format!("{}={instance_id}", agent::ENV_INSTANCE_ID);
-                tokio::task::spawn_blocking(move || procfs::pids_with_env(&entry))
-                    .await
-                    .unwrap_or_default()
+                self.sweeper.fresh().await.pids_with_env(&entry)
             }
         };
         let agent_grace = self.grace_period + EXTRA_AGENT_GRACE;
-        let left = stop_groups(&agent_pids, agent_grace).await;
+        let left = self.sweeper.stop_groups(&agent_pids, agent_grace).await;
         // The locator is the node id its scripts carry (empty for a node of taskfly 0.1).
         if !instance.locator.is_empty() {
-            let orphans = node_process_groups(&instance.locator).await;
-            let orphans_left = stop_groups(&orphans, self.grace_period).await;
+            let entry = format!("{NODE_ID_VARIABLE}={}", instance.locator);
+            let orphans = self.sweeper.fresh().await.groups_with_env(&entry);
+            let orphans_left = self.sweeper.stop_groups(&orphans, self.grace_period).await;
             if !orphans_left.is_empty() {
                 return Err(std::io::Error::other(format!(
                     "processes of {instance_id} survived SIGKILL (groups {orphans_left:?})"
@@ -518,28 +538,13 @@ impl LocalProvider {
     }
 }
 
-/// The process groups of every live process carrying `TASKFLY_NODE_ID=<node_id>`: the node's
-/// scripts, wherever they run.
-async fn node_process_groups(node_id: &str) -> Vec<i32> {
-    let entry = format!("TASKFLY_NODE_ID={node_id}");
-    tokio::task::spawn_blocking(move || {
-        let mut groups: Vec<i32> = procfs::pids_with_env(&entry)
-            .into_iter()
-            .filter_map(procfs::process_group)
-            .collect();
-        groups.sort_unstable();
-        groups.dedup();
-        groups
-    })
-    .await
-    .unwrap_or_default()
-}
-
 /// Stops a node's bootstrap at shutdown: SIGTERM to its group, SIGKILL after `grace`, then the
 /// same to any process still carrying the node's id (a script left by a killed bootstrap).
-async fn stop_bootstrap(pgid: i32, node_id: &str, grace: Duration) {
-    let mut left = stop_groups(&[pgid], grace).await;
-    left.extend(stop_groups(&node_process_groups(node_id).await, grace).await);
+async fn stop_bootstrap(sweeper: &Sweeper, pgid: i32, node_id: &str, grace: Duration) {
+    let mut left = sweeper.stop_groups(&[pgid], grace).await;
+    let entry = format!("{NODE_ID_VARIABLE}={node_id}");
+    let orphans = sweeper.fresh().await.groups_with_env(&entry);
+    left.extend(sweeper.stop_groups(&orphans, grace).await);
     if !left.is_empty() {
         tracing::warn!(node_id = %node_id, groups = ?left, "processes of a node survived SIGKILL");
     }
@@ -575,9 +580,10 @@ fn spawn_bootstrap(
     command
         .arg(&script_path)
         .current_dir(work_dir)
-        // The daemon's own secrets stay with the daemon (the bootstrap also drops every
+        // The daemon's own environment stays with the daemon (the bootstrap also drops every
         // TASKFLY_* variable before it runs the script).
-        .env_remove("TASKFLY_API_TOKEN")
+        .env_clear()
+        .envs(node_base_env())
         .env("TMPDIR", work_dir)
         .env(agent::ENV_GRACE_MS, grace_period.as_millis().to_string())
         .env(agent::ENV_INSTANCE_ID, instance_id)
@@ -589,6 +595,21 @@ fn spawn_bootstrap(
     command
         .spawn()
         .map_err(|e| Error::io("cannot start the node bootstrap with sh", e).into())
+}
+
+/// The variables of the daemon's environment a local node's agent (process or bootstrap) and
+/// so its script start with: what a login shell would set, and nothing the daemon was given
+/// for itself (cloud credentials, the API token). The node's own variables come on top.
+const NODE_ENV_ALLOWED: &[&str] = &[
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "TZ", "TMPDIR",
+];
+
+/// The allowed part of this process' environment ([`NODE_ENV_ALLOWED`] and every `LC_*`).
+fn node_base_env() -> impl Iterator<Item = (std::ffi::OsString, std::ffi::OsString)> {
+    std::env::vars_os().filter(|(key, _)| {
+        key.to_str()
+            .is_some_and(|key| NODE_ENV_ALLOWED.contains(&key) || key.starts_with("LC_"))
+    })
 }
 
 /// A private log file (mode 0600) opened for appending, twice: for a child's stdout and
@@ -623,8 +644,11 @@ fn spawn_agent_process(
     command
         .args(args)
         .current_dir(work_dir)
-        // The daemon's own secrets stay with the daemon.
-        .env_remove("TASKFLY_API_TOKEN")
+        // The daemon's own environment stays with the daemon: the agent, and so the script,
+        // start from the allow-list, and the agent logs as the daemon does (RUST_LOG).
+        .env_clear()
+        .envs(node_base_env())
+        .envs(std::env::var_os("RUST_LOG").map(|filter| ("RUST_LOG", filter)))
         .env(agent::ENV_DAEMON_URL, &spec.daemon_url)
         .env(agent::ENV_PROVISION_TOKEN, spec.provision_token.expose())
         .env(agent::ENV_WORK_DIR, work_dir)
@@ -635,11 +659,9 @@ fn spawn_agent_process(
         .stderr(log_err)
         .process_group(0)
         .kill_on_drop(false);
-    // Set or removed, so a CA file of the daemon's own environment never applies by mistake.
-    match ca_file {
-        Some(path) => command.env(agent::ENV_CA_FILE, path),
-        None => command.env_remove(agent::ENV_CA_FILE),
-    };
+    if let Some(path) = ca_file {
+        command.env(agent::ENV_CA_FILE, path);
+    }
     command.spawn().map_err(|e| {
         Error::io(
             format!("cannot start the agent program {}", program.display()),

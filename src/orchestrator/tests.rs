@@ -1,0 +1,282 @@
+//! The engine's own paths, with test providers and stores: the provisioning permit taken by
+//! recovery, node updates that survive a store error, final deployments forgotten.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+
+use super::{Config, Orchestrator};
+use crate::error::BoxError;
+use crate::provider::{Instance, InstanceRef, InstanceSpec, Provider};
+use crate::state::model::{Applied, Deployment, DeploymentStatus, Node, NodeStatus, NodeUpdate};
+use crate::state::{LogLine, LogQuery, MemoryStore, NewLogLine, Store};
+use crate::sync::lock;
+
+/// A provider named `counting` whose instances take `delay` to start (and never register),
+/// or that refuses every instance; it records how many provision calls ran at once.
+struct CountingProvider {
+    delay: Duration,
+    refuse: bool,
+    running: AtomicUsize,
+    most_at_once: AtomicUsize,
+    calls: AtomicUsize,
+}
+
+impl CountingProvider {
+    fn new(delay: Duration, refuse: bool) -> Arc<CountingProvider> {
+        Arc::new(CountingProvider {
+            delay,
+            refuse,
+            running: AtomicUsize::new(0),
+            most_at_once: AtomicUsize::new(0),
+            calls: AtomicUsize::new(0),
+        })
+    }
+}
+
+#[async_trait]
+impl Provider for CountingProvider {
+    fn name(&self) -> &str {
+        "counting"
+    }
+
+    async fn provision(&self, spec: InstanceSpec) -> Result<Instance, BoxError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most_at_once.fetch_max(now, Ordering::SeqCst);
+        tokio::time::sleep(self.delay).await;
+        self.running.fetch_sub(1, Ordering::SeqCst);
+        if self.refuse {
+            return Err("no instance for you".into());
+        }
+        Ok(Instance {
+            reference: InstanceRef {
+                id: format!("counting-{}-{}", spec.owner.name(), spec.owner.attempt()),
+                locator: String::new(),
+            },
+            ip_address: None,
+        })
+    }
+
+    async fn terminate(&self, _instance: &InstanceRef) -> Result<(), BoxError> {
+        Ok(())
+    }
+}
+
+/// A [`MemoryStore`] whose first write of a node failure, and first retry, fail as a broken
+/// database would.
+struct FlakyStore {
+    inner: MemoryStore,
+    failure_refused: AtomicBool,
+    retry_refused: AtomicBool,
+}
+
+#[async_trait]
+impl Store for FlakyStore {
+    async fn create_deployment(&self, d: Deployment, nodes: Vec<Node>) -> crate::Result<()> {
+        self.inner.create_deployment(d, nodes).await
+    }
+    async fn deployment(&self, id: &str) -> crate::Result<Option<Deployment>> {
+        self.inner.deployment(id).await
+    }
+    async fn deployments(&self) -> crate::Result<Vec<Deployment>> {
+        self.inner.deployments().await
+    }
+    async fn node(&self, node_id: &str) -> crate::Result<Option<Node>> {
+        self.inner.node(node_id).await
+    }
+    async fn nodes(&self, deployment_id: &str) -> crate::Result<Vec<Node>> {
+        self.inner.nodes(deployment_id).await
+    }
+    async fn node_by_provision_token(&self, hash: &[u8; 32]) -> crate::Result<Option<Node>> {
+        self.inner.node_by_provision_token(hash).await
+    }
+    async fn node_by_auth_token(&self, hash: &[u8; 32]) -> crate::Result<Option<Node>> {
+        self.inner.node_by_auth_token(hash).await
+    }
+    async fn update_node(
+        &self,
+        node_id: &str,
+        update: NodeUpdate,
+        now: SystemTime,
+    ) -> crate::Result<Applied> {
+        let refuse = match &update {
+            NodeUpdate::Status {
+                status: NodeStatus::Failed,
+                ..
+            } => &self.failure_refused,
+            NodeUpdate::Retry => &self.retry_refused,
+            _ => return self.inner.update_node(node_id, update, now).await,
+        };
+        if !refuse.swap(true, Ordering::SeqCst) {
+            return Err(crate::Error::store(
+                "the state store failed",
+                "database is locked",
+            ));
+        }
+        self.inner.update_node(node_id, update, now).await
+    }
+    async fn update_deployment_status(
+        &self,
+        id: &str,
+        to: DeploymentStatus,
+        message: Option<String>,
+        now: SystemTime,
+    ) -> crate::Result<Deployment> {
+        self.inner
+            .update_deployment_status(id, to, message, now)
+            .await
+    }
+    async fn touch_node(&self, node_id: &str, now: SystemTime) -> crate::Result<()> {
+        self.inner.touch_node(node_id, now).await
+    }
+    async fn append_logs(&self, id: &str, lines: Vec<NewLogLine>) -> crate::Result<u64> {
+        self.inner.append_logs(id, lines).await
+    }
+    async fn logs(&self, id: &str, query: LogQuery) -> crate::Result<Vec<LogLine>> {
+        self.inner.logs(id, query).await
+    }
+    async fn delete_deployment(&self, id: &str) -> crate::Result<bool> {
+        self.inner.delete_deployment(id).await
+    }
+}
+
+/// A project of `count` nodes on the `counting` provider, with `retries`.
+fn project(count: u32, retries: u32) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(
+        dir.path().join("taskfly.yml"),
+        format!(
+            "cloud_provider: counting\napplication_files: [run.sh]\nremote_script_to_run: run.sh\n\
+             nodes:\n  count: {count}\n  retries: {retries}\n"
+        ),
+    )
+    .expect("taskfly.yml");
+    std::fs::write(dir.path().join("run.sh"), "#!/bin/sh\ntrue\n").expect("run.sh");
+    dir
+}
+
+/// Polls `check` every 10 ms for up to 20 s.
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    for _ in 0..2000 {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+async fn statuses(engine: &Orchestrator, id: &str) -> Vec<NodeStatus> {
+    let nodes = engine.inner.store.nodes(id).await.expect("nodes");
+    nodes.iter().map(|node| node.status).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_provisions_no_more_nodes_at_once_than_provision_concurrency() {
+    let data = tempfile::tempdir().expect("data dir");
+    let store = Arc::new(MemoryStore::new());
+    let project = project(40, 0);
+
+    // The first engine starts provisioning, four at a time, and stops after a few nodes.
+    let before = CountingProvider::new(Duration::from_millis(200), false);
+    let engine = Orchestrator::new(
+        Config::new(data.path())
+            .store(store.clone())
+            .provider(before.clone())
+            .provision_concurrency(4),
+    )
+    .expect("engine");
+    let id = engine.deploy_dir(project.path()).await.expect("deploy").id;
+    eventually("a few nodes provisioned", || {
+        before.calls.load(Ordering::SeqCst) >= 8
+    })
+    .await;
+    engine.shutdown().await;
+    let waiting = statuses(&engine, &id)
+        .await
+        .into_iter()
+        .filter(|s| matches!(s, NodeStatus::Pending | NodeStatus::Provisioning))
+        .count();
+    assert!(waiting >= 20, "{waiting} nodes left to provision");
+
+    // The restarted engine resumes them under the same limit.
+    let after = CountingProvider::new(Duration::from_millis(50), false);
+    let engine = Orchestrator::new(
+        Config::new(data.path())
+            .store(store.clone())
+            .provider(after.clone())
+            .provision_concurrency(4),
+    )
+    .expect("engine");
+    eventually("every node resumed", || {
+        after.calls.load(Ordering::SeqCst) >= waiting && after.running.load(Ordering::SeqCst) == 0
+    })
+    .await;
+    engine.shutdown().await;
+    assert_eq!(before.most_at_once.load(Ordering::SeqCst), 4);
+    let most = after.most_at_once.load(Ordering::SeqCst);
+    assert!(most <= 4, "recovery ran {most} provision calls at once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_error_on_a_nodes_failure_or_retry_is_tried_again_until_the_node_is_final() {
+    let data = tempfile::tempdir().expect("data dir");
+    let store = Arc::new(FlakyStore {
+        inner: MemoryStore::new(),
+        failure_refused: AtomicBool::new(false),
+        retry_refused: AtomicBool::new(false),
+    });
+    let provider = CountingProvider::new(Duration::ZERO, true);
+    let engine = Orchestrator::new(
+        Config::new(data.path())
+            .store(store.clone())
+            .provider(provider.clone())
+            .retry_backoff(Duration::from_millis(10)),
+    )
+    .expect("engine");
+    let id = engine
+        .deploy_dir(project(1, 1).path())
+        .await
+        .expect("deploy")
+        .id;
+    let done = tokio::time::timeout(Duration::from_secs(20), engine.wait(&id))
+        .await
+        .expect("the deployment ends although the store refused a failure and a retry once")
+        .expect("wait");
+    assert_eq!(done.status, DeploymentStatus::Failed);
+    assert!(store.failure_refused.load(Ordering::SeqCst));
+    assert!(store.retry_refused.load(Ordering::SeqCst));
+    assert_eq!(
+        provider.calls.load(Ordering::SeqCst),
+        2,
+        "both attempts ran"
+    );
+    let node = &engine.inner.store.nodes(&id).await.expect("nodes")[0];
+    assert_eq!((node.status, node.attempt), (NodeStatus::Failed, 2));
+    engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_final_deployments_settings_are_dropped_and_read_again_on_demand() {
+    let data = tempfile::tempdir().expect("data dir");
+    let provider = CountingProvider::new(Duration::ZERO, true);
+    let engine = Orchestrator::new(Config::new(data.path()).provider(provider)).expect("engine");
+    let id = engine
+        .deploy_dir(project(3, 0).path())
+        .await
+        .expect("deploy")
+        .id;
+    let done = engine.wait(&id).await.expect("wait");
+    assert_eq!(done.status, DeploymentStatus::Failed);
+    eventually("the final deployment's settings dropped", || {
+        !lock(&engine.inner.live).contains_key(&id)
+    })
+    .await;
+    // Asked for again (to mask a late log line, say), they are read from its files.
+    let live = engine.live(&id).await.expect("settings read again");
+    assert_eq!(live.config.nodes.count, 3);
+    engine.shutdown().await;
+}
