@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime};
 
 use super::{Live, Orchestrator, TERMINATE_ATTEMPTS};
 
-use crate::backoff::{jitter, Backoff};
+use crate::backoff::Backoff;
 use crate::error::Result;
 use crate::provider::InstanceRef;
 use crate::state::model::{Node, NodeStatus, NodeUpdate};
@@ -29,15 +29,14 @@ impl Orchestrator {
         let Ok(provider) = self.provider_for(&live.config) else {
             return false;
         };
-        let mut backoff = Duration::from_millis(500);
+        let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(2));
         for attempt in 1..=TERMINATE_ATTEMPTS {
             match provider.release(instance, node_id).await {
                 Ok(()) => return true,
                 Err(e) => {
                     tracing::error!(instance_id, attempt, error = %crate::error::Report::new(e.as_ref()), "could not terminate instance");
                     if attempt < TERMINATE_ATTEMPTS {
-                        tokio::time::sleep(jitter(backoff)).await;
-                        backoff *= 2;
+                        tokio::time::sleep(backoff.next_pause()).await;
                     }
                 }
             }

@@ -10,7 +10,7 @@ use tokio_util::task::TaskTracker;
 use super::{Live, Orchestrator};
 
 use crate::auth;
-use crate::backoff::jitter;
+use crate::backoff::Backoff;
 use crate::config::DeploymentConfig;
 use crate::error::{Error, Result};
 use crate::provider::{Instance, InstanceSpec, Owner, Registered};
@@ -166,7 +166,8 @@ impl Orchestrator {
         live: &Live,
     ) -> Result<Instance> {
         let attempts = self.inner.config.provision_attempts;
-        let mut backoff = self.inner.config.provision_backoff;
+        let mut backoff =
+            Backoff::new(self.inner.config.provision_backoff, Duration::from_secs(30));
         let provider_name = live.config.cloud_provider.as_str();
         let mut attempt = 1;
         loop {
@@ -187,7 +188,7 @@ impl Orchestrator {
                             e,
                         ));
                     }
-                    let wait = jitter(backoff);
+                    let wait = backoff.next_pause();
                     tracing::warn!(node_id = %request.owner.name(), attempt, error = %crate::error::Report::new(e.as_ref()), wait_ms = wait.as_millis() as u64, "provider call failed; retrying");
                     tokio::select! {
                         () = tokio::time::sleep(wait) => {}
@@ -195,10 +196,9 @@ impl Orchestrator {
                             return Err(Error::terminated("the deployment is being terminated"));
                         }
                         () = self.inner.cancel.cancelled() => {
-                            return Err(Error::conflict("the engine is shutting down"));
+                            return Err(Error::shutting_down("the engine is shutting down"));
                         }
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
                     attempt += 1;
                 }
             }
