@@ -43,6 +43,8 @@ pub(crate) fn registration(env: &[(&str, &str)]) -> wire::RegisterResponse {
         script: "setup.sh".into(),
         dest_dir: None,
         heartbeat_interval_s: 1,
+        heartbeat_interval_ms: None,
+        secret_names: Vec::new(),
         timeout_s: None,
         pooled: false,
         next_token: None,

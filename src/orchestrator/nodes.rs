@@ -15,6 +15,17 @@ use crate::state::model::{
 use crate::state::{store_error, LogStream, NewLogLine};
 use crate::sync::lock;
 
+/// How a node is being registered.
+enum Registered {
+    /// With its provision token, for the first time; the registration key when the agent sent
+    /// a nonce.
+    First(Option<[u8; 32]>),
+    /// Resent with the same token and nonce: the registration key it was found by.
+    Resent([u8; 32]),
+    /// Given to a pooled instance.
+    Pooled,
+}
+
 impl Orchestrator {
     /// The node holding this auth token.
     pub(crate) async fn authenticate_node(&self, token: &str) -> Result<Node> {
@@ -29,7 +40,16 @@ impl Orchestrator {
     /// `POST /nodes/register`: trade the single-use provision token for an auth token and the
     /// node's assignment. A pooled instance's token (see [`crate::PooledProvider`]) is traded
     /// for the assignment of the node its pool gives it, held while it has none.
-    pub(crate) async fn register_node(&self, token: &str) -> Result<Registration<Assignment>> {
+    ///
+    /// An agent that sends a `nonce` may resend its registration when the answer was lost (a
+    /// broken connection, a daemon restart): the same token and nonce get the node's assignment
+    /// again, with a new auth token, as long as the node is not final. The token alone, or with
+    /// another nonce, works once.
+    pub(crate) async fn register_node(
+        &self,
+        token: &str,
+        nonce: Option<&str>,
+    ) -> Result<Registration<Assignment>> {
         let store = &self.inner().store;
         let token_hash = auth::hash_token(token);
         if let Some(node) = store
@@ -37,7 +57,23 @@ impl Orchestrator {
             .await
             .map_err(store_error)?
         {
-            return Ok(Registration::Assigned(self.register(node, false).await?));
+            let registered = Registered::First(nonce.map(|n| auth::registration_key(token, n)));
+            return Ok(Registration::Assigned(
+                self.register(node, registered).await?,
+            ));
+        }
+        if let Some(nonce) = nonce {
+            let resend_key = auth::registration_key(token, nonce);
+            if let Some(node) = store
+                .node_by_provision_token(&resend_key)
+                .await
+                .map_err(store_error)?
+            {
+                tracing::info!(node_id = %node.id, "registration resent; a new auth token replaces the lost one");
+                return Ok(Registration::Assigned(
+                    self.register(node, Registered::Resent(resend_key)).await?,
+                ));
+            }
         }
         for (_, pool) in self.pools() {
             let provision_token = match pool.claim(&token_hash).await {
@@ -55,7 +91,7 @@ impl Orchestrator {
                 .await
                 .map_err(store_error);
             let registered = match node {
-                Ok(Some(node)) => self.register(node, true).await,
+                Ok(Some(node)) => self.register(node, Registered::Pooled).await,
                 Ok(None) => Err(Error::conflict("the node was terminated meanwhile")),
                 Err(e) => Err(e),
             };
@@ -82,20 +118,39 @@ impl Orchestrator {
     }
 
     /// Register `node`: its auth token and assignment.
-    async fn register(&self, node: Node, pooled: bool) -> Result<Assignment> {
+    async fn register(&self, node: Node, how: Registered) -> Result<Assignment> {
         let live = self.live(&node.deployment_id).await?;
         let auth_token = auth::new_token()?;
-        let update = NodeUpdate::Registered {
-            auth_token_hash: auth::hash_token(&auth_token),
+        let auth_token_hash = auth::hash_token(&auth_token);
+        let pooled = matches!(how, Registered::Pooled);
+        let update = match how {
+            Registered::First(Some(resend_key)) => NodeUpdate::RegisteredWithNonce {
+                auth_token_hash,
+                resend_key,
+            },
+            Registered::First(None) | Registered::Pooled => {
+                NodeUpdate::Registered { auth_token_hash }
+            }
+            Registered::Resent(resend_key) => NodeUpdate::RegistrationResent {
+                resend_key,
+                auth_token_hash,
+            },
         };
         let applied = self.update_node(&node.id, update).await?;
         lock(&self.inner().last_seen).insert(node.id.clone(), tokio::time::Instant::now());
-        let env = live
+        let node_env = live
             .metadata
-            .node_env(&node.deployment_id, &node.id, node.index)
+            .node_env(&node.deployment_id, &node.id, node.index);
+        let env = node_env
             .vars()
             .iter()
             .map(|v| (v.name.clone(), v.value.clone()))
+            .collect();
+        let secret_names = node_env
+            .vars()
+            .iter()
+            .filter(|v| v.secret)
+            .map(|v| v.name.clone())
             .collect();
         Ok(Assignment {
             auth_token,
@@ -103,6 +158,7 @@ impl Orchestrator {
             node_id: node.id.clone(),
             node_index: applied.node.index,
             env,
+            secret_names,
             script: live.config.remote_script_to_run.clone(),
             dest_dir: live.config.remote_dest_dir.clone(),
             heartbeat_interval: self.inner().config.effective_heartbeat_interval(),
@@ -175,6 +231,20 @@ impl Orchestrator {
         .await?;
         if !status.is_final() {
             lock(&self.inner().last_seen).insert(node.id.clone(), tokio::time::Instant::now());
+        }
+        Ok(())
+    }
+
+    /// `POST /nodes/logs` is refused (409) once the node's attempt has ended (completed, failed
+    /// or terminated): a node's output ends with it, and a late batch gets no fresh budget.
+    /// Agents send every line before they report the end, so a batch resent after a lost
+    /// answer was already counted by then; the 409 tells its agent to stop sending.
+    pub(crate) fn accepts_logs_from(&self, node: &Node) -> Result<()> {
+        if node.status.is_final() {
+            return Err(Error::conflict(format!(
+                "node {} is {}: it takes no more log lines",
+                node.id, node.status
+            )));
         }
         Ok(())
     }

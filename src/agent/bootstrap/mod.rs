@@ -169,6 +169,14 @@ pub(crate) fn registration_env(registration: &wire::RegisterResponse) -> Result<
             registration.heartbeat_interval_s.to_string(),
         ),
         (
+            "TASKFLY_HEARTBEAT_INTERVAL_MS",
+            registration
+                .heartbeat_interval_ms
+                .map(|ms| ms.to_string())
+                .unwrap_or_default(),
+        ),
+        ("TASKFLY_SECRET_NAMES", registration.secret_names.join(" ")),
+        (
             "TASKFLY_TIMEOUT_S",
             registration
                 .timeout_s
