@@ -346,3 +346,42 @@ async fn cancelling_ends_the_wait_for_an_assignment() {
         }
     }
 }
+
+#[tokio::test]
+async fn answers_lost_after_the_daemon_acted_are_resent_and_the_node_completes() {
+    let daemon = Arc::new(Mutex::new(Daemon {
+        bundle: bundle("echo hello\n"),
+        registration: Some(registration(&[])),
+        lose_answers: vec!["register", "status", "status", "status", "logs"],
+        ..Daemon::default()
+    }));
+    let (url, server) = fake_daemon(daemon.clone()).await;
+    let work = tempfile::tempdir().expect("tempdir");
+    let config = AgentConfig::new(url, "provision", work.path().join("node"))
+        .grace_period(Duration::from_millis(300));
+    let report = run(config, CancellationToken::new()).await.expect("agent");
+    server.abort();
+    let daemon = std::mem::take(&mut *daemon.lock().expect("lock"));
+    assert_eq!(report.status, NodeStatus::Completed);
+    assert!(daemon.lose_answers.is_empty(), "every answer was lost once");
+    // The registration was resent with the nonce of its first try.
+    assert_eq!(daemon.register_nonces.len(), 2);
+    assert!(daemon.register_nonces[0].is_some());
+    assert_eq!(daemon.register_nonces[0], daemon.register_nonces[1]);
+    // The first report lost three answers in a row and was sent again each time: the same
+    // state four times (the daemon takes a repeat as a no-op).
+    assert_eq!(
+        statuses(&daemon),
+        [
+            "downloading_assets",
+            "downloading_assets",
+            "downloading_assets",
+            "downloading_assets",
+            "running_script",
+            "completed"
+        ]
+    );
+    // The log batch whose answer was lost was sent again (the daemon keeps it once, by its
+    // offset).
+    assert_eq!(stdout(&daemon), ["hello", "hello"]);
+}

@@ -220,7 +220,17 @@ async fn refuses_illegal_transitions_and_changes_nothing(store: &dyn Store) {
     let completed = status(NodeStatus::Completed);
     run_node(store, "conf-illegal-0", 0, completed.clone(), at(2)).await;
     let before = snapshot(store, id).await;
-    let mut refused: Vec<NodeUpdate> = NodeStatus::ALL.iter().map(|s| status(*s)).collect();
+    // Completed again is a repeated report: accepted, and it changes nothing.
+    store
+        .update_node("conf-illegal-0", completed.clone(), at(3))
+        .await
+        .expect("a repeated state is a no-op");
+    assert_eq!(snapshot(store, id).await, before, "a repeat changed nothing");
+    let mut refused: Vec<NodeUpdate> = NodeStatus::ALL
+        .iter()
+        .filter(|s| **s != NodeStatus::Completed)
+        .map(|s| status(*s))
+        .collect();
     refused.extend([
         provisioned(0),
         NodeUpdate::Retry,
