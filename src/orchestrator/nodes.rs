@@ -235,18 +235,44 @@ impl Orchestrator {
         Ok(())
     }
 
-    /// `POST /nodes/logs` is refused (409) once the node's attempt has ended (completed, failed
-    /// or terminated): a node's output ends with it, and a late batch gets no fresh budget.
-    /// Agents send every line before they report the end, so a batch resent after a lost
-    /// answer was already counted by then; the 409 tells its agent to stop sending.
-    pub(crate) fn accepts_logs_from(&self, node: &Node) -> Result<()> {
-        if node.status.is_final() {
-            return Err(Error::conflict(format!(
+    /// Whether `batch` is to be stored: yes while the node's attempt runs. Once it has ended
+    /// (completed, failed or terminated) a batch resent after a lost answer, every line of it
+    /// numbered and already taken, is answered as taken and stores nothing; any other batch is
+    /// refused (409): a node's output ends with it, and a late batch gets no fresh budget.
+    pub(crate) async fn accepts_logs_from(&self, node: &Node, batch: &LogBatch) -> Result<bool> {
+        if !node.status.is_final() {
+            return Ok(true);
+        }
+        let refused = || {
+            Error::conflict(format!(
                 "node {} is {}: it takes no more log lines",
                 node.id, node.status
-            )));
+            ))
+        };
+        let mut last_taken: Vec<(LogStream, Option<u64>)> = Vec::new();
+        for (i, line) in batch.lines.iter().enumerate() {
+            let number = line
+                .line_no
+                .or(batch.offset.map(|first| first + i as u64))
+                .ok_or_else(refused)?;
+            let last = match last_taken.iter().find(|(stream, _)| *stream == line.stream) {
+                Some((_, last)) => *last,
+                None => {
+                    let last = self
+                        .inner()
+                        .store
+                        .last_line_no(&node.deployment_id, &node.id, node.attempt, line.stream)
+                        .await
+                        .map_err(store_error)?;
+                    last_taken.push((line.stream, last));
+                    last
+                }
+            };
+            if last.is_none_or(|last| number > last) {
+                return Err(refused());
+            }
         }
-        Ok(())
+        Ok(false)
     }
 
     /// Keep a node attempt's stored lines under the per-node limit: past it, lines are

@@ -120,8 +120,10 @@ pub(super) async fn route(
             } else {
                 read_json(shared, request).await?
             };
-            engine.accepts_logs_from(&node)?;
-            engine.node_logs(&node, log_batch(body)?).await?;
+            let batch = log_batch(body)?;
+            if engine.accepts_logs_from(&node, &batch).await? {
+                engine.node_logs(&node, batch).await?;
+            }
             Ok(json(StatusCode::OK, &StatusOk::new()))
         }
         _ => Err(Error::not_found(format!(
