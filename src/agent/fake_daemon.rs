@@ -77,6 +77,10 @@ pub(crate) struct Daemon {
     pub(crate) register_tokens: Vec<String>,
     /// The nonce of every registration, in order.
     pub(crate) register_nonces: Vec<Option<String>>,
+    /// Heartbeats received.
+    pub(crate) heartbeats: usize,
+    /// When set, a log call whose body is longer is answered 413.
+    pub(crate) max_logs_body: Option<usize>,
     /// Routes (`register`, `status`, ...) whose next call is handled and recorded, but whose
     /// answer is lost: the connection closes instead. Each entry loses one answer.
     pub(crate) lose_answers: Vec<&'static str>,
@@ -263,12 +267,16 @@ fn answer_node_call(
     if node.is_none() && bearer != NODE_TOKEN {
         return error_response(401, "bad token");
     }
+    if route == "logs" && daemon.max_logs_body.is_some_and(|max| body.len() > max) {
+        return error_response(413, "the body is too large");
+    }
     match route {
         "assets" => {
             let bundle = node.map_or(&daemon.bundle, |node| &node.bundle).clone();
             response(200, "", bundle)
         }
         "heartbeat" => {
+            daemon.heartbeats += 1;
             let shutdown = node.map_or(daemon.shutdown, |node| node.shutdown);
             response(
                 200,
@@ -362,7 +370,11 @@ pub(crate) async fn fake_daemon(
                         };
                         let answer = match answer {
                             // An error closes the connection without an answer.
-                            Ok((_, true)) => return Err(Failure::other(format!("the answer to {route} is lost"))),
+                            Ok((_, true)) => {
+                                return Err(Failure::other(format!(
+                                    "the answer to {route} is lost"
+                                )))
+                            }
                             Ok((answer, false)) => Some(answer),
                             Err(()) => None,
                         };
@@ -406,6 +418,11 @@ impl BackgroundDaemon {
         });
         let url = receiver.recv().expect("the fake daemon's URL");
         BackgroundDaemon { url, daemon }
+    }
+
+    /// How many heartbeats the daemon received.
+    pub(crate) fn heartbeats(&self) -> usize {
+        self.state().heartbeats
     }
 
     /// What the daemon serves and received.

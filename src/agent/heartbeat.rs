@@ -1,6 +1,5 @@
 //! Heartbeats: the node tells the daemon it is alive, and learns whether to stop.
 
-
 use tokio_util::sync::CancellationToken;
 
 use super::node::Node;

@@ -385,3 +385,27 @@ async fn answers_lost_after_the_daemon_acted_are_resent_and_the_node_completes()
     // offset).
     assert_eq!(stdout(&daemon), ["hello", "hello"]);
 }
+
+#[tokio::test]
+async fn batches_the_daemon_finds_too_large_are_split_and_every_line_arrives() {
+    let daemon = Arc::new(Mutex::new(Daemon {
+        bundle: bundle(
+            "i=1\nwhile [ $i -le 60 ]; do printf '%04d%0996d\\n' $i 0; i=$((i + 1)); done\n",
+        ),
+        registration: Some(registration(&[])),
+        max_logs_body: Some(8 * 1024),
+        ..Daemon::default()
+    }));
+    let (url, server) = fake_daemon(daemon.clone()).await;
+    let work = tempfile::tempdir().expect("tempdir");
+    let config = AgentConfig::new(url, "provision", work.path().join("node"))
+        .grace_period(Duration::from_millis(300));
+    let report = run(config, CancellationToken::new()).await.expect("agent");
+    server.abort();
+    let daemon = std::mem::take(&mut *daemon.lock().expect("lock"));
+    assert_eq!(report.status, NodeStatus::Completed);
+    let numbers: Vec<&str> = stdout(&daemon).iter().map(|l| &l[..4]).collect();
+    let expected: Vec<String> = (1..=60).map(|i| format!("{i:04}")).collect();
+    assert_eq!(numbers, expected);
+    assert!(stdout(&daemon).iter().all(|l| l.len() == 1000));
+}

@@ -836,7 +836,10 @@ mod tests {
         let mut n = Node::new("dep-1", 0, SystemTime::UNIX_EPOCH);
         run_to(&mut d, &mut n, NodeStatus::Completed);
         // Completed again is a repeated report: a no-op success (a_repeated_state_is_a_no_op_success).
-        for to in NodeStatus::ALL.iter().filter(|to| **to != NodeStatus::Completed) {
+        for to in NodeStatus::ALL
+            .iter()
+            .filter(|to| **to != NodeStatus::Completed)
+        {
             let before = (d.clone(), n.clone());
             let err =
                 apply_node_update(&mut d, &mut n, status(*to), SystemTime::now()).unwrap_err();
@@ -1016,7 +1019,10 @@ mod tests {
         assert_eq!(d.nodes_completed, 1);
         // A resent final report succeeds and counts nothing twice; going back still conflicts.
         apply_node_update(&mut d, &mut n, completed, now).unwrap();
-        assert_eq!((d.nodes_completed, d.status), (1, DeploymentStatus::Completed));
+        assert_eq!(
+            (d.nodes_completed, d.status),
+            (1, DeploymentStatus::Completed)
+        );
         assert!(
             apply_node_update(&mut d, &mut n, status(NodeStatus::RunningScript), now)
                 .unwrap_err()

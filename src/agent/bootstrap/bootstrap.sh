@@ -175,7 +175,8 @@ tf_watch() {
         grep -q '"shutdown" *: *true' resp && tf_stop=shutdown
     fi
     [ -z "$tf_until" ] || [ $tf_now -le $tf_until ] || tf_stop=timeout
-    [ -z "$tf_run" ] || { tf_ship stdout 0 0; tf_ship stderr 0 0; }
+    # Output is shipped once a second, however short the heartbeat interval.
+    [ -z "$tf_run" ] || [ $tf_now = "$tf_shipped" ] || { tf_ship stdout 0 0; tf_ship stderr 0 0; tf_shipped=$tf_now; }
   done
 }
 
@@ -402,7 +403,7 @@ tf_clean() {
 # Node after node while the instance is pooled, else one. Each starts with the work directory
 # as a fresh bootstrap has it: .taskfly/ alone, holding the files every call needs.
 while :; do
-  tf_stop=${tf_term:+term} tf_until='' tf_run='' tf_next=0 tf_root='' tf_made=''
+  tf_stop=${tf_term:+term} tf_until='' tf_run='' tf_next=0 tf_root='' tf_made='' tf_shipped=''
   mkdir "$tf_p" && cd "$tf_p" || exit 1
   [ -z "$tf_ca" ] || printf '%s\n' "$tf_ca" >ca.pem || exit 1
   printf '%s\n' "$tf_tls" >curlrc

@@ -29,10 +29,12 @@ pub(super) async fn register(
     registrations.check(peer.ip())?;
     let as_shell = register_format(request.uri().query())?;
     let body: wire::RegisterRequest = read_json(shared, request).await?;
-    if body.nonce.as_ref().is_some_and(|n| n.is_empty() || n.len() > 256) {
-        return Err(Error::invalid_input(
-            "`nonce` must hold 1 to 256 bytes",
-        ));
+    if body
+        .nonce
+        .as_ref()
+        .is_some_and(|n| n.is_empty() || n.len() > 256)
+    {
+        return Err(Error::invalid_input("`nonce` must hold 1 to 256 bytes"));
     }
     let registered = shared
         .engine
