@@ -40,6 +40,17 @@ pub(crate) fn hash_token(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
+/// What a node keeps once an agent registered with `provision_token` and `nonce`: SHA-256 of
+/// both, so only that agent (the one that knows the nonce) can resend its registration.
+pub(crate) fn registration_key(provision_token: &str, nonce: &str) -> [u8; 32] {
+    let mut hasher = Sha256::new();
+    hasher.update(b"taskfly registration\0");
+    hasher.update(provision_token.as_bytes());
+    hasher.update(b"\0");
+    hasher.update(nonce.as_bytes());
+    hasher.finalize().into()
+}
+
 /// Compares two hashes without an early exit, so timing says nothing about where they differ.
 pub(crate) fn hashes_equal(a: &[u8; 32], b: &[u8; 32]) -> bool {
     a.iter()

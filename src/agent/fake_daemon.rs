@@ -27,6 +27,8 @@ use crate::sync::lock;
 /// The node token of [`registration`], which the default node authenticates with.
 const NODE_TOKEN: &str = "node-token";
 const JSON: &str = "application/json";
+/// What ends a connection without an answer.
+type Failure = std::io::Error;
 
 /// A registration answer for node `dep-1` of deployment `dep`, authenticated as `node-token`,
 /// running `setup.sh` with `env`.
@@ -43,6 +45,8 @@ pub(crate) fn registration(env: &[(&str, &str)]) -> wire::RegisterResponse {
         script: "setup.sh".into(),
         dest_dir: None,
         heartbeat_interval_s: 1,
+        heartbeat_interval_ms: None,
+        secret_names: Vec::new(),
         timeout_s: None,
         pooled: false,
         next_token: None,
@@ -71,6 +75,15 @@ pub(crate) struct Daemon {
     pub(crate) provision_token: Option<String>,
     /// The token of every registration, in order.
     pub(crate) register_tokens: Vec<String>,
+    /// The nonce of every registration, in order.
+    pub(crate) register_nonces: Vec<Option<String>>,
+    /// Heartbeats received.
+    pub(crate) heartbeats: usize,
+    /// When set, a log call whose body is longer is answered 413.
+    pub(crate) max_logs_body: Option<usize>,
+    /// Routes (`register`, `status`, ...) whose next call is handled and recorded, but whose
+    /// answer is lost: the connection closes instead. Each entry loses one answer.
+    pub(crate) lose_answers: Vec<&'static str>,
     /// The HTTP status of every registration answered, in order.
     pub(crate) register_statuses: Vec<u16>,
     /// Whether this path existed at each registration, when set.
@@ -180,8 +193,11 @@ fn answer_registration(
     body: &[u8],
 ) -> Option<Response<Full<Bytes>>> {
     let request: Option<wire::RegisterRequest> = serde_json::from_slice(body).ok();
-    let token = request.map(|r| r.provision_token).unwrap_or_default();
+    let (token, nonce) = request
+        .map(|r| (r.provision_token, r.nonce))
+        .unwrap_or_default();
     daemon.register_tokens.push(token.clone());
+    daemon.register_nonces.push(nonce);
     if let Some(probe) = &daemon.register_probe {
         let seen = probe.exists();
         daemon.probe_seen.push(seen);
@@ -251,12 +267,16 @@ fn answer_node_call(
     if node.is_none() && bearer != NODE_TOKEN {
         return error_response(401, "bad token");
     }
+    if route == "logs" && daemon.max_logs_body.is_some_and(|max| body.len() > max) {
+        return error_response(413, "the body is too large");
+    }
     match route {
         "assets" => {
             let bundle = node.map_or(&daemon.bundle, |node| &node.bundle).clone();
             response(200, "", bundle)
         }
         "heartbeat" => {
+            daemon.heartbeats += 1;
             let shutdown = node.map_or(daemon.shutdown, |node| node.shutdown);
             response(
                 200,
@@ -330,20 +350,38 @@ pub(crate) async fn fake_daemon(
                             .and_then(|v| v.strip_prefix("Bearer "))
                             .unwrap_or_default()
                             .to_string();
-                        let body = request.into_body().collect().await?.to_bytes();
-                        let Some(route) = path.strip_prefix("/api/v1/nodes/") else {
-                            return Ok(error_response(404, "no such route"));
+                        let body = match request.into_body().collect().await {
+                            Ok(body) => body.to_bytes(),
+                            Err(e) => return Err(Failure::other(e)),
                         };
-                        if route == "register" {
-                            let answer = answer_registration(&mut lock(&daemon), &query, &body);
-                            return match answer {
-                                Some(response) => Ok(response),
-                                None => std::future::pending().await,
+                        let Some(route) = path.strip_prefix("/api/v1/nodes/") else {
+                            return Ok::<_, Failure>(error_response(404, "no such route"));
+                        };
+                        let answer = {
+                            let mut daemon = lock(&daemon);
+                            let answer = if route == "register" {
+                                answer_registration(&mut daemon, &query, &body)
+                            } else {
+                                Some(answer_node_call(&mut daemon, route, &query, &bearer, &body))
                             };
+                            let lost = daemon.lose_answers.iter().position(|r| *r == route);
+                            lost.map(|at| daemon.lose_answers.remove(at));
+                            answer.ok_or(()).map(|answer| (answer, lost.is_some()))
+                        };
+                        let answer = match answer {
+                            // An error closes the connection without an answer.
+                            Ok((_, true)) => {
+                                return Err(Failure::other(format!(
+                                    "the answer to {route} is lost"
+                                )))
+                            }
+                            Ok((answer, false)) => Some(answer),
+                            Err(()) => None,
+                        };
+                        match answer {
+                            Some(response) => Ok(response),
+                            None => std::future::pending().await,
                         }
-                        let answer =
-                            answer_node_call(&mut lock(&daemon), route, &query, &bearer, &body);
-                        Ok::<_, hyper::Error>(answer)
                     }
                 });
                 let _ = http1::Builder::new()
@@ -380,6 +418,11 @@ impl BackgroundDaemon {
         });
         let url = receiver.recv().expect("the fake daemon's URL");
         BackgroundDaemon { url, daemon }
+    }
+
+    /// How many heartbeats the daemon received.
+    pub(crate) fn heartbeats(&self) -> usize {
+        self.state().heartbeats
     }
 
     /// What the daemon serves and received.

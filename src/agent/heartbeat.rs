@@ -1,13 +1,11 @@
 //! Heartbeats: the node tells the daemon it is alive, and learns whether to stop.
 
-use std::time::Duration;
-
 use tokio_util::sync::CancellationToken;
 
 use super::node::Node;
 
 impl Node<'_> {
-    /// Heartbeats every `heartbeat_interval_s` until `finished`; an answer with `shutdown: true`
+    /// Heartbeats every `heartbeat_interval_ms` (`heartbeat_interval_s` from an older daemon) until `finished`; an answer with `shutdown: true`
     /// stops the script.
     ///
     /// A heartbeat still unanswered at the next tick is given up for a fresh one. While the
@@ -15,7 +13,7 @@ impl Node<'_> {
     /// heartbeat timeout: a restarted daemon would then fail this live node before its next
     /// try. A fresh heartbeat each interval reaches it within about one interval instead.
     pub(super) async fn heartbeat_loop(&self, finished: &CancellationToken) {
-        let period = Duration::from_secs(self.registration.heartbeat_interval_s.max(1));
+        let period = self.registration.heartbeat_interval();
         let mut ticker = tokio::time::interval(period);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

@@ -47,6 +47,16 @@ impl Node<'_> {
         &self.registration.node_id
     }
 
+    /// The values of the node's secret variables.
+    fn secrets(&self) -> Vec<&str> {
+        let registration = &self.registration;
+        registration
+            .secret_names
+            .iter()
+            .filter_map(|name| registration.env.get(name).map(String::as_str))
+            .collect()
+    }
+
     /// Everything after registration.
     pub(super) async fn serve(&self) -> Result<AgentReport> {
         if let Err(error) = self.report(NodeStatus::DownloadingAssets, None, None).await {
@@ -92,7 +102,8 @@ impl Node<'_> {
                 })
             }
             Ending::Exited(status) => {
-                let (exit_code, message) = failure_message(status, last_stderr.as_deref());
+                let (exit_code, message) =
+                    failure_message(status, last_stderr.as_deref(), &self.secrets());
                 self.fail(message, exit_code).await
             }
         }
@@ -117,9 +128,15 @@ impl Node<'_> {
         })
     }
 
-    /// A report the daemon did not take is an error, unless the node is being stopped anyway.
+    /// A report the daemon did not take is an error, unless the node is being stopped anyway
+    /// or the daemon has moved the node on itself (409: it failed or terminated the node, for
+    /// example while this report's first try went unanswered): the node then ends here.
     fn stopped_or(&self, error: Error) -> Result<AgentReport> {
         if self.stop.is_cancelled() {
+            Ok(AgentReport::terminated(self.node_id()))
+        } else if error.is_conflict() {
+            tracing::warn!(node_id = %self.node_id(), %error, "the daemon has ended this node; the agent stops");
+            self.stop.cancel();
             Ok(AgentReport::terminated(self.node_id()))
         } else {
             Err(error)

@@ -14,65 +14,153 @@ use crate::api::wire;
 const MAX_LINE_BYTES: usize = 64 * 1024;
 /// A batch of output lines is sent when it has this many lines...
 const BATCH_LINES: usize = 200;
+/// ...or this many bytes of text, well below the daemon's body limit (4 MiB by default) even
+/// once JSON escapes it (a daemon with a lower limit answers 413, and the batch is split)...
+const BATCH_BYTES: usize = 512 * 1024;
 /// ...or when its first line is this old, or when the script's output ends.
 const BATCH_INTERVAL: Duration = Duration::from_millis(250);
 /// After the script's group is gone, its output is read for at most this long (a process that
 /// left the group may still hold the pipes open).
 const OUTPUT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Output lines on their way to the daemon: the batch being filled, and what was sent.
+#[derive(Default)]
+struct Shipping {
+    batch: Vec<wire::LogLineIn>,
+    /// Bytes of text in `batch`.
+    bytes: usize,
+    /// Lines handed to the daemon so far: numbers every batch, so a resent batch is
+    /// recognised and stored once.
+    sent: u64,
+    /// Lines the daemon could not be given since the last marker saying so.
+    dropped: u64,
+}
+
+impl Shipping {
+    fn push(&mut self, line: wire::LogLineIn) {
+        self.bytes += line.line.len();
+        self.batch.push(line);
+    }
+
+    fn is_full(&self) -> bool {
+        self.batch.len() >= BATCH_LINES || self.bytes >= BATCH_BYTES
+    }
+}
+
 impl Node<'_> {
     /// Sends output lines to the daemon in batches until both streams have ended.
     pub(super) async fn ship_logs(&self, mut receiver: mpsc::Receiver<wire::LogLineIn>) {
-        let mut batch = Vec::new();
+        let mut shipping = Shipping::default();
         let mut flush_at: Option<Instant> = None;
-        // Lines handed to the daemon so far: numbers every batch, so a resent batch is
-        // recognised and stored once.
-        let mut sent = 0u64;
         loop {
             let next = tokio::select! {
                 line = receiver.recv() => line,
                 () = sleep_until(flush_at) => {
-                    self.send_batch(&mut batch, &mut sent).await;
+                    self.send_batch(&mut shipping).await;
                     flush_at = None;
                     continue;
                 }
             };
             match next {
                 Some(line) => {
-                    if batch.is_empty() {
+                    if shipping.batch.is_empty() {
                         flush_at = Some(Instant::now() + BATCH_INTERVAL);
                     }
-                    batch.push(line);
-                    if batch.len() >= BATCH_LINES {
-                        self.send_batch(&mut batch, &mut sent).await;
+                    shipping.push(line);
+                    if shipping.is_full() {
+                        self.send_batch(&mut shipping).await;
                         flush_at = None;
                     }
                 }
                 None => {
-                    self.send_batch(&mut batch, &mut sent).await;
+                    self.send_batch(&mut shipping).await;
+                    if shipping.dropped > 0 {
+                        // The last batch went nowhere: one more try to say so.
+                        self.send_batch(&mut shipping).await;
+                    }
                     return;
                 }
             }
         }
     }
 
-    async fn send_batch(&self, batch: &mut Vec<wire::LogLineIn>, sent: &mut u64) {
-        if batch.is_empty() {
+    /// Sends the batch, led by a line saying how many lines were dropped before, if any were.
+    async fn send_batch(&self, shipping: &mut Shipping) {
+        let mut lines = std::mem::take(&mut shipping.batch);
+        shipping.bytes = 0;
+        let dropped_before = shipping.dropped;
+        if dropped_before > 0 {
+            lines.insert(0, dropped_marker(dropped_before));
+        }
+        if lines.is_empty() {
             return;
         }
-        let request = wire::LogsRequest {
-            lines: std::mem::take(batch),
-            offset: Some(*sent),
-        };
-        *sent += request.lines.len() as u64;
-        if let Err(error) = self.call(self.client.send_logs(&request)).await {
+        let count = lines.len() as u64;
+        let first = shipping.sent;
+        shipping.sent += count;
+        let lost = self.send_lines(lines, first).await;
+        if lost == 0 {
+            shipping.dropped = 0;
+        } else {
+            // The marker, if it was lost with them, is said again with the next batch.
+            shipping.dropped = if dropped_before > 0 {
+                dropped_before + lost - 1
+            } else {
+                lost
+            };
+        }
+    }
+
+    /// Sends `lines`, numbered from `first`; a batch the daemon finds too large (413) is split
+    /// in two and each half sent. Returns how many lines could not be delivered.
+    async fn send_lines(&self, lines: Vec<wire::LogLineIn>, first: u64) -> u64 {
+        let mut pending = vec![(first, lines)];
+        let mut lost = 0u64;
+        while let Some((offset, lines)) = pending.pop() {
+            let request = wire::LogsRequest {
+                lines,
+                offset: Some(offset),
+            };
+            let error = match self.call(self.client.send_logs(&request)).await {
+                Ok(()) => continue,
+                Err(error) => error,
+            };
+            let mut lines = request.lines;
+            if error.is_conflict() {
+                // 409: the daemon has ended the node and takes no more of its output (a batch
+                // resent after a lost answer was counted before the node ended).
+                tracing::warn!(node_id = %self.node_id(), lines = lines.len(), %error, "the daemon takes no more output of this node");
+                return 0;
+            }
+            if error.is_too_large() && lines.len() > 1 {
+                let second = lines.split_off(lines.len() / 2);
+                let second_offset = offset + lines.len() as u64;
+                // The first half goes first: the stack pops the last pushed.
+                pending.push((second_offset, second));
+                pending.push((offset, lines));
+                continue;
+            }
             tracing::warn!(
                 node_id = %self.node_id(),
-                lines = request.lines.len(),
+                lines = lines.len(),
                 error = %error.report(),
-                "could not send output lines to the daemon; they are lost"
+                "could not send output lines to the daemon; the node's log will say so"
             );
+            lost += lines.len() as u64;
         }
+        lost
+    }
+}
+
+/// The line that tells the node's log that `count` lines were lost on the way.
+fn dropped_marker(count: u64) -> wire::LogLineIn {
+    wire::LogLineIn {
+        stream: Stream::Stderr.name().to_string(),
+        line: format!(
+            "[taskfly agent: {count} output line(s) could not be sent to the daemon and are missing here]"
+        ),
+        timestamp: Some(humantime::format_rfc3339_millis(SystemTime::now()).to_string()),
+        line_no: None,
     }
 }
 

@@ -243,10 +243,12 @@ async fn spawn_retrying_busy(command: &mut Command) -> io::Result<Child> {
     }
 }
 
-/// `(exit code, message)` for a script that did not exit with 0.
+/// `(exit code, message)` for a script that did not exit with 0. The quoted stderr line has
+/// every value of `secrets` masked before it is cut, so a cut never leaves part of one.
 pub(super) fn failure_message(
     status: ExitStatus,
     last_stderr: Option<&str>,
+    secrets: &[&str],
 ) -> (Option<i32>, String) {
     let (exit_code, mut message) = match (status.code(), status.signal()) {
         (Some(code), _) => (Some(code), format!("exited with code {code}")),
@@ -260,9 +262,24 @@ pub(super) fn failure_message(
     };
     if let Some(line) = last_stderr {
         message.push_str(": ");
-        message.push_str(&truncate_chars(line.trim(), MAX_QUOTED_CHARS));
+        let masked = mask(line.trim(), secrets);
+        message.push_str(&truncate_chars(&masked, MAX_QUOTED_CHARS));
     }
     (exit_code, message)
+}
+
+/// `text` with every value of `secrets` replaced by `***`, longest first (so a secret that
+/// holds another is masked whole).
+fn mask(text: &str, secrets: &[&str]) -> String {
+    let mut secrets: Vec<&str> = secrets.iter().copied().filter(|s| !s.is_empty()).collect();
+    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    let mut masked = text.to_owned();
+    for secret in secrets {
+        if masked.contains(secret) {
+            masked = masked.replace(secret, "***");
+        }
+    }
+    masked
 }
 
 fn truncate_chars(text: &str, max: usize) -> String {

@@ -346,3 +346,66 @@ async fn cancelling_ends_the_wait_for_an_assignment() {
         }
     }
 }
+
+#[tokio::test]
+async fn answers_lost_after_the_daemon_acted_are_resent_and_the_node_completes() {
+    let daemon = Arc::new(Mutex::new(Daemon {
+        bundle: bundle("echo hello\n"),
+        registration: Some(registration(&[])),
+        lose_answers: vec!["register", "status", "status", "status", "logs"],
+        ..Daemon::default()
+    }));
+    let (url, server) = fake_daemon(daemon.clone()).await;
+    let work = tempfile::tempdir().expect("tempdir");
+    let config = AgentConfig::new(url, "provision", work.path().join("node"))
+        .grace_period(Duration::from_millis(300));
+    let report = run(config, CancellationToken::new()).await.expect("agent");
+    server.abort();
+    let daemon = std::mem::take(&mut *daemon.lock().expect("lock"));
+    assert_eq!(report.status, NodeStatus::Completed);
+    assert!(daemon.lose_answers.is_empty(), "every answer was lost once");
+    // The registration was resent with the nonce of its first try.
+    assert_eq!(daemon.register_nonces.len(), 2);
+    assert!(daemon.register_nonces[0].is_some());
+    assert_eq!(daemon.register_nonces[0], daemon.register_nonces[1]);
+    // The first report lost three answers in a row and was sent again each time: the same
+    // state four times (the daemon takes a repeat as a no-op).
+    assert_eq!(
+        statuses(&daemon),
+        [
+            "downloading_assets",
+            "downloading_assets",
+            "downloading_assets",
+            "downloading_assets",
+            "running_script",
+            "completed"
+        ]
+    );
+    // The log batch whose answer was lost was sent again (the daemon keeps it once, by its
+    // offset).
+    assert_eq!(stdout(&daemon), ["hello", "hello"]);
+}
+
+#[tokio::test]
+async fn batches_the_daemon_finds_too_large_are_split_and_every_line_arrives() {
+    let daemon = Arc::new(Mutex::new(Daemon {
+        bundle: bundle(
+            "i=1\nwhile [ $i -le 60 ]; do printf '%04d%0996d\\n' $i 0; i=$((i + 1)); done\n",
+        ),
+        registration: Some(registration(&[])),
+        max_logs_body: Some(8 * 1024),
+        ..Daemon::default()
+    }));
+    let (url, server) = fake_daemon(daemon.clone()).await;
+    let work = tempfile::tempdir().expect("tempdir");
+    let config = AgentConfig::new(url, "provision", work.path().join("node"))
+        .grace_period(Duration::from_millis(300));
+    let report = run(config, CancellationToken::new()).await.expect("agent");
+    server.abort();
+    let daemon = std::mem::take(&mut *daemon.lock().expect("lock"));
+    assert_eq!(report.status, NodeStatus::Completed);
+    let numbers: Vec<&str> = stdout(&daemon).iter().map(|l| &l[..4]).collect();
+    let expected: Vec<String> = (1..=60).map(|i| format!("{i:04}")).collect();
+    assert_eq!(numbers, expected);
+    assert!(stdout(&daemon).iter().all(|l| l.len() == 1000));
+}

@@ -194,6 +194,11 @@ pub struct PoolStats {
 pub struct RegisterRequest {
     /// The single-use token the node was provisioned with.
     pub provision_token: String,
+    /// A random value the agent picks once per registration and sends again with every resend
+    /// of it: a registration whose answer was lost, resent with the same token and nonce, gets
+    /// the node's assignment again (with a new auth token). At most 256 bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nonce: Option<String>,
 }
 
 /// `POST /nodes/register` answer: everything the agent needs to run its slice.
@@ -214,8 +219,13 @@ pub struct RegisterResponse {
     pub script: String,
     /// `remote_dest_dir`, or none for a fresh per-node work dir.
     pub dest_dir: Option<String>,
-    /// How often to call `/nodes/heartbeat`.
+    /// How often to call `/nodes/heartbeat`, in whole seconds (at least 1), for agents older
+    /// than `heartbeat_interval_ms`.
     pub heartbeat_interval_s: u64,
+    /// How often to call `/nodes/heartbeat`, in milliseconds: always well below the daemon's
+    /// heartbeat timeout, also when that is under two seconds. Absent from older daemons.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat_interval_ms: Option<u64>,
     /// `nodes.timeout` in seconds: the agent kills the script after this long.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_s: Option<u64>,
@@ -224,11 +234,26 @@ pub struct RegisterResponse {
     /// `next_token`) for its next assignment, instead of exiting.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pooled: bool,
+    /// The names of the variables of `env` that hold secrets: the agent masks their values in
+    /// what it reports (before it cuts a failure message, so no part of one is left).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secret_names: Vec<String>,
     /// For a pooled instance: the token to register with next time. The one this registration
     /// used no longer works, so a token read from the instance's user data (which anything on
     /// the instance can read) is worthless once the first node has registered. A secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_token: Option<String>,
+}
+
+impl RegisterResponse {
+    /// How often to heartbeat: `heartbeat_interval_ms`, else `heartbeat_interval_s` (at least
+    /// 1 s) from an older daemon.
+    pub fn heartbeat_interval(&self) -> std::time::Duration {
+        match self.heartbeat_interval_ms {
+            Some(ms) => std::time::Duration::from_millis(ms.max(1)),
+            None => std::time::Duration::from_secs(self.heartbeat_interval_s.max(1)),
+        }
+    }
 }
 
 impl std::fmt::Debug for RegisterResponse {
@@ -241,6 +266,7 @@ impl std::fmt::Debug for RegisterResponse {
             .field("script", &self.script)
             .field("dest_dir", &self.dest_dir)
             .field("heartbeat_interval_s", &self.heartbeat_interval_s)
+            .field("heartbeat_interval_ms", &self.heartbeat_interval_ms)
             .finish_non_exhaustive()
     }
 }

@@ -225,13 +225,14 @@ impl Config {
         self
     }
 
-    /// The interval agents are told, in whole seconds (the wire carries seconds): a third of
-    /// the heartbeat timeout unless set, at least 1 s.
+    /// The interval agents are told (milliseconds on the wire): a third of the heartbeat
+    /// timeout unless set, never more than half of it, at least 10 ms.
     pub(crate) fn effective_heartbeat_interval(&self) -> Duration {
         let interval = self
             .heartbeat_interval
-            .unwrap_or(self.heartbeat_timeout / 3);
-        Duration::from_secs(interval.as_secs().max(1))
+            .unwrap_or(self.heartbeat_timeout / 3)
+            .min(self.heartbeat_timeout / 2);
+        interval.max(Duration::from_millis(10))
     }
 
     pub(crate) fn take_store(&mut self) -> Arc<dyn Store> {

@@ -15,6 +15,17 @@ use crate::state::model::{
 use crate::state::{LogStream, NewLogLine, MAX_LOG_LINES_PER_BATCH};
 use crate::sync::lock;
 
+/// How a node is being registered.
+enum Registered {
+    /// With its provision token, for the first time; the registration key when the agent sent
+    /// a nonce.
+    First(Option<[u8; 32]>),
+    /// Resent with the same token and nonce: the registration key it was found by.
+    Resent([u8; 32]),
+    /// Given to a pooled instance.
+    Pooled,
+}
+
 impl Orchestrator {
     /// The node holding this auth token.
     pub(crate) async fn authenticate_node(&self, token: &str) -> Result<Node> {
@@ -28,11 +39,32 @@ impl Orchestrator {
     /// `POST /nodes/register`: trade the single-use provision token for an auth token and the
     /// node's assignment. A pooled instance's token (see [`crate::PooledProvider`]) is traded
     /// for the assignment of the node its pool gives it, held while it has none.
-    pub(crate) async fn register_node(&self, token: &str) -> Result<Registration<Assignment>> {
+    ///
+    /// An agent that sends a `nonce` may resend its registration when the answer was lost (a
+    /// broken connection, a daemon restart): the same token and nonce get the node's assignment
+    /// again, with a new auth token, as long as the node is not final. The token alone, or with
+    /// another nonce, works once.
+    pub(crate) async fn register_node(
+        &self,
+        token: &str,
+        nonce: Option<&str>,
+    ) -> Result<Registration<Assignment>> {
         let store = &self.inner().store;
         let token_hash = auth::hash_token(token);
         if let Some(node) = store.node_by_provision_token(&token_hash).await? {
-            return Ok(Registration::Assigned(self.register(node, false).await?));
+            let registered = Registered::First(nonce.map(|n| auth::registration_key(token, n)));
+            return Ok(Registration::Assigned(
+                self.register(node, registered).await?,
+            ));
+        }
+        if let Some(nonce) = nonce {
+            let resend_key = auth::registration_key(token, nonce);
+            if let Some(node) = store.node_by_provision_token(&resend_key).await? {
+                tracing::info!(node_id = %node.id, "registration resent; a new auth token replaces the lost one");
+                return Ok(Registration::Assigned(
+                    self.register(node, Registered::Resent(resend_key)).await?,
+                ));
+            }
         }
         for (_, pool) in self.pools() {
             let provision_token = match pool.claim(&token_hash).await {
@@ -49,7 +81,7 @@ impl Orchestrator {
                 .node_by_provision_token(&auth::hash_token(&provision_token))
                 .await;
             let registered = match node {
-                Ok(Some(node)) => self.register(node, true).await,
+                Ok(Some(node)) => self.register(node, Registered::Pooled).await,
                 Ok(None) => Err(Error::terminated("the node was terminated meanwhile")),
                 Err(e) => Err(e),
             };
@@ -76,20 +108,39 @@ impl Orchestrator {
     }
 
     /// Register `node`: its auth token and assignment.
-    async fn register(&self, node: Node, pooled: bool) -> Result<Assignment> {
+    async fn register(&self, node: Node, how: Registered) -> Result<Assignment> {
         let live = self.live(&node.deployment_id).await?;
         let auth_token = auth::new_token()?;
-        let update = NodeUpdate::Registered {
-            auth_token_hash: auth::hash_token(&auth_token),
+        let auth_token_hash = auth::hash_token(&auth_token);
+        let pooled = matches!(how, Registered::Pooled);
+        let update = match how {
+            Registered::First(Some(resend_key)) => NodeUpdate::RegisteredWithNonce {
+                auth_token_hash,
+                resend_key,
+            },
+            Registered::First(None) | Registered::Pooled => {
+                NodeUpdate::Registered { auth_token_hash }
+            }
+            Registered::Resent(resend_key) => NodeUpdate::RegistrationResent {
+                resend_key,
+                auth_token_hash,
+            },
         };
         let applied = self.update_node(&node.id, update).await?;
         lock(&self.inner().last_seen).insert(node.id.clone(), tokio::time::Instant::now());
-        let env = live
+        let node_env = live
             .metadata
-            .node_env(&node.deployment_id, &node.id, node.index)
+            .node_env(&node.deployment_id, &node.id, node.index);
+        let env = node_env
             .vars()
             .iter()
             .map(|v| (v.name.clone(), v.value.clone()))
+            .collect();
+        let secret_names = node_env
+            .vars()
+            .iter()
+            .filter(|v| v.secret)
+            .map(|v| v.name.clone())
             .collect();
         Ok(Assignment {
             auth_token,
@@ -97,6 +148,7 @@ impl Orchestrator {
             node_id: node.id.clone(),
             node_index: applied.node.index,
             env,
+            secret_names,
             script: live.config.remote_script_to_run.clone(),
             dest_dir: live.config.remote_dest_dir.clone(),
             heartbeat_interval: self.inner().config.effective_heartbeat_interval(),
@@ -196,6 +248,45 @@ impl Orchestrator {
         }
         volume.in_second += lines;
         Ok(())
+    }
+
+    /// Whether `batch` is to be stored: yes while the node's attempt runs. Once it has ended
+    /// (completed, failed or terminated) a batch resent after a lost answer, every line of it
+    /// numbered and already taken, is answered as taken and stores nothing; any other batch is
+    /// refused (409): a node's output ends with it, and a late batch gets no fresh budget.
+    pub(crate) async fn accepts_logs_from(&self, node: &Node, batch: &LogBatch) -> Result<bool> {
+        if !node.status.is_final() {
+            return Ok(true);
+        }
+        let refused = || {
+            Error::already_final(format!(
+                "node {} is {}: it takes no more log lines",
+                node.id, node.status
+            ))
+        };
+        let mut last_taken: Vec<(LogStream, Option<u64>)> = Vec::new();
+        for (i, line) in batch.lines.iter().enumerate() {
+            let number = line
+                .line_no
+                .or(batch.offset.map(|first| first + i as u64))
+                .ok_or_else(refused)?;
+            let last = match last_taken.iter().find(|(stream, _)| *stream == line.stream) {
+                Some((_, last)) => *last,
+                None => {
+                    let last = self
+                        .inner()
+                        .store
+                        .last_line_no(&node.deployment_id, &node.id, node.attempt, line.stream)
+                        .await?;
+                    last_taken.push((line.stream, last));
+                    last
+                }
+            };
+            if last.is_none_or(|last| number > last) {
+                return Err(refused());
+            }
+        }
+        Ok(false)
     }
 
     /// Keep a node attempt's stored lines under the per-node limit: past it, lines are

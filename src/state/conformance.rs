@@ -285,7 +285,21 @@ async fn refuses_illegal_transitions_and_changes_nothing(store: &dyn Store) {
     let completed = status(NodeStatus::Completed);
     run_node(store, "conf-illegal-0", 0, completed.clone(), at(2)).await;
     let before = snapshot(store, id).await;
-    let mut refused: Vec<NodeUpdate> = NodeStatus::ALL.iter().map(|s| status(*s)).collect();
+    // Completed again is a repeated report: accepted, and it changes nothing.
+    store
+        .update_node("conf-illegal-0", completed.clone(), at(3))
+        .await
+        .expect("a repeated state is a no-op");
+    assert_eq!(
+        snapshot(store, id).await,
+        before,
+        "a repeat changed nothing"
+    );
+    let mut refused: Vec<NodeUpdate> = NodeStatus::ALL
+        .iter()
+        .filter(|s| **s != NodeStatus::Completed)
+        .map(|s| status(*s))
+        .collect();
     refused.extend([
         provisioned(0),
         NodeUpdate::Retry,
@@ -715,6 +729,13 @@ async fn drops_resent_log_lines(store: &dyn Store) {
         ]
     );
     assert_eq!(seqs(&lines), [1, 2, 3, 4, 5, 6, 7]);
+    // The highest number taken, per attempt and stream (even numbers are stdout here).
+    let last_taken =
+        |attempt, stream| store.last_line_no("dep-resend", "dep-resend-0", attempt, stream);
+    assert_eq!(last_taken(1, LogStream::Stdout).await.unwrap(), Some(4));
+    assert_eq!(last_taken(1, LogStream::Stderr).await.unwrap(), Some(3));
+    assert_eq!(last_taken(2, LogStream::Stdout).await.unwrap(), Some(0));
+    assert_eq!(last_taken(3, LogStream::Stdout).await.unwrap(), None);
 }
 
 async fn lists_newest_first(store: &dyn Store) {

@@ -350,6 +350,22 @@ impl Store for MemoryStore {
         Ok(log.last_seq)
     }
 
+    async fn last_line_no(
+        &self,
+        deployment_id: &str,
+        node_id: &str,
+        attempt: u32,
+        stream: LogStream,
+    ) -> Result<Option<u64>> {
+        let inner = self.lock();
+        let next = inner.logs.get(deployment_id).and_then(|log| {
+            log.next_line_no
+                .get(&(node_id.to_owned(), attempt, stream))
+                .copied()
+        });
+        Ok(next.and_then(|next| next.checked_sub(1)))
+    }
+
     async fn logs(&self, deployment_id: &str, query: LogQuery) -> Result<Vec<LogLine>> {
         let inner = self.lock();
         if !inner.deployments.contains_key(deployment_id) {

@@ -199,6 +199,20 @@ pub trait Store: Send + Sync + 'static {
     /// lines were dropped so far, and where.
     async fn append_logs(&self, deployment_id: &str, lines: Vec<NewLogLine>) -> Result<u64>;
 
+    /// The highest line number ([`NewLogLine::line_no`]) taken for this node attempt and
+    /// stream, stored or since dropped: lets the engine tell a batch resent after its node
+    /// ended (already counted) from a new one. `None` when none was taken, or when the store
+    /// does not keep track (this default): a batch after the end is then refused.
+    async fn last_line_no(
+        &self,
+        _deployment_id: &str,
+        _node_id: &str,
+        _attempt: u32,
+        _stream: LogStream,
+    ) -> Result<Option<u64>> {
+        Ok(None)
+    }
+
     /// Read log lines of a deployment, oldest first.
     async fn logs(&self, deployment_id: &str, query: LogQuery) -> Result<Vec<LogLine>>;
 

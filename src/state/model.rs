@@ -243,7 +243,9 @@ pub struct Node {
     pub exit_code: Option<i32>,
     /// Why it failed, if it did.
     pub error_message: Option<String>,
-    /// SHA-256 of the single-use provision token, until it is used.
+    /// SHA-256 of the single-use provision token, until it is used. After a registration that
+    /// sent a nonce, the registration key instead ([`crate::auth::registration_key`] of token
+    /// and nonce): only that registration, resent after a lost answer, finds the node again.
     pub provision_token_hash: Option<[u8; 32]>,
     /// SHA-256 of the agent's bearer token, once registered.
     pub auth_token_hash: Option<[u8; 32]>,
@@ -311,6 +313,23 @@ pub enum NodeUpdate {
         /// SHA-256 of the new auth token.
         auth_token_hash: [u8; 32],
     },
+    /// The agent registered and sent a nonce: as [`NodeUpdate::Registered`], but the provision
+    /// token's hash is replaced by `resend_key`, so the same registration, resent because its
+    /// answer was lost, can find the node again ([`NodeUpdate::RegistrationResent`]).
+    RegisteredWithNonce {
+        /// SHA-256 of the new auth token.
+        auth_token_hash: [u8; 32],
+        /// [`crate::auth::registration_key`] of the provision token and the nonce.
+        resend_key: [u8; 32],
+    },
+    /// A registration resent with the same token and nonce: the node's state stays, a new auth
+    /// token replaces the one whose answer was lost. Refused once the node is final.
+    RegistrationResent {
+        /// The key the node was found by; must still be the node's.
+        resend_key: [u8; 32],
+        /// SHA-256 of the new auth token.
+        auth_token_hash: [u8; 32],
+    },
     /// Start a failed node again (attempt + 1), back to `provisioning`.
     Retry,
 }
@@ -342,6 +361,14 @@ pub fn apply_node_update(
             exit_code,
             message,
         } => {
+            if status == node.status {
+                // A repeated report (an answer was lost and the call resent): nothing changes.
+                return Ok(Applied {
+                    node: node.clone(),
+                    previous,
+                    deployment_changed: None,
+                });
+            }
             check_node_transition(deployment, node, status)?;
             next.status = status;
             if exit_code.is_some() {
@@ -386,6 +413,33 @@ pub fn apply_node_update(
             check_node_transition(deployment, node, NodeStatus::Registering)?;
             next.status = NodeStatus::Registering;
             next.provision_token_hash = None;
+            next.auth_token_hash = Some(auth_token_hash);
+        }
+        NodeUpdate::RegisteredWithNonce {
+            auth_token_hash,
+            resend_key,
+        } => {
+            if node.provision_token_hash.is_none() {
+                return Err(Error::conflict(format!(
+                    "node {} has already registered; a provision token works once",
+                    node.id
+                )));
+            }
+            check_node_transition(deployment, node, NodeStatus::Registering)?;
+            next.status = NodeStatus::Registering;
+            next.provision_token_hash = Some(resend_key);
+            next.auth_token_hash = Some(auth_token_hash);
+        }
+        NodeUpdate::RegistrationResent {
+            resend_key,
+            auth_token_hash,
+        } => {
+            let same = node
+                .provision_token_hash
+                .is_some_and(|key| crate::auth::hashes_equal(&key, &resend_key));
+            if !same || node.status.is_final() || node.status == NodeStatus::Terminating {
+                return Err(refused(node, "accept a resent registration for"));
+            }
             next.auth_token_hash = Some(auth_token_hash);
         }
         NodeUpdate::Retry => {
@@ -660,11 +714,13 @@ pub(crate) struct Assignment {
     pub(crate) node_index: u32,
     /// The script's environment, secrets included.
     pub(crate) env: std::collections::BTreeMap<String, String>,
+    /// The names of the variables of `env` that hold secrets.
+    pub(crate) secret_names: Vec<String>,
     /// `remote_script_to_run`.
     pub(crate) script: String,
     /// `remote_dest_dir`.
     pub(crate) dest_dir: Option<String>,
-    /// How often to send heartbeats (whole seconds).
+    /// How often to send heartbeats.
     pub(crate) heartbeat_interval: std::time::Duration,
     /// `nodes.timeout` (whole seconds, at least 1).
     pub(crate) timeout: Option<std::time::Duration>,
@@ -779,7 +835,11 @@ mod tests {
         let mut d = deployment(2, 0);
         let mut n = Node::new("dep-1", 0, SystemTime::UNIX_EPOCH);
         run_to(&mut d, &mut n, NodeStatus::Completed);
-        for to in NodeStatus::ALL {
+        // Completed again is a repeated report: a no-op success (a_repeated_state_is_a_no_op_success).
+        for to in NodeStatus::ALL
+            .iter()
+            .filter(|to| **to != NodeStatus::Completed)
+        {
             let before = (d.clone(), n.clone());
             let err =
                 apply_node_update(&mut d, &mut n, status(*to), SystemTime::now()).unwrap_err();
@@ -935,5 +995,97 @@ mod tests {
                 .unwrap_err()
                 .is_invalid_transition()
         );
+    }
+
+    #[test]
+    fn a_repeated_state_is_a_no_op_success() {
+        let mut d = deployment(1, 0);
+        let mut n = Node::new("dep-1", 0, SystemTime::UNIX_EPOCH);
+        let now = SystemTime::UNIX_EPOCH;
+        run_to(&mut d, &mut n, NodeStatus::RunningScript);
+        let before = (d.clone(), n.clone());
+        let later = now + std::time::Duration::from_secs(5);
+        let applied =
+            apply_node_update(&mut d, &mut n, status(NodeStatus::RunningScript), later).unwrap();
+        assert_eq!(applied.previous, NodeStatus::RunningScript);
+        assert_eq!(applied.deployment_changed, None);
+        assert_eq!((d.clone(), n.clone()), before, "nothing changes");
+        let completed = NodeUpdate::Status {
+            status: NodeStatus::Completed,
+            exit_code: Some(0),
+            message: None,
+        };
+        apply_node_update(&mut d, &mut n, completed.clone(), now).unwrap();
+        assert_eq!(d.nodes_completed, 1);
+        // A resent final report succeeds and counts nothing twice; going back still conflicts.
+        apply_node_update(&mut d, &mut n, completed, now).unwrap();
+        assert_eq!(
+            (d.nodes_completed, d.status),
+            (1, DeploymentStatus::Completed)
+        );
+        assert!(
+            apply_node_update(&mut d, &mut n, status(NodeStatus::RunningScript), now)
+                .unwrap_err()
+                .is_conflict()
+        );
+    }
+
+    #[test]
+    fn a_registration_with_a_nonce_can_be_resent_by_its_agent_only() {
+        let mut d = deployment(1, 0);
+        let mut n = Node::new("dep-1", 0, SystemTime::UNIX_EPOCH);
+        let now = SystemTime::UNIX_EPOCH;
+        let token_hash = crate::auth::hash_token("token");
+        apply_node_update(
+            &mut d,
+            &mut n,
+            NodeUpdate::ProvisionToken { hash: token_hash },
+            now,
+        )
+        .unwrap();
+        apply_node_update(&mut d, &mut n, status(NodeStatus::Provisioning), now).unwrap();
+        let key = crate::auth::registration_key("token", "nonce-1");
+        assert_ne!(key, crate::auth::registration_key("token", "nonce-2"));
+        apply_node_update(
+            &mut d,
+            &mut n,
+            NodeUpdate::RegisteredWithNonce {
+                auth_token_hash: [2; 32],
+                resend_key: key,
+            },
+            now,
+        )
+        .unwrap();
+        // The token alone no longer finds the node; the key does.
+        assert_eq!(
+            (n.status, n.provision_token_hash),
+            (NodeStatus::Registering, Some(key))
+        );
+        let resent = |key| NodeUpdate::RegistrationResent {
+            resend_key: key,
+            auth_token_hash: [3; 32],
+        };
+        let other = crate::auth::registration_key("token", "nonce-2");
+        assert!(apply_node_update(&mut d, &mut n, resent(other), now)
+            .unwrap_err()
+            .is_conflict());
+        apply_node_update(&mut d, &mut n, resent(key), now).unwrap();
+        assert_eq!(
+            (n.status, n.auth_token_hash),
+            (NodeStatus::Registering, Some([3; 32]))
+        );
+        // A plain registration of a registered node is a second use of the token: refused.
+        let plain = NodeUpdate::Registered {
+            auth_token_hash: [4; 32],
+        };
+        assert!(apply_node_update(&mut d, &mut n, plain, now)
+            .unwrap_err()
+            .is_conflict());
+        // Once the node has ended, a resend is refused.
+        apply_node_update(&mut d, &mut n, status(NodeStatus::RunningScript), now).unwrap();
+        apply_node_update(&mut d, &mut n, status(NodeStatus::Completed), now).unwrap();
+        assert!(apply_node_update(&mut d, &mut n, resent(key), now)
+            .unwrap_err()
+            .is_conflict());
     }
 }

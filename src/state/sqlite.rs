@@ -1087,6 +1087,25 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn last_line_no(
+        &self,
+        _deployment_id: &str,
+        node_id: &str,
+        attempt: u32,
+        stream: LogStream,
+    ) -> Result<Option<u64>> {
+        let node_id = node_id.to_owned();
+        self.run(move |_, conn| {
+            let last: Option<i64> = conn
+                .prepare_cached(
+                    "SELECT MAX(line_no) FROM logs WHERE node_id = ?1 AND attempt = ?2 AND stream = ?3",
+                )?
+                .query_row(params![node_id, attempt, stream.as_str()], |row| row.get(0))?;
+            Ok(last.and_then(|n| u64::try_from(n).ok()))
+        })
+        .await
+    }
+
     async fn node_by_auth_token(&self, hash: &[u8; 32]) -> Result<Option<Node>> {
         self.node_by_hash(
             concat!(

@@ -378,6 +378,16 @@ async fn a_node_token_changes_and_reads_only_its_own_node() {
     // Reports, whatever the query says, change our node 0 alone.
     let their_before = f.view(&theirs).await;
     let sibling_before = f.view(&ours).await.nodes[1].clone();
+    // Log lines, sent while the node runs (once it has ended they are refused).
+    let logs = node_post(
+        &url,
+        "/api/v1/nodes/logs",
+        &f.node_token,
+        "application/json",
+        br#"{"lines":[{"stream":"stdout","line":"from node A"}]}"#,
+    )
+    .await;
+    assert_eq!(logs.status, 200, "{}", logs.text());
     for (status, extra) in [
         ("downloading_assets", ""),
         ("running_script", ""),
@@ -423,15 +433,6 @@ async fn a_node_token_changes_and_reads_only_its_own_node() {
     )
     .await;
     assert_eq!(beat.json()["shutdown"], true, "our node has failed");
-    let logs = node_post(
-        &url,
-        "/api/v1/nodes/logs",
-        &f.node_token,
-        "application/json",
-        br#"{"lines":[{"stream":"stdout","line":"from node A"}]}"#,
-    )
-    .await;
-    assert_eq!(logs.status, 200, "{}", logs.text());
     assert_eq!(
         f.view(&theirs).await,
         their_before,

@@ -503,6 +503,19 @@ fn logs_posted_after_the_node_is_final_are_refused_with_409() {
         "a log post for a completed node: {}",
         answer.body
     );
+    // A batch resent after a lost answer, already taken, is answered as taken.
+    let bearer = format!("Bearer {token}");
+    let resent = chaos::raw_request(
+        &daemon.url,
+        "POST",
+        "/api/v1/nodes/logs?stream=stdout&offset=0",
+        &[
+            ("Authorization", bearer.as_str()),
+            ("Content-Type", "text/plain"),
+        ],
+        b"started\n",
+    );
+    assert_eq!(resent.status, 200, "a resent batch: {}", resent.body);
     let by_node = chaos::lines_by_node(&daemon, &id);
     assert_eq!(
         chaos::stdout(&by_node[&0]),

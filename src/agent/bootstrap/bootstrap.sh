@@ -32,6 +32,10 @@ tf_cr=$(printf '\r')
 
 tf_log() { printf 'taskfly bootstrap: %s\n' "$*" >&2; }
 
+# The awk program masking secrets: each variable named in names (longest value first) has its
+# value replaced by *** in every line of its input.
+tf_mask='BEGIN { n = split(names, k, " "); for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (length(ENVIRON[k[j]]) > length(ENVIRON[k[i]])) { t = k[i]; k[i] = k[j]; k[j] = t } } { for (i = 1; i <= n; i++) { s = ENVIRON[k[i]]; if (s == "") continue; out = ""; while ((p = index($0, s)) > 0) { out = out substr($0, 1, p - 1) "***"; $0 = substr($0, p + length(s)) } $0 = out $0 } print }'
+
 # A missing curl shows as a failed registration, a missing tar or gzip as a failed extraction.
 tf_setsid=$(command -v setsid)
 
@@ -108,19 +112,22 @@ tf_fail() {
 }
 
 # tf_ship STREAM FINAL BUDGET_S: sends the new complete lines of the script's STREAM (stdout
-# or stderr) in pieces of at most 64 KiB (a longer line is split); with FINAL=1 a last line
-# without a newline too. The offset moves only once the daemon took a piece, so nothing is
-# sent twice or skipped, and each stream keeps its order. The offset is kept in STREAM.off.
+# or stderr) in pieces of at most 64 KiB (a longer line is split; a piece the daemon finds too
+# large, 413, is sent again halved); with FINAL=1 a last line without a newline too. The offset
+# moves only once the daemon took a piece, so nothing is sent twice or skipped, and each stream
+# keeps its order. The offset is kept in STREAM.off. A tick sends at most 32 pieces; with
+# FINAL=1 it goes on until the stream is sent or BUDGET_S seconds have passed, and what could
+# not be sent is then named in the node's log (one line, if the daemon takes it).
 tf_ship() {
   read -r tf_off <$1.off
-  tf_n=0
-  while [ $tf_n -lt 32 ]; do
+  tf_n=0 tf_max=65536 tf_end=$(($(date +%s) + $3))
+  while [ $tf_n -lt 32 ] || { [ $2 = 1 ] && [ $(date +%s) -lt $tf_end ]; }; do
     tf_n=$((tf_n + 1))
-    tail -c +$((tf_off + 1)) $1 | head -c 65536 >chunk
+    tail -c +$((tf_off + 1)) $1 | head -c $tf_max >chunk
     tf_size=$(($(wc -c <chunk)))
     tf_lines=$(($(wc -l <chunk)))
     [ $tf_size -gt 0 ] || break
-    if [ "$(tail -c 1 chunk)" = '' ] || { [ $2 = 1 ] && [ $tf_size -lt 65536 ]; } || [ $tf_size:$tf_lines = 65536:0 ]; then
+    if [ "$(tail -c 1 chunk)" = '' ] || { [ $2 = 1 ] && [ $tf_size -lt $tf_max ]; } || [ $tf_size:$tf_lines = $tf_max:0 ]; then
       # Complete lines, the end of the stream, or a piece of a line longer than 64 KiB.
       mv chunk piece
     elif [ $tf_lines -gt 0 ]; then
@@ -129,10 +136,21 @@ tf_ship() {
     else
       break
     fi
-    tf_call "logs?stream=$1&offset=$tf_off" piece text/plain $3 || break
+    if ! tf_call "logs?stream=$1&offset=$tf_off" piece text/plain $3; then
+      [ "${tf_code%% *}" = 413 ] && [ $tf_max -gt 64 ] || break
+      tf_max=$((tf_max / 2))
+      continue
+    fi
     tf_off=$((tf_off + tf_size))
     echo $tf_off >$1.off
   done
+  [ $2 = 1 ] || return 0
+  tf_size=$(($(wc -c <$1) - tf_off))
+  [ $tf_size -le 0 ] || {
+    tf_log "$tf_size bytes of $1 could not be sent"
+    printf '[taskfly bootstrap: the last %s bytes of %s could not be sent to the daemon and are missing here]\n' $tf_size $1 >piece
+    tf_call 'logs?stream=stderr' piece text/plain 0
+  }
 }
 
 # tf_watch PID [STATUS_FILE]: waits for PID (its status in tf_rc, from STATUS_FILE when the job
@@ -157,7 +175,8 @@ tf_watch() {
         grep -q '"shutdown" *: *true' resp && tf_stop=shutdown
     fi
     [ -z "$tf_until" ] || [ $tf_now -le $tf_until ] || tf_stop=timeout
-    [ -z "$tf_run" ] || { tf_ship stdout 0 0; tf_ship stderr 0 0; }
+    # Output is shipped once a second, however short the heartbeat interval.
+    [ -z "$tf_run" ] || [ $tf_now = "$tf_shipped" ] || { tf_ship stdout 0 0; tf_ship stderr 0 0; tf_shipped=$tf_now; }
   done
 }
 
@@ -192,12 +211,13 @@ tf_terminate() {
 # script and reports how it ended. Returns as soon as the node must stop (tf_stop) or cannot go
 # on; its status is the bootstrap's exit status when no other node follows.
 tf_serve() {
-  # A ticker wakes the waits every second. It ignores the signals that stop this shell, and
+  # A ticker wakes the waits every second (every heartbeat interval when that is shorter). It
+  # ignores the signals that stop this shell, and
   # ends once this shell is gone (or is stopped with the node).
   (
     trap '' TERM INT HUP
     while :; do
-      sleep 1
+      sleep $tf_tick_s
       kill -ALRM $$ 2>/dev/null || exit 0
     done
   ) </dev/null >/dev/null 2>&1 &
@@ -344,6 +364,9 @@ tf_serve() {
 
   # The last non-blank line of stderr, trimmed and cut to 500 bytes (never inside a character).
   tf_m=$(LC_ALL=C sed -n "s/$tf_cr\$//; /[^[:space:]]/h; \${x; s/^[[:space:]]*//; s/[[:space:]]*\$//; p; }" stderr)
+  # Secrets are masked before the cut, so no part of one is left. Their values are read from
+  # the registration answer in a subshell, and reach awk in its environment only.
+  [ -z "$tf_secrets" ] || tf_m=$(printf '%s\n' "$tf_m" | (. "$tf_reg" && LC_ALL=C awk -v names="$tf_secrets" "$tf_mask"))
   [ $(printf %s "$tf_m" | wc -c) -le 500 ] ||
     tf_m="$(printf %s "$tf_m" | head -c 500 | LC_ALL=C sed "s/$(printf '[\300-\377][\200-\277]*$')//")$(printf '\342\200\246')"
   tf_code=$tf_rc tf_n="exited with code $tf_rc"
@@ -380,12 +403,15 @@ tf_clean() {
 # Node after node while the instance is pooled, else one. Each starts with the work directory
 # as a fresh bootstrap has it: .taskfly/ alone, holding the files every call needs.
 while :; do
-  tf_stop=${tf_term:+term} tf_until='' tf_run='' tf_next=0 tf_root='' tf_made=''
+  tf_stop=${tf_term:+term} tf_until='' tf_run='' tf_next=0 tf_root='' tf_made='' tf_shipped=''
   mkdir "$tf_p" && cd "$tf_p" || exit 1
   [ -z "$tf_ca" ] || printf '%s\n' "$tf_ca" >ca.pem || exit 1
   printf '%s\n' "$tf_tls" >curlrc
   printf '{}' >empty
-  printf '{"provision_token":"%s"}' "$tf_ptoken" >register
+  # A nonce sent with every try of this registration: a try resent after a lost answer gets
+  # the node's assignment again (the token alone works once).
+  tf_nonce=$(od -An -N16 -tx1 /dev/urandom 2>/dev/null | tr -dc 0-9a-f)
+  printf '{"provision_token":"%s"%s}' "$tf_ptoken" "${tf_nonce:+,\"nonce\":\"$tf_nonce\"}" >register
 
   # Registration, retried for about two minutes while the daemon cannot be reached. A pooled
   # instance without work gets 204 after a long poll of up to about 20 s, and asks again.
@@ -410,13 +436,22 @@ while :; do
   # enter this shell (nor curl's environment). Token, interval, timeout, pooled (1 or 0), next
   # token (0 for none) and node id are words.
   set -f
-  set -- $(. "$tf_reg" && echo "$TASKFLY_AUTH_TOKEN $TASKFLY_HEARTBEAT_INTERVAL_S ${TASKFLY_TIMEOUT_S:-0} ${TASKFLY_POOLED:-0} ${TASKFLY_NEXT_TOKEN:-0} $TASKFLY_NODE_ID")
+  set -- $(. "$tf_reg" && echo "$TASKFLY_AUTH_TOKEN $TASKFLY_HEARTBEAT_INTERVAL_S ${TASKFLY_TIMEOUT_S:-0} ${TASKFLY_POOLED:-0} ${TASKFLY_NEXT_TOKEN:-0} ${TASKFLY_HEARTBEAT_INTERVAL_MS:-0} $TASKFLY_NODE_ID")
   set +f
-  tf_token=${1:-} tf_hb=${2:-} tf_timeout=${3:-} tf_pooled=${4:-} tf_rot=${5:-} tf_node=${6:-}
+  tf_token=${1:-} tf_hb=${2:-} tf_timeout=${3:-} tf_pooled=${4:-} tf_rot=${5:-} tf_hbms=${6:-} tf_node=${7:-}
   tf_script=$(. "$tf_reg" && printf %sx "$TASKFLY_SCRIPT") &&
     tf_dest=$(. "$tf_reg" && printf %sx "$TASKFLY_DEST_DIR") &&
-    case $#$tf_token$tf_hb$tf_timeout$tf_pooled$tf_rot in 6*[!0-9a-f]* | [!6]*) false ;; esac ||
+    tf_secrets=$(. "$tf_reg" && printf %s "${TASKFLY_SECRET_NAMES:-}") &&
+    case $#$tf_token$tf_hb$tf_timeout$tf_pooled$tf_rot$tf_hbms in 7*[!0-9a-f]* | [!7]*) false ;; esac &&
+    case $tf_secrets in *[!A-Za-z0-9_\ ]*) false ;; esac ||
     { tf_log "the registration answer is malformed"; exit 1; }
+  # The heartbeat interval in milliseconds (from a daemon that sends it): under a second, the
+  # ticker wakes every interval and each tick heartbeats, where sleep takes fractions.
+  tf_tick_s=1
+  if [ $tf_hbms -gt 0 ]; then
+    tf_hb=$((tf_hbms / 1000))
+    [ $tf_hbms -ge 1000 ] || ! sleep 0.001 2>/dev/null || tf_tick_s=$(printf '0.%03d' $tf_hbms)
+  fi
   # A pooled instance registers next time with the token this answer gave (the one used no
   # longer works). It is the answer's first line, dropped here: the node's script, which may
   # read this file, never sees it.

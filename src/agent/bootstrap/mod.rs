@@ -179,6 +179,14 @@ pub(crate) fn registration_env(registration: &wire::RegisterResponse) -> Result<
             "TASKFLY_POOLED",
             if registration.pooled { "1" } else { "" }.to_owned(),
         ),
+        (
+            "TASKFLY_HEARTBEAT_INTERVAL_MS",
+            registration
+                .heartbeat_interval_ms
+                .map(|ms| ms.to_string())
+                .unwrap_or_default(),
+        ),
+        ("TASKFLY_SECRET_NAMES", registration.secret_names.join(" ")),
     ];
     for (name, value) in controls {
         // Writing to a String cannot fail.

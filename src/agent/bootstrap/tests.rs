@@ -80,6 +80,8 @@ fn the_registration_answer_sources_to_the_exact_values() {
         script: "it's \"my\" $(script).sh".into(),
         dest_dir: None,
         heartbeat_interval_s: 10,
+        heartbeat_interval_ms: None,
+        secret_names: Vec::new(),
         timeout_s: Some(120),
         pooled: false,
         next_token: None,
@@ -130,6 +132,8 @@ fn a_name_that_is_not_a_shell_name_is_refused() {
         script: "setup.sh".into(),
         dest_dir: Some("/opt/job".into()),
         heartbeat_interval_s: 1,
+        heartbeat_interval_ms: None,
+        secret_names: Vec::new(),
         timeout_s: None,
         pooled: false,
         next_token: None,
@@ -145,9 +149,10 @@ fn the_rendered_script_is_small_parses_and_holds_the_values_quoted() {
     let url = "https://ec2-203-0-113-25.us-west-2.compute.amazonaws.com:8443";
     let script = bootstrap_script(url, TOKEN, None).expect("rendered");
     assert!(script.starts_with("#!/bin/sh\n"));
-    // Well under the limit, which leaves room for a long URL and CA certificates.
+    // Well under the limit, which leaves room for a long URL and CA certificates (12 KiB since
+    // the bootstrap masks secrets, heartbeats under a second and sends a nonce: 4 KiB of room).
     assert!(
-        script.len() < 10 * 1024,
+        script.len() < 12 * 1024,
         "the rendered script is {} bytes",
         script.len()
     );
@@ -327,6 +332,8 @@ fn fake_node(
             script: "run.sh".into(),
             dest_dir: dest_dir.map(str::to_owned),
             heartbeat_interval_s: 1,
+            heartbeat_interval_ms: None,
+            secret_names: Vec::new(),
             timeout_s: None,
             pooled,
             next_token: None,
@@ -797,4 +804,110 @@ fn the_registration_answer_says_whether_the_node_is_pooled() {
     node.registration.pooled = true;
     let text = registration_env(&node.registration).expect("valid names");
     assert!(text.contains("\nTASKFLY_POOLED='1'\n"), "{text}");
+}
+
+#[test]
+fn answers_lost_after_the_daemon_acted_are_resent_and_the_node_completes() {
+    for shell in shells() {
+        let instance = tempfile::tempdir().expect("tempdir");
+        let node = fake_node("e1", "#!/bin/sh\necho hello\n", &[], None, &[], false);
+        // The resent registration is answered with the same node, as the daemon does for the
+        // same token and nonce.
+        let daemon = start(
+            vec![RegisterAnswer::Node("e1"), RegisterAnswer::Node("e1")],
+            vec![node],
+        );
+        daemon.state().lose_answers = vec!["register", "status", "logs"];
+
+        let (status, stderr) =
+            run_bootstrap(&shell, &daemon, instance.path(), instance.path(), &[]);
+
+        assert_eq!(status.code(), Some(0), "{shell:?}: {stderr}");
+        let state = daemon.state();
+        assert!(state.lose_answers.is_empty(), "{shell:?}");
+        assert_eq!(state.register_nonces.len(), 2, "{shell:?}");
+        assert!(state.register_nonces[0].is_some(), "{shell:?}");
+        assert_eq!(
+            state.register_nonces[0], state.register_nonces[1],
+            "{shell:?}"
+        );
+        assert_eq!(
+            state.nodes["e1"].status_names(),
+            [
+                "downloading_assets",
+                "downloading_assets",
+                "running_script",
+                "completed"
+            ],
+            "{shell:?}"
+        );
+        // The piece whose answer was lost was sent again at the same offset.
+        let pieces: Vec<(u64, &str)> = state.nodes["e1"]
+            .logs
+            .iter()
+            .map(|(_, offset, text)| (*offset, text.as_str()))
+            .collect();
+        assert_eq!(pieces, [(0, "hello\n"), (0, "hello\n")], "{shell:?}");
+    }
+}
+
+#[test]
+fn secrets_are_masked_before_the_cut_and_short_intervals_heartbeat_in_time() {
+    let secret = "s3cr3t-0123456789abcdef";
+    for shell in shells() {
+        let instance = tempfile::tempdir().expect("tempdir");
+        let script = "#!/bin/sh\nsleep 2\nprintf '%0490d' 0 | tr 0 x >&2\nprintf '%s\\n' \"$API_KEY\" >&2\nexit 1\n";
+        let mut node = fake_node("f2", script, &[], None, &[("API_KEY", secret)], false);
+        node.registration.secret_names = vec!["API_KEY".into()];
+        node.registration.heartbeat_interval_ms = Some(200);
+        let daemon = start(vec![RegisterAnswer::Node("f2")], vec![node]);
+
+        let (_, stderr) = run_bootstrap(&shell, &daemon, instance.path(), instance.path(), &[]);
+
+        let state = daemon.state();
+        let (name, code, message) = state.nodes["f2"].statuses.last().expect("a report");
+        assert_eq!(
+            (name.as_str(), *code),
+            ("failed", Some(1)),
+            "{shell:?}: {stderr}"
+        );
+        let message = message.as_deref().unwrap_or_default();
+        assert!(
+            message.starts_with("exited with code 1: xxx"),
+            "{shell:?}: {message}"
+        );
+        assert!(!message.contains(&secret[..6]), "{shell:?}: {message}");
+        assert!(message.ends_with("x***"), "{shell:?}: {message}");
+        drop(state);
+        assert!(
+            daemon.heartbeats() >= 5,
+            "{shell:?}: a 200 ms interval heartbeats several times a second ({} heartbeats in 2 s)",
+            daemon.heartbeats()
+        );
+    }
+}
+
+#[test]
+fn pieces_the_daemon_finds_too_large_are_halved_and_all_output_arrives() {
+    for shell in shells() {
+        let instance = tempfile::tempdir().expect("tempdir");
+        let script =
+            "#!/bin/sh\ni=1\nwhile [ $i -le 40 ]; do printf '%04d%0996d\\n' $i 0; i=$((i + 1)); done\n";
+        let node = fake_node("a3", script, &[], None, &[], false);
+        let daemon = start(vec![RegisterAnswer::Node("a3")], vec![node]);
+        daemon.state().max_logs_body = Some(10 * 1024);
+
+        let (status, stderr) =
+            run_bootstrap(&shell, &daemon, instance.path(), instance.path(), &[]);
+
+        assert_eq!(status.code(), Some(0), "{shell:?}: {stderr}");
+        let state = daemon.state();
+        let output = state.nodes["a3"].output("stdout");
+        let lines: Vec<&str> = output.lines().collect();
+        assert_eq!(lines.len(), 40, "{shell:?}");
+        for (i, line) in lines.iter().enumerate() {
+            assert_eq!(&line[..4], format!("{:04}", i + 1), "{shell:?}");
+            assert_eq!(line.len(), 1000, "{shell:?}");
+        }
+    }
 }

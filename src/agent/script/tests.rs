@@ -82,16 +82,16 @@ fn env_drops_taskfly_variables_and_keeps_values_byte_for_byte() {
 
 #[test]
 fn failure_messages_name_the_code_or_signal_and_the_last_stderr_line() {
-    let (code, message) = failure_message(ExitStatus::from_raw(3 << 8), Some("boom"));
+    let (code, message) = failure_message(ExitStatus::from_raw(3 << 8), Some("boom"), &[]);
     assert_eq!(code, Some(3));
     assert_eq!(message, "exited with code 3: boom");
-    let (code, message) = failure_message(ExitStatus::from_raw(9), Some("dying"));
+    let (code, message) = failure_message(ExitStatus::from_raw(9), Some("dying"), &[]);
     assert_eq!(code, None);
     assert_eq!(message, "killed by signal SIGKILL: dying");
-    let (_, message) = failure_message(ExitStatus::from_raw(1 << 8), None);
+    let (_, message) = failure_message(ExitStatus::from_raw(1 << 8), None, &[]);
     assert_eq!(message, "exited with code 1");
     let long = "y".repeat(2000);
-    let (_, message) = failure_message(ExitStatus::from_raw(1 << 8), Some(&long));
+    let (_, message) = failure_message(ExitStatus::from_raw(1 << 8), Some(&long), &[]);
     assert!(message.chars().count() < 600);
 }
 
@@ -139,4 +139,13 @@ async fn scripts_start_by_exec_bit_shebang_or_sh() {
             format!("by sh {}", root_path.display()),
         ]
     );
+}
+
+#[test]
+fn a_secret_cut_by_the_quote_limit_is_masked_first() {
+    let secret = "s3cr3t-value-0123456789";
+    let line = format!("{}{secret}", "x".repeat(MAX_QUOTED_CHARS - 10));
+    let (_, message) = failure_message(ExitStatus::from_raw(1 << 8), Some(&line), &[secret]);
+    assert!(!message.contains(&secret[..10]), "{message}");
+    assert!(message.ends_with("x***"), "{message}");
 }

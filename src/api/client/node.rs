@@ -80,8 +80,11 @@ impl Client {
 
     /// The registration request, with a time limit longer than the daemon's hold.
     pub(super) fn register_call(&self, provision_token: &str) -> Result<Call> {
+        // One nonce per registration, sent again with each retry of it: a retry after a lost
+        // answer is then recognised as this registration, not a second use of the token.
         let request = wire::RegisterRequest {
             provision_token: provision_token.to_string(),
+            nonce: Some(crate::auth::new_token()?),
         };
         Ok(Call::new(Method::POST, "/nodes/register".to_string())
             .json(&request)?

@@ -29,7 +29,18 @@ pub(super) async fn register(
     registrations.check(peer.ip())?;
     let as_shell = register_format(request.uri().query())?;
     let body: wire::RegisterRequest = read_json(shared, request).await?;
-    let assignment = match shared.engine.register_node(&body.provision_token).await {
+    if body
+        .nonce
+        .as_ref()
+        .is_some_and(|n| n.is_empty() || n.len() > 256)
+    {
+        return Err(Error::invalid_input("`nonce` must hold 1 to 256 bytes"));
+    }
+    let registered = shared
+        .engine
+        .register_node(&body.provision_token, body.nonce.as_deref())
+        .await;
+    let assignment = match registered {
         Ok(Registration::Assigned(assignment)) => assignment,
         Ok(Registration::NoWork) => {
             let mut response = Response::new(full(Vec::new()));
@@ -111,7 +122,10 @@ pub(super) async fn route(
             } else {
                 read_json(shared, request).await?
             };
-            engine.node_logs(&node, log_batch(body)?).await?;
+            let batch = log_batch(body)?;
+            if engine.accepts_logs_from(&node, &batch).await? {
+                engine.node_logs(&node, batch).await?;
+            }
             Ok(json(StatusCode::OK, &StatusOk::new()))
         }
         _ => Err(Error::not_found(format!(
