@@ -154,7 +154,9 @@ pub(super) fn exec_plan(mode: u32, head: &[u8]) -> ExecPlan {
     }
 }
 
-/// The script's environment: `inherited` minus every `TASKFLY_*` variable, then the node's
+/// The script's environment: the part of `inherited` a node may have
+/// ([`crate::process::is_allowed_env`]: `PATH`, `HOME`, `LANG`, ..., never the host's
+/// credentials, even when the agent runs inside the daemon or a host program), then the node's
 /// identity, then the node's variables from the daemon, each value byte for byte.
 fn script_env(
     inherited: impl IntoIterator<Item = (OsString, OsString)>,
@@ -162,7 +164,7 @@ fn script_env(
 ) -> BTreeMap<OsString, OsString> {
     let mut env: BTreeMap<OsString, OsString> = inherited
         .into_iter()
-        .filter(|(key, _)| !key.as_bytes().starts_with(b"TASKFLY_"))
+        .filter(|(key, _)| crate::process::is_allowed_env(key))
         .collect();
     let identity = [
         ("TASKFLY_DEPLOYMENT_ID", registration.deployment_id.clone()),

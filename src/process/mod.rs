@@ -14,6 +14,7 @@ mod tests;
 
 pub(crate) use sweep::Sweeper;
 
+use std::ffi::{OsStr, OsString};
 use std::io;
 use std::process::ExitStatus;
 use std::time::Duration;
@@ -140,4 +141,22 @@ pub(crate) async fn group_alive(pgid: Pid, ignore_zombies: bool) -> bool {
         }
         Ok(()) => true,
     }
+}
+
+/// The variables of this process' environment that a node's agent and script start with: what a
+/// login shell would set, and nothing the daemon or host program was given for itself (cloud
+/// credentials, the API token). The node's own variables come on top.
+const ALLOWED_ENV: &[&str] = &[
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "TZ", "TMPDIR",
+];
+
+/// Whether a node may inherit the variable `key`: [`ALLOWED_ENV`] and every `LC_*`.
+pub(crate) fn is_allowed_env(key: &OsStr) -> bool {
+    key.to_str()
+        .is_some_and(|key| ALLOWED_ENV.contains(&key) || key.starts_with("LC_"))
+}
+
+/// The part of this process' environment a node may inherit ([`is_allowed_env`]).
+pub(crate) fn allowed_env() -> impl Iterator<Item = (OsString, OsString)> {
+    std::env::vars_os().filter(|(key, _)| is_allowed_env(key))
 }

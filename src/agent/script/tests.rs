@@ -41,7 +41,7 @@ fn exec_plan_follows_execute_bits_then_shebang_then_sh() {
 }
 
 #[test]
-fn env_drops_taskfly_variables_and_keeps_values_byte_for_byte() {
+fn env_inherits_only_login_variables_and_keeps_node_values_byte_for_byte() {
     let tricky = "it's \"quoted\" $HOME `id` \\ \n second line ";
     let inherited = vec![
         (OsString::from("PATH"), OsString::from("/usr/bin:/bin")),
@@ -70,8 +70,9 @@ fn env_drops_taskfly_variables_and_keeps_values_byte_for_byte() {
     assert_eq!(get("TASKFLY_API_TOKEN"), None);
     assert_eq!(get("TASKFLY_DATA_DIR"), None);
     assert_eq!(get("PATH"), Some("/usr/bin:/bin".into()));
-    assert_eq!(get("taskfly_lower"), Some("kept".into()));
-    assert_eq!(get("RAW"), Some(OsStr::from_bytes(b"\xff\xfe").into()));
+    // Only what a login shell sets is inherited: nothing the host was given for itself.
+    assert_eq!(get("taskfly_lower"), None);
+    assert_eq!(get("RAW"), None);
     assert_eq!(get("TRICKY"), Some(tricky.into()));
     assert_eq!(get("OVERRIDDEN"), Some("new".into()));
     assert_eq!(get("TASKFLY_DEPLOYMENT_ID"), Some("dep".into()));

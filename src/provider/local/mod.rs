@@ -583,7 +583,7 @@ fn spawn_bootstrap(
         // The daemon's own environment stays with the daemon (the bootstrap also drops every
         // TASKFLY_* variable before it runs the script).
         .env_clear()
-        .envs(node_base_env())
+        .envs(crate::process::allowed_env())
         .env("TMPDIR", work_dir)
         .env(agent::ENV_GRACE_MS, grace_period.as_millis().to_string())
         .env(agent::ENV_INSTANCE_ID, instance_id)
@@ -595,21 +595,6 @@ fn spawn_bootstrap(
     command
         .spawn()
         .map_err(|e| Error::io("cannot start the node bootstrap with sh", e).into())
-}
-
-/// The variables of the daemon's environment a local node's agent (process or bootstrap) and
-/// so its script start with: what a login shell would set, and nothing the daemon was given
-/// for itself (cloud credentials, the API token). The node's own variables come on top.
-const NODE_ENV_ALLOWED: &[&str] = &[
-    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "TZ", "TMPDIR",
-];
-
-/// The allowed part of this process' environment ([`NODE_ENV_ALLOWED`] and every `LC_*`).
-fn node_base_env() -> impl Iterator<Item = (std::ffi::OsString, std::ffi::OsString)> {
-    std::env::vars_os().filter(|(key, _)| {
-        key.to_str()
-            .is_some_and(|key| NODE_ENV_ALLOWED.contains(&key) || key.starts_with("LC_"))
-    })
 }
 
 /// A private log file (mode 0600) opened for appending, twice: for a child's stdout and
@@ -647,7 +632,7 @@ fn spawn_agent_process(
         // The daemon's own environment stays with the daemon: the agent, and so the script,
         // start from the allow-list, and the agent logs as the daemon does (RUST_LOG).
         .env_clear()
-        .envs(node_base_env())
+        .envs(crate::process::allowed_env())
         .envs(std::env::var_os("RUST_LOG").map(|filter| ("RUST_LOG", filter)))
         .env(agent::ENV_DAEMON_URL, &spec.daemon_url)
         .env(agent::ENV_PROVISION_TOKEN, spec.provision_token.expose())
