@@ -395,6 +395,7 @@ pub(crate) async fn fake_daemon(
 
 /// A fake daemon serving from a thread of its own (with its own runtime) for as long as the
 /// test process lives, for tests that block while an agent runs.
+#[derive(Clone)]
 pub(crate) struct BackgroundDaemon {
     pub(crate) url: String,
     daemon: Arc<Mutex<Daemon>>,

@@ -311,27 +311,44 @@ async fn agent() -> ExitCode {
 /// the file is opened close-on-exec, so agent processes started by the daemon do not hold it.
 fn lock_data_dir(data_dir: &Path) -> Result<Flock<std::fs::File>, String> {
     let path = data_dir.join("taskflyd.lock");
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(|e| format!("cannot open the lock file {}: {e}", path.display()))?;
-    let mut locked = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-        Ok(locked) => locked,
-        Err((_, Errno::EWOULDBLOCK)) => {
-            let holder = std::fs::read_to_string(&path).unwrap_or_default();
-            let holder = match holder.trim() {
-                "" => "another process".to_owned(),
-                pid => format!("taskflyd pid {pid}"),
-            };
-            return Err(format!(
-                "data dir {} is in use by {holder}; stop it or pick another --data-dir",
-                data_dir.display()
-            ));
+    // A daemon killed while it was starting a child leaves the lock with that child until
+    // the child's exec closes it (moments later): a holder whose pid is gone is waited for.
+    let deadline = std::time::Instant::now() + LOCK_HANDOVER_LIMIT;
+    let mut locked = loop {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| format!("cannot open the lock file {}: {e}", path.display()))?;
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(locked) => break locked,
+            Err((_, Errno::EWOULDBLOCK)) => {
+                let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                let pid = holder.trim().parse::<i32>().ok();
+                let holder_gone = pid.is_some_and(|pid| {
+                    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
+                        == Err(Errno::ESRCH)
+                });
+                if holder_gone && std::time::Instant::now() < deadline {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    continue;
+                }
+                let holder = match pid {
+                    Some(pid) if holder_gone => {
+                        format!("a process started by taskflyd pid {pid}, which has ended")
+                    }
+                    Some(pid) => format!("taskflyd pid {pid}"),
+                    None => "another process".to_owned(),
+                };
+                return Err(format!(
+                    "data dir {} is in use by {holder}; stop it or pick another --data-dir",
+                    data_dir.display()
+                ));
+            }
+            Err((_, e)) => return Err(format!("cannot lock {}: {e}", path.display())),
         }
-        Err((_, e)) => return Err(format!("cannot lock {}: {e}", path.display())),
     };
     let written = locked
         .set_len(0)
@@ -340,6 +357,9 @@ fn lock_data_dir(data_dir: &Path) -> Result<Flock<std::fs::File>, String> {
     written.map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     Ok(locked)
 }
+
+/// How long a lock left by an ended daemon (held by a child it was starting) is waited for.
+const LOCK_HANDOVER_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The API token: `TASKFLY_API_TOKEN`, else `<data-dir>/api-token`, created (mode 0600) with a
 /// new random token at first start.
