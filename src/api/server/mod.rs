@@ -220,6 +220,11 @@ impl Server {
                 },
                 () = &mut shutdown => break,
             };
+            // No Nagle delay: an answer written in parts (headers, then a streamed body) must
+            // not wait for the client's delayed ACK (40 ms per asset download on keep-alive).
+            if let Err(e) = stream.set_nodelay(true) {
+                tracing::debug!(error = %e, %peer, "cannot set TCP_NODELAY");
+            }
             if let Some(hook) = &shared.config.on_accept {
                 if let Err(e) = hook(&stream) {
                     tracing::debug!(error = %e, %peer, "connection refused by the accept hook");

@@ -1,0 +1,525 @@
+//! The node protocol under load: an embedded engine and simulated agents driving the real HTTP
+//! node protocol (issue #12; figures in BENCHMARKS.md).
+//!
+//! Run it with (release build, default features; `--store sqlite` needs `--features sqlite`):
+//!
+//! ```text
+//! cargo run --release --example load -- --nodes 10000 --connections 64 --store memory --runs 5
+//! cargo run --release --example load -- --serve-one-node
+//! ```
+//!
+//! The engine serves its HTTP API on a loopback port. A provider of this program (`loadsim`)
+//! hands each node's provision token to the simulated agents: `--connections` tasks, each with
+//! one keep-alive HTTP/1.1 connection (hyper's client, `TCP_NODELAY` as the real client sets
+//! it), each taking one node at a time through the 7 requests of a node's life: register,
+//! status `downloading_assets`, `GET /nodes/assets`, status `running_script`, heartbeat, logs,
+//! status `completed`. Each run deploys `--nodes` nodes, waits with `Orchestrator::wait`, and
+//! cleans the deployment up; it prints node lifecycles per second (from `deploy_dir` to the
+//! end of `wait`), the p50/p99 latency of each endpoint as the agents saw it, and the peak RSS
+//! of the process during the run (VmHWM; engine and simulated agents together, as they share
+//! the process).
+//!
+//! `--serve-one-node` deploys one node, registers it and reports it running, prints the
+//! engine's URL and the node's auth token (`url=...`, `token=...`), and serves until killed:
+//! `scripts/bench-heartbeat.sh` points wrk at it.
+
+use std::collections::BTreeMap;
+use std::error::Error;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HOST};
+use hyper::{Method, Request};
+use hyper_util::rt::TokioIo;
+use taskfly::state::model::DeploymentStatus;
+use taskfly::wire::RegisterResponse;
+use taskfly::{
+    async_trait, BoxError, Config, Instance, InstanceKind, InstanceRef, InstanceSpec, Orchestrator,
+    Owner, Provider, ProviderSettings, Server, ServerConfig,
+};
+use tokio::sync::{mpsc, Mutex};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+type Failure = Box<dyn Error + Send + Sync>;
+
+const USAGE: &str = "usage: load [--nodes N] [--connections C] [--store memory|sqlite] [--runs R] \
+                     [--serve-one-node]";
+
+/// What to run, from the command line.
+struct Options {
+    nodes: u32,
+    connections: usize,
+    store: String,
+    runs: u32,
+    serve_one_node: bool,
+}
+
+impl Options {
+    fn parse() -> Result<Options, Failure> {
+        let mut options = Options {
+            nodes: 1000,
+            connections: 64,
+            store: "memory".to_owned(),
+            runs: 1,
+            serve_one_node: false,
+        };
+        let mut args = std::env::args().skip(1);
+        while let Some(arg) = args.next() {
+            let mut value = || {
+                args.next()
+                    .ok_or_else(|| format!("{arg} needs a value\n{USAGE}"))
+            };
+            match arg.as_str() {
+                "--nodes" => options.nodes = value()?.parse()?,
+                "--connections" => options.connections = value()?.parse::<usize>()?.max(1),
+                "--store" => options.store = value()?,
+                "--runs" => options.runs = value()?.parse::<u32>()?.max(1),
+                "--serve-one-node" => options.serve_one_node = true,
+                _ => return Err(format!("unknown argument `{arg}`\n{USAGE}").into()),
+            }
+        }
+        Ok(options)
+    }
+}
+
+/// The provider `loadsim`: "starting an instance" is handing its provision token to the
+/// simulated agents.
+struct SimProvider {
+    tokens: mpsc::UnboundedSender<String>,
+}
+
+#[async_trait]
+impl Provider for SimProvider {
+    fn name(&self) -> &str {
+        "loadsim"
+    }
+
+    fn instance_kind(
+        &self,
+        _settings: &ProviderSettings,
+        _owner: &Owner,
+    ) -> Result<InstanceKind, BoxError> {
+        Ok(InstanceKind::new("loadsim"))
+    }
+
+    async fn provision(&self, spec: InstanceSpec) -> Result<Instance, BoxError> {
+        self.tokens.send(spec.provision_token.expose().to_owned())?;
+        Ok(Instance {
+            reference: InstanceRef {
+                id: format!("sim-{}-{}", spec.owner.name(), spec.owner.attempt()),
+                locator: String::new(),
+            },
+            ip_address: None,
+        })
+    }
+
+    async fn terminate(&self, _instance: &InstanceRef) -> Result<(), BoxError> {
+        Ok(())
+    }
+}
+
+/// The node endpoints, in the order a node calls them.
+#[derive(Clone, Copy)]
+enum Endpoint {
+    Register,
+    Status,
+    Assets,
+    Heartbeat,
+    Logs,
+}
+
+const ENDPOINTS: [(Endpoint, &str); 5] = [
+    (Endpoint::Register, "register"),
+    (Endpoint::Status, "status"),
+    (Endpoint::Assets, "assets"),
+    (Endpoint::Heartbeat, "heartbeat"),
+    (Endpoint::Logs, "logs"),
+];
+
+/// Request latencies in microseconds, per endpoint.
+#[derive(Default)]
+struct Latencies([Vec<u32>; 5]);
+
+impl Latencies {
+    fn record(&mut self, endpoint: Endpoint, took: Duration) {
+        let micros = u32::try_from(took.as_micros()).unwrap_or(u32::MAX);
+        self.0[endpoint as usize].push(micros);
+    }
+
+    fn merge(&mut self, other: Latencies) {
+        for (mine, theirs) in self.0.iter_mut().zip(other.0) {
+            mine.extend(theirs);
+        }
+    }
+
+    /// `name p50/p99` in milliseconds for each endpoint.
+    fn percentiles(&mut self) -> Vec<(&'static str, f64, f64)> {
+        ENDPOINTS
+            .iter()
+            .map(|(endpoint, name)| {
+                let samples = &mut self.0[*endpoint as usize];
+                samples.sort_unstable();
+                (*name, percentile(samples, 50), percentile(samples, 99))
+            })
+            .collect()
+    }
+}
+
+/// The `p`th percentile of sorted microsecond samples, in milliseconds.
+fn percentile(sorted: &[u32], p: usize) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = (sorted.len() * p).div_ceil(100).clamp(1, sorted.len());
+    f64::from(sorted[rank - 1]) / 1000.0
+}
+
+/// One simulated agent's keep-alive connection to the engine.
+struct Connection {
+    sender: SendRequest<Full<Bytes>>,
+    host: String,
+    latencies: Latencies,
+}
+
+impl Connection {
+    async fn open(address: &str) -> Result<Connection, Failure> {
+        let stream = tokio::net::TcpStream::connect(address).await?;
+        stream.set_nodelay(true)?;
+        let (sender, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        // Drives the connection; it ends when `sender` is dropped.
+        tokio::spawn(connection);
+        Ok(Connection {
+            sender,
+            host: address.to_owned(),
+            latencies: Latencies::default(),
+        })
+    }
+
+    /// One request; its answer's body, which must come with a 2xx status.
+    async fn call(
+        &mut self,
+        endpoint: Endpoint,
+        method: Method,
+        token: Option<&str>,
+        body: Option<String>,
+    ) -> Result<Bytes, Failure> {
+        let name = ENDPOINTS[endpoint as usize].1;
+        let mut request = Request::builder()
+            .method(method)
+            .uri(format!("/api/v1/nodes/{name}"))
+            .header(HOST, &self.host);
+        if let Some(token) = token {
+            request = request.header(AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let request = match body {
+            Some(json) => request
+                .header(CONTENT_TYPE, "application/json")
+                .body(Full::new(Bytes::from(json)))?,
+            None => request.body(Full::new(Bytes::new()))?,
+        };
+        let started = Instant::now();
+        self.sender.ready().await?;
+        let response = self.sender.send_request(request).await?;
+        let status = response.status();
+        let body = response.into_body().collect().await?.to_bytes();
+        self.latencies.record(endpoint, started.elapsed());
+        if !status.is_success() {
+            let text = String::from_utf8_lossy(&body);
+            return Err(format!("{name}: {status}: {text}").into());
+        }
+        Ok(body)
+    }
+
+    /// Registers with `provision_token` and reports the node running; its auth token.
+    async fn start_node(&mut self, provision_token: &str) -> Result<String, Failure> {
+        let registered = self
+            .call(
+                Endpoint::Register,
+                Method::POST,
+                None,
+                Some(serde_json::json!({ "provision_token": provision_token }).to_string()),
+            )
+            .await?;
+        let registered: RegisterResponse = serde_json::from_slice(&registered)?;
+        let token = registered.auth_token;
+        self.status(&token, r#"{"status":"downloading_assets"}"#)
+            .await?;
+        self.call(Endpoint::Assets, Method::GET, Some(&token), None)
+            .await?;
+        self.status(&token, r#"{"status":"running_script"}"#)
+            .await?;
+        Ok(token)
+    }
+
+    /// A node's whole life: the 7 requests.
+    async fn run_node(&mut self, provision_token: &str) -> Result<(), Failure> {
+        let token = self.start_node(provision_token).await?;
+        let beat = self
+            .call(
+                Endpoint::Heartbeat,
+                Method::POST,
+                Some(&token),
+                Some("{}".to_owned()),
+            )
+            .await?;
+        let beat: serde_json::Value = serde_json::from_slice(&beat)?;
+        if beat["shutdown"] != serde_json::Value::Bool(false) {
+            return Err(format!("heartbeat answered {beat}").into());
+        }
+        let logs = r#"{"lines":[{"stream":"stdout","line":"simulated node done"}],"offset":0}"#;
+        self.call(
+            Endpoint::Logs,
+            Method::POST,
+            Some(&token),
+            Some(logs.to_owned()),
+        )
+        .await?;
+        self.status(&token, r#"{"status":"completed","exit_code":0}"#)
+            .await?;
+        Ok(())
+    }
+
+    async fn status(&mut self, token: &str, body: &str) -> Result<(), Failure> {
+        self.call(
+            Endpoint::Status,
+            Method::POST,
+            Some(token),
+            Some(body.to_owned()),
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+/// The engine, its API, and where provision tokens arrive.
+struct Engine {
+    engine: Orchestrator,
+    server: taskfly::ServerHandle,
+    address: String,
+    tokens: Arc<Mutex<mpsc::UnboundedReceiver<String>>>,
+}
+
+async fn start_engine(data_dir: &Path, store: &str, config: Config) -> Result<Engine, Failure> {
+    let (sender, receiver) = mpsc::unbounded_channel();
+    let config = with_store(config, store, data_dir)?;
+    let engine = Orchestrator::new(config.provider(Arc::new(SimProvider { tokens: sender })))?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?.to_string();
+    let server = Server::new(engine.clone(), ServerConfig::default())?.spawn(listener)?;
+    Ok(Engine {
+        engine,
+        server,
+        address,
+        tokens: Arc::new(Mutex::new(receiver)),
+    })
+}
+
+fn with_store(config: Config, store: &str, data_dir: &Path) -> Result<Config, Failure> {
+    match store {
+        "memory" => Ok(config),
+        #[cfg(feature = "sqlite")]
+        "sqlite" => {
+            let store = taskfly::SqliteStore::open(&data_dir.join("state.db"))?;
+            Ok(config.store(Arc::new(store)))
+        }
+        #[cfg(not(feature = "sqlite"))]
+        "sqlite" => {
+            let _ = data_dir;
+            Err("--store sqlite needs the `sqlite` feature: add `--features sqlite`".into())
+        }
+        other => Err(format!("--store: expected memory or sqlite, got `{other}`").into()),
+    }
+}
+
+/// A project of `nodes` nodes on `loadsim`.
+fn write_project(dir: &Path, nodes: u32) -> Result<(), Failure> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join("run.sh"), "#!/bin/sh\necho simulated\n")?;
+    let yml = format!(
+        "cloud_provider: loadsim\ninstance_config:\n  loadsim: {{}}\n\
+         application_files: [run.sh]\nremote_script_to_run: run.sh\nnodes:\n  count: {nodes}\n"
+    );
+    std::fs::write(dir.join("taskfly.yml"), yml)?;
+    Ok(())
+}
+
+/// What one run measured.
+struct RunResult {
+    took: Duration,
+    lifecycles_per_s: f64,
+    peak_rss_mb: f64,
+    latencies: Vec<(&'static str, f64, f64)>,
+}
+
+/// One deployment of `nodes` nodes, driven over `connections` connections, cleaned up after.
+async fn run_once(
+    engine: &Engine,
+    project: &Path,
+    nodes: u32,
+    connections: usize,
+) -> Result<RunResult, Failure> {
+    let mut agents = JoinSet::new();
+    let stop = CancellationToken::new();
+    for _ in 0..connections {
+        let mut connection = Connection::open(&engine.address).await?;
+        let (tokens, stop) = (engine.tokens.clone(), stop.clone());
+        agents.spawn(async move {
+            loop {
+                let token = tokio::select! {
+                    () = stop.cancelled() => break,
+                    token = async { tokens.lock().await.recv().await } => token,
+                };
+                let Some(token) = token else { break };
+                connection.run_node(&token).await?;
+            }
+            Ok::<Latencies, Failure>(connection.latencies)
+        });
+    }
+    reset_peak_rss();
+    let started = Instant::now();
+    let created = engine.engine.deploy_dir(project).await?;
+    let done = tokio::select! {
+        done = engine.engine.wait(&created.id) => done?,
+        Some(failed) = agents.join_next() => {
+            return Err(format!("a simulated agent stopped: {:?}", failed?.err()).into());
+        }
+    };
+    let took = started.elapsed();
+    let peak_rss_mb = peak_rss_kb() as f64 / 1024.0;
+    if done.status != DeploymentStatus::Completed || done.nodes_completed != nodes {
+        return Err(format!("the deployment ended {done:?}").into());
+    }
+    // Every node is done, so every agent waits for a token: stop them, keep what they measured.
+    stop.cancel();
+    let mut latencies = Latencies::default();
+    while let Some(joined) = agents.join_next().await {
+        latencies.merge(joined??);
+    }
+    engine.engine.cleanup(&created.id).await?;
+    Ok(RunResult {
+        took,
+        lifecycles_per_s: f64::from(nodes) / took.as_secs_f64(),
+        peak_rss_mb,
+        latencies: latencies.percentiles(),
+    })
+}
+
+/// Resets the process's peak RSS (VmHWM) to its current RSS (Linux: `5` to `clear_refs`).
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// VmHWM from /proc/self/status, in KiB (0 where there is none).
+fn peak_rss_kb() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn min_median_max(mut values: Vec<f64>) -> (f64, f64, f64) {
+    values.sort_by(f64::total_cmp);
+    (
+        values[0],
+        values[values.len() / 2],
+        values[values.len() - 1],
+    )
+}
+
+async fn load(options: &Options, data_dir: &Path) -> Result<(), Failure> {
+    let engine = start_engine(data_dir, &options.store, Config::new(data_dir)).await?;
+    let project = data_dir.join("project");
+    write_project(&project, options.nodes)?;
+    println!(
+        "{} nodes, {} connections, {} store, {} runs",
+        options.nodes, options.connections, options.store, options.runs
+    );
+    let mut results = Vec::new();
+    for run in 1..=options.runs {
+        let result = run_once(&engine, &project, options.nodes, options.connections).await?;
+        let endpoints: Vec<String> = result
+            .latencies
+            .iter()
+            .map(|(name, p50, p99)| format!("{name} {p50:.1}/{p99:.1}"))
+            .collect();
+        println!(
+            "run {run}: {:.2} s, {:.0} node lifecycles/s, peak RSS {:.1} MB; \
+             p50/p99 ms: {}",
+            result.took.as_secs_f64(),
+            result.lifecycles_per_s,
+            result.peak_rss_mb,
+            endpoints.join(", ")
+        );
+        results.push(result);
+    }
+    let (low, median, high) = min_median_max(results.iter().map(|r| r.lifecycles_per_s).collect());
+    println!("node lifecycles/s: {low:.0} - {median:.0} - {high:.0} (min - median - max)");
+    let (low, median, high) = min_median_max(results.iter().map(|r| r.peak_rss_mb).collect());
+    println!("peak RSS MB: {low:.1} - {median:.1} - {high:.1}");
+    let mut by_endpoint: BTreeMap<usize, (&str, Vec<f64>, Vec<f64>)> = BTreeMap::new();
+    for result in &results {
+        for (i, (name, p50, p99)) in result.latencies.iter().enumerate() {
+            let entry = by_endpoint
+                .entry(i)
+                .or_insert((name, Vec::new(), Vec::new()));
+            entry.1.push(*p50);
+            entry.2.push(*p99);
+        }
+    }
+    for (name, p50s, p99s) in by_endpoint.into_values() {
+        let p50 = min_median_max(p50s);
+        let p99 = min_median_max(p99s);
+        println!(
+            "{name:>9}: p50 {:.1} - {:.1} - {:.1} ms, p99 {:.1} - {:.1} - {:.1} ms",
+            p50.0, p50.1, p50.2, p99.0, p99.1, p99.2
+        );
+    }
+    engine.server.stop().await?;
+    Ok(())
+}
+
+/// One running node for wrk: prints the URL and its auth token, then serves until killed.
+async fn serve_one_node(options: &Options, data_dir: &Path) -> Result<(), Failure> {
+    // The node must stay running however long wrk takes between heartbeats.
+    let config = Config::new(data_dir).heartbeat_timeout(Duration::from_secs(24 * 3600));
+    let engine = start_engine(data_dir, &options.store, config).await?;
+    let project = data_dir.join("project");
+    write_project(&project, 1)?;
+    engine.engine.deploy_dir(&project).await?;
+    let provision_token = engine
+        .tokens
+        .lock()
+        .await
+        .recv()
+        .await
+        .ok_or("the engine stopped before provisioning")?;
+    let mut connection = Connection::open(&engine.address).await?;
+    let token = connection.start_node(&provision_token).await?;
+    println!("url=http://{}", engine.address);
+    println!("token={token}");
+    tokio::signal::ctrl_c().await?;
+    engine.server.stop().await?;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Failure> {
+    let options = Options::parse()?;
+    let data_dir: PathBuf =
+        std::env::temp_dir().join(format!("taskfly-load-{}", std::process::id()));
+    let outcome = if options.serve_one_node {
+        serve_one_node(&options, &data_dir).await
+    } else {
+        load(&options, &data_dir).await
+    };
+    let _ = std::fs::remove_dir_all(&data_dir);
+    outcome
+}

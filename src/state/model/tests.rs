@@ -1,0 +1,315 @@
+use super::*;
+
+fn deployment(total: u32, retries: u32) -> Deployment {
+    let now = SystemTime::UNIX_EPOCH;
+    Deployment {
+        id: "dep-1".into(),
+        status: DeploymentStatus::Provisioning,
+        cloud_provider: "local".into(),
+        total_nodes: total,
+        retries,
+        nodes_completed: 0,
+        nodes_failed: 0,
+        nodes_terminated: 0,
+        created_at: now,
+        updated_at: now,
+        completed_at: None,
+        error_message: None,
+    }
+}
+
+fn status(s: NodeStatus) -> NodeUpdate {
+    NodeUpdate::Status {
+        status: s,
+        exit_code: None,
+        message: None,
+    }
+}
+
+fn run_to(d: &mut Deployment, n: &mut Node, last: NodeStatus) {
+    let now = SystemTime::UNIX_EPOCH;
+    apply_node_update(d, n, status(NodeStatus::Provisioning), now).unwrap();
+    apply_node_update(
+        d,
+        n,
+        NodeUpdate::Provisioned {
+            instance: InstanceRef {
+                id: "i-1".into(),
+                locator: String::new(),
+            },
+            ip_address: None,
+        },
+        now,
+    )
+    .unwrap();
+    apply_node_update(d, n, status(NodeStatus::RunningScript), now).unwrap();
+    apply_node_update(d, n, status(last), now).unwrap();
+}
+
+#[test]
+fn names_round_trip() {
+    for s in NodeStatus::ALL {
+        assert_eq!(s.as_str().parse::<NodeStatus>().unwrap(), *s);
+    }
+    for s in DeploymentStatus::ALL {
+        assert_eq!(s.as_str().parse::<DeploymentStatus>().unwrap(), *s);
+    }
+    assert!("done".parse::<NodeStatus>().unwrap_err().is_invalid_input());
+}
+
+#[test]
+fn final_node_never_regresses() {
+    let mut d = deployment(2, 0);
+    let mut n = Node::new("dep-1", 0, SystemTime::UNIX_EPOCH);
+    run_to(&mut d, &mut n, NodeStatus::Completed);
+    // Completed again is a repeated report: a no-op success (a_repeated_state_is_a_no_op_success).
+    for to in NodeStatus::ALL
+        .iter()
+        .filter(|to| **to != NodeStatus::Completed)
+    {
+        let before = (d.clone(), n.clone());
+        let err = apply_node_update(&mut d, &mut n, status(*to), SystemTime::now()).unwrap_err();
+        assert!(err.is_invalid_transition(), "{to}: {err}");
+        assert_eq!(
+            (d.clone(), n.clone()),
+            before,
+            "refused update changed nothing"
+        );
+    }
+}
+
+#[test]
+fn completion_is_decided_by_counters() {
+    let mut d = deployment(2, 0);
+    let mut a = Node::new("dep-1", 0, SystemTime::UNIX_EPOCH);
+    let mut b = Node::new("dep-1", 1, SystemTime::UNIX_EPOCH);
+    run_to(&mut d, &mut a, NodeStatus::Completed);
+    assert_eq!(d.status, DeploymentStatus::Running);
+    run_to(&mut d, &mut b, NodeStatus::Completed);
+    assert_eq!(d.status, DeploymentStatus::Completed);
+    assert_eq!(d.nodes_completed, 2);
+    assert!(d.completed_at.is_some());
+}
+
+#[test]
+fn one_failure_fails_the_deployment() {
+    let mut d = deployment(2, 0);
+    let mut a = Node::new("dep-1", 0, SystemTime::UNIX_EPOCH);
+    let mut b = Node::new("dep-1", 1, SystemTime::UNIX_EPOCH);
+    run_to(&mut d, &mut a, NodeStatus::Failed);
+    run_to(&mut d, &mut b, NodeStatus::Completed);
+    assert_eq!(d.status, DeploymentStatus::Failed);
+    assert_eq!((d.nodes_completed, d.nodes_failed), (1, 1));
+}
+
+#[test]
+fn a_failed_node_with_retries_left_is_not_final() {
+    let mut d = deployment(1, 1);
+    let mut n = Node::new("dep-1", 0, SystemTime::UNIX_EPOCH);
+    run_to(&mut d, &mut n, NodeStatus::Failed);
+    assert_eq!(d.nodes_failed, 0);
+    assert_eq!(d.status, DeploymentStatus::Running);
+    apply_node_update(&mut d, &mut n, NodeUpdate::Retry, SystemTime::now()).unwrap();
+    assert_eq!((n.status, n.attempt), (NodeStatus::Provisioning, 2));
+    apply_node_update(
+        &mut d,
+        &mut n,
+        NodeUpdate::Provisioned {
+            instance: InstanceRef {
+                id: "i-2".into(),
+                locator: String::new(),
+            },
+            ip_address: None,
+        },
+        SystemTime::now(),
+    )
+    .unwrap();
+    apply_node_update(
+        &mut d,
+        &mut n,
+        status(NodeStatus::Failed),
+        SystemTime::now(),
+    )
+    .unwrap();
+    assert_eq!(d.nodes_failed, 1);
+    assert_eq!(d.status, DeploymentStatus::Failed);
+    let err = apply_node_update(&mut d, &mut n, NodeUpdate::Retry, SystemTime::now());
+    assert!(err.unwrap_err().is_invalid_transition(), "no retry left");
+}
+
+#[test]
+fn an_instance_recorded_after_registration_keeps_the_node_state() {
+    let mut d = deployment(1, 0);
+    let mut n = Node::new("dep-1", 0, SystemTime::UNIX_EPOCH);
+    let now = SystemTime::UNIX_EPOCH;
+    apply_node_update(
+        &mut d,
+        &mut n,
+        NodeUpdate::ProvisionToken { hash: [1; 32] },
+        now,
+    )
+    .unwrap();
+    apply_node_update(&mut d, &mut n, status(NodeStatus::Provisioning), now).unwrap();
+    apply_node_update(
+        &mut d,
+        &mut n,
+        NodeUpdate::Registered {
+            auth_token_hash: [2; 32],
+        },
+        now,
+    )
+    .unwrap();
+    assert_eq!(d.status, DeploymentStatus::Running);
+    let provisioned = NodeUpdate::Provisioned {
+        instance: InstanceRef {
+            id: "i-9".into(),
+            locator: String::new(),
+        },
+        ip_address: None,
+    };
+    apply_node_update(&mut d, &mut n, provisioned.clone(), now).unwrap();
+    assert_eq!(
+        (n.status, n.instance_id.as_deref()),
+        (NodeStatus::Registering, Some("i-9"))
+    );
+    apply_node_update(&mut d, &mut n, status(NodeStatus::RunningScript), now).unwrap();
+    apply_node_update(&mut d, &mut n, status(NodeStatus::Completed), now).unwrap();
+    assert!(apply_node_update(&mut d, &mut n, provisioned, now)
+        .unwrap_err()
+        .is_invalid_transition());
+}
+
+#[test]
+fn provision_token_works_once() {
+    let mut d = deployment(1, 0);
+    let mut n = Node::new("dep-1", 0, SystemTime::UNIX_EPOCH);
+    let now = SystemTime::UNIX_EPOCH;
+    apply_node_update(
+        &mut d,
+        &mut n,
+        NodeUpdate::ProvisionToken { hash: [1; 32] },
+        now,
+    )
+    .unwrap();
+    apply_node_update(&mut d, &mut n, status(NodeStatus::Provisioning), now).unwrap();
+    let registered = NodeUpdate::Registered {
+        auth_token_hash: [2; 32],
+    };
+    apply_node_update(&mut d, &mut n, registered.clone(), now).unwrap();
+    assert_eq!(n.provision_token_hash, None);
+    assert!(apply_node_update(&mut d, &mut n, registered, now)
+        .unwrap_err()
+        .is_invalid_transition());
+}
+
+#[test]
+fn terminate_request_ends_terminated() {
+    let mut d = deployment(1, 0);
+    d.status = DeploymentStatus::Running;
+    let mut n = Node::new("dep-1", 0, SystemTime::UNIX_EPOCH);
+    let now = SystemTime::UNIX_EPOCH;
+    apply_deployment_status(&mut d, DeploymentStatus::Terminating, None, now).unwrap();
+    apply_node_update(&mut d, &mut n, status(NodeStatus::Terminating), now).unwrap();
+    let applied = apply_node_update(&mut d, &mut n, status(NodeStatus::Terminated), now).unwrap();
+    assert_eq!(
+        applied.deployment_changed,
+        Some(DeploymentStatus::Terminated)
+    );
+    assert!(
+        apply_deployment_status(&mut d, DeploymentStatus::Running, None, now)
+            .unwrap_err()
+            .is_invalid_transition()
+    );
+}
+
+#[test]
+fn a_repeated_state_is_a_no_op_success() {
+    let mut d = deployment(1, 0);
+    let mut n = Node::new("dep-1", 0, SystemTime::UNIX_EPOCH);
+    let now = SystemTime::UNIX_EPOCH;
+    run_to(&mut d, &mut n, NodeStatus::RunningScript);
+    let before = (d.clone(), n.clone());
+    let later = now + std::time::Duration::from_secs(5);
+    let applied =
+        apply_node_update(&mut d, &mut n, status(NodeStatus::RunningScript), later).unwrap();
+    assert_eq!(applied.previous, NodeStatus::RunningScript);
+    assert_eq!(applied.deployment_changed, None);
+    assert_eq!((d.clone(), n.clone()), before, "nothing changes");
+    let completed = NodeUpdate::Status {
+        status: NodeStatus::Completed,
+        exit_code: Some(0),
+        message: None,
+    };
+    apply_node_update(&mut d, &mut n, completed.clone(), now).unwrap();
+    assert_eq!(d.nodes_completed, 1);
+    // A resent final report succeeds and counts nothing twice; going back still conflicts.
+    apply_node_update(&mut d, &mut n, completed, now).unwrap();
+    assert_eq!(
+        (d.nodes_completed, d.status),
+        (1, DeploymentStatus::Completed)
+    );
+    assert!(
+        apply_node_update(&mut d, &mut n, status(NodeStatus::RunningScript), now)
+            .unwrap_err()
+            .is_conflict()
+    );
+}
+
+#[test]
+fn a_registration_with_a_nonce_can_be_resent_by_its_agent_only() {
+    let mut d = deployment(1, 0);
+    let mut n = Node::new("dep-1", 0, SystemTime::UNIX_EPOCH);
+    let now = SystemTime::UNIX_EPOCH;
+    let token_hash = crate::auth::hash_token("token");
+    apply_node_update(
+        &mut d,
+        &mut n,
+        NodeUpdate::ProvisionToken { hash: token_hash },
+        now,
+    )
+    .unwrap();
+    apply_node_update(&mut d, &mut n, status(NodeStatus::Provisioning), now).unwrap();
+    let key = crate::auth::registration_key("token", "nonce-1");
+    assert_ne!(key, crate::auth::registration_key("token", "nonce-2"));
+    apply_node_update(
+        &mut d,
+        &mut n,
+        NodeUpdate::RegisteredWithNonce {
+            auth_token_hash: [2; 32],
+            resend_key: key,
+        },
+        now,
+    )
+    .unwrap();
+    // The token alone no longer finds the node; the key does.
+    assert_eq!(
+        (n.status, n.provision_token_hash),
+        (NodeStatus::Registering, Some(key))
+    );
+    let resent = |key| NodeUpdate::RegistrationResent {
+        resend_key: key,
+        auth_token_hash: [3; 32],
+    };
+    let other = crate::auth::registration_key("token", "nonce-2");
+    assert!(apply_node_update(&mut d, &mut n, resent(other), now)
+        .unwrap_err()
+        .is_conflict());
+    apply_node_update(&mut d, &mut n, resent(key), now).unwrap();
+    assert_eq!(
+        (n.status, n.auth_token_hash),
+        (NodeStatus::Registering, Some([3; 32]))
+    );
+    // A plain registration of a registered node is a second use of the token: refused.
+    let plain = NodeUpdate::Registered {
+        auth_token_hash: [4; 32],
+    };
+    assert!(apply_node_update(&mut d, &mut n, plain, now)
+        .unwrap_err()
+        .is_conflict());
+    // Once the node has ended, a resend is refused.
+    apply_node_update(&mut d, &mut n, status(NodeStatus::RunningScript), now).unwrap();
+    apply_node_update(&mut d, &mut n, status(NodeStatus::Completed), now).unwrap();
+    assert!(apply_node_update(&mut d, &mut n, resent(key), now)
+        .unwrap_err()
+        .is_conflict());
+}

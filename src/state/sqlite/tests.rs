@@ -1,0 +1,509 @@
+use super::*;
+use crate::state::conformance;
+
+fn at(secs: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(1_700_000_000 + secs)
+}
+
+fn deployment(id: &str, total_nodes: u32) -> Deployment {
+    Deployment {
+        id: id.to_owned(),
+        status: DeploymentStatus::Pending,
+        cloud_provider: "local".to_owned(),
+        total_nodes,
+        retries: 0,
+        nodes_completed: 0,
+        nodes_failed: 0,
+        nodes_terminated: 0,
+        created_at: at(0),
+        updated_at: at(0),
+        completed_at: None,
+        error_message: None,
+    }
+}
+
+fn nodes(id: &str, count: u32) -> Vec<Node> {
+    (0..count).map(|i| Node::new(id, i, at(0))).collect()
+}
+
+fn status(status: NodeStatus) -> NodeUpdate {
+    NodeUpdate::Status {
+        status,
+        exit_code: None,
+        message: None,
+    }
+}
+
+/// The node's `last_update` as its row holds it, without the heartbeat overlay.
+fn stored_last_update(store: &SqliteStore, node_id: &str) -> SystemTime {
+    let conn = lock(&store.shared.conn);
+    let ms: i64 = conn
+        .query_row(
+            "SELECT last_update FROM nodes WHERE id = ?1",
+            [node_id],
+            |row| row.get(0),
+        )
+        .unwrap();
+    from_ms(ms).unwrap()
+}
+
+#[tokio::test]
+async fn in_memory_database_conforms() {
+    conformance::check_store(&SqliteStore::open_in_memory().unwrap()).await;
+    let capped = SqliteStore::open_in_memory()
+        .unwrap()
+        .max_log_lines(conformance::LOG_CAP)
+        .max_log_lines_per_node(conformance::NODE_LOG_CAP);
+    conformance::check_log_cap(&capped).await;
+}
+
+#[tokio::test]
+async fn file_database_conforms() {
+    let dir = tempfile::tempdir().unwrap();
+    conformance::check_store(&SqliteStore::open(&dir.path().join("a.db")).unwrap()).await;
+    let capped = SqliteStore::open(&dir.path().join("b.db"))
+        .unwrap()
+        .max_log_lines(conformance::LOG_CAP)
+        .max_log_lines_per_node(conformance::NODE_LOG_CAP);
+    conformance::check_log_cap(&capped).await;
+}
+
+#[tokio::test]
+async fn everything_survives_reopening_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state").join("taskfly.db");
+    let (deployments_before, nodes_before, logs_before) = {
+        let store = SqliteStore::open(&path).unwrap();
+        conformance::check_store(&store).await;
+        store
+            .create_deployment(deployment("dep-keep", 3), nodes("dep-keep", 3))
+            .await
+            .unwrap();
+        store
+            .update_deployment_status("dep-keep", DeploymentStatus::Provisioning, None, at(1))
+            .await
+            .unwrap();
+        let update = NodeUpdate::ProvisionToken { hash: [7; 32] };
+        store
+            .update_node("dep-keep-0", update, at(2))
+            .await
+            .unwrap();
+        for update in [
+            status(NodeStatus::Provisioning),
+            NodeUpdate::Provisioned {
+                instance: crate::provider::InstanceRef {
+                    id: "pid-1".to_owned(),
+                    locator: String::new(),
+                },
+                ip_address: Some("127.0.0.1".to_owned()),
+            },
+            NodeUpdate::Registered {
+                auth_token_hash: [8; 32],
+            },
+        ] {
+            store
+                .update_node("dep-keep-0", update, at(3))
+                .await
+                .unwrap();
+        }
+        for update in [
+            status(NodeStatus::Provisioning),
+            status(NodeStatus::RunningScript),
+            NodeUpdate::Status {
+                status: NodeStatus::Failed,
+                exit_code: Some(3),
+                message: Some("exit code 3".to_owned()),
+            },
+        ] {
+            store
+                .update_node("dep-keep-1", update, at(4))
+                .await
+                .unwrap();
+        }
+        // A heartbeat newer than the row, which only the drop saves.
+        store.touch_node("dep-keep-0", at(5)).await.unwrap();
+        assert_eq!(stored_last_update(&store, "dep-keep-0"), at(3));
+        let lines = (0..5)
+            .map(|i| NewLogLine {
+                node_id: "dep-keep-0".to_owned(),
+                node_index: 0,
+                stream: LogStream::Stdout,
+                line: format!("line {i}"),
+                timestamp: at(6) + Duration::from_millis(i),
+                attempt: 1,
+                line_no: Some(i),
+            })
+            .collect();
+        assert_eq!(store.append_logs("dep-keep", lines).await.unwrap(), 5);
+        let all = LogQuery {
+            limit: 100,
+            ..LogQuery::default()
+        };
+        (
+            store.deployments().await.unwrap(),
+            store.nodes("dep-keep").await.unwrap(),
+            store.logs("dep-keep", all).await.unwrap(),
+        )
+    };
+
+    let store = SqliteStore::open(&path).unwrap().max_log_lines(3);
+    assert_eq!(store.deployments().await.unwrap(), deployments_before);
+    let nodes_after = store.nodes("dep-keep").await.unwrap();
+    assert_eq!(nodes_after, nodes_before);
+    assert_eq!(
+        nodes_after[0].last_update,
+        at(5),
+        "the drop saved the heartbeat"
+    );
+    assert_eq!(nodes_after[0].auth_token_hash, Some([8; 32]));
+    assert_eq!(nodes_after[0].provision_token_hash, None);
+    assert_eq!(nodes_after[1].status, NodeStatus::Failed);
+    assert_eq!(nodes_after[1].exit_code, Some(3));
+    let keep = store.deployment("dep-keep").await.unwrap().unwrap();
+    assert_eq!(
+        (keep.status, keep.nodes_failed, keep.nodes_completed),
+        (DeploymentStatus::Running, 1, 0)
+    );
+    let found = store.node_by_auth_token(&[8; 32]).await.unwrap().unwrap();
+    assert_eq!(found.id, "dep-keep-0");
+    let all = LogQuery {
+        limit: 100,
+        ..LogQuery::default()
+    };
+    let logs_after = store.logs("dep-keep", all.clone()).await.unwrap();
+    assert_eq!(logs_after, logs_before);
+    assert_eq!(
+        logs_after.iter().map(|l| l.seq).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5]
+    );
+    // The sequence carries on where it stopped, and the smaller caps now in force drop
+    // the oldest lines (2 per node: the newest dropped one says so, then the new line).
+    let line = NewLogLine {
+        node_id: "dep-keep-0".to_owned(),
+        node_index: 0,
+        stream: LogStream::Stderr,
+        line: "after".to_owned(),
+        timestamp: at(7),
+        attempt: 1,
+        line_no: Some(5),
+    };
+    assert_eq!(store.append_logs("dep-keep", vec![line]).await.unwrap(), 6);
+    let seqs: Vec<u64> = store
+        .logs("dep-keep", all)
+        .await
+        .unwrap()
+        .iter()
+        .map(|l| l.seq)
+        .collect();
+    assert_eq!(seqs, [5, 6]);
+}
+
+#[tokio::test]
+async fn heartbeats_write_only_when_a_minute_behind() {
+    let store = SqliteStore::open_in_memory().unwrap();
+    store
+        .create_deployment(deployment("dep-hb", 1), nodes("dep-hb", 1))
+        .await
+        .unwrap();
+    store
+        .update_node("dep-hb-0", status(NodeStatus::Provisioning), at(10))
+        .await
+        .unwrap();
+    for secs in [20, 40, 70] {
+        store.touch_node("dep-hb-0", at(secs)).await.unwrap();
+        let node = store.node("dep-hb-0").await.unwrap().unwrap();
+        assert_eq!(node.last_update, at(secs));
+        assert_eq!(stored_last_update(&store, "dep-hb-0"), at(10));
+    }
+    store.touch_node("dep-hb-0", at(71)).await.unwrap();
+    assert_eq!(
+        stored_last_update(&store, "dep-hb-0"),
+        at(71),
+        "61 s behind: saved"
+    );
+    store.touch_node("dep-hb-0", at(80)).await.unwrap();
+    assert_eq!(stored_last_update(&store, "dep-hb-0"), at(71));
+    // A node update writes the row, which then holds the update's time.
+    store
+        .update_node("dep-hb-0", status(NodeStatus::Booting), at(90))
+        .await
+        .unwrap();
+    assert_eq!(stored_last_update(&store, "dep-hb-0"), at(90));
+    store.touch_node("dep-hb-0", at(95)).await.unwrap();
+    assert_eq!(store.nodes("dep-hb").await.unwrap()[0].last_update, at(95));
+    // A final node keeps its time, whatever heartbeat arrives late.
+    store
+        .update_node("dep-hb-0", status(NodeStatus::Failed), at(100))
+        .await
+        .unwrap();
+    store.touch_node("dep-hb-0", at(500)).await.unwrap();
+    assert_eq!(
+        store.node("dep-hb-0").await.unwrap().unwrap().last_update,
+        at(100)
+    );
+    assert_eq!(stored_last_update(&store, "dep-hb-0"), at(100));
+    // Deleting the deployment forgets its heartbeats.
+    assert!(store.delete_deployment("dep-hb").await.unwrap());
+    assert!(store.shared.heartbeats().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_updates_keep_the_counters_exact() {
+    let store = Arc::new(SqliteStore::open_in_memory().unwrap());
+    let total = 40;
+    store
+        .create_deployment(deployment("dep-many", total), nodes("dep-many", total))
+        .await
+        .unwrap();
+    store
+        .update_deployment_status("dep-many", DeploymentStatus::Provisioning, None, at(1))
+        .await
+        .unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for index in 0..total {
+        let store = Arc::clone(&store);
+        tasks.spawn(async move {
+            let id = format!("dep-many-{index}");
+            let last = if index % 10 == 0 {
+                NodeStatus::Failed
+            } else {
+                NodeStatus::Completed
+            };
+            for update in [
+                status(NodeStatus::Provisioning),
+                NodeUpdate::Provisioned {
+                    instance: crate::provider::InstanceRef {
+                        id: format!("i-{index}"),
+                        locator: String::new(),
+                    },
+                    ip_address: None,
+                },
+                status(NodeStatus::RunningScript),
+                status(last),
+            ] {
+                store.update_node(&id, update, at(2)).await.unwrap();
+                store.touch_node(&id, at(3)).await.unwrap();
+            }
+        });
+    }
+    while let Some(joined) = tasks.join_next().await {
+        joined.unwrap();
+    }
+    let done = store.deployment("dep-many").await.unwrap().unwrap();
+    assert_eq!((done.nodes_completed, done.nodes_failed), (36, 4));
+    assert_eq!(done.status, DeploymentStatus::Failed);
+    assert_eq!(done.completed_at, Some(at(2)));
+}
+
+#[tokio::test]
+async fn the_file_is_private_and_its_directory_created() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a").join("b").join("state.db");
+    let store = SqliteStore::open(&path).unwrap();
+    store
+        .create_deployment(deployment("dep-mode", 1), nodes("dep-mode", 1))
+        .await
+        .unwrap();
+    for file in [path.clone(), path.with_extension("db-wal")] {
+        let mode = fs::metadata(&file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{}", file.display());
+    }
+    drop(store);
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+    let _store = SqliteStore::open(&path).unwrap();
+    let mode = fs::metadata(&path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "reopening tightens the mode");
+}
+
+#[tokio::test]
+async fn a_newer_schema_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    drop(SqliteStore::open(&path).unwrap());
+    let conn = Connection::open(&path).unwrap();
+    conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+        .unwrap();
+    drop(conn);
+    let error = SqliteStore::open(&path).unwrap_err();
+    assert!(error.is_store(), "{error}");
+    assert!(
+        error.report().to_string().contains("newer taskfly"),
+        "{error:?}"
+    );
+}
+
+/// A database written by taskfly 0.1 (schema 1, no `instance_locator`) opens, is brought
+/// to the current schema, keeps its nodes, and stores locators from then on.
+#[tokio::test]
+async fn a_database_of_taskfly_0_1_is_migrated_and_keeps_its_nodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    {
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(SCHEMA).unwrap();
+        conn.pragma_update(None, "user_version", 1).unwrap();
+        conn.execute_batch(
+            "INSERT INTO deployments (id, status, cloud_provider, total_nodes, retries, \
+             nodes_completed, nodes_failed, nodes_terminated, created_at, updated_at) \
+             VALUES ('dep-old', 'running', 'aws', 2, 0, 0, 0, 0, 1000, 2000);
+             INSERT INTO nodes (id, deployment_id, node_index, status, attempt, \
+             instance_id, last_update) VALUES \
+             ('dep-old-0', 'dep-old', 0, 'running_script', 1, 'i-0abc', 2000), \
+             ('dep-old-1', 'dep-old', 1, 'provisioning', 1, NULL, 2000);",
+        )
+        .unwrap();
+    }
+    let store = SqliteStore::open(&path).unwrap();
+    let nodes = store.nodes("dep-old").await.unwrap();
+    assert_eq!(
+        nodes[0].instance(),
+        Some(crate::provider::InstanceRef {
+            id: "i-0abc".to_owned(),
+            locator: String::new()
+        })
+    );
+    assert_eq!(nodes[0].instance_locator, None);
+    let instance = crate::provider::InstanceRef {
+        id: "i-0def".to_owned(),
+        locator: "us-east-1".to_owned(),
+    };
+    let provisioned = NodeUpdate::Provisioned {
+        instance: instance.clone(),
+        ip_address: None,
+    };
+    let applied = store
+        .update_node("dep-old-1", provisioned, SystemTime::now())
+        .await
+        .unwrap();
+    assert_eq!(applied.node.instance(), Some(instance.clone()));
+    drop(store);
+    let conn = Connection::open(&path).unwrap();
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |row| row.get(0))
+        .unwrap();
+    assert_eq!(version, SCHEMA_VERSION);
+    drop(conn);
+    let reopened = SqliteStore::open(&path).unwrap();
+    let node = reopened.node("dep-old-1").await.unwrap().unwrap();
+    assert_eq!(node.instance(), Some(instance));
+}
+
+/// A schema 2 database's stored lines are counted per node when it is migrated, so the
+/// per-node cap holds for the lines written before.
+#[tokio::test]
+async fn lines_stored_before_schema_3_count_against_their_node_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    {
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(SCHEMA).unwrap();
+        conn.execute_batch(MIGRATIONS[0]).unwrap();
+        conn.pragma_update(None, "user_version", 2).unwrap();
+        conn.execute_batch(
+            "INSERT INTO deployments (id, status, cloud_provider, total_nodes, retries, \
+             nodes_completed, nodes_failed, nodes_terminated, created_at, updated_at, \
+             log_seq) VALUES ('dep-old', 'running', 'local', 2, 0, 0, 0, 0, 1000, 2000, 5);
+             INSERT INTO nodes (id, deployment_id, node_index, status, attempt, \
+             last_update) VALUES \
+             ('dep-old-0', 'dep-old', 0, 'running_script', 1, 2000), \
+             ('dep-old-1', 'dep-old', 1, 'running_script', 1, 2000);
+             INSERT INTO logs (deployment_id, seq, node_id, node_index, stream, line, \
+             timestamp, attempt) VALUES \
+             ('dep-old', 1, 'dep-old-0', 0, 'stdout', 'a', 2000, 1), \
+             ('dep-old', 2, 'dep-old-0', 0, 'stdout', 'b', 2000, 1), \
+             ('dep-old', 3, 'dep-old-0', 0, 'stdout', 'c', 2000, 1), \
+             ('dep-old', 4, 'dep-old-0', 0, 'stdout', 'd', 2000, 1), \
+             ('dep-old', 5, 'dep-old-1', 1, 'stdout', 'e', 2000, 1);",
+        )
+        .unwrap();
+    }
+    let store = SqliteStore::open(&path)
+        .unwrap()
+        .max_log_lines(10)
+        .max_log_lines_per_node(3);
+    let line = |index: u32| NewLogLine {
+        node_id: format!("dep-old-{index}"),
+        node_index: index,
+        stream: LogStream::Stdout,
+        line: "new".to_owned(),
+        timestamp: at(3),
+        attempt: 1,
+        line_no: None,
+    };
+    assert_eq!(
+        store.append_logs("dep-old", vec![line(1)]).await.unwrap(),
+        6
+    );
+    assert_eq!(
+        store.append_logs("dep-old", vec![line(0)]).await.unwrap(),
+        7
+    );
+    let all = LogQuery {
+        limit: 100,
+        ..LogQuery::default()
+    };
+    let lines = store.logs("dep-old", all).await.unwrap();
+    let seqs: Vec<u64> = lines.iter().map(|l| l.seq).collect();
+    assert_eq!(seqs, [3, 4, 5, 6, 7]);
+    assert_eq!(lines[0].line, crate::state::dropped_lines_marker(0, 3));
+}
+
+#[tokio::test]
+async fn a_file_that_is_not_a_database_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    fs::write(&path, vec![b'x'; 4096]).unwrap();
+    let error = SqliteStore::open(&path).unwrap_err();
+    assert!(error.is_store(), "{error}");
+}
+
+#[tokio::test]
+async fn corrupt_rows_are_store_errors_not_panics() {
+    let store = SqliteStore::open_in_memory().unwrap();
+    store
+        .create_deployment(deployment("dep-bad", 2), nodes("dep-bad", 2))
+        .await
+        .unwrap();
+    {
+        let conn = lock(&store.shared.conn);
+        conn.execute(
+            "UPDATE nodes SET status = 'dancing' WHERE id = 'dep-bad-0'",
+            [],
+        )
+        .unwrap();
+        conn.execute("UPDATE nodes SET attempt = -1 WHERE id = 'dep-bad-1'", [])
+            .unwrap();
+        conn.execute(
+            "UPDATE deployments SET created_at = 'yesterday' WHERE id = 'dep-bad'",
+            [],
+        )
+        .unwrap();
+    }
+    let error = store.node("dep-bad-0").await.unwrap_err();
+    assert!(error.is_store(), "{error}");
+    assert!(error.report().to_string().contains("dancing"), "{error:?}");
+    let error = store.nodes("dep-bad").await.unwrap_err();
+    assert!(error.is_store(), "{error}");
+    let error = store.deployments().await.unwrap_err();
+    assert!(error.is_store(), "{error}");
+    let error = store
+        .update_node("dep-bad-0", status(NodeStatus::Provisioning), at(1))
+        .await
+        .unwrap_err();
+    assert!(error.is_store(), "{error}");
+}
+
+#[test]
+fn times_round_trip_at_millisecond_precision() {
+    for time in [
+        UNIX_EPOCH,
+        at(0) + Duration::from_millis(123),
+        UNIX_EPOCH - Duration::from_millis(5_000),
+    ] {
+        assert_eq!(from_ms(to_ms(time)), Some(time));
+    }
+    let fine = at(0) + Duration::from_nanos(1_500_000);
+    assert_eq!(from_ms(to_ms(fine)), Some(at(0) + Duration::from_millis(1)));
+}
