@@ -123,8 +123,9 @@ pub(crate) fn node_log_cap(per_node: Option<usize>, per_deployment: usize) -> us
 }
 
 /// The text of the one line a store keeps where it dropped a node's oldest lines to stay
-/// within its caps; `dropped` counts every line of the node dropped so far.
-pub(crate) fn dropped_lines_marker(node_index: u32, dropped: u64) -> String {
+/// within its caps; `dropped` counts every line of the node dropped so far. Public so that
+/// other [`Store`] implementations write the same marker.
+pub fn dropped_lines_marker(node_index: u32, dropped: u64) -> String {
     format!(
         "[taskfly: {dropped} earlier lines of node {node_index} were dropped here to keep the log within its line limits]"
     )

@@ -244,7 +244,7 @@ pub struct Node {
     /// Why it failed, if it did.
     pub error_message: Option<String>,
     /// SHA-256 of the single-use provision token, until it is used. After a registration that
-    /// sent a nonce, the registration key instead ([`crate::auth::registration_key`] of token
+    /// sent a nonce, the registration key instead (SHA-256 of token
     /// and nonce): only that registration, resent after a lost answer, finds the node again.
     pub provision_token_hash: Option<[u8; 32]>,
     /// SHA-256 of the agent's bearer token, once registered.
@@ -319,7 +319,7 @@ pub enum NodeUpdate {
     RegisteredWithNonce {
         /// SHA-256 of the new auth token.
         auth_token_hash: [u8; 32],
-        /// [`crate::auth::registration_key`] of the provision token and the nonce.
+        /// The registration key: SHA-256 of the provision token and the nonce.
         resend_key: [u8; 32],
     },
     /// A registration resent with the same token and nonce: the node's state stays, a new auth
