@@ -484,15 +484,18 @@ impl fmt::Debug for Report<'_> {
 }
 
 /// The cause of an [`Error::is_certificate`] error: what is wrong with the certificate.
+#[cfg(feature = "tls")]
 #[derive(Debug)]
 struct CertificateProblem(String);
 
+#[cfg(feature = "tls")]
 impl fmt::Display for CertificateProblem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
     }
 }
 
+#[cfg(feature = "tls")]
 impl std::error::Error for CertificateProblem {}
 
 #[cfg(test)]
