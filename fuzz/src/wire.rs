@@ -13,7 +13,7 @@ pub fn check_node_requests(data: &[u8]) {
     round_trip::<wire::RegisterRequest>(data);
     round_trip::<wire::HeartbeatRequest>(data);
     if let Some(status) = round_trip::<wire::StatusRequest>(data) {
-        check_status_name::<NodeStatus>(&status.status);
+        check_status::<NodeStatus>(&status.status);
     }
     round_trip::<wire::LogsRequest>(data);
 }
@@ -34,37 +34,39 @@ pub fn check_client_responses(data: &[u8]) {
     round_trip::<wire::ErrorBody>(data);
     round_trip::<wire::RegisterResponse>(data);
     round_trip::<wire::HeartbeatResponse>(data);
-    round_trip::<wire::Ok>(data);
+    round_trip::<wire::StatusOk>(data);
+    round_trip::<wire::DeploymentAction>(data);
 }
 
 fn check_view(view: &wire::DeploymentView) {
-    let is_final = view.is_final();
-    if let Ok(status) = view.status.parse::<DeploymentStatus>() {
-        assert_eq!(
-            is_final,
-            status.is_final(),
-            "is_final() of {:?}",
-            view.status
-        );
-    }
-    check_status_name::<DeploymentStatus>(&view.status);
+    assert_eq!(
+        view.is_final(),
+        view.status.is_final(),
+        "is_final() of {:?}",
+        view.status
+    );
+    check_status::<DeploymentStatus>(&view.status);
     for node in &view.nodes {
-        check_status_name::<NodeStatus>(&node.status);
+        check_status::<NodeStatus>(&node.status);
     }
 }
 
-/// A state name parses without panicking, and one that parses prints back as it was written.
-fn check_status_name<S>(name: &str)
+/// A state parsed from the wire is written back under the name it was read by (its SPEC name,
+/// also what `Display` prints), and that name parses back to it.
+fn check_status<S>(status: &S)
 where
-    S: FromStr + std::fmt::Display,
+    S: FromStr + std::fmt::Display + Serialize + PartialEq + Debug,
 {
-    if let Ok(status) = name.parse::<S>() {
-        assert_eq!(
-            status.to_string(),
-            name,
-            "a state name does not print back as itself"
-        );
-    }
+    let name = status.to_string();
+    assert_eq!(
+        serde_json::to_value(status).expect("a state serializes"),
+        serde_json::Value::String(name.clone()),
+        "a state's JSON name is not its printed name"
+    );
+    assert!(
+        name.parse::<S>().ok().as_ref() == Some(status),
+        "{name:?} does not parse back to {status:?}"
+    );
 }
 
 /// Parses `data` as a `T`; when that works, serializes it, parses that again and checks that the
