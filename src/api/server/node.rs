@@ -15,7 +15,7 @@ use super::body::{
 use super::{views, Shared};
 use crate::auth;
 use crate::error::{Error, Result};
-use crate::state::model::{LogBatch, NodeStatus, Registration, ReportedLine, StatusReport};
+use crate::state::model::{LogBatch, Registration, ReportedLine, StatusReport};
 use crate::state::LogStream;
 use crate::wire::{self, ErrorBody, StatusOk};
 
@@ -113,7 +113,7 @@ pub(super) async fn route(
         }
         (&Method::POST, ["status"]) => {
             let body: wire::StatusRequest = read_json(shared, request).await?;
-            engine.node_status(&node, status_report(body)?).await?;
+            engine.node_status(&node, status_report(body)).await?;
             Ok(json(StatusCode::OK, &StatusOk::new()))
         }
         (&Method::POST, ["logs"]) => {
@@ -135,25 +135,13 @@ pub(super) async fn route(
     }
 }
 
-/// A status report, refused unless it is one a node may make.
-fn status_report(request: wire::StatusRequest) -> Result<StatusReport> {
-    let status = request.status;
-    if !matches!(
-        status,
-        NodeStatus::DownloadingAssets
-            | NodeStatus::RunningScript
-            | NodeStatus::Completed
-            | NodeStatus::Failed
-    ) {
-        return Err(Error::invalid_input(format!(
-            "a node may report downloading_assets, running_script, completed or failed, not {status}"
-        )));
-    }
-    Ok(StatusReport {
-        status,
+/// A status report as the engine takes it (which refuses states a node may not report).
+fn status_report(request: wire::StatusRequest) -> StatusReport {
+    StatusReport {
+        status: request.status,
         message: request.message,
         exit_code: request.exit_code,
-    })
+    }
 }
 
 /// A log batch with each line's stream and time parsed; the first bad line is named.
