@@ -481,14 +481,39 @@ fn down_terminates_every_node_and_leaves_no_process_behind() {
         || daemon.other_processes().is_empty().then_some(()),
     );
 
-    // A final deployment cannot be terminated again.
+    // A final deployment has nothing left to stop: success, saying so.
     let again = daemon.cli(&["down", &id]);
-    again.expect_code(1);
-    assert!(
-        again.stderr.contains("already terminated"),
+    again.expect_success();
+    assert_eq!(
+        again.stdout,
+        format!("deployment {id} was already terminated; nothing to stop\n"),
         "{}",
         again.show()
     );
+}
+
+#[test]
+fn down_of_a_finished_deployment_succeeds_naming_its_final_state() {
+    let daemon = Daemon::start();
+    let completed = up_wait_json(&daemon, hello_project(1).path(), 0);
+    let completed_id = completed["deployment_id"].as_str().unwrap();
+    let ran = daemon.cli(&["down", completed_id]);
+    ran.expect_success();
+    assert_eq!(
+        ran.stdout,
+        format!("deployment {completed_id} was already completed; nothing to stop\n"),
+        "{}",
+        ran.show()
+    );
+    assert!(ran.stderr.is_empty(), "{}", ran.show());
+    // The record is left as it was.
+    assert_eq!(daemon.status(completed_id), completed);
+
+    let failed = up_wait_json(&daemon, failing_project().path(), 1);
+    let failed_id = failed["deployment_id"].as_str().unwrap();
+    let json = daemon.cli(&["down", failed_id, "--output", "json"]);
+    json.expect_success();
+    assert_eq!(json.json(), failed);
 }
 
 #[test]

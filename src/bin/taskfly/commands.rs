@@ -550,10 +550,20 @@ async fn logs(cli: &Cli, id: &str, node: Option<&str>, follow_logs: bool) -> Res
 
 async fn down(cli: &Cli, id: &str) -> Result<u8, Failure> {
     let client = client(cli)?;
-    client
-        .terminate(id)
+    let before = client
+        .deployment(id)
         .await
         .map_err(|e| failure(Some(cli), e))?;
+    if before.is_final() {
+        return Ok(already_final(cli, &before));
+    }
+    if let Err(e) = client.terminate(id).await {
+        // It may have ended between the look and the request: that is not a failure either.
+        match client.deployment(id).await {
+            Ok(view) if view.is_final() => return Ok(already_final(cli, &view)),
+            _ => return Err(failure(Some(cli), e)),
+        }
+    }
     // Wait for the nodes to be gone, so `down` returning means nothing runs any more.
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
@@ -578,6 +588,19 @@ async fn down(cli: &Cli, id: &str) -> Result<u8, Failure> {
         }
         tokio::time::sleep(POLL).await;
     }
+}
+
+/// `down` of a deployment that had already ended: nothing to stop, so success, saying so.
+fn already_final(cli: &Cli, view: &DeploymentView) -> u8 {
+    if cli.output == Output::Json {
+        println!("{}", serde_json::to_string(view).unwrap_or_default());
+    } else {
+        println!(
+            "deployment {} was already {}; nothing to stop",
+            view.deployment_id, view.status
+        );
+    }
+    EXIT_OK
 }
 
 async fn cleanup(cli: &Cli, id: Option<&str>, all: bool) -> Result<u8, Failure> {
