@@ -677,6 +677,75 @@ fn validate_reports_every_problem_at_once_with_exit_code_2() {
 }
 
 #[test]
+fn a_folder_without_taskfly_yml_is_a_usage_error_and_the_file_itself_means_its_folder() {
+    let home = tempfile::tempdir().expect("temp HOME");
+    let empty = tempfile::tempdir().expect("empty folder");
+    let empty_dir = path_str(empty.path());
+    // Nothing listens there: each refusal comes before any daemon is looked for.
+    let url = format!("http://127.0.0.1:{}", free_port());
+    for command in ["run", "up", "validate"] {
+        let ran = taskfly_offline(home.path(), &["--daemon", &url, command, empty_dir]);
+        ran.expect_code(2);
+        assert!(ran.stdout.is_empty(), "{}", ran.show());
+        assert_eq!(
+            ran.stderr_lines(),
+            [format!(
+                "error: {empty_dir} has no taskfly.yml; create it, or point taskfly at the \
+                 folder that holds it"
+            )],
+            "{command}\n{}",
+            ran.show()
+        );
+    }
+    let missing = empty.path().join("missing");
+    let ran = taskfly_offline(home.path(), &["validate", path_str(&missing)]);
+    ran.expect_code(2);
+    assert!(
+        ran.stderr
+            .starts_with(&format!("error: cannot open {}", missing.display())),
+        "{}",
+        ran.show()
+    );
+
+    let project = hello_project(2);
+    let other_file = project.path().join("setup.sh");
+    let ran = taskfly_offline(home.path(), &["validate", path_str(&other_file)]);
+    ran.expect_code(2);
+    assert_eq!(
+        ran.stderr_lines(),
+        [format!(
+            "error: {} is a file, not a project: give the folder that holds taskfly.yml (or \
+             taskfly.yml itself)",
+            other_file.display()
+        )],
+        "{}",
+        ran.show()
+    );
+
+    // taskfly.yml itself: the same as its folder.
+    let file = project.path().join("taskfly.yml");
+    let by_folder = taskfly_offline(home.path(), &["validate", path_str(project.path())]);
+    by_folder.expect_success();
+    let by_file = taskfly_offline(home.path(), &["validate", path_str(&file)]);
+    by_file.expect_success();
+    assert_eq!(by_file.stdout, by_folder.stdout);
+    let ran = cli_run::run_with_limit(
+        cli_run::command("taskfly", home.path()).args(["run", path_str(&file)]),
+        DEPLOYMENT_LIMIT,
+    );
+    ran.expect_success();
+    assert_hello_output(&ran, 2);
+    // Relative, from inside the project.
+    let relative = cli_run::run(
+        cli_run::command("taskfly", home.path())
+            .current_dir(project.path())
+            .args(["validate", "taskfly.yml"]),
+    );
+    relative.expect_success();
+    assert_eq!(relative.stdout, by_folder.stdout);
+}
+
+#[test]
 fn validate_shows_each_nodes_ssh_host_and_run_refuses_hosts_it_cannot_serve() {
     let home = tempfile::tempdir().expect("temp HOME");
     // Nothing here reaches a host: validate only reads, and run refuses before starting.

@@ -27,10 +27,16 @@ const POLL: Duration = Duration::from_millis(250);
 pub(crate) async fn run(cli: Cli) -> u8 {
     let format = cli.output;
     let result = match &cli.command {
-        Command::Run { dir } => run_local(dir, format).await,
-        Command::Validate { dir } => validate(dir, format),
+        Command::Run { dir } => match project_dir(dir) {
+            Ok(dir) => run_local(&dir, format).await,
+            Err(failure) => Err(failure),
+        },
+        Command::Validate { dir } => project_dir(dir).and_then(|dir| validate(&dir, format)),
         Command::Agent { work_dir } => agent(&cli, work_dir.clone()).await,
-        Command::Up { dir, wait } => up(&cli, dir, *wait).await,
+        Command::Up { dir, wait } => match project_dir(dir) {
+            Ok(dir) => up(&cli, &dir, *wait).await,
+            Err(failure) => Err(failure),
+        },
         Command::List => list(&cli).await,
         Command::Status { id, id_flag } => match id.as_ref().or(id_flag.as_ref()) {
             Some(id) => status(&cli, id).await,
@@ -199,6 +205,33 @@ fn exit_for(view: &DeploymentView) -> u8 {
     } else {
         EXIT_FAILED
     }
+}
+
+/// The project folder a `run`/`up`/`validate` argument names: a folder holding `taskfly.yml`, or
+/// that file itself (meaning its folder). Anything else is a mistake in the invocation (exit 2).
+fn project_dir(path: &Path) -> Result<PathBuf, Failure> {
+    const FILE: &str = "taskfly.yml";
+    let metadata = std::fs::metadata(path)
+        .map_err(|e| usage(&format!("cannot open {}: {e}", path.display())))?;
+    if metadata.is_file() {
+        if path.file_name() != Some(std::ffi::OsStr::new(FILE)) {
+            return Err(usage(&format!(
+                "{} is a file, not a project: give the folder that holds {FILE} (or {FILE} itself)",
+                path.display()
+            )));
+        }
+        return Ok(match path.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+            _ => PathBuf::from("."),
+        });
+    }
+    if !path.join(FILE).exists() {
+        return Err(usage(&format!(
+            "{} has no {FILE}; create it, or point taskfly at the folder that holds it",
+            path.display()
+        )));
+    }
+    Ok(path.to_path_buf())
 }
 
 fn load_config(dir: &Path) -> Result<DeploymentConfig, Failure> {
