@@ -746,6 +746,40 @@ fn a_folder_without_taskfly_yml_is_a_usage_error_and_the_file_itself_means_its_f
 }
 
 #[test]
+fn dash_o_is_short_for_output_before_or_after_the_command() {
+    let home = tempfile::tempdir().expect("temp HOME");
+    let project = hello_project(2);
+    let dir = path_str(project.path());
+    let long = taskfly_offline(home.path(), &["validate", dir, "--output", "json"]);
+    long.expect_success();
+    for args in [
+        ["validate", dir, "-o", "json"],
+        ["-o", "json", "validate", dir],
+    ] {
+        let short = taskfly_offline(home.path(), &args);
+        short.expect_success();
+        assert_eq!(short.json(), long.json(), "{args:?}");
+    }
+    // A failure is the JSON error document too.
+    let url = format!("http://127.0.0.1:{}", free_port());
+    let unreachable = taskfly_offline(home.path(), &["--daemon", &url, "list", "-o", "json"]);
+    unreachable.expect_code(3);
+    assert!(
+        unreachable.json()["error"].is_string(),
+        "{}",
+        unreachable.show()
+    );
+    // And the help says so.
+    let help = taskfly_offline(home.path(), &["--help"]);
+    help.expect_success();
+    assert!(
+        help.stdout.contains("-o, --output <OUTPUT>"),
+        "{}",
+        help.show()
+    );
+}
+
+#[test]
 fn validate_shows_each_nodes_ssh_host_and_run_refuses_hosts_it_cannot_serve() {
     let home = tempfile::tempdir().expect("temp HOME");
     // Nothing here reaches a host: validate only reads, and run refuses before starting.

@@ -37,7 +37,7 @@ pub(crate) struct Cli {
     #[arg(long, global = true, env = "TASKFLY_CA_FILE", value_name = "FILE")]
     pub ca_file: Option<PathBuf>,
     /// Output format.
-    #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
+    #[arg(short, long, global = true, value_enum, default_value_t = Output::Text)]
     pub output: Output,
     #[command(subcommand)]
     pub command: Command,
