@@ -286,6 +286,104 @@ fn status_of_an_unknown_deployment_fails_with_its_name() {
     assert_eq!(json.json()["error"], "no deployment `dep-0000000000000000`");
 }
 
+/// The shortest prefix of `id` (after `dep-`) that no other of `ids` starts with.
+fn unique_prefix<'a>(id: &'a str, ids: &[&str]) -> &'a str {
+    (5..=id.len())
+        .map(|len| &id[..len])
+        .find(|prefix| ids.iter().filter(|other| other.starts_with(prefix)).count() == 1)
+        .expect("ids differ")
+}
+
+#[test]
+fn status_logs_and_down_take_a_unique_prefix_or_last() {
+    let daemon = Daemon::start();
+    // `last` with nothing deployed yet.
+    let none = daemon.cli(&["status", "last"]);
+    none.expect_code(1);
+    assert_eq!(
+        none.stderr_lines(),
+        ["error: no deployments yet, so there is no `last`"],
+        "{}",
+        none.show()
+    );
+
+    let first = up_wait_json(&daemon, hello_project(1).path(), 0);
+    let second = up_wait_json(&daemon, failing_project().path(), 1);
+    let first_id = first["deployment_id"].as_str().unwrap();
+    let second_id = second["deployment_id"].as_str().unwrap();
+    let ids = [first_id, second_id];
+
+    // `last` is the newest.
+    let last = daemon.cli(&["status", "last", "-o", "json"]);
+    last.expect_success();
+    assert_eq!(last.json(), daemon.status(second_id));
+    let by_flag = daemon.cli(&["status", "--id", "last", "-o", "json"]);
+    by_flag.expect_success();
+    assert_eq!(by_flag.json(), last.json());
+
+    // A unique prefix, with or without `dep-`.
+    let prefix = unique_prefix(first_id, &ids);
+    for arg in [prefix, &prefix["dep-".len()..]] {
+        let ran = daemon.cli(&["status", arg, "-o", "json"]);
+        ran.expect_success();
+        assert_eq!(ran.json(), daemon.status(first_id), "{arg}");
+    }
+    let logs = daemon.cli(&["logs", prefix]);
+    logs.expect_success();
+    assert_eq!(
+        logs.stdout,
+        "[node 0] hello from node 0\n[node 0] bye from node 0\n",
+        "{}",
+        logs.show()
+    );
+    let logs_last = daemon.cli(&["logs", "last", "--node", "1"]);
+    logs_last.expect_success();
+    assert!(
+        logs_last.stdout.contains("[node 1] disk full"),
+        "{}",
+        logs_last.show()
+    );
+    let down = daemon.cli(&["down", "last"]);
+    down.expect_success();
+    assert_eq!(
+        down.stdout,
+        format!("deployment {second_id} was already failed; nothing to stop\n"),
+        "{}",
+        down.show()
+    );
+
+    // A prefix of both: a usage error naming each.
+    for command in ["status", "logs", "down"] {
+        let ambiguous = daemon.cli(&[command, "dep-"]);
+        ambiguous.expect_code(2);
+        assert!(ambiguous.stdout.is_empty(), "{}", ambiguous.show());
+        let lines = ambiguous.stderr_lines();
+        assert_eq!(
+            lines[..2],
+            [
+                "error: `dep-` is the start of 2 deployment ids",
+                "  give more of the id"
+            ],
+            "{}",
+            ambiguous.show()
+        );
+        let listed: BTreeSet<&str> = lines[2..]
+            .iter()
+            .map(|l| l.strip_prefix("  - ").expect("a candidate line"))
+            .collect();
+        assert_eq!(listed, BTreeSet::from(ids), "{}", ambiguous.show());
+    }
+    // A prefix of none: the usual answer for an unknown id.
+    let unknown = daemon.cli(&["status", "dep-zz"]);
+    unknown.expect_code(1);
+    assert_eq!(
+        unknown.stderr_lines(),
+        ["error: no deployment `dep-zz`"],
+        "{}",
+        unknown.show()
+    );
+}
+
 // ----- logs -----
 
 /// `[node N] TEXT` split into the node index and the text (stdout lines only).

@@ -523,8 +523,56 @@ async fn list(cli: &Cli) -> Result<u8, Failure> {
     Ok(EXIT_OK)
 }
 
+/// The deployment id an argument names: a whole id, a unique prefix of one (with or without
+/// `dep-`), or `last` for the newest. A prefix of several is a usage error listing them; one of
+/// none is passed on as it is, for the daemon's usual "no deployment" answer.
+async fn resolve_id(cli: &Cli, client: &Client, arg: &str) -> Result<String, Failure> {
+    let whole = arg.len() == "dep-".len() + 16 && arg.starts_with("dep-");
+    if whole || arg.is_empty() {
+        return Ok(arg.to_owned());
+    }
+    let all = client
+        .deployments()
+        .await
+        .map_err(|e| failure(Some(cli), e))?;
+    if arg == "last" {
+        // The daemon lists them newest first.
+        return all
+            .first()
+            .map(|d| d.deployment_id.clone())
+            .ok_or_else(|| Failure {
+                code: EXIT_FAILED,
+                ..usage("no deployments yet, so there is no `last`")
+            });
+    }
+    let matches: Vec<&str> = all
+        .iter()
+        .map(|d| d.deployment_id.as_str())
+        .filter(|id| {
+            id.starts_with(arg)
+                || id
+                    .strip_prefix("dep-")
+                    .is_some_and(|rest| rest.starts_with(arg))
+        })
+        .collect();
+    match matches.as_slice() {
+        [one] => Ok((*one).to_owned()),
+        [] => Ok(arg.to_owned()),
+        many => Err(Failure {
+            hint: Some("give more of the id".to_owned()),
+            details: many.iter().map(|id| (*id).to_owned()).collect(),
+            ..usage(&format!(
+                "`{arg}` is the start of {} deployment ids",
+                many.len()
+            ))
+        }),
+    }
+}
+
 async fn status(cli: &Cli, id: &str) -> Result<u8, Failure> {
-    let view = client(cli)?
+    let client = client(cli)?;
+    let id = &resolve_id(cli, &client, id).await?;
+    let view = client
         .deployment(id)
         .await
         .map_err(|e| failure(Some(cli), e))?;
@@ -538,6 +586,7 @@ async fn status(cli: &Cli, id: &str) -> Result<u8, Failure> {
 
 async fn logs(cli: &Cli, id: &str, node: Option<&str>, follow_logs: bool) -> Result<u8, Failure> {
     let client = client(cli)?;
+    let id = &resolve_id(cli, &client, id).await?;
     let mut cursor = 0;
     let mut collected = Vec::new();
     let color = output::use_color();
@@ -583,6 +632,7 @@ async fn logs(cli: &Cli, id: &str, node: Option<&str>, follow_logs: bool) -> Res
 
 async fn down(cli: &Cli, id: &str) -> Result<u8, Failure> {
     let client = client(cli)?;
+    let id = &resolve_id(cli, &client, id).await?;
     let before = client
         .deployment(id)
         .await

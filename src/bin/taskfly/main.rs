@@ -85,7 +85,7 @@ pub(crate) enum Command {
     /// Show one deployment and its nodes.
     #[command(after_help = "Example:\n  taskfly status dep-1a2b3c4d5e6f7a8b")]
     Status {
-        /// Deployment id.
+        /// Deployment id, a unique prefix of one, or `last` for the newest.
         id: Option<String>,
         /// Deployment id (the Go tool's spelling).
         #[arg(long = "id", conflicts_with = "id")]
@@ -96,7 +96,7 @@ pub(crate) enum Command {
         after_help = "Examples:\n  taskfly logs dep-1a2b3c4d5e6f7a8b\n  taskfly logs dep-1a2b3c4d5e6f7a8b --node 3 -f"
     )]
     Logs {
-        /// Deployment id.
+        /// Deployment id, a unique prefix of one, or `last` for the newest.
         id: String,
         /// Only this node (index or node id).
         #[arg(long)]
@@ -107,7 +107,7 @@ pub(crate) enum Command {
     },
     /// Terminate a deployment: every instance is terminated.
     Down {
-        /// Deployment id.
+        /// Deployment id, a unique prefix of one, or `last` for the newest.
         id: String,
     },
     /// Delete the files of a finished deployment (or all of them).
