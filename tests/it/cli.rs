@@ -877,6 +877,83 @@ fn dash_o_is_short_for_output_before_or_after_the_command() {
     );
 }
 
+/// The long options a `--help` lists (`--name` at the start of an option line).
+fn listed_options(help: &str) -> BTreeSet<&str> {
+    help.lines()
+        .filter_map(|line| {
+            let line = line.trim_start();
+            // `-o, --output`: past the short form.
+            let line = match line.as_bytes() {
+                [b'-', short, b',', b' ', ..] if short.is_ascii_alphabetic() => &line[4..],
+                _ => line,
+            };
+            line.strip_prefix("--")?.split([' ', '=']).next()
+        })
+        .collect()
+}
+
+#[test]
+fn help_names_each_binary_and_leaves_internals_and_daemon_flags_out() {
+    let home = tempfile::tempdir().expect("temp HOME");
+    let help = |binary: &str, args: &[&str]| {
+        let ran = cli_run::run(cli_run::command(binary, home.path()).args(args));
+        ran.expect_success();
+        ran.stdout
+    };
+
+    let daemon = help("taskflyd", &["--help"]);
+    assert!(daemon.starts_with("The TaskFly daemon: "), "{daemon}");
+    assert!(!daemon.to_lowercase().contains("agent"), "{daemon}");
+
+    let main = help("taskfly", &["--help"]);
+    let commands: Vec<&str> = main
+        .lines()
+        .skip_while(|l| *l != "Commands:")
+        .skip(1)
+        .take_while(|l| !l.is_empty())
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert_eq!(
+        commands,
+        ["run", "up", "list", "status", "logs", "down", "cleanup", "validate", "help"],
+        "{main}"
+    );
+    assert_eq!(
+        listed_options(&main),
+        BTreeSet::from(["daemon", "token", "ca-file", "output", "help", "version"]),
+        "{main}"
+    );
+    // The hidden ones still work.
+    assert!(help("taskfly", &["agent", "--help"]).contains("--work-dir"));
+
+    let status = help("taskfly", &["status", "--help"]);
+    assert!(!listed_options(&status).contains("id"), "{status}");
+    let up = help("taskfly", &["up", "--help"]);
+    assert_eq!(
+        listed_options(&up),
+        BTreeSet::from(["daemon", "token", "ca-file", "output", "help", "wait"]),
+        "{up}"
+    );
+    for offline in ["run", "validate"] {
+        let text = help("taskfly", &[offline, "--help"]);
+        assert_eq!(
+            listed_options(&text),
+            BTreeSet::from(["output", "help"]),
+            "{offline}\n{text}"
+        );
+    }
+    // ... and still accept them, before or after the command.
+    let project = hello_project(1);
+    let dir = path_str(project.path());
+    let url = format!("http://127.0.0.1:{}", free_port());
+    for args in [
+        ["--daemon", &url, "--token", "t", "validate", dir],
+        ["validate", dir, "--daemon", &url, "--token", "t"],
+    ] {
+        taskfly_offline(home.path(), &args).expect_success();
+    }
+}
+
 #[test]
 fn validate_shows_each_nodes_ssh_host_and_run_refuses_hosts_it_cannot_serve() {
     let home = tempfile::tempdir().expect("temp HOME");
