@@ -16,7 +16,6 @@ use taskfly::{Config, Orchestrator, Server, ServerConfig};
 #[command(
     name = "taskflyd",
     version,
-    about,
     after_help = "Examples:\n  taskflyd --listen 0.0.0.0:8080 --advertise-url http://10.0.0.1:8080\n  \
                   taskflyd --listen 0.0.0.0:8443 --tls-cert cert.pem --tls-key key.pem \\\n      \
                   --advertise-url https://10.0.0.1:8443"

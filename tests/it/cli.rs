@@ -286,6 +286,104 @@ fn status_of_an_unknown_deployment_fails_with_its_name() {
     assert_eq!(json.json()["error"], "no deployment `dep-0000000000000000`");
 }
 
+/// The shortest prefix of `id` (after `dep-`) that no other of `ids` starts with.
+fn unique_prefix<'a>(id: &'a str, ids: &[&str]) -> &'a str {
+    (5..=id.len())
+        .map(|len| &id[..len])
+        .find(|prefix| ids.iter().filter(|other| other.starts_with(prefix)).count() == 1)
+        .expect("ids differ")
+}
+
+#[test]
+fn status_logs_and_down_take_a_unique_prefix_or_last() {
+    let daemon = Daemon::start();
+    // `last` with nothing deployed yet.
+    let none = daemon.cli(&["status", "last"]);
+    none.expect_code(1);
+    assert_eq!(
+        none.stderr_lines(),
+        ["error: no deployments yet, so there is no `last`"],
+        "{}",
+        none.show()
+    );
+
+    let first = up_wait_json(&daemon, hello_project(1).path(), 0);
+    let second = up_wait_json(&daemon, failing_project().path(), 1);
+    let first_id = first["deployment_id"].as_str().unwrap();
+    let second_id = second["deployment_id"].as_str().unwrap();
+    let ids = [first_id, second_id];
+
+    // `last` is the newest.
+    let last = daemon.cli(&["status", "last", "-o", "json"]);
+    last.expect_success();
+    assert_eq!(last.json(), daemon.status(second_id));
+    let by_flag = daemon.cli(&["status", "--id", "last", "-o", "json"]);
+    by_flag.expect_success();
+    assert_eq!(by_flag.json(), last.json());
+
+    // A unique prefix, with or without `dep-`.
+    let prefix = unique_prefix(first_id, &ids);
+    for arg in [prefix, &prefix["dep-".len()..]] {
+        let ran = daemon.cli(&["status", arg, "-o", "json"]);
+        ran.expect_success();
+        assert_eq!(ran.json(), daemon.status(first_id), "{arg}");
+    }
+    let logs = daemon.cli(&["logs", prefix]);
+    logs.expect_success();
+    assert_eq!(
+        logs.stdout,
+        "[node 0] hello from node 0\n[node 0] bye from node 0\n",
+        "{}",
+        logs.show()
+    );
+    let logs_last = daemon.cli(&["logs", "last", "--node", "1"]);
+    logs_last.expect_success();
+    assert!(
+        logs_last.stdout.contains("[node 1] disk full"),
+        "{}",
+        logs_last.show()
+    );
+    let down = daemon.cli(&["down", "last"]);
+    down.expect_success();
+    assert_eq!(
+        down.stdout,
+        format!("deployment {second_id} was already failed; nothing to stop\n"),
+        "{}",
+        down.show()
+    );
+
+    // A prefix of both: a usage error naming each.
+    for command in ["status", "logs", "down"] {
+        let ambiguous = daemon.cli(&[command, "dep-"]);
+        ambiguous.expect_code(2);
+        assert!(ambiguous.stdout.is_empty(), "{}", ambiguous.show());
+        let lines = ambiguous.stderr_lines();
+        assert_eq!(
+            lines[..2],
+            [
+                "error: `dep-` is the start of 2 deployment ids",
+                "  give more of the id"
+            ],
+            "{}",
+            ambiguous.show()
+        );
+        let listed: BTreeSet<&str> = lines[2..]
+            .iter()
+            .map(|l| l.strip_prefix("  - ").expect("a candidate line"))
+            .collect();
+        assert_eq!(listed, BTreeSet::from(ids), "{}", ambiguous.show());
+    }
+    // A prefix of none: the usual answer for an unknown id.
+    let unknown = daemon.cli(&["status", "dep-zz"]);
+    unknown.expect_code(1);
+    assert_eq!(
+        unknown.stderr_lines(),
+        ["error: no deployment `dep-zz`"],
+        "{}",
+        unknown.show()
+    );
+}
+
 // ----- logs -----
 
 /// `[node N] TEXT` split into the node index and the text (stdout lines only).
@@ -481,14 +579,39 @@ fn down_terminates_every_node_and_leaves_no_process_behind() {
         || daemon.other_processes().is_empty().then_some(()),
     );
 
-    // A final deployment cannot be terminated again.
+    // A final deployment has nothing left to stop: success, saying so.
     let again = daemon.cli(&["down", &id]);
-    again.expect_code(1);
-    assert!(
-        again.stderr.contains("already terminated"),
+    again.expect_success();
+    assert_eq!(
+        again.stdout,
+        format!("deployment {id} was already terminated; nothing to stop\n"),
         "{}",
         again.show()
     );
+}
+
+#[test]
+fn down_of_a_finished_deployment_succeeds_naming_its_final_state() {
+    let daemon = Daemon::start();
+    let completed = up_wait_json(&daemon, hello_project(1).path(), 0);
+    let completed_id = completed["deployment_id"].as_str().unwrap();
+    let ran = daemon.cli(&["down", completed_id]);
+    ran.expect_success();
+    assert_eq!(
+        ran.stdout,
+        format!("deployment {completed_id} was already completed; nothing to stop\n"),
+        "{}",
+        ran.show()
+    );
+    assert!(ran.stderr.is_empty(), "{}", ran.show());
+    // The record is left as it was.
+    assert_eq!(daemon.status(completed_id), completed);
+
+    let failed = up_wait_json(&daemon, failing_project().path(), 1);
+    let failed_id = failed["deployment_id"].as_str().unwrap();
+    let json = daemon.cli(&["down", failed_id, "--output", "json"]);
+    json.expect_success();
+    assert_eq!(json.json(), failed);
 }
 
 #[test]
@@ -649,6 +772,186 @@ fn validate_reports_every_problem_at_once_with_exit_code_2() {
     let run = taskfly_offline(home.path(), &["run", dir]);
     run.expect_code(2);
     assert!(run.stderr.contains("nodes.count"), "{}", run.show());
+}
+
+#[test]
+fn a_folder_without_taskfly_yml_is_a_usage_error_and_the_file_itself_means_its_folder() {
+    let home = tempfile::tempdir().expect("temp HOME");
+    let empty = tempfile::tempdir().expect("empty folder");
+    let empty_dir = path_str(empty.path());
+    // Nothing listens there: each refusal comes before any daemon is looked for.
+    let url = format!("http://127.0.0.1:{}", free_port());
+    for command in ["run", "up", "validate"] {
+        let ran = taskfly_offline(home.path(), &["--daemon", &url, command, empty_dir]);
+        ran.expect_code(2);
+        assert!(ran.stdout.is_empty(), "{}", ran.show());
+        assert_eq!(
+            ran.stderr_lines(),
+            [format!(
+                "error: {empty_dir} has no taskfly.yml; create it, or point taskfly at the \
+                 folder that holds it"
+            )],
+            "{command}\n{}",
+            ran.show()
+        );
+    }
+    let missing = empty.path().join("missing");
+    let ran = taskfly_offline(home.path(), &["validate", path_str(&missing)]);
+    ran.expect_code(2);
+    assert!(
+        ran.stderr
+            .starts_with(&format!("error: cannot open {}", missing.display())),
+        "{}",
+        ran.show()
+    );
+
+    let project = hello_project(2);
+    let other_file = project.path().join("setup.sh");
+    let ran = taskfly_offline(home.path(), &["validate", path_str(&other_file)]);
+    ran.expect_code(2);
+    assert_eq!(
+        ran.stderr_lines(),
+        [format!(
+            "error: {} is a file, not a project: give the folder that holds taskfly.yml (or \
+             taskfly.yml itself)",
+            other_file.display()
+        )],
+        "{}",
+        ran.show()
+    );
+
+    // taskfly.yml itself: the same as its folder.
+    let file = project.path().join("taskfly.yml");
+    let by_folder = taskfly_offline(home.path(), &["validate", path_str(project.path())]);
+    by_folder.expect_success();
+    let by_file = taskfly_offline(home.path(), &["validate", path_str(&file)]);
+    by_file.expect_success();
+    assert_eq!(by_file.stdout, by_folder.stdout);
+    let ran = cli_run::run_with_limit(
+        cli_run::command("taskfly", home.path()).args(["run", path_str(&file)]),
+        DEPLOYMENT_LIMIT,
+    );
+    ran.expect_success();
+    assert_hello_output(&ran, 2);
+    // Relative, from inside the project.
+    let relative = cli_run::run(
+        cli_run::command("taskfly", home.path())
+            .current_dir(project.path())
+            .args(["validate", "taskfly.yml"]),
+    );
+    relative.expect_success();
+    assert_eq!(relative.stdout, by_folder.stdout);
+}
+
+#[test]
+fn dash_o_is_short_for_output_before_or_after_the_command() {
+    let home = tempfile::tempdir().expect("temp HOME");
+    let project = hello_project(2);
+    let dir = path_str(project.path());
+    let long = taskfly_offline(home.path(), &["validate", dir, "--output", "json"]);
+    long.expect_success();
+    for args in [
+        ["validate", dir, "-o", "json"],
+        ["-o", "json", "validate", dir],
+    ] {
+        let short = taskfly_offline(home.path(), &args);
+        short.expect_success();
+        assert_eq!(short.json(), long.json(), "{args:?}");
+    }
+    // A failure is the JSON error document too.
+    let url = format!("http://127.0.0.1:{}", free_port());
+    let unreachable = taskfly_offline(home.path(), &["--daemon", &url, "list", "-o", "json"]);
+    unreachable.expect_code(3);
+    assert!(
+        unreachable.json()["error"].is_string(),
+        "{}",
+        unreachable.show()
+    );
+    // And the help says so.
+    let help = taskfly_offline(home.path(), &["--help"]);
+    help.expect_success();
+    assert!(
+        help.stdout.contains("-o, --output <OUTPUT>"),
+        "{}",
+        help.show()
+    );
+}
+
+/// The long options a `--help` lists (`--name` at the start of an option line).
+fn listed_options(help: &str) -> BTreeSet<&str> {
+    help.lines()
+        .filter_map(|line| {
+            let line = line.trim_start();
+            // `-o, --output`: past the short form.
+            let line = match line.as_bytes() {
+                [b'-', short, b',', b' ', ..] if short.is_ascii_alphabetic() => &line[4..],
+                _ => line,
+            };
+            line.strip_prefix("--")?.split([' ', '=']).next()
+        })
+        .collect()
+}
+
+#[test]
+fn help_names_each_binary_and_leaves_internals_and_daemon_flags_out() {
+    let home = tempfile::tempdir().expect("temp HOME");
+    let help = |binary: &str, args: &[&str]| {
+        let ran = cli_run::run(cli_run::command(binary, home.path()).args(args));
+        ran.expect_success();
+        ran.stdout
+    };
+
+    let daemon = help("taskflyd", &["--help"]);
+    assert!(daemon.starts_with("The TaskFly daemon: "), "{daemon}");
+    assert!(!daemon.to_lowercase().contains("agent"), "{daemon}");
+
+    let main = help("taskfly", &["--help"]);
+    let commands: Vec<&str> = main
+        .lines()
+        .skip_while(|l| *l != "Commands:")
+        .skip(1)
+        .take_while(|l| !l.is_empty())
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert_eq!(
+        commands,
+        ["run", "up", "list", "status", "logs", "down", "cleanup", "validate", "help"],
+        "{main}"
+    );
+    assert_eq!(
+        listed_options(&main),
+        BTreeSet::from(["daemon", "token", "ca-file", "output", "help", "version"]),
+        "{main}"
+    );
+    // The hidden ones still work.
+    assert!(help("taskfly", &["agent", "--help"]).contains("--work-dir"));
+
+    let status = help("taskfly", &["status", "--help"]);
+    assert!(!listed_options(&status).contains("id"), "{status}");
+    let up = help("taskfly", &["up", "--help"]);
+    assert_eq!(
+        listed_options(&up),
+        BTreeSet::from(["daemon", "token", "ca-file", "output", "help", "wait"]),
+        "{up}"
+    );
+    for offline in ["run", "validate"] {
+        let text = help("taskfly", &[offline, "--help"]);
+        assert_eq!(
+            listed_options(&text),
+            BTreeSet::from(["output", "help"]),
+            "{offline}\n{text}"
+        );
+    }
+    // ... and still accept them, before or after the command.
+    let project = hello_project(1);
+    let dir = path_str(project.path());
+    let url = format!("http://127.0.0.1:{}", free_port());
+    for args in [
+        ["--daemon", &url, "--token", "t", "validate", dir],
+        ["validate", dir, "--daemon", &url, "--token", "t"],
+    ] {
+        taskfly_offline(home.path(), &args).expect_success();
+    }
 }
 
 #[test]

@@ -27,10 +27,16 @@ const POLL: Duration = Duration::from_millis(250);
 pub(crate) async fn run(cli: Cli) -> u8 {
     let format = cli.output;
     let result = match &cli.command {
-        Command::Run { dir } => run_local(dir, format).await,
-        Command::Validate { dir } => validate(dir, format),
+        Command::Run { dir } => match project_dir(dir) {
+            Ok(dir) => run_local(&dir, format).await,
+            Err(failure) => Err(failure),
+        },
+        Command::Validate { dir } => project_dir(dir).and_then(|dir| validate(&dir, format)),
         Command::Agent { work_dir } => agent(&cli, work_dir.clone()).await,
-        Command::Up { dir, wait } => up(&cli, dir, *wait).await,
+        Command::Up { dir, wait } => match project_dir(dir) {
+            Ok(dir) => up(&cli, &dir, *wait).await,
+            Err(failure) => Err(failure),
+        },
         Command::List => list(&cli).await,
         Command::Status { id, id_flag } => match id.as_ref().or(id_flag.as_ref()) {
             Some(id) => status(&cli, id).await,
@@ -199,6 +205,33 @@ fn exit_for(view: &DeploymentView) -> u8 {
     } else {
         EXIT_FAILED
     }
+}
+
+/// The project folder a `run`/`up`/`validate` argument names: a folder holding `taskfly.yml`, or
+/// that file itself (meaning its folder). Anything else is a mistake in the invocation (exit 2).
+fn project_dir(path: &Path) -> Result<PathBuf, Failure> {
+    const FILE: &str = "taskfly.yml";
+    let metadata = std::fs::metadata(path)
+        .map_err(|e| usage(&format!("cannot open {}: {e}", path.display())))?;
+    if metadata.is_file() {
+        if path.file_name() != Some(std::ffi::OsStr::new(FILE)) {
+            return Err(usage(&format!(
+                "{} is a file, not a project: give the folder that holds {FILE} (or {FILE} itself)",
+                path.display()
+            )));
+        }
+        return Ok(match path.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+            _ => PathBuf::from("."),
+        });
+    }
+    if !path.join(FILE).exists() {
+        return Err(usage(&format!(
+            "{} has no {FILE}; create it, or point taskfly at the folder that holds it",
+            path.display()
+        )));
+    }
+    Ok(path.to_path_buf())
 }
 
 fn load_config(dir: &Path) -> Result<DeploymentConfig, Failure> {
@@ -490,8 +523,56 @@ async fn list(cli: &Cli) -> Result<u8, Failure> {
     Ok(EXIT_OK)
 }
 
+/// The deployment id an argument names: a whole id, a unique prefix of one (with or without
+/// `dep-`), or `last` for the newest. A prefix of several is a usage error listing them; one of
+/// none is passed on as it is, for the daemon's usual "no deployment" answer.
+async fn resolve_id(cli: &Cli, client: &Client, arg: &str) -> Result<String, Failure> {
+    let whole = arg.len() == "dep-".len() + 16 && arg.starts_with("dep-");
+    if whole || arg.is_empty() {
+        return Ok(arg.to_owned());
+    }
+    let all = client
+        .deployments()
+        .await
+        .map_err(|e| failure(Some(cli), e))?;
+    if arg == "last" {
+        // The daemon lists them newest first.
+        return all
+            .first()
+            .map(|d| d.deployment_id.clone())
+            .ok_or_else(|| Failure {
+                code: EXIT_FAILED,
+                ..usage("no deployments yet, so there is no `last`")
+            });
+    }
+    let matches: Vec<&str> = all
+        .iter()
+        .map(|d| d.deployment_id.as_str())
+        .filter(|id| {
+            id.starts_with(arg)
+                || id
+                    .strip_prefix("dep-")
+                    .is_some_and(|rest| rest.starts_with(arg))
+        })
+        .collect();
+    match matches.as_slice() {
+        [one] => Ok((*one).to_owned()),
+        [] => Ok(arg.to_owned()),
+        many => Err(Failure {
+            hint: Some("give more of the id".to_owned()),
+            details: many.iter().map(|id| (*id).to_owned()).collect(),
+            ..usage(&format!(
+                "`{arg}` is the start of {} deployment ids",
+                many.len()
+            ))
+        }),
+    }
+}
+
 async fn status(cli: &Cli, id: &str) -> Result<u8, Failure> {
-    let view = client(cli)?
+    let client = client(cli)?;
+    let id = &resolve_id(cli, &client, id).await?;
+    let view = client
         .deployment(id)
         .await
         .map_err(|e| failure(Some(cli), e))?;
@@ -505,6 +586,7 @@ async fn status(cli: &Cli, id: &str) -> Result<u8, Failure> {
 
 async fn logs(cli: &Cli, id: &str, node: Option<&str>, follow_logs: bool) -> Result<u8, Failure> {
     let client = client(cli)?;
+    let id = &resolve_id(cli, &client, id).await?;
     let mut cursor = 0;
     let mut collected = Vec::new();
     let color = output::use_color();
@@ -550,10 +632,21 @@ async fn logs(cli: &Cli, id: &str, node: Option<&str>, follow_logs: bool) -> Res
 
 async fn down(cli: &Cli, id: &str) -> Result<u8, Failure> {
     let client = client(cli)?;
-    client
-        .terminate(id)
+    let id = &resolve_id(cli, &client, id).await?;
+    let before = client
+        .deployment(id)
         .await
         .map_err(|e| failure(Some(cli), e))?;
+    if before.is_final() {
+        return Ok(already_final(cli, &before));
+    }
+    if let Err(e) = client.terminate(id).await {
+        // It may have ended between the look and the request: that is not a failure either.
+        match client.deployment(id).await {
+            Ok(view) if view.is_final() => return Ok(already_final(cli, &view)),
+            _ => return Err(failure(Some(cli), e)),
+        }
+    }
     // Wait for the nodes to be gone, so `down` returning means nothing runs any more.
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
@@ -578,6 +671,19 @@ async fn down(cli: &Cli, id: &str) -> Result<u8, Failure> {
         }
         tokio::time::sleep(POLL).await;
     }
+}
+
+/// `down` of a deployment that had already ended: nothing to stop, so success, saying so.
+fn already_final(cli: &Cli, view: &DeploymentView) -> u8 {
+    if cli.output == Output::Json {
+        println!("{}", serde_json::to_string(view).unwrap_or_default());
+    } else {
+        println!(
+            "deployment {} was already {}; nothing to stop",
+            view.deployment_id, view.status
+        );
+    }
+    EXIT_OK
 }
 
 async fn cleanup(cli: &Cli, id: Option<&str>, all: bool) -> Result<u8, Failure> {

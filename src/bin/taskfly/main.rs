@@ -8,7 +8,7 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 /// Run a program on N machines at once, each with its own slice of the work.
 #[derive(Debug, Parser)]
@@ -37,7 +37,7 @@ pub(crate) struct Cli {
     #[arg(long, global = true, env = "TASKFLY_CA_FILE", value_name = "FILE")]
     pub ca_file: Option<PathBuf>,
     /// Output format.
-    #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
+    #[arg(short, long, global = true, value_enum, default_value_t = Output::Text)]
     pub output: Output,
     #[command(subcommand)]
     pub command: Command,
@@ -85,10 +85,10 @@ pub(crate) enum Command {
     /// Show one deployment and its nodes.
     #[command(after_help = "Example:\n  taskfly status dep-1a2b3c4d5e6f7a8b")]
     Status {
-        /// Deployment id.
+        /// Deployment id, a unique prefix of one, or `last` for the newest.
         id: Option<String>,
         /// Deployment id (the Go tool's spelling).
-        #[arg(long = "id", conflicts_with = "id")]
+        #[arg(long = "id", conflicts_with = "id", hide = true)]
         id_flag: Option<String>,
     },
     /// Show a deployment's logs, prefixed by node.
@@ -96,7 +96,7 @@ pub(crate) enum Command {
         after_help = "Examples:\n  taskfly logs dep-1a2b3c4d5e6f7a8b\n  taskfly logs dep-1a2b3c4d5e6f7a8b --node 3 -f"
     )]
     Logs {
-        /// Deployment id.
+        /// Deployment id, a unique prefix of one, or `last` for the newest.
         id: String,
         /// Only this node (index or node id).
         #[arg(long)]
@@ -107,7 +107,7 @@ pub(crate) enum Command {
     },
     /// Terminate a deployment: every instance is terminated.
     Down {
-        /// Deployment id.
+        /// Deployment id, a unique prefix of one, or `last` for the newest.
         id: String,
     },
     /// Delete the files of a finished deployment (or all of them).
@@ -125,7 +125,9 @@ pub(crate) enum Command {
         dir: PathBuf,
     },
     /// The node agent: register with the daemon, run this node's slice, report back.
+    // Started on each node by its provider, not by people: out of the main help.
     #[command(
+        hide = true,
         after_help = "Example:\n  taskfly agent --daemon http://10.0.0.1:8080 --token <provision token>"
     )]
     Agent {
@@ -135,8 +137,29 @@ pub(crate) enum Command {
     },
 }
 
+/// The global flags that only matter when talking to a daemon.
+const DAEMON_FLAGS: [&str; 3] = ["daemon", "token", "ca_file"];
+
+/// The commands that never talk to a daemon: their help leaves out [`DAEMON_FLAGS`].
+const OFFLINE_COMMANDS: [&str; 2] = ["run", "validate"];
+
+/// The command line's definition: [`Cli`], with the daemon flags still accepted by the offline
+/// commands (anywhere on the line, as before) but hidden from their help.
+fn command() -> clap::Command {
+    let command = Cli::command();
+    let hidden: Vec<clap::Arg> = command
+        .get_arguments()
+        .filter(|arg| DAEMON_FLAGS.contains(&arg.get_id().as_str()))
+        .map(|arg| arg.clone().hide(true))
+        .collect();
+    OFFLINE_COMMANDS.iter().fold(command, |command, name| {
+        // A subcommand that has an argument already does not get the global one copied in.
+        command.mut_subcommand(name, |sub| sub.args(hidden.clone()))
+    })
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::from_arg_matches(&command().get_matches()).unwrap_or_else(|e| e.exit());
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     // Colour only for a person watching a terminal, never in a redirected log file.
