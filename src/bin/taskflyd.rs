@@ -2,13 +2,14 @@
 //! the engine's HTTP API until SIGINT or SIGTERM.
 
 use std::io::{IsTerminal, Write};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use nix::errno::Errno;
-use nix::fcntl::{Flock, FlockArg};
+use nix::fcntl::{fcntl, FcntlArg};
 use taskfly::{Config, Orchestrator, Server, ServerConfig};
 
 /// The TaskFly daemon: accepts deployments and runs them on their nodes.
@@ -303,62 +304,51 @@ async fn agent() -> ExitCode {
     }
 }
 
-/// Take `<data-dir>/taskflyd.lock`: an exclusive `flock` held while the returned value lives,
-/// with this process' id written in the file. A second daemon on the same data dir would take
-/// the first one's nodes for lost ones after a crash and stop them, so it is refused, naming the
-/// pid that holds the lock. The kernel drops the lock when the process ends, however it ends;
-/// the file is opened close-on-exec, so agent processes started by the daemon do not hold it.
-fn lock_data_dir(data_dir: &Path) -> Result<Flock<std::fs::File>, String> {
+/// Take `<data-dir>/taskflyd.lock`: an exclusive POSIX record lock (`fcntl`), held while the
+/// returned file lives, with this process' id written in the file. A second daemon on the same
+/// data dir would take the first one's nodes for lost ones after a crash and stop them, so it
+/// is refused, naming the pid that holds the lock. A record lock belongs to this process alone:
+/// the kernel drops it when the process ends, however it ends, and a child it forks (an agent
+/// being started) never holds it, so a daemon killed mid-fork leaves no lock behind (a `flock`
+/// would stay with the child until its exec).
+fn lock_data_dir(data_dir: &Path) -> Result<std::fs::File, String> {
     let path = data_dir.join("taskflyd.lock");
-    // A daemon killed while it was starting a child leaves the lock with that child until
-    // the child's exec closes it (moments later): a holder whose pid is gone is waited for.
-    let deadline = std::time::Instant::now() + LOCK_HANDOVER_LIMIT;
-    let mut locked = loop {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(|e| format!("cannot open the lock file {}: {e}", path.display()))?;
-        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(locked) => break locked,
-            Err((_, Errno::EWOULDBLOCK)) => {
-                let holder = std::fs::read_to_string(&path).unwrap_or_default();
-                let pid = holder.trim().parse::<i32>().ok();
-                let holder_gone = pid.is_some_and(|pid| {
-                    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
-                        == Err(Errno::ESRCH)
-                });
-                if holder_gone && std::time::Instant::now() < deadline {
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                    continue;
-                }
-                let holder = match pid {
-                    Some(pid) if holder_gone => {
-                        format!("a process started by taskflyd pid {pid}, which has ended")
-                    }
-                    Some(pid) => format!("taskflyd pid {pid}"),
-                    None => "another process".to_owned(),
-                };
-                return Err(format!(
-                    "data dir {} is in use by {holder}; stop it or pick another --data-dir",
-                    data_dir.display()
-                ));
-            }
-            Err((_, e)) => return Err(format!("cannot lock {}: {e}", path.display())),
-        }
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| format!("cannot open the lock file {}: {e}", path.display()))?;
+    let whole_file = nix::libc::flock {
+        l_type: nix::libc::F_WRLCK as i16,
+        l_whence: nix::libc::SEEK_SET as i16,
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0,
     };
-    let written = locked
+    match fcntl(file.as_raw_fd(), FcntlArg::F_SETLK(&whole_file)) {
+        Ok(_) => {}
+        Err(Errno::EACCES | Errno::EAGAIN) => {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            let holder = match holder.trim() {
+                "" => "another process".to_owned(),
+                pid => format!("taskflyd pid {pid}"),
+            };
+            return Err(format!(
+                "data dir {} is in use by {holder}; stop it or pick another --data-dir",
+                data_dir.display()
+            ));
+        }
+        Err(e) => return Err(format!("cannot lock {}: {e}", path.display())),
+    }
+    let written = file
         .set_len(0)
-        .and_then(|()| locked.write_all(format!("{}\n", std::process::id()).as_bytes()))
-        .and_then(|()| locked.flush());
+        .and_then(|()| file.write_all(format!("{}\n", std::process::id()).as_bytes()))
+        .and_then(|()| file.flush());
     written.map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    Ok(locked)
+    Ok(file)
 }
-
-/// How long a lock left by an ended daemon (held by a child it was starting) is waited for.
-const LOCK_HANDOVER_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The API token: `TASKFLY_API_TOKEN`, else `<data-dir>/api-token`, created (mode 0600) with a
 /// new random token at first start.
