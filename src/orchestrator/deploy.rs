@@ -199,22 +199,35 @@ impl Orchestrator {
             updated_at: now,
             completed_at: None,
             error_message: None,
+            rerun_of: None,
         };
         let nodes: Vec<Node> = (0..total).map(|i| Node::new(id, i, now)).collect();
+        let created = self
+            .start(deployment, nodes, Arc::new(Live::new(config, metadata)))
+            .await?;
+        tracing::info!(deployment_id = %id, nodes = total, provider = %provider_name, files = summary.files.len(), "deployment accepted");
+        Ok(created)
+    }
+
+    /// Store a new deployment (its files already in its folder) and its nodes, and start
+    /// provisioning them in the background.
+    pub(super) async fn start(
+        &self,
+        deployment: Deployment,
+        nodes: Vec<Node>,
+        live: Arc<Live>,
+    ) -> Result<DeploymentSummary> {
         let created = DeploymentSummary::from(&deployment);
+        let id = deployment.id.clone();
         self.inner
             .store
             .create_deployment(deployment, nodes)
             .await?;
-        let live = Arc::new(Live::new(config, metadata));
-        lock(&self.inner.live).insert(id.to_owned(), live.clone());
-        tracing::info!(deployment_id = %id, nodes = total, provider = %provider_name, files = summary.files.len(), "deployment accepted");
-
+        lock(&self.inner.live).insert(id.clone(), live.clone());
         let this = self.clone();
-        let deployment_id = id.to_owned();
         self.inner.tasks.spawn(async move {
-            if let Err(e) = this.provision_all(&deployment_id, live).await {
-                tracing::error!(deployment_id = %deployment_id, error = %e.report(), "provisioning stopped");
+            if let Err(e) = this.provision_all(&id, live).await {
+                tracing::error!(deployment_id = %id, error = %e.report(), "provisioning stopped");
             }
         });
         Ok(created)

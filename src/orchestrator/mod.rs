@@ -14,6 +14,7 @@ mod nodes;
 mod provision;
 mod queries;
 mod recovery;
+mod rerun;
 mod terminate;
 
 use std::collections::HashMap;
@@ -28,6 +29,7 @@ use tokio_util::task::TaskTracker;
 pub use config::Config;
 pub(crate) use live::Live;
 pub use queries::DeploymentWatch;
+pub use rerun::RerunNodes;
 
 use crate::config::{DeploymentConfig, CONFIG_FILE_NAME};
 use crate::error::{Error, Result};

@@ -33,6 +33,7 @@ pub(crate) async fn check_store(store: &dyn Store) {
     drops_resent_log_lines(store).await;
     keeps_the_instance_locator(store).await;
     keeps_phase_times(store).await;
+    keeps_a_rerun_and_its_node_indexes(store).await;
 }
 
 /// Checks that a store built with caps of [`LOG_CAP`] lines per deployment and
@@ -141,6 +142,7 @@ fn deployment(id: &str, total_nodes: u32, retries: u32, created_at: SystemTime) 
         updated_at: created_at,
         completed_at: None,
         error_message: None,
+        rerun_of: None,
     }
 }
 
@@ -279,6 +281,56 @@ async fn creates_and_reads(store: &dyn Store) {
         snapshot(store, id).await,
         (deployment(id, 3, 2, at(0)), nodes(id, 3)),
         "a refused create changes nothing"
+    );
+}
+
+/// A rerun names the deployment it reruns, and its nodes keep their original indexes (not
+/// from 0, not contiguous): they are read back by index, and complete the rerun by its own
+/// count of nodes.
+async fn keeps_a_rerun_and_its_node_indexes(store: &dyn Store) {
+    let id = "conf-rerun";
+    let rerun = Deployment {
+        rerun_of: Some("conf-original".to_owned()),
+        ..deployment(id, 2, 0, at(0))
+    };
+    let chosen = vec![Node::new(id, 7, at(0)), Node::new(id, 2, at(0))];
+    store
+        .create_deployment(rerun.clone(), chosen)
+        .await
+        .unwrap();
+    assert_eq!(store.deployment(id).await.unwrap(), Some(rerun));
+    let indexes: Vec<u32> = store
+        .nodes(id)
+        .await
+        .unwrap()
+        .iter()
+        .map(|n| n.index)
+        .collect();
+    assert_eq!(indexes, [2, 7], "by index");
+    store
+        .update_deployment_status(id, DeploymentStatus::Provisioning, None, at(1))
+        .await
+        .unwrap();
+    run_node(
+        store,
+        "conf-rerun-2",
+        2,
+        status(NodeStatus::Completed),
+        at(2),
+    )
+    .await;
+    run_node(
+        store,
+        "conf-rerun-7",
+        7,
+        status(NodeStatus::Completed),
+        at(3),
+    )
+    .await;
+    let done = store.deployment(id).await.unwrap().unwrap();
+    assert_eq!(
+        (done.status, done.nodes_completed, done.rerun_of.as_deref()),
+        (DeploymentStatus::Completed, 2, Some("conf-original"))
     );
 }
 

@@ -199,7 +199,11 @@ impl Store for MemoryStore {
                 deployment.id
             )));
         }
-        let ids = nodes.iter().map(|n| n.id.clone()).collect();
+        // Kept by index, as `nodes` answers (a rerun's indexes may come in any order).
+        let mut by_index: Vec<(u32, String)> =
+            nodes.iter().map(|n| (n.index, n.id.clone())).collect();
+        by_index.sort_unstable();
+        let ids = by_index.into_iter().map(|(_, id)| id).collect();
         for node in nodes {
             index_tokens(&mut inner, None, &node);
             inner.nodes.insert(node.id.clone(), node);

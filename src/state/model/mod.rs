@@ -190,7 +190,8 @@ pub struct Deployment {
     pub status: DeploymentStatus,
     /// `local` or `aws`.
     pub cloud_provider: String,
-    /// `nodes.count` from taskfly.yml.
+    /// How many nodes it runs: `nodes.count` from taskfly.yml, or for a rerun the number of
+    /// nodes chosen to run again.
     pub total_nodes: u32,
     /// How many times a failed node may be started again.
     pub retries: u32,
@@ -208,6 +209,9 @@ pub struct Deployment {
     pub completed_at: Option<SystemTime>,
     /// Why it failed, if it did.
     pub error_message: Option<String>,
+    /// For a rerun ([`crate::Orchestrator::rerun`]): the deployment whose nodes it runs again.
+    /// Its nodes keep their indexes there, and `total_nodes` counts only the nodes it runs.
+    pub rerun_of: Option<String>,
 }
 
 impl Deployment {
@@ -224,7 +228,8 @@ pub struct Node {
     pub id: String,
     /// The deployment it belongs to.
     pub deployment_id: String,
-    /// 0-based index, `0..total_nodes`.
+    /// 0-based index, `0..nodes.count` of its `taskfly.yml`. A rerun's nodes keep the indexes
+    /// they had in the deployment it reruns, so they need not start at 0 nor be contiguous.
     pub index: u32,
     /// Current state.
     pub status: NodeStatus,
@@ -704,6 +709,8 @@ pub struct DeploymentSummary {
     pub nodes_terminated: u32,
     /// Why it failed, if it did.
     pub error_message: Option<String>,
+    /// The deployment it reruns, if it is a rerun.
+    pub rerun_of: Option<String>,
 }
 
 impl DeploymentSummary {
@@ -723,6 +730,7 @@ impl From<&Deployment> for DeploymentSummary {
             nodes_failed: deployment.nodes_failed,
             nodes_terminated: deployment.nodes_terminated,
             error_message: deployment.error_message.clone(),
+            rerun_of: deployment.rerun_of.clone(),
         }
     }
 }

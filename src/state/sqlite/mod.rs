@@ -23,9 +23,9 @@ use crate::error::{Error, Result};
 use crate::sync::lock;
 
 /// The schema this code reads and writes, kept in `PRAGMA user_version`: 1 was taskfly 0.1's,
-/// 2 adds the nodes' `instance_locator`, 3 the per-node log counts, 4 the nodes' phase times
-/// ([`MIGRATIONS`]).
-const SCHEMA_VERSION: i64 = 4;
+/// 2 adds the nodes' `instance_locator`, 3 the per-node log counts, 4 the nodes' phase times,
+/// 5 the deployments' `rerun_of` ([`MIGRATIONS`]).
+const SCHEMA_VERSION: i64 = 5;
 
 /// Default cap on stored log lines per deployment, as for the in-memory store.
 const DEFAULT_MAX_LOG_LINES: usize = 1_000_000;
@@ -118,6 +118,8 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE nodes ADD COLUMN downloading_at INTEGER;
      ALTER TABLE nodes ADD COLUMN started_at INTEGER;
      ALTER TABLE nodes ADD COLUMN finished_at INTEGER;",
+    // 5 (rerun): the deployment a rerun runs nodes of again (`Deployment::rerun_of`).
+    "ALTER TABLE deployments ADD COLUMN rerun_of TEXT;",
 ];
 
 /// Log lines stored per transaction: a large batch is stored in several, so other calls get
@@ -137,7 +139,7 @@ macro_rules! node_columns {
 macro_rules! deployment_columns {
     () => {
         "id, status, cloud_provider, total_nodes, retries, nodes_completed, nodes_failed, \
-         nodes_terminated, created_at, updated_at, completed_at, error_message"
+         nodes_terminated, created_at, updated_at, completed_at, error_message, rerun_of"
     };
 }
 
@@ -599,6 +601,7 @@ fn deployment_from_row(row: &Row<'_>) -> Result<Deployment, DbError> {
         updated_at: read_time(row, 9)?,
         completed_at: read_optional_time(row, 10)?,
         error_message: row.get(11)?,
+        rerun_of: row.get(12)?,
     })
 }
 
@@ -1029,7 +1032,7 @@ impl Store for SqliteStore {
             tx.prepare_cached(concat!(
                 "INSERT INTO deployments (",
                 deployment_columns!(),
-                ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
+                ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
             ))?
             .execute(params![
                 deployment.id,
@@ -1044,6 +1047,7 @@ impl Store for SqliteStore {
                 to_ms(deployment.updated_at),
                 deployment.completed_at.map(to_ms),
                 deployment.error_message,
+                deployment.rerun_of,
             ])?;
             for node in &nodes {
                 insert_node(&tx, node)?;
