@@ -31,6 +31,13 @@ pub struct DeploymentCreated {
     pub nodes: u32,
     /// Where to follow it: `/api/v1/deployments/{id}`.
     pub status_url: String,
+    /// For a rerun: the deployment whose nodes it runs again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rerun_of: Option<String>,
+    /// For a rerun: the indexes of the nodes it runs, ascending (absent otherwise: a new
+    /// deployment runs `0..nodes`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub node_indexes: Vec<u32>,
 }
 
 /// One node in [`DeploymentView`].
@@ -60,6 +67,40 @@ pub struct NodeView {
     /// Why it failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error_message: Option<String>,
+    /// RFC 3339 (milliseconds): when the current attempt's script started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
+    /// RFC 3339 (milliseconds): when the current attempt ended (completed, failed or
+    /// terminated).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<String>,
+    /// Seconds the script has run (until now while it runs), to the millisecond; absent until
+    /// it starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_s: Option<f64>,
+    /// Seconds the current attempt spent in each phase.
+    #[serde(default)]
+    pub phases: NodePhases,
+}
+
+/// The seconds (to the millisecond) a node's current attempt spent in each phase, in
+/// [`NodeView`]. A phase lasts until the next one the node entered, or until now for the
+/// phase it is in; a phase not entered (yet, or skipped) is absent.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct NodePhases {
+    /// Waiting for and creating its instance (`provisioning`, a scheduler's queue included).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provisioning_s: Option<f64>,
+    /// The instance booting and its agent registering (`booting`, `registering`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub booting_s: Option<f64>,
+    /// Fetching and extracting the worker bundle (`downloading_assets`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downloading_s: Option<f64>,
+    /// The script's run (`running_script`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running_s: Option<f64>,
 }
 
 fn one() -> u32 {
@@ -95,6 +136,13 @@ pub struct DeploymentView {
     /// Every node, by index. Empty in summaries (`GET /deployments`).
     #[serde(default)]
     pub nodes: Vec<NodeView>,
+    /// For a rerun: the deployment whose nodes it runs again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rerun_of: Option<String>,
+    /// Wall time in seconds, to the millisecond: from its creation until it ended, or until
+    /// now while it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_s: Option<f64>,
 }
 
 /// `POST /cleanup/all`.
@@ -393,3 +441,76 @@ macro_rules! serde_by_name {
 }
 
 serde_by_name!(DeploymentStatus, NodeStatus);
+
+/// `POST /deployments/{id}/rerun` request: which nodes of a finished deployment to run again.
+/// An empty body means `{"nodes": "failed"}`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct RerunRequest {
+    /// `"failed"` (the default) or a list of node indexes.
+    #[serde(default)]
+    pub nodes: RerunSelection,
+}
+
+impl RerunRequest {
+    /// A request for `nodes`.
+    pub fn new(nodes: RerunSelection) -> RerunRequest {
+        RerunRequest { nodes }
+    }
+}
+
+/// The nodes of a [`RerunRequest`]: `"failed"` (every node that did not complete) or a list
+/// of node indexes such as `[1, 4]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum RerunSelection {
+    /// `"failed"`: every node that failed or was terminated.
+    #[default]
+    Failed,
+    /// These node indexes.
+    Indexes(Vec<u32>),
+}
+
+impl Serialize for RerunSelection {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            RerunSelection::Failed => serializer.serialize_str("failed"),
+            RerunSelection::Indexes(indexes) => indexes.serialize(serializer),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for RerunSelection {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Selection;
+
+        impl<'de> serde::de::Visitor<'de> for Selection {
+            type Value = RerunSelection;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(r#""failed" or a list of node indexes like [1, 4]"#)
+            }
+
+            fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<RerunSelection, E> {
+                if value == "failed" {
+                    Ok(RerunSelection::Failed)
+                } else {
+                    Err(E::invalid_value(serde::de::Unexpected::Str(value), &self))
+                }
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<RerunSelection, A::Error> {
+                let mut indexes = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+                while let Some(index) = seq.next_element::<u32>()? {
+                    indexes.push(index);
+                }
+                Ok(RerunSelection::Indexes(indexes))
+            }
+        }
+
+        deserializer.deserialize_any(Selection)
+    }
+}

@@ -120,6 +120,9 @@ tf_fail() {
 # not be sent is then named in the node's log (one line, if the daemon takes it).
 tf_ship() {
   read -r tf_off <$1.off
+  # When this tick read the output, sent as the time of its lines (they were written within
+  # the second before), so a piece that takes a while to get through keeps its time.
+  tf_at=$(date +%s)
   tf_n=0 tf_max=65536 tf_end=$(($(date +%s) + $3))
   while [ $tf_n -lt 32 ] || { [ $2 = 1 ] && [ $(date +%s) -lt $tf_end ]; }; do
     tf_n=$((tf_n + 1))
@@ -136,7 +139,7 @@ tf_ship() {
     else
       break
     fi
-    if ! tf_call "logs?stream=$1&offset=$tf_off" piece text/plain $3; then
+    if ! tf_call "logs?stream=$1&offset=$tf_off&at=$tf_at" piece text/plain $3; then
       [ "${tf_code%% *}" = 413 ] && [ $tf_max -gt 64 ] || break
       tf_max=$((tf_max / 2))
       continue

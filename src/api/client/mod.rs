@@ -231,6 +231,19 @@ impl Client {
             .map(drop)
     }
 
+    /// `POST /deployments/{id}/rerun`: runs some nodes of a finished deployment again, as a
+    /// new deployment (its `rerun_of` is `id`); answers like [`Client::create_deployment`],
+    /// with the indexes of the nodes it runs.
+    pub async fn rerun(
+        &self,
+        id: &str,
+        nodes: wire::RerunSelection,
+    ) -> Result<wire::DeploymentCreated> {
+        let path = format!("/deployments/{}/rerun", encode_component(id));
+        let call = Call::new(Method::POST, path).json(&wire::RerunRequest::new(nodes))?;
+        self.json_once(&call).await
+    }
+
     /// `POST /deployments/{id}/cleanup`: deletes a final deployment's files (409 while it runs).
     pub async fn cleanup(&self, id: &str) -> Result<()> {
         let path = format!("/deployments/{}/cleanup", encode_component(id));

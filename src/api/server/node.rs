@@ -204,8 +204,9 @@ fn is_plain_text(request: &Request<Incoming>) -> bool {
     essence.eq_ignore_ascii_case("text/plain")
 }
 
-/// `POST /nodes/logs?stream=stdout|stderr` with a `text/plain` body, as the bootstrap script
-/// sends its output: every line of the body is one log line of that stream.
+/// `POST /nodes/logs?stream=stdout|stderr[&offset=N][&at=SECONDS]` with a `text/plain` body,
+/// as the bootstrap script sends its output: every line of the body is one log line of that
+/// stream, dated `at` (when the node read them) or else on arrival.
 async fn read_text_logs(shared: &Shared, request: Request<Incoming>) -> Result<wire::LogsRequest> {
     let stream = match query_value(request.uri().query(), "stream") {
         Some(stream @ ("stdout" | "stderr")) => stream.to_owned(),
@@ -226,9 +227,39 @@ async fn read_text_logs(shared: &Shared, request: Request<Incoming>) -> Result<w
         })?),
         None => None,
     };
+    let written_at = match query_value(request.uri().query(), "at") {
+        Some(value) => Some(unix_seconds(value)?),
+        None => None,
+    };
     let body = read_limited_in_time(shared, request.into_body(), "log body").await?;
     super::body::check_text_log_lines(&body)?;
-    Ok(text_log_lines(&body, &stream, offset))
+    let mut logs = text_log_lines(&body, &stream, offset);
+    if let Some(at) = written_at {
+        for line in &mut logs.lines {
+            line.timestamp = Some(at.clone());
+        }
+    }
+    Ok(logs)
+}
+
+/// `?at=`: when the node read the body's lines from its script's output, in whole seconds
+/// since the Unix epoch (`date +%s`), as the RFC 3339 time every line of the body gets.
+pub(super) fn unix_seconds(value: &str) -> Result<String> {
+    value
+        .parse::<u64>()
+        .ok()
+        // RFC 3339 ends with the year 9999.
+        .filter(|secs| *secs < 253_402_300_800)
+        .map(|secs| {
+            let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+            humantime::format_rfc3339_millis(at).to_string()
+        })
+        .ok_or_else(|| {
+            Error::invalid_input(format!(
+                "at: expected the time the lines were read, in seconds since the Unix epoch \
+                 (`date +%s`), got `{value}`"
+            ))
+        })
 }
 
 /// Cuts a `text/plain` log body into lines of `stream`: each `\n` ends a line (a `\r` before

@@ -8,12 +8,13 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 
-use super::body::{full, header, json, read_limited, unsupported_media, Body};
+use super::body::{full, header, json, read_json_or_empty, read_limited, unsupported_media, Body};
 use super::{node, views, Shared};
 use crate::api::limits::Connection;
 use crate::auth;
 use crate::error::{Error, Result};
-use crate::state::model::DeploymentSummary;
+use crate::orchestrator::RerunNodes;
+use crate::state::model::{DeploymentDetail, DeploymentSummary};
 use crate::wire::{self, DeploymentAction, StatusOk};
 
 /// Default and largest page of logs.
@@ -116,6 +117,10 @@ async fn client_route(
                 },
             ))
         }
+        (&Method::POST, ["deployments", id, "rerun"]) => {
+            let rerun = rerun(shared, id, request).await?;
+            Ok(json(StatusCode::ACCEPTED, &views::rerun_created(&rerun)))
+        }
         (&Method::POST, ["deployments", id, "cleanup"]) => {
             engine.cleanup(id).await?;
             Ok(json(
@@ -163,6 +168,16 @@ fn authorize_client(shared: &Shared, request: &Request<Incoming>) -> Result<()> 
     } else {
         Err(Error::unauthorized("wrong API token"))
     }
+}
+
+/// `POST /deployments/{id}/rerun`: the wire's selection turned into the engine's.
+async fn rerun(shared: &Shared, id: &str, request: Request<Incoming>) -> Result<DeploymentDetail> {
+    let body: wire::RerunRequest = read_json_or_empty(shared, request).await?;
+    let nodes = match body.nodes {
+        wire::RerunSelection::Failed => RerunNodes::Failed,
+        wire::RerunSelection::Indexes(indexes) => RerunNodes::Indexes(indexes),
+    };
+    shared.engine.rerun(id, nodes).await
 }
 
 async fn deploy(shared: &Shared, request: Request<Incoming>) -> Result<DeploymentSummary> {

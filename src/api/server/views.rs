@@ -1,7 +1,7 @@
 //! The engine's model types in their wire form (SPEC §4): the only place that decides how a
 //! deployment, a node or a log line looks on the wire.
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use crate::error::Result;
 use crate::orchestrator::Orchestrator;
@@ -22,7 +22,22 @@ pub(crate) fn created(d: &DeploymentSummary) -> wire::DeploymentCreated {
         status: d.status,
         nodes: d.total_nodes,
         status_url: format!("/api/v1/deployments/{}", d.id),
+        rerun_of: d.rerun_of.clone(),
+        node_indexes: Vec::new(),
     }
+}
+
+/// `POST /deployments/{id}/rerun`'s answer: as `POST /deployments`', with the nodes it runs.
+pub(crate) fn rerun_created(detail: &DeploymentDetail) -> wire::DeploymentCreated {
+    wire::DeploymentCreated {
+        node_indexes: detail.nodes.iter().map(|n| n.index).collect(),
+        ..created(&DeploymentSummary::from(&detail.deployment))
+    }
+}
+
+/// Seconds to the millisecond (what the SQLite store keeps), as a JSON number.
+fn seconds(d: Duration) -> f64 {
+    d.as_millis() as f64 / 1000.0
 }
 
 /// A deployment with `nodes` (none in lists).
@@ -39,10 +54,18 @@ pub(crate) fn deployment(d: &Deployment, nodes: &[Node]) -> DeploymentView {
         completed_at: d.completed_at.map(time),
         error_message: d.error_message.clone(),
         nodes: nodes.iter().map(node).collect(),
+        rerun_of: d.rerun_of.clone(),
+        duration_s: Some(seconds(
+            d.completed_at
+                .unwrap_or_else(SystemTime::now)
+                .duration_since(d.created_at)
+                .unwrap_or_default(),
+        )),
     }
 }
 
 pub(crate) fn node(n: &Node) -> NodeView {
+    let phases = n.times.durations(SystemTime::now());
     NodeView {
         node_id: n.id.clone(),
         node_index: n.index,
@@ -53,6 +76,15 @@ pub(crate) fn node(n: &Node) -> NodeView {
         last_update: time(n.last_update),
         exit_code: n.exit_code,
         error_message: n.error_message.clone(),
+        started_at: n.times.started_at.map(time),
+        finished_at: n.times.finished_at.map(time),
+        duration_s: phases.running.map(seconds),
+        phases: wire::NodePhases {
+            provisioning_s: phases.provisioning.map(seconds),
+            booting_s: phases.booting.map(seconds),
+            downloading_s: phases.downloading.map(seconds),
+            running_s: phases.running.map(seconds),
+        },
     }
 }
 

@@ -14,7 +14,7 @@ use taskfly::{
 };
 
 use crate::output::{self, Progress};
-use crate::{Cli, Command, Output};
+use crate::{Cli, Command, NodeList, Output};
 
 pub(crate) const EXIT_OK: u8 = 0;
 pub(crate) const EXIT_FAILED: u8 = 1;
@@ -42,7 +42,15 @@ pub(crate) async fn run(cli: Cli) -> u8 {
             Some(id) => status(&cli, id).await,
             None => Err(usage("status needs a deployment id: taskfly status ID")),
         },
-        Command::Logs { id, node, follow } => logs(&cli, id, node.as_deref(), *follow).await,
+        Command::Logs {
+            id,
+            node,
+            follow,
+            timestamps,
+        } => logs(&cli, id, node.as_deref(), *follow, *timestamps).await,
+        Command::Rerun {
+            id, nodes, wait, ..
+        } => rerun(&cli, id, nodes.as_ref(), *wait).await,
         Command::Down { id } => down(&cli, id).await,
         Command::Cleanup { id, all } => cleanup(&cli, id.as_deref(), *all).await,
     };
@@ -584,7 +592,13 @@ async fn status(cli: &Cli, id: &str) -> Result<u8, Failure> {
     Ok(EXIT_OK)
 }
 
-async fn logs(cli: &Cli, id: &str, node: Option<&str>, follow_logs: bool) -> Result<u8, Failure> {
+async fn logs(
+    cli: &Cli,
+    id: &str,
+    node: Option<&str>,
+    follow_logs: bool,
+    timestamps: bool,
+) -> Result<u8, Failure> {
     let client = client(cli)?;
     let id = &resolve_id(cli, &client, id).await?;
     let mut cursor = 0;
@@ -615,7 +629,12 @@ async fn logs(cli: &Cli, id: &str, node: Option<&str>, follow_logs: bool) -> Res
             } else {
                 let mut out = std::io::stdout().lock();
                 for line in &page.logs {
-                    let _ = writeln!(out, "{}", output::log_line(line, color));
+                    let text = output::log_line(line, color);
+                    if timestamps {
+                        let _ = writeln!(out, "{}", output::with_timestamp(line, &text));
+                    } else {
+                        let _ = writeln!(out, "{text}");
+                    }
                 }
             }
         }
@@ -720,4 +739,107 @@ async fn cleanup(cli: &Cli, id: Option<&str>, all: bool) -> Result<u8, Failure> 
         (None, false) => return Err(usage("cleanup needs a deployment id, or --all")),
     }
     Ok(EXIT_OK)
+}
+
+/// `taskfly rerun`: the chosen nodes (every one that did not complete, unless `--nodes` names
+/// them) of a finished deployment run again as a new deployment, followed like `up --wait`.
+async fn rerun(cli: &Cli, id: &str, nodes: Option<&NodeList>, wait: bool) -> Result<u8, Failure> {
+    let client = client(cli)?;
+    let id = &resolve_id(cli, &client, id).await?;
+    let selection = match nodes {
+        Some(NodeList(indexes)) => taskfly::wire::RerunSelection::Indexes(indexes.clone()),
+        None => taskfly::wire::RerunSelection::Failed,
+    };
+    let created = client
+        .rerun(id, selection)
+        .await
+        .map_err(|e| failure(Some(cli), e))?;
+    if !wait {
+        if cli.output == Output::Json {
+            println!("{}", serde_json::to_string(&created).unwrap_or_default());
+        } else {
+            println!(
+                "deployment {} accepted: reruns node(s) {} of {id}\n  follow it: taskfly status {0}  |  taskfly logs {0} -f",
+                created.deployment_id,
+                output::index_list(&created.node_indexes),
+            );
+        }
+        return Ok(EXIT_OK);
+    }
+    if cli.output == Output::Text {
+        eprintln!(
+            "deployment {} reruns node(s) {} of {id}",
+            created.deployment_id,
+            output::index_list(&created.node_indexes)
+        );
+    }
+    follow(cli, &client, &created.deployment_id, created.nodes, true).await
+}
+
+/// Most node indexes one `--nodes` list may name: `nodes.count`'s own limit.
+const MAX_LISTED_NODES: usize = 100_000;
+
+/// `--nodes 1,4,7-9`: indexes and inclusive ranges, separated by commas.
+pub(crate) fn parse_node_list(text: &str) -> Result<NodeList, String> {
+    const FORM: &str = "a comma-separated list of node indexes and ranges, like 1,4,7-9";
+    let mut indexes = Vec::new();
+    for part in text.split(',').map(str::trim) {
+        if part.is_empty() {
+            return Err(format!("an empty item in `{text}`; expected {FORM}"));
+        }
+        let index = |s: &str| {
+            s.trim()
+                .parse::<u32>()
+                .map_err(|_| format!("`{part}` is not a node index or range; expected {FORM}"))
+        };
+        let (first, last) = match part.split_once('-') {
+            Some((first, last)) => (index(first)?, index(last)?),
+            None => (index(part)?, index(part)?),
+        };
+        if last < first {
+            return Err(format!(
+                "the range `{part}` runs backwards; write it as {last}-{first}"
+            ));
+        }
+        if (last - first) as usize >= MAX_LISTED_NODES - indexes.len().min(MAX_LISTED_NODES) {
+            return Err(format!(
+                "`{text}` names more than {MAX_LISTED_NODES} nodes, more than a deployment has"
+            ));
+        }
+        indexes.extend(first..=last);
+    }
+    indexes.sort_unstable();
+    indexes.dedup();
+    Ok(NodeList(indexes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_lists_take_indexes_and_ranges() {
+        assert_eq!(
+            parse_node_list("1,4,7-9"),
+            Ok(NodeList(vec![1, 4, 7, 8, 9]))
+        );
+        assert_eq!(parse_node_list(" 9 , 3-4,3"), Ok(NodeList(vec![3, 4, 9])));
+        assert_eq!(parse_node_list("5-5"), Ok(NodeList(vec![5])));
+    }
+
+    #[test]
+    fn a_bad_node_list_says_what_is_wrong() {
+        let err = |text: &str| parse_node_list(text).err().unwrap_or_default();
+        assert!(
+            err("1,,2").contains("an empty item in `1,,2`"),
+            "{}",
+            err("1,,2")
+        );
+        assert!(err("x").contains("`x` is not a node index or range"));
+        assert!(err("-1").contains("`-1` is not a node index or range"));
+        assert!(err("7-").contains("`7-` is not a node index or range"));
+        assert!(err("9-7").contains("runs backwards; write it as 7-9"));
+        assert!(err("0-4294967295").contains("more than 100000 nodes"));
+        assert!(err("0-60000,70000-119999").contains("more than 100000 nodes"));
+    }
 }

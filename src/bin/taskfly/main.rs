@@ -104,6 +104,27 @@ pub(crate) enum Command {
         /// Keep following until the deployment ends.
         #[arg(short, long)]
         follow: bool,
+        /// Prefix each line with the time it was written on its node.
+        #[arg(long)]
+        timestamps: bool,
+    },
+    /// Run some nodes of a finished deployment again, as a new deployment: each with the same
+    /// environment and slice of the work it had.
+    #[command(
+        after_help = "Examples:\n  taskfly rerun last                     every node that failed or was terminated\n  taskfly rerun dep-1a2b --nodes 1,4,7-9 --wait\n\nExit code: as `up` (with --wait, as `run`)."
+    )]
+    Rerun {
+        /// Deployment id, a unique prefix of one, or `last` for the newest.
+        id: String,
+        /// Every node that failed or was terminated (the default).
+        #[arg(long, conflicts_with = "nodes")]
+        failed: bool,
+        /// These node indexes: a comma-separated list of indexes and ranges.
+        #[arg(long, value_name = "LIST", value_parser = commands::parse_node_list)]
+        nodes: Option<NodeList>,
+        /// Follow progress until the rerun ends; exit code as `run`.
+        #[arg(long)]
+        wait: bool,
     },
     /// Terminate a deployment: every instance is terminated.
     Down {
@@ -136,6 +157,10 @@ pub(crate) enum Command {
         work_dir: Option<PathBuf>,
     },
 }
+
+/// Node indexes given on the command line (`--nodes 1,4,7-9`), ascending, each once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct NodeList(pub Vec<u32>);
 
 /// The global flags that only matter when talking to a daemon.
 const DAEMON_FLAGS: [&str; 3] = ["daemon", "token", "ca_file"];

@@ -34,6 +34,47 @@ pub(crate) fn log_line(line: &LogLineView, color: bool) -> String {
     }
 }
 
+/// A log line (as [`log_line`] shows it) prefixed by the time its node wrote it, as the daemon
+/// stored it (RFC 3339, milliseconds): `logs --timestamps`.
+pub(crate) fn with_timestamp(line: &LogLineView, text: &str) -> String {
+    format!("{} {text}", line.timestamp)
+}
+
+/// Node indexes as short text: `0-3, 7` (ascending input).
+pub(crate) fn index_list(indexes: &[u32]) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut rest = indexes.iter().copied().peekable();
+    while let Some(first) = rest.next() {
+        let mut last = first;
+        while rest
+            .next_if(|&next| Some(next) == last.checked_add(1))
+            .is_some()
+        {
+            last += 1;
+        }
+        parts.push(if first == last {
+            first.to_string()
+        } else {
+            format!("{first}-{last}")
+        });
+    }
+    parts.join(", ")
+}
+
+/// Seconds as people read them: `0.25s`, `12.34s`, `2m05.3s`, `1h02m05s`.
+pub(crate) fn duration(seconds: f64) -> String {
+    let seconds = seconds.max(0.0);
+    if seconds < 60.0 {
+        format!("{seconds:.2}s")
+    } else if seconds < 3600.0 {
+        let minutes = (seconds / 60.0).floor();
+        format!("{minutes:.0}m{:04.1}s", seconds - minutes * 60.0)
+    } else {
+        let whole = seconds.round() as u64;
+        format!("{}h{:02}m{:02}s", whole / 3600, whole / 60 % 60, whole % 60)
+    }
+}
+
 /// A value shown so that spaces, quotes and control characters are visible and unambiguous.
 pub(crate) fn quote_for_display(value: &str) -> String {
     let plain = !value.is_empty()
@@ -175,10 +216,10 @@ pub(crate) fn summary(view: &DeploymentView, elapsed: Duration) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "\ndeployment {} {} in {}s: {} completed, {} failed, {} total",
+        "\ndeployment {} {} in {}: {} completed, {} failed, {} total",
         view.deployment_id,
         view.status,
-        elapsed.as_secs(),
+        duration(view.duration_s.unwrap_or(elapsed.as_secs_f64())),
         view.nodes_completed,
         view.nodes_failed,
         view.total_nodes
@@ -241,9 +282,21 @@ pub(crate) fn deployment_details(view: &DeploymentView) -> String {
         "nodes       {} total, {} completed, {} failed",
         view.total_nodes, view.nodes_completed, view.nodes_failed
     );
+    if let Some(original) = &view.rerun_of {
+        let indexes: Vec<u32> = view.nodes.iter().map(|n| n.node_index).collect();
+        let _ = writeln!(
+            out,
+            "rerun of    {original} (node(s) {})",
+            index_list(&indexes)
+        );
+    }
     let _ = writeln!(out, "created     {}", view.created_at);
     if let Some(done) = &view.completed_at {
         let _ = writeln!(out, "finished    {done}");
+    }
+    if let Some(seconds) = view.duration_s {
+        let so_far = if view.is_final() { "" } else { " so far" };
+        let _ = writeln!(out, "duration    {}{so_far}", duration(seconds));
     }
     if let Some(error) = &view.error_message {
         let _ = writeln!(out, "error       {error}");
@@ -253,6 +306,7 @@ pub(crate) fn deployment_details(view: &DeploymentView) -> String {
         "STATUS".to_owned(),
         "ATTEMPT".to_owned(),
         "EXIT".to_owned(),
+        "DURATION".to_owned(),
         "INSTANCE".to_owned(),
         "LAST SEEN".to_owned(),
         "ERROR".to_owned(),
@@ -265,6 +319,7 @@ pub(crate) fn deployment_details(view: &DeploymentView) -> String {
             n.exit_code
                 .map(|c| c.to_string())
                 .unwrap_or_else(|| "-".to_owned()),
+            n.duration_s.map_or_else(|| "-".to_owned(), duration),
             n.instance_id.clone().unwrap_or_else(|| "-".to_owned()),
             n.last_update.clone(),
             n.error_message.clone().unwrap_or_default(),

@@ -1,5 +1,5 @@
 use super::*;
-use taskfly::wire::NodeView;
+use taskfly::wire::{DeploymentStatus, NodeView};
 
 // The wire types are `#[non_exhaustive]`: built here from their JSON, as the CLI gets them.
 fn node(index: u32, status: &str, exit_code: Option<i32>, error: Option<&str>) -> NodeView {
@@ -101,7 +101,7 @@ fn summary_names_each_node_that_did_not_complete() {
     );
     assert_eq!(
         summary(&done, Duration::from_secs(3)),
-        "\ndeployment dep-1 completed in 3s: 2 completed, 0 failed, 2 total\n"
+        "\ndeployment dep-1 completed in 3.00s: 2 completed, 0 failed, 2 total\n"
     );
     let failed = deployment(
         "failed",
@@ -112,7 +112,7 @@ fn summary_names_each_node_that_did_not_complete() {
     );
     assert_eq!(
         summary(&failed, Duration::from_secs(61)),
-        "\ndeployment dep-1 failed in 61s: 1 completed, 1 failed, 2 total\n  \
+        "\ndeployment dep-1 failed in 1m01.0s: 1 completed, 1 failed, 2 total\n  \
          node 1 failed: exited with code 3: disk full\n"
     );
 }
@@ -150,13 +150,14 @@ fn deployments_table_aligns_its_columns() {
 
 #[test]
 fn deployment_details_has_one_row_per_node() {
-    let view = deployment(
+    let mut view = deployment(
         "running",
         vec![
             node(0, "completed", Some(0), None),
             node(1, "running_script", None, None),
         ],
     );
+    view.nodes[0].duration_s = Some(12.345);
     let text = deployment_details(&view);
     assert!(
         text.starts_with("deployment  dep-1\nstatus      running\n"),
@@ -180,6 +181,7 @@ fn deployment_details_has_one_row_per_node() {
                 "completed",
                 "1",
                 "0",
+                "12.35s",
                 "local-dep-1-0-1",
                 "2026-01-02T03:04:05.000Z"
             ],
@@ -187,6 +189,7 @@ fn deployment_details_has_one_row_per_node() {
                 "1",
                 "running_script",
                 "1",
+                "-",
                 "-",
                 "-",
                 "2026-01-02T03:04:05.000Z"
@@ -209,4 +212,64 @@ fn a_huge_cell_is_cut_and_never_panics() {
     assert_eq!(lines[1].chars().count(), 6 + MAX_CELL_CHARS);
     assert!(lines[1].ends_with('…'));
     assert_eq!(lines[2], "1     two lines");
+}
+
+#[test]
+fn the_summary_prefers_the_daemons_wall_time() {
+    let mut done = deployment("completed", vec![node(0, "completed", Some(0), None)]);
+    done.duration_s = Some(12.34);
+    assert!(
+        summary(&done, Duration::from_secs(20)).contains(" completed in 12.34s: "),
+        "the daemon's wall time, not the client's"
+    );
+}
+
+#[test]
+fn durations_read_as_seconds_minutes_or_hours() {
+    assert_eq!(duration(0.25), "0.25s");
+    assert_eq!(duration(12.344), "12.34s");
+    assert_eq!(duration(59.994), "59.99s");
+    assert_eq!(duration(125.34), "2m05.3s");
+    assert_eq!(duration(3725.4), "1h02m05s");
+    assert_eq!(duration(-1.0), "0.00s", "a clock going back shows zero");
+}
+
+#[test]
+fn index_lists_are_ranges() {
+    assert_eq!(index_list(&[1, 4, 7, 8, 9]), "1, 4, 7-9");
+    assert_eq!(index_list(&[0]), "0");
+    assert_eq!(index_list(&[]), "");
+}
+
+#[test]
+fn a_timestamped_line_starts_with_the_nodes_time() {
+    let line = log(2, "stdout", "hello");
+    assert_eq!(
+        with_timestamp(&line, &log_line(&line, false)),
+        "2026-01-02T03:04:05.000Z [node 2] hello"
+    );
+}
+
+#[test]
+fn details_of_a_rerun_name_the_original_and_the_wall_time() {
+    let mut view = deployment(
+        "completed",
+        vec![
+            node(1, "completed", Some(0), None),
+            node(4, "completed", Some(0), None),
+        ],
+    );
+    view.rerun_of = Some("dep-0".to_owned());
+    view.duration_s = Some(3.5);
+    let text = deployment_details(&view);
+    assert!(
+        text.contains("rerun of    dep-0 (node(s) 1, 4)\n"),
+        "{text}"
+    );
+    assert!(text.contains("duration    3.50s\n"), "{text}");
+    view.status = DeploymentStatus::Running;
+    assert!(
+        deployment_details(&view).contains("duration    3.50s so far\n"),
+        "a running deployment's time is so far"
+    );
 }
