@@ -16,6 +16,7 @@ mod reliability;
 mod rerun;
 mod ssh;
 mod tidy;
+mod timings;
 #[cfg(feature = "tls")]
 mod tls;
 mod watch;
