@@ -163,8 +163,9 @@ fn chosen_indexes(id: &str, nodes: &[Node], selection: &RerunNodes) -> Result<Ve
     known.sort_unstable();
     match selection {
         RerunNodes::Failed if chosen.is_empty() => Err(Error::conflict(format!(
-            "every node of deployment `{id}` completed: nothing failed to rerun; name the nodes \
-             to run again instead (`--nodes 0,3`, or `{{\"nodes\": [0, 3]}}`), from {}",
+            "every node of deployment `{id}` completed: nothing failed to rerun; to run \
+             completed nodes again, name them (its nodes are {}) with `--nodes LIST`, or \
+             `{{\"nodes\": [...]}}` in the API",
             describe_indexes(&known)
         ))),
         RerunNodes::Indexes(_) if chosen.is_empty() => Err(Error::invalid_input(format!(
@@ -250,7 +251,7 @@ mod tests {
         let all = nodes(&[Completed, Completed, Completed]);
         let err = chosen_indexes("dep-1", &all, &RerunNodes::Failed).unwrap_err();
         assert!(err.is_conflict(), "{err}");
-        assert!(err.to_string().contains("from 0-2"), "{err}");
+        assert!(err.to_string().contains("(its nodes are 0-2)"), "{err}");
     }
 
     #[test]
