@@ -45,12 +45,14 @@ fn project(count: u32, fail_on: &str, gate: &Path) -> Project {
     Project::new(&local_yml(count, &nodes)).script(ENV_SCRIPT)
 }
 
-/// `taskfly logs ID --output json`: node index -> its `ENV` lines as a map, and its other
-/// stdout lines.
-fn node_envs(daemon: &Daemon, id: &str) -> BTreeMap<u64, BTreeMap<String, String>> {
+/// Each node's environment, by node index, as its script printed it.
+type NodeEnvs = BTreeMap<u64, BTreeMap<String, String>>;
+
+/// `taskfly logs ID --output json`: node index -> its `ENV` lines as a map.
+fn node_envs(daemon: &Daemon, id: &str) -> NodeEnvs {
     let ran = daemon.cli(&["logs", id, "--output", "json"]);
     ran.expect_success();
-    let mut envs: BTreeMap<u64, BTreeMap<String, String>> = BTreeMap::new();
+    let mut envs = NodeEnvs::new();
     for line in ran.json()["logs"].as_array().expect("logs") {
         let text = line["line"].as_str().expect("line");
         let Some(pair) = text.strip_prefix("ENV ") else {
@@ -67,14 +69,7 @@ fn node_envs(daemon: &Daemon, id: &str) -> BTreeMap<u64, BTreeMap<String, String
 /// Asserts that node `index` had the same environment in `original` and `rerun`, but for
 /// [`DIFFERS_BY_DESIGN`], which must name the rerun's own deployment and node.
 #[track_caller]
-fn assert_same_environment(
-    envs: (
-        &BTreeMap<u64, BTreeMap<String, String>>,
-        &BTreeMap<u64, BTreeMap<String, String>>,
-    ),
-    ids: (&str, &str),
-    index: u64,
-) {
+fn assert_same_environment(envs: (&NodeEnvs, &NodeEnvs), ids: (&str, &str), index: u64) {
     let (mut before, mut after) = (envs.0[&index].clone(), envs.1[&index].clone());
     assert_eq!(before["TASKFLY_DEPLOYMENT_ID"], ids.0);
     assert_eq!(after["TASKFLY_DEPLOYMENT_ID"], ids.1);
