@@ -74,18 +74,17 @@ pub struct NodeView {
     /// terminated).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<String>,
-    /// Seconds the script has run (until now while it runs), to the millisecond; absent until
-    /// it starts.
+    /// Seconds the script ran, to the millisecond; absent until the attempt has ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration_s: Option<f64>,
-    /// Seconds the current attempt spent in each phase.
+    /// Seconds the current attempt spent in each phase it has left.
     #[serde(default)]
     pub phases: NodePhases,
 }
 
 /// The seconds (to the millisecond) a node's current attempt spent in each phase, in
-/// [`NodeView`]. A phase lasts until the next one the node entered, or until now for the
-/// phase it is in; a phase not entered (yet, or skipped) is absent.
+/// [`NodeView`]. A phase lasts until the next one the node entered; the phase it is still in,
+/// and a phase not entered (yet, or skipped), are absent.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct NodePhases {
@@ -139,8 +138,8 @@ pub struct DeploymentView {
     /// For a rerun: the deployment whose nodes it runs again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rerun_of: Option<String>,
-    /// Wall time in seconds, to the millisecond: from its creation until it ended, or until
-    /// now while it runs.
+    /// Wall time in seconds, to the millisecond, from its creation until it became final;
+    /// absent until then.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration_s: Option<f64>,
 }

@@ -55,17 +55,15 @@ pub(crate) fn deployment(d: &Deployment, nodes: &[Node]) -> DeploymentView {
         error_message: d.error_message.clone(),
         nodes: nodes.iter().map(node).collect(),
         rerun_of: d.rerun_of.clone(),
-        duration_s: Some(seconds(
-            d.completed_at
-                .unwrap_or_else(SystemTime::now)
-                .duration_since(d.created_at)
-                .unwrap_or_default(),
-        )),
+        duration_s: d
+            .completed_at
+            .map(|done| seconds(done.duration_since(d.created_at).unwrap_or_default())),
     }
 }
 
 pub(crate) fn node(n: &Node) -> NodeView {
-    let phases = n.times.durations(SystemTime::now());
+    // Only what has ended, so a view changes only when its node does.
+    let phases = n.times.ended_durations();
     NodeView {
         node_id: n.id.clone(),
         node_index: n.index,

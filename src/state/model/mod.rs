@@ -338,6 +338,28 @@ impl PhaseTimes {
             running: lasted(3),
         }
     }
+
+    /// The time spent in each phase the node has left: as [`PhaseTimes::durations`], but the
+    /// phase it is still in (none once it has finished) is `None`. Depends on the node alone,
+    /// not on the clock, so it changes only when the node does.
+    pub fn ended_durations(&self) -> PhaseDurations {
+        let Some(finished) = self.finished_at else {
+            let mut durations = self.durations(SystemTime::UNIX_EPOCH);
+            let current = [
+                (self.started_at, &mut durations.running),
+                (self.downloading_at, &mut durations.downloading),
+                (self.booting_at, &mut durations.booting),
+                (self.provisioning_at, &mut durations.provisioning),
+            ]
+            .into_iter()
+            .find(|(mark, _)| mark.is_some());
+            if let Some((_, lasted)) = current {
+                *lasted = None;
+            }
+            return durations;
+        };
+        self.durations(finished)
+    }
 }
 
 impl Node {

@@ -433,3 +433,29 @@ fn a_terminated_node_finishes_and_a_clock_going_back_gives_zero() {
     assert_eq!(n.times.finished_at, Some(at(3)));
     assert_eq!(n.times.durations(at(9)).provisioning, Some(Duration::ZERO));
 }
+
+#[test]
+fn ended_durations_leave_out_the_phase_the_node_is_in() {
+    let mut d = deployment(1, 0);
+    let mut n = Node::new("dep-1", 0, at(0));
+    assert_eq!(n.times.ended_durations(), PhaseDurations::default());
+    apply_node_update(&mut d, &mut n, status(NodeStatus::Provisioning), at(1)).unwrap();
+    assert_eq!(n.times.ended_durations(), PhaseDurations::default());
+    apply_node_update(&mut d, &mut n, provisioned(), at(2)).unwrap();
+    apply_node_update(&mut d, &mut n, status(NodeStatus::RunningScript), at(5)).unwrap();
+    assert_eq!(
+        n.times.ended_durations(),
+        PhaseDurations {
+            provisioning: Some(Duration::from_secs(1)),
+            booting: Some(Duration::from_secs(3)),
+            downloading: None,
+            running: None,
+        }
+    );
+    apply_node_update(&mut d, &mut n, status(NodeStatus::Completed), at(9)).unwrap();
+    assert_eq!(n.times.ended_durations(), n.times.durations(at(100)));
+    assert_eq!(
+        n.times.ended_durations().running,
+        Some(Duration::from_secs(4))
+    );
+}

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{IsTerminal, Write};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use taskfly::wire::{DeploymentView, LogLineView, NodeStatus};
@@ -273,6 +273,18 @@ pub(crate) fn deployments_table(all: &[DeploymentView]) -> String {
 
 /// `taskfly status ID`.
 pub(crate) fn deployment_details(view: &DeploymentView) -> String {
+    deployment_details_at(view, SystemTime::now())
+}
+
+/// Seconds from the RFC 3339 time `since` until `now`: how long something still under way has
+/// taken so far, by this machine's clock (the daemon's views carry only what has ended).
+fn so_far(since: &str, now: SystemTime) -> Option<f64> {
+    let since = humantime::parse_rfc3339(since).ok()?;
+    Some(now.duration_since(since).unwrap_or_default().as_secs_f64())
+}
+
+/// `taskfly status ID` at `now`: what is still under way is timed until then.
+pub(crate) fn deployment_details_at(view: &DeploymentView, now: SystemTime) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "deployment  {}", view.deployment_id);
     let _ = writeln!(out, "status      {}", view.status);
@@ -294,9 +306,16 @@ pub(crate) fn deployment_details(view: &DeploymentView) -> String {
     if let Some(done) = &view.completed_at {
         let _ = writeln!(out, "finished    {done}");
     }
-    if let Some(seconds) = view.duration_s {
-        let so_far = if view.is_final() { "" } else { " so far" };
-        let _ = writeln!(out, "duration    {}{so_far}", duration(seconds));
+    match view.duration_s {
+        Some(seconds) => {
+            let _ = writeln!(out, "duration    {}", duration(seconds));
+        }
+        None if !view.is_final() => {
+            if let Some(seconds) = so_far(&view.created_at, now) {
+                let _ = writeln!(out, "duration    {} so far", duration(seconds));
+            }
+        }
+        None => {}
     }
     if let Some(error) = &view.error_message {
         let _ = writeln!(out, "error       {error}");
@@ -319,7 +338,12 @@ pub(crate) fn deployment_details(view: &DeploymentView) -> String {
             n.exit_code
                 .map(|c| c.to_string())
                 .unwrap_or_else(|| "-".to_owned()),
-            n.duration_s.map_or_else(|| "-".to_owned(), duration),
+            n.duration_s
+                .or_else(|| match (&n.started_at, &n.finished_at) {
+                    (Some(started), None) => so_far(started, now),
+                    _ => None,
+                })
+                .map_or_else(|| "-".to_owned(), duration),
             n.instance_id.clone().unwrap_or_else(|| "-".to_owned()),
             n.last_update.clone(),
             n.error_message.clone().unwrap_or_default(),

@@ -267,9 +267,30 @@ fn details_of_a_rerun_name_the_original_and_the_wall_time() {
         "{text}"
     );
     assert!(text.contains("duration    3.50s\n"), "{text}");
-    view.status = DeploymentStatus::Running;
-    assert!(
-        deployment_details(&view).contains("duration    3.50s so far\n"),
-        "a running deployment's time is so far"
+}
+
+#[test]
+fn what_still_runs_is_timed_until_now() {
+    let mut view = deployment(
+        "running",
+        vec![
+            node(0, "running_script", None, None),
+            node(1, "completed", Some(0), None),
+            node(2, "booting", None, None),
+        ],
     );
+    view.nodes[0].started_at = Some("2026-01-02T03:04:02.000Z".to_owned());
+    view.nodes[1].started_at = Some("2026-01-02T03:04:01.000Z".to_owned());
+    view.nodes[1].finished_at = Some("2026-01-02T03:04:02.500Z".to_owned());
+    view.nodes[1].duration_s = Some(1.5);
+    let now = humantime::parse_rfc3339("2026-01-02T03:04:07.250Z").expect("time");
+    let text = deployment_details_at(&view, now);
+    assert!(text.contains("duration    7.25s so far\n"), "{text}");
+    let durations: Vec<&str> = text
+        .lines()
+        .skip_while(|l| !l.starts_with("NODE"))
+        .skip(1)
+        .map(|l| l.split_whitespace().nth(4).expect("DURATION"))
+        .collect();
+    assert_eq!(durations, ["5.25s", "1.50s", "-"]);
 }
