@@ -1,5 +1,5 @@
 use super::*;
-use taskfly::wire::{DeploymentStatus, NodeView};
+use taskfly::wire::NodeView;
 
 // The wire types are `#[non_exhaustive]`: built here from their JSON, as the CLI gets them.
 fn node(index: u32, status: &str, exit_code: Option<i32>, error: Option<&str>) -> NodeView {
