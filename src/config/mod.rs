@@ -110,6 +110,12 @@ impl DeploymentConfig {
     }
 }
 
+/// The error for a `taskfly.yml` (named `file` in the message) with these problems, each
+/// `<field path>: <what is wrong>`: what the checks beyond the file itself report.
+pub(crate) fn invalid_config(file: &str, problems: Vec<String>) -> Error {
+    Problems(problems).into_error(file)
+}
+
 fn parse_document(text: &str, problems: &mut Problems) -> Option<DeploymentConfig> {
     let mut root: Value = match serde_yaml::from_str(text) {
         Ok(root) => root,

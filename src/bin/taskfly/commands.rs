@@ -238,8 +238,27 @@ fn load_config(dir: &Path) -> Result<DeploymentConfig, Failure> {
     DeploymentConfig::from_dir(dir).map_err(|e| failure(None, e))
 }
 
+/// Every check a deployment of the project in `dir` passes before it starts, as the engine of
+/// `run` (and a daemon with this build's providers) makes them: `taskfly.yml`, the bundled
+/// files, the script among them, the provider's settings.
+fn check_project(dir: &Path) -> Result<DeploymentConfig, Failure> {
+    // Nothing is written there: the providers are only asked to judge their settings.
+    let engine = Config::new(std::env::temp_dir().join("taskfly-validate"));
+    #[cfg(feature = "aws")]
+    let engine = engine.provider(std::sync::Arc::new(taskfly::AwsProvider::new()));
+    engine.check_dir(dir).map_err(|e| {
+        // Offline, a taskfly.yml over the size limit is a mistake in the invocation.
+        let too_large = e.is_too_large();
+        let failure = failure(None, e);
+        Failure {
+            code: if too_large { EXIT_USAGE } else { failure.code },
+            ..failure
+        }
+    })
+}
+
 fn validate(dir: &Path, format: Output) -> Result<u8, Failure> {
-    let config = load_config(dir)?;
+    let config = check_project(dir)?;
     let generator = MetadataGenerator::new(&config.nodes).map_err(|e| failure(None, e))?;
     let deployment_id = "<deployment-id>";
     let total = generator.total_nodes();
@@ -308,7 +327,7 @@ fn validate(dir: &Path, format: Output) -> Result<u8, Failure> {
 
 async fn run_local(dir: &Path, format: Output) -> Result<u8, Failure> {
     // Validate before anything starts, so mistakes are reported with exit code 2.
-    let config = load_config(dir)?;
+    let config = check_project(dir)?;
     if !config.local.hosts.is_empty() {
         // Its engine listens on 127.0.0.1 only, which other hosts cannot call back.
         return Err(Failure {
