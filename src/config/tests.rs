@@ -647,13 +647,14 @@ fn empty_and_odd_documents() {
 #[test]
 fn merge_keys_are_applied() {
     let text = format!(
-        "{MINIMAL}  global_metadata: &common {{region: eu, tier: gold}}\n  config_template:\n    \
-             <<: *common\n    out: \"{{region}}-{{tier}}\"\n"
+        "{MINIMAL}  config_template:\n    base: &common {{region: eu, tier: gold}}\n    out:\n      \
+             <<: *common\n      name: \"{{base}}\"\n"
     );
     let template = parse(&text).nodes.config_template;
-    assert_eq!(template.get("region"), Some(&json!("eu")));
-    assert_eq!(template.get("tier"), Some(&json!("gold")));
-    assert_eq!(template.get("out"), Some(&json!("{region}-{tier}")));
+    assert_eq!(
+        template.get("out"),
+        Some(&json!({"region": "eu", "tier": "gold", "name": "{base}"}))
+    );
     assert_eq!(template.get("<<"), None);
 }
 

@@ -74,3 +74,57 @@ fn validate_refuses_what_run_refuses_every_problem_at_once() {
         run.show()
     );
 }
+
+// ----- metadata keys -----
+
+#[test]
+fn metadata_keys_that_set_system_variables_or_are_defined_twice_are_refused() {
+    let home = tempfile::tempdir().expect("temp HOME");
+    let project = Project::new(
+        "cloud_provider: local\napplication_files: [setup.sh]\nnodes:\n  count: 1\n  \
+         global_metadata: {path: /x, region: eu, ld_library_path: /lib}\n  \
+         distributed_lists: {region: [us, eu]}\n",
+    )
+    .script("#!/bin/sh\nls\n");
+    let dir = path_str(project.path());
+    for command in ["validate", "run"] {
+        let ran = taskfly_offline(home.path(), &[command, dir, "-o", "json"]);
+        ran.expect_code(2);
+        let problems = details(&ran);
+        assert_eq!(problems.len(), 3, "{}", ran.show());
+        assert!(
+            problems.iter().any(|p| p.starts_with(
+                "nodes.global_metadata.path: would set the node's system variable PATH"
+            )),
+            "{}",
+            ran.show()
+        );
+        assert!(
+            problems.iter().any(|p| p.starts_with(
+                "nodes.global_metadata.ld_library_path: would set LD_LIBRARY_PATH"
+            )),
+            "{}",
+            ran.show()
+        );
+        assert!(
+            problems.iter().any(|p| p.starts_with(
+                "nodes.distributed_lists.region: also set in nodes.global_metadata.region"
+            )),
+            "{}",
+            ran.show()
+        );
+    }
+    // A key written twice in one mapping names the key and its line.
+    let project = Project::new(
+        "cloud_provider: local\napplication_files: [setup.sh]\nnodes:\n  count: 1\n  \
+         global_metadata:\n    region: eu\n    region: us\n",
+    )
+    .script("#!/bin/sh\nls\n");
+    let ran = taskfly_offline(home.path(), &["validate", path_str(project.path())]);
+    ran.expect_code(2);
+    assert!(
+        ran.stderr.contains("nodes.global_metadata: duplicate entry with key \"region\""),
+        "{}",
+        ran.show()
+    );
+}
