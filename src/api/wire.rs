@@ -95,7 +95,16 @@ pub struct DeploymentView {
     /// Every node, by index. Empty in summaries (`GET /deployments`).
     #[serde(default)]
     pub nodes: Vec<NodeView>,
+    /// `nodes.retries`: a `failed` node whose `attempt` is at most this is waiting to be
+    /// tried again (omitted when 0).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub retries: u32,
 }
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
 
 /// `POST /cleanup/all`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -124,6 +133,9 @@ pub struct LogLineView {
     pub line: String,
     /// RFC 3339.
     pub timestamp: String,
+    /// The node's attempt that wrote it (1 unless the node was retried).
+    #[serde(default = "one")]
+    pub attempt: u32,
 }
 
 /// `GET /deployments/{id}/logs`.
@@ -370,6 +382,12 @@ impl DeploymentView {
     /// Whether the deployment has reached `completed`, `failed` or `terminated`.
     pub fn is_final(&self) -> bool {
         self.status.is_final()
+    }
+
+    /// Whether `node` failed but has a retry left: it is waiting to be started again, and
+    /// counts as neither failed nor finished.
+    pub fn is_retrying(&self, node: &NodeView) -> bool {
+        node.status == NodeStatus::Failed && node.attempt <= self.retries && !self.is_final()
     }
 }
 

@@ -729,6 +729,8 @@ async fn drops_resent_log_lines(store: &dyn Store) {
         ]
     );
     assert_eq!(seqs(&lines), [1, 2, 3, 4, 5, 6, 7]);
+    let attempts: Vec<u32> = lines.iter().map(|l| l.attempt).collect();
+    assert_eq!(attempts, [1, 1, 1, 1, 1, 2, 2], "each line keeps its attempt");
     // The highest number taken, per attempt and stream (even numbers are stdout here).
     let last_taken =
         |attempt, stream| store.last_line_no("dep-resend", "dep-resend-0", attempt, stream);

@@ -343,6 +343,7 @@ impl Store for MemoryStore {
                     stream: line.stream,
                     line: line.line,
                     timestamp: line.timestamp,
+                    attempt: line.attempt,
                 },
             );
         }

@@ -88,6 +88,8 @@ pub struct LogLine {
     pub line: String,
     /// When the node wrote it.
     pub timestamp: SystemTime,
+    /// The node's attempt that wrote it (1 unless the node was retried).
+    pub attempt: u32,
 }
 
 /// Which log lines to read.

@@ -1271,7 +1271,7 @@ fn is_progress_line(line: &str, total: u32) -> bool {
     });
     timestamp_ok
         && seconds.parse::<u64>().is_ok()
-        && ["pending", "provisioning", "running"].contains(&state)
+        && ["pending", "provisioning", "running", "completed", "failed"].contains(&state)
         && fraction_ok
         && counts.starts_with('(')
         && counts.ends_with(')')
@@ -1296,8 +1296,12 @@ fn run_prints_plain_timestamped_progress_when_stderr_is_not_a_terminal() {
             ran.show()
         );
     }
+    // The first state at once, at most one line per few seconds after it, and the final state
+    // as the last line.
     assert!(
-        lines.iter().any(|l| l.contains(" running ")),
+        lines
+            .last()
+            .is_some_and(|l| l.contains("] completed 2/2 done")),
         "{}",
         ran.show()
     );

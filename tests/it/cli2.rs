@@ -3,10 +3,29 @@
 //! 127.0.0.1:0 where one is needed.
 
 use std::path::Path;
+use std::time::Duration;
 
-use crate::support::cli_daemon::path_str;
+use crate::support::cli_daemon::{path_str, Daemon};
 use crate::support::cli_run::{self, Ran};
-use crate::support::Project;
+use crate::support::{local_yml, Project};
+
+/// How long a deployment of this file's tiny scripts may take (the machine is shared).
+const DEPLOYMENT_LIMIT: Duration = Duration::from_secs(60);
+
+/// One node that fails its first attempt (it leaves a marker in `state_dir`) and completes
+/// its second, with one retry allowed.
+fn fails_once_project(state_dir: &Path) -> Project {
+    let marker = state_dir.join("tried");
+    Project::new(&local_yml(1, "retries: 1")).script(&format!(
+        "#!/bin/sh
+if [ -e '{0}' ]; then echo second try; exit 0; fi
+         touch '{0}'
+echo first try
+exit 1
+",
+        marker.display()
+    ))
+}
 
 /// `taskfly ARGS…` with no daemon involved, HOME in `home`.
 fn taskfly_offline(home: &Path, args: &[&str]) -> Ran {
@@ -127,4 +146,77 @@ fn metadata_keys_that_set_system_variables_or_are_defined_twice_are_refused() {
         "{}",
         ran.show()
     );
+}
+
+// ----- retries visible, JSON streams -----
+
+#[test]
+fn logs_mark_each_line_with_its_attempt_when_a_node_ran_twice() {
+    let daemon = Daemon::start();
+    let state = tempfile::tempdir().expect("state dir");
+    let project = fails_once_project(state.path());
+    let view = daemon.up_wait_json(project.path(), 0, DEPLOYMENT_LIMIT);
+    assert_eq!(view["nodes"][0]["attempt"], 2, "{view:#}");
+    assert_eq!(view["retries"], 1, "{view:#}");
+    let id = view["deployment_id"].as_str().expect("id");
+
+    let text = daemon.cli(&["logs", id]);
+    text.expect_success();
+    assert_eq!(
+        text.stdout,
+        "[node 0 attempt 1] first try\n[node 0 attempt 2] second try\n",
+        "{}",
+        text.show()
+    );
+    let json = daemon.cli(&["logs", id, "-o", "json"]);
+    json.expect_success();
+    let attempts: Vec<u64> = json.json()["logs"]
+        .as_array()
+        .expect("logs")
+        .iter()
+        .map(|l| l["attempt"].as_u64().expect("attempt"))
+        .collect();
+    assert_eq!(attempts, [1, 2], "{}", json.show());
+}
+
+#[test]
+fn logs_follow_json_is_one_object_per_line_and_run_json_keeps_node_lines_on_stderr() {
+    let daemon = Daemon::start();
+    let project = Project::new(&local_yml(2, "")).script(
+        "#!/bin/sh\necho \"one from $TASKFLY_NODE_INDEX\"\necho \"two from $TASKFLY_NODE_INDEX\"\n",
+    );
+    let id = daemon.up(project.path());
+    let follow = cli_run::run_with_limit(
+        &mut daemon.taskfly(&["logs", &id, "-f", "-o", "json"]),
+        DEPLOYMENT_LIMIT,
+    );
+    follow.expect_success();
+    let objects: Vec<serde_json::Value> = follow
+        .stdout
+        .lines()
+        .map(|l| {
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}\n{}", follow.show()))
+        })
+        .collect();
+    assert_eq!(objects.len(), 4, "{}", follow.show());
+    let seqs: Vec<u64> = objects.iter().map(|o| o["seq"].as_u64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    for object in &objects {
+        assert!(object["line"].as_str().unwrap().contains(" from "), "{object}");
+        assert_eq!(object["stream"], "stdout", "{object}");
+    }
+
+    let home = tempfile::tempdir().expect("temp HOME");
+    let run = cli_run::run_with_limit(
+        cli_run::command("taskfly", home.path()).args(["run", path_str(project.path()), "-o", "json"]),
+        DEPLOYMENT_LIMIT,
+    );
+    run.expect_success();
+    assert_eq!(run.json()["status"], "completed", "{}", run.show());
+    for i in 0..2 {
+        for word in ["one", "two"] {
+            let line = format!("[node {i}] {word} from {i}\n");
+            assert!(run.stderr.contains(&line), "{line:?}\n{}", run.show());
+        }
+    }
 }

@@ -39,6 +39,7 @@ pub(crate) fn deployment(d: &Deployment, nodes: &[Node]) -> DeploymentView {
         completed_at: d.completed_at.map(time),
         error_message: d.error_message.clone(),
         nodes: nodes.iter().map(node).collect(),
+        retries: d.retries,
     }
 }
 
@@ -64,6 +65,7 @@ pub(crate) fn log_line(l: &LogLine) -> LogLineView {
         stream: l.stream.as_str().to_owned(),
         line: l.line.clone(),
         timestamp: time(l.timestamp),
+        attempt: l.attempt,
     }
 }
 

@@ -608,18 +608,18 @@ async fn logs(cli: &Cli, id: &str, node: Option<&str>, follow_logs: bool) -> Res
     let id = &resolve_id(cli, &client, id).await?;
     let mut cursor = 0;
     let mut collected = Vec::new();
-    let color = output::use_color();
+    let color = output::use_color() && cli.output == Output::Text;
+    // Followed with `--output json`: one JSON object per line (NDJSON), each written as it
+    // arrives, instead of one document at the end.
+    let streaming_json = follow_logs && cli.output == Output::Json;
     loop {
-        let view = if follow_logs {
-            Some(
-                client
-                    .deployment(id)
-                    .await
-                    .map_err(|e| failure(Some(cli), e))?,
-            )
-        } else {
-            None
-        };
+        // The deployment says which nodes ran more than once (their lines carry the attempt)
+        // and, when following, whether it has ended.
+        let view = client
+            .deployment(id)
+            .await
+            .map_err(|e| failure(Some(cli), e))?;
+        let retried = output::retried_nodes(&view);
         loop {
             let page = client
                 .logs(id, node, cursor, 1000)
@@ -629,21 +629,27 @@ async fn logs(cli: &Cli, id: &str, node: Option<&str>, follow_logs: bool) -> Res
                 break;
             }
             cursor = page.next;
-            if cli.output == Output::Json {
+            let mut out = std::io::stdout().lock();
+            if streaming_json {
+                for line in &page.logs {
+                    let _ = writeln!(out, "{}", serde_json::to_string(line).unwrap_or_default());
+                }
+            } else if cli.output == Output::Json {
                 collected.extend(page.logs);
             } else {
-                let mut out = std::io::stdout().lock();
                 for line in &page.logs {
-                    let _ = writeln!(out, "{}", output::log_line(line, color));
+                    let mark = line.attempt > 1 || retried.contains(&line.node_index);
+                    let _ = writeln!(out, "{}", output::log_line(line, color, mark));
                 }
             }
+            let _ = out.flush();
         }
-        match view {
-            Some(view) if !view.is_final() => tokio::time::sleep(POLL).await,
-            _ => break,
+        if !follow_logs || view.is_final() {
+            break;
         }
+        tokio::time::sleep(POLL).await;
     }
-    if cli.output == Output::Json {
+    if cli.output == Output::Json && !streaming_json {
         println!("{}", serde_json::json!({"logs": collected, "next": cursor}));
     }
     Ok(EXIT_OK)

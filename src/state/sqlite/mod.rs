@@ -625,6 +625,7 @@ fn log_line_from_row(row: &Row<'_>) -> Result<LogLine, DbError> {
             .ok_or_else(|| bad_data(format!("stream is `{stream}`, not stdout or stderr")))?,
         line: row.get(4)?,
         timestamp: read_time(row, 5)?,
+        attempt: read_u32(row, 6)?,
     })
 }
 
@@ -1259,14 +1260,14 @@ impl Store for SqliteStore {
             let lines = match query.node_index {
                 None => {
                     let mut select = tx.prepare_cached(
-                        "SELECT seq, node_id, node_index, stream, line, timestamp FROM logs \
+                        "SELECT seq, node_id, node_index, stream, line, timestamp, attempt FROM logs \
                          WHERE deployment_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
                     )?;
                     log_page(&mut select, params![deployment_id, after, limit], &query)?
                 }
                 Some(node_index) => {
                     let mut select = tx.prepare_cached(
-                        "SELECT seq, node_id, node_index, stream, line, timestamp FROM logs \
+                        "SELECT seq, node_id, node_index, stream, line, timestamp, attempt FROM logs \
                          WHERE deployment_id = ?1 AND node_index = ?2 AND seq > ?3 \
                          ORDER BY seq LIMIT ?4",
                     )?;
