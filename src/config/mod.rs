@@ -14,10 +14,12 @@
 
 mod aws;
 mod diagnostics;
+mod duration;
 mod files;
 mod instance_config;
 mod local;
 mod nodes;
+mod tree;
 mod types;
 mod values;
 
@@ -34,6 +36,7 @@ use instance_config::{parse_cloud_provider, parse_instance_config};
 pub(crate) use local::local_settings;
 use nodes::parse_nodes;
 pub(crate) use nodes::MAX_NODES;
+pub use duration::parse_duration;
 pub use types::{AwsConfig, CloudProvider, DeploymentConfig, LocalAgent, LocalConfig, NodesConfig};
 use values::string;
 
@@ -117,7 +120,7 @@ pub(crate) fn invalid_config(file: &str, problems: Vec<String>) -> Error {
 }
 
 fn parse_document(text: &str, problems: &mut Problems) -> Option<DeploymentConfig> {
-    let mut root: Value = match serde_yaml::from_str(text) {
+    let mut root: Value = match tree::parse(text) {
         Ok(root) => root,
         Err(err) => {
             problems.add(CONFIG_FILE_NAME, yaml_error(&err));

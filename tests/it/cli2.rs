@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use crate::support::cli_daemon::{path_str, Daemon};
+use crate::support::cli_daemon::{path_str, Daemon, DaemonOptions};
 use crate::support::cli_run::{self, Ran};
 use crate::support::{local_yml, Project};
 
@@ -219,4 +219,46 @@ fn logs_follow_json_is_one_object_per_line_and_run_json_keeps_node_lines_on_stde
             assert!(run.stderr.contains(&line), "{line:?}\n{}", run.show());
         }
     }
+}
+
+// ----- huge integers, durations -----
+
+#[test]
+fn a_huge_integer_hides_no_other_problem_and_durations_read_alike_everywhere() {
+    let home = tempfile::tempdir().expect("temp HOME");
+    let project = Project::new(
+        "cloud_provider: local\napplication_files: [setup.sh]\nnodes:\n  count: 1\n  \
+         retries: 123456789012345678901234567890\n  timeout: 90\n  cuont: 2\n",
+    )
+    .script("#!/bin/sh\necho hi\n");
+    let ran = taskfly_offline(home.path(), &["validate", path_str(project.path()), "-o", "json"]);
+    ran.expect_code(2);
+    let problems = details(&ran);
+    assert_eq!(problems.len(), 2, "{}", ran.show());
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.starts_with("nodes.retries: ") && p.contains("too large for 64 bits")),
+        "{}",
+        ran.show()
+    );
+    assert!(problems.iter().any(|p| p.starts_with("nodes.cuont: ")), "{}", ran.show());
+    assert!(!ran.stdout.contains("1234567890123"), "{}", ran.show());
+
+    // A bare number is seconds on taskflyd's command line too, as `timeout: 90` above.
+    let daemon = Daemon::start_with_args(
+        DaemonOptions::default(),
+        &["--heartbeat-timeout", "30", "--grace-period", "5", "--retention", "3600"],
+    );
+    let (status, _) = daemon.stop();
+    assert!(status.success(), "{status:?}");
+    let refused = cli_run::run(
+        cli_run::command("taskflyd", home.path()).args(["--heartbeat-timeout", "soon"]),
+    );
+    refused.expect_code(2);
+    assert!(
+        refused.stderr.contains("give a number of seconds (90) or a duration like 90s"),
+        "{}",
+        refused.show()
+    );
 }
