@@ -5,8 +5,8 @@
 use std::path::Path;
 use std::time::Duration;
 
-use crate::support::cli_daemon::{path_str, Daemon, DaemonOptions};
-use crate::support::cli_run::{self, Ran};
+use crate::support::cli_daemon::{free_port, path_str, Daemon, DaemonOptions};
+use crate::support::cli_run::{self, Ran, Running};
 use crate::support::{local_yml, Project};
 
 /// How long a deployment of this file's tiny scripts may take (the machine is shared).
@@ -261,4 +261,103 @@ fn a_huge_integer_hides_no_other_problem_and_durations_read_alike_everywhere() {
         "{}",
         refused.show()
     );
+}
+
+// ----- following through a daemon restart, Ctrl-C -----
+
+/// One node that prints `started`, then waits (at most a minute) for the file `gate` to exist,
+/// prints `finished` and completes.
+fn gated_project(gate: &Path) -> Project {
+    Project::new(&local_yml(1, "")).script(&format!(
+        "#!/bin/sh\necho started\ni=0\nwhile [ ! -e '{0}' ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done\n\
+         [ -e '{0}' ] || exit 1\necho finished\n",
+        gate.display()
+    ))
+}
+
+#[test]
+fn up_wait_rides_out_a_daemon_restart_saying_so_once_and_repeating_no_line() {
+    let mut daemon = Daemon::start_on(free_port(), DaemonOptions::default(), &[]);
+    let gate_dir = tempfile::tempdir().expect("gate dir");
+    let gate = gate_dir.path().join("gate");
+    let project = gated_project(&gate);
+    let mut up = Running::start(&mut daemon.taskfly(&["up", path_str(project.path()), "--wait"]));
+    up.wait_for_line(DEPLOYMENT_LIMIT, |l| l == "[node 0] started");
+
+    daemon.kill();
+    let notice = up.wait_for_stderr_line(DEPLOYMENT_LIMIT, |l| l.starts_with("daemon unreachable"));
+    assert!(
+        notice.starts_with("daemon unreachable, retrying for up to 2m ("),
+        "{notice}"
+    );
+    daemon.restart();
+    std::fs::write(&gate, "").expect("open the gate");
+
+    let ran = up.finish(DEPLOYMENT_LIMIT);
+    ran.expect_success();
+    let node_lines: Vec<&str> = ran.stdout.lines().filter(|l| l.starts_with("[node")).collect();
+    assert_eq!(
+        node_lines,
+        ["[node 0] started", "[node 0] finished"],
+        "{}",
+        ran.show()
+    );
+    assert!(
+        ran.stdout.contains(": 1 completed, 0 failed, 1 total"),
+        "{}",
+        ran.show()
+    );
+    let notices = ran
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("daemon unreachable"))
+        .count();
+    assert_eq!(notices, 1, "{}", ran.show());
+}
+
+#[test]
+fn ctrl_c_on_up_wait_leaves_the_deployment_running_unless_asked_to_stop_it() {
+    let daemon = Daemon::start();
+    let gate_dir = tempfile::tempdir().expect("gate dir");
+    let project = gated_project(&gate_dir.path().join("gate"));
+
+    let mut up = Running::start(&mut daemon.taskfly(&["up", path_str(project.path()), "--wait"]));
+    up.wait_for_line(DEPLOYMENT_LIMIT, |l| l == "[node 0] started");
+    up.signal(nix::sys::signal::Signal::SIGINT);
+    let ran = up.finish(DEPLOYMENT_LIMIT);
+    ran.expect_code(130);
+    let said = ran
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("interrupted: deployment "))
+        .unwrap_or_else(|| panic!("{}", ran.show()));
+    let id = said["interrupted: deployment ".len()..]
+        .split(' ')
+        .next()
+        .expect("id")
+        .to_owned();
+    assert!(
+        said.ends_with(&format!("keeps running; follow it again with `taskfly logs {id} -f`, stop it with `taskfly down {id}`")),
+        "{said}"
+    );
+    assert_eq!(daemon.status(&id)["status"], "running");
+    daemon.down(&id, DEPLOYMENT_LIMIT);
+
+    let mut up = Running::start(&mut daemon.taskfly(&[
+        "up",
+        path_str(project.path()),
+        "--wait",
+        "--down-on-interrupt",
+    ]));
+    up.wait_for_line(DEPLOYMENT_LIMIT, |l| l == "[node 0] started");
+    up.signal(nix::sys::signal::Signal::SIGINT);
+    let ran = up.finish(DEPLOYMENT_LIMIT);
+    ran.expect_code(130);
+    let said = ran
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("interrupted: terminating deployment "))
+        .unwrap_or_else(|| panic!("{}", ran.show()));
+    let id = said.rsplit(' ').next().expect("id").to_owned();
+    daemon.wait_for_status(&id, DEPLOYMENT_LIMIT, "terminated", |s| s["status"] == "terminated");
 }

@@ -20,6 +20,8 @@ pub(crate) const EXIT_OK: u8 = 0;
 pub(crate) const EXIT_FAILED: u8 = 1;
 pub(crate) const EXIT_USAGE: u8 = 2;
 pub(crate) const EXIT_UNREACHABLE: u8 = 3;
+/// Stopped by Ctrl-C (128 + SIGINT), as shells report it.
+pub(crate) const EXIT_INTERRUPTED: u8 = 130;
 
 /// How often progress and followed logs are refreshed.
 const POLL: Duration = Duration::from_millis(250);
@@ -33,8 +35,12 @@ pub(crate) async fn run(cli: Cli) -> u8 {
         },
         Command::Validate { dir } => project_dir(dir).and_then(|dir| validate(&dir, format)),
         Command::Agent { work_dir } => agent(&cli, work_dir.clone()).await,
-        Command::Up { dir, wait } => match project_dir(dir) {
-            Ok(dir) => up(&cli, &dir, *wait).await,
+        Command::Up {
+            dir,
+            wait,
+            down_on_interrupt,
+        } => match project_dir(dir) {
+            Ok(dir) => up(&cli, &dir, *wait, *down_on_interrupt).await,
             Err(failure) => Err(failure),
         },
         Command::List => list(&cli).await,
@@ -461,7 +467,7 @@ async fn agent(cli: &Cli, work_dir: Option<PathBuf>) -> Result<u8, Failure> {
     })
 }
 
-async fn up(cli: &Cli, dir: &Path, wait: bool) -> Result<u8, Failure> {
+async fn up(cli: &Cli, dir: &Path, wait: bool, down_on_interrupt: bool) -> Result<u8, Failure> {
     let config = load_config(dir)?;
     let project = dir.to_path_buf();
     let patterns = config.application_files.clone();
@@ -488,30 +494,70 @@ async fn up(cli: &Cli, dir: &Path, wait: bool) -> Result<u8, Failure> {
         }
         return Ok(EXIT_OK);
     }
-    follow(cli, &client, &created.deployment_id, created.nodes, true).await
+    follow(
+        cli,
+        &patient(client),
+        &created.deployment_id,
+        created.nodes,
+        down_on_interrupt,
+    )
+    .await
 }
 
-/// Follow a deployment on the daemon to its end, printing logs and progress.
+/// The client of a command that follows a deployment: its reads ride out a daemon restart
+/// (retrying as long as a node agent does), saying so in one line on stderr.
+fn patient(client: Client) -> Client {
+    client.retry_reads(|error, budget| {
+        eprintln!(
+            "daemon unreachable, retrying for up to {} ({})",
+            humantime::format_duration(budget),
+            error.message()
+        );
+    })
+}
+
+/// Follow a deployment on the daemon to its end, printing logs and progress. Ctrl-C stops
+/// following (exit 130), leaving the deployment running unless `down_on_interrupt`.
 async fn follow(
     cli: &Cli,
     client: &Client,
     id: &str,
     nodes: u32,
-    with_progress: bool,
+    down_on_interrupt: bool,
 ) -> Result<u8, Failure> {
     let mut progress = Progress::new(cli.output, nodes);
+    let following = follow_to_end(client, id, &mut progress);
+    tokio::select! {
+        outcome = following => outcome.map_err(|e| failure(Some(cli), e)),
+        _ = tokio::signal::ctrl_c() => {
+            progress.abandon();
+            if down_on_interrupt {
+                eprintln!("interrupted: terminating deployment {id}");
+                client.terminate(id).await.map_err(|e| failure(Some(cli), e))?;
+                eprintln!("deployment {id} is terminating; `taskfly status {id}` shows when it has ended");
+            } else {
+                eprintln!(
+                    "interrupted: deployment {id} keeps running; follow it again with \
+                     `taskfly logs {id} -f`, stop it with `taskfly down {id}`"
+                );
+            }
+            Ok(EXIT_INTERRUPTED)
+        }
+    }
+}
+
+/// The loop of [`follow`]: logs and progress until the deployment is final; its exit code.
+async fn follow_to_end(
+    client: &Client,
+    id: &str,
+    progress: &mut Progress,
+) -> Result<u8, Error> {
     let started = Instant::now();
     let mut cursor = 0;
     loop {
-        let view = client
-            .deployment(id)
-            .await
-            .map_err(|e| failure(Some(cli), e))?;
+        let view = client.deployment(id).await?;
         loop {
-            let page = client
-                .logs(id, None, cursor, 1000)
-                .await
-                .map_err(|e| failure(Some(cli), e))?;
+            let page = client.logs(id, None, cursor, 1000).await?;
             if page.logs.is_empty() {
                 break;
             }
@@ -522,9 +568,7 @@ async fn follow(
             progress.finish(&view, started.elapsed());
             return Ok(exit_for(&view));
         }
-        if with_progress {
-            progress.update(&view, started.elapsed());
-        }
+        progress.update(&view, started.elapsed());
         tokio::time::sleep(POLL).await;
     }
 }
@@ -604,7 +648,11 @@ async fn status(cli: &Cli, id: &str) -> Result<u8, Failure> {
 }
 
 async fn logs(cli: &Cli, id: &str, node: Option<&str>, follow_logs: bool) -> Result<u8, Failure> {
-    let client = client(cli)?;
+    let client = if follow_logs {
+        patient(client(cli)?)
+    } else {
+        client(cli)?
+    };
     let id = &resolve_id(cli, &client, id).await?;
     let mut cursor = 0;
     let mut collected = Vec::new();

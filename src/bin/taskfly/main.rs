@@ -71,7 +71,9 @@ pub(crate) enum Command {
         dir: PathBuf,
     },
     /// Bundle a project and deploy it to the daemon.
-    #[command(after_help = "Example:\n  taskfly up . --wait")]
+    #[command(
+        after_help = "Example:\n  taskfly up . --wait\n\nWith --wait, Ctrl-C stops following (exit 130) and leaves the deployment running;\n`taskfly down ID` stops it, or give --down-on-interrupt to stop it on Ctrl-C."
+    )]
     Up {
         /// Project folder holding taskfly.yml.
         #[arg(default_value = ".")]
@@ -79,6 +81,9 @@ pub(crate) enum Command {
         /// Follow progress until the deployment ends; exit code as `run`.
         #[arg(long)]
         wait: bool,
+        /// With --wait: Ctrl-C terminates the deployment (by default it keeps running).
+        #[arg(long, requires = "wait")]
+        down_on_interrupt: bool,
     },
     /// List deployments, newest first.
     List,

@@ -220,6 +220,13 @@ impl Progress {
         }
     }
 
+    /// Stop showing progress without a summary (following was interrupted).
+    pub(crate) fn abandon(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.abandon();
+        }
+    }
+
     /// The final summary (text) or the final document (json).
     pub(crate) fn finish(&mut self, view: &DeploymentView, elapsed: Duration) {
         match self.bar.take() {
