@@ -102,6 +102,7 @@ async fn bench(store: Arc<dyn Store>, count: u32, callers: u32) -> Result<Figure
         updated_at: now,
         completed_at: None,
         error_message: None,
+        cleaned_at: None,
     };
     let nodes: Vec<Node> = (0..count)
         .map(|index| {

@@ -99,6 +99,10 @@ pub struct DeploymentView {
     /// tried again (omitted when 0).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub retries: u32,
+    /// RFC 3339: when its files were deleted (`taskfly cleanup`); its record stays until it
+    /// is forgotten. Omitted while the files are there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cleaned_at: Option<String>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -114,6 +118,21 @@ pub struct CleanupAll {
     pub cleaned_count: u32,
     /// Deployments whose files could not be deleted.
     pub failed_count: u32,
+}
+
+/// `POST /cleanup/forget`: the final deployments whose records were deleted (or, with
+/// `dry_run`, would be).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Forgotten {
+    /// How many were forgotten (would be, with `dry_run`).
+    pub forgotten_count: u32,
+    /// Their ids, newest first.
+    pub deployment_ids: Vec<String>,
+    /// Deployments that could not be forgotten (their files could not be deleted).
+    pub failed_count: u32,
+    /// True when nothing was deleted: the answer says what would be.
+    pub dry_run: bool,
 }
 
 /// One stored log line.

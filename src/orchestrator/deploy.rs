@@ -144,6 +144,7 @@ impl Orchestrator {
             updated_at: now,
             completed_at: None,
             error_message: None,
+            cleaned_at: None,
         };
         let nodes: Vec<Node> = (0..total).map(|i| Node::new(id, i, now)).collect();
         let created = DeploymentSummary::from(&deployment);

@@ -30,6 +30,25 @@ pub(crate) async fn check_store(store: &dyn Store) {
     deletes_everything_of_a_deployment(store).await;
     drops_resent_log_lines(store).await;
     keeps_the_instance_locator(store).await;
+    marks_a_deployment_cleaned_and_keeps_its_record(store).await;
+}
+
+async fn marks_a_deployment_cleaned_and_keeps_its_record(store: &dyn Store) {
+    let id = "conf-cleaned";
+    create(store, id, 1, 0).await;
+    append(store, id, &[0]).await;
+    assert_eq!(store.deployment(id).await.unwrap().unwrap().cleaned_at, None);
+    assert!(store.mark_cleaned(id, at(5)).await.unwrap());
+    // Marked again (a second cleanup): the first time stays.
+    assert!(store.mark_cleaned(id, at(9)).await.unwrap());
+    let cleaned = store.deployment(id).await.unwrap().unwrap();
+    assert_eq!(cleaned.cleaned_at, Some(at(5)));
+    let listed = store.deployments().await.unwrap();
+    let listed = listed.iter().find(|d| d.id == id).unwrap();
+    assert_eq!(listed.cleaned_at, Some(at(5)));
+    assert_eq!(store.nodes(id).await.unwrap().len(), 1, "nodes stay");
+    assert_eq!(read_logs(store, id, 0, None, 10).await.len(), 1, "logs stay");
+    assert!(!store.mark_cleaned("conf-no-such", at(5)).await.unwrap());
 }
 
 /// Checks that a store built with caps of [`LOG_CAP`] lines per deployment and
@@ -138,6 +157,7 @@ fn deployment(id: &str, total_nodes: u32, retries: u32, created_at: SystemTime) 
         updated_at: created_at,
         completed_at: None,
         error_message: None,
+        cleaned_at: None,
     }
 }
 

@@ -410,4 +410,13 @@ impl Store for MemoryStore {
         inner.logs.remove(id);
         Ok(true)
     }
+
+    async fn mark_cleaned(&self, id: &str, at: SystemTime) -> Result<bool> {
+        let mut inner = self.lock();
+        let Some(deployment) = inner.deployments.get_mut(id) else {
+            return Ok(false);
+        };
+        deployment.cleaned_at.get_or_insert(at);
+        Ok(true)
+    }
 }

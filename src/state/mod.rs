@@ -221,4 +221,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Forget a deployment, its nodes and logs. Returns whether it existed.
     async fn delete_deployment(&self, id: &str) -> Result<bool>;
+
+    /// Record that a deployment's files were deleted (`cleaned_at`), keeping the first time
+    /// when it was already marked. Returns whether it exists.
+    async fn mark_cleaned(&self, id: &str, at: SystemTime) -> Result<bool>;
 }

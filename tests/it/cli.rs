@@ -657,11 +657,21 @@ fn cleanup_deletes_finished_deployments_and_refuses_running_ones() {
 
     let ran = daemon.cli(&["cleanup", &finished_id]);
     ran.expect_success();
-    assert_eq!(ran.stdout, format!("deployment {finished_id} cleaned up\n"));
+    assert_eq!(
+        ran.stdout,
+        format!(
+            "deployment {finished_id} cleaned up: its files are deleted; its status and logs \
+             stay until `taskfly cleanup {finished_id} --forget`\n"
+        )
+    );
     assert!(!files.exists(), "{} is deleted", files.display());
-    let gone = daemon.cli(&["status", &finished_id]);
-    assert_ne!(gone.code(), 0, "{}", gone.show());
-    assert!(gone.stderr.contains("no deployment"), "{}", gone.show());
+    // Files only: the record stays, marked cleaned, and its logs can still be read.
+    let kept = daemon.status(&finished_id);
+    assert_eq!(kept["status"], "completed", "{kept:#}");
+    assert!(kept["cleaned_at"].is_string(), "{kept:#}");
+    let logs = daemon.cli(&["logs", &finished_id]);
+    logs.expect_success();
+    assert!(logs.stdout.contains("[node 0] hello from node 0"), "{}", logs.show());
 
     // A running deployment is refused, with what to do instead.
     let marker = unique_word();
@@ -690,18 +700,16 @@ fn cleanup_deletes_finished_deployments_and_refuses_running_ones() {
         serde_json::json!({"cleaned_count": 2, "failed_count": 0})
     );
     let left = daemon.cli(&["list", "--output", "json"]).json();
-    let ids: Vec<&str> = left
+    let cleaned: Vec<&str> = left
         .as_array()
         .unwrap()
         .iter()
+        .filter(|d| d["cleaned_at"].is_string())
         .map(|d| d["deployment_id"].as_str().unwrap())
         .collect();
-    assert_eq!(
-        ids,
-        [still_running.as_str()],
-        "only the running one is left"
-    );
-    assert!(!ids.contains(&completed["deployment_id"].as_str().unwrap()));
+    assert_eq!(cleaned.len(), 3, "every final one is marked cleaned: {left:#}");
+    assert!(!cleaned.contains(&still_running.as_str()));
+    assert!(cleaned.contains(&completed["deployment_id"].as_str().unwrap()));
 
     let text = daemon.cli(&["cleanup", "--all"]);
     text.expect_success();
@@ -711,7 +719,11 @@ fn cleanup_deletes_finished_deployments_and_refuses_running_ones() {
     // Neither an id nor --all is a usage error.
     let neither = daemon.cli(&["cleanup"]);
     neither.expect_code(2);
-    assert!(neither.stderr.contains("--all"), "{}", neither.show());
+    assert!(
+        neither.stderr.contains("--all") && neither.stderr.contains("--forget"),
+        "{}",
+        neither.show()
+    );
 }
 
 // ----- exit codes and errors -----

@@ -361,3 +361,60 @@ fn ctrl_c_on_up_wait_leaves_the_deployment_running_unless_asked_to_stop_it() {
     let id = said.rsplit(' ').next().expect("id").to_owned();
     daemon.wait_for_status(&id, DEPLOYMENT_LIMIT, "terminated", |s| s["status"] == "terminated");
 }
+
+// ----- cleanup keeps records; --forget deletes them -----
+
+#[test]
+fn cleanup_forget_deletes_the_records_of_finished_deployments_after_a_dry_run() {
+    let daemon = Daemon::start();
+    let hello = Project::new(&local_yml(1, "")).script("#!/bin/sh\necho hello\n");
+    let first = daemon.up_wait_json(hello.path(), 0, DEPLOYMENT_LIMIT);
+    let second = daemon.up_wait_json(hello.path(), 0, DEPLOYMENT_LIMIT);
+    let first = first["deployment_id"].as_str().expect("id").to_owned();
+    let second = second["deployment_id"].as_str().expect("id").to_owned();
+    daemon.cli(&["cleanup", &first]).expect_success();
+    let gate_dir = tempfile::tempdir().expect("gate dir");
+    let gate = gate_dir.path().join("gate");
+    let running = daemon.up(gated_project(&gate).path());
+
+    let dry = daemon.cli(&["cleanup", "--forget", "--dry-run"]);
+    dry.expect_success();
+    assert_eq!(
+        dry.stdout,
+        format!(
+            "would forget 2 finished deployment(s) (dry run; nothing deleted):\n  {second}\n  {first}\n"
+        ),
+        "{}",
+        dry.show()
+    );
+    assert_eq!(daemon.status(&first)["status"], "completed", "nothing deleted");
+
+    let forgot = daemon.cli(&["cleanup", "--forget"]);
+    forgot.expect_success();
+    assert_eq!(
+        forgot.stdout,
+        "forgetting 2 finished deployment(s): files, status and logs\nforgot 2 deployment(s), 0 failed\n",
+        "{}",
+        forgot.show()
+    );
+    for id in [&first, &second] {
+        let gone = daemon.cli(&["status", id]);
+        gone.expect_code(1);
+        assert!(gone.stderr.contains("no deployment"), "{}", gone.show());
+    }
+    assert_eq!(daemon.status(&running)["status"], "running", "a running one stays");
+    let refused = daemon.cli(&["cleanup", &running, "--forget"]);
+    refused.expect_code(1);
+    assert!(refused.stderr.contains("taskfly down"), "{}", refused.show());
+
+    std::fs::write(&gate, "").expect("open the gate");
+    daemon.wait_for_status(&running, DEPLOYMENT_LIMIT, "completed", |s| s["status"] == "completed");
+    let one = daemon.cli(&["cleanup", &running, "--forget", "-o", "json"]);
+    one.expect_success();
+    assert_eq!(
+        one.json(),
+        serde_json::json!({"deployment_id": running, "status": "forgotten"})
+    );
+    let files = daemon.data_dir.path().join("deployments").join(&running);
+    assert!(!files.exists(), "{} is deleted", files.display());
+}

@@ -257,6 +257,22 @@ impl Client {
             .map(drop)
     }
 
+    /// `DELETE /deployments/{id}/record`: forgets a final deployment (its files, then its
+    /// record, nodes and logs; 409 while it runs).
+    pub async fn forget(&self, id: &str) -> Result<()> {
+        let path = format!("/deployments/{}/record", encode_component(id));
+        self.send_once(&Call::new(Method::DELETE, path))
+            .await
+            .map(drop)
+    }
+
+    /// `POST /cleanup/forget`: forgets every final deployment; with `dry_run`, only says which
+    /// it would forget.
+    pub async fn forget_finished(&self, dry_run: bool) -> Result<wire::Forgotten> {
+        let path = format!("/cleanup/forget?dry_run={dry_run}");
+        self.json_once(&Call::new(Method::POST, path)).await
+    }
+
     /// `POST /cleanup/all`: deletes the files of every final deployment.
     pub async fn cleanup_all(&self) -> Result<wire::CleanupAll> {
         self.json_once(&Call::new(Method::POST, "/cleanup/all".to_string()))

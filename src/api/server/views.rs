@@ -40,6 +40,7 @@ pub(crate) fn deployment(d: &Deployment, nodes: &[Node]) -> DeploymentView {
         error_message: d.error_message.clone(),
         nodes: nodes.iter().map(node).collect(),
         retries: d.retries,
+        cleaned_at: d.cleaned_at.map(time),
     }
 }
 

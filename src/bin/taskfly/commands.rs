@@ -50,7 +50,16 @@ pub(crate) async fn run(cli: Cli) -> u8 {
         },
         Command::Logs { id, node, follow } => logs(&cli, id, node.as_deref(), *follow).await,
         Command::Down { id } => down(&cli, id).await,
-        Command::Cleanup { id, all } => cleanup(&cli, id.as_deref(), *all).await,
+        Command::Cleanup {
+            id,
+            all,
+            forget,
+            dry_run,
+        } => match (id.as_deref(), *all, *forget) {
+            (Some(id), _, true) => forget_one(&cli, id, *dry_run).await,
+            (None, _, true) => forget_finished(&cli, *dry_run).await,
+            (id, all, false) => cleanup(&cli, id, all).await,
+        },
     };
     match result {
         Ok(code) => code,
@@ -777,6 +786,7 @@ async fn cleanup(cli: &Cli, id: Option<&str>, all: bool) -> Result<u8, Failure> 
             }
         }
         (Some(id), false) => {
+            let id = &resolve_id(cli, &client, id).await?;
             client
                 .cleanup(id)
                 .await
@@ -787,10 +797,107 @@ async fn cleanup(cli: &Cli, id: Option<&str>, all: bool) -> Result<u8, Failure> 
                     serde_json::json!({"deployment_id": id, "status": "cleaned"})
                 );
             } else {
-                println!("deployment {id} cleaned up");
+                println!(
+                    "deployment {id} cleaned up: its files are deleted; its status and logs stay \
+                     until `taskfly cleanup {id} --forget`"
+                );
             }
         }
-        (None, false) => return Err(usage("cleanup needs a deployment id, or --all")),
+        (None, false) => {
+            return Err(usage(
+                "cleanup needs a deployment id, --all, or --forget (with --dry-run to see what it would delete)",
+            ))
+        }
     }
     Ok(EXIT_OK)
+}
+
+/// `cleanup ID --forget`: the deployment's files, then its record.
+async fn forget_one(cli: &Cli, id: &str, dry_run: bool) -> Result<u8, Failure> {
+    let client = client(cli)?;
+    let id = &resolve_id(cli, &client, id).await?;
+    if dry_run {
+        let view = client
+            .deployment(id)
+            .await
+            .map_err(|e| failure(Some(cli), e))?;
+        if !view.is_final() {
+            return Err(Failure {
+                code: EXIT_FAILED,
+                ..usage(&format!(
+                    "deployment {id} is {}; it can be forgotten once it has ended",
+                    view.status
+                ))
+            });
+        }
+        if cli.output == Output::Json {
+            println!(
+                "{}",
+                serde_json::json!({"forgotten_count": 1, "deployment_ids": [id], "failed_count": 0, "dry_run": true})
+            );
+        } else {
+            println!("would forget 1 deployment (dry run; nothing deleted):\n  {id}");
+        }
+        return Ok(EXIT_OK);
+    }
+    client
+        .forget(id)
+        .await
+        .map_err(|e| failure(Some(cli), e))?;
+    if cli.output == Output::Json {
+        println!(
+            "{}",
+            serde_json::json!({"deployment_id": id, "status": "forgotten"})
+        );
+    } else {
+        println!("deployment {id} forgotten: its files, status and logs are deleted");
+    }
+    Ok(EXIT_OK)
+}
+
+/// `cleanup --forget`: every finished deployment's files and record.
+async fn forget_finished(cli: &Cli, dry_run: bool) -> Result<u8, Failure> {
+    let client = client(cli)?;
+    let planned = client
+        .forget_finished(true)
+        .await
+        .map_err(|e| failure(Some(cli), e))?;
+    if dry_run {
+        if cli.output == Output::Json {
+            println!("{}", serde_json::to_string(&planned).unwrap_or_default());
+        } else {
+            println!(
+                "would forget {} finished deployment(s) (dry run; nothing deleted){}",
+                planned.forgotten_count,
+                if planned.deployment_ids.is_empty() { "" } else { ":" }
+            );
+            for id in &planned.deployment_ids {
+                println!("  {id}");
+            }
+        }
+        return Ok(EXIT_OK);
+    }
+    if cli.output == Output::Text {
+        println!(
+            "forgetting {} finished deployment(s): files, status and logs",
+            planned.forgotten_count
+        );
+    }
+    let done = client
+        .forget_finished(false)
+        .await
+        .map_err(|e| failure(Some(cli), e))?;
+    if cli.output == Output::Json {
+        println!("{}", serde_json::to_string(&done).unwrap_or_default());
+    } else {
+        println!(
+            "forgot {} deployment(s), {} failed",
+            done.forgotten_count, done.failed_count
+        );
+    }
+    Ok(if done.failed_count == 0 {
+        EXIT_OK
+    } else {
+        EXIT_FAILED
+    })
 }

@@ -208,6 +208,9 @@ pub struct Deployment {
     pub completed_at: Option<SystemTime>,
     /// Why it failed, if it did.
     pub error_message: Option<String>,
+    /// When its files (bundle, node work directories) were deleted by a cleanup; its record,
+    /// nodes and logs stay until it is forgotten.
+    pub cleaned_at: Option<SystemTime>,
 }
 
 impl Deployment {

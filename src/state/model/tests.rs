@@ -15,6 +15,7 @@ fn deployment(total: u32, retries: u32) -> Deployment {
         updated_at: now,
         completed_at: None,
         error_message: None,
+        cleaned_at: None,
     }
 }
 

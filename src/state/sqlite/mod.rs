@@ -21,8 +21,9 @@ use crate::error::{Error, Result};
 use crate::sync::lock;
 
 /// The schema this code reads and writes, kept in `PRAGMA user_version`: 1 was taskfly 0.1's,
-/// 2 adds the nodes' `instance_locator`, 3 the per-node log counts ([`MIGRATIONS`]).
-const SCHEMA_VERSION: i64 = 3;
+/// 2 adds the nodes' `instance_locator`, 3 the per-node log counts, 4 the deployments'
+/// `cleaned_at` ([`MIGRATIONS`]).
+const SCHEMA_VERSION: i64 = 4;
 
 /// Default cap on stored log lines per deployment, as for the in-memory store.
 const DEFAULT_MAX_LOG_LINES: usize = 1_000_000;
@@ -108,6 +109,9 @@ const MIGRATIONS: &[&str] = &[
      );
      INSERT INTO log_volume (deployment_id, node_index, stored)
          SELECT deployment_id, node_index, COUNT(*) FROM logs GROUP BY deployment_id, node_index;",
+    // 4 (cleanup keeps records): when a deployment's files were deleted (ms since the epoch);
+    // NULL while they are there.
+    "ALTER TABLE deployments ADD COLUMN cleaned_at INTEGER;",
 ];
 
 /// Log lines stored per transaction: a large batch is stored in several, so other calls get
@@ -126,7 +130,7 @@ macro_rules! node_columns {
 macro_rules! deployment_columns {
     () => {
         "id, status, cloud_provider, total_nodes, retries, nodes_completed, nodes_failed, \
-         nodes_terminated, created_at, updated_at, completed_at, error_message"
+         nodes_terminated, created_at, updated_at, completed_at, error_message, cleaned_at"
     };
 }
 
@@ -588,6 +592,7 @@ fn deployment_from_row(row: &Row<'_>) -> Result<Deployment, DbError> {
         updated_at: read_time(row, 9)?,
         completed_at: read_optional_time(row, 10)?,
         error_message: row.get(11)?,
+        cleaned_at: read_optional_time(row, 12)?,
     })
 }
 
@@ -1001,7 +1006,7 @@ impl Store for SqliteStore {
             tx.prepare_cached(concat!(
                 "INSERT INTO deployments (",
                 deployment_columns!(),
-                ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
+                ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
             ))?
             .execute(params![
                 deployment.id,
@@ -1016,6 +1021,7 @@ impl Store for SqliteStore {
                 to_ms(deployment.updated_at),
                 deployment.completed_at.map(to_ms),
                 deployment.error_message,
+                deployment.cleaned_at.map(to_ms),
             ])?;
             for node in &nodes {
                 insert_node(&tx, node)?;
@@ -1297,6 +1303,19 @@ impl Store for SqliteStore {
                     .retain(|_, heartbeat| heartbeat.deployment_id != id);
             }
             Ok(deleted > 0)
+        })
+        .await
+    }
+
+    async fn mark_cleaned(&self, id: &str, at: SystemTime) -> Result<bool> {
+        let id = id.to_owned();
+        self.run(move |_, conn| {
+            let marked = conn
+                .prepare_cached(
+                    "UPDATE deployments SET cleaned_at = COALESCE(cleaned_at, ?2) WHERE id = ?1",
+                )?
+                .execute(params![id, to_ms(at)])?;
+            Ok(marked > 0)
         })
         .await
     }

@@ -19,6 +19,7 @@ fn deployment(id: &str, total_nodes: u32) -> Deployment {
         updated_at: at(0),
         completed_at: None,
         error_message: None,
+        cleaned_at: None,
     }
 }
 

@@ -1,7 +1,7 @@
 //! Running the real `taskfly` (and `taskflyd`) executables: a clean environment, a time limit
 //! on every run, and the captured exit code, stdout and stderr.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
