@@ -943,7 +943,15 @@ fn help_names_each_binary_and_leaves_internals_and_daemon_flags_out() {
     let up = help("taskfly", &["up", "--help"]);
     assert_eq!(
         listed_options(&up),
-        BTreeSet::from(["daemon", "token", "ca-file", "output", "help", "wait"]),
+        BTreeSet::from([
+            "daemon",
+            "token",
+            "ca-file",
+            "output",
+            "help",
+            "wait",
+            "down-on-interrupt"
+        ]),
         "{up}"
     );
     for offline in ["run", "validate"] {
@@ -1220,8 +1228,11 @@ fn run_needs_no_daemon_and_prints_every_nodes_lines_and_a_summary() {
     let view = json.json();
     assert_eq!(view["status"], "completed", "{view:#}");
     assert_eq!(node_statuses(&view), ["completed"; 3]);
+    // stdout holds the document alone; the node lines go to stderr, without progress lines.
+    let stderr = json.stderr_lines();
+    assert_eq!(stderr.len(), 6, "{}", json.show());
     assert!(
-        json.stderr_lines().is_empty(),
+        stderr.iter().all(|l| l.starts_with("[node ")),
         "json output has no progress lines\n{}",
         json.show()
     );

@@ -83,6 +83,13 @@ fn validate_refuses_what_run_refuses_every_problem_at_once() {
         "{}",
         validate.show()
     );
+    // A provider this build does not have is the daemon's to judge: validate passes it.
+    let elsewhere = Project::new(
+        "cloud_provider: batchfarm\ninstance_config:\n  batchfarm: {queue: short}\n\
+         application_files: [setup.sh]\nnodes:\n  count: 1\n",
+    )
+    .script("#!/bin/sh\necho hi\n");
+    taskfly_offline(home.path(), &["validate", path_str(elsewhere.path())]).expect_success();
     // `run` refuses it with the same words and the same exit code.
     let run = taskfly_offline(home.path(), &["run", dir]);
     run.expect_code(2);

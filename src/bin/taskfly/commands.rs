@@ -261,6 +261,15 @@ fn check_project(dir: &Path) -> Result<DeploymentConfig, Failure> {
     let engine = Config::new(std::env::temp_dir().join("taskfly-validate"));
     #[cfg(feature = "aws")]
     let engine = engine.provider(std::sync::Arc::new(taskfly::AwsProvider::new()));
+    let mut built_in = vec!["local"];
+    if cfg!(feature = "aws") {
+        built_in.push("aws");
+    }
+    // A provider this build does not have (a daemon's own) judges its section on the daemon.
+    let engine = match load_config(dir)?.cloud_provider.as_str() {
+        name if built_in.contains(&name) => engine,
+        name => engine.provider(std::sync::Arc::new(ElsewhereProvider(name.to_owned()))),
+    };
     engine.check_dir(dir).map_err(|e| {
         // Offline, a taskfly.yml over the size limit is a mistake in the invocation.
         let too_large = e.is_too_large();
@@ -270,6 +279,28 @@ fn check_project(dir: &Path) -> Result<DeploymentConfig, Failure> {
             ..failure
         }
     })
+}
+
+/// Stands in, for [`check_project`], for a provider this build does not have: it accepts any
+/// section (the daemon that has the provider judges it) and starts nothing.
+struct ElsewhereProvider(String);
+
+#[taskfly::async_trait]
+impl taskfly::Provider for ElsewhereProvider {
+    fn name(&self) -> &str {
+        &self.0
+    }
+
+    async fn provision(
+        &self,
+        _spec: taskfly::InstanceSpec,
+    ) -> Result<taskfly::Instance, taskfly::BoxError> {
+        Err(format!("the `{}` provider is not in this build of taskfly", self.0).into())
+    }
+
+    async fn terminate(&self, _instance: &taskfly::InstanceRef) -> Result<(), taskfly::BoxError> {
+        Ok(())
+    }
 }
 
 fn validate(dir: &Path, format: Output) -> Result<u8, Failure> {

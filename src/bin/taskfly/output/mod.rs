@@ -325,6 +325,9 @@ pub(crate) fn deployment_details(view: &DeploymentView) -> String {
     if let Some(error) = &view.error_message {
         let _ = writeln!(out, "error       {error}");
     }
+    if let Some(cleaned) = &view.cleaned_at {
+        let _ = writeln!(out, "cleaned up  {cleaned} (files deleted; status and logs kept)");
+    }
     let mut rows = vec![vec![
         "NODE".to_owned(),
         "STATUS".to_owned(),
