@@ -109,7 +109,6 @@ fn is_zero(n: &u32) -> bool {
     *n == 0
 }
 
-
 /// `POST /cleanup/all`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]

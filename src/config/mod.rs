@@ -31,12 +31,12 @@ use serde_yaml::Value;
 pub(crate) use aws::aws_settings;
 pub(crate) use diagnostics::closest;
 use diagnostics::{yaml_error, Fields, Problems};
+pub use duration::parse_duration;
 use files::{leaves_folder, parse_application_files};
 use instance_config::{parse_cloud_provider, parse_instance_config};
 pub(crate) use local::local_settings;
 use nodes::parse_nodes;
 pub(crate) use nodes::MAX_NODES;
-pub use duration::parse_duration;
 pub use types::{AwsConfig, CloudProvider, DeploymentConfig, LocalAgent, LocalConfig, NodesConfig};
 use values::string;
 

@@ -635,22 +635,38 @@ fn a_huge_integer_is_one_problem_at_its_field_among_the_others() {
     assert!(!details.concat().contains(number), "{details:?}");
     // Quoted, it is text like any other.
     let config = parse(&format!("{MINIMAL}  secrets: {{n: \"{number}\"}}\n"));
-    assert_eq!(config.nodes.secrets.get("n").map(String::as_str), Some(number));
+    assert_eq!(
+        config.nodes.secrets.get("n").map(String::as_str),
+        Some(number)
+    );
 }
 
 #[test]
 fn a_bare_number_of_seconds_is_a_duration_as_on_the_command_line() {
     for written in ["90", "\"90\"", "90s", "1m 30s", "\" 90 \""] {
         let config = parse(&format!("{MINIMAL}  timeout: {written}\n"));
-        assert_eq!(config.nodes.timeout, Some(Duration::from_secs(90)), "{written}");
+        assert_eq!(
+            config.nodes.timeout,
+            Some(Duration::from_secs(90)),
+            "{written}"
+        );
         let flag = written.trim_matches('"');
-        assert_eq!(parse_duration(flag).unwrap(), Duration::from_secs(90), "{written}");
+        assert_eq!(
+            parse_duration(flag).unwrap(),
+            Duration::from_secs(90),
+            "{written}"
+        );
     }
     for refused in ["1.5", "-3", "soon", "\"\""] {
         let details = problems(&format!("{MINIMAL}  timeout: {refused}\n"));
         assert_eq!(details.len(), 1, "{refused}: {details:?}");
-        assert!(details[0].starts_with("nodes.timeout: expected a duration"), "{details:?}");
-        assert!(parse_duration(refused.trim_matches('"')).unwrap_err().is_invalid_input());
+        assert!(
+            details[0].starts_with("nodes.timeout: expected a duration"),
+            "{details:?}"
+        );
+        assert!(parse_duration(refused.trim_matches('"'))
+            .unwrap_err()
+            .is_invalid_input());
     }
 }
 

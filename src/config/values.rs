@@ -79,7 +79,9 @@ pub(super) fn duration(value: &Value, path: &str, problems: &mut Problems) -> Op
         Value::String(s) => {
             parse_duration(s).map_err(|_| format!("{expected}, got {}", describe(value)))
         }
-        Value::Number(n) => parse_duration(&n.to_string()).map_err(|_| format!("{expected}, got {n}")),
+        Value::Number(n) => {
+            parse_duration(&n.to_string()).map_err(|_| format!("{expected}, got {n}"))
+        }
         other => Err(format!("{expected}, got {}", describe(other))),
     };
     match parsed {
@@ -275,7 +277,10 @@ fn to_json(value: &Value, path: &str, problems: &mut Problems) -> JsonValue {
             JsonValue::Object(object)
         }
         Value::Tagged(_) if is_huge_integer(value) => {
-            problems.add(path, format!("expected a value a node can get, got {HUGE_INTEGER}"));
+            problems.add(
+                path,
+                format!("expected a value a node can get, got {HUGE_INTEGER}"),
+            );
             JsonValue::Null
         }
         Value::Tagged(tagged) => {

@@ -29,9 +29,29 @@ const RESERVED_PREFIX: &str = "TASKFLY_";
 /// becoming one of them (`path: /x` sets `PATH`) would break the script in ways that are hard
 /// to trace, so such keys are refused (SPEC §2). Compared with the upper-cased key.
 const RESERVED_NAMES: [&str; 23] = [
-    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "PWD", "OLDPWD", "IFS", "TMPDIR", "TZ", "LANG",
-    "LANGUAGE", "TERM", "HOSTNAME", "MAIL", "ENV", "BASH_ENV", "CDPATH", "SHLVL", "PS1", "PS2",
-    "PS4", "GLIBC_TUNABLES",
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "SHELL",
+    "PWD",
+    "OLDPWD",
+    "IFS",
+    "TMPDIR",
+    "TZ",
+    "LANG",
+    "LANGUAGE",
+    "TERM",
+    "HOSTNAME",
+    "MAIL",
+    "ENV",
+    "BASH_ENV",
+    "CDPATH",
+    "SHLVL",
+    "PS1",
+    "PS2",
+    "PS4",
+    "GLIBC_TUNABLES",
 ];
 
 /// Prefixes of variables read by the C library's locale and loader, bash's exported functions

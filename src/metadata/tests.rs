@@ -157,7 +157,9 @@ fn a_key_set_in_two_places_is_refused_naming_both() {
 #[test]
 fn keys_that_would_set_the_nodes_system_variables_are_refused() {
     let nodes = NodesConfig {
-        global_metadata: map(json!({"path": "/x", "Home": "/h", "lc_all": "C", "ld_preload": "x", "paths": 1})),
+        global_metadata: map(
+            json!({"path": "/x", "Home": "/h", "lc_all": "C", "ld_preload": "x", "paths": 1}),
+        ),
         secrets: BTreeMap::from([("IFS".to_owned(), "s".to_owned())]),
         config_template: map(json!({"rust_log": "debug", "tmpdir": "/t"})),
         ..nodes(1)

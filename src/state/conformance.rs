@@ -37,7 +37,10 @@ async fn marks_a_deployment_cleaned_and_keeps_its_record(store: &dyn Store) {
     let id = "conf-cleaned";
     create(store, id, 1, 0).await;
     append(store, id, &[0]).await;
-    assert_eq!(store.deployment(id).await.unwrap().unwrap().cleaned_at, None);
+    assert_eq!(
+        store.deployment(id).await.unwrap().unwrap().cleaned_at,
+        None
+    );
     assert!(store.mark_cleaned(id, at(5)).await.unwrap());
     // Marked again (a second cleanup): the first time stays.
     assert!(store.mark_cleaned(id, at(9)).await.unwrap());
@@ -47,7 +50,11 @@ async fn marks_a_deployment_cleaned_and_keeps_its_record(store: &dyn Store) {
     let listed = listed.iter().find(|d| d.id == id).unwrap();
     assert_eq!(listed.cleaned_at, Some(at(5)));
     assert_eq!(store.nodes(id).await.unwrap().len(), 1, "nodes stay");
-    assert_eq!(read_logs(store, id, 0, None, 10).await.len(), 1, "logs stay");
+    assert_eq!(
+        read_logs(store, id, 0, None, 10).await.len(),
+        1,
+        "logs stay"
+    );
     assert!(!store.mark_cleaned("conf-no-such", at(5)).await.unwrap());
 }
 
@@ -750,7 +757,11 @@ async fn drops_resent_log_lines(store: &dyn Store) {
     );
     assert_eq!(seqs(&lines), [1, 2, 3, 4, 5, 6, 7]);
     let attempts: Vec<u32> = lines.iter().map(|l| l.attempt).collect();
-    assert_eq!(attempts, [1, 1, 1, 1, 1, 2, 2], "each line keeps its attempt");
+    assert_eq!(
+        attempts,
+        [1, 1, 1, 1, 1, 2, 2],
+        "each line keeps its attempt"
+    );
     // The highest number taken, per attempt and stream (even numbers are stdout here).
     let last_taken =
         |attempt, stream| store.last_line_no("dep-resend", "dep-resend-0", attempt, stream);

@@ -671,7 +671,11 @@ fn cleanup_deletes_finished_deployments_and_refuses_running_ones() {
     assert!(kept["cleaned_at"].is_string(), "{kept:#}");
     let logs = daemon.cli(&["logs", &finished_id]);
     logs.expect_success();
-    assert!(logs.stdout.contains("[node 0] hello from node 0"), "{}", logs.show());
+    assert!(
+        logs.stdout.contains("[node 0] hello from node 0"),
+        "{}",
+        logs.show()
+    );
 
     // A running deployment is refused, with what to do instead.
     let marker = unique_word();
@@ -707,7 +711,11 @@ fn cleanup_deletes_finished_deployments_and_refuses_running_ones() {
         .filter(|d| d["cleaned_at"].is_string())
         .map(|d| d["deployment_id"].as_str().unwrap())
         .collect();
-    assert_eq!(cleaned.len(), 3, "every final one is marked cleaned: {left:#}");
+    assert_eq!(
+        cleaned.len(),
+        3,
+        "every final one is marked cleaned: {left:#}"
+    );
     assert!(!cleaned.contains(&still_running.as_str()));
     assert!(cleaned.contains(&completed["deployment_id"].as_str().unwrap()));
 

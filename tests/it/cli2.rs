@@ -126,9 +126,8 @@ fn metadata_keys_that_set_system_variables_or_are_defined_twice_are_refused() {
             ran.show()
         );
         assert!(
-            problems.iter().any(|p| p.starts_with(
-                "nodes.global_metadata.ld_library_path: would set LD_LIBRARY_PATH"
-            )),
+            problems.iter().any(|p| p
+                .starts_with("nodes.global_metadata.ld_library_path: would set LD_LIBRARY_PATH")),
             "{}",
             ran.show()
         );
@@ -149,7 +148,8 @@ fn metadata_keys_that_set_system_variables_or_are_defined_twice_are_refused() {
     let ran = taskfly_offline(home.path(), &["validate", path_str(project.path())]);
     ran.expect_code(2);
     assert!(
-        ran.stderr.contains("nodes.global_metadata: duplicate entry with key \"region\""),
+        ran.stderr
+            .contains("nodes.global_metadata: duplicate entry with key \"region\""),
         "{}",
         ran.show()
     );
@@ -209,13 +209,21 @@ fn logs_follow_json_is_one_object_per_line_and_run_json_keeps_node_lines_on_stde
     let seqs: Vec<u64> = objects.iter().map(|o| o["seq"].as_u64().unwrap()).collect();
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
     for object in &objects {
-        assert!(object["line"].as_str().unwrap().contains(" from "), "{object}");
+        assert!(
+            object["line"].as_str().unwrap().contains(" from "),
+            "{object}"
+        );
         assert_eq!(object["stream"], "stdout", "{object}");
     }
 
     let home = tempfile::tempdir().expect("temp HOME");
     let run = cli_run::run_with_limit(
-        cli_run::command("taskfly", home.path()).args(["run", path_str(project.path()), "-o", "json"]),
+        cli_run::command("taskfly", home.path()).args([
+            "run",
+            path_str(project.path()),
+            "-o",
+            "json",
+        ]),
         DEPLOYMENT_LIMIT,
     );
     run.expect_success();
@@ -238,7 +246,10 @@ fn a_huge_integer_hides_no_other_problem_and_durations_read_alike_everywhere() {
          retries: 123456789012345678901234567890\n  timeout: 90\n  cuont: 2\n",
     )
     .script("#!/bin/sh\necho hi\n");
-    let ran = taskfly_offline(home.path(), &["validate", path_str(project.path()), "-o", "json"]);
+    let ran = taskfly_offline(
+        home.path(),
+        &["validate", path_str(project.path()), "-o", "json"],
+    );
     ran.expect_code(2);
     let problems = details(&ran);
     assert_eq!(problems.len(), 2, "{}", ran.show());
@@ -249,13 +260,24 @@ fn a_huge_integer_hides_no_other_problem_and_durations_read_alike_everywhere() {
         "{}",
         ran.show()
     );
-    assert!(problems.iter().any(|p| p.starts_with("nodes.cuont: ")), "{}", ran.show());
+    assert!(
+        problems.iter().any(|p| p.starts_with("nodes.cuont: ")),
+        "{}",
+        ran.show()
+    );
     assert!(!ran.stdout.contains("1234567890123"), "{}", ran.show());
 
     // A bare number is seconds on taskflyd's command line too, as `timeout: 90` above.
     let daemon = Daemon::start_with_args(
         DaemonOptions::default(),
-        &["--heartbeat-timeout", "30", "--grace-period", "5", "--retention", "3600"],
+        &[
+            "--heartbeat-timeout",
+            "30",
+            "--grace-period",
+            "5",
+            "--retention",
+            "3600",
+        ],
     );
     let (status, _) = daemon.stop();
     assert!(status.success(), "{status:?}");
@@ -264,7 +286,9 @@ fn a_huge_integer_hides_no_other_problem_and_durations_read_alike_everywhere() {
     );
     refused.expect_code(2);
     assert!(
-        refused.stderr.contains("give a number of seconds (90) or a duration like 90s"),
+        refused
+            .stderr
+            .contains("give a number of seconds (90) or a duration like 90s"),
         "{}",
         refused.show()
     );
@@ -302,7 +326,11 @@ fn up_wait_rides_out_a_daemon_restart_saying_so_once_and_repeating_no_line() {
 
     let ran = up.finish(DEPLOYMENT_LIMIT);
     ran.expect_success();
-    let node_lines: Vec<&str> = ran.stdout.lines().filter(|l| l.starts_with("[node")).collect();
+    let node_lines: Vec<&str> = ran
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("[node"))
+        .collect();
     assert_eq!(
         node_lines,
         ["[node 0] started", "[node 0] finished"],
@@ -366,7 +394,9 @@ fn ctrl_c_on_up_wait_leaves_the_deployment_running_unless_asked_to_stop_it() {
         .find(|l| l.starts_with("interrupted: terminating deployment "))
         .unwrap_or_else(|| panic!("{}", ran.show()));
     let id = said.rsplit(' ').next().expect("id").to_owned();
-    daemon.wait_for_status(&id, DEPLOYMENT_LIMIT, "terminated", |s| s["status"] == "terminated");
+    daemon.wait_for_status(&id, DEPLOYMENT_LIMIT, "terminated", |s| {
+        s["status"] == "terminated"
+    });
 }
 
 // ----- cleanup keeps records; --forget deletes them -----
@@ -394,7 +424,11 @@ fn cleanup_forget_deletes_the_records_of_finished_deployments_after_a_dry_run() 
         "{}",
         dry.show()
     );
-    assert_eq!(daemon.status(&first)["status"], "completed", "nothing deleted");
+    assert_eq!(
+        daemon.status(&first)["status"],
+        "completed",
+        "nothing deleted"
+    );
 
     let forgot = daemon.cli(&["cleanup", "--forget"]);
     forgot.expect_success();
@@ -409,13 +443,23 @@ fn cleanup_forget_deletes_the_records_of_finished_deployments_after_a_dry_run() 
         gone.expect_code(1);
         assert!(gone.stderr.contains("no deployment"), "{}", gone.show());
     }
-    assert_eq!(daemon.status(&running)["status"], "running", "a running one stays");
+    assert_eq!(
+        daemon.status(&running)["status"],
+        "running",
+        "a running one stays"
+    );
     let refused = daemon.cli(&["cleanup", &running, "--forget"]);
     refused.expect_code(1);
-    assert!(refused.stderr.contains("taskfly down"), "{}", refused.show());
+    assert!(
+        refused.stderr.contains("taskfly down"),
+        "{}",
+        refused.show()
+    );
 
     std::fs::write(&gate, "").expect("open the gate");
-    daemon.wait_for_status(&running, DEPLOYMENT_LIMIT, "completed", |s| s["status"] == "completed");
+    daemon.wait_for_status(&running, DEPLOYMENT_LIMIT, "completed", |s| {
+        s["status"] == "completed"
+    });
     let one = daemon.cli(&["cleanup", &running, "--forget", "-o", "json"]);
     one.expect_success();
     assert_eq!(

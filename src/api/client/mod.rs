@@ -161,7 +161,10 @@ impl Client {
     /// and that time when a read starts retrying, so a follower can say so once. Without it,
     /// a read fails at its first failure.
     #[must_use]
-    pub fn retry_reads(mut self, notice: impl Fn(&Error, Duration) + Send + Sync + 'static) -> Client {
+    pub fn retry_reads(
+        mut self,
+        notice: impl Fn(&Error, Duration) + Send + Sync + 'static,
+    ) -> Client {
         self.read_retry_notice = Some(std::sync::Arc::new(notice));
         self
     }

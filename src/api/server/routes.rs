@@ -180,7 +180,11 @@ async fn client_route(
 /// The `dry_run` query parameter of `POST /cleanup/forget`: `true` or `false` (default false).
 fn dry_run(query: Option<&str>) -> Result<bool> {
     let mut dry_run = false;
-    for pair in query.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
+    for pair in query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
         dry_run = match pair.split_once('=') {
             Some(("dry_run", "true")) | Some(("dry_run", "1")) => true,
             Some(("dry_run", "false")) | Some(("dry_run", "0")) => false,

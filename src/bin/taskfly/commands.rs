@@ -587,11 +587,7 @@ async fn follow(
 }
 
 /// The loop of [`follow`]: logs and progress until the deployment is final; its exit code.
-async fn follow_to_end(
-    client: &Client,
-    id: &str,
-    progress: &mut Progress,
-) -> Result<u8, Error> {
+async fn follow_to_end(client: &Client, id: &str, progress: &mut Progress) -> Result<u8, Error> {
     let started = Instant::now();
     let mut cursor = 0;
     loop {
@@ -871,10 +867,7 @@ async fn forget_one(cli: &Cli, id: &str, dry_run: bool) -> Result<u8, Failure> {
         }
         return Ok(EXIT_OK);
     }
-    client
-        .forget(id)
-        .await
-        .map_err(|e| failure(Some(cli), e))?;
+    client.forget(id).await.map_err(|e| failure(Some(cli), e))?;
     if cli.output == Output::Json {
         println!(
             "{}",
@@ -900,7 +893,11 @@ async fn forget_finished(cli: &Cli, dry_run: bool) -> Result<u8, Failure> {
             println!(
                 "would forget {} finished deployment(s) (dry run; nothing deleted){}",
                 planned.forgotten_count,
-                if planned.deployment_ids.is_empty() { "" } else { ":" }
+                if planned.deployment_ids.is_empty() {
+                    ""
+                } else {
+                    ":"
+                }
             );
             for id in &planned.deployment_ids {
                 println!("  {id}");

@@ -243,7 +243,10 @@ impl Running {
                 Ok(_) => {}
                 Err(e) => {
                     self.kill();
-                    panic!("{}: no expected line on stderr within {limit:?} ({e})", self.what);
+                    panic!(
+                        "{}: no expected line on stderr within {limit:?} ({e})",
+                        self.what
+                    );
                 }
             }
         }

@@ -326,7 +326,10 @@ pub(crate) fn deployment_details(view: &DeploymentView) -> String {
         let _ = writeln!(out, "error       {error}");
     }
     if let Some(cleaned) = &view.cleaned_at {
-        let _ = writeln!(out, "cleaned up  {cleaned} (files deleted; status and logs kept)");
+        let _ = writeln!(
+            out,
+            "cleaned up  {cleaned} (files deleted; status and logs kept)"
+        );
     }
     let mut rows = vec![vec![
         "NODE".to_owned(),

@@ -68,7 +68,10 @@ fn log_lines_carry_the_node_prefix_and_colour_only_when_asked() {
         log_line(&log(3, "stdout", "hello"), false, false),
         "[node 3] hello"
     );
-    assert_eq!(log_line(&log(3, "stderr", "oops"), false, false), "[node 3] oops");
+    assert_eq!(
+        log_line(&log(3, "stderr", "oops"), false, false),
+        "[node 3] oops"
+    );
     let coloured = log_line(&log(3, "stderr", "oops"), true, false);
     assert!(
         coloured.contains("[node 3]") && coloured.contains("oops"),
@@ -262,6 +265,9 @@ async fn plain_progress_prints_at_most_one_line_per_period() {
     }
     assert_eq!(printed, 0);
     tokio::time::advance(PLAIN_PROGRESS_EVERY).await;
-    assert!(throttle.ready(), "a change is printed once the period is over");
+    assert!(
+        throttle.ready(),
+        "a change is printed once the period is over"
+    );
     assert!(!throttle.ready(), "and the period starts again");
 }
