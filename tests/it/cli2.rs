@@ -351,6 +351,32 @@ fn up_wait_rides_out_a_daemon_restart_saying_so_once_and_repeating_no_line() {
 }
 
 #[test]
+fn logs_follow_rides_out_a_daemon_restart_and_carries_on_from_its_cursor() {
+    let mut daemon = Daemon::start_on(free_port(), DaemonOptions::default(), &[]);
+    let gate_dir = tempfile::tempdir().expect("gate dir");
+    let gate = gate_dir.path().join("gate");
+    let id = daemon.up(gated_project(&gate).path());
+    let mut logs = Running::start(&mut daemon.taskfly(&["logs", &id, "-f"]));
+    logs.wait_for_line(DEPLOYMENT_LIMIT, |l| l == "[node 0] started");
+
+    daemon.kill();
+    logs.wait_for_stderr_line(DEPLOYMENT_LIMIT, |l| {
+        l.starts_with("daemon unreachable, retrying for up to 2m (")
+    });
+    daemon.restart();
+    std::fs::write(&gate, "").expect("open the gate");
+
+    let ran = logs.finish(DEPLOYMENT_LIMIT);
+    ran.expect_success();
+    assert_eq!(
+        ran.stdout,
+        "[node 0] started\n[node 0] finished\n",
+        "{}",
+        ran.show()
+    );
+}
+
+#[test]
 fn ctrl_c_on_up_wait_leaves_the_deployment_running_unless_asked_to_stop_it() {
     let daemon = Daemon::start();
     let gate_dir = tempfile::tempdir().expect("gate dir");
