@@ -103,6 +103,7 @@ async fn bench(store: Arc<dyn Store>, count: u32, callers: u32) -> Result<Figure
         completed_at: None,
         error_message: None,
         rerun_of: None,
+        cleaned_at: None,
     };
     let nodes: Vec<Node> = (0..count)
         .map(|index| {

@@ -142,6 +142,18 @@ pub struct DeploymentView {
     /// absent until then.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration_s: Option<f64>,
+    /// `nodes.retries`: a `failed` node whose `attempt` is at most this is waiting to be
+    /// tried again (omitted when 0).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub retries: u32,
+    /// RFC 3339: when its files were deleted (`taskfly cleanup`); its record stays until it
+    /// is forgotten. Omitted while the files are there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cleaned_at: Option<String>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// `POST /cleanup/all`.
@@ -152,6 +164,21 @@ pub struct CleanupAll {
     pub cleaned_count: u32,
     /// Deployments whose files could not be deleted.
     pub failed_count: u32,
+}
+
+/// `POST /cleanup/forget`: the final deployments whose records were deleted (or, with
+/// `dry_run`, would be).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Forgotten {
+    /// How many were forgotten (would be, with `dry_run`).
+    pub forgotten_count: u32,
+    /// Their ids, newest first.
+    pub deployment_ids: Vec<String>,
+    /// Deployments that could not be forgotten (their files could not be deleted).
+    pub failed_count: u32,
+    /// True when nothing was deleted: the answer says what would be.
+    pub dry_run: bool,
 }
 
 /// One stored log line.
@@ -171,6 +198,9 @@ pub struct LogLineView {
     pub line: String,
     /// RFC 3339.
     pub timestamp: String,
+    /// The node's attempt that wrote it (1 unless the node was retried).
+    #[serde(default = "one")]
+    pub attempt: u32,
 }
 
 /// `GET /deployments/{id}/logs`.
@@ -417,6 +447,12 @@ impl DeploymentView {
     /// Whether the deployment has reached `completed`, `failed` or `terminated`.
     pub fn is_final(&self) -> bool {
         self.status.is_final()
+    }
+
+    /// Whether `node` failed but has a retry left: it is waiting to be started again, and
+    /// counts as neither failed nor finished.
+    pub fn is_retrying(&self, node: &NodeView) -> bool {
+        node.status == NodeStatus::Failed && node.attempt <= self.retries && !self.is_final()
     }
 }
 

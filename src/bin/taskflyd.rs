@@ -48,16 +48,16 @@ struct Args {
     #[arg(long, env = "TASKFLY_DATA_DIR")]
     data_dir: Option<PathBuf>,
     /// A node silent for longer than this is failed (e.g. 30s, 2m).
-    #[arg(long, env = "TASKFLY_HEARTBEAT_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "TASKFLY_HEARTBEAT_TIMEOUT", default_value = "30s", value_parser = taskfly::config::parse_duration)]
     heartbeat_timeout: Duration,
     /// Log format on stderr; RUST_LOG filters (default info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
     /// How long a terminated node's script gets between SIGTERM and SIGKILL.
-    #[arg(long, env = "TASKFLY_GRACE_PERIOD", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "TASKFLY_GRACE_PERIOD", default_value = "10s", value_parser = taskfly::config::parse_duration)]
     grace_period: Duration,
     /// Finished deployments are removed this long after they ended (files, nodes, logs).
-    #[arg(long, env = "TASKFLY_RETENTION", default_value = "7days", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "TASKFLY_RETENTION", default_value = "7days", value_parser = taskfly::config::parse_duration)]
     retention: Duration,
     /// Most log lines kept per deployment, half that per node; a node over its share loses its
     /// oldest lines first.
@@ -72,7 +72,7 @@ struct Args {
     #[arg(long, env = "TASKFLY_POOL_MIN", default_value_t = 0, value_name = "N")]
     pool_min: usize,
     /// With --pool-max: an instance idle this long is terminated (down to --pool-min).
-    #[arg(long, env = "TASKFLY_POOL_IDLE_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "TASKFLY_POOL_IDLE_TIMEOUT", default_value = "5m", value_parser = taskfly::config::parse_duration)]
     pool_idle_timeout: Duration,
     /// With --pool-max: spare instances started ahead of need, beyond those in use.
     #[arg(

@@ -6,7 +6,12 @@ use std::fmt;
 
 use serde_yaml::Value;
 
+use super::tree::is_huge_integer;
 use super::CONFIG_FILE_NAME;
+
+/// How an integer too large for 64 bits is described (never with its digits).
+pub(super) const HUGE_INTEGER: &str =
+    "an integer too large for 64 bits (quote it to pass it on as text)";
 use crate::error::{Error, Result};
 
 /// Every problem found so far, each formatted as `"<field path>: <what is wrong>"`.
@@ -127,7 +132,8 @@ impl<'a> Fields<'a> {
             .iter()
             .find(|(field, _)| *field == name)
             .map(|(_, value)| *value)
-            .filter(|value| !value.is_null())
+            // serde_yaml sees through tags, so the marked huge integer would pass for null.
+            .filter(|value| !value.is_null() || is_huge_integer(value))
     }
 
     /// The path of field `name`.
@@ -220,6 +226,7 @@ pub(super) fn describe(value: &Value) -> String {
         }
         Value::Sequence(_) => "a list".to_owned(),
         Value::Mapping(_) => "a mapping".to_owned(),
+        Value::Tagged(_) if is_huge_integer(value) => HUGE_INTEGER.to_owned(),
         Value::Tagged(tagged) => format!("a value tagged {}", tagged.tag),
     }
 }
@@ -233,6 +240,7 @@ pub(super) fn kind_of(value: &Value) -> &'static str {
         Value::String(_) => "a string",
         Value::Sequence(_) => "a list",
         Value::Mapping(_) => "a mapping",
+        Value::Tagged(_) if is_huge_integer(value) => HUGE_INTEGER,
         Value::Tagged(_) => "a tagged value",
     }
 }

@@ -14,10 +14,12 @@
 
 mod aws;
 mod diagnostics;
+mod duration;
 mod files;
 mod instance_config;
 mod local;
 mod nodes;
+mod tree;
 mod types;
 mod values;
 
@@ -29,6 +31,7 @@ use serde_yaml::Value;
 pub(crate) use aws::aws_settings;
 pub(crate) use diagnostics::closest;
 use diagnostics::{yaml_error, Fields, Problems};
+pub use duration::parse_duration;
 use files::{leaves_folder, parse_application_files};
 use instance_config::{parse_cloud_provider, parse_instance_config};
 pub(crate) use local::local_settings;
@@ -110,8 +113,14 @@ impl DeploymentConfig {
     }
 }
 
+/// The error for a `taskfly.yml` (named `file` in the message) with these problems, each
+/// `<field path>: <what is wrong>`: what the checks beyond the file itself report.
+pub(crate) fn invalid_config(file: &str, problems: Vec<String>) -> Error {
+    Problems(problems).into_error(file)
+}
+
 fn parse_document(text: &str, problems: &mut Problems) -> Option<DeploymentConfig> {
-    let mut root: Value = match serde_yaml::from_str(text) {
+    let mut root: Value = match tree::parse(text) {
         Ok(root) => root,
         Err(err) => {
             problems.add(CONFIG_FILE_NAME, yaml_error(&err));

@@ -612,16 +612,62 @@ fn yaml_syntax_errors_name_the_line() {
 }
 
 #[test]
-fn yaml_errors_never_quote_the_value_they_could_not_read() {
+fn a_huge_integer_is_one_problem_at_its_field_among_the_others() {
     let number = "98765432109876543210987654321";
-    let details = problems(&format!("{MINIMAL}  secrets: {{n: {number}}}\n"));
-    assert_eq!(details.len(), 1);
-    assert!(!details[0].contains(number), "{details:?}");
-    assert!(
-        details[0].contains("invalid type: integer as u128"),
-        "{details:?}"
+    let details = problems(&format!(
+        "{MINIMAL}  secrets: {{n: {number}}}\n  global_metadata: {{big: -{number}}}\n  retries: {number}\n  cuont: 1\n"
+    ));
+    assert_eq!(
+        details,
+        vec![
+            "nodes.cuont: unknown field; did you mean `count`?".to_owned(),
+            "nodes.retries: expected an integer from 0 to 100, got an integer too large for 64 \
+             bits (quote it to pass it on as text)"
+                .to_owned(),
+            "nodes.global_metadata.big: expected a value a node can get, got an integer too \
+             large for 64 bits (quote it to pass it on as text)"
+                .to_owned(),
+            "nodes.secrets.n: expected a string, number or boolean, got an integer too large \
+             for 64 bits (quote it to pass it on as text)"
+                .to_owned(),
+        ]
     );
-    assert!(details[0].contains("nodes.secrets.n"), "{details:?}");
+    assert!(!details.concat().contains(number), "{details:?}");
+    // Quoted, it is text like any other.
+    let config = parse(&format!("{MINIMAL}  secrets: {{n: \"{number}\"}}\n"));
+    assert_eq!(
+        config.nodes.secrets.get("n").map(String::as_str),
+        Some(number)
+    );
+}
+
+#[test]
+fn a_bare_number_of_seconds_is_a_duration_as_on_the_command_line() {
+    for written in ["90", "\"90\"", "90s", "1m 30s", "\" 90 \""] {
+        let config = parse(&format!("{MINIMAL}  timeout: {written}\n"));
+        assert_eq!(
+            config.nodes.timeout,
+            Some(Duration::from_secs(90)),
+            "{written}"
+        );
+        let flag = written.trim_matches('"');
+        assert_eq!(
+            parse_duration(flag).unwrap(),
+            Duration::from_secs(90),
+            "{written}"
+        );
+    }
+    for refused in ["1.5", "-3", "soon", "\"\""] {
+        let details = problems(&format!("{MINIMAL}  timeout: {refused}\n"));
+        assert_eq!(details.len(), 1, "{refused}: {details:?}");
+        assert!(
+            details[0].starts_with("nodes.timeout: expected a duration"),
+            "{details:?}"
+        );
+        assert!(parse_duration(refused.trim_matches('"'))
+            .unwrap_err()
+            .is_invalid_input());
+    }
 }
 
 #[test]
@@ -647,13 +693,14 @@ fn empty_and_odd_documents() {
 #[test]
 fn merge_keys_are_applied() {
     let text = format!(
-        "{MINIMAL}  global_metadata: &common {{region: eu, tier: gold}}\n  config_template:\n    \
-             <<: *common\n    out: \"{{region}}-{{tier}}\"\n"
+        "{MINIMAL}  config_template:\n    base: &common {{region: eu, tier: gold}}\n    out:\n      \
+             <<: *common\n      name: \"{{base}}\"\n"
     );
     let template = parse(&text).nodes.config_template;
-    assert_eq!(template.get("region"), Some(&json!("eu")));
-    assert_eq!(template.get("tier"), Some(&json!("gold")));
-    assert_eq!(template.get("out"), Some(&json!("{region}-{tier}")));
+    assert_eq!(
+        template.get("out"),
+        Some(&json!({"region": "eu", "tier": "gold", "name": "{base}"}))
+    );
     assert_eq!(template.get("<<"), None);
 }
 

@@ -7,7 +7,9 @@ use std::time::Duration;
 use serde_json::Value as JsonValue;
 use serde_yaml::Value;
 
-use super::diagnostics::{child, describe, item, kind_of, Problems};
+use super::diagnostics::{child, describe, item, kind_of, Problems, HUGE_INTEGER};
+use super::duration::parse_duration;
+use super::tree::is_huge_integer;
 
 /// A non-empty string.
 pub(super) fn string(value: &Value, path: &str, problems: &mut Problems) -> Option<String> {
@@ -72,13 +74,14 @@ pub(super) fn integer(
 /// A duration: a humantime string (`30m`, `90s`, `1h 30m`) or a whole number of seconds.
 pub(super) fn duration(value: &Value, path: &str, problems: &mut Problems) -> Option<Duration> {
     let expected = "expected a duration like 30m, 90s or 1h 30m, or a whole number of seconds";
+    // A number written bare and the same number as text mean the same, as on the command line.
     let parsed = match value {
-        Value::String(s) => humantime::parse_duration(s.trim())
-            .map_err(|err| format!("{expected}, got {} ({err})", describe(value))),
-        Value::Number(n) => n
-            .as_u64()
-            .map(Duration::from_secs)
-            .ok_or_else(|| format!("{expected}, got {n}")),
+        Value::String(s) => {
+            parse_duration(s).map_err(|_| format!("{expected}, got {}", describe(value)))
+        }
+        Value::Number(n) => {
+            parse_duration(&n.to_string()).map_err(|_| format!("{expected}, got {n}"))
+        }
         other => Err(format!("{expected}, got {}", describe(other))),
     };
     match parsed {
@@ -272,6 +275,13 @@ fn to_json(value: &Value, path: &str, problems: &mut Problems) -> JsonValue {
                 }
             }
             JsonValue::Object(object)
+        }
+        Value::Tagged(_) if is_huge_integer(value) => {
+            problems.add(
+                path,
+                format!("expected a value a node can get, got {HUGE_INTEGER}"),
+            );
+            JsonValue::Null
         }
         Value::Tagged(tagged) => {
             problems.add(

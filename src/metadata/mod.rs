@@ -25,6 +25,39 @@ const BUILTINS: [&str; 4] = ["node_id", "node_index", "total_nodes", "deployment
 /// The prefix of taskfly's own environment variables, which user keys may not use.
 const RESERVED_PREFIX: &str = "TASKFLY_";
 
+/// Environment variables the node's system, shell or dynamic loader reads: a metadata key
+/// becoming one of them (`path: /x` sets `PATH`) would break the script in ways that are hard
+/// to trace, so such keys are refused (SPEC §2). Compared with the upper-cased key.
+const RESERVED_NAMES: [&str; 23] = [
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "SHELL",
+    "PWD",
+    "OLDPWD",
+    "IFS",
+    "TMPDIR",
+    "TZ",
+    "LANG",
+    "LANGUAGE",
+    "TERM",
+    "HOSTNAME",
+    "MAIL",
+    "ENV",
+    "BASH_ENV",
+    "CDPATH",
+    "SHLVL",
+    "PS1",
+    "PS2",
+    "PS4",
+    "GLIBC_TUNABLES",
+];
+
+/// Prefixes of variables read by the C library's locale and loader, bash's exported functions
+/// and the Rust agent's log filter, refused like [`RESERVED_NAMES`].
+const RESERVED_PREFIXES: [&str; 4] = ["LC_", "LD_", "BASH_FUNC_", "RUST_LOG"];
+
 /// What a secret's value is shown as.
 const MASK: &str = "***";
 
@@ -378,6 +411,23 @@ fn check_names(nodes: &NodesConfig, problems: &mut Vec<String>) {
             ));
             continue;
         }
+        if RESERVED_NAMES.contains(&env_name.as_str()) {
+            problems.push(format!(
+                "{path}: would set the node's system variable {env_name}, which its shell and \
+                 programs rely on; choose another name"
+            ));
+            continue;
+        }
+        if let Some(prefix) = RESERVED_PREFIXES
+            .iter()
+            .find(|prefix| env_name.starts_with(*prefix))
+        {
+            problems.push(format!(
+                "{path}: would set {env_name}, and variables starting with {prefix} change how \
+                 the node's programs run; choose another name"
+            ));
+            continue;
+        }
         by_env_name.entry(env_name).or_default().push((source, key));
     }
     for (env_name, owners) in &by_env_name {
@@ -396,6 +446,22 @@ fn check_names(nodes: &NodesConfig, problems: &mut Vec<String>) {
                 problems.push(format!(
                     "{path}: also set in {first_path}; a secret cannot share its name with a \
                      key that is not secret"
+                ));
+            } else if *source == Source::Template {
+                // A template key may build on the same key's value by naming it.
+                if !nodes
+                    .config_template
+                    .get(*key)
+                    .is_some_and(|value| template::names(value, key))
+                {
+                    problems.push(format!(
+                        "{path}: also set in {first_path}; define each key in one place (a \
+                         template may build on the other value by naming it: \"{{{key}}}…\")"
+                    ));
+                }
+            } else {
+                problems.push(format!(
+                    "{path}: also set in {first_path}; define each key in one place"
                 ));
             }
         }

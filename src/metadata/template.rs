@@ -257,6 +257,22 @@ impl TemplateParser<'_> {
     }
 }
 
+/// Whether the template `value` (a string, or strings inside arrays and maps) has a `{name}`
+/// placeholder: how a template key builds on the value of the same key from `global_metadata`
+/// or `distributed_lists`.
+pub(super) fn names(value: &Value, name: &str) -> bool {
+    match value {
+        Value::String(s) => split_placeholders(s).is_ok_and(|pieces| {
+            pieces
+                .iter()
+                .any(|piece| matches!(piece, Piece::Name(n) if n == name))
+        }),
+        Value::Array(items) => items.iter().any(|item| names(item, name)),
+        Value::Object(fields) => fields.values().any(|field| names(field, name)),
+        _ => false,
+    }
+}
+
 /// Splits a template string into text and `{name}` placeholders; `{{` and `}}` stand for
 /// literal braces, and a lone `}` is taken literally too.
 fn split_placeholders(s: &str) -> std::result::Result<Vec<Piece>, String> {

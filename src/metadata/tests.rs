@@ -121,20 +121,67 @@ fn an_empty_list_is_refused() {
 }
 
 #[test]
-fn later_sources_override_earlier_ones() {
-    let nodes = NodesConfig {
+fn a_key_set_in_two_places_is_refused_naming_both() {
+    let twice = NodesConfig {
         global_metadata: map(json!({"a": "global", "b": "global", "c": "global"})),
         distributed_lists: BTreeMap::from([
             ("b".to_owned(), vec![json!("list")]),
-            ("c".to_owned(), vec![json!("list")]),
+            ("d".to_owned(), vec![json!("list")]),
         ]),
-        config_template: map(json!({"c": "template"})),
+        config_template: map(json!({"c": "template", "d": "{d}-{node_index}"})),
         ..nodes(1)
     };
-    let config = generator(&nodes).node_config("d", "n", 0);
+    assert_eq!(
+        check(&twice),
+        vec![
+            "nodes.distributed_lists.b: also set in nodes.global_metadata.b; define each key \
+             in one place",
+            "nodes.config_template.c: also set in nodes.global_metadata.c; define each key in \
+             one place (a template may build on the other value by naming it: \"{c}…\")",
+        ]
+    );
+    // A template naming its own key builds on the earlier value: not a second definition.
+    let building = NodesConfig {
+        global_metadata: map(json!({"a": "global"})),
+        distributed_lists: BTreeMap::from([("d".to_owned(), vec![json!("list")])]),
+        config_template: map(json!({"d": ["{d}", {"at": "{node_index}"}]})),
+        ..nodes(1)
+    };
+    let config = generator(&building).node_config("dep", "n", 0);
     assert_eq!(
         config,
-        map(json!({"a": "global", "b": "list", "c": "template"}))
+        map(json!({"a": "global", "d": ["list", {"at": 0}]}))
+    );
+}
+
+#[test]
+fn keys_that_would_set_the_nodes_system_variables_are_refused() {
+    let nodes = NodesConfig {
+        global_metadata: map(
+            json!({"path": "/x", "Home": "/h", "lc_all": "C", "ld_preload": "x", "paths": 1}),
+        ),
+        secrets: BTreeMap::from([("IFS".to_owned(), "s".to_owned())]),
+        config_template: map(json!({"rust_log": "debug", "tmpdir": "/t"})),
+        ..nodes(1)
+    };
+    assert_eq!(
+        check(&nodes),
+        vec![
+            "nodes.global_metadata.Home: would set the node's system variable HOME, which its \
+             shell and programs rely on; choose another name",
+            "nodes.global_metadata.lc_all: would set LC_ALL, and variables starting with LC_ \
+             change how the node's programs run; choose another name",
+            "nodes.global_metadata.ld_preload: would set LD_PRELOAD, and variables starting \
+             with LD_ change how the node's programs run; choose another name",
+            "nodes.global_metadata.path: would set the node's system variable PATH, which its \
+             shell and programs rely on; choose another name",
+            "nodes.config_template.rust_log: would set RUST_LOG, and variables starting with \
+             RUST_LOG change how the node's programs run; choose another name",
+            "nodes.config_template.tmpdir: would set the node's system variable TMPDIR, which \
+             its shell and programs rely on; choose another name",
+            "nodes.secrets.IFS: would set the node's system variable IFS, which its shell and \
+             programs rely on; choose another name",
+        ]
     );
 }
 
@@ -203,13 +250,13 @@ fn templates_are_filled_in_dependency_order() {
 #[test]
 fn a_template_key_shadows_an_earlier_one_and_can_extend_it() {
     let generator = generator(&with_template(
-        json!({"path": "/data", "user": "u"}),
-        json!({"path": "{path}/{node_index}", "log": "{path}/log", "user": "{user}{user}"}),
+        json!({"dir": "/data", "owner": "u"}),
+        json!({"dir": "{dir}/{node_index}", "log": "{dir}/log", "owner": "{owner}{owner}"}),
     ));
     // A key naming itself means its earlier value; others see the template's value.
-    assert_eq!(value_of(&generator, 1, "path"), json!("/data/1"));
+    assert_eq!(value_of(&generator, 1, "dir"), json!("/data/1"));
     assert_eq!(value_of(&generator, 1, "log"), json!("/data/1/log"));
-    assert_eq!(value_of(&generator, 0, "user"), json!("uu"));
+    assert_eq!(value_of(&generator, 0, "owner"), json!("uu"));
 }
 
 #[test]

@@ -7,14 +7,14 @@ use std::time::SystemTime;
 
 use tokio::io::{AsyncRead, AsyncWriteExt};
 
+use super::check::Checks;
 use super::{create_private_file, Live, Orchestrator, WORKER_BUNDLE};
 
 use crate::auth;
 use crate::bundle;
-use crate::config::{DeploymentConfig, CONFIG_FILE_NAME};
+use crate::config::{invalid_config, DeploymentConfig, CONFIG_FILE_NAME};
 use crate::error::{Error, Result};
 use crate::metadata::MetadataGenerator;
-use crate::provider::Owner;
 use crate::state::model::{Deployment, DeploymentStatus, DeploymentSummary, Node};
 use crate::sync::lock;
 
@@ -110,73 +110,18 @@ impl Orchestrator {
         .map_err(|e| Error::io("bundle processing failed", std::io::Error::other(e)))??;
         let _ = tokio::fs::remove_file(&client_path).await;
 
-        let max_config = self.inner.config.max_config_bytes;
-        if yaml.len() > max_config {
-            return Err(Error::too_large(format!(
-                "taskfly.yml is {} bytes, more than this daemon's {max_config}-byte limit",
-                yaml.len()
-            )));
-        }
+        let checks = Checks {
+            providers: &self.inner.providers,
+            max_nodes: self.inner.config.max_nodes,
+            max_config_bytes: self.inner.config.max_config_bytes,
+        };
+        checks.config_size(yaml.len())?;
         let config = DeploymentConfig::from_yaml(&yaml)?;
-        let max_nodes = self.inner.config.max_nodes;
-        if config.nodes.count > max_nodes {
-            return Err(Error::invalid_config(
-                "taskfly.yml is invalid (1 problem)",
-                vec![format!(
-                    "nodes.count: {} is more than this daemon allows ({max_nodes})",
-                    config.nodes.count
-                )],
-            ));
-        }
-        if !summary
-            .files
-            .iter()
-            .any(|f| f == &config.remote_script_to_run)
-        {
-            return Err(Error::invalid_config(
-                "taskfly.yml is invalid (1 problem)",
-                vec![format!(
-                    "remote_script_to_run: `{}` is not in the bundle; add it to application_files",
-                    config.remote_script_to_run
-                )],
-            ));
+        let problems = checks.problems(&config, Some(&summary.files), id)?;
+        if !problems.is_empty() {
+            return Err(invalid_config(CONFIG_FILE_NAME, problems));
         }
         let provider_name = config.cloud_provider.as_str().to_owned();
-        let Some(provider) = self.inner.providers.get(&provider_name) else {
-            let mut registered: Vec<&str> =
-                self.inner.providers.keys().map(String::as_str).collect();
-            registered.sort_unstable();
-            return Err(Error::invalid_config(
-                "taskfly.yml is invalid (1 problem)",
-                vec![format!(
-                    "cloud_provider: `{provider_name}` is not available in this build of TaskFly{} \
-                     (registered: {})",
-                    if provider_name == "aws" {
-                        " (build it with the `aws` feature)"
-                    } else {
-                        ""
-                    },
-                    registered.join(", ")
-                )],
-            ));
-        };
-        // The provider checks its own settings now, so a deployment it cannot run is refused.
-        let first = Owner::Node {
-            deployment_id: id.to_owned(),
-            node_id: format!("{id}-0"),
-            node_index: 0,
-            attempt: 1,
-        };
-        if let Err(e) = provider
-            .provider()
-            .instance_kind(&config.provider_settings(), &first)
-        {
-            return Err(match e.downcast::<Error>() {
-                Ok(e) if e.is_invalid_config() => *e,
-                Ok(e) => Error::provider(format!("{provider_name} refused the deployment"), e),
-                Err(e) => Error::provider(format!("{provider_name} refused the deployment"), e),
-            });
-        }
         let metadata = MetadataGenerator::new(&config.nodes)?;
         std::io::Write::write_all(
             &mut create_private_file(&dir.join(CONFIG_FILE_NAME))?,
@@ -200,6 +145,7 @@ impl Orchestrator {
             completed_at: None,
             error_message: None,
             rerun_of: None,
+            cleaned_at: None,
         };
         let nodes: Vec<Node> = (0..total).map(|i| Node::new(id, i, now)).collect();
         let created = self

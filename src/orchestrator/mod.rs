@@ -5,6 +5,7 @@
 //! monitor) is spawned on one [`TaskTracker`] and stops when one [`CancellationToken`] fires;
 //! [`Orchestrator::shutdown`] fires it and waits for them all.
 
+mod check;
 mod config;
 mod deploy;
 mod lifecycle;

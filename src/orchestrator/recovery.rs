@@ -229,7 +229,7 @@ impl Orchestrator {
             let expired = deployment.status.is_final()
                 && deployment.completed_at.is_some_and(|done| done < cutoff);
             if expired {
-                match self.cleanup(&deployment.id).await {
+                match self.forget_deployment(&deployment.id).await {
                     Ok(()) => {
                         tracing::info!(deployment_id = %deployment.id, "deployment past retention removed")
                     }

@@ -98,6 +98,7 @@ impl Orchestrator {
             completed_at: None,
             error_message: None,
             rerun_of: Some(id.to_owned()),
+            cleaned_at: None,
         };
         let nodes: Vec<Node> = chosen
             .iter()

@@ -1,5 +1,5 @@
-//! Tearing down: terminating a deployment's instances, then its nodes, and deleting the files
-//! of final deployments.
+//! Tearing down: terminating a deployment's instances, then its nodes; deleting the files of
+//! final deployments (cleanup), and their records (forget).
 
 use std::time::SystemTime;
 
@@ -126,8 +126,10 @@ impl Orchestrator {
         }
     }
 
-    /// Delete a final deployment's files and forget it. Refused ([`Error::is_not_final`])
-    /// while it runs.
+    /// Delete a final deployment's files (its bundle and its nodes' work directories) and mark
+    /// it cleaned (`cleaned_at`); its record, nodes and logs stay until
+    /// [`forget_deployment`](Orchestrator::forget_deployment). Cleaning a cleaned deployment
+    /// again changes nothing. Refused ([`Error::is_not_final`]) while it runs.
     pub async fn cleanup(&self, id: &str) -> Result<()> {
         let deployment = self.deployment_row(id).await?;
         if !deployment.status.is_final() {
@@ -152,17 +154,63 @@ impl Orchestrator {
                 Err(e) => return Err(Error::io(format!("cannot delete {}", dir.display()), e)),
             }
         }
-        self.inner.store.delete_deployment(id).await?;
+        self.inner.store.mark_cleaned(id, SystemTime::now()).await?;
         lock(&self.inner.live).remove(id);
-        tracing::info!(deployment_id = %id, "deployment cleaned up");
+        if deployment.cleaned_at.is_none() {
+            tracing::info!(deployment_id = %id, "deployment cleaned up");
+            self.notify();
+        }
         Ok(())
     }
 
-    /// Clean up every final deployment.
+    /// Forget a final deployment: its files are deleted as by [`cleanup`](Orchestrator::cleanup)
+    /// if they are still there, then its record, nodes and logs. Refused
+    /// ([`Error::is_not_final`]) while it runs; [`Error::is_not_found`] once forgotten.
+    pub async fn forget_deployment(&self, id: &str) -> Result<()> {
+        self.cleanup(id).await?;
+        self.inner.store.delete_deployment(id).await?;
+        tracing::info!(deployment_id = %id, "deployment forgotten");
+        self.notify();
+        Ok(())
+    }
+
+    /// The final deployments (cleaned or not), newest first: what
+    /// [`forget_finished`](Orchestrator::forget_finished) forgets. Running ones are left
+    /// alone.
+    pub async fn forgettable(&self) -> Result<Vec<String>> {
+        Ok(self
+            .inner
+            .store
+            .deployments()
+            .await?
+            .into_iter()
+            .filter(|deployment| deployment.status.is_final())
+            .map(|deployment| deployment.id)
+            .collect())
+    }
+
+    /// Forget every final deployment ([`forget_deployment`](Orchestrator::forget_deployment)),
+    /// returning the ids forgotten and how many could not be.
+    pub async fn forget_finished(&self) -> Result<(Vec<String>, u32)> {
+        let mut forgotten = Vec::new();
+        let mut failed = 0;
+        for id in self.forgettable().await? {
+            match self.forget_deployment(&id).await {
+                Ok(()) => forgotten.push(id),
+                Err(e) => {
+                    tracing::warn!(deployment_id = %id, error = %e.report(), "cannot forget deployment");
+                    failed += 1;
+                }
+            }
+        }
+        Ok((forgotten, failed))
+    }
+
+    /// Clean up every final deployment not cleaned yet (records stay).
     pub async fn cleanup_all(&self) -> Result<CleanupCounts> {
         let mut result = CleanupCounts::default();
         for deployment in self.inner.store.deployments().await? {
-            if !deployment.status.is_final() {
+            if !deployment.status.is_final() || deployment.cleaned_at.is_some() {
                 continue;
             }
             match self.cleanup(&deployment.id).await {

@@ -141,6 +141,10 @@ impl Store for FlakyStore {
     async fn delete_deployment(&self, id: &str) -> crate::Result<bool> {
         self.inner.delete_deployment(id).await
     }
+
+    async fn mark_cleaned(&self, id: &str, at: SystemTime) -> crate::Result<bool> {
+        self.inner.mark_cleaned(id, at).await
+    }
 }
 
 /// A project of `count` nodes on the `counting` provider, with `retries`.

@@ -34,6 +34,32 @@ pub(crate) async fn check_store(store: &dyn Store) {
     keeps_the_instance_locator(store).await;
     keeps_phase_times(store).await;
     keeps_a_rerun_and_its_node_indexes(store).await;
+    marks_a_deployment_cleaned_and_keeps_its_record(store).await;
+}
+
+async fn marks_a_deployment_cleaned_and_keeps_its_record(store: &dyn Store) {
+    let id = "conf-cleaned";
+    create(store, id, 1, 0).await;
+    append(store, id, &[0]).await;
+    assert_eq!(
+        store.deployment(id).await.unwrap().unwrap().cleaned_at,
+        None
+    );
+    assert!(store.mark_cleaned(id, at(5)).await.unwrap());
+    // Marked again (a second cleanup): the first time stays.
+    assert!(store.mark_cleaned(id, at(9)).await.unwrap());
+    let cleaned = store.deployment(id).await.unwrap().unwrap();
+    assert_eq!(cleaned.cleaned_at, Some(at(5)));
+    let listed = store.deployments().await.unwrap();
+    let listed = listed.iter().find(|d| d.id == id).unwrap();
+    assert_eq!(listed.cleaned_at, Some(at(5)));
+    assert_eq!(store.nodes(id).await.unwrap().len(), 1, "nodes stay");
+    assert_eq!(
+        read_logs(store, id, 0, None, 10).await.len(),
+        1,
+        "logs stay"
+    );
+    assert!(!store.mark_cleaned("conf-no-such", at(5)).await.unwrap());
 }
 
 /// Checks that a store built with caps of [`LOG_CAP`] lines per deployment and
@@ -143,6 +169,7 @@ fn deployment(id: &str, total_nodes: u32, retries: u32, created_at: SystemTime) 
         completed_at: None,
         error_message: None,
         rerun_of: None,
+        cleaned_at: None,
     }
 }
 
@@ -815,6 +842,12 @@ async fn drops_resent_log_lines(store: &dyn Store) {
         ]
     );
     assert_eq!(seqs(&lines), [1, 2, 3, 4, 5, 6, 7]);
+    let attempts: Vec<u32> = lines.iter().map(|l| l.attempt).collect();
+    assert_eq!(
+        attempts,
+        [1, 1, 1, 1, 1, 2, 2],
+        "each line keeps its attempt"
+    );
     // The highest number taken, per attempt and stream (even numbers are stdout here).
     let last_taken =
         |attempt, stream| store.last_line_no("dep-resend", "dep-resend-0", attempt, stream);

@@ -347,6 +347,7 @@ impl Store for MemoryStore {
                     stream: line.stream,
                     line: line.line,
                     timestamp: line.timestamp,
+                    attempt: line.attempt,
                 },
             );
         }
@@ -411,6 +412,15 @@ impl Store for MemoryStore {
             }
         }
         inner.logs.remove(id);
+        Ok(true)
+    }
+
+    async fn mark_cleaned(&self, id: &str, at: SystemTime) -> Result<bool> {
+        let mut inner = self.lock();
+        let Some(deployment) = inner.deployments.get_mut(id) else {
+            return Ok(false);
+        };
+        deployment.cleaned_at.get_or_insert(at);
         Ok(true)
     }
 }

@@ -88,6 +88,8 @@ pub struct LogLine {
     pub line: String,
     /// When the node wrote it.
     pub timestamp: SystemTime,
+    /// The node's attempt that wrote it (1 unless the node was retried).
+    pub attempt: u32,
 }
 
 /// Which log lines to read.
@@ -219,4 +221,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Forget a deployment, its nodes and logs. Returns whether it existed.
     async fn delete_deployment(&self, id: &str) -> Result<bool>;
+
+    /// Record that a deployment's files were deleted (`cleaned_at`), keeping the first time
+    /// when it was already marked. Returns whether it exists.
+    async fn mark_cleaned(&self, id: &str, at: SystemTime) -> Result<bool>;
 }

@@ -270,11 +270,9 @@ async fn hostile_values_arrive_byte_for_byte_and_nothing_executes(agent: &str) {
     let pwned = format!("PWNED_{marker}");
     let mut values = metadata_values_to_misread(&pwned);
     values.insert("sq", "it's 'quoted' '\\''".to_owned());
-    values.insert("path", "/not/a/real/path".to_owned());
     let extra = global_metadata_yml(&values);
-    // The script gets a PATH of its own (`path` above), so it names its tools absolutely.
     let mut script = String::from("#!/bin/sh\nexport PATH=/usr/bin:/bin\n");
-    for key in values.keys().filter(|k| **k != "path") {
+    for key in values.keys() {
         script.push_str(&print_hex_of(key));
     }
     script.push_str("printf 'raw uni=%s\\n' \"$UNI\"\n");
@@ -284,7 +282,7 @@ async fn hostile_values_arrive_byte_for_byte_and_nothing_executes(agent: &str) {
     let view = engine.run(project.path()).await;
     assert_eq!(view.status.as_str(), "completed", "{agent}: {view:#?}");
     let lines = node_lines(&engine.all_logs(&view.deployment_id).await, 0);
-    for (key, value) in values.iter().filter(|(k, _)| **k != "path") {
+    for (key, value) in &values {
         let expected = format!("{}={}", key.to_ascii_uppercase(), hex(value.as_bytes()));
         assert!(
             lines.contains(&expected),

@@ -657,11 +657,25 @@ fn cleanup_deletes_finished_deployments_and_refuses_running_ones() {
 
     let ran = daemon.cli(&["cleanup", &finished_id]);
     ran.expect_success();
-    assert_eq!(ran.stdout, format!("deployment {finished_id} cleaned up\n"));
+    assert_eq!(
+        ran.stdout,
+        format!(
+            "deployment {finished_id} cleaned up: its files are deleted; its status and logs \
+             stay until `taskfly cleanup {finished_id} --forget`\n"
+        )
+    );
     assert!(!files.exists(), "{} is deleted", files.display());
-    let gone = daemon.cli(&["status", &finished_id]);
-    assert_ne!(gone.code(), 0, "{}", gone.show());
-    assert!(gone.stderr.contains("no deployment"), "{}", gone.show());
+    // Files only: the record stays, marked cleaned, and its logs can still be read.
+    let kept = daemon.status(&finished_id);
+    assert_eq!(kept["status"], "completed", "{kept:#}");
+    assert!(kept["cleaned_at"].is_string(), "{kept:#}");
+    let logs = daemon.cli(&["logs", &finished_id]);
+    logs.expect_success();
+    assert!(
+        logs.stdout.contains("[node 0] hello from node 0"),
+        "{}",
+        logs.show()
+    );
 
     // A running deployment is refused, with what to do instead.
     let marker = unique_word();
@@ -690,18 +704,20 @@ fn cleanup_deletes_finished_deployments_and_refuses_running_ones() {
         serde_json::json!({"cleaned_count": 2, "failed_count": 0})
     );
     let left = daemon.cli(&["list", "--output", "json"]).json();
-    let ids: Vec<&str> = left
+    let cleaned: Vec<&str> = left
         .as_array()
         .unwrap()
         .iter()
+        .filter(|d| d["cleaned_at"].is_string())
         .map(|d| d["deployment_id"].as_str().unwrap())
         .collect();
     assert_eq!(
-        ids,
-        [still_running.as_str()],
-        "only the running one is left"
+        cleaned.len(),
+        3,
+        "every final one is marked cleaned: {left:#}"
     );
-    assert!(!ids.contains(&completed["deployment_id"].as_str().unwrap()));
+    assert!(!cleaned.contains(&still_running.as_str()));
+    assert!(cleaned.contains(&completed["deployment_id"].as_str().unwrap()));
 
     let text = daemon.cli(&["cleanup", "--all"]);
     text.expect_success();
@@ -711,7 +727,11 @@ fn cleanup_deletes_finished_deployments_and_refuses_running_ones() {
     // Neither an id nor --all is a usage error.
     let neither = daemon.cli(&["cleanup"]);
     neither.expect_code(2);
-    assert!(neither.stderr.contains("--all"), "{}", neither.show());
+    assert!(
+        neither.stderr.contains("--all") && neither.stderr.contains("--forget"),
+        "{}",
+        neither.show()
+    );
 }
 
 // ----- exit codes and errors -----
@@ -931,7 +951,15 @@ fn help_names_each_binary_and_leaves_internals_and_daemon_flags_out() {
     let up = help("taskfly", &["up", "--help"]);
     assert_eq!(
         listed_options(&up),
-        BTreeSet::from(["daemon", "token", "ca-file", "output", "help", "wait"]),
+        BTreeSet::from([
+            "daemon",
+            "token",
+            "ca-file",
+            "output",
+            "help",
+            "wait",
+            "down-on-interrupt"
+        ]),
         "{up}"
     );
     for offline in ["run", "validate"] {
@@ -1208,8 +1236,11 @@ fn run_needs_no_daemon_and_prints_every_nodes_lines_and_a_summary() {
     let view = json.json();
     assert_eq!(view["status"], "completed", "{view:#}");
     assert_eq!(node_statuses(&view), ["completed"; 3]);
+    // stdout holds the document alone; the node lines go to stderr, without progress lines.
+    let stderr = json.stderr_lines();
+    assert_eq!(stderr.len(), 6, "{}", json.show());
     assert!(
-        json.stderr_lines().is_empty(),
+        stderr.iter().all(|l| l.starts_with("[node ")),
         "json output has no progress lines\n{}",
         json.show()
     );
@@ -1271,7 +1302,7 @@ fn is_progress_line(line: &str, total: u32) -> bool {
     });
     timestamp_ok
         && seconds.parse::<u64>().is_ok()
-        && ["pending", "provisioning", "running"].contains(&state)
+        && ["pending", "provisioning", "running", "completed", "failed"].contains(&state)
         && fraction_ok
         && counts.starts_with('(')
         && counts.ends_with(')')
@@ -1296,8 +1327,12 @@ fn run_prints_plain_timestamped_progress_when_stderr_is_not_a_terminal() {
             ran.show()
         );
     }
+    // The first state at once, at most one line per few seconds after it, and the final state
+    // as the last line.
     assert!(
-        lines.iter().any(|l| l.contains(" running ")),
+        lines
+            .last()
+            .is_some_and(|l| l.contains("] completed 2/2 done")),
         "{}",
         ran.show()
     );

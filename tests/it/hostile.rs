@@ -208,6 +208,12 @@ async fn client_endpoints_refuse_missing_wrong_and_node_tokens_and_change_nothin
         ),
         (Method::POST, "/api/v1/cleanup/all".to_owned(), None),
         (
+            Method::DELETE,
+            format!("/api/v1/deployments/{finished}/record"),
+            None,
+        ),
+        (Method::POST, "/api/v1/cleanup/forget".to_owned(), None),
+        (
             Method::GET,
             format!("/api/v1/deployments/{live}/logs"),
             None,

@@ -7,6 +7,7 @@ mod agents;
 #[cfg(feature = "aws")]
 mod aws;
 mod cli;
+mod cli2;
 mod durability;
 mod engine;
 mod hostile;

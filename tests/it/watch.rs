@@ -92,6 +92,10 @@ impl Store for CountingStore {
     async fn delete_deployment(&self, id: &str) -> Result<bool> {
         self.inner.delete_deployment(id).await
     }
+
+    async fn mark_cleaned(&self, id: &str, at: SystemTime) -> Result<bool> {
+        self.inner.mark_cleaned(id, at).await
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -101,7 +101,12 @@ pub struct Client {
     http: hyper_util::client::legacy::Client<Connector, Full<Bytes>>,
     timeout: Duration,
     retry_budget: Duration,
+    /// Set by [`Client::retry_reads`]: reads retry, and this is told when one starts to.
+    read_retry_notice: Option<ReadRetryNotice>,
 }
+
+/// What [`Client::retry_reads`] calls when a read starts retrying.
+type ReadRetryNotice = std::sync::Arc<dyn Fn(&Error, Duration) + Send + Sync>;
 
 /// The answer to [`Client::register_for_work`]: the one [`crate::state::model::Registration`],
 /// carrying the assignment in its wire form.
@@ -145,7 +150,23 @@ impl Client {
             http: pool(connector),
             timeout: DEFAULT_TIMEOUT,
             retry_budget: RETRY_BUDGET,
+            read_retry_notice: None,
         })
+    }
+
+    /// The same client whose reads ([`Client::deployment`], [`Client::deployments`],
+    /// [`Client::logs`]) ride out a daemon that is away for a while (restarting, or behind a
+    /// gateway answering 502 to 504): each retries transient failures with backoff and jitter
+    /// for as long as a node agent does (2 minutes), and `notice` is called with the failure
+    /// and that time when a read starts retrying, so a follower can say so once. Without it,
+    /// a read fails at its first failure.
+    #[must_use]
+    pub fn retry_reads(
+        mut self,
+        notice: impl Fn(&Error, Duration) + Send + Sync + 'static,
+    ) -> Client {
+        self.read_retry_notice = Some(std::sync::Arc::new(notice));
+        self
     }
 
     /// The same client trusting exactly the certificates in the PEM file `ca_file` for an
@@ -212,14 +233,14 @@ impl Client {
 
     /// `GET /deployments`: summaries of every deployment, newest first.
     pub async fn deployments(&self) -> Result<Vec<wire::DeploymentView>> {
-        self.json_once(&Call::new(Method::GET, "/deployments".to_string()))
+        self.json_read(&Call::new(Method::GET, "/deployments".to_string()))
             .await
     }
 
     /// `GET /deployments/{id}`: one deployment and all its nodes.
     pub async fn deployment(&self, id: &str) -> Result<wire::DeploymentView> {
         let path = format!("/deployments/{}", encode_component(id));
-        self.json_once(&Call::new(Method::GET, path)).await
+        self.json_read(&Call::new(Method::GET, path)).await
     }
 
     /// `DELETE /deployments/{id}`: terminates the deployment; returns once the daemon has
@@ -252,6 +273,22 @@ impl Client {
             .map(drop)
     }
 
+    /// `DELETE /deployments/{id}/record`: forgets a final deployment (its files, then its
+    /// record, nodes and logs; 409 while it runs).
+    pub async fn forget(&self, id: &str) -> Result<()> {
+        let path = format!("/deployments/{}/record", encode_component(id));
+        self.send_once(&Call::new(Method::DELETE, path))
+            .await
+            .map(drop)
+    }
+
+    /// `POST /cleanup/forget`: forgets every final deployment; with `dry_run`, only says which
+    /// it would forget.
+    pub async fn forget_finished(&self, dry_run: bool) -> Result<wire::Forgotten> {
+        let path = format!("/cleanup/forget?dry_run={dry_run}");
+        self.json_once(&Call::new(Method::POST, path)).await
+    }
+
     /// `POST /cleanup/all`: deletes the files of every final deployment.
     pub async fn cleanup_all(&self) -> Result<wire::CleanupAll> {
         self.json_once(&Call::new(Method::POST, "/cleanup/all".to_string()))
@@ -275,7 +312,7 @@ impl Client {
             path.push_str("&node=");
             path.push_str(&encode_component(node));
         }
-        self.json_once(&Call::new(Method::GET, path)).await
+        self.json_read(&Call::new(Method::GET, path)).await
     }
 
     /// `GET /stats`: counts of deployments and nodes.
@@ -296,6 +333,29 @@ impl Client {
                 self.base, answer.status
             )))
         }
+    }
+
+    /// A read: sent once, or retried as [`Client::retry_reads`] says.
+    async fn json_read<T: DeserializeOwned>(&self, call: &Call) -> Result<T> {
+        let Some(notice) = &self.read_retry_notice else {
+            return self.json_once(call).await;
+        };
+        let noticed = std::sync::atomic::AtomicBool::new(false);
+        self.retrying("read", || async {
+            let body = match self.attempt(call).await {
+                Ok(body) => body,
+                Err(failure) => {
+                    if failure.transient
+                        && !noticed.swap(true, std::sync::atomic::Ordering::Relaxed)
+                    {
+                        notice(&failure.error, self.retry_budget);
+                    }
+                    return Err(failure);
+                }
+            };
+            decode(call, &body).map_err(Failure::permanent)
+        })
+        .await
     }
 
     /// Sends `call` once and decodes its JSON answer.

@@ -135,6 +135,33 @@ async fn client_route(
             StatusCode::OK,
             &views::cleanup_all(engine.cleanup_all().await?),
         )),
+        (&Method::DELETE, ["deployments", id, "record"]) => {
+            engine.forget_deployment(id).await?;
+            Ok(json(
+                StatusCode::OK,
+                &DeploymentAction {
+                    deployment_id: (*id).to_owned(),
+                    status: "forgotten".to_owned(),
+                },
+            ))
+        }
+        (&Method::POST, ["cleanup", "forget"]) => {
+            let dry_run = dry_run(request.uri().query())?;
+            let (ids, failed) = if dry_run {
+                (engine.forgettable().await?, 0)
+            } else {
+                engine.forget_finished().await?
+            };
+            Ok(json(
+                StatusCode::OK,
+                &wire::Forgotten {
+                    forgotten_count: u32::try_from(ids.len()).unwrap_or(u32::MAX),
+                    deployment_ids: ids,
+                    failed_count: failed,
+                    dry_run,
+                },
+            ))
+        }
         (&Method::GET, ["deployments", id, "logs"]) => {
             let query = Query::parse(request.uri().query())?;
             let page = engine
@@ -153,6 +180,27 @@ async fn client_route(
             path.join("/")
         ))),
     }
+}
+
+/// The `dry_run` query parameter of `POST /cleanup/forget`: `true` or `false` (default false).
+fn dry_run(query: Option<&str>) -> Result<bool> {
+    let mut dry_run = false;
+    for pair in query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        dry_run = match pair.split_once('=') {
+            Some(("dry_run", "true")) | Some(("dry_run", "1")) => true,
+            Some(("dry_run", "false")) | Some(("dry_run", "0")) => false,
+            _ => {
+                return Err(Error::invalid_input(format!(
+                    "unknown query `{pair}`; this endpoint takes only dry_run=true|false"
+                )))
+            }
+        };
+    }
+    Ok(dry_run)
 }
 
 fn authorize_client(shared: &Shared, request: &Request<Incoming>) -> Result<()> {

@@ -58,6 +58,8 @@ pub(crate) fn deployment(d: &Deployment, nodes: &[Node]) -> DeploymentView {
         duration_s: d
             .completed_at
             .map(|done| seconds(done.duration_since(d.created_at).unwrap_or_default())),
+        retries: d.retries,
+        cleaned_at: d.cleaned_at.map(time),
     }
 }
 
@@ -94,6 +96,7 @@ pub(crate) fn log_line(l: &LogLine) -> LogLineView {
         stream: l.stream.as_str().to_owned(),
         line: l.line.clone(),
         timestamp: time(l.timestamp),
+        attempt: l.attempt,
     }
 }
 

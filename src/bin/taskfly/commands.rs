@@ -20,6 +20,8 @@ pub(crate) const EXIT_OK: u8 = 0;
 pub(crate) const EXIT_FAILED: u8 = 1;
 pub(crate) const EXIT_USAGE: u8 = 2;
 pub(crate) const EXIT_UNREACHABLE: u8 = 3;
+/// Stopped by Ctrl-C (128 + SIGINT), as shells report it.
+pub(crate) const EXIT_INTERRUPTED: u8 = 130;
 
 /// How often progress and followed logs are refreshed.
 const POLL: Duration = Duration::from_millis(250);
@@ -33,8 +35,12 @@ pub(crate) async fn run(cli: Cli) -> u8 {
         },
         Command::Validate { dir } => project_dir(dir).and_then(|dir| validate(&dir, format)),
         Command::Agent { work_dir } => agent(&cli, work_dir.clone()).await,
-        Command::Up { dir, wait } => match project_dir(dir) {
-            Ok(dir) => up(&cli, &dir, *wait).await,
+        Command::Up {
+            dir,
+            wait,
+            down_on_interrupt,
+        } => match project_dir(dir) {
+            Ok(dir) => up(&cli, &dir, *wait, *down_on_interrupt).await,
             Err(failure) => Err(failure),
         },
         Command::List => list(&cli).await,
@@ -52,7 +58,16 @@ pub(crate) async fn run(cli: Cli) -> u8 {
             id, nodes, wait, ..
         } => rerun(&cli, id, nodes.as_ref(), *wait).await,
         Command::Down { id } => down(&cli, id).await,
-        Command::Cleanup { id, all } => cleanup(&cli, id.as_deref(), *all).await,
+        Command::Cleanup {
+            id,
+            all,
+            forget,
+            dry_run,
+        } => match (id.as_deref(), *all, *forget) {
+            (Some(id), _, true) => forget_one(&cli, id, *dry_run).await,
+            (None, _, true) => forget_finished(&cli, *dry_run).await,
+            (id, all, false) => cleanup(&cli, id, all).await,
+        },
     };
     match result {
         Ok(code) => code,
@@ -246,8 +261,58 @@ fn load_config(dir: &Path) -> Result<DeploymentConfig, Failure> {
     DeploymentConfig::from_dir(dir).map_err(|e| failure(None, e))
 }
 
+/// Every check a deployment of the project in `dir` passes before it starts, as the engine of
+/// `run` (and a daemon with this build's providers) makes them: `taskfly.yml`, the bundled
+/// files, the script among them, the provider's settings.
+fn check_project(dir: &Path) -> Result<DeploymentConfig, Failure> {
+    // Nothing is written there: the providers are only asked to judge their settings.
+    let engine = Config::new(std::env::temp_dir().join("taskfly-validate"));
+    #[cfg(feature = "aws")]
+    let engine = engine.provider(std::sync::Arc::new(taskfly::AwsProvider::new()));
+    let mut built_in = vec!["local"];
+    if cfg!(feature = "aws") {
+        built_in.push("aws");
+    }
+    // A provider this build does not have (a daemon's own) judges its section on the daemon.
+    let engine = match load_config(dir)?.cloud_provider.as_str() {
+        name if built_in.contains(&name) => engine,
+        name => engine.provider(std::sync::Arc::new(ElsewhereProvider(name.to_owned()))),
+    };
+    engine.check_dir(dir).map_err(|e| {
+        // Offline, a taskfly.yml over the size limit is a mistake in the invocation.
+        let too_large = e.is_too_large();
+        let failure = failure(None, e);
+        Failure {
+            code: if too_large { EXIT_USAGE } else { failure.code },
+            ..failure
+        }
+    })
+}
+
+/// Stands in, for [`check_project`], for a provider this build does not have: it accepts any
+/// section (the daemon that has the provider judges it) and starts nothing.
+struct ElsewhereProvider(String);
+
+#[taskfly::async_trait]
+impl taskfly::Provider for ElsewhereProvider {
+    fn name(&self) -> &str {
+        &self.0
+    }
+
+    async fn provision(
+        &self,
+        _spec: taskfly::InstanceSpec,
+    ) -> Result<taskfly::Instance, taskfly::BoxError> {
+        Err(format!("the `{}` provider is not in this build of taskfly", self.0).into())
+    }
+
+    async fn terminate(&self, _instance: &taskfly::InstanceRef) -> Result<(), taskfly::BoxError> {
+        Ok(())
+    }
+}
+
 fn validate(dir: &Path, format: Output) -> Result<u8, Failure> {
-    let config = load_config(dir)?;
+    let config = check_project(dir)?;
     let generator = MetadataGenerator::new(&config.nodes).map_err(|e| failure(None, e))?;
     let deployment_id = "<deployment-id>";
     let total = generator.total_nodes();
@@ -316,7 +381,7 @@ fn validate(dir: &Path, format: Output) -> Result<u8, Failure> {
 
 async fn run_local(dir: &Path, format: Output) -> Result<u8, Failure> {
     // Validate before anything starts, so mistakes are reported with exit code 2.
-    let config = load_config(dir)?;
+    let config = check_project(dir)?;
     if !config.local.hosts.is_empty() {
         // Its engine listens on 127.0.0.1 only, which other hosts cannot call back.
         return Err(Failure {
@@ -450,7 +515,7 @@ async fn agent(cli: &Cli, work_dir: Option<PathBuf>) -> Result<u8, Failure> {
     })
 }
 
-async fn up(cli: &Cli, dir: &Path, wait: bool) -> Result<u8, Failure> {
+async fn up(cli: &Cli, dir: &Path, wait: bool, down_on_interrupt: bool) -> Result<u8, Failure> {
     let config = load_config(dir)?;
     let project = dir.to_path_buf();
     let patterns = config.application_files.clone();
@@ -477,30 +542,66 @@ async fn up(cli: &Cli, dir: &Path, wait: bool) -> Result<u8, Failure> {
         }
         return Ok(EXIT_OK);
     }
-    follow(cli, &client, &created.deployment_id, created.nodes, true).await
+    follow(
+        cli,
+        &patient(client),
+        &created.deployment_id,
+        created.nodes,
+        down_on_interrupt,
+    )
+    .await
 }
 
-/// Follow a deployment on the daemon to its end, printing logs and progress.
+/// The client of a command that follows a deployment: its reads ride out a daemon restart
+/// (retrying as long as a node agent does), saying so in one line on stderr.
+fn patient(client: Client) -> Client {
+    client.retry_reads(|error, budget| {
+        eprintln!(
+            "daemon unreachable, retrying for up to {} ({})",
+            humantime::format_duration(budget),
+            error.message()
+        );
+    })
+}
+
+/// Follow a deployment on the daemon to its end, printing logs and progress. Ctrl-C stops
+/// following (exit 130), leaving the deployment running unless `down_on_interrupt`.
 async fn follow(
     cli: &Cli,
     client: &Client,
     id: &str,
     nodes: u32,
-    with_progress: bool,
+    down_on_interrupt: bool,
 ) -> Result<u8, Failure> {
     let mut progress = Progress::new(cli.output, nodes);
+    let following = follow_to_end(client, id, &mut progress);
+    tokio::select! {
+        outcome = following => outcome.map_err(|e| failure(Some(cli), e)),
+        _ = tokio::signal::ctrl_c() => {
+            progress.abandon();
+            if down_on_interrupt {
+                eprintln!("interrupted: terminating deployment {id}");
+                client.terminate(id).await.map_err(|e| failure(Some(cli), e))?;
+                eprintln!("deployment {id} is terminating; `taskfly status {id}` shows when it has ended");
+            } else {
+                eprintln!(
+                    "interrupted: deployment {id} keeps running; follow it again with \
+                     `taskfly logs {id} -f`, stop it with `taskfly down {id}`"
+                );
+            }
+            Ok(EXIT_INTERRUPTED)
+        }
+    }
+}
+
+/// The loop of [`follow`]: logs and progress until the deployment is final; its exit code.
+async fn follow_to_end(client: &Client, id: &str, progress: &mut Progress) -> Result<u8, Error> {
     let started = Instant::now();
     let mut cursor = 0;
     loop {
-        let view = client
-            .deployment(id)
-            .await
-            .map_err(|e| failure(Some(cli), e))?;
+        let view = client.deployment(id).await?;
         loop {
-            let page = client
-                .logs(id, None, cursor, 1000)
-                .await
-                .map_err(|e| failure(Some(cli), e))?;
+            let page = client.logs(id, None, cursor, 1000).await?;
             if page.logs.is_empty() {
                 break;
             }
@@ -511,9 +612,7 @@ async fn follow(
             progress.finish(&view, started.elapsed());
             return Ok(exit_for(&view));
         }
-        if with_progress {
-            progress.update(&view, started.elapsed());
-        }
+        progress.update(&view, started.elapsed());
         tokio::time::sleep(POLL).await;
     }
 }
@@ -599,22 +698,26 @@ async fn logs(
     follow_logs: bool,
     timestamps: bool,
 ) -> Result<u8, Failure> {
-    let client = client(cli)?;
+    let client = if follow_logs {
+        patient(client(cli)?)
+    } else {
+        client(cli)?
+    };
     let id = &resolve_id(cli, &client, id).await?;
     let mut cursor = 0;
     let mut collected = Vec::new();
-    let color = output::use_color();
+    let color = output::use_color() && cli.output == Output::Text;
+    // Followed with `--output json`: one JSON object per line (NDJSON), each written as it
+    // arrives, instead of one document at the end.
+    let streaming_json = follow_logs && cli.output == Output::Json;
     loop {
-        let view = if follow_logs {
-            Some(
-                client
-                    .deployment(id)
-                    .await
-                    .map_err(|e| failure(Some(cli), e))?,
-            )
-        } else {
-            None
-        };
+        // The deployment says which nodes ran more than once (their lines carry the attempt)
+        // and, when following, whether it has ended.
+        let view = client
+            .deployment(id)
+            .await
+            .map_err(|e| failure(Some(cli), e))?;
+        let retried = output::retried_nodes(&view);
         loop {
             let page = client
                 .logs(id, node, cursor, 1000)
@@ -624,12 +727,17 @@ async fn logs(
                 break;
             }
             cursor = page.next;
-            if cli.output == Output::Json {
+            let mut out = std::io::stdout().lock();
+            if streaming_json {
+                for line in &page.logs {
+                    let _ = writeln!(out, "{}", serde_json::to_string(line).unwrap_or_default());
+                }
+            } else if cli.output == Output::Json {
                 collected.extend(page.logs);
             } else {
-                let mut out = std::io::stdout().lock();
                 for line in &page.logs {
-                    let text = output::log_line(line, color);
+                    let mark = line.attempt > 1 || retried.contains(&line.node_index);
+                    let text = output::log_line(line, color, mark);
                     if timestamps {
                         let _ = writeln!(out, "{}", output::with_timestamp(line, &text));
                     } else {
@@ -637,13 +745,14 @@ async fn logs(
                     }
                 }
             }
+            let _ = out.flush();
         }
-        match view {
-            Some(view) if !view.is_final() => tokio::time::sleep(POLL).await,
-            _ => break,
+        if !follow_logs || view.is_final() {
+            break;
         }
+        tokio::time::sleep(POLL).await;
     }
-    if cli.output == Output::Json {
+    if cli.output == Output::Json && !streaming_json {
         println!("{}", serde_json::json!({"logs": collected, "next": cursor}));
     }
     Ok(EXIT_OK)
@@ -723,6 +832,7 @@ async fn cleanup(cli: &Cli, id: Option<&str>, all: bool) -> Result<u8, Failure> 
             }
         }
         (Some(id), false) => {
+            let id = &resolve_id(cli, &client, id).await?;
             client
                 .cleanup(id)
                 .await
@@ -733,12 +843,110 @@ async fn cleanup(cli: &Cli, id: Option<&str>, all: bool) -> Result<u8, Failure> 
                     serde_json::json!({"deployment_id": id, "status": "cleaned"})
                 );
             } else {
-                println!("deployment {id} cleaned up");
+                println!(
+                    "deployment {id} cleaned up: its files are deleted; its status and logs stay \
+                     until `taskfly cleanup {id} --forget`"
+                );
             }
         }
-        (None, false) => return Err(usage("cleanup needs a deployment id, or --all")),
+        (None, false) => {
+            return Err(usage(
+                "cleanup needs a deployment id, --all, or --forget (with --dry-run to see what it would delete)",
+            ))
+        }
     }
     Ok(EXIT_OK)
+}
+
+/// `cleanup ID --forget`: the deployment's files, then its record.
+async fn forget_one(cli: &Cli, id: &str, dry_run: bool) -> Result<u8, Failure> {
+    let client = client(cli)?;
+    let id = &resolve_id(cli, &client, id).await?;
+    if dry_run {
+        let view = client
+            .deployment(id)
+            .await
+            .map_err(|e| failure(Some(cli), e))?;
+        if !view.is_final() {
+            return Err(Failure {
+                code: EXIT_FAILED,
+                ..usage(&format!(
+                    "deployment {id} is {}; it can be forgotten once it has ended",
+                    view.status
+                ))
+            });
+        }
+        if cli.output == Output::Json {
+            println!(
+                "{}",
+                serde_json::json!({"forgotten_count": 1, "deployment_ids": [id], "failed_count": 0, "dry_run": true})
+            );
+        } else {
+            println!("would forget 1 deployment (dry run; nothing deleted):\n  {id}");
+        }
+        return Ok(EXIT_OK);
+    }
+    client.forget(id).await.map_err(|e| failure(Some(cli), e))?;
+    if cli.output == Output::Json {
+        println!(
+            "{}",
+            serde_json::json!({"deployment_id": id, "status": "forgotten"})
+        );
+    } else {
+        println!("deployment {id} forgotten: its files, status and logs are deleted");
+    }
+    Ok(EXIT_OK)
+}
+
+/// `cleanup --forget`: every finished deployment's files and record.
+async fn forget_finished(cli: &Cli, dry_run: bool) -> Result<u8, Failure> {
+    let client = client(cli)?;
+    let planned = client
+        .forget_finished(true)
+        .await
+        .map_err(|e| failure(Some(cli), e))?;
+    if dry_run {
+        if cli.output == Output::Json {
+            println!("{}", serde_json::to_string(&planned).unwrap_or_default());
+        } else {
+            println!(
+                "would forget {} finished deployment(s) (dry run; nothing deleted){}",
+                planned.forgotten_count,
+                if planned.deployment_ids.is_empty() {
+                    ""
+                } else {
+                    ":"
+                }
+            );
+            for id in &planned.deployment_ids {
+                println!("  {id}");
+            }
+        }
+        return Ok(EXIT_OK);
+    }
+    if cli.output == Output::Text {
+        println!(
+            "forgetting {} finished deployment(s): files, status and logs",
+            planned.forgotten_count
+        );
+    }
+    let done = client
+        .forget_finished(false)
+        .await
+        .map_err(|e| failure(Some(cli), e))?;
+    if cli.output == Output::Json {
+        println!("{}", serde_json::to_string(&done).unwrap_or_default());
+    } else {
+        println!(
+            "forgot {} deployment(s), {} failed",
+            done.forgotten_count, done.failed_count
+        );
+    }
+    Ok(if done.failed_count == 0 {
+        EXIT_OK
+    } else {
+        EXIT_FAILED
+    })
 }
 
 /// `taskfly rerun`: the chosen nodes (every one that did not complete, unless `--nodes` names

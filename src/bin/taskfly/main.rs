@@ -71,7 +71,9 @@ pub(crate) enum Command {
         dir: PathBuf,
     },
     /// Bundle a project and deploy it to the daemon.
-    #[command(after_help = "Example:\n  taskfly up . --wait")]
+    #[command(
+        after_help = "Example:\n  taskfly up . --wait\n\nWith --wait, Ctrl-C stops following (exit 130) and leaves the deployment running;\n`taskfly down ID` stops it, or give --down-on-interrupt to stop it on Ctrl-C."
+    )]
     Up {
         /// Project folder holding taskfly.yml.
         #[arg(default_value = ".")]
@@ -79,6 +81,9 @@ pub(crate) enum Command {
         /// Follow progress until the deployment ends; exit code as `run`.
         #[arg(long)]
         wait: bool,
+        /// With --wait: Ctrl-C terminates the deployment (by default it keeps running).
+        #[arg(long, requires = "wait")]
+        down_on_interrupt: bool,
     },
     /// List deployments, newest first.
     List,
@@ -131,13 +136,23 @@ pub(crate) enum Command {
         /// Deployment id, a unique prefix of one, or `last` for the newest.
         id: String,
     },
-    /// Delete the files of a finished deployment (or all of them).
+    /// Delete the files of a finished deployment (or all of them); --forget deletes records too.
+    #[command(
+        after_help = "Examples:\n  taskfly cleanup dep-1a2b3c4d5e6f7a8b   delete its files; status and logs stay\n  taskfly cleanup --forget --dry-run     list the finished deployments --forget would delete\n  taskfly cleanup --forget               delete every finished deployment, records and all"
+    )]
     Cleanup {
-        /// Deployment id.
+        /// Deployment id, a unique prefix of one, or `last` for the newest.
         id: Option<String>,
         /// Every finished deployment.
         #[arg(long, conflicts_with = "id")]
         all: bool,
+        /// Also delete the records (status, nodes, logs): of ID, or without ID of every
+        /// finished deployment.
+        #[arg(long)]
+        forget: bool,
+        /// With --forget: print what would be deleted, delete nothing.
+        #[arg(long, requires = "forget")]
+        dry_run: bool,
     },
     /// Check taskfly.yml and print the environment each node will get (secrets masked).
     Validate {

@@ -212,6 +212,9 @@ pub struct Deployment {
     /// For a rerun ([`crate::Orchestrator::rerun`]): the deployment whose nodes it runs again.
     /// Its nodes keep their indexes there, and `total_nodes` counts only the nodes it runs.
     pub rerun_of: Option<String>,
+    /// When its files (bundle, node work directories) were deleted by a cleanup; its record,
+    /// nodes and logs stay until it is forgotten.
+    pub cleaned_at: Option<SystemTime>,
 }
 
 impl Deployment {

@@ -16,6 +16,7 @@ fn deployment(total: u32, retries: u32) -> Deployment {
         completed_at: None,
         error_message: None,
         rerun_of: None,
+        cleaned_at: None,
     }
 }
 

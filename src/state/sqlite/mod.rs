@@ -24,8 +24,8 @@ use crate::sync::lock;
 
 /// The schema this code reads and writes, kept in `PRAGMA user_version`: 1 was taskfly 0.1's,
 /// 2 adds the nodes' `instance_locator`, 3 the per-node log counts, 4 the nodes' phase times,
-/// 5 the deployments' `rerun_of` ([`MIGRATIONS`]).
-const SCHEMA_VERSION: i64 = 5;
+/// 5 the deployments' `rerun_of`, 6 the deployments' `cleaned_at` ([`MIGRATIONS`]).
+const SCHEMA_VERSION: i64 = 6;
 
 /// Default cap on stored log lines per deployment, as for the in-memory store.
 const DEFAULT_MAX_LOG_LINES: usize = 1_000_000;
@@ -120,6 +120,9 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE nodes ADD COLUMN finished_at INTEGER;",
     // 5 (rerun): the deployment a rerun runs nodes of again (`Deployment::rerun_of`).
     "ALTER TABLE deployments ADD COLUMN rerun_of TEXT;",
+    // 6 (cleanup keeps records): when a deployment's files were deleted (ms since the epoch);
+    // NULL while they are there.
+    "ALTER TABLE deployments ADD COLUMN cleaned_at INTEGER;",
 ];
 
 /// Log lines stored per transaction: a large batch is stored in several, so other calls get
@@ -139,7 +142,8 @@ macro_rules! node_columns {
 macro_rules! deployment_columns {
     () => {
         "id, status, cloud_provider, total_nodes, retries, nodes_completed, nodes_failed, \
-         nodes_terminated, created_at, updated_at, completed_at, error_message, rerun_of"
+         nodes_terminated, created_at, updated_at, completed_at, error_message, rerun_of, \
+         cleaned_at"
     };
 }
 
@@ -602,6 +606,7 @@ fn deployment_from_row(row: &Row<'_>) -> Result<Deployment, DbError> {
         completed_at: read_optional_time(row, 10)?,
         error_message: row.get(11)?,
         rerun_of: row.get(12)?,
+        cleaned_at: read_optional_time(row, 13)?,
     })
 }
 
@@ -646,6 +651,7 @@ fn log_line_from_row(row: &Row<'_>) -> Result<LogLine, DbError> {
             .ok_or_else(|| bad_data(format!("stream is `{stream}`, not stdout or stderr")))?,
         line: row.get(4)?,
         timestamp: read_time(row, 5)?,
+        attempt: read_u32(row, 6)?,
     })
 }
 
@@ -1032,7 +1038,7 @@ impl Store for SqliteStore {
             tx.prepare_cached(concat!(
                 "INSERT INTO deployments (",
                 deployment_columns!(),
-                ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
+                ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
             ))?
             .execute(params![
                 deployment.id,
@@ -1048,6 +1054,7 @@ impl Store for SqliteStore {
                 deployment.completed_at.map(to_ms),
                 deployment.error_message,
                 deployment.rerun_of,
+                deployment.cleaned_at.map(to_ms),
             ])?;
             for node in &nodes {
                 insert_node(&tx, node)?;
@@ -1292,14 +1299,14 @@ impl Store for SqliteStore {
             let lines = match query.node_index {
                 None => {
                     let mut select = tx.prepare_cached(
-                        "SELECT seq, node_id, node_index, stream, line, timestamp FROM logs \
+                        "SELECT seq, node_id, node_index, stream, line, timestamp, attempt FROM logs \
                          WHERE deployment_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
                     )?;
                     log_page(&mut select, params![deployment_id, after, limit], &query)?
                 }
                 Some(node_index) => {
                     let mut select = tx.prepare_cached(
-                        "SELECT seq, node_id, node_index, stream, line, timestamp FROM logs \
+                        "SELECT seq, node_id, node_index, stream, line, timestamp, attempt FROM logs \
                          WHERE deployment_id = ?1 AND node_index = ?2 AND seq > ?3 \
                          ORDER BY seq LIMIT ?4",
                     )?;
@@ -1329,6 +1336,19 @@ impl Store for SqliteStore {
                     .retain(|_, heartbeat| heartbeat.deployment_id != id);
             }
             Ok(deleted > 0)
+        })
+        .await
+    }
+
+    async fn mark_cleaned(&self, id: &str, at: SystemTime) -> Result<bool> {
+        let id = id.to_owned();
+        self.run(move |_, conn| {
+            let marked = conn
+                .prepare_cached(
+                    "UPDATE deployments SET cleaned_at = COALESCE(cleaned_at, ?2) WHERE id = ?1",
+                )?
+                .execute(params![id, to_ms(at)])?;
+            Ok(marked > 0)
         })
         .await
     }

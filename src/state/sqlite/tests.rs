@@ -20,6 +20,7 @@ fn deployment(id: &str, total_nodes: u32) -> Deployment {
         completed_at: None,
         error_message: None,
         rerun_of: None,
+        cleaned_at: None,
     }
 }
 

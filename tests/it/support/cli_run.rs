@@ -1,7 +1,7 @@
 //! Running the real `taskfly` (and `taskflyd`) executables: a clean environment, a time limit
 //! on every run, and the captured exit code, stdout and stderr.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
@@ -123,6 +123,8 @@ pub struct Running {
     pid: i32,
     stdout_lines: mpsc::Receiver<String>,
     seen_stdout: Vec<String>,
+    /// Stderr, line by line as it comes (all of it is also kept for [`Running::finish`]).
+    stderr_lines: mpsc::Receiver<String>,
     stdout_reader: Option<JoinHandle<()>>,
     stderr_reader: Option<JoinHandle<String>>,
     exited: mpsc::Receiver<std::io::Result<ExitStatus>>,
@@ -156,10 +158,21 @@ impl Running {
                 }
             }
         });
+        let (stderr_sender, stderr_lines) = mpsc::channel();
         let stderr_reader = std::thread::spawn(move || {
-            let mut text = String::new();
-            let _ = stderr.read_to_string(&mut text);
-            text
+            let mut bytes = Vec::new();
+            let mut reader = BufReader::new(&mut stderr);
+            loop {
+                let start = bytes.len();
+                match reader.read_until(b'\n', &mut bytes) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        let line = String::from_utf8_lossy(&bytes[start..]);
+                        let _ = stderr_sender.send(line.trim_end_matches('\n').to_owned());
+                    }
+                }
+            }
+            String::from_utf8_lossy(&bytes).into_owned()
         });
         let (exit_sender, exited) = mpsc::channel();
         let waiter = std::thread::spawn(move || {
@@ -170,6 +183,7 @@ impl Running {
             pid,
             stdout_lines,
             seen_stdout: Vec::new(),
+            stderr_lines,
             stdout_reader: Some(stdout_reader),
             stderr_reader: Some(stderr_reader),
             exited,
@@ -211,6 +225,37 @@ impl Running {
                 ),
             }
         }
+    }
+
+    /// Waits (at most `limit`) for a stderr line for which `wanted` holds; returns it. All of
+    /// stderr is still in what [`Running::finish`] returns.
+    #[track_caller]
+    pub fn wait_for_stderr_line(
+        &mut self,
+        limit: Duration,
+        mut wanted: impl FnMut(&str) -> bool,
+    ) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stderr_lines.recv_timeout(left) {
+                Ok(line) if wanted(&line) => return line,
+                Ok(_) => {}
+                Err(e) => {
+                    self.kill();
+                    panic!(
+                        "{}: no expected line on stderr within {limit:?} ({e})",
+                        self.what
+                    );
+                }
+            }
+        }
+    }
+
+    /// Sends `signal` to the process (SIGINT: what Ctrl-C sends).
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid), signal)
+            .unwrap_or_else(|e| panic!("cannot signal {}: {e}", self.what));
     }
 
     /// Waits (at most `limit`) for the process to end by itself, and returns what it printed.

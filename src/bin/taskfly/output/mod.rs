@@ -1,7 +1,7 @@
 //! How results look: tables, log lines, and live progress (a bar on a terminal, plain
 //! timestamped lines elsewhere, nothing but the final document with `--output json`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, SystemTime};
@@ -18,9 +18,14 @@ pub(crate) fn use_color() -> bool {
 
 const COLORS: [&str; 6] = ["36", "33", "35", "32", "34", "31"];
 
-/// `[node 3] line`, the prefix coloured per node on a terminal.
-pub(crate) fn log_line(line: &LogLineView, color: bool) -> String {
-    let prefix = format!("[node {}]", line.node_index);
+/// `[node 3] line`, the prefix coloured per node on a terminal; `[node 3 attempt 2] line` when
+/// `mark_attempt` (the node ran more than once).
+pub(crate) fn log_line(line: &LogLineView, color: bool, mark_attempt: bool) -> String {
+    let prefix = if mark_attempt {
+        format!("[node {} attempt {}]", line.node_index, line.attempt)
+    } else {
+        format!("[node {}]", line.node_index)
+    };
     if color {
         // The prefix coloured per node; stderr lines in red.
         let code = COLORS[line.node_index as usize % COLORS.len()];
@@ -88,11 +93,27 @@ pub(crate) fn quote_for_display(value: &str) -> String {
     }
 }
 
-/// `running_script 3 · completed 2` for the nodes of a deployment.
+/// The nodes of a deployment that ran more than once: their log lines are marked with their
+/// attempt.
+pub(crate) fn retried_nodes(view: &DeploymentView) -> BTreeSet<u32> {
+    view.nodes
+        .iter()
+        .filter(|node| node.attempt > 1)
+        .map(|node| node.node_index)
+        .collect()
+}
+
+/// `running_script 3 · completed 2` for the nodes of a deployment; a failed node waiting for
+/// its retry counts as `retrying`.
 pub(crate) fn state_counts(view: &DeploymentView) -> String {
     let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
     for node in &view.nodes {
-        *counts.entry(node.status.as_str()).or_default() += 1;
+        let state = if view.is_retrying(node) {
+            "retrying"
+        } else {
+            node.status.as_str()
+        };
+        *counts.entry(state).or_default() += 1;
     }
     counts
         .iter()
@@ -117,12 +138,44 @@ fn output_timestamp() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
 }
 
+/// How often plain progress (off a terminal) may print a line.
+pub(crate) const PLAIN_PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+/// At most one event per period: the first call is let through, then none until the period
+/// has passed since the last one let through. On tokio's clock, so tests can pause it.
+pub(crate) struct Throttle {
+    every: Duration,
+    last: Option<tokio::time::Instant>,
+}
+
+impl Throttle {
+    pub(crate) fn new(every: Duration) -> Throttle {
+        Throttle { every, last: None }
+    }
+
+    /// Whether an event may happen now; if so, the period starts again.
+    pub(crate) fn ready(&mut self) -> bool {
+        let now = tokio::time::Instant::now();
+        match self.last {
+            Some(last) if now.duration_since(last) < self.every => false,
+            _ => {
+                self.last = Some(now);
+                true
+            }
+        }
+    }
+}
+
 /// Live progress of one deployment.
 pub(crate) struct Progress {
     format: Output,
     bar: Option<ProgressBar>,
     color: bool,
+    /// The state last printed as a plain line, and when lines may be printed.
     last_line: String,
+    throttle: Throttle,
+    /// Nodes that ran more than once, whose lines carry their attempt.
+    retried: BTreeSet<u32>,
 }
 
 impl Progress {
@@ -140,19 +193,29 @@ impl Progress {
         Progress {
             format,
             bar,
-            color: use_color(),
+            color: use_color() && format == Output::Text,
             last_line: String::new(),
+            throttle: Throttle::new(PLAIN_PROGRESS_EVERY),
+            retried: BTreeSet::new(),
         }
     }
 
-    /// Print log lines above the bar (text output only).
+    /// Print log lines: above the bar, or on stderr with `--output json` (stdout then holds
+    /// only the final document).
     pub(crate) fn print_logs(&mut self, lines: &[LogLineView]) {
-        if self.format != Output::Text || lines.is_empty() {
+        if lines.is_empty() {
             return;
         }
         let mut text = String::new();
         for line in lines {
-            let _ = writeln!(text, "{}", log_line(line, self.color));
+            let mark = line.attempt > 1 || self.retried.contains(&line.node_index);
+            let _ = writeln!(text, "{}", log_line(line, self.color, mark));
+        }
+        if self.format == Output::Json {
+            let mut err = std::io::stderr().lock();
+            let _ = err.write_all(text.as_bytes());
+            let _ = err.flush();
+            return;
         }
         match &self.bar {
             Some(bar) => bar.suspend(|| print!("{text}")),
@@ -172,6 +235,7 @@ impl Progress {
 
     /// Show the current state: the bar on a terminal, a timestamped line when it changed.
     pub(crate) fn update(&mut self, view: &DeploymentView, elapsed: Duration) {
+        self.retried.extend(retried_nodes(view));
         if self.format != Output::Text {
             return;
         }
@@ -182,13 +246,14 @@ impl Progress {
             }
             None => {
                 // Plain output: a line when the deployment's state or the count of finished
-                // nodes changes, so a log file is not flooded by every node's every step.
+                // nodes changed, at most one per PLAIN_PROGRESS_EVERY, so a log file is not
+                // flooded by every node's every step; a change held back is printed later.
                 let key = format!(
                     "{} {}",
                     view.status,
                     view.nodes_completed + view.nodes_failed
                 );
-                if key != self.last_line {
+                if key != self.last_line && self.throttle.ready() {
                     eprintln!("{} {}", output_timestamp(), progress_line(view, elapsed));
                     self.last_line = key;
                 }
@@ -196,10 +261,22 @@ impl Progress {
         }
     }
 
+    /// Stop showing progress without a summary (following was interrupted).
+    pub(crate) fn abandon(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.abandon();
+        }
+    }
+
     /// The final summary (text) or the final document (json).
     pub(crate) fn finish(&mut self, view: &DeploymentView, elapsed: Duration) {
-        if let Some(bar) = self.bar.take() {
-            bar.finish_and_clear();
+        match self.bar.take() {
+            Some(bar) => bar.finish_and_clear(),
+            // Plain output ends with one line of the final state, whatever the throttle held.
+            None if self.format == Output::Text => {
+                eprintln!("{} {}", output_timestamp(), progress_line(view, elapsed));
+            }
+            None => {}
         }
         match self.format {
             Output::Json => println!("{}", serde_json::to_string(view).unwrap_or_default()),
@@ -319,6 +396,12 @@ pub(crate) fn deployment_details_at(view: &DeploymentView, now: SystemTime) -> S
     }
     if let Some(error) = &view.error_message {
         let _ = writeln!(out, "error       {error}");
+    }
+    if let Some(cleaned) = &view.cleaned_at {
+        let _ = writeln!(
+            out,
+            "cleaned up  {cleaned} (files deleted; status and logs kept)"
+        );
     }
     let mut rows = vec![vec![
         "NODE".to_owned(),

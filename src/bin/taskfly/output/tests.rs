@@ -65,11 +65,14 @@ fn progress_line_counts_finished_nodes_and_every_state() {
 #[test]
 fn log_lines_carry_the_node_prefix_and_colour_only_when_asked() {
     assert_eq!(
-        log_line(&log(3, "stdout", "hello"), false),
+        log_line(&log(3, "stdout", "hello"), false, false),
         "[node 3] hello"
     );
-    assert_eq!(log_line(&log(3, "stderr", "oops"), false), "[node 3] oops");
-    let coloured = log_line(&log(3, "stderr", "oops"), true);
+    assert_eq!(
+        log_line(&log(3, "stderr", "oops"), false, false),
+        "[node 3] oops"
+    );
+    let coloured = log_line(&log(3, "stderr", "oops"), true, false);
     assert!(
         coloured.contains("[node 3]") && coloured.contains("oops"),
         "{coloured:?}"
@@ -245,7 +248,7 @@ fn index_lists_are_ranges() {
 fn a_timestamped_line_starts_with_the_nodes_time() {
     let line = log(2, "stdout", "hello");
     assert_eq!(
-        with_timestamp(&line, &log_line(&line, false)),
+        with_timestamp(&line, &log_line(&line, false, false)),
         "2026-01-02T03:04:05.000Z [node 2] hello"
     );
 }
@@ -293,4 +296,62 @@ fn what_still_runs_is_timed_until_now() {
         .map(|l| l.split_whitespace().nth(4).expect("DURATION"))
         .collect();
     assert_eq!(durations, ["5.25s", "1.50s", "-"]);
+}
+
+fn with_attempt(mut view: NodeView, attempt: u32) -> NodeView {
+    view.attempt = attempt;
+    view
+}
+
+#[test]
+fn a_node_that_ran_more_than_once_has_its_lines_marked_with_their_attempt() {
+    let mut line = log(2, "stdout", "again");
+    line.attempt = 2;
+    assert_eq!(log_line(&line, false, true), "[node 2 attempt 2] again");
+    line.attempt = 1;
+    assert_eq!(log_line(&line, false, true), "[node 2 attempt 1] again");
+    let view = deployment(
+        "running",
+        vec![
+            node(0, "completed", Some(0), None),
+            with_attempt(node(1, "running_script", None, None), 2),
+        ],
+    );
+    assert_eq!(retried_nodes(&view), BTreeSet::from([1]));
+}
+
+#[test]
+fn a_failed_node_waiting_for_its_retry_counts_as_retrying() {
+    let nodes = vec![
+        node(0, "completed", Some(0), None),
+        with_attempt(node(1, "failed", Some(3), Some("exited with code 3")), 1),
+        with_attempt(node(2, "failed", Some(3), Some("exited with code 3")), 3),
+    ];
+    let mut view = deployment("running", nodes);
+    view.retries = 2;
+    // Node 1 has retries left; node 2 used them all.
+    view.nodes_failed = 1;
+    assert_eq!(
+        progress_line(&view, Duration::from_secs(3)),
+        "[3s] running 2/3 done (completed 1 · failed 1 · retrying 1)"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn plain_progress_prints_at_most_one_line_per_period() {
+    let mut throttle = Throttle::new(PLAIN_PROGRESS_EVERY);
+    assert!(throttle.ready(), "the first line is printed at once");
+    let mut printed = 0;
+    // 200 changes in one second (a node finishing every 5 ms): none printed.
+    for _ in 0..200 {
+        tokio::time::advance(Duration::from_millis(5)).await;
+        printed += usize::from(throttle.ready());
+    }
+    assert_eq!(printed, 0);
+    tokio::time::advance(PLAIN_PROGRESS_EVERY).await;
+    assert!(
+        throttle.ready(),
+        "a change is printed once the period is over"
+    );
+    assert!(!throttle.ready(), "and the period starts again");
 }
