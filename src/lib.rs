@@ -86,7 +86,7 @@ pub use async_trait::async_trait;
 pub use config::DeploymentConfig;
 pub use error::{BoxError, Error, Report, Result};
 pub use metadata::MetadataGenerator;
-pub use orchestrator::{Config, DeploymentWatch, Orchestrator};
+pub use orchestrator::{Config, DeploymentWatch, Orchestrator, OutputLimits, OutputsReader};
 #[cfg(feature = "aws")]
 pub use provider::AwsProvider;
 pub use provider::{

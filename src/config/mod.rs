@@ -18,6 +18,7 @@ mod files;
 mod instance_config;
 mod local;
 mod nodes;
+mod outputs;
 mod types;
 mod values;
 
@@ -33,6 +34,7 @@ use files::{leaves_folder, parse_application_files};
 use instance_config::{parse_cloud_provider, parse_instance_config};
 pub(crate) use local::local_settings;
 use nodes::parse_nodes;
+use outputs::parse_outputs;
 pub(crate) use nodes::MAX_NODES;
 pub use types::{AwsConfig, CloudProvider, DeploymentConfig, LocalAgent, LocalConfig, NodesConfig};
 use values::string;
@@ -55,6 +57,7 @@ const TOP_FIELDS: &[&str] = &[
     "remote_dest_dir",
     "bundle_name",
     "nodes",
+    "outputs",
 ];
 
 impl DeploymentConfig {
@@ -175,6 +178,7 @@ fn parse_document(text: &str, problems: &mut Problems) -> Option<DeploymentConfi
         Some(name)
     });
     let nodes = parse_nodes(fields.get("nodes"), problems);
+    let outputs = parse_outputs(fields.get("outputs"), problems);
     if let Some(nodes) = &nodes {
         problems.0.extend(crate::metadata::check(nodes));
     }
@@ -219,6 +223,7 @@ fn parse_document(text: &str, problems: &mut Problems) -> Option<DeploymentConfi
         remote_dest_dir,
         bundle_name,
         nodes: nodes?,
+        outputs,
     })
 }
 

@@ -85,6 +85,7 @@ fn the_registration_answer_sources_to_the_exact_values() {
         timeout_s: Some(120),
         pooled: false,
         next_token: None,
+        outputs: Vec::new(),
     };
     let text = registration_env(&registration).expect("valid names");
     assert!(
@@ -137,6 +138,7 @@ fn a_name_that_is_not_a_shell_name_is_refused() {
         timeout_s: None,
         pooled: false,
         next_token: None,
+        outputs: Vec::new(),
     };
     let error = registration_env(&registration).expect_err("refused");
     assert!(error.is_invalid_input(), "{error}");
@@ -337,6 +339,7 @@ fn fake_node(
             timeout_s: None,
             pooled,
             next_token: None,
+            outputs: Vec::new(),
         },
         bundle: bundle_of(&files),
         shutdown: false,
