@@ -40,6 +40,9 @@ impl Node<'_> {
                 return Some(format!("cannot pack the outputs: {error}"));
             }
         };
+        if packed.files.is_empty() {
+            remove_quietly(&archive).await;
+        }
         if !packed.skipped.is_empty() {
             for skipped in &packed.skipped {
                 tracing::warn!(node_id = %self.node_id(), "outputs: left out {skipped}");
@@ -49,6 +52,10 @@ impl Node<'_> {
                 packed.skipped.join("; ")
             ))
             .await;
+        }
+        if packed.files.is_empty() {
+            tracing::info!(node_id = %self.node_id(), "no outputs to upload: the patterns match no file");
+            return None;
         }
         tracing::info!(
             node_id = %self.node_id(),

@@ -490,3 +490,6 @@ fn real_parents(dest: &Path, relative: &str) -> Result<PathBuf> {
     }
     Ok(dir.join(name))
 }
+
+#[cfg(test)]
+mod tests;

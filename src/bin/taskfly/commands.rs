@@ -27,8 +27,8 @@ const POLL: Duration = Duration::from_millis(250);
 pub(crate) async fn run(cli: Cli) -> u8 {
     let format = cli.output;
     let result = match &cli.command {
-        Command::Run { dir } => match project_dir(dir) {
-            Ok(dir) => run_local(&dir, format).await,
+        Command::Run { dir, no_outputs } => match project_dir(dir) {
+            Ok(dir) => run_local(&dir, format, !no_outputs).await,
             Err(failure) => Err(failure),
         },
         Command::Validate { dir } => project_dir(dir).and_then(|dir| validate(&dir, format)),
@@ -44,6 +44,12 @@ pub(crate) async fn run(cli: Cli) -> u8 {
         },
         Command::Logs { id, node, follow } => logs(&cli, id, node.as_deref(), *follow).await,
         Command::Down { id } => down(&cli, id).await,
+        Command::Outputs {
+            id,
+            dest,
+            node,
+            force,
+        } => crate::outputs::outputs(&cli, id, dest.as_deref(), *node, *force).await,
         Command::Cleanup { id, all } => cleanup(&cli, id.as_deref(), *all).await,
     };
     match result {
@@ -93,7 +99,7 @@ fn usage(message: &str) -> Failure {
 }
 
 /// Maps a library error to what the user sees, with a hint where one helps.
-fn failure(cli: Option<&Cli>, error: Error) -> Failure {
+pub(crate) fn failure(cli: Option<&Cli>, error: Error) -> Failure {
     let code = if error.is_transport() {
         EXIT_UNREACHABLE
     } else if error.is_invalid_config()
@@ -186,7 +192,7 @@ fn api_token(cli: &Cli) -> (Option<String>, String) {
     (token, source)
 }
 
-fn client(cli: &Cli) -> Result<Client, Failure> {
+pub(crate) fn client(cli: &Cli) -> Result<Client, Failure> {
     let client =
         Client::new(&daemon_url(cli), api_token(cli).0).map_err(|e| failure(Some(cli), e))?;
     match &cli.ca_file {
@@ -306,7 +312,7 @@ fn validate(dir: &Path, format: Output) -> Result<u8, Failure> {
     Ok(EXIT_OK)
 }
 
-async fn run_local(dir: &Path, format: Output) -> Result<u8, Failure> {
+async fn run_local(dir: &Path, format: Output, outputs: bool) -> Result<u8, Failure> {
     // Validate before anything starts, so mistakes are reported with exit code 2.
     let config = load_config(dir)?;
     if !config.local.hosts.is_empty() {
@@ -331,12 +337,17 @@ async fn run_local(dir: &Path, format: Output) -> Result<u8, Failure> {
             .map(|d| d.as_nanos())
             .unwrap_or(0)
     ));
-    let result = run_local_in(dir, &data_dir, format).await;
+    let result = run_local_in(dir, &data_dir, format, outputs).await;
     let _ = std::fs::remove_dir_all(&data_dir);
     result
 }
 
-async fn run_local_in(dir: &Path, data_dir: &Path, format: Output) -> Result<u8, Failure> {
+async fn run_local_in(
+    dir: &Path,
+    data_dir: &Path,
+    format: Output,
+    outputs: bool,
+) -> Result<u8, Failure> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .map_err(|e| usage(&format!("cannot open a local port for the nodes: {e}")))?;
@@ -346,7 +357,7 @@ async fn run_local_in(dir: &Path, data_dir: &Path, format: Output) -> Result<u8,
     let server = Server::new(engine.clone(), ServerConfig::default())
         .and_then(|server| server.spawn(listener))
         .map_err(|e| failure(None, e))?;
-    let outcome = run_and_follow(&engine, dir, format).await;
+    let outcome = run_and_follow(&engine, dir, format, outputs).await;
     // Ctrl-C or the end: stop the server, then every node.
     if tokio::time::timeout(Duration::from_secs(45), server.stop())
         .await
@@ -357,7 +368,12 @@ async fn run_local_in(dir: &Path, data_dir: &Path, format: Output) -> Result<u8,
     outcome
 }
 
-async fn run_and_follow(engine: &Orchestrator, dir: &Path, format: Output) -> Result<u8, Failure> {
+async fn run_and_follow(
+    engine: &Orchestrator,
+    dir: &Path,
+    format: Output,
+    outputs: bool,
+) -> Result<u8, Failure> {
     let created = engine.deploy_dir(dir).await.map_err(|e| failure(None, e))?;
     let id = created.id;
     let mut progress = Progress::new(format, created.total_nodes);
@@ -389,7 +405,12 @@ async fn run_and_follow(engine: &Orchestrator, dir: &Path, format: Output) -> Re
                 progress.print_logs(&log_views(&page.lines));
             }
             progress.finish(&view, started.elapsed());
-            return Ok(exit_for(&view));
+            let collected = if outputs {
+                crate::outputs::collect_after_run(engine, &id, format).await
+            } else {
+                EXIT_OK
+            };
+            return Ok(exit_for(&view).max(collected));
         }
         progress.update(&view, started.elapsed());
         tokio::select! {
@@ -526,7 +547,11 @@ async fn list(cli: &Cli) -> Result<u8, Failure> {
 /// The deployment id an argument names: a whole id, a unique prefix of one (with or without
 /// `dep-`), or `last` for the newest. A prefix of several is a usage error listing them; one of
 /// none is passed on as it is, for the daemon's usual "no deployment" answer.
-async fn resolve_id(cli: &Cli, client: &Client, arg: &str) -> Result<String, Failure> {
+pub(crate) async fn resolve_id(
+    cli: &Cli,
+    client: &Client,
+    arg: &str,
+) -> Result<String, Failure> {
     let whole = arg.len() == "dep-".len() + 16 && arg.starts_with("dep-");
     if whole || arg.is_empty() {
         return Ok(arg.to_owned());
