@@ -64,3 +64,48 @@ pub(super) fn parse_outputs(value: Option<&Value>, problems: &mut Problems) -> V
     }
     patterns
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::DeploymentConfig;
+
+    fn yml(outputs: &str) -> String {
+        format!(
+            "cloud_provider: local\napplication_files: [setup.sh]\nnodes: {{count: 1}}\noutputs: {outputs}\n"
+        )
+    }
+
+    #[test]
+    fn outputs_are_relative_globs_files_or_folders() {
+        let config = DeploymentConfig::from_yaml(&yml("[results/*.csv, summary.json, out/]"))
+            .expect("valid");
+        assert_eq!(config.outputs, ["results/*.csv", "summary.json", "out/"]);
+        let none = DeploymentConfig::from_yaml(
+            "cloud_provider: local\napplication_files: [setup.sh]\nnodes: {count: 1}\n",
+        )
+        .expect("valid");
+        assert!(none.outputs.is_empty());
+    }
+
+    #[test]
+    fn outputs_leaving_the_folder_or_malformed_are_refused_with_their_index() {
+        let error = DeploymentConfig::from_yaml(&yml(
+            "[ok.txt, /etc/passwd, ../up, \"a\\nb\", \"[x\", 3, ~/home]",
+        ))
+        .expect_err("refused");
+        let details = error.details().join("\n");
+        for expected in [
+            "outputs[1]: \"/etc/passwd\" must be relative",
+            "outputs[2]: \"../up\" must be relative",
+            "outputs[3]: \"a\\nb\" holds a line break",
+            "outputs[4]: \"[x\" is not a valid glob pattern",
+            "outputs[5]:",
+            "outputs[6]: \"~/home\" must be relative",
+        ] {
+            assert!(details.contains(expected), "{expected} in {details}");
+        }
+        assert!(!details.contains("outputs[0]"), "{details}");
+        let error = DeploymentConfig::from_yaml(&yml("results/")).expect_err("not a list");
+        assert!(error.details()[0].starts_with("outputs: expected a list"), "{error:?}");
+    }
+}

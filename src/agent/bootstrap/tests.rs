@@ -85,12 +85,16 @@ fn the_registration_answer_sources_to_the_exact_values() {
         timeout_s: Some(120),
         pooled: false,
         next_token: None,
-        outputs: Vec::new(),
+        outputs: vec!["results/*.csv".into(), "it's out/".into()],
     };
     let text = registration_env(&registration).expect("valid names");
     assert!(
         text.starts_with("TASKFLY_NEXT_TOKEN=''\nTASKFLY_AUTH_TOKEN='abc123'\n"),
         "{text}"
+    );
+    assert!(
+        text.contains("TASKFLY_SECRET_NAMES=''\nTASKFLY_OUTPUTS='results/*.csv\nit'\\''s out/'\nexport "),
+        "the outputs patterns come after the other control values, one a line: {text}"
     );
     assert!(text.contains("TASKFLY_DEST_DIR=''\n"), "{text}");
     assert!(text.contains("TASKFLY_TIMEOUT_S='120'\n"), "{text}");
