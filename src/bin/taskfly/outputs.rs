@@ -136,9 +136,10 @@ fn report(format: Output, id: &str, dest: &Path, files: &[String], on_stdout: bo
         format!("deployment {id} has no outputs")
     } else {
         format!(
-            "outputs of {nodes} node(s) written to {}/ ({} files)",
+            "outputs of {nodes} node(s) written to {}/ ({} file{})",
             dest.display(),
-            files.len()
+            files.len(),
+            if files.len() == 1 { "" } else { "s" }
         )
     };
     if on_stdout {
