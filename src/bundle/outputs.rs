@@ -124,7 +124,12 @@ impl Walk {
         let literal = self.root.join(pattern.trim_end_matches('/'));
         if fs::symlink_metadata(&literal).is_ok() || !pattern.contains(['*', '?', '[']) {
             if fs::symlink_metadata(&literal).is_ok() {
-                let name = pattern.trim_end_matches('/').trim_start_matches("./").to_owned();
+                // `./a//b/` is the entry `a/b`; `.` is the whole folder.
+                let name = pattern
+                    .split('/')
+                    .filter(|part| !part.is_empty() && *part != ".")
+                    .collect::<Vec<_>>()
+                    .join("/");
                 self.add(&name, &literal)?;
             }
             return Ok(());
@@ -161,7 +166,7 @@ impl Walk {
         Ok(())
     }
 
-    /// Adds the file or folder at `path`, packed as `name`.
+    /// Adds the file or folder at `path`, packed as `name` (empty for the folder itself).
     fn add(&mut self, name: &str, path: &Path) -> Result<()> {
         let unreadable = |e| Error::io(format!("cannot read {}", path.display()), e);
         let link = fs::symlink_metadata(path).map_err(unreadable)?;
@@ -182,7 +187,7 @@ impl Walk {
         }
         let meta = fs::metadata(&resolved).map_err(unreadable)?;
         if meta.is_file() {
-            if self.archive.as_ref() != Some(&resolved) {
+            if self.archive.as_ref() != Some(&resolved) && !name.is_empty() {
                 self.files.insert(name.to_owned(), resolved);
             }
         } else if meta.is_dir() {
@@ -202,7 +207,12 @@ impl Walk {
                     ));
                     continue;
                 };
-                self.add(&format!("{name}/{child_name}"), &path.join(&child_name))?;
+                let child_entry = if name.is_empty() {
+                    child_name.clone()
+                } else {
+                    format!("{name}/{child_name}")
+                };
+                self.add(&child_entry, &path.join(&child_name))?;
             }
         } else {
             self.skipped

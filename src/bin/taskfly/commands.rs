@@ -71,6 +71,11 @@ pub(crate) struct Failure {
 }
 
 impl Failure {
+    /// What went wrong, in one line.
+    pub(crate) fn message(&self) -> &str {
+        &self.message
+    }
+
     fn report(&self, cli: &Cli) {
         if cli.output == Output::Json {
             let mut doc = serde_json::json!({"error": self.message, "details": self.details});
@@ -93,6 +98,17 @@ fn usage(message: &str) -> Failure {
     Failure {
         code: EXIT_USAGE,
         message: message.to_owned(),
+        hint: None,
+        details: Vec::new(),
+    }
+}
+
+/// A command that could not finish its own work on this machine (a file it cannot write):
+/// exit 1.
+pub(crate) fn failed(message: String) -> Failure {
+    Failure {
+        code: EXIT_FAILED,
+        message,
         hint: None,
         details: Vec::new(),
     }

@@ -4,9 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use taskfly::bundle::BundleLimits;
-use taskfly::{Error, Orchestrator};
+use taskfly::Orchestrator;
 
-use crate::commands::{client, failure, resolve_id, Failure, EXIT_FAILED, EXIT_OK};
+use crate::commands::{client, failed, failure, resolve_id, Failure, EXIT_FAILED, EXIT_OK};
 use crate::{Cli, Output};
 
 /// What an archive from the daemon may hold once unpacked: the daemon's own limits (4 GiB and
@@ -32,10 +32,10 @@ pub(crate) async fn outputs(
     let downloaded = client.download_outputs(&id, node, &download).await;
     let written = match downloaded {
         Ok(_) => unpack(&download, &dest, force).await,
-        Err(e) => Err(e),
+        Err(e) => Err(failure(Some(cli), e)),
     };
     let _ = std::fs::remove_file(&download);
-    let files = written.map_err(|e| failure(Some(cli), e))?;
+    let files = written?;
     report(cli.output, &id, &dest, &files, true);
     Ok(EXIT_OK)
 }
@@ -46,14 +46,19 @@ pub(crate) async fn collect_after_run(engine: &Orchestrator, id: &str, format: O
     let dest = PathBuf::from(id);
     let archive = temp_archive_path();
     let collected = async {
-        let mut reader = engine.outputs(id, None).await?;
+        let mut reader = engine
+            .outputs(id, None)
+            .await
+            .map_err(|e| e.report().to_string())?;
         let mut file = tokio::fs::File::create(&archive)
             .await
-            .map_err(|e| io_error(&archive, e))?;
+            .map_err(|e| format!("cannot create {}: {e}", archive.display()))?;
         tokio::io::copy(&mut reader, &mut file)
             .await
-            .map_err(|e| io_error(&archive, e))?;
-        unpack(&archive, &dest, false).await
+            .map_err(|e| format!("cannot write {}: {e}", archive.display()))?;
+        unpack(&archive, &dest, false)
+            .await
+            .map_err(|failure| failure.message().to_owned())
     }
     .await;
     let _ = std::fs::remove_file(&archive);
@@ -64,20 +69,14 @@ pub(crate) async fn collect_after_run(engine: &Orchestrator, id: &str, format: O
             }
             EXIT_OK
         }
-        Err(e) => {
+        Err(why) => {
             eprintln!(
-                "error: cannot collect the outputs into {}: {}",
-                dest.display(),
-                e.report()
+                "error: cannot collect the outputs into {}: {why}",
+                dest.display()
             );
             EXIT_FAILED
         }
     }
-}
-
-fn io_error(path: &Path, e: std::io::Error) -> Error {
-    // The library's I/O errors name the file; this keeps the same shape for the CLI's own.
-    Error::not_found(format!("cannot write {}: {e}", path.display()))
 }
 
 /// A fresh file name for the downloaded archive.
@@ -94,10 +93,11 @@ fn temp_archive_path() -> PathBuf {
 
 /// Unpacks `archive` into `dest` (checked entry by entry; an existing file is replaced only
 /// with `force`). Returns the files written; a `dest` that stayed empty is removed.
-async fn unpack(archive: &Path, dest: &Path, force: bool) -> Result<Vec<String>, Error> {
+async fn unpack(archive: &Path, dest: &Path, force: bool) -> Result<Vec<String>, Failure> {
     let (archive, dest) = (archive.to_path_buf(), dest.to_path_buf());
     tokio::task::spawn_blocking(move || {
-        let file = std::fs::File::open(&archive).map_err(|e| io_error(&archive, e))?;
+        let file = std::fs::File::open(&archive)
+            .map_err(|e| failed(format!("cannot read {}: {e}", archive.display())))?;
         let existed = dest.exists();
         let summary = taskfly::bundle::extract_outputs(
             std::io::BufReader::new(file),
@@ -109,10 +109,12 @@ async fn unpack(archive: &Path, dest: &Path, force: bool) -> Result<Vec<String>,
             // Nothing to show: no empty folder is left behind either.
             let _ = std::fs::remove_dir(&dest);
         }
-        summary.map(|summary| summary.files)
+        summary
+            .map(|summary| summary.files)
+            .map_err(|e| failure(None, e))
     })
     .await
-    .map_err(|e| Error::not_found(format!("unpacking the outputs failed: {e}")))?
+    .map_err(|e| failed(format!("unpacking the outputs failed: {e}")))?
 }
 
 /// Says what was written where: on stdout for `taskfly outputs` (a JSON document with

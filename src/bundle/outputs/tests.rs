@@ -265,3 +265,14 @@ fn unpacking_never_writes_through_a_link_in_the_destination() {
     assert!(error.is_conflict(), "{error}");
     assert_eq!(fs::read_dir(&elsewhere).expect("dir").count(), 0);
 }
+
+#[test]
+fn dot_is_the_whole_folder_and_names_are_normalized() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    put(root, "a.txt", "a", 0o644);
+    put(root, "sub/b.txt", "b", 0o644);
+    let (packed, archive) = pack(root, &[".", "./sub//", "sub/b.txt"]);
+    assert_eq!(packed.files, ["a.txt", "sub/b.txt"]);
+    assert_eq!(entries(&archive).len(), 2, "no entry twice");
+}
