@@ -68,7 +68,12 @@ struct Args {
     #[arg(long, env = "TASKFLY_MAX_OUTPUTS_PER_NODE", default_value = "256MiB", value_parser = parse_size, value_name = "SIZE")]
     max_outputs_per_node: u64,
     /// Most files and folders of outputs one node may send back.
-    #[arg(long, env = "TASKFLY_MAX_OUTPUT_FILES_PER_NODE", default_value_t = 10_000, value_name = "N")]
+    #[arg(
+        long,
+        env = "TASKFLY_MAX_OUTPUT_FILES_PER_NODE",
+        default_value_t = 10_000,
+        value_name = "N"
+    )]
     max_output_files_per_node: u64,
     /// Most bytes of outputs all the nodes of one deployment may send back together.
     #[arg(long, env = "TASKFLY_MAX_OUTPUTS_PER_DEPLOYMENT", default_value = "4GiB", value_parser = parse_size, value_name = "SIZE")]

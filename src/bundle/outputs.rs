@@ -75,8 +75,8 @@ pub(crate) fn pack_outputs<W: Write>(
         ..PackedOutputs::default()
     };
     for (name, path) in &walk.files {
-        let mut file =
-            File::open(path).map_err(|e| Error::io(format!("cannot read {}", path.display()), e))?;
+        let mut file = File::open(path)
+            .map_err(|e| Error::io(format!("cannot read {}", path.display()), e))?;
         let meta = file
             .metadata()
             .map_err(|e| Error::io(format!("cannot read {}", path.display()), e))?;
@@ -89,7 +89,10 @@ pub(crate) fn pack_outputs<W: Write>(
             .map_err(|e| {
                 if source.source_failed {
                     Error::io(
-                        format!("cannot read {} (did it change while it was packed?)", path.display()),
+                        format!(
+                            "cannot read {} (did it change while it was packed?)",
+                            path.display()
+                        ),
                         e,
                     )
                 } else {
@@ -147,7 +150,10 @@ impl Walk {
             require_literal_leading_dot: false,
         };
         let paths = glob::glob_with(&full, options).map_err(|e| {
-            Error::invalid_input(format!("outputs: {pattern:?} is not a valid glob: {}", e.msg))
+            Error::invalid_input(format!(
+                "outputs: {pattern:?} is not a valid glob: {}",
+                e.msg
+            ))
         })?;
         for found in paths.flatten() {
             let Ok(relative) = found.strip_prefix(&self.root) else {
@@ -173,8 +179,7 @@ impl Walk {
         let resolved = match fs::canonicalize(path) {
             Ok(resolved) => resolved,
             Err(_) if link.file_type().is_symlink() => {
-                self.skipped
-                    .push(format!("{name}: a broken symbolic link"));
+                self.skipped.push(format!("{name}: a broken symbolic link"));
                 return Ok(());
             }
             Err(e) => return Err(unreadable(e)),
@@ -340,10 +345,7 @@ impl<W: Write> Write for Counting<W> {
 /// Writes the stored plain tars `sources` (each with the folder its entries go under, such as
 /// `node-3`) to `out` as one gzip tar. A source file that is gone (cleaned up meanwhile) is
 /// left out.
-pub(crate) fn write_outputs_archive<W: Write>(
-    sources: &[(String, PathBuf)],
-    out: W,
-) -> Result<()> {
+pub(crate) fn write_outputs_archive<W: Write>(sources: &[(String, PathBuf)], out: W) -> Result<()> {
     let mut builder = Builder::new(GzEncoder::new(out, Compression::default()));
     let failed = |e| Error::io("cannot write the outputs archive", e);
     for (folder, source) in sources {

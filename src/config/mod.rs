@@ -34,8 +34,8 @@ use files::{leaves_folder, parse_application_files};
 use instance_config::{parse_cloud_provider, parse_instance_config};
 pub(crate) use local::local_settings;
 use nodes::parse_nodes;
-use outputs::parse_outputs;
 pub(crate) use nodes::MAX_NODES;
+use outputs::parse_outputs;
 pub use types::{AwsConfig, CloudProvider, DeploymentConfig, LocalAgent, LocalConfig, NodesConfig};
 use values::string;
 

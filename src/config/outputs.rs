@@ -106,6 +106,9 @@ mod tests {
         }
         assert!(!details.contains("outputs[0]"), "{details}");
         let error = DeploymentConfig::from_yaml(&yml("results/")).expect_err("not a list");
-        assert!(error.details()[0].starts_with("outputs: expected a list"), "{error:?}");
+        assert!(
+            error.details()[0].starts_with("outputs: expected a list"),
+            "{error:?}"
+        );
     }
 }

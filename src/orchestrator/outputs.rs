@@ -86,7 +86,11 @@ impl Orchestrator {
             let synced = part
                 .sync_all()
                 .map_err(|e| Error::io("cannot store the outputs", e));
-            (received, outcome.and(synced), reader.into_inner().into_inner())
+            (
+                received,
+                outcome.and(synced),
+                reader.into_inner().into_inner(),
+            )
         })
         .await
         .map_err(|e| Error::io("storing the outputs failed", io::Error::other(e)))?;
@@ -185,8 +189,11 @@ impl Orchestrator {
                 sender: sender.clone(),
                 buffer: Vec::with_capacity(CHUNK_BYTES),
             };
-            let written = bundle::write_outputs_archive(&sources, &mut writer)
-                .and_then(|()| writer.send().map_err(|e| Error::io("cannot send the outputs", e)));
+            let written = bundle::write_outputs_archive(&sources, &mut writer).and_then(|()| {
+                writer
+                    .send()
+                    .map_err(|e| Error::io("cannot send the outputs", e))
+            });
             if let Err(e) = written {
                 // A reader that went away is no failure; anything else ends its stream.
                 let _ = sender.blocking_send(Err(io::Error::other(e.report().to_string())));
@@ -277,7 +284,11 @@ impl io::Write for ChunkWriter {
 /// connection.
 async fn drain(mut upload: impl AsyncRead + Unpin) {
     let mut rest = tokio::io::AsyncReadExt::take(&mut upload, DRAIN_BYTES);
-    let _ = tokio::time::timeout(DRAIN_TIME, tokio::io::copy(&mut rest, &mut tokio::io::sink())).await;
+    let _ = tokio::time::timeout(
+        DRAIN_TIME,
+        tokio::io::copy(&mut rest, &mut tokio::io::sink()),
+    )
+    .await;
 }
 
 /// The stored archive of one node attempt.

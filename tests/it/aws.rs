@@ -1290,9 +1290,8 @@ async fn ec2_nodes_send_their_outputs_back_from_user_data() {
         "{}outputs: [results/]\n",
         aws_yml(2, &endpoint, region, &image_id)
     );
-    let project = Project::new(&yml).script(
-        "#!/bin/sh\nmkdir -p results\necho \"shard $SHARD\" > results/shard.txt\n",
-    );
+    let project = Project::new(&yml)
+        .script("#!/bin/sh\nmkdir -p results\necho \"shard $SHARD\" > results/shard.txt\n");
     let id = engine.deploy(project.path()).await;
     let view = wait_instances_recorded(&engine, &id).await;
     let boot_dir = tempfile::tempdir().expect("temp dir");
@@ -1321,7 +1320,10 @@ async fn ec2_nodes_send_their_outputs_back_from_user_data() {
                 "node-0/results/shard.txt".to_owned(),
                 "shard [\"a\",\"c\"]\n".to_owned()
             ),
-            ("node-1/results/shard.txt".to_owned(), "shard [\"b\"]\n".to_owned()),
+            (
+                "node-1/results/shard.txt".to_owned(),
+                "shard [\"b\"]\n".to_owned()
+            ),
         ]
     );
     for child in &mut children {

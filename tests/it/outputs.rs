@@ -95,7 +95,11 @@ fn stored(engine: &TestEngine, id: &str) -> Vec<(String, u32)> {
 /// A project of `count` nodes run by `agent`, whose script writes its results, and
 /// `outputs` patterns.
 fn project(agent: &str, count: u32, outputs: &str, script: &str) -> Project {
-    Project::new(&format!("{}outputs: {outputs}\n", agent_yml(agent, count, ""))).script(script)
+    Project::new(&format!(
+        "{}outputs: {outputs}\n",
+        agent_yml(agent, count, "")
+    ))
+    .script(script)
 }
 
 const WRITES_RESULTS: &str = r#"#!/bin/sh
@@ -127,21 +131,30 @@ async fn outputs_come_back_from_every_node(agent: &str) {
         assert!(content(&all, &format!("node-{node}/out/deep/file.txt")).is_some());
     }
     assert!(
-        !all.iter().any(|e| e.path.ends_with("notes.txt") || e.path.contains("leak")),
+        !all.iter()
+            .any(|e| e.path.ends_with("notes.txt") || e.path.contains("leak")),
         "{agent}: only what the patterns match, never a link out: {:?}",
         paths(&all)
     );
     let logs = engine.all_logs(&id).await;
     assert!(
-        logs.iter()
-            .any(|l| l.stream == "stderr" && l.line.contains("outputs left out") && l.line.contains("leak")),
+        logs.iter().any(|l| l.stream == "stderr"
+            && l.line.contains("outputs left out")
+            && l.line.contains("leak")),
         "{agent}: the link left out is named in the node's log: {logs:#?}"
     );
 
     let one = outputs(&engine, &id, Some(1)).await;
     assert!(!one.is_empty());
-    assert!(one.iter().all(|e| e.path.starts_with("node-1/")), "{one:#?}");
-    let missing = engine.engine.outputs(&id, Some(7)).await.expect_err("no node 7");
+    assert!(
+        one.iter().all(|e| e.path.starts_with("node-1/")),
+        "{one:#?}"
+    );
+    let missing = engine
+        .engine
+        .outputs(&id, Some(7))
+        .await
+        .expect_err("no node 7");
     assert!(missing.is_not_found(), "{missing}");
 
     let files = stored(&engine, &id);
@@ -160,7 +173,10 @@ async fn outputs_come_back_from_every_node(agent: &str) {
         .await
         .expect("download");
     let downloaded = entries_of(&std::fs::read(&file).expect("read"));
-    assert_eq!(paths(&downloaded), paths(&outputs(&engine, &id, Some(0)).await));
+    assert_eq!(
+        paths(&downloaded),
+        paths(&outputs(&engine, &id, Some(0)).await)
+    );
     let unknown = engine
         .client()
         .download_outputs(&id, Some(9), &file)
@@ -170,7 +186,10 @@ async fn outputs_come_back_from_every_node(agent: &str) {
 
     // Cleanup removes them with the deployment's folder.
     engine.engine.cleanup(&id).await.expect("cleanup");
-    assert!(stored(&engine, &id).is_empty(), "cleanup removes the outputs");
+    assert!(
+        stored(&engine, &id).is_empty(),
+        "cleanup removes the outputs"
+    );
     engine.stop().await;
 }
 
@@ -212,7 +231,11 @@ async fn outputs_over_the_limit_fail_the_node_and_keep_what_arrived(agent: &str)
     let view = engine.run(project.path()).await;
     let node = &view.nodes[0];
     assert_eq!(node.status.as_str(), "failed", "{agent}: {view:#?}");
-    assert_eq!(node.exit_code, Some(0), "{agent}: the script itself succeeded");
+    assert_eq!(
+        node.exit_code,
+        Some(0),
+        "{agent}: the script itself succeeded"
+    );
     let message = node.error_message.clone().unwrap_or_default();
     assert!(
         message.starts_with("the script completed, but the outputs upload failed")
@@ -221,7 +244,11 @@ async fn outputs_over_the_limit_fail_the_node_and_keep_what_arrived(agent: &str)
         "{agent}: {message}"
     );
     let all = outputs(&engine, &view.deployment_id, None).await;
-    assert_eq!(paths(&all), ["node-0/a.txt"], "{agent}: what arrived is kept");
+    assert_eq!(
+        paths(&all),
+        ["node-0/a.txt"],
+        "{agent}: what arrived is kept"
+    );
     engine.stop().await;
 }
 
@@ -236,7 +263,11 @@ async fn each_node_of_a_pooled_instance_sends_its_own_outputs(agent: &str) {
     );
     let view = pool.engine.run(project.path()).await;
     assert_eq!(view.status.as_str(), "completed", "{agent}: {view:#?}");
-    assert_eq!(pool.counting.launched().len(), 1, "one instance served every node");
+    assert_eq!(
+        pool.counting.launched().len(),
+        1,
+        "one instance served every node"
+    );
     let all = outputs(&pool.engine, &view.deployment_id, None).await;
     let got: Vec<(&str, &str)> = all
         .iter()
@@ -312,7 +343,11 @@ async fn the_upload_endpoint_refuses_hostile_archives_and_takes_a_resend_once() 
         .register(&calls[0].provision_token)
         .await
         .expect("register");
-    assert_eq!(registered.outputs, ["result.txt"], "the agent is told the patterns");
+    assert_eq!(
+        registered.outputs,
+        ["result.txt"],
+        "the agent is told the patterns"
+    );
     let token = registered.auth_token.clone();
     let upload = |body: Vec<u8>, content_type: &'static str| {
         let (url, token) = (engine.url.clone(), token.clone());
@@ -329,10 +364,22 @@ async fn the_upload_endpoint_refuses_hostile_archives_and_takes_a_resend_once() 
     };
 
     for (what, body) in [
-        ("path traversal", hostile_tar(tar::EntryType::Regular, "../../escape", "")),
-        ("absolute path", hostile_tar(tar::EntryType::Regular, "/tmp/escape", "")),
-        ("symlink out", hostile_tar(tar::EntryType::Symlink, "out", "../../../etc")),
-        ("hard link", hostile_tar(tar::EntryType::Link, "hard", "/etc/passwd")),
+        (
+            "path traversal",
+            hostile_tar(tar::EntryType::Regular, "../../escape", ""),
+        ),
+        (
+            "absolute path",
+            hostile_tar(tar::EntryType::Regular, "/tmp/escape", ""),
+        ),
+        (
+            "symlink out",
+            hostile_tar(tar::EntryType::Symlink, "out", "../../../etc"),
+        ),
+        (
+            "hard link",
+            hostile_tar(tar::EntryType::Link, "hard", "/etc/passwd"),
+        ),
         ("not a gzip tar", b"garbage".to_vec()),
     ] {
         let response = upload(body, "application/gzip").await;
@@ -355,10 +402,16 @@ async fn the_upload_endpoint_refuses_hostile_archives_and_takes_a_resend_once() 
         assert_eq!(response.status, 200, "{}", response.text());
         assert_eq!(response.json()["files"], 1);
     }
-    assert_eq!(stored(&engine, &id), [("0-1.tar".to_owned(), 0o600)], "a resend replaces");
+    assert_eq!(
+        stored(&engine, &id),
+        [("0-1.tar".to_owned(), 0o600)],
+        "a resend replaces"
+    );
     let all = outputs(&engine, &id, None).await;
     assert_eq!(
-        all.iter().map(|e| (e.path.as_str(), e.content.as_str())).collect::<Vec<_>>(),
+        all.iter()
+            .map(|e| (e.path.as_str(), e.content.as_str()))
+            .collect::<Vec<_>>(),
         [("node-0/result.txt", "42\n")]
     );
 
@@ -373,7 +426,12 @@ async fn the_upload_endpoint_refuses_hostile_archives_and_takes_a_resend_once() 
         .expect(status);
     }
     let late = upload(good_tar(), "application/gzip").await;
-    assert_eq!(late.status, 409, "a final node takes no more outputs: {}", late.text());
+    assert_eq!(
+        late.status,
+        409,
+        "a final node takes no more outputs: {}",
+        late.text()
+    );
     engine.stop().await;
 }
 
@@ -398,8 +456,8 @@ async fn a_deployment_without_outputs_serves_an_empty_archive() {
 fn assert_files(dir: &Path, expected: &[(&str, &str)]) {
     for (relative, content) in expected {
         let path = dir.join(relative);
-        let got = std::fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let got =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         assert_eq!(got, *content, "{}", path.display());
     }
 }
@@ -422,24 +480,41 @@ fn taskfly_outputs_writes_node_folders_and_never_overwrites_without_force() {
 
     let ran = daemon.cli(&["outputs", "last", "--dest", path_str(&dest)]);
     ran.expect_success();
-    assert!(ran.stdout.contains("outputs of 2 node(s) written to"), "{}", ran.show());
+    assert!(
+        ran.stdout.contains("outputs of 2 node(s) written to"),
+        "{}",
+        ran.show()
+    );
     assert_files(
         &dest,
-        &[("node-0/results/count.txt", "node 0\n"), ("node-1/results/count.txt", "node 1\n")],
+        &[
+            ("node-0/results/count.txt", "node 0\n"),
+            ("node-1/results/count.txt", "node 1\n"),
+        ],
     );
 
     std::fs::write(dest.join("node-1/results/count.txt"), "edited").expect("edit");
     let refused = daemon.cli(&["outputs", &id[..8], "--dest", path_str(&dest)]);
     refused.expect_code(1);
     assert!(
-        refused.stderr.contains("node-0/results/count.txt already exists (and 1 more)")
+        refused
+            .stderr
+            .contains("node-0/results/count.txt already exists (and 1 more)")
             && refused.stderr.contains("--force"),
         "the path and the way out: {}",
         refused.show()
     );
     assert_files(&dest, &[("node-1/results/count.txt", "edited")]);
 
-    let forced = daemon.cli(&["outputs", &id, "--dest", path_str(&dest), "--node", "1", "--force"]);
+    let forced = daemon.cli(&[
+        "outputs",
+        &id,
+        "--dest",
+        path_str(&dest),
+        "--node",
+        "1",
+        "--force",
+    ]);
     forced.expect_success();
     assert_files(&dest, &[("node-1/results/count.txt", "node 1\n")]);
 
@@ -451,7 +526,10 @@ fn taskfly_outputs_writes_node_folders_and_never_overwrites_without_force() {
     );
     ran.expect_success();
     assert_eq!(ran.json()["files"][0], "node-0/results/count.txt");
-    assert_files(&work.path().join(&id), &[("node-0/results/count.txt", "node 0\n")]);
+    assert_files(
+        &work.path().join(&id),
+        &[("node-0/results/count.txt", "node 0\n")],
+    );
 
     daemon.cli(&["outputs", &id, "--node", "5"]).expect_code(1);
     daemon.stop();

@@ -93,7 +93,9 @@ fn the_registration_answer_sources_to_the_exact_values() {
         "{text}"
     );
     assert!(
-        text.contains("TASKFLY_SECRET_NAMES=''\nTASKFLY_OUTPUTS='results/*.csv\nit'\\''s out/'\nexport "),
+        text.contains(
+            "TASKFLY_SECRET_NAMES=''\nTASKFLY_OUTPUTS='results/*.csv\nit'\\''s out/'\nexport "
+        ),
         "the outputs patterns come after the other control values, one a line: {text}"
     );
     assert!(text.contains("TASKFLY_DEST_DIR=''\n"), "{text}");

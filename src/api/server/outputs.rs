@@ -32,9 +32,13 @@ pub(super) async fn upload(
 ) -> Result<Response<Body>> {
     let content_type = header(&request, CONTENT_TYPE).unwrap_or("");
     let essence = content_type.split(';').next().unwrap_or("").trim();
-    if !["application/gzip", "application/x-gzip", "application/octet-stream"]
-        .iter()
-        .any(|accepted| essence.eq_ignore_ascii_case(accepted))
+    if ![
+        "application/gzip",
+        "application/x-gzip",
+        "application/octet-stream",
+    ]
+    .iter()
+    .any(|accepted| essence.eq_ignore_ascii_case(accepted))
     {
         return Err(unsupported_media(&format!(
             "send the outputs as application/gzip (a gzip tar), not `{essence}`"
@@ -157,13 +161,19 @@ mod tests {
         let mut limited = IdleLimited::new(reader, Duration::from_secs(60));
         writer.write_all(b"first").await.expect("write");
         let mut buf = [0u8; 5];
-        limited.read_exact(&mut buf).await.expect("data within the limit");
+        limited
+            .read_exact(&mut buf)
+            .await
+            .expect("data within the limit");
         // The reader itself takes its time: that is not the sender's silence.
         tokio::time::sleep(Duration::from_secs(600)).await;
         writer.write_all(b"again").await.expect("write");
         limited.read_exact(&mut buf).await.expect("data waiting");
         let error = limited.read(&mut buf).await.expect_err("silent");
         assert_eq!(error.kind(), std::io::ErrorKind::TimedOut);
-        assert!(error.to_string().contains("sent nothing for 60 s"), "{error}");
+        assert!(
+            error.to_string().contains("sent nothing for 60 s"),
+            "{error}"
+        );
     }
 }

@@ -563,11 +563,7 @@ async fn list(cli: &Cli) -> Result<u8, Failure> {
 /// The deployment id an argument names: a whole id, a unique prefix of one (with or without
 /// `dep-`), or `last` for the newest. A prefix of several is a usage error listing them; one of
 /// none is passed on as it is, for the daemon's usual "no deployment" answer.
-pub(crate) async fn resolve_id(
-    cli: &Cli,
-    client: &Client,
-    arg: &str,
-) -> Result<String, Failure> {
+pub(crate) async fn resolve_id(cli: &Cli, client: &Client, arg: &str) -> Result<String, Failure> {
     let whole = arg.len() == "dep-".len() + 16 && arg.starts_with("dep-");
     if whole || arg.is_empty() {
         return Ok(arg.to_owned());

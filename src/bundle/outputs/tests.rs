@@ -33,7 +33,10 @@ fn entries(gzip_tar: &[u8]) -> Vec<(String, u32, String)> {
         let mode = entry.header().mode().expect("mode") & 0o7777;
         let mut content = String::new();
         if entry.header().entry_type() == EntryType::Symlink {
-            content = format!("-> {}", entry.link_name().expect("link").expect("target").display());
+            content = format!(
+                "-> {}",
+                entry.link_name().expect("link").expect("target").display()
+            );
         } else {
             entry.read_to_string(&mut content).expect("read");
         }
@@ -44,8 +47,7 @@ fn entries(gzip_tar: &[u8]) -> Vec<(String, u32, String)> {
 
 fn pack(root: &Path, list: &[&str]) -> (PackedOutputs, Vec<u8>) {
     let mut out = Vec::new();
-    let packed =
-        pack_outputs(root, &patterns(list), &root.join("none"), &mut out).expect("pack");
+    let packed = pack_outputs(root, &patterns(list), &root.join("none"), &mut out).expect("pack");
     (packed, out)
 }
 
@@ -60,10 +62,19 @@ fn packs_files_globs_and_folders_with_their_modes() {
     put(root, "out/run.sh", "#!/bin/sh\n", 0o755);
     put(root, "out/deep/x", "x", 0o644);
     put(root, "input.txt", "not an output", 0o644);
-    let (packed, archive) = pack(root, &["results/*.csv", "summary.json", "out/", "missing/*"]);
+    let (packed, archive) = pack(
+        root,
+        &["results/*.csv", "summary.json", "out/", "missing/*"],
+    );
     assert_eq!(
         packed.files,
-        ["out/deep/x", "out/run.sh", "results/a.csv", "results/b.csv", "summary.json"]
+        [
+            "out/deep/x",
+            "out/run.sh",
+            "results/a.csv",
+            "results/b.csv",
+            "summary.json"
+        ]
     );
     assert!(packed.skipped.is_empty());
     let got = entries(&archive);
@@ -86,8 +97,13 @@ fn links_inside_are_packed_as_their_files_and_links_out_are_skipped() {
     let (packed, archive) = pack(root, &["out"]);
     assert_eq!(packed.files, ["out/alias.txt", "out/real.txt"]);
     assert_eq!(packed.skipped.len(), 3, "{:?}", packed.skipped);
-    assert!(packed.skipped.iter().any(|s| s.starts_with("out/leak: a symbolic link leading out")));
-    assert!(!entries(&archive).iter().any(|(_, _, c)| c.contains("do not send")));
+    assert!(packed
+        .skipped
+        .iter()
+        .any(|s| s.starts_with("out/leak: a symbolic link leading out")));
+    assert!(!entries(&archive)
+        .iter()
+        .any(|(_, _, c)| c.contains("do not send")));
 }
 
 #[test]
@@ -109,13 +125,17 @@ fn upload(files: &[(&str, &[u8])], link: Option<(&str, &str)>) -> Vec<u8> {
         header.set_size(data.len() as u64);
         header.set_mode(0o755);
         header.set_entry_type(EntryType::Regular);
-        builder.append_data(&mut header, path, *data).expect("append");
+        builder
+            .append_data(&mut header, path, *data)
+            .expect("append");
     }
     if let Some((path, target)) = link {
         let mut header = Header::new_gnu();
         header.set_entry_type(EntryType::Symlink);
         header.set_size(0);
-        builder.append_link(&mut header, path, target).expect("link");
+        builder
+            .append_link(&mut header, path, target)
+            .expect("link");
     }
     builder.into_inner().expect("tar").finish().expect("gzip")
 }
@@ -139,13 +159,22 @@ fn plain_entries(tar: &[u8]) -> Vec<String> {
     Archive::new(tar)
         .entries()
         .expect("entries")
-        .map(|e| e.expect("entry").path().expect("path").display().to_string())
+        .map(|e| {
+            e.expect("entry")
+                .path()
+                .expect("path")
+                .display()
+                .to_string()
+        })
         .collect()
 }
 
 #[test]
 fn an_upload_is_stored_entry_by_entry() {
-    let bytes = upload(&[("a.txt", b"aaa"), ("dir/b.txt", b"bb")], Some(("dir/c", "b.txt")));
+    let bytes = upload(
+        &[("a.txt", b"aaa"), ("dir/b.txt", b"bb")],
+        Some(("dir/c", "b.txt")),
+    );
     let (received, outcome, stored) = receive(&bytes, BundleLimits::default());
     outcome.expect("accepted");
     assert_eq!(received, ReceivedOutputs { files: 2, bytes: 5 });
@@ -216,7 +245,10 @@ fn stored_archives_are_served_under_node_folders_and_unpacked_without_overwritin
             .write(true)
             .open(&path)
             .expect("create");
-        let bytes = upload(&[("results/count.json", content.as_bytes())], Some(("latest", "results/count.json")));
+        let bytes = upload(
+            &[("results/count.json", content.as_bytes())],
+            Some(("latest", "results/count.json")),
+        );
         receive_outputs(Cursor::new(bytes), &mut file, &BundleLimits::default())
             .1
             .expect("stored");
@@ -228,27 +260,53 @@ fn stored_archives_are_served_under_node_folders_and_unpacked_without_overwritin
     let got = entries(&served);
     assert_eq!(
         got.iter().map(|(p, _, _)| p.as_str()).collect::<Vec<_>>(),
-        ["node-0/results/count.json", "node-0/latest", "node-2/results/count.json", "node-2/latest"]
+        [
+            "node-0/results/count.json",
+            "node-0/latest",
+            "node-2/results/count.json",
+            "node-2/latest"
+        ]
     );
     assert_eq!(got[0].1, 0o755, "modes are kept");
 
     let dest = dir.path().join("dest");
-    let summary =
-        extract_outputs(Cursor::new(&served), &dest, &BundleLimits::default(), false).expect("unpacked");
-    assert_eq!(summary.files, ["node-0/results/count.json", "node-2/results/count.json"]);
-    assert_eq!(fs::read_to_string(dest.join("node-2/results/count.json")).expect("read"), "two");
-    assert_eq!(fs::read_link(dest.join("node-0/latest")).expect("link").to_str(), Some("results/count.json"));
+    let summary = extract_outputs(Cursor::new(&served), &dest, &BundleLimits::default(), false)
+        .expect("unpacked");
+    assert_eq!(
+        summary.files,
+        ["node-0/results/count.json", "node-2/results/count.json"]
+    );
+    assert_eq!(
+        fs::read_to_string(dest.join("node-2/results/count.json")).expect("read"),
+        "two"
+    );
+    assert_eq!(
+        fs::read_link(dest.join("node-0/latest"))
+            .expect("link")
+            .to_str(),
+        Some("results/count.json")
+    );
 
     fs::write(dest.join("node-2/results/count.json"), "mine").expect("edit");
     let refused = extract_outputs(Cursor::new(&served), &dest, &BundleLimits::default(), false)
         .expect_err("exists");
     assert!(refused.is_conflict());
     assert!(refused.to_string().contains("--force"), "{refused}");
-    assert_eq!(fs::read_to_string(dest.join("node-2/results/count.json")).expect("read"), "mine");
-    assert_eq!(fs::read_dir(&dest).expect("dest").count(), 2, "no staging folder left");
+    assert_eq!(
+        fs::read_to_string(dest.join("node-2/results/count.json")).expect("read"),
+        "mine"
+    );
+    assert_eq!(
+        fs::read_dir(&dest).expect("dest").count(),
+        2,
+        "no staging folder left"
+    );
 
     extract_outputs(Cursor::new(&served), &dest, &BundleLimits::default(), true).expect("forced");
-    assert_eq!(fs::read_to_string(dest.join("node-2/results/count.json")).expect("read"), "two");
+    assert_eq!(
+        fs::read_to_string(dest.join("node-2/results/count.json")).expect("read"),
+        "two"
+    );
 }
 
 #[test]
