@@ -150,10 +150,11 @@ impl Orchestrator {
     /// never built in memory; a deployment without outputs gives an empty archive.
     ///
     /// ```no_run
-    /// # async fn example(engine: taskfly::Orchestrator) -> taskfly::Result<()> {
+    /// # async fn example(engine: taskfly::Orchestrator) -> Result<(), Box<dyn std::error::Error>> {
+    /// // Every node's outputs, as `taskfly outputs` downloads them.
     /// let mut archive = engine.outputs("dep-0123456789abcdef", None).await?;
-    /// let mut file = tokio::fs::File::create("outputs.tar.gz").await.unwrap();
-    /// tokio::io::copy(&mut archive, &mut file).await.unwrap();
+    /// let mut file = tokio::fs::File::create("outputs.tar.gz").await?;
+    /// tokio::io::copy(&mut archive, &mut file).await?;
     /// # Ok(())
     /// # }
     /// ```

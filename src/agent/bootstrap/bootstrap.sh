@@ -159,35 +159,26 @@ tf_ship() {
 # sent. Symbolic links are left out, and named in the node's log. The daemon keeps what arrived.
 tf_outputs() {
   tf_oerr=''
-  (. "$tf_reg" && printf '%s\n' "${TASKFLY_OUTPUTS:-}") >opats || return 0
+  (. "$tf_reg" && printf '%s\n' "${TASKFLY_OUTPUTS:-}") >opats
   grep -q . opats || return 0
-  (
-    cd "$tf_root" || exit 1
-    set +f
-    # Patterns are split at line breaks only, and globbed.
-    tf_n=$(printf '\n_')
-    IFS=${tf_n%_}
+  # Patterns are split at line breaks only, and globbed.
+  (cd "$tf_root" && set +f && tf_n=$(printf '\n_') && IFS=${tf_n%_} &&
     while read -r tf_n; do
-      [ -n "$tf_n" ] || continue
       for tf_f in $tf_n; do
         [ -e "$tf_f" ] || [ -L "$tf_f" ] || continue
         find "./$tf_f" -type f | sed 's/^/F/'
         find "./$tf_f" -type l | sed 's/^/L/'
       done
-    done <"$tf_p/opats"
-  ) 2>/dev/null | sort -u >ofound
+    done <"$tf_p/opats") 2>/dev/null | sort -u >ofound
   sed -n 's/^F//p' ofound >ofiles
-  if grep -q '^L' ofound; then
+  ! grep -q ^L ofound || {
     printf '[taskfly bootstrap: outputs left out (symbolic links): %s]\n' "$(sed -n 's/^L\.\///p' ofound | tr '\n' ' ')" >piece
-    tf_log "$(cat piece)"
     tf_call 'logs?stream=stderr' piece text/plain 0
-  fi
+  }
   [ -s ofiles ] || return 0
-  tar czf outputs.tgz -C "$tf_root" -T ofiles 2>err ||
-    { tf_oerr="cannot pack the outputs: $(tail -n 1 err)"; return; }
+  tar czf outputs.tgz -C "$tf_root" -T ofiles 2>err || { tf_oerr="cannot pack the outputs: $(tail -n 1 err)"; return; }
   tf_call outputs outputs.tgz application/gzip 120 600 stream ||
     tf_oerr="the outputs upload failed: ${tf_code%% *} $(sed -n 's/.*"error":"\([^"]*\)".*/\1/p' resp | head -c 500)"
-  rm -f outputs.tgz
 }
 
 # tf_watch PID [STATUS_FILE]: waits for PID (its status in tf_rc, from STATUS_FILE when the job
