@@ -86,7 +86,9 @@ pub use async_trait::async_trait;
 pub use config::DeploymentConfig;
 pub use error::{BoxError, Error, Report, Result};
 pub use metadata::MetadataGenerator;
-pub use orchestrator::{Config, DeploymentWatch, Orchestrator, RerunNodes};
+pub use orchestrator::{
+    Config, DeploymentWatch, Orchestrator, OutputLimits, OutputsReader, RerunNodes,
+};
 #[cfg(feature = "aws")]
 pub use provider::AwsProvider;
 pub use provider::{

@@ -50,6 +50,7 @@ pub(crate) fn registration(env: &[(&str, &str)]) -> wire::RegisterResponse {
         timeout_s: None,
         pooled: false,
         next_token: None,
+        outputs: Vec::new(),
     }
 }
 

@@ -33,6 +33,7 @@ mod files;
 mod heartbeat;
 mod node;
 mod output;
+mod outputs;
 mod script;
 #[cfg(test)]
 pub(crate) mod tests;

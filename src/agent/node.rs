@@ -84,11 +84,31 @@ impl Node<'_> {
                 return self.fail(problem, None).await;
             }
         };
+        if matches!(ending, Ending::Stopped) {
+            return Ok(AgentReport::terminated(self.node_id()));
+        }
+        // The outputs go before the final report, whatever the script's end: a failed run's
+        // partial results help find out why.
+        let outputs_failed = self.send_outputs(&prepared.root).await;
+        if self.stop.is_cancelled() {
+            return Ok(AgentReport::terminated(self.node_id()));
+        }
+        let with_outputs = |message: String| match &outputs_failed {
+            Some(why) => format!("{message}; {why}"),
+            None => message,
+        };
         match ending {
             Ending::Stopped => Ok(AgentReport::terminated(self.node_id())),
             Ending::TimedOut(limit) => {
                 let message = format!("timed out after {}", humantime::format_duration(limit));
-                self.fail(message, None).await
+                self.fail(with_outputs(message), None).await
+            }
+            Ending::Exited(status) if status.success() && outputs_failed.is_some() => {
+                // The script's work did not all come back: the node failed (with exit code 0),
+                // so it shows, and a retry runs it again.
+                let why = outputs_failed.unwrap_or_default();
+                self.fail(format!("the script completed, but {why}"), Some(0))
+                    .await
             }
             Ending::Exited(status) if status.success() => {
                 if let Err(error) = self.report(NodeStatus::Completed, None, Some(0)).await {
@@ -104,7 +124,7 @@ impl Node<'_> {
             Ending::Exited(status) => {
                 let (exit_code, message) =
                     failure_message(status, last_stderr.as_deref(), &self.secrets());
-                self.fail(message, exit_code).await
+                self.fail(with_outputs(message), exit_code).await
             }
         }
     }

@@ -320,6 +320,11 @@ pub struct RegisterResponse {
     /// the instance can read) is worthless once the first node has registered. A secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_token: Option<String>,
+    /// `outputs` of `taskfly.yml`: the files, globs and folders (relative to the bundle
+    /// folder) the agent packs and uploads (`POST /nodes/outputs`) once the script has ended,
+    /// before its final report. Empty (and absent) when the node sends nothing back.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outputs: Vec<String>,
 }
 
 impl RegisterResponse {
@@ -548,4 +553,15 @@ impl<'de> Deserialize<'de> for RerunSelection {
 
         deserializer.deserialize_any(Selection)
     }
+}
+
+/// The answer to `POST /nodes/outputs`: what the daemon stored of the node's outputs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputsStored {
+    /// Always `ok`.
+    pub status: String,
+    /// Regular files stored.
+    pub files: u64,
+    /// Their total size in bytes.
+    pub bytes: u64,
 }

@@ -63,6 +63,21 @@ struct Args {
     /// oldest lines first.
     #[arg(long, env = "TASKFLY_MAX_LOG_LINES", default_value_t = 1_000_000)]
     max_log_lines: usize,
+    /// Most bytes of outputs (taskfly.yml `outputs:`) one node may send back: bytes, or with
+    /// KiB, MiB, GiB.
+    #[arg(long, env = "TASKFLY_MAX_OUTPUTS_PER_NODE", default_value = "256MiB", value_parser = parse_size, value_name = "SIZE")]
+    max_outputs_per_node: u64,
+    /// Most files and folders of outputs one node may send back.
+    #[arg(
+        long,
+        env = "TASKFLY_MAX_OUTPUT_FILES_PER_NODE",
+        default_value_t = 10_000,
+        value_name = "N"
+    )]
+    max_output_files_per_node: u64,
+    /// Most bytes of outputs all the nodes of one deployment may send back together.
+    #[arg(long, env = "TASKFLY_MAX_OUTPUTS_PER_DEPLOYMENT", default_value = "4GiB", value_parser = parse_size, value_name = "SIZE")]
+    max_outputs_per_deployment: u64,
     /// Keep instances for later nodes: a pool of at most this many per provider (local and
     /// aws). Finished nodes' instances wait for the next node instead of being terminated.
     /// 0 (the default): no pool, every node gets a fresh instance.
@@ -241,6 +256,11 @@ async fn serve(args: Args) -> Result<(), String> {
         .advertise_url(advertise.clone())
         .heartbeat_timeout(args.heartbeat_timeout)
         .retention(Some(args.retention))
+        .output_limits(taskfly::OutputLimits {
+            max_node_bytes: args.max_outputs_per_node,
+            max_node_files: args.max_output_files_per_node,
+            max_deployment_bytes: args.max_outputs_per_deployment,
+        })
         .store(std::sync::Arc::new(store))
         .provider(std::sync::Arc::new(local));
     let config = pooled(config, "local", &pool);
@@ -441,4 +461,30 @@ async fn shutdown_signal() {
             let _ = ctrl_c.await;
         }
     }
+}
+
+/// A size in bytes: a number, optionally followed by KiB, MiB or GiB (`256MiB`).
+fn parse_size(text: &str) -> Result<u64, String> {
+    let trimmed = text.trim();
+    let split = trimmed
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(trimmed.len());
+    let (number, unit) = trimmed.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("expected a size such as 256MiB or 1048576, got `{text}`"))?;
+    let factor: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        other => {
+            return Err(format!(
+                "unknown size unit `{other}` in `{text}`: use KiB, MiB or GiB (or plain bytes)"
+            ))
+        }
+    };
+    number
+        .checked_mul(factor)
+        .ok_or_else(|| format!("`{text}` is too large"))
 }

@@ -29,6 +29,7 @@
 //! write ever goes through one.
 
 mod extract;
+mod outputs;
 mod read;
 mod resolve;
 mod split;
@@ -37,6 +38,10 @@ mod tests;
 mod write;
 
 pub use self::extract::extract_bundle;
+pub use self::outputs::extract_outputs;
+pub(crate) use self::outputs::{
+    pack_outputs, receive_outputs, write_outputs_archive, PackedOutputs,
+};
 pub use self::resolve::resolve_application_files;
 pub use self::split::split_client_bundle;
 pub use self::write::write_client_bundle;

@@ -20,6 +20,7 @@ mod instance_config;
 mod local;
 mod nodes;
 mod tree;
+mod outputs;
 mod types;
 mod values;
 
@@ -37,6 +38,7 @@ use instance_config::{parse_cloud_provider, parse_instance_config};
 pub(crate) use local::local_settings;
 use nodes::parse_nodes;
 pub(crate) use nodes::MAX_NODES;
+use outputs::parse_outputs;
 pub use types::{AwsConfig, CloudProvider, DeploymentConfig, LocalAgent, LocalConfig, NodesConfig};
 use values::string;
 
@@ -58,6 +60,7 @@ const TOP_FIELDS: &[&str] = &[
     "remote_dest_dir",
     "bundle_name",
     "nodes",
+    "outputs",
 ];
 
 impl DeploymentConfig {
@@ -184,6 +187,7 @@ fn parse_document(text: &str, problems: &mut Problems) -> Option<DeploymentConfi
         Some(name)
     });
     let nodes = parse_nodes(fields.get("nodes"), problems);
+    let outputs = parse_outputs(fields.get("outputs"), problems);
     if let Some(nodes) = &nodes {
         problems.0.extend(crate::metadata::check(nodes));
     }
@@ -228,6 +232,7 @@ fn parse_document(text: &str, problems: &mut Problems) -> Option<DeploymentConfi
         remote_dest_dir,
         bundle_name,
         nodes: nodes?,
+        outputs,
     })
 }
 

@@ -64,6 +64,9 @@ pub struct DeploymentConfig {
     pub bundle_name: Option<String>,
     /// How many nodes run and what each one gets.
     pub nodes: NodesConfig,
+    /// `outputs`: files, globs and folders each node sends back once its script has ended,
+    /// relative to its bundle folder and never outside it; empty when nodes send nothing.
+    pub outputs: Vec<String>,
 }
 
 /// `instance_config.local`: nodes as local child processes, or over SSH when `hosts` is set.

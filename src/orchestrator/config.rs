@@ -42,6 +42,30 @@ pub struct Config {
     pub(crate) store: Option<Arc<dyn Store>>,
     pub(crate) providers: HashMap<String, Registered>,
     pub(crate) pools: HashMap<String, PoolConfig>,
+    /// Limits on the outputs nodes upload (SPEC §4.2, outputs).
+    pub(crate) output_limits: OutputLimits,
+}
+
+/// Limits on the outputs nodes send back ([`Config::output_limits`]). An upload over one is
+/// refused with a too-large error (413) once the limit is reached; what arrived before is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutputLimits {
+    /// Bytes of file data per node (default 256 MiB).
+    pub max_node_bytes: u64,
+    /// Entries (files, folders, links) per node (default 10,000).
+    pub max_node_files: u64,
+    /// Bytes of file data of all the nodes of a deployment together (default 4 GiB).
+    pub max_deployment_bytes: u64,
+}
+
+impl Default for OutputLimits {
+    fn default() -> Self {
+        OutputLimits {
+            max_node_bytes: 256 << 20,
+            max_node_files: 10_000,
+            max_deployment_bytes: 4 << 30,
+        }
+    }
 }
 
 impl fmt::Debug for Config {
@@ -83,6 +107,7 @@ impl Config {
             store: None,
             providers: HashMap::new(),
             pools: HashMap::new(),
+            output_limits: OutputLimits::default(),
         }
     }
 
@@ -197,6 +222,14 @@ impl Config {
     #[must_use]
     pub fn max_log_lines_per_node(mut self, lines: u64) -> Config {
         self.max_log_lines_per_node = lines.max(1);
+        self
+    }
+
+    /// Limits on the outputs nodes upload (defaults: 256 MiB and 10,000 entries per node,
+    /// 4 GiB per deployment).
+    #[must_use]
+    pub fn output_limits(mut self, limits: OutputLimits) -> Config {
+        self.output_limits = limits;
         self
     }
 

@@ -12,6 +12,7 @@ mod lifecycle;
 mod live;
 mod monitor;
 mod nodes;
+mod outputs;
 mod provision;
 mod queries;
 mod recovery;
@@ -27,8 +28,9 @@ use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use config::Config;
+pub use config::{Config, OutputLimits};
 pub(crate) use live::Live;
+pub use outputs::OutputsReader;
 pub use queries::DeploymentWatch;
 pub use rerun::RerunNodes;
 

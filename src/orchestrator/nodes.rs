@@ -159,6 +159,7 @@ impl Orchestrator {
                 .map(|t| std::time::Duration::from_secs(t.as_secs().max(1))),
             pooled,
             next_token: None,
+            outputs: live.config.outputs.clone(),
         })
     }
 

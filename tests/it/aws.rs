@@ -1277,3 +1277,61 @@ async fn a_spare_ec2_instance_started_ahead_runs_the_next_node() {
     wait_ending(&ec2, &all).await;
     drop(children);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ec2_nodes_send_their_outputs_back_from_user_data() {
+    let Some(endpoint) = emulator("ec2_nodes_send_their_outputs_back") else {
+        return;
+    };
+    let region = "ap-south-1";
+    let (ec2, image_id) = ec2_and_image(&endpoint, region).await;
+    let engine = engine_with(Arc::new(aws_provider(&endpoint, region).await)).await;
+    let yml = format!(
+        "{}outputs: [results/]\n",
+        aws_yml(2, &endpoint, region, &image_id)
+    );
+    let project = Project::new(&yml)
+        .script("#!/bin/sh\nmkdir -p results\necho \"shard $SHARD\" > results/shard.txt\n");
+    let id = engine.deploy(project.path()).await;
+    let view = wait_instances_recorded(&engine, &id).await;
+    let boot_dir = tempfile::tempdir().expect("temp dir");
+    let mut children = boot_all(&ec2, &view, boot_dir.path()).await;
+    let done = wait_final(&engine, &id).await;
+    assert_eq!(done.status.as_str(), "completed", "{done:#?}");
+
+    let mut reader = engine.engine.outputs(&id, None).await.expect("outputs");
+    let mut bytes = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(&mut reader, &mut bytes)
+        .await
+        .expect("read");
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(&bytes[..]));
+    let mut got = Vec::new();
+    for entry in archive.entries().expect("tar") {
+        let mut entry = entry.expect("entry");
+        let path = entry.path().expect("path").display().to_string();
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut entry, &mut text).expect("read");
+        got.push((path, text));
+    }
+    assert_eq!(
+        got,
+        [
+            (
+                "node-0/results/shard.txt".to_owned(),
+                "shard [\"a\",\"c\"]\n".to_owned()
+            ),
+            (
+                "node-1/results/shard.txt".to_owned(),
+                "shard [\"b\"]\n".to_owned()
+            ),
+        ]
+    );
+    for child in &mut children {
+        let status = tokio::time::timeout(WAIT_LIMIT, child.wait())
+            .await
+            .expect("the user data script ends once its node is done")
+            .expect("wait for sh");
+        assert!(status.success(), "user data exited with {status}");
+    }
+    engine.stop().await;
+}

@@ -11,6 +11,7 @@ mod cli2;
 mod durability;
 mod engine;
 mod hostile;
+mod outputs;
 mod pool;
 mod provider;
 mod reliability;

@@ -65,15 +65,16 @@ trap tf_tick=1 ALRM
 tf_tls=''
 [ -z "$tf_ca" ] || tf_tls='cacert = "ca.pem"'
 
-# tf_call PATH BODY_FILE CONTENT_TYPE BUDGET_S [MAX_TIME_S]: POSTs to the daemon, retrying
-# failed connections, 429 and 5xx for up to BUDGET_S seconds, each try taking at most
-# MAX_TIME_S (30) seconds. The answer is in .taskfly/resp; tf_code is its HTTP status and
-# content type.
+# tf_call PATH BODY_FILE CONTENT_TYPE BUDGET_S [MAX_TIME_S [stream]]: POSTs to the daemon,
+# retrying failed connections, 429 and 5xx for up to BUDGET_S seconds, each try taking at most
+# MAX_TIME_S (30) seconds; with stream, the body is sent from the file as it is read, never
+# held in memory. The answer is in .taskfly/resp; tf_code is its HTTP status and content type.
 tf_call() {
-  tf_delay=1 tf_spent=0
+  tf_delay=1 tf_spent=0 tf_data=--data-binary tf_body=@$2
+  [ "${6:-}" != stream ] || tf_data='-XPOST -T' tf_body=$2
   while :; do
     tf_code=$(curl -sS -K curlrc --connect-timeout 10 --max-time ${5:-30} -o resp \
-      -w '%{http_code} %{content_type}' -H "Content-Type: $3" --data-binary @$2 "$tf_api/$1")
+      -w '%{http_code} %{content_type}' -H "Content-Type: $3" $tf_data $tf_body "$tf_api/$1")
     case $tf_code in
       2*) return 0 ;;
       000* | 429* | 5*) ;;
@@ -154,6 +155,33 @@ tf_ship() {
     printf '[taskfly bootstrap: the last %s bytes of %s could not be sent to the daemon and are missing here]\n' $tf_size $1 >piece
     tf_call 'logs?stream=stderr' piece text/plain 0
   }
+}
+
+# tf_outputs: packs the files the outputs patterns (TASKFLY_OUTPUTS, one a line) match in the
+# bundle root, and uploads them before the final report; tf_oerr says why they were not all
+# sent. Symbolic links are left out, and named in the node's log. The daemon keeps what arrived.
+tf_outputs() {
+  tf_oerr=''
+  (. "$tf_reg" && printf '%s\n' "${TASKFLY_OUTPUTS:-}") >opats
+  grep -q . opats || return 0
+  # Patterns are split at line breaks only, and globbed.
+  (cd "$tf_root" && set +f && tf_n=$(printf '\n_') && IFS=${tf_n%_} &&
+    while read -r tf_n; do
+      for tf_f in $tf_n; do
+        [ -e "$tf_f" ] || [ -L "$tf_f" ] || continue
+        find "./$tf_f" -type f | sed 's/^/F/'
+        find "./$tf_f" -type l | sed 's/^/L/'
+      done
+    done <"$tf_p/opats") 2>/dev/null | sort -u >ofound
+  sed -n 's/^F//p' ofound >ofiles
+  ! grep -q ^L ofound || {
+    printf '[taskfly bootstrap: outputs left out (symbolic links): %s]\n' "$(sed -n 's/^L\.\///p' ofound | tr '\n' ' ')" >piece
+    tf_call 'logs?stream=stderr' piece text/plain 0
+  }
+  [ -s ofiles ] || return 0
+  tar czf outputs.tgz -C "$tf_root" -T ofiles 2>err || { tf_oerr="cannot pack the outputs: $(tail -n 1 err)"; return; }
+  tf_call outputs outputs.tgz application/gzip 120 600 stream ||
+    tf_oerr="the outputs upload failed: ${tf_code%% *} $(sed -n 's/.*"error":"\([^"]*\)".*/\1/p' resp | head -c 500)"
 }
 
 # tf_watch PID [STATUS_FILE]: waits for PID (its status in tf_rc, from STATUS_FILE when the job
@@ -351,6 +379,7 @@ tf_serve() {
   tf_ship stdout 1 $tf_budget
   tf_ship stderr 1 $tf_budget
 
+  case $tf_how in term | shutdown) ;; *) tf_outputs ;; esac
   case $tf_how in
     term | shutdown) return 0 ;;
     timeout)
@@ -359,11 +388,14 @@ tf_serve() {
       for tf_n in $((tf_timeout / 86400))days $((tf_timeout / 3600 % 24))h $((tf_timeout / 60 % 60))m $((tf_timeout % 60))s; do
         case $tf_n in 0*) ;; 1days) tf_m="$tf_m 1day" ;; *) tf_m="$tf_m $tf_n" ;; esac
       done
-      tf_report failed '' "timed out after ${tf_m# }"
+      tf_report failed '' "timed out after ${tf_m# }${tf_oerr:+; $tf_oerr}"
       return
       ;;
   esac
-  [ $tf_rc != 0 ] || { tf_report completed 0; return; }
+  if [ $tf_rc = 0 ]; then
+    if [ -n "$tf_oerr" ]; then tf_report failed 0 "the script completed, but $tf_oerr"; else tf_report completed 0; fi
+    return
+  fi
 
   # The last non-blank line of stderr, trimmed and cut to 500 bytes (never inside a character).
   tf_m=$(LC_ALL=C sed -n "s/$tf_cr\$//; /[^[:space:]]/h; \${x; s/^[[:space:]]*//; s/[[:space:]]*\$//; p; }" stderr)
@@ -377,7 +409,7 @@ tf_serve() {
   if [ $tf_rc -gt 128 ] && tf_sig=$(kill -l $((tf_rc - 128)) 2>/dev/null); then
     case $tf_sig in [A-Z]*) tf_code='' tf_n="killed by signal SIG${tf_sig#SIG}" ;; esac
   fi
-  tf_report failed "$tf_code" "$tf_n${tf_m:+: $tf_m}"
+  tf_report failed "$tf_code" "$tf_n${tf_m:+: $tf_m}${tf_oerr:+; $tf_oerr}"
 }
 
 # tf_clean: clears what a pooled node left (its script's processes are gone), so the next node

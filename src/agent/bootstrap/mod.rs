@@ -187,6 +187,8 @@ pub(crate) fn registration_env(registration: &wire::RegisterResponse) -> Result<
                 .unwrap_or_default(),
         ),
         ("TASKFLY_SECRET_NAMES", registration.secret_names.join(" ")),
+        // The `outputs` patterns, one a line (config validation refuses a line break in one).
+        ("TASKFLY_OUTPUTS", registration.outputs.join("\n")),
     ];
     for (name, value) in controls {
         // Writing to a String cannot fail.

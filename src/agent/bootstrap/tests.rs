@@ -85,11 +85,18 @@ fn the_registration_answer_sources_to_the_exact_values() {
         timeout_s: Some(120),
         pooled: false,
         next_token: None,
+        outputs: vec!["results/*.csv".into(), "it's out/".into()],
     };
     let text = registration_env(&registration).expect("valid names");
     assert!(
         text.starts_with("TASKFLY_NEXT_TOKEN=''\nTASKFLY_AUTH_TOKEN='abc123'\n"),
         "{text}"
+    );
+    assert!(
+        text.contains(
+            "TASKFLY_SECRET_NAMES=''\nTASKFLY_OUTPUTS='results/*.csv\nit'\\''s out/'\nexport "
+        ),
+        "the outputs patterns come after the other control values, one a line: {text}"
     );
     assert!(text.contains("TASKFLY_DEST_DIR=''\n"), "{text}");
     assert!(text.contains("TASKFLY_TIMEOUT_S='120'\n"), "{text}");
@@ -137,6 +144,7 @@ fn a_name_that_is_not_a_shell_name_is_refused() {
         timeout_s: None,
         pooled: false,
         next_token: None,
+        outputs: Vec::new(),
     };
     let error = registration_env(&registration).expect_err("refused");
     assert!(error.is_invalid_input(), "{error}");
@@ -149,10 +157,11 @@ fn the_rendered_script_is_small_parses_and_holds_the_values_quoted() {
     let url = "https://ec2-203-0-113-25.us-west-2.compute.amazonaws.com:8443";
     let script = bootstrap_script(url, TOKEN, None).expect("rendered");
     assert!(script.starts_with("#!/bin/sh\n"));
-    // Well under the limit, which leaves room for a long URL and CA certificates (12 KiB since
-    // the bootstrap masks secrets, heartbeats under a second and sends a nonce: 4 KiB of room).
+    // Well under the limit, which leaves room for a long URL and CA certificates (13 KiB since
+    // the bootstrap masks secrets, heartbeats under a second, sends a nonce and uploads the
+    // node's outputs: 3 KiB of room, two certificates' worth).
     assert!(
-        script.len() < 12 * 1024,
+        script.len() < 13 * 1024,
         "the rendered script is {} bytes",
         script.len()
     );
@@ -337,6 +346,7 @@ fn fake_node(
             timeout_s: None,
             pooled,
             next_token: None,
+            outputs: Vec::new(),
         },
         bundle: bundle_of(&files),
         shutdown: false,

@@ -98,7 +98,7 @@ pub struct Client {
     /// `http://host:port` (or `https://`) plus an optional path prefix, without a trailing slash.
     base: String,
     token: Option<String>,
-    http: hyper_util::client::legacy::Client<Connector, Full<Bytes>>,
+    http: hyper_util::client::legacy::Client<Connector, RequestBody>,
     timeout: Duration,
     retry_budget: Duration,
     /// Set by [`Client::retry_reads`]: reads retry, and this is told when one starts to.
@@ -107,6 +107,8 @@ pub struct Client {
 
 /// What [`Client::retry_reads`] calls when a read starts retrying.
 type ReadRetryNotice = std::sync::Arc<dyn Fn(&Error, Duration) + Send + Sync>;
+/// A request body: bytes in memory, or a file streamed from disk.
+type RequestBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
 
 /// The answer to [`Client::register_for_work`]: the one [`crate::state::model::Registration`],
 /// carrying the assignment in its wire form.
@@ -315,6 +317,24 @@ impl Client {
         self.json_read(&Call::new(Method::GET, path)).await
     }
 
+    /// `GET /deployments/{id}/outputs[?node=]`: streams the outputs archive of a deployment
+    /// (or of its node `node`), a gzip tar of `node-<index>/<path>` entries, into `dest_file`
+    /// (created or truncated, mode 0600). Returns the bytes written. Not retried.
+    pub async fn download_outputs(
+        &self,
+        id: &str,
+        node: Option<u32>,
+        dest_file: &Path,
+    ) -> Result<u64> {
+        let mut path = format!("/deployments/{}/outputs", encode_component(id));
+        if let Some(node) = node {
+            path.push_str(&format!("?node={node}"));
+        }
+        self.download_attempt(&Call::new(Method::GET, path), dest_file)
+            .await
+            .map_err(|failure| failure.error)
+    }
+
     /// `GET /stats`: counts of deployments and nodes.
     pub async fn stats(&self) -> Result<wire::Stats> {
         self.json_once(&Call::new(Method::GET, "/stats".to_string()))
@@ -466,7 +486,7 @@ impl Client {
     }
 
     /// The HTTP request for `call`, with the bearer token when one is set.
-    fn build(&self, call: &Call) -> Result<Request<Full<Bytes>>> {
+    fn build(&self, call: &Call) -> Result<Request<RequestBody>> {
         let mut builder = Request::builder()
             .method(call.method.clone())
             .uri(format!("{}{API_PREFIX}{}", self.base, call.path))
@@ -482,11 +502,30 @@ impl Client {
             builder = builder.header(AUTHORIZATION, value);
         }
         let body = match &call.body {
-            Some((bytes, content_type)) => {
+            Some(CallBody::Bytes(bytes, content_type)) => {
                 builder = builder.header(CONTENT_TYPE, *content_type);
-                Full::new(bytes.clone())
+                full_body(bytes.clone())
             }
-            None => Full::new(Bytes::new()),
+            Some(CallBody::File(path, content_type)) => {
+                // Opened afresh for every attempt, and streamed: never read into memory.
+                let file = std::fs::File::open(path)
+                    .map_err(|e| Error::io(format!("cannot read {}", path.display()), e))?;
+                let length = file
+                    .metadata()
+                    .map_err(|e| Error::io(format!("cannot read {}", path.display()), e))?
+                    .len();
+                builder = builder
+                    .header(CONTENT_TYPE, *content_type)
+                    .header(hyper::header::CONTENT_LENGTH, length);
+                let stream = tokio_util::io::ReaderStream::with_capacity(
+                    tokio::fs::File::from_std(file),
+                    64 * 1024,
+                );
+                BodyExt::boxed(http_body_util::StreamBody::new(
+                    futures_util::TryStreamExt::map_ok(stream, hyper::body::Frame::data),
+                ))
+            }
+            None => full_body(Bytes::new()),
         };
         builder.body(body).map_err(|e| {
             Error::invalid_input(format!(
@@ -555,12 +594,23 @@ impl Client {
     }
 }
 
+/// What a call sends, with its content type.
+enum CallBody {
+    Bytes(Bytes, &'static str),
+    File(std::path::PathBuf, &'static str),
+}
+
+/// A body of bytes in memory.
+fn full_body(bytes: Bytes) -> RequestBody {
+    BodyExt::boxed(Full::new(bytes).map_err(|never| match never {}))
+}
+
 /// One API call, rebuilt into a fresh request for every attempt.
 struct Call {
     method: Method,
     /// The path after `/api/v1`, with its query.
     path: String,
-    body: Option<(Bytes, &'static str)>,
+    body: Option<CallBody>,
     /// A time limit other than the client's.
     timeout: Option<Duration>,
 }
@@ -576,7 +626,13 @@ impl Call {
     }
 
     fn body(mut self, bytes: Bytes, content_type: &'static str) -> Call {
-        self.body = Some((bytes, content_type));
+        self.body = Some(CallBody::Bytes(bytes, content_type));
+        self
+    }
+
+    /// The body is the file at `path`, streamed.
+    fn file_body(mut self, path: &Path, content_type: &'static str) -> Call {
+        self.body = Some(CallBody::File(path.to_path_buf(), content_type));
         self
     }
 
@@ -605,7 +661,7 @@ fn tcp_connector() -> HttpConnector {
 }
 
 /// The connection pool over `connector`.
-fn pool(connector: Connector) -> hyper_util::client::legacy::Client<Connector, Full<Bytes>> {
+fn pool(connector: Connector) -> hyper_util::client::legacy::Client<Connector, RequestBody> {
     hyper_util::client::legacy::Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(Duration::from_secs(60))

@@ -6,7 +6,10 @@ use std::path::Path;
 use hyper::{Method, StatusCode};
 
 use super::retry::Failure;
-use super::{decode, error_text, status_failure, Call, Client, Registration, REGISTER_TIMEOUT};
+use super::{
+    decode, error_text, status_failure, Call, Client, Registration, GZIP, REGISTER_TIMEOUT,
+    UPLOAD_TIMEOUT,
+};
 use crate::api::wire;
 use crate::error::{Error, Result};
 
@@ -117,6 +120,17 @@ impl Client {
         self.retrying("report_status", || self.attempt(&call))
             .await
             .map(drop)
+    }
+
+    /// `POST /nodes/outputs`: uploads the node's outputs, the gzip tar `archive`, streamed
+    /// from disk. Retries transient failures, sending the whole file again (the daemon keeps
+    /// the last upload of an attempt). A 413 ([`Error::is_too_large`]) says which limit was
+    /// reached; the daemon kept what arrived before it.
+    pub async fn upload_outputs(&self, archive: &Path) -> Result<wire::OutputsStored> {
+        let call = Call::new(Method::POST, "/nodes/outputs".to_string())
+            .file_body(archive, GZIP)
+            .timeout(self.timeout.max(UPLOAD_TIMEOUT));
+        self.json_retrying("upload_outputs", &call).await
     }
 
     /// `POST /nodes/logs`: sends a batch of output lines, in the order they were written.

@@ -326,6 +326,7 @@ async fn register_sends_the_provision_token_and_decodes_the_work_order() {
             timeout_s: None,
             pooled: false,
             next_token: None,
+            outputs: Vec::new(),
         };
         json_response(200, &serde_json::to_string(&answer).expect("json"))
     })
@@ -351,6 +352,7 @@ fn work_order(pooled: bool) -> wire::RegisterResponse {
         timeout_s: Some(60),
         pooled,
         next_token: None,
+        outputs: Vec::new(),
     }
 }
 

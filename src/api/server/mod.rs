@@ -12,6 +12,7 @@ mod body;
 pub(crate) mod config;
 mod errors;
 mod node;
+mod outputs;
 mod routes;
 #[cfg(test)]
 mod tests;

@@ -128,6 +128,7 @@ pub(super) async fn route(
             }
             Ok(json(StatusCode::OK, &StatusOk::new()))
         }
+        (&Method::POST, ["outputs"]) => super::outputs::upload(shared, &node, request).await,
         _ => Err(Error::not_found(format!(
             "no such endpoint: {method} /api/v1/nodes/{}",
             path.join("/")

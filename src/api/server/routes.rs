@@ -174,6 +174,9 @@ async fn client_route(
                 .await?;
             Ok(json(StatusCode::OK, &views::logs_page(&page)))
         }
+        (&Method::GET, ["deployments", id, "outputs"]) => {
+            super::outputs::download(shared, id, request.uri().query()).await
+        }
         (&Method::GET, ["stats"]) => Ok(json(StatusCode::OK, &views::stats(engine).await?)),
         _ => Err(Error::not_found(format!(
             "no such endpoint: {method} /api/v1/{}",

@@ -171,6 +171,7 @@ pub(crate) fn assignment(a: Assignment) -> wire::RegisterResponse {
         timeout_s: a.timeout.map(|t| t.as_secs()),
         pooled: a.pooled,
         next_token: a.next_token,
+        outputs: a.outputs,
     }
 }
 

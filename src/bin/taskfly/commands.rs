@@ -29,8 +29,8 @@ const POLL: Duration = Duration::from_millis(250);
 pub(crate) async fn run(cli: Cli) -> u8 {
     let format = cli.output;
     let result = match &cli.command {
-        Command::Run { dir } => match project_dir(dir) {
-            Ok(dir) => run_local(&dir, format).await,
+        Command::Run { dir, no_outputs } => match project_dir(dir) {
+            Ok(dir) => run_local(&dir, format, !no_outputs).await,
             Err(failure) => Err(failure),
         },
         Command::Validate { dir } => project_dir(dir).and_then(|dir| validate(&dir, format)),
@@ -58,6 +58,12 @@ pub(crate) async fn run(cli: Cli) -> u8 {
             id, nodes, wait, ..
         } => rerun(&cli, id, nodes.as_ref(), *wait).await,
         Command::Down { id } => down(&cli, id).await,
+        Command::Outputs {
+            id,
+            dest,
+            node,
+            force,
+        } => crate::outputs::outputs(&cli, id, dest.as_deref(), *node, *force).await,
         Command::Cleanup {
             id,
             all,
@@ -88,6 +94,11 @@ pub(crate) struct Failure {
 }
 
 impl Failure {
+    /// What went wrong, in one line.
+    pub(crate) fn message(&self) -> &str {
+        &self.message
+    }
+
     fn report(&self, cli: &Cli) {
         if cli.output == Output::Json {
             let mut doc = serde_json::json!({"error": self.message, "details": self.details});
@@ -115,8 +126,19 @@ fn usage(message: &str) -> Failure {
     }
 }
 
+/// A command that could not finish its own work on this machine (a file it cannot write):
+/// exit 1.
+pub(crate) fn failed(message: String) -> Failure {
+    Failure {
+        code: EXIT_FAILED,
+        message,
+        hint: None,
+        details: Vec::new(),
+    }
+}
+
 /// Maps a library error to what the user sees, with a hint where one helps.
-fn failure(cli: Option<&Cli>, error: Error) -> Failure {
+pub(crate) fn failure(cli: Option<&Cli>, error: Error) -> Failure {
     let code = if error.is_transport() {
         EXIT_UNREACHABLE
     } else if error.is_invalid_config()
@@ -209,7 +231,7 @@ fn api_token(cli: &Cli) -> (Option<String>, String) {
     (token, source)
 }
 
-fn client(cli: &Cli) -> Result<Client, Failure> {
+pub(crate) fn client(cli: &Cli) -> Result<Client, Failure> {
     let client =
         Client::new(&daemon_url(cli), api_token(cli).0).map_err(|e| failure(Some(cli), e))?;
     match &cli.ca_file {
@@ -379,7 +401,7 @@ fn validate(dir: &Path, format: Output) -> Result<u8, Failure> {
     Ok(EXIT_OK)
 }
 
-async fn run_local(dir: &Path, format: Output) -> Result<u8, Failure> {
+async fn run_local(dir: &Path, format: Output, outputs: bool) -> Result<u8, Failure> {
     // Validate before anything starts, so mistakes are reported with exit code 2.
     let config = check_project(dir)?;
     if !config.local.hosts.is_empty() {
@@ -404,12 +426,17 @@ async fn run_local(dir: &Path, format: Output) -> Result<u8, Failure> {
             .map(|d| d.as_nanos())
             .unwrap_or(0)
     ));
-    let result = run_local_in(dir, &data_dir, format).await;
+    let result = run_local_in(dir, &data_dir, format, outputs).await;
     let _ = std::fs::remove_dir_all(&data_dir);
     result
 }
 
-async fn run_local_in(dir: &Path, data_dir: &Path, format: Output) -> Result<u8, Failure> {
+async fn run_local_in(
+    dir: &Path,
+    data_dir: &Path,
+    format: Output,
+    outputs: bool,
+) -> Result<u8, Failure> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .map_err(|e| usage(&format!("cannot open a local port for the nodes: {e}")))?;
@@ -419,7 +446,7 @@ async fn run_local_in(dir: &Path, data_dir: &Path, format: Output) -> Result<u8,
     let server = Server::new(engine.clone(), ServerConfig::default())
         .and_then(|server| server.spawn(listener))
         .map_err(|e| failure(None, e))?;
-    let outcome = run_and_follow(&engine, dir, format).await;
+    let outcome = run_and_follow(&engine, dir, format, outputs).await;
     // Ctrl-C or the end: stop the server, then every node.
     if tokio::time::timeout(Duration::from_secs(45), server.stop())
         .await
@@ -430,7 +457,12 @@ async fn run_local_in(dir: &Path, data_dir: &Path, format: Output) -> Result<u8,
     outcome
 }
 
-async fn run_and_follow(engine: &Orchestrator, dir: &Path, format: Output) -> Result<u8, Failure> {
+async fn run_and_follow(
+    engine: &Orchestrator,
+    dir: &Path,
+    format: Output,
+    outputs: bool,
+) -> Result<u8, Failure> {
     let created = engine.deploy_dir(dir).await.map_err(|e| failure(None, e))?;
     let id = created.id;
     let mut progress = Progress::new(format, created.total_nodes);
@@ -462,7 +494,12 @@ async fn run_and_follow(engine: &Orchestrator, dir: &Path, format: Output) -> Re
                 progress.print_logs(&log_views(&page.lines));
             }
             progress.finish(&view, started.elapsed());
-            return Ok(exit_for(&view));
+            let collected = if outputs {
+                crate::outputs::collect_after_run(engine, &id, format).await
+            } else {
+                EXIT_OK
+            };
+            return Ok(exit_for(&view).max(collected));
         }
         progress.update(&view, started.elapsed());
         tokio::select! {
@@ -633,7 +670,7 @@ async fn list(cli: &Cli) -> Result<u8, Failure> {
 /// The deployment id an argument names: a whole id, a unique prefix of one (with or without
 /// `dep-`), or `last` for the newest. A prefix of several is a usage error listing them; one of
 /// none is passed on as it is, for the daemon's usual "no deployment" answer.
-async fn resolve_id(cli: &Cli, client: &Client, arg: &str) -> Result<String, Failure> {
+pub(crate) async fn resolve_id(cli: &Cli, client: &Client, arg: &str) -> Result<String, Failure> {
     let whole = arg.len() == "dep-".len() + 16 && arg.starts_with("dep-");
     if whole || arg.is_empty() {
         return Ok(arg.to_owned());

@@ -3,6 +3,7 @@
 
 mod commands;
 mod output;
+mod outputs;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -69,6 +70,9 @@ pub(crate) enum Command {
         /// Project folder holding taskfly.yml.
         #[arg(default_value = ".")]
         dir: PathBuf,
+        /// Do not collect the nodes' outputs into ./<deployment id>/ after the run.
+        #[arg(long)]
+        no_outputs: bool,
     },
     /// Bundle a project and deploy it to the daemon.
     #[command(
@@ -135,6 +139,23 @@ pub(crate) enum Command {
     Down {
         /// Deployment id, a unique prefix of one, or `last` for the newest.
         id: String,
+    },
+    /// Download the files the nodes sent back (taskfly.yml `outputs:`).
+    #[command(
+        after_help = "Examples:\n  taskfly outputs last\n  taskfly outputs dep-1a2b3c4d5e6f7a8b --dest results --node 3\n\nWrites DIR/node-<index>/<path>; an existing file is an error (exit 1) unless --force."
+    )]
+    Outputs {
+        /// Deployment id, a unique prefix of one, or `last` for the newest.
+        id: String,
+        /// Folder to write into (default ./<deployment id>/).
+        #[arg(long, value_name = "DIR")]
+        dest: Option<PathBuf>,
+        /// Only this node's outputs (its index).
+        #[arg(long, value_name = "I")]
+        node: Option<u32>,
+        /// Replace files that already exist.
+        #[arg(long)]
+        force: bool,
     },
     /// Delete the files of a finished deployment (or all of them); --forget deletes records too.
     #[command(

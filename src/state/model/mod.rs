@@ -850,6 +850,8 @@ pub(crate) struct Assignment {
     pub(crate) pooled: bool,
     /// For a pooled instance: the token to register with next time (a secret).
     pub(crate) next_token: Option<String>,
+    /// `outputs`: what the agent sends back once the script has ended.
+    pub(crate) outputs: Vec<String>,
 }
 
 impl fmt::Debug for Assignment {
