@@ -92,6 +92,7 @@ pub use provider::AwsProvider;
 pub use provider::{
     Instance, InstanceKind, InstanceRef, InstanceSpec, InstanceState, LocalProvider, OwnedBy,
     OwnedInstance, Owner, PoolConfig, PooledProvider, Provider, ProviderError, ProviderSettings,
+    SlurmProvider,
 };
 pub use secret::Secret;
 #[cfg(feature = "sqlite")]

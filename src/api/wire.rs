@@ -60,6 +60,10 @@ pub struct NodeView {
     /// Why it failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error_message: Option<String>,
+    /// While it is `provisioning`: why its instance still waits in the provider's queue
+    /// (Slurm's reason, like `Priority` or `Resources`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_reason: Option<String>,
 }
 
 fn one() -> u32 {

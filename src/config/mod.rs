@@ -18,6 +18,7 @@ mod files;
 mod instance_config;
 mod local;
 mod nodes;
+mod slurm;
 mod types;
 mod values;
 
@@ -34,6 +35,7 @@ use instance_config::{parse_cloud_provider, parse_instance_config};
 pub(crate) use local::local_settings;
 use nodes::parse_nodes;
 pub(crate) use nodes::MAX_NODES;
+pub(crate) use slurm::{slurm_settings, SlurmConfig};
 pub use types::{AwsConfig, CloudProvider, DeploymentConfig, LocalAgent, LocalConfig, NodesConfig};
 use values::string;
 

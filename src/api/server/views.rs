@@ -53,6 +53,7 @@ pub(crate) fn node(n: &Node) -> NodeView {
         last_update: time(n.last_update),
         exit_code: n.exit_code,
         error_message: n.error_message.clone(),
+        queue_reason: n.queue_reason.clone(),
     }
 }
 

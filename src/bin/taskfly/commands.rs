@@ -309,6 +309,18 @@ fn validate(dir: &Path, format: Output) -> Result<u8, Failure> {
 async fn run_local(dir: &Path, format: Output) -> Result<u8, Failure> {
     // Validate before anything starts, so mistakes are reported with exit code 2.
     let config = load_config(dir)?;
+    if config.cloud_provider.as_str() == "slurm" {
+        // Its engine listens on 127.0.0.1 only, which compute nodes cannot call back.
+        return Err(Failure {
+            hint: Some(
+                "start taskflyd on a login node with an --advertise-url the compute nodes can                  reach, then run `taskfly up --wait`"
+                    .to_owned(),
+            ),
+            ..usage(
+                "taskfly run runs nodes on this machine only; this taskfly.yml sends them to                  Slurm (cloud_provider: slurm)",
+            )
+        });
+    }
     if !config.local.hosts.is_empty() {
         // Its engine listens on 127.0.0.1 only, which other hosts cannot call back.
         return Err(Failure {

@@ -249,6 +249,10 @@ pub struct Node {
     pub provision_token_hash: Option<[u8; 32]>,
     /// SHA-256 of the agent's bearer token, once registered.
     pub auth_token_hash: Option<[u8; 32]>,
+    /// Why the node's instance still waits in its provider's queue (Slurm's reason, like
+    /// `Priority` or `Resources`) while the node is `provisioning`
+    /// ([`crate::Provider::queue_reason`]). Not stored: the engine fills it in for views.
+    pub queue_reason: Option<String>,
 }
 
 impl Node {
@@ -268,6 +272,7 @@ impl Node {
             error_message: None,
             provision_token_hash: None,
             auth_token_hash: None,
+            queue_reason: None,
         }
     }
 }

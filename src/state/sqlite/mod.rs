@@ -612,6 +612,7 @@ fn node_from_row(row: &Row<'_>) -> Result<Node, DbError> {
         provision_token_hash: read_hash(row, 10)?,
         auth_token_hash: read_hash(row, 11)?,
         instance_locator: row.get(12)?,
+        queue_reason: None,
     })
 }
 
