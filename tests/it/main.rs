@@ -13,6 +13,7 @@ mod hostile;
 mod pool;
 mod provider;
 mod reliability;
+mod slurm;
 mod ssh;
 mod tidy;
 #[cfg(feature = "tls")]

@@ -73,6 +73,9 @@ const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
 const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(5);
 /// A submission folder with no job recorded this long after it was made is a crash's remains.
 const STALE_FOLDER: Duration = Duration::from_secs(3600);
+/// A submission folder whose job Slurm no longer lists is removed once its job was recorded
+/// at least this long ago.
+const GONE_JOB_FOLDER: Duration = Duration::from_secs(120);
 
 /// Runs nodes as the tasks of Slurm job arrays (`cloud_provider: slurm`, settings in
 /// `instance_config.slurm`). See the module documentation for how.
@@ -573,16 +576,20 @@ impl SlurmProvider {
                 continue;
             };
             let folder = entry.path();
-            let job = tokio::fs::read_to_string(folder.join(JOB_FILE)).await;
-            let remove = match job {
-                Ok(job_id) => !listed.iter().any(|t| t.job_id == job_id.trim()),
-                Err(_) => tokio::fs::metadata(&folder)
-                    .await
-                    .and_then(|m| m.modified())
-                    .ok()
-                    .and_then(|modified| modified.elapsed().ok())
-                    .is_some_and(|age| age > STALE_FOLDER),
+            let job_file = folder.join(JOB_FILE);
+            // A job submitted after `listed` was taken is not in it: only files older than
+            // that can tell a job that is gone.
+            let (path, age) = match tokio::fs::read_to_string(&job_file).await {
+                Ok(job_id) if listed.iter().any(|t| t.job_id == job_id.trim()) => continue,
+                Ok(_) => (job_file, GONE_JOB_FOLDER),
+                Err(_) => (folder.clone(), STALE_FOLDER),
             };
+            let remove = tokio::fs::metadata(&path)
+                .await
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|modified| modified.elapsed().ok())
+                .is_some_and(|elapsed| elapsed > age);
             if remove {
                 self.remove_batch_folder(&batch).await;
             }
