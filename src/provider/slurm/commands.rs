@@ -214,6 +214,45 @@ pub(super) fn parse_squeue(stdout: &str) -> Vec<QueuedTask> {
         .collect()
 }
 
+/// What `scancel ids…` said of each id: fine, unless a line of its stderr names the id with
+/// an error other than the task being gone already; a failure naming no id (the controller
+/// is down) is every id's.
+pub(super) fn scancel_answers(ids: &[String], output: &Output) -> Vec<Result<(), ProviderError>> {
+    let gone = |line: &str| {
+        line.contains("Invalid job id specified")
+            || line.contains("already completing or completed")
+    };
+    let errors: Vec<&str> = output
+        .stderr
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !gone(line))
+        .collect();
+    let names_an_id = |line: &str| ids.iter().any(|id| names(line, id));
+    let general = !output.success() && errors.iter().any(|line| !names_an_id(line));
+    ids.iter()
+        .map(|id| {
+            if general {
+                return Err(failure("scancel", output));
+            }
+            match errors.iter().find(|line| names(line, id)) {
+                Some(line) => Err(ProviderError {
+                    code: "SlurmRefused".to_owned(),
+                    message: format!("scancel failed: {line}"),
+                    retryable: false,
+                }),
+                None => Ok(()),
+            }
+        })
+        .collect()
+}
+
+/// Whether `line` names job `id` as a word of its own (`12_3`, not `12_34`).
+fn names(line: &str, id: &str) -> bool {
+    line.split(|c: char| !(c.is_ascii_digit() || c == '_'))
+        .any(|word| word == id)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -253,6 +292,33 @@ mod tests {
         assert!(tasks[1].is_pending());
         assert_eq!(tasks[2].comment, "a|comment|with bars");
         assert_eq!(tasks[2].task, 3);
+    }
+
+    #[test]
+    fn scancel_answers_are_per_task_and_gone_tasks_are_fine() {
+        let ids: Vec<String> = ["12_3", "12_34", "13_0"].map(String::from).to_vec();
+        let output = Output {
+            status: Some(1),
+            stdout: String::new(),
+            stderr: "scancel: error: Kill job error on job id 12_3: Job/step already completing or completed
+                     scancel: error: Kill job error on job id 13_0: Access/permission denied
+"
+                .to_owned(),
+        };
+        let answers = scancel_answers(&ids, &output);
+        assert!(answers[0].is_ok());
+        assert!(answers[1].is_ok());
+        let refused = answers[2].as_ref().expect_err("refused");
+        assert!(refused.message.contains("Access/permission denied"), "{refused}");
+        let down = Output {
+            status: Some(1),
+            stdout: String::new(),
+            stderr: "scancel: error: Unable to contact slurm controller (connect failure)
+".to_owned(),
+        };
+        for answer in scancel_answers(&ids, &down) {
+            assert!(answer.expect_err("down").retryable);
+        }
     }
 
     #[test]

@@ -67,6 +67,12 @@ const JOB_FILE: &str = "job";
 const DEFAULT_GATHER_WINDOW: Duration = Duration::from_millis(300);
 /// However many keep coming, a batch is submitted this long after its first request.
 const MAX_GATHER: Duration = Duration::from_secs(30);
+/// How long cancellations are gathered into one `scancel` after the last one came.
+const CANCEL_WINDOW: Duration = Duration::from_millis(50);
+/// However many keep coming, cancellations are sent this long after the first.
+const MAX_CANCEL_GATHER: Duration = Duration::from_secs(2);
+/// At most this many tasks per `scancel` call, to keep its command line short.
+const CANCEL_CHUNK: usize = 500;
 /// How often `squeue` is asked about waiting tasks, by default.
 const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a terminated script gets between SIGTERM and SIGKILL unless configured otherwise.
@@ -110,8 +116,17 @@ struct Shared {
     queue: tokio::sync::Mutex<HashMap<Option<PathBuf>, Snapshot>>,
     /// Why each node still waits in the queue, by node id.
     waiting: Mutex<HashMap<String, String>>,
+    /// Tasks waiting to be cancelled together, by client folder.
+    cancelling: Mutex<HashMap<Option<PathBuf>, Cancelling>>,
     /// Makes submission folder names unique within this process.
     batches: AtomicU64,
+}
+
+/// Tasks (`<job>_<index>`) waiting to be cancelled by one `scancel`.
+struct Cancelling {
+    first: Instant,
+    last: Instant,
+    members: Vec<(String, oneshot::Sender<Result<(), ProviderError>>)>,
 }
 
 /// The requests of one deployment waiting to be submitted together.
@@ -509,17 +524,64 @@ impl SlurmProvider {
         Ok(tasks)
     }
 
-    /// `scancel` of one task; a task Slurm no longer knows is fine.
+    /// `scancel` of one task; a task Slurm no longer knows is fine. Tasks cancelled together
+    /// (a deployment taken `down`) share one `scancel` call: the first request waits until
+    /// none has come for [`CANCEL_WINDOW`], then cancels them all.
     async fn cancel(&self, job_id: &str, task: u32, bin_dir: Option<&Path>) -> Result<(), BoxError> {
-        let args = vec![format!("{job_id}_{task}")];
-        let output = commands::run(bin_dir, "scancel", &args, None).await?;
-        let said = output.said();
-        let gone = said.contains("Invalid job id specified")
-            || said.contains("already completing or completed");
-        if output.success() || gone {
-            Ok(())
-        } else {
-            Err(failure("scancel", &output).into())
+        let (sender, receiver) = oneshot::channel();
+        let key = bin_dir.map(Path::to_path_buf);
+        let leader = {
+            let mut cancelling = lock(&self.shared.cancelling);
+            let now = Instant::now();
+            let batch = cancelling.entry(key.clone()).or_insert_with(|| Cancelling {
+                first: now,
+                last: now,
+                members: Vec::new(),
+            });
+            batch.last = now;
+            batch.members.push((format!("{job_id}_{task}"), sender));
+            batch.members.len() == 1
+        };
+        if leader {
+            // Dropped, the guard withdraws the batch: every waiting request then ends with an
+            // error, and nothing was cancelled.
+            let guard = WithdrawCancelsOnDrop {
+                shared: &self.shared,
+                key: &key,
+            };
+            loop {
+                let (first, last) = {
+                    let cancelling = lock(&self.shared.cancelling);
+                    match cancelling.get(&key) {
+                        Some(batch) => (batch.first, batch.last),
+                        None => break,
+                    }
+                };
+                let due = (last + CANCEL_WINDOW).min(first + MAX_CANCEL_GATHER);
+                if Instant::now() >= due {
+                    break;
+                }
+                tokio::time::sleep_until(due).await;
+            }
+            std::mem::forget(guard);
+            let mut members = lock(&self.shared.cancelling)
+                .remove(&key)
+                .map(|batch| batch.members)
+                .unwrap_or_default();
+            while !members.is_empty() {
+                let chunk: Vec<_> = members
+                    .drain(..members.len().min(CANCEL_CHUNK))
+                    .collect();
+                let ids: Vec<String> = chunk.iter().map(|(id, _)| id.clone()).collect();
+                let answers = scancel(bin_dir, &ids).await;
+                for ((_, sender), answer) in chunk.into_iter().zip(answers) {
+                    let _ = sender.send(answer);
+                }
+            }
+        }
+        match receiver.await {
+            Ok(answer) => answer.map_err(Into::into),
+            Err(_) => Err(Error::shutting_down("the Slurm cancellation was withdrawn").into()),
         }
     }
 
@@ -779,6 +841,29 @@ struct WithdrawOnDrop<'a> {
 impl Drop for WithdrawOnDrop<'_> {
     fn drop(&mut self) {
         lock(&self.shared.gathering).remove(self.deployment_id);
+    }
+}
+
+/// Withdraws the cancellations gathered under `key` when the leader's future is dropped.
+struct WithdrawCancelsOnDrop<'a> {
+    shared: &'a Shared,
+    key: &'a Option<PathBuf>,
+}
+
+impl Drop for WithdrawCancelsOnDrop<'_> {
+    fn drop(&mut self) {
+        lock(&self.shared.cancelling).remove(self.key);
+    }
+}
+
+/// Runs one `scancel` for `ids`; the answer for each.
+async fn scancel(bin_dir: Option<&Path>, ids: &[String]) -> Vec<Result<(), ProviderError>> {
+    match commands::run(bin_dir, "scancel", ids, None).await {
+        Ok(output) => commands::scancel_answers(ids, &output),
+        Err(error) => {
+            let error = as_provider_error(error);
+            ids.iter().map(|_| Err(error.clone())).collect()
+        }
     }
 }
 
