@@ -46,13 +46,25 @@ const REFUSED_OPTIONS: &[(&str, &str)] = &[
     ("gid", "the tasks run as the daemon's user"),
     ("container", "it would change what runs"),
     ("input", "the bootstrap reads no input"),
-    ("output", "TaskFly keeps each task's output in its work directory"),
-    ("error", "TaskFly keeps each task's output in its work directory"),
-    ("open-mode", "TaskFly keeps each task's output in its work directory"),
+    (
+        "output",
+        "TaskFly keeps each task's output in its work directory",
+    ),
+    (
+        "error",
+        "TaskFly keeps each task's output in its work directory",
+    ),
+    (
+        "open-mode",
+        "TaskFly keeps each task's output in its work directory",
+    ),
     ("chdir", "the tasks start in TaskFly's work directory"),
     ("array", "TaskFly makes the array: one task per node"),
     ("job-name", "TaskFly names its jobs"),
-    ("comment", "TaskFly tags its jobs with --comment to find them again"),
+    (
+        "comment",
+        "TaskFly tags its jobs with --comment to find them again",
+    ),
     ("parsable", "TaskFly reads sbatch's answer itself"),
     ("wait", "sbatch must return once the job is queued"),
     ("test-only", "it would queue nothing"),
@@ -200,7 +212,13 @@ pub(super) fn parse_slurm(value: &Value, path: &str, problems: &mut Problems) ->
         slurm.extra_args = args;
     }
     if let Some(value) = fields.get("max_parallel") {
-        slurm.max_parallel = integer(value, &fields.path("max_parallel"), 1, MAX_PARALLEL, problems);
+        slurm.max_parallel = integer(
+            value,
+            &fields.path("max_parallel"),
+            1,
+            MAX_PARALLEL,
+            problems,
+        );
     }
     if let Some(value) = fields.get("queue_timeout") {
         slurm.queue_timeout = duration(value, &fields.path("queue_timeout"), problems);
@@ -253,9 +271,9 @@ pub(crate) fn is_time_limit(limit: &str) -> bool {
     let numbers = |text: &str, most: usize| {
         let parts: Vec<&str> = text.split(':').collect();
         parts.len() <= most
-            && parts
-                .iter()
-                .all(|part| !part.is_empty() && part.len() <= 9 && part.bytes().all(|b| b.is_ascii_digit()))
+            && parts.iter().all(|part| {
+                !part.is_empty() && part.len() <= 9 && part.bytes().all(|b| b.is_ascii_digit())
+            })
     };
     match limit.split_once('-') {
         Some((days, rest)) => numbers(days, 1) && numbers(rest, 3),
@@ -292,9 +310,9 @@ fn check_extra_arg(arg: &str) -> std::result::Result<(), String> {
         return Err(format!("{arg:?} holds a control character"));
     }
     // sbatch takes unambiguous prefixes of long options (`--out` for `--output`).
-    let refused = REFUSED_OPTIONS.iter().find(|(refused, _)| {
-        *refused == name || (name.len() >= 3 && refused.starts_with(name))
-    });
+    let refused = REFUSED_OPTIONS
+        .iter()
+        .find(|(refused, _)| *refused == name || (name.len() >= 3 && refused.starts_with(name)));
     match refused {
         Some((refused, why)) => Err(format!("--{refused} is not allowed here: {why}")),
         None => Ok(()),
@@ -332,7 +350,11 @@ mod tests {
                 mem: Some("4G".into()),
                 gres: Some("gpu:1".into()),
                 constraint: Some("avx2&ib".into()),
-                extra_args: vec!["--nodes=1".into(), "--mail-type=END".into(), "--hold".into()],
+                extra_args: vec![
+                    "--nodes=1".into(),
+                    "--mail-type=END".into(),
+                    "--hold".into()
+                ],
                 max_parallel: Some(50),
                 queue_timeout: Some(Duration::from_secs(600)),
                 bin_dir: Some(PathBuf::from("/opt/slurm/bin")),
@@ -343,17 +365,35 @@ mod tests {
     #[test]
     fn slurm_time_formats_are_accepted_and_others_refused() {
         for good in [
-            "30", "30:15", "1:30:00", "2-0", "2-12:30", "2-12:30:00", "UNLIMITED", "infinite",
+            "30",
+            "30:15",
+            "1:30:00",
+            "2-0",
+            "2-12:30",
+            "2-12:30:00",
+            "UNLIMITED",
+            "infinite",
         ] {
             assert!(is_time_limit(good), "{good}");
         }
-        for bad in ["", "1h", "1:2:3:4", "-5", "2-", "1:-1", "a-1", "1-1:2:3:4", "1.5"] {
+        for bad in [
+            "",
+            "1h",
+            "1:2:3:4",
+            "-5",
+            "2-",
+            "1:-1",
+            "a-1",
+            "1-1:2:3:4",
+            "1.5",
+        ] {
             assert!(!is_time_limit(bad), "{bad}");
         }
         let (_, problems) = parse("time_limit: 1h\n");
         assert_eq!(problems.len(), 1);
         assert!(
-            problems[0].starts_with("instance_config.slurm.time_limit: \"1h\" is not a Slurm time limit"),
+            problems[0]
+                .starts_with("instance_config.slurm.time_limit: \"1h\" is not a Slurm time limit"),
             "{problems:?}"
         );
         let (slurm, problems) = parse("time_limit: 45\n");

@@ -102,9 +102,12 @@ fn jobs_of(id: &str) -> Vec<String> {
 /// Waits until Slurm lists no task of `id` and no process carries `env_marker`.
 #[track_caller]
 fn wait_until_nothing_left(id: &str, env_marker: &str) {
-    poll(CLEANUP_LIMIT, POLL, "no Slurm task and no process left", || {
-        (jobs_of(id).is_empty() && processes_with_env(env_marker).is_empty()).then_some(())
-    });
+    poll(
+        CLEANUP_LIMIT,
+        POLL,
+        "no Slurm task and no process left",
+        || (jobs_of(id).is_empty() && processes_with_env(env_marker).is_empty()).then_some(()),
+    );
 }
 
 fn deployment_id(view: &serde_json::Value) -> String {
@@ -118,7 +121,11 @@ fn deployment_id(view: &serde_json::Value) -> String {
 fn job_of(node: &serde_json::Value) -> String {
     let instance = node["instance_id"].as_str().expect("instance_id");
     let (job, task) = instance.split_once('_').expect("a Slurm task id");
-    assert_eq!(task, node["node_index"].to_string(), "node i is task i: {node:#}");
+    assert_eq!(
+        task,
+        node["node_index"].to_string(),
+        "node i is task i: {node:#}"
+    );
     job.to_owned()
 }
 
@@ -181,11 +188,16 @@ fn down_mid_run_leaves_no_job_and_no_process_even_a_daemonised_one() {
         "#!/bin/sh\nsetsid sh -c 'sleep 600 & exit 0'\necho \"sleeping on node $TASKFLY_NODE_INDEX\"\nsleep 600\n",
     );
     let id = daemon.up(project.path());
-    poll(DEPLOYMENT_LIMIT, POLL, "every node running both sleeps", || {
-        let view = daemon.status(&id);
-        let running = nodes(&view).iter().all(|n| n["status"] == "running_script");
-        (running && processes_with_env(&env_marker).len() >= 6).then_some(())
-    });
+    poll(
+        DEPLOYMENT_LIMIT,
+        POLL,
+        "every node running both sleeps",
+        || {
+            let view = daemon.status(&id);
+            let running = nodes(&view).iter().all(|n| n["status"] == "running_script");
+            (running && processes_with_env(&env_marker).len() >= 6).then_some(())
+        },
+    );
     assert_eq!(jobs_of(&id).len(), 3, "{:?}", jobs_of(&id));
 
     daemon.down(&id, CLEANUP_LIMIT);
@@ -398,6 +410,10 @@ fn taskfly_run_refuses_slurm_with_a_hint() {
             .arg(path_str(project.path())),
     );
     ran.expect_code(2);
-    assert!(ran.stderr.contains("cloud_provider: slurm"), "{}", ran.show());
+    assert!(
+        ran.stderr.contains("cloud_provider: slurm"),
+        "{}",
+        ran.show()
+    );
     assert!(ran.stderr.contains("--advertise-url"), "{}", ran.show());
 }

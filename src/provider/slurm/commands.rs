@@ -309,12 +309,16 @@ mod tests {
         assert!(answers[0].is_ok());
         assert!(answers[1].is_ok());
         let refused = answers[2].as_ref().expect_err("refused");
-        assert!(refused.message.contains("Access/permission denied"), "{refused}");
+        assert!(
+            refused.message.contains("Access/permission denied"),
+            "{refused}"
+        );
         let down = Output {
             status: Some(1),
             stdout: String::new(),
             stderr: "scancel: error: Unable to contact slurm controller (connect failure)
-".to_owned(),
+"
+            .to_owned(),
         };
         for answer in scancel_answers(&ids, &down) {
             assert!(answer.expect_err("down").retryable);
@@ -336,7 +340,9 @@ mod tests {
         assert_eq!(down.code, "SlurmUnavailable");
         let refused = failure(
             "sbatch",
-            &output("sbatch: error: Batch job submission failed: Invalid partition name specified\n"),
+            &output(
+                "sbatch: error: Batch job submission failed: Invalid partition name specified\n",
+            ),
         );
         assert!(!refused.retryable);
         assert_eq!(

@@ -527,7 +527,12 @@ impl SlurmProvider {
     /// `scancel` of one task; a task Slurm no longer knows is fine. Tasks cancelled together
     /// (a deployment taken `down`) share one `scancel` call: the first request waits until
     /// none has come for [`CANCEL_WINDOW`], then cancels them all.
-    async fn cancel(&self, job_id: &str, task: u32, bin_dir: Option<&Path>) -> Result<(), BoxError> {
+    async fn cancel(
+        &self,
+        job_id: &str,
+        task: u32,
+        bin_dir: Option<&Path>,
+    ) -> Result<(), BoxError> {
         let (sender, receiver) = oneshot::channel();
         let key = bin_dir.map(Path::to_path_buf);
         let leader = {
@@ -569,9 +574,7 @@ impl SlurmProvider {
                 .map(|batch| batch.members)
                 .unwrap_or_default();
             while !members.is_empty() {
-                let chunk: Vec<_> = members
-                    .drain(..members.len().min(CANCEL_CHUNK))
-                    .collect();
+                let chunk: Vec<_> = members.drain(..members.len().min(CANCEL_CHUNK)).collect();
                 let ids: Vec<String> = chunk.iter().map(|(id, _)| id.clone()).collect();
                 let answers = scancel(bin_dir, &ids).await;
                 for ((_, sender), answer) in chunk.into_iter().zip(answers) {
@@ -755,10 +758,7 @@ impl Provider for SlurmProvider {
 
     async fn terminate(&self, instance: &InstanceRef) -> Result<(), BoxError> {
         let locator: Locator = serde_json::from_str(&instance.locator).map_err(|e| {
-            Error::invalid_input(format!(
-                "{} has an invalid Slurm locator: {e}",
-                instance.id
-            ))
+            Error::invalid_input(format!("{} has an invalid Slurm locator: {e}", instance.id))
         })?;
         self.cancel(&locator.job_id, locator.task, locator.bin_dir.as_deref())
             .await?;
@@ -785,7 +785,8 @@ impl Provider for SlurmProvider {
             let Some(fields) = self.own_comment(&task.comment) else {
                 continue;
             };
-            let (Some(deployment_id), Some(batch)) = (fields.get("deployment"), fields.get("batch"))
+            let (Some(deployment_id), Some(batch)) =
+                (fields.get("deployment"), fields.get("batch"))
             else {
                 continue;
             };
@@ -793,10 +794,11 @@ impl Provider for SlurmProvider {
                 let nodes = self.batch_nodes(batch).await;
                 nodes_of.insert((*batch).to_owned(), nodes);
             }
-            let node_id = fields
-                .get("node")
-                .map(|n| (*n).to_owned())
-                .or_else(|| nodes_of.get(*batch).and_then(|n| n.get(&task.task).cloned()));
+            let node_id = fields.get("node").map(|n| (*n).to_owned()).or_else(|| {
+                nodes_of
+                    .get(*batch)
+                    .and_then(|n| n.get(&task.task).cloned())
+            });
             let locator = Locator {
                 job_id: task.job_id.clone(),
                 task: task.task,

@@ -97,7 +97,11 @@ async fn a_deployments_nodes_become_one_array_and_a_retry_is_submitted_alone() {
         .collect();
     assert_eq!(ids, ["4242_0", "4242_1", "4242_2", "4242_3", "4242_4"]);
     let calls = slurm.calls("sbatch");
-    assert_eq!(calls.len(), 1, "one sbatch for the whole deployment: {calls:?}");
+    assert_eq!(
+        calls.len(),
+        1,
+        "one sbatch for the whole deployment: {calls:?}"
+    );
     let args: Vec<&str> = calls[0].split(' ').collect();
     assert!(args.contains(&"--array=0-4%3"), "{args:?}");
     assert!(args.contains(&"--partition=debug"), "{args:?}");
@@ -120,7 +124,13 @@ async fn a_deployments_nodes_become_one_array_and_a_retry_is_submitted_alone() {
         .expect("a batch folder")
         .expect("entry")
         .path();
-    let mode = |path: &Path| std::fs::metadata(path).expect("metadata").permissions().mode() & 0o777;
+    let mode = |path: &Path| {
+        std::fs::metadata(path)
+            .expect("metadata")
+            .permissions()
+            .mode()
+            & 0o777
+    };
     assert_eq!(mode(&batch), 0o700);
     assert_eq!(mode(&batch.join("3.sh")), 0o600);
     assert!(std::fs::read_to_string(batch.join("3.sh"))
@@ -137,7 +147,10 @@ async fn a_deployments_nodes_become_one_array_and_a_retry_is_submitted_alone() {
     assert!(calls[1].contains("--array=3 "), "{}", calls[1]);
     assert!(calls[1].contains(";node=dep-3"), "{}", calls[1]);
 
-    provider.terminate(&retried.reference).await.expect("terminated");
+    provider
+        .terminate(&retried.reference)
+        .await
+        .expect("terminated");
     assert_eq!(slurm.calls("scancel"), ["4242_3"]);
 }
 
@@ -154,7 +167,9 @@ async fn sbatchs_refusal_fails_every_node_with_its_message() {
     );
     for result in [a, b] {
         let error = result.expect_err("refused");
-        let error = error.downcast_ref::<ProviderError>().expect("a provider error");
+        let error = error
+            .downcast_ref::<ProviderError>()
+            .expect("a provider error");
         assert!(!error.retryable);
         assert!(
             error.message.contains("Invalid partition name specified"),
@@ -213,7 +228,9 @@ async fn the_queue_timeout_cancels_a_task_that_never_starts() {
         .provision(spec(&settings, 0, 1))
         .await
         .expect_err("timed out");
-    let error = error.downcast_ref::<ProviderError>().expect("a provider error");
+    let error = error
+        .downcast_ref::<ProviderError>()
+        .expect("a provider error");
     assert_eq!(error.code, "SlurmQueueTimeout");
     assert!(error.message.contains("Priority"), "{error}");
     let deadline = Instant::now() + Duration::from_secs(20);
