@@ -45,6 +45,7 @@ stop_slurm() {
     kill -9 "$pid" 2>/dev/null || true
     rm -f "$pid_file"
   done
+  if [ -n "${munge_socket_dir:-}" ]; then rm -rf "$munge_socket_dir"; fi
 }
 stop_slurm
 rm -rf "$slurm_dir"

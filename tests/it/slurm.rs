@@ -352,6 +352,35 @@ fn a_bad_partition_fails_the_nodes_with_sbatchs_message() {
 }
 
 #[test]
+fn a_time_limit_over_the_partitions_fails_the_node_with_slurms_reason() {
+    if !slurm_available("a_time_limit_over_the_partitions_fails_the_node_with_slurms_reason") {
+        return;
+    }
+    let daemon = Daemon::start();
+    // The test cluster's partition `short` allows 5 minutes.
+    let project = Project::new(
+        "cloud_provider: slurm\napplication_files: [setup.sh]\nremote_script_to_run: setup.sh\n\
+         nodes:\n  count: 1\ninstance_config:\n  slurm:\n    partition: short\n    time_limit: '30'\n",
+    )
+    .script("#!/bin/sh\necho never\n");
+    let view = daemon.up_wait_json(project.path(), 1, DEPLOYMENT_LIMIT);
+    let id = deployment_id(&view);
+    assert_eq!(view["status"], "failed", "{view:#}");
+    let message = nodes(&view)[0]["error_message"]
+        .as_str()
+        .unwrap_or_default();
+    // Slurm names the partition's limit, or its configuration as a whole.
+    assert!(
+        message.contains("Slurm will not start task")
+            && (message.contains("PartitionTimeLimit") || message.contains("PartitionConfig")),
+        "{view:#}"
+    );
+    poll(CLEANUP_LIMIT, POLL, "the task cancelled", || {
+        jobs_of(&id).is_empty().then_some(())
+    });
+}
+
+#[test]
 fn a_held_node_shows_provisioning_with_slurms_reason_until_released() {
     if !slurm_available("a_held_node_shows_provisioning_with_slurms_reason_until_released") {
         return;

@@ -472,6 +472,18 @@ impl SlurmProvider {
             };
             let reason = pending.reason.clone().unwrap_or_else(|| "None".to_owned());
             lock(&self.shared.waiting).insert(node_id.to_owned(), reason.clone());
+            if let Some(why) = never_starts(&reason) {
+                // The guard cancels the task.
+                return Err(ProviderError {
+                    code: "SlurmWillNotStart".to_owned(),
+                    message: format!(
+                        "Slurm will not start task {}_{}: {reason} ({why})",
+                        locator.job_id, locator.task
+                    ),
+                    retryable: false,
+                }
+                .into());
+            }
             if let Some(limit) = queue_timeout {
                 if started.elapsed() >= limit {
                     // The guard cancels the task.
@@ -616,6 +628,14 @@ impl SlurmProvider {
                 Some((index.parse().ok()?, node_id.to_owned()))
             })
             .collect()
+    }
+
+    /// Whether `work_dir` holds any submission folder.
+    async fn has_batch_folders(&self) -> bool {
+        match tokio::fs::read_dir(&self.work_dir).await {
+            Ok(mut entries) => matches!(entries.next_entry().await, Ok(Some(_))),
+            Err(_) => false,
+        }
     }
 
     async fn remove_batch_folder(&self, batch: &str) {
@@ -767,6 +787,12 @@ impl Provider for SlurmProvider {
     }
 
     async fn owned_instances(&self) -> Result<Vec<OwnedInstance>, BoxError> {
+        // Every job is submitted from a folder of its own, removed only once Slurm no longer
+        // lists the job: with none, there is nothing to look for, and a daemon that never ran
+        // a Slurm deployment (or has no Slurm client) never calls squeue.
+        if !self.has_batch_folders().await {
+            return Ok(Vec::new());
+        }
         // Fresh: a leak check must not judge by an answer older than the engine's own state.
         let args = vec![
             "--me".to_owned(),
@@ -932,6 +958,27 @@ fn as_provider_error(error: BoxError) -> ProviderError {
             retryable: false,
         },
     }
+}
+
+/// Why a task pending for `reason` never starts unless someone changes the job or the
+/// cluster: Slurm accepts such jobs (unless the cluster sets `EnforcePartLimits`) and keeps
+/// them queued, so the node fails now, with Slurm's reason, rather than wait for ever.
+fn never_starts(reason: &str) -> Option<&'static str> {
+    Some(match reason {
+        "PartitionTimeLimit" => {
+            "the time limit is over the partition's; lower instance_config.slurm.time_limit"
+        }
+        "PartitionNodeLimit" => "the job asks for more nodes than the partition allows",
+        "PartitionConfig" => {
+            "the job asks for more than the partition allows (time limit, CPUs, memory or nodes)"
+        }
+        "InvalidAccount" => "the account is not valid; check instance_config.slurm.account",
+        "InvalidQOS" => "the QOS is not valid; check instance_config.slurm.qos",
+        "BadConstraints" => "no node satisfies the constraints",
+        "QOSMaxWallDurationPerJobLimit" => "the time limit is over the QOS's",
+        "DependencyNeverSatisfied" => "its --dependency can never be satisfied",
+        _ => return None,
+    })
 }
 
 /// Letters, digits, `-`, `_` and `.`, not starting with `.` or `-`: safe in a file name and

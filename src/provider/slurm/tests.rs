@@ -275,3 +275,34 @@ async fn owned_instances_are_this_owners_tasks_with_their_nodes() {
         ]
     );
 }
+
+#[tokio::test]
+async fn a_task_slurm_will_never_start_fails_at_once_with_slurms_reason() {
+    let slurm = FakeSlurm::new(None);
+    let provider = slurm.provider();
+    let settings = slurm.settings("");
+    std::fs::write(
+        slurm.dir.path().join("queue"),
+        "4242|0|PENDING|PartitionTimeLimit|taskfly:owner=daemon-1;deployment=dep;batch=x\n",
+    )
+    .expect("queue");
+    let error = provider
+        .provision(spec(&settings, 0, 1))
+        .await
+        .expect_err("refused");
+    let error = error
+        .downcast_ref::<ProviderError>()
+        .expect("a provider error");
+    assert_eq!(error.code, "SlurmWillNotStart");
+    assert!(!error.retryable);
+    assert!(
+        error.message.contains("PartitionTimeLimit")
+            && error.message.contains("instance_config.slurm.time_limit"),
+        "{error}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while slurm.calls("scancel").is_empty() {
+        assert!(Instant::now() < deadline, "the task was not cancelled");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
