@@ -28,6 +28,7 @@ stop_servers() {
   for pid in ${moto_pid:-} ${sshd_pid:-}; do
     kill "$pid" 2>/dev/null || true
   done
+  if declare -F stop_slurm >/dev/null; then stop_slurm; fi
 }
 trap stop_servers EXIT
 for _ in $(seq 1 100); do
@@ -46,6 +47,10 @@ export TASKFLY_REQUIRE_EC2_EMULATOR=1
 echo "== sshd for the tests of nodes on ssh hosts (instance_config.local.hosts)"
 # shellcheck source=scripts/test-sshd.sh
 . scripts/test-sshd.sh
+
+echo "== a one-machine Slurm cluster for the slurm provider's tests"
+# shellcheck source=scripts/test-slurm.sh
+. scripts/test-slurm.sh
 
 echo "== tests"
 cargo test --locked --features "$FEATURES" --all-targets

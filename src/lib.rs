@@ -21,7 +21,8 @@
 //!   ([`Server::run`]) or in a task of its own ([`Server::spawn`], a [`ServerHandle`]); either
 //!   way it stops server and engine in the right order.
 //! - [`Store`]: where deployments, nodes and logs are kept ([`MemoryStore`] built in).
-//! - [`Provider`]: where nodes run ([`LocalProvider`]: local processes, or SSH hosts). A host
+//! - [`Provider`]: where nodes run ([`LocalProvider`]: local processes, or SSH hosts;
+//!   [`SlurmProvider`]: the tasks of Slurm job arrays). A host
 //!   program adds its own with [`Config::provider`], implementing the trait with the
 //!   re-exported [`macro@async_trait`]; [`Config::pool`] puts any provider behind a
 //!   [`PooledProvider`] that keeps instances warm between nodes.
@@ -94,6 +95,7 @@ pub use provider::AwsProvider;
 pub use provider::{
     Instance, InstanceKind, InstanceRef, InstanceSpec, InstanceState, LocalProvider, OwnedBy,
     OwnedInstance, Owner, PoolConfig, PooledProvider, Provider, ProviderError, ProviderSettings,
+    SlurmProvider,
 };
 pub use secret::Secret;
 #[cfg(feature = "sqlite")]

@@ -80,6 +80,10 @@ pub struct NodeView {
     /// Seconds the current attempt spent in each phase it has left.
     #[serde(default)]
     pub phases: NodePhases,
+    /// While it is `provisioning`: why its instance still waits in the provider's queue
+    /// (Slurm's reason, like `Priority` or `Resources`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_reason: Option<String>,
 }
 
 /// The seconds (to the millisecond) a node's current attempt spent in each phase, in

@@ -274,6 +274,13 @@ async fn serve(args: Args) -> Result<(), String> {
         "aws",
         &pool,
     );
+    // Slurm jobs run the shell bootstrap from files under the data dir, which the compute
+    // nodes must share; the owner id keeps the leak checks to this daemon's jobs.
+    let config = config.provider(std::sync::Arc::new(
+        taskfly::SlurmProvider::new(data_dir.join("work").join("slurm"))
+            .owner(daemon_id(&data_dir)?)
+            .grace_period(args.grace_period),
+    ));
     let server_config = ServerConfig::default().api_token(token);
     let server_config = match &tls {
         Some((cert_file, key_file)) => server_config.tls(cert_file, key_file),
@@ -429,10 +436,10 @@ fn read_or_create_random(
     Ok((value, true))
 }
 
-/// This daemon's id, tagged on the EC2 instances it starts: `<data-dir>/daemon-id`, created
-/// with a new random id at first start. Not a secret; it only has to stay the same across
-/// restarts and differ from other daemons' in the same AWS account.
-#[cfg(feature = "aws")]
+/// This daemon's id, tagged on the EC2 instances and Slurm jobs it starts:
+/// `<data-dir>/daemon-id`, created with a new random id at first start. Not a secret; it only
+/// has to stay the same across restarts and differ from other daemons' in the same AWS account
+/// or Slurm user.
 fn daemon_id(data_dir: &Path) -> Result<String, String> {
     let path = data_dir.join("daemon-id");
     let (id, created) = read_or_create_random(

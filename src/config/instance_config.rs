@@ -6,10 +6,11 @@ use serde_yaml::Value;
 use super::aws::parse_aws;
 use super::diagnostics::{closest, describe, Fields, Problems};
 use super::local::parse_local;
+use super::slurm::parse_slurm;
 use super::{AwsConfig, CloudProvider, LocalConfig};
 
 /// The providers built into taskfly, whose sections are read here.
-const PROVIDER_NAMES: &[&str] = &["local", "aws"];
+const PROVIDER_NAMES: &[&str] = &["local", "aws", "slurm"];
 
 pub(super) fn parse_cloud_provider(
     value: Option<&Value>,
@@ -85,6 +86,14 @@ pub(super) fn parse_instance_config(
         Some(CloudProvider::Aws) => {
             let aws = parse_aws(fields.get("aws"), &fields.path("aws"), problems);
             (LocalConfig::default(), aws, section)
+        }
+        // The slurm provider reads its section again from the settings it is handed; it is
+        // checked here so that `taskfly validate` and `up` report its mistakes with the rest.
+        Some(CloudProvider::Other(name)) if name == "slurm" => {
+            if let Some(value) = fields.get("slurm") {
+                parse_slurm(value, &fields.path("slurm"), problems);
+            }
+            (LocalConfig::default(), None, section)
         }
         Some(CloudProvider::Other(_)) | None => (LocalConfig::default(), None, section),
     }

@@ -21,6 +21,7 @@ mod local;
 mod nodes;
 mod tree;
 mod outputs;
+mod slurm;
 mod types;
 mod values;
 
@@ -39,6 +40,7 @@ pub(crate) use local::local_settings;
 use nodes::parse_nodes;
 pub(crate) use nodes::MAX_NODES;
 use outputs::parse_outputs;
+pub(crate) use slurm::{slurm_settings, SlurmConfig};
 pub use types::{AwsConfig, CloudProvider, DeploymentConfig, LocalAgent, LocalConfig, NodesConfig};
 use values::string;
 

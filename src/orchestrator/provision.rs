@@ -35,12 +35,18 @@ impl Orchestrator {
             }
         }
         let nodes = store.nodes(id).await?;
+        let gathers = self.gathers_provisions(&live);
         let provisions = TaskTracker::new();
         for node in nodes {
             // Taken here, before the task is spawned, so a large deployment does not start a
-            // task per node at once.
-            let Some(permit) = self.provision_permit(&live).await else {
-                break;
+            // task per node at once; a provider that gathers the calls wants them all at once.
+            let permit = if gathers {
+                None
+            } else {
+                let Some(permit) = self.provision_permit(&live).await else {
+                    break;
+                };
+                Some(permit)
             };
             let this = self.clone();
             let live = live.clone();
@@ -67,15 +73,29 @@ impl Orchestrator {
     /// Provision one node (retry, or resumed after a restart) once a provisioning slot is
     /// free. Failures are recorded on the node.
     pub(crate) async fn provision_node(&self, live: &Live, node: Node) {
-        if let Some(permit) = self.provision_permit(live).await {
-            self.provision_node_holding(live, node, permit).await;
+        if self.gathers_provisions(live) {
+            self.provision_node_holding(live, node, None).await;
+        } else if let Some(permit) = self.provision_permit(live).await {
+            self.provision_node_holding(live, node, Some(permit)).await;
         }
     }
 
-    /// Provision one node while holding `permit`. Failures are recorded on the node, except
+    /// Whether the deployment's provider gathers provisioning calls
+    /// ([`crate::Provider::gathers_provisions`]): they are then made without slots.
+    fn gathers_provisions(&self, live: &Live) -> bool {
+        self.provider_for(&live.config)
+            .is_ok_and(|provider| provider.provider().gathers_provisions())
+    }
+
+    /// Provision one node while holding `permit` (if any). Failures are recorded on the node, except
     /// at engine shutdown: that is not the deployment's end, and the node is left as it is
     /// for a restarted engine to provision.
-    async fn provision_node_holding(&self, live: &Live, node: Node, permit: OwnedSemaphorePermit) {
+    async fn provision_node_holding(
+        &self,
+        live: &Live,
+        node: Node,
+        permit: Option<OwnedSemaphorePermit>,
+    ) {
         if live.cancel.is_cancelled() || self.is_shutting_down() {
             return;
         }

@@ -5,7 +5,9 @@ use tokio::sync::watch;
 use super::Orchestrator;
 
 use crate::error::{Error, Result};
-use crate::state::model::{Deployment, DeploymentDetail, DeploymentSummary, LogsPage, Stats};
+use crate::state::model::{
+    Deployment, DeploymentDetail, DeploymentSummary, LogsPage, Node, NodeStatus, Stats,
+};
 use crate::state::LogQuery;
 
 /// Most bytes of line text in one page of logs (SPEC: the logs endpoint); a page holds at
@@ -26,7 +28,8 @@ impl Orchestrator {
     /// to follow a deployment, use [`Orchestrator::summary`] or [`Orchestrator::watch`].
     pub async fn deployment(&self, id: &str) -> Result<DeploymentDetail> {
         let deployment = self.deployment_row(id).await?;
-        let nodes = self.inner.store.nodes(id).await?;
+        let mut nodes = self.inner.store.nodes(id).await?;
+        self.add_queue_reasons(&deployment.cloud_provider, &mut nodes);
         Ok(DeploymentDetail { deployment, nodes })
     }
 
@@ -115,6 +118,19 @@ impl Orchestrator {
             deployment_status,
             uptime: self.inner.started.elapsed(),
         })
+    }
+
+    /// Fills in why each `provisioning` node still waits in its provider's queue.
+    fn add_queue_reasons(&self, cloud_provider: &str, nodes: &mut [Node]) {
+        let Some(provider) = self.inner.providers.get(cloud_provider) else {
+            return;
+        };
+        for node in nodes
+            .iter_mut()
+            .filter(|node| node.status == NodeStatus::Provisioning)
+        {
+            node.queue_reason = provider.provider().queue_reason(&node.id);
+        }
     }
 }
 

@@ -8,6 +8,7 @@
 pub(crate) mod aws;
 pub(crate) mod local;
 pub(crate) mod pool;
+pub(crate) mod slurm;
 
 use std::fmt;
 
@@ -20,6 +21,7 @@ use crate::secret::Secret;
 pub use aws::AwsProvider;
 pub use local::LocalProvider;
 pub use pool::{PoolConfig, PoolStats, PooledProvider};
+pub use slurm::SlurmProvider;
 
 /// Names one instance so that its provider can reach it again from any process: the id the
 /// provider gave it, and a `locator` saying where it lives (EC2: region and endpoint; an SSH
@@ -257,6 +259,23 @@ pub trait Provider: Send + Sync + 'static {
     /// list their instances keep the default: none.
     async fn owned_instances(&self) -> Result<Vec<OwnedInstance>, BoxError> {
         Ok(Vec::new())
+    }
+
+    /// Whether this provider gathers the `provision` calls of one deployment into one request
+    /// (Slurm: one job array), so it wants them all at once. The engine then makes a
+    /// deployment's calls without waiting for [`crate::Config::provision_concurrency`]'s
+    /// slots (they would let only that many arrive together). The default: no.
+    fn gathers_provisions(&self) -> bool {
+        false
+    }
+
+    /// Why the node `node_id` still waits for its instance, in the provider's words (Slurm's
+    /// queue reason: `Priority`, `Resources`), while a `provision` call for it waits in a queue;
+    /// `None` otherwise. Shown as the node's `queue_reason` while it is `provisioning`. Called
+    /// for every such node a view shows, so it must answer from memory. The default: `None`.
+    fn queue_reason(&self, node_id: &str) -> Option<String> {
+        let _ = node_id;
+        None
     }
 
     /// Stop everything this provider still runs; called once when the engine shuts down.

@@ -16,6 +16,7 @@ mod pool;
 mod provider;
 mod reliability;
 mod rerun;
+mod slurm;
 mod ssh;
 mod tidy;
 mod timings;

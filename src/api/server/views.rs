@@ -85,6 +85,7 @@ pub(crate) fn node(n: &Node) -> NodeView {
             downloading_s: phases.downloading.map(seconds),
             running_s: phases.running.map(seconds),
         },
+        queue_reason: n.queue_reason.clone(),
     }
 }
 

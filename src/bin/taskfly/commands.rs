@@ -291,7 +291,11 @@ fn check_project(dir: &Path) -> Result<DeploymentConfig, Failure> {
     let engine = Config::new(std::env::temp_dir().join("taskfly-validate"));
     #[cfg(feature = "aws")]
     let engine = engine.provider(std::sync::Arc::new(taskfly::AwsProvider::new()));
-    let mut built_in = vec!["local"];
+    // Slurm judges its section (`instance_config.slurm`) without running anything.
+    let engine = engine.provider(std::sync::Arc::new(taskfly::SlurmProvider::new(
+        std::env::temp_dir().join("taskfly-validate"),
+    )));
+    let mut built_in = vec!["local", "slurm"];
     if cfg!(feature = "aws") {
         built_in.push("aws");
     }
@@ -404,6 +408,20 @@ fn validate(dir: &Path, format: Output) -> Result<u8, Failure> {
 async fn run_local(dir: &Path, format: Output, outputs: bool) -> Result<u8, Failure> {
     // Validate before anything starts, so mistakes are reported with exit code 2.
     let config = check_project(dir)?;
+    if config.cloud_provider.as_str() == "slurm" {
+        // Its engine listens on 127.0.0.1 only, which compute nodes cannot call back.
+        return Err(Failure {
+            hint: Some(
+                "start taskflyd on a login node with an --advertise-url the compute nodes can \
+                 reach, then run `taskfly up --wait`"
+                    .to_owned(),
+            ),
+            ..usage(
+                "taskfly run runs nodes on this machine only; this taskfly.yml sends them to \
+                 Slurm (cloud_provider: slurm)",
+            )
+        });
+    }
     if !config.local.hosts.is_empty() {
         // Its engine listens on 127.0.0.1 only, which other hosts cannot call back.
         return Err(Failure {

@@ -259,6 +259,10 @@ pub struct Node {
     pub auth_token_hash: Option<[u8; 32]>,
     /// When its current attempt entered each phase; a retry starts them afresh.
     pub times: PhaseTimes,
+    /// Why the node's instance still waits in its provider's queue (Slurm's reason, like
+    /// `Priority` or `Resources`) while the node is `provisioning`
+    /// ([`crate::Provider::queue_reason`]). Not stored: the engine fills it in for views.
+    pub queue_reason: Option<String>,
 }
 
 /// When a node's current attempt entered each phase of its life, as the engine's clock saw
@@ -383,6 +387,7 @@ impl Node {
             provision_token_hash: None,
             auth_token_hash: None,
             times: PhaseTimes::default(),
+            queue_reason: None,
         }
     }
 }

@@ -638,6 +638,7 @@ fn node_from_row(row: &Row<'_>) -> Result<Node, DbError> {
             started_at: read_optional_time(row, 16)?,
             finished_at: read_optional_time(row, 17)?,
         },
+        queue_reason: None,
     })
 }
 
