@@ -47,6 +47,10 @@ echo "== sshd for the tests of nodes on ssh hosts (instance_config.local.hosts)"
 # shellcheck source=scripts/test-sshd.sh
 . scripts/test-sshd.sh
 
+echo "== promtool, to check the metrics text"
+# shellcheck source=scripts/install-promtool.sh
+. scripts/install-promtool.sh
+
 echo "== tests"
 cargo test --locked --features "$FEATURES" --all-targets
 

@@ -71,6 +71,7 @@ pub mod config;
 mod encode;
 mod error;
 pub mod metadata;
+mod metrics;
 mod orchestrator;
 mod process;
 pub mod provider;

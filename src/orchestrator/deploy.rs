@@ -206,6 +206,7 @@ impl Orchestrator {
             .store
             .create_deployment(deployment, nodes)
             .await?;
+        self.inner.metrics.deployment_created(id, total);
         let live = Arc::new(Live::new(config, metadata));
         lock(&self.inner.live).insert(id.to_owned(), live.clone());
         tracing::info!(deployment_id = %id, nodes = total, provider = %provider_name, files = summary.files.len(), "deployment accepted");

@@ -87,6 +87,8 @@ pub(crate) struct Inner {
     tasks: TaskTracker,
     cancel: CancellationToken,
     started: Instant,
+    /// Counters and histograms for `GET /metrics`, moved by the engine and the API.
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Orchestrator {
@@ -120,6 +122,7 @@ impl Orchestrator {
             tasks: TaskTracker::new(),
             cancel: CancellationToken::new(),
             started: Instant::now(),
+            metrics: Arc::new(crate::metrics::Metrics::new()),
         });
         let orchestrator = Orchestrator { inner };
         orchestrator.spawn_monitor();

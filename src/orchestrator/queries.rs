@@ -118,6 +118,33 @@ impl Orchestrator {
     }
 }
 
+impl Orchestrator {
+    /// The metrics of `GET /metrics` (SPEC §4.3), OpenMetrics text: one read of the
+    /// deployments, never of every node (a deployment in flight when the engine started has
+    /// its nodes read once, the first time it is scraped).
+    pub(crate) async fn metrics_text(&self) -> Result<String> {
+        let metrics = &self.inner.metrics;
+        let mut snapshot = crate::metrics::Snapshot {
+            uptime: self.inner.started.elapsed(),
+            pools: self.pools().map(|(name, pool)| pool.stats(name)).collect(),
+            ..Default::default()
+        };
+        for deployment in self.inner.store.deployments().await? {
+            snapshot.add(&deployment);
+            if !deployment.status.is_final() && !metrics.knows_live(&deployment.id) {
+                let nodes = self.inner.store.nodes(&deployment.id).await?;
+                metrics.seed_live(&deployment.id, nodes.iter().map(|n| n.status));
+            }
+        }
+        Ok(metrics.encode(&snapshot))
+    }
+
+    /// The engine's metrics, for the API's own (HTTP requests).
+    pub(crate) fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.inner.metrics
+    }
+}
+
 /// One deployment followed through [`Orchestrator::watch`]: its latest summary, and a way to
 /// wait for the next change.
 pub struct DeploymentWatch {

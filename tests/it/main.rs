@@ -10,6 +10,7 @@ mod cli;
 mod durability;
 mod engine;
 mod hostile;
+mod metrics;
 mod pool;
 mod provider;
 mod reliability;

@@ -11,6 +11,7 @@
 mod body;
 pub(crate) mod config;
 mod errors;
+mod metrics;
 mod node;
 mod routes;
 #[cfg(test)]
@@ -40,6 +41,8 @@ pub(crate) struct Shared {
     pub(crate) engine: Orchestrator,
     pub(crate) config: ServerConfig,
     pub(crate) api_token_hash: Option<[u8; 32]>,
+    /// SHA-256 of [`ServerConfig::metrics_token`], when metrics need one.
+    pub(crate) metrics_token_hash: Option<[u8; 32]>,
     pub(crate) registrations: super::limits::FailureLimiter,
     pub(crate) connections: super::limits::ConnectionTable,
 }
@@ -92,6 +95,7 @@ impl Server {
         }
         let shared = Shared {
             api_token_hash: config.api_token.as_deref().map(auth::hash_token),
+            metrics_token_hash: config.metrics_token.as_deref().map(auth::hash_token),
             registrations: super::limits::FailureLimiter::new(
                 config.registration_failures_per_minute,
                 Duration::from_secs(60),
