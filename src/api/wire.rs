@@ -60,6 +60,31 @@ pub struct NodeView {
     /// Why it failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error_message: Option<String>,
+    /// What its script used, from its heartbeats (omitted until one reported it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<NodeResources>,
+}
+
+/// A node's resources as its heartbeats reported them (SPEC §4.2); each value is omitted
+/// until known.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct NodeResources {
+    /// CPU use of the script's process tree since the previous heartbeat, in percent of one
+    /// CPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_percent: Option<f64>,
+    /// Resident memory of the script's process tree, in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rss_bytes: Option<u64>,
+    /// The highest `rss_bytes` reported, kept after the node ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_rss_bytes: Option<u64>,
+    /// Disk space of the node's bundle folder, in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_bytes: Option<u64>,
+    /// RFC 3339 time of the newest reading.
+    pub sampled_at: String,
 }
 
 fn one() -> u32 {

@@ -87,6 +87,9 @@ pub(crate) struct Inner {
     tasks: TaskTracker,
     cancel: CancellationToken,
     started: Instant,
+    /// What each node's script used, by deployment and node index (heartbeats; SPEC §4.2).
+    /// Forgotten when the deployment is cleaned up.
+    pub(crate) resources: Mutex<HashMap<String, HashMap<u32, crate::state::model::NodeResources>>>,
     /// Counters and histograms for `GET /metrics`, moved by the engine and the API.
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
 }
@@ -122,6 +125,7 @@ impl Orchestrator {
             tasks: TaskTracker::new(),
             cancel: CancellationToken::new(),
             started: Instant::now(),
+            resources: Mutex::new(HashMap::new()),
             metrics: Arc::new(crate::metrics::Metrics::new()),
         });
         let orchestrator = Orchestrator { inner };

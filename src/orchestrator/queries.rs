@@ -7,6 +7,7 @@ use super::Orchestrator;
 use crate::error::{Error, Result};
 use crate::state::model::{Deployment, DeploymentDetail, DeploymentSummary, LogsPage, Stats};
 use crate::state::LogQuery;
+use crate::sync::lock;
 
 /// Most bytes of line text in one page of logs (SPEC: the logs endpoint); a page holds at
 /// least one line, and a line at most 64 KiB.
@@ -27,7 +28,15 @@ impl Orchestrator {
     pub async fn deployment(&self, id: &str) -> Result<DeploymentDetail> {
         let deployment = self.deployment_row(id).await?;
         let nodes = self.inner.store.nodes(id).await?;
-        Ok(DeploymentDetail { deployment, nodes })
+        let resources = lock(&self.inner.resources)
+            .get(id)
+            .map(|by_index| by_index.iter().map(|(i, r)| (*i, *r)).collect())
+            .unwrap_or_default();
+        Ok(DeploymentDetail {
+            deployment,
+            nodes,
+            resources,
+        })
     }
 
     /// A deployment's state and node counters, without reading its nodes.

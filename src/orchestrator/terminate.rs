@@ -79,7 +79,9 @@ impl Orchestrator {
         live.releases.wait().await;
         // Every node final but the deployment not (a race with the last node ending): close it.
         // Nodes still terminating keep it terminating until their instances are confirmed gone.
-        let DeploymentDetail { deployment, nodes } = self.deployment(id).await?;
+        let DeploymentDetail {
+            deployment, nodes, ..
+        } = self.deployment(id).await?;
         let all_final = nodes.iter().all(|n| n.status.is_final());
         if deployment.status == DeploymentStatus::Terminating && all_final {
             store
@@ -154,6 +156,7 @@ impl Orchestrator {
         }
         self.inner.store.delete_deployment(id).await?;
         lock(&self.inner.live).remove(id);
+        lock(&self.inner.resources).remove(id);
         tracing::info!(deployment_id = %id, "deployment cleaned up");
         Ok(())
     }

@@ -8,7 +8,8 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 
 use crate::support::engine_http::raw_get;
-use crate::support::{local_yml, Project, TestEngine, API_TOKEN};
+use crate::support::engine_util::poll_until;
+use crate::support::{agent_yml, local_yml, Project, TestEngine, API_TOKEN};
 
 /// Every sample of the text: series (name and labels as written) → value.
 fn samples(text: &str) -> BTreeMap<String, f64> {
@@ -204,3 +205,72 @@ fn promtool_check(text: &str) {
         problems.join("\n")
     );
 }
+
+/// A running node's view carries what its script uses (SPEC §4.2), from either agent; the
+/// peak stays once the node has ended.
+async fn a_running_node_shows_its_resources(agent: &str) {
+    let engine = TestEngine::start_with(|c| {
+        c.heartbeat_timeout(std::time::Duration::from_secs(10))
+            .heartbeat_interval(std::time::Duration::from_millis(200))
+    })
+    .await;
+    // The script holds some memory (a 4 MiB variable in a shell) and keeps a CPU busy while
+    // it runs; the bundle has a file of 1 MiB.
+    let yml = agent_yml(agent, 1, "").replace("[setup.sh]", "[setup.sh, data.bin]");
+    let project = Project::new(&yml)
+        .script("big=$(head -c 4194304 /dev/zero | tr '\\0' x)\nwhile :; do :; done\n")
+        .file("data.bin", &"d".repeat(1 << 20), 0o644);
+    let id = engine.deploy(project.path()).await;
+    let view = poll_until(
+        &engine,
+        &id,
+        "resources with CPU, memory and disk",
+        |view| {
+            view.nodes[0].resources.as_ref().is_some_and(|r| {
+                r.cpu_percent.is_some() && r.rss_bytes.is_some() && r.disk_bytes.is_some()
+            })
+        },
+    )
+    .await;
+    let resources = view.nodes[0].resources.clone().expect("resources");
+    assert_eq!(view.nodes[0].status.as_str(), "running_script");
+    assert!(
+        resources.rss_bytes.expect("rss") >= 4 << 20,
+        "{resources:?}"
+    );
+    assert!(
+        resources.disk_bytes.expect("disk") >= 1 << 20,
+        "{resources:?}"
+    );
+    assert!(
+        resources.peak_rss_bytes >= resources.rss_bytes,
+        "{resources:?}"
+    );
+    assert!(resources.cpu_percent.expect("cpu") >= 0.0, "{resources:?}");
+
+    let shown = raw_get(
+        &engine.url,
+        &format!("/api/v1/deployments/{id}"),
+        Some(API_TOKEN),
+    )
+    .await
+    .json();
+    let node = &shown["nodes"][0]["resources"];
+    for key in [
+        "cpu_percent",
+        "rss_bytes",
+        "peak_rss_bytes",
+        "disk_bytes",
+        "sampled_at",
+    ] {
+        assert!(!node[key].is_null(), "{key} in {node:#}");
+    }
+
+    engine.engine.terminate(&id).await.expect("terminate");
+    let ended = engine.wait(&id).await.expect("wait");
+    let after = ended.nodes[0].resources.clone().expect("resources kept");
+    assert!(after.peak_rss_bytes.expect("peak") >= 4 << 20, "{after:?}");
+    engine.stop().await;
+}
+
+for_both_agents!(a_running_node_shows_its_resources);

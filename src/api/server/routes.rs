@@ -105,10 +105,7 @@ async fn client_route(
         }
         (&Method::GET, ["deployments", id]) => {
             let detail = engine.deployment(id).await?;
-            Ok(json(
-                StatusCode::OK,
-                &views::deployment(&detail.deployment, &detail.nodes),
-            ))
+            Ok(json(StatusCode::OK, &views::detail(&detail)))
         }
         (&Method::DELETE, ["deployments", id]) => {
             // Terminating can take a while (instances shutting down); answer once it started.

@@ -7,6 +7,7 @@ use crate::error::Result;
 use crate::orchestrator::Orchestrator;
 use crate::state::model::{
     Assignment, CleanupCounts, Deployment, DeploymentDetail, DeploymentSummary, LogsPage, Node,
+    NodeResources,
 };
 use crate::state::LogLine;
 use crate::wire::{self, DeploymentView, LogLineView, NodeView};
@@ -53,6 +54,26 @@ pub(crate) fn node(n: &Node) -> NodeView {
         last_update: time(n.last_update),
         exit_code: n.exit_code,
         error_message: n.error_message.clone(),
+        resources: None,
+    }
+}
+
+/// A deployment with its nodes and what their scripts used.
+pub(crate) fn detail(detail: &DeploymentDetail) -> DeploymentView {
+    let mut view = deployment(&detail.deployment, &detail.nodes);
+    for node in &mut view.nodes {
+        node.resources = detail.resources.get(&node.node_index).map(resources);
+    }
+    view
+}
+
+fn resources(r: &NodeResources) -> wire::NodeResources {
+    wire::NodeResources {
+        cpu_percent: r.cpu_percent,
+        rss_bytes: r.rss_bytes,
+        peak_rss_bytes: r.peak_rss_bytes,
+        disk_bytes: r.disk_bytes,
+        sampled_at: time(r.sampled_at),
     }
 }
 
@@ -145,7 +166,7 @@ pub(crate) fn assignment(a: Assignment) -> wire::RegisterResponse {
 /// print the engine's [`DeploymentDetail`] exactly as the daemon would.
 impl From<&DeploymentDetail> for DeploymentView {
     fn from(detail: &DeploymentDetail) -> DeploymentView {
-        deployment(&detail.deployment, &detail.nodes)
+        self::detail(detail)
     }
 }
 

@@ -646,6 +646,8 @@ pub struct DeploymentDetail {
     pub deployment: Deployment,
     /// Its nodes, by index.
     pub nodes: Vec<Node>,
+    /// What the scripts of its nodes used, by node index, for nodes that reported it.
+    pub resources: std::collections::BTreeMap<u32, NodeResources>,
 }
 
 /// A page of a deployment's log.
@@ -767,6 +769,54 @@ pub(crate) struct LogBatch {
     pub(crate) lines: Vec<ReportedLine>,
     /// How many lines the agent sent before this batch: numbers lines without their own.
     pub(crate) offset: Option<u64>,
+}
+
+/// What a node's script used, as its heartbeats said (SPEC §4.2): the newest reading of each
+/// value and the highest resident memory seen. Kept by the engine in memory, not in the store.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
+pub struct NodeResources {
+    /// CPU use of the script's process tree since the previous heartbeat, in percent of one
+    /// CPU (above 100 on several).
+    pub cpu_percent: Option<f64>,
+    /// Resident memory of the script's process tree.
+    pub rss_bytes: Option<u64>,
+    /// The highest `rss_bytes` reported for the node (over every attempt), kept after it ends.
+    pub peak_rss_bytes: Option<u64>,
+    /// Disk space the node's bundle folder takes.
+    pub disk_bytes: Option<u64>,
+    /// When the newest reading arrived.
+    pub sampled_at: SystemTime,
+}
+
+/// One heartbeat's reading of a node's resources; absent values are not known this time.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub(crate) struct ResourceSample {
+    pub(crate) cpu_percent: Option<f64>,
+    pub(crate) rss_bytes: Option<u64>,
+    pub(crate) disk_bytes: Option<u64>,
+}
+
+impl NodeResources {
+    /// `sample` added to what was known (`None` at a node's first reading): values it lacks
+    /// stay as they were, the peak only grows.
+    pub(crate) fn updated(
+        known: Option<NodeResources>,
+        sample: ResourceSample,
+        now: SystemTime,
+    ) -> NodeResources {
+        let peak = known.and_then(|k| k.peak_rss_bytes);
+        NodeResources {
+            cpu_percent: sample.cpu_percent.or(known.and_then(|k| k.cpu_percent)),
+            rss_bytes: sample.rss_bytes.or(known.and_then(|k| k.rss_bytes)),
+            peak_rss_bytes: match (peak, sample.rss_bytes) {
+                (Some(peak), Some(rss)) => Some(peak.max(rss)),
+                (peak, rss) => peak.or(rss),
+            },
+            disk_bytes: sample.disk_bytes.or(known.and_then(|k| k.disk_bytes)),
+            sampled_at: now,
+        }
+    }
 }
 
 #[cfg(test)]
