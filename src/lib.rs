@@ -72,6 +72,7 @@ mod encode;
 mod error;
 pub mod metadata;
 mod metrics;
+mod notify;
 mod orchestrator;
 mod process;
 pub mod provider;

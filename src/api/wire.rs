@@ -120,6 +120,25 @@ pub struct DeploymentView {
     /// Every node, by index. Empty in summaries (`GET /deployments`).
     #[serde(default)]
     pub nodes: Vec<NodeView>,
+    /// Its webhook notification (`notify:`), once its final state made one; not in summaries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notify: Option<NotifyView>,
+}
+
+/// Where a deployment's webhook notification stands (`notify` of a deployment view).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct NotifyView {
+    /// `pending` (being tried), `delivered` or `failed` (given up after an hour).
+    pub status: String,
+    /// Tries so far.
+    pub attempts: u32,
+    /// Why the last try failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// RFC 3339 time the receiver took it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivered_at: Option<String>,
 }
 
 /// `POST /cleanup/all`.

@@ -18,6 +18,7 @@ mod files;
 mod instance_config;
 mod local;
 mod nodes;
+mod notify;
 mod types;
 mod values;
 
@@ -34,7 +35,9 @@ use instance_config::{parse_cloud_provider, parse_instance_config};
 pub(crate) use local::local_settings;
 use nodes::parse_nodes;
 pub(crate) use nodes::MAX_NODES;
-pub use types::{AwsConfig, CloudProvider, DeploymentConfig, LocalAgent, LocalConfig, NodesConfig};
+pub use types::{
+    AwsConfig, CloudProvider, DeploymentConfig, LocalAgent, LocalConfig, NodesConfig, NotifyConfig,
+};
 use values::string;
 
 use crate::error::{Error, Result};
@@ -55,6 +58,7 @@ const TOP_FIELDS: &[&str] = &[
     "remote_dest_dir",
     "bundle_name",
     "nodes",
+    "notify",
 ];
 
 impl DeploymentConfig {
@@ -175,6 +179,9 @@ fn parse_document(text: &str, problems: &mut Problems) -> Option<DeploymentConfi
         Some(name)
     });
     let nodes = parse_nodes(fields.get("nodes"), problems);
+    let notify = fields
+        .get("notify")
+        .and_then(|value| notify::parse_notify(value, problems));
     if let Some(nodes) = &nodes {
         problems.0.extend(crate::metadata::check(nodes));
     }
@@ -219,6 +226,7 @@ fn parse_document(text: &str, problems: &mut Problems) -> Option<DeploymentConfi
         remote_dest_dir,
         bundle_name,
         nodes: nodes?,
+        notify,
     })
 }
 

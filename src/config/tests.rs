@@ -639,7 +639,7 @@ fn empty_and_odd_documents() {
         vec![
             "taskfly.yml: expected a mapping with the fields cloud_provider, \
                   instance_config, application_files, remote_script_to_run, remote_dest_dir, \
-                  bundle_name, nodes, got \"just text\""
+                  bundle_name, nodes, notify, got \"just text\""
         ]
     );
 }

@@ -92,6 +92,9 @@ impl Orchestrator {
         }
         if let Some(status) = applied.deployment_changed {
             tracing::info!(deployment_id = %applied.node.deployment_id, status = %status, "deployment state");
+            if status.is_final() {
+                self.deployment_ended(&applied.node.deployment_id, status);
+            }
             // A node that ended is forgotten after its release (see `after_node_ended`).
             if status.is_final() && !ended {
                 self.forget_final(&applied.node.deployment_id);

@@ -32,10 +32,12 @@ impl Orchestrator {
             .get(id)
             .map(|by_index| by_index.iter().map(|(i, r)| (*i, *r)).collect())
             .unwrap_or_default();
+        let notify = self.inner.notifier.delivery(id).await;
         Ok(DeploymentDetail {
             deployment,
             nodes,
             resources,
+            notify,
         })
     }
 

@@ -87,6 +87,7 @@ impl Orchestrator {
             store
                 .update_deployment_status(id, DeploymentStatus::Terminated, None, SystemTime::now())
                 .await?;
+            self.deployment_ended(id, DeploymentStatus::Terminated);
             self.notify();
         }
         drop(live);
@@ -157,6 +158,7 @@ impl Orchestrator {
         self.inner.store.delete_deployment(id).await?;
         lock(&self.inner.live).remove(id);
         lock(&self.inner.resources).remove(id);
+        self.inner.notifier.forget(id);
         tracing::info!(deployment_id = %id, "deployment cleaned up");
         Ok(())
     }

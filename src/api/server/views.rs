@@ -40,6 +40,7 @@ pub(crate) fn deployment(d: &Deployment, nodes: &[Node]) -> DeploymentView {
         completed_at: d.completed_at.map(time),
         error_message: d.error_message.clone(),
         nodes: nodes.iter().map(node).collect(),
+        notify: None,
     }
 }
 
@@ -58,12 +59,18 @@ pub(crate) fn node(n: &Node) -> NodeView {
     }
 }
 
-/// A deployment with its nodes and what their scripts used.
+/// A deployment with its nodes, what their scripts used, and its webhook notification.
 pub(crate) fn detail(detail: &DeploymentDetail) -> DeploymentView {
     let mut view = deployment(&detail.deployment, &detail.nodes);
     for node in &mut view.nodes {
         node.resources = detail.resources.get(&node.node_index).map(resources);
     }
+    view.notify = detail.notify.as_ref().map(|d| wire::NotifyView {
+        status: d.status.as_str().to_owned(),
+        attempts: d.attempts,
+        last_error: d.last_error.clone(),
+        delivered_at: d.delivered_at.map(time),
+    });
     view
 }
 

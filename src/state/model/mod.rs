@@ -648,6 +648,8 @@ pub struct DeploymentDetail {
     pub nodes: Vec<Node>,
     /// What the scripts of its nodes used, by node index, for nodes that reported it.
     pub resources: std::collections::BTreeMap<u32, NodeResources>,
+    /// Its webhook notification (`notify:`), once its final state made one.
+    pub notify: Option<WebhookDelivery>,
 }
 
 /// A page of a deployment's log.
@@ -816,6 +818,66 @@ impl NodeResources {
             disk_bytes: sample.disk_bytes.or(known.and_then(|k| k.disk_bytes)),
             sampled_at: now,
         }
+    }
+}
+
+/// Where a deployment's webhook notification stands (`notify:`, SPEC §1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DeliveryStatus {
+    /// Not delivered yet; tried again until an hour has passed.
+    Pending,
+    /// The receiver answered 2xx.
+    Delivered,
+    /// Not delivered within the hour; no more tries.
+    Failed,
+}
+
+status_names!(DeliveryStatus {
+    Pending => "pending",
+    Delivered => "delivered",
+    Failed => "failed",
+});
+
+/// One webhook notification of a deployment's final state: the body is made once, when the
+/// deployment ends, and sent as it is until the receiver takes it. The `notify.secret` itself
+/// is never kept: only the body's signature.
+#[derive(Clone, PartialEq)]
+#[non_exhaustive]
+pub struct WebhookDelivery {
+    /// The deployment it tells about (one notification per deployment).
+    pub deployment_id: String,
+    /// `notify.webhook`: where it goes. May hold a credential (many services put one in the
+    /// path), so it is never logged nor shown.
+    pub url: String,
+    /// The JSON body.
+    pub body: String,
+    /// `sha256=<hex>`: the body's HMAC-SHA256 with `notify.secret`, when one is set.
+    pub signature: Option<String>,
+    /// Delivered, failed, or still being tried.
+    pub status: DeliveryStatus,
+    /// Tries so far.
+    pub attempts: u32,
+    /// Why the last try failed (the receiver's status code, or the connection error).
+    pub last_error: Option<String>,
+    /// When the deployment ended and the notification was made.
+    pub created_at: SystemTime,
+    /// When to try next, while pending.
+    pub next_attempt_at: SystemTime,
+    /// When the receiver took it.
+    pub delivered_at: Option<SystemTime>,
+}
+
+impl fmt::Debug for WebhookDelivery {
+    /// Leaves out the URL, which may hold a credential.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WebhookDelivery")
+            .field("deployment_id", &self.deployment_id)
+            .field("status", &self.status)
+            .field("attempts", &self.attempts)
+            .field("last_error", &self.last_error)
+            .field("next_attempt_at", &self.next_attempt_at)
+            .field("delivered_at", &self.delivered_at)
+            .finish_non_exhaustive()
     }
 }
 
