@@ -19,3 +19,4 @@ mod tidy;
 #[cfg(feature = "tls")]
 mod tls;
 mod watch;
+mod webhooks;
