@@ -6,7 +6,9 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::model::{Applied, Deployment, DeploymentStatus, Node, NodeStatus, NodeUpdate};
+use super::model::{
+    Applied, Deployment, DeploymentStatus, Node, NodeStatus, NodeUpdate, PhaseTimes,
+};
 use super::{LogLine, LogQuery, LogStream, NewLogLine, Store};
 use crate::provider::InstanceRef;
 
@@ -30,6 +32,7 @@ pub(crate) async fn check_store(store: &dyn Store) {
     deletes_everything_of_a_deployment(store).await;
     drops_resent_log_lines(store).await;
     keeps_the_instance_locator(store).await;
+    keeps_phase_times(store).await;
     keeps_webhook_deliveries_until_their_deployment_goes(store).await;
 }
 
@@ -473,6 +476,37 @@ async fn keeps_the_instance_locator(store: &dyn Store) {
     let retried = update(store, "conf-locator-0", NodeUpdate::Retry, at(5)).await;
     assert_eq!(retried.node.instance(), None);
     assert_eq!(node(store, "conf-locator-0").await.instance_locator, None);
+}
+
+/// Each phase's start is stored with the transition into it, read back everywhere a node is
+/// read, and started afresh by a retry.
+async fn keeps_phase_times(store: &dyn Store) {
+    let id = "conf-times";
+    create(store, id, 1, 1).await;
+    let node_id = "conf-times-0";
+    update(store, node_id, status(NodeStatus::Provisioning), at(2)).await;
+    update(store, node_id, provisioned(0), at(3)).await;
+    update(store, node_id, status(NodeStatus::DownloadingAssets), at(5)).await;
+    update(store, node_id, status(NodeStatus::RunningScript), at(6)).await;
+    let applied = update(store, node_id, status(NodeStatus::Failed), at(9)).await;
+    let expected = PhaseTimes {
+        provisioning_at: Some(at(2)),
+        booting_at: Some(at(3)),
+        downloading_at: Some(at(5)),
+        started_at: Some(at(6)),
+        finished_at: Some(at(9)),
+    };
+    assert_eq!(applied.node.times, expected);
+    assert_eq!(node(store, node_id).await.times, expected);
+    let (_, nodes) = snapshot(store, id).await;
+    assert_eq!(nodes[0].times, expected);
+
+    update(store, node_id, NodeUpdate::Retry, at(12)).await;
+    let retried = PhaseTimes {
+        provisioning_at: Some(at(12)),
+        ..PhaseTimes::default()
+    };
+    assert_eq!(node(store, node_id).await.times, retried);
 }
 
 async fn provision_tokens_work_once(store: &dyn Store) {

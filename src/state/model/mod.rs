@@ -6,7 +6,7 @@
 
 use std::fmt;
 use std::str::FromStr;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use crate::error::{Error, Result};
 use crate::provider::InstanceRef;
@@ -249,6 +249,90 @@ pub struct Node {
     pub provision_token_hash: Option<[u8; 32]>,
     /// SHA-256 of the agent's bearer token, once registered.
     pub auth_token_hash: Option<[u8; 32]>,
+    /// When its current attempt entered each phase; a retry starts them afresh.
+    pub times: PhaseTimes,
+}
+
+/// When a node's current attempt entered each phase of its life, as the engine's clock saw
+/// it: set by [`apply_node_update`] on the transition into the phase, never moved afterwards,
+/// and reset by a retry (which keeps only the new `provisioning_at`). A phase the node skipped
+/// (an agent may report `running_script` before `downloading_assets` arrives) stays `None`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PhaseTimes {
+    /// Entered `provisioning`: the provider was asked for an instance (the time a node waits
+    /// in a scheduler's queue counts here).
+    pub provisioning_at: Option<SystemTime>,
+    /// Entered `booting`, or `registering` when the agent registered before the provider's
+    /// answer was recorded: the instance exists and its agent is starting.
+    pub booting_at: Option<SystemTime>,
+    /// Entered `downloading_assets`.
+    pub downloading_at: Option<SystemTime>,
+    /// Entered `running_script`: the script started.
+    pub started_at: Option<SystemTime>,
+    /// Entered `completed`, `failed` or `terminated`.
+    pub finished_at: Option<SystemTime>,
+}
+
+/// How long a node's current attempt spent in each phase (see [`PhaseTimes::durations`]);
+/// `None` for a phase it has not entered, or skipped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PhaseDurations {
+    /// From `provisioning` until the instance existed.
+    pub provisioning: Option<Duration>,
+    /// Booting and registering, until the bundle download began.
+    pub booting: Option<Duration>,
+    /// Fetching and extracting the worker bundle.
+    pub downloading: Option<Duration>,
+    /// The script's run.
+    pub running: Option<Duration>,
+}
+
+impl PhaseTimes {
+    /// The times of a node entering `status` at `now`, from these times: a new phase's start
+    /// is recorded once, the times of the phases before it are kept.
+    fn entered(mut self, status: NodeStatus, now: SystemTime) -> PhaseTimes {
+        let slot = match status {
+            NodeStatus::Provisioning => &mut self.provisioning_at,
+            NodeStatus::Booting | NodeStatus::Registering => &mut self.booting_at,
+            NodeStatus::DownloadingAssets => &mut self.downloading_at,
+            NodeStatus::RunningScript => &mut self.started_at,
+            NodeStatus::Completed | NodeStatus::Failed | NodeStatus::Terminated => {
+                &mut self.finished_at
+            }
+            NodeStatus::Pending | NodeStatus::Terminating => return self,
+        };
+        slot.get_or_insert(now);
+        self
+    }
+
+    /// The time spent in each phase. A phase lasts from its start to the start of the next
+    /// phase the node entered (a skipped phase's time counts in the one before it); the phase
+    /// a node is still in lasts until `now`, unless the node has finished. A clock that went
+    /// backwards gives zero, never a negative time.
+    pub fn durations(&self, now: SystemTime) -> PhaseDurations {
+        let marks = [
+            self.provisioning_at,
+            self.booting_at,
+            self.downloading_at,
+            self.started_at,
+        ];
+        let end_of = |phase: usize| {
+            marks[phase + 1..]
+                .iter()
+                .chain(std::iter::once(&self.finished_at))
+                .find_map(|mark| *mark)
+                .unwrap_or(now)
+        };
+        let lasted = |phase: usize| {
+            marks[phase].map(|start| end_of(phase).duration_since(start).unwrap_or_default())
+        };
+        PhaseDurations {
+            provisioning: lasted(0),
+            booting: lasted(1),
+            downloading: lasted(2),
+            running: lasted(3),
+        }
+    }
 }
 
 impl Node {
@@ -268,6 +352,7 @@ impl Node {
             error_message: None,
             provision_token_hash: None,
             auth_token_hash: None,
+            times: PhaseTimes::default(),
         }
     }
 }
@@ -455,9 +540,13 @@ pub fn apply_node_update(
             next.error_message = None;
             next.auth_token_hash = None;
             next.provision_token_hash = None;
+            next.times = PhaseTimes::default();
         }
     }
     next.last_update = now;
+    if next.status != previous {
+        next.times = next.times.entered(next.status, now);
+    }
 
     // Counters: a node entering a final state counts once; a failed node that may still be
     // retried does not count until its last attempt fails.

@@ -313,3 +313,122 @@ fn a_registration_with_a_nonce_can_be_resent_by_its_agent_only() {
         .unwrap_err()
         .is_conflict());
 }
+
+fn at(secs: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+}
+
+fn provisioned() -> NodeUpdate {
+    NodeUpdate::Provisioned {
+        instance: InstanceRef {
+            id: "i-1".into(),
+            locator: String::new(),
+        },
+        ip_address: None,
+    }
+}
+
+#[test]
+fn each_phase_start_is_recorded_once_on_its_transition() {
+    let mut d = deployment(1, 0);
+    let mut n = Node::new("dep-1", 0, at(0));
+    assert_eq!(n.times, PhaseTimes::default());
+    apply_node_update(&mut d, &mut n, status(NodeStatus::Provisioning), at(1)).unwrap();
+    apply_node_update(&mut d, &mut n, provisioned(), at(3)).unwrap();
+    apply_node_update(&mut d, &mut n, status(NodeStatus::Registering), at(4)).unwrap();
+    apply_node_update(&mut d, &mut n, status(NodeStatus::DownloadingAssets), at(6)).unwrap();
+    apply_node_update(&mut d, &mut n, status(NodeStatus::RunningScript), at(7)).unwrap();
+    // A repeated report changes no time.
+    apply_node_update(&mut d, &mut n, status(NodeStatus::RunningScript), at(8)).unwrap();
+    apply_node_update(&mut d, &mut n, status(NodeStatus::Completed), at(17)).unwrap();
+    assert_eq!(
+        n.times,
+        PhaseTimes {
+            provisioning_at: Some(at(1)),
+            booting_at: Some(at(3)),
+            downloading_at: Some(at(6)),
+            started_at: Some(at(7)),
+            finished_at: Some(at(17)),
+        }
+    );
+    assert_eq!(
+        n.times.durations(at(100)),
+        PhaseDurations {
+            provisioning: Some(Duration::from_secs(2)),
+            booting: Some(Duration::from_secs(3)),
+            downloading: Some(Duration::from_secs(1)),
+            running: Some(Duration::from_secs(10)),
+        },
+        "a finished node's phases do not grow with the clock"
+    );
+}
+
+#[test]
+fn a_registration_before_the_instance_is_recorded_starts_booting() {
+    let mut d = deployment(1, 0);
+    let mut n = Node::new("dep-1", 0, at(0));
+    apply_node_update(&mut d, &mut n, status(NodeStatus::Provisioning), at(1)).unwrap();
+    apply_node_update(&mut d, &mut n, status(NodeStatus::Registering), at(2)).unwrap();
+    apply_node_update(&mut d, &mut n, provisioned(), at(3)).unwrap();
+    assert_eq!(n.times.booting_at, Some(at(2)));
+}
+
+#[test]
+fn a_skipped_phase_has_no_time_and_the_one_before_lasts_until_the_next() {
+    let mut d = deployment(1, 0);
+    let mut n = Node::new("dep-1", 0, at(0));
+    apply_node_update(&mut d, &mut n, status(NodeStatus::Provisioning), at(1)).unwrap();
+    apply_node_update(&mut d, &mut n, provisioned(), at(2)).unwrap();
+    apply_node_update(&mut d, &mut n, status(NodeStatus::RunningScript), at(5)).unwrap();
+    let running = n.times.durations(at(9));
+    assert_eq!(running.booting, Some(Duration::from_secs(3)));
+    assert_eq!(running.downloading, None);
+    assert_eq!(
+        running.running,
+        Some(Duration::from_secs(4)),
+        "the current phase lasts until now"
+    );
+    assert_eq!(n.times.finished_at, None);
+}
+
+#[test]
+fn a_failure_before_the_script_ends_the_phase_it_was_in() {
+    let mut d = deployment(1, 0);
+    let mut n = Node::new("dep-1", 0, at(0));
+    apply_node_update(&mut d, &mut n, status(NodeStatus::Provisioning), at(1)).unwrap();
+    apply_node_update(&mut d, &mut n, status(NodeStatus::Failed), at(4)).unwrap();
+    assert_eq!(n.times.finished_at, Some(at(4)));
+    let durations = n.times.durations(at(50));
+    assert_eq!(durations.provisioning, Some(Duration::from_secs(3)));
+    assert_eq!((durations.booting, durations.running), (None, None));
+}
+
+#[test]
+fn a_retry_starts_the_times_afresh() {
+    let mut d = deployment(1, 1);
+    let mut n = Node::new("dep-1", 0, at(0));
+    apply_node_update(&mut d, &mut n, status(NodeStatus::Provisioning), at(1)).unwrap();
+    apply_node_update(&mut d, &mut n, provisioned(), at(2)).unwrap();
+    apply_node_update(&mut d, &mut n, status(NodeStatus::RunningScript), at(3)).unwrap();
+    apply_node_update(&mut d, &mut n, status(NodeStatus::Failed), at(4)).unwrap();
+    apply_node_update(&mut d, &mut n, NodeUpdate::Retry, at(10)).unwrap();
+    assert_eq!(
+        n.times,
+        PhaseTimes {
+            provisioning_at: Some(at(10)),
+            ..PhaseTimes::default()
+        }
+    );
+}
+
+#[test]
+fn a_terminated_node_finishes_and_a_clock_going_back_gives_zero() {
+    let mut d = deployment(1, 0);
+    let mut n = Node::new("dep-1", 0, at(0));
+    apply_node_update(&mut d, &mut n, status(NodeStatus::Provisioning), at(5)).unwrap();
+    apply_node_update(&mut d, &mut n, status(NodeStatus::Terminating), at(6)).unwrap();
+    assert_eq!(n.times.finished_at, None, "terminating is not final");
+    apply_node_update(&mut d, &mut n, status(NodeStatus::Terminated), at(3)).unwrap();
+    assert_eq!(n.times.finished_at, Some(at(3)));
+    assert_eq!(n.times.durations(at(9)).provisioning, Some(Duration::ZERO));
+}

@@ -15,15 +15,17 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, TransactionBehavior};
 
-use super::model::{self, Applied, Deployment, DeploymentStatus, Node, NodeStatus, NodeUpdate};
+use super::model::{
+    self, Applied, Deployment, DeploymentStatus, Node, NodeStatus, NodeUpdate, PhaseTimes,
+};
 use super::{LogLine, LogQuery, LogStream, NewLogLine, Store};
 use crate::error::{Error, Result};
 use crate::sync::lock;
 
 /// The schema this code reads and writes, kept in `PRAGMA user_version`: 1 was taskfly 0.1's,
-/// 2 adds the nodes' `instance_locator`, 3 the per-node log counts, 4 the webhook deliveries
-/// ([`MIGRATIONS`]).
-const SCHEMA_VERSION: i64 = 4;
+/// 2 adds the nodes' `instance_locator`, 3 the per-node log counts, 4 the nodes' phase times,
+/// 5 the webhook deliveries ([`MIGRATIONS`]).
+const SCHEMA_VERSION: i64 = 5;
 
 /// Default cap on stored log lines per deployment, as for the in-memory store.
 const DEFAULT_MAX_LOG_LINES: usize = 1_000_000;
@@ -109,7 +111,14 @@ const MIGRATIONS: &[&str] = &[
      );
      INSERT INTO log_volume (deployment_id, node_index, stored)
          SELECT deployment_id, node_index, COUNT(*) FROM logs GROUP BY deployment_id, node_index;",
-    // 4 (webhooks): each deployment's webhook notification, kept until delivered or given up
+    // 4 (timings): when each node's current attempt entered each phase (`Node::times`), in
+    // milliseconds; NULL for a phase not entered, and for nodes recorded before.
+    "ALTER TABLE nodes ADD COLUMN provisioning_at INTEGER;
+     ALTER TABLE nodes ADD COLUMN booting_at INTEGER;
+     ALTER TABLE nodes ADD COLUMN downloading_at INTEGER;
+     ALTER TABLE nodes ADD COLUMN started_at INTEGER;
+     ALTER TABLE nodes ADD COLUMN finished_at INTEGER;",
+    // 5 (webhooks): each deployment's webhook notification, kept until delivered or given up
     // so a restarted daemon delivers it (`Store::save_delivery`). Times in milliseconds.
     "CREATE TABLE webhook_deliveries (
          deployment_id   TEXT PRIMARY KEY REFERENCES deployments (id) ON DELETE CASCADE,
@@ -138,7 +147,8 @@ const LOG_CHUNK: usize = 2048;
 macro_rules! node_columns {
     () => {
         "id, deployment_id, node_index, status, attempt, instance_id, ip_address, last_update, \
-         exit_code, error_message, provision_token_hash, auth_token_hash, instance_locator"
+         exit_code, error_message, provision_token_hash, auth_token_hash, instance_locator, \
+         provisioning_at, booting_at, downloading_at, started_at, finished_at"
     };
 }
 
@@ -632,6 +642,13 @@ fn node_from_row(row: &Row<'_>) -> Result<Node, DbError> {
         provision_token_hash: read_hash(row, 10)?,
         auth_token_hash: read_hash(row, 11)?,
         instance_locator: row.get(12)?,
+        times: PhaseTimes {
+            provisioning_at: read_optional_time(row, 13)?,
+            booting_at: read_optional_time(row, 14)?,
+            downloading_at: read_optional_time(row, 15)?,
+            started_at: read_optional_time(row, 16)?,
+            finished_at: read_optional_time(row, 17)?,
+        },
     })
 }
 
@@ -943,7 +960,7 @@ fn insert_node(tx: &Transaction<'_>, node: &Node) -> rusqlite::Result<()> {
     let mut insert = tx.prepare_cached(concat!(
         "INSERT INTO nodes (",
         node_columns!(),
-        ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
+        ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)"
     ))?;
     insert.execute(params![
         node.id,
@@ -959,6 +976,11 @@ fn insert_node(tx: &Transaction<'_>, node: &Node) -> rusqlite::Result<()> {
         node.provision_token_hash.as_ref().map(|h| h.as_slice()),
         node.auth_token_hash.as_ref().map(|h| h.as_slice()),
         node.instance_locator,
+        node.times.provisioning_at.map(to_ms),
+        node.times.booting_at.map(to_ms),
+        node.times.downloading_at.map(to_ms),
+        node.times.started_at.map(to_ms),
+        node.times.finished_at.map(to_ms),
     ])?;
     Ok(())
 }
@@ -970,8 +992,9 @@ fn insert_node(tx: &Transaction<'_>, node: &Node) -> rusqlite::Result<()> {
 fn write_node(tx: &Transaction<'_>, before: &Node, node: &Node) -> rusqlite::Result<()> {
     tx.prepare_cached(
         "UPDATE nodes SET status = ?2, attempt = ?3, instance_id = ?4, ip_address = ?5, \
-         last_update = ?6, exit_code = ?7, error_message = ?8, instance_locator = ?9 \
-         WHERE id = ?1",
+         last_update = ?6, exit_code = ?7, error_message = ?8, instance_locator = ?9, \
+         provisioning_at = ?10, booting_at = ?11, downloading_at = ?12, started_at = ?13, \
+         finished_at = ?14 WHERE id = ?1",
     )?
     .execute(params![
         node.id,
@@ -983,6 +1006,11 @@ fn write_node(tx: &Transaction<'_>, before: &Node, node: &Node) -> rusqlite::Res
         node.exit_code,
         node.error_message,
         node.instance_locator,
+        node.times.provisioning_at.map(to_ms),
+        node.times.booting_at.map(to_ms),
+        node.times.downloading_at.map(to_ms),
+        node.times.started_at.map(to_ms),
+        node.times.finished_at.map(to_ms),
     ])?;
     let tokens_changed = before.provision_token_hash != node.provision_token_hash
         || before.auth_token_hash != node.auth_token_hash;

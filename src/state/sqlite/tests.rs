@@ -365,6 +365,7 @@ async fn a_database_of_taskfly_0_1_is_migrated_and_keeps_its_nodes() {
         })
     );
     assert_eq!(nodes[0].instance_locator, None);
+    assert_eq!(nodes[0].times, PhaseTimes::default(), "no times recorded");
     let instance = crate::provider::InstanceRef {
         id: "i-0def".to_owned(),
         locator: "us-east-1".to_owned(),
