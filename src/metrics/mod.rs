@@ -13,7 +13,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::{Duration, SystemTime};
 
 use prometheus_client::encoding::text::{encode_eof, encode_registry};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -23,7 +23,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::state::model::{DeploymentStatus, NodeStatus};
+use crate::state::model::{DeploymentStatus, Node, NodeStatus};
 use crate::sync::lock;
 
 /// The media type of [`Metrics::encode`]'s text.
@@ -105,8 +105,6 @@ pub(crate) struct Metrics {
     provider_calls: Family<ProviderCallLabels, Counter>,
     /// Per-status node counts of deployments that are not final, by deployment id.
     live_nodes: Mutex<HashMap<String, [u64; NODE_STATES]>>,
-    /// When each node entered its current phase, for the phase histogram.
-    phase_started: Mutex<HashMap<String, Instant>>,
 }
 
 const NODE_STATES: usize = NodeStatus::ALL.len();
@@ -182,7 +180,6 @@ impl Metrics {
             http_duration,
             provider_calls,
             live_nodes: Mutex::new(HashMap::new()),
-            phase_started: Mutex::new(HashMap::new()),
         }
     }
 
@@ -193,34 +190,32 @@ impl Metrics {
         lock(&self.live_nodes).insert(deployment_id.to_owned(), counts);
     }
 
-    /// A node went from `previous` to `status`: counted, its phase timed.
-    pub(crate) fn node_changed(
-        &self,
-        deployment_id: &str,
-        node_id: &str,
-        previous: NodeStatus,
-        status: NodeStatus,
-    ) {
+    /// A node went from `previous` to `node.status`: counted, and the phase it left timed
+    /// from its phase times ([`crate::state::model::PhaseTimes::durations`]).
+    pub(crate) fn node_changed(&self, previous: NodeStatus, node: &Node) {
+        let status = node.status;
         self.transitions
             .get_or_create(&StatusLabel {
                 status: status.as_str(),
             })
             .inc();
-        if let Some(counts) = lock(&self.live_nodes).get_mut(deployment_id) {
+        if let Some(counts) = lock(&self.live_nodes).get_mut(&node.deployment_id) {
             let from = &mut counts[node_slot(previous)];
             *from = from.saturating_sub(1);
             counts[node_slot(status)] += 1;
         }
-        let now = Instant::now();
-        let mut started = lock(&self.phase_started);
-        let left = phase_of(previous);
-        if left != phase_of(status) {
-            if let (Some(phase), Some(since)) = (left, started.remove(node_id)) {
-                self.observe_phase(phase, now.saturating_duration_since(since));
-            }
-            if phase_of(status).is_some() {
-                started.insert(node_id.to_owned(), now);
-            }
+        let Some(left) = phase_of(previous).filter(|p| phase_of(status) != Some(*p)) else {
+            return;
+        };
+        let durations = node.times.durations(SystemTime::now());
+        let spent = match left {
+            "provisioning" => durations.provisioning,
+            "booting" => durations.booting,
+            "downloading" => durations.downloading,
+            _ => durations.running,
+        };
+        if let Some(spent) = spent {
+            self.observe_phase(left, spent);
         }
     }
 

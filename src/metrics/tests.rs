@@ -1,7 +1,7 @@
 use std::time::SystemTime;
 
 use super::*;
-use crate::state::model::{Deployment, DeploymentStatus};
+use crate::state::model::{Deployment, DeploymentStatus, Node, PhaseTimes};
 
 fn deployment(id: &str, status: DeploymentStatus, completed: u32, failed: u32) -> Deployment {
     Deployment {
@@ -20,6 +20,23 @@ fn deployment(id: &str, status: DeploymentStatus, completed: u32, failed: u32) -
     }
 }
 
+/// A node of `deployment` in `status` that entered its phases (provisioning, booting,
+/// downloading, running, a final state) at these seconds after a start.
+fn node(deployment: &str, status: NodeStatus, marks: [Option<u64>; 5]) -> Node {
+    let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    let at = |mark: Option<u64>| mark.map(|s| start + Duration::from_secs(s));
+    let mut node = Node::new(deployment, 0, start);
+    node.status = status;
+    node.times = PhaseTimes {
+        provisioning_at: at(marks[0]),
+        booting_at: at(marks[1]),
+        downloading_at: at(marks[2]),
+        started_at: at(marks[3]),
+        finished_at: at(marks[4]),
+    };
+    node
+}
+
 /// The value of the sample line that starts with `series ` (name and labels as written).
 fn sample(text: &str, series: &str) -> Option<f64> {
     text.lines()
@@ -31,18 +48,18 @@ fn sample(text: &str, series: &str) -> Option<f64> {
 fn node_gauges_add_live_counts_to_final_deployments_counters() {
     let metrics = Metrics::new();
     metrics.deployment_created("dep-live", 3);
-    metrics.node_changed(
+    let provisioning = node(
         "dep-live",
-        "dep-live-0",
-        NodeStatus::Pending,
         NodeStatus::Provisioning,
+        [Some(0), None, None, None, None],
     );
-    metrics.node_changed(
+    metrics.node_changed(NodeStatus::Pending, &provisioning);
+    let booting = node(
         "dep-live",
-        "dep-live-0",
-        NodeStatus::Provisioning,
         NodeStatus::Booting,
+        [Some(0), Some(2), None, None, None],
     );
+    metrics.node_changed(NodeStatus::Provisioning, &booting);
     let mut snapshot = Snapshot::default();
     snapshot.add(&deployment(
         "dep-live",
@@ -103,12 +120,12 @@ fn a_deployment_no_longer_live_is_forgotten_and_a_restarted_one_is_seeded() {
     assert!(!metrics.knows_live("dep-a"));
 
     // Changes of a deployment not counted yet are not invented.
-    metrics.node_changed(
+    let registering = node(
         "dep-b",
-        "dep-b-0",
-        NodeStatus::Booting,
         NodeStatus::Registering,
+        [Some(0), Some(1), None, None, None],
     );
+    metrics.node_changed(NodeStatus::Booting, &registering);
     metrics.seed_live(
         "dep-b",
         [NodeStatus::RunningScript, NodeStatus::Completed].into_iter(),
@@ -127,32 +144,40 @@ fn a_deployment_no_longer_live_is_forgotten_and_a_restarted_one_is_seeded() {
 }
 
 #[test]
-fn phases_are_timed_from_entry_to_exit_and_retries_start_again() {
+fn each_phase_is_observed_once_when_left_with_its_length() {
     let metrics = Metrics::new();
-    let node = "dep-x-0";
-    for (from, to) in [
+    let all = [Some(0), Some(2), Some(7), Some(8), Some(20)];
+    let mut marks = [None; 5];
+    for (index, (from, to)) in [
         (NodeStatus::Pending, NodeStatus::Provisioning),
         (NodeStatus::Provisioning, NodeStatus::Booting),
         (NodeStatus::Booting, NodeStatus::Registering),
         (NodeStatus::Registering, NodeStatus::DownloadingAssets),
         (NodeStatus::DownloadingAssets, NodeStatus::RunningScript),
         (NodeStatus::RunningScript, NodeStatus::Failed),
-        (NodeStatus::Failed, NodeStatus::Provisioning),
-        (NodeStatus::Provisioning, NodeStatus::Failed),
-    ] {
-        metrics.node_changed("dep-x", node, from, to);
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let phase = index.saturating_sub(usize::from(index > 2));
+        marks[phase] = all[phase];
+        metrics.node_changed(from, &node("dep-x", to, marks));
     }
     let text = metrics.encode(&Snapshot::default());
-    for (phase, count) in [
+    for (phase, seconds) in [
         ("provisioning", 2.0),
-        ("booting", 1.0),
+        ("booting", 5.0),
         ("downloading", 1.0),
-        ("running", 1.0),
+        ("running", 12.0),
     ] {
-        let series = format!("taskfly_node_phase_seconds_count{{phase=\"{phase}\"}}");
-        assert_eq!(sample(&text, &series), Some(count), "{phase}");
+        let count = format!("taskfly_node_phase_seconds_count{{phase=\"{phase}\"}}");
+        let sum = format!("taskfly_node_phase_seconds_sum{{phase=\"{phase}\"}}");
+        assert_eq!(
+            (sample(&text, &count), sample(&text, &sum)),
+            (Some(1.0), Some(seconds)),
+            "{phase}\n{text}"
+        );
     }
-    assert!(lock(&metrics.phase_started).is_empty());
 }
 
 #[test]

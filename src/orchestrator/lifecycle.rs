@@ -68,12 +68,9 @@ impl Orchestrator {
                 NodeStatus::Completed | NodeStatus::Failed
             );
         if changed {
-            self.inner.metrics.node_changed(
-                &applied.node.deployment_id,
-                node_id,
-                applied.previous,
-                applied.node.status,
-            );
+            self.inner
+                .metrics
+                .node_changed(applied.previous, &applied.node);
             tracing::info!(
                 deployment_id = %applied.node.deployment_id,
                 node_id = %applied.node.id,
