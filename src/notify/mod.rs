@@ -1,4 +1,4 @@
-//! Webhook notifications (`notify:`, SPEC §1 and §4.4): when a deployment reaches a final state
+//! Webhook notifications (`notify:`, SPEC §1): when a deployment reaches a final state
 //! its `taskfly.yml` names, the daemon POSTs a JSON summary to the webhook, signed with the
 //! `notify.secret`, and tries again with backoff for up to an hour.
 //!
@@ -64,7 +64,7 @@ pub(crate) fn sign(secret: &str, body: &[u8]) -> String {
     format!("sha256={hex}")
 }
 
-/// The JSON body telling that `deployment` ended (SPEC §4.4): its id, state, counts, failed
+/// The JSON body telling that `deployment` ended (SPEC §1, `notify`): its id, state, counts, failed
 /// nodes with their errors (the first [`MAX_FAILED_NODES`]), wall time and dashboard URL.
 pub(crate) fn body(deployment: &Deployment, nodes: &[Node], dashboard_url: &str) -> String {
     let failed: Vec<&Node> = nodes

@@ -1,4 +1,4 @@
-//! `notify:` webhooks (SPEC §1, §4.4): a real HTTP receiver on loopback checks the signature,
+//! `notify:` webhooks (SPEC §1): a real HTTP receiver on loopback checks the signature,
 //! answers 500 and sees the same notification again, and a notification a killed daemon left
 //! pending is delivered by the daemon started again.
 
