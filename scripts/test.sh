@@ -51,6 +51,9 @@ echo "== sshd for the tests of nodes on ssh hosts (instance_config.local.hosts)"
 echo "== a one-machine Slurm cluster for the slurm provider's tests"
 # shellcheck source=scripts/test-slurm.sh
 . scripts/test-slurm.sh
+echo "== promtool, to check the metrics text"
+# shellcheck source=scripts/install-promtool.sh
+. scripts/install-promtool.sh
 
 echo "== tests"
 cargo test --locked --features "$FEATURES" --all-targets

@@ -34,6 +34,17 @@ impl Backoff {
     }
 }
 
+/// The jittered pause after `tries` failed tries of a schedule doubling from `first` up to
+/// `cap`: what the `tries`-th [`Backoff::next_pause`] of a fresh [`Backoff`] gives, for a
+/// schedule kept as a count of tries (a webhook notification stored across restarts).
+pub(crate) fn pause_after(first: Duration, cap: Duration, tries: u32) -> Duration {
+    let mut backoff = Backoff::new(first, cap);
+    for _ in 1..tries.min(64) {
+        backoff.next_delay();
+    }
+    backoff.next_pause()
+}
+
 /// `delay` scaled by a random factor in [0.5, 1.5), so many clients retrying at once spread
 /// out. Without a source of randomness the factor is 1; a product too large for a `Duration`
 /// is `Duration::MAX`.
@@ -56,6 +67,19 @@ mod tests {
         let delays: Vec<Duration> = (0..6).map(|_| backoff.next_delay()).collect();
         let millis: Vec<u128> = delays.iter().map(Duration::as_millis).collect();
         assert_eq!(millis, [250, 500, 1000, 2000, 2000, 2000]);
+    }
+
+    #[test]
+    fn the_pause_after_n_tries_follows_the_same_doubling() {
+        let (first, cap) = (Duration::from_secs(1), Duration::from_secs(8));
+        for (tries, delay) in [(1, 1), (2, 2), (3, 4), (4, 8), (9, 8), (1000, 8)] {
+            let pause = pause_after(first, cap, tries);
+            let delay = Duration::from_secs(delay);
+            assert!(
+                pause >= delay / 2 && pause <= delay * 3 / 2,
+                "{tries}: {pause:?}"
+            );
+        }
     }
 
     #[test]

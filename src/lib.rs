@@ -72,6 +72,8 @@ pub mod config;
 mod encode;
 mod error;
 pub mod metadata;
+mod metrics;
+mod notify;
 mod orchestrator;
 mod process;
 pub mod provider;

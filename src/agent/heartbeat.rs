@@ -1,12 +1,69 @@
-//! Heartbeats: the node tells the daemon it is alive, and learns whether to stop.
+//! Heartbeats: the node tells the daemon it is alive and what its script uses (SPEC §4.2), and
+//! learns whether to stop.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
 
 use super::node::Node;
+use crate::api::wire;
+use crate::process::procfs;
+
+/// The bundle's disk use is measured on the first heartbeat and every this many after: walking
+/// a large bundle costs more than reading `/proc`.
+const DISK_EVERY: u32 = 10;
+
+/// What the script's process group used at the last reading, for its CPU share since.
+#[derive(Debug, Default)]
+pub(super) struct ResourceMeter {
+    last: Option<(i32, Instant, u64)>,
+    heartbeats: u32,
+}
+
+impl ResourceMeter {
+    /// The heartbeat's `metrics` for the script of group `pgid` (0: none runs) and the bundle
+    /// at `root`: `cpu_percent` (of one CPU, since the last reading of the same group),
+    /// `rss_bytes`, and every [`DISK_EVERY`] heartbeats `disk_bytes`. `None` when there is
+    /// nothing to say (no script yet, no `/proc`).
+    pub(super) fn read(
+        &mut self,
+        pgid: i32,
+        root: Option<PathBuf>,
+    ) -> Option<BTreeMap<String, serde_json::Value>> {
+        let mut metrics = BTreeMap::new();
+        if pgid > 0 {
+            if let Some(usage) = procfs::group_usage(pgid).filter(|u| u.members > 0) {
+                let now = Instant::now();
+                if let Some((last_group, at, ticks)) = self.last {
+                    let seconds = now.duration_since(at).as_secs_f64();
+                    if last_group == pgid && seconds > 0.0 {
+                        let used = usage.cpu_ticks.saturating_sub(ticks) as f64
+                            / procfs::clock_ticks() as f64;
+                        let percent = (used / seconds * 1000.0).round() / 10.0;
+                        metrics.insert("cpu_percent".to_owned(), percent.into());
+                    }
+                }
+                self.last = Some((pgid, now, usage.cpu_ticks));
+                metrics.insert("rss_bytes".to_owned(), usage.rss_bytes.into());
+            }
+        }
+        if let Some(root) = root {
+            if self.heartbeats % DISK_EVERY == 0 {
+                metrics.insert("disk_bytes".to_owned(), procfs::disk_usage(&root).into());
+            }
+            self.heartbeats += 1;
+        }
+        (!metrics.is_empty()).then_some(metrics)
+    }
+}
 
 impl Node<'_> {
     /// Heartbeats every `heartbeat_interval_ms` (`heartbeat_interval_s` from an older daemon) until `finished`; an answer with `shutdown: true`
-    /// stops the script.
+    /// stops the script. Each carries what the script uses ([`ResourceMeter`]), read off the
+    /// async threads.
     ///
     /// A heartbeat still unanswered at the next tick is given up for a fresh one. While the
     /// daemon is away the client's pauses between tries grow to 10 s and more, longer than a short
@@ -16,14 +73,18 @@ impl Node<'_> {
         let period = self.registration.heartbeat_interval();
         let mut ticker = tokio::time::interval(period);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut meter = Some(ResourceMeter::default());
         loop {
             tokio::select! {
                 () = finished.cancelled() => return,
                 _ = ticker.tick() => {}
             }
+            let request = wire::HeartbeatRequest {
+                metrics: self.read_resources(&mut meter).await,
+            };
             let answer = tokio::select! {
                 () = finished.cancelled() => return,
-                answer = tokio::time::timeout(period, self.call(self.client.heartbeat())) => answer,
+                answer = tokio::time::timeout(period, self.call(self.client.heartbeat_with(&request))) => answer,
             };
             match answer {
                 Ok(Ok(answer)) if answer.shutdown => {
@@ -41,5 +102,75 @@ impl Node<'_> {
                 }
             }
         }
+    }
+
+    /// One reading of the script's resources on a blocking thread (`/proc` and the bundle's
+    /// folder are files). The meter travels with the reading; one lost to a failed thread is
+    /// started again.
+    async fn read_resources(
+        &self,
+        meter: &mut Option<ResourceMeter>,
+    ) -> Option<BTreeMap<String, serde_json::Value>> {
+        let pgid = self.script_group.load(Ordering::Relaxed);
+        let root = self.bundle_root.get().cloned();
+        let mut taken = meter.take().unwrap_or_default();
+        let read = tokio::task::spawn_blocking(move || {
+            let metrics = taken.read(pgid, root);
+            (taken, metrics)
+        })
+        .await;
+        match read {
+            Ok((back, metrics)) => {
+                *meter = Some(back);
+                metrics
+            }
+            Err(_) => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_running_group_reports_memory_then_cpu_and_the_bundle_its_disk_use() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join("data"), vec![1u8; 8192]).expect("write");
+        let pgid = nix::unistd::getpgrp().as_raw();
+        let mut meter = ResourceMeter::default();
+
+        let first = meter
+            .read(pgid, Some(dir.path().to_owned()))
+            .expect("a reading");
+        assert!(
+            first["rss_bytes"].as_u64().is_some_and(|b| b > 0),
+            "{first:?}"
+        );
+        assert!(
+            first["disk_bytes"].as_u64().is_some_and(|b| b >= 8192),
+            "{first:?}"
+        );
+        assert!(
+            !first.contains_key("cpu_percent"),
+            "one reading has no CPU share yet"
+        );
+
+        let second = meter
+            .read(pgid, Some(dir.path().to_owned()))
+            .expect("a reading");
+        assert!(
+            second["cpu_percent"].as_f64().is_some_and(|p| p >= 0.0),
+            "{second:?}"
+        );
+        assert!(
+            !second.contains_key("disk_bytes"),
+            "disk use is not read every time"
+        );
+    }
+
+    #[test]
+    fn nothing_to_report_before_the_script_and_its_bundle() {
+        assert_eq!(ResourceMeter::default().read(0, None), None);
     }
 }

@@ -335,6 +335,8 @@ async fn serve_node(
         config,
         registration,
         bundle_files: std::sync::OnceLock::new(),
+        script_group: std::sync::atomic::AtomicI32::new(0),
+        bundle_root: std::sync::OnceLock::new(),
     };
     let finished = CancellationToken::new();
     let (report, ()) = tokio::join!(

@@ -29,6 +29,11 @@ pub(super) struct Node<'a> {
     pub(super) stop: CancellationToken,
     /// What to remove of the bundle once the node has ended, set just before extracting it.
     pub(super) bundle_files: std::sync::OnceLock<BundleFiles>,
+    /// The running script's process group (0 when none runs), for the resource readings
+    /// heartbeats carry.
+    pub(super) script_group: std::sync::atomic::AtomicI32,
+    /// Where the bundle was extracted, for its disk use.
+    pub(super) bundle_root: std::sync::OnceLock<std::path::PathBuf>,
 }
 
 /// Why the script's supervision ended.

@@ -56,6 +56,9 @@ impl Node<'_> {
             return Err(format!("cannot start script {name}: it has no process id"));
         };
         let mut guard = GroupGuard::new(pgid);
+        let _ = self.bundle_root.set(prepared.root.clone());
+        self.script_group
+            .store(pgid.as_raw(), std::sync::atomic::Ordering::Relaxed);
 
         let (sender, receiver) = mpsc::channel(LOG_CHANNEL_CAPACITY);
         let group_gone = CancellationToken::new();
@@ -73,6 +76,8 @@ impl Node<'_> {
             self.ship_logs(receiver),
         );
         guard.disarm();
+        self.script_group
+            .store(0, std::sync::atomic::Ordering::Relaxed);
         let ending = ending.map_err(|e| format!("lost track of script {name}: {e}"))?;
         Ok((ending, last_stderr))
     }

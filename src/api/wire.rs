@@ -84,6 +84,9 @@ pub struct NodeView {
     /// (Slurm's reason, like `Priority` or `Resources`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue_reason: Option<String>,
+    /// What its script used, from its heartbeats (omitted until one reported it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<NodeResources>,
 }
 
 /// The seconds (to the millisecond) a node's current attempt spent in each phase, in
@@ -104,6 +107,28 @@ pub struct NodePhases {
     /// The script's run (`running_script`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub running_s: Option<f64>,
+}
+
+/// A node's resources as its heartbeats reported them (SPEC §4.2); each value is omitted
+/// until known.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct NodeResources {
+    /// CPU use of the script's process tree since the previous heartbeat, in percent of one
+    /// CPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_percent: Option<f64>,
+    /// Resident memory of the script's process tree, in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rss_bytes: Option<u64>,
+    /// The highest `rss_bytes` reported, kept after the node ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_rss_bytes: Option<u64>,
+    /// Disk space of the node's bundle folder, in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_bytes: Option<u64>,
+    /// RFC 3339 time of the newest reading.
+    pub sampled_at: String,
 }
 
 fn one() -> u32 {
@@ -154,10 +179,29 @@ pub struct DeploymentView {
     /// is forgotten. Omitted while the files are there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cleaned_at: Option<String>,
+    /// Its webhook notification (`notify:`), once its final state made one; not in summaries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notify: Option<NotifyView>,
 }
 
 fn is_zero(n: &u32) -> bool {
     *n == 0
+}
+
+/// Where a deployment's webhook notification stands (`notify` of a deployment view).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct NotifyView {
+    /// `pending` (being tried), `delivered` or `failed` (given up after an hour).
+    pub status: String,
+    /// Tries so far.
+    pub attempts: u32,
+    /// Why the last try failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// RFC 3339 time the receiver took it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivered_at: Option<String>,
 }
 
 /// `POST /cleanup/all`.

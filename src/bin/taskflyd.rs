@@ -44,6 +44,15 @@ struct Args {
         requires = "tls_cert"
     )]
     tls_key: Option<PathBuf>,
+    /// Require this bearer token on GET /metrics (default: metrics are open; they name no
+    /// deployment, node or secret). Prefer the environment variable: a flag shows in `ps`.
+    #[arg(
+        long,
+        env = "TASKFLY_METRICS_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    metrics_token: Option<String>,
     /// State, bundles and the API token (default: ~/.taskfly).
     #[arg(long, env = "TASKFLY_DATA_DIR")]
     data_dir: Option<PathBuf>,
@@ -282,6 +291,15 @@ async fn serve(args: Args) -> Result<(), String> {
             .grace_period(args.grace_period),
     ));
     let server_config = ServerConfig::default().api_token(token);
+    let server_config =
+        match args.metrics_token.as_deref().map(str::trim) {
+            Some("") => return Err(
+                "--metrics-token is empty; give a token, or leave the flag out for open metrics"
+                    .to_owned(),
+            ),
+            Some(metrics_token) => server_config.metrics_token(metrics_token),
+            None => server_config,
+        };
     let server_config = match &tls {
         Some((cert_file, key_file)) => server_config.tls(cert_file, key_file),
         None => server_config,

@@ -22,6 +22,7 @@ mod nodes;
 mod tree;
 mod outputs;
 mod slurm;
+mod notify;
 mod types;
 mod values;
 
@@ -41,7 +42,10 @@ use nodes::parse_nodes;
 pub(crate) use nodes::MAX_NODES;
 use outputs::parse_outputs;
 pub(crate) use slurm::{slurm_settings, SlurmConfig};
-pub use types::{AwsConfig, CloudProvider, DeploymentConfig, LocalAgent, LocalConfig, NodesConfig};
+pub use types::{
+    AwsConfig, CloudProvider, DeploymentConfig, LocalAgent, LocalConfig, NodesConfig,
+    NotifyConfig,
+};
 use values::string;
 
 use crate::error::{Error, Result};
@@ -63,6 +67,7 @@ const TOP_FIELDS: &[&str] = &[
     "bundle_name",
     "nodes",
     "outputs",
+    "notify",
 ];
 
 impl DeploymentConfig {
@@ -190,6 +195,9 @@ fn parse_document(text: &str, problems: &mut Problems) -> Option<DeploymentConfi
     });
     let nodes = parse_nodes(fields.get("nodes"), problems);
     let outputs = parse_outputs(fields.get("outputs"), problems);
+    let notify = fields
+        .get("notify")
+        .and_then(|value| notify::parse_notify(value, problems));
     if let Some(nodes) = &nodes {
         problems.0.extend(crate::metadata::check(nodes));
     }
@@ -235,6 +243,7 @@ fn parse_document(text: &str, problems: &mut Problems) -> Option<DeploymentConfi
         bundle_name,
         nodes: nodes?,
         outputs,
+        notify,
     })
 }
 

@@ -685,7 +685,7 @@ fn empty_and_odd_documents() {
         vec![
             "taskfly.yml: expected a mapping with the fields cloud_provider, \
                   instance_config, application_files, remote_script_to_run, remote_dest_dir, \
-                  bundle_name, nodes, outputs, got \"just text\""
+                  bundle_name, nodes, outputs, notify, got \"just text\""
         ]
     );
 }

@@ -67,6 +67,31 @@ pub struct DeploymentConfig {
     /// `outputs`: files, globs and folders each node sends back once its script has ended,
     /// relative to its bundle folder and never outside it; empty when nodes send nothing.
     pub outputs: Vec<String>,
+    /// `notify`: the webhook told when the deployment ends, if any.
+    pub notify: Option<NotifyConfig>,
+}
+
+/// `notify`: a webhook the daemon POSTs to when a deployment reaches a final state it names.
+#[derive(Clone, PartialEq)]
+pub struct NotifyConfig {
+    /// The `http://` or `https://` URL. Many services put a credential in it, so it is never
+    /// logged nor shown.
+    pub webhook: String,
+    /// The final states that notify (`completed`, `failed`, `terminated`); all by default.
+    pub on: Vec<crate::state::model::DeploymentStatus>,
+    /// Signs each body (`X-TaskFly-Signature: sha256=<hex HMAC-SHA256>`); a secret.
+    pub secret: Option<String>,
+}
+
+impl fmt::Debug for NotifyConfig {
+    /// Shows neither the URL nor the secret.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NotifyConfig")
+            .field("webhook", &"***")
+            .field("on", &self.on)
+            .field("secret", &self.secret.as_ref().map(|_| "***"))
+            .finish()
+    }
 }
 
 /// `instance_config.local`: nodes as local child processes, or over SSH when `hosts` is set.

@@ -28,6 +28,7 @@ pub struct Config {
     pub(crate) boot_timeout: Duration,
     pub(crate) provision_concurrency: usize,
     pub(crate) retry_backoff: Duration,
+    pub(crate) webhook_retry_backoff: Duration,
     pub(crate) provision_attempts: u32,
     pub(crate) provision_backoff: Duration,
     pub(crate) retention: Option<Duration>,
@@ -94,6 +95,7 @@ impl Config {
             boot_timeout: Duration::from_secs(600),
             provision_concurrency: 32,
             retry_backoff: Duration::from_secs(1),
+            webhook_retry_backoff: Duration::from_secs(5),
             provision_attempts: 5,
             provision_backoff: Duration::from_millis(500),
             retention: Some(Duration::from_secs(7 * 24 * 3600)),
@@ -167,6 +169,14 @@ impl Config {
     #[must_use]
     pub fn retry_backoff(mut self, backoff: Duration) -> Config {
         self.retry_backoff = backoff;
+        self
+    }
+
+    /// The first wait before a failed webhook notification (`notify:`) is tried again;
+    /// doubled per try, at most 5 minutes, for up to an hour (default 5 s).
+    #[must_use]
+    pub fn webhook_retry_backoff(mut self, backoff: Duration) -> Config {
+        self.webhook_retry_backoff = backoff;
         self
     }
 

@@ -165,10 +165,12 @@ impl Orchestrator {
     ) -> Result<DeploymentSummary> {
         let created = DeploymentSummary::from(&deployment);
         let id = deployment.id.clone();
+        let total = deployment.total_nodes;
         self.inner
             .store
             .create_deployment(deployment, nodes)
             .await?;
+        self.inner.metrics.deployment_created(&id, total);
         lock(&self.inner.live).insert(id.clone(), live.clone());
         let this = self.clone();
         self.inner.tasks.spawn(async move {

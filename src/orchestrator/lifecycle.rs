@@ -31,7 +31,13 @@ impl Orchestrator {
         };
         let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(2));
         for attempt in 1..=TERMINATE_ATTEMPTS {
-            match provider.release(instance, node_id).await {
+            let released = provider.release(instance, node_id).await;
+            self.inner.metrics.provider_call(
+                live.config.cloud_provider.as_str(),
+                "release",
+                released.is_ok(),
+            );
+            match released {
                 Ok(()) => return true,
                 Err(e) => {
                     tracing::error!(instance_id, attempt, error = %crate::error::Report::new(e.as_ref()), "could not terminate instance");
@@ -62,6 +68,9 @@ impl Orchestrator {
                 NodeStatus::Completed | NodeStatus::Failed
             );
         if changed {
+            self.inner
+                .metrics
+                .node_changed(applied.previous, &applied.node);
             tracing::info!(
                 deployment_id = %applied.node.deployment_id,
                 node_id = %applied.node.id,
@@ -80,6 +89,9 @@ impl Orchestrator {
         }
         if let Some(status) = applied.deployment_changed {
             tracing::info!(deployment_id = %applied.node.deployment_id, status = %status, "deployment state");
+            if status.is_final() {
+                self.deployment_ended(&applied.node.deployment_id, status);
+            }
             // A node that ended is forgotten after its release (see `after_node_ended`).
             if status.is_final() && !ended {
                 self.forget_final(&applied.node.deployment_id);

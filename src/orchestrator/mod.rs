@@ -13,6 +13,7 @@ mod live;
 mod monitor;
 mod nodes;
 mod outputs;
+mod notify;
 mod provision;
 mod queries;
 mod recovery;
@@ -92,6 +93,13 @@ pub(crate) struct Inner {
     tasks: TaskTracker,
     cancel: CancellationToken,
     started: Instant,
+    /// What each node's script used, by deployment and node index (heartbeats; SPEC §4.2).
+    /// Forgotten when the deployment is cleaned up.
+    pub(crate) resources: Mutex<HashMap<String, HashMap<u32, crate::state::model::NodeResources>>>,
+    /// Sends the webhook notifications of deployments that ended (`notify:`).
+    pub(crate) notifier: Arc<crate::notify::Notifier>,
+    /// Counters and histograms for `GET /metrics`, moved by the engine and the API.
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Orchestrator {
@@ -111,6 +119,10 @@ impl Orchestrator {
         let advertise_url = config.advertise_url.clone();
         let node_ca_pem = config.node_ca_pem.clone();
         let (changes, _) = watch::channel(0);
+        let notifier = Arc::new(crate::notify::Notifier::new(
+            Arc::clone(&store),
+            config.webhook_retry_backoff,
+        ));
         let inner = Arc::new(Inner {
             provision_slots: Arc::new(Semaphore::new(config.provision_concurrency)),
             config,
@@ -125,9 +137,17 @@ impl Orchestrator {
             tasks: TaskTracker::new(),
             cancel: CancellationToken::new(),
             started: Instant::now(),
+            resources: Mutex::new(HashMap::new()),
+            notifier,
+            metrics: Arc::new(crate::metrics::Metrics::new()),
         });
         let orchestrator = Orchestrator { inner };
         orchestrator.spawn_monitor();
+        let (notifier, cancel) = (
+            Arc::clone(&orchestrator.inner.notifier),
+            orchestrator.inner.cancel.clone(),
+        );
+        orchestrator.spawn_tracked(async move { notifier.run(cancel).await });
         for (_, provider) in orchestrator.providers() {
             if let Registered::Pooled(pool) = provider {
                 let cancel = orchestrator.inner.cancel.clone();

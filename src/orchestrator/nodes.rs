@@ -9,8 +9,8 @@ use crate::auth;
 use crate::error::{Error, Result};
 use crate::provider::pool::Claim;
 use crate::state::model::{
-    is_node_final, Assignment, DeploymentStatus, LogBatch, Node, NodeStatus, NodeUpdate,
-    Registration, StatusReport,
+    is_node_final, Assignment, DeploymentStatus, LogBatch, Node, NodeResources, NodeStatus,
+    NodeUpdate, Registration, ResourceSample, StatusReport,
 };
 use crate::state::{LogStream, NewLogLine, MAX_LOG_LINES_PER_BATCH};
 use crate::sync::lock;
@@ -169,8 +169,13 @@ impl Orchestrator {
         self.worker_bundle_path(&node.deployment_id)
     }
 
-    /// `POST /nodes/heartbeat`: note the node is alive; returns whether it is to stop.
-    pub(crate) async fn node_heartbeat(&self, node: &Node) -> Result<bool> {
+    /// `POST /nodes/heartbeat`: note the node is alive and what its script uses (`sample`);
+    /// returns whether it is to stop.
+    pub(crate) async fn node_heartbeat(
+        &self,
+        node: &Node,
+        sample: Option<ResourceSample>,
+    ) -> Result<bool> {
         let store = &self.inner().store;
         let deployment = store
             .deployment(&node.deployment_id)
@@ -187,6 +192,15 @@ impl Orchestrator {
             // A late heartbeat never reopens a node: only live nodes are watched.
             lock(&self.inner().last_seen).insert(node.id.clone(), tokio::time::Instant::now());
             store.touch_node(&node.id, SystemTime::now()).await?;
+            if let Some(sample) = sample {
+                let mut resources = lock(&self.inner().resources);
+                let by_index = resources.entry(node.deployment_id.clone()).or_default();
+                let known = by_index.get(&node.index).copied();
+                by_index.insert(
+                    node.index,
+                    NodeResources::updated(known, sample, SystemTime::now()),
+                );
+            }
         }
         Ok(shutdown)
     }

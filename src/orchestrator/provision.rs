@@ -191,7 +191,11 @@ impl Orchestrator {
         let provider_name = live.config.cloud_provider.as_str();
         let mut attempt = 1;
         loop {
-            match provider.provision(request.clone()).await {
+            let provisioned = provider.provision(request.clone()).await;
+            self.inner
+                .metrics
+                .provider_call(provider_name, "provision", provisioned.is_ok());
+            match provisioned {
                 Ok(info) => return Ok(info),
                 Err(e) => {
                     let retryable = e

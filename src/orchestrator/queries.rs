@@ -9,6 +9,7 @@ use crate::state::model::{
     Deployment, DeploymentDetail, DeploymentSummary, LogsPage, Node, NodeStatus, Stats,
 };
 use crate::state::LogQuery;
+use crate::sync::lock;
 
 /// Most bytes of line text in one page of logs (SPEC: the logs endpoint); a page holds at
 /// least one line, and a line at most 64 KiB.
@@ -30,7 +31,17 @@ impl Orchestrator {
         let deployment = self.deployment_row(id).await?;
         let mut nodes = self.inner.store.nodes(id).await?;
         self.add_queue_reasons(&deployment.cloud_provider, &mut nodes);
-        Ok(DeploymentDetail { deployment, nodes })
+        let resources = lock(&self.inner.resources)
+            .get(id)
+            .map(|by_index| by_index.iter().map(|(i, r)| (*i, *r)).collect())
+            .unwrap_or_default();
+        let notify = self.inner.notifier.delivery(id).await;
+        Ok(DeploymentDetail {
+            deployment,
+            nodes,
+            resources,
+            notify,
+        })
     }
 
     /// A deployment's state and node counters, without reading its nodes.
@@ -131,6 +142,33 @@ impl Orchestrator {
         {
             node.queue_reason = provider.provider().queue_reason(&node.id);
         }
+    }
+}
+
+impl Orchestrator {
+    /// The metrics of `GET /metrics` (SPEC §4.3), OpenMetrics text: one read of the
+    /// deployments, never of every node (a deployment in flight when the engine started has
+    /// its nodes read once, the first time it is scraped).
+    pub(crate) async fn metrics_text(&self) -> Result<String> {
+        let metrics = &self.inner.metrics;
+        let mut snapshot = crate::metrics::Snapshot {
+            uptime: self.inner.started.elapsed(),
+            pools: self.pools().map(|(name, pool)| pool.stats(name)).collect(),
+            ..Default::default()
+        };
+        for deployment in self.inner.store.deployments().await? {
+            snapshot.add(&deployment);
+            if !deployment.status.is_final() && !metrics.knows_live(&deployment.id) {
+                let nodes = self.inner.store.nodes(&deployment.id).await?;
+                metrics.seed_live(&deployment.id, nodes.iter().map(|n| n.status));
+            }
+        }
+        Ok(metrics.encode(&snapshot))
+    }
+
+    /// The engine's metrics, for the API's own (HTTP requests).
+    pub(crate) fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.inner.metrics
     }
 }
 

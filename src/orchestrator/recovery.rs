@@ -91,7 +91,11 @@ impl Orchestrator {
     pub(crate) async fn reconcile_orphans(&self) -> usize {
         let mut listed = Vec::new();
         for (name, provider) in self.providers() {
-            match provider.owned_instances().await {
+            let owned = provider.owned_instances().await;
+            self.inner()
+                .metrics
+                .provider_call(&name, "list", owned.is_ok());
+            match owned {
                 Ok(owned) => {
                     let running = owned.into_iter().filter(|instance| {
                         !matches!(
@@ -139,7 +143,11 @@ impl Orchestrator {
                     "it belongs to no live deployment"
                 };
                 tracing::warn!(provider = %name, instance_id = %instance.instance.id, deployment_id, reason = why, "terminating a leaked instance");
-                match provider.terminate(&instance.instance).await {
+                let terminate = provider.terminate(&instance.instance).await;
+                self.inner()
+                    .metrics
+                    .provider_call(&name, "terminate", terminate.is_ok());
+                match terminate {
                     Ok(()) => terminated += 1,
                     Err(e) => {
                         tracing::error!(instance_id = %instance.instance.id, error = %crate::error::Report::new(e.as_ref()), "cannot terminate leaked instance")

@@ -110,7 +110,12 @@ impl Orchestrator {
             return Err(e);
         }
         tracing::info!(deployment_id = %rerun_id, rerun_of = %id, nodes = %describe_indexes(&chosen), "rerun accepted");
-        Ok(DeploymentDetail { deployment, nodes })
+        Ok(DeploymentDetail {
+            deployment,
+            nodes,
+            resources: Default::default(),
+            notify: None,
+        })
     }
 }
 

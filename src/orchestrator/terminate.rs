@@ -79,12 +79,15 @@ impl Orchestrator {
         live.releases.wait().await;
         // Every node final but the deployment not (a race with the last node ending): close it.
         // Nodes still terminating keep it terminating until their instances are confirmed gone.
-        let DeploymentDetail { deployment, nodes } = self.deployment(id).await?;
+        let DeploymentDetail {
+            deployment, nodes, ..
+        } = self.deployment(id).await?;
         let all_final = nodes.iter().all(|n| n.status.is_final());
         if deployment.status == DeploymentStatus::Terminating && all_final {
             store
                 .update_deployment_status(id, DeploymentStatus::Terminated, None, SystemTime::now())
                 .await?;
+            self.deployment_ended(id, DeploymentStatus::Terminated);
             self.notify();
         }
         drop(live);
@@ -156,6 +159,8 @@ impl Orchestrator {
         }
         self.inner.store.mark_cleaned(id, SystemTime::now()).await?;
         lock(&self.inner.live).remove(id);
+        lock(&self.inner.resources).remove(id);
+        self.inner.notifier.forget(id);
         if deployment.cleaned_at.is_none() {
             tracing::info!(deployment_id = %id, "deployment cleaned up");
             self.notify();

@@ -35,6 +35,7 @@ pub(crate) async fn check_store(store: &dyn Store) {
     keeps_phase_times(store).await;
     keeps_a_rerun_and_its_node_indexes(store).await;
     marks_a_deployment_cleaned_and_keeps_its_record(store).await;
+    keeps_webhook_deliveries_until_their_deployment_goes(store).await;
 }
 
 async fn marks_a_deployment_cleaned_and_keeps_its_record(store: &dyn Store) {
@@ -944,4 +945,65 @@ mod tests {
             .max_log_lines_per_node(NODE_LOG_CAP);
         check_log_cap(&capped).await;
     }
+}
+
+async fn keeps_webhook_deliveries_until_their_deployment_goes(store: &dyn Store) {
+    use super::model::{DeliveryStatus, WebhookDelivery};
+    let at = |s: u64| UNIX_EPOCH + Duration::from_secs(1_700_000_000 + s);
+    let delivery = |id: &str, created: u64| WebhookDelivery {
+        deployment_id: id.to_owned(),
+        url: "https://hooks.example.com/T0/B0/secret-path".to_owned(),
+        body: format!("{{\"deployment_id\":\"{id}\"}}"),
+        signature: Some("sha256=00ff".to_owned()),
+        status: DeliveryStatus::Pending,
+        attempts: 0,
+        last_error: None,
+        created_at: at(created),
+        next_attempt_at: at(created),
+        delivered_at: None,
+    };
+    create(store, "conf-hook-a", 1, 0).await;
+    create(store, "conf-hook-b", 1, 0).await;
+    let unknown = store
+        .save_delivery(delivery("conf-hook-none", 0))
+        .await
+        .expect_err("no such deployment");
+    assert!(unknown.is_not_found(), "{unknown}");
+
+    store
+        .save_delivery(delivery("conf-hook-b", 2))
+        .await
+        .expect("save");
+    store
+        .save_delivery(delivery("conf-hook-a", 1))
+        .await
+        .expect("save");
+    let pending: Vec<String> = store
+        .pending_deliveries()
+        .await
+        .expect("pending")
+        .into_iter()
+        .map(|d| d.deployment_id)
+        .collect();
+    assert_eq!(pending, ["conf-hook-a", "conf-hook-b"], "oldest first");
+
+    let mut done = delivery("conf-hook-a", 1);
+    done.status = DeliveryStatus::Delivered;
+    done.attempts = 2;
+    done.last_error = Some("HTTP 500".to_owned());
+    done.delivered_at = Some(at(5));
+    store.save_delivery(done.clone()).await.expect("replace");
+    assert_eq!(
+        store.delivery("conf-hook-a").await.expect("read"),
+        Some(done)
+    );
+    let pending = store.pending_deliveries().await.expect("pending");
+    assert_eq!(pending, [delivery("conf-hook-b", 2)]);
+
+    assert!(store
+        .delete_deployment("conf-hook-b")
+        .await
+        .expect("delete"));
+    assert_eq!(store.delivery("conf-hook-b").await.expect("read"), None);
+    assert_eq!(store.pending_deliveries().await.expect("pending"), []);
 }

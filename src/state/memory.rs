@@ -33,6 +33,7 @@ struct Inner {
     provision_tokens: HashMap<[u8; 32], String>,
     auth_tokens: HashMap<[u8; 32], String>,
     logs: HashMap<String, DeploymentLog>,
+    deliveries: HashMap<String, model::WebhookDelivery>,
 }
 
 #[derive(Debug, Default)]
@@ -412,6 +413,7 @@ impl Store for MemoryStore {
             }
         }
         inner.logs.remove(id);
+        inner.deliveries.remove(id);
         Ok(true)
     }
 
@@ -422,5 +424,37 @@ impl Store for MemoryStore {
         };
         deployment.cleaned_at.get_or_insert(at);
         Ok(true)
+    }
+
+    async fn save_delivery(&self, delivery: model::WebhookDelivery) -> Result<()> {
+        let mut inner = self.lock();
+        if !inner.deployments.contains_key(&delivery.deployment_id) {
+            return Err(Error::not_found(format!(
+                "no deployment `{}`",
+                delivery.deployment_id
+            )));
+        }
+        inner
+            .deliveries
+            .insert(delivery.deployment_id.clone(), delivery);
+        Ok(())
+    }
+
+    async fn delivery(&self, deployment_id: &str) -> Result<Option<model::WebhookDelivery>> {
+        Ok(self.lock().deliveries.get(deployment_id).cloned())
+    }
+
+    async fn pending_deliveries(&self) -> Result<Vec<model::WebhookDelivery>> {
+        let mut pending: Vec<model::WebhookDelivery> = self
+            .lock()
+            .deliveries
+            .values()
+            .filter(|d| d.status == model::DeliveryStatus::Pending)
+            .cloned()
+            .collect();
+        pending.sort_by(|a, b| {
+            (a.created_at, &a.deployment_id).cmp(&(b.created_at, &b.deployment_id))
+        });
+        Ok(pending)
     }
 }

@@ -219,10 +219,27 @@ pub trait Store: Send + Sync + 'static {
     /// Read log lines of a deployment, oldest first.
     async fn logs(&self, deployment_id: &str, query: LogQuery) -> Result<Vec<LogLine>>;
 
-    /// Forget a deployment, its nodes and logs. Returns whether it existed.
+    /// Forget a deployment, its nodes and logs (and its webhook delivery). Returns whether it
+    /// existed.
     async fn delete_deployment(&self, id: &str) -> Result<bool>;
 
     /// Record that a deployment's files were deleted (`cleaned_at`), keeping the first time
     /// when it was already marked. Returns whether it exists.
     async fn mark_cleaned(&self, id: &str, at: SystemTime) -> Result<bool>;
+    /// Record a deployment's webhook notification, replacing the one it had: pending ones are
+    /// read back by a restarted engine ([`Self::pending_deliveries`]), which delivers them.
+    /// The default keeps none: deliveries then do not survive a restart of the engine.
+    async fn save_delivery(&self, _delivery: model::WebhookDelivery) -> Result<()> {
+        Ok(())
+    }
+
+    /// A deployment's webhook notification, if it has one and the store keeps them.
+    async fn delivery(&self, _deployment_id: &str) -> Result<Option<model::WebhookDelivery>> {
+        Ok(None)
+    }
+
+    /// Every webhook notification still pending, oldest first.
+    async fn pending_deliveries(&self) -> Result<Vec<model::WebhookDelivery>> {
+        Ok(Vec::new())
+    }
 }

@@ -282,15 +282,19 @@ async fn client_endpoints_refuse_missing_wrong_and_node_tokens_and_change_nothin
             assert_eq!(response.status, 200, "GET {path}: {}", response.text());
             if path == "/metrics" {
                 assert!(
-                    response.content_type.starts_with("text/plain"),
+                    response
+                        .content_type
+                        .starts_with("application/openmetrics-text"),
                     "{}",
                     response.content_type
                 );
-                assert!(
-                    response.text().contains("taskfly_nodes 3\n"),
-                    "{}",
-                    response.text()
-                );
+                let nodes: f64 = response
+                    .text()
+                    .lines()
+                    .filter(|l| l.starts_with("taskfly_nodes{"))
+                    .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+                    .sum();
+                assert_eq!(nodes, 3.0, "{}", response.text());
             } else {
                 assert_eq!(response.json(), serde_json::json!({"status": "ok"}));
             }

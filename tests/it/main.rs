@@ -12,6 +12,7 @@ mod durability;
 mod engine;
 mod hostile;
 mod outputs;
+mod metrics;
 mod pool;
 mod provider;
 mod reliability;
@@ -23,3 +24,4 @@ mod timings;
 #[cfg(feature = "tls")]
 mod tls;
 mod watch;
+mod webhooks;

@@ -27,7 +27,8 @@ tf_ca=@CA_PEM@
 tf_api=${tf_url%/}/api/v1/nodes
 tf_umask=$(umask)
 umask 077
-tf_stop='' tf_term='' tf_ticker='' tf_job='' tf_served=''
+tf_stop='' tf_term='' tf_ticker='' tf_job='' tf_served='' tf_run=''
+tf_pg=$(getconf PAGESIZE 2>/dev/null) || tf_pg=4096
 tf_cr=$(printf '\r')
 
 tf_log() { printf 'taskfly bootstrap: %s\n' "$*" >&2; }
@@ -184,6 +185,22 @@ tf_outputs() {
     tf_oerr="the outputs upload failed: ${tf_code%% *} $(sed -n 's/.*"error":"\([^"]*\)".*/\1/p' resp | head -c 500)"
 }
 
+# tf_usage: writes the heartbeat's body to hb: what the script's process group uses, from one
+# pass over /proc (CPU % of one CPU since the last reading: /proc counts 100 ticks a second on
+# Linux; resident pages) and, every 10th heartbeat, the bundle root's disk use (du -sk); {}
+# before the script runs or without /proc.
+tf_usage() {
+  tf_m=''
+  [ -n "$tf_run" ] && [ -r /proc/self/stat ] && set -- $(cat /proc/[0-9]*/stat 2>/dev/null |
+    awk -v g=$tf_pid '{ sub(/.*\) /, "") } $3 == g { t += $12 + $13 + $14 + $15; r += $22 } END { if (r) printf "%.0f %.0f", t, r }') && [ $# = 2 ] && {
+    tf_m="\"rss_bytes\":$(($2 * tf_pg))" tf_now=$(date +%s)
+    [ $tf_now -le $tf_cs ] || tf_m="$tf_m,\"cpu_percent\":$((($1 - tf_ct) / (tf_now - tf_cs)))"
+    tf_ct=$1 tf_cs=$tf_now tf_hn=$((tf_hn + 1))
+    [ $((tf_hn % 10)) != 1 ] || tf_m="$tf_m,\"disk_bytes\":$(($(du -sk "$tf_root" | cut -f 1) * 1024))"
+  }
+  printf '{%s}' "${tf_m:+\"metrics\":{$tf_m}}" >hb
+}
+
 # tf_watch PID [STATUS_FILE]: waits for PID (its status in tf_rc, from STATUS_FILE when the job
 # wrote one) while the ticker wakes it every second to heartbeat, ship the script's output and
 # watch the timeout. Returns early when the node must stop (tf_stop: term for a signal,
@@ -202,7 +219,8 @@ tf_watch() {
     tf_now=$(date +%s)
     if [ $tf_now -ge $tf_next ]; then
       tf_next=$((tf_now + tf_hb))
-      tf_call heartbeat empty application/json 0 &&
+      tf_usage
+      tf_call heartbeat hb application/json 0 &&
         grep -q '"shutdown" *: *true' resp && tf_stop=shutdown
     fi
     [ -z "$tf_until" ] || [ $tf_now -le $tf_until ] || tf_stop=timeout
@@ -439,6 +457,7 @@ tf_clean() {
 # as a fresh bootstrap has it: .taskfly/ alone, holding the files every call needs.
 while :; do
   tf_stop=${tf_term:+term} tf_until='' tf_run='' tf_next=0 tf_root='' tf_made='' tf_shipped=''
+  tf_hn=0 tf_ct=0 tf_cs=$(date +%s)
   mkdir "$tf_p" && cd "$tf_p" || exit 1
   [ -z "$tf_ca" ] || printf '%s\n' "$tf_ca" >ca.pem || exit 1
   printf '%s\n' "$tf_tls" >curlrc

@@ -6,8 +6,10 @@
 //! `instance_config.local.agent: script`, so both agents pass the same tests. It needs `sh`
 //! (dash, busybox ash and bash are tested), `curl`, `tar` and `gzip`, plus utilities every
 //! Linux has (coreutils or busybox): `env`, `sed`, `grep`, `tr`, `head -c`, `tail`, `wc`,
-//! `date +%s`, `sleep`, and `setsid` to give the script a process group of its own (without
-//! it, stopping a node signals the script's own process only, not its children). It talks to
+//! `date +%s`, `sleep`, `awk`, `du -sk`, `cut`, and `setsid` to give the script a process group of its own (without
+//! it, stopping a node signals the script's own process only, not its children, and heartbeats
+//! carry no resource readings). Where `/proc` is readable, heartbeats carry the script group's
+//! CPU and memory use (`getconf PAGESIZE` gives the page size, 4096 without it). It talks to
 //! the daemon alone (never to an instance metadata service): everything it needs is in the
 //! script or comes from the daemon, so it runs the same anywhere. The daemon's answers go
 //! through a private directory under `$TMPDIR` (mode 0700, removed at exit); the bundle is

@@ -42,6 +42,7 @@ mod node;
 mod retry;
 #[cfg(test)]
 mod tests;
+pub(crate) mod webhook;
 
 use retry::{is_transient, Failure};
 

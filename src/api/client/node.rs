@@ -108,8 +108,17 @@ impl Client {
     /// `POST /nodes/heartbeat`: tells the daemon the node is alive; the answer says whether the
     /// daemon wants the script stopped. Retries transient failures.
     pub async fn heartbeat(&self) -> Result<wire::HeartbeatResponse> {
-        let call = Call::new(Method::POST, "/nodes/heartbeat".to_string())
-            .json(&wire::HeartbeatRequest::default())?;
+        self.heartbeat_with(&wire::HeartbeatRequest::default())
+            .await
+    }
+
+    /// `POST /nodes/heartbeat` carrying `request` (the script's resources: SPEC §4.2).
+    /// Retries transient failures.
+    pub async fn heartbeat_with(
+        &self,
+        request: &wire::HeartbeatRequest,
+    ) -> Result<wire::HeartbeatResponse> {
+        let call = Call::new(Method::POST, "/nodes/heartbeat".to_string()).json(request)?;
         self.json_retrying("heartbeat", &call).await
     }
 

@@ -25,6 +25,7 @@ pub(crate) type AcceptHook =
 #[non_exhaustive]
 pub struct ServerConfig {
     pub(crate) api_token: Option<String>,
+    pub(crate) metrics_token: Option<String>,
     pub(crate) max_json_body: u64,
     pub(crate) header_read_timeout: Duration,
     pub(crate) body_read_timeout: Duration,
@@ -41,6 +42,7 @@ impl fmt::Debug for ServerConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut d = f.debug_struct("ServerConfig");
         d.field("api_token", &self.api_token.as_ref().map(|_| "***"))
+            .field("metrics_token", &self.metrics_token.as_ref().map(|_| "***"))
             .field("max_json_body", &self.max_json_body)
             .field("header_read_timeout", &self.header_read_timeout)
             .field("body_read_timeout", &self.body_read_timeout)
@@ -64,6 +66,7 @@ impl Default for ServerConfig {
     fn default() -> ServerConfig {
         ServerConfig {
             api_token: None,
+            metrics_token: None,
             max_json_body: 4 * 1024 * 1024,
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(30),
@@ -83,6 +86,16 @@ impl ServerConfig {
     #[must_use]
     pub fn api_token(mut self, token: impl Into<String>) -> ServerConfig {
         self.api_token = Some(token.into());
+        self
+    }
+
+    /// The bearer token `GET /metrics` requires (SPEC §4.3). Without it (the default) metrics
+    /// are open to anyone who reaches the server: they name no deployment, node or secret.
+    /// Kept only as a hash. The API token is not accepted in its place, so a scraper's
+    /// configuration never holds a token that can deploy or terminate.
+    #[must_use]
+    pub fn metrics_token(mut self, token: impl Into<String>) -> ServerConfig {
+        self.metrics_token = Some(token.into());
         self
     }
 

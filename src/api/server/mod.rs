@@ -11,6 +11,7 @@
 mod body;
 pub(crate) mod config;
 mod errors;
+mod metrics;
 mod node;
 mod outputs;
 mod routes;
@@ -41,6 +42,8 @@ pub(crate) struct Shared {
     pub(crate) engine: Orchestrator,
     pub(crate) config: ServerConfig,
     pub(crate) api_token_hash: Option<[u8; 32]>,
+    /// SHA-256 of [`ServerConfig::metrics_token`], when metrics need one.
+    pub(crate) metrics_token_hash: Option<[u8; 32]>,
     pub(crate) registrations: super::limits::FailureLimiter,
     pub(crate) connections: super::limits::ConnectionTable,
 }
@@ -91,8 +94,15 @@ impl Server {
                 tls.check_for_nodes(&url)?;
             }
         }
+        match super::client::webhook::WebhookClient::new() {
+            Ok(client) => engine.set_webhook_transport(std::sync::Arc::new(client)),
+            Err(e) => {
+                tracing::error!(error = %e.report(), "cannot send webhook notifications: no HTTP client; they wait in the store")
+            }
+        }
         let shared = Shared {
             api_token_hash: config.api_token.as_deref().map(auth::hash_token),
+            metrics_token_hash: config.metrics_token.as_deref().map(auth::hash_token),
             registrations: super::limits::FailureLimiter::new(
                 config.registration_failures_per_minute,
                 Duration::from_secs(60),

@@ -15,7 +15,7 @@ use super::body::{
 use super::{views, Shared};
 use crate::auth;
 use crate::error::{Error, Result};
-use crate::state::model::{LogBatch, Registration, ReportedLine, StatusReport};
+use crate::state::model::{LogBatch, Registration, ReportedLine, ResourceSample, StatusReport};
 use crate::state::LogStream;
 use crate::wire::{self, ErrorBody, StatusOk};
 
@@ -101,8 +101,10 @@ pub(super) async fn route(
             Ok(response)
         }
         (&Method::POST, ["heartbeat"]) => {
-            let _body: wire::HeartbeatRequest = read_json_or_empty(shared, request).await?;
-            let shutdown = engine.node_heartbeat(&node).await?;
+            let body: wire::HeartbeatRequest = read_json_or_empty(shared, request).await?;
+            let shutdown = engine
+                .node_heartbeat(&node, body.metrics.as_ref().and_then(resource_sample))
+                .await?;
             Ok(json(
                 StatusCode::OK,
                 &wire::HeartbeatResponse {
@@ -296,4 +298,22 @@ pub(super) fn text_log_lines(body: &[u8], stream: &str, offset: Option<u64>) -> 
         lines,
         offset: None,
     }
+}
+
+/// The resources a heartbeat's `metrics` names (SPEC §4.2): `cpu_percent`, `rss_bytes` and
+/// `disk_bytes`, each a number of at least 0. Other keys, and values that are no such number,
+/// are left out: a heartbeat is never refused for its metrics, which would fail a live node.
+fn resource_sample(
+    metrics: &std::collections::BTreeMap<String, serde_json::Value>,
+) -> Option<ResourceSample> {
+    let bytes = |key: &str| metrics.get(key).and_then(serde_json::Value::as_u64);
+    let sample = ResourceSample {
+        cpu_percent: metrics
+            .get("cpu_percent")
+            .and_then(serde_json::Value::as_f64)
+            .filter(|p| p.is_finite() && *p >= 0.0),
+        rss_bytes: bytes("rss_bytes"),
+        disk_bytes: bytes("disk_bytes"),
+    };
+    (sample != ResourceSample::default()).then_some(sample)
 }

@@ -5,10 +5,10 @@ use std::net::SocketAddr;
 use futures_util::TryStreamExt;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 
-use super::body::{full, header, json, read_json_or_empty, read_limited, unsupported_media, Body};
+use super::body::{header, json, read_json_or_empty, read_limited, unsupported_media, Body};
 use super::{node, views, Shared};
 use crate::api::limits::Connection;
 use crate::auth;
@@ -27,12 +27,18 @@ pub(super) async fn handle(
     peer: SocketAddr,
     connection: &Connection,
 ) -> Response<Body> {
+    let started = std::time::Instant::now();
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
     let response = match route(shared, peer, request, connection).await {
         Ok(response) => response,
         Err(error) => super::errors::error_response(&error),
     };
+    shared.engine.metrics().http_request(
+        super::metrics::route_pattern(&path),
+        response.status().as_u16(),
+        started.elapsed(),
+    );
     tracing::debug!(%method, %path, %peer, status = response.status().as_u16(), "request");
     response
 }
@@ -53,7 +59,7 @@ async fn route(
             Ok(json(StatusCode::OK, &StatusOk::new()))
         }
         (Method::GET, ["metrics"]) | (Method::GET, ["api", "v1", "metrics"]) => {
-            metrics(shared).await
+            super::metrics::serve(shared, &request).await
         }
         (_, ["api", "v1", "nodes", rest @ ..]) => {
             if let (&Method::POST, ["register"]) = (&method, rest) {
@@ -100,10 +106,7 @@ async fn client_route(
         }
         (&Method::GET, ["deployments", id]) => {
             let detail = engine.deployment(id).await?;
-            Ok(json(
-                StatusCode::OK,
-                &views::deployment(&detail.deployment, &detail.nodes),
-            ))
+            Ok(json(StatusCode::OK, &views::detail(&detail)))
         }
         (&Method::DELETE, ["deployments", id]) => {
             // Terminating can take a while (instances shutting down); answer once it started.
@@ -355,56 +358,4 @@ impl Query {
                 Error::not_found(format!("no node `{node}` in deployment `{deployment_id}`"))
             })
     }
-}
-
-async fn metrics(shared: &Shared) -> Result<Response<Body>> {
-    let stats = views::stats(&shared.engine).await?;
-    let mut text = String::new();
-    text.push_str("# HELP taskfly_deployments Deployments known, by state.\n# TYPE taskfly_deployments gauge\n");
-    for status in wire::DeploymentStatus::ALL {
-        let count = stats
-            .deployment_status
-            .get(status.as_str())
-            .copied()
-            .unwrap_or(0);
-        text.push_str(&format!(
-            "taskfly_deployments{{status=\"{status}\"}} {count}\n"
-        ));
-    }
-    text.push_str("# HELP taskfly_nodes Nodes of known deployments.\n# TYPE taskfly_nodes gauge\n");
-    text.push_str(&format!("taskfly_nodes {}\n", stats.total_nodes));
-    text.push_str("# HELP taskfly_uptime_seconds Seconds since the engine started.\n# TYPE taskfly_uptime_seconds counter\n");
-    text.push_str(&format!(
-        "taskfly_uptime_seconds {}\n",
-        stats.uptime_seconds
-    ));
-    if !stats.pools.is_empty() {
-        type Reading = fn(&wire::PoolStats) -> u64;
-        let gauges: [(&str, &str, Reading); 4] = [
-            ("taskfly_pool_instances", "gauge", |p| p.instances),
-            ("taskfly_pool_idle", "gauge", |p| p.idle),
-            ("taskfly_pool_launched_total", "counter", |p| {
-                p.launched_total
-            }),
-            ("taskfly_pool_reused_total", "counter", |p| {
-                p.reused_total + p.spares_used_total
-            }),
-        ];
-        for (name, kind, value) in gauges {
-            text.push_str(&format!("# TYPE {name} {kind}\n"));
-            for pool in &stats.pools {
-                text.push_str(&format!(
-                    "{name}{{provider=\"{}\"}} {}\n",
-                    pool.provider,
-                    value(pool)
-                ));
-            }
-        }
-    }
-    let mut response = Response::new(full(text.into_bytes()));
-    response.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; version=0.0.4"),
-    );
-    Ok(response)
 }

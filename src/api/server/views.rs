@@ -7,6 +7,7 @@ use crate::error::Result;
 use crate::orchestrator::Orchestrator;
 use crate::state::model::{
     Assignment, CleanupCounts, Deployment, DeploymentDetail, DeploymentSummary, LogsPage, Node,
+    NodeResources,
 };
 use crate::state::LogLine;
 use crate::wire::{self, DeploymentView, LogLineView, NodeView};
@@ -60,6 +61,7 @@ pub(crate) fn deployment(d: &Deployment, nodes: &[Node]) -> DeploymentView {
             .map(|done| seconds(done.duration_since(d.created_at).unwrap_or_default())),
         retries: d.retries,
         cleaned_at: d.cleaned_at.map(time),
+        notify: None,
     }
 }
 
@@ -86,6 +88,32 @@ pub(crate) fn node(n: &Node) -> NodeView {
             running_s: phases.running.map(seconds),
         },
         queue_reason: n.queue_reason.clone(),
+        resources: None,
+    }
+}
+
+/// A deployment with its nodes, what their scripts used, and its webhook notification.
+pub(crate) fn detail(detail: &DeploymentDetail) -> DeploymentView {
+    let mut view = deployment(&detail.deployment, &detail.nodes);
+    for node in &mut view.nodes {
+        node.resources = detail.resources.get(&node.node_index).map(resources);
+    }
+    view.notify = detail.notify.as_ref().map(|d| wire::NotifyView {
+        status: d.status.as_str().to_owned(),
+        attempts: d.attempts,
+        last_error: d.last_error.clone(),
+        delivered_at: d.delivered_at.map(time),
+    });
+    view
+}
+
+fn resources(r: &NodeResources) -> wire::NodeResources {
+    wire::NodeResources {
+        cpu_percent: r.cpu_percent,
+        rss_bytes: r.rss_bytes,
+        peak_rss_bytes: r.peak_rss_bytes,
+        disk_bytes: r.disk_bytes,
+        sampled_at: time(r.sampled_at),
     }
 }
 
@@ -180,7 +208,7 @@ pub(crate) fn assignment(a: Assignment) -> wire::RegisterResponse {
 /// print the engine's [`DeploymentDetail`] exactly as the daemon would.
 impl From<&DeploymentDetail> for DeploymentView {
     fn from(detail: &DeploymentDetail) -> DeploymentView {
-        deployment(&detail.deployment, &detail.nodes)
+        self::detail(detail)
     }
 }
 

@@ -773,6 +773,10 @@ pub struct DeploymentDetail {
     pub deployment: Deployment,
     /// Its nodes, by index.
     pub nodes: Vec<Node>,
+    /// What the scripts of its nodes used, by node index, for nodes that reported it.
+    pub resources: std::collections::BTreeMap<u32, NodeResources>,
+    /// Its webhook notification (`notify:`), once its final state made one.
+    pub notify: Option<WebhookDelivery>,
 }
 
 /// A page of a deployment's log.
@@ -896,6 +900,114 @@ pub(crate) struct LogBatch {
     pub(crate) lines: Vec<ReportedLine>,
     /// How many lines the agent sent before this batch: numbers lines without their own.
     pub(crate) offset: Option<u64>,
+}
+
+/// What a node's script used, as its heartbeats said (SPEC §4.2): the newest reading of each
+/// value and the highest resident memory seen. Kept by the engine in memory, not in the store.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
+pub struct NodeResources {
+    /// CPU use of the script's process tree since the previous heartbeat, in percent of one
+    /// CPU (above 100 on several).
+    pub cpu_percent: Option<f64>,
+    /// Resident memory of the script's process tree.
+    pub rss_bytes: Option<u64>,
+    /// The highest `rss_bytes` reported for the node (over every attempt), kept after it ends.
+    pub peak_rss_bytes: Option<u64>,
+    /// Disk space the node's bundle folder takes.
+    pub disk_bytes: Option<u64>,
+    /// When the newest reading arrived.
+    pub sampled_at: SystemTime,
+}
+
+/// One heartbeat's reading of a node's resources; absent values are not known this time.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub(crate) struct ResourceSample {
+    pub(crate) cpu_percent: Option<f64>,
+    pub(crate) rss_bytes: Option<u64>,
+    pub(crate) disk_bytes: Option<u64>,
+}
+
+impl NodeResources {
+    /// `sample` added to what was known (`None` at a node's first reading): values it lacks
+    /// stay as they were, the peak only grows.
+    pub(crate) fn updated(
+        known: Option<NodeResources>,
+        sample: ResourceSample,
+        now: SystemTime,
+    ) -> NodeResources {
+        let peak = known.and_then(|k| k.peak_rss_bytes);
+        NodeResources {
+            cpu_percent: sample.cpu_percent.or(known.and_then(|k| k.cpu_percent)),
+            rss_bytes: sample.rss_bytes.or(known.and_then(|k| k.rss_bytes)),
+            peak_rss_bytes: match (peak, sample.rss_bytes) {
+                (Some(peak), Some(rss)) => Some(peak.max(rss)),
+                (peak, rss) => peak.or(rss),
+            },
+            disk_bytes: sample.disk_bytes.or(known.and_then(|k| k.disk_bytes)),
+            sampled_at: now,
+        }
+    }
+}
+
+/// Where a deployment's webhook notification stands (`notify:`, SPEC §1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DeliveryStatus {
+    /// Not delivered yet; tried again until an hour has passed.
+    Pending,
+    /// The receiver answered 2xx.
+    Delivered,
+    /// Not delivered within the hour; no more tries.
+    Failed,
+}
+
+status_names!(DeliveryStatus {
+    Pending => "pending",
+    Delivered => "delivered",
+    Failed => "failed",
+});
+
+/// One webhook notification of a deployment's final state: the body is made once, when the
+/// deployment ends, and sent as it is until the receiver takes it. The `notify.secret` itself
+/// is never kept: only the body's signature.
+#[derive(Clone, PartialEq)]
+#[non_exhaustive]
+pub struct WebhookDelivery {
+    /// The deployment it tells about (one notification per deployment).
+    pub deployment_id: String,
+    /// `notify.webhook`: where it goes. May hold a credential (many services put one in the
+    /// path), so it is never logged nor shown.
+    pub url: String,
+    /// The JSON body.
+    pub body: String,
+    /// `sha256=<hex>`: the body's HMAC-SHA256 with `notify.secret`, when one is set.
+    pub signature: Option<String>,
+    /// Delivered, failed, or still being tried.
+    pub status: DeliveryStatus,
+    /// Tries so far.
+    pub attempts: u32,
+    /// Why the last try failed (the receiver's status code, or the connection error).
+    pub last_error: Option<String>,
+    /// When the deployment ended and the notification was made.
+    pub created_at: SystemTime,
+    /// When to try next, while pending.
+    pub next_attempt_at: SystemTime,
+    /// When the receiver took it.
+    pub delivered_at: Option<SystemTime>,
+}
+
+impl fmt::Debug for WebhookDelivery {
+    /// Leaves out the URL, which may hold a credential.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WebhookDelivery")
+            .field("deployment_id", &self.deployment_id)
+            .field("status", &self.status)
+            .field("attempts", &self.attempts)
+            .field("last_error", &self.last_error)
+            .field("next_attempt_at", &self.next_attempt_at)
+            .field("delivered_at", &self.delivered_at)
+            .finish_non_exhaustive()
+    }
 }
 
 #[cfg(test)]

@@ -24,8 +24,9 @@ use crate::sync::lock;
 
 /// The schema this code reads and writes, kept in `PRAGMA user_version`: 1 was taskfly 0.1's,
 /// 2 adds the nodes' `instance_locator`, 3 the per-node log counts, 4 the nodes' phase times,
-/// 5 the deployments' `rerun_of`, 6 the deployments' `cleaned_at` ([`MIGRATIONS`]).
-const SCHEMA_VERSION: i64 = 6;
+/// 5 the deployments' `rerun_of`, 6 the deployments' `cleaned_at`, 7 the webhook deliveries
+/// ([`MIGRATIONS`]).
+const SCHEMA_VERSION: i64 = 7;
 
 /// Default cap on stored log lines per deployment, as for the in-memory store.
 const DEFAULT_MAX_LOG_LINES: usize = 1_000_000;
@@ -123,7 +124,26 @@ const MIGRATIONS: &[&str] = &[
     // 6 (cleanup keeps records): when a deployment's files were deleted (ms since the epoch);
     // NULL while they are there.
     "ALTER TABLE deployments ADD COLUMN cleaned_at INTEGER;",
+    // 7 (webhooks): each deployment's webhook notification, kept until delivered or given up
+    // so a restarted daemon delivers it (`Store::save_delivery`). Times in milliseconds.
+    "CREATE TABLE webhook_deliveries (
+         deployment_id   TEXT PRIMARY KEY REFERENCES deployments (id) ON DELETE CASCADE,
+         url             TEXT NOT NULL,
+         body            TEXT NOT NULL,
+         signature       TEXT,
+         status          TEXT NOT NULL,
+         attempts        INTEGER NOT NULL,
+         last_error      TEXT,
+         created_at      INTEGER NOT NULL,
+         next_attempt_at INTEGER NOT NULL,
+         delivered_at    INTEGER
+     );
+     CREATE INDEX webhook_deliveries_pending ON webhook_deliveries (status, created_at);",
 ];
+
+/// The columns of a webhook delivery, in the order [`delivery_from_row`] reads them.
+const DELIVERY_COLUMNS: &str = "deployment_id, url, body, signature, status, attempts, \
+     last_error, created_at, next_attempt_at, delivered_at";
 
 /// Log lines stored per transaction: a large batch is stored in several, so other calls get
 /// the connection in between.
@@ -653,6 +673,21 @@ fn log_line_from_row(row: &Row<'_>) -> Result<LogLine, DbError> {
         line: row.get(4)?,
         timestamp: read_time(row, 5)?,
         attempt: read_u32(row, 6)?,
+    })
+}
+
+fn delivery_from_row(row: &Row<'_>) -> Result<model::WebhookDelivery, DbError> {
+    Ok(model::WebhookDelivery {
+        deployment_id: row.get(0)?,
+        url: row.get(1)?,
+        body: row.get(2)?,
+        signature: row.get(3)?,
+        status: read_status(row, 4)?,
+        attempts: read_u32(row, 5)?,
+        last_error: row.get(6)?,
+        created_at: read_time(row, 7)?,
+        next_attempt_at: read_time(row, 8)?,
+        delivered_at: read_optional_time(row, 9)?,
     })
 }
 
@@ -1350,6 +1385,54 @@ impl Store for SqliteStore {
                 )?
                 .execute(params![id, to_ms(at)])?;
             Ok(marked > 0)
+        })
+        .await
+    }
+
+    async fn save_delivery(&self, delivery: model::WebhookDelivery) -> Result<()> {
+        self.run(move |_, conn| {
+            if !deployment_exists(conn, &delivery.deployment_id)? {
+                return Err(unknown_deployment(&delivery.deployment_id));
+            }
+            conn.prepare_cached(&format!(
+                "INSERT OR REPLACE INTO webhook_deliveries ({DELIVERY_COLUMNS}) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
+            ))?
+            .execute(params![
+                delivery.deployment_id,
+                delivery.url,
+                delivery.body,
+                delivery.signature,
+                delivery.status.as_str(),
+                delivery.attempts,
+                delivery.last_error,
+                to_ms(delivery.created_at),
+                to_ms(delivery.next_attempt_at),
+                delivery.delivered_at.map(to_ms),
+            ])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn delivery(&self, deployment_id: &str) -> Result<Option<model::WebhookDelivery>> {
+        let id = deployment_id.to_owned();
+        self.run(move |_, conn| {
+            let mut select = conn.prepare_cached(&format!(
+                "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE deployment_id = ?1"
+            ))?;
+            Ok(query_all(&mut select, [&id], delivery_from_row)?.pop())
+        })
+        .await
+    }
+
+    async fn pending_deliveries(&self) -> Result<Vec<model::WebhookDelivery>> {
+        self.run(|_, conn| {
+            let mut select = conn.prepare_cached(&format!(
+                "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries \
+                 WHERE status = 'pending' ORDER BY created_at, deployment_id"
+            ))?;
+            query_all(&mut select, [], delivery_from_row)
         })
         .await
     }

@@ -410,6 +410,8 @@ pub(crate) fn deployment_details_at(view: &DeploymentView, now: SystemTime) -> S
         "EXIT".to_owned(),
         "DURATION".to_owned(),
         "INSTANCE".to_owned(),
+        "CPU".to_owned(),
+        "MEM".to_owned(),
         "LAST SEEN".to_owned(),
         "ERROR".to_owned(),
     ]];
@@ -428,6 +430,8 @@ pub(crate) fn deployment_details_at(view: &DeploymentView, now: SystemTime) -> S
                 })
                 .map_or_else(|| "-".to_owned(), duration),
             n.instance_id.clone().unwrap_or_else(|| "-".to_owned()),
+            cpu_cell(n),
+            memory_cell(n),
             n.last_update.clone(),
             n.error_message.clone().unwrap_or_default(),
         ]);
@@ -435,6 +439,43 @@ pub(crate) fn deployment_details_at(view: &DeploymentView, now: SystemTime) -> S
     out.push('\n');
     out.push_str(&table(&rows));
     out
+}
+
+/// The CPU column: the script's CPU use at its last heartbeat, while the node runs.
+fn cpu_cell(node: &taskfly::wire::NodeView) -> String {
+    match node.resources.as_ref().and_then(|r| r.cpu_percent) {
+        Some(percent) if !node.status.is_final() => format!("{percent:.1}%"),
+        _ => "-".to_owned(),
+    }
+}
+
+/// The MEM column: the script's resident memory while the node runs, its peak once it ended.
+fn memory_cell(node: &taskfly::wire::NodeView) -> String {
+    let Some(resources) = &node.resources else {
+        return "-".to_owned();
+    };
+    if node.status.is_final() {
+        resources
+            .peak_rss_bytes
+            .map_or_else(|| "-".to_owned(), |b| format!("{} peak", bytes(b)))
+    } else {
+        resources.rss_bytes.map_or_else(|| "-".to_owned(), bytes)
+    }
+}
+
+/// A byte count for people: `512B`, `3.4KiB`, `1.2GiB`.
+fn bytes(count: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if count < 1024 {
+        return format!("{count}B");
+    }
+    let mut value = count as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1}{}", UNITS[unit])
 }
 
 /// Longest cell a table shows, in characters; longer ones are cut and end in `…`

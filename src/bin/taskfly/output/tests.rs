@@ -186,12 +186,15 @@ fn deployment_details_has_one_row_per_node() {
                 "0",
                 "12.35s",
                 "local-dep-1-0-1",
+                "-",
+                "-",
                 "2026-01-02T03:04:05.000Z"
             ],
             vec![
                 "1",
                 "running_script",
                 "1",
+                "-",
                 "-",
                 "-",
                 "-",
@@ -354,4 +357,29 @@ async fn plain_progress_prints_at_most_one_line_per_period() {
         "a change is printed once the period is over"
     );
     assert!(!throttle.ready(), "and the period starts again");
+}
+
+#[test]
+fn cpu_and_memory_show_the_last_reading_while_running_and_the_peak_after() {
+    let with_resources = |status: &str| -> NodeView {
+        let mut value = serde_json::to_value(node(0, status, None, None)).expect("json");
+        value["resources"] = serde_json::json!({
+            "cpu_percent": 187.25,
+            "rss_bytes": 3 * 1024 * 1024 / 2,
+            "peak_rss_bytes": 5u64 << 30,
+            "sampled_at": "2026-01-02T03:04:05.000Z",
+        });
+        serde_json::from_value(value).expect("node view")
+    };
+    let running = with_resources("running_script");
+    assert_eq!(
+        (cpu_cell(&running), memory_cell(&running)),
+        ("187.2%".to_owned(), "1.5MiB".to_owned())
+    );
+    let done = with_resources("completed");
+    assert_eq!(
+        (cpu_cell(&done), memory_cell(&done)),
+        ("-".to_owned(), "5.0GiB peak".to_owned())
+    );
+    assert_eq!(bytes(512), "512B");
 }

@@ -1,0 +1,101 @@
+//! `GET /metrics` (SPEC §4.3) and the HTTP request metrics: each request counted under its
+//! endpoint's pattern, never its path, so ids make no series of their own.
+
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use hyper::{Method, Request, Response};
+
+use super::body::{full, header, Body};
+use super::Shared;
+use crate::auth;
+use crate::error::{Error, Result};
+use crate::metrics::OTHER_ROUTE;
+
+/// Every endpoint's pattern; `{id}` stands for any one segment. Requests to paths matching
+/// none are counted as [`OTHER_ROUTE`].
+const ROUTES: &[&str] = &[
+    "/health",
+    "/metrics",
+    "/api/v1/health",
+    "/api/v1/metrics",
+    "/api/v1/nodes/register",
+    "/api/v1/nodes/assets",
+    "/api/v1/nodes/heartbeat",
+    "/api/v1/nodes/status",
+    "/api/v1/nodes/logs",
+    "/api/v1/deployments",
+    "/api/v1/deployments/{id}",
+    "/api/v1/deployments/{id}/logs",
+    "/api/v1/deployments/{id}/cleanup",
+    "/api/v1/cleanup/all",
+    "/api/v1/stats",
+];
+
+/// The pattern of the endpoint `path` names, or [`OTHER_ROUTE`].
+pub(super) fn route_pattern(path: &str) -> &'static str {
+    let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
+    ROUTES
+        .iter()
+        .find(|pattern| {
+            let wanted: Vec<&str> = pattern.split('/').skip(1).collect();
+            wanted.len() == segments.len()
+                && wanted
+                    .iter()
+                    .zip(&segments)
+                    .all(|(want, got)| *want == "{id}" || want == got)
+        })
+        .copied()
+        .unwrap_or(OTHER_ROUTE)
+}
+
+/// `GET /metrics`: the engine's metrics, behind the metrics token when one is set.
+pub(super) async fn serve(shared: &Shared, request: &Request<Incoming>) -> Result<Response<Body>> {
+    if request.method() != Method::GET {
+        return Err(Error::not_found(format!(
+            "no such endpoint: {} {}",
+            request.method(),
+            request.uri().path()
+        )));
+    }
+    if let Some(expected) = shared.metrics_token_hash {
+        let token = auth::bearer(header(request, AUTHORIZATION)).ok_or_else(|| {
+            Error::unauthorized(
+                "metrics need `Authorization: Bearer <metrics token>` (taskflyd --metrics-token)",
+            )
+        })?;
+        if !auth::hashes_equal(&auth::hash_token(token), &expected) {
+            return Err(Error::unauthorized("wrong metrics token"));
+        }
+    }
+    let text = shared.engine.metrics_text().await?;
+    let mut response = Response::new(full(text.into_bytes()));
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+    );
+    Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::route_pattern;
+
+    #[test]
+    fn routes_are_patterns_never_ids() {
+        for (path, route) in [
+            ("/metrics", "/metrics"),
+            ("/api/v1/deployments/", "/api/v1/deployments"),
+            ("/api/v1/deployments/dep-0a1b2c", "/api/v1/deployments/{id}"),
+            (
+                "/api/v1/deployments/dep-0a1b2c/logs",
+                "/api/v1/deployments/{id}/logs",
+            ),
+            ("/api/v1/nodes/heartbeat", "/api/v1/nodes/heartbeat"),
+            ("/api/v1/deployments/dep-1/nodes/7/secret", "other"),
+            ("/wp-admin/index.php", "other"),
+            ("/", "other"),
+        ] {
+            assert_eq!(route_pattern(path), route, "{path}");
+        }
+    }
+}
