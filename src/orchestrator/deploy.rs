@@ -204,8 +204,9 @@ impl Orchestrator {
         let created = DeploymentSummary::from(&deployment);
         self.inner
             .store
-            .create_deployment(deployment, nodes)
+            .create_deployment(deployment.clone(), nodes)
             .await?;
+        self.publish_deployment(deployment);
         let live = Arc::new(Live::new(config, metadata));
         lock(&self.inner.live).insert(id.to_owned(), live.clone());
         tracing::info!(deployment_id = %id, nodes = total, provider = %provider_name, files = summary.files.len(), "deployment accepted");

@@ -76,10 +76,16 @@ impl Orchestrator {
             if ended {
                 self.after_node_ended(&applied.node);
             }
+            self.inner.events.publish(super::events::Change::Node {
+                node: applied.node.clone(),
+                previous: applied.previous,
+                deployment: applied.deployment.clone(),
+            });
             self.notify();
         }
         if let Some(status) = applied.deployment_changed {
             tracing::info!(deployment_id = %applied.node.deployment_id, status = %status, "deployment state");
+            self.publish_deployment(applied.deployment.clone());
             // A node that ended is forgotten after its release (see `after_node_ended`).
             if status.is_final() && !ended {
                 self.forget_final(&applied.node.deployment_id);

@@ -11,6 +11,7 @@
 mod body;
 pub(crate) mod config;
 mod errors;
+mod events;
 mod node;
 mod routes;
 #[cfg(test)]
@@ -42,6 +43,8 @@ pub(crate) struct Shared {
     pub(crate) api_token_hash: Option<[u8; 32]>,
     pub(crate) registrations: super::limits::FailureLimiter,
     pub(crate) connections: super::limits::ConnectionTable,
+    /// The open event streams (`GET /api/v1/events`), ended when the server stops.
+    pub(crate) event_streams: events::EventStreams,
 }
 
 /// Serves an engine's HTTP API — the client endpoints and the node protocol — and stops it in
@@ -100,6 +103,7 @@ impl Server {
                 config.max_connections,
                 config.max_unauthenticated_per_address,
             ),
+            event_streams: events::EventStreams::new(),
             engine,
             config,
         };
@@ -289,6 +293,8 @@ impl Server {
             });
         }
         drop(listener);
+        // Event streams never end by themselves: end them so in-flight requests can finish.
+        shared.event_streams.stop();
         // Idle pooled agents' registrations are held for a while: answer them now.
         for (_, pool) in shared.engine.pools() {
             pool.stop_holding();

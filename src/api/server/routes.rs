@@ -143,6 +143,7 @@ async fn client_route(
             Ok(json(StatusCode::OK, &views::logs_page(&page)))
         }
         (&Method::GET, ["stats"]) => Ok(json(StatusCode::OK, &views::stats(engine).await?)),
+        (&Method::GET, ["events"]) => super::events::stream(shared, &request).await,
         _ => Err(Error::not_found(format!(
             "no such endpoint: {method} /api/v1/{}",
             path.join("/")
