@@ -423,3 +423,15 @@ pub struct ReloadEvent {
     /// Why, for people.
     pub reason: String,
 }
+
+/// One event of `GET /api/v1/events`, as [`crate::Client::events`] reads it.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Event {
+    /// `event: deployment`.
+    Deployment(DeploymentEvent),
+    /// `event: node`.
+    Node(Box<NodeEvent>),
+    /// `event: reload`: events were missed; read the state again.
+    Reload(ReloadEvent),
+}

@@ -250,13 +250,28 @@ mod tests {
         let hub = Arc::new(EventHub::starting_at(100));
         let mut all = hub.subscribe(None, None, stops());
         let mut only_b = hub.subscribe(None, Some("dep-b".into()), stops());
-        hub.publish(Change::Deployment(deployment("dep-a", DeploymentStatus::Pending)));
-        hub.publish(Change::Deployment(deployment("dep-b", DeploymentStatus::Pending)));
-        hub.publish(Change::Deployment(deployment("dep-a", DeploymentStatus::Running)));
-        assert_eq!(ids(&take(&mut all, 3).await), [Some(101), Some(102), Some(103)]);
+        hub.publish(Change::Deployment(deployment(
+            "dep-a",
+            DeploymentStatus::Pending,
+        )));
+        hub.publish(Change::Deployment(deployment(
+            "dep-b",
+            DeploymentStatus::Pending,
+        )));
+        hub.publish(Change::Deployment(deployment(
+            "dep-a",
+            DeploymentStatus::Running,
+        )));
+        assert_eq!(
+            ids(&take(&mut all, 3).await),
+            [Some(101), Some(102), Some(103)]
+        );
         let b = take(&mut only_b, 1).await;
         assert_eq!(ids(&b), [Some(102)]);
-        hub.publish(Change::Deployment(deployment("dep-b", DeploymentStatus::Running)));
+        hub.publish(Change::Deployment(deployment(
+            "dep-b",
+            DeploymentStatus::Running,
+        )));
         assert_eq!(ids(&take(&mut only_b, 1).await), [Some(104)]);
         assert_eq!(only_b.cursor(), 104, "skipped events move the cursor too");
     }
@@ -265,18 +280,27 @@ mod tests {
     async fn resume_from_an_id_in_the_ring_and_from_one_that_fell_out() {
         let hub = Arc::new(EventHub::starting_at(0));
         for _ in 0..RING_SIZE + 10 {
-            hub.publish(Change::Deployment(deployment("dep-a", DeploymentStatus::Running)));
+            hub.publish(Change::Deployment(deployment(
+                "dep-a",
+                DeploymentStatus::Running,
+            )));
         }
         let last = hub.last_id();
         let mut resumed = hub.subscribe(Some(last - 2), None, stops());
-        assert_eq!(ids(&take(&mut resumed, 2).await), [Some(last - 1), Some(last)]);
+        assert_eq!(
+            ids(&take(&mut resumed, 2).await),
+            [Some(last - 1), Some(last)]
+        );
 
         let mut lost = hub.subscribe(Some(3), None, stops());
         let oldest = last - RING_SIZE as u64 + 1;
         assert_eq!(ids(&take(&mut lost, 2).await), [None, Some(oldest)]);
 
         let mut from_the_future = hub.subscribe(Some(last + 50), None, stops());
-        assert_eq!(ids(&take(&mut from_the_future, 2).await), [None, Some(oldest)]);
+        assert_eq!(
+            ids(&take(&mut from_the_future, 2).await),
+            [None, Some(oldest)]
+        );
     }
 
     #[tokio::test]
@@ -284,7 +308,10 @@ mod tests {
         let hub = Arc::new(EventHub::starting_at(0));
         let mut slow = hub.subscribe(None, None, stops());
         for _ in 0..3 * RING_SIZE {
-            hub.publish(Change::Deployment(deployment("dep-a", DeploymentStatus::Running)));
+            hub.publish(Change::Deployment(deployment(
+                "dep-a",
+                DeploymentStatus::Running,
+            )));
         }
         assert_eq!(lock(&hub.ring).events.len(), RING_SIZE);
         let first = take(&mut slow, 2).await;
@@ -302,7 +329,10 @@ mod tests {
             got_first.send(ids(&[received])).unwrap();
             subscription.next().await
         });
-        hub.publish(Change::Deployment(deployment("dep-a", DeploymentStatus::Pending)));
+        hub.publish(Change::Deployment(deployment(
+            "dep-a",
+            DeploymentStatus::Pending,
+        )));
         assert_eq!(first.await.unwrap(), [Some(1)]);
         stop.cancel();
         assert_eq!(waiter.await.unwrap(), None);

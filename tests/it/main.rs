@@ -9,6 +9,7 @@ mod aws;
 mod cli;
 mod durability;
 mod engine;
+mod events;
 mod hostile;
 mod pool;
 mod provider;

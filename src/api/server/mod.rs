@@ -16,6 +16,7 @@ mod node;
 mod routes;
 #[cfg(test)]
 mod tests;
+mod ui;
 mod views;
 
 use std::convert::Infallible;

@@ -45,6 +45,7 @@ pub(crate) async fn run(cli: Cli) -> u8 {
         Command::Logs { id, node, follow } => logs(&cli, id, node.as_deref(), *follow).await,
         Command::Down { id } => down(&cli, id).await,
         Command::Cleanup { id, all } => cleanup(&cli, id.as_deref(), *all).await,
+        Command::Watch { id } => crate::watch::watch(&cli, id.as_deref()).await,
     };
     match result {
         Ok(code) => code,
@@ -83,6 +84,16 @@ impl Failure {
     }
 }
 
+impl Failure {
+    /// The daemon could not be reached (exit 3).
+    pub(crate) fn unreachable(message: &str) -> Failure {
+        Failure {
+            code: EXIT_UNREACHABLE,
+            ..usage(message)
+        }
+    }
+}
+
 fn usage(message: &str) -> Failure {
     Failure {
         code: EXIT_USAGE,
@@ -93,7 +104,7 @@ fn usage(message: &str) -> Failure {
 }
 
 /// Maps a library error to what the user sees, with a hint where one helps.
-fn failure(cli: Option<&Cli>, error: Error) -> Failure {
+pub(crate) fn failure(cli: Option<&Cli>, error: Error) -> Failure {
     let code = if error.is_transport() {
         EXIT_UNREACHABLE
     } else if error.is_invalid_config()
@@ -186,7 +197,7 @@ fn api_token(cli: &Cli) -> (Option<String>, String) {
     (token, source)
 }
 
-fn client(cli: &Cli) -> Result<Client, Failure> {
+pub(crate) fn client(cli: &Cli) -> Result<Client, Failure> {
     let client =
         Client::new(&daemon_url(cli), api_token(cli).0).map_err(|e| failure(Some(cli), e))?;
     match &cli.ca_file {
@@ -526,7 +537,7 @@ async fn list(cli: &Cli) -> Result<u8, Failure> {
 /// The deployment id an argument names: a whole id, a unique prefix of one (with or without
 /// `dep-`), or `last` for the newest. A prefix of several is a usage error listing them; one of
 /// none is passed on as it is, for the daemon's usual "no deployment" answer.
-async fn resolve_id(cli: &Cli, client: &Client, arg: &str) -> Result<String, Failure> {
+pub(crate) async fn resolve_id(cli: &Cli, client: &Client, arg: &str) -> Result<String, Failure> {
     let whole = arg.len() == "dep-".len() + 16 && arg.starts_with("dep-");
     if whole || arg.is_empty() {
         return Ok(arg.to_owned());

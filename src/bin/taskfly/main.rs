@@ -3,6 +3,7 @@
 
 mod commands;
 mod output;
+mod watch;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -117,6 +118,14 @@ pub(crate) enum Command {
         /// Every finished deployment.
         #[arg(long, conflicts_with = "id")]
         all: bool,
+    },
+    /// Follow deployment and node events live (all deployments, or one until it ends).
+    #[command(
+        after_help = "Examples:\n  taskfly watch\n  taskfly watch last\n  taskfly watch dep-1a2b3c4d5e6f7a8b --output json\n\nExit code: 0 once the deployment is final (or on interrupt without one)."
+    )]
+    Watch {
+        /// Deployment id, a unique prefix of one, or `last` for the newest; all when omitted.
+        id: Option<String>,
     },
     /// Check taskfly.yml and print the environment each node will get (secrets masked).
     Validate {
