@@ -1,6 +1,7 @@
 //! `taskfly watch [DEP]`: the daemon's deployment and node events as they happen (SPEC §5),
 //! one line each (`--output json`: one JSON object per line). Follows until interrupted, or,
-//! given a deployment, until it is final (exit 0). A dropped stream is opened again from the
+//! given a deployment, until it is final (exit 0); given one, its state as read comes first
+//! (in JSON a `deployment` event with `id: null`). A dropped stream is opened again from the
 //! last event seen, for as long as the daemon comes back within a minute.
 
 use std::time::{Duration, Instant};
@@ -26,13 +27,13 @@ pub(crate) async fn watch(cli: &Cli, deployment: Option<&str>) -> Result<u8, Fai
         .await
         .map_err(|e| failure(Some(cli), e))?;
     if let Some(id) = &deployment {
-        let view = client
+        // Its state now comes first (in JSON, as a deployment event without an id).
+        let mut view = client
             .deployment(id)
             .await
             .map_err(|e| failure(Some(cli), e))?;
-        if cli.output == Output::Text {
-            println!("{}", deployment_line(&view));
-        }
+        view.nodes.clear();
+        print_state(cli.output, &view);
         if view.is_final() {
             return Ok(EXIT_OK);
         }
@@ -62,13 +63,12 @@ pub(crate) async fn watch(cli: &Cli, deployment: Option<&str>) -> Result<u8, Fai
         print_event(cli.output, stream.last_event_id(), &event);
         if let (Some(id), Event::Reload(_)) = (&deployment, &event) {
             // Events were missed: the deployment's state is read again.
-            let view = client
+            let mut view = client
                 .deployment(id)
                 .await
                 .map_err(|e| failure(Some(cli), e))?;
-            if cli.output == Output::Text {
-                println!("{}", deployment_line(&view));
-            }
+            view.nodes.clear();
+            print_state(cli.output, &view);
             if view.is_final() {
                 return Ok(EXIT_OK);
             }
@@ -113,6 +113,17 @@ async fn reconnect(
             "the daemon ended the event stream and did not come back within a minute",
         ),
     })
+}
+
+/// A deployment's state as read (not from an event).
+fn print_state(output: Output, view: &DeploymentView) {
+    match output {
+        Output::Text => println!("{}", deployment_line(view)),
+        Output::Json => println!(
+            "{}",
+            serde_json::json!({"id": null, "event": "deployment", "data": {"deployment": view}})
+        ),
+    }
 }
 
 fn print_event(output: Output, id: Option<u64>, event: &Event) {
