@@ -47,6 +47,10 @@ echo "== sshd for the tests of nodes on ssh hosts (instance_config.local.hosts)"
 # shellcheck source=scripts/test-sshd.sh
 . scripts/test-sshd.sh
 
+echo "== chromium and chromedriver for the dashboard's browser test"
+# shellcheck source=scripts/test-chromium.sh
+. scripts/test-chromium.sh
+
 echo "== tests"
 cargo test --locked --features "$FEATURES" --all-targets
 

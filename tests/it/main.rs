@@ -7,6 +7,7 @@ mod agents;
 #[cfg(feature = "aws")]
 mod aws;
 mod cli;
+mod dashboard;
 mod durability;
 mod engine;
 mod events;

@@ -175,6 +175,8 @@ async function openList() {
   try {
     const all = await api('/deployments');
     list.clear();
+    listRows.clear();
+    $('deployments').tBodies[0].replaceChildren();
     for (const d of all) list.set(d.deployment_id, d);
     renderList();
     startStream(null, (type, data) => {
@@ -186,37 +188,47 @@ async function openList() {
   }
 }
 
+// Rows are updated in place (a link under the pointer stays the same element), in newest
+// first order.
+const listRows = new Map();
+
 function renderList() {
   if (current.page !== 'list') return;
   const rows = [...list.values()].sort((a, b) => Date.parse(b.created_at) - Date.parse(a.created_at));
   $('list-empty').hidden = rows.length > 0;
   const body = $('deployments').tBodies[0];
-  body.replaceChildren(...rows.map((d) => {
-    const tr = el('tr');
-    tr.dataset.id = d.deployment_id;
-    const link = el('a', null, d.deployment_id);
-    link.href = '#/d/' + d.deployment_id;
-    const cells = [link, badge(d.status),
-      `${d.nodes_completed} completed` + (d.nodes_failed ? `, ${d.nodes_failed} failed` : '') + ` of ${d.total_nodes}`,
-      progress(d), age(Date.parse(d.created_at)), duration(d)];
-    for (const cell of cells) {
-      const td = el('td');
-      if (cell instanceof Node) td.append(cell); else td.textContent = cell;
-      tr.append(td);
+  rows.forEach((d, i) => {
+    let tr = listRows.get(d.deployment_id);
+    if (!tr) {
+      tr = el('tr');
+      const link = el('a', null, d.deployment_id);
+      link.href = '#/d/' + d.deployment_id;
+      const first = el('td');
+      first.append(link);
+      tr.append(first, el('td'), el('td'), el('td'), el('td'), el('td'));
+      tr.cells[1].append(badge(d.status));
+      tr.cells[3].append(progress());
+      listRows.set(d.deployment_id, tr);
     }
-    return tr;
-  }));
+    const status = tr.cells[1].firstChild;
+    status.className = 'badge ' + d.status;
+    status.textContent = d.status;
+    tr.cells[2].textContent = `${d.nodes_completed} completed` +
+      (d.nodes_failed ? `, ${d.nodes_failed} failed` : '') + ` of ${d.total_nodes}`;
+    const [done, bad] = tr.cells[3].firstChild.children;
+    done.style.width = (100 * d.nodes_completed / Math.max(1, d.total_nodes)) + '%';
+    bad.style.width = (100 * d.nodes_failed / Math.max(1, d.total_nodes)) + '%';
+    tr.cells[4].textContent = age(Date.parse(d.created_at));
+    tr.cells[5].textContent = duration(d);
+    if (body.children[i] !== tr) body.insertBefore(tr, body.children[i] || null);
+  });
 }
 
 function badge(status) { return el('span', 'badge ' + status, status); }
 
-function progress(d) {
+function progress() {
   const bar = el('div', 'bar');
-  const done = el('span', 'done');
-  done.style.width = (100 * d.nodes_completed / Math.max(1, d.total_nodes)) + '%';
-  const bad = el('span', 'bad');
-  bad.style.width = (100 * d.nodes_failed / Math.max(1, d.total_nodes)) + '%';
-  bar.append(done, bad);
+  bar.append(el('span', 'done'), el('span', 'bad'));
   return bar;
 }
 
