@@ -41,7 +41,7 @@ pub(crate) enum Change {
     /// A node changed state; `deployment` holds its deployment's state and counters after the
     /// change.
     Node {
-        node: Node,
+        node: Box<Node>,
         previous: NodeStatus,
         deployment: Deployment,
     },

@@ -77,7 +77,7 @@ impl Orchestrator {
                 self.after_node_ended(&applied.node);
             }
             self.inner.events.publish(super::events::Change::Node {
-                node: applied.node.clone(),
+                node: Box::new(applied.node.clone()),
                 previous: applied.previous,
                 deployment: applied.deployment.clone(),
             });
