@@ -915,7 +915,7 @@ fn help_names_each_binary_and_leaves_internals_and_daemon_flags_out() {
         .collect();
     assert_eq!(
         commands,
-        ["run", "up", "list", "status", "logs", "down", "cleanup", "validate", "help"],
+        ["run", "up", "list", "status", "logs", "down", "cleanup", "watch", "validate", "help"],
         "{main}"
     );
     assert_eq!(

@@ -70,8 +70,8 @@ async fn route(
             shared.connections.authenticated(connection);
             client_route(shared, &method, rest, request).await
         }
-        (Method::GET, []) => Ok(super::ui::serve(&[])),
-        (Method::GET, ["ui", rest @ ..]) => Ok(super::ui::serve(rest)),
+        (Method::GET | Method::HEAD, []) => Ok(super::ui::serve(&[])),
+        (Method::GET | Method::HEAD, ["ui", rest @ ..]) => Ok(super::ui::serve(rest)),
         _ => Err(Error::not_found(format!(
             "no such endpoint: {method} {path}"
         ))),

@@ -42,9 +42,16 @@ function loggedOut(message) {
   sessionStorage.removeItem(TOKEN_KEY);
   stopStream();
   stopLogs();
-  location.hash = '#/';
-  show('login-page');
   $('login-message').textContent = message || '';
+  // Replaced, not assigned: a hashchange would route again and clear the message.
+  if (location.hash !== '#/') history.replaceState(null, '', '#/');
+  showLogin();
+}
+
+function showLogin() {
+  current.page = 'login';
+  current.deployment = null;
+  show('login-page');
   $('logout').hidden = true;
   $('token').focus();
 }
@@ -143,7 +150,7 @@ function show(page) {
 function route() {
   stopStream();
   stopLogs();
-  if (!token()) { loggedOut(''); return; }
+  if (!token()) { showLogin(); return; }
   $('logout').hidden = false;
   const match = location.hash.match(/^#\/d\/([\w-]+)$/);
   if (match) openDeployment(match[1]);
