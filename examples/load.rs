@@ -397,13 +397,11 @@ async fn open_events(address: &str) -> Result<EventStream, Failure> {
 /// Reads an event stream until a deployment event says `completed`.
 async fn read_events(stream: EventStream) -> Result<StreamCount, Failure> {
     let (_connection, mut body, opening) = stream;
-    let (mut count, mut pending) = (
-        StreamCount {
-            events: 0,
-            bytes: 0,
-        },
-        String::new(),
-    );
+    let mut count = StreamCount {
+        events: 0,
+        bytes: opening,
+    };
+    let mut pending = String::new();
     while let Some(frame) = body.frame().await {
         let Ok(data) = frame?.into_data() else {
             continue;

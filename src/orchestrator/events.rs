@@ -10,9 +10,10 @@
 //! the ring, whatever the number or speed of subscribers.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -31,6 +32,9 @@ pub(crate) struct Event {
     pub(crate) id: u64,
     /// What changed.
     pub(crate) change: Change,
+    /// The event as the API sends it, encoded by the first stream that sends it and shared by
+    /// the others, so N readers cost one encoding.
+    pub(crate) encoded: OnceLock<Bytes>,
 }
 
 /// What an [`Event`] says changed.
@@ -106,6 +110,7 @@ impl EventHub {
             let event = Arc::new(Event {
                 id: ring.last_id,
                 change,
+                encoded: OnceLock::new(),
             });
             if ring.events.len() == RING_SIZE {
                 ring.events.pop_front();

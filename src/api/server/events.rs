@@ -124,8 +124,12 @@ impl StreamState {
     }
 }
 
-/// One event in SSE form.
+/// One event in SSE form, encoded once whatever the number of streams sending it.
 pub(crate) fn encode(event: &Event) -> Bytes {
+    event.encoded.get_or_init(|| encode_change(event)).clone()
+}
+
+fn encode_change(event: &Event) -> Bytes {
     match &event.change {
         Change::Deployment(deployment) => frame(
             event.id,
