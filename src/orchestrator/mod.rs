@@ -261,11 +261,9 @@ impl Orchestrator {
         deployment: Option<String>,
         stop: &CancellationToken,
     ) -> events::Subscription {
-        self.inner.events.subscribe(
-            after,
-            deployment,
-            [stop.clone(), self.inner.cancel.clone()],
-        )
+        self.inner
+            .events
+            .subscribe(after, deployment, [stop.clone(), self.inner.cancel.clone()])
     }
 
     /// Stop the engine: background tasks stop, providers stop what they run locally (local
