@@ -187,7 +187,10 @@ async function openList() {
     for (const d of all) list.set(d.deployment_id, d);
     renderList();
     startStream(null, (type, data) => {
-      list.set(data.deployment.deployment_id, data.deployment);
+      const known = list.get(data.deployment.deployment_id);
+      if (!known || !older(data.deployment.updated_at, known.updated_at)) {
+        list.set(data.deployment.deployment_id, data.deployment);
+      }
       scheduleRender(renderList);
     }, () => openList());
   } catch (error) {
@@ -282,6 +285,9 @@ async function openDeployment(id) {
   }
 }
 
+// Whether RFC 3339 time `a` is before `b`.
+function older(a, b) { return Date.parse(a) < Date.parse(b); }
+
 function recount() {
   page.counts = Object.fromEntries(STATES.map((s) => [s, 0]));
   for (const n of page.nodes) page.counts[n.status] += 1;
@@ -290,10 +296,14 @@ function recount() {
 function applyEvent(type, data) {
   const d = page.deployment;
   if (!d || data.deployment.deployment_id !== d.deployment_id) return;
-  Object.assign(d, data.deployment, { nodes: page.nodes });
+  // Two changes made at once may arrive in either order: an older snapshot never wins.
+  if (!older(data.deployment.updated_at, d.updated_at)) {
+    Object.assign(d, data.deployment, { nodes: page.nodes });
+  }
   if (type === 'node') {
     const node = data.node;
     const old = page.nodes[node.node_index];
+    if (old && older(node.last_update, old.last_update)) return;
     if (old) page.counts[old.status] -= 1;
     page.counts[node.status] += 1;
     page.nodes[node.node_index] = node;
