@@ -19,6 +19,10 @@
 //! of the process during the run (VmHWM; engine and simulated agents together, as they share
 //! the process).
 //!
+//! `--events N` also opens N event streams (`GET /api/v1/events`, as the dashboard does) before
+//! each run and reads them to the deployment's end: it prints the events and bytes each stream
+//! got, the bytes per event, and the process's CPU time for the run (compare with `--events 0`).
+//!
 //! `--serve-one-node` deploys one node, registers it and reports it running, prints the
 //! engine's URL and the node's auth token (`url=...`, `token=...`), and serves until killed:
 //! `scripts/bench-heartbeat.sh` points wrk at it.
@@ -48,7 +52,7 @@ use tokio_util::sync::CancellationToken;
 type Failure = Box<dyn Error + Send + Sync>;
 
 const USAGE: &str = "usage: load [--nodes N] [--connections C] [--store memory|sqlite] [--runs R] \
-                     [--serve-one-node]";
+                     [--events N] [--serve-one-node]";
 
 /// What to run, from the command line.
 struct Options {
@@ -56,6 +60,8 @@ struct Options {
     connections: usize,
     store: String,
     runs: u32,
+    /// Event streams read during each run.
+    events: usize,
     serve_one_node: bool,
 }
 
@@ -66,6 +72,7 @@ impl Options {
             connections: 64,
             store: "memory".to_owned(),
             runs: 1,
+            events: 0,
             serve_one_node: false,
         };
         let mut args = std::env::args().skip(1);
@@ -79,6 +86,7 @@ impl Options {
                 "--connections" => options.connections = value()?.parse::<usize>()?.max(1),
                 "--store" => options.store = value()?,
                 "--runs" => options.runs = value()?.parse::<u32>()?.max(1),
+                "--events" => options.events = value()?.parse()?,
                 "--serve-one-node" => options.serve_one_node = true,
                 _ => return Err(format!("unknown argument `{arg}`\n{USAGE}").into()),
             }
@@ -311,7 +319,11 @@ async fn start_engine(data_dir: &Path, store: &str, config: Config) -> Result<En
     let engine = Orchestrator::new(config.provider(Arc::new(SimProvider { tokens: sender })))?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?.to_string();
-    let server = Server::new(engine.clone(), ServerConfig::default())?.spawn(listener)?;
+    let server = Server::new(
+        engine.clone(),
+        ServerConfig::default().api_token(EVENTS_TOKEN),
+    )?
+    .spawn(listener)?;
     Ok(Engine {
         engine,
         server,
@@ -349,12 +361,94 @@ fn write_project(dir: &Path, nodes: u32) -> Result<(), Failure> {
     Ok(())
 }
 
+/// The API token of the engine, for the event streams.
+const EVENTS_TOKEN: &str = "load-events-token-0123456789abcdef";
+
+/// What one event stream got: events, bytes.
+struct StreamCount {
+    events: u64,
+    bytes: u64,
+}
+
+/// An open event stream: its connection (which lives as long as this sender), its body, and
+/// the bytes read so far.
+type EventStream = (SendRequest<Full<Bytes>>, hyper::body::Incoming, u64);
+
+/// Opens `GET /api/v1/events` once the first bytes arrived (the daemon sends them once the
+/// stream is subscribed).
+async fn open_events(address: &str) -> Result<EventStream, Failure> {
+    let stream = tokio::net::TcpStream::connect(address).await?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let request = Request::get("/api/v1/events")
+        .header(HOST, address)
+        .header(AUTHORIZATION, format!("Bearer {EVENTS_TOKEN}"))
+        .body(Full::new(Bytes::new()))?;
+    let mut body = sender.send_request(request).await?.into_body();
+    let first = body
+        .frame()
+        .await
+        .ok_or("the event stream ended at once")??;
+    let bytes = first.into_data().map_or(0, |data| data.len() as u64);
+    Ok((sender, body, bytes))
+}
+
+/// Reads an event stream until a deployment event says `completed`.
+async fn read_events(stream: EventStream) -> Result<StreamCount, Failure> {
+    let (_connection, mut body, opening) = stream;
+    let mut count = StreamCount {
+        events: 0,
+        bytes: opening,
+    };
+    let mut pending = String::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
+        count.bytes += data.len() as u64;
+        pending.push_str(&String::from_utf8_lossy(&data));
+        while let Some(end) = pending.find("\n\n") {
+            let event: String = pending.drain(..end + 2).collect();
+            if !event.starts_with("id: ") {
+                continue;
+            }
+            count.events += 1;
+            if event.contains("event: deployment") && event.contains("\"status\":\"completed\"") {
+                return Ok(count);
+            }
+        }
+    }
+    Err("the event stream ended before the deployment".into())
+}
+
+/// CPU time (user + system) of this process so far, in seconds, from /proc/self/stat.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start after its closing `)`.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the state field's start.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 /// What one run measured.
 struct RunResult {
     took: Duration,
     lifecycles_per_s: f64,
     peak_rss_mb: f64,
     latencies: Vec<(&'static str, f64, f64)>,
+    cpu_s: f64,
+    streams: Vec<StreamCount>,
 }
 
 /// One deployment of `nodes` nodes, driven over `connections` connections, cleaned up after.
@@ -363,7 +457,13 @@ async fn run_once(
     project: &Path,
     nodes: u32,
     connections: usize,
+    event_streams: usize,
 ) -> Result<RunResult, Failure> {
+    let mut streams = JoinSet::new();
+    for _ in 0..event_streams {
+        let stream = open_events(&engine.address).await?;
+        streams.spawn(read_events(stream));
+    }
     let mut agents = JoinSet::new();
     let stop = CancellationToken::new();
     for _ in 0..connections {
@@ -382,6 +482,7 @@ async fn run_once(
         });
     }
     reset_peak_rss();
+    let cpu_before = cpu_seconds();
     let started = Instant::now();
     let created = engine.engine.deploy_dir(project).await?;
     let done = tokio::select! {
@@ -401,12 +502,19 @@ async fn run_once(
     while let Some(joined) = agents.join_next().await {
         latencies.merge(joined??);
     }
+    let mut counts = Vec::new();
+    while let Some(joined) = streams.join_next().await {
+        counts.push(joined??);
+    }
+    let cpu_s = cpu_seconds() - cpu_before;
     engine.engine.cleanup(&created.id).await?;
     Ok(RunResult {
         took,
         lifecycles_per_s: f64::from(nodes) / took.as_secs_f64(),
         peak_rss_mb,
         latencies: latencies.percentiles(),
+        cpu_s,
+        streams: counts,
     })
 }
 
@@ -444,7 +552,14 @@ async fn load(options: &Options, data_dir: &Path) -> Result<(), Failure> {
     );
     let mut results = Vec::new();
     for run in 1..=options.runs {
-        let result = run_once(&engine, &project, options.nodes, options.connections).await?;
+        let result = run_once(
+            &engine,
+            &project,
+            options.nodes,
+            options.connections,
+            options.events,
+        )
+        .await?;
         let endpoints: Vec<String> = result
             .latencies
             .iter()
@@ -457,6 +572,19 @@ async fn load(options: &Options, data_dir: &Path) -> Result<(), Failure> {
             result.lifecycles_per_s,
             result.peak_rss_mb,
             endpoints.join(", ")
+        );
+        let (events, bytes): (u64, u64) = result
+            .streams
+            .iter()
+            .fold((0, 0), |(e, b), s| (e + s.events, b + s.bytes));
+        let per_stream = result.streams.len().max(1) as u64;
+        println!(
+            "run {run}: process CPU {:.2} s; {} event streams, {} events and {} KiB each, {:.0} bytes per event",
+            result.cpu_s,
+            result.streams.len(),
+            events / per_stream,
+            bytes / per_stream / 1024,
+            if events == 0 { 0.0 } else { bytes as f64 / events as f64 },
         );
         results.push(result);
     }

@@ -54,6 +54,9 @@ echo "== a one-machine Slurm cluster for the slurm provider's tests"
 echo "== promtool, to check the metrics text"
 # shellcheck source=scripts/install-promtool.sh
 . scripts/install-promtool.sh
+echo "== chromium and chromedriver for the dashboard's browser test"
+# shellcheck source=scripts/test-chromium.sh
+. scripts/test-chromium.sh
 
 echo "== tests"
 cargo test --locked --features "$FEATURES" --all-targets

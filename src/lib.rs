@@ -81,7 +81,7 @@ mod secret;
 pub mod state;
 mod sync;
 
-pub use api::client::{Client, Registration};
+pub use api::client::{Client, EventStream, Registration};
 pub use api::server::{Server, ServerConfig, ServerHandle};
 pub use api::wire;
 /// Re-exported so that implementing [`Provider`] needs no direct dependency on `async-trait`.

@@ -613,3 +613,45 @@ pub struct OutputsStored {
     /// Their total size in bytes.
     pub bytes: u64,
 }
+
+/// `event: deployment` of `GET /api/v1/events` (SPEC §4.1): a deployment was accepted or
+/// changed state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct DeploymentEvent {
+    /// The deployment after the change, without its nodes.
+    pub deployment: DeploymentView,
+}
+
+/// `event: node` of `GET /api/v1/events`: a node changed state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct NodeEvent {
+    /// Its deployment after the change (state and counters), without its nodes.
+    pub deployment: DeploymentView,
+    /// The node after the change.
+    pub node: NodeView,
+    /// The state it left.
+    pub previous: NodeStatus,
+}
+
+/// `event: reload` of `GET /api/v1/events`: events were missed (a resume from an id no longer
+/// held, or a reader that fell too far behind); read the state again. Later events follow.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct ReloadEvent {
+    /// Why, for people.
+    pub reason: String,
+}
+
+/// One event of `GET /api/v1/events`, as [`crate::Client::events`] reads it.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Event {
+    /// `event: deployment`.
+    Deployment(DeploymentEvent),
+    /// `event: node`.
+    Node(Box<NodeEvent>),
+    /// `event: reload`: events were missed; read the state again.
+    Reload(ReloadEvent),
+}

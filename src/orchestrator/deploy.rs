@@ -166,11 +166,13 @@ impl Orchestrator {
         let created = DeploymentSummary::from(&deployment);
         let id = deployment.id.clone();
         let total = deployment.total_nodes;
+        let published = deployment.clone();
         self.inner
             .store
-            .create_deployment(deployment, nodes)
+            .create_deployment(deployment.clone(), nodes)
             .await?;
         self.inner.metrics.deployment_created(&id, total);
+        self.publish_deployment(published);
         lock(&self.inner.live).insert(id.clone(), live.clone());
         let this = self.clone();
         self.inner.tasks.spawn(async move {

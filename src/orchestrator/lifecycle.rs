@@ -85,10 +85,16 @@ impl Orchestrator {
             if ended {
                 self.after_node_ended(&applied.node);
             }
+            self.inner.events.publish(super::events::Change::Node {
+                node: Box::new(applied.node.clone()),
+                previous: applied.previous,
+                deployment: applied.deployment.clone(),
+            });
             self.notify();
         }
         if let Some(status) = applied.deployment_changed {
             tracing::info!(deployment_id = %applied.node.deployment_id, status = %status, "deployment state");
+            self.publish_deployment(applied.deployment.clone());
             if status.is_final() {
                 self.deployment_ended(&applied.node.deployment_id, status);
             }

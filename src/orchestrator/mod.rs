@@ -8,6 +8,7 @@
 mod check;
 mod config;
 mod deploy;
+pub(crate) mod events;
 mod lifecycle;
 mod live;
 mod monitor;
@@ -39,6 +40,7 @@ use crate::config::{DeploymentConfig, CONFIG_FILE_NAME};
 use crate::error::{Error, Result};
 use crate::metadata::MetadataGenerator;
 use crate::provider::Registered;
+use crate::state::model::Deployment;
 use crate::state::Store;
 use crate::sync::lock;
 
@@ -86,6 +88,8 @@ pub(crate) struct Inner {
     /// Bumped whenever a deployment changes state (or its node counters), to wake
     /// [`DeploymentWatch`]es.
     changes: watch::Sender<u64>,
+    /// Every deployment and node state change, for event subscribers ([`events`]).
+    pub(crate) events: Arc<events::EventHub>,
     provision_slots: Arc<Semaphore>,
     advertise_url: Mutex<Option<String>>,
     /// The certificates nodes are to trust ([`Config::node_ca_pem`], or the server's own).
@@ -132,6 +136,7 @@ impl Orchestrator {
             last_seen: Mutex::new(HashMap::new()),
             log_counts: Mutex::new(HashMap::new()),
             changes,
+            events: Arc::new(events::EventHub::new()),
             advertise_url: Mutex::new(advertise_url),
             node_ca_pem: Mutex::new(node_ca_pem),
             tasks: TaskTracker::new(),
@@ -264,6 +269,26 @@ impl Orchestrator {
 
     fn notify(&self) {
         self.inner.changes.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// Tell event subscribers a deployment was accepted or changed state.
+    fn publish_deployment(&self, deployment: Deployment) {
+        self.inner
+            .events
+            .publish(events::Change::Deployment(deployment));
+    }
+
+    /// Follow the engine's changes after event `after` (`None`: from now on), of one
+    /// deployment or all; the subscription ends when `stop` fires or the engine shuts down.
+    pub(crate) fn subscribe_events(
+        &self,
+        after: Option<u64>,
+        deployment: Option<String>,
+        stop: &CancellationToken,
+    ) -> events::Subscription {
+        self.inner
+            .events
+            .subscribe(after, deployment, [stop.clone(), self.inner.cancel.clone()])
     }
 
     /// Stop the engine: background tasks stop, providers stop what they run locally (local

@@ -24,7 +24,10 @@ impl Orchestrator {
             .update_deployment_status(id, DeploymentStatus::Provisioning, None, SystemTime::now())
             .await
         {
-            Ok(_) => self.notify(),
+            Ok(deployment) => {
+                self.publish_deployment(deployment);
+                self.notify();
+            }
             Err(e) => {
                 // Terminated before provisioning began: nothing to do.
                 return if e.is_invalid_transition() {

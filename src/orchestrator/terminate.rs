@@ -41,19 +41,21 @@ impl Orchestrator {
     /// ([`Error::is_already_final`], naming the state) once final.
     pub(super) async fn begin_terminate(&self, id: &str) -> Result<()> {
         let store = &self.inner.store;
-        if let Err(e) = store
+        let terminating = store
             .update_deployment_status(id, DeploymentStatus::Terminating, None, SystemTime::now())
-            .await
-        {
-            if e.is_invalid_transition() {
+            .await;
+        let terminating = match terminating {
+            Ok(deployment) => deployment,
+            Err(e) if e.is_invalid_transition() => {
                 let current = self.deployment_row(id).await?;
                 return Err(Error::already_final(format!(
                     "deployment `{id}` is already {}; nothing to terminate",
                     current.status
                 )));
             }
-            return Err(e);
-        }
+            Err(e) => return Err(e),
+        };
+        self.publish_deployment(terminating);
         self.notify();
         tracing::info!(deployment_id = %id, "terminating deployment");
         self.live(id).await?.cancel.cancel();
@@ -84,10 +86,11 @@ impl Orchestrator {
         } = self.deployment(id).await?;
         let all_final = nodes.iter().all(|n| n.status.is_final());
         if deployment.status == DeploymentStatus::Terminating && all_final {
-            store
+            let terminated = store
                 .update_deployment_status(id, DeploymentStatus::Terminated, None, SystemTime::now())
                 .await?;
             self.deployment_ended(id, DeploymentStatus::Terminated);
+            self.publish_deployment(terminated);
             self.notify();
         }
         drop(live);

@@ -936,7 +936,7 @@ fn help_names_each_binary_and_leaves_internals_and_daemon_flags_out() {
     assert_eq!(
         commands,
         [
-            "run", "up", "list", "status", "logs", "rerun", "down", "outputs", "cleanup",
+            "run", "up", "list", "status", "logs", "rerun", "down", "outputs", "cleanup", "watch",
             "validate", "help"
         ],
         "{main}"

@@ -38,12 +38,14 @@ use tokio::io::AsyncWriteExt;
 use crate::api::wire;
 use crate::error::{Error, Result};
 
+mod events;
 mod node;
 mod retry;
 #[cfg(test)]
 mod tests;
 pub(crate) mod webhook;
 
+pub use events::EventStream;
 use retry::{is_transient, Failure};
 
 /// Every API path starts with this.

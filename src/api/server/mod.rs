@@ -12,11 +12,13 @@ mod body;
 pub(crate) mod config;
 mod errors;
 mod metrics;
+mod events;
 mod node;
 mod outputs;
 mod routes;
 #[cfg(test)]
 mod tests;
+mod ui;
 mod views;
 
 use std::convert::Infallible;
@@ -46,6 +48,8 @@ pub(crate) struct Shared {
     pub(crate) metrics_token_hash: Option<[u8; 32]>,
     pub(crate) registrations: super::limits::FailureLimiter,
     pub(crate) connections: super::limits::ConnectionTable,
+    /// The open event streams (`GET /api/v1/events`), ended when the server stops.
+    pub(crate) event_streams: events::EventStreams,
 }
 
 /// Serves an engine's HTTP API — the client endpoints and the node protocol — and stops it in
@@ -111,6 +115,7 @@ impl Server {
                 config.max_connections,
                 config.max_unauthenticated_per_address,
             ),
+            event_streams: events::EventStreams::new(),
             engine,
             config,
         };
@@ -300,6 +305,8 @@ impl Server {
             });
         }
         drop(listener);
+        // Event streams never end by themselves: end them so in-flight requests can finish.
+        shared.event_streams.stop();
         // Idle pooled agents' registrations are held for a while: answer them now.
         for (_, pool) in shared.engine.pools() {
             pool.stop_holding();

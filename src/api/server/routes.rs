@@ -77,6 +77,8 @@ async fn route(
             shared.connections.authenticated(connection);
             client_route(shared, &method, rest, request).await
         }
+        (Method::GET | Method::HEAD, []) => Ok(super::ui::serve(&[])),
+        (Method::GET | Method::HEAD, ["ui", rest @ ..]) => Ok(super::ui::serve(rest)),
         _ => Err(Error::not_found(format!(
             "no such endpoint: {method} {path}"
         ))),
@@ -181,6 +183,7 @@ async fn client_route(
             super::outputs::download(shared, id, request.uri().query()).await
         }
         (&Method::GET, ["stats"]) => Ok(json(StatusCode::OK, &views::stats(engine).await?)),
+        (&Method::GET, ["events"]) => super::events::stream(shared, &request).await,
         _ => Err(Error::not_found(format!(
             "no such endpoint: {method} /api/v1/{}",
             path.join("/")

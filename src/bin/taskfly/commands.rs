@@ -74,6 +74,7 @@ pub(crate) async fn run(cli: Cli) -> u8 {
             (None, _, true) => forget_finished(&cli, *dry_run).await,
             (id, all, false) => cleanup(&cli, id, all).await,
         },
+        Command::Watch { id } => crate::watch::watch(&cli, id.as_deref()).await,
     };
     match result {
         Ok(code) => code,
@@ -113,6 +114,16 @@ impl Failure {
         }
         for detail in &self.details {
             eprintln!("  - {detail}");
+        }
+    }
+}
+
+impl Failure {
+    /// The daemon could not be reached (exit 3).
+    pub(crate) fn unreachable(message: &str) -> Failure {
+        Failure {
+            code: EXIT_UNREACHABLE,
+            ..usage(message)
         }
     }
 }

@@ -4,6 +4,7 @@
 mod commands;
 mod output;
 mod outputs;
+mod watch;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -174,6 +175,14 @@ pub(crate) enum Command {
         /// With --forget: print what would be deleted, delete nothing.
         #[arg(long, requires = "forget")]
         dry_run: bool,
+    },
+    /// Follow deployment and node events live (all deployments, or one until it ends).
+    #[command(
+        after_help = "Examples:\n  taskfly watch\n  taskfly watch last\n  taskfly watch dep-1a2b3c4d5e6f7a8b --output json\n\nExit code: 0 once the deployment is final (or on interrupt without one)."
+    )]
+    Watch {
+        /// Deployment id, a unique prefix of one, or `last` for the newest; all when omitted.
+        id: Option<String>,
     },
     /// Check taskfly.yml and print the environment each node will get (secrets masked).
     Validate {

@@ -464,6 +464,9 @@ pub struct Applied {
     pub previous: NodeStatus,
     /// Set when this update made the deployment change state.
     pub deployment_changed: Option<DeploymentStatus>,
+    /// The deployment after the update (its state and node counters), so the engine can tell
+    /// event subscribers without reading the store again.
+    pub deployment: Deployment,
 }
 
 /// Apply `update` to `node` of `deployment`, enforcing SPEC §3. On error nothing is changed.
@@ -487,6 +490,7 @@ pub fn apply_node_update(
                     node: node.clone(),
                     previous,
                     deployment_changed: None,
+                    deployment: deployment.clone(),
                 });
             }
             check_node_transition(deployment, node, status)?;
@@ -603,6 +607,7 @@ pub fn apply_node_update(
         node: next,
         previous,
         deployment_changed,
+        deployment: deployment.clone(),
     })
 }
 
