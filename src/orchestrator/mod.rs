@@ -208,6 +208,22 @@ impl Orchestrator {
         if let Some(live) = lock(&self.inner.live).get(id) {
             return Ok(live.clone());
         }
+        let live = self.read_live(id).await?;
+        let mut map = lock(&self.inner.live);
+        Ok(map.entry(id.to_owned()).or_insert(live).clone())
+    }
+
+    /// The deployment's settings as [`Self::live`] has them, without keeping them loaded when
+    /// they were not: for a look at a final deployment that must not undo [`Self::forget_final`].
+    pub(crate) async fn peek_live(&self, id: &str) -> Result<Arc<Live>> {
+        if let Some(live) = lock(&self.inner.live).get(id) {
+            return Ok(live.clone());
+        }
+        self.read_live(id).await
+    }
+
+    /// The deployment's settings, read from its files.
+    async fn read_live(&self, id: &str) -> Result<Arc<Live>> {
         let dir = self.deployment_dir(id);
         let yaml = tokio::fs::read_to_string(dir.join(CONFIG_FILE_NAME))
             .await
@@ -216,9 +232,7 @@ impl Orchestrator {
             })?;
         let config = DeploymentConfig::from_yaml(&yaml)?;
         let metadata = MetadataGenerator::new(&config.nodes)?;
-        let live = Arc::new(Live::new(config, metadata));
-        let mut map = lock(&self.inner.live);
-        Ok(map.entry(id.to_owned()).or_insert(live).clone())
+        Ok(Arc::new(Live::new(config, metadata)))
     }
 
     /// Drop the loaded settings of a final deployment (they are read again if asked for), so

@@ -28,7 +28,8 @@ impl Orchestrator {
     }
 
     async fn make_notification(&self, id: &str, status: DeploymentStatus) -> crate::Result<()> {
-        let live = match self.live(id).await {
+        // Not `live`: the deployment is final, and its settings may already be dropped.
+        let live = match self.peek_live(id).await {
             Ok(live) => live,
             Err(e) if e.is_not_found() => return Ok(()),
             Err(e) => return Err(e),
