@@ -507,3 +507,126 @@ fn times_round_trip_at_millisecond_precision() {
     let fine = at(0) + Duration::from_nanos(1_500_000);
     assert_eq!(from_ms(to_ms(fine)), Some(at(0) + Duration::from_millis(1)));
 }
+
+/// Queues `updates` while the test holds the connection, so the writer takes them all at once,
+/// and returns each caller's answer in order.
+async fn update_together(
+    store: &Arc<SqliteStore>,
+    updates: Vec<(&str, NodeUpdate)>,
+) -> Vec<crate::error::Result<Applied>> {
+    let count = updates.len();
+    let held = lock(&store.shared.conn);
+    let callers: Vec<_> = updates
+        .into_iter()
+        .map(|(node_id, update)| {
+            let (store, node_id) = (Arc::clone(store), node_id.to_owned());
+            tokio::spawn(async move { store.update_node(&node_id, update, at(1)).await })
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while lock(&store.shared.updates).pending.len() < count {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the updates were never queued"
+        );
+        tokio::task::yield_now().await;
+    }
+    drop(held);
+    let mut answers = Vec::new();
+    for caller in callers {
+        answers.push(caller.await.unwrap());
+    }
+    answers
+}
+
+fn commits(store: &SqliteStore) -> u64 {
+    store
+        .shared
+        .update_commits
+        .load(std::sync::atomic::Ordering::Relaxed)
+}
+
+#[tokio::test]
+async fn updates_that_arrive_together_are_committed_in_one_transaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("group.db");
+    let store = Arc::new(SqliteStore::open(&path).unwrap());
+    store
+        .create_deployment(deployment("dep-g", 8), nodes("dep-g", 8))
+        .await
+        .unwrap();
+    let ids: Vec<String> = (0..8).map(|i| format!("dep-g-{i}")).collect();
+    let updates = ids
+        .iter()
+        .map(|id| (id.as_str(), status(NodeStatus::Provisioning)))
+        .collect();
+    let before = commits(&store);
+    let answers = update_together(&store, updates).await;
+    assert_eq!(commits(&store) - before, 1, "one transaction for all 8");
+    for answer in answers {
+        assert_eq!(answer.unwrap().node.status, NodeStatus::Provisioning);
+    }
+    // Every answered update is in the file: a second connection sees them all.
+    drop(store);
+    let reopened = SqliteStore::open(&path).unwrap();
+    for node in reopened.nodes("dep-g").await.unwrap() {
+        assert_eq!(node.status, NodeStatus::Provisioning, "{}", node.id);
+    }
+}
+
+#[tokio::test]
+async fn a_refused_update_in_a_batch_leaves_the_others_answered_and_written() {
+    let store = Arc::new(SqliteStore::open_in_memory().unwrap());
+    store
+        .create_deployment(deployment("dep-r", 3), nodes("dep-r", 3))
+        .await
+        .unwrap();
+    let before = commits(&store);
+    let answers = update_together(
+        &store,
+        vec![
+            ("dep-r-0", status(NodeStatus::Provisioning)),
+            // A pending node cannot complete.
+            ("dep-r-1", status(NodeStatus::Completed)),
+            ("dep-unknown-0", status(NodeStatus::Provisioning)),
+            ("dep-r-2", status(NodeStatus::Provisioning)),
+            // Its second update in the same batch sees the first.
+            ("dep-r-2", status(NodeStatus::Failed)),
+        ],
+    )
+    .await;
+    assert_eq!(commits(&store) - before, 1);
+    let mut answers = answers.into_iter();
+    assert_eq!(
+        answers.next().unwrap().unwrap().node.status,
+        NodeStatus::Provisioning
+    );
+    let refused = answers.next().unwrap().unwrap_err();
+    assert!(refused.is_invalid_transition(), "{refused}");
+    let unknown = answers.next().unwrap().unwrap_err();
+    assert!(unknown.is_not_found(), "{unknown}");
+    assert_eq!(
+        answers.next().unwrap().unwrap().node.status,
+        NodeStatus::Provisioning
+    );
+    let failed = answers.next().unwrap().unwrap();
+    assert_eq!(failed.previous, NodeStatus::Provisioning);
+    assert_eq!(failed.node.status, NodeStatus::Failed);
+    let stored: Vec<NodeStatus> = store
+        .nodes("dep-r")
+        .await
+        .unwrap()
+        .iter()
+        .map(|n| n.status)
+        .collect();
+    assert_eq!(
+        stored,
+        [
+            NodeStatus::Provisioning,
+            NodeStatus::Pending,
+            NodeStatus::Failed
+        ]
+    );
+    let deployment = store.deployment("dep-r").await.unwrap().unwrap();
+    assert_eq!(deployment.nodes_failed, 1, "{deployment:?}");
+}
