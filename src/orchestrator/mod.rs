@@ -27,6 +27,7 @@ use tokio_util::task::TaskTracker;
 
 pub use config::Config;
 pub(crate) use live::Live;
+pub(crate) use nodes::NodeAssets;
 pub use queries::DeploymentWatch;
 
 use crate::config::{DeploymentConfig, CONFIG_FILE_NAME};
@@ -77,6 +78,8 @@ pub(crate) struct Inner {
     pub(crate) last_seen: Mutex<HashMap<String, tokio::time::Instant>>,
     /// Log lines stored per node attempt, for the per-node volume limit.
     pub(crate) log_counts: Mutex<HashMap<(String, u32), nodes::LogVolume>>,
+    /// Nodes in `booting`, by the time their agent must register by (the boot timeout).
+    pub(crate) boot_deadlines: Mutex<monitor::BootDeadlines>,
     /// Bumped whenever a deployment changes state (or its node counters), to wake
     /// [`DeploymentWatch`]es.
     changes: watch::Sender<u64>,
@@ -114,6 +117,7 @@ impl Orchestrator {
             live: Mutex::new(HashMap::new()),
             last_seen: Mutex::new(HashMap::new()),
             log_counts: Mutex::new(HashMap::new()),
+            boot_deadlines: Mutex::new(monitor::BootDeadlines::default()),
             changes,
             advertise_url: Mutex::new(advertise_url),
             node_ca_pem: Mutex::new(node_ca_pem),
