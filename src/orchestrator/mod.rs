@@ -34,6 +34,7 @@ use crate::config::{DeploymentConfig, CONFIG_FILE_NAME};
 use crate::error::{Error, Result};
 use crate::metadata::MetadataGenerator;
 use crate::provider::Registered;
+use crate::state::memory::shrink_if_sparse;
 use crate::state::Store;
 use crate::sync::lock;
 
@@ -202,6 +203,11 @@ impl Orchestrator {
         let mut map = lock(&self.inner.live);
         if map.get(id).is_some_and(|live| live.releases.is_empty()) {
             map.remove(id);
+            shrink_if_sparse(&mut map);
+            drop(map);
+            // What a large deployment's nodes left in the per-node maps goes back too.
+            shrink_if_sparse(&mut lock(&self.inner.last_seen));
+            shrink_if_sparse(&mut lock(&self.inner.log_counts));
         }
     }
 
