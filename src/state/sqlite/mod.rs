@@ -143,14 +143,6 @@ macro_rules! deployment_columns {
 /// its deployment's row; nothing ever rewrites the whole state. A refused transition returns the
 /// crate's conflict [`Error`] and changes nothing.
 ///
-/// Node updates that arrive together are committed together (group commit): each caller
-/// queues its update, one writer on the blocking pool writes every queued update in one
-/// transaction, each inside a savepoint of its own (so a refused or failing update changes
-/// nothing and the others go on), and answers each caller once that transaction has
-/// committed. An answered update is committed, as with one transaction per update; a batch
-/// that cannot commit is written again one update per transaction, so each caller gets its
-/// own answer.
-///
 /// # Heartbeats
 /// [`Store::touch_node`] does not write to the file: the last-seen time is kept in memory and
 /// shown as `last_update` on every node read back. It reaches the file when the node's row is
@@ -335,31 +327,28 @@ impl Shared {
         lock(&self.heartbeats)
     }
 
-    /// The writer: takes every queued node update, writes them in one transaction, and answers
-    /// their callers once it has committed. Updates queued meanwhile form the next batch,
-    /// written by a task of its own: the connection is free in between, so the calls waiting
-    /// for it (reads, heartbeats) are not starved by a steady stream of updates. If the writer
-    /// panics, the queue is handed to the next caller's writer and its callers get an error.
-    fn write_queued_updates(self: Arc<Self>) {
-        let running = WriterRunning(&self);
-        let mut conn = lock(&self.conn);
-        let batch = std::mem::take(&mut lock(&self.updates).pending);
-        let answers = self.write_batch(&mut conn, &batch);
-        drop(conn);
-        for (queued, answer) in batch.into_iter().zip(answers) {
-            // A caller that stopped waiting no longer needs its answer.
-            let _ = queued.answer.send(answer);
-        }
-        drop(running);
-        let more = {
-            let mut queue = lock(&self.updates);
-            queue.writing = !queue.pending.is_empty();
-            queue.writing
-        };
-        if more {
-            drop(tokio::task::spawn_blocking(move || {
-                self.write_queued_updates()
-            }));
+    /// The writer: takes every queued node update, writes them in one transaction, answers
+    /// their callers once it has committed, and goes on until the queue is empty. Updates
+    /// queued while one batch is written form the next. If the writer panics, the queue is
+    /// handed to the next caller's writer and the batch's callers get an error.
+    fn write_queued_updates(&self) {
+        let _running = WriterRunning(self);
+        loop {
+            let mut conn = lock(&self.conn);
+            let batch = {
+                let mut queue = lock(&self.updates);
+                if queue.pending.is_empty() {
+                    queue.writing = false;
+                    return;
+                }
+                std::mem::take(&mut queue.pending)
+            };
+            let answers = self.write_batch(&mut conn, &batch);
+            drop(conn);
+            for (queued, answer) in batch.into_iter().zip(answers) {
+                // A caller that stopped waiting no longer needs its answer.
+                let _ = queued.answer.send(answer);
+            }
         }
     }
 
