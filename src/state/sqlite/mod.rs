@@ -183,29 +183,6 @@ struct Shared {
     /// exists only for a node that exists and is not final; whoever writes a node's row or
     /// deletes it removes its entry. Lock order: `conn` first, then `heartbeats`.
     heartbeats: Mutex<HashMap<String, Heartbeat>>,
-    /// Node updates waiting for the writer (group commit, see [`SqliteStore`]'s "Writes").
-    /// Lock order: `updates` is never held while waiting for `conn`.
-    updates: Mutex<UpdateQueue>,
-    /// How many transactions the writer has committed, to check the batching in tests.
-    #[cfg(test)]
-    update_commits: std::sync::atomic::AtomicU64,
-}
-
-/// Node updates queued by callers of [`Store::update_node`], and whether a writer task is
-/// running to take them.
-#[derive(Default)]
-struct UpdateQueue {
-    pending: Vec<QueuedUpdate>,
-    writing: bool,
-}
-
-/// One caller's node update, answered once the transaction holding it has committed (or once
-/// it is refused).
-struct QueuedUpdate {
-    node_id: String,
-    update: NodeUpdate,
-    now: SystemTime,
-    answer: tokio::sync::oneshot::Sender<Result<Applied>>,
 }
 
 struct Heartbeat {
@@ -295,9 +272,6 @@ impl SqliteStore {
                 path,
                 conn: Mutex::new(conn),
                 heartbeats: Mutex::new(HashMap::new()),
-                updates: Mutex::new(UpdateQueue::default()),
-                #[cfg(test)]
-                update_commits: std::sync::atomic::AtomicU64::new(0),
             }),
             max_log_lines: DEFAULT_MAX_LOG_LINES,
             max_log_lines_per_node: None,
@@ -327,114 +301,6 @@ impl Shared {
         lock(&self.heartbeats)
     }
 
-    /// The writer: takes every queued node update, writes them in one transaction, answers
-    /// their callers once it has committed, and goes on until the queue is empty. Updates
-    /// queued while one batch is written form the next. If the writer panics, the queue is
-    /// handed to the next caller's writer and the batch's callers get an error.
-    fn write_queued_updates(&self) {
-        let _running = WriterRunning(self);
-        loop {
-            let mut conn = lock(&self.conn);
-            let batch = {
-                let mut queue = lock(&self.updates);
-                if queue.pending.is_empty() {
-                    queue.writing = false;
-                    return;
-                }
-                std::mem::take(&mut queue.pending)
-            };
-            let answers = self.write_batch(&mut conn, &batch);
-            drop(conn);
-            for (queued, answer) in batch.into_iter().zip(answers) {
-                // A caller that stopped waiting no longer needs its answer.
-                let _ = queued.answer.send(answer);
-            }
-        }
-    }
-
-    /// Writes `batch` in one transaction: each update inside a savepoint of its own, so one
-    /// that is refused or fails changes nothing and the others go on. If the transaction as a
-    /// whole cannot begin or commit, each update is tried again in a transaction of its own,
-    /// so each caller gets its own answer.
-    fn write_batch(&self, conn: &mut Connection, batch: &[QueuedUpdate]) -> Vec<Result<Applied>> {
-        let together = (|| {
-            let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let mut answers = Vec::with_capacity(batch.len());
-            for queued in batch {
-                let savepoint = tx.savepoint()?;
-                let answer = self.apply_update(&savepoint, queued);
-                if answer.is_ok() {
-                    savepoint.commit()?;
-                } else {
-                    // Rolls back what the update wrote before it failed.
-                    savepoint.finish()?;
-                }
-                answers.push(answer);
-            }
-            tx.commit()?;
-            self.count_commit();
-            Ok::<_, rusqlite::Error>(answers)
-        })();
-        let answers = match together {
-            Ok(answers) => answers,
-            Err(error) if batch.len() > 1 => {
-                tracing::warn!(%error, updates = batch.len(), "could not write node updates together; writing them one by one");
-                batch
-                    .iter()
-                    .map(|queued| {
-                        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-                        let applied = self.apply_update(&tx, queued)?;
-                        tx.commit()?;
-                        self.count_commit();
-                        Ok(applied)
-                    })
-                    .collect()
-            }
-            Err(error) => vec![Err(error.into())],
-        };
-        let mut heartbeats = self.heartbeats();
-        batch
-            .iter()
-            .zip(answers)
-            .map(|(queued, answer)| {
-                // The row now holds the node's newest time, and the node may be final: its
-                // next heartbeat checks the row again.
-                if answer.is_ok() {
-                    heartbeats.remove(&queued.node_id);
-                }
-                answer.map_err(DbError::into_error)
-            })
-            .collect()
-    }
-
-    /// One node update inside the writer's transaction; a refused transition writes nothing.
-    fn apply_update(&self, conn: &Connection, queued: &QueuedUpdate) -> Result<Applied, DbError> {
-        let node_id = &queued.node_id;
-        let mut node = select_node(conn, node_id)?.ok_or_else(|| unknown_node(node_id))?;
-        let mut deployment = select_deployment(conn, &node.deployment_id)?
-            .ok_or_else(|| unknown_deployment(&node.deployment_id))?;
-        self.overlay_heartbeats(std::slice::from_mut(&mut node));
-        let before = node.clone();
-        let applied = model::apply_node_update(
-            &mut deployment,
-            &mut node,
-            queued.update.clone(),
-            queued.now,
-        )?;
-        write_node(conn, &before, &node)?;
-        write_deployment(conn, &deployment)?;
-        Ok(applied)
-    }
-
-    #[cfg(test)]
-    fn count_commit(&self) {
-        self.update_commits
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    #[cfg(not(test))]
-    fn count_commit(&self) {}
-
     /// Shows the newest heartbeat of each node as its `last_update`.
     fn overlay_heartbeats(&self, nodes: &mut [Node]) {
         let heartbeats = self.heartbeats();
@@ -445,26 +311,6 @@ impl Shared {
             if let Some(heartbeat) = heartbeats.get(&node.id) {
                 node.last_update = heartbeat.seen;
             }
-        }
-    }
-}
-
-/// Marks the writer stopped if it panics, failing the updates still queued, so the next
-/// caller starts a writer of its own instead of waiting forever.
-struct WriterRunning<'a>(&'a Shared);
-
-impl Drop for WriterRunning<'_> {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            return;
-        }
-        let mut queue = lock(&self.0.updates);
-        queue.writing = false;
-        for queued in queue.pending.drain(..) {
-            let _ = queued.answer.send(Err(Error::store(
-                "the state store's writer stopped",
-                BadData("it panicked while writing node updates".to_owned()),
-            )));
         }
     }
 }
@@ -1086,7 +932,7 @@ fn insert_node(tx: &Transaction<'_>, node: &Node) -> rusqlite::Result<()> {
 /// are written only when they changed (registration, a new provision token): setting a
 /// `UNIQUE` column rewrites its index even to the same value, which made every status update
 /// about 40% slower.
-fn write_node(tx: &Connection, before: &Node, node: &Node) -> rusqlite::Result<()> {
+fn write_node(tx: &Transaction<'_>, before: &Node, node: &Node) -> rusqlite::Result<()> {
     tx.prepare_cached(
         "UPDATE nodes SET status = ?2, attempt = ?3, instance_id = ?4, ip_address = ?5, \
          last_update = ?6, exit_code = ?7, error_message = ?8, instance_locator = ?9 \
@@ -1120,7 +966,7 @@ fn write_node(tx: &Connection, before: &Node, node: &Node) -> rusqlite::Result<(
 
 /// Writes back what the state machines may change in a deployment: its status, counters,
 /// times and message (never its id, provider, size or retries).
-fn write_deployment(tx: &Connection, deployment: &Deployment) -> rusqlite::Result<()> {
+fn write_deployment(tx: &Transaction<'_>, deployment: &Deployment) -> rusqlite::Result<()> {
     let mut update = tx.prepare_cached(
         "UPDATE deployments SET status = ?2, nodes_completed = ?3, nodes_failed = ?4, \
          nodes_terminated = ?5, updated_at = ?6, completed_at = ?7, error_message = ?8 \
@@ -1278,32 +1124,26 @@ impl Store for SqliteStore {
         update: NodeUpdate,
         now: SystemTime,
     ) -> Result<Applied> {
-        let (answer, answered) = tokio::sync::oneshot::channel();
-        let start_writer = {
-            let mut queue = lock(&self.shared.updates);
-            queue.pending.push(QueuedUpdate {
-                node_id: node_id.to_owned(),
-                update,
-                now,
-                answer,
-            });
-            !std::mem::replace(&mut queue.writing, true)
-        };
-        if start_writer {
-            // The writer ends by itself once the queue is empty; its handle is not needed:
-            // every caller waits for its own answer, and a blocking task always runs to its
-            // end (the runtime waits for it at shutdown).
-            let shared = Arc::clone(&self.shared);
-            drop(tokio::task::spawn_blocking(move || {
-                shared.write_queued_updates()
-            }));
-        }
-        answered.await.map_err(|e| {
-            Error::store(
-                "the state store's writer stopped before answering a node update",
-                e,
-            )
-        })?
+        let node_id = node_id.to_owned();
+        self.run(move |shared, conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let mut node = select_node(&tx, &node_id)?.ok_or_else(|| unknown_node(&node_id))?;
+            let mut deployment = select_deployment(&tx, &node.deployment_id)?
+                .ok_or_else(|| unknown_deployment(&node.deployment_id))?;
+            shared.overlay_heartbeats(std::slice::from_mut(&mut node));
+            let before = node.clone();
+            // A refused transition returns here: the transaction is rolled back on drop and
+            // the heartbeat map is left as it was.
+            let applied = model::apply_node_update(&mut deployment, &mut node, update, now)?;
+            write_node(&tx, &before, &node)?;
+            write_deployment(&tx, &deployment)?;
+            tx.commit()?;
+            // The row now holds the node's newest time, and the node may be final: its next
+            // heartbeat checks the row again.
+            shared.heartbeats().remove(&node_id);
+            Ok(applied)
+        })
+        .await
     }
 
     async fn update_deployment_status(
