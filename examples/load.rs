@@ -17,7 +17,8 @@
 //! cleans the deployment up; it prints node lifecycles per second (from `deploy_dir` to the
 //! end of `wait`), the p50/p99 latency of each endpoint as the agents saw it, and the peak RSS
 //! of the process during the run (VmHWM; engine and simulated agents together, as they share
-//! the process).
+//! the process), and its RSS once the deployment is cleaned up (with `--runs 10`, whether
+//! memory stays flat across rounds).
 //!
 //! `--events N` also opens N event streams (`GET /api/v1/events`, as the dashboard does) before
 //! each run and reads them to the deployment's end: it prints the events and bytes each stream
@@ -446,6 +447,8 @@ struct RunResult {
     took: Duration,
     lifecycles_per_s: f64,
     peak_rss_mb: f64,
+    /// VmRSS once the deployment is cleaned up: flat across runs when nothing is kept.
+    rss_after_cleanup_mb: f64,
     latencies: Vec<(&'static str, f64, f64)>,
     cpu_s: f64,
     streams: Vec<StreamCount>,
@@ -512,6 +515,7 @@ async fn run_once(
         took,
         lifecycles_per_s: f64::from(nodes) / took.as_secs_f64(),
         peak_rss_mb,
+        rss_after_cleanup_mb: status_kb("VmRSS:") as f64 / 1024.0,
         latencies: latencies.percentiles(),
         cpu_s,
         streams: counts,
@@ -525,10 +529,15 @@ fn reset_peak_rss() {
 
 /// VmHWM from /proc/self/status, in KiB (0 where there is none).
 fn peak_rss_kb() -> u64 {
+    status_kb("VmHWM:")
+}
+
+/// A `kB` field of /proc/self/status (0 where there is none).
+fn status_kb(field: &str) -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
         .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .find_map(|line| line.strip_prefix(field))
         .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
 }
@@ -566,11 +575,12 @@ async fn load(options: &Options, data_dir: &Path) -> Result<(), Failure> {
             .map(|(name, p50, p99)| format!("{name} {p50:.1}/{p99:.1}"))
             .collect();
         println!(
-            "run {run}: {:.2} s, {:.0} node lifecycles/s, peak RSS {:.1} MB; \
-             p50/p99 ms: {}",
+            "run {run}: {:.2} s, {:.0} node lifecycles/s, peak RSS {:.1} MB, \
+             RSS after cleanup {:.1} MB; p50/p99 ms: {}",
             result.took.as_secs_f64(),
             result.lifecycles_per_s,
             result.peak_rss_mb,
+            result.rss_after_cleanup_mb,
             endpoints.join(", ")
         );
         let (events, bytes): (u64, u64) = result
@@ -592,6 +602,11 @@ async fn load(options: &Options, data_dir: &Path) -> Result<(), Failure> {
     println!("node lifecycles/s: {low:.0} - {median:.0} - {high:.0} (min - median - max)");
     let (low, median, high) = min_median_max(results.iter().map(|r| r.peak_rss_mb).collect());
     println!("peak RSS MB: {low:.1} - {median:.1} - {high:.1}");
+    let after: Vec<String> = results
+        .iter()
+        .map(|r| format!("{:.1}", r.rss_after_cleanup_mb))
+        .collect();
+    println!("RSS after each cleanup MB: {}", after.join(", "));
     let mut by_endpoint: BTreeMap<usize, (&str, Vec<f64>, Vec<f64>)> = BTreeMap::new();
     for result in &results {
         for (i, (name, p50, p99)) in result.latencies.iter().enumerate() {

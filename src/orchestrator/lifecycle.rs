@@ -78,6 +78,10 @@ impl Orchestrator {
                 to = %applied.node.status,
                 "node state"
             );
+            if applied.node.status == NodeStatus::Booting || applied.previous == NodeStatus::Booting
+            {
+                self.watch_boot(&applied.node);
+            }
             if applied.node.status.is_final() || applied.node.status == NodeStatus::Terminating {
                 lock(&self.inner.last_seen).remove(node_id);
                 lock(&self.inner.log_counts).remove(&(node_id.to_owned(), applied.node.attempt));

@@ -21,6 +21,10 @@ pub(crate) struct Live {
     pub(crate) cancel: CancellationToken,
     /// The releases of its nodes' instances under way, so cleanup waits for them.
     pub(crate) releases: TaskTracker,
+    /// The worker bundle, read on the first `GET /nodes/assets`, when it is small enough to
+    /// keep in memory while the deployment runs (`None` when it is not): sent to every node
+    /// with the answer's headers, without a file read per node.
+    pub(crate) small_bundle: tokio::sync::OnceCell<Option<bytes::Bytes>>,
 }
 
 impl Live {
@@ -32,6 +36,7 @@ impl Live {
             metadata,
             cancel: CancellationToken::new(),
             releases: TaskTracker::new(),
+            small_bundle: tokio::sync::OnceCell::new(),
         }
     }
 

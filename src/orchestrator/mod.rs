@@ -33,6 +33,7 @@ use tokio_util::task::TaskTracker;
 pub use config::{Config, OutputLimits};
 pub(crate) use live::Live;
 pub use outputs::OutputsReader;
+pub(crate) use nodes::NodeAssets;
 pub use queries::DeploymentWatch;
 pub use rerun::RerunNodes;
 
@@ -41,6 +42,7 @@ use crate::error::{Error, Result};
 use crate::metadata::MetadataGenerator;
 use crate::provider::Registered;
 use crate::state::model::Deployment;
+use crate::state::memory::shrink_if_sparse;
 use crate::state::Store;
 use crate::sync::lock;
 
@@ -85,6 +87,8 @@ pub(crate) struct Inner {
     pub(crate) last_seen: Mutex<HashMap<String, tokio::time::Instant>>,
     /// Log lines stored per node attempt, for the per-node volume limit.
     pub(crate) log_counts: Mutex<HashMap<(String, u32), nodes::LogVolume>>,
+    /// Nodes in `booting`, by the time their agent must register by (the boot timeout).
+    pub(crate) boot_deadlines: Mutex<monitor::BootDeadlines>,
     /// Bumped whenever a deployment changes state (or its node counters), to wake
     /// [`DeploymentWatch`]es.
     changes: watch::Sender<u64>,
@@ -135,6 +139,7 @@ impl Orchestrator {
             live: Mutex::new(HashMap::new()),
             last_seen: Mutex::new(HashMap::new()),
             log_counts: Mutex::new(HashMap::new()),
+            boot_deadlines: Mutex::new(monitor::BootDeadlines::default()),
             changes,
             events: Arc::new(events::EventHub::new()),
             advertise_url: Mutex::new(advertise_url),
@@ -242,6 +247,11 @@ impl Orchestrator {
         let mut map = lock(&self.inner.live);
         if map.get(id).is_some_and(|live| live.releases.is_empty()) {
             map.remove(id);
+            shrink_if_sparse(&mut map);
+            drop(map);
+            // What a large deployment's nodes left in the per-node maps goes back too.
+            shrink_if_sparse(&mut lock(&self.inner.last_seen));
+            shrink_if_sparse(&mut lock(&self.inner.log_counts));
         }
     }
 

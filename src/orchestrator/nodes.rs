@@ -1,7 +1,7 @@
 //! The engine's side of the node protocol (SPEC §4, node endpoints). A node is identified by
 //! its bearer token alone, so it can only ever read and change its own deployment's data.
 
-use std::path::PathBuf;
+use std::path::Path;
 use std::time::SystemTime;
 
 use super::Orchestrator;
@@ -163,10 +163,30 @@ impl Orchestrator {
         })
     }
 
-    /// `GET /nodes/assets`: where the node's worker bundle is (one file per deployment,
-    /// streamed to every node).
-    pub(crate) fn node_assets(&self, node: &Node) -> PathBuf {
-        self.worker_bundle_path(&node.deployment_id)
+    /// `GET /nodes/assets`: the node's worker bundle (one file per deployment): in memory
+    /// when it is at most [`SMALL_BUNDLE_BYTES`], read once per running deployment; otherwise
+    /// the open file, to be streamed.
+    pub(crate) async fn node_assets(&self, node: &Node) -> Result<NodeAssets> {
+        let gone = || Error::not_found("this deployment's bundle is gone (cleaned up)");
+        let live = self.live(&node.deployment_id).await.map_err(|e| {
+            if e.is_not_found() {
+                gone()
+            } else {
+                e
+            }
+        })?;
+        let path = self.worker_bundle_path(&node.deployment_id);
+        let small = live
+            .small_bundle
+            .get_or_try_init(|| read_if_small(&path))
+            .await
+            .map_err(|_| gone())?;
+        if let Some(bytes) = small {
+            return Ok(NodeAssets::InMemory(bytes.clone()));
+        }
+        let file = tokio::fs::File::open(&path).await.map_err(|_| gone())?;
+        let length = file.metadata().await.map_err(|_| gone())?.len();
+        Ok(NodeAssets::File { file, length })
     }
 
     /// `POST /nodes/heartbeat`: note the node is alive and what its script uses (`sample`);
@@ -368,6 +388,33 @@ impl Orchestrator {
             .await?;
         Ok(())
     }
+}
+
+/// Largest worker bundle kept in memory while its deployment runs; larger ones are streamed
+/// from their file to each node.
+pub(crate) const SMALL_BUNDLE_BYTES: u64 = 256 * 1024;
+
+/// A node's worker bundle, as `GET /nodes/assets` sends it.
+pub(crate) enum NodeAssets {
+    /// A small bundle, sent with the answer's headers.
+    InMemory(bytes::Bytes),
+    /// A large bundle's open file and its length, streamed.
+    File {
+        /// The bundle, opened.
+        file: tokio::fs::File,
+        /// Its length in bytes.
+        length: u64,
+    },
+}
+
+/// The file's bytes if it holds at most [`SMALL_BUNDLE_BYTES`], `None` if it is larger.
+async fn read_if_small(path: &Path) -> std::io::Result<Option<bytes::Bytes>> {
+    if tokio::fs::metadata(path).await?.len() > SMALL_BUNDLE_BYTES {
+        return Ok(None);
+    }
+    let bytes = tokio::fs::read(path).await?;
+    let small = u64::try_from(bytes.len()).is_ok_and(|length| length <= SMALL_BUNDLE_BYTES);
+    Ok(small.then(|| bytes::Bytes::from(bytes)))
 }
 
 /// Log lines a node may send within a second (SPEC: limits); past it, its log posts are

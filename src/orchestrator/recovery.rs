@@ -72,7 +72,8 @@ impl Orchestrator {
                                     async move { this.retry_node(&live, node).await },
                                 );
                             }
-                            // Booting nodes are watched by the boot timeout; final ones are done.
+                            NodeStatus::Booting => self.watch_boot(&node),
+                            // Final nodes are done.
                             _ => {}
                         }
                     }

@@ -284,3 +284,37 @@ async fn a_final_deployments_settings_are_dropped_and_read_again_on_demand() {
     assert_eq!(live.config.nodes.count, 3);
     engine.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_agent_never_registers_fails_at_the_boot_timeout() {
+    let data = tempfile::tempdir().expect("data dir");
+    let provider = CountingProvider::new(Duration::ZERO, false);
+    let engine = Orchestrator::new(
+        Config::new(data.path())
+            .provider(provider.clone())
+            .heartbeat_timeout(Duration::from_millis(100))
+            .boot_timeout(Duration::from_millis(300)),
+    )
+    .expect("engine");
+    let id = engine
+        .deploy_dir(project(3, 0).path())
+        .await
+        .expect("deploy")
+        .id;
+    let done = tokio::time::timeout(Duration::from_secs(20), engine.wait(&id))
+        .await
+        .expect("the boot timeout ends the deployment")
+        .expect("wait");
+    assert_eq!(done.status, DeploymentStatus::Failed);
+    assert_eq!(done.nodes_failed, 3, "{done:?}");
+    for node in engine.inner.store.nodes(&id).await.expect("nodes") {
+        let message = node.error_message.unwrap_or_default();
+        assert!(message.contains("did not register within"), "{message}");
+    }
+    assert_eq!(
+        lock(&engine.inner.boot_deadlines).len(),
+        0,
+        "no node left watched"
+    );
+    engine.shutdown().await;
+}

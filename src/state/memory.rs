@@ -169,31 +169,64 @@ impl MemoryStore {
     }
 }
 
+impl Inner {
+    /// Give back the memory of maps that cleanup left mostly empty: a map keeps its largest
+    /// size until shrunk, so without this one 100,000-node deployment, cleaned up, would hold
+    /// its maps' memory for good.
+    fn shrink_if_sparse(&mut self) {
+        shrink_if_sparse(&mut self.deployments);
+        shrink_if_sparse(&mut self.nodes);
+        shrink_if_sparse(&mut self.nodes_by_deployment);
+        shrink_if_sparse(&mut self.provision_tokens);
+        shrink_if_sparse(&mut self.auth_tokens);
+        shrink_if_sparse(&mut self.logs);
+    }
+}
+
+/// Shrinks `map` when at most a quarter of its room is used (and the room is worth giving
+/// back), so a map that grows and shrinks by turns is not reallocated every time.
+pub(crate) fn shrink_if_sparse<K: Eq + std::hash::Hash, V>(map: &mut HashMap<K, V>) {
+    if map.capacity() > 1024 && map.len() <= map.capacity() / 4 {
+        map.shrink_to_fit();
+    }
+}
+
 fn unknown_deployment(id: &str) -> Error {
     Error::not_found(format!("no deployment `{id}`"))
 }
 
-fn index_tokens(inner: &mut Inner, before: Option<&Node>, after: &Node) {
+/// The provision and auth token indexes (hash to node id).
+type TokenIndexes<'a> = (
+    &'a mut HashMap<[u8; 32], String>,
+    &'a mut HashMap<[u8; 32], String>,
+);
+
+fn index_tokens(
+    (provision_tokens, auth_tokens): TokenIndexes<'_>,
+    before: Option<&Node>,
+    after: &Node,
+) {
     if let Some(before) = before {
         if let Some(hash) = before.provision_token_hash {
-            inner.provision_tokens.remove(&hash);
+            provision_tokens.remove(&hash);
         }
         if let Some(hash) = before.auth_token_hash {
-            inner.auth_tokens.remove(&hash);
+            auth_tokens.remove(&hash);
         }
     }
     if let Some(hash) = after.provision_token_hash {
-        inner.provision_tokens.insert(hash, after.id.clone());
+        provision_tokens.insert(hash, after.id.clone());
     }
     if let Some(hash) = after.auth_token_hash {
-        inner.auth_tokens.insert(hash, after.id.clone());
+        auth_tokens.insert(hash, after.id.clone());
     }
 }
 
 #[async_trait]
 impl Store for MemoryStore {
     async fn create_deployment(&self, deployment: Deployment, nodes: Vec<Node>) -> Result<()> {
-        let mut inner = self.lock();
+        let mut guard = self.lock();
+        let inner = &mut *guard;
         if inner.deployments.contains_key(&deployment.id) {
             return Err(Error::already_exists(format!(
                 "deployment `{}` already exists",
@@ -206,7 +239,11 @@ impl Store for MemoryStore {
         by_index.sort_unstable();
         let ids = by_index.into_iter().map(|(_, id)| id).collect();
         for node in nodes {
-            index_tokens(&mut inner, None, &node);
+            index_tokens(
+                (&mut inner.provision_tokens, &mut inner.auth_tokens),
+                None,
+                &node,
+            );
             inner.nodes.insert(node.id.clone(), node);
         }
         inner.nodes_by_deployment.insert(deployment.id.clone(), ids);
@@ -268,22 +305,28 @@ impl Store for MemoryStore {
         update: NodeUpdate,
         now: SystemTime,
     ) -> Result<Applied> {
-        let mut inner = self.lock();
-        let mut node = inner
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let stored = inner
             .nodes
-            .get(node_id)
-            .cloned()
+            .get_mut(node_id)
             .ok_or_else(|| Error::not_found(format!("no node `{node_id}`")))?;
-        let before = node.clone();
-        let mut deployment = inner
+        let stored_deployment = inner
             .deployments
-            .get(&node.deployment_id)
-            .cloned()
-            .ok_or_else(|| unknown_deployment(&node.deployment_id))?;
+            .get_mut(&stored.deployment_id)
+            .ok_or_else(|| unknown_deployment(&stored.deployment_id))?;
+        // Computed on copies, so a refused update changes nothing; written back in place.
+        let mut node = stored.clone();
+        let mut deployment = stored_deployment.clone();
         let applied = model::apply_node_update(&mut deployment, &mut node, update, now)?;
-        index_tokens(&mut inner, Some(&before), &node);
-        inner.deployments.insert(deployment.id.clone(), deployment);
-        inner.nodes.insert(node.id.clone(), node);
+        let tokens_changed = node.provision_token_hash != stored.provision_token_hash
+            || node.auth_token_hash != stored.auth_token_hash;
+        let before = std::mem::replace(stored, node);
+        *stored_deployment = deployment;
+        if tokens_changed {
+            let tokens = (&mut inner.provision_tokens, &mut inner.auth_tokens);
+            index_tokens(tokens, Some(&before), stored);
+        }
         Ok(applied)
     }
 
@@ -414,6 +457,7 @@ impl Store for MemoryStore {
         }
         inner.logs.remove(id);
         inner.deliveries.remove(id);
+        inner.shrink_if_sparse();
         Ok(true)
     }
 
@@ -456,5 +500,65 @@ impl Store for MemoryStore {
             (a.created_at, &a.deployment_id).cmp(&(b.created_at, &b.deployment_id))
         });
         Ok(pending)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::UNIX_EPOCH;
+
+    fn deployment(id: &str, total_nodes: u32) -> Deployment {
+        Deployment {
+            id: id.to_owned(),
+            status: DeploymentStatus::Pending,
+            cloud_provider: "local".to_owned(),
+            total_nodes,
+            retries: 0,
+            nodes_completed: 0,
+            nodes_failed: 0,
+            nodes_terminated: 0,
+            created_at: UNIX_EPOCH,
+            updated_at: UNIX_EPOCH,
+            completed_at: None,
+            error_message: None,
+            rerun_of: None,
+            cleaned_at: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn cleanup_of_a_large_deployment_gives_its_maps_memory_back() {
+        let store = MemoryStore::new();
+        store
+            .create_deployment(
+                deployment("dep-small", 2),
+                vec![Node::new("dep-small", 0, UNIX_EPOCH)],
+            )
+            .await
+            .unwrap();
+        let nodes = (0..20_000)
+            .map(|i| {
+                let mut node = Node::new("dep-large", i, UNIX_EPOCH);
+                let mut hash = [0u8; 32];
+                hash[..4].copy_from_slice(&i.to_le_bytes());
+                node.provision_token_hash = Some(hash);
+                node
+            })
+            .collect();
+        store
+            .create_deployment(deployment("dep-large", 20_000), nodes)
+            .await
+            .unwrap();
+        assert!(store.lock().nodes.capacity() >= 20_001);
+        assert!(store.delete_deployment("dep-large").await.unwrap());
+        let inner = store.lock();
+        assert!(inner.nodes.capacity() < 1024, "{}", inner.nodes.capacity());
+        assert!(
+            inner.provision_tokens.capacity() < 1024,
+            "{}",
+            inner.provision_tokens.capacity()
+        );
+        assert_eq!(inner.nodes.len(), 1, "the other deployment's node stays");
     }
 }

@@ -140,6 +140,28 @@ async fn watching_and_waiting_never_read_the_node_list() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_boot_timeout_check_never_reads_the_node_list() {
+    const NODES: u32 = 8;
+    let store = Arc::new(CountingStore::default());
+    // The monitor checks every 500 ms, a few times while the nodes run.
+    let engine = TestEngine::start_with(|config| {
+        config
+            .store(store.clone())
+            .heartbeat_timeout(Duration::from_secs(2))
+            .boot_timeout(Duration::from_secs(3600))
+    })
+    .await;
+    let project = Project::new(&local_yml(NODES, "")).script("#!/bin/sh\nsleep 2\n");
+    let id = engine.deploy(project.path()).await;
+    let before = store.node_list_reads();
+    let done = engine.engine.wait(&id).await.expect("wait");
+    assert_eq!(done.status, DeploymentStatus::Completed, "{done:#?}");
+    let reads = store.node_list_reads() - before;
+    assert!(reads <= 1, "{reads} node list reads while the monitor ran");
+    engine.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watch_fails_instead_of_hanging_when_the_engine_stops() {
     let engine = TestEngine::start().await;
     let project = Project::new(&local_yml(1, "")).script("#!/bin/sh\nsleep 600\n");

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 
 use futures_util::TryStreamExt;
-use http_body_util::{BodyExt, StreamBody};
+use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
@@ -15,6 +15,7 @@ use super::body::{
 use super::{views, Shared};
 use crate::auth;
 use crate::error::{Error, Result};
+use crate::orchestrator::NodeAssets;
 use crate::state::model::{LogBatch, Registration, ReportedLine, ResourceSample, StatusReport};
 use crate::state::LogStream;
 use crate::wire::{self, ErrorBody, StatusOk};
@@ -82,22 +83,23 @@ pub(super) async fn route(
     let node = engine.authenticate_node(&token).await?;
     match (method, path) {
         (&Method::GET, ["assets"]) => {
-            let path = engine.node_assets(&node);
-            let file = tokio::fs::File::open(&path)
-                .await
-                .map_err(|_| Error::not_found("this deployment's bundle is gone (cleaned up)"))?;
-            let length = file.metadata().await.map(|m| m.len()).ok();
-            let stream =
-                tokio_util::io::ReaderStream::with_capacity(file, 64 * 1024).map_ok(Frame::data);
-            let mut response = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+            let mut response = match engine.node_assets(&node).await? {
+                NodeAssets::InMemory(bytes) => Response::new(BodyExt::boxed(
+                    Full::new(bytes).map_err(|never| match never {}),
+                )),
+                NodeAssets::File { file, length } => {
+                    let stream = tokio_util::io::ReaderStream::with_capacity(file, 64 * 1024)
+                        .map_ok(Frame::data);
+                    let mut response = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+                    response
+                        .headers_mut()
+                        .insert(hyper::header::CONTENT_LENGTH, HeaderValue::from(length));
+                    response
+                }
+            };
             response
                 .headers_mut()
                 .insert(CONTENT_TYPE, HeaderValue::from_static("application/gzip"));
-            if let Some(length) = length {
-                response
-                    .headers_mut()
-                    .insert(hyper::header::CONTENT_LENGTH, HeaderValue::from(length));
-            }
             Ok(response)
         }
         (&Method::POST, ["heartbeat"]) => {
