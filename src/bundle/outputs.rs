@@ -16,7 +16,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use flate2::write::GzEncoder;
@@ -25,7 +25,7 @@ use tar::{Archive, Builder, EntryType};
 
 use super::extract::extract_bundle;
 use super::read::{read_bundle, Item};
-use super::write::{empty_header, file_header, ExactReader};
+use super::write::{append_file, empty_header, file_header, ArchiveWords, ExactReader};
 use super::{BundleLimits, BundleSummary, MODE_MASK};
 use crate::{Error, Result};
 
@@ -75,30 +75,15 @@ pub(crate) fn pack_outputs<W: Write>(
         ..PackedOutputs::default()
     };
     for (name, path) in &walk.files {
-        let mut file = File::open(path)
-            .map_err(|e| Error::io(format!("cannot read {}", path.display()), e))?;
-        let meta = file
-            .metadata()
-            .map_err(|e| Error::io(format!("cannot read {}", path.display()), e))?;
-        let size = meta.len();
-        let mtime = u64::try_from(meta.mtime()).unwrap_or(0);
-        let mut header = file_header(size, meta.mode() & 0o7777, mtime);
-        let mut source = ExactReader::new(&mut file, size);
-        builder
-            .append_data(&mut header, name, &mut source)
-            .map_err(|e| {
-                if source.source_failed {
-                    Error::io(
-                        format!(
-                            "cannot read {} (did it change while it was packed?)",
-                            path.display()
-                        ),
-                        e,
-                    )
-                } else {
-                    Error::io("cannot write the outputs archive", e)
-                }
-            })?;
+        let size = append_file(
+            &mut builder,
+            path,
+            name,
+            ArchiveWords {
+                done_to_file: "packed",
+                archive: "the outputs archive",
+            },
+        )?;
         packed.files.push(name.clone());
         packed.bytes = packed.bytes.saturating_add(size);
     }

@@ -56,8 +56,33 @@ pub fn write_client_bundle<W: Write>(
     ))
 }
 
-/// Appends the file at `path` (following symbolic links) as the entry `name`, returning its size.
+/// Appends the file at `path` (following symbolic links) as the entry `name` of the client
+/// bundle, returning its size.
 fn append_project_file<W: Write>(builder: &mut Builder<W>, path: &Path, name: &str) -> Result<u64> {
+    append_file(builder, path, name, BUNDLE_WORDS)
+}
+
+/// How errors name an archive being written: what happens to a file put in (`bundled`), and
+/// the archive (`the client bundle`).
+pub(super) struct ArchiveWords {
+    pub(super) done_to_file: &'static str,
+    pub(super) archive: &'static str,
+}
+
+const BUNDLE_WORDS: ArchiveWords = ArchiveWords {
+    done_to_file: "bundled",
+    archive: "the client bundle",
+};
+
+/// Appends the regular file at `path` (following symbolic links) as the entry `name`, with
+/// its permission bits and time, returning its size. A file that changes size while it is
+/// read is an error, never a corrupt entry.
+pub(super) fn append_file<W: Write>(
+    builder: &mut Builder<W>,
+    path: &Path,
+    name: &str,
+    words: ArchiveWords,
+) -> Result<u64> {
     let mut file =
         File::open(path).map_err(|e| Error::io(format!("cannot read {}", path.display()), e))?;
     let meta = file
@@ -65,7 +90,7 @@ fn append_project_file<W: Write>(builder: &mut Builder<W>, path: &Path, name: &s
         .map_err(|e| Error::io(format!("cannot read {}", path.display()), e))?;
     if !meta.is_file() {
         return Err(Error::io(
-            format!("cannot bundle {}", path.display()),
+            format!("cannot put {} in {}", path.display(), words.archive),
             io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"),
         ));
     }
@@ -79,13 +104,14 @@ fn append_project_file<W: Write>(builder: &mut Builder<W>, path: &Path, name: &s
             if source.source_failed {
                 Error::io(
                     format!(
-                        "cannot read {} (did it change while it was bundled?)",
-                        path.display()
+                        "cannot read {} (did it change while it was {}?)",
+                        path.display(),
+                        words.done_to_file
                     ),
                     e,
                 )
             } else {
-                Error::io("cannot write the client bundle", e)
+                Error::io(format!("cannot write {}", words.archive), e)
             }
         })?;
     Ok(size)

@@ -13,8 +13,8 @@ mod lifecycle;
 mod live;
 mod monitor;
 mod nodes;
-mod outputs;
 mod notify;
+mod outputs;
 mod provision;
 mod queries;
 mod recovery;
@@ -32,8 +32,8 @@ use tokio_util::task::TaskTracker;
 
 pub use config::{Config, OutputLimits};
 pub(crate) use live::Live;
-pub use outputs::OutputsReader;
 pub(crate) use nodes::NodeAssets;
+pub use outputs::OutputsReader;
 pub use queries::DeploymentWatch;
 pub use rerun::RerunNodes;
 
@@ -41,8 +41,8 @@ use crate::config::{DeploymentConfig, CONFIG_FILE_NAME};
 use crate::error::{Error, Result};
 use crate::metadata::MetadataGenerator;
 use crate::provider::Registered;
-use crate::state::model::Deployment;
 use crate::state::memory::shrink_if_sparse;
+use crate::state::model::Deployment;
 use crate::state::Store;
 use crate::sync::lock;
 

@@ -201,28 +201,12 @@ fn chosen_indexes(id: &str, nodes: &[Node], selection: &RerunNodes) -> Result<Ve
     }
 }
 
-/// Ascending indexes as short text: `0-3, 7, 9-10`.
+/// Ascending indexes as short text: `0-3, 7, 9-10`, or `none`.
 fn describe_indexes(indexes: &[u32]) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    let mut rest = indexes.iter().copied().peekable();
-    while let Some(first) = rest.next() {
-        let mut last = first;
-        while rest
-            .next_if(|&next| Some(next) == last.checked_add(1))
-            .is_some()
-        {
-            last += 1;
-        }
-        parts.push(if first == last {
-            first.to_string()
-        } else {
-            format!("{first}-{last}")
-        });
-    }
-    if parts.is_empty() {
+    if indexes.is_empty() {
         "none".to_owned()
     } else {
-        parts.join(", ")
+        crate::wire::index_ranges(indexes)
     }
 }
 

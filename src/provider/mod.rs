@@ -403,3 +403,13 @@ impl Registered {
         }
     }
 }
+
+/// Letters, digits, `-`, `_` and `.`, not starting with `.` or `-`: safe as a file name, in a
+/// Slurm job's comment and as a word on any shell's command line (ids providers put there).
+pub(crate) fn is_plain_word(word: &str) -> bool {
+    !word.is_empty()
+        && !word.starts_with(['.', '-'])
+        && word
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}

@@ -37,8 +37,8 @@ use crate::agent::bootstrap;
 use crate::config::LocalConfig;
 use crate::error::{BoxError, Error};
 use crate::provider::{
-    Instance, InstanceKind, InstanceRef, InstanceSpec, InstanceState, OwnedBy, OwnedInstance,
-    Owner, ProviderError,
+    is_plain_word, Instance, InstanceKind, InstanceRef, InstanceSpec, InstanceState, OwnedBy,
+    OwnedInstance, Owner, ProviderError,
 };
 
 /// Instance ids of nodes on SSH hosts start with this.
@@ -546,16 +546,6 @@ fn failure(record: &Record, what: &str, output: &Output) -> BoxError {
         ),
         retryable,
     })
-}
-
-/// Letters, digits, `-`, `_` and `.`, not starting with `.` or `-`: safe as a file name and
-/// as a word on any shell's command line.
-fn is_plain_word(word: &str) -> bool {
-    !word.is_empty()
-        && !word.starts_with(['.', '-'])
-        && word
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 #[cfg(test)]

@@ -47,8 +47,8 @@ use tokio::time::Instant;
 
 use self::commands::{array_spec, failure, parse_job_id, parse_squeue, QueuedTask};
 use super::{
-    Instance, InstanceKind, InstanceRef, InstanceSpec, InstanceState, OwnedBy, OwnedInstance,
-    Owner, Provider, ProviderError, ProviderSettings,
+    is_plain_word, Instance, InstanceKind, InstanceRef, InstanceSpec, InstanceState, OwnedBy,
+    OwnedInstance, Owner, Provider, ProviderError, ProviderSettings,
 };
 use crate::agent::bootstrap::{self, sh_quote};
 use crate::config::{slurm_settings, SlurmConfig};
@@ -979,16 +979,6 @@ fn never_starts(reason: &str) -> Option<&'static str> {
         "DependencyNeverSatisfied" => "its --dependency can never be satisfied",
         _ => return None,
     })
-}
-
-/// Letters, digits, `-`, `_` and `.`, not starting with `.` or `-`: safe in a file name and
-/// in a job's comment.
-fn is_plain_word(word: &str) -> bool {
-    !word.is_empty()
-        && !word.starts_with(['.', '-'])
-        && word
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 #[cfg(test)]

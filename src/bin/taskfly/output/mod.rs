@@ -47,23 +47,7 @@ pub(crate) fn with_timestamp(line: &LogLineView, text: &str) -> String {
 
 /// Node indexes as short text: `0-3, 7` (ascending input).
 pub(crate) fn index_list(indexes: &[u32]) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    let mut rest = indexes.iter().copied().peekable();
-    while let Some(first) = rest.next() {
-        let mut last = first;
-        while rest
-            .next_if(|&next| Some(next) == last.checked_add(1))
-            .is_some()
-        {
-            last += 1;
-        }
-        parts.push(if first == last {
-            first.to_string()
-        } else {
-            format!("{first}-{last}")
-        });
-    }
-    parts.join(", ")
+    taskfly::wire::index_ranges(indexes)
 }
 
 /// Seconds as people read them: `0.25s`, `12.34s`, `2m05.3s`, `1h02m05s`.

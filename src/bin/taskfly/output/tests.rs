@@ -198,6 +198,7 @@ fn deployment_details_has_one_row_per_node() {
                 "-",
                 "-",
                 "-",
+                "-",
                 "2026-01-02T03:04:05.000Z"
             ],
         ]
