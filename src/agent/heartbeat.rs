@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
@@ -12,21 +12,30 @@ use super::node::Node;
 use crate::api::wire;
 use crate::process::procfs;
 
-/// The bundle's disk use is measured on the first heartbeat and every this many after: walking
+/// The bundle's disk use is measured on the first reading and every this many after: walking
 /// a large bundle costs more than reading `/proc`.
-const DISK_EVERY: u32 = 10;
+const DISK_EVERY: u32 = 4;
+
+/// The script's resources are read at most this often, and whenever a new script starts;
+/// every heartbeat carries the newest reading. A reading scans `/proc`, which costs real CPU
+/// when hundreds of nodes share a machine (local nodes), and must never crowd out the
+/// heartbeats themselves.
+const READ_EVERY: Duration = Duration::from_secs(30);
+
+/// A heartbeat's `metrics` object.
+type Metrics = BTreeMap<String, serde_json::Value>;
 
 /// What the script's process group used at the last reading, for its CPU share since.
 #[derive(Debug, Default)]
 pub(super) struct ResourceMeter {
     last: Option<(i32, Instant, u64)>,
-    heartbeats: u32,
+    readings: u32,
 }
 
 impl ResourceMeter {
     /// The heartbeat's `metrics` for the script of group `pgid` (0: none runs) and the bundle
     /// at `root`: `cpu_percent` (of one CPU, since the last reading of the same group),
-    /// `rss_bytes`, and every [`DISK_EVERY`] heartbeats `disk_bytes`. `None` when there is
+    /// `rss_bytes`, and every [`DISK_EVERY`] readings `disk_bytes`. `None` when there is
     /// nothing to say (no script yet, no `/proc`).
     pub(super) fn read(
         &mut self,
@@ -51,10 +60,10 @@ impl ResourceMeter {
             }
         }
         if let Some(root) = root {
-            if self.heartbeats % DISK_EVERY == 0 {
+            if self.readings % DISK_EVERY == 0 {
                 metrics.insert("disk_bytes".to_owned(), procfs::disk_usage(&root).into());
             }
-            self.heartbeats += 1;
+            self.readings += 1;
         }
         (!metrics.is_empty()).then_some(metrics)
     }
@@ -74,13 +83,29 @@ impl Node<'_> {
         let mut ticker = tokio::time::interval(period);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut meter = Some(ResourceMeter::default());
+        // The newest reading: when, of which script group, and what it said.
+        let mut reading: Option<(Instant, i32, Option<Metrics>)> = None;
         loop {
             tokio::select! {
                 () = finished.cancelled() => return,
                 _ = ticker.tick() => {}
             }
+            let group = self.script_group.load(Ordering::Relaxed);
+            let due = reading.as_ref().is_none_or(|(at, read_group, _)| {
+                *read_group != group || at.elapsed() >= READ_EVERY
+            });
+            if due {
+                // A slow reading (a loaded machine) is not waited for past half an interval:
+                // the heartbeat goes with the previous one, and the next try waits its turn.
+                let metrics =
+                    match tokio::time::timeout(period / 2, self.read_resources(&mut meter)).await {
+                        Ok(metrics) => metrics,
+                        Err(_) => reading.take().and_then(|(_, _, previous)| previous),
+                    };
+                reading = Some((Instant::now(), group, metrics));
+            }
             let request = wire::HeartbeatRequest {
-                metrics: self.read_resources(&mut meter).await,
+                metrics: reading.as_ref().and_then(|(_, _, metrics)| metrics.clone()),
             };
             let answer = tokio::select! {
                 () = finished.cancelled() => return,

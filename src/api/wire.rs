@@ -649,31 +649,9 @@ pub struct ReloadEvent {
 #[non_exhaustive]
 pub enum Event {
     /// `event: deployment`.
-    Deployment(DeploymentEvent),
+    Deployment(Box<DeploymentEvent>),
     /// `event: node`.
     Node(Box<NodeEvent>),
     /// `event: reload`: events were missed; read the state again.
     Reload(ReloadEvent),
-}
-
-/// Ascending node indexes as short text, runs as ranges: `0-3, 7, 9-10` (empty for none), as
-/// error messages and the CLI name a set of nodes.
-pub fn index_ranges(indexes: &[u32]) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    let mut rest = indexes.iter().copied().peekable();
-    while let Some(first) = rest.next() {
-        let mut last = first;
-        while rest
-            .next_if(|&next| Some(next) == last.checked_add(1))
-            .is_some()
-        {
-            last += 1;
-        }
-        parts.push(if first == last {
-            first.to_string()
-        } else {
-            format!("{first}-{last}")
-        });
-    }
-    parts.join(", ")
 }

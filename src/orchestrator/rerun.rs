@@ -206,7 +206,7 @@ fn describe_indexes(indexes: &[u32]) -> String {
     if indexes.is_empty() {
         "none".to_owned()
     } else {
-        crate::wire::index_ranges(indexes)
+        crate::state::model::index_ranges(indexes)
     }
 }
 

@@ -240,7 +240,9 @@ fn a_failing_task_is_retried_alone() {
     let logs = daemon.cli(&["logs", &id]);
     logs.expect_success();
     assert!(
-        logs.stdout.lines().any(|l| l == "[node 1] done on node 1"),
+        logs.stdout
+            .lines()
+            .any(|l| l == "[node 1 attempt 2] done on node 1"),
         "{}",
         logs.show()
     );

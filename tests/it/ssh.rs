@@ -432,7 +432,10 @@ fn a_node_failing_once_is_retried_as_a_new_instance_and_both_are_cleaned_up() {
     assert_eq!(node["ip_address"], HOSTS[1], "{node:#}");
     let logs = daemon.cli(&["logs", &id]);
     logs.expect_success();
-    for line in ["[node 0] first attempt", "[node 0] second attempt"] {
+    for line in [
+        "[node 0 attempt 1] first attempt",
+        "[node 0 attempt 2] second attempt",
+    ] {
         assert!(logs.stdout.lines().any(|l| l == line), "{}", logs.show());
     }
     // Neither attempt's directory is left.

@@ -140,7 +140,7 @@ impl EventStream {
         };
         let event = match kind.as_deref() {
             Some("deployment") => {
-                wire::Event::Deployment(serde_json::from_str(&data).map_err(malformed)?)
+                wire::Event::Deployment(Box::new(serde_json::from_str(&data).map_err(malformed)?))
             }
             Some("node") => wire::Event::Node(serde_json::from_str(&data).map_err(malformed)?),
             Some("reload") => wire::Event::Reload(serde_json::from_str(&data).map_err(malformed)?),

@@ -47,7 +47,7 @@ pub(crate) fn with_timestamp(line: &LogLineView, text: &str) -> String {
 
 /// Node indexes as short text: `0-3, 7` (ascending input).
 pub(crate) fn index_list(indexes: &[u32]) -> String {
-    taskfly::wire::index_ranges(indexes)
+    taskfly::state::model::index_ranges(indexes)
 }
 
 /// Seconds as people read them: `0.25s`, `12.34s`, `2m05.3s`, `1h02m05s`.
