@@ -8,7 +8,7 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 
 use crate::support::engine_http::raw_get;
-use crate::support::engine_util::poll_until;
+use crate::support::engine_util::poll_until_within;
 use crate::support::{agent_yml, local_yml, Project, TestEngine, API_TOKEN};
 
 /// Every sample of the text: series (name and labels as written) → value.
@@ -221,10 +221,12 @@ async fn a_running_node_shows_its_resources(agent: &str) {
         .script("big=$(head -c 4194304 /dev/zero | tr '\\0' x)\nwhile :; do :; done\n")
         .file("data.bin", &"d".repeat(1 << 20), 0o644);
     let id = engine.deploy(project.path()).await;
-    let view = poll_until(
+    // Agents read resources when the script starts and then every 30 s; CPU needs two.
+    let view = poll_until_within(
         &engine,
         &id,
         "resources with CPU, memory and disk",
+        std::time::Duration::from_secs(90),
         |view| {
             view.nodes[0].resources.as_ref().is_some_and(|r| {
                 r.cpu_percent.is_some() && r.rss_bytes.is_some() && r.disk_bytes.is_some()

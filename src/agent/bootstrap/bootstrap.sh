@@ -187,16 +187,19 @@ tf_outputs() {
 
 # tf_usage: writes the heartbeat's body to hb: what the script's process group uses, from one
 # pass over /proc (CPU % of one CPU since the last reading: /proc counts 100 ticks a second on
-# Linux; resident pages) and, every 10th heartbeat, the bundle root's disk use (du -sk); {}
-# before the script runs or without /proc.
+# Linux; resident pages) and, every 4th reading, the bundle root's disk use (du -sk); {}
+# before the script runs or without /proc. Read at most every 30 s (tf_un: when next): the
+# pass costs CPU that many nodes on one machine would take from their heartbeats; until then
+# hb keeps the last reading.
 tf_usage() {
-  tf_m=''
+  tf_m='' tf_now=$(date +%s)
+  [ -z "$tf_run" ] || [ $tf_now -ge $tf_un ] || return 0
   [ -n "$tf_run" ] && [ -r /proc/self/stat ] && set -- $(cat /proc/[0-9]*/stat 2>/dev/null |
     awk -v g=$tf_pid '{ sub(/.*\) /, "") } $3 == g { t += $12 + $13 + $14 + $15; r += $22 } END { if (r) printf "%.0f %.0f", t, r }') && [ $# = 2 ] && {
-    tf_m="\"rss_bytes\":$(($2 * tf_pg))" tf_now=$(date +%s)
+    tf_m="\"rss_bytes\":$(($2 * tf_pg))" tf_un=$((tf_now + 30))
     [ $tf_now -le $tf_cs ] || tf_m="$tf_m,\"cpu_percent\":$((($1 - tf_ct) / (tf_now - tf_cs)))"
     tf_ct=$1 tf_cs=$tf_now tf_hn=$((tf_hn + 1))
-    [ $((tf_hn % 10)) != 1 ] || tf_m="$tf_m,\"disk_bytes\":$(($(du -sk "$tf_root" | cut -f 1) * 1024))"
+    [ $((tf_hn % 4)) != 1 ] || tf_m="$tf_m,\"disk_bytes\":$(($(du -sk "$tf_root" | cut -f 1) * 1024))"
   }
   printf '{%s}' "${tf_m:+\"metrics\":{$tf_m}}" >hb
 }
@@ -457,7 +460,7 @@ tf_clean() {
 # as a fresh bootstrap has it: .taskfly/ alone, holding the files every call needs.
 while :; do
   tf_stop=${tf_term:+term} tf_until='' tf_run='' tf_next=0 tf_root='' tf_made='' tf_shipped=''
-  tf_hn=0 tf_ct=0 tf_cs=$(date +%s)
+  tf_hn=0 tf_un=0 tf_ct=0 tf_cs=$(date +%s)
   mkdir "$tf_p" && cd "$tf_p" || exit 1
   [ -z "$tf_ca" ] || printf '%s\n' "$tf_ca" >ca.pem || exit 1
   printf '%s\n' "$tf_tls" >curlrc

@@ -91,9 +91,20 @@ pub async fn poll_until(
     engine: &TestEngine,
     deployment_id: &str,
     what: &str,
+    done: impl FnMut(&DeploymentView) -> bool,
+) -> DeploymentView {
+    poll_until_within(engine, deployment_id, what, POLL_LIMIT, done).await
+}
+
+/// [`poll_until`] with a limit of its own, for what takes longer by design.
+pub async fn poll_until_within(
+    engine: &TestEngine,
+    deployment_id: &str,
+    what: &str,
+    limit: Duration,
     mut done: impl FnMut(&DeploymentView) -> bool,
 ) -> DeploymentView {
-    let deadline = tokio::time::Instant::now() + POLL_LIMIT;
+    let deadline = tokio::time::Instant::now() + limit;
     loop {
         let view = engine.view(deployment_id).await.expect("deployment");
         if done(&view) {
@@ -101,7 +112,7 @@ pub async fn poll_until(
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "gave up waiting for {what} after {POLL_LIMIT:?}; last view: {view:#?}"
+            "gave up waiting for {what} after {limit:?}; last view: {view:#?}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
