@@ -19,10 +19,10 @@ mod files;
 mod instance_config;
 mod local;
 mod nodes;
-mod tree;
+mod notify;
 mod outputs;
 mod slurm;
-mod notify;
+mod tree;
 mod types;
 mod values;
 
@@ -43,8 +43,7 @@ pub(crate) use nodes::MAX_NODES;
 use outputs::parse_outputs;
 pub(crate) use slurm::{slurm_settings, SlurmConfig};
 pub use types::{
-    AwsConfig, CloudProvider, DeploymentConfig, LocalAgent, LocalConfig, NodesConfig,
-    NotifyConfig,
+    AwsConfig, CloudProvider, DeploymentConfig, LocalAgent, LocalConfig, NodesConfig, NotifyConfig,
 };
 use values::string;
 

@@ -11,8 +11,8 @@
 mod body;
 pub(crate) mod config;
 mod errors;
-mod metrics;
 mod events;
+mod metrics;
 mod node;
 mod outputs;
 mod routes;
