@@ -188,6 +188,7 @@ async fn drive(
                                 locator: String::new(),
                             },
                             ip_address: Some("10.0.0.1".to_owned()),
+                            attempt: 1,
                         },
                         status(NodeStatus::RunningScript),
                     ],

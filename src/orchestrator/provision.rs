@@ -167,14 +167,24 @@ impl Orchestrator {
         let update = NodeUpdate::Provisioned {
             instance: instance.clone(),
             ip_address: info.ip_address.clone(),
+            attempt: node.attempt,
         };
-        if let Err(e) = self.update_node(&node.id, update).await {
-            // The node was terminated (or failed) while its instance was being created:
-            // make sure the new instance does not outlive it.
-            tracing::info!(node_id = %node.id, instance_id = %instance.id, "instance no longer wanted; releasing it");
-            self.release_instance(live, &instance, &node.id).await;
-            if !e.is_invalid_transition() {
-                return Err(e);
+        match self.update_node(&node.id, update).await {
+            // Still waiting for it, or already up: the node's end releases it.
+            Ok(applied) if !ended_before_its_instance(applied.node.status) => {}
+            // The node ended (or is being terminated) while its instance was being created,
+            // so nothing else will release it: make sure it does not outlive the node.
+            Ok(_) => {
+                tracing::info!(node_id = %node.id, instance_id = %instance.id, "the node ended before its instance was recorded; releasing it");
+                self.release_instance(live, &instance, &node.id).await;
+            }
+            // Refused: the node moved on to another attempt. Its instance is nobody's.
+            Err(e) => {
+                tracing::info!(node_id = %node.id, instance_id = %instance.id, "instance no longer wanted; releasing it");
+                self.release_instance(live, &instance, &node.id).await;
+                if !e.is_invalid_transition() {
+                    return Err(e);
+                }
             }
         }
         Ok(())
@@ -264,4 +274,16 @@ impl Orchestrator {
             Error::invalid_config(format!("no provider `{name}` in this build"), Vec::new())
         })
     }
+}
+
+/// Whether a node in `status` when its instance is recorded has ended (or is being torn down)
+/// without it: its end could not release an instance it did not know of.
+fn ended_before_its_instance(status: NodeStatus) -> bool {
+    matches!(
+        status,
+        NodeStatus::Completed
+            | NodeStatus::Failed
+            | NodeStatus::Terminating
+            | NodeStatus::Terminated
+    )
 }

@@ -318,3 +318,181 @@ async fn a_node_whose_agent_never_registers_fails_at_the_boot_timeout() {
     );
     engine.shutdown().await;
 }
+
+/// A provider named `counting` whose first attempt of each node waits for `open` before
+/// answering (a Slurm task that runs while its submission is watched); it records what it
+/// terminates.
+struct LateProvider {
+    open: tokio::sync::Notify,
+    asked: AtomicUsize,
+    terminated: std::sync::Mutex<Vec<String>>,
+}
+
+#[async_trait]
+impl Provider for LateProvider {
+    fn name(&self) -> &str {
+        "counting"
+    }
+
+    async fn provision(&self, spec: InstanceSpec) -> Result<Instance, BoxError> {
+        self.asked.fetch_add(1, Ordering::SeqCst);
+        if spec.owner.attempt() == 1 {
+            self.open.notified().await;
+        }
+        Ok(Instance {
+            reference: InstanceRef {
+                id: format!("late-{}-{}", spec.owner.name(), spec.owner.attempt()),
+                locator: String::new(),
+            },
+            ip_address: None,
+        })
+    }
+
+    async fn terminate(&self, instance: &InstanceRef) -> Result<(), BoxError> {
+        lock(&self.terminated).push(instance.id.clone());
+        Ok(())
+    }
+}
+
+fn late_provider() -> Arc<LateProvider> {
+    Arc::new(LateProvider {
+        open: tokio::sync::Notify::new(),
+        asked: AtomicUsize::new(0),
+        terminated: std::sync::Mutex::new(Vec::new()),
+    })
+}
+
+fn status(status: NodeStatus) -> NodeUpdate {
+    NodeUpdate::Status {
+        status,
+        exit_code: Some(0),
+        message: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_answered_after_its_node_completed_is_recorded_and_released() {
+    let data = tempfile::tempdir().expect("data dir");
+    let provider = late_provider();
+    let engine =
+        Orchestrator::new(Config::new(data.path()).provider(provider.clone())).expect("engine");
+    let id = engine
+        .deploy_dir(project(1, 0).path())
+        .await
+        .expect("deploy")
+        .id;
+    let node_id = format!("{id}-0");
+    eventually("the provider asked", || {
+        provider.asked.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    // The agent ran and finished before the provider answered.
+    for next in [NodeStatus::RunningScript, NodeStatus::Completed] {
+        engine
+            .update_node(&node_id, status(next))
+            .await
+            .expect("update");
+    }
+    provider.open.notify_one();
+    let wanted = format!("late-{node_id}-1");
+    eventually("the late instance released", || {
+        lock(&provider.terminated).contains(&wanted)
+    })
+    .await;
+    let node = engine
+        .inner
+        .store
+        .node(&node_id)
+        .await
+        .expect("read")
+        .expect("node");
+    assert_eq!(node.status, NodeStatus::Completed);
+    assert_eq!(
+        node.instance_id.as_deref(),
+        Some(wanted.as_str()),
+        "recorded"
+    );
+    assert_eq!(
+        engine.wait(&id).await.expect("wait").status,
+        DeploymentStatus::Completed
+    );
+    engine.shutdown().await;
+    assert_eq!(lock(&provider.terminated).as_slice(), [wanted]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_answered_after_its_node_was_retried_is_released_not_given_to_the_retry() {
+    let data = tempfile::tempdir().expect("data dir");
+    let provider = late_provider();
+    let engine = Orchestrator::new(
+        Config::new(data.path())
+            .provider(provider.clone())
+            .retry_backoff(Duration::from_millis(10)),
+    )
+    .expect("engine");
+    let id = engine
+        .deploy_dir(project(1, 1).path())
+        .await
+        .expect("deploy")
+        .id;
+    let node_id = format!("{id}-0");
+    eventually("the provider asked", || {
+        provider.asked.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    // Attempt 1 failed before the provider answered; attempt 2 gets its own instance.
+    for next in [NodeStatus::RunningScript, NodeStatus::Failed] {
+        engine
+            .update_node(&node_id, status(next))
+            .await
+            .expect("update");
+    }
+    eventually("attempt 2 provisioned", || {
+        provider.asked.load(Ordering::SeqCst) == 2
+    })
+    .await;
+    let second = format!("late-{node_id}-2");
+    let mut booted = None;
+    for _ in 0..2000 {
+        let node = engine
+            .inner
+            .store
+            .node(&node_id)
+            .await
+            .expect("read")
+            .expect("node");
+        if node.instance_id.is_some() {
+            booted = Some(node);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let booted = booted.expect("attempt 2 recorded its instance");
+    assert_eq!(
+        (booted.attempt, booted.status, booted.instance_id.as_deref()),
+        (2, NodeStatus::Booting, Some(second.as_str()))
+    );
+    provider.open.notify_one();
+    let first = format!("late-{node_id}-1");
+    eventually("the first attempt's instance released", || {
+        lock(&provider.terminated).contains(&first)
+    })
+    .await;
+    let node = engine
+        .inner
+        .store
+        .node(&node_id)
+        .await
+        .expect("read")
+        .expect("node");
+    assert_eq!(
+        (node.attempt, node.status, node.instance_id.as_deref()),
+        (2, NodeStatus::Booting, Some(second.as_str())),
+        "attempt 2 keeps its own instance"
+    );
+    engine.terminate(&id).await.expect("terminate");
+    engine.shutdown().await;
+    let mut terminated = lock(&provider.terminated).clone();
+    terminated.sort();
+    assert_eq!(terminated, [first, second]);
+}

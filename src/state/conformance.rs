@@ -33,6 +33,7 @@ pub(crate) async fn check_store(store: &dyn Store) {
     drops_resent_log_lines(store).await;
     keeps_the_instance_locator(store).await;
     keeps_phase_times(store).await;
+    records_an_instance_answered_after_its_node_ended(store).await;
     keeps_a_rerun_and_its_node_indexes(store).await;
     marks_a_deployment_cleaned_and_keeps_its_record(store).await;
     keeps_webhook_deliveries_until_their_deployment_goes(store).await;
@@ -189,12 +190,18 @@ fn status(status: NodeStatus) -> NodeUpdate {
 }
 
 fn provisioned(index: u32) -> NodeUpdate {
+    provisioned_for(index, 1)
+}
+
+/// [`provisioned`] for the node's `attempt`.
+fn provisioned_for(index: u32, attempt: u32) -> NodeUpdate {
     NodeUpdate::Provisioned {
         instance: InstanceRef {
             id: format!("i-{index}"),
             locator: format!("region-{index}"),
         },
         ip_address: Some("10.1.2.3".to_owned()),
+        attempt,
     }
 }
 
@@ -220,7 +227,8 @@ async fn update(store: &dyn Store, node_id: &str, update: NodeUpdate, now: Syste
 /// Takes a node from `pending` to `last` (completed or failed) along the happy path.
 async fn run_node(store: &dyn Store, node_id: &str, index: u32, last: NodeUpdate, now: SystemTime) {
     update(store, node_id, status(NodeStatus::Provisioning), now).await;
-    update(store, node_id, provisioned(index), now).await;
+    let attempt = node(store, node_id).await.attempt;
+    update(store, node_id, provisioned_for(index, attempt), now).await;
     update(store, node_id, status(NodeStatus::RunningScript), now).await;
     update(store, node_id, last, now).await;
 }
@@ -384,7 +392,7 @@ async fn refuses_illegal_transitions_and_changes_nothing(store: &dyn Store) {
         .map(|s| status(*s))
         .collect();
     refused.extend([
-        provisioned(0),
+        provisioned_for(0, 2),
         NodeUpdate::Retry,
         NodeUpdate::ProvisionToken { hash: [1; 32] },
         NodeUpdate::Registered {
@@ -510,7 +518,7 @@ async fn retries_a_failed_node(store: &dyn Store) {
     );
     assert_eq!(applied.node.instance_id, None);
     assert_eq!(applied.node.instance_locator, None);
-    update(store, "conf-retry-0", provisioned(0), at(4)).await;
+    update(store, "conf-retry-0", provisioned_for(0, 2), at(4)).await;
     update(store, "conf-retry-0", status(NodeStatus::Failed), at(5)).await;
     let failed = store.deployment(id).await.unwrap().unwrap();
     assert_eq!(
@@ -542,6 +550,7 @@ async fn keeps_the_instance_locator(store: &dyn Store) {
     let provisioned = NodeUpdate::Provisioned {
         instance: instance.clone(),
         ip_address: None,
+        attempt: 1,
     };
     let applied = update(store, "conf-locator-0", provisioned, at(3)).await;
     assert_eq!(applied.node.instance(), Some(instance.clone()));
@@ -1006,4 +1015,27 @@ async fn keeps_webhook_deliveries_until_their_deployment_goes(store: &dyn Store)
         .expect("delete"));
     assert_eq!(store.delivery("conf-hook-b").await.expect("read"), None);
     assert_eq!(store.pending_deliveries().await.expect("pending"), []);
+}
+
+/// A node that ended before its provider answered (a quick Slurm task) gets its instance
+/// recorded and keeps its end; the deployment's counts do not change.
+async fn records_an_instance_answered_after_its_node_ended(store: &dyn Store) {
+    let id = "conf-late";
+    create(store, id, 1, 0).await;
+    let node_id = "conf-late-0";
+    update(store, node_id, status(NodeStatus::Provisioning), at(2)).await;
+    update(store, node_id, status(NodeStatus::RunningScript), at(3)).await;
+    update(store, node_id, status(NodeStatus::Completed), at(4)).await;
+    let (before, _) = snapshot(store, id).await;
+    let applied = update(store, node_id, provisioned(0), at(5)).await;
+    assert_eq!(
+        (applied.previous, applied.node.status),
+        (NodeStatus::Completed, NodeStatus::Completed)
+    );
+    assert_eq!(applied.deployment_changed, None);
+    let (after, nodes) = snapshot(store, id).await;
+    assert_eq!(nodes[0].status, NodeStatus::Completed);
+    assert_eq!(nodes[0].instance_id.as_deref(), Some("i-0"));
+    let counts = |d: &Deployment| (d.status, d.nodes_completed, d.nodes_failed, d.completed_at);
+    assert_eq!(counts(&after), counts(&before));
 }

@@ -718,16 +718,7 @@ pub(crate) async fn resolve_id(cli: &Cli, client: &Client, arg: &str) -> Result<
                 ..usage("no deployments yet, so there is no `last`")
             });
     }
-    let matches: Vec<&str> = all
-        .iter()
-        .map(|d| d.deployment_id.as_str())
-        .filter(|id| {
-            id.starts_with(arg)
-                || id
-                    .strip_prefix("dep-")
-                    .is_some_and(|rest| rest.starts_with(arg))
-        })
-        .collect();
+    let matches = ids_starting_with(all.iter().map(|d| d.deployment_id.as_str()), arg);
     match matches.as_slice() {
         [one] => Ok((*one).to_owned()),
         [] => Ok(arg.to_owned()),
@@ -740,6 +731,17 @@ pub(crate) async fn resolve_id(cli: &Cli, client: &Client, arg: &str) -> Result<
             ))
         }),
     }
+}
+
+/// The ids that `arg` is the start of. Without `dep-`, the argument is the start of the hex
+/// part: `d4` must not also match every id by its `dep-`.
+fn ids_starting_with<'a>(ids: impl Iterator<Item = &'a str>, arg: &str) -> Vec<&'a str> {
+    let hex = arg.strip_prefix("dep-").unwrap_or(arg);
+    ids.filter(|id| {
+        id.strip_prefix("dep-")
+            .is_some_and(|rest| rest.starts_with(hex))
+    })
+    .collect()
 }
 
 async fn status(cli: &Cli, id: &str) -> Result<u8, Failure> {
@@ -1090,6 +1092,23 @@ pub(crate) fn parse_node_list(text: &str) -> Result<NodeList, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_id_prefix_without_dep_is_the_start_of_the_hex_part() {
+        let ids = [
+            "dep-d1aa000000000000",
+            "dep-0bbb000000000000",
+            "dep-d2cc000000000000",
+        ];
+        let of = |arg: &str| ids_starting_with(ids.iter().copied(), arg);
+        assert_eq!(of("0"), ["dep-0bbb000000000000"], "not every id by its `d`");
+        assert_eq!(of("d1"), ["dep-d1aa000000000000"]);
+        assert_eq!(of("dep-d2"), ["dep-d2cc000000000000"]);
+        assert_eq!(of("d").len(), 2);
+        assert_eq!(of("dep-").len(), 3);
+        assert!(of("dep").is_empty(), "`dep` is no hex");
+        assert!(of("e").is_empty());
+    }
 
     #[test]
     fn node_lists_take_indexes_and_ranges() {

@@ -415,12 +415,20 @@ pub enum NodeUpdate {
         /// Why, for failed.
         message: Option<String>,
     },
-    /// The provider created the instance: record it and move to `booting`.
+    /// The provider created the instance for `attempt`: record it and move to `booting`.
+    ///
+    /// A quick agent may register, or even finish, before the provider's answer arrives (a
+    /// Slurm task that runs while its submission is still being watched): the instance is
+    /// then recorded and the node keeps its state. The caller releases the instance of a
+    /// node that has ended ([`Applied::node`] is final, failed or terminating). An answer for
+    /// an earlier attempt than the node's is refused: that instance is nobody's now.
     Provisioned {
         /// The instance, as the provider names it.
         instance: InstanceRef,
         /// Its address, if known.
         ip_address: Option<String>,
+        /// The attempt the instance was asked for ([`Node::attempt`] at the request).
+        attempt: u32,
     },
     /// Arm a new single-use provision token (before provisioning or a retry).
     ProvisionToken {
@@ -505,15 +513,19 @@ pub fn apply_node_update(
         NodeUpdate::Provisioned {
             instance,
             ip_address,
+            attempt,
         } => {
-            // A quick agent may register before the provider's answer is recorded: keep its
-            // later state and only record the instance. A final or terminating node is
-            // refused, so the caller terminates the instance nobody wants any more.
-            let already_up = matches!(
-                node.status,
-                NodeStatus::Registering | NodeStatus::DownloadingAssets | NodeStatus::RunningScript
-            );
-            if !already_up {
+            if attempt != node.attempt {
+                return Err(Error::invalid_transition(format!(
+                    "node {} is at attempt {}; the instance {} of attempt {attempt} is no longer \
+                     wanted",
+                    node.id, node.attempt, instance.id
+                )));
+            }
+            // Only a node still waiting for its instance moves to `booting`; one already up
+            // keeps its later state, and one that has ended keeps its end (the caller then
+            // releases the instance).
+            if matches!(node.status, NodeStatus::Pending | NodeStatus::Provisioning) {
                 check_node_transition(deployment, node, NodeStatus::Booting)?;
                 next.status = NodeStatus::Booting;
             }

@@ -40,6 +40,7 @@ fn run_to(d: &mut Deployment, n: &mut Node, last: NodeStatus) {
                 locator: String::new(),
             },
             ip_address: None,
+            attempt: 1,
         },
         now,
     )
@@ -122,6 +123,7 @@ fn a_failed_node_with_retries_left_is_not_final() {
                 locator: String::new(),
             },
             ip_address: None,
+            attempt: 2,
         },
         SystemTime::now(),
     )
@@ -168,17 +170,59 @@ fn an_instance_recorded_after_registration_keeps_the_node_state() {
             locator: String::new(),
         },
         ip_address: None,
+        attempt: 1,
     };
-    apply_node_update(&mut d, &mut n, provisioned.clone(), now).unwrap();
+    apply_node_update(&mut d, &mut n, provisioned, now).unwrap();
     assert_eq!(
         (n.status, n.instance_id.as_deref()),
         (NodeStatus::Registering, Some("i-9"))
     );
     apply_node_update(&mut d, &mut n, status(NodeStatus::RunningScript), now).unwrap();
     apply_node_update(&mut d, &mut n, status(NodeStatus::Completed), now).unwrap();
-    assert!(apply_node_update(&mut d, &mut n, provisioned, now)
-        .unwrap_err()
-        .is_invalid_transition());
+    assert_eq!(d.nodes_completed, 1);
+}
+
+#[test]
+fn an_instance_answered_after_its_node_ended_is_recorded_and_the_end_kept() {
+    // A Slurm task can run to its end while its submission is still being watched.
+    for end in [NodeStatus::Completed, NodeStatus::Failed] {
+        let mut d = deployment(1, 0);
+        let mut n = Node::new("dep-1", 0, SystemTime::UNIX_EPOCH);
+        let now = SystemTime::UNIX_EPOCH;
+        apply_node_update(&mut d, &mut n, status(NodeStatus::Provisioning), now).unwrap();
+        apply_node_update(&mut d, &mut n, status(NodeStatus::RunningScript), now).unwrap();
+        apply_node_update(&mut d, &mut n, status(end), now).unwrap();
+        let before = d.clone();
+        let applied = apply_node_update(&mut d, &mut n, provisioned(), now).unwrap();
+        assert_eq!(
+            (applied.previous, applied.node.status),
+            (end, end),
+            "the end stays"
+        );
+        assert_eq!(n.instance_id.as_deref(), Some("i-1"));
+        assert_eq!(applied.deployment_changed, None);
+        assert_eq!(
+            (d.nodes_completed, d.nodes_failed, d.status),
+            (before.nodes_completed, before.nodes_failed, before.status)
+        );
+    }
+}
+
+#[test]
+fn an_instance_of_an_earlier_attempt_is_refused() {
+    let mut d = deployment(1, 1);
+    let mut n = Node::new("dep-1", 0, SystemTime::UNIX_EPOCH);
+    let now = SystemTime::UNIX_EPOCH;
+    apply_node_update(&mut d, &mut n, status(NodeStatus::Provisioning), now).unwrap();
+    apply_node_update(&mut d, &mut n, status(NodeStatus::Failed), now).unwrap();
+    apply_node_update(&mut d, &mut n, NodeUpdate::Retry, now).unwrap();
+    assert_eq!((n.status, n.attempt), (NodeStatus::Provisioning, 2));
+    let late = apply_node_update(&mut d, &mut n, provisioned(), now);
+    assert!(late.unwrap_err().is_invalid_transition());
+    assert_eq!(
+        (n.status, n.instance_id.as_deref()),
+        (NodeStatus::Provisioning, None)
+    );
 }
 
 #[test]
@@ -327,6 +371,7 @@ fn provisioned() -> NodeUpdate {
             locator: String::new(),
         },
         ip_address: None,
+        attempt: 1,
     }
 }
 

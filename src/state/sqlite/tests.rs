@@ -98,6 +98,7 @@ async fn everything_survives_reopening_the_file() {
                     locator: String::new(),
                 },
                 ip_address: Some("127.0.0.1".to_owned()),
+                attempt: 1,
             },
             NodeUpdate::Registered {
                 auth_token_hash: [8; 32],
@@ -279,6 +280,7 @@ async fn concurrent_updates_keep_the_counters_exact() {
                         locator: String::new(),
                     },
                     ip_address: None,
+                    attempt: 1,
                 },
                 status(NodeStatus::RunningScript),
                 status(last),
@@ -375,6 +377,7 @@ async fn a_database_of_taskfly_0_1_is_migrated_and_keeps_its_nodes() {
     let provisioned = NodeUpdate::Provisioned {
         instance: instance.clone(),
         ip_address: None,
+        attempt: 1,
     };
     let applied = store
         .update_node("dep-old-1", provisioned, SystemTime::now())
