@@ -61,9 +61,9 @@ echo "== chromium and chromedriver for the dashboard's browser test"
 echo "== tests"
 # Everything but the integration tests (unit tests of the library and the CLI, examples,
 # benches in test mode), then the integration tests but the chaos test, then the chaos test
-# alone: it runs 300 agent processes through three daemon crashes with a 10 s heartbeat
-# timeout, so it needs the machine to itself (beside a browser, a Slurm array and other
-# daemons, the 2 cores here leave its daemon too slow to answer heartbeats in time).
+# alone: it runs 300 agent processes and their scripts through three daemon crashes, so it
+# needs the machine to itself (beside a browser, a Slurm array and other daemons, the 2 cores
+# here leave its daemon too slow to answer heartbeats within its 20 s timeout).
 chaos_test="reliability::chaos_every_node_completes_and_every_line_is_stored_once_across_three_daemon_crashes"
 cargo test --locked --features "$FEATURES" --lib --bins --examples --benches
 cargo test --locked --features "$FEATURES" --test it -- --skip "$chaos_test"

@@ -130,6 +130,13 @@ fn assert_all_completed(view: &serde_json::Value) {
 
 // ----- 1: a lost answer fails no node -----
 
+/// 300 nodes on this machine, the daemon killed while they are provisioned, while they
+/// register, and while their scripts run (which then finish with no daemon listening).
+///
+/// The scripts wait for their gate polling once a second, and the heartbeat timeout is 20 s:
+/// 300 scripts polling ten times a second forked 3,000 `sleep`s a second, which on 2 loaded
+/// cores starved the daemon of the CPU to answer heartbeats (CI saw 12 nodes failed by their
+/// heartbeat timeout). What is tested is the crashes, not a machine run out of CPU.
 #[test]
 fn chaos_every_node_completes_and_every_line_is_stored_once_across_three_daemon_crashes() {
     let script = format!(
@@ -137,7 +144,7 @@ fn chaos_every_node_completes_and_every_line_is_stored_once_across_three_daemon_
 i=1
 while [ "$i" -le {before} ]; do echo "n$TASKFLY_NODE_INDEX line $i"; i=$((i + 1)); done
 waited=0
-while [ ! -e "$GATE/go" ] && [ "$waited" -lt 1200 ]; do sleep 0.1; waited=$((waited + 1)); done
+while [ ! -e "$GATE/go" ] && [ "$waited" -lt 120 ]; do sleep 1; waited=$((waited + 1)); done
 while [ "$i" -le {all} ]; do echo "n$TASKFLY_NODE_INDEX line $i"; i=$((i + 1)); done
 "#,
         before = CHAOS_LINES_BEFORE,
@@ -148,7 +155,7 @@ while [ "$i" -le {all} ]; do echo "n$TASKFLY_NODE_INDEX line $i"; i=$((i + 1)); 
     let mut daemon = Daemon::start_on(
         port,
         DaemonOptions::default(),
-        &["--heartbeat-timeout", "10s"],
+        &["--heartbeat-timeout", "20s"],
     );
     let gate = tempfile::tempdir().expect("temp dir");
     let project = gated_project(CHAOS_NODES, "rust", gate.path(), &script);
