@@ -166,6 +166,10 @@ impl Orchestrator {
         self.inner.notifier.forget(id);
         if deployment.cleaned_at.is_none() {
             tracing::info!(deployment_id = %id, "deployment cleaned up");
+            // Event streams (the dashboard) learn its `cleaned_at` as they learn any change.
+            if let Ok(cleaned) = self.deployment_row(id).await {
+                self.publish_deployment(cleaned);
+            }
             self.notify();
         }
         Ok(())

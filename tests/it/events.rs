@@ -136,6 +136,32 @@ async fn events_follow_every_change_in_order_and_resume_after_an_id() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cleanup_is_an_event_with_its_cleaned_at() {
+    let engine = TestEngine::start().await;
+    let client = engine.client();
+    let project = hello(1);
+    let id = engine.deploy(project.path()).await;
+    let mut stream = client.events(Some(&id), None).await.expect("events");
+    let done = engine.engine.wait(&id).await.expect("wait");
+    assert_eq!(done.status, taskfly::state::model::DeploymentStatus::Completed);
+    engine.engine.cleanup(&id).await.expect("cleanup");
+    let seen = read_until(&mut stream, |seen| {
+        seen.iter().any(|s| {
+            matches!(&s.event, Event::Deployment(e) if e.deployment.cleaned_at.is_some())
+        })
+    })
+    .await;
+    let Some(Event::Deployment(last)) = seen.last().map(|s| &s.event) else {
+        panic!("the cleanup's event is a deployment event: {seen:#?}");
+    };
+    assert_eq!(
+        (last.deployment.deployment_id.as_str(), last.deployment.status),
+        (id.as_str(), DeploymentStatus::Completed)
+    );
+    engine.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resume_from_an_id_no_longer_held_is_told_to_reload() {
     let engine = TestEngine::start().await;
     let client = engine.client();
