@@ -13,20 +13,24 @@
 //! one keep-alive HTTP/1.1 connection (hyper's client, `TCP_NODELAY` as the real client sets
 //! it), each taking one node at a time through the 7 requests of a node's life: register,
 //! status `downloading_assets`, `GET /nodes/assets`, status `running_script`, heartbeat, logs,
-//! status `completed`. Each run deploys `--nodes` nodes, waits with `Orchestrator::wait`, and
-//! cleans the deployment up; it prints node lifecycles per second (from `deploy_dir` to the
-//! end of `wait`), the p50/p99 latency of each endpoint as the agents saw it, and the peak RSS
-//! of the process during the run (VmHWM; engine and simulated agents together, as they share
-//! the process), and its RSS once the deployment is cleaned up (with `--runs 10`, whether
-//! memory stays flat across rounds).
+//! status `completed`. Each run deploys `--nodes` nodes, waits with `Orchestrator::wait`, cleans
+//! the deployment up and forgets it (`--keep-records` keeps its record, to see what a finished
+//! deployment costs); it prints node lifecycles per second (from `deploy_dir` to the end of
+//! `wait`), the p50/p99 latency of each endpoint as the agents saw it, the peak RSS of the
+//! process during the run (VmHWM; engine and simulated agents together, as they share the
+//! process), and its RSS once the deployment is gone (with `--runs 10`, whether memory stays
+//! flat across rounds).
+//!
+//! `--bundle-mb M` adds M MiB of incompressible data to the bundle every node downloads.
 //!
 //! `--events N` also opens N event streams (`GET /api/v1/events`, as the dashboard does) before
 //! each run and reads them to the deployment's end: it prints the events and bytes each stream
 //! got, the bytes per event, and the process's CPU time for the run (compare with `--events 0`).
 //!
 //! `--serve-one-node` deploys one node, registers it and reports it running, prints the
-//! engine's URL and the node's auth token (`url=...`, `token=...`), and serves until killed:
-//! `scripts/bench-heartbeat.sh` points wrk at it.
+//! engine's URL, the node's auth token and the bundle file it is served (`url=...`,
+//! `token=...`, `bundle=...`), and serves until killed: `scripts/bench-heartbeat.sh` and
+//! `scripts/bench-bundle.sh` point wrk at it.
 
 use std::collections::BTreeMap;
 use std::error::Error;
@@ -53,7 +57,7 @@ use tokio_util::sync::CancellationToken;
 type Failure = Box<dyn Error + Send + Sync>;
 
 const USAGE: &str = "usage: load [--nodes N] [--connections C] [--store memory|sqlite] [--runs R] \
-                     [--events N] [--serve-one-node]";
+                     [--events N] [--keep-records] [--bundle-mb M] [--serve-one-node]";
 
 /// What to run, from the command line.
 struct Options {
@@ -63,6 +67,10 @@ struct Options {
     runs: u32,
     /// Event streams read during each run.
     events: usize,
+    /// Keep each run's deployment record after its cleanup instead of forgetting it.
+    keep_records: bool,
+    /// MiB of incompressible data in the project's bundle, besides the script.
+    bundle_mb: u32,
     serve_one_node: bool,
 }
 
@@ -74,6 +82,8 @@ impl Options {
             store: "memory".to_owned(),
             runs: 1,
             events: 0,
+            keep_records: false,
+            bundle_mb: 0,
             serve_one_node: false,
         };
         let mut args = std::env::args().skip(1);
@@ -88,6 +98,8 @@ impl Options {
                 "--store" => options.store = value()?,
                 "--runs" => options.runs = value()?.parse::<u32>()?.max(1),
                 "--events" => options.events = value()?.parse()?,
+                "--keep-records" => options.keep_records = true,
+                "--bundle-mb" => options.bundle_mb = value()?.parse()?,
                 "--serve-one-node" => options.serve_one_node = true,
                 _ => return Err(format!("unknown argument `{arg}`\n{USAGE}").into()),
             }
@@ -351,12 +363,29 @@ fn with_store(config: Config, store: &str, data_dir: &Path) -> Result<Config, Fa
 }
 
 /// A project of `nodes` nodes on `loadsim`.
-fn write_project(dir: &Path, nodes: u32) -> Result<(), Failure> {
+/// The project: the script, and with `bundle_mb` that many MiB of incompressible bytes
+/// (`data.bin`), so the bundle is as large on the wire.
+fn write_project(dir: &Path, nodes: u32, bundle_mb: u32) -> Result<(), Failure> {
     std::fs::create_dir_all(dir)?;
     std::fs::write(dir.join("run.sh"), "#!/bin/sh\necho simulated\n")?;
+    let mut files = "run.sh".to_owned();
+    if bundle_mb > 0 {
+        // xorshift64: not compressible by gzip, cheap to make.
+        let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+        let data: Vec<u8> = (0..u64::from(bundle_mb) * 1024 * 1024 / 8)
+            .flat_map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state.to_le_bytes()
+            })
+            .collect();
+        std::fs::write(dir.join("data.bin"), data)?;
+        files.push_str(", data.bin");
+    }
     let yml = format!(
         "cloud_provider: loadsim\ninstance_config:\n  loadsim: {{}}\n\
-         application_files: [run.sh]\nremote_script_to_run: run.sh\nnodes:\n  count: {nodes}\n"
+         application_files: [{files}]\nremote_script_to_run: run.sh\nnodes:\n  count: {nodes}\n"
     );
     std::fs::write(dir.join("taskfly.yml"), yml)?;
     Ok(())
@@ -454,14 +483,14 @@ struct RunResult {
     streams: Vec<StreamCount>,
 }
 
-/// One deployment of `nodes` nodes, driven over `connections` connections, cleaned up after.
+/// One deployment of `--nodes` nodes, driven over `--connections` connections, cleaned up
+/// and (unless `--keep-records`) forgotten after.
 async fn run_once(
     engine: &Engine,
     project: &Path,
-    nodes: u32,
-    connections: usize,
-    event_streams: usize,
+    options: &Options,
 ) -> Result<RunResult, Failure> {
+    let (nodes, connections, event_streams) = (options.nodes, options.connections, options.events);
     let mut streams = JoinSet::new();
     for _ in 0..event_streams {
         let stream = open_events(&engine.address).await?;
@@ -511,6 +540,9 @@ async fn run_once(
     }
     let cpu_s = cpu_seconds() - cpu_before;
     engine.engine.cleanup(&created.id).await?;
+    if !options.keep_records {
+        engine.engine.forget_deployment(&created.id).await?;
+    }
     Ok(RunResult {
         took,
         lifecycles_per_s: f64::from(nodes) / took.as_secs_f64(),
@@ -554,21 +586,14 @@ fn min_median_max(mut values: Vec<f64>) -> (f64, f64, f64) {
 async fn load(options: &Options, data_dir: &Path) -> Result<(), Failure> {
     let engine = start_engine(data_dir, &options.store, Config::new(data_dir)).await?;
     let project = data_dir.join("project");
-    write_project(&project, options.nodes)?;
+    write_project(&project, options.nodes, options.bundle_mb)?;
     println!(
         "{} nodes, {} connections, {} store, {} runs",
         options.nodes, options.connections, options.store, options.runs
     );
     let mut results = Vec::new();
     for run in 1..=options.runs {
-        let result = run_once(
-            &engine,
-            &project,
-            options.nodes,
-            options.connections,
-            options.events,
-        )
-        .await?;
+        let result = run_once(&engine, &project, options).await?;
         let endpoints: Vec<String> = result
             .latencies
             .iter()
@@ -635,8 +660,8 @@ async fn serve_one_node(options: &Options, data_dir: &Path) -> Result<(), Failur
     let config = Config::new(data_dir).heartbeat_timeout(Duration::from_secs(24 * 3600));
     let engine = start_engine(data_dir, &options.store, config).await?;
     let project = data_dir.join("project");
-    write_project(&project, 1)?;
-    engine.engine.deploy_dir(&project).await?;
+    write_project(&project, 1, options.bundle_mb)?;
+    let id = engine.engine.deploy_dir(&project).await?.id;
     let provision_token = engine
         .tokens
         .lock()
@@ -648,6 +673,9 @@ async fn serve_one_node(options: &Options, data_dir: &Path) -> Result<(), Failur
     let token = connection.start_node(&provision_token).await?;
     println!("url=http://{}", engine.address);
     println!("token={token}");
+    // The file `GET /nodes/assets` serves, for a static file server to serve the same.
+    let bundle = data_dir.join("deployments").join(&id).join("worker.tar.gz");
+    println!("bundle={}", bundle.display());
     tokio::signal::ctrl_c().await?;
     engine.server.stop().await?;
     Ok(())
