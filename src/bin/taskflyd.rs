@@ -208,6 +208,9 @@ fn main() -> ExitCode {
 }
 
 async fn serve(args: Args) -> Result<(), String> {
+    // Caught from the first moment: a SIGTERM while the daemon starts stops it cleanly once
+    // it runs, rather than killing it half-started.
+    let signals = ShutdownSignals::catch()?;
     // Flags are checked before anything is created or bound.
     let pool = args.pool()?;
     let data_dir = match args.data_dir.clone() {
@@ -315,8 +318,8 @@ async fn serve(args: Args) -> Result<(), String> {
     };
     tracing::info!(listen = %address, advertise_url = %advertise, tls = tls.is_some(), data_dir = %data_dir.display(), "taskflyd listening");
     server
-        .run(listener, async {
-            shutdown_signal().await;
+        .run(listener, async move {
+            signals.received().await;
             tracing::info!("shutting down");
         })
         .await
@@ -473,17 +476,29 @@ fn daemon_id(data_dir: &Path) -> Result<String, String> {
     Ok(id)
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = ctrl_c => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = ctrl_c.await;
+/// SIGINT and SIGTERM, each caught from the moment this is made until the daemon ends.
+struct ShutdownSignals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    fn catch() -> Result<ShutdownSignals, String> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let catch = |kind: SignalKind, name: &str| {
+            signal(kind).map_err(|e| format!("cannot catch {name}: {e}"))
+        };
+        Ok(ShutdownSignals {
+            interrupt: catch(SignalKind::interrupt(), "SIGINT")?,
+            terminate: catch(SignalKind::terminate(), "SIGTERM")?,
+        })
+    }
+
+    /// Until one of them arrives (at once if one already has).
+    async fn received(mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
         }
     }
 }
