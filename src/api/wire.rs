@@ -151,6 +151,10 @@ pub struct DeploymentView {
     pub nodes_completed: u32,
     /// Nodes failed with no retry left.
     pub nodes_failed: u32,
+    /// Nodes terminated (by `down`) before they ended; 0 from an older daemon, which does not
+    /// send it.
+    #[serde(default)]
+    pub nodes_terminated: u32,
     /// RFC 3339.
     pub created_at: String,
     /// RFC 3339.

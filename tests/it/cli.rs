@@ -564,6 +564,7 @@ fn down_terminates_every_node_and_leaves_no_process_behind() {
     let view = daemon.status(&id);
     assert_eq!(view["status"], "terminated", "{view:#}");
     assert_eq!(node_statuses(&view), ["terminated"; 3], "{view:#}");
+    assert_eq!(view["nodes_terminated"], 3, "{view:#}");
 
     let env = format!("MARKER={marker}");
     cli_run::poll(

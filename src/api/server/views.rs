@@ -50,6 +50,7 @@ pub(crate) fn deployment(d: &Deployment, nodes: &[Node]) -> DeploymentView {
         total_nodes: d.total_nodes,
         nodes_completed: d.nodes_completed,
         nodes_failed: d.nodes_failed,
+        nodes_terminated: d.nodes_terminated,
         created_at: time(d.created_at),
         updated_at: time(d.updated_at),
         completed_at: d.completed_at.map(time),
