@@ -198,7 +198,7 @@ fn expand_home(path: &str) -> PathBuf {
 }
 
 /// What one `ssh` call gave back.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(super) struct Output {
     status: Option<i32>,
     stdout: String,

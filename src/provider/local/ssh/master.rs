@@ -9,7 +9,8 @@
 //!
 //! - A master is started on the first call to its login: `ssh -N -o ControlMaster=yes -o
 //!   ControlPersist=60s`, which returns once it has logged in and leaves the master running in
-//!   the background. What that ssh says when it cannot log in is the call's answer.
+//!   the background. What that ssh says when it cannot log in is the call's answer, and the
+//!   answer of every call that was waiting for that start.
 //! - Before each call the master's socket must accept a connection; a master that died (host
 //!   rebooted, network, killed) is started again there and then.
 //! - A call through a master that fails as ssh itself (exit status 255) is made once more
@@ -123,9 +124,19 @@ pub(super) struct Host {
     pub(super) sessions: Semaphore,
     /// The master's control socket; `None` when calls connect one by one.
     control_path: Option<PathBuf>,
-    /// Whether this provider started the master at `control_path` and has not stopped it
-    /// since. Locked while the master is checked, started or stopped.
-    started: tokio::sync::Mutex<bool>,
+    /// Locked while the master is checked, started or stopped.
+    master: tokio::sync::Mutex<MasterState>,
+}
+
+/// What a [`Host`] knows of its master.
+#[derive(Debug, Default)]
+struct MasterState {
+    /// This provider started the master at `control_path` and has not stopped it since.
+    started: bool,
+    /// The last start that could not log in, and when it ended: calls that were waiting for
+    /// it take its answer rather than each trying again in turn (a host that does not answer
+    /// would otherwise hold them up one `ConnectTimeout` after another).
+    failed: Option<(tokio::time::Instant, Output)>,
 }
 
 /// Every login's [`Host`], and where their sockets live.
@@ -171,7 +182,7 @@ impl Masters {
             Arc::new(Host {
                 sessions: Semaphore::new(SESSIONS_PER_HOST),
                 control_path,
-                started: tokio::sync::Mutex::new(false),
+                master: tokio::sync::Mutex::new(MasterState::default()),
             })
         }))
     }
@@ -187,24 +198,34 @@ impl Masters {
         let Some(path) = &host.control_path else {
             return Ok(Via::Direct);
         };
-        let mut started = host.started.lock().await;
-        if *started && is_listening(path).await {
+        let asked = tokio::time::Instant::now();
+        let mut master = host.master.lock().await;
+        if master.started && is_listening(path).await {
             return Ok(Via::Master(path.clone()));
         }
         if self.stopped.load(Ordering::SeqCst) {
             return Ok(Via::Direct);
         }
-        if *started {
+        if let Some((at, output)) = &master.failed {
+            if *at >= asked {
+                return Err(output.clone());
+            }
+        }
+        if master.started {
             tracing::info!(host = %login.host, "the ssh master connection to this host ended; starting another");
-            *started = false;
+            master.started = false;
         }
         match start(login, options, path).await {
             Started::Yes => {
-                *started = true;
+                master.started = true;
+                master.failed = None;
                 tracing::debug!(host = %login.host, control_path = %path.display(), "started an ssh master connection");
                 Ok(Via::Master(path.clone()))
             }
-            Started::Failed(output) => Err(output),
+            Started::Failed(output) => {
+                master.failed = Some((tokio::time::Instant::now(), output.clone()));
+                Err(output)
+            }
             Started::Unusable(why) => {
                 tracing::warn!(host = %login.host, reason = %why, "cannot keep an ssh master connection to this host; this call connects on its own");
                 Ok(Via::Direct)
@@ -214,11 +235,11 @@ impl Masters {
 
     /// Stops `host`'s master (a call through it failed), so the next call starts another.
     pub(super) async fn stop(&self, host: &Host) {
-        let mut started = host.started.lock().await;
-        if let (true, Some(path)) = (*started, &host.control_path) {
+        let mut master = host.master.lock().await;
+        if let (true, Some(path)) = (master.started, &host.control_path) {
             stop_master(path).await;
         }
-        *started = false;
+        master.started = false;
     }
 
     /// Stops every master: those this provider started and any socket an earlier run left in
