@@ -14,7 +14,7 @@ runs="${2:-10}"
 
 if [ -z "${TASKFLY_BIN:-}" ]; then
   export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
-  cargo build --locked --features full --bins
+  cargo build --locked --features full --all-targets
 fi
 taskfly="$(realpath "${TASKFLY_BIN:-target/debug/taskfly}")"
 missing=()
