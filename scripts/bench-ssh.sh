@@ -5,15 +5,16 @@
 #
 #   bash scripts/bench-ssh.sh [NODES] [RUNS]      # default 50 nodes, 5 runs each
 #
-# It uses the test build (debug, features `full`), so it rebuilds nothing after
-# scripts/test.sh; the time is spent in ssh handshakes and processes, not in TaskFly's code.
+# It uses the test build (debug, features `full`, all targets: the same dependency features as
+# scripts/test.sh, so nothing is rebuilt after it); the time is spent in ssh sessions and
+# processes, not in TaskFly's code.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 nodes="${1:-50}"
 runs="${2:-5}"
 
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
-cargo build --locked --features full --bins
+cargo build --locked --features full --all-targets
 command -v hyperfine >/dev/null || {
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends hyperfine >/dev/null
@@ -75,3 +76,13 @@ for _ in $(seq 1 300); do
   sleep 0.1
 done
 echo "node folders left on the hosts after the runs: $left"
+# The daemon's master connections (their control sockets in its work dir) end with it.
+kill "$daemon_pid"
+wait "$daemon_pid" 2>/dev/null || true
+daemon_pid=
+masters="$(pgrep -fc -- "$bench_dir/data/work/cm/" || true)"
+sockets=0
+if [ -d "$bench_dir/data/work/cm" ]; then
+  sockets="$(find "$bench_dir/data/work/cm" -mindepth 1 | wc -l)"
+fi
+echo "ssh processes and control sockets of the daemon left after it stopped: $masters, $sockets"

@@ -643,3 +643,92 @@ fn a_script_left_by_a_killed_bootstrap_is_found_by_its_node_id_and_stopped() {
     down(&daemon, &id);
     wait_until_nothing_left(&target, &id, &[node_id]);
 }
+
+/// `<data-dir>/work/cm`: where the daemon keeps its ssh control sockets.
+fn control_sockets(daemon: &Daemon) -> std::path::PathBuf {
+    daemon.data_dir.path().join("work").join("cm")
+}
+
+#[test]
+fn one_master_connection_per_host_serves_a_deployment_and_none_outlives_the_daemon() {
+    let Some(target) = SshTarget::from_env("one_master_connection_per_host") else {
+        return;
+    };
+    let mut daemon = daemon_with(&target.daemon_args(), &[]);
+    let cm = control_sockets(&daemon);
+    let project = ssh_project(
+        &target,
+        &HOSTS,
+        &target.key,
+        6,
+        "",
+        "#!/bin/sh\necho \"node $TASKFLY_NODE_INDEX\"\n",
+    );
+
+    let view = up_wait_json(&daemon, project.path(), 0);
+    let id = deployment_id(&view);
+    let _leftovers = leftovers_of(&target, &id);
+    assert_eq!(view["status"], "completed", "{view:#}");
+    // Six starts over two hosts: one master connection each, one socket each.
+    let masters = sshd::masters_in(&cm);
+    assert_eq!(
+        masters.len(),
+        2,
+        "one master per host: {:#?}",
+        sshd::processes_naming(&cm)
+    );
+    assert_eq!(
+        sshd::sockets_in(&cm).len(),
+        2,
+        "{:?}",
+        sshd::sockets_in(&cm)
+    );
+    // The nodes' stops go through them too: still no more than one per host.
+    wait_until_nothing_left(&target, &id, &node_ids(&view));
+    assert!(
+        sshd::masters_in(&cm).len() <= 2,
+        "{:#?}",
+        sshd::processes_naming(&cm)
+    );
+
+    assert!(daemon.shut_down().success(), "taskflyd exits cleanly");
+    // No ssh process naming the folder, and no socket in it, outlives the daemon.
+    cli_run::poll(CLEANUP_LIMIT, POLL, "every ssh master to end", || {
+        sshd::processes_naming(&cm).is_empty().then_some(())
+    });
+    assert_eq!(sshd::sockets_in(&cm), Vec::<String>::new());
+}
+
+#[test]
+fn a_master_connection_that_died_is_started_again_by_the_next_call() {
+    let Some(target) = SshTarget::from_env("a_master_connection_that_died") else {
+        return;
+    };
+    let daemon = ssh_daemon(&target, &["--grace-period", "2s"]);
+    let cm = control_sockets(&daemon);
+    let project = ssh_project(&target, &HOSTS, &target.key, 2, "", SLEEP_SCRIPT);
+    let id = daemon.up(project.path());
+    let _leftovers = leftovers_of(&target, &id);
+    let running = wait_until_scripts_run(&daemon, &id);
+    let killed = sshd::masters_in(&cm);
+    assert_eq!(killed.len(), 2, "{:#?}", sshd::processes_naming(&cm));
+
+    // Both masters die at once (a network outage would end them alike); their sockets stay.
+    for pid in &killed {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(*pid).expect("pid"));
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).expect("SIGKILL a master");
+    }
+    cli_run::poll(CLEANUP_LIMIT, POLL, "the killed masters to end", || {
+        sshd::masters_in(&cm).is_empty().then_some(())
+    });
+
+    // The stop calls of `down` start a master per host again and reach both nodes.
+    down(&daemon, &id);
+    wait_until_nothing_left(&target, &id, &node_ids(&running));
+    let restarted = sshd::masters_in(&cm);
+    assert_eq!(restarted.len(), 2, "{:#?}", sshd::processes_naming(&cm));
+    assert!(
+        restarted.iter().all(|pid| !killed.contains(pid)),
+        "new masters: {restarted:?}, killed: {killed:?}"
+    );
+}

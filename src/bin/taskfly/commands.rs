@@ -486,6 +486,9 @@ async fn run_local_in(
     outcome
 }
 
+/// Follows the deployment of `dir` on `engine` to its end: its log lines as they come, its
+/// progress from the engine's counters (one row read per change, whatever the node count),
+/// the whole deployment (its nodes) read once, at the end.
 async fn run_and_follow(
     engine: &Orchestrator,
     dir: &Path,
@@ -507,9 +510,9 @@ async fn run_and_follow(
             .map_err(|e| failure(None, e))?;
         cursor = page.next;
         progress.print_logs(&log_views(&page.lines));
-        let detail = engine.deployment(&id).await.map_err(|e| failure(None, e))?;
-        let view = DeploymentView::from(&detail);
-        if view.is_final() {
+        if watch.current().is_final() {
+            let detail = engine.deployment(&id).await.map_err(|e| failure(None, e))?;
+            let view = DeploymentView::from(&detail);
             // Lines that arrived between the last page and the final state.
             loop {
                 let page = engine
@@ -530,10 +533,14 @@ async fn run_and_follow(
             };
             return Ok(exit_for(&view).max(collected));
         }
-        progress.update(&view, started.elapsed());
+        progress.update_summary(watch.current(), started.elapsed());
         tokio::select! {
             // Log lines change nothing the watch sees: poll for them at least every POLL.
-            _ = tokio::time::timeout(POLL, watch.changed()) => {}
+            changed = tokio::time::timeout(POLL, watch.changed()) => {
+                if let Ok(Err(e)) = changed {
+                    return Err(failure(None, e));
+                }
+            }
             _ = &mut ctrl_c => {
                 progress.message("interrupted: terminating every node");
                 let _ = engine.terminate(&id).await;

@@ -73,6 +73,11 @@ const NODE_ID_VARIABLE: &str = "TASKFLY_NODE_ID";
 /// `work_root/ssh-instances/` until terminated, so the leak checks find them even when the
 /// engine's state was lost ([`Provider::owned_instances`]). At [`Provider::shutdown`] they
 /// are terminated unless agents run as processes (a daemon), as local bootstraps are.
+/// Calls to one host (user, host, port and key) share one OpenSSH master connection, its
+/// control socket in `work_root/cm/`, at most 8 calls at once per host; a master ends after
+/// 60 s without a call, and [`Provider::shutdown`] stops them all (unless the
+/// [`LocalProvider::ssh_options`] set `ControlMaster`, `ControlPath` or `ControlPersist`: then
+/// every call connects as those say).
 ///
 /// Instance ids are `local-<node_id>-<attempt>`, their locator the node id (whose scripts
 /// carry `TASKFLY_NODE_ID`, so terminating finds what a killed agent left). Agent failures are logged with `tracing`
@@ -153,7 +158,9 @@ impl LocalProvider {
 
     /// Options for every `ssh` call to a node's host, each passed as `-o OPTION`
     /// (`UserKnownHostsFile=/etc/taskfly/known_hosts`, `ProxyJump=bastion`, …). They add to
-    /// the daemon user's own SSH configuration; `BatchMode=yes` always applies.
+    /// the daemon user's own SSH configuration; `BatchMode=yes` always applies. A
+    /// `ControlMaster`, `ControlPath` or `ControlPersist` among them replaces the provider's
+    /// own master connection per host.
     #[must_use]
     pub fn ssh_options(
         mut self,
@@ -445,12 +452,13 @@ impl Provider for LocalProvider {
 
     /// Stops every agent and waits until all of them, and their scripts, have ended. Nodes on
     /// SSH hosts are terminated too, unless agents run as processes (they carry on with a
-    /// restarted engine).
+    /// restarted engine); either way, every SSH master connection is stopped.
     async fn shutdown(&self) {
         self.shutdown.cancel();
         if matches!(self.runner, Runner::Task) {
             self.terminate_ssh_instances().await;
         }
+        self.ssh.stop_masters().await;
         self.tracker.close();
         self.tracker.wait().await;
         self.agents().clear();

@@ -30,7 +30,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt as _;
-use tokio::sync::Semaphore;
+
+use self::master::{Login, Masters, Via};
+
+mod master;
 
 use super::EXTRA_AGENT_GRACE;
 use crate::agent::bootstrap;
@@ -45,9 +48,6 @@ use crate::provider::{
 const ID_PREFIX: &str = "ssh-";
 /// The folder of `work_root` holding a record per instance.
 const RECORDS: &str = "ssh-instances";
-/// At most this many `ssh` calls at once: sshd drops unauthenticated connections past 10 by
-/// default (`MaxStartups`), and a 500-node deployment must not trip it.
-const MAX_CONCURRENT_CALLS: usize = 8;
 /// How long `ssh` may take to connect.
 const CONNECT_TIMEOUT_S: u32 = 15;
 /// How long a call may take beyond its own work (connecting, logging in).
@@ -58,13 +58,16 @@ const SSH_FAILED: i32 = 255;
 /// Starts a node's bootstrap on the host: the instance id is `$1`; the grace period (ms) `$2`;
 /// the bootstrap's text comes on standard input. The bootstrap gets the variables a local one
 /// gets (`agent::ENV_GRACE_MS`, `agent::ENV_INSTANCE_ID`) and `TMPDIR` in the node's folder,
-/// where it keeps its files and extracts the bundle.
+/// where it keeps its files and extracts the bundle. Run again for a node whose bootstrap
+/// runs (a call made twice: [`SshHosts::call`]), it starts nothing more.
 const LAUNCH: &str = r#"set -u
 umask 077
 for t in setsid curl tar gzip; do
   command -v "$t" >/dev/null 2>&1 || { echo "$t is not installed on this host; the node bootstrap needs sh, curl, tar, gzip and setsid" >&2; exit 3; }
 done
 d="$HOME/.taskfly/nodes/$1"
+p=$(cat "$d/pid" 2>/dev/null) || p=
+case $p in '' | *[!0-9]*) ;; *) if kill -0 "$p" 2>/dev/null; then echo "started $p"; exit 0; fi ;; esac
 mkdir -p "$d" || exit 3
 if ! cat >"$d/bootstrap.sh"; then rm -rf "$d"; exit 3; fi
 cd "$d" || exit 3
@@ -120,13 +123,25 @@ impl Record {
     fn target(&self) -> String {
         format!("{}@{}:{}", self.user, self.host, self.port)
     }
+
+    /// Who logs in where: what one master connection serves.
+    fn login(&self) -> Login {
+        Login {
+            user: self.user.clone(),
+            host: self.host.clone(),
+            port: self.port,
+            key_path: self.key_path.clone(),
+        }
+    }
 }
 
 /// The SSH side of the local provider.
 pub(super) struct SshHosts {
+    work_root: PathBuf,
     records: PathBuf,
     options: Vec<String>,
-    calls: Semaphore,
+    /// One master connection, and a cap on calls, per login.
+    masters: Masters,
 }
 
 /// Whether `instance_id` names a node on an SSH host.
@@ -183,23 +198,76 @@ fn expand_home(path: &str) -> PathBuf {
 }
 
 /// What one `ssh` call gave back.
-struct Output {
+#[derive(Debug, Clone)]
+pub(super) struct Output {
     status: Option<i32>,
     stdout: String,
     stderr: String,
 }
 
+impl From<std::process::Output> for Output {
+    fn from(output: std::process::Output) -> Output {
+        Output {
+            status: output.status.code(),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+}
+
+/// `ssh` with the options every call and master share, logging in as `login` says; the
+/// caller adds its own options, then `--`, the host and the command.
+fn ssh_command(options: &[String], login: &Login) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new("ssh");
+    command
+        .args(["-o", "BatchMode=yes"])
+        .args(["-o", &format!("ConnectTimeout={CONNECT_TIMEOUT_S}")])
+        .args([
+            "-o",
+            "ServerAliveInterval=15",
+            "-o",
+            "ServerAliveCountMax=4",
+        ]);
+    for option in options {
+        command.arg("-o").arg(option);
+    }
+    command.arg("-p").arg(login.port.to_string());
+    if let Some(key) = &login.key_path {
+        command
+            .arg("-i")
+            .arg(key)
+            .args(["-o", "IdentitiesOnly=yes"]);
+    }
+    command
+        .arg("-l")
+        .arg(&login.user)
+        // The daemon's own secrets stay with the daemon.
+        .env_remove("TASKFLY_API_TOKEN")
+        .kill_on_drop(true);
+    command
+}
+
 impl SshHosts {
     pub(super) fn new(work_root: &Path) -> SshHosts {
+        // Absolute, so control sockets are found whatever the current directory.
+        let work_root = std::path::absolute(work_root).unwrap_or_else(|_| work_root.to_owned());
         SshHosts {
             records: work_root.join(RECORDS),
+            masters: Masters::new(&work_root, &[]),
+            work_root,
             options: Vec::new(),
-            calls: Semaphore::new(MAX_CONCURRENT_CALLS),
         }
     }
 
     pub(super) fn set_options(&mut self, options: Vec<String>) {
+        self.masters = Masters::new(&self.work_root, &options);
         self.options = options;
+    }
+
+    /// Stops every master connection (the provider's shutdown); calls made later connect one
+    /// by one.
+    pub(super) async fn stop_masters(&self) {
+        self.masters.stop_all().await;
     }
 
     /// Starts the node's bootstrap on its host. The record is written first, so an instance
@@ -356,8 +424,10 @@ impl SshHosts {
         Ok(ids)
     }
 
-    /// Runs `program` with `args` on the record's host through `sh -c`, feeding it `input`.
-    /// `work` is how long the program itself may take, beyond [`CALL_TIMEOUT`].
+    /// Runs `program` with `args` on the record's host through `sh -c`, feeding it `input`,
+    /// through the host's master connection ([`master`]), at most
+    /// [`master::SESSIONS_PER_HOST`] at once per host. `work` is how long the program itself
+    /// may take, beyond [`CALL_TIMEOUT`].
     async fn call(
         &self,
         record: &Record,
@@ -366,8 +436,10 @@ impl SshHosts {
         input: Option<&[u8]>,
         work: Duration,
     ) -> Result<Output, BoxError> {
-        let _slot = self
-            .calls
+        let login = record.login();
+        let host = self.masters.host(&login);
+        let _session = host
+            .sessions
             .acquire()
             .await
             .map_err(|_| Error::shutting_down("the local provider is shutting down"))?;
@@ -376,42 +448,48 @@ impl SshHosts {
             remote.push(' ');
             remote.push_str(&bootstrap::sh_quote(arg));
         }
-        let mut command = tokio::process::Command::new("ssh");
-        command
-            .args(["-o", "BatchMode=yes"])
-            .args(["-o", &format!("ConnectTimeout={CONNECT_TIMEOUT_S}")])
-            .args([
-                "-o",
-                "ServerAliveInterval=15",
-                "-o",
-                "ServerAliveCountMax=4",
-            ]);
-        for option in &self.options {
-            command.arg("-o").arg(option);
+        let via = match self.masters.via(&host, &login, &self.options).await {
+            Ok(via) => via,
+            // The master could not log in: a call of its own would not either.
+            Err(output) => return Ok(output),
+        };
+        let output = self.run(record, &via, &remote, input, work).await?;
+        if output.status == Some(SSH_FAILED) && via != Via::Direct {
+            // The master has logged in before: ssh failing now is the connection's doing.
+            tracing::info!(host = %record.host, stderr = %output.stderr.trim(), "an ssh call through the host's master connection failed; stopping the master and calling again on a connection of its own");
+            self.masters.stop(&host).await;
+            return self.run(record, &Via::Direct, &remote, input, work).await;
         }
-        command.arg("-p").arg(record.port.to_string());
-        if let Some(key) = &record.key_path {
+        Ok(output)
+    }
+
+    /// One `ssh` process running `remote` on the record's host, `via` its master or not.
+    async fn run(
+        &self,
+        record: &Record,
+        via: &Via,
+        remote: &str,
+        input: Option<&[u8]>,
+        work: Duration,
+    ) -> Result<Output, BoxError> {
+        let mut command = ssh_command(&self.options, &record.login());
+        if let Via::Master(control_path) = via {
             command
-                .arg("-i")
-                .arg(key)
-                .args(["-o", "IdentitiesOnly=yes"]);
+                .args(["-o", "ControlMaster=no"])
+                .arg("-o")
+                .arg(format!("ControlPath={}", control_path.display()));
         }
         command
-            .arg("-l")
-            .arg(&record.user)
             .arg("--")
             .arg(&record.host)
             .arg(remote)
-            // The daemon's own secrets stay with the daemon.
-            .env_remove("TASKFLY_API_TOKEN")
             .stdin(if input.is_some() {
                 Stdio::piped()
             } else {
                 Stdio::null()
             })
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
+            .stderr(Stdio::piped());
         let mut child = command
             .spawn()
             .map_err(|e| Error::io("cannot run ssh (is the OpenSSH client installed?)", e))?;
@@ -432,11 +510,7 @@ impl SshHosts {
                 retryable: true,
             })?
             .map_err(|e| Error::io("cannot read from ssh", e))?;
-        Ok(Output {
-            status: output.status.code(),
-            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-        })
+        Ok(Output::from(output))
     }
 
     fn record_path(&self, instance_id: &str) -> PathBuf {

@@ -327,3 +327,56 @@ fn sorted_lines(output: &[u8]) -> Vec<String> {
     lines.sort();
     lines
 }
+
+/// Live processes whose command line names `path` (in one of its arguments), with their
+/// command lines: ssh clients and masters using a control socket in that folder.
+pub fn processes_naming(path: &Path) -> Vec<(u32, String)> {
+    let needle = path.as_os_str().as_encoded_bytes();
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // A zombie's command line is empty: it names nothing.
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        if cmdline.windows(needle.len()).any(|w| w == needle) {
+            let shown = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            found.push((pid, shown.trim_end().to_owned()));
+        }
+    }
+    found.sort();
+    found
+}
+
+/// The ssh master connections (`ssh -N -o ControlMaster=yes …`) with their control socket in
+/// `dir`: their pids, sorted.
+pub fn masters_in(dir: &Path) -> Vec<u32> {
+    processes_naming(dir)
+        .into_iter()
+        .filter(|(_, cmdline)| cmdline.contains("ControlMaster=yes"))
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
+/// The entries of `dir` (control sockets), sorted; none when it does not exist.
+pub fn sockets_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|entry| entry.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}

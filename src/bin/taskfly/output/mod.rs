@@ -7,6 +7,7 @@ use std::io::{IsTerminal, Write};
 use std::time::{Duration, SystemTime};
 
 use indicatif::{ProgressBar, ProgressStyle};
+use taskfly::state::model::DeploymentSummary;
 use taskfly::wire::{DeploymentView, LogLineView, NodeStatus};
 
 use crate::Output;
@@ -106,16 +107,76 @@ pub(crate) fn state_counts(view: &DeploymentView) -> String {
         .join(" · ")
 }
 
-/// One progress line: `[12s] running 3/5 done (completed 3 · running_script 2)`.
+/// `active 3 · completed 2 · failed 1` from a deployment's counters alone: nodes not yet
+/// completed, failed or terminated count as `active`; states with no node are left out.
+pub(crate) fn counter_counts(total: u32, completed: u32, failed: u32, terminated: u32) -> String {
+    let ended = completed.saturating_add(failed).saturating_add(terminated);
+    let counts = [
+        ("active", total.saturating_sub(ended)),
+        ("completed", completed),
+        ("failed", failed),
+        ("terminated", terminated),
+    ];
+    let shown: Vec<String> = counts
+        .iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(state, n)| format!("{state} {n}"))
+        .collect();
+    shown.join(" · ")
+}
+
+/// What progress shows of a deployment: its state, how many nodes are done of how many, and
+/// a count per node state. Made from a whole view (`up --wait`), or from the engine's
+/// counters alone (`taskfly run`: the same cost at 10 nodes as at 100,000).
+pub(crate) struct Tally {
+    status: String,
+    done: u32,
+    total: u32,
+    counts: String,
+}
+
+impl Tally {
+    /// A count per node state, a failed node waiting for its retry as `retrying`.
+    pub(crate) fn of_view(view: &DeploymentView) -> Tally {
+        Tally {
+            status: view.status.to_string(),
+            done: view.nodes_completed + view.nodes_failed,
+            total: view.total_nodes,
+            counts: state_counts(view),
+        }
+    }
+
+    /// Nodes under way counted together as `active` ([`counter_counts`]).
+    pub(crate) fn of_summary(summary: &DeploymentSummary) -> Tally {
+        Tally {
+            status: summary.status.to_string(),
+            done: summary.nodes_completed + summary.nodes_failed,
+            total: summary.total_nodes,
+            counts: counter_counts(
+                summary.total_nodes,
+                summary.nodes_completed,
+                summary.nodes_failed,
+                summary.nodes_terminated,
+            ),
+        }
+    }
+
+    /// One progress line: `[12s] running 3/5 done (completed 3 · running_script 2)`.
+    pub(crate) fn line(&self, elapsed: Duration) -> String {
+        format!(
+            "[{}s] {} {}/{} done ({})",
+            elapsed.as_secs(),
+            self.status,
+            self.done,
+            self.total,
+            self.counts
+        )
+    }
+}
+
+/// [`Tally::line`] of a whole view.
 pub(crate) fn progress_line(view: &DeploymentView, elapsed: Duration) -> String {
-    format!(
-        "[{}s] {} {}/{} done ({})",
-        elapsed.as_secs(),
-        view.status,
-        view.nodes_completed + view.nodes_failed,
-        view.total_nodes,
-        state_counts(view)
-    )
+    Tally::of_view(view).line(elapsed)
 }
 
 fn output_timestamp() -> String {
@@ -192,6 +253,10 @@ impl Progress {
         }
         let mut text = String::new();
         for line in lines {
+            // Once a node is seen on a later attempt, every line of it names its attempt.
+            if line.attempt > 1 {
+                self.retried.insert(line.node_index);
+            }
             let mark = line.attempt > 1 || self.retried.contains(&line.node_index);
             let _ = writeln!(text, "{}", log_line(line, self.color, mark));
         }
@@ -217,28 +282,35 @@ impl Progress {
         }
     }
 
-    /// Show the current state: the bar on a terminal, a timestamped line when it changed.
+    /// Show the current state of a whole view ([`Progress::show`]).
     pub(crate) fn update(&mut self, view: &DeploymentView, elapsed: Duration) {
         self.retried.extend(retried_nodes(view));
-        if self.format != Output::Text {
-            return;
+        if self.format == Output::Text {
+            self.show(&Tally::of_view(view), elapsed);
         }
+    }
+
+    /// Show the current state from the deployment's counters alone ([`Progress::show`]).
+    pub(crate) fn update_summary(&mut self, summary: &DeploymentSummary, elapsed: Duration) {
+        if self.format == Output::Text {
+            self.show(&Tally::of_summary(summary), elapsed);
+        }
+    }
+
+    /// Show `tally`: the bar on a terminal, a timestamped line when it changed.
+    fn show(&mut self, tally: &Tally, elapsed: Duration) {
         match &self.bar {
             Some(bar) => {
-                bar.set_position(u64::from(view.nodes_completed + view.nodes_failed));
-                bar.set_message(format!("{} ({})", view.status, state_counts(view)));
+                bar.set_position(u64::from(tally.done));
+                bar.set_message(format!("{} ({})", tally.status, tally.counts));
             }
             None => {
                 // Plain output: a line when the deployment's state or the count of finished
                 // nodes changed, at most one per PLAIN_PROGRESS_EVERY, so a log file is not
                 // flooded by every node's every step; a change held back is printed later.
-                let key = format!(
-                    "{} {}",
-                    view.status,
-                    view.nodes_completed + view.nodes_failed
-                );
+                let key = format!("{} {}", tally.status, tally.done);
                 if key != self.last_line && self.throttle.ready() {
-                    eprintln!("{} {}", output_timestamp(), progress_line(view, elapsed));
+                    eprintln!("{} {}", output_timestamp(), tally.line(elapsed));
                     self.last_line = key;
                 }
             }

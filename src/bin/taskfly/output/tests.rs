@@ -384,3 +384,26 @@ fn cpu_and_memory_show_the_last_reading_while_running_and_the_peak_after() {
     );
     assert_eq!(bytes(512), "512B");
 }
+
+#[test]
+fn progress_from_the_counters_alone_counts_the_nodes_under_way_as_active() {
+    assert_eq!(
+        counter_counts(5, 2, 1, 0),
+        "active 2 · completed 2 · failed 1"
+    );
+    assert_eq!(counter_counts(200, 0, 0, 0), "active 200");
+    assert_eq!(counter_counts(4, 4, 0, 0), "completed 4");
+    assert_eq!(counter_counts(3, 1, 0, 2), "completed 1 · terminated 2");
+    // Counters read mid-update never make a negative count.
+    assert_eq!(counter_counts(1, 1, 1, 0), "completed 1 · failed 1");
+}
+
+#[test]
+fn a_line_of_a_later_attempt_marks_the_nodes_lines_from_then_on() {
+    let mut progress = Progress::new(Output::Json, 2);
+    let mut second = log(1, "stdout", "second attempt");
+    second.attempt = 2;
+    progress.print_logs(&[log(1, "stdout", "first attempt"), second]);
+    assert!(progress.retried.contains(&1));
+    assert!(!progress.retried.contains(&0));
+}

@@ -1,3 +1,6 @@
+use std::sync::Arc;
+
+use super::master::{self, Login, Masters, Via};
 use super::*;
 
 #[test]
@@ -178,4 +181,123 @@ fn failures_name_the_host_and_what_ssh_said_and_only_connection_trouble_is_retri
     assert_eq!(missing.code, "SshHostFailed");
     assert!(missing.message.ends_with("curl is not installed on this host; the node bootstrap needs sh, curl, tar, gzip and setsid"));
     assert!(!missing.retryable);
+}
+
+fn login(user: &str, host: &str, port: u16, key: Option<&str>) -> Login {
+    Login {
+        user: user.into(),
+        host: host.into(),
+        port,
+        key_path: key.map(PathBuf::from),
+    }
+}
+
+#[test]
+fn control_sockets_are_short_hashes_of_the_login_in_the_work_roots_folder() {
+    let dir = Path::new("/var/lib/taskfly/work/cm");
+    let ops = login("ops", "10.0.0.5", 22, Some("/keys/id"));
+    let path = master::control_path(dir, &ops).expect("a short path");
+    assert_eq!(path.parent(), Some(dir));
+    let name = path.file_name().and_then(|n| n.to_str()).expect("a name");
+    assert_eq!(name.len(), 16, "{name}");
+    assert!(name.bytes().all(|b| b.is_ascii_hexdigit()), "{name}");
+    assert_eq!(master::control_path(dir, &ops.clone()), Some(path.clone()));
+    // Every part of the login has a master of its own: a key the host refuses never rides
+    // on a connection another key opened.
+    for other in [
+        login("root", "10.0.0.5", 22, Some("/keys/id")),
+        login("ops", "10.0.0.6", 22, Some("/keys/id")),
+        login("ops", "10.0.0.5", 2222, Some("/keys/id")),
+        login("ops", "10.0.0.5", 22, Some("/keys/other")),
+        login("ops", "10.0.0.5", 22, None),
+        login("ops1", "0.0.0.5", 22, Some("/keys/id")),
+    ] {
+        assert_ne!(
+            master::control_path(dir, &other),
+            Some(path.clone()),
+            "{other:?}"
+        );
+    }
+    // The longest work root that fits a socket's address with ssh's temporary suffix, and one
+    // byte more; paths ssh's configuration would read as more than a path.
+    let fitting = Path::new("/")
+        .join("w".repeat(90 - 1 - 16 - 1 - 3))
+        .join("cm");
+    let fits = master::control_path(&fitting, &ops).expect("fits");
+    assert_eq!(fits.as_os_str().len(), 90);
+    let longer = Path::new("/").join("w".repeat(90 - 16 - 1 - 3)).join("cm");
+    assert_eq!(master::control_path(&longer, &ops), None);
+    for odd in ["/srv/my work/cm", "/srv/100%C/cm", "/srv/\"q\"/cm"] {
+        assert_eq!(master::control_path(Path::new(odd), &ops), None, "{odd}");
+    }
+}
+
+#[tokio::test]
+async fn the_users_own_multiplexing_options_turn_the_masters_off() {
+    for theirs in [
+        "ControlPath=/tmp/cm-%C",
+        "controlmaster auto",
+        " ControlPersist=20",
+    ] {
+        assert!(master::user_multiplexes(&[theirs.to_owned()]), "{theirs}");
+    }
+    let others = [
+        "UserKnownHostsFile=/etc/taskfly/known_hosts".to_owned(),
+        "ProxyJump=bastion".to_owned(),
+    ];
+    assert!(!master::user_multiplexes(&others));
+    let root = tempfile::tempdir().expect("temp dir");
+    let theirs = ["ControlPath=/tmp/cm-%C".to_owned()];
+    let masters = Masters::new(root.path(), &theirs);
+    let ops = login("ops", "10.0.0.5", 22, None);
+    let host = masters.host(&ops);
+    // No master, no ssh run: every call connects as the user's options say.
+    assert_eq!(
+        masters.via(&host, &ops, &theirs).await.expect("direct"),
+        Via::Direct
+    );
+    assert!(!root.path().join(master::FOLDER).exists());
+}
+
+#[tokio::test]
+async fn each_login_has_its_own_cap_of_calls_at_once() {
+    let root = tempfile::tempdir().expect("temp dir");
+    let masters = Masters::new(root.path(), &[]);
+    let first = login("ops", "10.0.0.5", 22, None);
+    let host = masters.host(&first);
+    assert!(Arc::ptr_eq(&host, &masters.host(&first.clone())));
+    let held: Vec<_> = (0..master::SESSIONS_PER_HOST)
+        .map(|_| host.sessions.try_acquire().expect("a free session"))
+        .collect();
+    assert!(
+        masters.host(&first).sessions.try_acquire().is_err(),
+        "one call more than the cap waits"
+    );
+    let second = masters.host(&login("ops", "10.0.0.6", 22, None));
+    assert!(
+        second.sessions.try_acquire().is_ok(),
+        "another host is not held up"
+    );
+    drop(held);
+    assert!(host.sessions.try_acquire().is_ok());
+}
+
+#[tokio::test]
+async fn stopping_the_masters_removes_a_socket_left_by_a_killed_run_and_later_calls_go_direct() {
+    let root = tempfile::tempdir().expect("temp dir");
+    let masters = Masters::new(root.path(), &[]);
+    let ops = login("ops", "10.0.0.5", 22, None);
+    let dir = root.path().join(master::FOLDER);
+    std::fs::create_dir(&dir).expect("mkdir cm");
+    // A socket whose master was killed: nothing listens on it any more.
+    let stale = master::control_path(&dir, &ops).expect("a short path");
+    drop(std::os::unix::net::UnixListener::bind(&stale).expect("bind"));
+    assert!(stale.exists());
+    masters.stop_all().await;
+    assert!(!dir.exists(), "the folder is removed with its last socket");
+    let host = masters.host(&ops);
+    assert_eq!(
+        masters.via(&host, &ops, &[]).await.expect("direct"),
+        Via::Direct
+    );
 }

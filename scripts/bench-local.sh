@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Many local nodes: how long `taskfly run` takes for N nodes of a one-line script on this
+# machine, against `xargs -P N` and GNU `parallel -j N` running the same script N times (each
+# with its own TASKFLY_NODE_INDEX), timed with hyperfine. Figures go in BENCHMARKS.md.
+#
+#   bash scripts/bench-local.sh [NODES] [RUNS]      # default 200 nodes, 10 runs each
+#
+# It uses the test build (debug, features `full`), as scripts/bench-ssh.sh does, or the
+# `taskfly` named by TASKFLY_BIN (nothing is built then), e.g. a copy of an earlier build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+nodes="${1:-200}"
+runs="${2:-10}"
+
+if [ -z "${TASKFLY_BIN:-}" ]; then
+  export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+  cargo build --locked --features full --all-targets
+fi
+taskfly="$(realpath "${TASKFLY_BIN:-target/debug/taskfly}")"
+missing=()
+command -v hyperfine >/dev/null || missing+=(hyperfine)
+command -v parallel >/dev/null || missing+=(parallel)
+if [ "${#missing[@]}" -gt 0 ]; then
+  apt-get -o DPkg::Lock::Timeout=600 update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
+    --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+bench_dir="$(mktemp -d)"
+trap 'rm -rf "$bench_dir"' EXIT
+project="$bench_dir/project"
+mkdir -p "$project"
+printf '#!/bin/sh\necho "node $TASKFLY_NODE_INDEX on $(hostname)"\n' >"$project/setup.sh"
+chmod +x "$project/setup.sh"
+cat >"$project/taskfly.yml" <<YML
+cloud_provider: local
+application_files: [setup.sh]
+nodes:
+  count: $nodes
+YML
+last=$((nodes - 1))
+
+cd "$project"
+hyperfine --runs "$runs" --warmup 1 \
+  -n "taskfly run ($nodes nodes)" "$taskfly run ." \
+  -n "xargs -P $nodes" "seq 0 $last | xargs -P $nodes -I{} env TASKFLY_NODE_INDEX={} sh setup.sh" \
+  -n "parallel -j $nodes" "seq 0 $last | parallel --will-cite -j $nodes TASKFLY_NODE_INDEX={} sh setup.sh"
