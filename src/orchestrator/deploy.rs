@@ -167,6 +167,10 @@ impl Orchestrator {
         let id = deployment.id.clone();
         let total = deployment.total_nodes;
         let published = deployment.clone();
+        // Noted before it is stored, so a recovery still running never sees it unnoted.
+        if let Some(created) = lock(&self.inner.created_during_recovery).as_mut() {
+            created.insert(id.clone());
+        }
         self.inner
             .store
             .create_deployment(deployment.clone(), nodes)

@@ -21,7 +21,7 @@ mod recovery;
 mod rerun;
 mod terminate;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -80,6 +80,9 @@ pub(crate) struct Inner {
     pub(crate) config: Config,
     pub(crate) store: Arc<dyn Store>,
     providers: HashMap<String, Registered>,
+    /// Deployments created by this engine while its recovery runs, which recovery must leave
+    /// alone (they are not left over from before the start); `None` once recovery is done.
+    pub(crate) created_during_recovery: Mutex<Option<HashSet<String>>>,
     /// Deployments this process has loaded: their parsed config and metadata. Final ones
     /// are dropped ([`Orchestrator::forget_final`]) and read again on demand.
     live: Mutex<HashMap<String, Arc<Live>>>,
@@ -148,6 +151,7 @@ impl Orchestrator {
             cancel: CancellationToken::new(),
             started: Instant::now(),
             resources: Mutex::new(HashMap::new()),
+            created_during_recovery: Mutex::new(Some(HashSet::new())),
             notifier,
             metrics: Arc::new(crate::metrics::Metrics::new()),
         });

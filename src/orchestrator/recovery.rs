@@ -18,12 +18,27 @@ use crate::state::model::{has_retry_left, DeploymentStatus, NodeStatus};
 use crate::sync::lock;
 
 impl Orchestrator {
-    /// Resume every deployment that was not final when the engine last stopped.
+    /// Resume every deployment that was not final when the engine last stopped; then
+    /// deployments stop being noted as created during recovery, whether it succeeded or not.
     pub(crate) async fn recover(&self) -> Result<()> {
+        let resumed = self.resume_deployments().await;
+        *lock(&self.inner().created_during_recovery) = None;
+        resumed
+    }
+
+    async fn resume_deployments(&self) -> Result<()> {
         let store = &self.inner().store;
         let deployments = store.deployments().await?;
         for deployment in deployments.into_iter().filter(|d| !d.status.is_final()) {
             let id = deployment.id.clone();
+            // Deployed since the engine started (recovery runs beside the API): its own
+            // provisioning is under way.
+            let new = lock(&self.inner().created_during_recovery)
+                .as_ref()
+                .is_some_and(|created| created.contains(&id));
+            if new {
+                continue;
+            }
             tracing::info!(deployment_id = %id, status = %deployment.status, "resuming deployment after restart");
             let live = match self.live(&id).await {
                 Ok(live) => live,

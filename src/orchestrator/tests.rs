@@ -66,11 +66,24 @@ impl Provider for CountingProvider {
 }
 
 /// A [`MemoryStore`] whose first write of a node failure, and first retry, fail as a broken
-/// database would.
+/// database would (once each armed), and whose first listing of deployments waits for
+/// `listing` to be let go, when there is one.
 struct FlakyStore {
     inner: MemoryStore,
     failure_refused: AtomicBool,
     retry_refused: AtomicBool,
+    listing: Option<tokio::sync::Semaphore>,
+}
+
+impl FlakyStore {
+    fn new(fail_once: bool, hold_first_listing: bool) -> FlakyStore {
+        FlakyStore {
+            inner: MemoryStore::new(),
+            failure_refused: AtomicBool::new(!fail_once),
+            retry_refused: AtomicBool::new(!fail_once),
+            listing: hold_first_listing.then(|| tokio::sync::Semaphore::new(0)),
+        }
+    }
 }
 
 #[async_trait]
@@ -82,6 +95,13 @@ impl Store for FlakyStore {
         self.inner.deployment(id).await
     }
     async fn deployments(&self) -> crate::Result<Vec<Deployment>> {
+        if let Some(listing) = &self.listing {
+            // Every listing after the first one passes (its permit is never given back).
+            if let Ok(permit) = listing.acquire().await {
+                permit.forget();
+                listing.add_permits(usize::MAX >> 4);
+            }
+        }
         self.inner.deployments().await
     }
     async fn node(&self, node_id: &str) -> crate::Result<Option<Node>> {
@@ -228,11 +248,7 @@ async fn recovery_provisions_no_more_nodes_at_once_than_provision_concurrency() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_error_on_a_nodes_failure_or_retry_is_tried_again_until_the_node_is_final() {
     let data = tempfile::tempdir().expect("data dir");
-    let store = Arc::new(FlakyStore {
-        inner: MemoryStore::new(),
-        failure_refused: AtomicBool::new(false),
-        retry_refused: AtomicBool::new(false),
-    });
+    let store = Arc::new(FlakyStore::new(true, false));
     let provider = CountingProvider::new(Duration::ZERO, true);
     let engine = Orchestrator::new(
         Config::new(data.path())
@@ -495,4 +511,42 @@ async fn an_instance_answered_after_its_node_was_retried_is_released_not_given_t
     let mut terminated = lock(&provider.terminated).clone();
     terminated.sort();
     assert_eq!(terminated, [first, second]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployment_made_while_recovery_runs_is_provisioned_once() {
+    let data = tempfile::tempdir().expect("data dir");
+    let store = Arc::new(FlakyStore::new(false, true));
+    let provider = CountingProvider::new(Duration::ZERO, false);
+    let engine = Orchestrator::new(
+        Config::new(data.path())
+            .store(store.clone())
+            .provider(provider.clone()),
+    )
+    .expect("engine");
+    // Recovery waits to list the deployments while one is deployed and provisioned.
+    let id = engine
+        .deploy_dir(project(3, 0).path())
+        .await
+        .expect("deploy")
+        .id;
+    eventually("its own provisioning", || {
+        provider.calls.load(Ordering::SeqCst) == 3
+    })
+    .await;
+    store.listing.as_ref().expect("held listing").add_permits(1);
+    eventually("recovery done", || {
+        lock(&engine.inner.created_during_recovery).is_none()
+    })
+    .await;
+    engine.shutdown().await;
+    assert_eq!(
+        provider.calls.load(Ordering::SeqCst),
+        3,
+        "recovery took the new deployment {id} for one left from before and provisioned it again"
+    );
+    assert!(statuses(&engine, &id)
+        .await
+        .iter()
+        .all(|s| *s == NodeStatus::Booting));
 }
