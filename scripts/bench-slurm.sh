@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 [ "$#" -gt 0 ] || set -- 200
 
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
-cargo build --locked --features full --bins
+cargo build --locked --features full --all-targets
 
 bench_dir="$(mktemp -d)"
 stop_all() {

@@ -15,10 +15,11 @@
 //! the task's `SLURM_JOB_ID` (a process that left the script's process group escapes
 //! `proctrack/linuxproc`), and removes its folder. The bootstrap holds the node's single-use
 //! provision token, so it is written mode 0600 in a 0700 folder and is never on a command
-//! line or in the job's environment (`--export` passes `PATH`, `HOME`, `USER`, `LOGNAME` and
-//! `LANG` only). This assumes `work_dir` is on a file system the compute nodes share with the
-//! daemon, at the same path, readable by the daemon's user only (a home directory on a
-//! cluster usually is). Task output (the bootstrap's own messages) goes to
+//! line or in the job's environment (sbatch runs with `PATH`, `HOME`, `USER`, `LOGNAME`,
+//! `LANG` and Slurm's own `SLURM_*`/`SBATCH_*` variables only, and exports them all). This
+//! assumes `work_dir` is on a file system the compute nodes share with the daemon, at the same
+//! path, readable by the daemon's user only (a home directory on a cluster usually is). Task
+//! output (the bootstrap's own messages) goes to
 //! `<work_dir>/<batch>/<index>.log`.
 //!
 //! A node waits in Slurm's queue inside `provision`: the call returns once its task has left
@@ -45,7 +46,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use self::commands::{array_spec, failure, parse_job_id, parse_squeue, QueuedTask};
+use self::commands::{array_spec, failure, parse_job_id, parse_squeue, Environment, QueuedTask};
 use super::{
     is_plain_word, Instance, InstanceKind, InstanceRef, InstanceSpec, InstanceState, OwnedBy,
     OwnedInstance, Owner, Provider, ProviderError, ProviderSettings,
@@ -394,7 +395,8 @@ impl SlurmProvider {
             format!("--comment={}", self.comment(deployment_id, batch, single)),
             format!("--output={}/%a.log", folder.display()),
             format!("--chdir={}", folder.display()),
-            "--export=PATH,HOME,USER,LOGNAME,LANG".to_owned(),
+            // With the environment sbatch runs in (commands::Environment::Job).
+            "--export=ALL".to_owned(),
             "--no-requeue".to_owned(),
             "--ntasks=1".to_owned(),
         ];
@@ -424,6 +426,7 @@ impl SlurmProvider {
             "sbatch",
             &args,
             Some(script.as_bytes()),
+            Environment::Job,
         )
         .await
         .map_err(as_provider_error)?;
@@ -521,7 +524,7 @@ impl SlurmProvider {
             "--noheader".to_owned(),
             format!("--format={}", commands::SQUEUE_FORMAT),
         ];
-        let output = commands::run(bin_dir, "squeue", &args, None).await?;
+        let output = commands::run(bin_dir, "squeue", &args, None, Environment::Daemon).await?;
         if !output.success() {
             return Err(failure("squeue", &output).into());
         }
@@ -800,7 +803,14 @@ impl Provider for SlurmProvider {
             "--noheader".to_owned(),
             format!("--format={}", commands::SQUEUE_FORMAT),
         ];
-        let output = commands::run(self.bin_dir.as_deref(), "squeue", &args, None).await?;
+        let output = commands::run(
+            self.bin_dir.as_deref(),
+            "squeue",
+            &args,
+            None,
+            Environment::Daemon,
+        )
+        .await?;
         if !output.success() {
             return Err(failure("squeue", &output).into());
         }
@@ -886,7 +896,7 @@ impl Drop for WithdrawCancelsOnDrop<'_> {
 
 /// Runs one `scancel` for `ids`; the answer for each.
 async fn scancel(bin_dir: Option<&Path>, ids: &[String]) -> Vec<Result<(), ProviderError>> {
-    match commands::run(bin_dir, "scancel", ids, None).await {
+    match commands::run(bin_dir, "scancel", ids, None, Environment::Daemon).await {
         Ok(output) => commands::scancel_answers(ids, &output),
         Err(error) => {
             let error = as_provider_error(error);

@@ -10,7 +10,7 @@ use crate::secret::Secret;
 const TOKEN: &str = "00112233445566778899aabbccddeeff";
 
 /// A temporary folder with fake `sbatch`, `squeue` and `scancel`: sbatch logs its arguments
-/// (one call a line) and its standard input, and answers job id 4242 (or fails with
+/// (one call a line), its environment and its standard input, and answers job id 4242 (or fails with
 /// `sbatch_error` when set); squeue lists `queue` (a file the test writes); scancel logs.
 struct FakeSlurm {
     dir: tempfile::TempDir,
@@ -23,7 +23,7 @@ impl FakeSlurm {
         std::fs::create_dir(&bin).expect("bin dir");
         let sbatch = match sbatch_error {
             None => format!(
-                "#!/bin/sh\necho \"$*\" >>'{0}/sbatch.calls'\ncat >'{0}/sbatch.stdin'\necho 4242\n",
+                "#!/bin/sh\necho \"$*\" >>'{0}/sbatch.calls'\nenv >'{0}/sbatch.env'\ncat >'{0}/sbatch.stdin'\necho 4242\n",
                 dir.path().display()
             ),
             Some(error) => format!("#!/bin/sh\ncat >/dev/null\necho '{error}' >&2\nexit 1\n"),
@@ -108,6 +108,18 @@ async fn a_deployments_nodes_become_one_array_and_a_retry_is_submitted_alone() {
     assert!(args.contains(&"--time=10"), "{args:?}");
     assert!(args.contains(&"--nodes=1"), "{args:?}");
     assert!(args.contains(&"--job-name=taskfly-dep"), "{args:?}");
+    // The job gets sbatch's environment, which holds nothing of the daemon's but the basics.
+    assert!(args.contains(&"--export=ALL"), "{args:?}");
+    let env = std::fs::read_to_string(slurm.dir.path().join("sbatch.env")).expect("env");
+    for line in env.lines().filter(|line| line.contains('=')) {
+        let name = line.split('=').next().unwrap_or_default();
+        // The shell running the fake sbatch sets a few of its own.
+        let shells_own = ["PWD", "OLDPWD", "SHLVL", "_"].contains(&name);
+        assert!(
+            shells_own || commands::passes(commands::Environment::Job, name),
+            "sbatch ran with {name}: {env}"
+        );
+    }
     assert!(
         args.iter()
             .any(|a| a.starts_with("--comment=taskfly:owner=daemon-1;deployment=dep;batch=dep-")),
