@@ -621,8 +621,9 @@ fn ctrl_c_stops_a_taskfly_run_on_slurm_leaving_no_job_and_no_process() {
     );
 }
 
-/// A `bin_dir` of wrappers around the real Slurm client commands, where `sbatch` fails its
-/// first `failures` calls exactly as it does while slurmctld is down, and counts its calls.
+/// A `bin_dir` of wrappers around the real Slurm client commands, where `sbatch` and `squeue`
+/// each fail their first `failures` calls exactly as they do while slurmctld is down, and
+/// count their calls.
 struct ControllerDownAtFirst {
     dir: tempfile::TempDir,
 }
@@ -643,21 +644,22 @@ impl ControllerDownAtFirst {
             );
             path
         };
-        let count = dir.path().join("sbatch.calls");
-        let sbatch = format!(
-            "#!/bin/sh\nn=$(($(cat '{count}' 2>/dev/null || echo 0) + 1))\necho $n >'{count}'\n\
-             if [ $n -le {failures} ]; then\n  cat >/dev/null\n  \
-             echo 'sbatch: error: Batch job submission failed: Unable to contact slurm controller (connect failure)' >&2\n  \
-             exit 1\nfi\nexec '{real}' \"$@\"\n",
-            count = count.display(),
-            real = real("sbatch"),
-        );
+        let failing_at_first = |program: &str, what: &str| {
+            format!(
+                "#!/bin/sh\nn=$(($(cat '{count}' 2>/dev/null || echo 0) + 1))\necho $n >'{count}'\n\
+                 if [ $n -le {failures} ]; then\n  cat >/dev/null\n  \
+                 echo '{program}: error: {what}Unable to contact slurm controller (connect failure)' >&2\n  \
+                 exit 1\nfi\nexec '{real}' \"$@\"\n",
+                count = dir.path().join(format!("{program}.calls")).display(),
+                real = real(program),
+            )
+        };
         for (name, text) in [
-            ("sbatch", sbatch),
             (
-                "squeue",
-                format!("#!/bin/sh\nexec '{}' \"$@\"\n", real("squeue")),
+                "sbatch",
+                failing_at_first("sbatch", "Batch job submission failed: "),
             ),
+            ("squeue", failing_at_first("squeue", "")),
             (
                 "scancel",
                 format!("#!/bin/sh\nexec '{}' \"$@\"\n", real("scancel")),
@@ -671,9 +673,9 @@ impl ControllerDownAtFirst {
         ControllerDownAtFirst { dir }
     }
 
-    /// How many times sbatch was called.
-    fn sbatch_calls(&self) -> u32 {
-        std::fs::read_to_string(self.dir.path().join("sbatch.calls"))
+    /// How many times `program` (sbatch or squeue) was called.
+    fn calls(&self, program: &str) -> u32 {
+        std::fs::read_to_string(self.dir.path().join(format!("{program}.calls")))
             .unwrap_or_default()
             .trim()
             .parse()
@@ -682,8 +684,9 @@ impl ControllerDownAtFirst {
 }
 
 #[test]
-fn a_controller_that_is_down_at_first_is_retried_and_every_node_completes() {
-    if !slurm_available("a_controller_that_is_down_at_first_is_retried_and_every_node_completes") {
+fn a_controller_that_is_down_at_first_is_waited_for_and_every_node_completes() {
+    if !slurm_available("a_controller_that_is_down_at_first_is_waited_for_and_every_node_completes")
+    {
         return;
     }
     const FAILURES: u32 = 2;
@@ -700,12 +703,15 @@ fn a_controller_that_is_down_at_first_is_retried_and_every_node_completes() {
     let id = deployment_id(&view);
     assert_eq!(view["status"], "completed", "{view:#}");
     // The failed submissions were tried again: every node's first tries, gathered into one or
-    // more arrays once the controller answered.
-    let calls = wrappers.sbatch_calls();
+    // more arrays once the controller answered; squeue, failing while the tasks waited, was
+    // asked again, and nothing more was submitted for it.
+    let calls = wrappers.calls("sbatch");
     assert!(
         calls > FAILURES && calls <= FAILURES + 3,
         "sbatch was called {calls} times"
     );
+    let calls = wrappers.calls("squeue");
+    assert!(calls > FAILURES, "squeue was called {calls} times");
     // Nothing failed as far as the nodes can tell.
     assert!(view.get("retries").is_none(), "{view:#}");
     for node in nodes(&view) {

@@ -318,3 +318,40 @@ async fn a_task_slurm_will_never_start_fails_at_once_with_slurms_reason() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+#[tokio::test]
+async fn a_controller_down_while_a_task_waits_is_asked_again_not_given_up() {
+    let slurm = FakeSlurm::new(None);
+    // squeue fails its first three calls as it does while slurmctld is down.
+    let count = slurm.dir.path().join("squeue.count");
+    let squeue = format!(
+        "#!/bin/sh\nn=$(($(cat '{0}' 2>/dev/null || echo 0) + 1))\necho $n >'{0}'\n\
+         if [ $n -le 3 ]; then\n  echo 'squeue: error: Unable to contact slurm controller (connect failure)' >&2\n  exit 1\nfi\n\
+         echo '4242|0|RUNNING|None|taskfly:owner=daemon-1;deployment=dep;batch=x'\n",
+        count.display()
+    );
+    std::fs::write(slurm.dir.path().join("bin").join("squeue"), squeue).expect("fake squeue");
+    let provider = slurm.provider();
+    let settings = slurm.settings("");
+    let instance = provider
+        .provision(spec(&settings, 0, 1))
+        .await
+        .expect("provisioned once the controller answered");
+    assert_eq!(instance.reference.id, "4242_0");
+    let calls: u32 = std::fs::read_to_string(&count)
+        .expect("squeue calls")
+        .trim()
+        .parse()
+        .expect("a count");
+    assert!(calls > 3, "squeue was asked {calls} times");
+    assert_eq!(
+        slurm.calls("sbatch").len(),
+        1,
+        "the task was not submitted again"
+    );
+    assert!(
+        slurm.calls("scancel").is_empty(),
+        "the task was not cancelled: {:?}",
+        slurm.calls("scancel")
+    );
+}
