@@ -314,10 +314,13 @@ async fn serve(args: Args) -> Result<(), String> {
             return Err(e.report().to_string());
         }
     };
+    // Caught from here on: a signal sent as soon as the line below is out stops the daemon
+    // cleanly instead of killing it.
+    let shutdown = shutdown_signal();
     tracing::info!(listen = %address, advertise_url = %advertise, tls = tls.is_some(), data_dir = %data_dir.display(), "taskflyd listening");
     server
         .run(listener, async {
-            shutdown_signal().await;
+            shutdown.await;
             tracing::info!("shutting down");
         })
         .await
@@ -474,17 +477,23 @@ fn daemon_id(data_dir: &Path) -> Result<String, String> {
     Ok(id)
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = ctrl_c => {}
-                _ = term.recv() => {}
+/// SIGINT or SIGTERM. The handlers are installed by this call, not when the future is first
+/// polled: a signal that comes in between is not lost, nor does it kill the daemon.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let interrupt = signal(SignalKind::interrupt());
+    let terminate = signal(SignalKind::terminate());
+    async move {
+        match (interrupt, terminate) {
+            (Ok(mut interrupt), Ok(mut terminate)) => {
+                tokio::select! {
+                    _ = interrupt.recv() => {}
+                    _ = terminate.recv() => {}
+                }
             }
-        }
-        Err(_) => {
-            let _ = ctrl_c.await;
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
     }
 }

@@ -710,6 +710,8 @@ fn a_controller_that_is_down_at_first_is_waited_for_and_every_node_completes() {
         calls > FAILURES && calls <= FAILURES + 3,
         "sbatch was called {calls} times"
     );
+    // A task can end before the squeue call that sees it start: wait for every instance.
+    let view = with_every_instance(&daemon, &id);
     let calls = wrappers.calls("squeue");
     assert!(calls > FAILURES, "squeue was called {calls} times");
     // Nothing failed as far as the nodes can tell.

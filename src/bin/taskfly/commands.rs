@@ -462,22 +462,39 @@ fn callback(url: &str, listen: Option<&str>) -> Result<Callback, Failure> {
         ),
         ..usage(&format!("--advertise-url {url}: {why}"))
     };
-    let uri: hyper::Uri = url.parse().map_err(|e| bad(&format!("not a URL ({e})")))?;
-    match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => {
+    let rest = match url.split_once("://") {
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => rest,
+        Some((scheme, _)) if scheme.eq_ignore_ascii_case("https") => {
             return Err(bad(
                 "taskfly run serves plain http; for https, start taskflyd with --tls-cert and \
                  --tls-key and run `taskfly up --wait`",
             ))
         }
         _ => return Err(bad("it must start with http://")),
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    if authority.contains('@') {
+        return Err(bad("it must name no user or password"));
     }
-    if uri.host().is_none_or(str::is_empty) {
+    // The port follows the last `:`, outside an IPv6 address's brackets.
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((host, port)) if !port.contains(']') => (host, Some(port)),
+        _ => (authority, None),
+    };
+    if host.is_empty() || host == "[]" {
         return Err(bad("it names no host"));
     }
+    let port = match port {
+        Some(port) => Some(
+            port.parse::<u16>()
+                .ok()
+                .filter(|port| *port != 0)
+                .ok_or_else(|| bad(&format!("`{port}` is not a port number")))?,
+        ),
+        None => None,
+    };
     let listen =
-        match (listen, uri.port_u16()) {
+        match (listen, port) {
             (Some(listen), _) => listen.to_owned(),
             (None, Some(port)) => format!("0.0.0.0:{port}"),
             (None, None) => return Err(Failure {
@@ -1288,6 +1305,19 @@ mod tests {
         assert!(https.contains("plain http"), "{https}");
         let no_scheme = given("login1:8080", None).expect_err("no scheme");
         assert!(no_scheme.contains("http://"), "{no_scheme}");
+        assert_eq!(
+            given("http://[::1]:8080", None).map(|c| c.listen),
+            Ok("0.0.0.0:8080".to_owned())
+        );
+        let no_ipv6_port = given("http://[::1]", None).expect_err("no port");
+        assert!(no_ipv6_port.contains("names no port"), "{no_ipv6_port}");
+        let bad_port = given("http://login1:80x/", None).expect_err("bad port");
+        assert!(
+            bad_port.contains("`80x` is not a port number"),
+            "{bad_port}"
+        );
+        let no_host = given("http://:8080", None).expect_err("no host");
+        assert!(no_host.contains("names no host"), "{no_host}");
     }
 
     #[test]
