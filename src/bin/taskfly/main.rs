@@ -84,9 +84,9 @@ pub(crate) enum Command {
         /// With --advertise-url: the address to listen on (default 0.0.0.0:<the URL's port>).
         #[arg(long, value_name = "ADDR", requires = "advertise_url")]
         listen: Option<String>,
-        /// The folder to keep the run's data in, within a .taskfly-run-<pid> folder removed at
-        /// the end (default: the system's temporary folder; for Slurm the project folder, as
-        /// the compute nodes must read it).
+        /// Where to keep the run's data, in a taskfly-run-<pid>-<n> folder removed at the end
+        /// (default: the system's temporary folder; for Slurm ~/.taskfly, as the compute nodes
+        /// must read it).
         #[arg(long, value_name = "DIR")]
         data_dir: Option<PathBuf>,
     },
