@@ -1,6 +1,9 @@
 //! `taskflyd`: the TaskFly daemon. Parses flags, sets up tracing and the API token, then serves
 //! the engine's HTTP API until SIGINT or SIGTERM.
 
+#[path = "shared/providers.rs"]
+mod providers;
+
 use std::io::{IsTerminal, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -289,9 +292,7 @@ async fn serve(args: Args) -> Result<(), String> {
     // Slurm jobs run the shell bootstrap from files under the data dir, which the compute
     // nodes must share; the owner id keeps the leak checks to this daemon's jobs.
     let config = config.provider(std::sync::Arc::new(
-        taskfly::SlurmProvider::new(data_dir.join("work").join("slurm"))
-            .owner(daemon_id(&data_dir)?)
-            .grace_period(args.grace_period),
+        providers::slurm(&data_dir, daemon_id(&data_dir)?).grace_period(args.grace_period),
     ));
     let server_config = ServerConfig::default().api_token(token);
     let server_config =

@@ -966,7 +966,13 @@ fn help_names_each_binary_and_leaves_internals_and_daemon_flags_out() {
         ]),
         "{up}"
     );
-    for (offline, own) in [("run", Some("no-outputs")), ("validate", None)] {
+    for (offline, own) in [
+        (
+            "run",
+            &["no-outputs", "advertise-url", "listen", "data-dir"][..],
+        ),
+        ("validate", &[][..]),
+    ] {
         let text = help("taskfly", &[offline, "--help"]);
         let mut expected = BTreeSet::from(["output", "help"]);
         expected.extend(own);

@@ -117,6 +117,19 @@ fn deployment_id(view: &serde_json::Value) -> String {
         .to_owned()
 }
 
+/// The deployment `id` once every node's instance is recorded: a task can run to its end
+/// before the `squeue` poll that sees it leave the queue, so the deployment can be final
+/// moments before its last instance ids are.
+#[track_caller]
+fn with_every_instance(daemon: &Daemon, id: &str) -> serde_json::Value {
+    daemon.wait_for_status(
+        id,
+        CLEANUP_LIMIT,
+        "every node's instance recorded",
+        |view| nodes(view).iter().all(|n| n["instance_id"].is_string()),
+    )
+}
+
 /// The array job id of a node's instance (`<job>_<task>`).
 fn job_of(node: &serde_json::Value) -> String {
     let instance = node["instance_id"].as_str().expect("instance_id");
@@ -151,6 +164,7 @@ fn a_200_node_deployment_is_one_array_with_every_slice_and_log_line() {
     let id = deployment_id(&view);
     assert_eq!(view["status"], "completed", "{view:#}");
     assert_eq!(view["nodes_completed"], 200, "{view:#}");
+    let view = with_every_instance(&daemon, &id);
     let jobs: std::collections::BTreeSet<String> = nodes(&view).iter().map(job_of).collect();
     assert_eq!(jobs.len(), 1, "one job array for the deployment: {jobs:?}");
 
@@ -227,6 +241,7 @@ fn a_failing_task_is_retried_alone() {
     let view = daemon.up_wait_json(project.path(), 0, DEPLOYMENT_LIMIT);
     let id = deployment_id(&view);
     assert_eq!(view["status"], "completed", "{view:#}");
+    let view = with_every_instance(&daemon, &id);
     let nodes = nodes(&view);
     assert_eq!(nodes[0]["attempt"], 1, "{view:#}");
     assert_eq!(nodes[1]["attempt"], 2, "{view:#}");
@@ -447,4 +462,275 @@ fn taskfly_run_refuses_slurm_with_a_hint() {
         ran.show()
     );
     assert!(ran.stderr.contains("--advertise-url"), "{}", ran.show());
+    // A URL without a port says what to give instead; nothing is submitted either way.
+    let ran = cli_run::run(
+        cli_run::command("taskfly", home.path())
+            .args(["run", "--advertise-url", "http://127.0.0.1"])
+            .arg(path_str(project.path())),
+    );
+    ran.expect_code(2);
+    assert!(
+        ran.stderr.contains("names no port") && ran.stderr.contains("--listen"),
+        "{}",
+        ran.show()
+    );
+    assert!(
+        !home.path().join(".taskfly").exists(),
+        "nothing was made for a refused run"
+    );
+}
+
+/// `taskfly run --advertise-url URL --listen ADDR DIR` (plus `extra`) started in `cwd`, with
+/// `home` as its home folder.
+fn taskfly_run_slurm(
+    home: &std::path::Path,
+    cwd: &std::path::Path,
+    project: &Project,
+    extra: &[&str],
+) -> Command {
+    let port = free_port();
+    let mut command = cli_run::command("taskfly", home);
+    command
+        .current_dir(cwd)
+        .args(["run", "--advertise-url"])
+        .arg(format!("http://127.0.0.1:{port}"))
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .args(extra)
+        .arg(path_str(project.path()));
+    command
+}
+
+/// The runs' data folders left under `home`'s `~/.taskfly` (the default for Slurm).
+fn run_folders_left(home: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(home.join(".taskfly"))
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn taskfly_run_with_an_advertise_url_runs_a_slurm_project_and_collects_its_outputs() {
+    if !slurm_available(
+        "taskfly_run_with_an_advertise_url_runs_a_slurm_project_and_collects_its_outputs",
+    ) {
+        return;
+    }
+    let marker = unique_word();
+    let project = slurm_project(
+        3,
+        &marker_metadata(&marker),
+        "",
+        "#!/bin/sh\necho \"node $TASKFLY_NODE_INDEX as task $SLURM_ARRAY_TASK_ID\"\necho \"result of $TASKFLY_NODE_INDEX\" >result.txt\n",
+    );
+    // Each node sends its result.txt back (`outputs:` is a top-level key).
+    let yml_path = project.path().join("taskfly.yml");
+    let yml = std::fs::read_to_string(&yml_path).expect("read taskfly.yml");
+    std::fs::write(&yml_path, format!("{yml}outputs: [result.txt]\n")).expect("write taskfly.yml");
+    let home = tempfile::tempdir().expect("home");
+    let cwd = tempfile::tempdir().expect("working folder");
+    let ran = cli_run::run_with_limit(
+        &mut taskfly_run_slurm(home.path(), cwd.path(), &project, &[]),
+        DEPLOYMENT_LIMIT,
+    );
+    ran.expect_success();
+    for index in 0..3 {
+        let line = format!("[node {index}] node {index} as task {index}");
+        assert!(ran.stdout.lines().any(|l| l == line), "{}", ran.show());
+    }
+    // The outputs, in ./<deployment id>/node-<i>/ of the folder it ran in.
+    let collected: Vec<std::path::PathBuf> = std::fs::read_dir(cwd.path())
+        .expect("working folder")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(collected.len(), 1, "{collected:?}\n{}", ran.show());
+    let id = collected[0]
+        .file_name()
+        .and_then(|n| n.to_str())
+        .expect("a deployment folder")
+        .to_owned();
+    assert!(id.starts_with("dep-"), "{id}");
+    for index in 0..3 {
+        let result = std::fs::read_to_string(
+            collected[0]
+                .join(format!("node-{index}"))
+                .join("result.txt"),
+        )
+        .unwrap_or_else(|e| panic!("node {index}'s result: {e}\n{}", ran.show()));
+        assert_eq!(result, format!("result of {index}\n"));
+    }
+    wait_until_nothing_left(&id, &format!("MARKER={marker}"));
+    assert!(
+        run_folders_left(home.path()).is_empty(),
+        "the run's data folder is removed: {:?}",
+        run_folders_left(home.path())
+    );
+}
+
+#[test]
+fn ctrl_c_stops_a_taskfly_run_on_slurm_leaving_no_job_and_no_process() {
+    if !slurm_available("ctrl_c_stops_a_taskfly_run_on_slurm_leaving_no_job_and_no_process") {
+        return;
+    }
+    let marker = unique_word();
+    let env_marker = format!("MARKER={marker}");
+    let project = slurm_project(
+        2,
+        &marker_metadata(&marker),
+        "",
+        "#!/bin/sh\necho \"sleeping on node $TASKFLY_NODE_INDEX\"\nsleep 600\n",
+    );
+    let home = tempfile::tempdir().expect("home");
+    let cwd = tempfile::tempdir().expect("working folder");
+    let data = tempfile::tempdir().expect("data folder");
+    let mut running = cli_run::Running::start(&mut taskfly_run_slurm(
+        home.path(),
+        cwd.path(),
+        &project,
+        &["--data-dir", path_str(data.path()), "--output", "json"],
+    ));
+    // With --output json the node lines go to stderr.
+    let mut sleeping = std::collections::BTreeSet::new();
+    while sleeping.len() < 2 {
+        let line =
+            running.wait_for_stderr_line(DEPLOYMENT_LIMIT, |l| l.contains("sleeping on node"));
+        sleeping.insert(line);
+    }
+    poll(DEPLOYMENT_LIMIT, POLL, "both scripts running", || {
+        (processes_with_env(&env_marker).len() >= 2).then_some(())
+    });
+    running.signal(nix::sys::signal::Signal::SIGINT);
+    let ran = running.finish(CLEANUP_LIMIT);
+    ran.expect_code(1);
+    let view = ran.json();
+    assert_eq!(view["status"], "terminated", "{view:#}");
+    wait_until_nothing_left(&deployment_id(&view), &env_marker);
+    let left: Vec<_> = std::fs::read_dir(data.path())
+        .expect("data folder")
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(
+        left.is_empty(),
+        "the run's data folder is removed: {left:?}"
+    );
+}
+
+/// A `bin_dir` of wrappers around the real Slurm client commands, where `sbatch` and `squeue`
+/// each fail their first `failures` calls exactly as they do while slurmctld is down, and
+/// count their calls.
+struct ControllerDownAtFirst {
+    dir: tempfile::TempDir,
+}
+
+impl ControllerDownAtFirst {
+    fn new(failures: u32) -> ControllerDownAtFirst {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().expect("bin dir");
+        let real = |program: &str| {
+            let output = Command::new("sh")
+                .args(["-c", &format!("command -v {program}")])
+                .output()
+                .expect("run sh");
+            let path = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+            assert!(
+                output.status.success() && path.starts_with('/'),
+                "no {program} on PATH"
+            );
+            path
+        };
+        let failing_at_first = |program: &str, what: &str| {
+            format!(
+                "#!/bin/sh\nn=$(($(cat '{count}' 2>/dev/null || echo 0) + 1))\necho $n >'{count}'\n\
+                 if [ $n -le {failures} ]; then\n  cat >/dev/null\n  \
+                 echo '{program}: error: {what}Unable to contact slurm controller (connect failure)' >&2\n  \
+                 exit 1\nfi\nexec '{real}' \"$@\"\n",
+                count = dir.path().join(format!("{program}.calls")).display(),
+                real = real(program),
+            )
+        };
+        for (name, text) in [
+            (
+                "sbatch",
+                failing_at_first("sbatch", "Batch job submission failed: "),
+            ),
+            ("squeue", failing_at_first("squeue", "")),
+            (
+                "scancel",
+                format!("#!/bin/sh\nexec '{}' \"$@\"\n", real("scancel")),
+            ),
+        ] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).expect("write a wrapper");
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
+                .expect("make it executable");
+        }
+        ControllerDownAtFirst { dir }
+    }
+
+    /// How many times `program` (sbatch or squeue) was called.
+    fn calls(&self, program: &str) -> u32 {
+        std::fs::read_to_string(self.dir.path().join(format!("{program}.calls")))
+            .unwrap_or_default()
+            .trim()
+            .parse()
+            .unwrap_or(0)
+    }
+}
+
+#[test]
+fn a_controller_that_is_down_at_first_is_waited_for_and_every_node_completes() {
+    if !slurm_available("a_controller_that_is_down_at_first_is_waited_for_and_every_node_completes")
+    {
+        return;
+    }
+    const FAILURES: u32 = 2;
+    let wrappers = ControllerDownAtFirst::new(FAILURES);
+    let daemon = Daemon::start();
+    let marker = unique_word();
+    let project = slurm_project(
+        3,
+        &marker_metadata(&marker),
+        &format!("bin_dir: {}", path_str(wrappers.dir.path())),
+        "#!/bin/sh\necho \"done on node $TASKFLY_NODE_INDEX\"\n",
+    );
+    let view = daemon.up_wait_json(project.path(), 0, DEPLOYMENT_LIMIT);
+    let id = deployment_id(&view);
+    assert_eq!(view["status"], "completed", "{view:#}");
+    // The failed submissions were tried again: every node's first tries, gathered into one or
+    // more arrays once the controller answered; squeue, failing while the tasks waited, was
+    // asked again, and nothing more was submitted for it.
+    let calls = wrappers.calls("sbatch");
+    assert!(
+        calls > FAILURES && calls <= FAILURES + 3,
+        "sbatch was called {calls} times"
+    );
+    // A task can end before the squeue call that sees it start: wait for every instance.
+    let view = with_every_instance(&daemon, &id);
+    let calls = wrappers.calls("squeue");
+    assert!(calls > FAILURES, "squeue was called {calls} times");
+    // Nothing failed as far as the nodes can tell.
+    assert!(view.get("retries").is_none(), "{view:#}");
+    for node in nodes(&view) {
+        assert_eq!(node["status"], "completed", "{view:#}");
+        assert_eq!(node["attempt"], 1, "{view:#}");
+        assert!(node.get("error_message").is_none(), "{view:#}");
+    }
+    let logs = daemon.cli(&["logs", &id]);
+    logs.expect_success();
+    for index in 0..3 {
+        let line = format!("[node {index}] done on node {index}");
+        assert!(logs.stdout.lines().any(|l| l == line), "{}", logs.show());
+    }
+    assert!(
+        !logs.stdout.contains("Unable to contact"),
+        "{}",
+        logs.show()
+    );
+    wait_until_nothing_left(&id, &format!("MARKER={marker}"));
 }

@@ -29,8 +29,22 @@ const POLL: Duration = Duration::from_millis(250);
 pub(crate) async fn run(cli: Cli) -> u8 {
     let format = cli.output;
     let result = match &cli.command {
-        Command::Run { dir, no_outputs } => match project_dir(dir) {
-            Ok(dir) => run_local(&dir, format, !no_outputs).await,
+        Command::Run {
+            dir,
+            no_outputs,
+            advertise_url,
+            listen,
+            data_dir,
+        } => match project_dir(dir) {
+            Ok(dir) => {
+                let options = RunOptions {
+                    outputs: !no_outputs,
+                    advertise_url: advertise_url.as_deref(),
+                    listen: listen.as_deref(),
+                    data_dir: data_dir.as_deref(),
+                };
+                run_local(&dir, format, &options).await
+            }
             Err(failure) => Err(failure),
         },
         Command::Validate { dir } => project_dir(dir).and_then(|dir| validate(&dir, format)),
@@ -416,38 +430,150 @@ fn validate(dir: &Path, format: Output) -> Result<u8, Failure> {
     Ok(EXIT_OK)
 }
 
-async fn run_local(dir: &Path, format: Output, outputs: bool) -> Result<u8, Failure> {
+/// What `taskfly run` is told beyond the project folder.
+struct RunOptions<'a> {
+    /// Collect the nodes' outputs after the run.
+    outputs: bool,
+    /// `--advertise-url`: the URL nodes elsewhere call back on.
+    advertise_url: Option<&'a str>,
+    /// `--listen`: the address the engine listens on for them.
+    listen: Option<&'a str>,
+    /// `--data-dir`: where the run's own data folder is made.
+    data_dir: Option<&'a Path>,
+}
+
+/// Where the nodes of a `taskfly run --advertise-url` call the embedded engine.
+#[derive(Debug, PartialEq, Eq)]
+struct Callback {
+    /// The URL the nodes are given.
+    advertise_url: String,
+    /// The address the engine listens on.
+    listen: String,
+}
+
+/// Reads `--advertise-url` (and `--listen`): the URL must be `http://HOST[:PORT][/PATH]`, and
+/// without `--listen` name its port, which the engine then listens on on every interface.
+fn callback(url: &str, listen: Option<&str>) -> Result<Callback, Failure> {
+    let bad = |why: &str| Failure {
+        hint: Some(
+            "give the URL of this machine the nodes can reach, e.g. --advertise-url \
+             http://login1:8080"
+                .to_owned(),
+        ),
+        ..usage(&format!("--advertise-url {url}: {why}"))
+    };
+    let rest = match url.split_once("://") {
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => rest,
+        Some((scheme, _)) if scheme.eq_ignore_ascii_case("https") => {
+            return Err(bad(
+                "taskfly run serves plain http; for https, start taskflyd with --tls-cert and \
+                 --tls-key and run `taskfly up --wait`",
+            ))
+        }
+        _ => return Err(bad("it must start with http://")),
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    if authority.contains('@') {
+        return Err(bad("it must name no user or password"));
+    }
+    // The port follows the last `:`, outside an IPv6 address's brackets.
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((host, port)) if !port.contains(']') => (host, Some(port)),
+        _ => (authority, None),
+    };
+    if host.is_empty() || host == "[]" {
+        return Err(bad("it names no host"));
+    }
+    let port = match port {
+        Some(port) => Some(
+            port.parse::<u16>()
+                .ok()
+                .filter(|port| *port != 0)
+                .ok_or_else(|| bad(&format!("`{port}` is not a port number")))?,
+        ),
+        None => None,
+    };
+    let listen =
+        match (listen, port) {
+            (Some(listen), _) => listen.to_owned(),
+            (None, Some(port)) => format!("0.0.0.0:{port}"),
+            (None, None) => return Err(Failure {
+                hint: Some(
+                    "add the port to listen on to the URL (http://HOST:PORT), or give --listen \
+                     ADDR when the nodes reach this machine through another port"
+                        .to_owned(),
+                ),
+                ..usage(&format!(
+                    "--advertise-url {url} names no port, so taskfly run cannot tell where to \
+                     listen"
+                ))
+            }),
+        };
+    Ok(Callback {
+        advertise_url: url.trim_end_matches('/').to_owned(),
+        listen,
+    })
+}
+
+/// `taskfly run` of a project whose nodes run elsewhere (`what`) without `--advertise-url`:
+/// refused, since the nodes could not call back.
+fn nodes_elsewhere(what: &str) -> Failure {
+    Failure {
+        hint: Some(
+            "give --advertise-url with a URL of this machine the nodes can reach (e.g. \
+             `taskfly run --advertise-url http://login1:8080`, which listens on 0.0.0.0:8080; \
+             --listen sets another address), or start taskflyd with an --advertise-url and run \
+             `taskfly up --wait`"
+                .to_owned(),
+        ),
+        ..usage(&format!(
+            "taskfly run runs nodes on this machine only unless given --advertise-url; this \
+             taskfly.yml sends them to {what}"
+        ))
+    }
+}
+
+async fn run_local(dir: &Path, format: Output, options: &RunOptions<'_>) -> Result<u8, Failure> {
     // Validate before anything starts, so mistakes are reported with exit code 2.
     let config = check_project(dir)?;
-    if config.cloud_provider.as_str() == "slurm" {
-        // Its engine listens on 127.0.0.1 only, which compute nodes cannot call back.
-        return Err(Failure {
-            hint: Some(
-                "start taskflyd on a login node with an --advertise-url the compute nodes can \
-                 reach, then run `taskfly up --wait`"
-                    .to_owned(),
-            ),
-            ..usage(
-                "taskfly run runs nodes on this machine only; this taskfly.yml sends them to \
-                 Slurm (cloud_provider: slurm)",
-            )
-        });
-    }
-    if !config.local.hosts.is_empty() {
-        // Its engine listens on 127.0.0.1 only, which other hosts cannot call back.
-        return Err(Failure {
-            hint: Some(
-                "start taskflyd with an --advertise-url the hosts can reach, then run \
-                 `taskfly up --wait`"
-                    .to_owned(),
-            ),
-            ..usage(
-                "taskfly run runs nodes on this machine only; this taskfly.yml sends them to SSH \
-                 hosts (instance_config.local.hosts)",
-            )
-        });
-    }
-    let data_dir = std::env::temp_dir().join(format!(
+    let slurm = config.cloud_provider.as_str() == "slurm";
+    // Nodes elsewhere call the engine back, which listens on 127.0.0.1 unless told otherwise.
+    let elsewhere = if slurm {
+        Some("Slurm (cloud_provider: slurm)")
+    } else if !config.local.hosts.is_empty() {
+        Some("SSH hosts (instance_config.local.hosts)")
+    } else {
+        None
+    };
+    let callback = match (options.advertise_url, elsewhere) {
+        (Some(url), _) => Some(callback(url, options.listen)?),
+        (None, Some(what)) => return Err(nodes_elsewhere(what)),
+        (None, None) => None,
+    };
+    let data_dir = run_data_dir(options.data_dir, slurm)?;
+    let result = run_local_in(dir, &data_dir, format, options.outputs, callback.as_ref()).await;
+    let _ = std::fs::remove_dir_all(&data_dir);
+    result
+}
+
+/// Makes the run's own data folder (mode 0700, removed at the end): `taskfly-run-<pid>-<n>` in
+/// `--data-dir`, else in the system's temporary folder, or for Slurm in `~/.taskfly` (the
+/// compute nodes read the node bootstraps from there, so it must be on a file system they
+/// share, as home folders on clusters are, and as `taskflyd`'s data dir must be).
+fn run_data_dir(given: Option<&Path>, slurm: bool) -> Result<PathBuf, Failure> {
+    let parent = match given {
+        Some(dir) => dir.to_path_buf(),
+        None if slurm => std::env::var_os("HOME")
+            .map(|home| PathBuf::from(home).join(".taskfly"))
+            .ok_or_else(|| {
+                usage(
+                    "$HOME is not set, so there is no ~/.taskfly for the run's data: give \
+                     --data-dir with a folder the compute nodes share",
+                )
+            })?,
+        None => std::env::temp_dir(),
+    };
+    let data_dir = parent.join(format!(
         "taskfly-run-{}-{}",
         std::process::id(),
         std::time::SystemTime::now()
@@ -455,9 +581,26 @@ async fn run_local(dir: &Path, format: Output, outputs: bool) -> Result<u8, Fail
             .map(|d| d.as_nanos())
             .unwrap_or(0)
     ));
-    let result = run_local_in(dir, &data_dir, format, outputs).await;
-    let _ = std::fs::remove_dir_all(&data_dir);
-    result
+    use std::os::unix::fs::DirBuilderExt as _;
+    std::fs::create_dir_all(&parent)
+        .and_then(|()| std::fs::DirBuilder::new().mode(0o700).create(&data_dir))
+        .map_err(|e| {
+            let what = if given.is_some() {
+                "pick another --data-dir"
+            } else {
+                "give --data-dir with a folder that is"
+            };
+            usage(&format!(
+                "cannot create the run's data folder {}: {e}; {what} writable{}",
+                data_dir.display(),
+                if slurm {
+                    " and shared with the compute nodes"
+                } else {
+                    ""
+                }
+            ))
+        })?;
+    Ok(data_dir)
 }
 
 async fn run_local_in(
@@ -465,12 +608,33 @@ async fn run_local_in(
     data_dir: &Path,
     format: Output,
     outputs: bool,
+    callback: Option<&Callback>,
 ) -> Result<u8, Failure> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .map_err(|e| usage(&format!("cannot open a local port for the nodes: {e}")))?;
-    // Local processes register within moments; a node that has not after a minute never will.
-    let config = Config::new(data_dir).boot_timeout(Duration::from_secs(60));
+    let listen = callback.map_or("127.0.0.1:0", |callback| callback.listen.as_str());
+    let listener =
+        tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|e| match (callback, e.kind()) {
+                (None, _) => usage(&format!("cannot open a local port for the nodes: {e}")),
+                (Some(_), std::io::ErrorKind::AddrInUse) => usage(&format!(
+                    "{listen} is already in use; stop the other process or pick another port \
+                 (--advertise-url, --listen)"
+                )),
+                (Some(_), _) => usage(&format!("cannot listen on {listen}: {e} (--listen)")),
+            })?;
+    let config = match callback {
+        // Local processes register within moments; a node that has not after a minute never
+        // will.
+        None => Config::new(data_dir).boot_timeout(Duration::from_secs(60)),
+        // Nodes elsewhere: Slurm's (SSH hosts are the local provider's), tagged with an owner
+        // id of this run's own, so its leak checks touch no other job.
+        Some(callback) => Config::new(data_dir)
+            .advertise_url(callback.advertise_url.clone())
+            .provider(std::sync::Arc::new(crate::providers::slurm(
+                data_dir,
+                random_id()?,
+            ))),
+    };
     let engine = Orchestrator::new(config).map_err(|e| failure(None, e))?;
     let server = Server::new(engine.clone(), ServerConfig::default())
         .and_then(|server| server.spawn(listener))
@@ -484,6 +648,14 @@ async fn run_local_in(
         eprintln!("warning: some nodes took more than 45 s to stop");
     }
     outcome
+}
+
+/// A new random id: 16 bytes, in hex.
+fn random_id() -> Result<String, Failure> {
+    let mut random = [0u8; 16];
+    getrandom::fill(&mut random)
+        .map_err(|e| failed(format!("the OS random number generator failed: {e}")))?;
+    Ok(random.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Follows the deployment of `dir` on `engine` to its end: its log lines as they come, its
@@ -1115,6 +1287,44 @@ mod tests {
         assert_eq!(of("dep-").len(), 3);
         assert!(of("dep").is_empty(), "`dep` is no hex");
         assert!(of("e").is_empty());
+    }
+
+    #[test]
+    fn an_advertise_url_gives_the_port_to_listen_on() {
+        let given = |url: &str, listen: Option<&str>| callback(url, listen).map_err(|f| f.message);
+        assert_eq!(
+            given("http://login1:8080/", None),
+            Ok(Callback {
+                advertise_url: "http://login1:8080".to_owned(),
+                listen: "0.0.0.0:8080".to_owned(),
+            })
+        );
+        assert_eq!(
+            given("http://gateway.example/taskfly", Some("10.0.0.1:9000")),
+            Ok(Callback {
+                advertise_url: "http://gateway.example/taskfly".to_owned(),
+                listen: "10.0.0.1:9000".to_owned(),
+            })
+        );
+        let no_port = given("http://login1", None).expect_err("no port");
+        assert!(no_port.contains("names no port"), "{no_port}");
+        let https = given("https://login1:8443", None).expect_err("https");
+        assert!(https.contains("plain http"), "{https}");
+        let no_scheme = given("login1:8080", None).expect_err("no scheme");
+        assert!(no_scheme.contains("http://"), "{no_scheme}");
+        assert_eq!(
+            given("http://[::1]:8080", None).map(|c| c.listen),
+            Ok("0.0.0.0:8080".to_owned())
+        );
+        let no_ipv6_port = given("http://[::1]", None).expect_err("no port");
+        assert!(no_ipv6_port.contains("names no port"), "{no_ipv6_port}");
+        let bad_port = given("http://login1:80x/", None).expect_err("bad port");
+        assert!(
+            bad_port.contains("`80x` is not a port number"),
+            "{bad_port}"
+        );
+        let no_host = given("http://:8080", None).expect_err("no host");
+        assert!(no_host.contains("names no host"), "{no_host}");
     }
 
     #[test]

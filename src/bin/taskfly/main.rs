@@ -4,6 +4,8 @@
 mod commands;
 mod output;
 mod outputs;
+#[path = "../shared/providers.rs"]
+mod providers;
 mod watch;
 
 use std::io::IsTerminal;
@@ -63,9 +65,10 @@ pub(crate) enum Output {
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
-    /// Run a deployment in-process on local processes (no daemon), streaming its logs.
+    /// Run a deployment in-process (no daemon), streaming its logs: on local processes, or,
+    /// given an --advertise-url the nodes can reach, on Slurm or SSH hosts.
     #[command(
-        after_help = "Example:\n  taskfly run examples/hello\n\nExit code: 0 if every node completed, 1 if any failed, 2 if taskfly.yml is invalid."
+        after_help = "Examples:\n  taskfly run examples/hello\n  taskfly run . --advertise-url http://login1:8080     Slurm or SSH hosts: nodes call back on that URL\n\nExit code: 0 if every node completed, 1 if any failed, 2 if taskfly.yml is invalid."
     )]
     Run {
         /// Project folder holding taskfly.yml.
@@ -74,6 +77,18 @@ pub(crate) enum Command {
         /// Do not collect the nodes' outputs into ./<deployment id>/ after the run.
         #[arg(long)]
         no_outputs: bool,
+        /// The URL of this machine the nodes call back on; needed for nodes elsewhere
+        /// (cloud_provider: slurm, instance_config.local.hosts).
+        #[arg(long, value_name = "URL")]
+        advertise_url: Option<String>,
+        /// With --advertise-url: the address to listen on (default 0.0.0.0:<the URL's port>).
+        #[arg(long, value_name = "ADDR", requires = "advertise_url")]
+        listen: Option<String>,
+        /// Where to keep the run's data, in a taskfly-run-<pid>-<n> folder removed at the end
+        /// (default: the system's temporary folder; for Slurm ~/.taskfly, as the compute nodes
+        /// must read it).
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
     },
     /// Bundle a project and deploy it to the daemon.
     #[command(

@@ -15,10 +15,11 @@
 //! the task's `SLURM_JOB_ID` (a process that left the script's process group escapes
 //! `proctrack/linuxproc`), and removes its folder. The bootstrap holds the node's single-use
 //! provision token, so it is written mode 0600 in a 0700 folder and is never on a command
-//! line or in the job's environment (`--export` passes `PATH`, `HOME`, `USER`, `LOGNAME` and
-//! `LANG` only). This assumes `work_dir` is on a file system the compute nodes share with the
-//! daemon, at the same path, readable by the daemon's user only (a home directory on a
-//! cluster usually is). Task output (the bootstrap's own messages) goes to
+//! line or in the job's environment (sbatch runs with `PATH`, `HOME`, `USER`, `LOGNAME`,
+//! `LANG` and Slurm's own `SLURM_*`/`SBATCH_*` variables only, and exports them all). This
+//! assumes `work_dir` is on a file system the compute nodes share with the daemon, at the same
+//! path, readable by the daemon's user only (a home directory on a cluster usually is). Task
+//! output (the bootstrap's own messages) goes to
 //! `<work_dir>/<batch>/<index>.log`.
 //!
 //! A node waits in Slurm's queue inside `provision`: the call returns once its task has left
@@ -45,7 +46,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use self::commands::{array_spec, failure, parse_job_id, parse_squeue, QueuedTask};
+use self::commands::{array_spec, failure, parse_job_id, parse_squeue, Environment, QueuedTask};
 use super::{
     is_plain_word, Instance, InstanceKind, InstanceRef, InstanceSpec, InstanceState, OwnedBy,
     OwnedInstance, Owner, Provider, ProviderError, ProviderSettings,
@@ -82,6 +83,9 @@ const STALE_FOLDER: Duration = Duration::from_secs(3600);
 /// A submission folder whose job Slurm no longer lists is removed once its job was recorded
 /// at least this long ago.
 const GONE_JOB_FOLDER: Duration = Duration::from_secs(120);
+/// How long a controller that cannot be reached (`squeue` failing as it does while slurmctld
+/// is down or busy) is asked again about a waiting task before its node fails.
+const UNREACHABLE_WHILE_QUEUED: Duration = Duration::from_secs(300);
 
 /// Runs nodes as the tasks of Slurm job arrays (`cloud_provider: slurm`, settings in
 /// `instance_config.slurm`). See the module documentation for how.
@@ -151,10 +155,11 @@ struct Submitted {
     batch: String,
 }
 
-/// What `squeue` said, and when.
+/// What `squeue` said (or how it failed: the nodes waiting meanwhile share the failure, not
+/// one call each), and when.
 struct Snapshot {
     taken: Instant,
-    tasks: Arc<Vec<QueuedTask>>,
+    tasks: Result<Arc<Vec<QueuedTask>>, ProviderError>,
 }
 
 /// Where an instance is: what the engine stores as its locator.
@@ -394,7 +399,8 @@ impl SlurmProvider {
             format!("--comment={}", self.comment(deployment_id, batch, single)),
             format!("--output={}/%a.log", folder.display()),
             format!("--chdir={}", folder.display()),
-            "--export=PATH,HOME,USER,LOGNAME,LANG".to_owned(),
+            // With the environment sbatch runs in (commands::Environment::Job).
+            "--export=ALL".to_owned(),
             "--no-requeue".to_owned(),
             "--ntasks=1".to_owned(),
         ];
@@ -424,6 +430,7 @@ impl SlurmProvider {
             "sbatch",
             &args,
             Some(script.as_bytes()),
+            Environment::Job,
         )
         .await
         .map_err(as_provider_error)?;
@@ -459,8 +466,41 @@ impl SlurmProvider {
             locator: Some(locator.clone()),
             node_id,
         };
+        // Since when squeue has failed as it does while the controller is down, if it does:
+        // the task is still Slurm's, so the node waits for the controller (as for throttling)
+        // rather than fail, and cancel a task that may be running already.
+        let mut unreachable_since: Option<Instant> = None;
         loop {
-            let tasks = self.queue(locator.bin_dir.as_deref()).await?;
+            let tasks = match self.queue(locator.bin_dir.as_deref()).await {
+                Ok(tasks) => {
+                    unreachable_since = None;
+                    tasks
+                }
+                Err(error) if error.retryable => {
+                    let since = *unreachable_since.get_or_insert_with(|| {
+                        tracing::warn!(job_id = %locator.job_id, task = locator.task, error = %error, "the Slurm controller cannot be reached; asking again");
+                        Instant::now()
+                    });
+                    if since.elapsed() >= UNREACHABLE_WHILE_QUEUED {
+                        // The guard cancels the task.
+                        return Err(ProviderError {
+                            retryable: false,
+                            message: format!(
+                                "{} (for more than {} while task {}_{} was waiting to start)",
+                                error.message,
+                                humantime::format_duration(UNREACHABLE_WHILE_QUEUED),
+                                locator.job_id,
+                                locator.task
+                            ),
+                            ..error
+                        }
+                        .into());
+                    }
+                    tokio::time::sleep(self.poll_interval).await;
+                    continue;
+                }
+                Err(error) => return Err(error.into()),
+            };
             let pending = tasks
                 .iter()
                 .find(|t| t.job_id == locator.job_id && t.task == locator.task)
@@ -505,14 +545,14 @@ impl SlurmProvider {
         }
     }
 
-    /// The tasks `squeue` lists for this user, at most `poll_interval` old: one caller asks,
-    /// the others wait for its answer.
-    async fn queue(&self, bin_dir: Option<&Path>) -> Result<Arc<Vec<QueuedTask>>, BoxError> {
+    /// The tasks `squeue` lists for this user (or how it failed), at most `poll_interval` old:
+    /// one caller asks, the others wait for its answer.
+    async fn queue(&self, bin_dir: Option<&Path>) -> Result<Arc<Vec<QueuedTask>>, ProviderError> {
         let mut snapshots = self.shared.queue.lock().await;
         let key = bin_dir.map(Path::to_path_buf);
         if let Some(snapshot) = snapshots.get(&key) {
             if snapshot.taken.elapsed() < self.poll_interval {
-                return Ok(snapshot.tasks.clone());
+                return snapshot.tasks.clone();
             }
         }
         let args = vec![
@@ -521,11 +561,11 @@ impl SlurmProvider {
             "--noheader".to_owned(),
             format!("--format={}", commands::SQUEUE_FORMAT),
         ];
-        let output = commands::run(bin_dir, "squeue", &args, None).await?;
-        if !output.success() {
-            return Err(failure("squeue", &output).into());
-        }
-        let tasks = Arc::new(parse_squeue(&output.stdout));
+        let tasks = match commands::run(bin_dir, "squeue", &args, None, Environment::Daemon).await {
+            Ok(output) if output.success() => Ok(Arc::new(parse_squeue(&output.stdout))),
+            Ok(output) => Err(failure("squeue", &output)),
+            Err(error) => Err(as_provider_error(error)),
+        };
         snapshots.insert(
             key,
             Snapshot {
@@ -533,7 +573,7 @@ impl SlurmProvider {
                 tasks: tasks.clone(),
             },
         );
-        Ok(tasks)
+        tasks
     }
 
     /// `scancel` of one task; a task Slurm no longer knows is fine. Tasks cancelled together
@@ -800,7 +840,14 @@ impl Provider for SlurmProvider {
             "--noheader".to_owned(),
             format!("--format={}", commands::SQUEUE_FORMAT),
         ];
-        let output = commands::run(self.bin_dir.as_deref(), "squeue", &args, None).await?;
+        let output = commands::run(
+            self.bin_dir.as_deref(),
+            "squeue",
+            &args,
+            None,
+            Environment::Daemon,
+        )
+        .await?;
         if !output.success() {
             return Err(failure("squeue", &output).into());
         }
@@ -886,7 +933,7 @@ impl Drop for WithdrawCancelsOnDrop<'_> {
 
 /// Runs one `scancel` for `ids`; the answer for each.
 async fn scancel(bin_dir: Option<&Path>, ids: &[String]) -> Vec<Result<(), ProviderError>> {
-    match commands::run(bin_dir, "scancel", ids, None).await {
+    match commands::run(bin_dir, "scancel", ids, None, Environment::Daemon).await {
         Ok(output) => commands::scancel_answers(ids, &output),
         Err(error) => {
             let error = as_provider_error(error);

@@ -10,7 +10,7 @@ use crate::secret::Secret;
 const TOKEN: &str = "00112233445566778899aabbccddeeff";
 
 /// A temporary folder with fake `sbatch`, `squeue` and `scancel`: sbatch logs its arguments
-/// (one call a line) and its standard input, and answers job id 4242 (or fails with
+/// (one call a line), its environment and its standard input, and answers job id 4242 (or fails with
 /// `sbatch_error` when set); squeue lists `queue` (a file the test writes); scancel logs.
 struct FakeSlurm {
     dir: tempfile::TempDir,
@@ -23,7 +23,7 @@ impl FakeSlurm {
         std::fs::create_dir(&bin).expect("bin dir");
         let sbatch = match sbatch_error {
             None => format!(
-                "#!/bin/sh\necho \"$*\" >>'{0}/sbatch.calls'\ncat >'{0}/sbatch.stdin'\necho 4242\n",
+                "#!/bin/sh\necho \"$*\" >>'{0}/sbatch.calls'\nenv >'{0}/sbatch.env'\ncat >'{0}/sbatch.stdin'\necho 4242\n",
                 dir.path().display()
             ),
             Some(error) => format!("#!/bin/sh\ncat >/dev/null\necho '{error}' >&2\nexit 1\n"),
@@ -108,6 +108,18 @@ async fn a_deployments_nodes_become_one_array_and_a_retry_is_submitted_alone() {
     assert!(args.contains(&"--time=10"), "{args:?}");
     assert!(args.contains(&"--nodes=1"), "{args:?}");
     assert!(args.contains(&"--job-name=taskfly-dep"), "{args:?}");
+    // The job gets sbatch's environment, which holds nothing of the daemon's but the basics.
+    assert!(args.contains(&"--export=ALL"), "{args:?}");
+    let env = std::fs::read_to_string(slurm.dir.path().join("sbatch.env")).expect("env");
+    for line in env.lines().filter(|line| line.contains('=')) {
+        let name = line.split('=').next().unwrap_or_default();
+        // The shell running the fake sbatch sets a few of its own.
+        let shells_own = ["PWD", "OLDPWD", "SHLVL", "_"].contains(&name);
+        assert!(
+            shells_own || commands::passes(commands::Environment::Job, name),
+            "sbatch ran with {name}: {env}"
+        );
+    }
     assert!(
         args.iter()
             .any(|a| a.starts_with("--comment=taskfly:owner=daemon-1;deployment=dep;batch=dep-")),
@@ -305,4 +317,41 @@ async fn a_task_slurm_will_never_start_fails_at_once_with_slurms_reason() {
         assert!(Instant::now() < deadline, "the task was not cancelled");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+#[tokio::test]
+async fn a_controller_down_while_a_task_waits_is_asked_again_not_given_up() {
+    let slurm = FakeSlurm::new(None);
+    // squeue fails its first three calls as it does while slurmctld is down.
+    let count = slurm.dir.path().join("squeue.count");
+    let squeue = format!(
+        "#!/bin/sh\nn=$(($(cat '{0}' 2>/dev/null || echo 0) + 1))\necho $n >'{0}'\n\
+         if [ $n -le 3 ]; then\n  echo 'squeue: error: Unable to contact slurm controller (connect failure)' >&2\n  exit 1\nfi\n\
+         echo '4242|0|RUNNING|None|taskfly:owner=daemon-1;deployment=dep;batch=x'\n",
+        count.display()
+    );
+    std::fs::write(slurm.dir.path().join("bin").join("squeue"), squeue).expect("fake squeue");
+    let provider = slurm.provider();
+    let settings = slurm.settings("");
+    let instance = provider
+        .provision(spec(&settings, 0, 1))
+        .await
+        .expect("provisioned once the controller answered");
+    assert_eq!(instance.reference.id, "4242_0");
+    let calls: u32 = std::fs::read_to_string(&count)
+        .expect("squeue calls")
+        .trim()
+        .parse()
+        .expect("a count");
+    assert!(calls > 3, "squeue was asked {calls} times");
+    assert_eq!(
+        slurm.calls("sbatch").len(),
+        1,
+        "the task was not submitted again"
+    );
+    assert!(
+        slurm.calls("scancel").is_empty(),
+        "the task was not cancelled: {:?}",
+        slurm.calls("scancel")
+    );
 }
