@@ -143,19 +143,24 @@ async fn a_cleanup_is_an_event_with_its_cleaned_at() {
     let id = engine.deploy(project.path()).await;
     let mut stream = client.events(Some(&id), None).await.expect("events");
     let done = engine.engine.wait(&id).await.expect("wait");
-    assert_eq!(done.status, taskfly::state::model::DeploymentStatus::Completed);
+    assert_eq!(
+        done.status,
+        taskfly::state::model::DeploymentStatus::Completed
+    );
     engine.engine.cleanup(&id).await.expect("cleanup");
     let seen = read_until(&mut stream, |seen| {
-        seen.iter().any(|s| {
-            matches!(&s.event, Event::Deployment(e) if e.deployment.cleaned_at.is_some())
-        })
+        seen.iter()
+            .any(|s| matches!(&s.event, Event::Deployment(e) if e.deployment.cleaned_at.is_some()))
     })
     .await;
     let Some(Event::Deployment(last)) = seen.last().map(|s| &s.event) else {
         panic!("the cleanup's event is a deployment event: {seen:#?}");
     };
     assert_eq!(
-        (last.deployment.deployment_id.as_str(), last.deployment.status),
+        (
+            last.deployment.deployment_id.as_str(),
+            last.deployment.status
+        ),
         (id.as_str(), DeploymentStatus::Completed)
     );
     engine.stop().await;
