@@ -50,20 +50,8 @@ stop_all() {
 }
 trap stop_all EXIT
 
-# Waits until the server writing to $1 printed `name=value` for $2; prints the value.
-read_line() {
-  local file="$1" name="$2"
-  for _ in $(seq 1 600); do
-    if grep -q "^$name=" "$file" 2>/dev/null; then
-      grep "^$name=" "$file" | head -n1 | cut -d= -f2-
-      return
-    fi
-    sleep 0.1
-  done
-  echo "no $name= from $file:" >&2
-  cat "$file" >&2
-  exit 1
-}
+# shellcheck source=scripts/bench-lib.sh
+. scripts/bench-lib.sh
 free_port() {
   python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }

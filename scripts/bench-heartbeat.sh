@@ -38,20 +38,8 @@ stop_all() {
 }
 trap stop_all EXIT
 
-# Waits until the server started as $1 printed `name=value` for $2; prints the value.
-read_line() {
-  local file="$1" name="$2"
-  for _ in $(seq 1 300); do
-    if grep -q "^$name=" "$file" 2>/dev/null; then
-      grep "^$name=" "$file" | head -n1 | cut -d= -f2-
-      return
-    fi
-    sleep 0.1
-  done
-  echo "no $name= from $file:" >&2
-  cat "$file" >&2
-  exit 1
-}
+# shellcheck source=scripts/bench-lib.sh
+. scripts/bench-lib.sh
 
 "$bin_dir/load" --serve-one-node >"$bench_dir/engine.out" 2>&1 &
 engine_pid=$!

@@ -1,6 +1,7 @@
 //! The engine's own paths, with test providers and stores: the provisioning permit taken by
 //! recovery, node updates that survive a store error, final deployments forgotten.
 
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -386,14 +387,22 @@ fn status(status: NodeStatus) -> NodeUpdate {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_instance_answered_after_its_node_completed_is_recorded_and_released() {
-    let data = tempfile::tempdir().expect("data dir");
-    let provider = late_provider();
-    let engine =
-        Orchestrator::new(Config::new(data.path()).provider(provider.clone())).expect("engine");
+/// One node (with `retries`) on a [`LateProvider`], which has been asked for its first
+/// instance; its agent then ran its script, which ended as `end`, before the provider answered.
+async fn a_node_that_ends_before_its_instance(
+    data: &Path,
+    provider: &Arc<LateProvider>,
+    retries: u32,
+    end: NodeStatus,
+) -> (Orchestrator, String, String) {
+    let engine = Orchestrator::new(
+        Config::new(data)
+            .provider(provider.clone())
+            .retry_backoff(Duration::from_millis(10)),
+    )
+    .expect("engine");
     let id = engine
-        .deploy_dir(project(1, 0).path())
+        .deploy_dir(project(1, retries).path())
         .await
         .expect("deploy")
         .id;
@@ -402,13 +411,22 @@ async fn an_instance_answered_after_its_node_completed_is_recorded_and_released(
         provider.asked.load(Ordering::SeqCst) == 1
     })
     .await;
-    // The agent ran and finished before the provider answered.
-    for next in [NodeStatus::RunningScript, NodeStatus::Completed] {
+    for next in [NodeStatus::RunningScript, end] {
         engine
             .update_node(&node_id, status(next))
             .await
             .expect("update");
     }
+    (engine, id, node_id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_answered_after_its_node_completed_is_recorded_and_released() {
+    let data = tempfile::tempdir().expect("data dir");
+    let provider = late_provider();
+    let (engine, id, node_id) =
+        a_node_that_ends_before_its_instance(data.path(), &provider, 0, NodeStatus::Completed)
+            .await;
     provider.open.notify_one();
     let wanted = format!("late-{node_id}-1");
     eventually("the late instance released", || {
@@ -440,29 +458,9 @@ async fn an_instance_answered_after_its_node_completed_is_recorded_and_released(
 async fn an_instance_answered_after_its_node_was_retried_is_released_not_given_to_the_retry() {
     let data = tempfile::tempdir().expect("data dir");
     let provider = late_provider();
-    let engine = Orchestrator::new(
-        Config::new(data.path())
-            .provider(provider.clone())
-            .retry_backoff(Duration::from_millis(10)),
-    )
-    .expect("engine");
-    let id = engine
-        .deploy_dir(project(1, 1).path())
-        .await
-        .expect("deploy")
-        .id;
-    let node_id = format!("{id}-0");
-    eventually("the provider asked", || {
-        provider.asked.load(Ordering::SeqCst) == 1
-    })
-    .await;
-    // Attempt 1 failed before the provider answered; attempt 2 gets its own instance.
-    for next in [NodeStatus::RunningScript, NodeStatus::Failed] {
-        engine
-            .update_node(&node_id, status(next))
-            .await
-            .expect("update");
-    }
+    let (engine, id, node_id) =
+        a_node_that_ends_before_its_instance(data.path(), &provider, 1, NodeStatus::Failed).await;
+    // Attempt 2 gets its own instance.
     eventually("attempt 2 provisioned", || {
         provider.asked.load(Ordering::SeqCst) == 2
     })

@@ -213,30 +213,29 @@ pub fn marker_metadata(marker: &str) -> String {
     format!("global_metadata: {{marker: {marker}}}")
 }
 
+/// Every process listed in /proc: its pid and its folder there.
+pub fn processes() -> impl Iterator<Item = (u32, PathBuf)> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_str()?.parse::<u32>().ok()?;
+            Some((pid, entry.path()))
+        })
+}
+
 /// Process ids whose environment contains `marker` (read from /proc), for checking that no
 /// process of a test is left running.
 pub fn processes_with_env(marker: &str) -> Vec<u32> {
-    let mut found = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return found;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let environ: PathBuf = entry.path().join("environ");
-        if let Ok(bytes) = std::fs::read(&environ) {
-            if bytes.split(|b| *b == 0).any(|var| var == marker.as_bytes()) {
-                // Zombies have no environment left; a readable one means the process lives.
-                found.push(pid);
-            }
-        }
-    }
-    found
+    processes()
+        .filter(|(_, dir)| {
+            // Zombies have no environment left; a readable one means the process lives.
+            std::fs::read(dir.join("environ"))
+                .is_ok_and(|bytes| bytes.split(|b| *b == 0).any(|var| var == marker.as_bytes()))
+        })
+        .map(|(pid, _)| pid)
+        .collect()
 }
 
 /// Path of a binary built by this package.

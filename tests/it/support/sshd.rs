@@ -332,27 +332,16 @@ fn sorted_lines(output: &[u8]) -> Vec<String> {
 /// command lines: ssh clients and masters using a control socket in that folder.
 pub fn processes_naming(path: &Path) -> Vec<(u32, String)> {
     let needle = path.as_os_str().as_encoded_bytes();
-    let mut found = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return found;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        // A zombie's command line is empty: it names nothing.
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        if cmdline.windows(needle.len()).any(|w| w == needle) {
-            let shown = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            found.push((pid, shown.trim_end().to_owned()));
-        }
-    }
+    let mut found: Vec<(u32, String)> = super::processes()
+        .filter_map(|(pid, dir)| {
+            // A zombie's command line is empty: it names nothing.
+            let cmdline = std::fs::read(dir.join("cmdline")).ok()?;
+            cmdline.windows(needle.len()).any(|w| w == needle).then(|| {
+                let shown = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+                (pid, shown.trim_end().to_owned())
+            })
+        })
+        .collect();
     found.sort();
     found
 }
