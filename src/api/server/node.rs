@@ -88,7 +88,7 @@ pub(super) async fn route(
                     Full::new(bytes).map_err(|never| match never {}),
                 )),
                 NodeAssets::File { file, length } => {
-                    let stream = tokio_util::io::ReaderStream::with_capacity(file, 64 * 1024)
+                    let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024)
                         .map_ok(Frame::data);
                     let mut response = Response::new(BodyExt::boxed(StreamBody::new(stream)));
                     response
