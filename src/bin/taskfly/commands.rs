@@ -682,6 +682,15 @@ async fn run_and_follow(
             .map_err(|e| failure(None, e))?;
         cursor = page.next;
         progress.print_logs(&log_views(&page.lines));
+        if progress.stdout_closed() && !watch.current().is_final() {
+            // Nobody reads the nodes' lines any more (`taskfly run | head`): stop them, as
+            // Ctrl-C would, rather than run on unseen.
+            progress.message("standard output was closed: terminating every node");
+            let _ = engine.terminate(&id).await;
+            return Err(failed(format!(
+                "deployment {id} terminated: standard output was closed"
+            )));
+        }
         if watch.current().is_final() {
             let detail = engine.deployment(&id).await.map_err(|e| failure(None, e))?;
             let view = DeploymentView::from(&detail);

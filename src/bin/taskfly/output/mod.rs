@@ -221,6 +221,8 @@ pub(crate) struct Progress {
     throttle: Throttle,
     /// Nodes that ran more than once, whose lines carry their attempt.
     retried: BTreeSet<u32>,
+    /// Standard output could not be written (its reader went away: `taskfly run | head`).
+    stdout_closed: bool,
 }
 
 impl Progress {
@@ -242,7 +244,32 @@ impl Progress {
             last_line: String::new(),
             throttle: Throttle::new(PLAIN_PROGRESS_EVERY),
             retried: BTreeSet::new(),
+            stdout_closed: false,
         }
+    }
+
+    /// Whether standard output could not be written, its reader gone: nothing more can be
+    /// shown there.
+    pub(crate) fn stdout_closed(&self) -> bool {
+        self.stdout_closed
+    }
+
+    /// Writes `text` to standard output (above the bar, if any); notes a failure instead of
+    /// panicking as `print!` does.
+    fn print(&mut self, text: &str) {
+        if self.stdout_closed {
+            return;
+        }
+        let write = || -> std::io::Result<()> {
+            let mut out = std::io::stdout().lock();
+            out.write_all(text.as_bytes())?;
+            out.flush()
+        };
+        let written = match &self.bar {
+            Some(bar) => bar.suspend(write),
+            None => write(),
+        };
+        self.stdout_closed = written.is_err();
     }
 
     /// Print log lines: above the bar, or on stderr with `--output json` (stdout then holds
@@ -266,11 +293,7 @@ impl Progress {
             let _ = err.flush();
             return;
         }
-        match &self.bar {
-            Some(bar) => bar.suspend(|| print!("{text}")),
-            None => print!("{text}"),
-        }
-        let _ = std::io::stdout().flush();
+        self.print(&text);
     }
 
     pub(crate) fn message(&mut self, message: &str) {
@@ -334,13 +357,11 @@ impl Progress {
             }
             None => {}
         }
-        match self.format {
-            Output::Json => println!("{}", serde_json::to_string(view).unwrap_or_default()),
-            Output::Text => {
-                print!("{}", summary(view, elapsed));
-                let _ = std::io::stdout().flush();
-            }
-        }
+        let text = match self.format {
+            Output::Json => format!("{}\n", serde_json::to_string(view).unwrap_or_default()),
+            Output::Text => summary(view, elapsed),
+        };
+        self.print(&text);
     }
 }
 
