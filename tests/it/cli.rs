@@ -969,7 +969,13 @@ fn help_names_each_binary_and_leaves_internals_and_daemon_flags_out() {
     for (offline, own) in [
         (
             "run",
-            &["no-outputs", "advertise-url", "listen", "data-dir"][..],
+            &[
+                "no-outputs",
+                "advertise-url",
+                "listen",
+                "data-dir",
+                "ssh-option",
+            ][..],
         ),
         ("validate", &[][..]),
     ] {

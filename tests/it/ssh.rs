@@ -732,3 +732,70 @@ fn a_master_connection_that_died_is_started_again_by_the_next_call() {
         "new masters: {restarted:?}, killed: {killed:?}"
     );
 }
+
+#[test]
+fn taskfly_run_with_an_advertise_url_runs_nodes_on_ssh_hosts_and_leaves_nothing_behind() {
+    let Some(target) = SshTarget::from_env("taskfly_run_on_ssh_hosts") else {
+        return;
+    };
+    let home = tempfile::tempdir().expect("temp HOME");
+    // The run's data folder (its ssh control sockets among it) goes in this one.
+    let tmp = tempfile::tempdir().expect("temp TMPDIR");
+    let project = ssh_project(&target, &HOSTS, &target.key, 2, "", HELLO_SCRIPT);
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let listen = format!("127.0.0.1:{port}");
+    let mut args = vec![
+        "run".to_owned(),
+        path_str(project.path()).to_owned(),
+        "--advertise-url".to_owned(),
+        url,
+        "--listen".to_owned(),
+        listen,
+    ];
+    for option in target.ssh_options() {
+        args.extend(["--ssh-option".to_owned(), option]);
+    }
+    let ran = cli_run::run_with_limit(
+        cli_run::command("taskfly", home.path())
+            .args(&args)
+            .env("TMPDIR", tmp.path()),
+        DEPLOYMENT_LIMIT,
+    );
+    ran.expect_success();
+    assert_eq!(
+        sshd::processes_naming(tmp.path()),
+        Vec::<(u32, String)>::new(),
+        "no ssh master connection outlives the run"
+    );
+    for (index, host) in HOSTS.iter().enumerate() {
+        let line = format!("[node {index}] node {index} logged in at {host}");
+        assert!(
+            ran.stdout.lines().any(|l| l == line),
+            "no line {line:?}\n{}",
+            ran.show()
+        );
+    }
+    let summary = ran
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("deployment dep-"))
+        .unwrap_or_else(|| panic!("no summary line\n{}", ran.show()));
+    assert!(
+        summary.contains(": 2 completed, 0 failed, 2 total"),
+        "{summary}"
+    );
+    let id = summary
+        .split_whitespace()
+        .nth(1)
+        .expect("the deployment id")
+        .to_owned();
+    let _leftovers = leftovers_of(&target, &id);
+    let node_ids: Vec<String> = (0..2).map(|i| format!("{id}-{i}")).collect();
+    wait_until_nothing_left(&target, &id, &node_ids);
+    assert_eq!(
+        crate::support::engine_util::dir_names(tmp.path()),
+        Vec::<String>::new(),
+        "the run's data folder is removed"
+    );
+}

@@ -35,6 +35,7 @@ pub(crate) async fn run(cli: Cli) -> u8 {
             advertise_url,
             listen,
             data_dir,
+            ssh_options,
         } => match project_dir(dir) {
             Ok(dir) => {
                 let options = RunOptions {
@@ -42,6 +43,7 @@ pub(crate) async fn run(cli: Cli) -> u8 {
                     advertise_url: advertise_url.as_deref(),
                     listen: listen.as_deref(),
                     data_dir: data_dir.as_deref(),
+                    ssh_options,
                 };
                 run_local(&dir, format, &options).await
             }
@@ -440,6 +442,8 @@ struct RunOptions<'a> {
     listen: Option<&'a str>,
     /// `--data-dir`: where the run's own data folder is made.
     data_dir: Option<&'a Path>,
+    /// `--ssh-option`s for the calls to SSH hosts.
+    ssh_options: &'a [String],
 }
 
 /// Where the nodes of a `taskfly run --advertise-url` call the embedded engine.
@@ -551,7 +555,7 @@ async fn run_local(dir: &Path, format: Output, options: &RunOptions<'_>) -> Resu
         (None, None) => None,
     };
     let data_dir = run_data_dir(options.data_dir, slurm)?;
-    let result = run_local_in(dir, &data_dir, format, options.outputs, callback.as_ref()).await;
+    let result = run_local_in(dir, &data_dir, format, options, callback.as_ref()).await;
     let _ = std::fs::remove_dir_all(&data_dir);
     result
 }
@@ -607,7 +611,7 @@ async fn run_local_in(
     dir: &Path,
     data_dir: &Path,
     format: Output,
-    outputs: bool,
+    options: &RunOptions<'_>,
     callback: Option<&Callback>,
 ) -> Result<u8, Failure> {
     let listen = callback.map_or("127.0.0.1:0", |callback| callback.listen.as_str());
@@ -635,11 +639,20 @@ async fn run_local_in(
                 random_id()?,
             ))),
     };
+    // SSH hosts' calls with the user's options (the local provider's work folder as by default).
+    let config = if options.ssh_options.is_empty() {
+        config
+    } else {
+        config.provider(std::sync::Arc::new(
+            taskfly::LocalProvider::new(data_dir.join("work"))
+                .ssh_options(options.ssh_options.to_vec()),
+        ))
+    };
     let engine = Orchestrator::new(config).map_err(|e| failure(None, e))?;
     let server = Server::new(engine.clone(), ServerConfig::default())
         .and_then(|server| server.spawn(listener))
         .map_err(|e| failure(None, e))?;
-    let outcome = run_and_follow(&engine, dir, format, outputs).await;
+    let outcome = run_and_follow(&engine, dir, format, options.outputs).await;
     // Ctrl-C or the end: stop the server, then every node.
     if tokio::time::timeout(Duration::from_secs(45), server.stop())
         .await

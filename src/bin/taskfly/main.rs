@@ -89,6 +89,10 @@ pub(crate) enum Command {
         /// must read it).
         #[arg(long, value_name = "DIR")]
         data_dir: Option<PathBuf>,
+        /// An option for every ssh call to nodes on instance_config.local.hosts, as `ssh -o`
+        /// takes it (repeat for more), as taskflyd's --ssh-option.
+        #[arg(long = "ssh-option", value_name = "OPTION")]
+        ssh_options: Vec<String>,
     },
     /// Bundle a project and deploy it to the daemon.
     #[command(
