@@ -688,6 +688,10 @@ async fn run_and_follow(
     let mut cursor = 0;
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
+    // Set once Ctrl-C came: its future is done and must not be polled again (the watch may
+    // see the end only a moment after the terminate returned, so the loop goes round once
+    // more).
+    let mut interrupted = false;
     loop {
         let page = engine
             .logs(&id, None, cursor, 1000)
@@ -735,7 +739,8 @@ async fn run_and_follow(
                     return Err(failure(None, e));
                 }
             }
-            _ = &mut ctrl_c => {
+            _ = &mut ctrl_c, if !interrupted => {
+                interrupted = true;
                 progress.message("interrupted: terminating every node");
                 let _ = engine.terminate(&id).await;
             }
