@@ -44,14 +44,15 @@ impl Default for DaemonOptions {
     }
 }
 
-/// Set in the daemon's environment (and so inherited by any agent process it starts), to find
-/// what a test left running.
+/// Set in the daemon's environment, to find what a test left running. Agent processes do not
+/// inherit it (the local provider starts them from an allow-list environment): they are found
+/// by the daemon's `HOME` instead.
 pub const DAEMON_MARKER_VAR: &str = "CLI_TEST_DAEMON";
 
 /// A running `taskflyd`.
 pub struct Daemon {
     child: Option<Child>,
-    /// `CLI_TEST_DAEMON=<unique>`, in the environment of the daemon and its agent processes.
+    /// `CLI_TEST_DAEMON=<unique>`, in the environment of the daemon.
     pub marker: String,
     /// `http://127.0.0.1:PORT`.
     pub url: String,
@@ -354,13 +355,18 @@ impl Daemon {
         status
     }
 
-    /// Processes other than the daemon carrying its marker: agent processes it started.
+    /// Processes other than the daemon carrying its marker or its `HOME`: agent processes,
+    /// bootstraps and scripts it started (they start from an allow-list environment, which
+    /// keeps `HOME` but not the marker), and CLI commands run against it.
     pub fn other_processes(&self) -> Vec<u32> {
         let own = self.child.as_ref().map(Child::id);
-        super::processes_with_env(&self.marker)
-            .into_iter()
-            .filter(|pid| Some(*pid) != own)
-            .collect()
+        let home = format!("HOME={}", self.home.path().display());
+        let mut pids = super::processes_with_env(&self.marker);
+        pids.extend(super::processes_with_env(&home));
+        pids.sort_unstable();
+        pids.dedup();
+        pids.retain(|pid| Some(*pid) != own);
+        pids
     }
 }
 
