@@ -303,6 +303,19 @@ async fn the_dashboard_follows_a_deployment_live_and_terminates_one() {
     );
     browser.screenshot("deployment-completed").await;
 
+    // A cleanup reaches the open page as an event: the summary says the files are gone.
+    engine.engine.cleanup(&id).await.expect("clean up");
+    browser
+        .until(
+            "the cleanup in the summary",
+            "return document.getElementById('dep-summary').textContent.includes('files cleaned up')",
+        )
+        .await;
+    assert_eq!(
+        browser.run("return window.notReloaded === true").await,
+        json!(true)
+    );
+
     // Terminate through the button and its confirmation.
     let doomed = gated(3, &never);
     let doomed_id = engine.deploy(doomed.path()).await;

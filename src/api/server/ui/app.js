@@ -224,7 +224,8 @@ function renderList() {
     status.className = 'badge ' + d.status;
     status.textContent = d.status;
     tr.cells[2].textContent = `${d.nodes_completed} completed` +
-      (d.nodes_failed ? `, ${d.nodes_failed} failed` : '') + ` of ${d.total_nodes}`;
+      (d.nodes_failed ? `, ${d.nodes_failed} failed` : '') + ` of ${d.total_nodes}` +
+      (d.cleaned_at ? ' · cleaned up' : '');
     const [done, bad] = tr.cells[3].firstChild.children;
     done.style.width = (100 * d.nodes_completed / Math.max(1, d.total_nodes)) + '%';
     bad.style.width = (100 * d.nodes_failed / Math.max(1, d.total_nodes)) + '%';
@@ -327,7 +328,8 @@ function renderHeader() {
   $('terminate').disabled = FINAL.has(d.status) || d.status === 'terminating';
   $('dep-summary').textContent = `${d.total_nodes} nodes on ${d.cloud_provider} · ` +
     `${d.nodes_completed} completed, ${d.nodes_failed} failed · age ${age(Date.parse(d.created_at))}` +
-    ` · duration ${duration(d)}` + (d.error_message ? ' · ' + d.error_message : '');
+    ` · duration ${duration(d)}` + (d.error_message ? ' · ' + d.error_message : '') +
+    (d.cleaned_at ? ` · files cleaned up ${age(Date.parse(d.cleaned_at))} ago` : '');
   $('legend').replaceChildren(...STATES.filter((s) => page.counts[s]).map((s) => {
     const item = el('span');
     const swatch = el('i');
