@@ -307,6 +307,61 @@ fn gated_project(gate: &Path) -> Project {
 }
 
 #[test]
+fn up_wait_whose_output_is_closed_stops_following_and_leaves_the_deployment_running() {
+    use std::io::BufRead;
+    let daemon = Daemon::start();
+    let gate_dir = tempfile::tempdir().expect("gate dir");
+    let gate = gate_dir.path().join("gate");
+    // A line every 0.1 s until the gate opens: the closed output is seen at the next line.
+    let project = Project::new(&local_yml(1, "")).script(&format!(
+        "#!/bin/sh\ni=0\nwhile [ ! -e '{0}' ] && [ $i -lt 600 ]; do echo \"line $i\"; sleep 0.1; i=$((i+1)); done\n\
+         [ -e '{0}' ] || exit 1\necho finished\n",
+        gate.display()
+    ));
+    let mut child = daemon
+        .taskfly(&["up", path_str(project.path()), "--wait"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start taskfly up --wait");
+    // Read up to the first node line, then go away as `head` does.
+    let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    while !line.starts_with("[node 0] line") {
+        line.clear();
+        let read = stdout.read_line(&mut line).expect("read stdout");
+        assert_ne!(read, 0, "stdout ended before a node line");
+    }
+    drop(stdout);
+    let status = cli_run::poll(
+        DEPLOYMENT_LIMIT,
+        Duration::from_millis(50),
+        "taskfly up --wait to stop following",
+        || child.try_wait().expect("wait"),
+    );
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
+        .expect("stderr");
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("stopped following: standard output was closed; deployment dep-"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
+    // The deployment was left running: it completes once its node may finish.
+    let id = daemon.cli(&["list", "--output", "json"]).json()[0]["deployment_id"]
+        .as_str()
+        .expect("a deployment id")
+        .to_owned();
+    assert_eq!(daemon.status(&id)["status"], "running", "{stderr}");
+    std::fs::write(&gate, "").expect("open the gate");
+    daemon.wait_for_status(&id, DEPLOYMENT_LIMIT, "the deployment to complete", |s| {
+        s["status"] == "completed"
+    });
+}
+
+#[test]
 fn up_wait_rides_out_a_daemon_restart_saying_so_once_and_repeating_no_line() {
     let mut daemon = Daemon::start_on(free_port(), DaemonOptions::default(), &[]);
     let gate_dir = tempfile::tempdir().expect("gate dir");

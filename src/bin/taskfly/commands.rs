@@ -848,7 +848,22 @@ async fn follow(
     let mut progress = Progress::new(cli.output, nodes);
     let following = follow_to_end(client, id, &mut progress);
     tokio::select! {
-        outcome = following => outcome.map_err(|e| failure(Some(cli), e)),
+        outcome = following => match outcome.map_err(|e| failure(Some(cli), e))? {
+            Some(code) => Ok(code),
+            // Nobody reads the lines any more (`up --wait | head`): stop following rather than
+            // wait unseen for the end, and leave the deployment as Ctrl-C would.
+            None if down_on_interrupt => {
+                eprintln!("standard output was closed: terminating deployment {id}");
+                client.terminate(id).await.map_err(|e| failure(Some(cli), e))?;
+                Err(failed(format!(
+                    "deployment {id} is terminating: standard output was closed"
+                )))
+            }
+            None => Err(failed(format!(
+                "stopped following: standard output was closed; deployment {id} keeps running \
+                 (`taskfly logs {id} -f` follows it again)"
+            ))),
+        },
         _ = tokio::signal::ctrl_c() => {
             progress.abandon();
             if down_on_interrupt {
@@ -866,8 +881,13 @@ async fn follow(
     }
 }
 
-/// The loop of [`follow`]: logs and progress until the deployment is final; its exit code.
-async fn follow_to_end(client: &Client, id: &str, progress: &mut Progress) -> Result<u8, Error> {
+/// The loop of [`follow`]: logs and progress until the deployment is final; its exit code, or
+/// `None` once standard output is closed.
+async fn follow_to_end(
+    client: &Client,
+    id: &str,
+    progress: &mut Progress,
+) -> Result<Option<u8>, Error> {
     let started = Instant::now();
     let mut cursor = 0;
     loop {
@@ -880,9 +900,13 @@ async fn follow_to_end(client: &Client, id: &str, progress: &mut Progress) -> Re
             cursor = page.next;
             progress.print_logs(&page.logs);
         }
+        if progress.stdout_closed() {
+            progress.abandon();
+            return Ok(None);
+        }
         if view.is_final() {
             progress.finish(&view, started.elapsed());
-            return Ok(exit_for(&view));
+            return Ok(Some(exit_for(&view)));
         }
         progress.update(&view, started.elapsed());
         tokio::time::sleep(POLL).await;
