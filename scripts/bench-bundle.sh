@@ -25,21 +25,12 @@ if [ -z "$bin_dir" ]; then
   cargo build --locked --release --example load
   bin_dir=target/release/examples
 fi
-install_packages() {
-  local sudo=""
-  [ "$(id -u)" = 0 ] || sudo="sudo"
-  # No service may start on install (nginx's package would start one on port 80).
-  printf '#!/bin/sh\nexit 101\n' | $sudo tee /usr/sbin/policy-rc.d >/dev/null
-  $sudo chmod 755 /usr/sbin/policy-rc.d
-  $sudo apt-get -o DPkg::Lock::Timeout=600 update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
-    --no-install-recommends "$@" >/dev/null
-  $sudo rm -f /usr/sbin/policy-rc.d
-}
+# No service starts on install (nginx's package would start one on port 80): packages.sh.
+. scripts/packages.sh
 missing=()
 command -v wrk >/dev/null || missing+=(wrk)
 [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
-[ "${#missing[@]}" = 0 ] || install_packages "${missing[@]}"
+[ "${#missing[@]}" = 0 ] || install_packages "the bundle benchmark" "${missing[@]}"
 
 bench_dir="$(mktemp -d)"
 stop_all() {

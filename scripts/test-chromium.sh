@@ -3,13 +3,8 @@
 # exports their paths (TASKFLY_CHROMIUM, TASKFLY_CHROMEDRIVER) and TASKFLY_REQUIRE_CHROMIUM=1,
 # so the test fails, rather than skips, if they are unusable.
 if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
-  if [ "$(id -u)" != 0 ]; then
-    echo "the dashboard test needs chromium and chromium-driver (missing here): install them, or run this script as root" >&2
-    exit 1
-  fi
-  apt-get -o DPkg::Lock::Timeout=600 update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
-    --no-install-recommends chromium chromium-driver >/dev/null
+  . "$(dirname "${BASH_SOURCE[0]}")/packages.sh"
+  install_packages "the dashboard test" chromium chromium-driver
 fi
 TASKFLY_CHROMIUM="$(command -v chromium)"
 TASKFLY_CHROMEDRIVER="$(command -v chromedriver)"

@@ -2,7 +2,7 @@
 # our own for the Slurm provider's tests: munged, slurmctld and slurmd, with their key, sockets,
 # state, logs and slurm.conf under target/slurm/, so it neither depends on nor changes the
 # system's Slurm or munge. Installs Debian's slurmctld, slurmd, slurm-client and munge when
-# missing (as root; a temporary policy-rc.d keeps apt from starting the system's services).
+# missing (scripts/packages.sh: as root, and apt starts none of the system's services).
 # Safe to run twice: daemons a previous run left (found by their pid files) are stopped first.
 # Sets slurm_pids (the caller stops them, e.g. with stop_slurm) and exports SLURM_CONF,
 # TASKFLY_TEST_SLURM_PARTITION and TASKFLY_REQUIRE_SLURM=1.
@@ -11,21 +11,10 @@ for program in /usr/sbin/slurmctld /usr/sbin/slurmd /usr/bin/sbatch /usr/sbin/mu
   [ -x "$program" ] || slurm_missing=1
 done
 if [ -n "$slurm_missing" ]; then
-  if [ "$(id -u)" != 0 ]; then
-    echo "the Slurm tests need slurmctld, slurmd, slurm-client and munge (missing here): install them, or run this script as root" >&2
-    exit 1
-  fi
-  # apt must not start the system's slurmctld, slurmd or munged: ours are started below.
-  policy_rc_made=''
-  if ! [ -e /usr/sbin/policy-rc.d ]; then
-    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
-    chmod 755 /usr/sbin/policy-rc.d
-    policy_rc_made=1
-  fi
-  apt-get -o DPkg::Lock::Timeout=600 update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
-    --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null
-  if [ -n "$policy_rc_made" ]; then rm -f /usr/sbin/policy-rc.d; fi
+  # apt does not start the system's slurmctld, slurmd or munged (packages.sh): ours are
+  # started below.
+  . "$(dirname "${BASH_SOURCE[0]}")/packages.sh"
+  install_packages "the Slurm tests" slurmctld slurmd slurm-client munge
 fi
 command -v setsid >/dev/null || { echo "the Slurm tests need setsid (util-linux)" >&2; exit 1; }
 command -v curl >/dev/null || { echo "the Slurm tests need curl" >&2; exit 1; }

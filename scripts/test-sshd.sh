@@ -4,18 +4,8 @@
 # neither depends on nor changes the system's sshd or ~/.ssh. Installs openssh-server, curl and
 # util-linux when missing (as root). Sets sshd_pid (the caller stops it) and exports
 # TASKFLY_TEST_SSH_PORT, _KEY, _KNOWN_HOSTS, _USER and TASKFLY_REQUIRE_SSH=1.
-apt_updated=''
-apt_install() {
-  if [ "$(id -u)" != 0 ]; then
-    echo "the tests need the packages $* (missing here): install them, or run this script as root" >&2
-    exit 1
-  fi
-  if [ -z "$apt_updated" ]; then
-    apt-get update -qq
-    apt_updated=1
-  fi
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
-}
+. "$(dirname "${BASH_SOURCE[0]}")/packages.sh"
+apt_install() { install_packages "the SSH tests" "$@"; }
 # A system sshd the package's installation may start is harmless: ours has a port of its own.
 [ -x /usr/sbin/sshd ] || apt_install openssh-server
 command -v ssh-keygen >/dev/null || apt_install openssh-client
