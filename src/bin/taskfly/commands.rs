@@ -804,14 +804,8 @@ async fn up(cli: &Cli, dir: &Path, wait: bool, down_on_interrupt: bool) -> Resul
         .await
         .map_err(|e| failure(Some(cli), e))?;
     if !wait {
-        if cli.output == Output::Json {
-            println!("{}", serde_json::to_string(&created).unwrap_or_default());
-        } else {
-            println!(
-                "deployment {} accepted: {} node(s)\n  follow it: taskfly status {0}  |  taskfly logs {0} -f",
-                created.deployment_id, created.nodes
-            );
-        }
+        let what = format!("{} node(s)", created.nodes);
+        print_accepted(cli, &created, &created.deployment_id, &what);
         return Ok(EXIT_OK);
     }
     follow(
@@ -822,6 +816,18 @@ async fn up(cli: &Cli, dir: &Path, wait: bool, down_on_interrupt: bool) -> Resul
         down_on_interrupt,
     )
     .await
+}
+
+/// The answer to `up` or `rerun` without `--wait`: the 202 document with `--output json`, else
+/// what was accepted and how to follow it.
+fn print_accepted(cli: &Cli, answer: &impl serde::Serialize, id: &str, what: &str) {
+    if cli.output == Output::Json {
+        println!("{}", serde_json::to_string(answer).unwrap_or_default());
+    } else {
+        println!(
+            "deployment {id} accepted: {what}\n  follow it: taskfly status {id}  |  taskfly logs {id} -f"
+        );
+    }
 }
 
 /// The client of a command that follows a deployment: its reads ride out a daemon restart
@@ -1261,15 +1267,11 @@ async fn rerun(cli: &Cli, id: &str, nodes: Option<&NodeList>, wait: bool) -> Res
         .await
         .map_err(|e| failure(Some(cli), e))?;
     if !wait {
-        if cli.output == Output::Json {
-            println!("{}", serde_json::to_string(&created).unwrap_or_default());
-        } else {
-            println!(
-                "deployment {} accepted: reruns node(s) {} of {id}\n  follow it: taskfly status {0}  |  taskfly logs {0} -f",
-                created.deployment_id,
-                output::index_list(&created.node_indexes),
-            );
-        }
+        let what = format!(
+            "reruns node(s) {} of {id}",
+            output::index_list(&created.node_indexes)
+        );
+        print_accepted(cli, &created, &created.deployment_id, &what);
         return Ok(EXIT_OK);
     }
     if cli.output == Output::Text {
