@@ -1262,7 +1262,6 @@ fn run_needs_no_daemon_and_prints_every_nodes_lines_and_a_summary() {
 
 #[test]
 fn run_whose_output_is_closed_terminates_its_nodes_and_leaves_nothing() {
-    use std::io::BufRead;
     let home = tempfile::tempdir().expect("temp HOME");
     // `taskfly run` keeps its data in the temporary folder: this one, to see it go.
     let tmp = tempfile::tempdir().expect("temp TMPDIR");
@@ -1270,28 +1269,14 @@ fn run_whose_output_is_closed_terminates_its_nodes_and_leaves_nothing() {
     let project = Project::new(&local_yml(2, &marker_metadata(&marker))).script(
         "#!/bin/sh\ni=0\nwhile [ $i -lt 600 ]; do echo \"line $i\"; i=$((i + 1)); sleep 0.1; done\n",
     );
-    let mut child = cli_run::command("taskfly", home.path())
-        .args(["run", path_str(project.path())])
-        .env("TMPDIR", tmp.path())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start taskfly run");
-    // Read one line, then go away as `head -1` does.
-    let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
-    let mut first = String::new();
-    stdout.read_line(&mut first).expect("a first line");
-    assert!(first.starts_with("[node "), "{first:?}");
-    drop(stdout);
-    let status = cli_run::poll(
+    // Read one node line, then go away as `head -1` does.
+    let (status, stderr) = cli_run::close_stdout_after(
+        cli_run::command("taskfly", home.path())
+            .args(["run", path_str(project.path())])
+            .env("TMPDIR", tmp.path()),
         DEPLOYMENT_LIMIT,
-        Duration::from_millis(50),
-        "taskfly run to end",
-        || child.try_wait().expect("wait"),
+        |line| line.starts_with("[node "),
     );
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
-        .expect("stderr");
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(
         stderr.contains("standard output was closed: terminating every node"),

@@ -308,7 +308,6 @@ fn gated_project(gate: &Path) -> Project {
 
 #[test]
 fn up_wait_whose_output_is_closed_stops_following_and_leaves_the_deployment_running() {
-    use std::io::BufRead;
     let daemon = Daemon::start();
     let gate_dir = tempfile::tempdir().expect("gate dir");
     let gate = gate_dir.path().join("gate");
@@ -318,30 +317,12 @@ fn up_wait_whose_output_is_closed_stops_following_and_leaves_the_deployment_runn
          [ -e '{0}' ] || exit 1\necho finished\n",
         gate.display()
     ));
-    let mut child = daemon
-        .taskfly(&["up", path_str(project.path()), "--wait"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start taskfly up --wait");
     // Read up to the first node line, then go away as `head` does.
-    let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
-    let mut line = String::new();
-    while !line.starts_with("[node 0] line") {
-        line.clear();
-        let read = stdout.read_line(&mut line).expect("read stdout");
-        assert_ne!(read, 0, "stdout ended before a node line");
-    }
-    drop(stdout);
-    let status = cli_run::poll(
+    let (status, stderr) = cli_run::close_stdout_after(
+        &mut daemon.taskfly(&["up", path_str(project.path()), "--wait"]),
         DEPLOYMENT_LIMIT,
-        Duration::from_millis(50),
-        "taskfly up --wait to stop following",
-        || child.try_wait().expect("wait"),
+        |line| line.starts_with("[node 0] line"),
     );
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
-        .expect("stderr");
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(
         stderr.contains("stopped following: standard output was closed; deployment dep-"),

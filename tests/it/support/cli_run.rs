@@ -347,3 +347,37 @@ pub fn poll<T>(
         std::thread::sleep(every);
     }
 }
+
+/// Starts `command` with its output piped, reads its stdout up to the first line `first`
+/// accepts, then closes it, as `head` would; waits (at most `limit`) for the command to end.
+/// Its exit status and stderr.
+#[track_caller]
+pub fn close_stdout_after(
+    command: &mut Command,
+    limit: Duration,
+    first: impl Fn(&str) -> bool,
+) -> (ExitStatus, String) {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the command");
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    while !first(line.trim_end()) {
+        line.clear();
+        let read = stdout.read_line(&mut line).expect("read stdout");
+        assert_ne!(read, 0, "stdout ended before the line looked for");
+    }
+    drop(stdout);
+    let status = poll(
+        limit,
+        Duration::from_millis(50),
+        "the command to end",
+        || child.try_wait().expect("wait"),
+    );
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
+        .expect("stderr");
+    (status, stderr)
+}
