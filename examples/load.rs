@@ -566,13 +566,12 @@ impl Agents {
         let feeder = tokio::spawn(async move {
             let mut batch = String::new();
             loop {
-                let mut tokens = tokio::select! {
+                let mut tokens = tokens.lock().await;
+                let token = tokio::select! {
                     () = stop.cancelled() => break,
-                    tokens = tokens.lock() => tokens,
+                    token = tokens.recv() => token,
                 };
-                let Some(token) = tokens.recv().await else {
-                    break;
-                };
+                let Some(token) = token else { break };
                 // The tokens waiting go out together, one a line.
                 batch.clear();
                 batch.push_str(&token);

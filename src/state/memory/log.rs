@@ -203,6 +203,12 @@ impl DeploymentLog {
         self.next_line_no.shrink_to_fit();
     }
 
+    /// Lines held, those removed but not yet taken out included.
+    #[cfg(test)]
+    pub(super) fn capacity_used(&self) -> usize {
+        self.lines.len()
+    }
+
     /// Takes the removed lines out.
     fn compact(&mut self) {
         if self.removed > 0 {

@@ -648,4 +648,108 @@ mod tests {
             "the other deployment's node stays"
         );
     }
+
+    #[tokio::test]
+    async fn nodes_named_otherwise_than_the_engine_names_them_are_found_updated_and_forgotten() {
+        let store = MemoryStore::new();
+        let mut odd = Node::new("dep-odd", 1, UNIX_EPOCH);
+        odd.id = "worker-a".to_owned();
+        // An id that looks like another node's: index 2 of the deployment, but it is node 0.
+        let mut lookalike = Node::new("dep-odd", 0, UNIX_EPOCH);
+        lookalike.id = "dep-odd-2".to_owned();
+        let plain = Node::new("dep-odd", 3, UNIX_EPOCH);
+        store
+            .create_deployment(
+                deployment("dep-odd", 3),
+                vec![odd.clone(), lookalike.clone(), plain.clone()],
+            )
+            .await
+            .unwrap();
+        assert_eq!(store.node("worker-a").await.unwrap(), Some(odd));
+        assert_eq!(store.node("dep-odd-2").await.unwrap(), Some(lookalike));
+        assert_eq!(store.node("dep-odd-3").await.unwrap(), Some(plain));
+        assert_eq!(
+            store.node("dep-odd-1").await.unwrap(),
+            None,
+            "named worker-a"
+        );
+        assert_eq!(store.node("dep-odd-03").await.unwrap(), None);
+        assert_eq!(store.node("dep-odd-+3").await.unwrap(), None);
+        let applied = store
+            .update_node(
+                "worker-a",
+                NodeUpdate::ProvisionToken { hash: [7; 32] },
+                UNIX_EPOCH,
+            )
+            .await
+            .unwrap();
+        assert_eq!(applied.node.id, "worker-a");
+        let found = store.node_by_provision_token(&[7; 32]).await.unwrap();
+        assert_eq!(found.map(|n| n.id), Some("worker-a".to_owned()));
+        assert!(store.delete_deployment("dep-odd").await.unwrap());
+        assert!(store.lock().odd_node_ids.is_empty());
+        assert_eq!(store.node("worker-a").await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_node_over_its_log_cap_keeps_its_newest_lines_and_the_dropped_ones_go() {
+        let store = MemoryStore::new().max_log_lines_per_node(3);
+        store
+            .create_deployment(
+                deployment("dep-chatty", 2),
+                vec![
+                    Node::new("dep-chatty", 0, UNIX_EPOCH),
+                    Node::new("dep-chatty", 1, UNIX_EPOCH),
+                ],
+            )
+            .await
+            .unwrap();
+        let line = |index: u32, n: u32| NewLogLine {
+            node_id: format!("dep-chatty-{index}"),
+            node_index: index,
+            stream: LogStream::Stdout,
+            line: format!("line {n}"),
+            timestamp: UNIX_EPOCH,
+            attempt: 1,
+            line_no: None,
+        };
+        store
+            .append_logs("dep-chatty", vec![line(1, 0)])
+            .await
+            .unwrap();
+        for n in 0..500 {
+            store
+                .append_logs("dep-chatty", vec![line(0, n)])
+                .await
+                .unwrap();
+        }
+        let all = store
+            .logs(
+                "dep-chatty",
+                LogQuery {
+                    limit: 100,
+                    ..LogQuery::default()
+                },
+            )
+            .await
+            .unwrap();
+        let texts: Vec<(&str, &str)> = all
+            .iter()
+            .map(|l| (l.node_id.as_str(), l.line.as_str()))
+            .collect();
+        let marker = crate::state::dropped_lines_marker(0, 498);
+        assert_eq!(
+            texts,
+            [
+                ("dep-chatty-1", "line 0"),
+                ("dep-chatty-0", marker.as_str()),
+                ("dep-chatty-0", "line 498"),
+                ("dep-chatty-0", "line 499"),
+            ]
+        );
+        // The dropped lines do not linger: they are taken out as they pile up.
+        let inner = store.lock();
+        let log = &inner.deployments["dep-chatty"].log;
+        assert!(log.capacity_used() < 100, "{}", log.capacity_used());
+    }
 }
