@@ -60,10 +60,11 @@ pub(super) struct DeploymentLog {
 
 /// The node id `<deployment_id>-<index>`, as [`crate::state::model::Node::new`] names nodes.
 pub(super) fn canonical_node_id(deployment_id: &str, index: u32) -> String {
+    use std::fmt::Write;
     let mut id = String::with_capacity(deployment_id.len() + 11);
     id.push_str(deployment_id);
-    id.push('-');
-    id.push_str(&index.to_string());
+    // Writing to a String cannot fail.
+    let _ = write!(id, "-{index}");
     id
 }
 

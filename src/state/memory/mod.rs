@@ -29,12 +29,14 @@ const DEFAULT_MAX_LOG_LINES: usize = 1_000_000;
 /// [`MemoryStore::max_log_lines_per_node`]; see [`Store::append_logs`]), so a chatty node
 /// can exhaust neither memory nor the other nodes' share of the log.
 ///
-/// Memory: a node costs about 330 bytes of heap while its deployment is kept (finished or
-/// not), plus its strings (instance id, locator and address, an error message) and its log
-/// lines (about 60 bytes each plus their text, and about 100 bytes per node that wrote any);
-/// BENCHMARKS.md ("Memory at 100,000 nodes") has the figures. Forgetting a deployment
-/// ([`Store::delete_deployment`]) gives its memory back to the allocator, and shrinks the
-/// store's maps once they are mostly empty.
+/// Memory, per node of a deployment kept (running or finished, until it is forgotten): its
+/// record (224 bytes), about 75 bytes per token index entry (at most two), its strings
+/// (instance id, locator and address, an error message), and its log: 56 bytes per line plus
+/// its text, and about 120 bytes per node that wrote any. A finished node with one log line
+/// measured 0.85 – 1.06 KB of RSS with the allocator's overhead (BENCHMARKS.md, "Memory at
+/// 100,000 nodes"). When a deployment ends its log gives back the room it reserved to grow;
+/// forgetting it ([`Store::delete_deployment`]) frees all of it, and shrinks the store's maps
+/// once they are mostly empty.
 #[derive(Debug)]
 pub struct MemoryStore {
     inner: Mutex<Inner>,
@@ -69,7 +71,7 @@ struct NodeKey {
 }
 
 /// A [`Node`] as the store keeps it: no ids (see the module's doc), strings boxed to their
-/// length. 224 bytes, against 352 for a `Node` and its id copies.
+/// length, times packed. 224 bytes, against 352 for a `Node` and its id copies.
 #[derive(Debug)]
 struct NodeRecord {
     /// The node's id, when it is not `<deployment id>-<index>`.
