@@ -43,8 +43,8 @@ impl NodeLog {
 }
 
 /// A deployment's log: lines in `seq` order, dropped lines marked until compaction, and per
-/// node only counters (no list of its lines): about 56 bytes per line plus its text, and about
-/// 100 bytes per node that wrote.
+/// node only counters (no list of its lines): 56 bytes per line plus its text, and about
+/// 120 bytes per node that wrote (its counters and line-number entries).
 #[derive(Debug, Default)]
 pub(super) struct DeploymentLog {
     lines: Vec<StoredLine>,
