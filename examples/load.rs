@@ -21,6 +21,12 @@
 //! process), and its RSS once the deployment is gone (with `--runs 10`, whether memory stays
 //! flat across rounds).
 //!
+//! `--agents-process` runs the simulated agents in a child process of their own (this program
+//! again), fed the provision tokens through a pipe: the peak RSS printed is then the engine's
+//! alone (with this tool's provider and bookkeeping, a few MB), and the agents' is printed
+//! apart. That is the figure for issue #12's "peak RSS ≤ 150 MB in the engine" at 100,000
+//! nodes; without it the agents' connections, token queue and latency samples count too.
+//!
 //! `--bundle-mb M` adds M MiB of incompressible data to the bundle every node downloads.
 //!
 //! `--events N` also opens N event streams (`GET /api/v1/events`, as the dashboard does) before
@@ -57,7 +63,12 @@ use tokio_util::sync::CancellationToken;
 type Failure = Box<dyn Error + Send + Sync>;
 
 const USAGE: &str = "usage: load [--nodes N] [--connections C] [--store memory|sqlite] [--runs R] \
-                     [--events N] [--keep-records] [--bundle-mb M] [--serve-one-node]";
+                     [--events N] [--keep-records] [--agents-process] [--bundle-mb M] \
+                     [--serve-one-node]";
+
+/// The hidden option that makes this program the agents' process of `--agents-process`:
+/// `--agents-child <engine address>`, provision tokens one a line on stdin.
+const AGENTS_CHILD: &str = "--agents-child";
 
 /// What to run, from the command line.
 struct Options {
@@ -69,6 +80,10 @@ struct Options {
     events: usize,
     /// Keep each run's deployment record after its cleanup instead of forgetting it.
     keep_records: bool,
+    /// Run the simulated agents in a child process, so the peak RSS is the engine's.
+    agents_process: bool,
+    /// This is the agents' process, driving the engine at this address.
+    agents_child: Option<String>,
     /// MiB of incompressible data in the project's bundle, besides the script.
     bundle_mb: u32,
     serve_one_node: bool,
@@ -83,6 +98,8 @@ impl Options {
             runs: 1,
             events: 0,
             keep_records: false,
+            agents_process: false,
+            agents_child: None,
             bundle_mb: 0,
             serve_one_node: false,
         };
@@ -99,6 +116,8 @@ impl Options {
                 "--runs" => options.runs = value()?.parse::<u32>()?.max(1),
                 "--events" => options.events = value()?.parse()?,
                 "--keep-records" => options.keep_records = true,
+                "--agents-process" => options.agents_process = true,
+                AGENTS_CHILD => options.agents_child = Some(value()?),
                 "--bundle-mb" => options.bundle_mb = value()?.parse()?,
                 "--serve-one-node" => options.serve_one_node = true,
                 _ => return Err(format!("unknown argument `{arg}`\n{USAGE}").into()),
@@ -471,11 +490,236 @@ fn cpu_seconds() -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// The simulated agents of one run: tasks of this process, or a process of their own
+/// (`--agents-process`).
+enum Agents {
+    InProcess(JoinSet<Result<Latencies, Failure>>),
+    Child {
+        process: tokio::process::Child,
+        /// Writes the provision tokens to the child's stdin until the run is over; the
+        /// child's agents end once it is closed.
+        feeder: tokio::task::JoinHandle<Result<(), Failure>>,
+        /// The child's report, read from its stdout.
+        report: tokio::task::JoinHandle<Result<String, Failure>>,
+    },
+}
+
+/// What the agents measured.
+struct AgentsReport {
+    latencies: Vec<(&'static str, f64, f64)>,
+    /// The peak RSS of the agents' own process, when they had one.
+    peak_rss_mb: Option<f64>,
+}
+
+impl Agents {
+    /// Starts `connections` agents taking the provision tokens the engine hands out, until
+    /// `stop` fires.
+    async fn start(
+        engine: &Engine,
+        options: &Options,
+        stop: &CancellationToken,
+    ) -> Result<Agents, Failure> {
+        if options.agents_process {
+            return Agents::start_child(engine, options.connections, stop);
+        }
+        let mut agents = JoinSet::new();
+        for _ in 0..options.connections {
+            let mut connection = Connection::open(&engine.address).await?;
+            let (tokens, stop) = (engine.tokens.clone(), stop.clone());
+            agents.spawn(async move {
+                loop {
+                    let token = tokio::select! {
+                        () = stop.cancelled() => break,
+                        token = async { tokens.lock().await.recv().await } => token,
+                    };
+                    let Some(token) = token else { break };
+                    connection.run_node(&token).await?;
+                }
+                Ok::<Latencies, Failure>(connection.latencies)
+            });
+        }
+        Ok(Agents::InProcess(agents))
+    }
+
+    fn start_child(
+        engine: &Engine,
+        connections: usize,
+        stop: &CancellationToken,
+    ) -> Result<Agents, Failure> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut process = tokio::process::Command::new(std::env::current_exe()?)
+            .args([AGENTS_CHILD, &engine.address])
+            .args(["--connections", &connections.to_string()])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let mut stdin = process
+            .stdin
+            .take()
+            .ok_or("the agents' process has no stdin")?;
+        let mut stdout = process
+            .stdout
+            .take()
+            .ok_or("the agents' process has no stdout")?;
+        let (tokens, stop) = (engine.tokens.clone(), stop.clone());
+        let feeder = tokio::spawn(async move {
+            let mut batch = String::new();
+            loop {
+                let mut tokens = tokens.lock().await;
+                let token = tokio::select! {
+                    () = stop.cancelled() => break,
+                    token = tokens.recv() => token,
+                };
+                let Some(token) = token else { break };
+                // The tokens waiting go out together, one a line.
+                batch.clear();
+                batch.push_str(&token);
+                batch.push('\n');
+                while let Ok(token) = tokens.try_recv() {
+                    batch.push_str(&token);
+                    batch.push('\n');
+                }
+                drop(tokens);
+                stdin.write_all(batch.as_bytes()).await?;
+            }
+            Ok::<(), Failure>(())
+        });
+        let report = tokio::spawn(async move {
+            let mut report = String::new();
+            stdout.read_to_string(&mut report).await?;
+            Ok::<String, Failure>(report)
+        });
+        Ok(Agents::Child {
+            process,
+            feeder,
+            report,
+        })
+    }
+
+    /// Waits until an agent (or the agents' process) stops before the run's end: why.
+    async fn stopped_early(&mut self) -> Failure {
+        match self {
+            Agents::InProcess(agents) => match agents.join_next().await {
+                Some(joined) => {
+                    format!("a simulated agent stopped: {:?}", joined.map(|r| r.err())).into()
+                }
+                None => std::future::pending().await,
+            },
+            Agents::Child { process, .. } => match process.wait().await {
+                Ok(status) => format!("the agents' process ended early: {status}").into(),
+                Err(e) => e.into(),
+            },
+        }
+    }
+
+    /// Once every node is done (and `stop` fired): what the agents measured.
+    async fn finish(self) -> Result<AgentsReport, Failure> {
+        match self {
+            Agents::InProcess(mut agents) => {
+                let mut latencies = Latencies::default();
+                while let Some(joined) = agents.join_next().await {
+                    latencies.merge(joined??);
+                }
+                Ok(AgentsReport {
+                    latencies: latencies.percentiles(),
+                    peak_rss_mb: None,
+                })
+            }
+            Agents::Child {
+                mut process,
+                feeder,
+                report,
+            } => {
+                feeder.await??;
+                let status = process.wait().await?;
+                let report = report.await??;
+                if !status.success() {
+                    return Err(format!("the agents' process failed: {status}").into());
+                }
+                parse_agents_report(&report)
+            }
+        }
+    }
+}
+
+/// The report of the agents' process: `latency <endpoint> <p50 ms> <p99 ms>` lines and
+/// `peak_rss_kb <KiB>`.
+fn parse_agents_report(report: &str) -> Result<AgentsReport, Failure> {
+    let mut latencies = Vec::new();
+    let mut peak_rss_mb = None;
+    for line in report.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        match fields.as_slice() {
+            ["latency", name, p50, p99] => {
+                let (_, name) = ENDPOINTS
+                    .iter()
+                    .find(|(_, known)| known == name)
+                    .ok_or_else(|| format!("the agents' process reported `{line}`"))?;
+                latencies.push((*name, p50.parse()?, p99.parse()?));
+            }
+            ["peak_rss_kb", kb] => peak_rss_mb = Some(kb.parse::<f64>()? / 1024.0),
+            _ => return Err(format!("the agents' process reported `{line}`").into()),
+        }
+    }
+    if latencies.len() != ENDPOINTS.len() || peak_rss_mb.is_none() {
+        return Err(format!("the agents' process reported too little: {report:?}").into());
+    }
+    Ok(AgentsReport {
+        latencies,
+        peak_rss_mb,
+    })
+}
+
+/// The agents' process of `--agents-process`: `connections` agents driving the engine at
+/// `address`, taking provision tokens from stdin (one a line) until it is closed; then the
+/// report [`parse_agents_report`] reads, on stdout.
+async fn agents_child(address: &str, connections: usize) -> Result<(), Failure> {
+    use std::io::BufRead;
+    let (sender, receiver) = mpsc::unbounded_channel::<String>();
+    // Blocking reads on a thread of their own: tokio's stdin is not among the features.
+    let reader = tokio::task::spawn_blocking(move || {
+        for token in std::io::stdin().lock().lines() {
+            if sender.send(token?).is_err() {
+                break;
+            }
+        }
+        Ok::<(), std::io::Error>(())
+    });
+    let tokens = Arc::new(Mutex::new(receiver));
+    let mut agents = JoinSet::new();
+    for _ in 0..connections {
+        let mut connection = Connection::open(address).await?;
+        let tokens = tokens.clone();
+        agents.spawn(async move {
+            loop {
+                let token = tokens.lock().await.recv().await;
+                let Some(token) = token else { break };
+                connection.run_node(&token).await?;
+            }
+            Ok::<Latencies, Failure>(connection.latencies)
+        });
+    }
+    let mut latencies = Latencies::default();
+    while let Some(joined) = agents.join_next().await {
+        latencies.merge(joined??);
+    }
+    reader.await??;
+    for (name, p50, p99) in latencies.percentiles() {
+        println!("latency {name} {p50} {p99}");
+    }
+    println!("peak_rss_kb {}", peak_rss_kb());
+    Ok(())
+}
+
 /// What one run measured.
 struct RunResult {
     took: Duration,
     lifecycles_per_s: f64,
+    /// Peak RSS of this process: the engine's, and the agents' unless `--agents-process`.
     peak_rss_mb: f64,
+    /// Peak RSS of the agents' process, with `--agents-process`.
+    agents_peak_rss_mb: Option<f64>,
     /// VmRSS once the deployment is cleaned up: flat across runs when nothing is kept.
     rss_after_cleanup_mb: f64,
     latencies: Vec<(&'static str, f64, f64)>,
@@ -490,38 +734,21 @@ async fn run_once(
     project: &Path,
     options: &Options,
 ) -> Result<RunResult, Failure> {
-    let (nodes, connections, event_streams) = (options.nodes, options.connections, options.events);
+    let (nodes, event_streams) = (options.nodes, options.events);
     let mut streams = JoinSet::new();
     for _ in 0..event_streams {
         let stream = open_events(&engine.address).await?;
         streams.spawn(read_events(stream));
     }
-    let mut agents = JoinSet::new();
     let stop = CancellationToken::new();
-    for _ in 0..connections {
-        let mut connection = Connection::open(&engine.address).await?;
-        let (tokens, stop) = (engine.tokens.clone(), stop.clone());
-        agents.spawn(async move {
-            loop {
-                let token = tokio::select! {
-                    () = stop.cancelled() => break,
-                    token = async { tokens.lock().await.recv().await } => token,
-                };
-                let Some(token) = token else { break };
-                connection.run_node(&token).await?;
-            }
-            Ok::<Latencies, Failure>(connection.latencies)
-        });
-    }
+    let mut agents = Agents::start(engine, options, &stop).await?;
     reset_peak_rss();
     let cpu_before = cpu_seconds();
     let started = Instant::now();
     let created = engine.engine.deploy_dir(project).await?;
     let done = tokio::select! {
         done = engine.engine.wait(&created.id) => done?,
-        Some(failed) = agents.join_next() => {
-            return Err(format!("a simulated agent stopped: {:?}", failed?.err()).into());
-        }
+        failure = agents.stopped_early() => return Err(failure),
     };
     let took = started.elapsed();
     let peak_rss_mb = peak_rss_kb() as f64 / 1024.0;
@@ -530,10 +757,7 @@ async fn run_once(
     }
     // Every node is done, so every agent waits for a token: stop them, keep what they measured.
     stop.cancel();
-    let mut latencies = Latencies::default();
-    while let Some(joined) = agents.join_next().await {
-        latencies.merge(joined??);
-    }
+    let agents = agents.finish().await?;
     let mut counts = Vec::new();
     while let Some(joined) = streams.join_next().await {
         counts.push(joined??);
@@ -547,8 +771,9 @@ async fn run_once(
         took,
         lifecycles_per_s: f64::from(nodes) / took.as_secs_f64(),
         peak_rss_mb,
+        agents_peak_rss_mb: agents.peak_rss_mb,
         rss_after_cleanup_mb: status_kb("VmRSS:") as f64 / 1024.0,
-        latencies: latencies.percentiles(),
+        latencies: agents.latencies,
         cpu_s,
         streams: counts,
     })
@@ -599,8 +824,12 @@ async fn load(options: &Options, data_dir: &Path) -> Result<(), Failure> {
             .iter()
             .map(|(name, p50, p99)| format!("{name} {p50:.1}/{p99:.1}"))
             .collect();
+        let whose = match result.agents_peak_rss_mb {
+            Some(agents) => format!("engine; the agents' process {agents:.1} MB"),
+            None => "engine and agents".to_owned(),
+        };
         println!(
-            "run {run}: {:.2} s, {:.0} node lifecycles/s, peak RSS {:.1} MB, \
+            "run {run}: {:.2} s, {:.0} node lifecycles/s, peak RSS {:.1} MB ({whose}), \
              RSS after cleanup {:.1} MB; p50/p99 ms: {}",
             result.took.as_secs_f64(),
             result.lifecycles_per_s,
@@ -684,6 +913,9 @@ async fn serve_one_node(options: &Options, data_dir: &Path) -> Result<(), Failur
 #[tokio::main]
 async fn main() -> Result<(), Failure> {
     let options = Options::parse()?;
+    if let Some(address) = &options.agents_child {
+        return agents_child(address, options.connections).await;
+    }
     let data_dir: PathBuf =
         std::env::temp_dir().join(format!("taskfly-load-{}", std::process::id()));
     let outcome = if options.serve_one_node {
