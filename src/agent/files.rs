@@ -16,8 +16,9 @@ pub(super) const ASSETS_FILE: &str = ".taskfly-assets.tar.gz";
 
 /// Bundles the daemon announces at up to this size are kept in memory from the download to the
 /// extraction: no archive file is written (nor synced, nor removed) per node. Larger ones go
-/// through [`ASSETS_FILE`], so memory stays bounded whatever the bundle.
-const IN_MEMORY_BUNDLE_BYTES: u64 = 8 * 1024 * 1024;
+/// through [`ASSETS_FILE`], so memory stays bounded whatever the bundle, also with hundreds of
+/// agent tasks in one process (200 local nodes downloading at once: at most 50 MiB).
+const IN_MEMORY_BUNDLE_BYTES: u64 = 256 * 1024;
 
 /// A downloaded bundle on its way to extraction.
 enum Archive {
