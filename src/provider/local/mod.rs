@@ -46,7 +46,8 @@ const NODE_ID_VARIABLE: &str = "TASKFLY_NODE_ID";
 /// (one task each, no extra executable or process per node), and works when the library is
 /// embedded in a host program that has no `taskfly` binary at hand. The agent talks to the
 /// engine over the node API exactly as a remote agent does, so a local node behaves like any
-/// other. The user's script, however, is a real child process: it runs in a process group of
+/// other; agent tasks of a plain `http://` daemon share one client, and with it one pool of
+/// connections. The user's script, however, is a real child process: it runs in a process group of
 /// its own, inside the node's own work directory `work_root/<deployment_id>/<node_index>-<attempt>`
 /// (the bundle is extracted into its `bundle/` folder unless `remote_dest_dir` is set).
 /// Terminating a node cancels its agent, which stops the script's whole process group (SIGTERM,
