@@ -5,8 +5,11 @@
 #
 #   bash scripts/bench-local.sh [NODES] [RUNS]      # default 200 nodes, 10 runs each
 #
-# It uses the test build (debug, features `full`), as scripts/bench-ssh.sh does, or the
-# `taskfly` named by TASKFLY_BIN (nothing is built then), e.g. a copy of an earlier build.
+# The goal of issue #12 (taskfly run <= 2x xargs) is judged on a RELEASE build: by default this
+# builds one (features sqlite,cli,daemon, as shipped; in target/release, or CARGO_TARGET_DIR). TASKFLY_BIN=/path/to/taskfly times that binary instead (nothing is
+# built), and TASKFLY_BEFORE_BIN=/path/to/an/earlier/taskfly adds it to the same hyperfine run,
+# for a before/after comparison under the same load. Prefer the CPU figures (User + System) on
+# a shared machine: wall times swing with the other processes' load.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 nodes="${1:-200}"
@@ -14,9 +17,9 @@ runs="${2:-10}"
 
 if [ -z "${TASKFLY_BIN:-}" ]; then
   export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
-  cargo build --locked --features full --all-targets
+  cargo build --locked --release --features sqlite,cli,daemon --bin taskfly
 fi
-taskfly="$(realpath "${TASKFLY_BIN:-target/debug/taskfly}")"
+taskfly="$(realpath "${TASKFLY_BIN:-${CARGO_TARGET_DIR:-target}/release/taskfly}")"
 missing=()
 command -v hyperfine >/dev/null || missing+=(hyperfine)
 command -v parallel >/dev/null || missing+=(parallel)
@@ -40,8 +43,13 @@ nodes:
 YML
 last=$((nodes - 1))
 
+before=()
+if [ -n "${TASKFLY_BEFORE_BIN:-}" ]; then
+  before=(-n "before: taskfly run ($nodes nodes)" "$(realpath "$TASKFLY_BEFORE_BIN") run .")
+fi
 cd "$project"
 hyperfine --runs "$runs" --warmup 1 \
+  "${before[@]}" \
   -n "taskfly run ($nodes nodes)" "$taskfly run ." \
   -n "xargs -P $nodes" "seq 0 $last | xargs -P $nodes -I{} env TASKFLY_NODE_INDEX={} sh setup.sh" \
   -n "parallel -j $nodes" "seq 0 $last | parallel --will-cite -j $nodes TASKFLY_NODE_INDEX={} sh setup.sh"

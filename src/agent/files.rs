@@ -7,11 +7,24 @@ use std::path::{Component, Path, PathBuf};
 
 use super::node::Node;
 use super::script::{exec_plan, read_head, Prepared};
+use crate::api::client::Downloaded;
 use crate::bundle::{extract_bundle, BundleLimits};
 use crate::error::{Error, Result};
 
 /// The name of the downloaded worker bundle inside the work directory, removed once extracted.
 pub(super) const ASSETS_FILE: &str = ".taskfly-assets.tar.gz";
+
+/// Bundles the daemon announces at up to this size are kept in memory from the download to the
+/// extraction: no archive file is written (nor synced, nor removed) per node. Larger ones go
+/// through [`ASSETS_FILE`], so memory stays bounded whatever the bundle, also with hundreds of
+/// agent tasks in one process (200 local nodes downloading at once: at most 50 MiB).
+const IN_MEMORY_BUNDLE_BYTES: u64 = 256 * 1024;
+
+/// A downloaded bundle on its way to extraction.
+enum Archive {
+    InMemory(bytes::Bytes),
+    File(PathBuf),
+}
 
 impl Node<'_> {
     /// Downloads, extracts and checks the bundle. `Ok(None)`: stopped meanwhile. `Err`: why the
@@ -24,85 +37,119 @@ impl Node<'_> {
                 work_dir.display()
             )
         })?;
-        let archive = work_dir.join(ASSETS_FILE);
+        let archive_file = work_dir.join(ASSETS_FILE);
         let downloaded = tokio::select! {
             () = self.stop.cancelled() => None,
-            downloaded = self.client.download_assets(&archive) => Some(downloaded),
+            downloaded = self
+                .client
+                .download_assets_or_keep(&archive_file, Some(IN_MEMORY_BUNDLE_BYTES)) => Some(downloaded),
         };
-        let bytes = match downloaded {
+        let archive = match downloaded {
             None => {
-                remove_quietly(&archive).await;
+                remove_quietly(&archive_file).await;
                 return Ok(None);
             }
-            Some(Ok(bytes)) => bytes,
+            Some(Ok(Downloaded::InMemory(data))) => {
+                tracing::debug!(node_id = %self.node_id(), bytes = data.len(), "downloaded the assets");
+                Archive::InMemory(data)
+            }
+            Some(Ok(Downloaded::File(bytes))) => {
+                tracing::debug!(node_id = %self.node_id(), bytes, "downloaded the assets");
+                Archive::File(archive_file.clone())
+            }
             Some(Err(error)) => {
-                remove_quietly(&archive).await;
+                remove_quietly(&archive_file).await;
                 return Err(format!("cannot download the assets: {}", error.report()));
             }
         };
-        tracing::debug!(node_id = %self.node_id(), bytes, "downloaded the assets");
 
         let dest = bundle_dir(work_dir, self.registration.dest_dir.as_deref());
-        // Whether the extraction creates the directory or fills an empty one decides what goes
-        // once the node has ended; a directory it refuses (not empty) is left as it is.
-        let planned = {
-            let dest = dest.clone();
-            tokio::task::spawn_blocking(move || BundleFiles::plan(&dest)).await
+        let script = self.registration.script.clone();
+        // One trip to a blocking thread for everything on disk: extraction, then the script's
+        // checks.
+        let unpacked = tokio::task::spawn_blocking(move || unpack(&archive, &dest, &script)).await;
+        let (files, prepared) = match unpacked {
+            Ok(unpacked) => unpacked,
+            Err(e) => {
+                remove_quietly(&archive_file).await;
+                return Err(format!("the extraction of the bundle failed: {e}"));
+            }
         };
-        if let Ok(Some(files)) = planned {
+        if let Some(files) = files {
             let _ = self.bundle_files.set(files);
         }
-        let extracted = {
-            let archive = archive.clone();
-            let dest = dest.clone();
-            tokio::task::spawn_blocking(move || {
-                let file = std::fs::File::open(&archive)
-                    .map_err(|e| format!("cannot open the downloaded assets: {e}"))?;
-                extract_bundle(io::BufReader::new(file), &dest, &BundleLimits::default()).map_err(
-                    |e| {
-                        format!(
-                            "cannot extract the bundle into {}: {}",
-                            dest.display(),
-                            e.report()
-                        )
-                    },
-                )
-            })
-            .await
-        };
-        remove_quietly(&archive).await;
-        let summary = match extracted {
-            Ok(result) => result?,
-            Err(e) => return Err(format!("the extraction of the bundle failed: {e}")),
-        };
-        tracing::debug!(
-            node_id = %self.node_id(),
-            files = summary.files.len(),
-            bytes = summary.total_bytes,
-            "extracted the bundle"
-        );
-
-        let root = tokio::fs::canonicalize(&dest)
-            .await
-            .map_err(|e| format!("cannot open the bundle directory {}: {e}", dest.display()))?;
-        let name = &self.registration.script;
-        let script = resolve_script(&root, name)?;
-        let metadata = match tokio::fs::metadata(&script).await {
-            Ok(metadata) => metadata,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(format!("script {name} not found in the bundle"))
-            }
-            Err(e) => return Err(format!("cannot read script {name}: {e}")),
-        };
-        if !metadata.is_file() {
-            return Err(format!("script {name} is not a regular file"));
-        }
-        let head = read_head(&script)
-            .await
-            .map_err(|e| format!("cannot read script {name}: {e}"))?;
-        let plan = exec_plan(metadata.permissions().mode(), &head);
-        Ok(Some(Prepared { root, script, plan }))
+        prepared.map(Some)
     }
+}
+
+/// Extracts `archive` into `dest` and finds the script `name` in it (blocking). Also returns
+/// what the extraction leaves behind for a pooled node to remove, judged before it starts:
+/// whether it creates `dest` or fills an empty one decides what goes once the node has ended
+/// (a directory it refuses, not empty, is left as it is). An archive file is removed.
+fn unpack(
+    archive: &Archive,
+    dest: &Path,
+    name: &str,
+) -> (Option<BundleFiles>, std::result::Result<Prepared, String>) {
+    let files = BundleFiles::plan(dest);
+    let extracted = match archive {
+        Archive::InMemory(data) => extract_bundle(&data[..], dest, &BundleLimits::default()),
+        Archive::File(path) => {
+            let extracted = match std::fs::File::open(path) {
+                Ok(file) => {
+                    extract_bundle(io::BufReader::new(file), dest, &BundleLimits::default())
+                }
+                Err(e) => {
+                    let _ = std::fs::remove_file(path);
+                    return (
+                        files,
+                        Err(format!("cannot open the downloaded assets: {e}")),
+                    );
+                }
+            };
+            if let Err(e) = std::fs::remove_file(path) {
+                tracing::debug!(path = %path.display(), error = %e, "cannot remove a temporary file");
+            }
+            extracted
+        }
+    };
+    let prepared = extracted
+        .map_err(|e| {
+            format!(
+                "cannot extract the bundle into {}: {}",
+                dest.display(),
+                e.report()
+            )
+        })
+        .and_then(|summary| {
+            tracing::debug!(
+                files = summary.files.len(),
+                bytes = summary.total_bytes,
+                "extracted the bundle"
+            );
+            find_script(dest, name)
+        });
+    (files, prepared)
+}
+
+/// The extracted bundle's script `name`, checked and with the way to start it (blocking).
+fn find_script(dest: &Path, name: &str) -> std::result::Result<Prepared, String> {
+    let root = std::fs::canonicalize(dest)
+        .map_err(|e| format!("cannot open the bundle directory {}: {e}", dest.display()))?;
+    let script = resolve_script(&root, name)?;
+    let metadata = match std::fs::metadata(&script) {
+        Ok(metadata) => metadata,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(format!("script {name} not found in the bundle"))
+        }
+        Err(e) => return Err(format!("cannot read script {name}: {e}")),
+    };
+    if !metadata.is_file() {
+        return Err(format!("script {name} is not a regular file"));
+    }
+    let head = read_head(&script).map_err(|e| format!("cannot read script {name}: {e}"))?;
+    let plan = exec_plan(metadata.permissions().mode(), &head);
+    Ok(Prepared { root, script, plan })
 }
 
 pub(super) async fn remove_quietly(path: &Path) {
@@ -345,6 +392,53 @@ mod tests {
         for bad in ["/etc/passwd", "../x.sh", "bin/../../x.sh", "", "."] {
             assert!(resolve_script(root, bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_bundle_unpacks_alike_from_memory_and_from_a_file_which_then_goes() {
+        let temp = tempfile::tempdir().expect("tempdir");
+        let root = std::fs::canonicalize(temp.path()).expect("canonical");
+        let data = crate::agent::fake_daemon::bundle("#!/bin/sh\necho hi\n");
+
+        let in_memory = root.join("memory/bundle");
+        let (files, prepared) = unpack(
+            &Archive::InMemory(bytes::Bytes::from(data.clone())),
+            &in_memory,
+            "setup.sh",
+        );
+        let from_memory = prepared.expect("unpacked from memory");
+        assert_eq!(files, Some(BundleFiles::Created(root.join("memory"))));
+        assert_eq!(from_memory.script, in_memory.join("setup.sh"));
+
+        let archive = root.join(ASSETS_FILE);
+        std::fs::write(&archive, &data).expect("write");
+        let from_file = root.join("file/bundle");
+        let (_, prepared) = unpack(&Archive::File(archive.clone()), &from_file, "setup.sh");
+        let from_file_prepared = prepared.expect("unpacked from a file");
+        assert_eq!(from_file_prepared.plan, from_memory.plan);
+        assert_eq!(
+            std::fs::read(from_file_prepared.script).expect("script"),
+            std::fs::read(&from_memory.script).expect("script")
+        );
+        assert!(!archive.exists(), "the archive file is removed");
+
+        // A broken archive file goes too, and the failure names the folder.
+        std::fs::write(&archive, b"not a bundle").expect("write");
+        let broken = root.join("broken");
+        let (_, prepared) = unpack(&Archive::File(archive.clone()), &broken, "setup.sh");
+        let problem = prepared.expect_err("refused");
+        assert!(problem.contains(&broken.display().to_string()), "{problem}");
+        assert!(!archive.exists(), "the archive file is removed");
+
+        let (_, prepared) = unpack(
+            &Archive::InMemory(bytes::Bytes::from(data)),
+            &root.join("other"),
+            "missing.sh",
+        );
+        assert_eq!(
+            prepared.expect_err("no such script"),
+            "script missing.sh not found in the bundle"
+        );
     }
 
     #[test]

@@ -70,7 +70,8 @@ impl ResourceMeter {
 }
 
 impl Node<'_> {
-    /// Heartbeats every `heartbeat_interval_ms` (`heartbeat_interval_s` from an older daemon) until `finished`; an answer with `shutdown: true`
+    /// Heartbeats every `heartbeat_interval_ms` (`heartbeat_interval_s` from an older daemon),
+    /// the first one interval after registration, until `finished`; an answer with `shutdown: true`
     /// stops the script. Each carries what the script uses ([`ResourceMeter`]), read off the
     /// async threads.
     ///
@@ -80,7 +81,10 @@ impl Node<'_> {
     /// try. A fresh heartbeat each interval reaches it within about one interval instead.
     pub(super) async fn heartbeat_loop(&self, finished: &CancellationToken) {
         let period = self.registration.heartbeat_interval();
-        let mut ticker = tokio::time::interval(period);
+        // The registration just told the daemon the node is alive: the first heartbeat is due
+        // one interval later. (A node whose script ends sooner sends none; hundreds of local
+        // nodes thus spare a request and a second connection each.)
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut meter = Some(ResourceMeter::default());
         // The newest reading: when, of which script group, and what it said.

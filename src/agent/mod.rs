@@ -255,6 +255,17 @@ fn daemon_client(config: &AgentConfig) -> Result<Client> {
 /// but sends nothing more to the daemon.
 pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<AgentReport> {
     let client = daemon_client(&config)?;
+    run_with_client(config, client, cancel).await
+}
+
+/// [`run`], talking to the daemon through `client` (of `config.daemon_url`, trusting what
+/// `config.ca_file` says): the local provider's agent tasks share one, and with it one pool of
+/// connections, instead of opening connections of their own.
+pub(crate) async fn run_with_client(
+    config: AgentConfig,
+    client: Client,
+    cancel: CancellationToken,
+) -> Result<AgentReport> {
     let mut last_report: Option<AgentReport> = None;
     // A pooled instance's token changes at every registration (`next_token`).
     let mut token = config.provision_token.clone();

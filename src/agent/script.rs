@@ -13,7 +13,6 @@ use std::time::Duration;
 use nix::errno::Errno;
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
-use tokio::io::AsyncReadExt;
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -113,11 +112,13 @@ impl Node<'_> {
     }
 }
 
-/// The first bytes of the script, enough for a `#!` line (the kernel reads 256).
-pub(super) async fn read_head(script: &Path) -> io::Result<Vec<u8>> {
-    let mut file = tokio::fs::File::open(script).await?;
+/// The first bytes of the script, enough for a `#!` line (the kernel reads 256). Blocking: it
+/// runs with the bundle's extraction, on its thread.
+pub(super) fn read_head(script: &Path) -> io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let file = std::fs::File::open(script)?;
     let mut head = Vec::with_capacity(256);
-    (&mut file).take(256).read_to_end(&mut head).await?;
+    file.take(256).read_to_end(&mut head)?;
     Ok(head)
 }
 

@@ -68,6 +68,30 @@ async fn a_failing_script_is_reported_with_its_code_output_and_environment() {
 }
 
 #[tokio::test]
+async fn a_node_ending_within_one_heartbeat_interval_sends_no_heartbeat() {
+    // The registration itself told the daemon the node is alive.
+    let mut registration = registration(&[]);
+    registration.heartbeat_interval_ms = Some(600_000);
+    let daemon = Arc::new(Mutex::new(Daemon {
+        bundle: bundle("true\n"),
+        registration: Some(registration),
+        ..Daemon::default()
+    }));
+    let (url, server) = fake_daemon(daemon.clone()).await;
+    let work = tempfile::tempdir().expect("tempdir");
+    let config = AgentConfig::new(url, "provision", work.path().join("node"));
+    let report = run(config, CancellationToken::new()).await.expect("agent");
+    server.abort();
+    assert_eq!(report.status, NodeStatus::Completed);
+    let daemon = daemon.lock().expect("lock");
+    assert_eq!(
+        statuses(&daemon),
+        ["downloading_assets", "running_script", "completed"]
+    );
+    assert_eq!(daemon.heartbeats, 0);
+}
+
+#[tokio::test]
 async fn a_successful_script_completes() {
     let (report, daemon, work) = run_against("echo done > result.txt\n", &[], None, false).await;
     assert_eq!(report.status, NodeStatus::Completed);

@@ -120,7 +120,7 @@ async fn scripts_start_by_exec_bit_shebang_or_sh() {
         let script = root_path.join(name);
         std::fs::write(&script, text).expect("write");
         std::fs::set_permissions(&script, std::fs::Permissions::from_mode(mode)).expect("chmod");
-        let head = read_head(&script).await.expect("head");
+        let head = read_head(&script).expect("head");
         let prepared = Prepared {
             root: root_path.clone(),
             script: script.clone(),

@@ -27,7 +27,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE, USER_AGENT};
+use hyper::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, USER_AGENT};
 use hyper::{Method, Request, StatusCode, Uri};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -333,8 +333,9 @@ impl Client {
         if let Some(node) = node {
             path.push_str(&format!("?node={node}"));
         }
-        self.download_attempt(&Call::new(Method::GET, path), dest_file)
+        self.download_attempt(&Call::new(Method::GET, path), dest_file, None)
             .await
+            .map(|downloaded| downloaded.bytes())
             .map_err(|failure| failure.error)
     }
 
@@ -424,8 +425,15 @@ impl Client {
     }
 
     /// One download attempt: answer headers within the time limit, then the body chunk by chunk
-    /// into `dest_file`, each chunk within [`DOWNLOAD_IDLE_TIMEOUT`] of the previous one.
-    async fn download_attempt(&self, call: &Call, dest_file: &Path) -> Result<u64, Failure> {
+    /// (each chunk within [`DOWNLOAD_IDLE_TIMEOUT`] of the previous one): kept in memory when
+    /// the answer announces a body of at most `in_memory_up_to` bytes, else written to
+    /// `dest_file`.
+    async fn download_attempt(
+        &self,
+        call: &Call,
+        dest_file: &Path,
+        in_memory_up_to: Option<u64>,
+    ) -> Result<Downloaded, Failure> {
         let request = self.build(call).map_err(Failure::permanent)?;
         let response = match tokio::time::timeout(self.timeout, self.http.request(request)).await {
             Ok(Ok(response)) => response,
@@ -442,6 +450,26 @@ impl Client {
                     Err(_) => return Err(self.timed_out(call, self.timeout)),
                 };
             return Err(status_failure(status, &body));
+        }
+        let announced = response
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.parse::<u64>().ok());
+        let mut body = response.into_body();
+        if let Some(length) = announced.filter(|length| Some(*length) <= in_memory_up_to) {
+            let mut data = Vec::with_capacity(usize::try_from(length).unwrap_or(0));
+            while let Some(chunk) = self.next_chunk(&mut body).await? {
+                data.extend_from_slice(&chunk);
+            }
+            if data.len() as u64 != length {
+                return Err(Failure::transient(Error::transport(format!(
+                    "the assets from {} were {} bytes where the answer announced {length}",
+                    self.base,
+                    data.len()
+                ))));
+            }
+            return Ok(Downloaded::InMemory(Bytes::from(data)));
         }
 
         let mut file = tokio::fs::OpenOptions::new()
@@ -463,11 +491,22 @@ impl Client {
                 e,
             ))
         };
-        let mut body = response.into_body();
         let mut written = 0u64;
+        while let Some(chunk) = self.next_chunk(&mut body).await? {
+            file.write_all(&chunk).await.map_err(write_error)?;
+            written += chunk.len() as u64;
+        }
+        file.flush().await.map_err(write_error)?;
+        file.sync_all().await.map_err(write_error)?;
+        Ok(Downloaded::File(written))
+    }
+
+    /// The next data chunk of a download's body (`None` at its end), within
+    /// [`DOWNLOAD_IDLE_TIMEOUT`].
+    async fn next_chunk(&self, body: &mut Incoming) -> Result<Option<Bytes>, Failure> {
         loop {
             let frame = match tokio::time::timeout(DOWNLOAD_IDLE_TIMEOUT, body.frame()).await {
-                Ok(None) => break,
+                Ok(None) => return Ok(None),
                 Ok(Some(Ok(frame))) => frame,
                 Ok(Some(Err(e))) => return Err(self.connection_failure(&e)),
                 Err(_) => {
@@ -479,13 +518,9 @@ impl Client {
                 }
             };
             if let Ok(data) = frame.into_data() {
-                file.write_all(&data).await.map_err(write_error)?;
-                written += data.len() as u64;
+                return Ok(Some(data));
             }
         }
-        file.flush().await.map_err(write_error)?;
-        file.sync_all().await.map_err(write_error)?;
-        Ok(written)
     }
 
     /// The HTTP request for `call`, with the bearer token when one is set.
@@ -601,6 +636,25 @@ impl Client {
 enum CallBody {
     Bytes(Bytes, &'static str),
     File(std::path::PathBuf, &'static str),
+}
+
+/// A downloaded worker bundle ([`Client::download_assets_or_keep`]).
+#[derive(Debug)]
+pub(crate) enum Downloaded {
+    /// Small enough to be kept in memory: no file was written.
+    InMemory(Bytes),
+    /// Written to the file named to the download: this many bytes.
+    File(u64),
+}
+
+impl Downloaded {
+    /// How many bytes were downloaded.
+    pub(crate) fn bytes(&self) -> u64 {
+        match self {
+            Downloaded::InMemory(data) => data.len() as u64,
+            Downloaded::File(written) => *written,
+        }
+    }
 }
 
 /// A body of bytes in memory.

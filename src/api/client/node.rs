@@ -7,8 +7,8 @@ use hyper::{Method, StatusCode};
 
 use super::retry::Failure;
 use super::{
-    decode, error_text, status_failure, Call, Client, Registration, GZIP, REGISTER_TIMEOUT,
-    UPLOAD_TIMEOUT,
+    decode, error_text, status_failure, Call, Client, Downloaded, Registration, GZIP,
+    REGISTER_TIMEOUT, UPLOAD_TIMEOUT,
 };
 use crate::api::wire;
 use crate::error::{Error, Result};
@@ -98,9 +98,22 @@ impl Client {
     /// mode 0600) chunk by chunk, never holding the whole body in memory. Returns the number of
     /// bytes written. Retries transient failures, starting the file over each time.
     pub async fn download_assets(&self, dest_file: &Path) -> Result<u64> {
+        self.download_assets_or_keep(dest_file, None)
+            .await
+            .map(|downloaded| downloaded.bytes())
+    }
+
+    /// `GET /nodes/assets` as [`Client::download_assets`], except that a bundle the answer
+    /// announces at no more than `in_memory_up_to` bytes is kept in memory instead: the
+    /// agent's path for small bundles, which then costs no file (nor its `fsync`) per node.
+    pub(crate) async fn download_assets_or_keep(
+        &self,
+        dest_file: &Path,
+        in_memory_up_to: Option<u64>,
+    ) -> Result<Downloaded> {
         let call = Call::new(Method::GET, "/nodes/assets".to_string());
         self.retrying("download_assets", || {
-            self.download_attempt(&call, dest_file)
+            self.download_attempt(&call, dest_file, in_memory_up_to)
         })
         .await
     }

@@ -305,6 +305,41 @@ async fn assets_are_streamed_to_a_file() {
 }
 
 #[tokio::test]
+async fn small_assets_stay_in_memory_and_large_ones_go_to_the_file() {
+    let server = serve(|_, _| {
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        Response::builder()
+            .header(CONTENT_TYPE, GZIP)
+            .body(Full::new(Bytes::from(data)))
+            .expect("response")
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dest = dir.path().join("assets.tar.gz");
+    let client = Client::new(&server.url, Some("node-token".into())).expect("client");
+
+    let kept = client
+        .download_assets_or_keep(&dest, Some(100_000))
+        .await
+        .expect("downloaded");
+    match kept {
+        Downloaded::InMemory(data) => {
+            assert_eq!(data.len(), 100_000);
+            assert!(data.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8));
+        }
+        Downloaded::File(_) => panic!("100,000 bytes fit in memory"),
+    }
+    assert!(!dest.exists(), "no file for a bundle kept in memory");
+
+    let written = client
+        .download_assets_or_keep(&dest, Some(99_999))
+        .await
+        .expect("downloaded");
+    assert!(matches!(written, Downloaded::File(100_000)), "{written:?}");
+    assert_eq!(std::fs::read(&dest).expect("read").len(), 100_000);
+}
+
+#[tokio::test]
 async fn register_sends_the_provision_token_and_decodes_the_work_order() {
     let server = serve(|parts, body| {
         assert_eq!(parts.uri.path(), "/api/v1/nodes/register");

@@ -18,6 +18,7 @@ use super::{
     ProviderSettings,
 };
 use crate::agent::{self, bootstrap, AgentConfig};
+use crate::api::client::Client;
 use crate::config::{local_settings, LocalAgent as AgentKind};
 use crate::error::{BoxError, Error};
 use crate::process::Sweeper;
@@ -45,7 +46,8 @@ const NODE_ID_VARIABLE: &str = "TASKFLY_NODE_ID";
 /// (one task each, no extra executable or process per node), and works when the library is
 /// embedded in a host program that has no `taskfly` binary at hand. The agent talks to the
 /// engine over the node API exactly as a remote agent does, so a local node behaves like any
-/// other. The user's script, however, is a real child process: it runs in a process group of
+/// other; agent tasks of a plain `http://` daemon share one client, and with it one pool of
+/// connections. The user's script, however, is a real child process: it runs in a process group of
 /// its own, inside the node's own work directory `work_root/<deployment_id>/<node_index>-<attempt>`
 /// (the bundle is extracted into its `bundle/` folder unless `remote_dest_dir` is set).
 /// Terminating a node cancels its agent, which stops the script's whole process group (SIGTERM,
@@ -106,6 +108,9 @@ pub struct LocalProvider {
     ssh: SshHosts,
     /// Scans of `/proc`, shared by the terminates under way.
     sweeper: Sweeper,
+    /// The client agent tasks of a plain `http://` daemon share (its URL, the client): one
+    /// pool of connections for all of them.
+    agent_client: Mutex<Option<(String, Client)>>,
 }
 
 /// How node agents run.
@@ -145,6 +150,7 @@ impl LocalProvider {
             agents: Arc::new(Mutex::new(HashMap::new())),
             tracker: TaskTracker::new(),
             shutdown: CancellationToken::new(),
+            agent_client: Mutex::new(None),
         }
     }
 
@@ -188,6 +194,28 @@ impl LocalProvider {
             args: args.into_iter().map(Into::into).collect(),
         };
         self
+    }
+
+    /// The client an agent task of a daemon at `daemon_url` talks through: without a CA file
+    /// to trust, the one all of them share (created by the first); with one, `None`: the
+    /// agent makes its own.
+    fn agent_client(
+        &self,
+        daemon_url: &str,
+        ca_file: Option<&std::path::Path>,
+    ) -> Result<Option<Client>, Error> {
+        if ca_file.is_some() {
+            return Ok(None);
+        }
+        let mut shared = crate::sync::lock(&self.agent_client);
+        if let Some((url, client)) = shared.as_ref() {
+            if url == daemon_url {
+                return Ok(Some(client.clone()));
+            }
+        }
+        let client = Client::new(daemon_url, None)?;
+        *shared = Some((daemon_url.to_owned(), client.clone()));
+        Ok(Some(client))
     }
 
     fn agents(&self) -> MutexGuard<'_, HashMap<String, LocalAgent>> {
@@ -247,29 +275,23 @@ impl Provider for LocalProvider {
         let instance_id = format!("local-{node_id}-{}", spec.owner.attempt());
         let work_dir = self.work_root.join(folder).join(node_folder);
         // Private to the daemon's user (0700): it holds the node's files and, for a bootstrap,
-        // its provision token. Set again on a folder left by an earlier run.
-        let created = tokio::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&work_dir)
-            .await;
-        let private = match created {
-            Ok(()) => {
-                use std::os::unix::fs::PermissionsExt;
-                let mode = std::fs::Permissions::from_mode(0o700);
-                tokio::fs::set_permissions(&work_dir, mode).await
-            }
-            Err(e) => Err(e),
+        // its provision token. Set again on a folder left by an earlier run. One trip to a
+        // blocking thread for both.
+        let created = {
+            let work_dir = work_dir.clone();
+            tokio::task::spawn_blocking(move || create_private_dir(&work_dir)).await
         };
-        private.map_err(|e| {
-            Error::io(
-                format!(
-                    "cannot create the node's work directory {}",
-                    work_dir.display()
-                ),
-                e,
-            )
-        })?;
+        created
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+            .map_err(|e| {
+                Error::io(
+                    format!(
+                        "cannot create the node's work directory {}",
+                        work_dir.display()
+                    ),
+                    e,
+                )
+            })?;
         // Written before anything starts, so cancelling here leaves only a file behind.
         let ca_file = match &spec.ca_pem {
             Some(pem) => {
@@ -333,6 +355,7 @@ impl Provider for LocalProvider {
                     work_dir,
                 )
                 .grace_period(self.grace_period);
+                let client = self.agent_client(&spec.daemon_url, ca_file.as_deref())?;
                 agent_config.ca_file = ca_file;
                 // Spawned while the map is locked, so `terminate` never sees an entry without
                 // its task.
@@ -340,6 +363,7 @@ impl Provider for LocalProvider {
                     node_id.clone(),
                     instance_id.clone(),
                     agent_config,
+                    client,
                     cancel.clone(),
                     finished.clone(),
                 ));
@@ -664,17 +688,22 @@ fn spawn_agent_process(
     })
 }
 
-/// One node's agent task: runs the agent and logs how it ended; `finished` is cancelled when
-/// the task ends, even by a panic.
+/// One node's agent task: runs the agent (through `client` when given) and logs how it ended;
+/// `finished` is cancelled when the task ends, even by a panic.
 async fn run_agent(
     node_id: String,
     instance_id: String,
     config: AgentConfig,
+    client: Option<Client>,
     cancel: CancellationToken,
     finished: CancellationToken,
 ) {
     let _finished = finished.drop_guard();
-    match agent::run(config, cancel).await {
+    let ran = match client {
+        Some(client) => agent::run_with_client(config, client, cancel).await,
+        None => agent::run(config, cancel).await,
+    };
+    match ran {
         Ok(report) => tracing::debug!(
             node_id = %node_id,
             instance_id = %instance_id,
@@ -689,6 +718,17 @@ async fn run_agent(
             "local node agent failed"
         ),
     }
+}
+
+/// Creates `dir` and its missing parents, and gives `dir` mode 0700 whether it was created now
+/// or left by an earlier run (blocking).
+fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
 /// Whether `name` can be one directory level: not empty, no separator, not `.` or `..`.
