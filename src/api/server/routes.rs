@@ -42,22 +42,22 @@ impl<'a> Segments<'a> {
         // By bytes rather than `str::split`, which costs several times more on paths this
         // short. `/` is ASCII, so every cut is at a character boundary.
         let path = path.trim_end_matches('/');
-        let mut start = match path.find('/') {
-            Some(first) => first + 1,
-            None => return Some(segments),
-        };
-        for (at, _) in path
-            .bytes()
-            .enumerate()
-            .skip(start)
-            .filter(|(_, b)| *b == b'/')
-        {
-            *segments.parts.get_mut(segments.count)? = &path[start..at];
-            segments.count += 1;
-            start = at + 1;
+        // The start of the segment under way, once past the first `/`.
+        let mut start = None;
+        for (at, byte) in path.as_bytes().iter().enumerate() {
+            if *byte != b'/' {
+                continue;
+            }
+            if let Some(start) = start {
+                *segments.parts.get_mut(segments.count)? = &path[start..at];
+                segments.count += 1;
+            }
+            start = Some(at + 1);
         }
-        *segments.parts.get_mut(segments.count)? = &path[start..];
-        segments.count += 1;
+        if let Some(start) = start {
+            *segments.parts.get_mut(segments.count)? = &path[start..];
+            segments.count += 1;
+        }
         Some(segments)
     }
 
