@@ -71,8 +71,11 @@ fn bytes_equal(a: &[u8], b: &[u8]) -> bool {
 /// as long as it lives (a connection's life); its `Debug` shows none of it.
 #[derive(Default)]
 pub(crate) struct LastTokenHash {
-    last: Mutex<Option<(Box<[u8]>, [u8; 32])>>,
+    last: Mutex<Option<HashedHeader>>,
 }
+
+/// An `Authorization` header value and the SHA-256 of its bearer token.
+type HashedHeader = (Box<[u8]>, [u8; 32]);
 
 impl LastTokenHash {
     /// [`hash_token`] of the token in an `Authorization: Bearer <token>` header value
