@@ -114,7 +114,8 @@ pub(crate) struct Connection {
 }
 
 impl Connection {
-    /// Completes when the table closes this connection for a newer one.
+    /// Completes when the table closes this connection for a newer one. One task (the
+    /// connection's own) waits on it: a second waiter would take the first one's wake-up.
     pub(crate) fn closed(&self) -> impl Future<Output = ()> + '_ {
         std::future::poll_fn(|cx| {
             if self.close.load(Ordering::Acquire) {
