@@ -4,6 +4,8 @@
 //! Node tokens are looked up by their hash. Timing of that lookup can at most reveal something
 //! about a hash, never about a token whose hash is not already known, so it leaks nothing usable.
 
+use std::sync::Mutex;
+
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
@@ -53,10 +55,55 @@ pub(crate) fn registration_key(provision_token: &str, nonce: &str) -> [u8; 32] {
 
 /// Compares two hashes without an early exit, so timing says nothing about where they differ.
 pub(crate) fn hashes_equal(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    a.iter()
-        .zip(b.iter())
-        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-        == 0
+    bytes_equal(a, b)
+}
+
+/// Compares two byte strings of equal length without an early exit (only a length that
+/// differs answers sooner: every token has the same length).
+fn bytes_equal(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The SHA-256 of the bearer token in the last `Authorization` header it read, kept with that
+/// header: a keep-alive connection sends the same header with every request, and parsing and
+/// hashing it once is enough. Headers are compared in constant time, so a connection several
+/// clients share (a proxy's) tells none of them anything of another's token. Holds the header
+/// as long as it lives (a connection's life); its `Debug` shows none of it.
+#[derive(Default)]
+pub(crate) struct LastTokenHash {
+    last: Mutex<Option<HashedHeader>>,
+}
+
+/// An `Authorization` header value and the SHA-256 of its bearer token.
+type HashedHeader = (Box<[u8]>, [u8; 32]);
+
+impl LastTokenHash {
+    /// [`hash_token`] of the token in an `Authorization: Bearer <token>` header value
+    /// ([`bearer`]); `None` when the value is not such a header (or not visible ASCII).
+    /// Hashes only when the header differs from the last one asked about.
+    pub(crate) fn bearer_hash(&self, header: &[u8]) -> Option<[u8; 32]> {
+        let mut last = crate::sync::lock(&self.last);
+        if let Some((known, hash)) = &*last {
+            if bytes_equal(known, header) {
+                return Some(*hash);
+            }
+        }
+        // As `HeaderValue::to_str` takes them: visible ASCII, spaces and tabs.
+        let visible = |byte: &u8| *byte == b'\t' || (0x20..0x7f).contains(byte);
+        if !header.iter().all(visible) {
+            return None;
+        }
+        let token = bearer(std::str::from_utf8(header).ok())?;
+        let hash = hash_token(token);
+        *last = Some((header.into(), hash));
+        Some(hash)
+    }
+}
+
+impl std::fmt::Debug for LastTokenHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LastTokenHash").finish_non_exhaustive()
+    }
 }
 
 /// The token in an `Authorization: Bearer <token>` header value.
@@ -92,6 +139,30 @@ mod tests {
         let h = hash_token("abc");
         assert!(hashes_equal(&h, &hash_token("abc")));
         assert!(!hashes_equal(&h, &hash_token("abd")));
+    }
+
+    #[test]
+    fn the_last_token_hash_is_the_hash_of_the_bearer_token_sent() {
+        let last = LastTokenHash::default();
+        let (a, b) = (new_token().unwrap(), new_token().unwrap());
+        for token in [&a, &a, &b, &a, &b, &b] {
+            let header = format!("Bearer {token}");
+            assert_eq!(last.bearer_hash(header.as_bytes()), Some(hash_token(token)));
+        }
+        let shown = format!("{last:?}");
+        assert!(!shown.contains(&b), "{shown}");
+        assert_eq!(
+            last.bearer_hash(b"bearer  short "),
+            Some(hash_token("short"))
+        );
+        assert_eq!(last.bearer_hash(b"Basic short"), None);
+        assert_eq!(last.bearer_hash(b"Bearer "), None);
+        assert_eq!(last.bearer_hash("Bearer caf\u{e9}".as_bytes()), None);
+        assert_eq!(
+            last.bearer_hash(b"bearer  short "),
+            Some(hash_token("short")),
+            "a refused header leaves the last one known"
+        );
     }
 
     #[test]

@@ -6,15 +6,18 @@
 //! handful of hash lookups a minute per address.
 
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Duration;
 
+use futures_util::task::AtomicWaker;
 use tokio::sync::Notify;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
+use crate::auth::LastTokenHash;
 use crate::error::{Error, Result};
 
 /// Entries kept before expired ones are swept.
@@ -101,13 +104,48 @@ pub(crate) struct Connection {
     id: u64,
     address: IpAddr,
     authenticated: AtomicBool,
-    close: CancellationToken,
+    /// Set when the table closes this connection; `close_waker` wakes [`Connection::closed`].
+    /// (A connection's task polls `closed` with every request: an atomic and a waker cost
+    /// less there than a `CancellationToken`, whose every poll takes a lock.)
+    close: AtomicBool,
+    close_waker: AtomicWaker,
+    /// The hash of the token its last request authenticated with.
+    token: LastTokenHash,
 }
 
 impl Connection {
-    /// Completes when the table closes this connection for a newer one.
-    pub(crate) async fn closed(&self) {
-        self.close.cancelled().await;
+    /// Completes when the table closes this connection for a newer one. One task (the
+    /// connection's own) waits on it: a second waiter would take the first one's wake-up.
+    pub(crate) fn closed(&self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(|cx| {
+            if self.close.load(Ordering::Acquire) {
+                return Poll::Ready(());
+            }
+            self.close_waker.register(cx.waker());
+            // Closed between the check and the registration: its wake may have been missed.
+            if self.close.load(Ordering::Acquire) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+    }
+
+    fn mark_closed(&self) {
+        self.close.store(true, Ordering::Release);
+        self.close_waker.wake();
+    }
+
+    #[cfg(test)]
+    fn is_closed(&self) -> bool {
+        self.close.load(Ordering::Acquire)
+    }
+
+    /// SHA-256 of the bearer token in `authorization` (an `Authorization` header's value),
+    /// parsed and hashed only when this connection's last request sent another value; `None`
+    /// when it holds no bearer token.
+    pub(crate) fn bearer_token_hash(&self, authorization: &[u8]) -> Option<[u8; 32]> {
+        self.token.bearer_hash(authorization)
     }
 }
 
@@ -145,7 +183,9 @@ impl ConnectionTable {
             id: open.next_id,
             address,
             authenticated: AtomicBool::new(false),
-            close: CancellationToken::new(),
+            close: AtomicBool::new(false),
+            close_waker: AtomicWaker::new(),
+            token: LastTokenHash::default(),
         });
         open.connections.insert(connection.id, connection.clone());
         *open.unauthenticated.entry(address).or_insert(0) += 1;
@@ -161,6 +201,10 @@ impl ConnectionTable {
 
     /// A request of `connection` carried a valid token: it is never closed for another.
     pub(crate) fn authenticated(&self, connection: &Connection) {
+        // Once set, the flag stays: later requests of the connection take no lock.
+        if connection.authenticated.load(Ordering::Relaxed) {
+            return;
+        }
         let mut open = crate::sync::lock(&self.open);
         if open.connections.contains_key(&connection.id)
             && !connection.authenticated.swap(true, Ordering::Relaxed)
@@ -194,7 +238,7 @@ impl Open {
         if let Some(oldest) = oldest {
             self.connections.remove(&oldest.id);
             self.forget_unauthenticated(oldest.address);
-            oldest.close.cancel();
+            oldest.mark_closed();
         }
     }
 
@@ -239,20 +283,46 @@ mod tests {
         let first = table.open(ip(1));
         let second = table.open(ip(1));
         let third = table.open(ip(1));
-        assert!(first.close.is_cancelled(), "past 2 from one address");
-        assert!(!second.close.is_cancelled() && !third.close.is_cancelled());
+        assert!(first.is_closed(), "past 2 from one address");
+        assert!(!second.is_closed() && !third.is_closed());
         table.close(&first);
 
         table.authenticated(&second);
         let others: Vec<_> = (2..4).map(|last| table.open(ip(last))).collect();
-        assert!(others.iter().all(|c| !c.close.is_cancelled()));
+        assert!(others.iter().all(|c| !c.is_closed()));
         let newest = table.open(ip(9));
         assert!(
-            third.close.is_cancelled(),
+            third.is_closed(),
             "past 4 in all, the oldest unauthenticated"
         );
-        assert!(!second.close.is_cancelled(), "an authenticated one stays");
-        assert!(!newest.close.is_cancelled());
+        assert!(!second.is_closed(), "an authenticated one stays");
+        assert!(!newest.is_closed());
+    }
+
+    #[tokio::test]
+    async fn a_connection_closed_for_a_newer_one_wakes_its_task() {
+        let table = ConnectionTable::new(4, 1);
+        let first = table.open(ip(1));
+        let (started, running) = tokio::sync::oneshot::channel();
+        let waiting = tokio::spawn({
+            let first = first.clone();
+            async move {
+                let closed = first.closed();
+                tokio::pin!(closed);
+                // Polled once (and so waiting) before the table closes it.
+                let first = std::future::poll_fn(|cx| Poll::Ready(closed.as_mut().poll(cx)));
+                assert!(first.await.is_pending());
+                let _ = started.send(());
+                closed.await;
+            }
+        });
+        running.await.unwrap();
+        let second = table.open(ip(1));
+        tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("the closed connection's task is woken")
+            .unwrap();
+        assert!(first.is_closed() && !second.is_closed());
     }
 
     #[tokio::test]

@@ -12,7 +12,7 @@
 //! fleet's size.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use prometheus_client::encoding::text::{encode_eof, encode_registry};
@@ -225,14 +225,28 @@ impl Metrics {
             .observe(spent.as_secs_f64());
     }
 
-    /// One HTTP request answered with `code` after `elapsed`; `route` is the endpoint's
-    /// pattern (never a path with an id in it), or [`OTHER_ROUTE`].
-    pub(crate) fn http_request(&self, route: &'static str, code: u16, elapsed: Duration) {
-        self.http_requests
-            .get_or_create(&RouteCodeLabels { route, code })
-            .inc();
-        self.http_duration
-            .get_or_create(&RouteLabel { route })
+    /// One HTTP request to `route` answered with `code` after `elapsed`. A 200 answer and
+    /// the duration are counted through the handles `route` keeps, without a label lookup;
+    /// other codes through the family.
+    pub(crate) fn http_request(&self, route: &RouteMetrics, code: u16, elapsed: Duration) {
+        let labels = || RouteCodeLabels {
+            route: route.route,
+            code,
+        };
+        if code == 200 {
+            route
+                .answered_ok
+                .get_or_init(|| self.http_requests.get_or_create_owned(&labels()))
+                .inc();
+        } else {
+            self.http_requests.get_or_create(&labels()).inc();
+        }
+        route
+            .duration
+            .get_or_init(|| {
+                self.http_duration
+                    .get_or_create_owned(&RouteLabel { route: route.route })
+            })
             .observe(elapsed.as_secs_f64());
     }
 
@@ -356,6 +370,34 @@ impl Metrics {
         let _ = encode_registry(&mut text, &scraped);
         let _ = encode_eof(&mut text);
         text
+    }
+}
+
+/// The request metrics of one endpoint pattern (never a path with an id in it), or of
+/// [`OTHER_ROUTE`]: the series of its 200 answers and of its durations, taken from their
+/// families on first use and kept, so counting a request costs no label hashing or lookup.
+/// A series appears in the exposition once the first request counted in it was answered.
+/// Each handle is for one [`Metrics`]: the first it counts a request in.
+#[derive(Debug)]
+pub(crate) struct RouteMetrics {
+    route: &'static str,
+    answered_ok: OnceLock<Counter>,
+    duration: OnceLock<Histogram>,
+}
+
+impl RouteMetrics {
+    pub(crate) fn new(route: &'static str) -> RouteMetrics {
+        RouteMetrics {
+            route,
+            answered_ok: OnceLock::new(),
+            duration: OnceLock::new(),
+        }
+    }
+
+    /// The endpoint pattern.
+    #[cfg(test)]
+    pub(crate) fn route(&self) -> &'static str {
+        self.route
     }
 }
 

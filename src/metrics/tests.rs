@@ -185,8 +185,11 @@ fn each_phase_is_observed_once_when_left_with_its_length() {
 #[test]
 fn http_and_provider_calls_are_counted_by_bounded_labels() {
     let metrics = Metrics::new();
-    metrics.http_request("/api/v1/deployments/{id}", 404, Duration::from_millis(2));
-    metrics.http_request("/api/v1/deployments/{id}", 404, Duration::from_millis(3));
+    let route = RouteMetrics::new("/api/v1/deployments/{id}");
+    metrics.http_request(&route, 404, Duration::from_millis(2));
+    metrics.http_request(&route, 404, Duration::from_millis(3));
+    metrics.http_request(&route, 200, Duration::from_millis(1));
+    metrics.http_request(&route, 200, Duration::from_millis(1));
     metrics.provider_call("local", "provision", true);
     metrics.provider_call("local", "provision", false);
     let text = metrics.encode(&Snapshot::default());
@@ -200,9 +203,17 @@ fn http_and_provider_calls_are_counted_by_bounded_labels() {
     assert_eq!(
         sample(
             &text,
+            r#"taskfly_http_requests_total{route="/api/v1/deployments/{id}",code="200"}"#
+        ),
+        Some(2.0),
+        "200 answers are counted through the route's own handle"
+    );
+    assert_eq!(
+        sample(
+            &text,
             r#"taskfly_http_request_duration_seconds_count{route="/api/v1/deployments/{id}"}"#
         ),
-        Some(2.0)
+        Some(4.0)
     );
     assert_eq!(
         sample(

@@ -27,11 +27,11 @@ enum Registered {
 }
 
 impl Orchestrator {
-    /// The node holding this auth token.
-    pub(crate) async fn authenticate_node(&self, token: &str) -> Result<Node> {
+    /// The node holding the auth token of this hash ([`auth::hash_token`]).
+    pub(crate) async fn authenticate_node(&self, token_hash: &[u8; 32]) -> Result<Node> {
         self.inner()
             .store
-            .node_by_auth_token(&auth::hash_token(token))
+            .node_by_auth_token(token_hash)
             .await?
             .ok_or_else(|| Error::unauthorized("unknown node token"))
     }
@@ -127,7 +127,7 @@ impl Orchestrator {
             },
         };
         let applied = self.update_node(&node.id, update).await?;
-        lock(&self.inner().last_seen).insert(node.id.clone(), tokio::time::Instant::now());
+        self.seen(&node.id);
         let node_env = live
             .metadata
             .node_env(&node.deployment_id, &node.id, node.index);
@@ -210,19 +210,34 @@ impl Orchestrator {
             );
         if !finished && !shutdown {
             // A late heartbeat never reopens a node: only live nodes are watched.
-            lock(&self.inner().last_seen).insert(node.id.clone(), tokio::time::Instant::now());
-            store.touch_node(&node.id, SystemTime::now()).await?;
+            self.seen(&node.id);
+            let now = SystemTime::now();
+            store.touch_node(&node.id, now).await?;
             if let Some(sample) = sample {
                 let mut resources = lock(&self.inner().resources);
-                let by_index = resources.entry(node.deployment_id.clone()).or_default();
-                let known = by_index.get(&node.index).copied();
-                by_index.insert(
-                    node.index,
-                    NodeResources::updated(known, sample, SystemTime::now()),
-                );
+                if !resources.contains_key(&node.deployment_id) {
+                    resources.insert(node.deployment_id.clone(), Default::default());
+                }
+                if let Some(by_index) = resources.get_mut(&node.deployment_id) {
+                    let known = by_index.get(&node.index).copied();
+                    by_index.insert(node.index, NodeResources::updated(known, sample, now));
+                }
             }
         }
         Ok(shutdown)
+    }
+
+    /// Note that the node `node_id` was heard from now (its id is copied only the first
+    /// time: heartbeats of a known node allocate nothing here).
+    fn seen(&self, node_id: &str) {
+        let now = tokio::time::Instant::now();
+        let mut last_seen = lock(&self.inner().last_seen);
+        match last_seen.get_mut(node_id) {
+            Some(seen) => *seen = now,
+            None => {
+                last_seen.insert(node_id.to_owned(), now);
+            }
+        }
     }
 
     /// `POST /nodes/status`: the agent's progress and final result.
@@ -251,7 +266,7 @@ impl Orchestrator {
         )
         .await?;
         if !status.is_final() {
-            lock(&self.inner().last_seen).insert(node.id.clone(), tokio::time::Instant::now());
+            self.seen(&node.id);
         }
         Ok(())
     }

@@ -12,6 +12,7 @@ mod dashboard;
 mod durability;
 mod engine;
 mod events;
+mod heartbeat;
 mod hostile;
 mod metrics;
 mod outputs;

@@ -1,5 +1,8 @@
 //! Reading request bodies within their limits, and writing responses.
 
+use std::future::Future;
+use std::task::Poll;
+
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
@@ -29,9 +32,10 @@ pub(super) async fn read_json_or_empty<T: DeserializeOwned + Default>(
     shared: &Shared,
     request: Request<Incoming>,
 ) -> Result<T> {
-    let has_type = header(&request, CONTENT_TYPE).is_some();
-    if has_type {
-        require_json(&request)?;
+    let content_type = header(&request, CONTENT_TYPE);
+    let has_type = content_type.is_some();
+    if let Some(content_type) = content_type {
+        require_json_type(content_type)?;
     }
     let body = read_limited_in_time(shared, request.into_body(), "JSON body").await?;
     if body.iter().all(u8::is_ascii_whitespace) {
@@ -51,7 +55,10 @@ fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T> {
 }
 
 fn require_json(request: &Request<Incoming>) -> Result<()> {
-    let content_type = header(request, CONTENT_TYPE).unwrap_or("");
+    require_json_type(header(request, CONTENT_TYPE).unwrap_or(""))
+}
+
+fn require_json_type(content_type: &str) -> Result<()> {
     let essence = content_type.split(';').next().unwrap_or("").trim();
     if essence.eq_ignore_ascii_case("application/json") {
         Ok(())
@@ -69,14 +76,19 @@ pub(super) async fn read_limited_in_time(
     what: &str,
 ) -> Result<Bytes> {
     let limit = shared.config.body_read_timeout;
-    tokio::time::timeout(limit, read_limited(body, shared.config.max_json_body, what))
-        .await
-        .unwrap_or_else(|_| {
-            Err(Error::invalid_input(format!(
-                "the {what} did not arrive within {} s",
-                limit.as_secs_f64()
-            )))
-        })
+    let read = read_limited(body, shared.config.max_json_body, what);
+    tokio::pin!(read);
+    // A small body usually came in with the headers: read it without arming a timer.
+    let first = std::future::poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await;
+    if let Poll::Ready(read) = first {
+        return read;
+    }
+    tokio::time::timeout(limit, read).await.unwrap_or_else(|_| {
+        Err(Error::invalid_input(format!(
+            "the {what} did not arrive within {} s",
+            limit.as_secs_f64()
+        )))
+    })
 }
 
 pub(super) async fn read_limited(body: Incoming, limit: u64, what: &str) -> Result<Bytes> {
@@ -125,6 +137,20 @@ pub(super) fn full(bytes: Vec<u8>) -> Body {
     Full::new(Bytes::from(bytes))
         .map_err(|never| match never {})
         .boxed()
+}
+
+/// An answer of `status` with a JSON body that is always the same.
+pub(super) fn json_bytes(status: StatusCode, body: &'static [u8]) -> Response<Body> {
+    let mut response = Response::new(
+        Full::new(Bytes::from_static(body))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
 }
 
 pub(super) fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {

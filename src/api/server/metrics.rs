@@ -9,43 +9,78 @@ use super::body::{full, header, Body};
 use super::Shared;
 use crate::auth;
 use crate::error::{Error, Result};
-use crate::metrics::OTHER_ROUTE;
+use crate::metrics::{RouteMetrics, OTHER_ROUTE};
 
-/// Every endpoint's pattern; `{id}` stands for any one segment. Requests to paths matching
-/// none are counted as [`OTHER_ROUTE`].
-const ROUTES: &[&str] = &[
-    "/health",
-    "/metrics",
-    "/api/v1/health",
-    "/api/v1/metrics",
-    "/api/v1/nodes/register",
-    "/api/v1/nodes/assets",
-    "/api/v1/nodes/heartbeat",
-    "/api/v1/nodes/status",
-    "/api/v1/nodes/logs",
-    "/api/v1/deployments",
-    "/api/v1/deployments/{id}",
-    "/api/v1/deployments/{id}/logs",
-    "/api/v1/deployments/{id}/cleanup",
-    "/api/v1/cleanup/all",
-    "/api/v1/stats",
+/// Every endpoint's pattern, and its segments; `{id}` stands for any one segment. Requests to
+/// paths matching none are counted as [`OTHER_ROUTE`].
+const ROUTES: &[(&str, &[&str])] = &[
+    ("/health", &["health"]),
+    ("/metrics", &["metrics"]),
+    ("/api/v1/health", &["api", "v1", "health"]),
+    ("/api/v1/metrics", &["api", "v1", "metrics"]),
+    (
+        "/api/v1/nodes/register",
+        &["api", "v1", "nodes", "register"],
+    ),
+    ("/api/v1/nodes/assets", &["api", "v1", "nodes", "assets"]),
+    (
+        "/api/v1/nodes/heartbeat",
+        &["api", "v1", "nodes", "heartbeat"],
+    ),
+    ("/api/v1/nodes/status", &["api", "v1", "nodes", "status"]),
+    ("/api/v1/nodes/logs", &["api", "v1", "nodes", "logs"]),
+    ("/api/v1/deployments", &["api", "v1", "deployments"]),
+    (
+        "/api/v1/deployments/{id}",
+        &["api", "v1", "deployments", "{id}"],
+    ),
+    (
+        "/api/v1/deployments/{id}/logs",
+        &["api", "v1", "deployments", "{id}", "logs"],
+    ),
+    (
+        "/api/v1/deployments/{id}/cleanup",
+        &["api", "v1", "deployments", "{id}", "cleanup"],
+    ),
+    ("/api/v1/cleanup/all", &["api", "v1", "cleanup", "all"]),
+    ("/api/v1/stats", &["api", "v1", "stats"]),
 ];
 
-/// The pattern of the endpoint `path` names, or [`OTHER_ROUTE`].
-pub(super) fn route_pattern(path: &str) -> &'static str {
-    let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
-    ROUTES
-        .iter()
-        .find(|pattern| {
-            let wanted: Vec<&str> = pattern.split('/').skip(1).collect();
-            wanted.len() == segments.len()
-                && wanted
-                    .iter()
-                    .zip(&segments)
-                    .all(|(want, got)| *want == "{id}" || want == got)
-        })
-        .copied()
-        .unwrap_or(OTHER_ROUTE)
+/// The request metrics of every endpoint pattern, and of [`OTHER_ROUTE`] last.
+pub(super) struct RequestMetrics {
+    routes: Vec<RouteMetrics>,
+}
+
+impl RequestMetrics {
+    pub(super) fn new() -> RequestMetrics {
+        let patterns = ROUTES
+            .iter()
+            .map(|(pattern, _)| *pattern)
+            .chain([OTHER_ROUTE]);
+        RequestMetrics {
+            routes: patterns.map(RouteMetrics::new).collect(),
+        }
+    }
+
+    /// The metrics of the endpoint a path of these `segments` names (the path split at `/`,
+    /// without the empty segment before its first `/` or after a trailing one), or of
+    /// [`OTHER_ROUTE`]. Runs for every request: it compares a few short strings and
+    /// allocates nothing.
+    pub(super) fn of(&self, segments: &[&str]) -> &RouteMetrics {
+        let index = ROUTES
+            .iter()
+            .position(|(_, pattern)| {
+                // From the last segment: the first ones (`api`, `v1`) tell few apart.
+                pattern.len() == segments.len()
+                    && pattern
+                        .iter()
+                        .rev()
+                        .zip(segments.iter().rev())
+                        .all(|(want, got)| *want == "{id}" || want == got)
+            })
+            .unwrap_or(ROUTES.len());
+        &self.routes[index]
+    }
 }
 
 /// `GET /metrics`: the engine's metrics, behind the metrics token when one is set.
@@ -78,10 +113,22 @@ pub(super) async fn serve(shared: &Shared, request: &Request<Incoming>) -> Resul
 
 #[cfg(test)]
 mod tests {
-    use super::route_pattern;
+    use super::{RequestMetrics, ROUTES};
+
+    fn segments(path: &str) -> Vec<&str> {
+        path.trim_end_matches('/').split('/').skip(1).collect()
+    }
+
+    #[test]
+    fn each_pattern_is_its_segments() {
+        for (pattern, parts) in ROUTES {
+            assert_eq!(segments(pattern), *parts, "{pattern}");
+        }
+    }
 
     #[test]
     fn routes_are_patterns_never_ids() {
+        let metrics = RequestMetrics::new();
         for (path, route) in [
             ("/metrics", "/metrics"),
             ("/api/v1/deployments/", "/api/v1/deployments"),
@@ -91,11 +138,14 @@ mod tests {
                 "/api/v1/deployments/{id}/logs",
             ),
             ("/api/v1/nodes/heartbeat", "/api/v1/nodes/heartbeat"),
+            ("/api/v1/nodes/heartbeat/", "/api/v1/nodes/heartbeat"),
+            ("/api/v1/nodes/heartbeat/x", "other"),
+            ("/api/v1/nodes", "other"),
             ("/api/v1/deployments/dep-1/nodes/7/secret", "other"),
             ("/wp-admin/index.php", "other"),
             ("/", "other"),
         ] {
-            assert_eq!(route_pattern(path), route, "{path}");
+            assert_eq!(metrics.of(&segments(path)).route(), route, "{path}");
         }
     }
 }

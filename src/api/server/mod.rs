@@ -50,6 +50,8 @@ pub(crate) struct Shared {
     pub(crate) connections: super::limits::ConnectionTable,
     /// The open event streams (`GET /api/v1/events`), ended when the server stops.
     pub(crate) event_streams: events::EventStreams,
+    /// Each endpoint's request metrics, looked up once.
+    request_metrics: metrics::RequestMetrics,
 }
 
 /// Serves an engine's HTTP API — the client endpoints and the node protocol — and stops it in
@@ -116,6 +118,7 @@ impl Server {
                 config.max_unauthenticated_per_address,
             ),
             event_streams: events::EventStreams::new(),
+            request_metrics: metrics::RequestMetrics::new(),
             engine,
             config,
         };
@@ -294,6 +297,7 @@ impl Server {
             let served = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
             tokio::spawn(async move {
                 tokio::select! {
+                    biased;
                     result = served => if let Err(e) = result {
                         tracing::debug!(error = %e, %peer, "connection ended with an error");
                     },

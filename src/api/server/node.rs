@@ -10,13 +10,16 @@ use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 
 use super::body::{
-    full, header, json, plain_text, read_json, read_json_or_empty, read_limited_in_time, Body,
+    full, header, json, json_bytes, plain_text, read_json, read_json_or_empty,
+    read_limited_in_time, Body,
 };
 use super::{views, Shared};
-use crate::auth;
+use crate::api::limits::Connection;
 use crate::error::{Error, Result};
 use crate::orchestrator::NodeAssets;
-use crate::state::model::{LogBatch, Registration, ReportedLine, ResourceSample, StatusReport};
+use crate::state::model::{
+    LogBatch, Node, Registration, ReportedLine, ResourceSample, StatusReport,
+};
 use crate::state::LogStream;
 use crate::wire::{self, ErrorBody, StatusOk};
 
@@ -70,50 +73,42 @@ pub(super) async fn register(
     Ok(json(StatusCode::OK, &registered))
 }
 
+/// The answers to a heartbeat, as [`wire::HeartbeatResponse`] writes them (a test checks
+/// they are): every heartbeat gets one of these, so it is sent from static bytes.
+const HEARTBEAT_CONTINUE: &[u8] = br#"{"status":"ok","shutdown":false}"#;
+const HEARTBEAT_SHUTDOWN: &[u8] = br#"{"status":"ok","shutdown":true}"#;
+
+/// The node protocol past registration, for the node whose token the request carries. The
+/// heartbeat, status and log endpoints run inline; the rest boxed, so the future of each
+/// request stays as small as theirs.
 pub(super) async fn route(
     shared: &Shared,
     method: &Method,
     path: &[&str],
     request: Request<Incoming>,
+    connection: &Connection,
 ) -> Result<Response<Body>> {
     let engine = &shared.engine;
-    let token = auth::bearer(header(&request, AUTHORIZATION))
-        .ok_or_else(|| Error::unauthorized("missing `Authorization: Bearer <node token>` header"))?
-        .to_owned();
-    let node = engine.authenticate_node(&token).await?;
+    let token_hash = request
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|value| connection.bearer_token_hash(value.as_bytes()))
+        .ok_or_else(|| {
+            Error::unauthorized("missing `Authorization: Bearer <node token>` header")
+        })?;
+    let node = engine.authenticate_node(&token_hash).await?;
     match (method, path) {
-        (&Method::GET, ["assets"]) => {
-            let mut response = match engine.node_assets(&node).await? {
-                NodeAssets::InMemory(bytes) => Response::new(BodyExt::boxed(
-                    Full::new(bytes).map_err(|never| match never {}),
-                )),
-                NodeAssets::File { file, length } => {
-                    let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024)
-                        .map_ok(Frame::data);
-                    let mut response = Response::new(BodyExt::boxed(StreamBody::new(stream)));
-                    response
-                        .headers_mut()
-                        .insert(hyper::header::CONTENT_LENGTH, HeaderValue::from(length));
-                    response
-                }
-            };
-            response
-                .headers_mut()
-                .insert(CONTENT_TYPE, HeaderValue::from_static("application/gzip"));
-            Ok(response)
-        }
         (&Method::POST, ["heartbeat"]) => {
             let body: wire::HeartbeatRequest = read_json_or_empty(shared, request).await?;
             let shutdown = engine
                 .node_heartbeat(&node, body.metrics.as_ref().and_then(resource_sample))
                 .await?;
-            Ok(json(
-                StatusCode::OK,
-                &wire::HeartbeatResponse {
-                    status: "ok".to_owned(),
-                    shutdown,
-                },
-            ))
+            let answer = if shutdown {
+                HEARTBEAT_SHUTDOWN
+            } else {
+                HEARTBEAT_CONTINUE
+            };
+            Ok(json_bytes(StatusCode::OK, answer))
         }
         (&Method::POST, ["status"]) => {
             let body: wire::StatusRequest = read_json(shared, request).await?;
@@ -132,12 +127,37 @@ pub(super) async fn route(
             }
             Ok(json(StatusCode::OK, &StatusOk::new()))
         }
-        (&Method::POST, ["outputs"]) => super::outputs::upload(shared, &node, request).await,
+        (&Method::GET, ["assets"]) => Box::pin(assets(shared, &node)).await,
+        (&Method::POST, ["outputs"]) => {
+            Box::pin(super::outputs::upload(shared, &node, request)).await
+        }
         _ => Err(Error::not_found(format!(
             "no such endpoint: {method} /api/v1/nodes/{}",
             path.join("/")
         ))),
     }
+}
+
+/// `GET /nodes/assets`: the node's worker bundle, from memory or streamed from its file.
+async fn assets(shared: &Shared, node: &Node) -> Result<Response<Body>> {
+    let mut response = match shared.engine.node_assets(node).await? {
+        NodeAssets::InMemory(bytes) => Response::new(BodyExt::boxed(
+            Full::new(bytes).map_err(|never| match never {}),
+        )),
+        NodeAssets::File { file, length } => {
+            let stream =
+                tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024).map_ok(Frame::data);
+            let mut response = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+            response
+                .headers_mut()
+                .insert(hyper::header::CONTENT_LENGTH, HeaderValue::from(length));
+            response
+        }
+    };
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/gzip"));
+    Ok(response)
 }
 
 /// A status report as the engine takes it (which refuses states a node may not report).
@@ -318,4 +338,21 @@ fn resource_sample(
         disk_bytes: bytes("disk_bytes"),
     };
     (sample != ResourceSample::default()).then_some(sample)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_static_heartbeat_answers_are_the_wire_type_written() {
+        for (shutdown, answer) in [(false, HEARTBEAT_CONTINUE), (true, HEARTBEAT_SHUTDOWN)] {
+            let written = serde_json::to_vec(&wire::HeartbeatResponse {
+                status: "ok".to_owned(),
+                shutdown,
+            })
+            .unwrap();
+            assert_eq!(answer, written.as_slice());
+        }
+    }
 }

@@ -20,6 +20,52 @@ use crate::wire::{self, DeploymentAction, StatusOk};
 /// Default and largest page of logs.
 const DEFAULT_LOG_PAGE: usize = 1000;
 
+/// Most segments a path of an endpoint has (the dashboard's files included); a path of more
+/// names none.
+const MAX_SEGMENTS: usize = 16;
+
+/// A path split at `/`, without the empty segment before its first `/` or after a trailing
+/// one: `/api/v1/nodes/heartbeat` is `api`, `v1`, `nodes`, `heartbeat`. Kept on the stack: every
+/// request is routed by it.
+struct Segments<'a> {
+    parts: [&'a str; MAX_SEGMENTS],
+    count: usize,
+}
+
+impl<'a> Segments<'a> {
+    /// `None` for a path of more than [`MAX_SEGMENTS`] segments.
+    fn of(path: &'a str) -> Option<Segments<'a>> {
+        let mut segments = Segments {
+            parts: [""; MAX_SEGMENTS],
+            count: 0,
+        };
+        // By bytes rather than `str::split`, which costs several times more on paths this
+        // short. `/` is ASCII, so every cut is at a character boundary.
+        let path = path.trim_end_matches('/');
+        // The start of the segment under way, once past the first `/`.
+        let mut start = None;
+        for (at, byte) in path.as_bytes().iter().enumerate() {
+            if *byte != b'/' {
+                continue;
+            }
+            if let Some(start) = start {
+                *segments.parts.get_mut(segments.count)? = &path[start..at];
+                segments.count += 1;
+            }
+            start = Some(at + 1);
+        }
+        if let Some(start) = start {
+            *segments.parts.get_mut(segments.count)? = &path[start..];
+            segments.count += 1;
+        }
+        Some(segments)
+    }
+
+    fn as_slice(&self) -> &[&'a str] {
+        &self.parts[..self.count]
+    }
+}
+
 /// Answer one request; errors become their status code and error body.
 pub(super) async fn handle(
     shared: &Shared,
@@ -29,43 +75,49 @@ pub(super) async fn handle(
 ) -> Response<Body> {
     let started = std::time::Instant::now();
     let method = request.method().clone();
-    let path = request.uri().path().to_owned();
-    let response = match route(shared, peer, request, connection).await {
-        Ok(response) => response,
-        Err(error) => super::errors::error_response(&error),
+    // A clone shares the request's bytes: the path outlives the request without a copy.
+    let uri = request.uri().clone();
+    let segments = Segments::of(uri.path());
+    let segments = segments.as_ref().map(Segments::as_slice);
+    let routed = match segments {
+        Some(segments) => route(shared, peer, segments, request, connection).await,
+        None => Err(no_such_endpoint(&method, uri.path())),
     };
+    let response = routed.unwrap_or_else(|error| super::errors::error_response(&error));
+    let status = response.status().as_u16();
     shared.engine.metrics().http_request(
-        super::metrics::route_pattern(&path),
-        response.status().as_u16(),
+        shared.request_metrics.of(segments.unwrap_or_default()),
+        status,
         started.elapsed(),
     );
-    tracing::debug!(%method, %path, %peer, status = response.status().as_u16(), "request");
+    tracing::debug!(%method, path = uri.path(), %peer, status, "request");
     response
 }
 
 /// A request that passes token authentication marks its connection authenticated
-/// ([`crate::api::limits::ConnectionTable`]).
+/// ([`crate::api::limits::ConnectionTable`]). The client API, the metrics and node
+/// registration run boxed, so the future of every request is no larger than the node
+/// protocol's.
 async fn route(
     shared: &Shared,
     peer: SocketAddr,
+    segments: &[&str],
     request: Request<Incoming>,
     connection: &Connection,
 ) -> Result<Response<Body>> {
-    let path = request.uri().path().trim_end_matches('/').to_owned();
-    let segments: Vec<&str> = path.split('/').skip(1).collect();
     let method = request.method().clone();
-    match (method.clone(), segments.as_slice()) {
-        (Method::GET, ["health"]) | (Method::GET, ["api", "v1", "health"]) => {
+    match (&method, segments) {
+        (&Method::GET, ["health"]) | (&Method::GET, ["api", "v1", "health"]) => {
             Ok(json(StatusCode::OK, &StatusOk::new()))
         }
-        (Method::GET, ["metrics"]) | (Method::GET, ["api", "v1", "metrics"]) => {
-            super::metrics::serve(shared, &request).await
+        (&Method::GET, ["metrics"]) | (&Method::GET, ["api", "v1", "metrics"]) => {
+            Box::pin(super::metrics::serve(shared, &request)).await
         }
         (_, ["api", "v1", "nodes", rest @ ..]) => {
             if let (&Method::POST, ["register"]) = (&method, rest) {
-                return node::register(shared, peer, request).await;
+                return Box::pin(node::register(shared, peer, request)).await;
             }
-            let answer = node::route(shared, &method, rest, request).await;
+            let answer = node::route(shared, &method, rest, request, connection).await;
             // Node routes check the node token first: anything but 401 means it was valid.
             if !matches!(&answer, Err(e) if e.is_unauthorized()) {
                 shared.connections.authenticated(connection);
@@ -73,16 +125,21 @@ async fn route(
             answer
         }
         (_, ["api", "v1", rest @ ..]) => {
-            authorize_client(shared, &request)?;
+            authorize_client(shared, &request, connection)?;
             shared.connections.authenticated(connection);
-            client_route(shared, &method, rest, request).await
+            Box::pin(client_route(shared, &method, rest, request)).await
         }
-        (Method::GET | Method::HEAD, []) => Ok(super::ui::serve(&[])),
-        (Method::GET | Method::HEAD, ["ui", rest @ ..]) => Ok(super::ui::serve(rest)),
-        _ => Err(Error::not_found(format!(
-            "no such endpoint: {method} {path}"
-        ))),
+        (&Method::GET | &Method::HEAD, []) => Ok(super::ui::serve(&[])),
+        (&Method::GET | &Method::HEAD, ["ui", rest @ ..]) => Ok(super::ui::serve(rest)),
+        _ => Err(no_such_endpoint(&method, request.uri().path())),
     }
+}
+
+fn no_such_endpoint(method: &Method, path: &str) -> Error {
+    Error::not_found(format!(
+        "no such endpoint: {method} {}",
+        path.trim_end_matches('/')
+    ))
 }
 
 async fn client_route(
@@ -212,15 +269,22 @@ fn dry_run(query: Option<&str>) -> Result<bool> {
     Ok(dry_run)
 }
 
-fn authorize_client(shared: &Shared, request: &Request<Incoming>) -> Result<()> {
+fn authorize_client(
+    shared: &Shared,
+    request: &Request<Incoming>,
+    connection: &Connection,
+) -> Result<()> {
     let Some(expected) = shared.api_token_hash else {
         return Err(Error::unauthorized(
             "this engine has no API token configured",
         ));
     };
-    let token = auth::bearer(header(request, AUTHORIZATION))
+    let token_hash = request
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|value| connection.bearer_token_hash(value.as_bytes()))
         .ok_or_else(|| Error::unauthorized("missing `Authorization: Bearer <api token>` header"))?;
-    if auth::hashes_equal(&auth::hash_token(token), &expected) {
+    if auth::hashes_equal(&token_hash, &expected) {
         Ok(())
     } else {
         Err(Error::unauthorized("wrong API token"))
@@ -360,5 +424,33 @@ impl Query {
             .ok_or_else(|| {
                 Error::not_found(format!("no node `{node}` in deployment `{deployment_id}`"))
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Segments, MAX_SEGMENTS};
+
+    #[test]
+    fn segments_are_the_path_split_at_slashes_without_the_first_and_trailing_ones() {
+        for path in [
+            "/api/v1/nodes/heartbeat",
+            "/api/v1/nodes/heartbeat/",
+            "/api/v1/deployments/dep-1//logs",
+            "//x",
+            "/",
+            "///",
+            "",
+            "*",
+            "/ui/assets/app.js",
+            "/dépôt/ü",
+        ] {
+            let expected: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
+            let segments = Segments::of(path).expect("few segments");
+            assert_eq!(segments.as_slice(), expected.as_slice(), "{path:?}");
+        }
+        let longest = "/s".repeat(MAX_SEGMENTS);
+        assert_eq!(Segments::of(&longest).map(|s| s.count), Some(MAX_SEGMENTS));
+        assert!(Segments::of(&format!("{longest}/s")).is_none());
     }
 }
