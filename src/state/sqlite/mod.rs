@@ -22,11 +22,13 @@ use super::{LogLine, LogQuery, LogStream, NewLogLine, Store};
 use crate::error::{Error, Result};
 use crate::sync::lock;
 
+mod writer;
+
 /// The schema this code reads and writes, kept in `PRAGMA user_version`: 1 was taskfly 0.1's,
 /// 2 adds the nodes' `instance_locator`, 3 the per-node log counts, 4 the nodes' phase times,
-/// 5 the deployments' `rerun_of`, 6 the deployments' `cleaned_at`, 7 the webhook deliveries
-/// ([`MIGRATIONS`]).
-const SCHEMA_VERSION: i64 = 7;
+/// 5 the deployments' `rerun_of`, 6 the deployments' `cleaned_at`, 7 the webhook deliveries,
+/// 8 the deployments' `log_stored` ([`MIGRATIONS`]).
+const SCHEMA_VERSION: i64 = 8;
 
 /// Default cap on stored log lines per deployment, as for the in-memory store.
 const DEFAULT_MAX_LOG_LINES: usize = 1_000_000;
@@ -139,6 +141,14 @@ const MIGRATIONS: &[&str] = &[
          delivered_at    INTEGER
      );
      CREATE INDEX webhook_deliveries_pending ON webhook_deliveries (status, created_at);",
+    // 8 (SQLite group commit): how many log lines the deployment stores in all (the sum of its
+    // `log_volume.stored`), kept with it, so checking the deployment's cap after an append
+    // reads one row instead of one per node.
+    "ALTER TABLE deployments ADD COLUMN log_stored INTEGER NOT NULL DEFAULT 0;
+     UPDATE deployments SET log_stored = (
+         SELECT COALESCE(SUM(stored), 0) FROM log_volume
+         WHERE log_volume.deployment_id = deployments.id
+     );",
 ];
 
 /// The columns of a webhook delivery, in the order [`delivery_from_row`] reads them.
@@ -207,19 +217,23 @@ macro_rules! deployment_columns {
 /// ```
 pub struct SqliteStore {
     shared: Arc<Shared>,
+    writer: writer::WriterHandle,
     max_log_lines: usize,
     max_log_lines_per_node: Option<usize>,
 }
 
-/// What the blocking tasks share with the store.
+/// What the writer thread shares with the store's callers.
 struct Shared {
     /// `None` for an in-memory database.
     path: Option<PathBuf>,
-    conn: Mutex<Connection>,
     /// Last-seen times of live nodes, newer than (or equal to) what their rows hold. An entry
     /// exists only for a node that exists and is not final; whoever writes a node's row or
-    /// deletes it removes its entry. Lock order: `conn` first, then `heartbeats`.
+    /// deletes it removes its entry.
     heartbeats: Mutex<HashMap<String, Heartbeat>>,
+    /// How many transactions the writer has committed batched writes in, to check the
+    /// batching in tests.
+    #[cfg(test)]
+    batch_commits: std::sync::atomic::AtomicU64,
 }
 
 struct Heartbeat {
@@ -304,32 +318,53 @@ impl SqliteStore {
         );
         configure(&conn).map_err(|e| sqlite_error(format!("cannot configure {name}"), e))?;
         migrate(&mut conn, &name)?;
+        let shared = Arc::new(Shared {
+            path,
+            heartbeats: Mutex::new(HashMap::new()),
+            #[cfg(test)]
+            batch_commits: std::sync::atomic::AtomicU64::new(0),
+        });
         Ok(SqliteStore {
-            shared: Arc::new(Shared {
-                path,
-                conn: Mutex::new(conn),
-                heartbeats: Mutex::new(HashMap::new()),
-            }),
+            writer: writer::WriterHandle::start(Arc::clone(&shared), conn)?,
+            shared,
             max_log_lines: DEFAULT_MAX_LOG_LINES,
             max_log_lines_per_node: None,
         })
     }
 
-    /// Runs `f` with the connection on tokio's blocking pool. The task runs to completion even
-    /// if the returned future is dropped.
+    /// Runs `f` with the connection on the writer thread, on its own (outside any batch). The
+    /// call runs to completion even if the returned future is dropped.
     async fn run<T, F>(&self, f: F) -> Result<T>
     where
         F: FnOnce(&Shared, &mut Connection) -> Result<T, DbError> + Send + 'static,
         T: Send + 'static,
     {
-        let shared = Arc::clone(&self.shared);
-        tokio::task::spawn_blocking(move || {
-            let mut conn = lock(&shared.conn);
-            f(&shared, &mut conn)
-        })
-        .await
-        .map_err(|e| Error::store("a state store task did not finish", e))?
-        .map_err(DbError::into_error)
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        self.writer.send(writer::Job::Alone(Box::new(move |shared, conn| {
+            // A caller that stopped waiting no longer needs the answer.
+            let _ = answer.send(f(shared, conn).map_err(DbError::into_error));
+        })))?;
+        answered.await.map_err(|_| writer::stopped())?
+    }
+
+    /// Runs `write` on the writer thread in a transaction shared with the other writes queued
+    /// with it (group commit), and answers once that transaction has committed; `committed`
+    /// then updates what the store keeps in memory. A write that fails changes nothing and
+    /// does not fail the others. The write stands (or fails) even if the future is dropped.
+    async fn write<T, F>(&self, write: F, committed: fn(&Shared, &T)) -> Result<T>
+    where
+        F: FnMut(&Shared, &Connection) -> Result<T, DbError> + Send + 'static,
+        T: Send + 'static,
+    {
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        self.writer
+            .send(writer::Job::Batched(Box::new(writer::Write {
+                write,
+                committed,
+                answer,
+                written: None,
+            })))?;
+        answered.await.map_err(|_| writer::stopped())?
     }
 }
 
@@ -352,14 +387,11 @@ impl Shared {
     }
 }
 
-impl Drop for Shared {
-    /// Saves the heartbeat times the file does not have yet, so a clean shutdown loses none.
-    fn drop(&mut self) {
-        let heartbeats = std::mem::take(
-            self.heartbeats
-                .get_mut()
-                .unwrap_or_else(|poisoned| poisoned.into_inner()),
-        );
+impl Shared {
+    /// Saves the heartbeat times the file does not have yet, so a clean shutdown loses none:
+    /// the writer's last job, once the store is dropped.
+    fn save_heartbeats(&self, conn: &mut Connection) {
+        let heartbeats = std::mem::take(&mut *self.heartbeats());
         let pending: Vec<(String, i64)> = heartbeats
             .into_iter()
             .map(|(node_id, heartbeat)| (node_id, heartbeat.stored_ms, to_ms(heartbeat.seen)))
@@ -369,10 +401,6 @@ impl Drop for Shared {
         if pending.is_empty() {
             return;
         }
-        let conn = self
-            .conn
-            .get_mut()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let saved = conn.transaction().and_then(|tx| {
             {
                 let mut update =
@@ -388,6 +416,15 @@ impl Drop for Shared {
             tracing::warn!(%error, nodes, "could not save the last heartbeat times");
         }
     }
+
+    #[cfg(test)]
+    fn count_commit(&self) {
+        self.batch_commits
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    #[cfg(not(test))]
+    fn count_commit(&self) {}
 }
 
 /// Creates the database file with mode 0600 before SQLite opens it (SQLite gives its `-wal` and
@@ -719,12 +756,11 @@ fn to_i64(n: usize) -> i64 {
 /// Stores `lines` (one chunk of a batch) in one transaction, then keeps the nodes it touched
 /// and the deployment within `caps`. Returns the deployment's last `seq`.
 fn append_chunk(
-    conn: &mut Connection,
+    tx: &Connection,
     deployment_id: &str,
     lines: &[NewLogLine],
     caps: LogCaps,
 ) -> Result<i64, DbError> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let last_seq: Option<i64> = tx
         .prepare_cached("SELECT log_seq FROM deployments WHERE id = ?1")?
         .query_row([deployment_id], |row| row.get(0))
@@ -741,6 +777,7 @@ fn append_chunk(
         return Ok(seq);
     }
     let mut added: Vec<(u32, i64)> = Vec::new();
+    let mut inserted_lines = 0i64;
     {
         let mut insert = tx.prepare_cached(
             "INSERT OR IGNORE INTO logs (deployment_id, seq, node_id, node_index, \
@@ -773,6 +810,7 @@ fn append_chunk(
             // Zero rows: a resent duplicate, ignored by the unique index.
             if inserted == 1 {
                 seq = next;
+                inserted_lines += 1;
                 match added
                     .iter_mut()
                     .find(|(index, _)| *index == line.node_index)
@@ -783,8 +821,10 @@ fn append_chunk(
             }
         }
     }
-    tx.prepare_cached("UPDATE deployments SET log_seq = ?2 WHERE id = ?1")?
-        .execute(params![deployment_id, seq])?;
+    tx.prepare_cached(
+        "UPDATE deployments SET log_seq = ?2, log_stored = log_stored + ?3 WHERE id = ?1",
+    )?
+    .execute(params![deployment_id, seq, inserted_lines])?;
     {
         let mut count = tx.prepare_cached(
             "INSERT INTO log_volume (deployment_id, node_index, stored) VALUES (?1, ?2, ?3) \
@@ -797,14 +837,12 @@ fn append_chunk(
     for (index, _) in &added {
         let volume = node_volume(&tx, deployment_id, *index)?;
         if volume.stored > caps.node {
-            drop_oldest(&tx, deployment_id, &volume, volume.real() + 1 - caps.node)?;
+            drop_oldest(tx, deployment_id, &volume, volume.real() + 1 - caps.node)?;
         }
     }
     loop {
         let total: i64 = tx
-            .prepare_cached(
-                "SELECT COALESCE(SUM(stored), 0) FROM log_volume WHERE deployment_id = ?1",
-            )?
+            .prepare_cached("SELECT log_stored FROM deployments WHERE id = ?1")?
             .query_row([deployment_id], |row| row.get(0))?;
         if total <= caps.deployment {
             break;
@@ -820,12 +858,11 @@ fn append_chunk(
         let Some(index) = largest else {
             break;
         };
-        let volume = node_volume(&tx, deployment_id, index)?;
+        let volume = node_volume(tx, deployment_id, index)?;
         let over = total - caps.deployment;
         let count = over + i64::from(volume.marker_seq.is_none());
-        drop_oldest(&tx, deployment_id, &volume, count.min(volume.real()))?;
+        drop_oldest(tx, deployment_id, &volume, count.min(volume.real()))?;
     }
-    tx.commit()?;
     Ok(seq)
 }
 
@@ -845,7 +882,7 @@ impl NodeVolume {
 }
 
 fn node_volume(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &Connection,
     deployment_id: &str,
     node_index: u32,
 ) -> Result<NodeVolume, DbError> {
@@ -867,7 +904,7 @@ fn node_volume(
 /// Drop the oldest `count` (at least 1) lines of a node: the newest of them becomes its
 /// marker, the previous marker is deleted. Lines of a node older than its marker never exist.
 fn drop_oldest(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &Connection,
     deployment_id: &str,
     volume: &NodeVolume,
     count: i64,
@@ -918,6 +955,8 @@ fn drop_oldest(
         dropped,
         newest
     ])?;
+    tx.prepare_cached("UPDATE deployments SET log_stored = log_stored - ?2 WHERE id = ?1")?
+        .execute(params![deployment_id, to_i64(deleted)])?;
     Ok(())
 }
 
@@ -1000,7 +1039,7 @@ fn insert_node(tx: &Transaction<'_>, node: &Node) -> rusqlite::Result<()> {
 /// are written only when they changed (registration, a new provision token): setting a
 /// `UNIQUE` column rewrites its index even to the same value, which made every status update
 /// about 40% slower.
-fn write_node(tx: &Transaction<'_>, before: &Node, node: &Node) -> rusqlite::Result<()> {
+fn write_node(tx: &Connection, before: &Node, node: &Node) -> rusqlite::Result<()> {
     tx.prepare_cached(
         "UPDATE nodes SET status = ?2, attempt = ?3, instance_id = ?4, ip_address = ?5, \
          last_update = ?6, exit_code = ?7, error_message = ?8, instance_locator = ?9, \
@@ -1040,7 +1079,7 @@ fn write_node(tx: &Transaction<'_>, before: &Node, node: &Node) -> rusqlite::Res
 
 /// Writes back what the state machines may change in a deployment: its status, counters,
 /// times and message (never its id, provider, size or retries).
-fn write_deployment(tx: &Transaction<'_>, deployment: &Deployment) -> rusqlite::Result<()> {
+fn write_deployment(tx: &Connection, deployment: &Deployment) -> rusqlite::Result<()> {
     let mut update = tx.prepare_cached(
         "UPDATE deployments SET status = ?2, nodes_completed = ?3, nodes_failed = ?4, \
          nodes_terminated = ?5, updated_at = ?6, completed_at = ?7, error_message = ?8 \
@@ -1201,24 +1240,28 @@ impl Store for SqliteStore {
         now: SystemTime,
     ) -> Result<Applied> {
         let node_id = node_id.to_owned();
-        self.run(move |shared, conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let mut node = select_node(&tx, &node_id)?.ok_or_else(|| unknown_node(&node_id))?;
-            let mut deployment = select_deployment(&tx, &node.deployment_id)?
-                .ok_or_else(|| unknown_deployment(&node.deployment_id))?;
-            shared.overlay_heartbeats(std::slice::from_mut(&mut node));
-            let before = node.clone();
-            // A refused transition returns here: the transaction is rolled back on drop and
-            // the heartbeat map is left as it was.
-            let applied = model::apply_node_update(&mut deployment, &mut node, update, now)?;
-            write_node(&tx, &before, &node)?;
-            write_deployment(&tx, &deployment)?;
-            tx.commit()?;
-            // The row now holds the node's newest time, and the node may be final: its next
-            // heartbeat checks the row again.
-            shared.heartbeats().remove(&node_id);
-            Ok(applied)
-        })
+        self.write(
+            move |shared, conn| {
+                let mut node =
+                    select_node(conn, &node_id)?.ok_or_else(|| unknown_node(&node_id))?;
+                let mut deployment = select_deployment(conn, &node.deployment_id)?
+                    .ok_or_else(|| unknown_deployment(&node.deployment_id))?;
+                shared.overlay_heartbeats(std::slice::from_mut(&mut node));
+                let before = node.clone();
+                // A refused transition returns here: its savepoint is rolled back and the
+                // heartbeat map is left as it was.
+                let applied =
+                    model::apply_node_update(&mut deployment, &mut node, update.clone(), now)?;
+                write_node(conn, &before, &node)?;
+                write_deployment(conn, &deployment)?;
+                Ok(applied)
+            },
+            |shared, applied| {
+                // The row now holds the node's newest time, and the node may be final: its
+                // next heartbeat checks the row again.
+                shared.heartbeats().remove(&applied.node.id);
+            },
+        )
         .await
     }
 
@@ -1314,7 +1357,10 @@ impl Store for SqliteStore {
             let chunk: Vec<NewLogLine> = lines.by_ref().take(LOG_CHUNK).collect();
             let deployment_id = deployment_id.to_owned();
             let seq = self
-                .run(move |_, conn| append_chunk(conn, &deployment_id, &chunk, caps))
+                .write(
+                    move |_, conn| append_chunk(conn, &deployment_id, &chunk, caps),
+                    |_, _| {},
+                )
                 .await?;
             if lines.peek().is_none() {
                 return u64::try_from(seq)
