@@ -5,7 +5,6 @@
 //! log append inserts its lines, and nothing ever rewrites the whole state. Heartbeats are kept
 //! in memory and reach the file only coarsely. Tokens are stored only as their SHA-256 hashes.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -22,7 +21,10 @@ use super::{LogLine, LogQuery, LogStream, NewLogLine, Store};
 use crate::error::{Error, Result};
 use crate::sync::lock;
 
+mod memory;
 mod writer;
+
+use memory::{Heartbeat, Memory, Pending};
 
 /// The schema this code reads and writes, kept in `PRAGMA user_version`: 1 was taskfly 0.1's,
 /// 2 adds the nodes' `instance_locator`, 3 the per-node log counts, 4 the nodes' phase times,
@@ -226,22 +228,12 @@ pub struct SqliteStore {
 struct Shared {
     /// `None` for an in-memory database.
     path: Option<PathBuf>,
-    /// Last-seen times of live nodes, newer than (or equal to) what their rows hold. An entry
-    /// exists only for a node that exists and is not final; whoever writes a node's row or
-    /// deletes it removes its entry.
-    heartbeats: Mutex<HashMap<String, Heartbeat>>,
+    /// The live nodes and deployments, and the heartbeats not yet written.
+    memory: Mutex<Memory>,
     /// How many transactions the writer has committed batched writes in, to check the
     /// batching in tests.
     #[cfg(test)]
     batch_commits: std::sync::atomic::AtomicU64,
-}
-
-struct Heartbeat {
-    deployment_id: String,
-    /// The last heartbeat's time.
-    seen: SystemTime,
-    /// The node's `last_update` as its row holds it.
-    stored_ms: i64,
 }
 
 impl fmt::Debug for SqliteStore {
@@ -254,17 +246,17 @@ impl fmt::Debug for SqliteStore {
 }
 
 impl SqliteStore {
-    /// The node found by `select` (one of the token-hash lookups), heartbeats overlaid.
+    /// The node found by `select` (one of the token-hash lookups) in the file, remembered
+    /// if live, heartbeats overlaid: for a node not held in memory.
     async fn node_by_hash(&self, select: &'static str, hash: [u8; 32]) -> Result<Option<Node>> {
         self.run(move |shared, conn| {
             let mut statement = conn.prepare_cached(select)?;
-            let mut node = statement
+            let node = statement
                 .query([hash.as_slice()])?
                 .next()?
                 .map(node_from_row)
                 .transpose()?;
-            shared.overlay_heartbeats(node.as_mut_slice());
-            Ok(node)
+            Ok(shared.remember_read_node(node))
         })
         .await
     }
@@ -320,7 +312,7 @@ impl SqliteStore {
         migrate(&mut conn, &name)?;
         let shared = Arc::new(Shared {
             path,
-            heartbeats: Mutex::new(HashMap::new()),
+            memory: Mutex::new(Memory::default()),
             #[cfg(test)]
             batch_commits: std::sync::atomic::AtomicU64::new(0),
         });
@@ -348,19 +340,19 @@ impl SqliteStore {
     }
 
     /// Runs `write` on the writer thread in a transaction shared with the other writes queued
-    /// with it (group commit), and answers once that transaction has committed; `committed`
-    /// then updates what the store keeps in memory. A write that fails changes nothing and
-    /// does not fail the others. The write stands (or fails) even if the future is dropped.
-    async fn write<T, F>(&self, write: F, committed: fn(&Shared, &T)) -> Result<T>
+    /// with it (group commit), and answers once that transaction has committed (and the
+    /// store's memory has taken what `write` recorded in its [`Pending`]). A write that fails
+    /// changes nothing and does not fail the others. The write stands (or fails) even if the
+    /// future is dropped.
+    async fn write<T, F>(&self, write: F) -> Result<T>
     where
-        F: FnMut(&Shared, &Connection) -> Result<T, DbError> + Send + 'static,
+        F: FnMut(&Shared, &Connection, &mut Pending) -> Result<T, DbError> + Send + 'static,
         T: Send + 'static,
     {
         let (answer, answered) = tokio::sync::oneshot::channel();
         self.writer
             .send(writer::Job::Batched(Box::new(writer::Write {
                 write,
-                committed,
                 answer,
                 written: None,
             })))?;
@@ -369,21 +361,46 @@ impl SqliteStore {
 }
 
 impl Shared {
-    fn heartbeats(&self) -> MutexGuard<'_, HashMap<String, Heartbeat>> {
-        lock(&self.heartbeats)
+    fn memory(&self) -> MutexGuard<'_, Memory> {
+        lock(&self.memory)
     }
 
     /// Shows the newest heartbeat of each node as its `last_update`.
     fn overlay_heartbeats(&self, nodes: &mut [Node]) {
-        let heartbeats = self.heartbeats();
-        if heartbeats.is_empty() {
-            return;
+        self.memory().overlay_heartbeats(nodes);
+    }
+
+    /// The node `id` as the transaction writing `pending` sees it: from `pending`, from
+    /// memory, or from its row (then remembered once the transaction commits).
+    fn current_node(
+        &self,
+        conn: &Connection,
+        pending: &Pending,
+        id: &str,
+    ) -> Result<Node, DbError> {
+        if let Some(node) = pending.nodes.get(id) {
+            return Ok(node.clone());
         }
-        for node in nodes {
-            if let Some(heartbeat) = heartbeats.get(&node.id) {
-                node.last_update = heartbeat.seen;
-            }
+        if let Some(node) = self.memory().node(id) {
+            return Ok(node.clone());
         }
+        select_node(conn, id)?.ok_or_else(|| unknown_node(id))
+    }
+
+    /// The deployment `id` as the transaction writing `pending` sees it.
+    fn current_deployment(
+        &self,
+        conn: &Connection,
+        pending: &Pending,
+        id: &str,
+    ) -> Result<Deployment, DbError> {
+        if let Some(deployment) = pending.deployments.get(id) {
+            return Ok(deployment.clone());
+        }
+        if let Some(deployment) = self.memory().deployment(id) {
+            return Ok(deployment.clone());
+        }
+        select_deployment(conn, id)?.ok_or_else(|| unknown_deployment(id))
     }
 }
 
@@ -391,7 +408,7 @@ impl Shared {
     /// Saves the heartbeat times the file does not have yet, so a clean shutdown loses none:
     /// the writer's last job, once the store is dropped.
     fn save_heartbeats(&self, conn: &mut Connection) {
-        let heartbeats = std::mem::take(&mut *self.heartbeats());
+        let heartbeats = std::mem::take(&mut self.memory().heartbeats);
         let pending: Vec<(String, i64)> = heartbeats
             .into_iter()
             .map(|(node_id, heartbeat)| (node_id, heartbeat.stored_ms, to_ms(heartbeat.seen)))
@@ -415,6 +432,24 @@ impl Shared {
             let nodes = pending.len();
             tracing::warn!(%error, nodes, "could not save the last heartbeat times");
         }
+    }
+
+    /// The node `find` finds in memory, cloned, with its heartbeat overlaid.
+    fn held_node(&self, find: impl FnOnce(&Memory) -> Option<&Node>) -> Option<Node> {
+        let memory = self.memory();
+        let mut node = find(&memory)?.clone();
+        memory.overlay_heartbeats(std::slice::from_mut(&mut node));
+        Some(node)
+    }
+
+    /// Remembers a node just read from its row (on the writer thread, outside any batch, so
+    /// the row is committed), and returns it with its heartbeat overlaid.
+    fn remember_read_node(&self, node: Option<Node>) -> Option<Node> {
+        let mut memory = self.memory();
+        let mut node = node?;
+        memory.remember_node(node.clone());
+        memory.overlay_heartbeats(std::slice::from_mut(&mut node));
+        Some(node)
     }
 
     #[cfg(test)]
@@ -1141,8 +1176,18 @@ impl Store for SqliteStore {
     }
 
     async fn deployment(&self, id: &str) -> Result<Option<Deployment>> {
+        if let Some(deployment) = self.shared.memory().deployment(id) {
+            return Ok(Some(deployment.clone()));
+        }
         let id = id.to_owned();
-        self.run(move |_, conn| select_deployment(conn, &id)).await
+        self.run(move |shared, conn| {
+            let deployment = select_deployment(conn, &id)?;
+            if let Some(deployment) = &deployment {
+                shared.memory().remember_deployment(deployment.clone());
+            }
+            Ok(deployment)
+        })
+        .await
     }
 
     async fn deployments(&self) -> Result<Vec<Deployment>> {
@@ -1158,13 +1203,12 @@ impl Store for SqliteStore {
     }
 
     async fn node(&self, node_id: &str) -> Result<Option<Node>> {
+        if let Some(node) = self.shared.held_node(|memory| memory.node(node_id)) {
+            return Ok(Some(node));
+        }
         let node_id = node_id.to_owned();
-        self.run(move |shared, conn| {
-            let mut node = select_node(conn, &node_id)?;
-            shared.overlay_heartbeats(node.as_mut_slice());
-            Ok(node)
-        })
-        .await
+        self.run(move |shared, conn| Ok(shared.remember_read_node(select_node(conn, &node_id)?)))
+            .await
     }
 
     async fn nodes(&self, deployment_id: &str) -> Result<Vec<Node>> {
@@ -1191,6 +1235,9 @@ impl Store for SqliteStore {
     }
 
     async fn node_by_provision_token(&self, hash: &[u8; 32]) -> Result<Option<Node>> {
+        if let Some(node) = self.shared.held_node(|memory| memory.node_by_provision_token(hash)) {
+            return Ok(Some(node));
+        }
         self.node_by_hash(
             concat!(
                 "SELECT ",
@@ -1222,6 +1269,9 @@ impl Store for SqliteStore {
     }
 
     async fn node_by_auth_token(&self, hash: &[u8; 32]) -> Result<Option<Node>> {
+        if let Some(node) = self.shared.held_node(|memory| memory.node_by_auth_token(hash)) {
+            return Ok(Some(node));
+        }
         self.node_by_hash(
             concat!(
                 "SELECT ",
@@ -1240,28 +1290,22 @@ impl Store for SqliteStore {
         now: SystemTime,
     ) -> Result<Applied> {
         let node_id = node_id.to_owned();
-        self.write(
-            move |shared, conn| {
-                let mut node =
-                    select_node(conn, &node_id)?.ok_or_else(|| unknown_node(&node_id))?;
-                let mut deployment = select_deployment(conn, &node.deployment_id)?
-                    .ok_or_else(|| unknown_deployment(&node.deployment_id))?;
-                shared.overlay_heartbeats(std::slice::from_mut(&mut node));
-                let before = node.clone();
-                // A refused transition returns here: its savepoint is rolled back and the
-                // heartbeat map is left as it was.
-                let applied =
-                    model::apply_node_update(&mut deployment, &mut node, update.clone(), now)?;
-                write_node(conn, &before, &node)?;
-                write_deployment(conn, &deployment)?;
-                Ok(applied)
-            },
-            |shared, applied| {
-                // The row now holds the node's newest time, and the node may be final: its
-                // next heartbeat checks the row again.
-                shared.heartbeats().remove(&applied.node.id);
-            },
-        )
+        self.write(move |shared, conn, pending| {
+            let mut node = shared.current_node(conn, pending, &node_id)?;
+            let mut deployment = shared.current_deployment(conn, pending, &node.deployment_id)?;
+            shared.overlay_heartbeats(std::slice::from_mut(&mut node));
+            let before = node.clone();
+            // A refused transition returns here: its savepoint is rolled back, and neither
+            // the store's memory nor the heartbeats change.
+            let applied = model::apply_node_update(&mut deployment, &mut node, update.clone(), now)?;
+            write_node(conn, &before, &node)?;
+            write_deployment(conn, &deployment)?;
+            pending.nodes.insert(node_id.clone(), node);
+            pending
+                .deployments
+                .insert(deployment.id.clone(), deployment);
+            Ok(applied)
+        })
         .await
     }
 
@@ -1273,13 +1317,14 @@ impl Store for SqliteStore {
         now: SystemTime,
     ) -> Result<Deployment> {
         let id = id.to_owned();
-        self.run(move |_, conn| {
+        self.run(move |shared, conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let mut deployment =
                 select_deployment(&tx, &id)?.ok_or_else(|| unknown_deployment(&id))?;
             model::apply_deployment_status(&mut deployment, to, message, now)?;
             write_deployment(&tx, &deployment)?;
             tx.commit()?;
+            shared.memory().remember_deployment(deployment.clone());
             Ok(deployment)
         })
         .await
@@ -1289,10 +1334,22 @@ impl Store for SqliteStore {
         // A node with an entry is known to exist and not to be final, so its heartbeat only
         // updates memory, until the time is due to be saved.
         {
-            let mut heartbeats = self.shared.heartbeats();
-            if let Some(heartbeat) = heartbeats.get_mut(node_id) {
+            let mut memory = self.shared.memory();
+            if let Some(heartbeat) = memory.heartbeats.get_mut(node_id) {
                 if to_ms(now).saturating_sub(heartbeat.stored_ms) <= HEARTBEAT_FLUSH_MS {
                     heartbeat.seen = now;
+                    return Ok(());
+                }
+            } else if let Some(node) = memory.node(node_id) {
+                // A node held in memory is live, and its row holds its `last_update`.
+                let stored_ms = to_ms(node.last_update);
+                if to_ms(now).saturating_sub(stored_ms) <= HEARTBEAT_FLUSH_MS {
+                    let heartbeat = Heartbeat {
+                        deployment_id: node.deployment_id.clone(),
+                        seen: now,
+                        stored_ms,
+                    };
+                    memory.heartbeats.insert(node_id.to_owned(), heartbeat);
                     return Ok(());
                 }
             }
@@ -1322,7 +1379,7 @@ impl Store for SqliteStore {
             };
             // Unknown and final nodes are not touched, as in the in-memory store.
             let Some((deployment_id, mut stored_ms)) = live else {
-                shared.heartbeats().remove(&node_id);
+                shared.memory().heartbeats.remove(&node_id);
                 return Ok(());
             };
             let now_ms = to_ms(now);
@@ -1330,8 +1387,9 @@ impl Store for SqliteStore {
                 conn.prepare_cached("UPDATE nodes SET last_update = ?2 WHERE id = ?1")?
                     .execute(params![node_id, now_ms])?;
                 stored_ms = now_ms;
+                shared.memory().heartbeat_saved(&node_id, stored_ms);
             }
-            shared.heartbeats().insert(
+            shared.memory().heartbeats.insert(
                 node_id,
                 Heartbeat {
                     deployment_id,
@@ -1357,10 +1415,7 @@ impl Store for SqliteStore {
             let chunk: Vec<NewLogLine> = lines.by_ref().take(LOG_CHUNK).collect();
             let deployment_id = deployment_id.to_owned();
             let seq = self
-                .write(
-                    move |_, conn| append_chunk(conn, &deployment_id, &chunk, caps),
-                    |_, _| {},
-                )
+                .write(move |_, conn, _| append_chunk(conn, &deployment_id, &chunk, caps))
                 .await?;
             if lines.peek().is_none() {
                 return u64::try_from(seq)
@@ -1413,9 +1468,7 @@ impl Store for SqliteStore {
                 .prepare_cached("DELETE FROM deployments WHERE id = ?1")?
                 .execute([&id])?;
             if deleted > 0 {
-                shared
-                    .heartbeats()
-                    .retain(|_, heartbeat| heartbeat.deployment_id != id);
+                shared.memory().forget_deleted_deployment(&id);
             }
             Ok(deleted > 0)
         })
@@ -1424,12 +1477,14 @@ impl Store for SqliteStore {
 
     async fn mark_cleaned(&self, id: &str, at: SystemTime) -> Result<bool> {
         let id = id.to_owned();
-        self.run(move |_, conn| {
+        self.run(move |shared, conn| {
             let marked = conn
                 .prepare_cached(
                     "UPDATE deployments SET cleaned_at = COALESCE(cleaned_at, ?2) WHERE id = ?1",
                 )?
                 .execute(params![id, to_ms(at)])?;
+            // Read again from its row when next asked for.
+            shared.memory().forget_deployment(&id);
             Ok(marked > 0)
         })
         .await

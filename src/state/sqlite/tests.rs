@@ -250,7 +250,7 @@ async fn heartbeats_write_only_when_a_minute_behind() {
     assert_eq!(stored_last_update(&store, "dep-hb-0").await, at(100));
     // Deleting the deployment forgets its heartbeats.
     assert!(store.delete_deployment("dep-hb").await.unwrap());
-    assert!(store.shared.heartbeats().is_empty());
+    assert!(store.shared.memory().heartbeats.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,6 +14,7 @@ use std::thread::JoinHandle;
 
 use rusqlite::{Connection, TransactionBehavior};
 
+use super::memory::Pending;
 use super::{DbError, Shared};
 use crate::error::{Error, Result};
 
@@ -32,21 +33,27 @@ pub(super) enum Job {
 /// A write that can share its transaction with others: [`BatchedWrite::write`] runs inside a
 /// savepoint of its own, so one that fails changes nothing and the others go on.
 pub(super) trait BatchedWrite: Send {
-    /// Makes the change with `conn`, inside a transaction that is committed afterwards. May be
-    /// called again (in a transaction of its own) if that transaction could not commit.
-    fn write(&mut self, shared: &Shared, conn: &Connection) -> Result<(), DbError>;
+    /// Makes the change with `conn`, inside a transaction that is committed afterwards, and
+    /// records the nodes and deployments it wrote in `pending` (the later writes of the
+    /// transaction read them from there; the store's memory takes them once it has
+    /// committed). May be called again (in a transaction of its own) if that transaction
+    /// could not commit.
+    fn write(
+        &mut self,
+        shared: &Shared,
+        conn: &Connection,
+        pending: &mut Pending,
+    ) -> Result<(), DbError>;
 
     /// Answers the caller: `Ok` once the transaction holding the write has committed, or the
     /// error that refused it (then nothing of it was written).
-    fn answer(self: Box<Self>, shared: &Shared, outcome: Result<(), DbError>);
+    fn answer(self: Box<Self>, outcome: Result<(), DbError>);
 }
 
 /// A [`BatchedWrite`] made of a function: `write` computes and writes the change and returns
-/// the caller's answer, which is held until the commit; `committed` then updates what the store
-/// keeps in memory.
+/// the caller's answer, which is held until the commit.
 pub(super) struct Write<T, F> {
     pub(super) write: F,
-    pub(super) committed: fn(&Shared, &T),
     pub(super) answer: tokio::sync::oneshot::Sender<Result<T>>,
     pub(super) written: Option<T>,
 }
@@ -54,20 +61,22 @@ pub(super) struct Write<T, F> {
 impl<T, F> BatchedWrite for Write<T, F>
 where
     T: Send,
-    F: FnMut(&Shared, &Connection) -> Result<T, DbError> + Send,
+    F: FnMut(&Shared, &Connection, &mut Pending) -> Result<T, DbError> + Send,
 {
-    fn write(&mut self, shared: &Shared, conn: &Connection) -> Result<(), DbError> {
-        self.written = Some((self.write)(shared, conn)?);
+    fn write(
+        &mut self,
+        shared: &Shared,
+        conn: &Connection,
+        pending: &mut Pending,
+    ) -> Result<(), DbError> {
+        self.written = Some((self.write)(shared, conn, pending)?);
         Ok(())
     }
 
-    fn answer(self: Box<Self>, shared: &Shared, outcome: Result<(), DbError>) {
+    fn answer(self: Box<Self>, outcome: Result<(), DbError>) {
         let this = *self;
         let answer = match (outcome, this.written) {
-            (Ok(()), Some(written)) => {
-                (this.committed)(shared, &written);
-                Ok(written)
-            }
+            (Ok(()), Some(written)) => Ok(written),
             (Err(error), _) => Err(error.into_error()),
             (Ok(()), None) => Err(Error::store(
                 "the state store lost a write's answer",
@@ -172,7 +181,7 @@ fn write_batch(shared: &Shared, conn: &mut Connection, mut batch: Vec<Box<dyn Ba
     match write_together(shared, conn, &mut batch) {
         Ok(outcomes) => {
             for (write, outcome) in batch.into_iter().zip(outcomes) {
-                write.answer(shared, outcome);
+                write.answer(outcome);
             }
         }
         Err(error) if batch.len() > 1 => {
@@ -181,21 +190,21 @@ fn write_batch(shared: &Shared, conn: &mut Connection, mut batch: Vec<Box<dyn Ba
                 let outcome = write_together(shared, conn, std::slice::from_mut(&mut write))
                     .map_err(DbError::from)
                     .and_then(|mut outcomes| outcomes.pop().unwrap_or(Ok(())));
-                write.answer(shared, outcome);
+                write.answer(outcome);
             }
         }
         Err(error) => {
             // The batch held one write.
             if let Some(write) = batch.pop() {
-                write.answer(shared, Err(DbError::from(error)));
+                write.answer(Err(DbError::from(error)));
             }
         }
     }
 }
 
-/// Runs every write of `batch` in one IMMEDIATE transaction, each in a savepoint, and commits:
-/// the outcome of each write, or the error that kept the transaction from committing (then
-/// none of them is written).
+/// Runs every write of `batch` in one IMMEDIATE transaction, each in a savepoint, commits, and
+/// has the store's memory take what they wrote: the outcome of each write, or the error that
+/// kept the transaction from committing (then none of them is written).
 fn write_together(
     shared: &Shared,
     conn: &mut Connection,
@@ -203,9 +212,10 @@ fn write_together(
 ) -> rusqlite::Result<Vec<Result<(), DbError>>> {
     let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mut outcomes = Vec::with_capacity(batch.len());
+    let mut pending = Pending::default();
     for write in batch.iter_mut() {
         let savepoint = tx.savepoint()?;
-        let outcome = write.write(shared, &savepoint);
+        let outcome = write.write(shared, &savepoint, &mut pending);
         if outcome.is_ok() {
             savepoint.commit()?;
         } else {
@@ -215,6 +225,7 @@ fn write_together(
         outcomes.push(outcome);
     }
     tx.commit()?;
+    shared.memory().committed(pending);
     shared.count_commit();
     Ok(outcomes)
 }
