@@ -2,8 +2,11 @@
 //! finds every deployment where it left it.
 //!
 //! Writes are incremental: a node update rewrites that node's row and its deployment's row, a
-//! log append inserts its lines, and nothing ever rewrites the whole state. Heartbeats are kept
-//! in memory and reach the file only coarsely. Tokens are stored only as their SHA-256 hashes.
+//! log append inserts its lines, and nothing ever rewrites the whole state. One thread owns the
+//! connection ([`writer`]) and commits the writes that arrive together in one transaction; the
+//! live nodes and deployments are also held in memory ([`memory`]), so the node protocol's
+//! reads need no query. Heartbeats are kept in memory and reach the file only coarsely. Tokens
+//! are stored only as their SHA-256 hashes.
 
 use std::fmt;
 use std::fs;
@@ -186,24 +189,37 @@ macro_rules! deployment_columns {
 /// corrupts the file. The file is created with mode 0600 (it holds token hashes).
 ///
 /// # Writes
-/// Every call is one SQLite transaction, and every change of state is computed by
-/// [`model::apply_node_update`] or [`model::apply_deployment_status`] inside it, so the state
-/// machines are the same as [`crate::MemoryStore`]'s. A node update writes that node's row and
-/// its deployment's row; nothing ever rewrites the whole state. A refused transition returns the
+/// One thread of the store's own owns the connection and runs every call. Node updates and log
+/// appends that are queued together are written in one transaction (group commit), each in a
+/// savepoint of its own, and each caller is answered only once that transaction has committed:
+/// an answered write is in the file. A write that is refused or fails changes nothing and does
+/// not fail the others of its transaction. Every change of state is computed by
+/// [`model::apply_node_update`] or [`model::apply_deployment_status`], so the state machines
+/// are the same as [`crate::MemoryStore`]'s. A node update writes that node's row and its
+/// deployment's row; nothing ever rewrites the whole state. A refused transition returns the
 /// crate's conflict [`Error`] and changes nothing.
+///
+/// # Reads
+/// The nodes and deployments that are not final are also held in memory, exactly as their rows
+/// hold them (the writer updates this copy after each commit, before answering), so reading a
+/// live node by id or token, or a live deployment, needs no query; other reads query the file
+/// on the writer thread. Memory therefore holds one copy of each live node that was read or
+/// written since the file was opened. The file must not be written by another program while
+/// the store is open (`taskflyd` holds its data directory's lock); reading it is fine.
 ///
 /// # Heartbeats
 /// [`Store::touch_node`] does not write to the file: the last-seen time is kept in memory and
 /// shown as `last_update` on every node read back. It reaches the file when the node's row is
 /// next written, when a heartbeat is more than 60 s newer than the stored time, and when the
-/// store is dropped (in one transaction, on the thread that drops the last reference). After a
-/// crash, a node's `last_update` may therefore be up to a minute old.
+/// store is dropped (dropping it waits for its thread to finish the calls already queued and
+/// save these times in one transaction). After a crash, a node's `last_update` may therefore
+/// be up to a minute old.
 ///
 /// # Cancellation
-/// SQLite is synchronous, so every call runs on tokio's blocking thread pool
-/// (`spawn_blocking`) and needs a tokio runtime. Dropping a call's future does not stop it: the
-/// blocking task runs to completion, and since each call is one transaction its change is then
-/// either fully applied or, if it failed, not applied at all, never half.
+/// Calls need no tokio runtime. Dropping a call's future does not take its call back: a call
+/// already queued runs to completion, and since each write is one transaction or savepoint its
+/// change is then either fully applied or, if it failed, not applied at all, never half. A call
+/// that panics fails alone (its caller gets a store error); the thread goes on.
 ///
 /// # Differences from the in-memory store
 /// Times are stored at millisecond precision, so a `SystemTime` read back is the one written,
@@ -332,10 +348,11 @@ impl SqliteStore {
         T: Send + 'static,
     {
         let (answer, answered) = tokio::sync::oneshot::channel();
-        self.writer.send(writer::Job::Alone(Box::new(move |shared, conn| {
-            // A caller that stopped waiting no longer needs the answer.
-            let _ = answer.send(f(shared, conn).map_err(DbError::into_error));
-        })))?;
+        self.writer
+            .send(writer::Job::Alone(Box::new(move |shared, conn| {
+                // A caller that stopped waiting no longer needs the answer.
+                let _ = answer.send(f(shared, conn).map_err(DbError::into_error));
+            })))?;
         answered.await.map_err(|_| writer::stopped())?
     }
 
@@ -870,7 +887,7 @@ fn append_chunk(
         }
     }
     for (index, _) in &added {
-        let volume = node_volume(&tx, deployment_id, *index)?;
+        let volume = node_volume(tx, deployment_id, *index)?;
         if volume.stored > caps.node {
             drop_oldest(tx, deployment_id, &volume, volume.real() + 1 - caps.node)?;
         }
@@ -1235,7 +1252,10 @@ impl Store for SqliteStore {
     }
 
     async fn node_by_provision_token(&self, hash: &[u8; 32]) -> Result<Option<Node>> {
-        if let Some(node) = self.shared.held_node(|memory| memory.node_by_provision_token(hash)) {
+        if let Some(node) = self
+            .shared
+            .held_node(|memory| memory.node_by_provision_token(hash))
+        {
             return Ok(Some(node));
         }
         self.node_by_hash(
@@ -1269,7 +1289,10 @@ impl Store for SqliteStore {
     }
 
     async fn node_by_auth_token(&self, hash: &[u8; 32]) -> Result<Option<Node>> {
-        if let Some(node) = self.shared.held_node(|memory| memory.node_by_auth_token(hash)) {
+        if let Some(node) = self
+            .shared
+            .held_node(|memory| memory.node_by_auth_token(hash))
+        {
             return Ok(Some(node));
         }
         self.node_by_hash(
@@ -1297,7 +1320,8 @@ impl Store for SqliteStore {
             let before = node.clone();
             // A refused transition returns here: its savepoint is rolled back, and neither
             // the store's memory nor the heartbeats change.
-            let applied = model::apply_node_update(&mut deployment, &mut node, update.clone(), now)?;
+            let applied =
+                model::apply_node_update(&mut deployment, &mut node, update.clone(), now)?;
             write_node(conn, &before, &node)?;
             write_deployment(conn, &deployment)?;
             pending.nodes.insert(node_id.clone(), node);

@@ -630,9 +630,15 @@ async fn updates_queued_together_share_one_commit() {
     assert!(nodes[1..]
         .iter()
         .all(|node| node.status == NodeStatus::Provisioning));
-    assert_eq!(nodes[2].auth_token_hash, None, "the refused update wrote nothing");
+    assert_eq!(
+        nodes[2].auth_token_hash, None,
+        "the refused update wrote nothing"
+    );
     let done = store.deployment("dep-batch").await.unwrap().unwrap();
-    assert_eq!((done.nodes_completed, done.status), (1, DeploymentStatus::Running));
+    assert_eq!(
+        (done.nodes_completed, done.status),
+        (1, DeploymentStatus::Running)
+    );
 }
 
 /// A caller that stops waiting does not take its queued update back, nor the others of its
@@ -701,7 +707,12 @@ async fn concurrent_updates_of_one_node_apply_each_once() {
     let token = node.provision_token_hash.unwrap();
     assert!(token.iter().all(|byte| *byte == token[0]));
     assert_eq!(
-        store.node_by_provision_token(&token).await.unwrap().unwrap().id,
+        store
+            .node_by_provision_token(&token)
+            .await
+            .unwrap()
+            .unwrap()
+            .id,
         "dep-same-0"
     );
 }

@@ -8,7 +8,7 @@
 //! the next batch, so one commit (one write-ahead-log append) serves many callers.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::mpsc::{Receiver, Sender, TryRecvError};
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -22,10 +22,14 @@ use crate::error::{Error, Result};
 /// queued behind it waits.
 const MAX_JOBS_AT_ONCE: usize = 512;
 
+/// A call that runs on its own: a read, or a write in a transaction of its own. It answers its
+/// caller itself.
+pub(super) type AloneJob = Box<dyn FnOnce(&Shared, &mut Connection) + Send>;
+
 /// One call of the store, run on the writer thread.
 pub(super) enum Job {
-    /// Runs on its own (a read, or a write in a transaction of its own).
-    Alone(Box<dyn FnOnce(&Shared, &mut Connection) + Send>),
+    /// Runs on its own.
+    Alone(AloneJob),
     /// Written together with the other batched writes queued with it.
     Batched(Box<dyn BatchedWrite>),
 }
@@ -151,10 +155,8 @@ fn run(shared: &Shared, mut conn: Connection, queue: &Receiver<Job>) {
                 Job::Batched(write) => batch.push(write),
             }
             if batch.len() + alone.len() < MAX_JOBS_AT_ONCE {
-                next = match queue.try_recv() {
-                    Ok(job) => Some(job),
-                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => None,
-                };
+                // Empty or disconnected: what is queued is taken.
+                next = queue.try_recv().ok();
             }
         }
         // A panic fails the calls it interrupted (their answers are dropped, so they get an
