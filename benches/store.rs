@@ -22,7 +22,8 @@ const SIZES: [u32; 3] = [1_000, 10_000, 100_000];
 const DEFAULT_CALLERS: u32 = 8;
 
 /// Heartbeat rounds over every node after the first (the first is measured on its own: it is
-/// the one that reads each node's row in the SQLite store).
+/// the one that makes each node's heartbeat entry, from the node's row in the SQLite store, or
+/// from the node held in memory while it is live).
 const WARM_HEARTBEAT_ROUNDS: u32 = 3;
 
 /// What each caller task does to each of its nodes.

@@ -2,10 +2,12 @@
 //! finds every deployment where it left it.
 //!
 //! Writes are incremental: a node update rewrites that node's row and its deployment's row, a
-//! log append inserts its lines, and nothing ever rewrites the whole state. Heartbeats are kept
-//! in memory and reach the file only coarsely. Tokens are stored only as their SHA-256 hashes.
+//! log append inserts its lines, and nothing ever rewrites the whole state. One thread owns the
+//! connection ([`writer`]) and commits the writes that arrive together in one transaction; the
+//! live nodes and deployments are also held in memory ([`memory`]), so the node protocol's
+//! reads need no query. Heartbeats are kept in memory and reach the file only coarsely. Tokens
+//! are stored only as their SHA-256 hashes.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -22,11 +24,16 @@ use super::{LogLine, LogQuery, LogStream, NewLogLine, Store};
 use crate::error::{Error, Result};
 use crate::sync::lock;
 
+mod memory;
+mod writer;
+
+use memory::{Heartbeat, Memory, Pending};
+
 /// The schema this code reads and writes, kept in `PRAGMA user_version`: 1 was taskfly 0.1's,
 /// 2 adds the nodes' `instance_locator`, 3 the per-node log counts, 4 the nodes' phase times,
-/// 5 the deployments' `rerun_of`, 6 the deployments' `cleaned_at`, 7 the webhook deliveries
-/// ([`MIGRATIONS`]).
-const SCHEMA_VERSION: i64 = 7;
+/// 5 the deployments' `rerun_of`, 6 the deployments' `cleaned_at`, 7 the webhook deliveries,
+/// 8 the deployments' `log_stored` ([`MIGRATIONS`]).
+const SCHEMA_VERSION: i64 = 8;
 
 /// Default cap on stored log lines per deployment, as for the in-memory store.
 const DEFAULT_MAX_LOG_LINES: usize = 1_000_000;
@@ -139,6 +146,14 @@ const MIGRATIONS: &[&str] = &[
          delivered_at    INTEGER
      );
      CREATE INDEX webhook_deliveries_pending ON webhook_deliveries (status, created_at);",
+    // 8 (SQLite group commit): how many log lines the deployment stores in all (the sum of its
+    // `log_volume.stored`), kept with it, so checking the deployment's cap after an append
+    // reads one row instead of one per node.
+    "ALTER TABLE deployments ADD COLUMN log_stored INTEGER NOT NULL DEFAULT 0;
+     UPDATE deployments SET log_stored = (
+         SELECT COALESCE(SUM(stored), 0) FROM log_volume
+         WHERE log_volume.deployment_id = deployments.id
+     );",
 ];
 
 /// The columns of a webhook delivery, in the order [`delivery_from_row`] reads them.
@@ -174,24 +189,37 @@ macro_rules! deployment_columns {
 /// corrupts the file. The file is created with mode 0600 (it holds token hashes).
 ///
 /// # Writes
-/// Every call is one SQLite transaction, and every change of state is computed by
-/// [`model::apply_node_update`] or [`model::apply_deployment_status`] inside it, so the state
-/// machines are the same as [`crate::MemoryStore`]'s. A node update writes that node's row and
-/// its deployment's row; nothing ever rewrites the whole state. A refused transition returns the
+/// One thread of the store's own owns the connection and runs every call. Node updates and log
+/// appends that are queued together are written in one transaction (group commit), each in a
+/// savepoint of its own, and each caller is answered only once that transaction has committed:
+/// an answered write is in the file. A write that is refused or fails changes nothing and does
+/// not fail the others of its transaction. Every change of state is computed by
+/// [`model::apply_node_update`] or [`model::apply_deployment_status`], so the state machines
+/// are the same as [`crate::MemoryStore`]'s. A node update writes that node's row and its
+/// deployment's row; nothing ever rewrites the whole state. A refused transition returns the
 /// crate's conflict [`Error`] and changes nothing.
+///
+/// # Reads
+/// The nodes and deployments that are not final are also held in memory, exactly as their rows
+/// hold them (the writer updates this copy after each commit, before answering), so reading a
+/// live node by id or token, or a live deployment, needs no query; other reads query the file
+/// on the writer thread. Memory therefore holds one copy of each live node that was read or
+/// written since the file was opened. The file must not be written by another program while
+/// the store is open (`taskflyd` holds its data directory's lock); reading it is fine.
 ///
 /// # Heartbeats
 /// [`Store::touch_node`] does not write to the file: the last-seen time is kept in memory and
 /// shown as `last_update` on every node read back. It reaches the file when the node's row is
 /// next written, when a heartbeat is more than 60 s newer than the stored time, and when the
-/// store is dropped (in one transaction, on the thread that drops the last reference). After a
-/// crash, a node's `last_update` may therefore be up to a minute old.
+/// store is dropped (dropping it waits for its thread to finish the calls already queued and
+/// save these times in one transaction). After a crash, a node's `last_update` may therefore
+/// be up to a minute old.
 ///
 /// # Cancellation
-/// SQLite is synchronous, so every call runs on tokio's blocking thread pool
-/// (`spawn_blocking`) and needs a tokio runtime. Dropping a call's future does not stop it: the
-/// blocking task runs to completion, and since each call is one transaction its change is then
-/// either fully applied or, if it failed, not applied at all, never half.
+/// Calls need no tokio runtime. Dropping a call's future does not take its call back: a call
+/// already queued runs to completion, and since each write is one transaction or savepoint its
+/// change is then either fully applied or, if it failed, not applied at all, never half. A call
+/// that panics fails alone (its caller gets a store error); the thread goes on.
 ///
 /// # Differences from the in-memory store
 /// Times are stored at millisecond precision, so a `SystemTime` read back is the one written,
@@ -207,27 +235,21 @@ macro_rules! deployment_columns {
 /// ```
 pub struct SqliteStore {
     shared: Arc<Shared>,
+    writer: writer::WriterHandle,
     max_log_lines: usize,
     max_log_lines_per_node: Option<usize>,
 }
 
-/// What the blocking tasks share with the store.
+/// What the writer thread shares with the store's callers.
 struct Shared {
     /// `None` for an in-memory database.
     path: Option<PathBuf>,
-    conn: Mutex<Connection>,
-    /// Last-seen times of live nodes, newer than (or equal to) what their rows hold. An entry
-    /// exists only for a node that exists and is not final; whoever writes a node's row or
-    /// deletes it removes its entry. Lock order: `conn` first, then `heartbeats`.
-    heartbeats: Mutex<HashMap<String, Heartbeat>>,
-}
-
-struct Heartbeat {
-    deployment_id: String,
-    /// The last heartbeat's time.
-    seen: SystemTime,
-    /// The node's `last_update` as its row holds it.
-    stored_ms: i64,
+    /// The live nodes and deployments, and the heartbeats not yet written.
+    memory: Mutex<Memory>,
+    /// How many transactions the writer has committed batched writes in, to check the
+    /// batching in tests.
+    #[cfg(test)]
+    batch_commits: std::sync::atomic::AtomicU64,
 }
 
 impl fmt::Debug for SqliteStore {
@@ -240,17 +262,17 @@ impl fmt::Debug for SqliteStore {
 }
 
 impl SqliteStore {
-    /// The node found by `select` (one of the token-hash lookups), heartbeats overlaid.
+    /// The node found by `select` (one of the token-hash lookups) in the file, remembered
+    /// if live, heartbeats overlaid: for a node not held in memory.
     async fn node_by_hash(&self, select: &'static str, hash: [u8; 32]) -> Result<Option<Node>> {
         self.run(move |shared, conn| {
             let mut statement = conn.prepare_cached(select)?;
-            let mut node = statement
+            let node = statement
                 .query([hash.as_slice()])?
                 .next()?
                 .map(node_from_row)
                 .transpose()?;
-            shared.overlay_heartbeats(node.as_mut_slice());
-            Ok(node)
+            Ok(shared.remember_read_node(node))
         })
         .await
     }
@@ -304,62 +326,106 @@ impl SqliteStore {
         );
         configure(&conn).map_err(|e| sqlite_error(format!("cannot configure {name}"), e))?;
         migrate(&mut conn, &name)?;
+        let shared = Arc::new(Shared {
+            path,
+            memory: Mutex::new(Memory::default()),
+            #[cfg(test)]
+            batch_commits: std::sync::atomic::AtomicU64::new(0),
+        });
         Ok(SqliteStore {
-            shared: Arc::new(Shared {
-                path,
-                conn: Mutex::new(conn),
-                heartbeats: Mutex::new(HashMap::new()),
-            }),
+            writer: writer::WriterHandle::start(Arc::clone(&shared), conn)?,
+            shared,
             max_log_lines: DEFAULT_MAX_LOG_LINES,
             max_log_lines_per_node: None,
         })
     }
 
-    /// Runs `f` with the connection on tokio's blocking pool. The task runs to completion even
-    /// if the returned future is dropped.
+    /// Runs `f` with the connection on the writer thread, on its own (outside any batch). The
+    /// call runs to completion even if the returned future is dropped.
     async fn run<T, F>(&self, f: F) -> Result<T>
     where
         F: FnOnce(&Shared, &mut Connection) -> Result<T, DbError> + Send + 'static,
         T: Send + 'static,
     {
-        let shared = Arc::clone(&self.shared);
-        tokio::task::spawn_blocking(move || {
-            let mut conn = lock(&shared.conn);
-            f(&shared, &mut conn)
-        })
-        .await
-        .map_err(|e| Error::store("a state store task did not finish", e))?
-        .map_err(DbError::into_error)
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        self.writer
+            .send(writer::Job::Alone(Box::new(move |shared, conn| {
+                // A caller that stopped waiting no longer needs the answer.
+                let _ = answer.send(f(shared, conn).map_err(DbError::into_error));
+            })))?;
+        answered.await.map_err(|_| writer::stopped())?
+    }
+
+    /// Runs `write` on the writer thread in a transaction shared with the other writes queued
+    /// with it (group commit), and answers once that transaction has committed (and the
+    /// store's memory has taken what `write` recorded in its [`Pending`]). A write that fails
+    /// changes nothing and does not fail the others. The write stands (or fails) even if the
+    /// future is dropped.
+    async fn write<T, F>(&self, write: F) -> Result<T>
+    where
+        F: FnMut(&Shared, &Connection, &mut Pending) -> Result<T, DbError> + Send + 'static,
+        T: Send + 'static,
+    {
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        self.writer
+            .send(writer::Job::Batched(Box::new(writer::Write {
+                write,
+                answer,
+                written: None,
+            })))?;
+        answered.await.map_err(|_| writer::stopped())?
     }
 }
 
 impl Shared {
-    fn heartbeats(&self) -> MutexGuard<'_, HashMap<String, Heartbeat>> {
-        lock(&self.heartbeats)
+    fn memory(&self) -> MutexGuard<'_, Memory> {
+        lock(&self.memory)
     }
 
     /// Shows the newest heartbeat of each node as its `last_update`.
     fn overlay_heartbeats(&self, nodes: &mut [Node]) {
-        let heartbeats = self.heartbeats();
-        if heartbeats.is_empty() {
-            return;
+        self.memory().overlay_heartbeats(nodes);
+    }
+
+    /// The node `id` as the transaction writing `pending` sees it: from `pending`, from
+    /// memory, or from its row (then remembered once the transaction commits).
+    fn current_node(
+        &self,
+        conn: &Connection,
+        pending: &Pending,
+        id: &str,
+    ) -> Result<Node, DbError> {
+        if let Some(node) = pending.nodes.get(id) {
+            return Ok(node.clone());
         }
-        for node in nodes {
-            if let Some(heartbeat) = heartbeats.get(&node.id) {
-                node.last_update = heartbeat.seen;
-            }
+        if let Some(node) = self.memory().node(id) {
+            return Ok(node.clone());
         }
+        select_node(conn, id)?.ok_or_else(|| unknown_node(id))
+    }
+
+    /// The deployment `id` as the transaction writing `pending` sees it.
+    fn current_deployment(
+        &self,
+        conn: &Connection,
+        pending: &Pending,
+        id: &str,
+    ) -> Result<Deployment, DbError> {
+        if let Some(deployment) = pending.deployments.get(id) {
+            return Ok(deployment.clone());
+        }
+        if let Some(deployment) = self.memory().deployment(id) {
+            return Ok(deployment.clone());
+        }
+        select_deployment(conn, id)?.ok_or_else(|| unknown_deployment(id))
     }
 }
 
-impl Drop for Shared {
-    /// Saves the heartbeat times the file does not have yet, so a clean shutdown loses none.
-    fn drop(&mut self) {
-        let heartbeats = std::mem::take(
-            self.heartbeats
-                .get_mut()
-                .unwrap_or_else(|poisoned| poisoned.into_inner()),
-        );
+impl Shared {
+    /// Saves the heartbeat times the file does not have yet, so a clean shutdown loses none:
+    /// the writer's last job, once the store is dropped.
+    fn save_heartbeats(&self, conn: &mut Connection) {
+        let heartbeats = std::mem::take(&mut self.memory().heartbeats);
         let pending: Vec<(String, i64)> = heartbeats
             .into_iter()
             .map(|(node_id, heartbeat)| (node_id, heartbeat.stored_ms, to_ms(heartbeat.seen)))
@@ -369,10 +435,6 @@ impl Drop for Shared {
         if pending.is_empty() {
             return;
         }
-        let conn = self
-            .conn
-            .get_mut()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let saved = conn.transaction().and_then(|tx| {
             {
                 let mut update =
@@ -388,6 +450,33 @@ impl Drop for Shared {
             tracing::warn!(%error, nodes, "could not save the last heartbeat times");
         }
     }
+
+    /// The node `find` finds in memory, cloned, with its heartbeat overlaid.
+    fn held_node(&self, find: impl FnOnce(&Memory) -> Option<&Node>) -> Option<Node> {
+        let memory = self.memory();
+        let mut node = find(&memory)?.clone();
+        memory.overlay_heartbeats(std::slice::from_mut(&mut node));
+        Some(node)
+    }
+
+    /// Remembers a node just read from its row (on the writer thread, outside any batch, so
+    /// the row is committed), and returns it with its heartbeat overlaid.
+    fn remember_read_node(&self, node: Option<Node>) -> Option<Node> {
+        let mut memory = self.memory();
+        let mut node = node?;
+        memory.remember_node(node.clone());
+        memory.overlay_heartbeats(std::slice::from_mut(&mut node));
+        Some(node)
+    }
+
+    #[cfg(test)]
+    fn count_commit(&self) {
+        self.batch_commits
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    #[cfg(not(test))]
+    fn count_commit(&self) {}
 }
 
 /// Creates the database file with mode 0600 before SQLite opens it (SQLite gives its `-wal` and
@@ -719,12 +808,11 @@ fn to_i64(n: usize) -> i64 {
 /// Stores `lines` (one chunk of a batch) in one transaction, then keeps the nodes it touched
 /// and the deployment within `caps`. Returns the deployment's last `seq`.
 fn append_chunk(
-    conn: &mut Connection,
+    tx: &Connection,
     deployment_id: &str,
     lines: &[NewLogLine],
     caps: LogCaps,
 ) -> Result<i64, DbError> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let last_seq: Option<i64> = tx
         .prepare_cached("SELECT log_seq FROM deployments WHERE id = ?1")?
         .query_row([deployment_id], |row| row.get(0))
@@ -741,6 +829,7 @@ fn append_chunk(
         return Ok(seq);
     }
     let mut added: Vec<(u32, i64)> = Vec::new();
+    let mut inserted_lines = 0i64;
     {
         let mut insert = tx.prepare_cached(
             "INSERT OR IGNORE INTO logs (deployment_id, seq, node_id, node_index, \
@@ -773,6 +862,7 @@ fn append_chunk(
             // Zero rows: a resent duplicate, ignored by the unique index.
             if inserted == 1 {
                 seq = next;
+                inserted_lines += 1;
                 match added
                     .iter_mut()
                     .find(|(index, _)| *index == line.node_index)
@@ -783,8 +873,10 @@ fn append_chunk(
             }
         }
     }
-    tx.prepare_cached("UPDATE deployments SET log_seq = ?2 WHERE id = ?1")?
-        .execute(params![deployment_id, seq])?;
+    tx.prepare_cached(
+        "UPDATE deployments SET log_seq = ?2, log_stored = log_stored + ?3 WHERE id = ?1",
+    )?
+    .execute(params![deployment_id, seq, inserted_lines])?;
     {
         let mut count = tx.prepare_cached(
             "INSERT INTO log_volume (deployment_id, node_index, stored) VALUES (?1, ?2, ?3) \
@@ -795,16 +887,14 @@ fn append_chunk(
         }
     }
     for (index, _) in &added {
-        let volume = node_volume(&tx, deployment_id, *index)?;
+        let volume = node_volume(tx, deployment_id, *index)?;
         if volume.stored > caps.node {
-            drop_oldest(&tx, deployment_id, &volume, volume.real() + 1 - caps.node)?;
+            drop_oldest(tx, deployment_id, &volume, volume.real() + 1 - caps.node)?;
         }
     }
     loop {
         let total: i64 = tx
-            .prepare_cached(
-                "SELECT COALESCE(SUM(stored), 0) FROM log_volume WHERE deployment_id = ?1",
-            )?
+            .prepare_cached("SELECT log_stored FROM deployments WHERE id = ?1")?
             .query_row([deployment_id], |row| row.get(0))?;
         if total <= caps.deployment {
             break;
@@ -820,12 +910,11 @@ fn append_chunk(
         let Some(index) = largest else {
             break;
         };
-        let volume = node_volume(&tx, deployment_id, index)?;
+        let volume = node_volume(tx, deployment_id, index)?;
         let over = total - caps.deployment;
         let count = over + i64::from(volume.marker_seq.is_none());
-        drop_oldest(&tx, deployment_id, &volume, count.min(volume.real()))?;
+        drop_oldest(tx, deployment_id, &volume, count.min(volume.real()))?;
     }
-    tx.commit()?;
     Ok(seq)
 }
 
@@ -845,7 +934,7 @@ impl NodeVolume {
 }
 
 fn node_volume(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &Connection,
     deployment_id: &str,
     node_index: u32,
 ) -> Result<NodeVolume, DbError> {
@@ -867,7 +956,7 @@ fn node_volume(
 /// Drop the oldest `count` (at least 1) lines of a node: the newest of them becomes its
 /// marker, the previous marker is deleted. Lines of a node older than its marker never exist.
 fn drop_oldest(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &Connection,
     deployment_id: &str,
     volume: &NodeVolume,
     count: i64,
@@ -918,6 +1007,8 @@ fn drop_oldest(
         dropped,
         newest
     ])?;
+    tx.prepare_cached("UPDATE deployments SET log_stored = log_stored - ?2 WHERE id = ?1")?
+        .execute(params![deployment_id, to_i64(deleted)])?;
     Ok(())
 }
 
@@ -1000,7 +1091,7 @@ fn insert_node(tx: &Transaction<'_>, node: &Node) -> rusqlite::Result<()> {
 /// are written only when they changed (registration, a new provision token): setting a
 /// `UNIQUE` column rewrites its index even to the same value, which made every status update
 /// about 40% slower.
-fn write_node(tx: &Transaction<'_>, before: &Node, node: &Node) -> rusqlite::Result<()> {
+fn write_node(tx: &Connection, before: &Node, node: &Node) -> rusqlite::Result<()> {
     tx.prepare_cached(
         "UPDATE nodes SET status = ?2, attempt = ?3, instance_id = ?4, ip_address = ?5, \
          last_update = ?6, exit_code = ?7, error_message = ?8, instance_locator = ?9, \
@@ -1040,7 +1131,7 @@ fn write_node(tx: &Transaction<'_>, before: &Node, node: &Node) -> rusqlite::Res
 
 /// Writes back what the state machines may change in a deployment: its status, counters,
 /// times and message (never its id, provider, size or retries).
-fn write_deployment(tx: &Transaction<'_>, deployment: &Deployment) -> rusqlite::Result<()> {
+fn write_deployment(tx: &Connection, deployment: &Deployment) -> rusqlite::Result<()> {
     let mut update = tx.prepare_cached(
         "UPDATE deployments SET status = ?2, nodes_completed = ?3, nodes_failed = ?4, \
          nodes_terminated = ?5, updated_at = ?6, completed_at = ?7, error_message = ?8 \
@@ -1102,8 +1193,18 @@ impl Store for SqliteStore {
     }
 
     async fn deployment(&self, id: &str) -> Result<Option<Deployment>> {
+        if let Some(deployment) = self.shared.memory().deployment(id) {
+            return Ok(Some(deployment.clone()));
+        }
         let id = id.to_owned();
-        self.run(move |_, conn| select_deployment(conn, &id)).await
+        self.run(move |shared, conn| {
+            let deployment = select_deployment(conn, &id)?;
+            if let Some(deployment) = &deployment {
+                shared.memory().remember_deployment(deployment.clone());
+            }
+            Ok(deployment)
+        })
+        .await
     }
 
     async fn deployments(&self) -> Result<Vec<Deployment>> {
@@ -1119,13 +1220,12 @@ impl Store for SqliteStore {
     }
 
     async fn node(&self, node_id: &str) -> Result<Option<Node>> {
+        if let Some(node) = self.shared.held_node(|memory| memory.node(node_id)) {
+            return Ok(Some(node));
+        }
         let node_id = node_id.to_owned();
-        self.run(move |shared, conn| {
-            let mut node = select_node(conn, &node_id)?;
-            shared.overlay_heartbeats(node.as_mut_slice());
-            Ok(node)
-        })
-        .await
+        self.run(move |shared, conn| Ok(shared.remember_read_node(select_node(conn, &node_id)?)))
+            .await
     }
 
     async fn nodes(&self, deployment_id: &str) -> Result<Vec<Node>> {
@@ -1152,6 +1252,12 @@ impl Store for SqliteStore {
     }
 
     async fn node_by_provision_token(&self, hash: &[u8; 32]) -> Result<Option<Node>> {
+        if let Some(node) = self
+            .shared
+            .held_node(|memory| memory.node_by_provision_token(hash))
+        {
+            return Ok(Some(node));
+        }
         self.node_by_hash(
             concat!(
                 "SELECT ",
@@ -1183,6 +1289,12 @@ impl Store for SqliteStore {
     }
 
     async fn node_by_auth_token(&self, hash: &[u8; 32]) -> Result<Option<Node>> {
+        if let Some(node) = self
+            .shared
+            .held_node(|memory| memory.node_by_auth_token(hash))
+        {
+            return Ok(Some(node));
+        }
         self.node_by_hash(
             concat!(
                 "SELECT ",
@@ -1201,22 +1313,21 @@ impl Store for SqliteStore {
         now: SystemTime,
     ) -> Result<Applied> {
         let node_id = node_id.to_owned();
-        self.run(move |shared, conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let mut node = select_node(&tx, &node_id)?.ok_or_else(|| unknown_node(&node_id))?;
-            let mut deployment = select_deployment(&tx, &node.deployment_id)?
-                .ok_or_else(|| unknown_deployment(&node.deployment_id))?;
+        self.write(move |shared, conn, pending| {
+            let mut node = shared.current_node(conn, pending, &node_id)?;
+            let mut deployment = shared.current_deployment(conn, pending, &node.deployment_id)?;
             shared.overlay_heartbeats(std::slice::from_mut(&mut node));
             let before = node.clone();
-            // A refused transition returns here: the transaction is rolled back on drop and
-            // the heartbeat map is left as it was.
-            let applied = model::apply_node_update(&mut deployment, &mut node, update, now)?;
-            write_node(&tx, &before, &node)?;
-            write_deployment(&tx, &deployment)?;
-            tx.commit()?;
-            // The row now holds the node's newest time, and the node may be final: its next
-            // heartbeat checks the row again.
-            shared.heartbeats().remove(&node_id);
+            // A refused transition returns here: its savepoint is rolled back, and neither
+            // the store's memory nor the heartbeats change.
+            let applied =
+                model::apply_node_update(&mut deployment, &mut node, update.clone(), now)?;
+            write_node(conn, &before, &node)?;
+            write_deployment(conn, &deployment)?;
+            pending.nodes.insert(node_id.clone(), node);
+            pending
+                .deployments
+                .insert(deployment.id.clone(), deployment);
             Ok(applied)
         })
         .await
@@ -1230,13 +1341,14 @@ impl Store for SqliteStore {
         now: SystemTime,
     ) -> Result<Deployment> {
         let id = id.to_owned();
-        self.run(move |_, conn| {
+        self.run(move |shared, conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let mut deployment =
                 select_deployment(&tx, &id)?.ok_or_else(|| unknown_deployment(&id))?;
             model::apply_deployment_status(&mut deployment, to, message, now)?;
             write_deployment(&tx, &deployment)?;
             tx.commit()?;
+            shared.memory().remember_deployment(deployment.clone());
             Ok(deployment)
         })
         .await
@@ -1246,10 +1358,22 @@ impl Store for SqliteStore {
         // A node with an entry is known to exist and not to be final, so its heartbeat only
         // updates memory, until the time is due to be saved.
         {
-            let mut heartbeats = self.shared.heartbeats();
-            if let Some(heartbeat) = heartbeats.get_mut(node_id) {
+            let mut memory = self.shared.memory();
+            if let Some(heartbeat) = memory.heartbeats.get_mut(node_id) {
                 if to_ms(now).saturating_sub(heartbeat.stored_ms) <= HEARTBEAT_FLUSH_MS {
                     heartbeat.seen = now;
+                    return Ok(());
+                }
+            } else if let Some(node) = memory.node(node_id) {
+                // A node held in memory is live, and its row holds its `last_update`.
+                let stored_ms = to_ms(node.last_update);
+                if to_ms(now).saturating_sub(stored_ms) <= HEARTBEAT_FLUSH_MS {
+                    let heartbeat = Heartbeat {
+                        deployment_id: node.deployment_id.clone(),
+                        seen: now,
+                        stored_ms,
+                    };
+                    memory.heartbeats.insert(node_id.to_owned(), heartbeat);
                     return Ok(());
                 }
             }
@@ -1279,7 +1403,7 @@ impl Store for SqliteStore {
             };
             // Unknown and final nodes are not touched, as in the in-memory store.
             let Some((deployment_id, mut stored_ms)) = live else {
-                shared.heartbeats().remove(&node_id);
+                shared.memory().heartbeats.remove(&node_id);
                 return Ok(());
             };
             let now_ms = to_ms(now);
@@ -1287,8 +1411,9 @@ impl Store for SqliteStore {
                 conn.prepare_cached("UPDATE nodes SET last_update = ?2 WHERE id = ?1")?
                     .execute(params![node_id, now_ms])?;
                 stored_ms = now_ms;
+                shared.memory().heartbeat_saved(&node_id, stored_ms);
             }
-            shared.heartbeats().insert(
+            shared.memory().heartbeats.insert(
                 node_id,
                 Heartbeat {
                     deployment_id,
@@ -1314,7 +1439,7 @@ impl Store for SqliteStore {
             let chunk: Vec<NewLogLine> = lines.by_ref().take(LOG_CHUNK).collect();
             let deployment_id = deployment_id.to_owned();
             let seq = self
-                .run(move |_, conn| append_chunk(conn, &deployment_id, &chunk, caps))
+                .write(move |_, conn, _| append_chunk(conn, &deployment_id, &chunk, caps))
                 .await?;
             if lines.peek().is_none() {
                 return u64::try_from(seq)
@@ -1367,9 +1492,7 @@ impl Store for SqliteStore {
                 .prepare_cached("DELETE FROM deployments WHERE id = ?1")?
                 .execute([&id])?;
             if deleted > 0 {
-                shared
-                    .heartbeats()
-                    .retain(|_, heartbeat| heartbeat.deployment_id != id);
+                shared.memory().forget_deleted_deployment(&id);
             }
             Ok(deleted > 0)
         })
@@ -1378,12 +1501,14 @@ impl Store for SqliteStore {
 
     async fn mark_cleaned(&self, id: &str, at: SystemTime) -> Result<bool> {
         let id = id.to_owned();
-        self.run(move |_, conn| {
+        self.run(move |shared, conn| {
             let marked = conn
                 .prepare_cached(
                     "UPDATE deployments SET cleaned_at = COALESCE(cleaned_at, ?2) WHERE id = ?1",
                 )?
                 .execute(params![id, to_ms(at)])?;
+            // Read again from its row when next asked for.
+            shared.memory().forget_deployment(&id);
             Ok(marked > 0)
         })
         .await

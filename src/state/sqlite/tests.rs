@@ -37,14 +37,17 @@ fn status(status: NodeStatus) -> NodeUpdate {
 }
 
 /// The node's `last_update` as its row holds it, without the heartbeat overlay.
-fn stored_last_update(store: &SqliteStore, node_id: &str) -> SystemTime {
-    let conn = lock(&store.shared.conn);
-    let ms: i64 = conn
-        .query_row(
-            "SELECT last_update FROM nodes WHERE id = ?1",
-            [node_id],
-            |row| row.get(0),
-        )
+async fn stored_last_update(store: &SqliteStore, node_id: &str) -> SystemTime {
+    let node_id = node_id.to_owned();
+    let ms: i64 = store
+        .run(move |_, conn| {
+            Ok(conn.query_row(
+                "SELECT last_update FROM nodes WHERE id = ?1",
+                [node_id],
+                |row| row.get(0),
+            )?)
+        })
+        .await
         .unwrap();
     from_ms(ms).unwrap()
 }
@@ -125,7 +128,7 @@ async fn everything_survives_reopening_the_file() {
         }
         // A heartbeat newer than the row, which only the drop saves.
         store.touch_node("dep-keep-0", at(5)).await.unwrap();
-        assert_eq!(stored_last_update(&store, "dep-keep-0"), at(3));
+        assert_eq!(stored_last_update(&store, "dep-keep-0").await, at(3));
         let lines = (0..5)
             .map(|i| NewLogLine {
                 node_id: "dep-keep-0".to_owned(),
@@ -216,22 +219,22 @@ async fn heartbeats_write_only_when_a_minute_behind() {
         store.touch_node("dep-hb-0", at(secs)).await.unwrap();
         let node = store.node("dep-hb-0").await.unwrap().unwrap();
         assert_eq!(node.last_update, at(secs));
-        assert_eq!(stored_last_update(&store, "dep-hb-0"), at(10));
+        assert_eq!(stored_last_update(&store, "dep-hb-0").await, at(10));
     }
     store.touch_node("dep-hb-0", at(71)).await.unwrap();
     assert_eq!(
-        stored_last_update(&store, "dep-hb-0"),
+        stored_last_update(&store, "dep-hb-0").await,
         at(71),
         "61 s behind: saved"
     );
     store.touch_node("dep-hb-0", at(80)).await.unwrap();
-    assert_eq!(stored_last_update(&store, "dep-hb-0"), at(71));
+    assert_eq!(stored_last_update(&store, "dep-hb-0").await, at(71));
     // A node update writes the row, which then holds the update's time.
     store
         .update_node("dep-hb-0", status(NodeStatus::Booting), at(90))
         .await
         .unwrap();
-    assert_eq!(stored_last_update(&store, "dep-hb-0"), at(90));
+    assert_eq!(stored_last_update(&store, "dep-hb-0").await, at(90));
     store.touch_node("dep-hb-0", at(95)).await.unwrap();
     assert_eq!(store.nodes("dep-hb").await.unwrap()[0].last_update, at(95));
     // A final node keeps its time, whatever heartbeat arrives late.
@@ -244,10 +247,10 @@ async fn heartbeats_write_only_when_a_minute_behind() {
         store.node("dep-hb-0").await.unwrap().unwrap().last_update,
         at(100)
     );
-    assert_eq!(stored_last_update(&store, "dep-hb-0"), at(100));
+    assert_eq!(stored_last_update(&store, "dep-hb-0").await, at(100));
     // Deleting the deployment forgets its heartbeats.
     assert!(store.delete_deployment("dep-hb").await.unwrap());
-    assert!(store.shared.heartbeats().is_empty());
+    assert!(store.shared.memory().heartbeats.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -472,21 +475,17 @@ async fn corrupt_rows_are_store_errors_not_panics() {
         .create_deployment(deployment("dep-bad", 2), nodes("dep-bad", 2))
         .await
         .unwrap();
-    {
-        let conn = lock(&store.shared.conn);
-        conn.execute(
-            "UPDATE nodes SET status = 'dancing' WHERE id = 'dep-bad-0'",
-            [],
-        )
+    store
+        .run(|_, conn| {
+            conn.execute_batch(
+                "UPDATE nodes SET status = 'dancing' WHERE id = 'dep-bad-0';
+                 UPDATE nodes SET attempt = -1 WHERE id = 'dep-bad-1';
+                 UPDATE deployments SET created_at = 'yesterday' WHERE id = 'dep-bad';",
+            )?;
+            Ok(())
+        })
+        .await
         .unwrap();
-        conn.execute("UPDATE nodes SET attempt = -1 WHERE id = 'dep-bad-1'", [])
-            .unwrap();
-        conn.execute(
-            "UPDATE deployments SET created_at = 'yesterday' WHERE id = 'dep-bad'",
-            [],
-        )
-        .unwrap();
-    }
     let error = store.node("dep-bad-0").await.unwrap_err();
     assert!(error.is_store(), "{error}");
     assert!(error.report().to_string().contains("dancing"), "{error:?}");
@@ -512,4 +511,254 @@ fn times_round_trip_at_millisecond_precision() {
     }
     let fine = at(0) + Duration::from_nanos(1_500_000);
     assert_eq!(from_ms(to_ms(fine)), Some(at(0) + Duration::from_millis(1)));
+}
+
+/// Holds the writer thread inside a call of its own until the returned sender is used or
+/// dropped: every write queued meanwhile is taken in the writer's next batch.
+async fn hold_writer(store: &SqliteStore) -> std::sync::mpsc::Sender<()> {
+    let (started, has_started) = tokio::sync::oneshot::channel();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    store
+        .writer
+        .send(writer::Job::Alone(Box::new(move |_, _| {
+            let _ = started.send(());
+            let _ = released.recv();
+        })))
+        .unwrap();
+    has_started.await.unwrap();
+    release
+}
+
+type Call<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<T>> + Send + 'a>>;
+
+/// Polls each call once, in order: each queues its job with the (held) writer.
+async fn queue_all<T>(calls: &mut [Call<'_, T>]) {
+    std::future::poll_fn(|cx| {
+        for call in calls.iter_mut() {
+            assert!(
+                call.as_mut().poll(cx).is_pending(),
+                "no call is answered while the writer is held"
+            );
+        }
+        std::task::Poll::Ready(())
+    })
+    .await;
+}
+
+fn batch_commits(store: &SqliteStore) -> u64 {
+    store
+        .shared
+        .batch_commits
+        .load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Updates of many nodes, several of the same node, a refused one and a log append, queued
+/// together, are written in one transaction: each caller gets its own answer, the updates of
+/// one node apply in the order they were made, the refused one changes nothing.
+#[tokio::test]
+async fn updates_queued_together_share_one_commit() {
+    let store = SqliteStore::open_in_memory().unwrap();
+    let total = 20;
+    store
+        .create_deployment(deployment("dep-batch", total), nodes("dep-batch", total))
+        .await
+        .unwrap();
+    store
+        .update_deployment_status("dep-batch", DeploymentStatus::Provisioning, None, at(1))
+        .await
+        .unwrap();
+    let ids: Vec<String> = (0..total).map(|i| format!("dep-batch-{i}")).collect();
+    let release = hold_writer(&store).await;
+    let mut calls: Vec<Call<'_, Applied>> = ids
+        .iter()
+        .map(|id| store.update_node(id, status(NodeStatus::Provisioning), at(2)))
+        .collect();
+    for update in [
+        NodeUpdate::Provisioned {
+            instance: crate::provider::InstanceRef {
+                id: "i-0".to_owned(),
+                locator: String::new(),
+            },
+            ip_address: None,
+            attempt: 1,
+        },
+        status(NodeStatus::RunningScript),
+        status(NodeStatus::Completed),
+    ] {
+        calls.push(store.update_node("dep-batch-0", update, at(3)));
+    }
+    // Node 2 never had a provision token: its registration is refused.
+    calls.push(store.update_node(
+        "dep-batch-2",
+        NodeUpdate::Registered {
+            auth_token_hash: [2; 32],
+        },
+        at(3),
+    ));
+    let line = NewLogLine {
+        node_id: "dep-batch-0".to_owned(),
+        node_index: 0,
+        stream: LogStream::Stdout,
+        line: "hello".to_owned(),
+        timestamp: at(3),
+        attempt: 1,
+        line_no: Some(0),
+    };
+    let mut append: Vec<Call<'_, u64>> = vec![store.append_logs("dep-batch", vec![line])];
+    queue_all(&mut calls).await;
+    queue_all(&mut append).await;
+    let commits_before = batch_commits(&store);
+    release.send(()).unwrap();
+
+    let mut answers = Vec::new();
+    for call in calls {
+        answers.push(call.await);
+    }
+    assert_eq!(append.pop().unwrap().await.unwrap(), 1);
+    assert_eq!(batch_commits(&store) - commits_before, 1, "one commit");
+    let refused = answers.pop().unwrap().unwrap_err();
+    assert!(refused.is_invalid_transition(), "{refused}");
+    for answer in &answers {
+        assert!(answer.is_ok(), "{answer:?}");
+    }
+    assert_eq!(
+        answers[total as usize + 2].as_ref().unwrap().node.status,
+        NodeStatus::Completed
+    );
+    let nodes = store.nodes("dep-batch").await.unwrap();
+    assert_eq!(nodes[0].status, NodeStatus::Completed);
+    assert!(nodes[1..]
+        .iter()
+        .all(|node| node.status == NodeStatus::Provisioning));
+    assert_eq!(
+        nodes[2].auth_token_hash, None,
+        "the refused update wrote nothing"
+    );
+    let done = store.deployment("dep-batch").await.unwrap().unwrap();
+    assert_eq!(
+        (done.nodes_completed, done.status),
+        (1, DeploymentStatus::Running)
+    );
+}
+
+/// A caller that stops waiting does not take its queued update back, nor the others of its
+/// batch: the update is written, and the store goes on.
+#[tokio::test]
+async fn a_dropped_caller_leaves_its_batch_whole() {
+    let store = SqliteStore::open_in_memory().unwrap();
+    store
+        .create_deployment(deployment("dep-drop", 3), nodes("dep-drop", 3))
+        .await
+        .unwrap();
+    let ids: Vec<String> = (0..3).map(|i| format!("dep-drop-{i}")).collect();
+    let release = hold_writer(&store).await;
+    let mut calls: Vec<Call<'_, Applied>> = ids
+        .iter()
+        .map(|id| store.update_node(id, status(NodeStatus::Provisioning), at(2)))
+        .collect();
+    queue_all(&mut calls).await;
+    drop(calls.remove(1));
+    release.send(()).unwrap();
+    for call in calls {
+        call.await.unwrap();
+    }
+    let nodes = store.nodes("dep-drop").await.unwrap();
+    assert!(nodes
+        .iter()
+        .all(|node| node.status == NodeStatus::Provisioning));
+    // The next update of the dropped caller's node finds its update applied.
+    let applied = store
+        .update_node("dep-drop-1", status(NodeStatus::Booting), at(3))
+        .await
+        .unwrap();
+    assert_eq!(applied.previous, NodeStatus::Provisioning);
+}
+
+/// Many tasks updating the same node and different nodes at once: every update is applied
+/// exactly once, whatever batches they fell into.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_updates_of_one_node_apply_each_once() {
+    let store = Arc::new(SqliteStore::open_in_memory().unwrap());
+    store
+        .create_deployment(deployment("dep-same", 2), nodes("dep-same", 2))
+        .await
+        .unwrap();
+    // 50 tasks each give node 0 a provision token of their own; 50 more race node 1 from
+    // pending to provisioning, which only one of them can do.
+    let mut tasks = tokio::task::JoinSet::new();
+    for task in 0..50u8 {
+        let store = Arc::clone(&store);
+        tasks.spawn(async move {
+            let token = NodeUpdate::ProvisionToken { hash: [task; 32] };
+            store.update_node("dep-same-0", token, at(2)).await.unwrap();
+            store
+                .update_node("dep-same-1", status(NodeStatus::Provisioning), at(2))
+                .await
+                .unwrap()
+                .previous
+        });
+    }
+    let mut moved = 0;
+    while let Some(previous) = tasks.join_next().await {
+        moved += usize::from(previous.unwrap() == NodeStatus::Pending);
+    }
+    assert_eq!(moved, 1, "one update moved node 1, the others repeated it");
+    let node = store.node("dep-same-0").await.unwrap().unwrap();
+    let token = node.provision_token_hash.unwrap();
+    assert!(token.iter().all(|byte| *byte == token[0]));
+    assert_eq!(
+        store
+            .node_by_provision_token(&token)
+            .await
+            .unwrap()
+            .unwrap()
+            .id,
+        "dep-same-0"
+    );
+}
+
+/// An answered update is in the file: another connection reads it while the store is still
+/// open (nothing waits for a later commit or for the store's drop).
+#[tokio::test]
+async fn an_answered_update_is_committed_to_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    let store = SqliteStore::open(&path).unwrap();
+    store
+        .create_deployment(deployment("dep-durable", 2), nodes("dep-durable", 2))
+        .await
+        .unwrap();
+    for index in 0..2 {
+        let id = format!("dep-durable-{index}");
+        store
+            .update_node(&id, status(NodeStatus::Provisioning), at(2))
+            .await
+            .unwrap();
+    }
+    let reader = Connection::open(&path).unwrap();
+    let statuses: Vec<String> = reader
+        .prepare("SELECT status FROM nodes WHERE deployment_id = 'dep-durable' ORDER BY node_index")
+        .unwrap()
+        .query_map([], |row| row.get(0))
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap();
+    assert_eq!(statuses, ["provisioning", "provisioning"]);
+    drop(store);
+}
+
+/// A call that panics on the writer thread fails alone: the writer goes on with the others.
+#[tokio::test]
+async fn a_panicking_call_does_not_stop_the_writer() {
+    let store = SqliteStore::open_in_memory().unwrap();
+    let error = store
+        .run(|_, _| -> Result<(), DbError> { panic!("a call that panics (on purpose)") })
+        .await
+        .unwrap_err();
+    assert!(error.is_store(), "{error}");
+    store
+        .create_deployment(deployment("dep-after", 1), nodes("dep-after", 1))
+        .await
+        .unwrap();
+    assert!(store.deployment("dep-after").await.unwrap().is_some());
 }
