@@ -86,9 +86,11 @@ impl Node<'_> {
         // nodes thus spare a request and a second connection each.)
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut meter = Some(ResourceMeter::default());
+        let mut meter = ResourceMeter::default();
         // The newest reading: when, of which script group, and what it said.
         let mut reading: Option<(Instant, i32, Option<Metrics>)> = None;
+        // A reading still under way on a blocking thread (a loaded machine), of which group.
+        let mut pending: Option<(i32, Reading)> = None;
         loop {
             tokio::select! {
                 () = finished.cancelled() => return,
@@ -98,15 +100,23 @@ impl Node<'_> {
             let due = reading.as_ref().is_none_or(|(at, read_group, _)| {
                 *read_group != group || at.elapsed() >= READ_EVERY
             });
-            if due {
-                // A slow reading (a loaded machine) is not waited for past half an interval:
-                // the heartbeat goes with the previous one, and the next try waits its turn.
-                let metrics =
-                    match tokio::time::timeout(period / 2, self.read_resources(&mut meter)).await {
-                        Ok(metrics) => metrics,
-                        Err(_) => reading.take().and_then(|(_, _, previous)| previous),
-                    };
-                reading = Some((Instant::now(), group, metrics));
+            if due || pending.is_some() {
+                let (read_group, mut under_way) = match pending.take() {
+                    Some(under_way) => under_way,
+                    None => (group, self.read_resources(std::mem::take(&mut meter))),
+                };
+                // A slow reading is not waited for past half an interval: the heartbeat goes
+                // with the previous one, and the reading is looked at again at the next tick.
+                // It keeps the meter (its last CPU count), so the next reading still has one.
+                match tokio::time::timeout(period / 2, &mut under_way).await {
+                    Ok(Ok((back, metrics))) => {
+                        meter = back;
+                        reading = Some((Instant::now(), read_group, metrics));
+                    }
+                    // The thread failed: the meter starts again.
+                    Ok(Err(_)) => reading = Some((Instant::now(), read_group, None)),
+                    Err(_) => pending = Some((read_group, under_way)),
+                }
             }
             let request = wire::HeartbeatRequest {
                 metrics: reading.as_ref().and_then(|(_, _, metrics)| metrics.clone()),
@@ -134,29 +144,19 @@ impl Node<'_> {
     }
 
     /// One reading of the script's resources on a blocking thread (`/proc` and the bundle's
-    /// folder are files). The meter travels with the reading; one lost to a failed thread is
-    /// started again.
-    async fn read_resources(
-        &self,
-        meter: &mut Option<ResourceMeter>,
-    ) -> Option<BTreeMap<String, serde_json::Value>> {
+    /// folder are files). The meter travels with the reading and comes back with it.
+    fn read_resources(&self, mut meter: ResourceMeter) -> Reading {
         let pgid = self.script_group.load(Ordering::Relaxed);
         let root = self.bundle_root.get().cloned();
-        let mut taken = meter.take().unwrap_or_default();
-        let read = tokio::task::spawn_blocking(move || {
-            let metrics = taken.read(pgid, root);
-            (taken, metrics)
+        tokio::task::spawn_blocking(move || {
+            let metrics = meter.read(pgid, root);
+            (meter, metrics)
         })
-        .await;
-        match read {
-            Ok((back, metrics)) => {
-                *meter = Some(back);
-                metrics
-            }
-            Err(_) => None,
-        }
     }
 }
+
+/// A reading of a script's resources under way: the meter back, and what it read.
+type Reading = tokio::task::JoinHandle<(ResourceMeter, Option<Metrics>)>;
 
 #[cfg(test)]
 mod tests {
