@@ -31,8 +31,10 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt as _;
 
+use self::batch::Launch;
 use self::master::{Login, Masters, Via};
 
+mod batch;
 mod master;
 
 use super::EXTRA_AGENT_GRACE;
@@ -296,16 +298,12 @@ impl SshHosts {
         let locator = serde_json::to_string(&record)
             .map_err(|e| Error::io("cannot encode an SSH instance record", e.into()))?;
         self.write_record(&instance_id, &record).await?;
-        let grace_ms = grace_period.as_millis().to_string();
-        let ran = self
-            .call(
-                &record,
-                LAUNCH,
-                &[&instance_id, &grace_ms],
-                Some(script.as_bytes()),
-                Duration::ZERO,
-            )
-            .await;
+        let launch = Launch {
+            instance_id: instance_id.clone(),
+            grace_ms: grace_period.as_millis().to_string(),
+            script: script.into(),
+        };
+        let ran = self.launch(&record, launch).await;
         let started = match ran {
             Ok(output) if output.status == Some(0) && output.stdout.starts_with("started ") => {
                 Ok(())
@@ -353,15 +351,8 @@ impl SshHosts {
         // The bootstrap gets the grace period to stop its script, and a little more to end.
         let bootstrap_grace = grace_period + EXTRA_AGENT_GRACE;
         let tenths = (bootstrap_grace.as_millis() / 100).to_string();
-        let output = self
-            .call(
-                &record,
-                TERMINATE,
-                &[instance_id, &record.node_id, &tenths],
-                None,
-                bootstrap_grace,
-            )
-            .await?;
+        let remote = remote_command(TERMINATE, &[instance_id, &record.node_id, &tenths]);
+        let output = self.call(&record, &remote, None, bootstrap_grace).await?;
         if output.status != Some(0) || output.stdout.trim() != "terminated" {
             return Err(failure(&record, "terminate the node", &output));
         }
@@ -424,15 +415,92 @@ impl SshHosts {
         Ok(ids)
     }
 
-    /// Runs `program` with `args` on the record's host through `sh -c`, feeding it `input`,
-    /// through the host's master connection ([`master`]), at most
-    /// [`master::SESSIONS_PER_HOST`] at once per host. `work` is how long the program itself
-    /// may take, beyond [`CALL_TIMEOUT`].
+    /// Starts `launch` on the record's host, in a batch with the other starts queued for that
+    /// host ([`batch`]): the output of its `LAUNCH`, as if run alone.
+    async fn launch(&self, record: &Record, launch: Launch) -> Result<Output, BoxError> {
+        let host = self.masters.host(&record.login());
+        loop {
+            let (queued, answer) = host.launches.enqueue(launch.clone());
+            let turn = host
+                .launches
+                .turns
+                .acquire()
+                .await
+                .map_err(|_| Error::shutting_down("the local provider is shutting down"))?;
+            let Some(batch) = queued.take_batch() else {
+                // Another start took this one into its batch.
+                drop(turn);
+                match answer.await {
+                    Ok(answer) => return answer.map_err(Into::into),
+                    // That batch was dropped before it answered: queue again.
+                    Err(_) => continue,
+                }
+            };
+            return self.run_batch(record, batch).await;
+        }
+    }
+
+    /// Runs the starts of `batch` (its first is the caller's) in one session, answers the
+    /// others and returns the first's output.
+    async fn run_batch(
+        &self,
+        record: &Record,
+        batch: Vec<batch::Taken>,
+    ) -> Result<Output, BoxError> {
+        if let [only] = batch.as_slice() {
+            let launch = &only.launch;
+            let remote = remote_command(LAUNCH, &[&launch.instance_id, &launch.grace_ms]);
+            let input = launch.script.as_bytes();
+            return self
+                .call(record, &remote, Some(input), Duration::ZERO)
+                .await;
+        }
+        let launches: Vec<Launch> = batch.iter().map(|t| t.launch.clone()).collect();
+        let program = batch::program(&launches, batch::random_delimiter);
+        let session = self
+            .call(
+                record,
+                batch::BATCH_COMMAND,
+                Some(program.as_bytes()),
+                Duration::ZERO,
+            )
+            .await;
+        tracing::debug!(host = %record.host, nodes = launches.len(), "started nodes in one ssh session");
+        // The first start is the caller's: its output is returned, not sent.
+        let others = batch.into_iter().skip(1);
+        match session {
+            Ok(session) => {
+                let mut outputs = batch::parse(&launches, &session).into_iter();
+                let first = outputs.next().unwrap_or(session);
+                for (taken, output) in others.zip(outputs) {
+                    let _ = taken.answer.send(Ok(output));
+                }
+                Ok(first)
+            }
+            Err(error) => {
+                let shared = match error.downcast_ref::<ProviderError>() {
+                    Some(error) => error.clone(),
+                    None => ProviderError {
+                        code: "SshFailed".to_owned(),
+                        message: error.to_string(),
+                        retryable: true,
+                    },
+                };
+                for taken in others {
+                    let _ = taken.answer.send(Err(shared.clone()));
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Runs the shell command `remote` on the record's host, feeding it `input`, through the
+    /// host's master connection ([`master`]), at most [`master::SESSIONS_PER_HOST`] at once
+    /// per host. `work` is how long the command itself may take, beyond [`CALL_TIMEOUT`].
     async fn call(
         &self,
         record: &Record,
-        program: &str,
-        args: &[&str],
+        remote: &str,
         input: Option<&[u8]>,
         work: Duration,
     ) -> Result<Output, BoxError> {
@@ -443,22 +511,17 @@ impl SshHosts {
             .acquire()
             .await
             .map_err(|_| Error::shutting_down("the local provider is shutting down"))?;
-        let mut remote = format!("sh -c {} taskfly-node", bootstrap::sh_quote(program));
-        for arg in args {
-            remote.push(' ');
-            remote.push_str(&bootstrap::sh_quote(arg));
-        }
         let via = match self.masters.via(&host, &login, &self.options).await {
             Ok(via) => via,
             // The master could not log in: a call of its own would not either.
             Err(output) => return Ok(output),
         };
-        let output = self.run(record, &via, &remote, input, work).await?;
+        let output = self.run(record, &via, remote, input, work).await?;
         if output.status == Some(SSH_FAILED) && via != Via::Direct {
             // The master has logged in before: ssh failing now is the connection's doing.
             tracing::info!(host = %record.host, stderr = %output.stderr.trim(), "an ssh call through the host's master connection failed; stopping the master and calling again on a connection of its own");
             self.masters.stop(&host).await;
-            return self.run(record, &Via::Direct, &remote, input, work).await;
+            return self.run(record, &Via::Direct, remote, input, work).await;
         }
         Ok(output)
     }
@@ -574,6 +637,16 @@ impl SshHosts {
             }
         }
     }
+}
+
+/// `program` run by `sh -c` with `args`, as one shell command line.
+fn remote_command(program: &str, args: &[&str]) -> String {
+    let mut remote = format!("sh -c {} taskfly-node", bootstrap::sh_quote(program));
+    for arg in args {
+        remote.push(' ');
+        remote.push_str(&bootstrap::sh_quote(arg));
+    }
+    remote
 }
 
 /// A failed call as an error naming the host, what was tried and what ssh (or the host)
