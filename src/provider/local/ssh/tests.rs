@@ -1,5 +1,6 @@
 use std::sync::Arc;
 
+use super::batch::Job as _;
 use super::master::{self, Login, Masters, Via};
 use super::*;
 
@@ -312,7 +313,7 @@ fn launch(instance_id: &str, script: &str) -> batch::Launch {
 
 #[test]
 fn a_batch_takes_its_own_start_first_then_the_oldest_and_a_dropped_start_leaves_the_queue() {
-    let launches = batch::Launches::default();
+    let launches = batch::Queue::<batch::Launch>::default();
     let (first, _first_answer) = launches.enqueue(launch("ssh-a", ""));
     let (second, mut second_answer) = launches.enqueue(launch("ssh-b", ""));
     let (dropped, _) = launches.enqueue(launch("ssh-c", ""));
@@ -322,10 +323,7 @@ fn a_batch_takes_its_own_start_first_then_the_oldest_and_a_dropped_start_leaves_
         .collect();
 
     let taken = second.take_batch().expect("its own start is still queued");
-    let ids: Vec<&str> = taken
-        .iter()
-        .map(|t| t.launch.instance_id.as_str())
-        .collect();
+    let ids: Vec<&str> = taken.iter().map(|t| t.job.instance_id.as_str()).collect();
     let mut expected = vec!["ssh-b", "ssh-a"];
     let rest: Vec<String> = (0..batch::MAX_BATCH - 2)
         .map(|i| format!("ssh-n{i}"))
@@ -411,7 +409,7 @@ fn a_batch_program_starts_each_node_with_its_exact_script_and_reports_a_failed_o
     std::fs::create_dir_all(&nodes).expect("mkdir");
     std::fs::write(nodes.join("ssh-dep-1-1"), "in the way").expect("write");
     let mut words = ["TASKFLY_END_clash", "TASKFLY_END_fresh"].into_iter();
-    let program = batch::program(&launches, || words.next().expect("a word").to_owned());
+    let program = batch::Launch::program(&launches, || words.next().expect("a word").to_owned());
     assert_eq!(
         program
             .matches("2>\"$b/e\" <<'TASKFLY_END_fresh'\n")
@@ -421,20 +419,7 @@ fn a_batch_program_starts_each_node_with_its_exact_script_and_reports_a_failed_o
     );
     assert_eq!(program.matches("TASKFLY_END_clash").count(), 2, "{program}");
 
-    let mut child = std::process::Command::new("sh")
-        .arg("-s")
-        .env("HOME", home.path())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("sh");
-    {
-        use std::io::Write as _;
-        let mut stdin = child.stdin.take().expect("stdin");
-        stdin.write_all(program.as_bytes()).expect("program");
-    }
-    let session = Output::from(child.wait_with_output().expect("sh ran"));
+    let session = run_locally(&program, home.path());
     assert_eq!(session.status, Some(0), "{session:?}");
     let outputs = batch::parse(&launches, &session);
 
@@ -474,4 +459,76 @@ fn a_batch_program_starts_each_node_with_its_exact_script_and_reports_a_failed_o
             std::thread::sleep(Duration::from_millis(10));
         }
     }
+}
+
+/// Runs a batch `program` locally as `sh -s` would on a host, with `home` as `$HOME`.
+fn run_locally(program: &str, home: &Path) -> Output {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new("sh")
+        .arg("-s")
+        .env("HOME", home)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("sh");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(program.as_bytes())
+        .expect("program");
+    Output::from(child.wait_with_output().expect("sh ran"))
+}
+
+#[test]
+fn a_batch_of_stops_stops_each_nodes_group_and_removes_each_folder() {
+    let home = tempfile::tempdir().expect("temp dir");
+    let nodes = home.path().join(".taskfly/nodes");
+    // A node whose bootstrap runs in a process group of its own, as LAUNCH starts it.
+    let mut running = std::process::Command::new("setsid")
+        .args(["sleep", "600"])
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("setsid sleep");
+    let running_dir = nodes.join("ssh-dep-0-1");
+    std::fs::create_dir_all(&running_dir).expect("mkdir");
+    std::fs::write(running_dir.join("pid"), running.id().to_string()).expect("pid");
+    // One that ended, and one never started (no folder).
+    std::fs::create_dir_all(nodes.join("ssh-dep-1-1")).expect("mkdir");
+    let stop = |instance_id: &str, node_id: &str| batch::Stop {
+        instance_id: instance_id.into(),
+        node_id: node_id.into(),
+        // The sleep, a child of this test until it is waited for, counts as alive until then.
+        tenths: "10".into(),
+    };
+    let stops = [
+        stop("ssh-dep-0-1", "dep-0"),
+        stop("ssh-dep-1-1", "dep-1"),
+        stop("ssh-dep-2-1", "dep-2"),
+    ];
+    let program = batch::Stop::program(&stops, || unreachable!("stops have no here-document"));
+    let session = run_locally(&program, home.path());
+    assert_eq!(session.status, Some(0), "{session:?}");
+    for output in batch::parse(&stops, &session) {
+        assert_eq!(output.status, Some(0), "{output:?}");
+        assert_eq!(output.stdout, "terminated\n", "{output:?}");
+    }
+    let status = running.wait().expect("the sleep ended");
+    assert!(!status.success(), "stopped by a signal: {status:?}");
+    let left: Vec<_> = std::fs::read_dir(&nodes)
+        .expect("listed")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    assert!(!home
+        .path()
+        .join(".taskfly")
+        .read_dir()
+        .expect("listed")
+        .any(|e| e
+            .expect("entry")
+            .file_name()
+            .to_string_lossy()
+            .starts_with("batch-")));
 }
