@@ -5,6 +5,9 @@
 #
 #   bash scripts/bench-ssh.sh [NODES] [RUNS]      # default 50 nodes, 5 runs each
 #
+# TASKFLY_BIN_DIR=/path/to/dir times the taskfly and taskflyd in that folder instead (e.g. a
+# copy of an earlier build, for before/after figures taken in turns).
+#
 # It uses the test build (debug, features `full`, all targets: the same dependency features as
 # scripts/test.sh, so nothing is rebuilt after it); the time is spent in ssh sessions and
 # processes, not in TaskFly's code.
@@ -20,6 +23,7 @@ command -v hyperfine >/dev/null || {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends hyperfine >/dev/null
 }
 
+bin_dir="${TASKFLY_BIN_DIR:-target/debug}"
 bench_dir="$(mktemp -d)"
 stop_all() {
   for pid in ${daemon_pid:-} ${sshd_pid:-}; do
@@ -32,7 +36,7 @@ trap stop_all EXIT
 . scripts/test-sshd.sh
 
 port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
-target/debug/taskflyd --listen "127.0.0.1:$port" --data-dir "$bench_dir/data" --grace-period 2s \
+"$bin_dir/taskflyd" --listen "127.0.0.1:$port" --data-dir "$bench_dir/data" --grace-period 2s \
   --ssh-option "UserKnownHostsFile=$TASKFLY_TEST_SSH_KNOWN_HOSTS" \
   --ssh-option StrictHostKeyChecking=yes >"$bench_dir/taskflyd.log" 2>&1 &
 daemon_pid=$!
@@ -66,8 +70,8 @@ project "$bench_dir/ssh" "    hosts: [127.0.0.1, 127.0.0.2]
 project "$bench_dir/local" "    agent: script"
 
 hyperfine --runs "$runs" --warmup 1 \
-  -n "$nodes nodes over ssh (2 hosts)" "target/debug/taskfly up $bench_dir/ssh --wait --output json" \
-  -n "$nodes nodes as local shell bootstraps" "target/debug/taskfly up $bench_dir/local --wait --output json"
+  -n "$nodes nodes over ssh (2 hosts)" "$bin_dir/taskfly up $bench_dir/ssh --wait --output json" \
+  -n "$nodes nodes as local shell bootstraps" "$bin_dir/taskfly up $bench_dir/local --wait --output json"
 
 # Nodes are released (stopped, their folders removed) once they end, as `up --wait` returns.
 for _ in $(seq 1 300); do

@@ -799,3 +799,86 @@ fn taskfly_run_with_an_advertise_url_runs_nodes_on_ssh_hosts_and_leaves_nothing_
         "the run's data folder is removed"
     );
 }
+
+/// The sessions sshd started for logins with the key whose public half is `key.pub`: its log
+/// (`sshd.log` beside the test key, as scripts/test-sshd.sh writes it) names the key's
+/// fingerprint on each connection it accepts, and each session with that connection's port.
+fn sessions_with_key(target: &SshTarget, key: &Path) -> usize {
+    let listed = std::process::Command::new("ssh-keygen")
+        .arg("-lf")
+        .arg(key.with_extension("pub"))
+        .output()
+        .expect("ssh-keygen -l");
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    let fingerprint = listed
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_else(|| panic!("no fingerprint in {listed:?}"))
+        .to_owned();
+    let log_path = target.key.parent().expect("key folder").join("sshd.log");
+    let log = std::fs::read_to_string(&log_path)
+        .unwrap_or_else(|e| panic!("cannot read sshd's log {}: {e}", log_path.display()));
+    // "... from 127.0.0.1 port 41246 ..." -> "127.0.0.1 port 41246"
+    let connection = |line: &str| -> Option<String> {
+        let from = line.split(" from ").nth(1)?;
+        let words: Vec<&str> = from.split_whitespace().take(3).collect();
+        (words.len() == 3).then(|| words.join(" "))
+    };
+    let ours: std::collections::HashSet<String> = log
+        .lines()
+        .filter(|line| line.starts_with("Accepted publickey") && line.ends_with(&fingerprint))
+        .filter_map(connection)
+        .collect();
+    log.lines()
+        .filter(|line| line.starts_with("Starting session: command"))
+        .filter_map(connection)
+        .filter(|c| ours.contains(c))
+        .count()
+}
+
+#[test]
+fn twelve_nodes_on_one_host_start_and_stop_in_fewer_ssh_sessions_than_nodes() {
+    let Some(target) = SshTarget::from_env("twelve_nodes_on_one_host_in_fewer_sessions") else {
+        return;
+    };
+    // A key of this test's own, so sshd's log tells its sessions from other tests'.
+    let keys = tempfile::tempdir().expect("temp dir");
+    let key = sshd::generate_key(keys.path(), "batch_ed25519");
+    let public = std::fs::read_to_string(key.with_extension("pub")).expect("public key");
+    {
+        use std::io::Write as _;
+        let authorized = target
+            .key
+            .parent()
+            .expect("key folder")
+            .join("authorized_keys");
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&authorized)
+            .unwrap_or_else(|e| panic!("cannot open {}: {e}", authorized.display()));
+        file.write_all(public.as_bytes())
+            .expect("authorize the key");
+    }
+    let daemon = ssh_daemon(&target, &["--grace-period", "2s"]);
+    let project = ssh_project(&target, &[HOSTS[0]], &key, 12, "", SLEEP_SCRIPT);
+    let id = daemon.up(project.path());
+    let _leftovers = leftovers_of(&target, &id);
+    let running = wait_until_scripts_run(&daemon, &id);
+    assert_eq!(nodes(&running).len(), 12, "{running:#}");
+    // The starts that queued while the first ones ran went in batches.
+    let starts = sessions_with_key(&target, &key);
+    assert!(
+        (1..12).contains(&starts),
+        "12 nodes started in {starts} sessions"
+    );
+
+    // `down` stops all twelve at once: their stops gather into batches too.
+    down(&daemon, &id);
+    wait_until_nothing_left(&target, &id, &node_ids(&running));
+    let stops = sessions_with_key(&target, &key) - starts;
+    assert!(
+        (1..12).contains(&stops),
+        "12 nodes stopped in {stops} sessions"
+    );
+    eprintln!("12 nodes on one host: {starts} sessions started them, {stops} stopped them");
+}

@@ -6,15 +6,17 @@
 //! user's own SSH set-up applies (`~/.ssh/config`, `known_hosts`, agents, jump hosts), with
 //! `BatchMode=yes`: it never asks for a password or to trust an unknown host key.
 //!
-//! Provisioning a node is one `ssh` call: a short `sh` program (its text is fixed; the only
+//! Provisioning a node is one `sh` program run over `ssh` (its text is fixed; the only
 //! value in it, the instance id, is checked to be a plain word) creates the node's directory
 //! `~/.taskfly/nodes/<instance_id>/` (mode 0700), writes the bootstrap received on its
 //! standard input there (it holds the provision token, so it never appears on a command line),
 //! and starts it detached with `setsid`, recording its process group in `pid`. Terminating is
-//! another `ssh` call: SIGTERM to that group (the bootstrap stops its script's own group
+//! another program: SIGTERM to that group (the bootstrap stops its script's own group
 //! within the grace period), SIGKILL after it, SIGKILL to any process of the user still
 //! carrying `TASKFLY_NODE_ID=<node_id>` (a script left by a killed bootstrap, found through
-//! `/proc`), then the directory is removed. Nothing of the node is left on the host.
+//! `/proc`), then the directory is removed. Nothing of the node is left on the host. The
+//! starts (and the stops) queued for one host at the same time run in one ssh session
+//! ([`batch`]): each session costs the host a login shell.
 //!
 //! An instance's locator ([`InstanceRef::locator`]) is its record: host, port, user, key,
 //! deployment and node, as JSON. The engine stores it on the node's row, so terminating needs
@@ -31,8 +33,10 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt as _;
 
-use self::master::{Login, Masters, Via};
+use self::batch::{Job, Launch, Queue, Stop};
+use self::master::{Host, Login, Masters, Via};
 
+mod batch;
 mod master;
 
 use super::EXTRA_AGENT_GRACE;
@@ -296,15 +300,13 @@ impl SshHosts {
         let locator = serde_json::to_string(&record)
             .map_err(|e| Error::io("cannot encode an SSH instance record", e.into()))?;
         self.write_record(&instance_id, &record).await?;
-        let grace_ms = grace_period.as_millis().to_string();
+        let launch = Launch {
+            instance_id: instance_id.clone(),
+            grace_ms: grace_period.as_millis().to_string(),
+            script: script.into(),
+        };
         let ran = self
-            .call(
-                &record,
-                LAUNCH,
-                &[&instance_id, &grace_ms],
-                Some(script.as_bytes()),
-                Duration::ZERO,
-            )
+            .batched(&record, |host| &host.launches, launch, Duration::ZERO)
             .await;
         let started = match ran {
             Ok(output) if output.status == Some(0) && output.stdout.starts_with("started ") => {
@@ -352,15 +354,13 @@ impl SshHosts {
         };
         // The bootstrap gets the grace period to stop its script, and a little more to end.
         let bootstrap_grace = grace_period + EXTRA_AGENT_GRACE;
-        let tenths = (bootstrap_grace.as_millis() / 100).to_string();
+        let stop = Stop {
+            instance_id: instance_id.to_owned(),
+            node_id: record.node_id.clone(),
+            tenths: (bootstrap_grace.as_millis() / 100).to_string(),
+        };
         let output = self
-            .call(
-                &record,
-                TERMINATE,
-                &[instance_id, &record.node_id, &tenths],
-                None,
-                bootstrap_grace,
-            )
+            .batched(&record, |host| &host.stops, stop, bootstrap_grace)
             .await?;
         if output.status != Some(0) || output.stdout.trim() != "terminated" {
             return Err(failure(&record, "terminate the node", &output));
@@ -424,15 +424,92 @@ impl SshHosts {
         Ok(ids)
     }
 
-    /// Runs `program` with `args` on the record's host through `sh -c`, feeding it `input`,
-    /// through the host's master connection ([`master`]), at most
-    /// [`master::SESSIONS_PER_HOST`] at once per host. `work` is how long the program itself
-    /// may take, beyond [`CALL_TIMEOUT`].
+    /// Runs `job` on the record's host, in one session with the other jobs of its kind
+    /// queued for that host ([`batch`]): its output, as if run alone. `work` is how long one
+    /// job may take, beyond [`CALL_TIMEOUT`].
+    async fn batched<J: Job>(
+        &self,
+        record: &Record,
+        queue: impl Fn(&Host) -> &Queue<J>,
+        job: J,
+        work: Duration,
+    ) -> Result<Output, BoxError> {
+        let host = self.masters.host(&record.login());
+        let queue = queue(&host);
+        loop {
+            let (queued, answer) = queue.enqueue(job.clone());
+            let turn = queue
+                .turns
+                .acquire()
+                .await
+                .map_err(|_| Error::shutting_down("the local provider is shutting down"))?;
+            let Some(batch) = queued.take_batch() else {
+                // Another caller took this job into its batch.
+                drop(turn);
+                match answer.await {
+                    Ok(answer) => return answer.map_err(Into::into),
+                    // That batch was dropped before it answered: queue again (both programs
+                    // may run twice for a node).
+                    Err(_) => continue,
+                }
+            };
+            return self.run_batch(record, batch, work).await;
+        }
+    }
+
+    /// Runs the jobs of `batch` (its first is the caller's) in one session, answers the
+    /// others and returns the first's output.
+    async fn run_batch<J: Job>(
+        &self,
+        record: &Record,
+        batch: Vec<batch::Taken<J>>,
+        work: Duration,
+    ) -> Result<Output, BoxError> {
+        if let [only] = batch.as_slice() {
+            let (remote, input) = only.job.alone();
+            return self.call(record, &remote, input, work).await;
+        }
+        let jobs: Vec<J> = batch.iter().map(|t| t.job.clone()).collect();
+        let program = J::program(&jobs, batch::random_delimiter);
+        let session = self
+            .call(record, batch::BATCH_COMMAND, Some(program.as_bytes()), work)
+            .await;
+        tracing::debug!(host = %record.host, nodes = jobs.len(), "ran a batch of nodes in one ssh session");
+        // The first job is the caller's: its output is returned, not sent.
+        let others = batch.into_iter().skip(1);
+        match session {
+            Ok(session) => {
+                let mut outputs = batch::parse(&jobs, &session).into_iter();
+                let first = outputs.next().unwrap_or(session);
+                for (taken, output) in others.zip(outputs) {
+                    let _ = taken.answer.send(Ok(output));
+                }
+                Ok(first)
+            }
+            Err(error) => {
+                let shared = match error.downcast_ref::<ProviderError>() {
+                    Some(error) => error.clone(),
+                    None => ProviderError {
+                        code: "SshFailed".to_owned(),
+                        message: error.to_string(),
+                        retryable: true,
+                    },
+                };
+                for taken in others {
+                    let _ = taken.answer.send(Err(shared.clone()));
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Runs the shell command `remote` on the record's host, feeding it `input`, through the
+    /// host's master connection ([`master`]), at most [`master::SESSIONS_PER_HOST`] at once
+    /// per host. `work` is how long the command itself may take, beyond [`CALL_TIMEOUT`].
     async fn call(
         &self,
         record: &Record,
-        program: &str,
-        args: &[&str],
+        remote: &str,
         input: Option<&[u8]>,
         work: Duration,
     ) -> Result<Output, BoxError> {
@@ -443,22 +520,17 @@ impl SshHosts {
             .acquire()
             .await
             .map_err(|_| Error::shutting_down("the local provider is shutting down"))?;
-        let mut remote = format!("sh -c {} taskfly-node", bootstrap::sh_quote(program));
-        for arg in args {
-            remote.push(' ');
-            remote.push_str(&bootstrap::sh_quote(arg));
-        }
         let via = match self.masters.via(&host, &login, &self.options).await {
             Ok(via) => via,
             // The master could not log in: a call of its own would not either.
             Err(output) => return Ok(output),
         };
-        let output = self.run(record, &via, &remote, input, work).await?;
+        let output = self.run(record, &via, remote, input, work).await?;
         if output.status == Some(SSH_FAILED) && via != Via::Direct {
             // The master has logged in before: ssh failing now is the connection's doing.
             tracing::info!(host = %record.host, stderr = %output.stderr.trim(), "an ssh call through the host's master connection failed; stopping the master and calling again on a connection of its own");
             self.masters.stop(&host).await;
-            return self.run(record, &Via::Direct, &remote, input, work).await;
+            return self.run(record, &Via::Direct, remote, input, work).await;
         }
         Ok(output)
     }
@@ -574,6 +646,16 @@ impl SshHosts {
             }
         }
     }
+}
+
+/// `program` run by `sh -c` with `args`, as one shell command line.
+pub(super) fn remote_command(program: &str, args: &[&str]) -> String {
+    let mut remote = format!("sh -c {} taskfly-node", bootstrap::sh_quote(program));
+    for arg in args {
+        remote.push(' ');
+        remote.push_str(&bootstrap::sh_quote(arg));
+    }
+    remote
 }
 
 /// A failed call as an error naming the host, what was tried and what ssh (or the host)

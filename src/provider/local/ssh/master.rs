@@ -38,6 +38,7 @@ use std::time::Duration;
 use sha2::{Digest as _, Sha256};
 use tokio::sync::Semaphore;
 
+use super::batch::{Launch, Queue, Stop};
 use super::{ssh_command, Output, CALL_TIMEOUT};
 
 /// At most this many calls at once per login: sshd's `MaxSessions` is 10 per connection by
@@ -126,6 +127,10 @@ pub(super) struct Host {
     control_path: Option<PathBuf>,
     /// Locked while the master is checked, started or stopped.
     master: tokio::sync::Mutex<MasterState>,
+    /// Node starts waiting to be run in a batch session.
+    pub(super) launches: Queue<Launch>,
+    /// Node stops waiting to be run in a batch session.
+    pub(super) stops: Queue<Stop>,
 }
 
 /// What a [`Host`] knows of its master.
@@ -183,6 +188,8 @@ impl Masters {
                 sessions: Semaphore::new(SESSIONS_PER_HOST),
                 control_path,
                 master: tokio::sync::Mutex::new(MasterState::default()),
+                launches: Queue::default(),
+                stops: Queue::default(),
             })
         }))
     }

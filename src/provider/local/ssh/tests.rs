@@ -1,5 +1,6 @@
 use std::sync::Arc;
 
+use super::batch::Job as _;
 use super::master::{self, Login, Masters, Via};
 use super::*;
 
@@ -300,4 +301,234 @@ async fn stopping_the_masters_removes_a_socket_left_by_a_killed_run_and_later_ca
         masters.via(&host, &ops, &[]).await.expect("direct"),
         Via::Direct
     );
+}
+
+fn launch(instance_id: &str, script: &str) -> batch::Launch {
+    batch::Launch {
+        instance_id: instance_id.into(),
+        grace_ms: "5000".into(),
+        script: script.into(),
+    }
+}
+
+#[test]
+fn a_batch_takes_its_own_start_first_then_the_oldest_and_a_dropped_start_leaves_the_queue() {
+    let launches = batch::Queue::<batch::Launch>::default();
+    let (first, _first_answer) = launches.enqueue(launch("ssh-a", ""));
+    let (second, mut second_answer) = launches.enqueue(launch("ssh-b", ""));
+    let (dropped, _) = launches.enqueue(launch("ssh-c", ""));
+    drop(dropped);
+    let queued: Vec<_> = (0..batch::MAX_BATCH + 3)
+        .map(|i| launches.enqueue(launch(&format!("ssh-n{i}"), "")))
+        .collect();
+
+    let taken = second.take_batch().expect("its own start is still queued");
+    let ids: Vec<&str> = taken.iter().map(|t| t.job.instance_id.as_str()).collect();
+    let mut expected = vec!["ssh-b", "ssh-a"];
+    let rest: Vec<String> = (0..batch::MAX_BATCH - 2)
+        .map(|i| format!("ssh-n{i}"))
+        .collect();
+    expected.extend(rest.iter().map(String::as_str));
+    assert_eq!(ids, expected, "own first, then the oldest, none dropped");
+    // Taken by another: the first start waits for its answer, which the taker sends.
+    assert!(first.take_batch().is_none());
+    let rest = queued[batch::MAX_BATCH - 2].0.take_batch().expect("queued");
+    assert_eq!(rest.len(), 5);
+    drop(taken);
+    assert!(
+        matches!(
+            second_answer.try_recv(),
+            Err(tokio::sync::oneshot::error::TryRecvError::Closed)
+        ),
+        "a batch dropped before it answered closes its starts' answers"
+    );
+}
+
+#[test]
+fn a_batch_result_per_node_comes_from_its_tagged_lines_and_a_missing_one_is_the_sessions() {
+    let launches = [
+        launch("ssh-a", ""),
+        launch("ssh-b", ""),
+        launch("ssh-c", ""),
+    ];
+    let session = Output {
+        status: Some(255),
+        stdout: "Welcome from .bashrc\n\
+                 O ssh-a started 42\n\
+                 R ssh-a 0\n\
+                 O ssh-x started 7\n\
+                 E ssh-b mkdir: cannot create directory: File exists\n\
+                 E ssh-b \n\
+                 R ssh-b 3\n"
+            .into(),
+        stderr: "Connection to 127.0.0.1 closed by remote host.\n".into(),
+    };
+    let outputs = batch::parse(&launches, &session);
+    assert_eq!(outputs[0].status, Some(0));
+    assert_eq!(outputs[0].stdout, "started 42\n");
+    assert_eq!(outputs[0].stderr, "");
+    assert_eq!(outputs[1].status, Some(3));
+    assert_eq!(outputs[1].stdout, "");
+    assert_eq!(
+        outputs[1].stderr,
+        "mkdir: cannot create directory: File exists\n\n"
+    );
+    // The session ended before the third node's turn: it gets the session's failure.
+    assert_eq!(outputs[2].status, Some(255));
+    assert_eq!(outputs[2].stderr, session.stderr);
+    assert_eq!(outputs[2].stdout, "");
+}
+
+#[test]
+fn a_batch_program_starts_each_node_with_its_exact_script_and_reports_a_failed_one_alone() {
+    let missing: Vec<&str> = ["setsid", "curl", "tar", "gzip"]
+        .into_iter()
+        .filter(|tool| {
+            !std::process::Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .stdout(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+        .collect();
+    if !missing.is_empty() {
+        eprintln!("skipped: LAUNCH needs {missing:?}, not installed here");
+        return;
+    }
+    let home = tempfile::tempdir().expect("temp dir");
+    // The first would-be delimiter occurs in a script, as a line of its own.
+    let tricky = "#!/bin/sh\ncat <<'TASKFLY_END_clash'\nit's $HOME `x`\nTASKFLY_END_clash\n";
+    let no_newline = "#!/bin/sh\nexit 0";
+    let launches = [
+        launch("ssh-dep-0-1", tricky),
+        launch("ssh-dep-1-1", "#!/bin/sh\nexit 0\n"),
+        launch("ssh-dep-2-1", no_newline),
+    ];
+    // The second node's folder cannot be made: a file is in its way.
+    let nodes = home.path().join(".taskfly/nodes");
+    std::fs::create_dir_all(&nodes).expect("mkdir");
+    std::fs::write(nodes.join("ssh-dep-1-1"), "in the way").expect("write");
+    let mut words = ["TASKFLY_END_clash", "TASKFLY_END_fresh"].into_iter();
+    let program = batch::Launch::program(&launches, || words.next().expect("a word").to_owned());
+    assert_eq!(
+        program
+            .matches("2>\"$b/e\" <<'TASKFLY_END_fresh'\n")
+            .count(),
+        3,
+        "{program}"
+    );
+    assert_eq!(program.matches("TASKFLY_END_clash").count(), 2, "{program}");
+
+    let session = run_locally(&program, home.path());
+    assert_eq!(session.status, Some(0), "{session:?}");
+    let outputs = batch::parse(&launches, &session);
+
+    let mut pids = Vec::new();
+    for (index, output) in outputs.iter().enumerate() {
+        if index == 1 {
+            assert_eq!(output.status, Some(3), "{output:?}");
+            assert_eq!(output.stdout, "", "{output:?}");
+            assert!(output.stderr.contains("ssh-dep-1-1"), "{output:?}");
+            continue;
+        }
+        assert_eq!(output.status, Some(0), "{output:?}");
+        let pid = output
+            .stdout
+            .strip_prefix("started ")
+            .and_then(|rest| rest.trim().parse::<i32>().ok())
+            .unwrap_or_else(|| panic!("{output:?}"));
+        pids.push(pid);
+        assert_eq!(output.stderr, "", "{output:?}");
+    }
+    let written = |id: &str| {
+        std::fs::read_to_string(nodes.join(id).join("bootstrap.sh")).expect("bootstrap.sh")
+    };
+    assert_eq!(written("ssh-dep-0-1"), tricky);
+    assert_eq!(written("ssh-dep-2-1"), format!("{no_newline}\n"));
+    // The batch's own folder is gone.
+    let left: Vec<_> = std::fs::read_dir(home.path().join(".taskfly"))
+        .expect("listed")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("nodes")]);
+    // The bootstraps end by themselves at once; the folder goes after them.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    for pid in pids {
+        let pid = nix::unistd::Pid::from_raw(pid);
+        while nix::sys::signal::kill(pid, None).is_ok() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// Runs a batch `program` locally as `sh -s` would on a host, with `home` as `$HOME`.
+fn run_locally(program: &str, home: &Path) -> Output {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new("sh")
+        .arg("-s")
+        .env("HOME", home)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("sh");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(program.as_bytes())
+        .expect("program");
+    Output::from(child.wait_with_output().expect("sh ran"))
+}
+
+#[test]
+fn a_batch_of_stops_stops_each_nodes_group_and_removes_each_folder() {
+    let home = tempfile::tempdir().expect("temp dir");
+    let nodes = home.path().join(".taskfly/nodes");
+    // A node whose bootstrap runs in a process group of its own, as LAUNCH starts it.
+    let mut running = std::process::Command::new("setsid")
+        .args(["sleep", "600"])
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("setsid sleep");
+    let running_dir = nodes.join("ssh-dep-0-1");
+    std::fs::create_dir_all(&running_dir).expect("mkdir");
+    std::fs::write(running_dir.join("pid"), running.id().to_string()).expect("pid");
+    // One that ended, and one never started (no folder).
+    std::fs::create_dir_all(nodes.join("ssh-dep-1-1")).expect("mkdir");
+    let stop = |instance_id: &str, node_id: &str| batch::Stop {
+        instance_id: instance_id.into(),
+        node_id: node_id.into(),
+        // The sleep, a child of this test until it is waited for, counts as alive until then.
+        tenths: "10".into(),
+    };
+    let stops = [
+        stop("ssh-dep-0-1", "dep-0"),
+        stop("ssh-dep-1-1", "dep-1"),
+        stop("ssh-dep-2-1", "dep-2"),
+    ];
+    let program = batch::Stop::program(&stops, || unreachable!("stops have no here-document"));
+    let session = run_locally(&program, home.path());
+    assert_eq!(session.status, Some(0), "{session:?}");
+    for output in batch::parse(&stops, &session) {
+        assert_eq!(output.status, Some(0), "{output:?}");
+        assert_eq!(output.stdout, "terminated\n", "{output:?}");
+    }
+    let status = running.wait().expect("the sleep ended");
+    assert!(!status.success(), "stopped by a signal: {status:?}");
+    let left: Vec<_> = std::fs::read_dir(&nodes)
+        .expect("listed")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    assert!(!home
+        .path()
+        .join(".taskfly")
+        .read_dir()
+        .expect("listed")
+        .any(|e| e
+            .expect("entry")
+            .file_name()
+            .to_string_lossy()
+            .starts_with("batch-")));
 }
