@@ -102,8 +102,7 @@ impl Orchestrator {
         if live.cancel.is_cancelled() || self.is_shutting_down() {
             return;
         }
-        let result = self.try_provision_node(live, &node).await;
-        drop(permit);
+        let result = self.try_provision_node(live, &node, permit).await;
         if let Err(e) = result {
             if self.is_shutting_down() {
                 tracing::info!(node_id = %node.id, error = %e.report(), "provisioning stopped by shutdown; it resumes at the next start");
@@ -115,30 +114,23 @@ impl Orchestrator {
         }
     }
 
-    pub(super) async fn try_provision_node(&self, live: &Live, node: &Node) -> Result<()> {
-        let store = &self.inner.store;
+    /// One provisioning attempt of `node`: its token armed (and `pending` left) in one store
+    /// write, the provider asked, its answer recorded. `permit` (the provisioning slot, if
+    /// any) is held until the provider has answered, not while the answer is stored.
+    pub(super) async fn try_provision_node(
+        &self,
+        live: &Live,
+        node: &Node,
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> Result<()> {
         let token = auth::new_token()?;
-        let now = SystemTime::now();
-        store
-            .update_node(
-                &node.id,
-                NodeUpdate::ProvisionToken {
-                    hash: auth::hash_token(&token),
-                },
-                now,
-            )
-            .await?;
-        if node.status == NodeStatus::Pending {
-            self.update_node(
-                &node.id,
-                NodeUpdate::Status {
-                    status: NodeStatus::Provisioning,
-                    exit_code: None,
-                    message: None,
-                },
-            )
-            .await?;
-        }
+        self.update_node(
+            &node.id,
+            NodeUpdate::ProvisioningStarted {
+                hash: auth::hash_token(&token),
+            },
+        )
+        .await?;
         let provider = self.provider_for(&live.config)?;
         let owner = Owner::Node {
             deployment_id: node.deployment_id.clone(),
@@ -161,7 +153,9 @@ impl Orchestrator {
         };
         let info = self
             .provision_with_retries(&provider, request, live)
-            .await?;
+            .await;
+        drop(permit);
+        let info = info?;
         let instance = info.reference.clone();
         tracing::info!(node_id = %node.id, instance_id = %instance.id, "node provisioned");
         let update = NodeUpdate::Provisioned {

@@ -435,6 +435,13 @@ pub enum NodeUpdate {
         /// SHA-256 of the token.
         hash: [u8; 32],
     },
+    /// A provisioning attempt begins: as [`NodeUpdate::ProvisionToken`], and a `pending`
+    /// node moves to `provisioning` in the same write (a node already there, retried or
+    /// resumed after a restart, keeps its state).
+    ProvisioningStarted {
+        /// SHA-256 of the provision token.
+        hash: [u8; 32],
+    },
     /// The agent registered: consume the provision token, store the auth token, move to
     /// `registering`.
     Registered {
@@ -536,6 +543,16 @@ pub fn apply_node_update(
         NodeUpdate::ProvisionToken { hash } => {
             if is_node_final(deployment, node) {
                 return Err(refused(node, "arm a provision token for"));
+            }
+            next.provision_token_hash = Some(hash);
+        }
+        NodeUpdate::ProvisioningStarted { hash } => {
+            if is_node_final(deployment, node) {
+                return Err(refused(node, "arm a provision token for"));
+            }
+            if node.status == NodeStatus::Pending {
+                check_node_transition(deployment, node, NodeStatus::Provisioning)?;
+                next.status = NodeStatus::Provisioning;
             }
             next.provision_token_hash = Some(hash);
         }

@@ -505,3 +505,47 @@ fn ended_durations_leave_out_the_phase_the_node_is_in() {
         Some(Duration::from_secs(4))
     );
 }
+
+#[test]
+fn provisioning_started_arms_the_token_and_leaves_pending_in_one_update() {
+    let mut d = deployment(2, 1);
+    let start = SystemTime::UNIX_EPOCH + Duration::from_secs(5);
+    let mut n = Node::new("dep-1", 0, SystemTime::UNIX_EPOCH);
+    let applied = apply_node_update(
+        &mut d,
+        &mut n,
+        NodeUpdate::ProvisioningStarted { hash: [3; 32] },
+        start,
+    )
+    .unwrap();
+    assert_eq!(applied.previous, NodeStatus::Pending);
+    assert_eq!(n.status, NodeStatus::Provisioning);
+    assert_eq!(n.provision_token_hash, Some([3; 32]));
+    assert_eq!(n.times.provisioning_at, Some(start), "the phase starts with it");
+
+    // Retried (or resumed after a restart), a node already provisioning only gets the new
+    // token.
+    let again = apply_node_update(
+        &mut d,
+        &mut n,
+        NodeUpdate::ProvisioningStarted { hash: [4; 32] },
+        start,
+    )
+    .unwrap();
+    assert_eq!(again.previous, NodeStatus::Provisioning);
+    assert_eq!(n.status, NodeStatus::Provisioning);
+    assert_eq!(n.provision_token_hash, Some([4; 32]));
+
+    // A final node is refused, and left as it was.
+    let mut done = Node::new("dep-1", 1, SystemTime::UNIX_EPOCH);
+    run_to(&mut d, &mut done, NodeStatus::Completed);
+    let before = done.clone();
+    let refused = apply_node_update(
+        &mut d,
+        &mut done,
+        NodeUpdate::ProvisioningStarted { hash: [5; 32] },
+        start,
+    );
+    assert!(refused.unwrap_err().is_invalid_transition());
+    assert_eq!(done, before);
+}
