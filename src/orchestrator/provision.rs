@@ -151,9 +151,7 @@ impl Orchestrator {
             provision_token: token.into(),
             settings,
         };
-        let info = self
-            .provision_with_retries(&provider, request, live)
-            .await;
+        let info = self.provision_with_retries(&provider, request, live).await;
         drop(permit);
         let info = info?;
         let instance = info.reference.clone();

@@ -521,7 +521,11 @@ fn provisioning_started_arms_the_token_and_leaves_pending_in_one_update() {
     assert_eq!(applied.previous, NodeStatus::Pending);
     assert_eq!(n.status, NodeStatus::Provisioning);
     assert_eq!(n.provision_token_hash, Some([3; 32]));
-    assert_eq!(n.times.provisioning_at, Some(start), "the phase starts with it");
+    assert_eq!(
+        n.times.provisioning_at,
+        Some(start),
+        "the phase starts with it"
+    );
 
     // Retried (or resumed after a restart), a node already provisioning only gets the new
     // token.
