@@ -21,12 +21,11 @@ if [ -z "$bin_dir" ]; then
   cargo build --locked --release --example load --example bare_hyper
   bin_dir=target/release/examples
 fi
-for tool in valgrind callgrind_control wrk; do
-  command -v "$tool" >/dev/null || {
-    echo "$tool is missing: apt-get install valgrind wrk" >&2
-    exit 1
-  }
-done
+. scripts/packages.sh
+missing=()
+command -v callgrind_control >/dev/null || missing+=(valgrind)
+command -v wrk >/dev/null || missing+=(wrk)
+[ "${#missing[@]}" = 0 ] || install_packages "the heartbeat instruction count" "${missing[@]}"
 out_dir="$PWD/target/bench-heartbeat-instructions"
 mkdir -p "$out_dir"
 bench_dir="$(mktemp -d)"

@@ -22,10 +22,8 @@ if [ -z "$bin_dir" ]; then
   cargo build --locked --release --example load --example bare_hyper
   bin_dir=target/release/examples
 fi
-command -v wrk >/dev/null || {
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wrk >/dev/null
-}
+. scripts/packages.sh
+command -v wrk >/dev/null || install_packages "the heartbeat benchmark" wrk
 
 bench_dir="$(mktemp -d)"
 stop_all() {

@@ -23,11 +23,8 @@ taskfly="$(realpath "${TASKFLY_BIN:-${CARGO_TARGET_DIR:-target}/release/taskfly}
 missing=()
 command -v hyperfine >/dev/null || missing+=(hyperfine)
 command -v parallel >/dev/null || missing+=(parallel)
-if [ "${#missing[@]}" -gt 0 ]; then
-  apt-get -o DPkg::Lock::Timeout=600 update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
-    --no-install-recommends "${missing[@]}" >/dev/null
-fi
+. scripts/packages.sh
+[ "${#missing[@]}" = 0 ] || install_packages "the local-nodes benchmark" "${missing[@]}"
 
 bench_dir="$(mktemp -d)"
 trap 'rm -rf "$bench_dir"' EXIT

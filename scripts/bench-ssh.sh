@@ -18,10 +18,8 @@ runs="${2:-5}"
 
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 cargo build --locked --features full --all-targets
-command -v hyperfine >/dev/null || {
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends hyperfine >/dev/null
-}
+. scripts/packages.sh
+command -v hyperfine >/dev/null || install_packages "the SSH benchmark" hyperfine
 
 bin_dir="${TASKFLY_BIN_DIR:-target/debug}"
 bench_dir="$(mktemp -d)"
