@@ -306,6 +306,55 @@ fn gated_project(gate: &Path) -> Project {
     ))
 }
 
+/// The value of `series` in the daemon's `GET /metrics` text (0 when absent).
+fn daemon_metric(daemon: &Daemon, series: &str) -> f64 {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let response = runtime.block_on(crate::support::engine_http::raw_get(
+        &daemon.url,
+        "/metrics",
+        None,
+    ));
+    assert_eq!(response.status, 200, "{}", response.text());
+    response
+        .text()
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn up_wait_follows_the_events_reading_the_whole_deployment_only_at_its_start_and_end() {
+    let daemon = Daemon::start();
+    // Each node runs for about 2 s, writing a line every 0.1 s: reading the deployment at
+    // every refresh (250 ms) would read it eight times or more.
+    let project = Project::new(&local_yml(3, "")).script(
+        "#!/bin/sh\ni=0\nwhile [ $i -lt 20 ]; do echo \"line $i\"; sleep 0.1; i=$((i+1)); done\n",
+    );
+    let reads = r#"taskfly_http_requests_total{route="/api/v1/deployments/{id}",code="200"}"#;
+    let before = daemon_metric(&daemon, reads);
+    let ran = cli_run::run(&mut daemon.taskfly(&["up", path_str(project.path()), "--wait"]));
+    ran.expect_success();
+    assert!(
+        ran.stdout.contains(": 3 completed, 0 failed, 3 total"),
+        "{}",
+        ran.show()
+    );
+    for node in 0..3 {
+        let lines = ran
+            .stdout
+            .lines()
+            .filter(|l| l.starts_with(&format!("[node {node}] line ")))
+            .count();
+        assert_eq!(lines, 20, "node {node}\n{}", ran.show());
+    }
+    // One read at the start, one for the summary at the end.
+    let read = daemon_metric(&daemon, reads) - before;
+    assert_eq!(read, 2.0, "{}", ran.show());
+}
+
 #[test]
 fn up_wait_whose_output_is_closed_stops_following_and_leaves_the_deployment_running() {
     let daemon = Daemon::start();

@@ -69,7 +69,8 @@ pub struct EventStream {
 
 impl EventStream {
     /// The next event; `None` when the daemon ended the stream (it is stopping). Fails when
-    /// the connection breaks, or stays silent for a minute.
+    /// the connection breaks, or stays silent for a minute. Cancel-safe: dropped before it
+    /// returns (in a `select!`), it loses nothing; what was read stays for the next call.
     pub async fn next(&mut self) -> Result<Option<wire::Event>> {
         loop {
             while let Some(end) = find_blank_line(&self.buffer) {

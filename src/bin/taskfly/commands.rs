@@ -23,8 +23,7 @@ pub(crate) const EXIT_UNREACHABLE: u8 = 3;
 /// Stopped by Ctrl-C (128 + SIGINT), as shells report it.
 pub(crate) const EXIT_INTERRUPTED: u8 = 130;
 
-/// How often progress and followed logs are refreshed.
-const POLL: Duration = Duration::from_millis(250);
+use crate::follow::{follow, POLL};
 
 pub(crate) async fn run(cli: Cli) -> u8 {
     let format = cli.output;
@@ -271,7 +270,7 @@ pub(crate) fn client(cli: &Cli) -> Result<Client, Failure> {
     }
 }
 
-fn exit_for(view: &DeploymentView) -> u8 {
+pub(crate) fn exit_for(view: &DeploymentView) -> u8 {
     if view.status == DeploymentStatus::Completed {
         EXIT_OK
     } else {
@@ -883,83 +882,6 @@ fn patient(client: Client) -> Client {
             error.message()
         );
     })
-}
-
-/// Follow a deployment on the daemon to its end, printing logs and progress. Ctrl-C stops
-/// following (exit 130), leaving the deployment running unless `down_on_interrupt`.
-async fn follow(
-    cli: &Cli,
-    client: &Client,
-    id: &str,
-    nodes: u32,
-    down_on_interrupt: bool,
-) -> Result<u8, Failure> {
-    let mut progress = Progress::new(cli.output, nodes);
-    let following = follow_to_end(client, id, &mut progress);
-    tokio::select! {
-        outcome = following => match outcome.map_err(|e| failure(Some(cli), e))? {
-            Some(code) => Ok(code),
-            // Nobody reads the lines any more (`up --wait | head`): stop following rather than
-            // wait unseen for the end, and leave the deployment as Ctrl-C would.
-            None if down_on_interrupt => {
-                eprintln!("standard output was closed: terminating deployment {id}");
-                client.terminate(id).await.map_err(|e| failure(Some(cli), e))?;
-                Err(failed(format!(
-                    "deployment {id} is terminating: standard output was closed"
-                )))
-            }
-            None => Err(failed(format!(
-                "stopped following: standard output was closed; deployment {id} keeps running \
-                 (`taskfly logs {id} -f` follows it again)"
-            ))),
-        },
-        _ = tokio::signal::ctrl_c() => {
-            progress.abandon();
-            if down_on_interrupt {
-                eprintln!("interrupted: terminating deployment {id}");
-                client.terminate(id).await.map_err(|e| failure(Some(cli), e))?;
-                eprintln!("deployment {id} is terminating; `taskfly status {id}` shows when it has ended");
-            } else {
-                eprintln!(
-                    "interrupted: deployment {id} keeps running; follow it again with \
-                     `taskfly logs {id} -f`, stop it with `taskfly down {id}`"
-                );
-            }
-            Ok(EXIT_INTERRUPTED)
-        }
-    }
-}
-
-/// The loop of [`follow`]: logs and progress until the deployment is final; its exit code, or
-/// `None` once standard output is closed.
-async fn follow_to_end(
-    client: &Client,
-    id: &str,
-    progress: &mut Progress,
-) -> Result<Option<u8>, Error> {
-    let started = Instant::now();
-    let mut cursor = 0;
-    loop {
-        let view = client.deployment(id).await?;
-        loop {
-            let page = client.logs(id, None, cursor, 1000).await?;
-            if page.logs.is_empty() {
-                break;
-            }
-            cursor = page.next;
-            progress.print_logs(&page.logs);
-        }
-        if progress.stdout_closed() {
-            progress.abandon();
-            return Ok(None);
-        }
-        if view.is_final() {
-            progress.finish(&view, started.elapsed());
-            return Ok(Some(exit_for(&view)));
-        }
-        progress.update(&view, started.elapsed());
-        tokio::time::sleep(POLL).await;
-    }
 }
 
 async fn list(cli: &Cli) -> Result<u8, Failure> {

@@ -2,6 +2,7 @@
 //! (`taskfly agent`). Parses arguments, sets up tracing, and hands off to `commands`.
 
 mod commands;
+mod follow;
 mod output;
 mod outputs;
 #[path = "../shared/providers.rs"]
