@@ -278,13 +278,22 @@ pub(super) fn stop_program(stops: &[Stop]) -> String {
 }
 
 /// What every batch program starts with: a private folder for the nodes' outputs (removed
-/// at the end), and `tag`, which prints a file's lines prefixed with a tag and an id.
+/// at the end, also when the session is hung up or terminated), and `tag`, which prints a
+/// file's lines prefixed with a tag and an id. The folders of earlier sessions whose shell
+/// is gone (killed outright, so no trap ran) are removed first; a live one is left alone.
 const PROLOGUE: &str = r#"set -u
 umask 077
+for o in "$HOME"/.taskfly/batch-*; do
+  [ -d "$o" ] || continue
+  kill -0 "${o##*-}" 2>/dev/null || rm -rf "$o"
+done
 b="$HOME/.taskfly/batch-$$"
 rm -rf "$b"
 mkdir -p "$b" || exit 3
 trap 'rm -rf "$b"' EXIT
+trap 'exit 129' HUP
+trap 'exit 130' INT
+trap 'exit 143' TERM
 tag() { while IFS= read -r l || [ -n "$l" ]; do printf '%s %s %s\n' "$1" "$2" "$l"; done <"$3"; }
 "#;
 

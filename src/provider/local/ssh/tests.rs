@@ -461,6 +461,33 @@ fn a_batch_program_starts_each_node_with_its_exact_script_and_reports_a_failed_o
     }
 }
 
+#[test]
+fn a_batch_removes_the_folders_of_earlier_batches_whose_shell_is_gone() {
+    let home = tempfile::tempdir().expect("temp dir");
+    let taskfly = home.path().join(".taskfly");
+    // A shell that was killed outright left its folder; its pid is no longer running.
+    let mut ended = std::process::Command::new("true").spawn().expect("true");
+    let gone_pid = ended.id();
+    ended.wait().expect("true ended");
+    let gone = taskfly.join(format!("batch-{gone_pid}"));
+    std::fs::create_dir_all(&gone).expect("mkdir");
+    std::fs::write(gone.join("0.o"), "output of a node").expect("write");
+    // A batch under way in another session (its shell: this test's process) keeps its own.
+    let live = taskfly.join(format!("batch-{}", std::process::id()));
+    std::fs::create_dir_all(&live).expect("mkdir");
+
+    let stops = [batch::Stop {
+        instance_id: "ssh-dep-0-1".into(),
+        node_id: "dep-0".into(),
+        tenths: "10".into(),
+    }];
+    let program = batch::Stop::program(&stops, || unreachable!("stops have no here-document"));
+    let session = run_locally(&program, home.path());
+    assert_eq!(session.status, Some(0), "{session:?}");
+    assert!(!gone.exists(), "the dead session's folder is removed");
+    assert!(live.exists(), "the live session's folder is kept");
+}
+
 /// Runs a batch `program` locally as `sh -s` would on a host, with `home` as `$HOME`.
 fn run_locally(program: &str, home: &Path) -> Output {
     use std::io::Write as _;
