@@ -11,26 +11,41 @@ use hyper_util::rt::TokioExecutor;
 use super::{tcp_connector, Connector};
 use crate::notify::Transport;
 
-/// Posts webhook notifications.
+/// Posts webhook notifications. Its HTTP client is made at the first notification, not
+/// before: loading the platform's trust store costs a daemon (or `taskfly run`) that never
+/// notifies nothing.
+#[derive(Default)]
 pub(crate) struct WebhookClient {
-    http: hyper_util::client::legacy::Client<Connector, Full<Bytes>>,
+    http: std::sync::OnceLock<Result<Http, String>>,
 }
 
+type Http = hyper_util::client::legacy::Client<Connector, Full<Bytes>>;
+
 impl WebhookClient {
-    /// A client for `http://` and `https://` receivers; `None` when the platform's trust store
-    /// cannot be loaded (then only this is logged, and notifications wait).
-    pub(crate) fn new() -> crate::Result<WebhookClient> {
-        #[cfg(feature = "tls")]
-        let connector = {
-            let tls = crate::api::tls::platform_client_config()?;
-            hyper_rustls::HttpsConnector::from((tcp_connector(), tls))
-        };
-        #[cfg(not(feature = "tls"))]
-        let connector = tcp_connector();
-        Ok(WebhookClient {
-            http: hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-                .build(connector),
-        })
+    /// A client for `http://` and `https://` receivers.
+    pub(crate) fn new() -> WebhookClient {
+        WebhookClient::default()
+    }
+
+    /// The HTTP client, made on the first call; when the platform's trust store cannot be
+    /// loaded, why (each notification's attempt then fails with it, and is tried again).
+    fn http(&self) -> Result<&Http, String> {
+        self.http
+            .get_or_init(|| {
+                #[cfg(feature = "tls")]
+                let connector = {
+                    let tls = crate::api::tls::platform_client_config().map_err(|e| {
+                        format!("cannot make an HTTPS client: {}", e.report())
+                    })?;
+                    hyper_rustls::HttpsConnector::from((tcp_connector(), tls))
+                };
+                #[cfg(not(feature = "tls"))]
+                let connector = tcp_connector();
+                Ok(hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+                    .build(connector))
+            })
+            .as_ref()
+            .map_err(Clone::clone)
     }
 }
 
@@ -56,7 +71,11 @@ impl Transport for WebhookClient {
                 .headers_mut()
                 .insert(HeaderName::from_static(lowercase(name)), value);
         }
-        let response = self.http.request(request).await.map_err(|e| describe(&e))?;
+        let response = self
+            .http()?
+            .request(request)
+            .await
+            .map_err(|e| describe(&e))?;
         let code = response.status().as_u16();
         // The answer's body is read and dropped, so the connection can be used again.
         let _ = response.into_body().collect().await;

@@ -100,12 +100,7 @@ impl Server {
                 tls.check_for_nodes(&url)?;
             }
         }
-        match super::client::webhook::WebhookClient::new() {
-            Ok(client) => engine.set_webhook_transport(std::sync::Arc::new(client)),
-            Err(e) => {
-                tracing::error!(error = %e.report(), "cannot send webhook notifications: no HTTP client; they wait in the store")
-            }
-        }
+        engine.set_webhook_transport(Arc::new(super::client::webhook::WebhookClient::new()));
         let shared = Shared {
             api_token_hash: config.api_token.as_deref().map(auth::hash_token),
             metrics_token_hash: config.metrics_token.as_deref().map(auth::hash_token),
