@@ -34,15 +34,16 @@ impl WebhookClient {
             .get_or_init(|| {
                 #[cfg(feature = "tls")]
                 let connector = {
-                    let tls = crate::api::tls::platform_client_config().map_err(|e| {
-                        format!("cannot make an HTTPS client: {}", e.report())
-                    })?;
+                    let tls = crate::api::tls::platform_client_config()
+                        .map_err(|e| format!("cannot make an HTTPS client: {}", e.report()))?;
                     hyper_rustls::HttpsConnector::from((tcp_connector(), tls))
                 };
                 #[cfg(not(feature = "tls"))]
                 let connector = tcp_connector();
-                Ok(hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-                    .build(connector))
+                Ok(
+                    hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+                        .build(connector),
+                )
             })
             .as_ref()
             .map_err(Clone::clone)
