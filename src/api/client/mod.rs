@@ -333,7 +333,7 @@ impl Client {
         if let Some(node) = node {
             path.push_str(&format!("?node={node}"));
         }
-        self.download_attempt(&Call::new(Method::GET, path), dest_file, None)
+        self.download_attempt(&Call::new(Method::GET, path), "outputs", dest_file, None)
             .await
             .map(|downloaded| downloaded.bytes())
             .map_err(|failure| failure.error)
@@ -427,10 +427,11 @@ impl Client {
     /// One download attempt: answer headers within the time limit, then the body chunk by chunk
     /// (each chunk within [`DOWNLOAD_IDLE_TIMEOUT`] of the previous one): kept in memory when
     /// the answer announces a body of at most `in_memory_up_to` bytes, else written to
-    /// `dest_file`.
+    /// `dest_file`. `what` (`assets`, `outputs`) names the download in its errors.
     async fn download_attempt(
         &self,
         call: &Call,
+        what: &'static str,
         dest_file: &Path,
         in_memory_up_to: Option<u64>,
     ) -> Result<Downloaded, Failure> {
@@ -459,12 +460,12 @@ impl Client {
         let mut body = response.into_body();
         if let Some(length) = announced.filter(|length| Some(*length) <= in_memory_up_to) {
             let mut data = Vec::with_capacity(usize::try_from(length).unwrap_or(0));
-            while let Some(chunk) = self.next_chunk(&mut body).await? {
+            while let Some(chunk) = self.next_chunk(&mut body, what).await? {
                 data.extend_from_slice(&chunk);
             }
             if data.len() as u64 != length {
                 return Err(Failure::transient(Error::transport(format!(
-                    "the assets from {} were {} bytes where the answer announced {length}",
+                    "the {what} from {} were {} bytes where the answer announced {length}",
                     self.base,
                     data.len()
                 ))));
@@ -492,7 +493,7 @@ impl Client {
             ))
         };
         let mut written = 0u64;
-        while let Some(chunk) = self.next_chunk(&mut body).await? {
+        while let Some(chunk) = self.next_chunk(&mut body, what).await? {
             file.write_all(&chunk).await.map_err(write_error)?;
             written += chunk.len() as u64;
         }
@@ -502,8 +503,12 @@ impl Client {
     }
 
     /// The next data chunk of a download's body (`None` at its end), within
-    /// [`DOWNLOAD_IDLE_TIMEOUT`].
-    async fn next_chunk(&self, body: &mut Incoming) -> Result<Option<Bytes>, Failure> {
+    /// [`DOWNLOAD_IDLE_TIMEOUT`]; `what` names the download in its errors.
+    async fn next_chunk(
+        &self,
+        body: &mut Incoming,
+        what: &'static str,
+    ) -> Result<Option<Bytes>, Failure> {
         loop {
             let frame = match tokio::time::timeout(DOWNLOAD_IDLE_TIMEOUT, body.frame()).await {
                 Ok(None) => return Ok(None),
@@ -511,7 +516,7 @@ impl Client {
                 Ok(Some(Err(e))) => return Err(self.connection_failure(&e)),
                 Err(_) => {
                     return Err(Failure::transient(Error::transport(format!(
-                        "the download of the assets from {} stalled for {}",
+                        "the download of the {what} from {} stalled for {}",
                         self.base,
                         humantime::format_duration(DOWNLOAD_IDLE_TIMEOUT)
                     ))))

@@ -113,7 +113,7 @@ impl Client {
     ) -> Result<Downloaded> {
         let call = Call::new(Method::GET, "/nodes/assets".to_string());
         self.retrying("download_assets", || {
-            self.download_attempt(&call, dest_file, in_memory_up_to)
+            self.download_attempt(&call, "assets", dest_file, in_memory_up_to)
         })
         .await
     }
