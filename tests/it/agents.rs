@@ -580,10 +580,12 @@ async fn a_death_by_signal_is_reported_with_the_signal_name(agent: &str) {
 }
 
 async fn heartbeats_keep_a_long_script_alive(agent: &str) {
-    // Heartbeats every second; a node silent for 3 s would fail.
-    let project =
-        Project::new(&agent_yml(agent, 1, "")).script("#!/bin/sh\necho begin\nsleep 7\necho end\n");
-    let engine = TestEngine::start_with(|c| c.heartbeat_timeout(Duration::from_secs(3))).await;
+    // A node silent for 5 s would fail; the script runs for twice that. (3 s was too tight
+    // for the shell bootstrap on a loaded machine: its download, between heartbeats, took
+    // 3.3 s at a load of 25.)
+    let project = Project::new(&agent_yml(agent, 1, ""))
+        .script("#!/bin/sh\necho begin\nsleep 11\necho end\n");
+    let engine = TestEngine::start_with(|c| c.heartbeat_timeout(Duration::from_secs(5))).await;
 
     let view = engine.run(project.path()).await;
     assert_eq!(view.status.as_str(), "completed", "{agent}: {view:#?}");
