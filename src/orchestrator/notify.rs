@@ -27,7 +27,11 @@ impl Orchestrator {
         });
     }
 
-    async fn make_notification(&self, id: &str, status: DeploymentStatus) -> crate::Result<()> {
+    pub(super) async fn make_notification(
+        &self,
+        id: &str,
+        status: DeploymentStatus,
+    ) -> crate::Result<()> {
         // Not `live`: the deployment is final, and its settings may already be dropped.
         let live = match self.peek_live(id).await {
             Ok(live) => live,

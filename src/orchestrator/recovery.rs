@@ -13,6 +13,7 @@ use std::time::SystemTime;
 
 use super::Orchestrator;
 use crate::error::Result;
+use crate::notify;
 use crate::provider::OwnedBy;
 use crate::state::model::{has_retry_left, DeploymentStatus, NodeStatus};
 use crate::sync::lock;
@@ -21,9 +22,58 @@ impl Orchestrator {
     /// Resume every deployment that was not final when the engine last stopped; then
     /// deployments stop being noted as created during recovery, whether it succeeded or not.
     pub(crate) async fn recover(&self) -> Result<()> {
+        // First, while the deployments it looks at are those that were final before the
+        // start: none of them ends (and makes its notification) in this run.
+        self.make_missed_notifications().await;
         let resumed = self.resume_deployments().await;
         *lock(&self.inner().created_during_recovery) = None;
         resumed
+    }
+
+    /// Make the webhook notifications a stop lost: a deployment that became final less than
+    /// [`notify::GIVE_UP_AFTER`] ago, files still there, without a stored notification,
+    /// ended while the engine went down before its notification was made and stored. (One
+    /// its `notify:` does not ask for makes none, here as at its end.)
+    async fn make_missed_notifications(&self) {
+        let store = &self.inner().store;
+        let deployments = match store.deployments().await {
+            Ok(deployments) => deployments,
+            Err(e) => {
+                tracing::error!(error = %e.report(), "cannot look for lost webhook notifications");
+                return;
+            }
+        };
+        let now = SystemTime::now();
+        let recent = |at: SystemTime| {
+            now.duration_since(at)
+                .is_ok_and(|ago| ago < notify::GIVE_UP_AFTER)
+        };
+        let created = lock(&self.inner().created_during_recovery).clone();
+        for deployment in deployments {
+            // Deployed (and already ended) since the engine started: its own end made it.
+            let new = created.as_ref().is_some_and(|c| c.contains(&deployment.id));
+            if new
+                || !deployment.status.is_final()
+                || deployment.cleaned_at.is_some()
+                || !deployment.completed_at.is_some_and(recent)
+            {
+                continue;
+            }
+            match store.delivery(&deployment.id).await {
+                Ok(Some(_)) => continue,
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(deployment_id = %deployment.id, error = %e.report(), "cannot read the webhook notification");
+                    continue;
+                }
+            }
+            if let Err(e) = self
+                .make_notification(&deployment.id, deployment.status)
+                .await
+            {
+                tracing::error!(deployment_id = %deployment.id, error = %e.report(), "cannot make the webhook notification");
+            }
+        }
     }
 
     async fn resume_deployments(&self) -> Result<()> {

@@ -1,6 +1,7 @@
 //! `notify:` webhooks (SPEC §1): a real HTTP receiver on loopback checks the signature,
 //! answers 500 and sees the same notification again, and a notification a killed daemon left
-//! pending is delivered by the daemon started again.
+//! pending is delivered by the daemon started again, and one it never made (killed between
+//! the end and the notification) is made by it.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -286,5 +287,46 @@ fn a_notification_left_pending_by_a_killed_daemon_is_delivered_after_its_restart
         delivered["notify"]["delivered_at"].is_string(),
         "{delivered:#}"
     );
+    daemon.stop();
+}
+
+#[test]
+fn a_notification_lost_with_a_killed_daemon_is_made_again_after_its_restart() {
+    let receiver = Receiver::start(&[]);
+    receiver.answer_always(Some(503));
+    let mut daemon = Daemon::start_on(free_port(), DaemonOptions::default(), &[]);
+    let project = failing_project(&receiver.url, "lost-key");
+    let id = daemon.up(project.path());
+    daemon.wait_for_status(&id, Duration::from_secs(60), "a failed try", |s| {
+        s["notify"]["attempts"].as_u64().is_some_and(|n| n >= 1)
+    });
+    daemon.kill();
+    // As a daemon killed between the deployment's end and its notification's making leaves
+    // the store: the deployment final, no notification.
+    let state = rusqlite::Connection::open(daemon.data_dir.path().join("state.db"))
+        .expect("the daemon's state");
+    let removed = state
+        .execute("DELETE FROM webhook_deliveries", [])
+        .expect("delete the notification");
+    assert_eq!(removed, 1);
+    drop(state);
+    let tried_before = receiver.received().len();
+    receiver.answer_always(None);
+
+    daemon.restart();
+    let delivered = daemon.wait_for_status(&id, Duration::from_secs(60), "delivery", |s| {
+        s["notify"]["status"] == "delivered"
+    });
+    assert_eq!(delivered["status"], "failed", "{delivered:#}");
+    let received = receiver.received();
+    assert_eq!(received.len(), tried_before + 1, "{received:?}");
+    let last = received.last().expect("a delivery");
+    assert_eq!(
+        last.signature.as_deref(),
+        Some(signature_of("lost-key", &last.body).as_str())
+    );
+    let body: serde_json::Value = serde_json::from_slice(&last.body).expect("json");
+    assert_eq!(body["deployment_id"], id.as_str());
+    assert_eq!(body["status"], "failed");
     daemon.stop();
 }
