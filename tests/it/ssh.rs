@@ -882,3 +882,104 @@ fn twelve_nodes_on_one_host_start_and_stop_in_fewer_ssh_sessions_than_nodes() {
     );
     eprintln!("12 nodes on one host: {starts} sessions started them, {stops} stopped them");
 }
+
+/// A wrapper of the system's `ssh`, first on `PATH`: the first call through a master
+/// connection (`ControlMaster=no`) fails as ssh does when the master's session cannot be had
+/// (exit status 255); every call is written to `calls.log` beside it as `master`, `through`,
+/// `refused` or `direct`.
+fn ssh_failing_once_through_its_master(dir: &Path) -> std::path::PathBuf {
+    let real = cli_run::run(std::process::Command::new("sh").args(["-c", "command -v ssh"]));
+    let real = real.stdout.trim().to_owned();
+    assert!(real.starts_with('/'), "no ssh client on PATH: {real:?}");
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).expect("mkdir");
+    let script = format!(
+        "#!/bin/sh\n\
+         log='{log}'\n\
+         case \" $* \" in\n\
+           *' ControlMaster=yes '*) echo master >>\"$log\" ;;\n\
+           *' ControlMaster=no '*)\n\
+             if [ ! -e '{once}' ]; then\n\
+               : >'{once}'; echo refused >>\"$log\"\n\
+               echo 'mux_client_request_session: session request failed: Session open refused by peer' >&2\n\
+               exit 255\n\
+             fi\n\
+             echo through >>\"$log\" ;;\n\
+           *' -O '*) ;;\n\
+           *) echo direct >>\"$log\" ;;\n\
+         esac\n\
+         exec '{real}' \"$@\"\n",
+        log = dir.join("calls.log").display(),
+        once = dir.join("refused-once").display(),
+    );
+    let path = bin.join("ssh");
+    std::fs::write(&path, script).expect("write the wrapper");
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    bin
+}
+
+#[test]
+fn a_call_refused_by_the_master_connection_is_made_again_on_a_connection_of_its_own() {
+    let Some(target) = SshTarget::from_env("ssh_master_refuses_a_call") else {
+        return;
+    };
+    let home = tempfile::tempdir().expect("temp HOME");
+    let tmp = tempfile::tempdir().expect("temp TMPDIR");
+    let wrapper = tempfile::tempdir().expect("wrapper dir");
+    let bin = ssh_failing_once_through_its_master(wrapper.path());
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let project = ssh_project(&target, &HOSTS[..1], &target.key, 1, "", HELLO_SCRIPT);
+    let port = free_port();
+    let mut args = vec![
+        "run".to_owned(),
+        path_str(project.path()).to_owned(),
+        "--advertise-url".to_owned(),
+        format!("http://127.0.0.1:{port}"),
+        "--listen".to_owned(),
+        format!("127.0.0.1:{port}"),
+    ];
+    for option in target.ssh_options() {
+        args.extend(["--ssh-option".to_owned(), option]);
+    }
+    let ran = cli_run::run_with_limit(
+        cli_run::command("taskfly", home.path())
+            .args(&args)
+            .env("TMPDIR", tmp.path())
+            .env("PATH", path),
+        DEPLOYMENT_LIMIT,
+    );
+    ran.expect_success();
+    assert!(
+        ran.stdout.contains(": 1 completed, 0 failed, 1 total"),
+        "{}",
+        ran.show()
+    );
+    let calls = std::fs::read_to_string(wrapper.path().join("calls.log")).expect("calls.log");
+    let calls: Vec<&str> = calls.lines().collect();
+    // The refused call was made again at once, directly; later calls use a new master.
+    let refused = calls
+        .iter()
+        .position(|c| *c == "refused")
+        .unwrap_or_else(|| panic!("no call was refused: {calls:?}"));
+    assert_eq!(calls.get(refused + 1), Some(&"direct"), "{calls:?}");
+    assert_eq!(calls[0], "master", "{calls:?}");
+    assert_eq!(
+        sshd::processes_naming(tmp.path()),
+        Vec::<(u32, String)>::new(),
+        "no ssh master connection outlives the run"
+    );
+    let id = ran
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("deployment dep-"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap_or_else(|| panic!("no summary line\n{}", ran.show()))
+        .to_owned();
+    let _leftovers = leftovers_of(&target, &id);
+    wait_until_nothing_left(&target, &id, &[format!("{id}-0")]);
+}
