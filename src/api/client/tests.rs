@@ -262,6 +262,21 @@ async fn an_unreachable_daemon_is_a_transport_error_without_the_token() {
     assert!(error.is_transport());
 }
 
+/// A download's answer: `len` bytes counting up modulo 251 (a prime, so no power-of-two
+/// chunking lines up with it), as `application/gzip`.
+fn patterned_gzip(len: u32) -> Response<Full<Bytes>> {
+    let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    Response::builder()
+        .header(CONTENT_TYPE, GZIP)
+        .body(Full::new(Bytes::from(data)))
+        .expect("response")
+}
+
+/// Whether `data` is what [`patterned_gzip`] sends, unchanged.
+fn is_patterned(data: &[u8]) -> bool {
+    data.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8)
+}
+
 #[tokio::test]
 async fn assets_are_streamed_to_a_file() {
     let server = serve(|parts, _| {
@@ -273,11 +288,7 @@ async fn assets_are_streamed_to_a_file() {
         if auth != Some("Bearer node-token") {
             return json_response(401, r#"{"error":"bad token"}"#);
         }
-        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
-        Response::builder()
-            .header(CONTENT_TYPE, GZIP)
-            .body(Full::new(Bytes::from(data)))
-            .expect("response")
+        patterned_gzip(3_000_000)
     })
     .await;
     let dir = tempfile::tempdir().expect("tempdir");
@@ -288,7 +299,7 @@ async fn assets_are_streamed_to_a_file() {
     assert_eq!(written, 3_000_000);
     let data = std::fs::read(&dest).expect("read");
     assert_eq!(data.len(), 3_000_000);
-    assert!(data.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8));
+    assert!(is_patterned(&data));
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&dest)
         .expect("metadata")
@@ -306,14 +317,7 @@ async fn assets_are_streamed_to_a_file() {
 
 #[tokio::test]
 async fn small_assets_stay_in_memory_and_large_ones_go_to_the_file() {
-    let server = serve(|_, _| {
-        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
-        Response::builder()
-            .header(CONTENT_TYPE, GZIP)
-            .body(Full::new(Bytes::from(data)))
-            .expect("response")
-    })
-    .await;
+    let server = serve(|_, _| patterned_gzip(100_000)).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let dest = dir.path().join("assets.tar.gz");
     let client = Client::new(&server.url, Some("node-token".into())).expect("client");
@@ -325,7 +329,7 @@ async fn small_assets_stay_in_memory_and_large_ones_go_to_the_file() {
     match kept {
         Downloaded::InMemory(data) => {
             assert_eq!(data.len(), 100_000);
-            assert!(data.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8));
+            assert!(is_patterned(&data));
         }
         Downloaded::File(_) => panic!("100,000 bytes fit in memory"),
     }
