@@ -326,7 +326,7 @@ fn daemon_metric(daemon: &Daemon, series: &str) -> f64 {
 }
 
 #[test]
-fn up_wait_follows_the_events_reading_the_whole_deployment_only_at_its_start_and_end() {
+fn up_wait_and_logs_follow_keep_up_by_events_reading_the_whole_deployment_once_or_twice() {
     let daemon = Daemon::start();
     // Each node runs for about 2 s, writing a line every 0.1 s: reading the deployment at
     // every refresh (250 ms) would read it eight times or more.
@@ -353,6 +353,20 @@ fn up_wait_follows_the_events_reading_the_whole_deployment_only_at_its_start_and
     // One read at the start, one for the summary at the end.
     let read = daemon_metric(&daemon, reads) - before;
     assert_eq!(read, 2.0, "{}", ran.show());
+
+    // `logs -f` follows the same way: one read, then the events.
+    let id = daemon.up(project.path());
+    let before = daemon_metric(&daemon, reads);
+    let ran = cli_run::run(&mut daemon.taskfly(&["logs", &id, "-f"]));
+    ran.expect_success();
+    assert_eq!(
+        ran.stdout.lines().filter(|l| l.contains("] line ")).count(),
+        60,
+        "{}",
+        ran.show()
+    );
+    let read = daemon_metric(&daemon, reads) - before;
+    assert_eq!(read, 1.0, "{}", ran.show());
 }
 
 #[test]

@@ -23,7 +23,7 @@ pub(crate) const EXIT_UNREACHABLE: u8 = 3;
 /// Stopped by Ctrl-C (128 + SIGINT), as shells report it.
 pub(crate) const EXIT_INTERRUPTED: u8 = 130;
 
-use crate::follow::{follow, POLL};
+use crate::follow::{follow, Followed, POLL};
 
 pub(crate) async fn run(cli: Cli) -> u8 {
     let format = cli.output;
@@ -973,41 +973,90 @@ async fn logs(
         client(cli)?
     };
     let id = &resolve_id(cli, &client, id).await?;
-    let mut cursor = 0;
-    let mut collected = Vec::new();
-    let color = output::use_color() && cli.output == Output::Text;
-    // Followed with `--output json`: one JSON object per line (NDJSON), each written as it
-    // arrives, instead of one document at the end.
-    let streaming_json = follow_logs && cli.output == Output::Json;
-    loop {
-        // The deployment says which nodes ran more than once (their lines carry the attempt)
-        // and, when following, whether it has ended.
-        let view = client
-            .deployment(id)
-            .await
-            .map_err(|e| failure(Some(cli), e))?;
-        let retried = output::retried_nodes(&view);
+    let mut printer = LogPrinter {
+        cursor: 0,
+        collected: Vec::new(),
+        color: output::use_color() && cli.output == Output::Text,
+        // Followed with `--output json`: one JSON object per line (NDJSON), each written as
+        // it arrives, instead of one document at the end.
+        streaming_json: follow_logs && cli.output == Output::Json,
+        output: cli.output,
+        timestamps,
+    };
+    let fail = |e| failure(Some(cli), e);
+    // The deployment says which nodes ran more than once (their lines carry the attempt)
+    // and, when following, whether it has ended; followed, its events keep it current.
+    if follow_logs {
+        let mut followed = Followed::open(&client, id).await.map_err(fail)?;
         loop {
-            let page = client
-                .logs(id, node, cursor, 1000)
+            let ended = followed.view.is_final();
+            let retried = output::retried_nodes(&followed.view);
+            printer
+                .print_new(&client, id, node, &retried)
                 .await
-                .map_err(|e| failure(Some(cli), e))?;
-            if page.logs.is_empty() {
+                .map_err(fail)?;
+            if ended {
                 break;
             }
-            cursor = page.next;
+            followed.next().await.map_err(fail)?;
+        }
+    } else {
+        let view = client.deployment(id).await.map_err(fail)?;
+        let retried = output::retried_nodes(&view);
+        printer
+            .print_new(&client, id, node, &retried)
+            .await
+            .map_err(fail)?;
+    }
+    if cli.output == Output::Json && !printer.streaming_json {
+        println!(
+            "{}",
+            serde_json::json!({"logs": printer.collected, "next": printer.cursor})
+        );
+    }
+    Ok(EXIT_OK)
+}
+
+/// How `taskfly logs` writes the lines it reads, and where it is.
+struct LogPrinter {
+    /// The `next` of the last page read.
+    cursor: u64,
+    /// `--output json` without `-f`: every line, printed as one document at the end.
+    collected: Vec<LogLineView>,
+    color: bool,
+    streaming_json: bool,
+    output: Output,
+    timestamps: bool,
+}
+
+impl LogPrinter {
+    /// Read and write the lines after the cursor, page by page; `retried`: the nodes that
+    /// ran more than once, whose lines are marked with their attempt.
+    async fn print_new(
+        &mut self,
+        client: &Client,
+        id: &str,
+        node: Option<&str>,
+        retried: &std::collections::BTreeSet<u32>,
+    ) -> Result<(), Error> {
+        loop {
+            let page = client.logs(id, node, self.cursor, 1000).await?;
+            if page.logs.is_empty() {
+                return Ok(());
+            }
+            self.cursor = page.next;
             let mut out = std::io::stdout().lock();
-            if streaming_json {
+            if self.streaming_json {
                 for line in &page.logs {
                     let _ = writeln!(out, "{}", serde_json::to_string(line).unwrap_or_default());
                 }
-            } else if cli.output == Output::Json {
-                collected.extend(page.logs);
+            } else if self.output == Output::Json {
+                self.collected.extend(page.logs);
             } else {
                 for line in &page.logs {
                     let mark = line.attempt > 1 || retried.contains(&line.node_index);
-                    let text = output::log_line(line, color, mark);
-                    if timestamps {
+                    let text = output::log_line(line, self.color, mark);
+                    if self.timestamps {
                         let _ = writeln!(out, "{}", output::with_timestamp(line, &text));
                     } else {
                         let _ = writeln!(out, "{text}");
@@ -1016,15 +1065,7 @@ async fn logs(
             }
             let _ = out.flush();
         }
-        if !follow_logs || view.is_final() {
-            break;
-        }
-        tokio::time::sleep(POLL).await;
     }
-    if cli.output == Output::Json && !streaming_json {
-        println!("{}", serde_json::json!({"logs": collected, "next": cursor}));
-    }
-    Ok(EXIT_OK)
 }
 
 async fn down(cli: &Cli, id: &str) -> Result<u8, Failure> {

@@ -1,5 +1,5 @@
-//! `up --wait` and `rerun --wait`: follow a deployment on the daemon to its end, its nodes'
-//! log lines as they come and its progress as it changes (SPEC §5.2).
+//! `up --wait`, `rerun --wait` and `logs -f`: follow a deployment on the daemon to its end,
+//! its nodes' log lines as they come and its progress as it changes (SPEC §5.2).
 //!
 //! The deployment is read whole once, at the start, then kept current from the daemon's events
 //! (`GET /events?deployment=ID`): each node event replaces its node and the counters, so
@@ -72,14 +72,10 @@ async fn follow_to_end(
     progress: &mut Progress,
 ) -> Result<Option<u8>, Error> {
     let started = Instant::now();
-    // Listen first, then read: a change in between is not missed.
-    let mut events = Events::open(client, id).await?;
-    let mut view = client.deployment(id).await?;
-    let mut refresh = tokio::time::interval(POLL);
-    refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut followed = Followed::open(client, id).await?;
     let mut cursor = 0;
     loop {
-        if view.is_final() {
+        if followed.view.is_final() {
             // The summary is of the final deployment as `GET /deployments/{id}` shows it, and
             // every line its nodes wrote comes before it.
             let view = client.deployment(id).await?;
@@ -96,10 +92,52 @@ async fn follow_to_end(
             progress.abandon();
             return Ok(None);
         }
-        progress.update(&view, started.elapsed());
-        if events.follow_until(&mut view, &mut refresh).await? == Stale::Yes {
-            view = client.deployment(id).await?;
+        progress.update(&followed.view, started.elapsed());
+        followed.next().await?;
+    }
+}
+
+/// A deployment on the daemon, kept current from its events (see the module's text).
+pub(crate) struct Followed<'a> {
+    client: &'a Client,
+    id: &'a str,
+    events: Events<'a>,
+    refresh: tokio::time::Interval,
+    /// The deployment as last known, its nodes included.
+    pub(crate) view: DeploymentView,
+}
+
+impl<'a> Followed<'a> {
+    /// Start following deployment `id`: its events first, then one read, so a change in
+    /// between is not missed.
+    pub(crate) async fn open(client: &'a Client, id: &'a str) -> Result<Followed<'a>, Error> {
+        let events = Events::open(client, id).await?;
+        let view = client.deployment(id).await?;
+        let mut refresh = tokio::time::interval(POLL);
+        refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The first tick is at once: the caller has just seen the view.
+        refresh.tick().await;
+        Ok(Followed {
+            client,
+            id,
+            events,
+            refresh,
+            view,
+        })
+    }
+
+    /// Wait for the next refresh ([`POLL`]) or the deployment's end, keeping the view current
+    /// meanwhile (read again when events were missed).
+    pub(crate) async fn next(&mut self) -> Result<(), Error> {
+        if self
+            .events
+            .follow_until(&mut self.view, &mut self.refresh)
+            .await?
+            == Stale::Yes
+        {
+            self.view = self.client.deployment(self.id).await?;
         }
+        Ok(())
     }
 }
 
