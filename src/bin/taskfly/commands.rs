@@ -1085,30 +1085,28 @@ async fn down(cli: &Cli, id: &str) -> Result<u8, Failure> {
             _ => return Err(failure(Some(cli), e)),
         }
     }
-    // Wait for the nodes to be gone, so `down` returning means nothing runs any more.
+    // Wait for the nodes to be gone, so `down` returning means nothing runs any more: by its
+    // events, then one read of the deployment as it ended.
     let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let view = client
-            .deployment(id)
-            .await
-            .map_err(|e| failure(Some(cli), e))?;
-        if view.is_final() || Instant::now() > deadline {
-            if cli.output == Output::Json {
-                println!("{}", serde_json::to_string(&view).unwrap_or_default());
-            } else {
-                println!("deployment {id} {}", view.status);
-            }
-            if !view.is_final() {
-                eprintln!(
-                    "error: deployment {id} is still {} after 2 minutes; check `taskfly status {id}`",
-                    view.status
-                );
-                return Ok(EXIT_FAILED);
-            }
-            return Ok(EXIT_OK);
-        }
-        tokio::time::sleep(POLL).await;
+    let fail = |e| failure(Some(cli), e);
+    let mut followed = Followed::open(&client, id).await.map_err(fail)?;
+    while !followed.view.is_final() && Instant::now() <= deadline {
+        followed.next().await.map_err(fail)?;
     }
+    let view = client.deployment(id).await.map_err(fail)?;
+    if cli.output == Output::Json {
+        println!("{}", serde_json::to_string(&view).unwrap_or_default());
+    } else {
+        println!("deployment {id} {}", view.status);
+    }
+    if !view.is_final() {
+        eprintln!(
+            "error: deployment {id} is still {} after 2 minutes; check `taskfly status {id}`",
+            view.status
+        );
+        return Ok(EXIT_FAILED);
+    }
+    Ok(EXIT_OK)
 }
 
 /// `down` of a deployment that had already ended: nothing to stop, so success, saying so.
