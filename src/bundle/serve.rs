@@ -40,15 +40,17 @@ pub(crate) const CACHED_CHUNKS: usize = 64;
 /// The downloads of one deployment's bundle: the [`SharedBundle`] under way, if any.
 #[derive(Default)]
 pub(crate) struct BundleDownloads {
-    current: Mutex<Weak<SharedBundle>>,
+    /// Held while a download looks for the bundle under way or opens the file, so that the
+    /// first downloads of a set, arriving together, open it once and share it.
+    current: tokio::sync::Mutex<Weak<SharedBundle>>,
 }
 
 impl BundleDownloads {
     /// The bundle at `path` to stream to one more node: the one the downloads under way share
     /// when the path still names that file, else the file opened afresh.
     pub(crate) async fn open(&self, path: &Path) -> io::Result<Arc<SharedBundle>> {
-        let current = lock(&self.current).upgrade();
-        if let Some(shared) = current {
+        let mut current = self.current.lock().await;
+        if let Some(shared) = current.upgrade() {
             let metadata = tokio::fs::metadata(path).await?;
             if shared.identity == FileIdentity::of(&metadata) {
                 return Ok(shared);
@@ -69,17 +71,14 @@ impl BundleDownloads {
             cache: Mutex::new(ChunkCache::default()),
             file_reads: AtomicU64::new(0),
         });
-        let mut current = lock(&self.current);
-        // Two first downloads may race here: the later one's file serves from now on, the
-        // earlier one's keeps serving its own download.
         *current = Arc::downgrade(&opened);
         Ok(opened)
     }
 
     /// The bundle the downloads under way share, `None` when none is under way.
     #[cfg(test)]
-    fn in_use(&self) -> Option<Arc<SharedBundle>> {
-        lock(&self.current).upgrade()
+    async fn in_use(&self) -> Option<Arc<SharedBundle>> {
+        self.current.lock().await.upgrade()
     }
 }
 
@@ -237,13 +236,20 @@ mod tests {
         // Ten and a half chunks: the last one is short.
         let data = contents(10 * CHUNK_BYTES as usize + CHUNK_BYTES as usize / 2, 1);
         std::fs::write(&path, &data).expect("write bundle");
-        let downloads = BundleDownloads::default();
+        let downloads = Arc::new(BundleDownloads::default());
 
+        // Eight downloads arriving together open the file once.
+        let opening: Vec<_> = (0..8)
+            .map(|_| {
+                let (downloads, path) = (downloads.clone(), path.clone());
+                tokio::spawn(async move { downloads.open(&path).await })
+            })
+            .collect();
         let mut opened = Vec::new();
-        for _ in 0..8 {
-            opened.push(downloads.open(&path).await.expect("open"));
+        for task in opening {
+            opened.push(task.await.expect("task").expect("open"));
         }
-        let shared = downloads.in_use().expect("a download set under way");
+        let shared = downloads.in_use().await.expect("a download set under way");
         assert!(opened.iter().all(|bundle| Arc::ptr_eq(bundle, &shared)));
         assert_eq!(shared.length(), data.len() as u64);
         let tasks: Vec<_> = opened
@@ -258,7 +264,7 @@ mod tests {
 
         let weak = Arc::downgrade(&shared);
         drop(shared);
-        assert!(downloads.in_use().is_none());
+        assert!(downloads.in_use().await.is_none());
         assert!(
             weak.upgrade().is_none(),
             "the file and its chunks outlive the downloads"
