@@ -188,10 +188,9 @@ impl Orchestrator {
             if e.kind() == std::io::ErrorKind::NotFound {
                 gone()
             } else {
-                Error::io(
-                    format!("cannot open the worker bundle {}", path.display()),
-                    e,
-                )
+                // The answer names no path of the daemon's; its log does.
+                tracing::error!(path = %path.display(), error = %e, "cannot open a worker bundle");
+                Error::io("cannot open this deployment's worker bundle", e)
             }
         })?;
         Ok(NodeAssets::Shared(shared))
