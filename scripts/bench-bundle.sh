@@ -10,8 +10,10 @@
 # registered node whose token wrk sends); it prints the bundle file it serves, a copy of which
 # nginx serves (sendfile off, then on). Throughput is wrk's
 # transfer/s; the engine's RSS is its VmHWM during each round (reset before it) minus its RSS
-# before the round. With BENCH_BIN_DIR set, the `load` binary found there is run and nothing is
-# built.
+# before the round. CPU per GiB is the server's user + system CPU time during its wrk run (the
+# engine's process; nginx's master and workers) divided by the GiB wrk read: it moves less than
+# throughput when other work shares the machine. With BENCH_BIN_DIR set, the `load` binary
+# found there is run and nothing is built.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds="${1:-3}"
@@ -96,6 +98,12 @@ CONF
     sleep 0.1
   done
   nginx_url="http://127.0.0.1:$port/bundle.tar.gz"
+  # The master and its workers (its children, one per core), for their CPU time.
+  for _ in $(seq 1 100); do
+    [ "$(pgrep -c -P "$nginx_pid")" -lt "$(nproc)" ] || break
+    sleep 0.1
+  done
+  server_pids="$nginx_pid $(pgrep -P "$nginx_pid" | tr '\n' ' ')"
 }
 stop_nginx() {
   kill "$nginx_pid" 2>/dev/null || true
@@ -103,20 +111,39 @@ stop_nginx() {
   nginx_pid=""
 }
 
-# Runs wrk against $@; prints MiB/s.
+# CPU time (user + system, in clock ticks) of the processes $@ so far.
+cpu_ticks() {
+  local total=0 pid ticks
+  for pid in "$@"; do
+    # Fields 14 and 15 of /proc/PID/stat, counted after the command name (which may hold spaces).
+    ticks="$(sed 's/.*) //' "/proc/$pid/stat" | awk '{ print $12 + $13 }')"
+    total=$((total + ticks))
+  done
+  echo "$total"
+}
+
+# Runs wrk against $@ and prints MiB/s and the CPU seconds per GiB read of the processes in
+# $server_pids (the server's CPU during the run).
 measure() {
-  local out
+  local out before after
+  before="$(cpu_ticks $server_pids)"
   out="$(wrk -t2 -c"$connections" -d"${seconds}s" "$@")"
+  after="$(cpu_ticks $server_pids)"
   if grep -q "Non-2xx" <<<"$out"; then
     echo "wrk saw error answers:" >&2
     echo "$out" >&2
     exit 1
   fi
-  # Transfer/sec in wrk's units, as MiB/s.
-  awk '/^Transfer\/sec:/ {
-    v = $2; u = v; sub(/[0-9.]+/, "", u); sub(/[A-Za-z]+$/, "", v)
-    if (u == "GB") v *= 1024; else if (u == "KB") v /= 1024; else if (u == "B") v /= 1048576
-    printf "%.0f\n", v }' <<<"$out"
+  # Transfer/sec and the total read, in wrk's units, as MiB/s and GiB.
+  awk -v ticks="$((after - before))" -v hz="$(getconf CLK_TCK)" '
+    function mib(s,   v, u) {
+      v = s; u = s; sub(/[0-9.]+/, "", u); sub(/[A-Za-z]+$/, "", v)
+      if (u == "GB") v *= 1024; else if (u == "KB") v /= 1024; else if (u == "B") v /= 1048576
+      return v
+    }
+    /^Transfer\/sec:/ { rate = mib($2) }
+    / read$/ { gib = mib($(NF - 1)) / 1024 }
+    END { printf "%.0f %.3f\n", rate, (gib > 0 ? ticks / hz / gib : 0) }' <<<"$out"
 }
 
 echo "bundle $bundle_bytes bytes; wrk -t2 -c$connections -d${seconds}s, $rounds rounds; load average: $(cut -d' ' -f1-3 /proc/loadavg)"
@@ -124,16 +151,18 @@ idle_kb="$(status_kb "$engine_pid" VmRSS:)"
 for round in $(seq 1 "$rounds"); do
   before_kb="$(status_kb "$engine_pid" VmRSS:)"
   echo 5 >"/proc/$engine_pid/clear_refs"
-  engine_mib="$(measure -s benches/wrk/assets.lua "$engine_url")"
+  server_pids="$engine_pid"
+  read -r engine_mib engine_cpu <<<"$(measure -s benches/wrk/assets.lua "$engine_url")"
   peak_kb="$(status_kb "$engine_pid" VmHWM:)"
   start_nginx off
-  nginx_off="$(measure "$nginx_url")"
+  read -r nginx_off off_cpu <<<"$(measure "$nginx_url")"
   stop_nginx
   start_nginx on
-  nginx_on="$(measure "$nginx_url")"
+  read -r nginx_on on_cpu <<<"$(measure "$nginx_url")"
   stop_nginx
   awk -v e="$engine_mib" -v off="$nginx_off" -v on="$nginx_on" -v p="$peak_kb" -v b="$before_kb" \
-    -v i="$idle_kb" -v r="$round" -v l="$(cut -d' ' -f1 /proc/loadavg)" 'BEGIN {
-      printf "round %d: engine %d MiB/s, nginx %d MiB/s (sendfile off), %d MiB/s (sendfile on): ratio %.2f / %.2f; engine RSS idle %.1f MiB, peak %.1f MiB (+%.1f over the round start); load average %s\n",
-        r, e, off, on, e / off, e / on, i / 1024, p / 1024, (p - b) / 1024, l }'
+    -v i="$idle_kb" -v r="$round" -v l="$(cut -d' ' -f1 /proc/loadavg)" \
+    -v ec="$engine_cpu" -v offc="$off_cpu" -v onc="$on_cpu" 'BEGIN {
+      printf "round %d: engine %d MiB/s, nginx %d MiB/s (sendfile off), %d MiB/s (sendfile on): ratio %.2f / %.2f; CPU s per GiB served: engine %.2f, nginx %.2f / %.2f; engine RSS idle %.1f MiB, peak %.1f MiB (+%.1f over the round start); load average %s\n",
+        r, e, off, on, e / off, e / on, ec, offc, onc, i / 1024, p / 1024, (p - b) / 1024, l }'
 done

@@ -32,6 +32,7 @@ mod extract;
 mod outputs;
 mod read;
 mod resolve;
+pub(crate) mod serve;
 mod split;
 #[cfg(test)]
 mod tests;

@@ -25,6 +25,9 @@ pub(crate) struct Live {
     /// keep in memory while the deployment runs (`None` when it is not): sent to every node
     /// with the answer's headers, without a file read per node.
     pub(crate) small_bundle: tokio::sync::OnceCell<Option<bytes::Bytes>>,
+    /// The downloads of a larger worker bundle under way, which share the file and the chunks
+    /// read from it.
+    pub(crate) bundle_downloads: crate::bundle::serve::BundleDownloads,
 }
 
 impl Live {
@@ -37,6 +40,7 @@ impl Live {
             cancel: CancellationToken::new(),
             releases: TaskTracker::new(),
             small_bundle: tokio::sync::OnceCell::new(),
+            bundle_downloads: Default::default(),
         }
     }
 

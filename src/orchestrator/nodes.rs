@@ -165,7 +165,7 @@ impl Orchestrator {
 
     /// `GET /nodes/assets`: the node's worker bundle (one file per deployment): in memory
     /// when it is at most [`SMALL_BUNDLE_BYTES`], read once per running deployment; otherwise
-    /// the open file, to be streamed.
+    /// the file to stream, shared with the downloads under way ([`crate::bundle::serve`]).
     pub(crate) async fn node_assets(&self, node: &Node) -> Result<NodeAssets> {
         let gone = || Error::not_found("this deployment's bundle is gone (cleaned up)");
         let live = self.live(&node.deployment_id).await.map_err(|e| {
@@ -184,9 +184,16 @@ impl Orchestrator {
         if let Some(bytes) = small {
             return Ok(NodeAssets::InMemory(bytes.clone()));
         }
-        let file = tokio::fs::File::open(&path).await.map_err(|_| gone())?;
-        let length = file.metadata().await.map_err(|_| gone())?.len();
-        Ok(NodeAssets::File { file, length })
+        let shared = live.bundle_downloads.open(&path).await.map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                gone()
+            } else {
+                // The answer names no path of the daemon's; its log does.
+                tracing::error!(path = %path.display(), error = %e, "cannot open a worker bundle");
+                Error::io("cannot open this deployment's worker bundle", e)
+            }
+        })?;
+        Ok(NodeAssets::Shared(shared))
     }
 
     /// `POST /nodes/heartbeat`: note the node is alive and what its script uses (`sample`);
@@ -413,13 +420,8 @@ pub(crate) const SMALL_BUNDLE_BYTES: u64 = 256 * 1024;
 pub(crate) enum NodeAssets {
     /// A small bundle, sent with the answer's headers.
     InMemory(bytes::Bytes),
-    /// A large bundle's open file and its length, streamed.
-    File {
-        /// The bundle, opened.
-        file: tokio::fs::File,
-        /// Its length in bytes.
-        length: u64,
-    },
+    /// A large bundle, streamed in chunks shared with the other downloads under way.
+    Shared(std::sync::Arc<crate::bundle::serve::SharedBundle>),
 }
 
 /// The file's bytes if it holds at most [`SMALL_BUNDLE_BYTES`], `None` if it is larger.

@@ -6,6 +6,7 @@ mod support;
 mod agents;
 #[cfg(feature = "aws")]
 mod aws;
+mod bundle;
 mod cli;
 mod cli2;
 mod dashboard;

@@ -144,9 +144,9 @@ async fn assets(shared: &Shared, node: &Node) -> Result<Response<Body>> {
         NodeAssets::InMemory(bytes) => Response::new(BodyExt::boxed(
             Full::new(bytes).map_err(|never| match never {}),
         )),
-        NodeAssets::File { file, length } => {
-            let stream =
-                tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024).map_ok(Frame::data);
+        NodeAssets::Shared(bundle) => {
+            let length = bundle.length();
+            let stream = bundle.stream().map_ok(Frame::data);
             let mut response = Response::new(BodyExt::boxed(StreamBody::new(stream)));
             response
                 .headers_mut()
