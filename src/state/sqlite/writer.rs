@@ -34,12 +34,18 @@ pub(super) enum Job {
     Batched(Box<dyn BatchedWrite>),
 }
 
-/// A write that can share its transaction with others: [`BatchedWrite::write`] runs inside a
-/// savepoint of its own, so one that fails changes nothing and the others go on.
+/// A write that can share its transaction with others. One that fails without having changed
+/// a row is left out and the others go on; one that fails after changing rows (or with an
+/// error of SQLite's) has its transaction rolled back, and the writes of that transaction are
+/// then made again, each in a transaction of its own, so it changes nothing and the others go
+/// on all the same. This costs less than a savepoint per write, which copied every page a
+/// write touched into a sub-journal (BENCHMARKS.md, "SQLite (session 8)"), and the writes
+/// check what they can before changing anything, so a refused write costs nothing more.
 pub(super) trait BatchedWrite: Send {
     /// Makes the change with `conn`, inside a transaction that is committed afterwards, and
-    /// records the nodes and deployments it wrote in `pending` (the later writes of the
-    /// transaction read them from there; the store's memory takes them once it has
+    /// records the nodes and deployments it wrote in `pending`, only if it succeeds (the later
+    /// writes of the transaction read them from there; the deployments' rows are written from
+    /// there once for the whole transaction; the store's memory takes them once it has
     /// committed). May be called again (in a transaction of its own) if that transaction
     /// could not commit.
     fn write(
@@ -177,8 +183,8 @@ fn run(shared: &Shared, mut conn: Connection, queue: &Receiver<Job>) {
 }
 
 /// Writes `batch` in one transaction and answers each caller once it has committed. If the
-/// transaction as a whole cannot begin or commit, each write is tried again in a transaction
-/// of its own, so each caller gets its own answer.
+/// transaction as a whole cannot begin or commit, or a write failed halfway, each write is
+/// tried again in a transaction of its own, so each caller gets its own answer.
 fn write_batch(shared: &Shared, conn: &mut Connection, mut batch: Vec<Box<dyn BatchedWrite>>) {
     match write_together(shared, conn, &mut batch) {
         Ok(outcomes) => {
@@ -187,10 +193,12 @@ fn write_batch(shared: &Shared, conn: &mut Connection, mut batch: Vec<Box<dyn Ba
             }
         }
         Err(error) if batch.len() > 1 => {
-            tracing::warn!(%error, writes = batch.len(), "could not commit state writes together; writing them one by one");
+            // A write refused halfway is one caller's answer, not a fault of the database.
+            if let DbError::Sqlite(error) = &error {
+                tracing::warn!(%error, writes = batch.len(), "could not commit state writes together; writing them one by one");
+            }
             for mut write in batch {
                 let outcome = write_together(shared, conn, std::slice::from_mut(&mut write))
-                    .map_err(DbError::from)
                     .and_then(|mut outcomes| outcomes.pop().unwrap_or(Ok(())));
                 write.answer(outcome);
             }
@@ -198,33 +206,39 @@ fn write_batch(shared: &Shared, conn: &mut Connection, mut batch: Vec<Box<dyn Ba
         Err(error) => {
             // The batch held one write.
             if let Some(write) = batch.pop() {
-                write.answer(Err(DbError::from(error)));
+                write.answer(Err(error));
             }
         }
     }
 }
 
-/// Runs every write of `batch` in one IMMEDIATE transaction, each in a savepoint, commits, and
-/// has the store's memory take what they wrote: the outcome of each write, or the error that
-/// kept the transaction from committing (then none of them is written).
+/// Runs every write of `batch` in one IMMEDIATE transaction, writes the deployments they
+/// changed, commits, and has the store's memory take what they wrote: the outcome of each
+/// write, or the error that kept the transaction from committing (then none of them is
+/// written: the transaction is rolled back when it is dropped).
 fn write_together(
     shared: &Shared,
     conn: &mut Connection,
     batch: &mut [Box<dyn BatchedWrite>],
-) -> rusqlite::Result<Vec<Result<(), DbError>>> {
-    let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+) -> Result<Vec<Result<(), DbError>>, DbError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mut outcomes = Vec::with_capacity(batch.len());
     let mut pending = Pending::default();
     for write in batch.iter_mut() {
-        let savepoint = tx.savepoint()?;
-        let outcome = write.write(shared, &savepoint, &mut pending);
-        if outcome.is_ok() {
-            savepoint.commit()?;
+        let changes_before = tx.total_changes();
+        let outcome = write.write(shared, &tx, &mut pending);
+        if let Err(error) = outcome {
+            if matches!(error, DbError::Sqlite(_)) || tx.total_changes() != changes_before {
+                // Only rolling the transaction back undoes what it changed.
+                return Err(error);
+            }
+            outcomes.push(Err(error));
         } else {
-            // Rolls back whatever the write changed before it failed.
-            savepoint.finish()?;
+            outcomes.push(Ok(()));
         }
-        outcomes.push(outcome);
+    }
+    for deployment in pending.deployments.values() {
+        super::write_deployment(&tx, deployment)?;
     }
     tx.commit()?;
     shared.memory().committed(pending);
