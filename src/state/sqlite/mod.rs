@@ -887,29 +887,48 @@ fn append_chunk(
             }
         }
     }
-    tx.prepare_cached(
-        "UPDATE deployments SET log_seq = ?2, log_stored = log_stored + ?3 WHERE id = ?1",
-    )?
-    .execute(params![deployment_id, seq, inserted_lines])?;
+    // The counts come back from the statements that update them (`RETURNING`), one query
+    // fewer each.
+    let mut total: i64 = tx
+        .prepare_cached(
+            "UPDATE deployments SET log_seq = ?2, log_stored = log_stored + ?3 WHERE id = ?1 \
+             RETURNING log_stored",
+        )?
+        .query_row(params![deployment_id, seq, inserted_lines], |row| {
+            row.get(0)
+        })?;
+    let mut over_node_cap = Vec::new();
     {
         let mut count = tx.prepare_cached(
             "INSERT INTO log_volume (deployment_id, node_index, stored) VALUES (?1, ?2, ?3) \
-             ON CONFLICT (deployment_id, node_index) DO UPDATE SET stored = stored + ?3",
+             ON CONFLICT (deployment_id, node_index) DO UPDATE SET stored = stored + ?3 \
+             RETURNING stored, dropped, marker_seq",
         )?;
         for (index, lines) in &added {
-            count.execute(params![deployment_id, index, lines])?;
+            let volume = count.query_row(params![deployment_id, index, lines], |row| {
+                Ok(NodeVolume {
+                    node_index: *index,
+                    stored: row.get(0)?,
+                    dropped: row.get(1)?,
+                    marker_seq: row.get(2)?,
+                })
+            })?;
+            if volume.stored > caps.node {
+                over_node_cap.push(volume);
+            }
         }
     }
-    for (index, _) in &added {
-        let volume = node_volume(tx, deployment_id, *index)?;
-        if volume.stored > caps.node {
-            drop_oldest(tx, deployment_id, &volume, volume.real() + 1 - caps.node)?;
-        }
+    for volume in &over_node_cap {
+        drop_oldest(tx, deployment_id, volume, volume.real() + 1 - caps.node)?;
     }
+    // Dropping lines changes the total: it is read again after each drop.
+    let mut dropped = !over_node_cap.is_empty();
     loop {
-        let total: i64 = tx
-            .prepare_cached("SELECT log_stored FROM deployments WHERE id = ?1")?
-            .query_row([deployment_id], |row| row.get(0))?;
+        if dropped {
+            total = tx
+                .prepare_cached("SELECT log_stored FROM deployments WHERE id = ?1")?
+                .query_row([deployment_id], |row| row.get(0))?;
+        }
         if total <= caps.deployment {
             break;
         }
@@ -928,6 +947,7 @@ fn append_chunk(
         let over = total - caps.deployment;
         let count = over + i64::from(volume.marker_seq.is_none());
         drop_oldest(tx, deployment_id, &volume, count.min(volume.real()))?;
+        dropped = true;
     }
     Ok(seq)
 }
