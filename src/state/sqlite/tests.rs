@@ -932,3 +932,45 @@ async fn a_write_failing_halfway_changes_nothing_and_spares_its_batch() {
         .unwrap();
     assert_eq!((log_seq, log_stored), (2, 2), "the failed append left no trace");
 }
+
+/// A batched write queued while a batch is being written joins that batch's commit instead of
+/// waiting for the next one.
+#[tokio::test]
+async fn a_write_queued_during_a_batch_joins_its_commit() {
+    let store = SqliteStore::open_in_memory().unwrap();
+    store
+        .create_deployment(deployment("dep-late", 2), nodes("dep-late", 2))
+        .await
+        .unwrap();
+    let mark = |conn: &Connection, id: &str| -> Result<(), DbError> {
+        conn.execute(
+            "UPDATE nodes SET error_message = 'marked' WHERE id = ?1",
+            [id],
+        )?;
+        Ok(())
+    };
+    let (late_answer, late_answered) = tokio::sync::oneshot::channel();
+    let mut late = Some(writer::Job::Batched(Box::new(writer::Write {
+        write: move |_: &Shared, conn: &Connection, _: &mut Pending| mark(conn, "dep-late-1"),
+        answer: late_answer,
+        written: None,
+    })));
+    let sender = store.writer.sender();
+    let commits_before = batch_commits(&store);
+    store
+        .write(move |_, conn, _| {
+            // Queued while this batch is being written, as a request arriving meanwhile.
+            if let Some(job) = late.take() {
+                sender.send(job).unwrap();
+            }
+            mark(conn, "dep-late-0")
+        })
+        .await
+        .unwrap();
+    late_answered.await.unwrap().unwrap();
+    assert_eq!(batch_commits(&store) - commits_before, 1, "one commit");
+    let nodes = store.nodes("dep-late").await.unwrap();
+    assert!(nodes
+        .iter()
+        .all(|node| node.error_message.as_deref() == Some("marked")));
+}

@@ -120,6 +120,12 @@ impl WriterHandle {
         })
     }
 
+    /// A sender of jobs, for tests that queue a job while the writer runs another.
+    #[cfg(test)]
+    pub(super) fn sender(&self) -> Sender<Job> {
+        self.jobs.clone().expect("the writer is running")
+    }
+
     /// Queues `job`; an error if the writer thread has stopped.
     pub(super) fn send(&self, job: Job) -> Result<()> {
         self.jobs
@@ -148,32 +154,53 @@ pub(super) fn stopped() -> Error {
     )
 }
 
+/// The jobs the writer took from its queue in one round: the batched writes, written
+/// together, and the others, run one by one afterwards.
+struct Taken {
+    batch: Vec<Box<dyn BatchedWrite>>,
+    alone: Vec<AloneJob>,
+}
+
+impl Taken {
+    /// Takes what is queued, up to [`MAX_JOBS_AT_ONCE`] jobs in all.
+    fn take_queued(&mut self, queue: &Receiver<Job>) {
+        while self.batch.len() + self.alone.len() < MAX_JOBS_AT_ONCE {
+            // Empty or disconnected: what is queued is taken.
+            let Ok(job) = queue.try_recv() else {
+                return;
+            };
+            match job {
+                Job::Alone(job) => self.alone.push(job),
+                Job::Batched(write) => self.batch.push(write),
+            }
+        }
+    }
+}
+
 /// The writer thread: takes every job queued, writes the batched ones together, runs the
 /// others one by one, until the store is dropped.
 fn run(shared: &Shared, mut conn: Connection, queue: &Receiver<Job>) {
     while let Ok(first) = queue.recv() {
-        let mut batch = Vec::new();
-        let mut alone = Vec::new();
-        let mut next = Some(first);
-        while let Some(job) = next.take() {
-            match job {
-                Job::Alone(job) => alone.push(job),
-                Job::Batched(write) => batch.push(write),
-            }
-            if batch.len() + alone.len() < MAX_JOBS_AT_ONCE {
-                // Empty or disconnected: what is queued is taken.
-                next = queue.try_recv().ok();
-            }
+        let mut taken = Taken {
+            batch: Vec::new(),
+            alone: Vec::new(),
+        };
+        match first {
+            Job::Alone(job) => taken.alone.push(job),
+            Job::Batched(write) => taken.batch.push(write),
         }
+        taken.take_queued(queue);
         // A panic fails the calls it interrupted (their answers are dropped, so they get an
         // error) and rolls back their transaction; the thread goes on with the next jobs.
-        if !batch.is_empty() {
-            let written = catch_unwind(AssertUnwindSafe(|| write_batch(shared, &mut conn, batch)));
+        if !taken.batch.is_empty() {
+            let written = catch_unwind(AssertUnwindSafe(|| {
+                write_batch(shared, &mut conn, &mut taken, queue);
+            }));
             if written.is_err() {
                 tracing::error!("the state store's writer panicked while writing a batch");
             }
         }
-        for job in alone {
+        for job in taken.alone {
             if catch_unwind(AssertUnwindSafe(|| job(shared, &mut conn))).is_err() {
                 tracing::error!("the state store's writer panicked while running a call");
             }
@@ -182,11 +209,14 @@ fn run(shared: &Shared, mut conn: Connection, queue: &Receiver<Job>) {
     shared.save_heartbeats(&mut conn);
 }
 
-/// Writes `batch` in one transaction and answers each caller once it has committed. If the
-/// transaction as a whole cannot begin or commit, or a write failed halfway, each write is
-/// tried again in a transaction of its own, so each caller gets its own answer.
-fn write_batch(shared: &Shared, conn: &mut Connection, mut batch: Vec<Box<dyn BatchedWrite>>) {
-    match write_together(shared, conn, &mut batch) {
+/// Writes `taken.batch` in one transaction, with the batched writes queued meanwhile, and
+/// answers each caller once it has committed. If the transaction as a whole cannot begin or
+/// commit, or a write failed halfway, each write is tried again in a transaction of its own,
+/// so each caller gets its own answer.
+fn write_batch(shared: &Shared, conn: &mut Connection, taken: &mut Taken, queue: &Receiver<Job>) {
+    let together = write_together(shared, conn, taken, Some(queue));
+    let batch = std::mem::take(&mut taken.batch);
+    match together {
         Ok(outcomes) => {
             for (write, outcome) in batch.into_iter().zip(outcomes) {
                 write.answer(outcome);
@@ -197,44 +227,62 @@ fn write_batch(shared: &Shared, conn: &mut Connection, mut batch: Vec<Box<dyn Ba
             if let DbError::Sqlite(error) = &error {
                 tracing::warn!(%error, writes = batch.len(), "could not commit state writes together; writing them one by one");
             }
-            for mut write in batch {
-                let outcome = write_together(shared, conn, std::slice::from_mut(&mut write))
+            for write in batch {
+                let mut alone = Taken {
+                    batch: vec![write],
+                    alone: Vec::new(),
+                };
+                let outcome = write_together(shared, conn, &mut alone, None)
                     .and_then(|mut outcomes| outcomes.pop().unwrap_or(Ok(())));
-                write.answer(outcome);
+                if let Some(write) = alone.batch.pop() {
+                    write.answer(outcome);
+                }
             }
         }
         Err(error) => {
             // The batch held one write.
-            if let Some(write) = batch.pop() {
+            if let Some(write) = batch.into_iter().next() {
                 write.answer(Err(error));
             }
         }
     }
 }
 
-/// Runs every write of `batch` in one IMMEDIATE transaction, writes the deployments they
-/// changed, commits, and has the store's memory take what they wrote: the outcome of each
-/// write, or the error that kept the transaction from committing (then none of them is
-/// written: the transaction is rolled back when it is dropped).
+/// Runs every write of `taken.batch` in one IMMEDIATE transaction, then, with `queue`, the
+/// batched writes queued meanwhile (added to `taken`; they share the commit instead of waiting
+/// for the next one, and the jobs that are not batched wait for the commit), writes the
+/// deployments they changed, commits, and has the store's memory take what they wrote: the
+/// outcome of each write, or the error that kept the transaction from committing (then none of
+/// them is written: the transaction is rolled back when it is dropped).
 fn write_together(
     shared: &Shared,
     conn: &mut Connection,
-    batch: &mut [Box<dyn BatchedWrite>],
+    taken: &mut Taken,
+    queue: Option<&Receiver<Job>>,
 ) -> Result<Vec<Result<(), DbError>>, DbError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let mut outcomes = Vec::with_capacity(batch.len());
+    let mut outcomes = Vec::with_capacity(taken.batch.len());
     let mut pending = Pending::default();
-    for write in batch.iter_mut() {
-        let changes_before = tx.total_changes();
-        let outcome = write.write(shared, &tx, &mut pending);
-        if let Err(error) = outcome {
-            if matches!(error, DbError::Sqlite(_)) || tx.total_changes() != changes_before {
-                // Only rolling the transaction back undoes what it changed.
-                return Err(error);
+    loop {
+        for write in &mut taken.batch[outcomes.len()..] {
+            let changes_before = tx.total_changes();
+            let outcome = write.write(shared, &tx, &mut pending);
+            if let Err(error) = outcome {
+                if matches!(error, DbError::Sqlite(_)) || tx.total_changes() != changes_before {
+                    // Only rolling the transaction back undoes what it changed.
+                    return Err(error);
+                }
+                outcomes.push(Err(error));
+            } else {
+                outcomes.push(Ok(()));
             }
-            outcomes.push(Err(error));
-        } else {
-            outcomes.push(Ok(()));
+        }
+        match queue {
+            Some(queue) => taken.take_queued(queue),
+            None => break,
+        }
+        if outcomes.len() == taken.batch.len() {
+            break;
         }
     }
     for deployment in pending.deployments.values() {
