@@ -878,7 +878,10 @@ async fn a_write_failing_halfway_changes_nothing_and_spares_its_batch() {
     let mut appends: Vec<Call<'_, u64>> = vec![
         store.append_logs("dep-half", vec![line(0, "first")]),
         // Its first line is inserted before its second is found out of range.
-        store.append_logs("dep-half", vec![line(1, "stored, then undone"), line(u64::MAX, "x")]),
+        store.append_logs(
+            "dep-half",
+            vec![line(1, "stored, then undone"), line(u64::MAX, "x")],
+        ),
         store.append_logs("dep-half", vec![line(2, "after")]),
     ];
     updates.push(store.update_node("dep-half-1", status(NodeStatus::Booting), at(3)));
@@ -930,7 +933,11 @@ async fn a_write_failing_halfway_changes_nothing_and_spares_its_batch() {
             |row| Ok((row.get(0)?, row.get(1)?)),
         )
         .unwrap();
-    assert_eq!((log_seq, log_stored), (2, 2), "the failed append left no trace");
+    assert_eq!(
+        (log_seq, log_stored),
+        (2, 2),
+        "the failed append left no trace"
+    );
 }
 
 /// A batched write queued while a batch is being written joins that batch's commit instead of
