@@ -4,8 +4,8 @@
 //!
 //! One thread instead of a hand-off to tokio's blocking pool per call: under load, each call
 //! then costs a channel message and a wake-up instead of a pool thread that blocks on the
-//! connection's lock behind all the others, and writes queued while a batch is written form
-//! the next batch, so one commit (one write-ahead-log append) serves many callers.
+//! connection's lock behind all the others, and writes queued while a batch is written join
+//! it before its commit, so one commit (one write-ahead-log append) serves many callers.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc::{Receiver, Sender};
