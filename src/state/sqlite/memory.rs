@@ -91,10 +91,6 @@ impl Memory {
 
     /// Holds `node`, just read from or written to its row, while it is not final.
     pub(super) fn remember_node(&mut self, mut node: Node) {
-        self.forget_node(&node.id);
-        if node.status.is_final() {
-            return;
-        }
         node.last_update = as_stored(node.last_update);
         let times = &mut node.times;
         for time in [
@@ -105,6 +101,21 @@ impl Memory {
             &mut times.finished_at,
         ] {
             *time = time.map(as_stored);
+        }
+        // Most writes change neither whether the node is held nor its tokens: the copy is
+        // replaced where it is, and the token indexes stay as they are.
+        if let Some(held) = self.nodes.get_mut(&node.id) {
+            if !node.status.is_final()
+                && held.provision_token_hash == node.provision_token_hash
+                && held.auth_token_hash == node.auth_token_hash
+            {
+                *held = node;
+                return;
+            }
+        }
+        self.forget_node(&node.id);
+        if node.status.is_final() {
+            return;
         }
         if let Some(hash) = node.provision_token_hash {
             self.provision_tokens.insert(hash, node.id.clone());
@@ -138,7 +149,12 @@ impl Memory {
         deployment.updated_at = as_stored(deployment.updated_at);
         deployment.completed_at = deployment.completed_at.map(as_stored);
         deployment.cleaned_at = deployment.cleaned_at.map(as_stored);
-        self.deployments.insert(deployment.id.clone(), deployment);
+        match self.deployments.get_mut(&deployment.id) {
+            Some(held) => *held = deployment,
+            None => {
+                self.deployments.insert(deployment.id.clone(), deployment);
+            }
+        }
     }
 
     /// Stops holding the deployment `id`.

@@ -1,8 +1,9 @@
 //! [`SqliteStore`]: deployments, nodes and logs in one SQLite file, so a daemon that restarts
 //! finds every deployment where it left it.
 //!
-//! Writes are incremental: a node update rewrites that node's row and its deployment's row, a
-//! log append inserts its lines, and nothing ever rewrites the whole state. One thread owns the
+//! Writes are incremental: a node update rewrites that node's row and its deployment's row
+//! (once for all the updates committed together), a log append inserts its lines, and nothing
+//! ever rewrites the whole state. One thread owns the
 //! connection ([`writer`]) and commits the writes that arrive together in one transaction; the
 //! live nodes and deployments are also held in memory ([`memory`]), so the node protocol's
 //! reads need no query. Heartbeats are kept in memory and reach the file only coarsely. Tokens
@@ -192,13 +193,15 @@ macro_rules! deployment_columns {
 ///
 /// # Writes
 /// One thread of the store's own owns the connection and runs every call. Node updates and log
-/// appends that are queued together are written in one transaction (group commit), each in a
-/// savepoint of its own, and each caller is answered only once that transaction has committed:
-/// an answered write is in the file. A write that is refused or fails changes nothing and does
-/// not fail the others of its transaction. Every change of state is computed by
+/// appends that are queued together are written in one transaction (group commit), and each
+/// caller is answered only once that transaction has committed: an answered write is in the
+/// file. A write that is refused or fails changes nothing and does not fail the others of its
+/// transaction (one that fails after writing has the transaction rolled back, and the others
+/// are written again without it). Every change of state is computed by
 /// [`model::apply_node_update`] or [`model::apply_deployment_status`], so the state machines
-/// are the same as [`crate::MemoryStore`]'s. A node update writes that node's row and its
-/// deployment's row; nothing ever rewrites the whole state. A refused transition returns the
+/// are the same as [`crate::MemoryStore`]'s. A node update writes that node's row, and its
+/// deployment's row is written once per transaction with what the last of its updates left;
+/// nothing ever rewrites the whole state. A refused transition returns the
 /// crate's conflict [`Error`] and changes nothing.
 ///
 /// # Reads
@@ -884,29 +887,48 @@ fn append_chunk(
             }
         }
     }
-    tx.prepare_cached(
-        "UPDATE deployments SET log_seq = ?2, log_stored = log_stored + ?3 WHERE id = ?1",
-    )?
-    .execute(params![deployment_id, seq, inserted_lines])?;
+    // The counts come back from the statements that update them (`RETURNING`), one query
+    // fewer each.
+    let mut total: i64 = tx
+        .prepare_cached(
+            "UPDATE deployments SET log_seq = ?2, log_stored = log_stored + ?3 WHERE id = ?1 \
+             RETURNING log_stored",
+        )?
+        .query_row(params![deployment_id, seq, inserted_lines], |row| {
+            row.get(0)
+        })?;
+    let mut over_node_cap = Vec::new();
     {
         let mut count = tx.prepare_cached(
             "INSERT INTO log_volume (deployment_id, node_index, stored) VALUES (?1, ?2, ?3) \
-             ON CONFLICT (deployment_id, node_index) DO UPDATE SET stored = stored + ?3",
+             ON CONFLICT (deployment_id, node_index) DO UPDATE SET stored = stored + ?3 \
+             RETURNING stored, dropped, marker_seq",
         )?;
         for (index, lines) in &added {
-            count.execute(params![deployment_id, index, lines])?;
+            let volume = count.query_row(params![deployment_id, index, lines], |row| {
+                Ok(NodeVolume {
+                    node_index: *index,
+                    stored: row.get(0)?,
+                    dropped: row.get(1)?,
+                    marker_seq: row.get(2)?,
+                })
+            })?;
+            if volume.stored > caps.node {
+                over_node_cap.push(volume);
+            }
         }
     }
-    for (index, _) in &added {
-        let volume = node_volume(tx, deployment_id, *index)?;
-        if volume.stored > caps.node {
-            drop_oldest(tx, deployment_id, &volume, volume.real() + 1 - caps.node)?;
-        }
+    for volume in &over_node_cap {
+        drop_oldest(tx, deployment_id, volume, volume.real() + 1 - caps.node)?;
     }
+    // Dropping lines changes the total: it is read again after each drop.
+    let mut dropped = !over_node_cap.is_empty();
     loop {
-        let total: i64 = tx
-            .prepare_cached("SELECT log_stored FROM deployments WHERE id = ?1")?
-            .query_row([deployment_id], |row| row.get(0))?;
+        if dropped {
+            total = tx
+                .prepare_cached("SELECT log_stored FROM deployments WHERE id = ?1")?
+                .query_row([deployment_id], |row| row.get(0))?;
+        }
         if total <= caps.deployment {
             break;
         }
@@ -925,6 +947,7 @@ fn append_chunk(
         let over = total - caps.deployment;
         let count = over + i64::from(volume.marker_seq.is_none());
         drop_oldest(tx, deployment_id, &volume, count.min(volume.real()))?;
+        dropped = true;
     }
     Ok(seq)
 }
@@ -1099,10 +1122,11 @@ fn insert_node(tx: &Transaction<'_>, node: &Node) -> rusqlite::Result<()> {
 }
 
 /// Writes back what [`model::apply_node_update`] may change in a node. The token hash columns
-/// are written only when they changed (registration, a new provision token): setting a
+/// are written only when they changed (`tokens_changed`: registration, a new provision
+/// token): setting a
 /// `UNIQUE` column rewrites its index even to the same value, which made every status update
 /// about 40% slower.
-fn write_node(tx: &Connection, before: &Node, node: &Node) -> rusqlite::Result<()> {
+fn write_node(tx: &Connection, node: &Node, tokens_changed: bool) -> rusqlite::Result<()> {
     tx.prepare_cached(
         "UPDATE nodes SET status = ?2, attempt = ?3, instance_id = ?4, ip_address = ?5, \
          last_update = ?6, exit_code = ?7, error_message = ?8, instance_locator = ?9, \
@@ -1125,8 +1149,6 @@ fn write_node(tx: &Connection, before: &Node, node: &Node) -> rusqlite::Result<(
         node.times.started_at.map(to_ms),
         node.times.finished_at.map(to_ms),
     ])?;
-    let tokens_changed = before.provision_token_hash != node.provision_token_hash
-        || before.auth_token_hash != node.auth_token_hash;
     if tokens_changed {
         tx.prepare_cached(
             "UPDATE nodes SET provision_token_hash = ?2, auth_token_hash = ?3 WHERE id = ?1",
@@ -1141,7 +1163,8 @@ fn write_node(tx: &Connection, before: &Node, node: &Node) -> rusqlite::Result<(
 }
 
 /// Writes back what the state machines may change in a deployment: its status, counters,
-/// times and message (never its id, provider, size or retries).
+/// times and message (never its id, provider, size or retries). Node updates write it once per
+/// transaction, however many of them changed it.
 fn write_deployment(tx: &Connection, deployment: &Deployment) -> rusqlite::Result<()> {
     let mut update = tx.prepare_cached(
         "UPDATE deployments SET status = ?2, nodes_completed = ?3, nodes_failed = ?4, \
@@ -1328,13 +1351,15 @@ impl Store for SqliteStore {
             let mut node = shared.current_node(conn, pending, &node_id)?;
             let mut deployment = shared.current_deployment(conn, pending, &node.deployment_id)?;
             shared.overlay_heartbeats(std::slice::from_mut(&mut node));
-            let before = node.clone();
-            // A refused transition returns here: its savepoint is rolled back, and neither
-            // the store's memory nor the heartbeats change.
+            let tokens_before = (node.provision_token_hash, node.auth_token_hash);
+            // A refused transition returns here, before anything is written: neither the
+            // file, the store's memory nor the heartbeats change.
             let applied =
                 model::apply_node_update(&mut deployment, &mut node, update.clone(), now)?;
-            write_node(conn, &before, &node)?;
-            write_deployment(conn, &deployment)?;
+            let tokens_changed = tokens_before != (node.provision_token_hash, node.auth_token_hash);
+            write_node(conn, &node, tokens_changed)?;
+            // The deployment's row is written once for the whole transaction, from `pending`
+            // (see `writer::write_together`).
             pending.nodes.insert(node_id.clone(), node);
             pending
                 .deployments

@@ -762,3 +762,222 @@ async fn a_panicking_call_does_not_stop_the_writer() {
         .unwrap();
     assert!(store.deployment("dep-after").await.unwrap().is_some());
 }
+
+/// The deployment as its row holds it, read by a connection of its own (what a restarted
+/// daemon would find): status, counters and `updated_at`.
+fn deployment_row(path: &Path, id: &str) -> (String, u32, u32, SystemTime) {
+    let reader = Connection::open(path).unwrap();
+    let (status, completed, failed, updated_ms): (String, u32, u32, i64) = reader
+        .query_row(
+            "SELECT status, nodes_completed, nodes_failed, updated_at FROM deployments WHERE id = ?1",
+            [id],
+            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)),
+        )
+        .unwrap();
+    (status, completed, failed, from_ms(updated_ms).unwrap())
+}
+
+/// Updates of one deployment's nodes committed together write its row once, with what the
+/// last of them left: the file holds the right counters, status and `updated_at` as soon as
+/// they are answered, and after the store is reopened.
+#[tokio::test]
+async fn a_deployment_written_once_per_commit_holds_its_last_update() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    let store = SqliteStore::open(&path).unwrap();
+    store
+        .create_deployment(deployment("dep-once", 3), nodes("dep-once", 3))
+        .await
+        .unwrap();
+    store
+        .update_deployment_status("dep-once", DeploymentStatus::Provisioning, None, at(1))
+        .await
+        .unwrap();
+    let release = hold_writer(&store).await;
+    let ids: Vec<String> = (0..3).map(|index| format!("dep-once-{index}")).collect();
+    let mut calls: Vec<Call<'_, Applied>> = Vec::new();
+    for (id, seconds) in ids.iter().zip([2, 3, 4]) {
+        for update in [
+            status(NodeStatus::Provisioning),
+            status(NodeStatus::RunningScript),
+        ] {
+            calls.push(store.update_node(id, update, at(seconds)));
+        }
+    }
+    calls.push(store.update_node("dep-once-1", status(NodeStatus::Completed), at(5)));
+    queue_all(&mut calls).await;
+    let commits_before = batch_commits(&store);
+    release.send(()).unwrap();
+    for call in calls {
+        call.await.unwrap();
+    }
+    assert_eq!(batch_commits(&store) - commits_before, 1, "one commit");
+    assert_eq!(
+        deployment_row(&path, "dep-once"),
+        ("running".to_owned(), 1, 0, at(5)),
+        "the row holds the last update, before the store is closed"
+    );
+    let held = store.deployment("dep-once").await.unwrap().unwrap();
+    assert_eq!((held.nodes_completed, held.updated_at), (1, at(5)));
+    // The last two nodes end in one more commit: the deployment is final in the file.
+    for (index, exit_code) in [(0, 0), (2, 1)] {
+        let update = NodeUpdate::Status {
+            status: if exit_code == 0 {
+                NodeStatus::Completed
+            } else {
+                NodeStatus::Failed
+            },
+            exit_code: Some(exit_code),
+            message: None,
+        };
+        store
+            .update_node(&format!("dep-once-{index}"), update, at(6))
+            .await
+            .unwrap();
+    }
+    drop(store);
+    assert_eq!(
+        deployment_row(&path, "dep-once"),
+        ("failed".to_owned(), 2, 1, at(6))
+    );
+    let reopened = SqliteStore::open(&path).unwrap();
+    let done = reopened.deployment("dep-once").await.unwrap().unwrap();
+    assert_eq!(
+        (done.status, done.nodes_completed, done.nodes_failed),
+        (DeploymentStatus::Failed, 2, 1)
+    );
+    assert_eq!((done.updated_at, done.completed_at), (at(6), Some(at(6))));
+}
+
+/// A write that fails after it has changed rows (here a log append whose second line cannot
+/// be stored) is undone, and the writes queued with it are still written and answered: the
+/// transaction is rolled back and its writes are made again without it.
+#[tokio::test]
+async fn a_write_failing_halfway_changes_nothing_and_spares_its_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    let store = SqliteStore::open(&path).unwrap();
+    store
+        .create_deployment(deployment("dep-half", 2), nodes("dep-half", 2))
+        .await
+        .unwrap();
+    let line = |line_no: u64, text: &str| NewLogLine {
+        node_id: "dep-half-0".to_owned(),
+        node_index: 0,
+        stream: LogStream::Stdout,
+        line: text.to_owned(),
+        timestamp: at(2),
+        attempt: 1,
+        line_no: Some(line_no),
+    };
+    let release = hold_writer(&store).await;
+    let mut updates: Vec<Call<'_, Applied>> = vec![
+        store.update_node("dep-half-0", status(NodeStatus::Provisioning), at(2)),
+        store.update_node("dep-half-1", status(NodeStatus::Provisioning), at(2)),
+    ];
+    let mut appends: Vec<Call<'_, u64>> = vec![
+        store.append_logs("dep-half", vec![line(0, "first")]),
+        // Its first line is inserted before its second is found out of range.
+        store.append_logs(
+            "dep-half",
+            vec![line(1, "stored, then undone"), line(u64::MAX, "x")],
+        ),
+        store.append_logs("dep-half", vec![line(2, "after")]),
+    ];
+    updates.push(store.update_node("dep-half-1", status(NodeStatus::Booting), at(3)));
+    queue_all(&mut updates).await;
+    queue_all(&mut appends).await;
+    let commits_before = batch_commits(&store);
+    release.send(()).unwrap();
+    for update in updates {
+        update.await.unwrap();
+    }
+    let mut answers = Vec::new();
+    for append in appends {
+        answers.push(append.await);
+    }
+    assert_eq!(answers[0].as_ref().unwrap(), &1);
+    let error = answers[1].as_ref().unwrap_err();
+    assert!(error.is_store(), "{error}");
+    assert_eq!(answers[2].as_ref().unwrap(), &2);
+    assert_eq!(
+        batch_commits(&store) - commits_before,
+        5,
+        "the batch was rolled back and its five other writes made one by one"
+    );
+    let lines: Vec<String> = store
+        .logs(
+            "dep-half",
+            LogQuery {
+                limit: 10,
+                ..LogQuery::default()
+            },
+        )
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|line| line.line)
+        .collect();
+    assert_eq!(lines, ["first", "after"]);
+    let nodes = store.nodes("dep-half").await.unwrap();
+    assert_eq!(
+        (nodes[0].status, nodes[1].status),
+        (NodeStatus::Provisioning, NodeStatus::Booting)
+    );
+    drop(store);
+    let reader = Connection::open(&path).unwrap();
+    let (log_seq, log_stored): (i64, i64) = reader
+        .query_row(
+            "SELECT log_seq, log_stored FROM deployments WHERE id = 'dep-half'",
+            [],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(
+        (log_seq, log_stored),
+        (2, 2),
+        "the failed append left no trace"
+    );
+}
+
+/// A batched write queued while a batch is being written joins that batch's commit instead of
+/// waiting for the next one.
+#[tokio::test]
+async fn a_write_queued_during_a_batch_joins_its_commit() {
+    let store = SqliteStore::open_in_memory().unwrap();
+    store
+        .create_deployment(deployment("dep-late", 2), nodes("dep-late", 2))
+        .await
+        .unwrap();
+    let mark = |conn: &Connection, id: &str| -> Result<(), DbError> {
+        conn.execute(
+            "UPDATE nodes SET error_message = 'marked' WHERE id = ?1",
+            [id],
+        )?;
+        Ok(())
+    };
+    let (late_answer, late_answered) = tokio::sync::oneshot::channel();
+    let mut late = Some(writer::Job::Batched(Box::new(writer::Write {
+        write: move |_: &Shared, conn: &Connection, _: &mut Pending| mark(conn, "dep-late-1"),
+        answer: late_answer,
+        written: None,
+    })));
+    let sender = store.writer.sender();
+    let commits_before = batch_commits(&store);
+    store
+        .write(move |_, conn, _| {
+            // Queued while this batch is being written, as a request arriving meanwhile.
+            if let Some(job) = late.take() {
+                sender.send(job).unwrap();
+            }
+            mark(conn, "dep-late-0")
+        })
+        .await
+        .unwrap();
+    late_answered.await.unwrap().unwrap();
+    assert_eq!(batch_commits(&store) - commits_before, 1, "one commit");
+    let nodes = store.nodes("dep-late").await.unwrap();
+    assert!(nodes
+        .iter()
+        .all(|node| node.error_message.as_deref() == Some("marked")));
+}

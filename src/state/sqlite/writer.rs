@@ -4,8 +4,8 @@
 //!
 //! One thread instead of a hand-off to tokio's blocking pool per call: under load, each call
 //! then costs a channel message and a wake-up instead of a pool thread that blocks on the
-//! connection's lock behind all the others, and writes queued while a batch is written form
-//! the next batch, so one commit (one write-ahead-log append) serves many callers.
+//! connection's lock behind all the others, and writes queued while a batch is written join
+//! it before its commit, so one commit (one write-ahead-log append) serves many callers.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc::{Receiver, Sender};
@@ -34,12 +34,18 @@ pub(super) enum Job {
     Batched(Box<dyn BatchedWrite>),
 }
 
-/// A write that can share its transaction with others: [`BatchedWrite::write`] runs inside a
-/// savepoint of its own, so one that fails changes nothing and the others go on.
+/// A write that can share its transaction with others. One that fails without having changed
+/// a row is left out and the others go on; one that fails after changing rows (or with an
+/// error of SQLite's) has its transaction rolled back, and the writes of that transaction are
+/// then made again, each in a transaction of its own, so it changes nothing and the others go
+/// on all the same. This costs less than a savepoint per write, which copied every page a
+/// write touched into a sub-journal (BENCHMARKS.md, "SQLite (session 8)"), and the writes
+/// check what they can before changing anything, so a refused write costs nothing more.
 pub(super) trait BatchedWrite: Send {
     /// Makes the change with `conn`, inside a transaction that is committed afterwards, and
-    /// records the nodes and deployments it wrote in `pending` (the later writes of the
-    /// transaction read them from there; the store's memory takes them once it has
+    /// records the nodes and deployments it wrote in `pending`, only if it succeeds (the later
+    /// writes of the transaction read them from there; the deployments' rows are written from
+    /// there once for the whole transaction; the store's memory takes them once it has
     /// committed). May be called again (in a transaction of its own) if that transaction
     /// could not commit.
     fn write(
@@ -114,6 +120,12 @@ impl WriterHandle {
         })
     }
 
+    /// A sender of jobs, for tests that queue a job while the writer runs another.
+    #[cfg(test)]
+    pub(super) fn sender(&self) -> Sender<Job> {
+        self.jobs.clone().expect("the writer is running")
+    }
+
     /// Queues `job`; an error if the writer thread has stopped.
     pub(super) fn send(&self, job: Job) -> Result<()> {
         self.jobs
@@ -142,32 +154,53 @@ pub(super) fn stopped() -> Error {
     )
 }
 
+/// The jobs the writer took from its queue in one round: the batched writes, written
+/// together, and the others, run one by one afterwards.
+struct Taken {
+    batch: Vec<Box<dyn BatchedWrite>>,
+    alone: Vec<AloneJob>,
+}
+
+impl Taken {
+    /// Takes what is queued, up to [`MAX_JOBS_AT_ONCE`] jobs in all.
+    fn take_queued(&mut self, queue: &Receiver<Job>) {
+        while self.batch.len() + self.alone.len() < MAX_JOBS_AT_ONCE {
+            // Empty or disconnected: what is queued is taken.
+            let Ok(job) = queue.try_recv() else {
+                return;
+            };
+            match job {
+                Job::Alone(job) => self.alone.push(job),
+                Job::Batched(write) => self.batch.push(write),
+            }
+        }
+    }
+}
+
 /// The writer thread: takes every job queued, writes the batched ones together, runs the
 /// others one by one, until the store is dropped.
 fn run(shared: &Shared, mut conn: Connection, queue: &Receiver<Job>) {
     while let Ok(first) = queue.recv() {
-        let mut batch = Vec::new();
-        let mut alone = Vec::new();
-        let mut next = Some(first);
-        while let Some(job) = next.take() {
-            match job {
-                Job::Alone(job) => alone.push(job),
-                Job::Batched(write) => batch.push(write),
-            }
-            if batch.len() + alone.len() < MAX_JOBS_AT_ONCE {
-                // Empty or disconnected: what is queued is taken.
-                next = queue.try_recv().ok();
-            }
+        let mut taken = Taken {
+            batch: Vec::new(),
+            alone: Vec::new(),
+        };
+        match first {
+            Job::Alone(job) => taken.alone.push(job),
+            Job::Batched(write) => taken.batch.push(write),
         }
+        taken.take_queued(queue);
         // A panic fails the calls it interrupted (their answers are dropped, so they get an
         // error) and rolls back their transaction; the thread goes on with the next jobs.
-        if !batch.is_empty() {
-            let written = catch_unwind(AssertUnwindSafe(|| write_batch(shared, &mut conn, batch)));
+        if !taken.batch.is_empty() {
+            let written = catch_unwind(AssertUnwindSafe(|| {
+                write_batch(shared, &mut conn, &mut taken, queue);
+            }));
             if written.is_err() {
                 tracing::error!("the state store's writer panicked while writing a batch");
             }
         }
-        for job in alone {
+        for job in taken.alone {
             if catch_unwind(AssertUnwindSafe(|| job(shared, &mut conn))).is_err() {
                 tracing::error!("the state store's writer panicked while running a call");
             }
@@ -176,55 +209,84 @@ fn run(shared: &Shared, mut conn: Connection, queue: &Receiver<Job>) {
     shared.save_heartbeats(&mut conn);
 }
 
-/// Writes `batch` in one transaction and answers each caller once it has committed. If the
-/// transaction as a whole cannot begin or commit, each write is tried again in a transaction
-/// of its own, so each caller gets its own answer.
-fn write_batch(shared: &Shared, conn: &mut Connection, mut batch: Vec<Box<dyn BatchedWrite>>) {
-    match write_together(shared, conn, &mut batch) {
+/// Writes `taken.batch` in one transaction, with the batched writes queued meanwhile, and
+/// answers each caller once it has committed. If the transaction as a whole cannot begin or
+/// commit, or a write failed halfway, each write is tried again in a transaction of its own,
+/// so each caller gets its own answer.
+fn write_batch(shared: &Shared, conn: &mut Connection, taken: &mut Taken, queue: &Receiver<Job>) {
+    let together = write_together(shared, conn, taken, Some(queue));
+    let batch = std::mem::take(&mut taken.batch);
+    match together {
         Ok(outcomes) => {
             for (write, outcome) in batch.into_iter().zip(outcomes) {
                 write.answer(outcome);
             }
         }
         Err(error) if batch.len() > 1 => {
-            tracing::warn!(%error, writes = batch.len(), "could not commit state writes together; writing them one by one");
-            for mut write in batch {
-                let outcome = write_together(shared, conn, std::slice::from_mut(&mut write))
-                    .map_err(DbError::from)
+            // A write refused halfway is one caller's answer, not a fault of the database.
+            if let DbError::Sqlite(error) = &error {
+                tracing::warn!(%error, writes = batch.len(), "could not commit state writes together; writing them one by one");
+            }
+            for write in batch {
+                let mut alone = Taken {
+                    batch: vec![write],
+                    alone: Vec::new(),
+                };
+                let outcome = write_together(shared, conn, &mut alone, None)
                     .and_then(|mut outcomes| outcomes.pop().unwrap_or(Ok(())));
-                write.answer(outcome);
+                if let Some(write) = alone.batch.pop() {
+                    write.answer(outcome);
+                }
             }
         }
         Err(error) => {
             // The batch held one write.
-            if let Some(write) = batch.pop() {
-                write.answer(Err(DbError::from(error)));
+            if let Some(write) = batch.into_iter().next() {
+                write.answer(Err(error));
             }
         }
     }
 }
 
-/// Runs every write of `batch` in one IMMEDIATE transaction, each in a savepoint, commits, and
-/// has the store's memory take what they wrote: the outcome of each write, or the error that
-/// kept the transaction from committing (then none of them is written).
+/// Runs every write of `taken.batch` in one IMMEDIATE transaction, then, with `queue`, the
+/// batched writes queued meanwhile (added to `taken`; they share the commit instead of waiting
+/// for the next one, and the jobs that are not batched wait for the commit), writes the
+/// deployments they changed, commits, and has the store's memory take what they wrote: the
+/// outcome of each write, or the error that kept the transaction from committing (then none of
+/// them is written: the transaction is rolled back when it is dropped).
 fn write_together(
     shared: &Shared,
     conn: &mut Connection,
-    batch: &mut [Box<dyn BatchedWrite>],
-) -> rusqlite::Result<Vec<Result<(), DbError>>> {
-    let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let mut outcomes = Vec::with_capacity(batch.len());
+    taken: &mut Taken,
+    queue: Option<&Receiver<Job>>,
+) -> Result<Vec<Result<(), DbError>>, DbError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut outcomes = Vec::with_capacity(taken.batch.len());
     let mut pending = Pending::default();
-    for write in batch.iter_mut() {
-        let savepoint = tx.savepoint()?;
-        let outcome = write.write(shared, &savepoint, &mut pending);
-        if outcome.is_ok() {
-            savepoint.commit()?;
-        } else {
-            // Rolls back whatever the write changed before it failed.
-            savepoint.finish()?;
+    loop {
+        for write in &mut taken.batch[outcomes.len()..] {
+            let changes_before = tx.total_changes();
+            let outcome = write.write(shared, &tx, &mut pending);
+            if let Err(error) = outcome {
+                if matches!(error, DbError::Sqlite(_)) || tx.total_changes() != changes_before {
+                    // Only rolling the transaction back undoes what it changed.
+                    return Err(error);
+                }
+                outcomes.push(Err(error));
+            } else {
+                outcomes.push(Ok(()));
+            }
         }
-        outcomes.push(outcome);
+        match queue {
+            Some(queue) => taken.take_queued(queue),
+            None => break,
+        }
+        if outcomes.len() == taken.batch.len() {
+            break;
+        }
+    }
+    for deployment in pending.deployments.values() {
+        super::write_deployment(&tx, deployment)?;
     }
     tx.commit()?;
     shared.memory().committed(pending);
