@@ -499,6 +499,14 @@ pub fn apply_node_update(
             exit_code,
             message,
         } => {
+            // A node being terminated that fails (its script killed by the stop, its agent
+            // reporting that before the engine marks the node) ends terminated, as asked:
+            // its exit code and message are kept.
+            let status = if status == NodeStatus::Failed && node.status == NodeStatus::Terminating {
+                NodeStatus::Terminated
+            } else {
+                status
+            };
             if status == node.status {
                 // A repeated report (an answer was lost and the call resent): nothing changes.
                 return Ok(Applied {

@@ -269,6 +269,44 @@ fn terminate_request_ends_terminated() {
 }
 
 #[test]
+fn a_node_failing_while_it_is_terminated_ends_terminated_keeping_its_exit_code() {
+    let mut d = deployment(2, 0);
+    d.status = DeploymentStatus::Running;
+    let now = SystemTime::UNIX_EPOCH;
+    let mut n = Node::new("dep-1", 0, now);
+    run_to(&mut d, &mut n, NodeStatus::RunningScript);
+    apply_deployment_status(&mut d, DeploymentStatus::Terminating, None, now).unwrap();
+    apply_node_update(&mut d, &mut n, status(NodeStatus::Terminating), now).unwrap();
+    // The agent saw its script killed by the stop and says so.
+    let applied = apply_node_update(
+        &mut d,
+        &mut n,
+        NodeUpdate::Status {
+            status: NodeStatus::Failed,
+            exit_code: Some(143),
+            message: Some("script exited with code 143".into()),
+        },
+        now,
+    )
+    .unwrap();
+    assert_eq!(applied.node.status, NodeStatus::Terminated);
+    assert_eq!(applied.node.exit_code, Some(143));
+    assert_eq!(
+        (d.nodes_failed, d.nodes_terminated),
+        (0, 1),
+        "counted as terminated"
+    );
+    // The engine's own mark that follows changes nothing.
+    let again = apply_node_update(&mut d, &mut n, status(NodeStatus::Terminated), now).unwrap();
+    assert_eq!(again.node.status, NodeStatus::Terminated);
+    assert_eq!(d.nodes_terminated, 1);
+    // A node not being terminated still fails.
+    let mut other = Node::new("dep-1", 1, now);
+    run_to(&mut d, &mut other, NodeStatus::Failed);
+    assert_eq!(other.status, NodeStatus::Failed);
+}
+
+#[test]
 fn a_repeated_state_is_a_no_op_success() {
     let mut d = deployment(1, 0);
     let mut n = Node::new("dep-1", 0, SystemTime::UNIX_EPOCH);
