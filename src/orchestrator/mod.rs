@@ -86,8 +86,9 @@ pub(crate) struct Inner {
     /// Deployments this process has loaded: their parsed config and metadata. Final ones
     /// are dropped ([`Orchestrator::forget_final`]) and read again on demand.
     live: Mutex<HashMap<String, Arc<Live>>>,
-    /// When each registered node was last heard from (heartbeats cost no store write).
-    pub(crate) last_seen: Mutex<HashMap<String, tokio::time::Instant>>,
+    /// When each registered node was last heard from (heartbeats cost no store write), by
+    /// deployment and node index.
+    pub(crate) last_seen: Mutex<HashMap<nodes::SeenKey, tokio::time::Instant>>,
     /// Log lines stored per node attempt, for the per-node volume limit.
     pub(crate) log_counts: Mutex<HashMap<(String, u32), nodes::LogVolume>>,
     /// Nodes in `booting`, by the time their agent must register by (the boot timeout).

@@ -96,20 +96,11 @@ pub(super) async fn route(
         .ok_or_else(|| {
             Error::unauthorized("missing `Authorization: Bearer <node token>` header")
         })?;
+    if let (&Method::POST, ["heartbeat"]) = (method, path) {
+        return heartbeat(shared, &token_hash, request).await;
+    }
     let node = engine.authenticate_node(&token_hash).await?;
     match (method, path) {
-        (&Method::POST, ["heartbeat"]) => {
-            let body: wire::HeartbeatRequest = read_json_or_empty(shared, request).await?;
-            let shutdown = engine
-                .node_heartbeat(&node, body.metrics.as_ref().and_then(resource_sample))
-                .await?;
-            let answer = if shutdown {
-                HEARTBEAT_SHUTDOWN
-            } else {
-                HEARTBEAT_CONTINUE
-            };
-            Ok(json_bytes(StatusCode::OK, answer))
-        }
         (&Method::POST, ["status"]) => {
             let body: wire::StatusRequest = read_json(shared, request).await?;
             engine.node_status(&node, status_report(body)).await?;
@@ -136,6 +127,26 @@ pub(super) async fn route(
             path.join("/")
         ))),
     }
+}
+
+/// `POST /nodes/heartbeat`: the token is checked and the node touched in one store call,
+/// before the body is read; a body that is not JSON is then refused (400), though the node
+/// was heard from.
+async fn heartbeat(
+    shared: &Shared,
+    token_hash: &[u8; 32],
+    request: Request<Incoming>,
+) -> Result<Response<Body>> {
+    let engine = &shared.engine;
+    let live = engine.node_heartbeat(token_hash).await?;
+    let body: wire::HeartbeatRequest = read_json_or_empty(shared, request).await?;
+    let Some(node) = live else {
+        return Ok(json_bytes(StatusCode::OK, HEARTBEAT_SHUTDOWN));
+    };
+    if let Some(sample) = body.metrics.as_ref().and_then(resource_sample) {
+        engine.node_resources(&node, sample);
+    }
+    Ok(json_bytes(StatusCode::OK, HEARTBEAT_CONTINUE))
 }
 
 /// `GET /nodes/assets`: the node's worker bundle, from memory or streamed from its file.

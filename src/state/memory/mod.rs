@@ -16,7 +16,9 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 
 use super::model::{self, Applied, Deployment, DeploymentStatus, Node, NodeStatus, NodeUpdate};
-use super::{node_log_cap, LogLine, LogQuery, LogStream, NewLogLine, Store};
+use super::{
+    node_log_cap, takes_heartbeats, Heartbeat, LogLine, LogQuery, LogStream, NewLogLine, Store,
+};
 use crate::error::{Error, Result};
 use log::{canonical_index, canonical_node_id, DeploymentLog};
 
@@ -553,6 +555,30 @@ impl Store for MemoryStore {
             }
         }
         Ok(())
+    }
+
+    async fn heartbeat(&self, auth_token_hash: &[u8; 32], now: SystemTime) -> Result<Heartbeat> {
+        // Two lookups (token, deployment), no copy of the node or its deployment.
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let Some(key) = inner.auth_tokens.get(auth_token_hash) else {
+            return Ok(Heartbeat::UnknownToken);
+        };
+        let entry = inner
+            .deployments
+            .get_mut(&key.deployment)
+            .ok_or_else(|| unknown_deployment(&key.deployment))?;
+        let Some(record) = entry.nodes.get_mut(key.position as usize) else {
+            return Ok(Heartbeat::UnknownToken);
+        };
+        if !takes_heartbeats(record.status, entry.deployment.status) {
+            return Ok(Heartbeat::Stop);
+        }
+        record.clock.set_last_update(now);
+        Ok(Heartbeat::Live {
+            deployment_id: Arc::clone(&key.deployment),
+            node_index: record.index,
+        })
     }
 
     async fn append_logs(&self, deployment_id: &str, lines: Vec<NewLogLine>) -> Result<u64> {
