@@ -66,6 +66,11 @@ impl<'a> Segments<'a> {
     }
 }
 
+/// The heartbeat's path, and its segments: the node protocol's most frequent request is
+/// recognised by its whole path, without splitting it.
+const HEARTBEAT_PATH: &str = "/api/v1/nodes/heartbeat";
+const HEARTBEAT_SEGMENTS: [&str; 4] = ["api", "v1", "nodes", "heartbeat"];
+
 /// Answer one request; errors become their status code and error body.
 pub(super) async fn handle(
     shared: &Shared,
@@ -77,8 +82,13 @@ pub(super) async fn handle(
     let method = request.method().clone();
     // A clone shares the request's bytes: the path outlives the request without a copy.
     let uri = request.uri().clone();
-    let segments = Segments::of(uri.path());
-    let segments = segments.as_ref().map(Segments::as_slice);
+    let split;
+    let segments = if uri.path() == HEARTBEAT_PATH {
+        Some(&HEARTBEAT_SEGMENTS[..])
+    } else {
+        split = Segments::of(uri.path());
+        split.as_ref().map(Segments::as_slice)
+    };
     let routed = match segments {
         Some(segments) => route(shared, peer, segments, request, connection).await,
         None => Err(no_such_endpoint(&method, uri.path())),
@@ -429,7 +439,13 @@ impl Query {
 
 #[cfg(test)]
 mod tests {
-    use super::{Segments, MAX_SEGMENTS};
+    use super::{Segments, HEARTBEAT_PATH, HEARTBEAT_SEGMENTS, MAX_SEGMENTS};
+
+    #[test]
+    fn the_heartbeats_segments_are_its_path_split() {
+        let split = Segments::of(HEARTBEAT_PATH).expect("few segments");
+        assert_eq!(split.as_slice(), HEARTBEAT_SEGMENTS);
+    }
 
     #[test]
     fn segments_are_the_path_split_at_slashes_without_the_first_and_trailing_ones() {
