@@ -64,6 +64,39 @@ fn bytes_equal(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Hashes a map's SHA-256 keys by taking 8 of their bytes: a SHA-256 hash is uniform already,
+/// and SipHash (`HashMap`'s default) would cost more than the rest of the lookup. Only for maps
+/// of hashes of tokens the engine drew ([`new_token`]), which no client can choose to collide:
+/// the auth token indexes, which every node request looks up.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct TokenHashes;
+
+impl std::hash::BuildHasher for TokenHashes {
+    type Hasher = TokenHasher;
+
+    fn build_hasher(&self) -> TokenHasher {
+        TokenHasher(0)
+    }
+}
+
+/// The [`std::hash::Hasher`] of [`TokenHashes`].
+#[derive(Debug)]
+pub(crate) struct TokenHasher(u64);
+
+impl std::hash::Hasher for TokenHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        // `[u8; 32]` hashes as its length, then its bytes: each write is folded in.
+        let mut word = [0u8; 8];
+        let n = bytes.len().min(8);
+        word[..n].copy_from_slice(&bytes[..n]);
+        self.0 = self.0.rotate_left(5) ^ u64::from_le_bytes(word);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
 /// The SHA-256 of the bearer token in the last `Authorization` header it read, kept with that
 /// header: a keep-alive connection sends the same header with every request, and parsing and
 /// hashing it once is enough. Headers are compared in constant time, so a connection several
@@ -132,6 +165,23 @@ mod tests {
         assert_eq!(a.len(), 64);
         assert_ne!(a, b);
         assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
+    }
+
+    #[test]
+    fn token_hashes_spread_over_a_maps_buckets_and_tags() {
+        use std::hash::BuildHasher;
+        let hashes: Vec<u64> = (0..1000)
+            .map(|_| TokenHashes.hash_one(hash_token(&new_token().unwrap())))
+            .collect();
+        // hashbrown takes a bucket from the low bits and a tag from the top 7.
+        let buckets: std::collections::HashSet<u64> = hashes.iter().map(|h| h & 0xff).collect();
+        let tags: std::collections::HashSet<u64> = hashes.iter().map(|h| h >> 57).collect();
+        assert!(buckets.len() > 200, "{} of 256 buckets", buckets.len());
+        assert!(tags.len() > 100, "{} of 128 tags", tags.len());
+        assert_ne!(
+            TokenHashes.hash_one([1u8; 32]),
+            TokenHashes.hash_one([2u8; 32])
+        );
     }
 
     #[test]

@@ -52,7 +52,8 @@ struct Inner {
     /// Nodes whose id is not `<deployment id>-<index>` (never the engine's own): by id.
     odd_node_ids: HashMap<Box<str>, NodeKey>,
     provision_tokens: HashMap<[u8; 32], NodeKey>,
-    auth_tokens: HashMap<[u8; 32], NodeKey>,
+    /// Looked up by every node request: keyed by a cheap hasher ([`crate::auth::TokenHashes`]).
+    auth_tokens: HashMap<[u8; 32], NodeKey, crate::auth::TokenHashes>,
     deliveries: HashMap<String, model::WebhookDelivery>,
 }
 
@@ -328,7 +329,9 @@ impl Inner {
 
 /// Shrinks `map` when at most a quarter of its room is used (and the room is worth giving
 /// back), so a map that grows and shrinks by turns is not reallocated every time.
-pub(crate) fn shrink_if_sparse<K: Eq + std::hash::Hash, V>(map: &mut HashMap<K, V>) {
+pub(crate) fn shrink_if_sparse<K: Eq + std::hash::Hash, V, S: std::hash::BuildHasher>(
+    map: &mut HashMap<K, V, S>,
+) {
     if map.capacity() > 1024 && map.len() <= map.capacity() / 4 {
         map.shrink_to_fit();
     }
@@ -341,7 +344,7 @@ fn unknown_deployment(id: &str) -> Error {
 /// The provision and auth token indexes (hash to node).
 type TokenIndexes<'a> = (
     &'a mut HashMap<[u8; 32], NodeKey>,
-    &'a mut HashMap<[u8; 32], NodeKey>,
+    &'a mut HashMap<[u8; 32], NodeKey, crate::auth::TokenHashes>,
 );
 
 /// Moves the entries of the node at `key` in the token indexes from its hashes `before`
