@@ -52,8 +52,8 @@ struct Inner {
     /// Nodes whose id is not `<deployment id>-<index>` (never the engine's own): by id.
     odd_node_ids: HashMap<Box<str>, NodeKey>,
     provision_tokens: HashMap<[u8; 32], NodeKey>,
-    /// Looked up by every node request: keyed by a cheap hasher ([`crate::auth::TokenHashes`]).
-    auth_tokens: HashMap<[u8; 32], NodeKey, crate::auth::TokenHashes>,
+    /// Looked up by every node request: hashed cheaply ([`crate::auth::DrawnKeys`]).
+    auth_tokens: HashMap<[u8; 32], NodeKey, crate::auth::DrawnKeys>,
     deliveries: HashMap<String, model::WebhookDelivery>,
 }
 
@@ -344,7 +344,7 @@ fn unknown_deployment(id: &str) -> Error {
 /// The provision and auth token indexes (hash to node).
 type TokenIndexes<'a> = (
     &'a mut HashMap<[u8; 32], NodeKey>,
-    &'a mut HashMap<[u8; 32], NodeKey, crate::auth::TokenHashes>,
+    &'a mut HashMap<[u8; 32], NodeKey, crate::auth::DrawnKeys>,
 );
 
 /// Moves the entries of the node at `key` in the token indexes from its hashes `before`

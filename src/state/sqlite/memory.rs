@@ -30,7 +30,7 @@ pub(super) struct Memory {
     /// The ids of the nodes in `nodes` by their provision token hash, and by their auth token
     /// hash.
     provision_tokens: HashMap<[u8; 32], String>,
-    auth_tokens: HashMap<[u8; 32], String, crate::auth::TokenHashes>,
+    auth_tokens: HashMap<[u8; 32], String, crate::auth::DrawnKeys>,
 }
 
 /// A live node's last heartbeat.
