@@ -154,9 +154,9 @@ impl Connection {
 
     /// Close for `why`, unless already closed for a reason.
     fn mark_closed(&self, why: Closing) {
-        let marked = self
-            .close
-            .compare_exchange(OPEN, why as u8, Ordering::AcqRel, Ordering::Acquire);
+        let marked =
+            self.close
+                .compare_exchange(OPEN, why as u8, Ordering::AcqRel, Ordering::Acquire);
         if marked.is_ok() {
             self.close_waker.wake();
         }
@@ -367,7 +367,11 @@ mod tests {
         let (newer, other) = (table.open(ip(1)), table.open(ip(2)));
         table.authenticated(&other);
         table.drain();
-        assert_eq!(displaced.closed().await, Closing::Displaced, "closed before");
+        assert_eq!(
+            displaced.closed().await,
+            Closing::Displaced,
+            "closed before"
+        );
         assert_eq!(newer.closed().await, Closing::Draining);
         assert_eq!(other.closed().await, Closing::Draining);
     }

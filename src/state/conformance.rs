@@ -785,7 +785,13 @@ async fn heartbeats_by_token_answer_live_or_stop(store: &dyn Store) {
     assert_eq!(node(store, "conf-hb-0").await.last_update, at(54));
 
     // A final node is told to stop and never touched again.
-    update(store, "conf-hb-0", status(NodeStatus::RunningScript), at(60)).await;
+    update(
+        store,
+        "conf-hb-0",
+        status(NodeStatus::RunningScript),
+        at(60),
+    )
+    .await;
     update(store, "conf-hb-0", status(NodeStatus::Completed), at(61)).await;
     assert_eq!(
         store.heartbeat(&[0xC1; 32], at(300)).await.unwrap(),
@@ -1106,7 +1112,10 @@ mod tests {
         async fn mark_cleaned(&self, id: &str, at: SystemTime) -> crate::Result<bool> {
             self.0.mark_cleaned(id, at).await
         }
-        async fn save_delivery(&self, delivery: crate::state::model::WebhookDelivery) -> crate::Result<()> {
+        async fn save_delivery(
+            &self,
+            delivery: crate::state::model::WebhookDelivery,
+        ) -> crate::Result<()> {
             self.0.save_delivery(delivery).await
         }
         async fn delivery(

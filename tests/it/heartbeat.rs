@@ -147,10 +147,7 @@ async fn one_connection_sees_a_rotated_token_and_a_final_node_on_the_next_reques
 }
 
 /// Reads from `stream` until `done` holds for what was read, or the stream ends.
-async fn read_until(
-    stream: &mut tokio::net::TcpStream,
-    done: impl Fn(&str) -> bool,
-) -> String {
+async fn read_until(stream: &mut tokio::net::TcpStream, done: impl Fn(&str) -> bool) -> String {
     use tokio::io::AsyncReadExt;
     let mut read = Vec::new();
     tokio::time::timeout(POLL_LIMIT, async {
@@ -177,7 +174,9 @@ async fn stopping_closes_idle_connections_and_answers_the_request_in_flight() {
     let engine = TestEngine::start().await;
     let address = socket_address(&engine.url);
 
-    let mut idle = tokio::net::TcpStream::connect(address).await.expect("connect");
+    let mut idle = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect");
     idle.write_all(b"GET /health HTTP/1.1\r\nhost: engine\r\n\r\n")
         .await
         .expect("write");
@@ -186,7 +185,9 @@ async fn stopping_closes_idle_connections_and_answers_the_request_in_flight() {
 
     // In flight: its headers are in, and the server asked for its body (`100 Continue`).
     let body = br#"{"provision_token":"not-a-token"}"#;
-    let mut in_flight = tokio::net::TcpStream::connect(address).await.expect("connect");
+    let mut in_flight = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect");
     let head = format!(
         "POST /api/v1/nodes/register HTTP/1.1\r\nhost: engine\r\ncontent-type: application/json\r\n\
          expect: 100-continue\r\ncontent-length: {}\r\n\r\n",
@@ -198,8 +199,14 @@ async fn stopping_closes_idle_connections_and_answers_the_request_in_flight() {
 
     let stopping = tokio::spawn(engine.stop());
     let closed = read_until(&mut idle, |_| false).await;
-    assert_eq!(closed, "", "the idle connection is closed without an answer");
-    assert!(!stopping.is_finished(), "the stop waits for the request in flight");
+    assert_eq!(
+        closed, "",
+        "the idle connection is closed without an answer"
+    );
+    assert!(
+        !stopping.is_finished(),
+        "the stop waits for the request in flight"
+    );
 
     in_flight.write_all(body).await.expect("write the body");
     let answer = read_until(&mut in_flight, |_| false).await;

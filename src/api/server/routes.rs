@@ -82,7 +82,8 @@ pub(super) async fn handle(
 ) -> Response<Body> {
     let started = std::time::Instant::now();
     if request.method() == Method::POST && request.uri().path() == HEARTBEAT_PATH {
-        let routed = node_protocol(shared, &Method::POST, &["heartbeat"], request, connection).await;
+        let routed =
+            node_protocol(shared, &Method::POST, &["heartbeat"], request, connection).await;
         let metrics = shared.request_metrics.heartbeat();
         return answer(shared, routed, metrics, started, |status| {
             tracing::debug!(method = "POST", path = HEARTBEAT_PATH, %peer, status, "request");

@@ -83,14 +83,19 @@ impl Memory {
     /// and its heartbeat is not due to be written (see [`super::SqliteStore`]); `None`
     /// otherwise, for the caller to take the path through the file.
     pub(super) fn heartbeat(&mut self, hash: &[u8; 32], now: SystemTime) -> Option<Beat> {
-        let node = self.auth_tokens.get(hash).and_then(|id| self.nodes.get(id))?;
+        let node = self
+            .auth_tokens
+            .get(hash)
+            .and_then(|id| self.nodes.get(id))?;
         let deployment = self.deployments.get(&node.deployment_id)?;
         if !crate::state::takes_heartbeats(node.status, deployment.status) {
             return Some(Beat::Stop);
         }
         let now_ms = to_ms(now);
         match self.heartbeats.get_mut(&node.id) {
-            Some(heartbeat) if now_ms.saturating_sub(heartbeat.stored_ms) <= super::HEARTBEAT_FLUSH_MS => {
+            Some(heartbeat)
+                if now_ms.saturating_sub(heartbeat.stored_ms) <= super::HEARTBEAT_FLUSH_MS =>
+            {
                 heartbeat.seen = now;
             }
             Some(_) => return None,
