@@ -65,11 +65,12 @@ fn bytes_equal(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// Hashes the keys of maps whose keys the engine drew from the OS's randomness: hashes of its
-/// tokens ([`new_token`]) and node keys of its deployment ids ([`new_id`]). Such keys are
-/// uniform already and no client can choose them to collide, so a fold of their 8-byte words
-/// (as rustc's FxHash) does, at a tenth of the cost of SipHash (`HashMap`'s default, which
-/// guards maps of keys that clients choose). The maps every node request looks up use it: the
-/// stores' auth token indexes and the engine's last-seen times.
+/// tokens ([`new_token`]), and its deployment ids (`dep-` and [`new_id`]), alone or with a node
+/// index. Such keys are uniform already and no client can choose them to collide, so a fold of
+/// their 8-byte words (as rustc's FxHash) does, at a tenth of the cost of SipHash (`HashMap`'s
+/// default, which guards maps of keys that clients choose). The maps every node request looks
+/// up use it: the stores' auth token indexes, `MemoryStore`'s deployments and the engine's
+/// last-seen times.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct DrawnKeys;
 

@@ -48,7 +48,9 @@ pub struct MemoryStore {
 
 #[derive(Debug, Default)]
 struct Inner {
-    deployments: HashMap<Arc<str>, Entry>,
+    /// By id. Ids are drawn by the engine (`dep-` and 64 random bits), so hashed cheaply
+    /// ([`crate::auth::DrawnKeys`]): every node request looks its deployment up.
+    deployments: HashMap<Arc<str>, Entry, crate::auth::DrawnKeys>,
     /// Nodes whose id is not `<deployment id>-<index>` (never the engine's own): by id.
     odd_node_ids: HashMap<Box<str>, NodeKey>,
     provision_tokens: HashMap<[u8; 32], NodeKey>,
