@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
@@ -104,41 +104,67 @@ pub(crate) struct Connection {
     id: u64,
     address: IpAddr,
     authenticated: AtomicBool,
-    /// Set when the table closes this connection; `close_waker` wakes [`Connection::closed`].
-    /// (A connection's task polls `closed` with every request: an atomic and a waker cost
-    /// less there than a `CancellationToken`, whose every poll takes a lock.)
-    close: AtomicBool,
+    /// [`OPEN`], or why the table closes this connection ([`Closing`]); `close_waker` wakes
+    /// [`Connection::closed`]. (A connection's task polls `closed` with every request: an
+    /// atomic and a waker cost less there than a `CancellationToken`, whose every poll takes
+    /// a lock, or a graceful-shutdown watcher.)
+    close: AtomicU8,
     close_waker: AtomicWaker,
     /// The hash of the token its last request authenticated with.
     token: LastTokenHash,
 }
 
+/// [`Connection::close`] while the connection is open.
+const OPEN: u8 = 0;
+
+/// Why the table closes a connection ([`Connection::closed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Closing {
+    /// For a newer connection: it is to be dropped at once.
+    Displaced = 1,
+    /// The server is stopping ([`ConnectionTable::drain`]): the request in flight, if any,
+    /// is answered, then the connection closes.
+    Draining = 2,
+}
+
 impl Connection {
-    /// Completes when the table closes this connection for a newer one. One task (the
+    /// Completes when the table closes this connection, with the reason. One task (the
     /// connection's own) waits on it: a second waiter would take the first one's wake-up.
-    pub(crate) fn closed(&self) -> impl Future<Output = ()> + '_ {
+    pub(crate) fn closed(&self) -> impl Future<Output = Closing> + '_ {
         std::future::poll_fn(|cx| {
-            if self.close.load(Ordering::Acquire) {
-                return Poll::Ready(());
+            if let Some(closing) = self.closing() {
+                return Poll::Ready(closing);
             }
             self.close_waker.register(cx.waker());
             // Closed between the check and the registration: its wake may have been missed.
-            if self.close.load(Ordering::Acquire) {
-                Poll::Ready(())
-            } else {
-                Poll::Pending
+            match self.closing() {
+                Some(closing) => Poll::Ready(closing),
+                None => Poll::Pending,
             }
         })
     }
 
-    fn mark_closed(&self) {
-        self.close.store(true, Ordering::Release);
-        self.close_waker.wake();
+    fn closing(&self) -> Option<Closing> {
+        match self.close.load(Ordering::Acquire) {
+            OPEN => None,
+            1 => Some(Closing::Displaced),
+            _ => Some(Closing::Draining),
+        }
+    }
+
+    /// Close for `why`, unless already closed for a reason.
+    fn mark_closed(&self, why: Closing) {
+        let marked =
+            self.close
+                .compare_exchange(OPEN, why as u8, Ordering::AcqRel, Ordering::Acquire);
+        if marked.is_ok() {
+            self.close_waker.wake();
+        }
     }
 
     #[cfg(test)]
     fn is_closed(&self) -> bool {
-        self.close.load(Ordering::Acquire)
+        self.closing().is_some()
     }
 
     /// SHA-256 of the bearer token in `authorization` (an `Authorization` header's value),
@@ -183,7 +209,7 @@ impl ConnectionTable {
             id: open.next_id,
             address,
             authenticated: AtomicBool::new(false),
-            close: AtomicBool::new(false),
+            close: AtomicU8::new(OPEN),
             close_waker: AtomicWaker::new(),
             token: LastTokenHash::default(),
         });
@@ -213,6 +239,15 @@ impl ConnectionTable {
         }
     }
 
+    /// The server is stopping: tell every open connection to answer its request in flight, if
+    /// any, and close ([`Closing::Draining`]).
+    pub(crate) fn drain(&self) {
+        let open = crate::sync::lock(&self.open);
+        for connection in open.connections.values() {
+            connection.mark_closed(Closing::Draining);
+        }
+    }
+
     /// `connection` ended (or was closed by the table).
     pub(crate) fn close(&self, connection: &Connection) {
         let mut open = crate::sync::lock(&self.open);
@@ -238,7 +273,7 @@ impl Open {
         if let Some(oldest) = oldest {
             self.connections.remove(&oldest.id);
             self.forget_unauthenticated(oldest.address);
-            oldest.mark_closed();
+            oldest.mark_closed(Closing::Displaced);
         }
     }
 
@@ -323,6 +358,22 @@ mod tests {
             .expect("the closed connection's task is woken")
             .unwrap();
         assert!(first.is_closed() && !second.is_closed());
+    }
+
+    #[tokio::test]
+    async fn draining_tells_every_open_connection_why() {
+        let table = ConnectionTable::new(4, 1);
+        let displaced = table.open(ip(1));
+        let (newer, other) = (table.open(ip(1)), table.open(ip(2)));
+        table.authenticated(&other);
+        table.drain();
+        assert_eq!(
+            displaced.closed().await,
+            Closing::Displaced,
+            "closed before"
+        );
+        assert_eq!(newer.closed().await, Closing::Draining);
+        assert_eq!(other.closed().await, Closing::Draining);
     }
 
     #[tokio::test]

@@ -83,7 +83,11 @@ impl Orchestrator {
                 self.watch_boot(&applied.node);
             }
             if applied.node.status.is_final() || applied.node.status == NodeStatus::Terminating {
-                lock(&self.inner.last_seen).remove(node_id);
+                let key = (
+                    std::sync::Arc::from(applied.node.deployment_id.as_str()),
+                    applied.node.index,
+                );
+                lock(&self.inner.last_seen).remove(&key);
                 lock(&self.inner.log_counts).remove(&(node_id.to_owned(), applied.node.attempt));
             }
             if ended {

@@ -86,8 +86,10 @@ pub(crate) struct Inner {
     /// Deployments this process has loaded: their parsed config and metadata. Final ones
     /// are dropped ([`Orchestrator::forget_final`]) and read again on demand.
     live: Mutex<HashMap<String, Arc<Live>>>,
-    /// When each registered node was last heard from (heartbeats cost no store write).
-    pub(crate) last_seen: Mutex<HashMap<String, tokio::time::Instant>>,
+    /// When each registered node was last heard from (heartbeats cost no store write), by
+    /// deployment and node index.
+    pub(crate) last_seen:
+        Mutex<HashMap<nodes::SeenKey, tokio::time::Instant, crate::auth::DrawnKeys>>,
     /// Log lines stored per node attempt, for the per-node volume limit.
     pub(crate) log_counts: Mutex<HashMap<(String, u32), nodes::LogVolume>>,
     /// Nodes in `booting`, by the time their agent must register by (the boot timeout).
@@ -140,7 +142,7 @@ impl Orchestrator {
             store,
             providers,
             live: Mutex::new(HashMap::new()),
-            last_seen: Mutex::new(HashMap::new()),
+            last_seen: Mutex::new(HashMap::default()),
             log_counts: Mutex::new(HashMap::new()),
             boot_deadlines: Mutex::new(monitor::BootDeadlines::default()),
             changes,

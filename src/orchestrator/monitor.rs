@@ -38,13 +38,14 @@ impl Orchestrator {
     pub(super) async fn check_silent_nodes(&self) {
         let timeout = self.inner.config.heartbeat_timeout;
         let now = tokio::time::Instant::now();
-        let silent: Vec<String> = lock(&self.inner.last_seen)
+        let silent: Vec<super::nodes::SeenKey> = lock(&self.inner.last_seen)
             .iter()
             .filter(|(_, seen)| now.duration_since(**seen) > timeout)
-            .map(|(id, _)| id.clone())
+            .map(|(key, _)| key.clone())
             .collect();
-        for node_id in silent {
-            lock(&self.inner.last_seen).remove(&node_id);
+        for key in silent {
+            lock(&self.inner.last_seen).remove(&key);
+            let node_id = super::nodes::node_id(&key.0, key.1);
             tracing::warn!(node_id = %node_id, "heartbeat timeout");
             self.node_failed(&node_id, "heartbeat timeout".to_owned())
                 .await;

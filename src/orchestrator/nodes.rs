@@ -2,6 +2,7 @@
 //! its bearer token alone, so it can only ever read and change its own deployment's data.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use super::Orchestrator;
@@ -9,10 +10,10 @@ use crate::auth;
 use crate::error::{Error, Result};
 use crate::provider::pool::Claim;
 use crate::state::model::{
-    is_node_final, Assignment, DeploymentStatus, LogBatch, Node, NodeResources, NodeStatus,
-    NodeUpdate, Registration, ResourceSample, StatusReport,
+    Assignment, LogBatch, Node, NodeResources, NodeStatus, NodeUpdate, Registration,
+    ResourceSample, StatusReport,
 };
-use crate::state::{LogStream, NewLogLine, MAX_LOG_LINES_PER_BATCH};
+use crate::state::{Heartbeat, LogStream, NewLogLine, MAX_LOG_LINES_PER_BATCH};
 use crate::sync::lock;
 
 /// How a node is being registered.
@@ -127,7 +128,7 @@ impl Orchestrator {
             },
         };
         let applied = self.update_node(&node.id, update).await?;
-        self.seen(&node.id);
+        self.seen_node(&node);
         let node_env = live
             .metadata
             .node_env(&node.deployment_id, &node.id, node.index);
@@ -196,55 +197,50 @@ impl Orchestrator {
         Ok(NodeAssets::Shared(shared))
     }
 
-    /// `POST /nodes/heartbeat`: note the node is alive and what its script uses (`sample`);
-    /// returns whether it is to stop.
-    pub(crate) async fn node_heartbeat(
-        &self,
-        node: &Node,
-        sample: Option<ResourceSample>,
-    ) -> Result<bool> {
-        let store = &self.inner().store;
-        let deployment = store
-            .deployment(&node.deployment_id)
-            .await?
-            .ok_or_else(|| Error::not_found("the node's deployment is gone"))?;
-        let finished = is_node_final(&deployment, node) || node.status == NodeStatus::Failed;
-        let shutdown = finished
-            || node.status == NodeStatus::Terminating
-            || matches!(
-                deployment.status,
-                DeploymentStatus::Terminating | DeploymentStatus::Terminated
-            );
-        if !finished && !shutdown {
-            // A late heartbeat never reopens a node: only live nodes are watched.
-            self.seen(&node.id);
-            let now = SystemTime::now();
-            store.touch_node(&node.id, now).await?;
-            if let Some(sample) = sample {
-                let mut resources = lock(&self.inner().resources);
-                if !resources.contains_key(&node.deployment_id) {
-                    resources.insert(node.deployment_id.clone(), Default::default());
-                }
-                if let Some(by_index) = resources.get_mut(&node.deployment_id) {
-                    let known = by_index.get(&node.index).copied();
-                    by_index.insert(node.index, NodeResources::updated(known, sample, now));
-                }
+    /// `POST /nodes/heartbeat` of the node holding the auth token of this hash
+    /// ([`auth::hash_token`]): notes it alive if it is live, in one store call
+    /// ([`crate::Store::heartbeat`]). Returns the live node, for [`Self::node_resources`];
+    /// `None` when it is to stop. An unknown token is [`Error::unauthorized`].
+    pub(crate) async fn node_heartbeat(&self, token_hash: &[u8; 32]) -> Result<Option<LiveNode>> {
+        let now = SystemTime::now();
+        match self.inner().store.heartbeat(token_hash, now).await? {
+            Heartbeat::UnknownToken => Err(Error::unauthorized("unknown node token")),
+            Heartbeat::Stop => Ok(None),
+            Heartbeat::Live {
+                deployment_id,
+                node_index,
+            } => {
+                self.seen((Arc::clone(&deployment_id), node_index));
+                Ok(Some(LiveNode {
+                    deployment_id,
+                    index: node_index,
+                    at: now,
+                }))
             }
         }
-        Ok(shutdown)
     }
 
-    /// Note that the node `node_id` was heard from now (its id is copied only the first
-    /// time: heartbeats of a known node allocate nothing here).
-    fn seen(&self, node_id: &str) {
+    /// What a live node's script uses, as its heartbeat reported (SPEC §4.2).
+    pub(crate) fn node_resources(&self, node: &LiveNode, sample: ResourceSample) {
+        let mut resources = lock(&self.inner().resources);
+        let by_index = match resources.get_mut(&*node.deployment_id) {
+            Some(by_index) => by_index,
+            None => resources.entry(node.deployment_id.to_string()).or_default(),
+        };
+        let known = by_index.get(&node.index).copied();
+        by_index.insert(node.index, NodeResources::updated(known, sample, node.at));
+    }
+
+    /// Note that the node of `key` was heard from now (a heartbeat of a known node allocates
+    /// nothing here).
+    fn seen(&self, key: SeenKey) {
         let now = tokio::time::Instant::now();
-        let mut last_seen = lock(&self.inner().last_seen);
-        match last_seen.get_mut(node_id) {
-            Some(seen) => *seen = now,
-            None => {
-                last_seen.insert(node_id.to_owned(), now);
-            }
-        }
+        lock(&self.inner().last_seen).insert(key, now);
+    }
+
+    /// [`Self::seen`] for `node`.
+    fn seen_node(&self, node: &Node) {
+        self.seen((Arc::from(node.deployment_id.as_str()), node.index));
     }
 
     /// `POST /nodes/status`: the agent's progress and final result.
@@ -273,7 +269,7 @@ impl Orchestrator {
         )
         .await?;
         if !status.is_final() {
-            self.seen(&node.id);
+            self.seen_node(node);
         }
         Ok(())
     }
@@ -410,6 +406,25 @@ impl Orchestrator {
             .await?;
         Ok(())
     }
+}
+
+/// Whom [`Orchestrator`]'s last-seen times are of: a node's deployment and index. (Node ids
+/// are `<deployment id>-<index>`, [`node_id`]; keyed this way, a heartbeat's store answer
+/// is the key, and no id string is made for it.)
+pub(crate) type SeenKey = (Arc<str>, u32);
+
+/// The id of node `index` of `deployment_id`, as [`Node::new`] names every node.
+pub(crate) fn node_id(deployment_id: &str, index: u32) -> String {
+    format!("{deployment_id}-{index}")
+}
+
+/// A live node that sent a heartbeat ([`Orchestrator::node_heartbeat`]).
+#[derive(Debug)]
+pub(crate) struct LiveNode {
+    deployment_id: Arc<str>,
+    index: u32,
+    /// When its heartbeat arrived.
+    at: SystemTime,
 }
 
 /// Largest worker bundle kept in memory while its deployment runs; larger ones are streamed

@@ -128,8 +128,9 @@ impl Orchestrator {
                             NodeStatus::Registering
                             | NodeStatus::DownloadingAssets
                             | NodeStatus::RunningScript => {
+                                let key = (Arc::from(node.deployment_id.as_str()), node.index);
                                 lock(&self.inner().last_seen)
-                                    .insert(node.id.clone(), tokio::time::Instant::now());
+                                    .insert(key, tokio::time::Instant::now());
                             }
                             NodeStatus::Failed if has_retry_left(&deployment, &node) => {
                                 let (this, live) = (self.clone(), Arc::clone(&live));

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use super::model::{
     Applied, Deployment, DeploymentStatus, Node, NodeStatus, NodeUpdate, PhaseTimes,
 };
-use super::{LogLine, LogQuery, LogStream, NewLogLine, Store};
+use super::{Heartbeat, LogLine, LogQuery, LogStream, NewLogLine, Store};
 use crate::provider::InstanceRef;
 
 /// The caps the store given to [`check_log_cap`] must have been built with: lines per
@@ -26,6 +26,7 @@ pub(crate) async fn check_store(store: &dyn Store) {
     provision_tokens_work_once(store).await;
     moves_deployments(store).await;
     heartbeats_touch_only_live_nodes(store).await;
+    heartbeats_by_token_answer_live_or_stop(store).await;
     pages_logs(store).await;
     pages_logs_by_bytes(store).await;
     lists_newest_first(store).await;
@@ -733,6 +734,95 @@ async fn heartbeats_touch_only_live_nodes(store: &dyn Store) {
     assert_eq!(store.node("conf-beat-9").await.unwrap(), None);
 }
 
+/// Takes node `index` of `id` to `registering` with the auth token hash `[auth; 32]`, and a
+/// registration key `[resend; 32]` to resend its registration with.
+async fn register(store: &dyn Store, id: &str, index: u32, auth: u8, resend: u8) {
+    let node_id = format!("{id}-{index}");
+    let arm = NodeUpdate::ProvisionToken { hash: [resend; 32] };
+    update(store, &node_id, arm, at(1)).await;
+    update(store, &node_id, status(NodeStatus::Provisioning), at(2)).await;
+    update(store, &node_id, provisioned(index), at(3)).await;
+    let registered = NodeUpdate::RegisteredWithNonce {
+        auth_token_hash: [auth; 32],
+        resend_key: [resend; 32],
+    };
+    update(store, &node_id, registered, at(4)).await;
+}
+
+async fn heartbeats_by_token_answer_live_or_stop(store: &dyn Store) {
+    let id = "conf-hb";
+    create(store, id, 3, 0).await;
+    let live = |index| Heartbeat::Live {
+        deployment_id: id.into(),
+        node_index: index,
+    };
+    register(store, id, 0, 0xC0, 0xD0).await;
+    register(store, id, 2, 0xC2, 0xD2).await;
+
+    assert_eq!(store.heartbeat(&[0xC0; 32], at(50)).await.unwrap(), live(0));
+    let touched = node(store, "conf-hb-0").await;
+    assert_eq!(
+        (touched.last_update, touched.status),
+        (at(50), NodeStatus::Registering),
+        "a live node is touched, its state kept"
+    );
+    assert_eq!(
+        store.heartbeat(&[0xEE; 32], at(51)).await.unwrap(),
+        Heartbeat::UnknownToken
+    );
+
+    // A resent registration rotates the token: the old one is refused from the next beat.
+    let resent = NodeUpdate::RegistrationResent {
+        resend_key: [0xD0; 32],
+        auth_token_hash: [0xC1; 32],
+    };
+    update(store, "conf-hb-0", resent, at(52)).await;
+    assert_eq!(
+        store.heartbeat(&[0xC0; 32], at(53)).await.unwrap(),
+        Heartbeat::UnknownToken
+    );
+    assert_eq!(store.heartbeat(&[0xC1; 32], at(54)).await.unwrap(), live(0));
+    assert_eq!(node(store, "conf-hb-0").await.last_update, at(54));
+
+    // A final node is told to stop and never touched again.
+    update(
+        store,
+        "conf-hb-0",
+        status(NodeStatus::RunningScript),
+        at(60),
+    )
+    .await;
+    update(store, "conf-hb-0", status(NodeStatus::Completed), at(61)).await;
+    assert_eq!(
+        store.heartbeat(&[0xC1; 32], at(300)).await.unwrap(),
+        Heartbeat::Stop
+    );
+    assert_eq!(node(store, "conf-hb-0").await.last_update, at(61));
+
+    // A terminating deployment stops its live nodes, untouched.
+    assert_eq!(store.heartbeat(&[0xC2; 32], at(70)).await.unwrap(), live(2));
+    store
+        .update_deployment_status(id, DeploymentStatus::Terminating, None, at(80))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.heartbeat(&[0xC2; 32], at(90)).await.unwrap(),
+        Heartbeat::Stop
+    );
+    let stopped = node(store, "conf-hb-2").await;
+    assert_eq!(
+        (stopped.last_update, stopped.status),
+        (at(70), NodeStatus::Registering)
+    );
+
+    // A forgotten deployment's tokens are unknown.
+    assert!(store.delete_deployment(id).await.unwrap());
+    assert_eq!(
+        store.heartbeat(&[0xC2; 32], at(91)).await.unwrap(),
+        Heartbeat::UnknownToken
+    );
+}
+
 async fn pages_logs(store: &dyn Store) {
     let id = "conf-logs";
     create(store, id, 2, 0).await;
@@ -953,6 +1043,97 @@ mod tests {
             .max_log_lines(LOG_CAP)
             .max_log_lines_per_node(NODE_LOG_CAP);
         check_log_cap(&capped).await;
+    }
+
+    /// A store that leaves [`Store::heartbeat`] to the trait's default.
+    struct DefaultHeartbeat(MemoryStore);
+
+    #[async_trait::async_trait]
+    impl Store for DefaultHeartbeat {
+        async fn create_deployment(&self, d: Deployment, nodes: Vec<Node>) -> crate::Result<()> {
+            self.0.create_deployment(d, nodes).await
+        }
+        async fn deployment(&self, id: &str) -> crate::Result<Option<Deployment>> {
+            self.0.deployment(id).await
+        }
+        async fn deployments(&self) -> crate::Result<Vec<Deployment>> {
+            self.0.deployments().await
+        }
+        async fn node(&self, node_id: &str) -> crate::Result<Option<Node>> {
+            self.0.node(node_id).await
+        }
+        async fn nodes(&self, id: &str) -> crate::Result<Vec<Node>> {
+            self.0.nodes(id).await
+        }
+        async fn node_by_provision_token(&self, hash: &[u8; 32]) -> crate::Result<Option<Node>> {
+            self.0.node_by_provision_token(hash).await
+        }
+        async fn node_by_auth_token(&self, hash: &[u8; 32]) -> crate::Result<Option<Node>> {
+            self.0.node_by_auth_token(hash).await
+        }
+        async fn update_node(
+            &self,
+            node_id: &str,
+            update: NodeUpdate,
+            now: SystemTime,
+        ) -> crate::Result<Applied> {
+            self.0.update_node(node_id, update, now).await
+        }
+        async fn update_deployment_status(
+            &self,
+            id: &str,
+            to: DeploymentStatus,
+            message: Option<String>,
+            now: SystemTime,
+        ) -> crate::Result<Deployment> {
+            self.0.update_deployment_status(id, to, message, now).await
+        }
+        async fn touch_node(&self, node_id: &str, now: SystemTime) -> crate::Result<()> {
+            self.0.touch_node(node_id, now).await
+        }
+        async fn append_logs(&self, id: &str, lines: Vec<NewLogLine>) -> crate::Result<u64> {
+            self.0.append_logs(id, lines).await
+        }
+        async fn last_line_no(
+            &self,
+            id: &str,
+            node_id: &str,
+            attempt: u32,
+            stream: LogStream,
+        ) -> crate::Result<Option<u64>> {
+            self.0.last_line_no(id, node_id, attempt, stream).await
+        }
+        async fn logs(&self, id: &str, query: LogQuery) -> crate::Result<Vec<LogLine>> {
+            self.0.logs(id, query).await
+        }
+        async fn delete_deployment(&self, id: &str) -> crate::Result<bool> {
+            self.0.delete_deployment(id).await
+        }
+        async fn mark_cleaned(&self, id: &str, at: SystemTime) -> crate::Result<bool> {
+            self.0.mark_cleaned(id, at).await
+        }
+        async fn save_delivery(
+            &self,
+            delivery: crate::state::model::WebhookDelivery,
+        ) -> crate::Result<()> {
+            self.0.save_delivery(delivery).await
+        }
+        async fn delivery(
+            &self,
+            id: &str,
+        ) -> crate::Result<Option<crate::state::model::WebhookDelivery>> {
+            self.0.delivery(id).await
+        }
+        async fn pending_deliveries(
+            &self,
+        ) -> crate::Result<Vec<crate::state::model::WebhookDelivery>> {
+            self.0.pending_deliveries().await
+        }
+    }
+
+    #[tokio::test]
+    async fn the_default_heartbeat_conforms() {
+        check_store(&DefaultHeartbeat(MemoryStore::new())).await;
     }
 }
 

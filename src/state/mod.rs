@@ -9,13 +9,14 @@ pub mod model;
 #[cfg(feature = "sqlite")]
 pub(crate) mod sqlite;
 
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use async_trait::async_trait;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 pub use memory::MemoryStore;
-use model::{Applied, Deployment, DeploymentStatus, Node, NodeUpdate};
+use model::{Applied, Deployment, DeploymentStatus, Node, NodeStatus, NodeUpdate};
 #[cfg(feature = "sqlite")]
 pub use sqlite::SqliteStore;
 
@@ -133,6 +134,61 @@ pub fn dropped_lines_marker(node_index: u32, dropped: u64) -> String {
     )
 }
 
+/// What [`Store::heartbeat`] found for a node's auth token (SPEC §4.2, heartbeats).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Heartbeat {
+    /// No node holds the token: it was never issued, a resent registration replaced it, or
+    /// its node was forgotten. The request is refused (401).
+    UnknownToken,
+    /// The node is live ([`takes_heartbeats`]): its `last_update` is now the heartbeat's time.
+    Live {
+        /// The node's deployment (shared with the store where it can be, so answering
+        /// copies no string).
+        deployment_id: Arc<str>,
+        /// The node's index in it.
+        node_index: u32,
+    },
+    /// The node is to stop: it is final or terminating, or its deployment is terminating or
+    /// terminated. It was not touched: a late heartbeat never reopens a node.
+    Stop,
+}
+
+/// Whether a node in `node` state, of a deployment in `deployment` state, is live for
+/// heartbeats: touched by them and told to go on. Otherwise it is told to stop. Public so
+/// that every [`Store::heartbeat`] decides alike.
+pub fn takes_heartbeats(node: NodeStatus, deployment: DeploymentStatus) -> bool {
+    !node.is_final()
+        && node != NodeStatus::Terminating
+        && !matches!(
+            deployment,
+            DeploymentStatus::Terminating | DeploymentStatus::Terminated
+        )
+}
+
+/// [`Store::heartbeat`] made of the store's other calls: its default, and the fallback of
+/// stores whose fast path does not hold the node.
+pub(crate) async fn heartbeat_by_parts<S: Store + ?Sized>(
+    store: &S,
+    auth_token_hash: &[u8; 32],
+    now: SystemTime,
+) -> Result<Heartbeat> {
+    let Some(node) = store.node_by_auth_token(auth_token_hash).await? else {
+        return Ok(Heartbeat::UnknownToken);
+    };
+    let deployment = store
+        .deployment(&node.deployment_id)
+        .await?
+        .ok_or_else(|| Error::not_found("the node's deployment is gone"))?;
+    if !takes_heartbeats(node.status, deployment.status) {
+        return Ok(Heartbeat::Stop);
+    }
+    store.touch_node(&node.id, now).await?;
+    Ok(Heartbeat::Live {
+        deployment_id: Arc::from(node.deployment_id),
+        node_index: node.index,
+    })
+}
+
 /// Where deployments, nodes and logs are kept.
 ///
 /// Every state change goes through [`Store::update_node`] and
@@ -191,6 +247,17 @@ pub trait Store: Send + Sync + 'static {
     /// Record a heartbeat: the node's `last_update` becomes `now`, its state is untouched.
     /// Cheap: backends should not write to disk for it.
     async fn touch_node(&self, node_id: &str, now: SystemTime) -> Result<()>;
+
+    /// A heartbeat of the node holding this auth token hash, at `now`: finds the node,
+    /// decides from its and its deployment's states whether it is live
+    /// ([`takes_heartbeats`]), and if so touches it as [`Store::touch_node`] does. The node
+    /// protocol's most frequent call: backends should answer it from memory, in one lookup
+    /// and without copying the node. The default is made of [`Store::node_by_auth_token`],
+    /// [`Store::deployment`] and [`Store::touch_node`]. A node whose deployment is missing is
+    /// [`crate::Error::not_found`].
+    async fn heartbeat(&self, auth_token_hash: &[u8; 32], now: SystemTime) -> Result<Heartbeat> {
+        heartbeat_by_parts(self, auth_token_hash, now).await
+    }
 
     /// Append log lines of a deployment, dropping resent duplicates (see
     /// [`NewLogLine::line_no`]); returns the `seq` of the last stored line.

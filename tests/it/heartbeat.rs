@@ -145,3 +145,78 @@ async fn one_connection_sees_a_rotated_token_and_a_final_node_on_the_next_reques
     drop(connection);
     engine.stop().await;
 }
+
+/// Reads from `stream` until `done` holds for what was read, or the stream ends.
+async fn read_until(stream: &mut tokio::net::TcpStream, done: impl Fn(&str) -> bool) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut read = Vec::new();
+    tokio::time::timeout(POLL_LIMIT, async {
+        let mut buffer = [0; 4096];
+        while !done(&String::from_utf8_lossy(&read)) {
+            let n = stream.read(&mut buffer).await.expect("read");
+            if n == 0 {
+                break;
+            }
+            read.extend_from_slice(&buffer[..n]);
+        }
+    })
+    .await
+    .expect("the server answered or closed in time");
+    String::from_utf8_lossy(&read).into_owned()
+}
+
+/// Stopping the server (issue #12's cheaper shutdown): an idle keep-alive connection is
+/// closed at once, a request in flight is answered (then its connection closed), and the
+/// stop waits for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_closes_idle_connections_and_answers_the_request_in_flight() {
+    use tokio::io::AsyncWriteExt;
+    let engine = TestEngine::start().await;
+    let address = socket_address(&engine.url);
+
+    let mut idle = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect");
+    idle.write_all(b"GET /health HTTP/1.1\r\nhost: engine\r\n\r\n")
+        .await
+        .expect("write");
+    let answer = read_until(&mut idle, |read| read.ends_with("}")).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    // In flight: its headers are in, and the server asked for its body (`100 Continue`).
+    let body = br#"{"provision_token":"not-a-token"}"#;
+    let mut in_flight = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect");
+    let head = format!(
+        "POST /api/v1/nodes/register HTTP/1.1\r\nhost: engine\r\ncontent-type: application/json\r\n\
+         expect: 100-continue\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    in_flight.write_all(head.as_bytes()).await.expect("write");
+    let continued = read_until(&mut in_flight, |read| read.ends_with("\r\n\r\n")).await;
+    assert!(continued.starts_with("HTTP/1.1 100"), "{continued}");
+
+    let stopping = tokio::spawn(engine.stop());
+    let closed = read_until(&mut idle, |_| false).await;
+    assert_eq!(
+        closed, "",
+        "the idle connection is closed without an answer"
+    );
+    assert!(
+        !stopping.is_finished(),
+        "the stop waits for the request in flight"
+    );
+
+    in_flight.write_all(body).await.expect("write the body");
+    let answer = read_until(&mut in_flight, |_| false).await;
+    assert!(answer.starts_with("HTTP/1.1 401"), "answered: {answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
+        "and closed: {answer}"
+    );
+    tokio::time::timeout(POLL_LIMIT, stopping)
+        .await
+        .expect("the server stopped once the request was answered")
+        .expect("stop");
+}

@@ -59,6 +59,10 @@ fn require_json(request: &Request<Incoming>) -> Result<()> {
 }
 
 fn require_json_type(content_type: &str) -> Result<()> {
+    // What agents send, recognised before any splitting.
+    if content_type == "application/json" {
+        return Ok(());
+    }
     let essence = content_type.split(';').next().unwrap_or("").trim();
     if essence.eq_ignore_ascii_case("application/json") {
         Ok(())

@@ -49,6 +49,8 @@ const ROUTES: &[(&str, &[&str])] = &[
 /// The request metrics of every endpoint pattern, and of [`OTHER_ROUTE`] last.
 pub(super) struct RequestMetrics {
     routes: Vec<RouteMetrics>,
+    /// The heartbeat's position in `routes`.
+    heartbeat: usize,
 }
 
 impl RequestMetrics {
@@ -59,7 +61,13 @@ impl RequestMetrics {
             .chain([OTHER_ROUTE]);
         RequestMetrics {
             routes: patterns.map(RouteMetrics::new).collect(),
+            heartbeat: route_index(&super::routes::HEARTBEAT_SEGMENTS),
         }
+    }
+
+    /// The metrics of `POST /api/v1/nodes/heartbeat`, the most frequent request.
+    pub(super) fn heartbeat(&self) -> &RouteMetrics {
+        &self.routes[self.heartbeat]
     }
 
     /// The metrics of the endpoint a path of these `segments` names (the path split at `/`,
@@ -67,20 +75,25 @@ impl RequestMetrics {
     /// [`OTHER_ROUTE`]. Runs for every request: it compares a few short strings and
     /// allocates nothing.
     pub(super) fn of(&self, segments: &[&str]) -> &RouteMetrics {
-        let index = ROUTES
-            .iter()
-            .position(|(_, pattern)| {
-                // From the last segment: the first ones (`api`, `v1`) tell few apart.
-                pattern.len() == segments.len()
-                    && pattern
-                        .iter()
-                        .rev()
-                        .zip(segments.iter().rev())
-                        .all(|(want, got)| *want == "{id}" || want == got)
-            })
-            .unwrap_or(ROUTES.len());
-        &self.routes[index]
+        &self.routes[route_index(segments)]
     }
+}
+
+/// The position in [`ROUTES`] of the pattern a path of these `segments` matches, or
+/// `ROUTES.len()` for none.
+fn route_index(segments: &[&str]) -> usize {
+    ROUTES
+        .iter()
+        .position(|(_, pattern)| {
+            // From the last segment: the first ones (`api`, `v1`) tell few apart.
+            pattern.len() == segments.len()
+                && pattern
+                    .iter()
+                    .rev()
+                    .zip(segments.iter().rev())
+                    .all(|(want, got)| *want == "{id}" || want == got)
+        })
+        .unwrap_or(ROUTES.len())
 }
 
 /// `GET /metrics`: the engine's metrics, behind the metrics token when one is set.
@@ -124,6 +137,12 @@ mod tests {
         for (pattern, parts) in ROUTES {
             assert_eq!(segments(pattern), *parts, "{pattern}");
         }
+    }
+
+    #[test]
+    fn the_heartbeats_metrics_are_its_patterns() {
+        let metrics = RequestMetrics::new();
+        assert_eq!(metrics.heartbeat().route(), "/api/v1/nodes/heartbeat");
     }
 
     #[test]

@@ -31,6 +31,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 
 pub use config::ServerConfig;
 
+use super::limits::Closing;
 use crate::auth;
 use crate::error::{Error, Result};
 use crate::orchestrator::Orchestrator;
@@ -207,7 +208,9 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send,
     ) {
         let shared = &self.shared;
-        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        // The connections' tasks, waited for at shutdown. Each is told to stop through its
+        // entry in the connection table, which it polls anyway: nothing more runs per request.
+        let tasks = tokio_util::task::TaskTracker::new();
         let mut http = hyper::server::conn::http1::Builder::new();
         http.timer(TokioTimer::new())
             .header_read_timeout(shared.config.header_read_timeout);
@@ -262,44 +265,34 @@ impl Server {
                 // A slow or silent client must not hold up the accept loop: the handshake runs
                 // in the connection's task, watched for shutdown like the connection itself.
                 let (acceptor, handshake_limit) = (acceptor.clone(), *handshake_limit);
-                let (watcher, http) = (graceful.watcher(), http.clone());
-                tokio::spawn(async move {
-                    let served = async {
-                        match tokio::time::timeout(handshake_limit, acceptor.accept(stream)).await {
-                            Ok(Ok(stream)) => {
-                                let served = watcher
-                                    .watch(http.serve_connection(TokioIo::new(stream), service));
-                                if let Err(e) = served.await {
-                                    tracing::debug!(error = %e, %peer, "connection ended with an error");
-                                }
-                            }
-                            Ok(Err(e)) => {
-                                tracing::debug!(error = %e, %peer, "TLS handshake failed")
-                            }
-                            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                let http = http.clone();
+                tasks.spawn(async move {
+                    let handshake = tokio::time::timeout(handshake_limit, acceptor.accept(stream));
+                    let handshake = tokio::select! {
+                        handshake = handshake => Some(handshake),
+                        closing = connection.closed() => {
+                            tracing::debug!(%peer, ?closing, "connection closed during its TLS handshake");
+                            None
                         }
                     };
-                    tokio::select! {
-                        () = served => {}
-                        () = connection.closed() => {
-                            tracing::debug!(%peer, "unauthenticated connection closed for a newer one");
+                    match handshake {
+                        Some(Ok(Ok(stream))) => {
+                            let served = http.serve_connection(TokioIo::new(stream), service);
+                            serve(served, &connection, peer).await;
                         }
+                        Some(Ok(Err(e))) => {
+                            tracing::debug!(error = %e, %peer, "TLS handshake failed")
+                        }
+                        Some(Err(_)) => tracing::debug!(%peer, "TLS handshake timed out"),
+                        None => {}
                     }
                     shared.connections.close(&connection);
                 });
                 continue;
             }
-            let served = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
-            tokio::spawn(async move {
-                tokio::select! {
-                    biased;
-                    result = served => if let Err(e) = result {
-                        tracing::debug!(error = %e, %peer, "connection ended with an error");
-                    },
-                    () = connection.closed() => {
-                        tracing::debug!(%peer, "unauthenticated connection closed for a newer one");
-                    }
-                }
+            let served = http.serve_connection(TokioIo::new(stream), service);
+            tasks.spawn(async move {
+                serve(served, &connection, peer).await;
                 shared.connections.close(&connection);
             });
         }
@@ -310,12 +303,45 @@ impl Server {
         for (_, pool) in shared.engine.pools() {
             pool.stop_holding();
         }
-        if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+        tasks.close();
+        shared.connections.drain();
+        if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait())
             .await
             .is_err()
         {
             tracing::warn!("some requests were still running at shutdown");
         }
+    }
+}
+
+/// Serve one connection until it ends; or until the connection table closes it: at once for
+/// a newer connection, after the request in flight (idle: at once) when the server stops.
+async fn serve<I, S>(
+    served: hyper::server::conn::http1::Connection<I, S>,
+    connection: &super::limits::Connection,
+    peer: SocketAddr,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = body::Body>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    tokio::pin!(served);
+    let result = tokio::select! {
+        biased;
+        result = served.as_mut() => result,
+        closing = connection.closed() => match closing {
+            Closing::Displaced => {
+                tracing::debug!(%peer, "unauthenticated connection closed for a newer one");
+                return;
+            }
+            Closing::Draining => {
+                served.as_mut().graceful_shutdown();
+                served.await
+            }
+        },
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, %peer, "connection ended with an error");
     }
 }
 

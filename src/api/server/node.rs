@@ -79,8 +79,8 @@ const HEARTBEAT_CONTINUE: &[u8] = br#"{"status":"ok","shutdown":false}"#;
 const HEARTBEAT_SHUTDOWN: &[u8] = br#"{"status":"ok","shutdown":true}"#;
 
 /// The node protocol past registration, for the node whose token the request carries. The
-/// heartbeat, status and log endpoints run inline; the rest boxed, so the future of each
-/// request stays as small as theirs.
+/// heartbeat, every live node's most frequent request, runs inline; the rest boxed, so the
+/// future of each request stays as small as the heartbeat's.
 pub(super) async fn route(
     shared: &Shared,
     method: &Method,
@@ -88,7 +88,6 @@ pub(super) async fn route(
     request: Request<Incoming>,
     connection: &Connection,
 ) -> Result<Response<Body>> {
-    let engine = &shared.engine;
     let token_hash = request
         .headers()
         .get(AUTHORIZATION)
@@ -96,20 +95,23 @@ pub(super) async fn route(
         .ok_or_else(|| {
             Error::unauthorized("missing `Authorization: Bearer <node token>` header")
         })?;
-    let node = engine.authenticate_node(&token_hash).await?;
+    if let (&Method::POST, ["heartbeat"]) = (method, path) {
+        return heartbeat(shared, &token_hash, request).await;
+    }
+    Box::pin(node_route(shared, method, path, request, &token_hash)).await
+}
+
+/// The node endpoints but the heartbeat, for the node holding the token of `token_hash`.
+async fn node_route(
+    shared: &Shared,
+    method: &Method,
+    path: &[&str],
+    request: Request<Incoming>,
+    token_hash: &[u8; 32],
+) -> Result<Response<Body>> {
+    let engine = &shared.engine;
+    let node = engine.authenticate_node(token_hash).await?;
     match (method, path) {
-        (&Method::POST, ["heartbeat"]) => {
-            let body: wire::HeartbeatRequest = read_json_or_empty(shared, request).await?;
-            let shutdown = engine
-                .node_heartbeat(&node, body.metrics.as_ref().and_then(resource_sample))
-                .await?;
-            let answer = if shutdown {
-                HEARTBEAT_SHUTDOWN
-            } else {
-                HEARTBEAT_CONTINUE
-            };
-            Ok(json_bytes(StatusCode::OK, answer))
-        }
         (&Method::POST, ["status"]) => {
             let body: wire::StatusRequest = read_json(shared, request).await?;
             engine.node_status(&node, status_report(body)).await?;
@@ -136,6 +138,26 @@ pub(super) async fn route(
             path.join("/")
         ))),
     }
+}
+
+/// `POST /nodes/heartbeat`: the token is checked and the node touched in one store call,
+/// before the body is read; a body that is not JSON is then refused (400), though the node
+/// was heard from.
+async fn heartbeat(
+    shared: &Shared,
+    token_hash: &[u8; 32],
+    request: Request<Incoming>,
+) -> Result<Response<Body>> {
+    let engine = &shared.engine;
+    let live = engine.node_heartbeat(token_hash).await?;
+    let body: wire::HeartbeatRequest = read_json_or_empty(shared, request).await?;
+    let Some(node) = live else {
+        return Ok(json_bytes(StatusCode::OK, HEARTBEAT_SHUTDOWN));
+    };
+    if let Some(sample) = body.metrics.as_ref().and_then(resource_sample) {
+        engine.node_resources(&node, sample);
+    }
+    Ok(json_bytes(StatusCode::OK, HEARTBEAT_CONTINUE))
 }
 
 /// `GET /nodes/assets`: the node's worker bundle, from memory or streamed from its file.

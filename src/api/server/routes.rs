@@ -66,7 +66,14 @@ impl<'a> Segments<'a> {
     }
 }
 
-/// Answer one request; errors become their status code and error body.
+/// The heartbeat's path, and its segments: the node protocol's most frequent request is
+/// recognised by its whole path, without splitting it.
+pub(super) const HEARTBEAT_PATH: &str = "/api/v1/nodes/heartbeat";
+pub(super) const HEARTBEAT_SEGMENTS: [&str; 4] = ["api", "v1", "nodes", "heartbeat"];
+
+/// Answer one request; errors become their status code and error body. Heartbeats run
+/// inline, every other request boxed, so that the future of a heartbeat, which hyper moves
+/// into place for each request, holds no more than a heartbeat needs.
 pub(super) async fn handle(
     shared: &Shared,
     request: Request<Incoming>,
@@ -74,6 +81,25 @@ pub(super) async fn handle(
     connection: &Connection,
 ) -> Response<Body> {
     let started = std::time::Instant::now();
+    if request.method() == Method::POST && request.uri().path() == HEARTBEAT_PATH {
+        let routed =
+            node_protocol(shared, &Method::POST, &["heartbeat"], request, connection).await;
+        let metrics = shared.request_metrics.heartbeat();
+        return answer(shared, routed, metrics, started, |status| {
+            tracing::debug!(method = "POST", path = HEARTBEAT_PATH, %peer, status, "request");
+        });
+    }
+    Box::pin(handle_split(shared, request, peer, connection, started)).await
+}
+
+/// [`handle`] for any request: its path split into segments.
+async fn handle_split(
+    shared: &Shared,
+    request: Request<Incoming>,
+    peer: SocketAddr,
+    connection: &Connection,
+    started: std::time::Instant,
+) -> Response<Body> {
     let method = request.method().clone();
     // A clone shares the request's bytes: the path outlives the request without a copy.
     let uri = request.uri().clone();
@@ -83,15 +109,46 @@ pub(super) async fn handle(
         Some(segments) => route(shared, peer, segments, request, connection).await,
         None => Err(no_such_endpoint(&method, uri.path())),
     };
+    let metrics = shared.request_metrics.of(segments.unwrap_or_default());
+    answer(shared, routed, metrics, started, |status| {
+        tracing::debug!(%method, path = uri.path(), %peer, status, "request");
+    })
+}
+
+/// The response to a request `routed` to an endpoint of these `metrics`, counted, timed from
+/// `started`, and its status given to `log`.
+fn answer(
+    shared: &Shared,
+    routed: Result<Response<Body>>,
+    metrics: &crate::metrics::RouteMetrics,
+    started: std::time::Instant,
+    log: impl FnOnce(u16),
+) -> Response<Body> {
     let response = routed.unwrap_or_else(|error| super::errors::error_response(&error));
     let status = response.status().as_u16();
-    shared.engine.metrics().http_request(
-        shared.request_metrics.of(segments.unwrap_or_default()),
-        status,
-        started.elapsed(),
-    );
-    tracing::debug!(%method, path = uri.path(), %peer, status, "request");
+    shared
+        .engine
+        .metrics()
+        .http_request(metrics, status, started.elapsed());
+    log(status);
     response
+}
+
+/// The node protocol (`/api/v1/nodes/...`; `rest` the segments after `nodes`). A request
+/// that passes its token check marks its connection authenticated.
+async fn node_protocol(
+    shared: &Shared,
+    method: &Method,
+    rest: &[&str],
+    request: Request<Incoming>,
+    connection: &Connection,
+) -> Result<Response<Body>> {
+    let answer = node::route(shared, method, rest, request, connection).await;
+    // Node routes check the node token first: anything but 401 means it was valid.
+    if !matches!(&answer, Err(e) if e.is_unauthorized()) {
+        shared.connections.authenticated(connection);
+    }
+    answer
 }
 
 /// A request that passes token authentication marks its connection authenticated
@@ -117,12 +174,7 @@ async fn route(
             if let (&Method::POST, ["register"]) = (&method, rest) {
                 return Box::pin(node::register(shared, peer, request)).await;
             }
-            let answer = node::route(shared, &method, rest, request, connection).await;
-            // Node routes check the node token first: anything but 401 means it was valid.
-            if !matches!(&answer, Err(e) if e.is_unauthorized()) {
-                shared.connections.authenticated(connection);
-            }
-            answer
+            node_protocol(shared, &method, rest, request, connection).await
         }
         (_, ["api", "v1", rest @ ..]) => {
             authorize_client(shared, &request, connection)?;
@@ -429,7 +481,13 @@ impl Query {
 
 #[cfg(test)]
 mod tests {
-    use super::{Segments, MAX_SEGMENTS};
+    use super::{Segments, HEARTBEAT_PATH, HEARTBEAT_SEGMENTS, MAX_SEGMENTS};
+
+    #[test]
+    fn the_heartbeats_segments_are_its_path_split() {
+        let split = Segments::of(HEARTBEAT_PATH).expect("few segments");
+        assert_eq!(split.as_slice(), HEARTBEAT_SEGMENTS);
+    }
 
     #[test]
     fn segments_are_the_path_split_at_slashes_without_the_first_and_trailing_ones() {

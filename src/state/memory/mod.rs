@@ -16,7 +16,9 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 
 use super::model::{self, Applied, Deployment, DeploymentStatus, Node, NodeStatus, NodeUpdate};
-use super::{node_log_cap, LogLine, LogQuery, LogStream, NewLogLine, Store};
+use super::{
+    node_log_cap, takes_heartbeats, Heartbeat, LogLine, LogQuery, LogStream, NewLogLine, Store,
+};
 use crate::error::{Error, Result};
 use log::{canonical_index, canonical_node_id, DeploymentLog};
 
@@ -46,11 +48,14 @@ pub struct MemoryStore {
 
 #[derive(Debug, Default)]
 struct Inner {
-    deployments: HashMap<Arc<str>, Entry>,
+    /// By id. Ids are drawn by the engine (`dep-` and 64 random bits), so hashed cheaply
+    /// ([`crate::auth::DrawnKeys`]): every node request looks its deployment up.
+    deployments: HashMap<Arc<str>, Entry, crate::auth::DrawnKeys>,
     /// Nodes whose id is not `<deployment id>-<index>` (never the engine's own): by id.
     odd_node_ids: HashMap<Box<str>, NodeKey>,
     provision_tokens: HashMap<[u8; 32], NodeKey>,
-    auth_tokens: HashMap<[u8; 32], NodeKey>,
+    /// Looked up by every node request: hashed cheaply ([`crate::auth::DrawnKeys`]).
+    auth_tokens: HashMap<[u8; 32], NodeKey, crate::auth::DrawnKeys>,
     deliveries: HashMap<String, model::WebhookDelivery>,
 }
 
@@ -326,7 +331,9 @@ impl Inner {
 
 /// Shrinks `map` when at most a quarter of its room is used (and the room is worth giving
 /// back), so a map that grows and shrinks by turns is not reallocated every time.
-pub(crate) fn shrink_if_sparse<K: Eq + std::hash::Hash, V>(map: &mut HashMap<K, V>) {
+pub(crate) fn shrink_if_sparse<K: Eq + std::hash::Hash, V, S: std::hash::BuildHasher>(
+    map: &mut HashMap<K, V, S>,
+) {
     if map.capacity() > 1024 && map.len() <= map.capacity() / 4 {
         map.shrink_to_fit();
     }
@@ -339,7 +346,7 @@ fn unknown_deployment(id: &str) -> Error {
 /// The provision and auth token indexes (hash to node).
 type TokenIndexes<'a> = (
     &'a mut HashMap<[u8; 32], NodeKey>,
-    &'a mut HashMap<[u8; 32], NodeKey>,
+    &'a mut HashMap<[u8; 32], NodeKey, crate::auth::DrawnKeys>,
 );
 
 /// Moves the entries of the node at `key` in the token indexes from its hashes `before`
@@ -553,6 +560,30 @@ impl Store for MemoryStore {
             }
         }
         Ok(())
+    }
+
+    async fn heartbeat(&self, auth_token_hash: &[u8; 32], now: SystemTime) -> Result<Heartbeat> {
+        // Two lookups (token, deployment), no copy of the node or its deployment.
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let Some(key) = inner.auth_tokens.get(auth_token_hash) else {
+            return Ok(Heartbeat::UnknownToken);
+        };
+        let entry = inner
+            .deployments
+            .get_mut(&key.deployment)
+            .ok_or_else(|| unknown_deployment(&key.deployment))?;
+        let Some(record) = entry.nodes.get_mut(key.position as usize) else {
+            return Ok(Heartbeat::UnknownToken);
+        };
+        if !takes_heartbeats(record.status, entry.deployment.status) {
+            return Ok(Heartbeat::Stop);
+        }
+        record.clock.set_last_update(now);
+        Ok(Heartbeat::Live {
+            deployment_id: Arc::clone(&key.deployment),
+            node_index: record.index,
+        })
     }
 
     async fn append_logs(&self, deployment_id: &str, lines: Vec<NewLogLine>) -> Result<u64> {

@@ -14,6 +14,7 @@ use std::time::SystemTime;
 
 use super::{from_ms, to_ms};
 use crate::state::model::{Deployment, Node};
+use crate::state::Heartbeat as Beat;
 
 /// See the module's documentation.
 #[derive(Default)]
@@ -29,7 +30,7 @@ pub(super) struct Memory {
     /// The ids of the nodes in `nodes` by their provision token hash, and by their auth token
     /// hash.
     provision_tokens: HashMap<[u8; 32], String>,
-    auth_tokens: HashMap<[u8; 32], String>,
+    auth_tokens: HashMap<[u8; 32], String, crate::auth::DrawnKeys>,
 }
 
 /// A live node's last heartbeat.
@@ -75,6 +76,46 @@ impl Memory {
     /// The held node whose auth token hash is `hash`.
     pub(super) fn node_by_auth_token(&self, hash: &[u8; 32]) -> Option<&Node> {
         self.auth_tokens.get(hash).and_then(|id| self.nodes.get(id))
+    }
+
+    /// [`crate::Store::heartbeat`] answered from memory: the node holding the auth token
+    /// `hash`, told to stop or touched in memory, when it and its deployment are held here
+    /// and its heartbeat is not due to be written (see [`super::SqliteStore`]); `None`
+    /// otherwise, for the caller to take the path through the file.
+    pub(super) fn heartbeat(&mut self, hash: &[u8; 32], now: SystemTime) -> Option<Beat> {
+        let node = self
+            .auth_tokens
+            .get(hash)
+            .and_then(|id| self.nodes.get(id))?;
+        let deployment = self.deployments.get(&node.deployment_id)?;
+        if !crate::state::takes_heartbeats(node.status, deployment.status) {
+            return Some(Beat::Stop);
+        }
+        let now_ms = to_ms(now);
+        match self.heartbeats.get_mut(&node.id) {
+            Some(heartbeat)
+                if now_ms.saturating_sub(heartbeat.stored_ms) <= super::HEARTBEAT_FLUSH_MS =>
+            {
+                heartbeat.seen = now;
+            }
+            Some(_) => return None,
+            None => {
+                let stored_ms = to_ms(node.last_update);
+                if now_ms.saturating_sub(stored_ms) > super::HEARTBEAT_FLUSH_MS {
+                    return None;
+                }
+                let heartbeat = Heartbeat {
+                    deployment_id: node.deployment_id.clone(),
+                    seen: now,
+                    stored_ms,
+                };
+                self.heartbeats.insert(node.id.clone(), heartbeat);
+            }
+        }
+        Some(Beat::Live {
+            deployment_id: std::sync::Arc::from(node.deployment_id.as_str()),
+            node_index: node.index,
+        })
     }
 
     /// Shows the newest heartbeat of each node as its `last_update`.

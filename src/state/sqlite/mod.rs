@@ -1462,6 +1462,18 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn heartbeat(
+        &self,
+        auth_token_hash: &[u8; 32],
+        now: SystemTime,
+    ) -> Result<crate::state::Heartbeat> {
+        let held = self.shared.memory().heartbeat(auth_token_hash, now);
+        match held {
+            Some(answer) => Ok(answer),
+            None => crate::state::heartbeat_by_parts(self, auth_token_hash, now).await,
+        }
+    }
+
     async fn append_logs(&self, deployment_id: &str, lines: Vec<NewLogLine>) -> Result<u64> {
         let caps = LogCaps {
             node: to_i64(super::node_log_cap(

@@ -253,6 +253,62 @@ async fn heartbeats_write_only_when_a_minute_behind() {
     assert!(store.shared.memory().heartbeats.is_empty());
 }
 
+/// [`Store::heartbeat`] keeps [`Store::touch_node`]'s rule (the row written only when a
+/// minute behind), also for a node not yet held in memory (a reopened file).
+#[tokio::test]
+async fn heartbeats_by_token_write_only_when_a_minute_behind() {
+    use crate::state::Heartbeat as Beat;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hb.db");
+    let store = SqliteStore::open(&path).unwrap();
+    store
+        .create_deployment(deployment("dep-tk", 1), nodes("dep-tk", 1))
+        .await
+        .unwrap();
+    let provisioned = NodeUpdate::Provisioned {
+        instance: crate::provider::InstanceRef {
+            id: "i-0".to_owned(),
+            locator: "here".to_owned(),
+        },
+        ip_address: None,
+        attempt: 1,
+    };
+    for update in [
+        NodeUpdate::ProvisionToken { hash: [1; 32] },
+        status(NodeStatus::Provisioning),
+        provisioned,
+        NodeUpdate::Registered {
+            auth_token_hash: [2; 32],
+        },
+    ] {
+        store.update_node("dep-tk-0", update, at(10)).await.unwrap();
+    }
+    drop(store);
+    let store = SqliteStore::open(&path).unwrap();
+    let live = Beat::Live {
+        deployment_id: "dep-tk".into(),
+        node_index: 0,
+    };
+    for secs in [20, 40, 70] {
+        assert_eq!(store.heartbeat(&[2; 32], at(secs)).await.unwrap(), live);
+        let node = store.node("dep-tk-0").await.unwrap().unwrap();
+        assert_eq!(node.last_update, at(secs));
+        assert_eq!(stored_last_update(&store, "dep-tk-0").await, at(10));
+    }
+    assert_eq!(store.heartbeat(&[2; 32], at(71)).await.unwrap(), live);
+    assert_eq!(
+        stored_last_update(&store, "dep-tk-0").await,
+        at(71),
+        "61 s behind: saved"
+    );
+    assert_eq!(store.heartbeat(&[2; 32], at(80)).await.unwrap(), live);
+    assert_eq!(stored_last_update(&store, "dep-tk-0").await, at(71));
+    assert_eq!(
+        store.heartbeat(&[3; 32], at(81)).await.unwrap(),
+        Beat::UnknownToken
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_updates_keep_the_counters_exact() {
     let store = Arc::new(SqliteStore::open_in_memory().unwrap());
