@@ -276,3 +276,50 @@ async fn a_running_node_shows_its_resources(agent: &str) {
 }
 
 for_both_agents!(a_running_node_shows_its_resources);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_of_a_get_endpoint_answers_its_headers_without_a_body() {
+    let engine = TestEngine::start().await;
+    let project = Project::new(&local_yml(1, "")).script("echo working\n");
+    let done = engine.run(project.path()).await;
+    let id = done.deployment_id.as_str();
+    for path in [
+        "/api/v1/deployments".to_owned(),
+        format!("/api/v1/deployments/{id}"),
+        format!("/api/v1/deployments/{id}/logs"),
+        "/api/v1/stats".to_owned(),
+        "/api/v1/health".to_owned(),
+        "/metrics".to_owned(),
+    ] {
+        let got = raw_get(&engine.url, &path, Some(API_TOKEN)).await;
+        let head = crate::support::engine_http::raw_request(
+            &engine.url,
+            hyper::Method::HEAD,
+            &path,
+            Some(API_TOKEN),
+            None,
+        )
+        .await;
+        assert_eq!((head.status, got.status), (200, 200), "{path}");
+        assert_eq!(head.content_type, got.content_type, "{path}");
+        assert!(head.body.is_empty(), "{path}: {}", head.text());
+    }
+    // Still behind the token.
+    let refused = crate::support::engine_http::raw_request(
+        &engine.url,
+        hyper::Method::HEAD,
+        "/api/v1/deployments",
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(refused.status, 401);
+    let (_, samples) = scrape(&engine).await;
+    assert!(
+        value(
+            &samples,
+            r#"taskfly_http_requests_total{route="/api/v1/deployments/{id}/logs",code="200"}"#
+        ) >= 2.0
+    );
+    engine.stop().await;
+}

@@ -44,6 +44,24 @@ const ROUTES: &[(&str, &[&str])] = &[
     ),
     ("/api/v1/cleanup/all", &["api", "v1", "cleanup", "all"]),
     ("/api/v1/stats", &["api", "v1", "stats"]),
+    ("/api/v1/nodes/outputs", &["api", "v1", "nodes", "outputs"]),
+    (
+        "/api/v1/deployments/{id}/rerun",
+        &["api", "v1", "deployments", "{id}", "rerun"],
+    ),
+    (
+        "/api/v1/deployments/{id}/outputs",
+        &["api", "v1", "deployments", "{id}", "outputs"],
+    ),
+    (
+        "/api/v1/deployments/{id}/record",
+        &["api", "v1", "deployments", "{id}", "record"],
+    ),
+    (
+        "/api/v1/cleanup/forget",
+        &["api", "v1", "cleanup", "forget"],
+    ),
+    ("/api/v1/events", &["api", "v1", "events"]),
 ];
 
 /// The request metrics of every endpoint pattern, and of [`OTHER_ROUTE`] last.
@@ -98,7 +116,7 @@ fn route_index(segments: &[&str]) -> usize {
 
 /// `GET /metrics`: the engine's metrics, behind the metrics token when one is set.
 pub(super) async fn serve(shared: &Shared, request: &Request<Incoming>) -> Result<Response<Body>> {
-    if request.method() != Method::GET {
+    if request.method() != Method::GET && request.method() != Method::HEAD {
         return Err(Error::not_found(format!(
             "no such endpoint: {} {}",
             request.method(),
@@ -166,5 +184,33 @@ mod tests {
         ] {
             assert_eq!(metrics.of(&segments(path)).route(), route, "{path}");
         }
+    }
+
+    #[test]
+    fn every_endpoint_of_the_spec_has_its_pattern() {
+        let metrics = RequestMetrics::new();
+        let spec = include_str!("../../../docs/SPEC.md");
+        let mut endpoints = 0;
+        for line in spec.lines() {
+            let Some(rest) = line.strip_prefix("| `") else {
+                continue;
+            };
+            let Some((method, path)) = rest.split_once(' ') else {
+                continue;
+            };
+            if !["GET", "POST", "DELETE", "PUT"].contains(&method) || !path.starts_with('/') {
+                continue;
+            }
+            let path = path
+                .split(['`', '?', '['])
+                .next()
+                .unwrap_or_default()
+                .replace("{id}", "dep-0a1b2c");
+            let full = format!("/api/v1{path}");
+            let route = metrics.of(&segments(&full)).route();
+            assert_eq!(route.replace("{id}", "dep-0a1b2c"), full, "{line}");
+            endpoints += 1;
+        }
+        assert!(endpoints >= 19, "the SPEC's endpoint tables were found");
     }
 }

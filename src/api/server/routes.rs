@@ -164,10 +164,10 @@ async fn route(
 ) -> Result<Response<Body>> {
     let method = request.method().clone();
     match (&method, segments) {
-        (&Method::GET, ["health"]) | (&Method::GET, ["api", "v1", "health"]) => {
+        (&Method::GET | &Method::HEAD, ["health"] | ["api", "v1", "health"]) => {
             Ok(json(StatusCode::OK, &StatusOk::new()))
         }
-        (&Method::GET, ["metrics"]) | (&Method::GET, ["api", "v1", "metrics"]) => {
+        (&Method::GET | &Method::HEAD, ["metrics"] | ["api", "v1", "metrics"]) => {
             Box::pin(super::metrics::serve(shared, &request)).await
         }
         (_, ["api", "v1", "nodes", rest @ ..]) => {
@@ -179,6 +179,12 @@ async fn route(
         (_, ["api", "v1", rest @ ..]) => {
             authorize_client(shared, &request, connection)?;
             shared.connections.authenticated(connection);
+            // HEAD is answered as GET; hyper sends its headers without the body.
+            let method = if method == Method::HEAD {
+                Method::GET
+            } else {
+                method
+            };
             Box::pin(client_route(shared, &method, rest, request)).await
         }
         (&Method::GET | &Method::HEAD, []) => Ok(super::ui::serve(&[])),
