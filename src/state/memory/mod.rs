@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use super::model::{self, Applied, Deployment, DeploymentStatus, Node, NodeStatus, NodeUpdate};
 use super::{node_log_cap, LogLine, LogQuery, LogStream, NewLogLine, Store};
 use crate::error::{Error, Result};
-use log::{canonical_index, canonical_node_id, DeploymentLog};
+use log::{canonical_index, DeploymentLog};
 
 /// Default cap on stored log lines per deployment.
 const DEFAULT_MAX_LOG_LINES: usize = 1_000_000;
@@ -120,6 +120,25 @@ impl NodeRecord {
         }
     }
 
+    /// A new node's record, as [`Node::new`] makes it (built without one: see
+    /// [`Store::create_deployment_with_indexes`]).
+    fn fresh(index: u32, now: SystemTime) -> NodeRecord {
+        NodeRecord {
+            odd_id: None,
+            index,
+            attempt: 1,
+            status: NodeStatus::Pending,
+            exit_code: None,
+            clock: Clock::new(now, &model::PhaseTimes::default()),
+            provision_token_hash: None,
+            auth_token_hash: None,
+            instance_id: None,
+            instance_locator: None,
+            ip_address: None,
+            error_message: None,
+        }
+    }
+
     /// The node, of deployment `deployment_id`.
     fn to_node(&self, deployment_id: &str) -> Node {
         let text = |s: &Option<Box<str>>| s.as_deref().map(str::to_owned);
@@ -127,7 +146,7 @@ impl NodeRecord {
         Node {
             id: match &self.odd_id {
                 Some(id) => id.to_string(),
-                None => canonical_node_id(deployment_id, self.index),
+                None => model::node_id(deployment_id, self.index),
             },
             deployment_id: deployment_id.to_owned(),
             index: self.index,
@@ -305,6 +324,46 @@ impl Inner {
         })
     }
 
+    /// Stores a new deployment with its nodes' records, in any order.
+    fn insert(&mut self, deployment: Deployment, mut records: Vec<NodeRecord>) -> Result<()> {
+        if self.deployments.contains_key(deployment.id.as_str()) {
+            return Err(Error::already_exists(format!(
+                "deployment `{}` already exists",
+                deployment.id
+            )));
+        }
+        // Kept by index, as `nodes` answers (a rerun's indexes may come in any order).
+        records.sort_unstable_by_key(|r| r.index);
+        if let Some(pair) = records
+            .windows(2)
+            .find(|pair| pair[0].index == pair[1].index)
+        {
+            return Err(super::repeated_index(&deployment.id, pair[0].index));
+        }
+        let id: Arc<str> = Arc::from(deployment.id.as_str());
+        for (position, record) in records.iter().enumerate() {
+            let key = NodeKey {
+                deployment: Arc::clone(&id),
+                position: position as u32,
+            };
+            if let Some(odd) = &record.odd_id {
+                self.odd_node_ids.insert(odd.clone(), key.clone());
+            }
+            let tokens = (&mut self.provision_tokens, &mut self.auth_tokens);
+            let hashes = (record.provision_token_hash, record.auth_token_hash);
+            index_tokens(tokens, &key, (None, None), hashes);
+        }
+        self.deployments.insert(
+            id,
+            Entry {
+                deployment,
+                nodes: records,
+                log: DeploymentLog::default(),
+            },
+        );
+        Ok(())
+    }
+
     /// The node at `key`, as a [`Node`].
     fn node_at(&self, key: &NodeKey) -> Option<Node> {
         let entry = self.deployments.get(&key.deployment)?;
@@ -371,58 +430,31 @@ fn index_tokens(
 #[async_trait]
 impl Store for MemoryStore {
     async fn create_deployment(&self, deployment: Deployment, nodes: Vec<Node>) -> Result<()> {
-        let mut guard = self.lock();
-        let inner = &mut *guard;
-        if inner.deployments.contains_key(deployment.id.as_str()) {
-            return Err(Error::already_exists(format!(
-                "deployment `{}` already exists",
-                deployment.id
-            )));
-        }
         if let Some(stray) = nodes.iter().find(|n| n.deployment_id != deployment.id) {
             return Err(Error::invalid_input(format!(
                 "node `{}` belongs to deployment `{}`, not to `{}`",
                 stray.id, stray.deployment_id, deployment.id
             )));
         }
-        // Kept by index, as `nodes` answers (a rerun's indexes may come in any order).
-        let mut records: Vec<NodeRecord> = nodes
+        let records = nodes
             .iter()
             .map(|node| NodeRecord::new(node, &deployment.id))
             .collect();
         drop(nodes);
-        records.sort_unstable_by_key(|r| r.index);
-        if let Some(pair) = records
-            .windows(2)
-            .find(|pair| pair[0].index == pair[1].index)
-        {
-            return Err(Error::invalid_input(format!(
-                "deployment `{}` has two nodes of index {}",
-                deployment.id, pair[0].index
-            )));
-        }
-        let id: Arc<str> = Arc::from(deployment.id.as_str());
-        for (position, record) in records.iter().enumerate() {
-            let key = NodeKey {
-                deployment: Arc::clone(&id),
-                position: position as u32,
-            };
-            if let Some(odd) = &record.odd_id {
-                inner.odd_node_ids.insert(odd.clone(), key.clone());
-            }
-            let tokens = (&mut inner.provision_tokens, &mut inner.auth_tokens);
-            let hashes = (record.provision_token_hash, record.auth_token_hash);
-            index_tokens(tokens, &key, (None, None), hashes);
-        }
-        inner.deployments.insert(
-            id,
-            Entry {
-                deployment,
-                nodes: records,
-                log: DeploymentLog::default(),
-            },
-        );
-        Ok(())
+        self.lock().insert(deployment, records)
+    }
+
+    async fn create_deployment_with_indexes(
+        &self,
+        deployment: Deployment,
+        node_indexes: &[u32],
+    ) -> Result<()> {
+        let created_at = deployment.created_at;
+        let records = node_indexes
+            .iter()
+            .map(|&index| NodeRecord::fresh(index, created_at))
+            .collect();
+        self.lock().insert(deployment, records)
     }
 
     async fn deployment(&self, id: &str) -> Result<Option<Deployment>> {
