@@ -86,7 +86,8 @@ impl Orchestrator {
         if self.gathers_provisions(live) {
             self.provision_node_holding(live, node_id, None).await;
         } else if let Some(permit) = self.provision_permit(live).await {
-            self.provision_node_holding(live, node_id, Some(permit)).await;
+            self.provision_node_holding(live, node_id, Some(permit))
+                .await;
         }
     }
 

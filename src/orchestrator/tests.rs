@@ -300,8 +300,16 @@ async fn a_deployment_is_stored_and_provisioned_without_its_whole_node_list() {
         let mut asked = lock(&provider.owners).clone();
         asked.sort_unstable();
         assert_eq!(asked, owners, "each node asked for once, as its attempt");
-        assert_eq!(store.node_vectors.load(Ordering::SeqCst), 0, "stored from indexes");
-        assert_eq!(store.node_lists.load(Ordering::SeqCst), 0, "no node list read");
+        assert_eq!(
+            store.node_vectors.load(Ordering::SeqCst),
+            0,
+            "stored from indexes"
+        );
+        assert_eq!(
+            store.node_lists.load(Ordering::SeqCst),
+            0,
+            "no node list read"
+        );
         engine.shutdown().await;
     }
 }

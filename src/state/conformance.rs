@@ -351,7 +351,10 @@ async fn creates_new_nodes_from_their_indexes(store: &dyn Store) {
         at(5),
     )
     .await;
-    assert_eq!(node(store, "conf-indexes-4").await.status, NodeStatus::Completed);
+    assert_eq!(
+        node(store, "conf-indexes-4").await.status,
+        NodeStatus::Completed
+    );
 
     let taken = store
         .create_deployment_with_indexes(deployment(id, 1, 0, at(6)), &[0])
