@@ -549,6 +549,10 @@ impl Store for MemoryStore {
         if before != after {
             let tokens = (&mut inner.provision_tokens, &mut inner.auth_tokens);
             index_tokens(tokens, &key, before, after);
+            // Provision tokens are used up as nodes register: their index, as large as the
+            // deployment when every node waited at once, need not stay so until it is
+            // forgotten (7.5 MB at 100,000 nodes).
+            shrink_if_sparse(&mut inner.provision_tokens);
         }
         Ok(applied)
     }
@@ -758,6 +762,48 @@ mod tests {
             1,
             "the other deployment's node stays"
         );
+    }
+
+    #[tokio::test]
+    async fn the_provision_token_index_shrinks_as_nodes_register() {
+        let store = MemoryStore::new();
+        let total = 20_000;
+        let hash = |i: u32, kind: u8| {
+            let mut hash = [kind; 32];
+            hash[..4].copy_from_slice(&i.to_le_bytes());
+            hash
+        };
+        let nodes = (0..total)
+            .map(|i| {
+                let mut node = Node::new("dep-booting", i, UNIX_EPOCH);
+                node.status = NodeStatus::Booting;
+                node.provision_token_hash = Some(hash(i, 1));
+                node
+            })
+            .collect();
+        let booting = Deployment {
+            status: DeploymentStatus::Provisioning,
+            ..deployment("dep-booting", total)
+        };
+        store.create_deployment(booting, nodes).await.unwrap();
+        assert!(store.lock().provision_tokens.capacity() >= 20_000);
+        for i in 0..total {
+            let registered = NodeUpdate::Registered {
+                auth_token_hash: hash(i, 2),
+            };
+            store
+                .update_node(&format!("dep-booting-{i}"), registered, UNIX_EPOCH)
+                .await
+                .unwrap();
+        }
+        let inner = store.lock();
+        assert!(inner.provision_tokens.is_empty());
+        assert!(
+            inner.provision_tokens.capacity() <= 1024 * 4,
+            "{}",
+            inner.provision_tokens.capacity()
+        );
+        assert_eq!(inner.auth_tokens.len(), 20_000, "the auth tokens stay");
     }
 
     #[test]
