@@ -36,7 +36,8 @@ const DEFAULT_MAX_LOG_LINES: usize = 1_000_000;
 /// measured 0.85 – 1.06 KB of RSS with the allocator's overhead (BENCHMARKS.md, "Memory at
 /// 100,000 nodes"). When a deployment ends its log gives back the room it reserved to grow;
 /// forgetting it ([`Store::delete_deployment`]) frees all of it, and shrinks the store's maps
-/// once they are mostly empty. Creating a deployment from its node indexes
+/// once they are mostly empty; the provision token index also shrinks as nodes register and
+/// use their tokens up. Creating a deployment from its node indexes
 /// ([`Store::create_deployment_with_indexes`], as the engine does) builds the records
 /// directly: nothing but the records is allocated for its nodes, where
 /// [`Store::create_deployment`] briefly holds the given `Node`s (352 bytes each and their
