@@ -27,6 +27,9 @@
 //! apart. That is the figure for issue #12's "peak RSS ≤ 150 MB in the engine" at 100,000
 //! nodes; without it the agents' connections, token queue and latency samples count too.
 //!
+//! `--rss-trace` also samples this process's RSS (VmRSS) every 0.5 s from the deployment to
+//! the end of `wait`, and prints the samples: when the peak comes, and what steps lead to it.
+//!
 //! `--bundle-mb M` adds M MiB of incompressible data to the bundle every node downloads.
 //!
 //! `--events N` also opens N event streams (`GET /api/v1/events`, as the dashboard does) before
@@ -63,8 +66,8 @@ use tokio_util::sync::CancellationToken;
 type Failure = Box<dyn Error + Send + Sync>;
 
 const USAGE: &str = "usage: load [--nodes N] [--connections C] [--store memory|sqlite] [--runs R] \
-                     [--events N] [--keep-records] [--agents-process] [--bundle-mb M] \
-                     [--serve-one-node]";
+                     [--events N] [--keep-records] [--agents-process] [--rss-trace] \
+                     [--bundle-mb M] [--serve-one-node]";
 
 /// The hidden option that makes this program the agents' process of `--agents-process`:
 /// `--agents-child <engine address>`, provision tokens one a line on stdin.
@@ -82,6 +85,8 @@ struct Options {
     keep_records: bool,
     /// Run the simulated agents in a child process, so the peak RSS is the engine's.
     agents_process: bool,
+    /// Sample the RSS every 0.5 s during each run, and print the samples.
+    rss_trace: bool,
     /// This is the agents' process, driving the engine at this address.
     agents_child: Option<String>,
     /// MiB of incompressible data in the project's bundle, besides the script.
@@ -99,6 +104,7 @@ impl Options {
             events: 0,
             keep_records: false,
             agents_process: false,
+            rss_trace: false,
             agents_child: None,
             bundle_mb: 0,
             serve_one_node: false,
@@ -117,6 +123,7 @@ impl Options {
                 "--events" => options.events = value()?.parse()?,
                 "--keep-records" => options.keep_records = true,
                 "--agents-process" => options.agents_process = true,
+                "--rss-trace" => options.rss_trace = true,
                 AGENTS_CHILD => options.agents_child = Some(value()?),
                 "--bundle-mb" => options.bundle_mb = value()?.parse()?,
                 "--serve-one-node" => options.serve_one_node = true,
@@ -725,6 +732,8 @@ struct RunResult {
     latencies: Vec<(&'static str, f64, f64)>,
     cpu_s: f64,
     streams: Vec<StreamCount>,
+    /// VmRSS in KiB every 0.5 s from the deployment to the end of `wait`, with `--rss-trace`.
+    rss_samples: Vec<u64>,
 }
 
 /// One deployment of `--nodes` nodes, driven over `--connections` connections, cleaned up
@@ -743,6 +752,12 @@ async fn run_once(
     let stop = CancellationToken::new();
     let mut agents = Agents::start(engine, options, &stop).await?;
     reset_peak_rss();
+    // Stops the sampling however this run ends.
+    let sampling = CancellationToken::new();
+    let _stop_sampling = sampling.clone().drop_guard();
+    let sampler = options
+        .rss_trace
+        .then(|| tokio::spawn(sample_rss(sampling.clone())));
     let cpu_before = cpu_seconds();
     let started = Instant::now();
     let created = engine.engine.deploy_dir(project).await?;
@@ -752,6 +767,11 @@ async fn run_once(
     };
     let took = started.elapsed();
     let peak_rss_mb = peak_rss_kb() as f64 / 1024.0;
+    sampling.cancel();
+    let rss_samples = match sampler {
+        Some(sampler) => sampler.await?,
+        None => Vec::new(),
+    };
     if done.status != DeploymentStatus::Completed || done.nodes_completed != nodes {
         return Err(format!("the deployment ended {done:?}").into());
     }
@@ -776,7 +796,20 @@ async fn run_once(
         latencies: agents.latencies,
         cpu_s,
         streams: counts,
+        rss_samples,
     })
+}
+
+/// VmRSS in KiB every 0.5 s (the first at once) until `stop` fires.
+async fn sample_rss(stop: CancellationToken) -> Vec<u64> {
+    let mut samples = Vec::new();
+    let mut every = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = every.tick() => samples.push(status_kb("VmRSS:")),
+            () = stop.cancelled() => return samples,
+        }
+    }
 }
 
 /// Resets the process's peak RSS (VmHWM) to its current RSS (Linux: `5` to `clear_refs`).
@@ -850,6 +883,14 @@ async fn load(options: &Options, data_dir: &Path) -> Result<(), Failure> {
             bytes / per_stream / 1024,
             if events == 0 { 0.0 } else { bytes as f64 / events as f64 },
         );
+        if !result.rss_samples.is_empty() {
+            let samples: Vec<String> = result
+                .rss_samples
+                .iter()
+                .map(|kb| format!("{:.0}", *kb as f64 / 1024.0))
+                .collect();
+            println!("run {run}: RSS every 0.5 s MB: {}", samples.join(" "));
+        }
         results.push(result);
     }
     let (low, median, high) = min_median_max(results.iter().map(|r| r.lifecycles_per_s).collect());

@@ -190,6 +190,15 @@ impl Metrics {
         lock(&self.live_nodes).insert(deployment_id.to_owned(), counts);
     }
 
+    /// A deployment became final: its per-status node counts are no longer kept (the
+    /// exposition counts final deployments' nodes from the store), so they do not pile up
+    /// with every deployment when nothing scrapes `/metrics`.
+    pub(crate) fn deployment_ended(&self, deployment_id: &str) {
+        let mut live = lock(&self.live_nodes);
+        live.remove(deployment_id);
+        crate::state::memory::shrink_if_sparse(&mut live);
+    }
+
     /// A node went from `previous` to `node.status`: counted, and the phase it left timed
     /// from its phase times ([`crate::state::model::PhaseTimes::durations`]).
     pub(crate) fn node_changed(&self, previous: NodeStatus, node: &Node) {

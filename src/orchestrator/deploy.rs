@@ -15,7 +15,7 @@ use crate::bundle;
 use crate::config::{invalid_config, DeploymentConfig, CONFIG_FILE_NAME};
 use crate::error::{Error, Result};
 use crate::metadata::MetadataGenerator;
-use crate::state::model::{Deployment, DeploymentStatus, DeploymentSummary, Node};
+use crate::state::model::{Deployment, DeploymentStatus, DeploymentSummary};
 use crate::sync::lock;
 
 impl Orchestrator {
@@ -147,20 +147,23 @@ impl Orchestrator {
             rerun_of: None,
             cleaned_at: None,
         };
-        let nodes: Vec<Node> = (0..total).map(|i| Node::new(id, i, now)).collect();
         let created = self
-            .start(deployment, nodes, Arc::new(Live::new(config, metadata)))
+            .start(
+                deployment,
+                (0..total).collect(),
+                Arc::new(Live::new(config, metadata)),
+            )
             .await?;
         tracing::info!(deployment_id = %id, nodes = total, provider = %provider_name, files = summary.files.len(), "deployment accepted");
         Ok(created)
     }
 
-    /// Store a new deployment (its files already in its folder) and its nodes, and start
-    /// provisioning them in the background.
+    /// Store a new deployment (its files already in its folder) and its nodes, new ones of
+    /// `node_indexes`, and start provisioning them in the background.
     pub(super) async fn start(
         &self,
         deployment: Deployment,
-        nodes: Vec<Node>,
+        node_indexes: Vec<u32>,
         live: Arc<Live>,
     ) -> Result<DeploymentSummary> {
         let created = DeploymentSummary::from(&deployment);
@@ -173,14 +176,14 @@ impl Orchestrator {
         }
         self.inner
             .store
-            .create_deployment(deployment.clone(), nodes)
+            .create_deployment_with_indexes(deployment.clone(), &node_indexes)
             .await?;
         self.inner.metrics.deployment_created(&id, total);
         self.publish_deployment(published);
         lock(&self.inner.live).insert(id.clone(), live.clone());
         let this = self.clone();
         self.inner.tasks.spawn(async move {
-            if let Err(e) = this.provision_all(&id, live).await {
+            if let Err(e) = this.provision_all(&id, live, node_indexes).await {
                 tracing::error!(deployment_id = %id, error = %e.report(), "provisioning stopped");
             }
         });

@@ -218,7 +218,7 @@ impl Orchestrator {
             .update_node_until_stored(&node.id, NodeUpdate::Retry)
             .await
         {
-            Ok(applied) => self.provision_node(live, applied.node).await,
+            Ok(applied) => self.provision_node(live, applied.node.id).await,
             Err(e) => tracing::info!(node_id = %node.id, error = %e.report(), "retry abandoned"),
         }
     }

@@ -126,10 +126,8 @@ impl BootDeadlines {
         if let Some((node_id, deadline)) = self.by_node.remove_entry(node_id) {
             self.by_deadline.remove(&(deadline, node_id));
         }
-        if self.by_node.is_empty() {
-            // After a large deployment booted, give its memory back.
-            self.by_node.shrink_to_fit();
-        }
+        // As a large deployment's nodes register, give the memory back.
+        crate::state::memory::shrink_if_sparse(&mut self.by_node);
     }
 
     /// Remove and return the nodes whose deadline is `now` or earlier, earliest first.
@@ -144,6 +142,7 @@ impl BootDeadlines {
                 expired.push(node_id);
             }
         }
+        crate::state::memory::shrink_if_sparse(&mut self.by_node);
         expired
     }
 

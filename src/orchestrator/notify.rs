@@ -18,6 +18,7 @@ impl Orchestrator {
     /// Deployment `id` reached `status`, a final state: notify its webhook if its `notify:`
     /// asks for this state. On a task of its own: the caller is the engine's hot path.
     pub(crate) fn deployment_ended(&self, id: &str, status: DeploymentStatus) {
+        self.inner.metrics.deployment_ended(id);
         let this = self.clone();
         let id = id.to_owned();
         self.spawn_tracked(async move {

@@ -14,11 +14,18 @@ use crate::backoff::Backoff;
 use crate::config::DeploymentConfig;
 use crate::error::{Error, Result};
 use crate::provider::{Instance, InstanceSpec, Owner, Registered};
-use crate::state::model::{DeploymentStatus, Node, NodeStatus, NodeUpdate};
+use crate::state::model::{self, DeploymentStatus, NodeStatus, NodeUpdate};
 
 impl Orchestrator {
-    /// Provision every node of a new deployment, at most `provision_concurrency` at a time.
-    pub(crate) async fn provision_all(&self, id: &str, live: Arc<Live>) -> Result<()> {
+    /// Provision the nodes of a new deployment (`node_indexes`, all of its nodes), at most
+    /// `provision_concurrency` at a time. What a node's provisioning needs is read from the
+    /// store when it starts, so a large deployment is never held in memory whole for it.
+    pub(crate) async fn provision_all(
+        &self,
+        id: &str,
+        live: Arc<Live>,
+        node_indexes: Vec<u32>,
+    ) -> Result<()> {
         let store = &self.inner.store;
         match store
             .update_deployment_status(id, DeploymentStatus::Provisioning, None, SystemTime::now())
@@ -37,10 +44,9 @@ impl Orchestrator {
                 };
             }
         }
-        let nodes = store.nodes(id).await?;
         let gathers = self.gathers_provisions(&live);
         let provisions = TaskTracker::new();
-        for node in nodes {
+        for index in node_indexes {
             // Taken here, before the task is spawned, so a large deployment does not start a
             // task per node at once; a provider that gathers the calls wants them all at once.
             let permit = if gathers {
@@ -53,8 +59,9 @@ impl Orchestrator {
             };
             let this = self.clone();
             let live = live.clone();
+            let node_id = model::node_id(id, index);
             provisions.spawn(async move {
-                this.provision_node_holding(&live, node, permit).await;
+                this.provision_node_holding(&live, node_id, permit).await;
             });
         }
         provisions.close();
@@ -73,13 +80,14 @@ impl Orchestrator {
         }
     }
 
-    /// Provision one node (retry, or resumed after a restart) once a provisioning slot is
-    /// free. Failures are recorded on the node.
-    pub(crate) async fn provision_node(&self, live: &Live, node: Node) {
+    /// Provision node `node_id` (retry, or resumed after a restart) once a provisioning slot
+    /// is free. Failures are recorded on the node.
+    pub(crate) async fn provision_node(&self, live: &Live, node_id: String) {
         if self.gathers_provisions(live) {
-            self.provision_node_holding(live, node, None).await;
+            self.provision_node_holding(live, node_id, None).await;
         } else if let Some(permit) = self.provision_permit(live).await {
-            self.provision_node_holding(live, node, Some(permit)).await;
+            self.provision_node_holding(live, node_id, Some(permit))
+                .await;
         }
     }
 
@@ -96,41 +104,44 @@ impl Orchestrator {
     async fn provision_node_holding(
         &self,
         live: &Live,
-        node: Node,
+        node_id: String,
         permit: Option<OwnedSemaphorePermit>,
     ) {
         if live.cancel.is_cancelled() || self.is_shutting_down() {
             return;
         }
-        let result = self.try_provision_node(live, &node, permit).await;
+        let result = self.try_provision_node(live, &node_id, permit).await;
         if let Err(e) = result {
             if self.is_shutting_down() {
-                tracing::info!(node_id = %node.id, error = %e.report(), "provisioning stopped by shutdown; it resumes at the next start");
+                tracing::info!(node_id = %node_id, error = %e.report(), "provisioning stopped by shutdown; it resumes at the next start");
                 return;
             }
             let message = live.mask(&format!("provisioning failed: {}", e.report()));
-            tracing::warn!(node_id = %node.id, error = %message, "node provisioning failed");
-            self.node_failed(&node.id, message).await;
+            tracing::warn!(node_id = %node_id, error = %message, "node provisioning failed");
+            self.node_failed(&node_id, message).await;
         }
     }
 
-    /// One provisioning attempt of `node`: its token armed (and `pending` left) in one store
-    /// write, the provider asked, its answer recorded. `permit` (the provisioning slot, if
-    /// any) is held until the provider has answered, not while the answer is stored.
+    /// One provisioning attempt of node `node_id`: its token armed (and `pending` left) in
+    /// one store write, the provider asked for the attempt that write found, its answer
+    /// recorded. `permit` (the provisioning slot, if any) is held until the provider has
+    /// answered, not while the answer is stored.
     pub(super) async fn try_provision_node(
         &self,
         live: &Live,
-        node: &Node,
+        node_id: &str,
         permit: Option<OwnedSemaphorePermit>,
     ) -> Result<()> {
         let token = auth::new_token()?;
-        self.update_node(
-            &node.id,
-            NodeUpdate::ProvisioningStarted {
-                hash: auth::hash_token(&token),
-            },
-        )
-        .await?;
+        let armed = self
+            .update_node(
+                node_id,
+                NodeUpdate::ProvisioningStarted {
+                    hash: auth::hash_token(&token),
+                },
+            )
+            .await?;
+        let node = armed.node;
         let provider = self.provider_for(&live.config)?;
         let owner = Owner::Node {
             deployment_id: node.deployment_id.clone(),

@@ -101,7 +101,16 @@ impl Orchestrator {
                 DeploymentStatus::Pending => {
                     let this = self.clone();
                     self.spawn_tracked(async move {
-                        if let Err(e) = this.provision_all(&id, live).await {
+                        let provisioned = match this.inner().store.nodes(&id).await {
+                            Ok(nodes) => {
+                                let node_indexes = nodes.iter().map(|n| n.index).collect();
+                                // Not held while the deployment is provisioned.
+                                drop(nodes);
+                                this.provision_all(&id, live, node_indexes).await
+                            }
+                            Err(e) => Err(e),
+                        };
+                        if let Err(e) = provisioned {
                             tracing::error!(deployment_id = %id, error = %e.report(), "provisioning stopped");
                         }
                     });
@@ -122,7 +131,7 @@ impl Orchestrator {
                             NodeStatus::Pending | NodeStatus::Provisioning => {
                                 let (this, live) = (self.clone(), Arc::clone(&live));
                                 self.spawn_tracked(async move {
-                                    this.provision_node(&live, node).await
+                                    this.provision_node(&live, node.id).await
                                 });
                             }
                             NodeStatus::Registering

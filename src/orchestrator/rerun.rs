@@ -104,12 +104,13 @@ impl Orchestrator {
             .iter()
             .map(|&index| Node::new(&rerun_id, index, now))
             .collect();
+        let described = describe_indexes(&chosen);
         let live = Arc::new(Live::new(config, metadata));
-        if let Err(e) = self.start(deployment.clone(), nodes.clone(), live).await {
+        if let Err(e) = self.start(deployment.clone(), chosen, live).await {
             let _ = tokio::fs::remove_dir_all(&dir).await;
             return Err(e);
         }
-        tracing::info!(deployment_id = %rerun_id, rerun_of = %id, nodes = %describe_indexes(&chosen), "rerun accepted");
+        tracing::info!(deployment_id = %rerun_id, rerun_of = %id, nodes = %described, "rerun accepted");
         Ok(DeploymentDetail {
             deployment,
             nodes,

@@ -68,12 +68,15 @@ impl Provider for CountingProvider {
 
 /// A [`MemoryStore`] whose first write of a node failure, and first retry, fail as a broken
 /// database would (once each armed), and whose first listing of deployments waits for
-/// `listing` to be let go, when there is one.
+/// `listing` to be let go, when there is one. It counts the calls that hold a whole
+/// deployment's nodes at once: reads of the node list, and creations from a `Vec<Node>`.
 struct FlakyStore {
     inner: MemoryStore,
     failure_refused: AtomicBool,
     retry_refused: AtomicBool,
     listing: Option<tokio::sync::Semaphore>,
+    node_lists: AtomicUsize,
+    node_vectors: AtomicUsize,
 }
 
 impl FlakyStore {
@@ -83,6 +86,8 @@ impl FlakyStore {
             failure_refused: AtomicBool::new(!fail_once),
             retry_refused: AtomicBool::new(!fail_once),
             listing: hold_first_listing.then(|| tokio::sync::Semaphore::new(0)),
+            node_lists: AtomicUsize::new(0),
+            node_vectors: AtomicUsize::new(0),
         }
     }
 }
@@ -90,7 +95,17 @@ impl FlakyStore {
 #[async_trait]
 impl Store for FlakyStore {
     async fn create_deployment(&self, d: Deployment, nodes: Vec<Node>) -> crate::Result<()> {
+        self.node_vectors.fetch_add(1, Ordering::SeqCst);
         self.inner.create_deployment(d, nodes).await
+    }
+    async fn create_deployment_with_indexes(
+        &self,
+        d: Deployment,
+        node_indexes: &[u32],
+    ) -> crate::Result<()> {
+        self.inner
+            .create_deployment_with_indexes(d, node_indexes)
+            .await
     }
     async fn deployment(&self, id: &str) -> crate::Result<Option<Deployment>> {
         self.inner.deployment(id).await
@@ -109,6 +124,7 @@ impl Store for FlakyStore {
         self.inner.node(node_id).await
     }
     async fn nodes(&self, deployment_id: &str) -> crate::Result<Vec<Node>> {
+        self.node_lists.fetch_add(1, Ordering::SeqCst);
         self.inner.nodes(deployment_id).await
     }
     async fn node_by_provision_token(&self, hash: &[u8; 32]) -> crate::Result<Option<Node>> {
@@ -244,6 +260,120 @@ async fn recovery_provisions_no_more_nodes_at_once_than_provision_concurrency() 
     assert_eq!(before.most_at_once.load(Ordering::SeqCst), 4);
     let most = after.most_at_once.load(Ordering::SeqCst);
     assert!(most <= 4, "recovery ran {most} provision calls at once");
+}
+
+/// At 100,000 nodes a deployment's nodes as `Node`s are 35 MB: the engine stores a new
+/// deployment from its node indexes and provisions it a node at a time, never holding them
+/// all (issue #12's memory goal). A gathering provider gets every node at once all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployment_is_stored_and_provisioned_without_its_whole_node_list() {
+    for gathers in [false, true] {
+        let data = tempfile::tempdir().expect("data dir");
+        let store = Arc::new(FlakyStore::new(false, false));
+        let provider = GatheringProvider::new(gathers);
+        let engine = Orchestrator::new(
+            Config::new(data.path())
+                .store(store.clone())
+                .provider(provider.clone())
+                .provision_concurrency(4),
+        )
+        .expect("engine");
+        let id = engine
+            .deploy_dir(project(50, 0).path())
+            .await
+            .expect("deploy")
+            .id;
+        if gathers {
+            eventually("all 50 provision calls waiting at once", || {
+                provider.waiting.load(Ordering::SeqCst) == 50
+            })
+            .await;
+            provider.open.add_permits(50);
+        }
+        eventually("every node provisioned", || {
+            provider.answered.load(Ordering::SeqCst) == 50
+        })
+        .await;
+        let nodes = store.inner.nodes(&id).await.expect("nodes");
+        let owners: Vec<(u32, u32)> = nodes.iter().map(|n| (n.index, n.attempt)).collect();
+        assert_eq!(owners, (0..50).map(|i| (i, 1)).collect::<Vec<_>>());
+        let mut asked = lock(&provider.owners).clone();
+        asked.sort_unstable();
+        assert_eq!(asked, owners, "each node asked for once, as its attempt");
+        assert_eq!(
+            store.node_vectors.load(Ordering::SeqCst),
+            0,
+            "stored from indexes"
+        );
+        assert_eq!(
+            store.node_lists.load(Ordering::SeqCst),
+            0,
+            "no node list read"
+        );
+        engine.shutdown().await;
+    }
+}
+
+/// A provider named `counting` that answers every provision call (its instances never
+/// register), noting each call's node index and attempt; when it gathers provisioning calls
+/// ([`Provider::gathers_provisions`]), each call waits for a permit of `open`.
+struct GatheringProvider {
+    gathers: bool,
+    open: tokio::sync::Semaphore,
+    waiting: AtomicUsize,
+    answered: AtomicUsize,
+    owners: std::sync::Mutex<Vec<(u32, u32)>>,
+}
+
+impl GatheringProvider {
+    fn new(gathers: bool) -> Arc<GatheringProvider> {
+        Arc::new(GatheringProvider {
+            gathers,
+            open: tokio::sync::Semaphore::new(0),
+            waiting: AtomicUsize::new(0),
+            answered: AtomicUsize::new(0),
+            owners: std::sync::Mutex::new(Vec::new()),
+        })
+    }
+}
+
+#[async_trait]
+impl Provider for GatheringProvider {
+    fn name(&self) -> &str {
+        "counting"
+    }
+
+    fn gathers_provisions(&self) -> bool {
+        self.gathers
+    }
+
+    async fn provision(&self, spec: InstanceSpec) -> Result<Instance, BoxError> {
+        let crate::provider::Owner::Node {
+            node_index,
+            attempt,
+            ..
+        } = &spec.owner
+        else {
+            return Err("not a node".into());
+        };
+        lock(&self.owners).push((*node_index, *attempt));
+        if self.gathers {
+            self.waiting.fetch_add(1, Ordering::SeqCst);
+            self.open.acquire().await?.forget();
+        }
+        self.answered.fetch_add(1, Ordering::SeqCst);
+        Ok(Instance {
+            reference: InstanceRef {
+                id: format!("gathered-{}", spec.owner.name()),
+                locator: String::new(),
+            },
+            ip_address: None,
+        })
+    }
+
+    async fn terminate(&self, _instance: &InstanceRef) -> Result<(), BoxError> {
+        Ok(())
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -36,6 +36,7 @@ pub(crate) async fn check_store(store: &dyn Store) {
     keeps_phase_times(store).await;
     records_an_instance_answered_after_its_node_ended(store).await;
     keeps_a_rerun_and_its_node_indexes(store).await;
+    creates_new_nodes_from_their_indexes(store).await;
     marks_a_deployment_cleaned_and_keeps_its_record(store).await;
     keeps_webhook_deliveries_until_their_deployment_goes(store).await;
 }
@@ -319,6 +320,57 @@ async fn creates_and_reads(store: &dyn Store) {
         (deployment(id, 3, 2, at(0)), nodes(id, 3)),
         "a refused create changes nothing"
     );
+}
+
+/// [`Store::create_deployment_with_indexes`] stores the nodes [`Node::new`] makes, by index
+/// whatever the order given; an index given twice, or a deployment id taken, is refused and
+/// stores nothing.
+async fn creates_new_nodes_from_their_indexes(store: &dyn Store) {
+    let id = "conf-indexes";
+    let created = deployment(id, 3, 0, at(4));
+    store
+        .create_deployment_with_indexes(created.clone(), &[9, 0, 4])
+        .await
+        .unwrap();
+    assert_eq!(store.deployment(id).await.unwrap(), Some(created));
+    let expected: Vec<Node> = [0, 4, 9]
+        .into_iter()
+        .map(|index| Node::new(id, index, at(4)))
+        .collect();
+    assert_eq!(store.nodes(id).await.unwrap(), expected, "by index");
+    assert_eq!(node(store, "conf-indexes-9").await, expected[2]);
+    assert_eq!(store.node("conf-indexes-1").await.unwrap(), None);
+    store
+        .update_deployment_status(id, DeploymentStatus::Provisioning, None, at(5))
+        .await
+        .unwrap();
+    run_node(
+        store,
+        "conf-indexes-4",
+        4,
+        status(NodeStatus::Completed),
+        at(5),
+    )
+    .await;
+    assert_eq!(
+        node(store, "conf-indexes-4").await.status,
+        NodeStatus::Completed
+    );
+
+    let taken = store
+        .create_deployment_with_indexes(deployment(id, 1, 0, at(6)), &[0])
+        .await;
+    assert!(taken.unwrap_err().is_already_exists());
+    assert_eq!(store.nodes(id).await.unwrap().len(), 3, "unchanged");
+
+    let twice = "conf-indexes-twice";
+    let refused = store
+        .create_deployment_with_indexes(deployment(twice, 3, 0, at(0)), &[1, 2, 1])
+        .await
+        .unwrap_err();
+    assert!(refused.is_invalid_input(), "{refused}");
+    assert!(refused.to_string().contains("index 1"), "{refused}");
+    assert_eq!(store.deployment(twice).await.unwrap(), None);
 }
 
 /// A rerun names the deployment it reruns, and its nodes keep their original indexes (not

@@ -189,6 +189,19 @@ pub(crate) async fn heartbeat_by_parts<S: Store + ?Sized>(
     })
 }
 
+/// The first index of `indexes` that is there more than once, if any.
+pub(crate) fn first_repeated(indexes: &[u32]) -> Option<u32> {
+    let mut seen = std::collections::HashSet::with_capacity(indexes.len());
+    indexes.iter().copied().find(|&index| !seen.insert(index))
+}
+
+/// The error for a deployment given two nodes of one index.
+pub(crate) fn repeated_index(deployment_id: &str, index: u32) -> crate::Error {
+    crate::Error::invalid_input(format!(
+        "deployment `{deployment_id}` has two nodes of index {index}"
+    ))
+}
+
 /// Where deployments, nodes and logs are kept.
 ///
 /// Every state change goes through [`Store::update_node`] and
@@ -208,6 +221,29 @@ pub(crate) async fn heartbeat_by_parts<S: Store + ?Sized>(
 pub trait Store: Send + Sync + 'static {
     /// Insert a new deployment and its nodes.
     async fn create_deployment(&self, deployment: Deployment, nodes: Vec<Node>) -> Result<()>;
+
+    /// Insert a new deployment and, for each of `node_indexes`, a new node as [`Node::new`]
+    /// makes it at the deployment's `created_at`: what the engine calls for a deployment or a
+    /// rerun. Refused like [`Store::create_deployment`], and also when an index is there twice
+    /// ([`crate::Error::is_invalid_input`]).
+    ///
+    /// A store can build its own records straight from the indexes, without a [`Node`] per
+    /// node in between (for 100,000 nodes, 35 MB held while the deployment is stored). This
+    /// default makes the nodes and calls [`Store::create_deployment`].
+    async fn create_deployment_with_indexes(
+        &self,
+        deployment: Deployment,
+        node_indexes: &[u32],
+    ) -> Result<()> {
+        if let Some(index) = first_repeated(node_indexes) {
+            return Err(repeated_index(&deployment.id, index));
+        }
+        let nodes = node_indexes
+            .iter()
+            .map(|&index| Node::new(&deployment.id, index, deployment.created_at))
+            .collect();
+        self.create_deployment(deployment, nodes).await
+    }
 
     /// One deployment.
     async fn deployment(&self, id: &str) -> Result<Option<Deployment>>;

@@ -58,16 +58,6 @@ pub(super) struct DeploymentLog {
     next_line_no: HashMap<(u32, u32, LogStream), u64>,
 }
 
-/// The node id `<deployment_id>-<index>`, as [`crate::state::model::Node::new`] names nodes.
-pub(super) fn canonical_node_id(deployment_id: &str, index: u32) -> String {
-    use std::fmt::Write;
-    let mut id = String::with_capacity(deployment_id.len() + 11);
-    id.push_str(deployment_id);
-    // Writing to a String cannot fail.
-    let _ = write!(id, "-{index}");
-    id
-}
-
 /// The index in a node id named `<deployment_id>-<index>`, if it is named so.
 pub(super) fn canonical_index(deployment_id: &str, node_id: &str) -> Option<u32> {
     let digits = node_id.strip_prefix(deployment_id)?.strip_prefix('-')?;
@@ -181,7 +171,7 @@ impl DeploymentLog {
                 Some(NodeLog {
                     node_id: Some(odd), ..
                 }) => odd.to_string(),
-                _ => canonical_node_id(deployment_id, line.node_index),
+                _ => crate::state::model::node_id(deployment_id, line.node_index),
             };
             page.push(LogLine {
                 seq: line.seq,

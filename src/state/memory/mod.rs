@@ -20,7 +20,7 @@ use super::{
     node_log_cap, takes_heartbeats, Heartbeat, LogLine, LogQuery, LogStream, NewLogLine, Store,
 };
 use crate::error::{Error, Result};
-use log::{canonical_index, canonical_node_id, DeploymentLog};
+use log::{canonical_index, DeploymentLog};
 
 /// Default cap on stored log lines per deployment.
 const DEFAULT_MAX_LOG_LINES: usize = 1_000_000;
@@ -38,7 +38,12 @@ const DEFAULT_MAX_LOG_LINES: usize = 1_000_000;
 /// measured 0.85 – 1.06 KB of RSS with the allocator's overhead (BENCHMARKS.md, "Memory at
 /// 100,000 nodes"). When a deployment ends its log gives back the room it reserved to grow;
 /// forgetting it ([`Store::delete_deployment`]) frees all of it, and shrinks the store's maps
-/// once they are mostly empty.
+/// once they are mostly empty; the provision token index also shrinks as nodes register and
+/// use their tokens up. Creating a deployment from its node indexes
+/// ([`Store::create_deployment_with_indexes`], as the engine does) builds the records
+/// directly: nothing but the records is allocated for its nodes, where
+/// [`Store::create_deployment`] briefly holds the given `Node`s (352 bytes each and their
+/// ids) besides.
 #[derive(Debug)]
 pub struct MemoryStore {
     inner: Mutex<Inner>,
@@ -125,6 +130,25 @@ impl NodeRecord {
         }
     }
 
+    /// A new node's record, as [`Node::new`] makes it (built without one: see
+    /// [`Store::create_deployment_with_indexes`]).
+    fn fresh(index: u32, now: SystemTime) -> NodeRecord {
+        NodeRecord {
+            odd_id: None,
+            index,
+            attempt: 1,
+            status: NodeStatus::Pending,
+            exit_code: None,
+            clock: Clock::new(now, &model::PhaseTimes::default()),
+            provision_token_hash: None,
+            auth_token_hash: None,
+            instance_id: None,
+            instance_locator: None,
+            ip_address: None,
+            error_message: None,
+        }
+    }
+
     /// The node, of deployment `deployment_id`.
     fn to_node(&self, deployment_id: &str) -> Node {
         let text = |s: &Option<Box<str>>| s.as_deref().map(str::to_owned);
@@ -132,7 +156,7 @@ impl NodeRecord {
         Node {
             id: match &self.odd_id {
                 Some(id) => id.to_string(),
-                None => canonical_node_id(deployment_id, self.index),
+                None => model::node_id(deployment_id, self.index),
             },
             deployment_id: deployment_id.to_owned(),
             index: self.index,
@@ -310,6 +334,46 @@ impl Inner {
         })
     }
 
+    /// Stores a new deployment with its nodes' records, in any order.
+    fn insert(&mut self, deployment: Deployment, mut records: Vec<NodeRecord>) -> Result<()> {
+        if self.deployments.contains_key(deployment.id.as_str()) {
+            return Err(Error::already_exists(format!(
+                "deployment `{}` already exists",
+                deployment.id
+            )));
+        }
+        // Kept by index, as `nodes` answers (a rerun's indexes may come in any order).
+        records.sort_unstable_by_key(|r| r.index);
+        if let Some(pair) = records
+            .windows(2)
+            .find(|pair| pair[0].index == pair[1].index)
+        {
+            return Err(super::repeated_index(&deployment.id, pair[0].index));
+        }
+        let id: Arc<str> = Arc::from(deployment.id.as_str());
+        for (position, record) in records.iter().enumerate() {
+            let key = NodeKey {
+                deployment: Arc::clone(&id),
+                position: position as u32,
+            };
+            if let Some(odd) = &record.odd_id {
+                self.odd_node_ids.insert(odd.clone(), key.clone());
+            }
+            let tokens = (&mut self.provision_tokens, &mut self.auth_tokens);
+            let hashes = (record.provision_token_hash, record.auth_token_hash);
+            index_tokens(tokens, &key, (None, None), hashes);
+        }
+        self.deployments.insert(
+            id,
+            Entry {
+                deployment,
+                nodes: records,
+                log: DeploymentLog::default(),
+            },
+        );
+        Ok(())
+    }
+
     /// The node at `key`, as a [`Node`].
     fn node_at(&self, key: &NodeKey) -> Option<Node> {
         let entry = self.deployments.get(&key.deployment)?;
@@ -378,58 +442,31 @@ fn index_tokens(
 #[async_trait]
 impl Store for MemoryStore {
     async fn create_deployment(&self, deployment: Deployment, nodes: Vec<Node>) -> Result<()> {
-        let mut guard = self.lock();
-        let inner = &mut *guard;
-        if inner.deployments.contains_key(deployment.id.as_str()) {
-            return Err(Error::already_exists(format!(
-                "deployment `{}` already exists",
-                deployment.id
-            )));
-        }
         if let Some(stray) = nodes.iter().find(|n| n.deployment_id != deployment.id) {
             return Err(Error::invalid_input(format!(
                 "node `{}` belongs to deployment `{}`, not to `{}`",
                 stray.id, stray.deployment_id, deployment.id
             )));
         }
-        // Kept by index, as `nodes` answers (a rerun's indexes may come in any order).
-        let mut records: Vec<NodeRecord> = nodes
+        let records = nodes
             .iter()
             .map(|node| NodeRecord::new(node, &deployment.id))
             .collect();
         drop(nodes);
-        records.sort_unstable_by_key(|r| r.index);
-        if let Some(pair) = records
-            .windows(2)
-            .find(|pair| pair[0].index == pair[1].index)
-        {
-            return Err(Error::invalid_input(format!(
-                "deployment `{}` has two nodes of index {}",
-                deployment.id, pair[0].index
-            )));
-        }
-        let id: Arc<str> = Arc::from(deployment.id.as_str());
-        for (position, record) in records.iter().enumerate() {
-            let key = NodeKey {
-                deployment: Arc::clone(&id),
-                position: position as u32,
-            };
-            if let Some(odd) = &record.odd_id {
-                inner.odd_node_ids.insert(odd.clone(), key.clone());
-            }
-            let tokens = (&mut inner.provision_tokens, &mut inner.auth_tokens);
-            let hashes = (record.provision_token_hash, record.auth_token_hash);
-            index_tokens(tokens, &key, (None, None), hashes);
-        }
-        inner.deployments.insert(
-            id,
-            Entry {
-                deployment,
-                nodes: records,
-                log: DeploymentLog::default(),
-            },
-        );
-        Ok(())
+        self.lock().insert(deployment, records)
+    }
+
+    async fn create_deployment_with_indexes(
+        &self,
+        deployment: Deployment,
+        node_indexes: &[u32],
+    ) -> Result<()> {
+        let created_at = deployment.created_at;
+        let records = node_indexes
+            .iter()
+            .map(|&index| NodeRecord::fresh(index, created_at))
+            .collect();
+        self.lock().insert(deployment, records)
     }
 
     async fn deployment(&self, id: &str) -> Result<Option<Deployment>> {
@@ -520,6 +557,10 @@ impl Store for MemoryStore {
         if before != after {
             let tokens = (&mut inner.provision_tokens, &mut inner.auth_tokens);
             index_tokens(tokens, &key, before, after);
+            // Provision tokens are used up as nodes register: their index, as large as the
+            // deployment when every node waited at once, need not stay so until it is
+            // forgotten (7.5 MB at 100,000 nodes).
+            shrink_if_sparse(&mut inner.provision_tokens);
         }
         Ok(applied)
     }
@@ -753,6 +794,48 @@ mod tests {
             1,
             "the other deployment's node stays"
         );
+    }
+
+    #[tokio::test]
+    async fn the_provision_token_index_shrinks_as_nodes_register() {
+        let store = MemoryStore::new();
+        let total = 20_000;
+        let hash = |i: u32, kind: u8| {
+            let mut hash = [kind; 32];
+            hash[..4].copy_from_slice(&i.to_le_bytes());
+            hash
+        };
+        let nodes = (0..total)
+            .map(|i| {
+                let mut node = Node::new("dep-booting", i, UNIX_EPOCH);
+                node.status = NodeStatus::Booting;
+                node.provision_token_hash = Some(hash(i, 1));
+                node
+            })
+            .collect();
+        let booting = Deployment {
+            status: DeploymentStatus::Provisioning,
+            ..deployment("dep-booting", total)
+        };
+        store.create_deployment(booting, nodes).await.unwrap();
+        assert!(store.lock().provision_tokens.capacity() >= 20_000);
+        for i in 0..total {
+            let registered = NodeUpdate::Registered {
+                auth_token_hash: hash(i, 2),
+            };
+            store
+                .update_node(&format!("dep-booting-{i}"), registered, UNIX_EPOCH)
+                .await
+                .unwrap();
+        }
+        let inner = store.lock();
+        assert!(inner.provision_tokens.is_empty());
+        assert!(
+            inner.provision_tokens.capacity() <= 1024 * 4,
+            "{}",
+            inner.provision_tokens.capacity()
+        );
+        assert_eq!(inner.auth_tokens.len(), 20_000, "the auth tokens stay");
     }
 
     #[test]

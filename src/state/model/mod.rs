@@ -369,11 +369,22 @@ impl PhaseTimes {
     }
 }
 
+/// The id the engine gives node `index` of deployment `deployment_id`:
+/// `<deployment id>-<index>`.
+pub(crate) fn node_id(deployment_id: &str, index: u32) -> String {
+    use std::fmt::Write;
+    let mut id = String::with_capacity(deployment_id.len() + 11);
+    id.push_str(deployment_id);
+    // Writing to a String cannot fail.
+    let _ = write!(id, "-{index}");
+    id
+}
+
 impl Node {
     /// A fresh node in `pending`.
     pub fn new(deployment_id: &str, index: u32, now: SystemTime) -> Node {
         Node {
-            id: format!("{deployment_id}-{index}"),
+            id: node_id(deployment_id, index),
             deployment_id: deployment_id.to_owned(),
             index,
             status: NodeStatus::Pending,
