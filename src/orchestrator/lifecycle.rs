@@ -50,7 +50,8 @@ impl Orchestrator {
         false
     }
 
-    /// Apply a node update, wake waiters when its deployment changed, and act on final states.
+    /// Apply a node update, wake waiters when its deployment's summary may have changed, and
+    /// act on final states.
     pub(crate) async fn update_node(
         &self,
         node_id: &str,
@@ -98,6 +99,11 @@ impl Orchestrator {
                 previous: applied.previous,
                 deployment: applied.deployment.clone(),
             });
+        }
+        // Waiters follow the deployment's summary (its state and node counters): only a node
+        // reaching a final state or the deployment's own move can change it, so only those
+        // wake them, not every step of every node.
+        if (changed && applied.node.status.is_final()) || applied.deployment_changed.is_some() {
             self.notify();
         }
         if let Some(status) = applied.deployment_changed {

@@ -678,3 +678,56 @@ async fn a_deployment_made_while_recovery_runs_is_provisioned_once() {
         .iter()
         .all(|s| *s == NodeStatus::Booting));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_wake_only_when_the_deployments_summary_can_change() {
+    let data = tempfile::tempdir().expect("data dir");
+    let provider = CountingProvider::new(Duration::ZERO, false);
+    let engine = Orchestrator::new(
+        Config::new(data.path())
+            .provider(provider.clone())
+            .heartbeat_timeout(Duration::from_secs(3600)),
+    )
+    .expect("engine");
+    let id = engine
+        .deploy_dir(project(4, 0).path())
+        .await
+        .expect("deploy")
+        .id;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while statuses(&engine, &id).await != [NodeStatus::Booting; 4] {
+        assert!(tokio::time::Instant::now() < deadline, "nodes never booted");
+        tokio::task::yield_now().await;
+    }
+    let mut watch = engine.watch(&id).await.expect("watch");
+    let before = *engine.inner.changes.borrow();
+    for index in 0..4 {
+        for status in [
+            NodeStatus::Registering,
+            NodeStatus::DownloadingAssets,
+            NodeStatus::RunningScript,
+            NodeStatus::Completed,
+        ] {
+            engine
+                .update_node(
+                    &format!("{id}-{index}"),
+                    NodeUpdate::Status {
+                        status,
+                        exit_code: None,
+                        message: None,
+                    },
+                )
+                .await
+                .expect("update");
+        }
+    }
+    // Sixteen node updates; four of them changed the summary (the last one its state too).
+    let woken = engine.inner.changes.borrow().wrapping_sub(before);
+    assert_eq!(woken, 4);
+    while !watch.current().is_final() {
+        watch.changed().await.expect("a change");
+    }
+    assert_eq!(watch.current().nodes_completed, 4);
+    assert_eq!(watch.current().status, DeploymentStatus::Completed);
+    engine.shutdown().await;
+}

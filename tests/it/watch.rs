@@ -121,8 +121,8 @@ async fn watching_and_waiting_never_read_the_node_list() {
     let done = engine.engine.wait(&id).await.expect("wait");
     let summary = engine.engine.summary(&id).await.expect("summary");
 
-    // Every node went through six states, and each change woke the watch; provisioning read
-    // the node list once, the watch and `wait` never did.
+    // Every node went through six states, and each change of the summary woke the watch;
+    // provisioning read the node list once, the watch and `wait` never did.
     let reads = store.node_list_reads() - before;
     assert!(
         reads <= 1,
