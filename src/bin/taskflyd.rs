@@ -227,18 +227,7 @@ async fn serve(args: Args) -> Result<(), String> {
     // Held until this function returns: one daemon per data dir.
     let _data_dir_lock = lock_data_dir(&data_dir)?;
     let token = api_token(&data_dir)?;
-    let listener = tokio::net::TcpListener::bind(&args.listen)
-        .await
-        .map_err(|e| {
-            if e.kind() == std::io::ErrorKind::AddrInUse {
-                format!(
-                    "{} is already in use; stop the other process or pick another --listen address",
-                    args.listen
-                )
-            } else {
-                format!("cannot listen on {}: {e}", args.listen)
-            }
-        })?;
+    let listener = bind_listener(&args.listen).await?;
     let address = listener
         .local_addr()
         .map_err(|e| format!("cannot read the listening address: {e}"))?;
@@ -349,6 +338,34 @@ async fn agent() -> ExitCode {
         Err(e) => {
             tracing::error!(error = %e.report(), "agent failed");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// How long an address in use is tried again before `taskflyd` gives up on it.
+const BIND_RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Listen on `listen`. An address in use is tried again for [`BIND_RETRY_FOR`]: after a
+/// crash, a node agent on this machine that reconnects to the port while nothing listens can
+/// get the port itself for its own end (a TCP connection to itself) and hold it for the
+/// moment it takes to see the answer is not HTTP.
+async fn bind_listener(listen: &str) -> Result<tokio::net::TcpListener, String> {
+    let give_up = tokio::time::Instant::now() + BIND_RETRY_FOR;
+    loop {
+        match tokio::net::TcpListener::bind(listen).await {
+            Ok(listener) => return Ok(listener),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && tokio::time::Instant::now() < give_up =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                return Err(format!(
+                    "{listen} is already in use; stop the other process or pick another --listen address"
+                ))
+            }
+            Err(e) => return Err(format!("cannot listen on {listen}: {e}")),
         }
     }
 }
